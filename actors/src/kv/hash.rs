@@ -1,0 +1,190 @@
+//! Block hashing: the one definition of "the same KV block" across the cluster.
+//!
+//! A block is `block_size` consecutive tokens. Its *sequence hash* is
+//! `xxh3_64(parent_sequence_hash_le ‖ token_ids as little-endian u32 ‖ salt_le)`, so two
+//! blocks are equal only when their whole prefix is equal. The first block's parent is
+//! [`BlockHash::ROOT`]. Partial (trailing) blocks are never hashed: they can still change.
+//!
+//! The salt separates content that shares token ids but not KV values (a LoRA adapter, or
+//! multimodal embeddings behind placeholder tokens). Salt 0 means "base model, text only".
+
+use crate::ids::TokenId;
+use serde::{Deserialize, Serialize};
+use std::fmt;
+use xxhash_rust::xxh3::Xxh3;
+
+/// Sequence hash of a full block and everything before it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
+pub struct BlockHash(pub u64);
+
+impl BlockHash {
+    /// The parent of a sequence's first block.
+    pub const ROOT: BlockHash = BlockHash(0);
+}
+
+impl fmt::Display for BlockHash {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{:016x}", self.0)
+    }
+}
+
+/// Hash of one block's tokens alone (no parent). Useful to compare content independent of
+/// position, e.g. when ingesting another engine's events.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
+pub struct LocalBlockHash(pub u64);
+
+/// Number of tokens per KV block. Never zero.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(try_from = "u32", into = "u32")]
+pub struct BlockSize(u32);
+
+impl BlockSize {
+    /// turbine's default, as in vLLM.
+    pub const DEFAULT: BlockSize = BlockSize(16);
+
+    pub fn new(tokens: u32) -> Option<BlockSize> {
+        (tokens > 0).then_some(BlockSize(tokens))
+    }
+
+    pub fn get(self) -> u32 {
+        self.0
+    }
+
+    pub fn as_usize(self) -> usize {
+        self.0 as usize
+    }
+
+    /// Full blocks in `tokens` tokens.
+    pub fn full_blocks(self, tokens: usize) -> usize {
+        tokens / self.as_usize()
+    }
+
+    /// Blocks needed to hold `tokens` tokens (the last one possibly partial).
+    pub fn blocks_for(self, tokens: usize) -> usize {
+        tokens.div_ceil(self.as_usize())
+    }
+}
+
+impl Default for BlockSize {
+    fn default() -> Self {
+        BlockSize::DEFAULT
+    }
+}
+
+impl TryFrom<u32> for BlockSize {
+    type Error = String;
+    fn try_from(v: u32) -> Result<Self, Self::Error> {
+        BlockSize::new(v).ok_or_else(|| "block_size must be at least 1".to_string())
+    }
+}
+
+impl From<BlockSize> for u32 {
+    fn from(b: BlockSize) -> u32 {
+        b.0
+    }
+}
+
+/// Sequence hash of one block given its parent's.
+pub fn hash_block(parent: BlockHash, tokens: &[TokenId], salt: u64) -> BlockHash {
+    let mut h = Xxh3::new();
+    h.update(&parent.0.to_le_bytes());
+    for t in tokens {
+        h.update(&t.to_le_bytes());
+    }
+    h.update(&salt.to_le_bytes());
+    BlockHash(h.digest())
+}
+
+/// Hash of one block's tokens with no parent.
+pub fn local_block_hash(tokens: &[TokenId]) -> LocalBlockHash {
+    let mut h = Xxh3::new();
+    for t in tokens {
+        h.update(&t.to_le_bytes());
+    }
+    LocalBlockHash(h.digest())
+}
+
+/// Sequence hashes of every *full* block of `tokens`, in order. The trailing partial block,
+/// if any, is not hashed.
+pub fn hash_blocks(tokens: &[TokenId], block_size: BlockSize, salt: u64) -> Vec<BlockHash> {
+    extend_block_hashes(BlockHash::ROOT, tokens, block_size, salt)
+}
+
+/// Sequence hashes of the full blocks of `tokens`, continuing a chain whose last hash is
+/// `parent`. Lets a worker hash new blocks as decode fills them without rehashing the prefix.
+pub fn extend_block_hashes(
+    parent: BlockHash,
+    tokens: &[TokenId],
+    block_size: BlockSize,
+    salt: u64,
+) -> Vec<BlockHash> {
+    let mut out = Vec::with_capacity(block_size.full_blocks(tokens.len()));
+    let mut prev = parent;
+    for chunk in tokens.chunks_exact(block_size.as_usize()) {
+        prev = hash_block(prev, chunk, salt);
+        out.push(prev);
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use proptest::prelude::*;
+
+    #[test]
+    fn partial_block_is_not_hashed() {
+        let bs = BlockSize::new(4).unwrap();
+        assert_eq!(hash_blocks(&[1, 2, 3], bs, 0).len(), 0);
+        assert_eq!(hash_blocks(&[1, 2, 3, 4, 5], bs, 0).len(), 1);
+    }
+
+    #[test]
+    fn zero_block_size_is_rejected() {
+        assert!(BlockSize::new(0).is_none());
+        assert!(serde_json::from_str::<BlockSize>("0").is_err());
+    }
+
+    proptest! {
+        /// A block's hash depends on its whole prefix: sequences that share a prefix share
+        /// exactly the hashes of the blocks inside it.
+        #[test]
+        fn shared_prefix_shares_exactly_its_hashes(
+            prefix in proptest::collection::vec(0u32..50_000, 0..100),
+            a in proptest::collection::vec(0u32..50_000, 1..60),
+            b in proptest::collection::vec(0u32..50_000, 1..60),
+            bs in 1u32..20,
+        ) {
+            prop_assume!(a[0] != b[0]);
+            let bs = BlockSize::new(bs).unwrap();
+            let mut sa = prefix.clone(); sa.extend(&a);
+            let mut sb = prefix.clone(); sb.extend(&b);
+            let ha = hash_blocks(&sa, bs, 0);
+            let hb = hash_blocks(&sb, bs, 0);
+            let common = bs.full_blocks(prefix.len());
+            prop_assert_eq!(&ha[..common], &hb[..common]);
+            for (x, y) in ha.iter().zip(hb.iter()).skip(common) {
+                prop_assert_ne!(x, y);
+            }
+        }
+
+        /// Extending a chain block by block equals hashing the whole sequence at once.
+        #[test]
+        fn extend_matches_whole(tokens in proptest::collection::vec(any::<u32>(), 0..200), bs in 1u32..17, split in 0usize..20) {
+            let bs = BlockSize::new(bs).unwrap();
+            let whole = hash_blocks(&tokens, bs, 7);
+            let cut = (split * bs.as_usize()).min(bs.full_blocks(tokens.len()) * bs.as_usize());
+            let mut parts = hash_blocks(&tokens[..cut], bs, 7);
+            let parent = parts.last().copied().unwrap_or(BlockHash::ROOT);
+            parts.extend(extend_block_hashes(parent, &tokens[cut..], bs, 7));
+            prop_assert_eq!(whole, parts);
+        }
+
+        /// A different salt (LoRA, multimodal content) never collides with the base hash.
+        #[test]
+        fn salt_separates(tokens in proptest::collection::vec(any::<u32>(), 16..64), salt in 1u64..) {
+            let bs = BlockSize::DEFAULT;
+            prop_assert_ne!(hash_blocks(&tokens, bs, 0), hash_blocks(&tokens, bs, salt));
+        }
+    }
+}

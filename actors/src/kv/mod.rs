@@ -1,0 +1,7 @@
+//! KV-cache bookkeeping shared by workers, the indexer, the router and the simulator.
+
+pub mod events;
+pub mod hash;
+
+pub use events::{KvEvent, KvEventBatch};
+pub use hash::{hash_blocks, BlockHash, BlockSize, LocalBlockHash};

@@ -1,0 +1,9 @@
+//! turbine-actors: the components of the serving graph.
+//!
+//! Each component is a thin actor around pure logic. The pure logic (block hashing, the KV
+//! index, routing policy, scheduling, KV block allocation) takes `now` and inputs and returns
+//! decisions, so the simulator and the real actors run the same code.
+
+pub mod ids;
+pub mod kv;
+pub mod protocol;

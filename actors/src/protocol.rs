@@ -1,0 +1,102 @@
+//! The messages that flow down the serving graph and the tokens that flow back.
+//!
+//! frontend → preprocessor: an OpenAI-shaped request (owned by the frontend module);
+//! preprocessor → router → worker: [`PreprocessedRequest`] (token ids, sampling, stop);
+//! worker → preprocessor → frontend: a stream of [`TokenOutput`]; the preprocessor turns it
+//! into text (incremental detokenization, stop strings) for the frontend.
+
+use crate::ids::{RequestId, TokenId};
+use serde::{Deserialize, Serialize};
+
+/// How to pick the next token. Defaults are OpenAI's (temperature 1, top_p 1, no top-k).
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct SamplingParams {
+    /// 0 means greedy.
+    pub temperature: f32,
+    pub top_p: f32,
+    /// 0 disables top-k.
+    pub top_k: u32,
+    /// 0 disables min-p.
+    pub min_p: f32,
+    /// 1 disables the penalty.
+    pub repetition_penalty: f32,
+    /// Same seed, same prompt, same tokens.
+    pub seed: Option<u64>,
+}
+
+impl Default for SamplingParams {
+    fn default() -> Self {
+        SamplingParams {
+            temperature: 1.0,
+            top_p: 1.0,
+            top_k: 0,
+            min_p: 0.0,
+            repetition_penalty: 1.0,
+            seed: None,
+        }
+    }
+}
+
+impl SamplingParams {
+    pub fn greedy() -> Self {
+        SamplingParams {
+            temperature: 0.0,
+            ..SamplingParams::default()
+        }
+    }
+}
+
+/// When generation ends, as far as the worker can tell from token ids. Stop *strings* are
+/// matched on text by the preprocessor, which then cancels the request.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct StopConditions {
+    pub max_tokens: u32,
+    /// End-of-sequence ids and any extra stop token ids.
+    pub stop_token_ids: Vec<TokenId>,
+    /// Keep going past EOS (benchmarks).
+    pub ignore_eos: bool,
+}
+
+/// A request ready for a worker: tokenized, templated, with its sampling settings.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct PreprocessedRequest {
+    pub id: RequestId,
+    pub token_ids: Vec<TokenId>,
+    pub sampling: SamplingParams,
+    pub stop: StopConditions,
+    /// Return the log-probability of each sampled token, and this many alternatives.
+    pub logprobs: Option<u32>,
+    /// Hash salt (LoRA, multimodal content); 0 for the base model and text.
+    pub salt: u64,
+}
+
+/// Why a sequence ended.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub enum FinishReason {
+    /// A stop token (or, set by the preprocessor, a stop string).
+    Stop,
+    /// `max_tokens` or the context length was reached.
+    Length,
+    /// The client went away or asked to stop.
+    Cancelled,
+    /// The engine failed; the message says why.
+    Error(String),
+}
+
+/// Log-probability of one sampled token, with the top alternatives when asked for.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct TokenLogprob {
+    pub token_id: TokenId,
+    pub logprob: f32,
+    pub top: Vec<(TokenId, f32)>,
+}
+
+/// One step's output for one request: usually one token; the last item carries `finish`.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct TokenOutput {
+    pub token_ids: Vec<TokenId>,
+    pub logprobs: Option<Vec<TokenLogprob>>,
+    pub finish: Option<FinishReason>,
+    /// Prompt tokens served from the prefix cache (set on the first output).
+    pub cached_tokens: Option<u32>,
+}

@@ -1,0 +1,8 @@
+//! turbine-kernels: the model side. Knows nothing of actors or the network.
+//!
+//! Loaders turn a file (GGUF, or an HF directory) into a [`model::ModelConfig`] and
+//! [`model::ModelWeights`]; backends (CPU here, CUDA behind a feature) run the Llama-family
+//! forward pass over a paged KV cache; sampling turns logits into tokens.
+
+pub mod model;
+pub mod tensor;

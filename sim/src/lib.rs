@@ -1,0 +1,1 @@
+//! turbine-sim: runs turbine's actors and scheduling logic on virtual time.
