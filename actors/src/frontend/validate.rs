@@ -392,6 +392,32 @@ mod tests {
     }
 
     #[test]
+    fn integers_are_accepted_for_float_fields_and_ranges_are_checked() {
+        let req = chat(r#"{"messages":[{"role":"user","content":"x"}],"temperature":1,"top_p":1}"#)
+            .unwrap();
+        assert_eq!(req.sampling.temperature, 1.0);
+        assert_eq!(req.sampling.top_p, 1.0);
+        let err = chat(r#"{"messages":[{"role":"user","content":"x"}],"top_p":0}"#).unwrap_err();
+        assert!(err.message.contains("greater than 0"), "{}", err.message);
+        let req =
+            chat(r#"{"messages":[{"role":"user","content":"x"}],"top_k":-1,"seed":-1}"#).unwrap();
+        assert_eq!(req.sampling.top_k, 0);
+        assert_eq!(req.sampling.seed, Some(u64::MAX));
+    }
+
+    #[test]
+    fn stream_options_only_count_when_streaming() {
+        let base =
+            r#""messages":[{"role":"user","content":"x"}],"stream_options":{"include_usage":true}"#;
+        assert!(!chat(&format!("{{{base}}}")).unwrap().include_usage);
+        assert!(
+            chat(&format!(r#"{{{base},"stream":true}}"#))
+                .unwrap()
+                .include_usage
+        );
+    }
+
+    #[test]
     fn completion_prompt_forms() {
         let one = completion_request(br#"{"prompt":["a b"]}"#, "m").unwrap();
         assert_eq!(one.prompt, Prompt::Text("a b".into()));
