@@ -121,7 +121,7 @@ async fn chat_completions(
         let req = validate::chat_request(&body, state.engine.model_id())?;
         generate(&state, req, Endpoint::Chat, started).await
     };
-    result.await.unwrap_or_else(IntoResponse::into_response)
+    result.await.unwrap_or_else(error_response)
 }
 
 async fn completions(
@@ -135,7 +135,17 @@ async fn completions(
         let req = validate::completion_request(&body, state.engine.model_id())?;
         generate(&state, req, Endpoint::Completion, started).await
     };
-    result.await.unwrap_or_else(IntoResponse::into_response)
+    result.await.unwrap_or_else(error_response)
+}
+
+/// Logs server-side failures (client mistakes are the client's to see) and renders the error.
+fn error_response(error: ApiError) -> Response {
+    if error.status.is_server_error() {
+        tracing::warn!(status = error.status.as_u16(), message = %error.message, "generation failed");
+    } else {
+        tracing::debug!(status = error.status.as_u16(), message = %error.message, "rejected request");
+    }
+    error.into_response()
 }
 
 /// Checks the content type and the body read (413 when over the limit).

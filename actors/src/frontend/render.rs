@@ -2,6 +2,7 @@
 //! otherwise, for either endpoint.
 
 use super::engine::{TokenLogprobs, Usage};
+use super::error::ApiError;
 use super::generation::{FinishKind, GenEvent};
 use super::openai::{
     ChatChoice, ChatChunkChoice, ChatCompletionChunk, ChatCompletionResponse, ChatDelta,
@@ -155,8 +156,8 @@ impl SseWriter {
                 }
             }
             GenEvent::Failed(err) => {
-                let error =
-                    super::error::ApiError::from_engine(err, self.meta.endpoint.prompt_param());
+                tracing::warn!(id = %self.meta.id, error = %err, "generation failed mid-stream");
+                let error = ApiError::from_engine(err, self.meta.endpoint.prompt_param());
                 push_data(&mut out, &error.body());
             }
         }
