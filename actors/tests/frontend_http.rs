@@ -1051,10 +1051,15 @@ async fn metrics_expose_counters_and_shared_registry() {
     // Another component registers into the same registry after the router exists.
     let queue_depth = prometheus_client::metrics::gauge::Gauge::<i64>::default();
     queue_depth.set(5);
+    server
+        .metrics
+        .register("turbine_worker_queue_depth", "queued requests", queue_depth);
+    let kv_blocks_free = prometheus_client::metrics::gauge::Gauge::<i64>::default();
+    kv_blocks_free.set(12);
     server.metrics.registry().lock().unwrap().register(
-        "turbine_worker_queue_depth",
-        "queued requests",
-        queue_depth,
+        "turbine_kv_blocks_free",
+        "free KV blocks",
+        kv_blocks_free,
     );
 
     let response = get(server.addr, "/metrics").await;
@@ -1083,6 +1088,7 @@ async fn metrics_expose_counters_and_shared_registry() {
     assert_eq!(value("turbine_request_duration_seconds_count"), 2.0);
     assert_eq!(value("turbine_http_requests_in_flight"), 0.0);
     assert_eq!(value("turbine_worker_queue_depth"), 5.0);
+    assert_eq!(value("turbine_kv_blocks_free"), 12.0);
 }
 
 #[tokio::test]
@@ -1128,4 +1134,31 @@ async fn graceful_shutdown_drains_in_flight_streams() {
         .expect("server did not stop after draining")
         .unwrap()
         .unwrap();
+}
+
+#[tokio::test]
+async fn client_disconnect_while_waiting_for_a_non_streaming_answer_cancels() {
+    let server = start().await;
+    let mut stream = TcpStream::connect(server.addr).await.unwrap();
+    let body = chat_body("endless please");
+    stream
+        .write_all(&raw_request(
+            "POST",
+            "/v1/chat/completions",
+            Some("application/json"),
+            body.to_string().as_bytes(),
+        ))
+        .await
+        .unwrap();
+    // Wait until the engine has the request, then hang up.
+    tokio::time::timeout(HANG_GUARD, async {
+        while server.engine.seen.lock().unwrap().is_empty() {
+            tokio::time::sleep(Duration::from_millis(1)).await;
+        }
+    })
+    .await
+    .expect("the engine never saw the request");
+    drop(stream);
+    server.engine.probe.wait().await;
+    assert_still_serving(server.addr).await;
 }

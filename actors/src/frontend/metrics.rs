@@ -142,7 +142,8 @@ impl Metrics {
         Metrics::with_registry(Arc::new(Mutex::new(Registry::default())))
     }
 
-    /// Registers the HTTP metrics into an existing registry shared with other components.
+    /// Registers the HTTP metrics into an existing registry shared with other components
+    /// (once per registry: a second call would duplicate the metric families).
     pub fn with_registry(registry: Arc<Mutex<Registry>>) -> Self {
         let http = HttpMetrics::new();
         http.register(&mut lock(&registry));
@@ -152,6 +153,17 @@ impl Metrics {
     /// The shared registry, for registering worker-side metrics.
     pub fn registry(&self) -> Arc<Mutex<Registry>> {
         Arc::clone(&self.registry)
+    }
+
+    /// Registers another component's metric (queue depth, KV blocks, ...) so GET /metrics
+    /// shows it. Register each name once per registry.
+    pub fn register(
+        &self,
+        name: &str,
+        help: &str,
+        metric: impl prometheus_client::registry::Metric,
+    ) {
+        lock(&self.registry).register(name, help, metric);
     }
 
     pub fn http(&self) -> &HttpMetrics {
