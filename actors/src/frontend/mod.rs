@@ -4,6 +4,14 @@
 //! `engine` is the seam to whatever generates tokens, `generation` drives one engine stream
 //! (stop strings, token counting), `render` shapes responses, `http` is the axum server and
 //! `metrics` the Prometheus registry it exposes.
+//!
+//! Wiring (what `turbine up` does once an engine exists):
+//! ```ignore
+//! let metrics = Metrics::new(); // or Metrics::with_registry(shared) / metrics.register(..)
+//! let app = frontend::router(Arc::new(my_engine), metrics.clone(), HttpConfig::default());
+//! let listener = tokio::net::TcpListener::bind("0.0.0.0:8000").await?;
+//! frontend::serve(listener, app, async { let _ = tokio::signal::ctrl_c().await; }).await?;
+//! ```
 
 pub mod engine;
 pub mod error;

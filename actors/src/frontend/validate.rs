@@ -177,6 +177,8 @@ fn chat_message(index: usize, message: RequestMessage) -> Result<ChatMessage, Ap
                     }
                 }
             }
+            // Parts are separate paragraphs to the client; a newline keeps them apart
+            // for the tokenizer instead of gluing the last word of one to the next.
             texts.join("\n")
         }
     };
