@@ -5,6 +5,8 @@
 //! decisions, so the simulator and the real actors run the same code.
 
 pub mod cluster_config;
+pub mod frontend;
 pub mod ids;
 pub mod kv;
+pub mod preprocessor;
 pub mod protocol;
