@@ -169,7 +169,11 @@ fn shared_prefix_is_reused_and_ref_counted() {
     // Freeing A keeps the shared blocks in use by B.
     bm.free(RequestId(1));
     bm.check_invariants().unwrap();
-    assert_eq!(bm.num_used_blocks(), 4, "B's two shared and two private blocks");
+    assert_eq!(
+        bm.num_used_blocks(),
+        4,
+        "B's two shared and two private blocks"
+    );
     assert_eq!(bm.stats().evictable, 1, "only A's private third block");
     let st = bm.stats();
     assert_eq!(st.prefix_query_tokens, 12 + 14);

@@ -543,3 +543,21 @@ fn sample_index_counts_generated_tokens_across_preemption() {
     }
     assert!(s.num_preemptions() > 0);
 }
+
+#[test]
+fn a_request_re_added_while_its_aborted_step_runs_starts_afresh() {
+    let mut s = scheduler(64, 4, 64, 8, 256);
+    let p = prompt(1, 6);
+    s.add_request(request(1, p.clone(), 3), at(0)).unwrap();
+    let plan = s.schedule(at(0)).unwrap();
+    assert!(s.abort(r(1)));
+    s.add_request(request(1, p.clone(), 3), at(0)).unwrap();
+    let sampled = sample_from_plan(&plan);
+    assert!(
+        s.on_step_done(&plan, &sampled, at(0)).unwrap().is_empty(),
+        "the old incarnation's result is dropped"
+    );
+    s.check_invariants().unwrap();
+    let out = run_to_completion(&mut s, 20);
+    assert_eq!(out[&r(1)].tokens, reference_generation(&p, 3));
+}

@@ -17,7 +17,10 @@ pub struct ScheduledSeq {
     pub tokens: Vec<TokenId>,
     /// Tokens whose KV is already in the cache (from earlier steps or the prefix cache).
     pub start_pos: usize,
-    /// Physical blocks covering positions `0..start_pos + tokens.len()`, in order.
+    /// Physical blocks covering positions `0..start_pos + tokens.len()`, in order: exactly
+    /// `ceil((start_pos + tokens.len()) / block_size)` of them. Blocks before
+    /// `start_pos / block_size` may be shared with other sequences (read only); KV for the
+    /// fed tokens is written only into blocks this sequence owns alone.
     pub block_table: Vec<u32>,
     /// Sample a token from the last position: true exactly when this chunk reaches the end
     /// of the known tokens (the prompt's end, or a decode).
@@ -29,7 +32,8 @@ pub struct ScheduledSeq {
 }
 
 impl ScheduledSeq {
-    /// A decode: one known token fed to produce the next.
+    /// Has the shape of a decode: one token fed on top of cached KV, sampled. (A prompt's
+    /// one-token last chunk has the same shape and costs the same.)
     pub fn is_decode(&self) -> bool {
         self.want_logits && self.tokens.len() == 1 && self.start_pos > 0
     }

@@ -81,11 +81,19 @@ pub struct SamplingContext<'a> {
     pub prompt_len: usize,
 }
 
+#[derive(Clone, Copy, Debug)]
+struct InFlightEntry {
+    request: RequestId,
+    serial: u64,
+    num_tokens: usize,
+    want_logits: bool,
+}
+
 #[derive(Clone, Debug)]
 struct InFlight {
     step: StepId,
-    /// (request, tokens fed, sample wanted), in plan order.
-    entries: Vec<(RequestId, usize, bool)>,
+    /// In plan order.
+    entries: Vec<InFlightEntry>,
 }
 
 /// The per-worker scheduler. Pure logic: see the module doc and `worker`'s doc for the loop.
@@ -99,6 +107,7 @@ pub struct Scheduler {
     running: Vec<RequestId>,
     in_flight: Option<InFlight>,
     next_step: u64,
+    next_serial: u64,
     num_preemptions: u64,
 }
 
@@ -116,6 +125,7 @@ impl Scheduler {
             running: Vec::new(),
             in_flight: None,
             next_step: 0,
+            next_serial: 0,
             num_preemptions: 0,
         })
     }
@@ -164,8 +174,12 @@ impl Scheduler {
             });
         }
         let id = req.id;
-        self.seqs
-            .insert(id, Sequence::new(req, self.blocks.block_size(), now));
+        let serial = self.next_serial;
+        self.next_serial += 1;
+        self.seqs.insert(
+            id,
+            Sequence::new(req, serial, self.blocks.block_size(), now),
+        );
         self.waiting.push_back(id);
         Ok(())
     }
@@ -223,7 +237,12 @@ impl Scheduler {
                 want_logits,
                 sample_index: seq.num_generated() as u32,
             });
-            entries.push((id, n, want_logits));
+            entries.push(InFlightEntry {
+                request: id,
+                serial: seq.serial,
+                num_tokens: n,
+                want_logits,
+            });
         }
         if !seqs.is_empty() {
             self.next_step += 1;
@@ -253,16 +272,18 @@ impl Scheduler {
             sampled.iter().rev().map(|s| (s.request, s)).collect();
         let block_size = self.blocks.block_size();
         let mut outputs = Vec::new();
-        for (id, n, want_logits) in flight.entries {
-            let Some(seq) = self.seqs.get_mut(&id) else {
-                continue; // aborted while the step ran
+        for entry in flight.entries {
+            let id = entry.request;
+            // Aborted while the step ran (and possibly re-added since: a new incarnation).
+            let Some(seq) = self.seqs.get_mut(&id).filter(|s| s.serial == entry.serial) else {
+                continue;
             };
-            seq.num_computed += n;
+            seq.num_computed += entry.num_tokens;
             // Cannot fail: a running sequence always has a table.
             let _ = self
                 .blocks
                 .commit_computed(id, &seq.tokens[..seq.num_computed], &seq.hashes);
-            if !want_logits {
+            if !entry.want_logits {
                 continue;
             }
             let Some(sample) = by_request.get(&id) else {
@@ -300,8 +321,9 @@ impl Scheduler {
             return Ok(Vec::new());
         };
         let mut outputs = Vec::new();
-        for (id, _, _) in flight.entries {
-            if self.seqs.contains_key(&id) {
+        for entry in flight.entries {
+            let id = entry.request;
+            if self.seqs.get(&id).is_some_and(|s| s.serial == entry.serial) {
                 outputs.push((id, self.finish_with_error(id, reason)));
             }
         }

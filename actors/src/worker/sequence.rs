@@ -16,6 +16,9 @@ pub(crate) enum Phase {
 
 #[derive(Clone, Debug)]
 pub(crate) struct Sequence {
+    /// Unique per `add_request` call: tells a re-added request id apart from an aborted
+    /// incarnation whose step is still in flight.
+    pub serial: u64,
     pub sampling: SamplingParams,
     pub stop: StopConditions,
     pub logprobs: Option<u32>,
@@ -35,9 +38,15 @@ pub(crate) struct Sequence {
 }
 
 impl Sequence {
-    pub fn new(req: PreprocessedRequest, block_size: BlockSize, now: Duration) -> Self {
+    pub fn new(
+        req: PreprocessedRequest,
+        serial: u64,
+        block_size: BlockSize,
+        now: Duration,
+    ) -> Self {
         let hashes = hash_blocks(&req.token_ids, block_size, req.salt);
         Sequence {
+            serial,
             prompt_len: req.token_ids.len(),
             tokens: req.token_ids,
             hashes,

@@ -92,9 +92,10 @@ pub fn sample(sched: &Scheduler, plan: &StepPlan) -> Vec<SampledToken> {
             s.tokens.as_slice(),
             "fed tokens"
         );
-        assert!(
-            s.block_table.len() * block_size >= end,
-            "table covers positions"
+        assert_eq!(
+            s.block_table.len(),
+            end.div_ceil(block_size),
+            "the table covers exactly the positions"
         );
         assert_eq!(s.want_logits, end == history.len());
         if s.want_logits {
