@@ -10,3 +10,4 @@ pub mod ids;
 pub mod kv;
 pub mod preprocessor;
 pub mod protocol;
+pub mod worker;
