@@ -4,5 +4,6 @@
 //! [`model::ModelWeights`]; backends (CPU here, CUDA behind a feature) run the Llama-family
 //! forward pass over a paged KV cache; sampling turns logits into tokens.
 
+pub mod backend;
 pub mod model;
 pub mod tensor;
