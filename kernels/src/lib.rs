@@ -7,3 +7,9 @@
 pub mod backend;
 pub mod model;
 pub mod tensor;
+pub mod chat;
+pub mod gguf;
+pub mod loader;
+pub mod quant;
+pub mod safetensors;
+pub mod tokenizer;
