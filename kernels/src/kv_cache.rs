@@ -74,6 +74,19 @@ impl PagedKvPool {
         (k, v)
     }
 
+    /// K and V of one whole block of `layer` (`[slot][kv_head][head_dim]` each); empty when
+    /// out of range (callers validate block ids first).
+    pub fn block(&self, layer: usize, block: u32) -> (&[f32], &[f32]) {
+        let r = self.block_range(block);
+        let k = self
+            .k
+            .get(layer)
+            .and_then(|k| k.get(r.clone()))
+            .unwrap_or(&[]);
+        let v = self.v.get(layer).and_then(|v| v.get(r)).unwrap_or(&[]);
+        (k, v)
+    }
+
     /// Writes one token's K and V rows (`n_kv_heads * head_dim` each).
     pub fn write(&mut self, layer: usize, block: u32, slot: usize, k: &[f32], v: &[f32]) {
         let o = self.offset(block, slot);

@@ -41,19 +41,19 @@ pub fn attention(
             return;
         };
         let kv_off = (h / group) * hd;
-        let mut scores = Vec::with_capacity(tok.pos + 1);
+        let bs = shape.block_size;
+        let row = shape.n_kv_heads * hd;
+        let len = tok.pos + 1;
+        let mut scores = Vec::with_capacity(len);
         let mut max = f32::NEG_INFINITY;
-        for p in 0..=tok.pos {
-            let block = tok
-                .block_table
-                .get(p / shape.block_size)
-                .copied()
-                .unwrap_or(0);
-            let (k, _) = pool.kv_at(layer, block, p % shape.block_size);
-            let kh = k.get(kv_off..kv_off + hd).unwrap_or(&[]);
-            let s = dot(qh, kh) * scale;
-            max = max.max(s);
-            scores.push(s);
+        for (bi, &block) in tok.block_table.iter().take(len.div_ceil(bs)).enumerate() {
+            let (kb, _) = pool.block(layer, block);
+            let slots = (len - bi * bs).min(bs);
+            for k in kb.chunks_exact(row).take(slots) {
+                let s = dot(qh, k.get(kv_off..kv_off + hd).unwrap_or(&[])) * scale;
+                max = max.max(s);
+                scores.push(s);
+            }
         }
         let mut sum = 0.0f64;
         for s in scores.iter_mut() {
@@ -62,17 +62,14 @@ pub fn attention(
         }
         let inv = (1.0 / sum) as f32;
         o.fill(0.0);
-        for (p, &w) in scores.iter().enumerate() {
-            let block = tok
-                .block_table
-                .get(p / shape.block_size)
-                .copied()
-                .unwrap_or(0);
-            let (_, v) = pool.kv_at(layer, block, p % shape.block_size);
-            let vh = v.get(kv_off..kv_off + hd).unwrap_or(&[]);
-            let w = w * inv;
-            for (a, &b) in o.iter_mut().zip(vh) {
-                *a += w * b;
+        let mut weights = scores.iter();
+        for &block in tok.block_table.iter().take(len.div_ceil(bs)) {
+            let (_, vb) = pool.block(layer, block);
+            for (v, &w) in vb.chunks_exact(row).zip(weights.by_ref().take(bs)) {
+                let w = w * inv;
+                for (a, &b) in o.iter_mut().zip(&v[kv_off..kv_off + hd]) {
+                    *a += w * b;
+                }
             }
         }
     });

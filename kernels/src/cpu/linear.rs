@@ -157,7 +157,17 @@ impl Linear {
                     let t1 = (t0 + TOKEN_TILE).min(n);
                     for k in 0..rows_here {
                         let r = ci * ROWS_PER_TASK + k;
-                        for t in t0..t1 {
+                        let mut t = t0;
+                        if let (Repr::Quantized(p), Some(q)) = (&self.repr, &input.q) {
+                            let nb = self.cols / QK;
+                            while t + 4 <= t1 {
+                                let rows = [q.row(t), q.row(t + 1), q.row(t + 2), q.row(t + 3)];
+                                let v = quant::dot_row_x4(p, r, nb, rows, avx2);
+                                chunk[k * n + t..k * n + t + 4].copy_from_slice(&v);
+                                t += 4;
+                            }
+                        }
+                        for t in t..t1 {
                             chunk[k * n + t] = dot(r, t);
                         }
                     }

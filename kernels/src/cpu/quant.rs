@@ -229,6 +229,39 @@ pub fn dot_row(w: &PackedBlocks, row: usize, nb: usize, a: ActRow<'_>, avx2: boo
     scalar::dot(w.kind, qs, d, m, a)
 }
 
+/// Dot products of weight row `row` with four activation rows at once: each weight block is
+/// decoded once and reused for the four rows (the prefill / batched-decode fast path).
+#[inline]
+pub fn dot_row_x4(
+    w: &PackedBlocks,
+    row: usize,
+    nb: usize,
+    a: [ActRow<'_>; 4],
+    avx2: bool,
+) -> [f32; 4] {
+    let qb = w.kind.packed_qs_bytes();
+    let covered = a
+        .iter()
+        .all(|r| r.d.len() >= nb && r.s.len() >= nb && r.qs.len() >= nb * QK);
+    let qs = w.qs.get(row * nb * qb..(row + 1) * nb * qb);
+    let d = w.d.get(row * nb..(row + 1) * nb);
+    let m_ok = w.kind != BlockKind::Q4_1 || w.m.len() >= (row + 1) * nb;
+    #[cfg(target_arch = "x86_64")]
+    if let (true, true, true, Some(qs), Some(d)) = (avx2, covered, m_ok, qs, d) {
+        // SAFETY: AVX2+FMA are available (`avx2` comes from `have_avx2`); every slice covers
+        // `nb` blocks (checked above).
+        unsafe {
+            return match w.kind {
+                BlockKind::Q4_0 => avx2::dot_q4_0_x4(qs, d, &a, nb),
+                BlockKind::Q4_1 => avx2::dot_q4_1_x4(qs, d, &w.m[row * nb..(row + 1) * nb], &a, nb),
+                BlockKind::Q8_0 => avx2::dot_q8_0_x4(qs, d, &a, nb),
+            };
+        }
+    }
+    let _ = (covered, m_ok, qs, d);
+    a.map(|r| dot_row(w, row, nb, r, avx2))
+}
+
 /// Portable reference kernels (also the fallback without AVX2).
 pub mod scalar {
     use super::{ActRow, BlockKind, QK};
@@ -345,6 +378,74 @@ mod avx2 {
         }
         hsum(acc)
     }
+
+    #[target_feature(enable = "avx2,fma")]
+    pub unsafe fn dot_q4_1_x4(
+        qs: &[u8],
+        d: &[f32],
+        m: &[f32],
+        a: &[ActRow<'_>; 4],
+        nb: usize,
+    ) -> [f32; 4] {
+        let mut acc = [_mm256_setzero_ps(); 4];
+        let mut summs = [0.0f32; 4];
+        let ones = _mm256_set1_epi16(1);
+        for b in 0..nb {
+            let x = unpack_nibbles(qs.as_ptr().add(b * 16));
+            let (dx, mx) = (*d.get_unchecked(b), *m.get_unchecked(b));
+            for j in 0..4 {
+                let r = a.get_unchecked(j);
+                let y = _mm256_loadu_si256(r.qs.as_ptr().add(b * QK) as *const __m256i);
+                let p = _mm256_cvtepi32_ps(_mm256_madd_epi16(_mm256_maddubs_epi16(x, y), ones));
+                let scale = _mm256_set1_ps(dx * *r.d.get_unchecked(b));
+                acc[j] = _mm256_fmadd_ps(scale, p, acc[j]);
+                summs[j] += mx * *r.s.get_unchecked(b);
+            }
+        }
+        [
+            hsum(acc[0]) + summs[0],
+            hsum(acc[1]) + summs[1],
+            hsum(acc[2]) + summs[2],
+            hsum(acc[3]) + summs[3],
+        ]
+    }
+
+    /// Shared body of the signed-weight kernels (Q4_0 after re-centring, Q8_0).
+    #[inline]
+    #[target_feature(enable = "avx2,fma")]
+    unsafe fn signed_x4(x: __m256i, dx: f32, b: usize, a: &[ActRow<'_>; 4], acc: &mut [__m256; 4]) {
+        let ax = _mm256_sign_epi8(x, x);
+        let ones = _mm256_set1_epi16(1);
+        for j in 0..4 {
+            let r = a.get_unchecked(j);
+            let y = _mm256_loadu_si256(r.qs.as_ptr().add(b * QK) as *const __m256i);
+            let sy = _mm256_sign_epi8(y, x);
+            let p = _mm256_cvtepi32_ps(_mm256_madd_epi16(_mm256_maddubs_epi16(ax, sy), ones));
+            let scale = _mm256_set1_ps(dx * *r.d.get_unchecked(b));
+            acc[j] = _mm256_fmadd_ps(scale, p, acc[j]);
+        }
+    }
+
+    #[target_feature(enable = "avx2,fma")]
+    pub unsafe fn dot_q4_0_x4(qs: &[u8], d: &[f32], a: &[ActRow<'_>; 4], nb: usize) -> [f32; 4] {
+        let mut acc = [_mm256_setzero_ps(); 4];
+        let eight = _mm256_set1_epi8(8);
+        for b in 0..nb {
+            let x = _mm256_sub_epi8(unpack_nibbles(qs.as_ptr().add(b * 16)), eight);
+            signed_x4(x, *d.get_unchecked(b), b, a, &mut acc);
+        }
+        [hsum(acc[0]), hsum(acc[1]), hsum(acc[2]), hsum(acc[3])]
+    }
+
+    #[target_feature(enable = "avx2,fma")]
+    pub unsafe fn dot_q8_0_x4(qs: &[u8], d: &[f32], a: &[ActRow<'_>; 4], nb: usize) -> [f32; 4] {
+        let mut acc = [_mm256_setzero_ps(); 4];
+        for b in 0..nb {
+            let x = _mm256_loadu_si256(qs.as_ptr().add(b * QK) as *const __m256i);
+            signed_x4(x, *d.get_unchecked(b), b, a, &mut acc);
+        }
+        [hsum(acc[0]), hsum(acc[1]), hsum(acc[2]), hsum(acc[3])]
+    }
 }
 
 #[cfg(test)]
@@ -399,6 +500,31 @@ mod tests {
                     (got_simd - got_scalar).abs() < 1e-4 * (1.0 + want.abs()),
                     "{kind:?}"
                 );
+            }
+        }
+    }
+
+    #[test]
+    fn four_row_kernels_equal_single_row_kernels() {
+        let mut seed = 11u64;
+        let cols = 128;
+        let nb = cols / QK;
+        let x: Vec<f32> = (0..4 * cols).map(|_| lcg(&mut seed)).collect();
+        let a = QuantizedRows::quantize(&x, 4, cols);
+        for kind in [BlockKind::Q4_0, BlockKind::Q4_1, BlockKind::Q8_0] {
+            let w = PackedBlocks::from_ggml(kind, &random_blocks(kind, 3 * nb, &mut seed));
+            for row in 0..3 {
+                let rows = [a.row(0), a.row(1), a.row(2), a.row(3)];
+                for avx2 in [false, have_avx2()] {
+                    let got = dot_row_x4(&w, row, nb, rows, avx2);
+                    for (j, g) in got.iter().enumerate() {
+                        let want = dot_row(&w, row, nb, a.row(j), avx2);
+                        assert!(
+                            (g - want).abs() <= 1e-5 * (1.0 + want.abs()),
+                            "{kind:?} {j}"
+                        );
+                    }
+                }
             }
         }
     }
