@@ -2,6 +2,9 @@
 //! can run before (and independently of) the crate's full loader. Llama-architecture files
 //! with F32/F16/Q4_0/Q4_1/Q8_0 tensors only; test/bench code, so errors are plain strings.
 
+// Shared by a bench and a test that each use part of it.
+#![allow(dead_code)]
+
 use memmap2::Mmap;
 use std::collections::BTreeMap;
 use std::sync::Arc;

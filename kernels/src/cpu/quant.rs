@@ -416,13 +416,12 @@ mod avx2 {
     unsafe fn signed_x4(x: __m256i, dx: f32, b: usize, a: &[ActRow<'_>; 4], acc: &mut [__m256; 4]) {
         let ax = _mm256_sign_epi8(x, x);
         let ones = _mm256_set1_epi16(1);
-        for j in 0..4 {
-            let r = a.get_unchecked(j);
+        for (r, acc) in a.iter().zip(acc.iter_mut()) {
             let y = _mm256_loadu_si256(r.qs.as_ptr().add(b * QK) as *const __m256i);
             let sy = _mm256_sign_epi8(y, x);
             let p = _mm256_cvtepi32_ps(_mm256_madd_epi16(_mm256_maddubs_epi16(ax, sy), ones));
             let scale = _mm256_set1_ps(dx * *r.d.get_unchecked(b));
-            acc[j] = _mm256_fmadd_ps(scale, p, acc[j]);
+            *acc = _mm256_fmadd_ps(scale, p, *acc);
         }
     }
 
