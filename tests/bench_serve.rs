@@ -247,3 +247,86 @@ async fn an_unreachable_server_is_an_error_not_a_hang() {
     let err = measure(args(addr, &[1], 8)).await.unwrap_err();
     assert!(format!("{err:#}").contains("/v1/models"), "{err:#}");
 }
+
+// ------------------------------------------------------------------------------------------
+// Against turbine's own HTTP frontend (real SSE shapes) with a counting engine.
+
+mod turbine_frontend {
+    use super::*;
+    use async_trait::async_trait;
+    use turbine::bench::serve::measure;
+    use turbine_actors::frontend::{
+        router, serve, ChatEngine, Delta, DeltaStream, EngineError, GenerateRequest, HttpConfig,
+        Metrics, Usage,
+    };
+    use turbine_actors::protocol::FinishReason;
+
+    /// Emits `max_tokens` one-token deltas ("w0 w1 ..."), reporting 11 prompt tokens.
+    struct CountingEngine;
+
+    #[async_trait]
+    impl ChatEngine for CountingEngine {
+        fn model_id(&self) -> &str {
+            "counting"
+        }
+
+        fn context_length(&self) -> usize {
+            4096
+        }
+
+        async fn generate(&self, req: GenerateRequest) -> Result<DeltaStream, EngineError> {
+            let n = req.max_tokens.unwrap_or(8);
+            let deltas: Vec<Result<Delta, EngineError>> = (0..n)
+                .map(|i| {
+                    let last = i + 1 == n;
+                    Ok(Delta {
+                        text: format!(" w{i}"),
+                        token_ids: vec![i],
+                        finish: last.then_some(FinishReason::Length),
+                        usage: (i == 0 || last).then_some(Usage {
+                            prompt_tokens: 11,
+                            completion_tokens: i + 1,
+                            cached_tokens: 0,
+                        }),
+                        ..Delta::default()
+                    })
+                })
+                .collect();
+            let paced = futures::stream::iter(deltas).then(|delta| async move {
+                tokio::time::sleep(Duration::from_millis(1)).await;
+                delta
+            });
+            Ok(paced.boxed())
+        }
+    }
+
+    #[tokio::test]
+    async fn measures_turbines_frontend() {
+        let app = router(
+            Arc::new(CountingEngine),
+            Metrics::new(),
+            HttpConfig::default(),
+        );
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        tokio::spawn(serve(listener, app, std::future::pending()));
+
+        let report = measure(ServeBenchArgs {
+            ignore_eos: true,
+            temperature: Some(0.0),
+            ..args(addr, &[1, 4], 8)
+        })
+        .await
+        .unwrap();
+        assert_eq!(report.model, "counting");
+        for level in &report.levels {
+            assert_eq!(level.errors, 0, "{:?}", level.error_kinds);
+            assert_eq!(level.requests, 8);
+            assert_eq!(level.output_tokens, 8 * 5);
+            assert!(level.tokens_from_usage);
+            assert_eq!(level.mean_prompt_tokens, Some(11.0));
+            assert_eq!(level.ttft.count, 8);
+            assert_eq!(level.itl.count, 8 * 4);
+        }
+    }
+}
