@@ -363,6 +363,17 @@ pub fn latency_svg(o: &SimOutcome, title: &str) -> String {
     s
 }
 
+/// An axis label with enough decimals for the axis range.
+fn tick(v: f64, max: f64) -> String {
+    if max >= 20.0 {
+        format!("{v:.0}")
+    } else if max >= 2.0 {
+        format!("{v:.1}")
+    } else {
+        format!("{v:.2}")
+    }
+}
+
 fn xml_escape(s: &str) -> String {
     s.replace('&', "&amp;")
         .replace('<', "&lt;")
