@@ -275,7 +275,11 @@ impl BpeVocab {
             }
         }
         // A character missing from the vocabulary becomes the unknown token, or is dropped.
-        out.extend(syms.iter().filter(|s| s.alive).filter_map(|s| s.id.or(self.unk)));
+        out.extend(
+            syms.iter()
+                .filter(|s| s.alive)
+                .filter_map(|s| s.id.or(self.unk)),
+        );
     }
 
     fn push_pair(
