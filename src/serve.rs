@@ -19,7 +19,7 @@ pub async fn up(cfg: ClusterConfig, allow_fetch: bool) -> Result<()> {
         .await
         .context("the model loader panicked")?
         .context("loading the model")?;
-    let cluster = LocalCluster::start(&cfg, model)?;
+    let cluster = LocalCluster::start(&cfg, model).await?;
     let engine: Arc<dyn ChatEngine> = cluster.pipeline.clone();
     let app = frontend::router(
         engine.clone(),

@@ -5,6 +5,7 @@
 use super::executor::Executor;
 use super::metrics::WorkerMetrics;
 use super::pipeline::{index_sink, Pipeline};
+use super::service::{worker_service_name, WorkerActor, WorkerService};
 use super::worker::WorkerHandle;
 use crate::cluster_config::{ClusterConfig, WorkerGroup, WorkerRole};
 use crate::frontend::Metrics;
@@ -17,6 +18,7 @@ use std::sync::Arc;
 use turbine_kernels::backend::Backend;
 use turbine_kernels::cpu::{CpuBackend, CpuBackendOptions};
 use turbine_kernels::loader::LoadedModel;
+use turbine_runtime::{Node, NodeConfig};
 
 /// Why the graph could not be started.
 #[derive(Debug, thiserror::Error)]
@@ -25,6 +27,8 @@ pub enum StartError {
     Config(String),
     #[error("worker {worker}: {reason}")]
     Worker { worker: WorkerId, reason: String },
+    #[error("request plane: {0}")]
+    Node(String),
 }
 
 /// A running single-process cluster.
@@ -32,12 +36,20 @@ pub struct LocalCluster {
     pub pipeline: Arc<Pipeline>,
     pub metrics: Metrics,
     pub index: Arc<FlashIndexer>,
+    /// This process's request-plane node: the workers are served on it, so other
+    /// processes could reach them too.
+    pub node: Node,
+    /// The worker engine loops, for inspection (stats) and tests.
+    pub workers: Vec<WorkerHandle>,
 }
 
 impl LocalCluster {
-    /// Starts every worker the config describes on the current tokio runtime. Must be
-    /// called from within a runtime.
-    pub fn start(cfg: &ClusterConfig, model: LoadedModel) -> Result<LocalCluster, StartError> {
+    /// Starts every worker the config describes on the current tokio runtime, each served
+    /// as a supervised [`WorkerService`] on this process's node.
+    pub async fn start(
+        cfg: &ClusterConfig,
+        model: LoadedModel,
+    ) -> Result<LocalCluster, StartError> {
         let groups: Vec<&WorkerGroup> = cfg.workers.iter().filter(|g| g.replicas > 0).collect();
         let Some(first) = groups.first() else {
             return Err(StartError::Config("no workers configured".into()));
@@ -87,9 +99,13 @@ impl LocalCluster {
             for _ in 0..group.replicas {
                 let id = WorkerId(next_id);
                 next_id += 1;
-                let handle = start_worker(id, group, &model, context_length, index.clone())?;
-                spawn_metrics_mirror(&handle, worker_metrics.clone());
-                workers.push(handle);
+                workers.push(start_worker(
+                    id,
+                    group,
+                    &model,
+                    context_length,
+                    index.clone(),
+                )?);
             }
         }
 
@@ -110,18 +126,40 @@ impl LocalCluster {
         )
         .map_err(StartError::Config)?;
         let model_id = cfg.model.served_name.clone().unwrap_or(name);
-        let pipeline = Pipeline::new(
+        let pipeline = Arc::new(Pipeline::new(
             model_id,
             context_length,
             block_size,
             Arc::new(codec),
             router,
-            workers,
-        );
+        ));
+
+        let node = Node::start(NodeConfig {
+            name: "frontend".to_string(),
+            bind: format!("tcp://{}", cfg.transport.bind),
+            call_timeout_ms: cfg.transport.call_timeout_ms,
+            ..NodeConfig::default()
+        })
+        .await
+        .map_err(|e| StartError::Node(e.to_string()))?;
+        for handle in &workers {
+            let name = worker_service_name(handle.id());
+            let served = handle.clone();
+            node.serve::<WorkerService, _, _>(&name, move || WorkerActor::new(served.clone()))
+                .await
+                .map_err(|e| StartError::Node(e.to_string()))?;
+            let addr = node
+                .local::<WorkerService>(&name)
+                .map_err(|e| StartError::Node(e.to_string()))?;
+            pipeline.add_worker(handle.id(), addr);
+            spawn_load_mirror(handle, pipeline.clone(), worker_metrics.clone());
+        }
         Ok(LocalCluster {
-            pipeline: Arc::new(pipeline),
+            pipeline,
             metrics,
             index,
+            node,
+            workers,
         })
     }
 }
@@ -179,13 +217,16 @@ fn start_worker(
     ))
 }
 
-fn spawn_metrics_mirror(worker: &WorkerHandle, metrics: WorkerMetrics) {
+/// After every step of `worker`: its load into the router, its gauges into the metrics.
+fn spawn_load_mirror(worker: &WorkerHandle, pipeline: Arc<Pipeline>, metrics: WorkerMetrics) {
     let mut stats = worker.watch_stats();
-    let name = worker.id().to_string();
+    let id = worker.id();
+    let name = id.to_string();
     metrics.update(&name, &stats.borrow());
     tokio::spawn(async move {
         while stats.changed().await.is_ok() {
             let s = stats.borrow_and_update().clone();
+            pipeline.update_load(id, &s);
             metrics.update(&name, &s);
         }
     });

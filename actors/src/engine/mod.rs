@@ -5,6 +5,7 @@ pub mod executor;
 pub mod local;
 pub mod metrics;
 pub mod pipeline;
+pub mod service;
 pub mod worker;
 
 pub use executor::{ExecError, ExecSeq, Executor, SampleSpec};

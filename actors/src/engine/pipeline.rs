@@ -2,25 +2,27 @@
 //! (KV-aware), run on a worker, and stream text back (incremental detokenization).
 //!
 //! This is the [`ChatEngine`] the frontend calls. Workers are reached through
-//! [`WorkerHandle`]s; KV events flow from each worker straight into the router's
-//! [`FlashIndexer`], and each worker's load is mirrored into the router after every step.
+//! location-transparent `Addr<WorkerService>`s (local, or in another process); KV events
+//! flow from each worker into the router's [`FlashIndexer`], and each worker's load is fed
+//! to the router with [`Pipeline::update_load`].
 
-use super::worker::{TokenStream, WorkerError, WorkerHandle};
+use super::service::{WorkerReply, WorkerRequest, WorkerService};
 use crate::frontend::{ChatEngine, Delta, DeltaStream, EngineError, GenerateRequest, Usage};
 use crate::ids::{RequestId, WorkerId};
 use crate::kv::indexer::FlashIndexer;
 use crate::kv::{hash_blocks, BlockSize};
 use crate::preprocessor::codec::ModelCodec;
-use crate::protocol::{FinishReason, PreprocessedRequest, StopConditions, TokenOutput};
+use crate::protocol::{FinishReason, PreprocessedRequest, StopConditions};
 use crate::router::{KvRouter, RouteError, RouteRequest};
-use crate::worker::AdmitError;
+use crate::worker::SchedulerStats;
 use async_trait::async_trait;
 use futures::StreamExt;
 use std::collections::BTreeMap;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, RwLock};
 use std::time::{Duration, Instant};
 use turbine_kernels::tokenizer::IncrementalDecoder;
+use turbine_runtime::{Addr, CallError, ReplyStream};
 
 /// Everything a request needs on its way through the graph, shared by all requests.
 pub struct Pipeline {
@@ -29,36 +31,28 @@ pub struct Pipeline {
     block_size: BlockSize,
     codec: Arc<ModelCodec>,
     router: Arc<Mutex<KvRouter>>,
-    workers: BTreeMap<WorkerId, WorkerHandle>,
+    workers: RwLock<BTreeMap<WorkerId, Addr<WorkerService>>>,
     next_request: AtomicU64,
     started: Instant,
 }
 
 impl Pipeline {
-    /// Wires `workers` to `router`: their stats feed its load view. KV events must already
-    /// flow into `index` (the worker's event sink).
+    /// A pipeline with no workers yet: add them with [`Pipeline::add_worker`].
     pub fn new(
         model_id: String,
         context_length: usize,
         block_size: BlockSize,
         codec: Arc<ModelCodec>,
         router: KvRouter,
-        workers: Vec<WorkerHandle>,
     ) -> Pipeline {
         let router = Arc::new(Mutex::new(router));
-        let mut by_id = BTreeMap::new();
-        for w in workers {
-            lock(&router).add_worker(w.id());
-            spawn_load_mirror(w.clone(), router.clone());
-            by_id.insert(w.id(), w);
-        }
         Pipeline {
             model_id,
             context_length,
             block_size,
             codec,
             router,
-            workers: by_id,
+            workers: RwLock::new(BTreeMap::new()),
             // Request ids only need to be unique per process lifetime; start from the
             // clock so a restarted frontend does not reuse ids still known to workers.
             next_request: AtomicU64::new(
@@ -72,8 +66,37 @@ impl Pipeline {
         }
     }
 
-    pub fn workers(&self) -> impl Iterator<Item = &WorkerHandle> {
-        self.workers.values()
+    /// Makes `worker` routable.
+    pub fn add_worker(&self, id: WorkerId, worker: Addr<WorkerService>) {
+        lock(&self.router).add_worker(id);
+        self.workers
+            .write()
+            .unwrap_or_else(|e| e.into_inner())
+            .insert(id, worker);
+    }
+
+    /// Stops routing to `id` (it left, or its lease expired) and forgets its KV blocks.
+    pub fn remove_worker(&self, id: WorkerId) {
+        lock(&self.router).remove_worker(id);
+        self.workers
+            .write()
+            .unwrap_or_else(|e| e.into_inner())
+            .remove(&id);
+    }
+
+    /// Feeds a worker's latest stats into the router's load view.
+    pub fn update_load(&self, id: WorkerId, stats: &SchedulerStats) {
+        let active = (stats.num_running + stats.num_waiting) as u32;
+        lock(&self.router).update_load(id, stats.kv.used as u64, active);
+    }
+
+    pub fn worker_ids(&self) -> Vec<WorkerId> {
+        self.workers
+            .read()
+            .unwrap_or_else(|e| e.into_inner())
+            .keys()
+            .copied()
+            .collect()
     }
 
     pub fn router(&self) -> &Arc<Mutex<KvRouter>> {
@@ -96,17 +119,6 @@ fn lock(router: &Mutex<KvRouter>) -> std::sync::MutexGuard<'_, KvRouter> {
     // A panic while holding the lock cannot leave the router half-updated in a way that
     // matters more than refusing all further requests would, so recover the guard.
     router.lock().unwrap_or_else(|e| e.into_inner())
-}
-
-fn spawn_load_mirror(worker: WorkerHandle, router: Arc<Mutex<KvRouter>>) {
-    let mut stats = worker.watch_stats();
-    tokio::spawn(async move {
-        while stats.changed().await.is_ok() {
-            let s = stats.borrow_and_update().clone();
-            let active = (s.num_running + s.num_waiting) as u32;
-            lock(&router).update_load(worker.id(), s.kv.used as u64, active);
-        }
-    });
 }
 
 #[async_trait]
@@ -154,7 +166,13 @@ impl ChatEngine for Pipeline {
             router: self.router.clone(),
             id,
         };
-        let Some(worker) = self.workers.get(&decision.worker) else {
+        let worker = self
+            .workers
+            .read()
+            .unwrap_or_else(|e| e.into_inner())
+            .get(&decision.worker)
+            .cloned();
+        let Some(worker) = worker else {
             return Err(EngineError::Internal(format!(
                 "router chose unknown worker {}",
                 decision.worker
@@ -172,17 +190,10 @@ impl ChatEngine for Pipeline {
             logprobs: req.logprobs,
             salt: 0,
         };
-        let tokens = worker.generate(pre).await.map_err(|e| match e {
-            WorkerError::Admit(AdmitError::PromptTooLong {
-                prompt_len,
-                max_model_len,
-            }) => EngineError::ContextLengthExceeded {
-                prompt_tokens: prompt_len,
-                context_length: max_model_len,
-            },
-            WorkerError::Admit(other) => EngineError::InvalidRequest(other.to_string()),
-            WorkerError::Stopped(w) => EngineError::Internal(format!("worker {w} has stopped")),
-        })?;
+        let tokens = worker
+            .stream(WorkerRequest::Generate(Box::new(pre)))
+            .await
+            .map_err(|e| EngineError::Overloaded(format!("worker {}: {e}", decision.worker)))?;
         let state = Detokenize {
             codec: self.codec.clone(),
             decoder: self.codec.decoder(),
@@ -217,8 +228,20 @@ struct Detokenize {
 }
 
 impl Detokenize {
-    fn delta(&mut self, out: TokenOutput) -> Result<Delta, EngineError> {
+    fn delta(&mut self, item: Result<WorkerReply, CallError>) -> Result<Delta, EngineError> {
         let first = self.completion_tokens == 0;
+        let out = match item {
+            Ok(WorkerReply::Token(out)) => out,
+            Ok(WorkerReply::Stats(_)) => {
+                return Err(EngineError::Internal(
+                    "worker sent stats on a stream".into(),
+                ))
+            }
+            // Refused at admission: the request itself is at fault (too long for the
+            // worker's pool, empty, ...).
+            Err(CallError::Handler(msg)) if first => return Err(EngineError::InvalidRequest(msg)),
+            Err(e) => return Err(EngineError::Internal(format!("worker: {e}"))),
+        };
         if let Some(c) = out.cached_tokens {
             self.cached_tokens = c;
         }
@@ -260,7 +283,7 @@ impl Detokenize {
     }
 }
 
-fn detokenize(tokens: TokenStream, state: Detokenize) -> DeltaStream {
+fn detokenize(tokens: ReplyStream<WorkerReply>, state: Detokenize) -> DeltaStream {
     futures::stream::unfold(
         (tokens, state, false),
         |(mut tokens, mut state, done)| async move {
