@@ -11,3 +11,4 @@ pub mod kv;
 pub mod preprocessor;
 pub mod protocol;
 pub mod worker;
+pub mod router;

@@ -32,9 +32,10 @@ pub struct SeqStep<'a> {
 }
 
 impl SeqStep<'_> {
-    /// Position one past the last token of this step (the sequence length afterwards).
+    /// Position one past the last token of this step (the sequence length afterwards);
+    /// saturates rather than overflowing on absurd `start_pos` values.
     pub fn end_pos(&self) -> usize {
-        self.start_pos + self.tokens.len()
+        self.start_pos.saturating_add(self.tokens.len())
     }
 }
 

@@ -5,7 +5,10 @@
 //! forward pass over a paged KV cache; sampling turns logits into tokens.
 
 pub mod backend;
+pub mod cpu;
+pub mod kv_cache;
 pub mod model;
+pub mod sampling;
 pub mod tensor;
 pub mod chat;
 pub mod gguf;
