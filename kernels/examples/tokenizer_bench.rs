@@ -5,7 +5,8 @@
 //! Measures (median of 5 runs) the default model's load time and encode throughput on a
 //! ~250 KB text built from the reference prompts (tests/fixtures/llamacpp_reference.json),
 //! with a cold word cache (fresh tokenizer) and a warm one, plus decode throughput. Writes the
-//! text to $TURBINE_BENCH_TEXT (if set) so the same input can be fed to llama.cpp.
+//! text to $TURBINE_BENCH_TEXT (if set) so the same input can be fed to llama.cpp; with
+//! $TURBINE_BENCH_IDS naming a JSON array of llama.cpp's ids for that text, checks them.
 
 use std::path::PathBuf;
 use std::time::Instant;
@@ -86,6 +87,20 @@ fn main() {
             t.elapsed().as_secs_f64()
         })
         .collect();
+    if let Some(file) = std::env::var_os("TURBINE_BENCH_IDS") {
+        let want: Vec<u32> =
+            serde_json::from_str(&std::fs::read_to_string(file).expect("ids file")).expect("ids");
+        let first_diff = ids.iter().zip(&want).position(|(a, b)| a != b);
+        if ids == want {
+            println!("ids identical to the reference ({} tokens)", want.len());
+        } else {
+            println!(
+                "ids DIFFER from the reference: {} vs {} tokens, first difference at {first_diff:?}",
+                ids.len(),
+                want.len()
+            );
+        }
+    }
     let (cold, warm, dec) = (median(cold), median(warm), median(dec));
     println!("text: {:.3} MB, {n_tokens} tokens", mb);
     println!(
