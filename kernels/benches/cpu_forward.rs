@@ -4,7 +4,8 @@
 //! `cargo bench -p turbine-kernels --bench cpu_forward` (env: TURBINE_MODEL, BENCH_THREADS
 //! (default 2), BENCH_RUNS (default 5)). Prints one line per measurement with the median and
 //! all runs. `BENCH_GREEDY=id,id,...` instead greedy-decodes 32 tokens after that prompt and
-//! prints them (used to compare with llama.cpp by hand).
+//! prints them (used to compare with llama.cpp by hand); `BENCH_LOGITS_OUT=file` also writes
+//! the prompt's last-token logits there as little-endian f32.
 
 #[path = "support/gguf_min.rs"]
 mod gguf_min;
@@ -69,6 +70,10 @@ fn main() {
                 want_logits: true,
             };
             let l = be.forward(&[step]).expect("forward");
+            if let (Ok(path), 0) = (std::env::var("BENCH_LOGITS_OUT"), start) {
+                let bytes: Vec<u8> = l.data.iter().flat_map(|x| x.to_le_bytes()).collect();
+                std::fs::write(path, bytes).expect("write logits");
+            }
             let next = argmax(l.row(0).expect("row"));
             start = seq.len();
             seq.push(next);
