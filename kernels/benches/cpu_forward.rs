@@ -7,12 +7,10 @@
 //! prints them (used to compare with llama.cpp by hand); `BENCH_LOGITS_OUT=file` also writes
 //! the prompt's last-token logits there as little-endian f32.
 
-#[path = "support/gguf_min.rs"]
-mod gguf_min;
-
 use std::time::Instant;
 use turbine_kernels::backend::{Backend, SeqStep};
 use turbine_kernels::cpu::{CpuBackend, CpuBackendOptions};
+use turbine_kernels::loader::{default_model_path, load_model};
 use turbine_kernels::sampling::argmax;
 
 fn env_usize(k: &str, d: usize) -> usize {
@@ -40,11 +38,14 @@ fn prompt(n: usize, vocab: usize) -> Vec<u32> {
 }
 
 fn main() {
-    let path = gguf_min::default_model_path();
+    let path = std::env::var_os("TURBINE_MODEL")
+        .filter(|p| !p.is_empty())
+        .map(std::path::PathBuf::from)
+        .unwrap_or_else(default_model_path);
     let threads = env_usize("BENCH_THREADS", 2);
     let runs = env_usize("BENCH_RUNS", 5);
-    let g = gguf_min::read(&path).expect("read model");
-    let (cfg, w) = g.llama().expect("llama weights");
+    let model = load_model(&path).expect("load model");
+    let (cfg, w) = (model.config, model.weights);
     let blocks_per_seq = 48; // 768 positions
     let opts = CpuBackendOptions {
         num_blocks: blocks_per_seq * 8,
@@ -83,7 +84,10 @@ fn main() {
         return;
     }
 
-    println!("model {path}, {threads} threads, {runs} runs each");
+    println!(
+        "model {}, {threads} threads, {runs} runs each",
+        path.display()
+    );
     for n in [128usize, 512] {
         let p = prompt(n, vocab);
         let t = table(0, blocks_per_seq);

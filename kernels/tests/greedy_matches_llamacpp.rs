@@ -2,18 +2,16 @@
 //! tokens exactly: 32 greedy tokens after each reference prompt, one sequence at a time and
 //! all prompts batched together in one forward call per step.
 //!
-//! References: the loaders' fixture `tests/fixtures/llamacpp_reference.json` (repo root) when present,
+//! References: the fixture `tests/fixtures/llamacpp_reference.json` (repo root) when present,
 //! plus two cases recorded here with llama-cpp-python 0.3.36 (ggml 0.25.3, 2 threads, AVX2)
 //! by prefilling the token ids and taking the argmax of the logits 32 times.
 //!
 //! The model is a 93 MB download (`scripts/fetch-model.sh`); without it (or with
 //! `TURBINE_MODEL` pointing nowhere) the test says so and passes vacuously.
 
-#[path = "../benches/support/gguf_min.rs"]
-mod gguf_min;
-
 use turbine_kernels::backend::{Backend, SeqStep};
 use turbine_kernels::cpu::{CpuBackend, CpuBackendOptions};
+use turbine_kernels::loader::{default_model_path, load_model};
 use turbine_kernels::sampling::argmax;
 
 struct Case {
@@ -112,15 +110,25 @@ fn fixture_cases() -> Vec<Case> {
         .collect()
 }
 
+/// `TURBINE_MODEL`, else the default model's cache location.
+fn model_path() -> std::path::PathBuf {
+    std::env::var_os("TURBINE_MODEL")
+        .filter(|p| !p.is_empty())
+        .map(std::path::PathBuf::from)
+        .unwrap_or_else(default_model_path)
+}
+
 fn load(num_blocks: usize) -> Option<CpuBackend> {
-    let path = gguf_min::default_model_path();
-    if !std::path::Path::new(&path).exists() {
-        eprintln!("SKIPPED: model {path} not present (run scripts/fetch-model.sh)");
+    let path = model_path();
+    if !path.exists() {
+        eprintln!(
+            "SKIPPED: model {} not present (run scripts/fetch-model.sh)",
+            path.display()
+        );
         return None;
     }
-    let (cfg, w) = gguf_min::read(&path)
-        .and_then(|g| g.llama())
-        .expect("load model");
+    let model = load_model(&path).expect("load model");
+    let (cfg, w) = (model.config, model.weights);
     let opts = CpuBackendOptions {
         num_blocks,
         block_size: 16,
