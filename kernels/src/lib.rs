@@ -6,6 +6,8 @@
 
 pub mod backend;
 pub mod cpu;
+#[cfg(feature = "cuda")]
+pub mod cuda;
 pub mod kv_cache;
 pub mod model;
 pub mod sampling;
