@@ -7,6 +7,8 @@
 pub mod backend;
 pub mod chat;
 pub mod cpu;
+#[cfg(feature = "cuda")]
+pub mod cuda;
 pub mod gguf;
 pub mod kv_cache;
 pub mod loader;
