@@ -4,5 +4,15 @@
 //! [`model::ModelWeights`]; backends (CPU here, CUDA behind a feature) run the Llama-family
 //! forward pass over a paged KV cache; sampling turns logits into tokens.
 
+pub mod backend;
+pub mod cpu;
+pub mod kv_cache;
 pub mod model;
+pub mod sampling;
 pub mod tensor;
+pub mod chat;
+pub mod gguf;
+pub mod loader;
+pub mod quant;
+pub mod safetensors;
+pub mod tokenizer;

@@ -1,7 +1,10 @@
 //! KV-cache bookkeeping shared by workers, the indexer, the router and the simulator.
 
+pub mod approx;
 pub mod events;
 pub mod hash;
+pub mod indexer;
+pub mod vllm;
 
 pub use events::{KvEvent, KvEventBatch};
 pub use hash::{hash_blocks, BlockHash, BlockSize, LocalBlockHash};

@@ -1,0 +1,87 @@
+//! Router settings, as they appear under `router:` in the cluster YAML.
+
+use crate::kv::approx::ApproxConfig;
+use crate::kv::hash::BlockSize;
+use serde::{Deserialize, Serialize};
+
+/// Which policy picks the worker.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum PolicyKind {
+    /// KV-overlap and load aware (the default).
+    #[default]
+    Kv,
+    /// Baseline: workers in id order, one after another.
+    RoundRobin,
+    /// Baseline: uniform over workers (seeded).
+    Random,
+}
+
+/// Where the KV overlap comes from.
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+#[serde(tag = "mode", rename_all = "snake_case")]
+pub enum RouterIndexMode {
+    /// Workers publish KV events into a [`FlashIndexer`](crate::kv::indexer::FlashIndexer).
+    #[default]
+    Events,
+    /// No events: remember what was routed where, for a TTL.
+    Approximate(ApproxConfig),
+}
+
+/// Router settings.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct RouterConfig {
+    pub policy: PolicyKind,
+    /// Cost of one prefill block relative to one active decode block. Higher favours KV
+    /// reuse over load balance.
+    pub overlap_weight: f64,
+    /// 0 picks the cheapest worker; above 0 samples from softmax(-cost / temperature).
+    pub temperature: f64,
+    /// Seed of the sampling generator (softmax and `random`), for reproducible runs.
+    pub seed: u64,
+    /// Tokens per KV block; must equal the workers'.
+    pub block_size: BlockSize,
+    pub index: RouterIndexMode,
+}
+
+impl Default for RouterConfig {
+    fn default() -> Self {
+        RouterConfig {
+            policy: PolicyKind::Kv,
+            overlap_weight: 1.0,
+            temperature: 0.0,
+            seed: 0,
+            block_size: BlockSize::DEFAULT,
+            index: RouterIndexMode::Events,
+        }
+    }
+}
+
+/// A setting out of range.
+#[derive(Debug, thiserror::Error, PartialEq)]
+pub enum RouterConfigError {
+    #[error("overlap_weight must be finite and >= 0, got {0}")]
+    OverlapWeight(f64),
+    #[error("temperature must be finite and >= 0, got {0}")]
+    Temperature(f64),
+    #[error("approximate-mode ttl_secs must be finite and > 0, got {0}")]
+    Ttl(f64),
+}
+
+impl RouterConfig {
+    pub fn validate(&self) -> Result<(), RouterConfigError> {
+        if !(self.overlap_weight.is_finite() && self.overlap_weight >= 0.0) {
+            return Err(RouterConfigError::OverlapWeight(self.overlap_weight));
+        }
+        if !(self.temperature.is_finite() && self.temperature >= 0.0) {
+            return Err(RouterConfigError::Temperature(self.temperature));
+        }
+        if let RouterIndexMode::Approximate(a) = &self.index {
+            if !(a.ttl_secs.is_finite() && a.ttl_secs > 0.0) {
+                return Err(RouterConfigError::Ttl(a.ttl_secs));
+            }
+        }
+        Ok(())
+    }
+}

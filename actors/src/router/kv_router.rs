@@ -1,0 +1,344 @@
+//! `KvRouter`: the router's whole pure state — KV overlap source, policy and load view.
+//!
+//! # Load view
+//! A worker's decode load is what it last reported (`update_load`) plus the blocks of
+//! requests routed to it since that report (by this replica or, through `RouterEvent`s, by
+//! its peers), which the report could not include yet. A report acknowledges every request
+//! in flight on that worker. A finished request's blocks leave the view at once: from the
+//! pending part if unacknowledged, else subtracted from the reported figure until the next
+//! report replaces it.
+
+use super::config::{RouterConfig, RouterConfigError, RouterIndexMode};
+use super::events::{RouterEvent, RouterEventKind, RouterReplicaId};
+use super::policy::{Policy, RouteDecision, RouteError, RouteRequest, RoutingPolicy, WorkerLoad};
+use crate::ids::{RequestId, WorkerId};
+use crate::kv::approx::ApproxIndexer;
+use crate::kv::hash::BlockHash;
+use crate::kv::indexer::{FlashIndexer, OverlapScores};
+use std::collections::BTreeMap;
+use std::sync::Arc;
+use std::time::Duration;
+
+/// Where overlap scores come from.
+pub enum IndexSource {
+    /// Shared with the KV event subscribers, which `apply` batches into it.
+    Events(Arc<FlashIndexer>),
+    /// Approximate mode: this router's memory of what it (and its peers) sent where.
+    Approximate(ApproxIndexer),
+}
+
+impl IndexSource {
+    fn find_matches(&self, now: Duration, hashes: &[BlockHash]) -> OverlapScores {
+        match self {
+            IndexSource::Events(ix) => ix.find_matches(hashes),
+            IndexSource::Approximate(ax) => ax.find_matches(now, hashes),
+        }
+    }
+
+    fn block_count(&self) -> usize {
+        match self {
+            IndexSource::Events(ix) => ix.block_count(),
+            IndexSource::Approximate(ax) => ax.block_count(),
+        }
+    }
+}
+
+/// Counters the actor shell exports.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct RouterMetrics {
+    pub decisions: u64,
+    /// Sum over decisions of the chosen worker's overlap blocks.
+    pub overlap_blocks: u64,
+    /// Sum over decisions of the request's blocks.
+    pub request_blocks: u64,
+    /// Decisions whose chosen worker held at least one block.
+    pub decisions_with_overlap: u64,
+    pub no_worker_errors: u64,
+    pub peer_events_applied: u64,
+}
+
+impl RouterMetrics {
+    /// Fraction of request blocks found cached on the chosen worker (0 when no decisions).
+    pub fn hit_rate(&self) -> f64 {
+        if self.request_blocks == 0 {
+            0.0
+        } else {
+            self.overlap_blocks as f64 / self.request_blocks as f64
+        }
+    }
+}
+
+/// A decision plus the event to publish to peer replicas.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Routed {
+    pub decision: RouteDecision,
+    pub event: RouterEvent,
+}
+
+#[derive(Clone, Debug, Default)]
+struct LoadView {
+    reported_blocks: u64,
+    reported_requests: u32,
+    pending_blocks: u64,
+    pending_requests: u32,
+}
+
+#[derive(Clone, Copy, Debug)]
+struct InFlight {
+    worker: WorkerId,
+    blocks: u32,
+    acknowledged: bool,
+}
+
+/// The router's pure state. Single owner (`&mut self`); the actor shell serialises calls.
+pub struct KvRouter {
+    config: RouterConfig,
+    replica: RouterReplicaId,
+    index: IndexSource,
+    policy: Policy,
+    workers: BTreeMap<WorkerId, LoadView>,
+    in_flight: BTreeMap<RequestId, InFlight>,
+    next_seq: u64,
+    metrics: RouterMetrics,
+}
+
+impl KvRouter {
+    /// A router from its config. In `Events` mode `events_index` is the indexer the KV
+    /// subscribers feed (a fresh one if `None`); in approximate mode it is ignored.
+    pub fn new(
+        replica: RouterReplicaId,
+        config: RouterConfig,
+        events_index: Option<Arc<FlashIndexer>>,
+    ) -> Result<KvRouter, RouterConfigError> {
+        config.validate()?;
+        let index = match &config.index {
+            RouterIndexMode::Events => IndexSource::Events(events_index.unwrap_or_default()),
+            RouterIndexMode::Approximate(a) => IndexSource::Approximate(ApproxIndexer::new(a)),
+        };
+        Ok(KvRouter {
+            policy: Policy::from_config(&config),
+            config,
+            replica,
+            index,
+            workers: BTreeMap::new(),
+            in_flight: BTreeMap::new(),
+            next_seq: 0,
+            metrics: RouterMetrics::default(),
+        })
+    }
+
+    pub fn config(&self) -> &RouterConfig {
+        &self.config
+    }
+
+    pub fn replica(&self) -> RouterReplicaId {
+        self.replica
+    }
+
+    /// The indexer, in events mode (for the KV event subscribers).
+    pub fn events_index(&self) -> Option<&Arc<FlashIndexer>> {
+        match &self.index {
+            IndexSource::Events(ix) => Some(ix),
+            IndexSource::Approximate(_) => None,
+        }
+    }
+
+    pub fn add_worker(&mut self, worker: WorkerId) {
+        self.workers.entry(worker).or_default();
+    }
+
+    /// Forget a worker: its load, its in-flight requests and its cached blocks.
+    pub fn remove_worker(&mut self, worker: WorkerId) {
+        self.workers.remove(&worker);
+        self.in_flight.retain(|_, f| f.worker != worker);
+        match &mut self.index {
+            IndexSource::Events(ix) => ix.remove_worker(worker),
+            IndexSource::Approximate(ax) => ax.remove_worker(worker),
+        }
+    }
+
+    /// Workers and their current load view, sorted by id.
+    pub fn loads(&self) -> Vec<WorkerLoad> {
+        self.workers
+            .iter()
+            .map(|(w, v)| WorkerLoad {
+                worker: *w,
+                active_blocks: v.reported_blocks + v.pending_blocks,
+                active_requests: v.reported_requests.saturating_add(v.pending_requests),
+            })
+            .collect()
+    }
+
+    /// A worker's report of its decode load; acknowledges requests routed to it so far.
+    pub fn update_load(&mut self, worker: WorkerId, active_blocks: u64, active_requests: u32) {
+        let Some(view) = self.workers.get_mut(&worker) else {
+            return; // not a worker we route to (yet)
+        };
+        *view = LoadView {
+            reported_blocks: active_blocks,
+            reported_requests: active_requests,
+            pending_blocks: 0,
+            pending_requests: 0,
+        };
+        for f in self.in_flight.values_mut().filter(|f| f.worker == worker) {
+            f.acknowledged = true;
+        }
+    }
+
+    /// Overlap of `hashes` per worker, from the configured source.
+    pub fn find_matches(&self, now: Duration, hashes: &[BlockHash]) -> OverlapScores {
+        self.index.find_matches(now, hashes)
+    }
+
+    /// Decide only: no state changes except the policy's own (round-robin position, RNG).
+    pub fn select(
+        &mut self,
+        now: Duration,
+        request: &RouteRequest,
+    ) -> Result<RouteDecision, RouteError> {
+        let overlaps = self.find_matches(now, &request.hashes);
+        let loads = self.loads();
+        let result = self.policy.select(now, request, &loads, &overlaps);
+        if result.is_err() {
+            self.metrics.no_worker_errors += 1;
+        }
+        result
+    }
+
+    /// Decide and record: the request counts towards the chosen worker's load (and, in
+    /// approximate mode, its blocks are assumed cached there). Publish `event` to peers.
+    pub fn route(&mut self, now: Duration, request: &RouteRequest) -> Result<Routed, RouteError> {
+        let decision = self.select(now, request)?;
+        let event = self.on_request_routed(now, request, &decision);
+        Ok(Routed { decision, event })
+    }
+
+    /// Record a decision taken by `select` (or by the caller); returns the event to publish.
+    pub fn on_request_routed(
+        &mut self,
+        now: Duration,
+        request: &RouteRequest,
+        decision: &RouteDecision,
+    ) -> RouterEvent {
+        let m = &mut self.metrics;
+        m.decisions += 1;
+        m.overlap_blocks += u64::from(decision.overlap_blocks);
+        m.request_blocks += u64::from(decision.request_blocks);
+        if decision.overlap_blocks > 0 {
+            m.decisions_with_overlap += 1;
+        }
+        let hashes = match &self.index {
+            IndexSource::Approximate(_) => request.hashes.clone(),
+            IndexSource::Events(_) => Vec::new(),
+        };
+        let kind = RouterEventKind::Routed {
+            request: request.id,
+            worker: decision.worker,
+            blocks: decision.request_blocks,
+            hashes,
+        };
+        self.apply_kind(now, &kind, &request.hashes);
+        self.emit(kind)
+    }
+
+    /// A request ended; returns the event to publish (none if it was unknown).
+    pub fn on_request_finished(&mut self, request: RequestId) -> Option<RouterEvent> {
+        let kind = RouterEventKind::Finished { request };
+        self.in_flight.contains_key(&request).then(|| {
+            self.finish(request);
+            self.emit(kind)
+        })
+    }
+
+    /// Apply a peer replica's event to this replica's view. Own events are ignored.
+    pub fn apply_router_event(&mut self, now: Duration, event: &RouterEvent) {
+        if event.replica == self.replica {
+            return;
+        }
+        self.metrics.peer_events_applied += 1;
+        let hashes = match &event.kind {
+            RouterEventKind::Routed { hashes, .. } => hashes.as_slice(),
+            RouterEventKind::Finished { .. } => &[],
+        };
+        self.apply_kind(now, &event.kind, hashes);
+    }
+
+    fn apply_kind(&mut self, now: Duration, kind: &RouterEventKind, hashes: &[BlockHash]) {
+        match kind {
+            RouterEventKind::Routed {
+                request,
+                worker,
+                blocks,
+                ..
+            } => {
+                let Some(view) = self.workers.get_mut(worker) else {
+                    return;
+                };
+                if self.in_flight.contains_key(request) {
+                    return; // duplicate delivery
+                }
+                view.pending_blocks += u64::from(*blocks);
+                view.pending_requests = view.pending_requests.saturating_add(1);
+                self.in_flight.insert(
+                    *request,
+                    InFlight {
+                        worker: *worker,
+                        blocks: *blocks,
+                        acknowledged: false,
+                    },
+                );
+                if let IndexSource::Approximate(ax) = &mut self.index {
+                    ax.record(now, *worker, hashes);
+                }
+            }
+            RouterEventKind::Finished { request } => self.finish(*request),
+        }
+    }
+
+    fn finish(&mut self, request: RequestId) {
+        let Some(f) = self.in_flight.remove(&request) else {
+            return;
+        };
+        let Some(view) = self.workers.get_mut(&f.worker) else {
+            return;
+        };
+        if f.acknowledged {
+            view.reported_blocks = view.reported_blocks.saturating_sub(u64::from(f.blocks));
+            view.reported_requests = view.reported_requests.saturating_sub(1);
+        } else {
+            view.pending_blocks = view.pending_blocks.saturating_sub(u64::from(f.blocks));
+            view.pending_requests = view.pending_requests.saturating_sub(1);
+        }
+    }
+
+    fn emit(&mut self, kind: RouterEventKind) -> RouterEvent {
+        let seq = self.next_seq;
+        self.next_seq += 1;
+        RouterEvent {
+            replica: self.replica,
+            seq,
+            kind,
+        }
+    }
+
+    /// Drop approximate-mode entries expired at `now` (a no-op in events mode).
+    pub fn expire(&mut self, now: Duration) {
+        if let IndexSource::Approximate(ax) = &mut self.index {
+            ax.expire(now);
+        }
+    }
+
+    /// Requests routed and not finished, as far as this replica knows.
+    pub fn in_flight_count(&self) -> usize {
+        self.in_flight.len()
+    }
+
+    /// Distinct blocks in the overlap source.
+    pub fn index_size(&self) -> usize {
+        self.index.block_count()
+    }
+
+    pub fn metrics(&self) -> RouterMetrics {
+        self.metrics
+    }
+}

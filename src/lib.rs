@@ -1,0 +1,4 @@
+//! The `turbine` package's library: code the `turbine` binary and the integration tests in
+//! tests/ share.
+
+pub mod bench;
