@@ -260,7 +260,10 @@ impl Scheduler {
     /// Applies a finished step: advances computed tokens, registers newly full blocks for
     /// prefix caching, appends the sampled tokens, checks stop conditions and frees finished
     /// sequences. Returns one output per sampled token, in plan order. A `want_logits`
-    /// request with no entry in `sampled` ends with `FinishReason::Error`.
+    /// request with no entry in `sampled` ends with `FinishReason::Error`. `sampled` may come
+    /// in any order (plan order is the fast path). A stop token is included in the output's
+    /// `token_ids` (the detokenizer hides special tokens); `ignore_eos` disables every id in
+    /// `stop_token_ids`, as they arrive merged.
     pub fn on_step_done(
         &mut self,
         plan: &StepPlan,
