@@ -28,6 +28,8 @@ struct Cli {
 enum Command {
     /// Serve a model: the whole graph from a cluster file (or the default model on CPU).
     Up(UpArgs),
+    /// Run one worker of a cluster file in this process, joining the frontend over ZeroMQ.
+    Worker(WorkerArgs),
     /// Fetch the default model into the model cache, then exit.
     FetchModel,
     /// Load generators and micro-benchmarks.
@@ -56,20 +58,48 @@ struct UpArgs {
     no_fetch: bool,
 }
 
+#[derive(Args)]
+struct WorkerArgs {
+    /// Cluster file (the same one the frontend's `turbine up -f` reads).
+    #[arg(short = 'f', long = "file")]
+    file: PathBuf,
+    /// Which entry of the file's `workers:` list this process runs (0-based).
+    #[arg(long, default_value_t = 0)]
+    group: usize,
+    /// The frontend's request-plane endpoint (e.g. tcp://10.0.0.5:7100); overrides the
+    /// file's `discovery.registry`.
+    #[arg(long)]
+    registry: Option<String>,
+    /// Request-plane bind address of this worker (e.g. 127.0.0.1:0); overrides the file's
+    /// `transport.bind`, which the frontend on the same host already uses.
+    #[arg(long)]
+    bind: Option<std::net::SocketAddr>,
+    /// Event-plane (PUB) bind address; overrides the file's `transport.events_bind`.
+    #[arg(long)]
+    events_bind: Option<std::net::SocketAddr>,
+    /// Model to serve; overrides the file's `model.path` (must be the frontend's model).
+    #[arg(long)]
+    model: Option<String>,
+    /// Fail instead of downloading the default model when it is not cached.
+    #[arg(long)]
+    no_fetch: bool,
+}
+
 #[derive(Subcommand)]
 enum BenchCommand {
     /// Streamed chat load against an OpenAI-compatible server: TTFT, ITL, tokens/s.
     Serve(turbine::bench::serve::ServeBenchArgs),
 }
 
+fn read_config(path: &std::path::Path) -> Result<ClusterConfig> {
+    let text =
+        std::fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))?;
+    serde_yaml::from_str::<ClusterConfig>(&text).with_context(|| format!("in {}", path.display()))
+}
+
 fn load_config(args: &UpArgs) -> Result<ClusterConfig> {
     let mut cfg = match &args.file {
-        Some(path) => {
-            let text = std::fs::read_to_string(path)
-                .with_context(|| format!("reading {}", path.display()))?;
-            serde_yaml::from_str::<ClusterConfig>(&text)
-                .with_context(|| format!("in {}", path.display()))?
-        }
+        Some(path) => read_config(path)?,
         None => ClusterConfig::default(),
     };
     if let Some(m) = &args.model {
@@ -98,6 +128,24 @@ fn main() -> Result<()> {
         Command::Up(args) => {
             let cfg = load_config(&args)?;
             runtime.block_on(turbine::serve::up(cfg, !args.no_fetch))
+        }
+        Command::Worker(args) => {
+            let mut cfg = read_config(&args.file)?;
+            if let Some(m) = &args.model {
+                cfg.model.path = m.clone();
+            }
+            if let Some(b) = args.bind {
+                cfg.transport.bind = b;
+            }
+            if let Some(b) = args.events_bind {
+                cfg.transport.events_bind = b;
+            }
+            runtime.block_on(turbine::serve::worker(
+                cfg,
+                args.group,
+                args.registry,
+                !args.no_fetch,
+            ))
         }
         Command::FetchModel => {
             let path = turbine::fetch::resolve_model("default", true)?;

@@ -10,15 +10,7 @@ use turbine_actors::frontend::{self, ChatEngine, HttpConfig};
 /// Serves `cfg` until Ctrl-C (or SIGTERM); in-flight requests drain before it returns.
 pub async fn up(cfg: ClusterConfig, allow_fetch: bool) -> Result<()> {
     let mut cfg = cfg;
-    let path = resolve_model(&cfg.model.path, allow_fetch)?;
-    if cfg.model.served_name.is_none() {
-        cfg.model.served_name = Some(served_name_for(&path));
-    }
-    eprintln!("loading {}", path.display());
-    let model = tokio::task::spawn_blocking(move || turbine_kernels::loader::load_model(&path))
-        .await
-        .context("the model loader panicked")?
-        .context("loading the model")?;
+    let model = load(&mut cfg, allow_fetch).await?;
     let cluster = LocalCluster::start(&cfg, model).await?;
     let engine: Arc<dyn ChatEngine> = cluster.pipeline.clone();
     let app = frontend::router(
@@ -36,13 +28,52 @@ pub async fn up(cfg: ClusterConfig, allow_fetch: bool) -> Result<()> {
     let workers = cfg.workers.iter().map(|g| g.replicas).sum::<usize>();
     // One line a script can wait for.
     println!(
-        "turbine serving {} on http://{local} ({workers} worker(s), context {} tokens)",
+        "turbine serving {} on http://{local} ({workers} worker(s), context {} tokens; request plane {})",
         engine.model_id(),
-        engine.context_length()
+        engine.context_length(),
+        cluster.node.endpoint()
     );
     frontend::serve(listener, app, shutdown_signal()).await?;
     eprintln!("turbine: drained, exiting");
     Ok(())
+}
+
+/// `turbine worker`: worker group `group` of the file, joining the frontend's registry.
+pub async fn worker(
+    cfg: ClusterConfig,
+    group: usize,
+    registry: Option<String>,
+    allow_fetch: bool,
+) -> Result<()> {
+    let mut cfg = cfg;
+    let model = load(&mut cfg, allow_fetch).await?;
+    turbine_actors::engine::worker_process::run_worker(
+        &cfg,
+        group,
+        model,
+        registry,
+        shutdown_signal(),
+    )
+    .await?;
+    eprintln!("turbine worker: deregistered, exiting");
+    Ok(())
+}
+
+/// Resolves (fetching if allowed) and loads the model the config names, off the async
+/// threads; fills in the served name from the file when the config has none.
+async fn load(
+    cfg: &mut ClusterConfig,
+    allow_fetch: bool,
+) -> Result<turbine_kernels::loader::LoadedModel> {
+    let path = resolve_model(&cfg.model.path, allow_fetch)?;
+    if cfg.model.served_name.is_none() {
+        cfg.model.served_name = Some(served_name_for(&path));
+    }
+    eprintln!("loading {}", path.display());
+    tokio::task::spawn_blocking(move || turbine_kernels::loader::load_model(&path))
+        .await
+        .context("the model loader panicked")?
+        .context("loading the model")
 }
 
 async fn shutdown_signal() {

@@ -105,6 +105,9 @@ pub struct WorkerGroup {
     pub max_num_seqs: usize,
     /// CPU threads for the CPU executor (0 = all cores).
     pub threads: usize,
+    /// Started by separate `turbine worker --group N` processes that join over the
+    /// network, not by `turbine up`.
+    pub remote: bool,
 }
 
 impl Default for WorkerGroup {
@@ -118,6 +121,7 @@ impl Default for WorkerGroup {
             max_num_batched_tokens: 512,
             max_num_seqs: 64,
             threads: 0,
+            remote: false,
         }
     }
 }

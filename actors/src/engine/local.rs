@@ -5,19 +5,24 @@
 use super::executor::Executor;
 use super::metrics::WorkerMetrics;
 use super::pipeline::{index_sink, Pipeline};
+use super::remote::{watch_workers, REGISTRY_SERVICE};
 use super::service::{worker_service_name, WorkerActor, WorkerService};
-use super::worker::WorkerHandle;
+use super::worker::{KvEventSink, WorkerHandle};
 use crate::cluster_config::{ClusterConfig, WorkerGroup, WorkerRole};
 use crate::frontend::Metrics;
 use crate::ids::WorkerId;
 use crate::kv::indexer::FlashIndexer;
+use crate::kv::BlockSize;
 use crate::preprocessor::codec::ModelCodec;
 use crate::router::{KvRouter, RouterReplicaId};
 use crate::worker::{BlockManager, BlockManagerConfig, Scheduler, SchedulerConfig};
 use std::sync::Arc;
+use std::time::Duration;
 use turbine_kernels::backend::Backend;
 use turbine_kernels::cpu::{CpuBackend, CpuBackendOptions};
 use turbine_kernels::loader::LoadedModel;
+use turbine_kernels::model::ModelConfig;
+use turbine_runtime::discovery::{EmbeddedDiscovery, EmbeddedRegistry};
 use turbine_runtime::{Node, NodeConfig};
 
 /// Why the graph could not be started.
@@ -41,6 +46,16 @@ pub struct LocalCluster {
     pub node: Node,
     /// The worker engine loops, for inspection (stats) and tests.
     pub workers: Vec<WorkerHandle>,
+    _registry: EmbeddedRegistry,
+    _watcher: AbortOnDrop,
+}
+
+struct AbortOnDrop(tokio::task::JoinHandle<()>);
+
+impl Drop for AbortOnDrop {
+    fn drop(&mut self) {
+        self.0.abort();
+    }
 }
 
 impl LocalCluster {
@@ -50,40 +65,12 @@ impl LocalCluster {
         cfg: &ClusterConfig,
         model: LoadedModel,
     ) -> Result<LocalCluster, StartError> {
-        let groups: Vec<&WorkerGroup> = cfg.workers.iter().filter(|g| g.replicas > 0).collect();
-        let Some(first) = groups.first() else {
-            return Err(StartError::Config("no workers configured".into()));
-        };
-        let block_size = first.block_size;
-        if groups.iter().any(|g| g.block_size != block_size) {
-            return Err(StartError::Config(
-                "every worker group must use the same block_size".into(),
-            ));
-        }
-        if let Some(g) = groups.iter().find(|g| g.role != WorkerRole::Aggregated) {
-            return Err(StartError::Config(format!(
-                "role {:?} needs disaggregated serving, which this build does not run yet; use role: aggregated",
-                g.role
-            )));
-        }
-        // The context a request may use: the model's, capped by the config and by what the
-        // smallest worker's KV pool can hold.
-        let pool_tokens = groups
+        let (block_size, context_length) = check_cluster(cfg, &model.config)?;
+        let groups: Vec<&WorkerGroup> = cfg
+            .workers
             .iter()
-            .map(|g| g.kv_blocks * block_size.as_usize())
-            .min()
-            .unwrap_or(0);
-        let context_length = cfg
-            .model
-            .max_context
-            .unwrap_or(model.config.max_position)
-            .min(model.config.max_position)
-            .min(pool_tokens);
-        if context_length < 2 {
-            return Err(StartError::Config(format!(
-                "the usable context is {context_length} tokens: raise kv_blocks"
-            )));
-        }
+            .filter(|g| g.replicas > 0 && !g.remote)
+            .collect();
 
         let metrics = Metrics::new();
         let worker_metrics = WorkerMetrics::register(&metrics);
@@ -104,7 +91,7 @@ impl LocalCluster {
                     group,
                     &model,
                     context_length,
-                    index.clone(),
+                    index_sink(index.clone()),
                 )?);
             }
         }
@@ -154,22 +141,77 @@ impl LocalCluster {
             pipeline.add_worker(handle.id(), addr);
             spawn_load_mirror(handle, pipeline.clone(), worker_metrics.clone());
         }
+        // Workers in other processes join through the embedded registry on this node.
+        let registry = EmbeddedRegistry::serve(&node, REGISTRY_SERVICE, Duration::from_millis(250))
+            .await
+            .map_err(|e| StartError::Node(e.to_string()))?;
+        let discovery = Arc::new(EmbeddedDiscovery::new(
+            registry.addr().clone(),
+            node.clock().clone(),
+        ));
+        let watcher = watch_workers(node.clone(), discovery, pipeline.clone(), index.clone());
         Ok(LocalCluster {
             pipeline,
             metrics,
             index,
             node,
             workers,
+            _registry: registry,
+            _watcher: AbortOnDrop(watcher),
         })
     }
 }
 
-fn start_worker(
+/// Validates the worker groups and returns (block size, usable context length): the model's
+/// context, capped by the config and by what the smallest worker's KV pool can hold. The
+/// frontend and every `turbine worker` compute the same figures from the same file.
+pub fn check_cluster(
+    cfg: &ClusterConfig,
+    model: &ModelConfig,
+) -> Result<(BlockSize, usize), StartError> {
+    let groups: Vec<&WorkerGroup> = cfg.workers.iter().filter(|g| g.replicas > 0).collect();
+    let Some(first) = groups.first() else {
+        return Err(StartError::Config("no workers configured".into()));
+    };
+    let block_size = first.block_size;
+    if groups.iter().any(|g| g.block_size != block_size) {
+        return Err(StartError::Config(
+            "every worker group must use the same block_size".into(),
+        ));
+    }
+    if let Some(g) = groups.iter().find(|g| g.role != WorkerRole::Aggregated) {
+        return Err(StartError::Config(format!(
+            "role {:?} needs disaggregated serving, which this build does not run yet; use role: aggregated",
+            g.role
+        )));
+    }
+    let pool_tokens = groups
+        .iter()
+        .map(|g| g.kv_blocks * block_size.as_usize())
+        .min()
+        .unwrap_or(0);
+    let context_length = cfg
+        .model
+        .max_context
+        .unwrap_or(model.max_position)
+        .min(model.max_position)
+        .min(pool_tokens);
+    if context_length < 2 {
+        return Err(StartError::Config(format!(
+            "the usable context is {context_length} tokens: raise kv_blocks"
+        )));
+    }
+    Ok((block_size, context_length))
+}
+
+/// Starts one worker: its executor thread (the backend the group's `device` names) and its
+/// engine loop, publishing KV events into `kv_events`.
+pub fn start_worker(
     id: WorkerId,
     group: &WorkerGroup,
     model: &LoadedModel,
     context_length: usize,
-    index: Arc<FlashIndexer>,
+    kv_events: KvEventSink,
 ) -> Result<WorkerHandle, StartError> {
     let fail = |reason: String| StartError::Worker { worker: id, reason };
     let backend: Box<dyn Backend> = match group.device.as_str() {
@@ -209,12 +251,7 @@ fn start_worker(
         blocks,
     )
     .map_err(|e| fail(e.to_string()))?;
-    Ok(WorkerHandle::spawn(
-        id,
-        scheduler,
-        executor,
-        index_sink(index),
-    ))
+    Ok(WorkerHandle::spawn(id, scheduler, executor, kv_events))
 }
 
 /// After every step of `worker`: its load into the router, its gauges into the metrics.

@@ -5,8 +5,10 @@ pub mod executor;
 pub mod local;
 pub mod metrics;
 pub mod pipeline;
+pub mod remote;
 pub mod service;
 pub mod worker;
+pub mod worker_process;
 
 pub use executor::{ExecError, ExecSeq, Executor, SampleSpec};
 pub use worker::{KvEventSink, TokenStream, WorkerError, WorkerHandle};

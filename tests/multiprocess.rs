@@ -1,0 +1,120 @@
+//! Two processes: `turbine up` (frontend, router, embedded registry; no local workers) and
+//! `turbine worker`, which joins over ZeroMQ through discovery, serves requests, and is
+//! forgotten when it dies (lease expiry).
+//!
+//! Needs the default model (`scripts/setup-test-deps.sh`, run by `scripts/test.sh`).
+
+use std::io::{BufRead, BufReader, Read, Write};
+use std::net::{TcpListener, TcpStream};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+struct Proc(Child);
+
+impl Drop for Proc {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+fn free_port() -> u16 {
+    TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .map(|a| a.port())
+        .expect("a free port")
+}
+
+/// Spawns `turbine ARGS` and waits for a stdout line containing `ready`.
+fn spawn(args: &[&str], ready: &str) -> Proc {
+    let mut child = Command::new(env!("CARGO_BIN_EXE_turbine"))
+        .args(args)
+        .stdout(Stdio::piped())
+        .stderr(Stdio::inherit())
+        .spawn()
+        .expect("spawning turbine");
+    let stdout = child.stdout.take().expect("piped");
+    let mut lines = BufReader::new(stdout).lines();
+    loop {
+        match lines.next() {
+            Some(Ok(l)) if l.contains(ready) => break,
+            Some(Ok(_)) => continue,
+            _ => panic!("turbine {args:?} exited before {ready:?}: is the model fetched?"),
+        }
+    }
+    std::thread::spawn(move || for _ in lines {});
+    Proc(child)
+}
+
+fn complete(port: u16, prompt: &str) -> (u16, String) {
+    let body = format!(r#"{{"prompt":"{prompt}","max_tokens":6,"temperature":0}}"#);
+    let mut s = TcpStream::connect(("127.0.0.1", port)).expect("connect");
+    write!(
+        s,
+        "POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
+        body.len()
+    )
+    .unwrap();
+    let mut out = String::new();
+    s.read_to_string(&mut out).unwrap();
+    let status = out
+        .split_whitespace()
+        .nth(1)
+        .and_then(|c| c.parse().ok())
+        .unwrap_or(0);
+    (status, out)
+}
+
+/// Polls (bounded) until a completion gets `want`.
+fn wait_for_status(port: u16, want: u16) -> (u16, String) {
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        let (status, body) = complete(port, "The capital of France is");
+        if status == want || Instant::now() > deadline {
+            return (status, body);
+        }
+        std::thread::sleep(Duration::from_millis(200));
+    }
+}
+
+#[test]
+fn a_worker_process_joins_serves_and_is_forgotten_when_it_dies() {
+    let (http, plane) = (free_port(), free_port());
+    let dir = std::env::temp_dir().join(format!("turbine-mp-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let file = dir.join("cluster.yaml");
+    std::fs::write(
+        &file,
+        format!(
+            "http: {{port: {http}}}\n\
+             workers:\n  - {{replicas: 1, remote: true, kv_blocks: 256, threads: 1}}\n\
+             transport: {{bind: \"127.0.0.1:{plane}\"}}\n\
+             discovery: {{backend: embedded, registry: \"127.0.0.1:{plane}\", lease_ms: 600}}\n"
+        ),
+    )
+    .unwrap();
+    let file = file.to_str().unwrap();
+    let _frontend = spawn(&["up", "-f", file, "--no-fetch"], "turbine serving");
+
+    // No worker yet: the frontend says so instead of hanging.
+    let (status, body) = complete(http, "Hello");
+    assert_eq!(status, 503, "{body}");
+    assert!(body.contains("no worker"), "{body}");
+
+    let worker = spawn(
+        &["worker", "-f", file, "--bind", "127.0.0.1:0", "--no-fetch"],
+        "registered with",
+    );
+    let (status, body) = wait_for_status(http, 200);
+    assert_eq!(status, 200, "the worker never became routable: {body}");
+    assert!(body.contains("\"completion_tokens\":6"), "{body}");
+    assert!(
+        body.contains("Paris"),
+        "greedy answer from the remote worker: {body}"
+    );
+
+    // The worker dies without deregistering: its lease expires and it is no longer routed to.
+    drop(worker);
+    let (status, body) = wait_for_status(http, 503);
+    assert_eq!(status, 503, "a dead worker is still routed to: {body}");
+}
