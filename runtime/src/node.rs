@@ -283,6 +283,15 @@ struct NodeInner {
     _stop_on_drop: DropGuard,
 }
 
+impl Drop for NodeInner {
+    /// The last handle is gone: stop the services' actors along with the sockets.
+    fn drop(&mut self) {
+        for registered in lock(&self.shared.services).values() {
+            registered.supervisor.stop();
+        }
+    }
+}
+
 impl std::fmt::Debug for Node {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         write!(
