@@ -23,7 +23,7 @@ use crate::service::{CallError, Handler, RequestCtx, Service};
 use crate::supervisor::{self, RestartPolicy, SupervisorHandle};
 use crate::telemetry::{DropReason, MetricsRegistry, RuntimeMetrics};
 use crate::wire::{self, Envelope, Kind, WireError};
-use futures::StreamExt;
+use futures::{FutureExt, StreamExt};
 
 /// Request-plane settings of a node (all have defaults; YAML field names as below).
 #[derive(Debug, Clone, Deserialize)]
@@ -242,29 +242,68 @@ async fn forward_stream<S: Service>(
             _ = cancel.cancelled() => return,
             item = stream.next() => item,
         };
-        match item {
-            Some(Ok(resp)) => match wire::to_payload(&resp) {
-                Ok(bytes) => {
-                    if !reply.send(Kind::StreamItem, bytes).await {
+        let mut batch = Vec::new();
+        let mut last = match item {
+            Some(Ok(resp)) => {
+                match wire::to_payload(&resp) {
+                    Ok(bytes) => batch.push(bytes),
+                    Err(e) => {
+                        reply.send_error(WireError::Handler(e)).await;
                         return;
                     }
                 }
+                None
+            }
+            terminal => Some(terminal),
+        };
+        // Take items that are already waiting, within the credit window, into one frame.
+        while last.is_none() && batch.len() < MAX_STREAM_BATCH {
+            let Ok(permit) = credit.try_acquire() else {
+                break;
+            };
+            match stream.next().now_or_never() {
+                Some(Some(Ok(resp))) => match wire::to_payload(&resp) {
+                    Ok(bytes) => {
+                        permit.forget();
+                        batch.push(bytes);
+                    }
+                    Err(e) => last = Some(Some(Err(CallError::Codec(e)))),
+                },
+                Some(terminal) => last = Some(terminal),
+                None => break,
+            }
+        }
+        let sent = match batch.len() {
+            0 => true,
+            1 => reply.send(Kind::StreamItem, batch.remove(0)).await,
+            _ => match wire::to_payload(&batch) {
+                Ok(bytes) => reply.send(Kind::StreamBatch, bytes).await,
                 Err(e) => {
                     reply.send_error(WireError::Handler(e)).await;
                     return;
                 }
             },
-            Some(Err(e)) => {
+        };
+        if !sent {
+            return;
+        }
+        match last {
+            None => {}
+            Some(Some(Ok(_))) => {}
+            Some(Some(Err(e))) => {
                 reply.send_error(e.to_wire()).await;
                 return;
             }
-            None => {
+            Some(None) => {
                 reply.send(Kind::StreamEnd, Bytes::new()).await;
                 return;
             }
         }
     }
 }
+
+/// Most stream items packed into one frame.
+const MAX_STREAM_BATCH: usize = 64;
 
 /// A process's endpoint on the request plane. Cheap to clone; shuts down when the last
 /// clone is dropped or [`Node::shutdown`] is called.
@@ -281,6 +320,15 @@ struct NodeInner {
     peers: tokio::sync::Mutex<HashMap<String, Arc<PeerLink>>>,
     stop: CancellationToken,
     _stop_on_drop: DropGuard,
+}
+
+impl Drop for NodeInner {
+    /// The last handle is gone: stop the services' actors along with the sockets.
+    fn drop(&mut self) {
+        for registered in lock(&self.shared.services).values() {
+            registered.supervisor.stop();
+        }
+    }
 }
 
 impl std::fmt::Debug for Node {

@@ -187,6 +187,24 @@ impl PeerLink {
                     _ => self.metrics.drop_frame(DropReason::Unexpected),
                 }
             }
+            Kind::StreamBatch => {
+                let Ok(items) = wire::from_payload::<Vec<Bytes>>(&env.payload) else {
+                    self.metrics.drop_frame(DropReason::Malformed);
+                    return;
+                };
+                let table = self.table();
+                match table.get(&env.corr_id) {
+                    Some(Pending::Stream(tx)) => {
+                        for item in items {
+                            if tx.try_send(Ok(item)).is_err() {
+                                self.metrics.drop_frame(DropReason::Unexpected);
+                                break;
+                            }
+                        }
+                    }
+                    _ => self.metrics.drop_frame(DropReason::Unexpected),
+                }
+            }
             Kind::StreamEnd => {
                 if self.remove_pending(env.corr_id).is_none() {
                     self.metrics.drop_frame(DropReason::Unexpected);

@@ -28,6 +28,9 @@ pub enum Kind {
     StreamItem,
     /// The stream finished normally.
     StreamEnd,
+    /// Several stream items in one frame: payload is msgpack of a list of item payloads.
+    /// Producers batch items that are already waiting, so latency never waits for a batch.
+    StreamBatch,
     /// The caller lost interest in a call or stream; the callee should stop.
     Cancel,
     /// Flow control: the caller grants the callee `payload = msgpack(u32)` more stream items.
