@@ -7,6 +7,8 @@
 pub mod addr;
 pub mod clock;
 pub mod config;
+pub mod discovery;
+pub mod events;
 mod local;
 pub mod node;
 mod peer;

@@ -1,6 +1,6 @@
 //! `turbine sim`: command-line arguments and the command itself.
 
-use crate::cluster::{simulate, SimConfig, SimOutcome};
+use crate::cluster::{simulate, RouterImpl, SimConfig, SimOutcome};
 use crate::faults::FaultPlan;
 use crate::network::{JitterKind, NetConfig};
 use crate::profile::Profile;
@@ -35,6 +35,9 @@ pub struct SimArgs {
     /// Routing policy.
     #[arg(long, value_enum, default_value_t = PolicyName::Kv)]
     pub router: PolicyName,
+    /// Use the simulator's stand-in router instead of turbine-actors' KvRouter.
+    #[arg(long)]
+    pub stand_in_router: bool,
     /// Run kv, round-robin and random on the same workload and print a comparison.
     #[arg(long)]
     pub compare_routers: bool,
@@ -149,6 +152,9 @@ pub fn build_config(args: &SimArgs, workload: &[RequestSpec]) -> anyhow::Result<
     let span = workload.last().map(|r| r.arrival).unwrap_or_default();
     let mut cfg = SimConfig::new(args.seed, args.workers, profile);
     cfg.policy = args.router;
+    if args.stand_in_router {
+        cfg.router_impl = RouterImpl::StandIn;
+    }
     cfg.max_attempts = args.max_attempts.max(1);
     cfg.keep_event_log = args.event_log.is_some();
     cfg.net = NetConfig {

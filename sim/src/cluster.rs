@@ -22,11 +22,13 @@ use crate::faults::FaultPlan;
 use crate::network::{NetConfig, NetStats, Network, NodeId, Plane};
 use crate::profile::Profile;
 use crate::queue::EventQueue;
+use crate::real_router::RealRouter;
 use crate::rng::{SeedSplitter, Stream};
 use crate::router::{PolicyName, SimRouter, StandInRouter};
 use crate::time::{SimDuration, SimTime};
 use crate::worker::{IndexedOutput, SimWorker};
 use crate::workload::RequestSpec;
+use rand::Rng;
 use std::collections::{BTreeMap, BTreeSet, VecDeque};
 use turbine_actors::ids::{RequestId, TokenId, WorkerId};
 use turbine_actors::kv::{hash_blocks, BlockHash, KvEventBatch};
@@ -39,6 +41,7 @@ pub struct SimConfig {
     pub workers: u32,
     pub profile: Profile,
     pub policy: PolicyName,
+    pub router_impl: RouterImpl,
     pub net: NetConfig,
     pub faults: FaultPlan,
     pub max_attempts: u32,
@@ -56,6 +59,7 @@ impl SimConfig {
             workers,
             profile,
             policy: PolicyName::Kv,
+            router_impl: RouterImpl::Real,
             net: NetConfig::default(),
             faults: FaultPlan::default(),
             max_attempts: 3,
@@ -126,6 +130,8 @@ pub struct SimOutcome {
 pub enum SimError {
     #[error("invalid engine profile: {0}")]
     Config(#[from] turbine_actors::worker::ConfigError),
+    #[error("invalid router config: {0}")]
+    Router(#[from] turbine_actors::router::RouterConfigError),
     #[error("the simulation needs at least one worker")]
     NoWorkers,
 }
@@ -145,6 +151,8 @@ enum RouterMsg {
     },
     Heartbeat {
         next_seq: u64,
+        active_blocks: u64,
+        active_requests: u32,
     },
 }
 
@@ -220,13 +228,30 @@ fn slot_node(slot: u32) -> NodeId {
     NodeId(slot)
 }
 
-/// Runs one simulation to completion.
+/// Which router implementation a run uses.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize)]
+pub enum RouterImpl {
+    /// `turbine_actors::router::KvRouter` + `FlashIndexer`: the logic the router actor runs.
+    Real,
+    /// The simulator's own small router (a cross-check).
+    StandIn,
+}
+
+/// Runs one simulation to completion with the router `cfg.router_impl` names.
 pub fn simulate(cfg: &SimConfig, workload: &[RequestSpec]) -> Result<SimOutcome, SimError> {
-    let router: Box<dyn SimRouter> = Box::new(StandInRouter::new(
-        cfg.policy,
-        cfg.profile.block_size(),
-        SeedSplitter::new(cfg.seed).stream(Stream::Router),
-    ));
+    let mut rng = SeedSplitter::new(cfg.seed).stream(Stream::Router);
+    let router: Box<dyn SimRouter> = match cfg.router_impl {
+        RouterImpl::Real => Box::new(RealRouter::new(
+            cfg.policy,
+            cfg.profile.block_size(),
+            rng.gen(),
+        )?),
+        RouterImpl::StandIn => Box::new(StandInRouter::new(
+            cfg.policy,
+            cfg.profile.block_size(),
+            rng,
+        )),
+    };
     simulate_with(cfg, workload, router)
 }
 
@@ -412,8 +437,17 @@ impl Sim<'_> {
                     return;
                 };
                 let next_seq = w.kv_seq;
-                self.log.record(now, "hb", worker.0, next_seq, 0);
-                self.send_to_router(now, worker, RouterMsg::Heartbeat { next_seq }, Plane::Event);
+                let active_blocks = w.block_manager().num_used_blocks() as u64;
+                let active_requests =
+                    (w.scheduler().num_running() + w.scheduler().num_waiting()) as u32;
+                self.log
+                    .record(now, "hb", worker.0, next_seq, active_blocks);
+                let msg = RouterMsg::Heartbeat {
+                    next_seq,
+                    active_blocks,
+                    active_requests,
+                };
+                self.send_to_router(now, worker, msg, Plane::Event);
                 self.q
                     .push(now.plus(self.cfg.heartbeat), Ev::Heartbeat { worker });
             }
@@ -511,9 +545,18 @@ impl Sim<'_> {
                     self.on_output(now, o);
                 }
             }
-            RouterMsg::Heartbeat { next_seq } => {
-                self.log.record(now, "hb_rx", from.0, next_seq, 0);
+            RouterMsg::Heartbeat {
+                next_seq,
+                active_blocks,
+                active_requests,
+            } => {
+                self.log
+                    .record(now, "hb_rx", from.0, next_seq, active_blocks);
                 self.on_heard(now, from);
+                if self.members.contains_key(&from) {
+                    self.router
+                        .update_load(from, active_blocks, active_requests);
+                }
                 if let Some(m) = self.members.get(&from) {
                     if !m.resyncing && next_seq > m.next_seq {
                         self.start_resync(now, from);
@@ -534,7 +577,7 @@ impl Sim<'_> {
                     return;
                 }
                 m.next_seq += 1;
-                self.router.apply_events(now, from, &batch.events);
+                self.router.apply_batch(now, &batch);
             }
             RouterMsg::Snapshot { next_seq, hashes } => {
                 self.log
@@ -547,7 +590,7 @@ impl Sim<'_> {
                 }
                 m.resyncing = false;
                 m.next_seq = next_seq;
-                self.router.resync(now, from, &hashes);
+                self.router.resync(now, from, next_seq, &hashes);
             }
         }
     }
@@ -775,34 +818,30 @@ impl Sim<'_> {
         self.index_problems().is_empty()
     }
 
+    /// Disagreements between the index and the live workers' caches: every worker the index
+    /// lists must be live, and list exactly the blocks that worker announced (all cached).
     fn index_problems(&self) -> Vec<String> {
         let mut problems = Vec::new();
-        let entries = self.router.index_entries();
-        let mut by_worker: BTreeMap<WorkerId, Vec<BlockHash>> = BTreeMap::new();
-        for (h, w) in entries {
-            by_worker.entry(w).or_default().push(h);
-        }
-        for (w, hs) in &by_worker {
-            match self.workers.iter().find(|x| x.id == *w && x.alive) {
-                None => problems.push(format!(
-                    "index holds {} blocks of {w}, which is not a live worker",
-                    hs.len()
-                )),
-                Some(x) => {
-                    if let Some(h) = hs.iter().find(|h| !x.block_manager().is_cached(**h)) {
-                        problems.push(format!("index says {w} holds {h}, which it does not"));
-                    }
-                }
+        let indexed: BTreeMap<WorkerId, usize> =
+            self.router.indexed_workers().into_iter().collect();
+        for (w, n) in &indexed {
+            if *n > 0 && !self.workers.iter().any(|x| x.id == *w && x.alive) {
+                problems.push(format!(
+                    "index holds {n} blocks of {w}, which is not a live worker"
+                ));
             }
         }
         for w in self.workers.iter().filter(|w| w.alive) {
-            let indexed = by_worker.get(&w.id).map_or(0, Vec::len);
-            if indexed != w.held_blocks().len() {
+            let held = w.held_blocks();
+            let n = indexed.get(&w.id).copied().unwrap_or(0);
+            if n != held.len() {
                 problems.push(format!(
-                    "index has {indexed} blocks of {} but it announced {}",
+                    "index has {n} blocks of {} but it announced {}",
                     w.id,
-                    w.held_blocks().len()
+                    held.len()
                 ));
+            } else if let Some(h) = held.iter().find(|h| !self.router.index_holds(w.id, **h)) {
+                problems.push(format!("index lacks block {h} announced by {}", w.id));
             }
         }
         problems

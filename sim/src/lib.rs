@@ -15,6 +15,7 @@ pub mod faults;
 pub mod network;
 pub mod profile;
 pub mod queue;
+pub mod real_router;
 pub mod report;
 pub mod rng;
 pub mod router;
@@ -23,5 +24,5 @@ pub mod worker;
 pub mod workload;
 
 pub use cli::{build_config, build_workload, comparison_table, run, run_cli, SimArgs};
-pub use cluster::{simulate, simulate_with, Outcome, SimConfig, SimError, SimOutcome};
+pub use cluster::{simulate, simulate_with, Outcome, RouterImpl, SimConfig, SimError, SimOutcome};
 pub use report::{Report, Slo};

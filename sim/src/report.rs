@@ -316,15 +316,17 @@ pub fn latency_svg(o: &SimOutcome, title: &str) -> String {
         let fy = ymax * i as f64 / 4.0;
         let _ = writeln!(
             s,
-            r#"<text x="{:.1}" y="{}" text-anchor="middle">{fx:.0}</text>"#,
+            r#"<text x="{:.1}" y="{}" text-anchor="middle">{}</text>"#,
             x(fx),
-            h - pad + 16.0
+            h - pad + 16.0,
+            tick(fx, xmax)
         );
         let _ = writeln!(
             s,
-            r#"<text x="{}" y="{:.1}" text-anchor="end">{fy:.0}</text>"#,
+            r#"<text x="{}" y="{:.1}" text-anchor="end">{}</text>"#,
             pad - 4.0,
-            y(fy) + 4.0
+            y(fy) + 4.0,
+            tick(fy, ymax)
         );
     }
     let _ = writeln!(

@@ -12,7 +12,7 @@ use rand_chacha::ChaCha8Rng;
 use serde::{Deserialize, Serialize};
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 use turbine_actors::ids::{RequestId, WorkerId};
-use turbine_actors::kv::{BlockHash, BlockSize, KvEvent};
+use turbine_actors::kv::{BlockHash, BlockSize, KvEvent, KvEventBatch};
 
 /// Routing policy names (same spelling as the cluster config).
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize, clap::ValueEnum)]
@@ -48,10 +48,12 @@ pub trait SimRouter {
     fn add_worker(&mut self, worker: WorkerId);
     /// The worker left (crash, lease expiry): forget its load and drop all its blocks.
     fn remove_worker(&mut self, worker: WorkerId);
-    /// Applies one in-order batch of a worker's KV events (gaps are handled by the caller).
-    fn apply_events(&mut self, now: SimTime, worker: WorkerId, events: &[KvEvent]);
-    /// Replaces everything known about `worker`'s blocks by `hashes` (after a gap).
-    fn resync(&mut self, now: SimTime, worker: WorkerId, hashes: &[BlockHash]);
+    /// Applies one in-order batch of a member's KV events (gaps are handled by the caller,
+    /// which resyncs instead).
+    fn apply_batch(&mut self, now: SimTime, batch: &KvEventBatch);
+    /// Replaces everything known about `worker`'s blocks by `hashes`, the state after its
+    /// batches up to `next_seq - 1` (after a gap, or when it (re)joins).
+    fn resync(&mut self, now: SimTime, worker: WorkerId, next_seq: u64, hashes: &[BlockHash]);
     fn route(
         &mut self,
         now: SimTime,
@@ -60,8 +62,12 @@ pub trait SimRouter {
         tokens: usize,
     ) -> Option<Choice>;
     fn on_finished(&mut self, request: RequestId);
-    /// Every (block, worker) pair in the index, sorted (for the invariant check).
-    fn index_entries(&self) -> Vec<(BlockHash, WorkerId)>;
+    /// A worker's load report (KV blocks held by its requests, requests queued or running).
+    fn update_load(&mut self, worker: WorkerId, active_blocks: u64, active_requests: u32);
+    /// Workers the index knows, with how many blocks it lists for each, sorted by worker.
+    fn indexed_workers(&self) -> Vec<(WorkerId, usize)>;
+    /// Whether the index lists `worker` as holding `block`.
+    fn index_holds(&self, worker: WorkerId, block: BlockHash) -> bool;
 }
 
 /// A minimal index: block → holders, and worker → blocks for O(own blocks) removal.
@@ -170,11 +176,12 @@ impl SimRouter for StandInRouter {
         self.index.clear(worker);
     }
 
-    fn apply_events(&mut self, _now: SimTime, worker: WorkerId, events: &[KvEvent]) {
+    fn apply_batch(&mut self, _now: SimTime, batch: &KvEventBatch) {
+        let worker = batch.worker;
         if !self.load.contains_key(&worker) {
             return; // not (or no longer) a member: its blocks must not enter the index
         }
-        for e in events {
+        for e in &batch.events {
             match e {
                 KvEvent::BlockStored { block_hashes, .. } => {
                     for h in block_hashes {
@@ -191,7 +198,7 @@ impl SimRouter for StandInRouter {
         }
     }
 
-    fn resync(&mut self, _now: SimTime, worker: WorkerId, hashes: &[BlockHash]) {
+    fn resync(&mut self, _now: SimTime, worker: WorkerId, _next_seq: u64, hashes: &[BlockHash]) {
         self.index.clear(worker);
         if self.load.contains_key(&worker) {
             for h in hashes {
@@ -259,15 +266,24 @@ impl SimRouter for StandInRouter {
         }
     }
 
-    fn index_entries(&self) -> Vec<(BlockHash, WorkerId)> {
-        let mut out: Vec<(BlockHash, WorkerId)> = self
-            .index
+    fn update_load(&mut self, _worker: WorkerId, _active_blocks: u64, _active_requests: u32) {
+        // The stand-in counts what it routed instead (see `load`).
+    }
+
+    fn indexed_workers(&self) -> Vec<(WorkerId, usize)> {
+        self.index
             .by_worker
             .iter()
-            .flat_map(|(w, hs)| hs.iter().map(move |h| (*h, *w)))
-            .collect();
-        out.sort_unstable();
-        out
+            .filter(|(_, hs)| !hs.is_empty())
+            .map(|(w, hs)| (*w, hs.len()))
+            .collect()
+    }
+
+    fn index_holds(&self, worker: WorkerId, block: BlockHash) -> bool {
+        self.index
+            .holders
+            .get(&block)
+            .is_some_and(|s| s.contains(&worker))
     }
 }
 
@@ -295,7 +311,15 @@ mod tests {
         );
         r.add_worker(WorkerId(1));
         r.add_worker(WorkerId(2));
-        r.apply_events(SimTime::ZERO, WorkerId(2), &[stored(&[10, 11, 12])]);
+        r.apply_batch(
+            SimTime::ZERO,
+            &KvEventBatch {
+                worker: WorkerId(2),
+                seq: 0,
+                ts: 0.0,
+                events: vec![stored(&[10, 11, 12])],
+            },
+        );
         let hs: Vec<BlockHash> = [10, 11, 12, 13].iter().map(|h| BlockHash(*h)).collect();
         let c = r.route(SimTime::ZERO, RequestId(1), &hs, 64).unwrap();
         assert_eq!(
@@ -305,8 +329,9 @@ mod tests {
                 overlap_blocks: 3
             }
         );
+        assert_eq!(r.indexed_workers(), vec![(WorkerId(2), 3)]);
         r.remove_worker(WorkerId(2));
-        assert!(r.index_entries().is_empty());
+        assert!(r.indexed_workers().is_empty());
         assert_eq!(
             r.route(SimTime::ZERO, RequestId(2), &hs, 64)
                 .unwrap()

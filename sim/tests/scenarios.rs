@@ -90,8 +90,15 @@ fn fault_args(seed: u64) -> Vec<String> {
 fn invariants_hold_under_random_faults_for_100_seeds() {
     let mut failures = Vec::new();
     let (mut migrations, mut resyncs, mut dropped, mut crashes) = (0, 0, 0, 0);
-    for seed in 0..100u64 {
-        let argv = fault_args(seed);
+    // All 100 seeds with the real router, the first 20 also with the stand-in.
+    let runs = (0..100u64)
+        .map(|s| (s, false))
+        .chain((0..20).map(|s| (s, true)));
+    for (seed, stand_in) in runs {
+        let mut argv = fault_args(seed);
+        if stand_in {
+            argv.push("--stand-in-router".to_string());
+        }
         let args =
             SimArgs::parse_from(std::iter::once("sim".to_string()).chain(argv.iter().cloned()));
         let wl = build_workload(&args).unwrap();
@@ -158,4 +165,35 @@ fn without_retries_a_crash_fails_its_requests_once_with_an_error() {
         .count();
     assert!(failed > 0);
     assert!(o.requests.iter().all(|r| r.resolutions == 1));
+}
+
+#[test]
+fn shipped_sample_traces_replay_cleanly() {
+    for (trace, shared) in [("mooncake_sample.jsonl", true), ("azure_sample.csv", false)] {
+        let path = format!("{}/traces/{trace}", env!("CARGO_MANIFEST_DIR"));
+        let args = SimArgs::parse_from([
+            "sim",
+            "--trace",
+            &path,
+            "--workers",
+            "4",
+            "--profile",
+            "llama3-8b-h100",
+        ]);
+        let wl = build_workload(&args).unwrap();
+        assert_eq!(wl.len(), 300, "{trace}");
+        let wl = &wl[..60];
+        let o = simulate(&build_config(&args, wl).unwrap(), wl).unwrap();
+        assert!(
+            o.invariant_violations.is_empty(),
+            "{trace}: {:?}",
+            o.invariant_violations
+        );
+        assert!(o
+            .requests
+            .iter()
+            .all(|r| r.outcome == Some(Outcome::Completed)));
+        let hits: u64 = o.workers.iter().map(|w| w.prefix_hit_tokens).sum();
+        assert_eq!(hits > 0, shared, "{trace}: prefix hits {hits}");
+    }
 }
