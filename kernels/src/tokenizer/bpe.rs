@@ -100,20 +100,7 @@ impl BpeVocab {
             };
             merge_map.entry((li, ri)).or_insert((rank as u32, mi));
         }
-        let mut specials: Vec<(String, u32)> = tokens
-            .iter()
-            .zip(&types)
-            .enumerate()
-            .filter(|(_, (t, ty))| {
-                !t.is_empty()
-                    && matches!(
-                        ty,
-                        TokenType::Control | TokenType::UserDefined | TokenType::Unknown
-                    )
-            })
-            .map(|(i, (t, _))| (t.clone(), i as u32))
-            .collect();
-        specials.sort_by(|a, b| b.0.len().cmp(&a.0.len()).then(a.1.cmp(&b.1)));
+        let specials = special_tokens(&tokens, &types);
         Ok(BpeVocab {
             tokens,
             types,
@@ -158,7 +145,7 @@ impl BpeVocab {
 
     /// Token ids for `text`, special tokens written in it included, without BOS/EOS.
     pub fn encode(&self, text: &str, out: &mut Vec<u32>) {
-        for frag in self.partition_specials(text) {
+        for frag in partition_specials(&self.specials, text) {
             match frag {
                 Fragment::Special(id) => out.push(id),
                 Fragment::Text(t) => {
@@ -168,37 +155,6 @@ impl BpeVocab {
                 }
             }
         }
-    }
-
-    /// Splits `text` around special tokens, longest special first (as llama.cpp does).
-    fn partition_specials<'t>(&self, text: &'t str) -> Vec<Fragment<'t>> {
-        let mut frags = vec![Fragment::Text(text)];
-        for (special, id) in &self.specials {
-            if !text.contains(special.as_str()) {
-                continue;
-            }
-            let mut next = Vec::with_capacity(frags.len() + 2);
-            for f in frags {
-                match f {
-                    Fragment::Text(t) => {
-                        let mut rest = t;
-                        while let Some(pos) = rest.find(special.as_str()) {
-                            if pos > 0 {
-                                next.push(Fragment::Text(&rest[..pos]));
-                            }
-                            next.push(Fragment::Special(*id));
-                            rest = &rest[pos + special.len()..];
-                        }
-                        if !rest.is_empty() {
-                            next.push(Fragment::Text(rest));
-                        }
-                    }
-                    s => next.push(s),
-                }
-            }
-            frags = next;
-        }
-        frags
     }
 
     fn encode_word_cached(&self, word: &str, out: &mut Vec<u32>) {
@@ -297,6 +253,60 @@ impl BpeVocab {
     }
 }
 
+/// Texts matched verbatim before tokenization (control, user-defined and unknown tokens),
+/// longest first, as llama.cpp orders them.
+pub(crate) fn special_tokens(tokens: &[String], types: &[TokenType]) -> Vec<(String, u32)> {
+    let mut specials: Vec<(String, u32)> = tokens
+        .iter()
+        .zip(types)
+        .enumerate()
+        .filter(|(_, (t, ty))| {
+            !t.is_empty()
+                && matches!(
+                    ty,
+                    TokenType::Control | TokenType::UserDefined | TokenType::Unknown
+                )
+        })
+        .map(|(i, (t, _))| (t.clone(), i as u32))
+        .collect();
+    specials.sort_by(|a, b| b.0.len().cmp(&a.0.len()).then(a.1.cmp(&b.1)));
+    specials
+}
+
+/// Splits `text` around special tokens, longest special first (as llama.cpp does).
+pub(crate) fn partition_specials<'t>(
+    specials: &[(String, u32)],
+    text: &'t str,
+) -> Vec<Fragment<'t>> {
+    let mut frags = vec![Fragment::Text(text)];
+    for (special, id) in specials {
+        if !text.contains(special.as_str()) {
+            continue;
+        }
+        let mut next = Vec::with_capacity(frags.len() + 2);
+        for f in frags {
+            match f {
+                Fragment::Text(t) => {
+                    let mut rest = t;
+                    while let Some(pos) = rest.find(special.as_str()) {
+                        if pos > 0 {
+                            next.push(Fragment::Text(&rest[..pos]));
+                        }
+                        next.push(Fragment::Special(*id));
+                        rest = &rest[pos + special.len()..];
+                    }
+                    if !rest.is_empty() {
+                        next.push(Fragment::Text(rest));
+                    }
+                }
+                s => next.push(s),
+            }
+        }
+        frags = next;
+    }
+    frags
+}
+
 /// (rank, left index, right index, left id, right id, merged id); ordered so the lowest rank,
 /// then the leftmost pair, pops first.
 type Pair = (u32, usize, usize, u32, u32, u32);
@@ -308,7 +318,7 @@ struct Sym {
     alive: bool,
 }
 
-enum Fragment<'t> {
+pub(crate) enum Fragment<'t> {
     Text(&'t str),
     Special(u32),
 }

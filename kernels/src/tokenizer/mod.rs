@@ -6,16 +6,18 @@ pub mod bpe;
 pub mod byte_level;
 mod incremental;
 pub mod pretokenize;
+pub mod spm;
 
 pub use incremental::IncrementalDecoder;
 
 use crate::gguf::{GgufFile, MetaValue};
 use bpe::{BpeVocab, TokenType};
+use spm::SpmVocab;
 use std::path::Path;
 
 #[derive(Debug, thiserror::Error)]
 pub enum TokenizerError {
-    #[error("unsupported tokenizer model {0:?} (supported: \"gpt2\" byte-level BPE)")]
+    #[error("unsupported tokenizer model {0:?} (supported: \"gpt2\" byte-level BPE, \"llama\" SentencePiece)")]
     Unsupported(String),
     #[error("invalid tokenizer: {0}")]
     Invalid(String),
@@ -29,6 +31,7 @@ pub enum TokenizerError {
 
 enum Backend {
     Gguf(Box<BpeVocab>),
+    Spm(Box<SpmVocab>),
     Hf(Box<tokenizers::Tokenizer>),
 }
 
@@ -50,6 +53,7 @@ impl std::fmt::Debug for Tokenizer {
                 "backend",
                 &match self.backend {
                     Backend::Gguf(_) => "gguf",
+                    Backend::Spm(_) => "gguf-spm",
                     Backend::Hf(_) => "tokenizer.json",
                 },
             )
@@ -78,9 +82,10 @@ impl Tokenizer {
     /// Builds the tokenizer a GGUF file describes in its `tokenizer.ggml.*` metadata.
     pub fn from_gguf(g: &GgufFile) -> Result<Tokenizer, TokenizerError> {
         let model = g.get_str("tokenizer.ggml.model")?;
-        if model != "gpt2" {
+        if model != "gpt2" && model != "llama" {
             return Err(TokenizerError::Unsupported(model.to_string()));
         }
+        let spm = model == "llama";
         let tokens = strings(
             g.get_array("tokenizer.ggml.tokens")?,
             "tokenizer.ggml.tokens",
@@ -93,6 +98,7 @@ impl Tokenizer {
             _ => Vec::new(),
         };
         let merges = match g.get("tokenizer.ggml.merges") {
+            _ if spm => Vec::new(),
             Some(MetaValue::Array(a)) => strings(a, "tokenizer.ggml.merges")?,
             _ => Vec::new(),
         };
@@ -119,26 +125,40 @@ impl Tokenizer {
         .collect();
         let flag =
             |k: &str, default: bool| g.get(k).and_then(MetaValue::as_bool).unwrap_or(default);
-        let add_bos = flag("tokenizer.ggml.add_bos_token", false);
+        // llama.cpp's defaults: SentencePiece vocabularies add BOS, BPE ones do not.
+        let add_bos = flag("tokenizer.ggml.add_bos_token", spm);
         let add_eos = flag("tokenizer.ggml.add_eos_token", false);
-        let vocab = BpeVocab::new(tokens, types, &merges, pre, unk)?;
+        let backend = if spm {
+            let scores = match g.get("tokenizer.ggml.scores") {
+                Some(MetaValue::Array(a)) => {
+                    a.iter().map(|v| v.as_f64().unwrap_or(0.0) as f32).collect()
+                }
+                _ => Vec::new(),
+            };
+            let space = flag("tokenizer.ggml.add_space_prefix", true);
+            Backend::Spm(Box::new(SpmVocab::new(tokens, types, scores, unk, space)?))
+        } else {
+            Backend::Gguf(Box::new(BpeVocab::new(tokens, types, &merges, pre, unk)?))
+        };
+        let mut tok = Tokenizer {
+            backend,
+            bos_id,
+            eos_id,
+            stop_ids: Vec::new(),
+            add_bos,
+            add_eos: add_eos && eos_id.is_some(),
+        };
         for text in END_OF_TURN_TEXTS {
-            if let Some(id) = vocab.token_to_id(text) {
-                if vocab.is_control(id) {
+            if let Some(id) = tok.token_to_id(text) {
+                if tok.is_special(id) {
                     stop_ids.push(id);
                 }
             }
         }
         stop_ids.sort_unstable();
         stop_ids.dedup();
-        Ok(Tokenizer {
-            backend: Backend::Gguf(Box::new(vocab)),
-            bos_id,
-            eos_id,
-            stop_ids,
-            add_bos,
-            add_eos: add_eos && eos_id.is_some(),
-        })
+        tok.stop_ids = stop_ids;
+        Ok(tok)
     }
 
     /// Loads an HF `tokenizer.json`. BOS/EOS come from the caller (they live in
@@ -179,15 +199,19 @@ impl Tokenizer {
     /// their single ids. With `add_special`, BOS/EOS are added as the model asks (for GGUF:
     /// `tokenizer.ggml.add_bos_token`/`add_eos_token`; for tokenizer.json: its post-processor).
     pub fn encode(&self, text: &str, add_special: bool) -> Result<Vec<u32>, TokenizerError> {
+        let mut out = Vec::with_capacity(text.len() / 3 + 2);
         match &self.backend {
-            Backend::Gguf(v) => {
-                let mut out = Vec::with_capacity(text.len() / 3 + 2);
+            Backend::Gguf(_) | Backend::Spm(_) => {
                 if add_special && self.add_bos {
                     if let Some(b) = self.bos_id {
                         out.push(b);
                     }
                 }
-                v.encode(text, &mut out);
+                match &self.backend {
+                    Backend::Gguf(v) => v.encode(text, &mut out),
+                    Backend::Spm(v) => v.encode(text, &mut out),
+                    Backend::Hf(_) => {}
+                }
                 if add_special && self.add_eos {
                     if let Some(e) = self.eos_id {
                         out.push(e);
@@ -206,14 +230,20 @@ impl Tokenizer {
     /// `skip_special`, control tokens are left out.
     pub fn decode(&self, ids: &[u32], skip_special: bool) -> Result<String, TokenizerError> {
         match &self.backend {
-            Backend::Gguf(v) => {
+            Backend::Gguf(_) | Backend::Spm(_) => {
                 let mut bytes = Vec::with_capacity(ids.len() * 4);
                 for &id in ids {
-                    if skip_special && v.is_control(id) {
+                    if skip_special && self.is_special(id) {
                         continue;
                     }
-                    bytes
-                        .extend_from_slice(v.token_bytes(id).ok_or(TokenizerError::UnknownId(id))?);
+                    bytes.extend_from_slice(&self.token_to_piece(id)?);
+                }
+                // SentencePiece: the space the encoder prefixed is not part of the text (as in
+                // llama.cpp's detokenize). Streaming keeps it: a continuation's space is real.
+                if let Backend::Spm(v) = &self.backend {
+                    if v.add_space_prefix && bytes.first() == Some(&b' ') {
+                        bytes.remove(0);
+                    }
                 }
                 Ok(String::from_utf8_lossy(&bytes).into_owned())
             }
@@ -232,6 +262,10 @@ impl Tokenizer {
                 .token_bytes(id)
                 .map(<[u8]>::to_vec)
                 .ok_or(TokenizerError::UnknownId(id)),
+            Backend::Spm(v) => v
+                .token_bytes(id)
+                .map(<[u8]>::to_vec)
+                .ok_or(TokenizerError::UnknownId(id)),
             Backend::Hf(t) => {
                 if id as usize >= t.get_vocab_size(true) {
                     return Err(TokenizerError::UnknownId(id));
@@ -247,6 +281,7 @@ impl Tokenizer {
     pub fn token_text(&self, id: u32) -> Option<String> {
         match &self.backend {
             Backend::Gguf(v) => v.token_text(id).map(str::to_string),
+            Backend::Spm(v) => v.token_text(id).map(str::to_string),
             Backend::Hf(t) => t.id_to_token(id),
         }
     }
@@ -254,6 +289,7 @@ impl Tokenizer {
     pub fn token_to_id(&self, text: &str) -> Option<u32> {
         match &self.backend {
             Backend::Gguf(v) => v.token_to_id(text),
+            Backend::Spm(v) => v.token_to_id(text),
             Backend::Hf(t) => t.token_to_id(text),
         }
     }
@@ -262,6 +298,7 @@ impl Tokenizer {
     pub fn is_special(&self, id: u32) -> bool {
         match &self.backend {
             Backend::Gguf(v) => v.is_control(id),
+            Backend::Spm(v) => v.is_control(id),
             Backend::Hf(t) => t
                 .get_added_tokens_decoder()
                 .get(&id)
@@ -272,6 +309,7 @@ impl Tokenizer {
     pub fn vocab_size(&self) -> usize {
         match &self.backend {
             Backend::Gguf(v) => v.len(),
+            Backend::Spm(v) => v.len(),
             Backend::Hf(t) => t.get_vocab_size(true),
         }
     }
@@ -301,7 +339,7 @@ impl Tokenizer {
     /// Whether decoding is byte-exact per token (GGUF), which lets the incremental decoder
     /// work on bytes rather than re-decoding.
     fn byte_exact(&self) -> bool {
-        matches!(self.backend, Backend::Gguf(_))
+        matches!(self.backend, Backend::Gguf(_) | Backend::Spm(_))
     }
 }
 
