@@ -41,46 +41,56 @@ pub fn attention(
     let hd = shape.head_dim;
     let group = (shape.n_heads / shape.n_kv_heads.max(1)).max(1);
     let scale = 1.0 / (hd as f32).sqrt();
-    out.par_chunks_mut(hd).enumerate().for_each(|(idx, o)| {
-        let (t, h) = (idx / shape.n_heads, idx % shape.n_heads);
-        let (Some(tok), Some(qh)) = (tokens.get(t), q.get(idx * hd..(idx + 1) * hd)) else {
-            return;
-        };
-        let kv_off = (h / group) * hd;
-        let qh: Vec<f32> = qh.iter().map(|&x| round_f16(x)).collect();
-        let qh = &qh[..];
-        let bs = shape.block_size;
-        let row = shape.n_kv_heads * hd;
-        let len = tok.pos + 1;
-        let mut scores = Vec::with_capacity(len);
-        let mut max = f32::NEG_INFINITY;
-        for (bi, &block) in tok.block_table.iter().take(len.div_ceil(bs)).enumerate() {
-            let (kb, _) = pool.block(layer, block);
-            let slots = (len - bi * bs).min(bs);
-            for k in kb.chunks_exact(row).take(slots) {
-                let s = dot(qh, k.get(kv_off..kv_off + hd).unwrap_or(&[])) * scale;
-                max = max.max(s);
-                scores.push(s);
-            }
-        }
-        let mut sum = 0.0f64;
-        for s in scores.iter_mut() {
-            *s = (*s - max).exp();
-            sum += *s as f64;
-        }
-        let inv = (1.0 / sum) as f32;
-        o.fill(0.0);
-        let mut weights = scores.iter();
-        for &block in tok.block_table.iter().take(len.div_ceil(bs)) {
-            let (_, vb) = pool.block(layer, block);
-            for (v, &w) in vb.chunks_exact(row).zip(weights.by_ref().take(bs)) {
-                let w = round_f16(w * inv);
-                for (a, &b) in o.iter_mut().zip(&v[kv_off..kv_off + hd]) {
-                    *a += w * b;
+    // Small problems (decode) run on one thread: waking the pool would cost more.
+    let work: usize = tokens.iter().map(|t| t.pos + 1).sum::<usize>() * shape.n_heads;
+    let min_len = if work < 16 * 1024 {
+        out.len() / hd.max(1)
+    } else {
+        1
+    };
+    out.par_chunks_mut(hd)
+        .with_min_len(min_len.max(1))
+        .enumerate()
+        .for_each(|(idx, o)| {
+            let (t, h) = (idx / shape.n_heads, idx % shape.n_heads);
+            let (Some(tok), Some(qh)) = (tokens.get(t), q.get(idx * hd..(idx + 1) * hd)) else {
+                return;
+            };
+            let kv_off = (h / group) * hd;
+            let qh: Vec<f32> = qh.iter().map(|&x| round_f16(x)).collect();
+            let qh = &qh[..];
+            let bs = shape.block_size;
+            let row = shape.n_kv_heads * hd;
+            let len = tok.pos + 1;
+            let mut scores = Vec::with_capacity(len);
+            let mut max = f32::NEG_INFINITY;
+            for (bi, &block) in tok.block_table.iter().take(len.div_ceil(bs)).enumerate() {
+                let (kb, _) = pool.block(layer, block);
+                let slots = (len - bi * bs).min(bs);
+                for k in kb.chunks_exact(row).take(slots) {
+                    let s = dot(qh, k.get(kv_off..kv_off + hd).unwrap_or(&[])) * scale;
+                    max = max.max(s);
+                    scores.push(s);
                 }
             }
-        }
-    });
+            let mut sum = 0.0f64;
+            for s in scores.iter_mut() {
+                *s = (*s - max).exp();
+                sum += *s as f64;
+            }
+            let inv = (1.0 / sum) as f32;
+            o.fill(0.0);
+            let mut weights = scores.iter();
+            for &block in tok.block_table.iter().take(len.div_ceil(bs)) {
+                let (_, vb) = pool.block(layer, block);
+                for (v, &w) in vb.chunks_exact(row).zip(weights.by_ref().take(bs)) {
+                    let w = round_f16(w * inv);
+                    for (a, &b) in o.iter_mut().zip(&v[kv_off..kv_off + hd]) {
+                        *a += w * b;
+                    }
+                }
+            }
+        });
 }
 
 /// `x` rounded to the nearest f16 value (kept as f32).

@@ -116,15 +116,18 @@ impl Linear {
     /// `out[t][r] = sum_c W[r][c] * x[t][c]` for every token row `t` of `input`; `out` holds
     /// `input.n * rows` values. Runs on the current rayon pool.
     pub fn forward(&self, input: &Input<'_>, out: &mut [f32]) {
+        forward_group(input, &mut [(self, out)]);
+    }
+
+    /// Rows `first_row ..` of this layer for all tokens, into `chunk` laid out
+    /// `[row][token]` (`chunk.len() / input.n` rows).
+    fn compute_rows(&self, input: &Input<'_>, first_row: usize, chunk: &mut [f32], avx2: bool) {
         let n = input.n;
-        if n == 0 || self.rows == 0 {
-            return;
-        }
-        let avx2 = quant::have_avx2();
+        let nb = self.cols / QK;
         let dot = |r: usize, t: usize| -> f32 {
             match &self.repr {
                 Repr::Quantized(p) => match &input.q {
-                    Some(q) => quant::dot_row(p, r, self.cols / QK, q.row(t), avx2),
+                    Some(q) => quant::dot_row(p, r, nb, q.row(t), avx2),
                     None => 0.0,
                 },
                 Repr::F32(w) => f32_dot(
@@ -136,46 +139,71 @@ impl Linear {
                 ),
             }
         };
-        if n == 1 {
-            out.par_chunks_mut(ROWS_PER_TASK)
-                .enumerate()
-                .for_each(|(ci, o)| {
-                    for (k, v) in o.iter_mut().enumerate() {
-                        *v = dot(ci * ROWS_PER_TASK + k, 0);
-                    }
-                });
-            return;
-        }
-        // Row-major [row][token] scratch so each task owns a contiguous range, then transpose.
-        let mut by_row = vec![0.0f32; self.rows * n];
-        by_row
-            .par_chunks_mut(ROWS_PER_TASK * n)
-            .enumerate()
-            .for_each(|(ci, chunk)| {
-                let rows_here = chunk.len() / n;
-                for t0 in (0..n).step_by(TOKEN_TILE) {
-                    let t1 = (t0 + TOKEN_TILE).min(n);
-                    for k in 0..rows_here {
-                        let r = ci * ROWS_PER_TASK + k;
-                        let mut t = t0;
-                        if let (Repr::Quantized(p), Some(q)) = (&self.repr, &input.q) {
-                            let nb = self.cols / QK;
-                            while t + 4 <= t1 {
-                                let rows = [q.row(t), q.row(t + 1), q.row(t + 2), q.row(t + 3)];
-                                let v = quant::dot_row_x4(p, r, nb, rows, avx2);
-                                chunk[k * n + t..k * n + t + 4].copy_from_slice(&v);
-                                t += 4;
-                            }
-                        }
-                        for t in t..t1 {
-                            chunk[k * n + t] = dot(r, t);
-                        }
+        let rows_here = chunk.len() / n;
+        for t0 in (0..n).step_by(TOKEN_TILE) {
+            let t1 = (t0 + TOKEN_TILE).min(n);
+            for (k, out_row) in chunk.chunks_exact_mut(n).take(rows_here).enumerate() {
+                let r = first_row + k;
+                let mut t = t0;
+                if let (Repr::Quantized(p), Some(q)) = (&self.repr, &input.q) {
+                    while t + 4 <= t1 {
+                        let rows = [q.row(t), q.row(t + 1), q.row(t + 2), q.row(t + 3)];
+                        let v = quant::dot_row_x4(p, r, nb, rows, avx2);
+                        out_row[t..t + 4].copy_from_slice(&v);
+                        t += 4;
                     }
                 }
-            });
-        for (r, src) in by_row.chunks_exact(n).enumerate() {
+                for (t, o) in out_row.iter_mut().enumerate().take(t1).skip(t) {
+                    *o = dot(r, t);
+                }
+            }
+        }
+    }
+}
+
+/// Runs several layers that share one input (q/k/v, or gate/up) in ONE parallel region:
+/// on few cores a fork-join costs as much as a small matmul, so fewer regions per token
+/// matter for decode. Each `(layer, out)` gets `out[t][r]` as in [`Linear::forward`].
+pub fn forward_group(input: &Input<'_>, parts: &mut [(&Linear, &mut [f32])]) {
+    let n = input.n;
+    if n == 0 {
+        return;
+    }
+    let avx2 = quant::have_avx2();
+    // For one token the output already is `[row][token]`; for more, compute into
+    // row-major scratch so each task owns a contiguous range, then transpose.
+    let mut scratch: Vec<Vec<f32>> = if n > 1 {
+        parts
+            .iter()
+            .map(|(l, _)| vec![0.0f32; l.rows * n])
+            .collect()
+    } else {
+        Vec::new()
+    };
+    let mut tasks: Vec<(&Linear, usize, &mut [f32])> = Vec::new();
+    if n == 1 {
+        for (l, out) in parts.iter_mut() {
+            let l: &Linear = l;
+            for (ci, c) in out.chunks_mut(ROWS_PER_TASK).enumerate() {
+                tasks.push((l, ci * ROWS_PER_TASK, c));
+            }
+        }
+    } else {
+        for ((l, _), s) in parts.iter().zip(scratch.iter_mut()) {
+            for (ci, c) in s.chunks_mut(ROWS_PER_TASK * n).enumerate() {
+                tasks.push((*l, ci * ROWS_PER_TASK, c));
+            }
+        }
+    }
+    tasks
+        .into_par_iter()
+        .for_each(|(l, r0, c)| l.compute_rows(input, r0, c, avx2));
+    for ((l, out), s) in parts.iter_mut().zip(&scratch) {
+        for (r, src) in s.chunks_exact(n).enumerate() {
             for (t, &v) in src.iter().enumerate() {
-                out[t * self.rows + r] = v;
+                if let Some(o) = out.get_mut(t * l.rows + r) {
+                    *o = v;
+                }
             }
         }
     }

@@ -300,9 +300,10 @@ fn run_forward(m: &CpuModel, pool: &mut PagedKvPool, batch: &[SeqStep<'_>]) -> L
     for (li, l) in m.layers.iter().enumerate() {
         ops::rms_norm(&x, &l.attn_norm, eps, &mut xn);
         let input = Input::new(&xn, n, h);
-        l.wq.forward(&input, &mut q);
-        l.wk.forward(&input, &mut k);
-        l.wv.forward(&input, &mut v);
+        linear::forward_group(
+            &input,
+            &mut [(&l.wq, &mut q), (&l.wk, &mut k), (&l.wv, &mut v)],
+        );
         ops::add_bias(&mut q, &l.bq);
         ops::add_bias(&mut k, &l.bk);
         ops::add_bias(&mut v, &l.bv);
@@ -326,8 +327,7 @@ fn run_forward(m: &CpuModel, pool: &mut PagedKvPool, batch: &[SeqStep<'_>]) -> L
 
         ops::rms_norm(&x, &l.ffn_norm, eps, &mut xn);
         let input = Input::new(&xn, n, h);
-        l.gate.forward(&input, &mut gate);
-        l.up.forward(&input, &mut up);
+        linear::forward_group(&input, &mut [(&l.gate, &mut gate), (&l.up, &mut up)]);
         ops::swiglu(&mut gate, &up);
         l.down
             .forward(&Input::new(&gate, n, c.intermediate_size), &mut proj);
