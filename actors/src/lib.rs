@@ -4,7 +4,12 @@
 //! index, routing policy, scheduling, KV block allocation) takes `now` and inputs and returns
 //! decisions, so the simulator and the real actors run the same code.
 
+pub mod cluster_config;
+pub mod engine;
+pub mod frontend;
 pub mod ids;
 pub mod kv;
+pub mod preprocessor;
 pub mod protocol;
 pub mod router;
+pub mod worker;

@@ -4,5 +4,17 @@
 //! [`model::ModelWeights`]; backends (CPU here, CUDA behind a feature) run the Llama-family
 //! forward pass over a paged KV cache; sampling turns logits into tokens.
 
+pub mod backend;
+pub mod chat;
+pub mod cpu;
+#[cfg(feature = "cuda")]
+pub mod cuda;
+pub mod gguf;
+pub mod kv_cache;
+pub mod loader;
 pub mod model;
+pub mod quant;
+pub mod safetensors;
+pub mod sampling;
 pub mod tensor;
+pub mod tokenizer;

@@ -1,0 +1,646 @@
+//! Continuous batching with chunked prefill, prefix caching and recompute preemption.
+//!
+//! Each [`Scheduler::schedule`] call plans one forward pass under two limits: a token budget
+//! (`max_num_batched_tokens`) and a sequence cap (`max_num_seqs`). In order:
+//! 1. running sequences that are decoding get their one token each (oldest admitted first);
+//! 2. running sequences still prefilling (a long prompt, or a recompute after preemption) get
+//!    the next chunk, as much as the budget left allows;
+//! 3. waiting requests are admitted in FIFO order while blocks, budget and slots allow,
+//!    first reusing the longest cached prefix of their prompt. Admission stops at the first
+//!    request that does not fit (no overtaking), and is skipped for a step that preempted.
+//!
+//! When a running sequence needs a block and none is free, the most recently admitted
+//! running sequence is preempted: its blocks are released (the full ones stay cached) and it
+//! goes back to the front of the waiting queue. Its generated tokens stay part of its token
+//! list, so on readmission it recomputes prompt + generated (mostly from the prefix cache)
+//! and samples the *next* token: nothing is emitted twice. The oldest running sequence can
+//! always progress because admission refuses requests that could not fit the pool alone.
+
+use super::block_manager::{AllocError, BlockManager, BlockStats, InvariantViolation, StartKind};
+use super::config::{ConfigError, SchedulerConfig};
+use super::plan::{SampledToken, ScheduledSeq, StepId, StepPlan};
+use super::sequence::{Phase, Sequence};
+use crate::ids::{RequestId, TokenId};
+use crate::kv::events::KvEvent;
+use crate::protocol::{FinishReason, PreprocessedRequest, SamplingParams, TokenOutput};
+use serde::{Deserialize, Serialize};
+use std::collections::{BTreeMap, HashMap, VecDeque};
+use std::time::Duration;
+
+/// Why a request was refused at [`Scheduler::add_request`]. Refused requests hold nothing.
+#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
+pub enum AdmitError {
+    #[error("request {0} is already queued or running")]
+    Duplicate(RequestId),
+    #[error("the prompt is empty")]
+    EmptyPrompt,
+    #[error("max_tokens is 0")]
+    ZeroMaxTokens,
+    #[error(
+        "prompt of {prompt_len} tokens leaves no room to generate within the context length \
+         of {max_model_len}"
+    )]
+    PromptTooLong {
+        prompt_len: usize,
+        max_model_len: usize,
+    },
+    #[error("the request needs up to {needed} KV blocks but the whole pool has {pool}")]
+    ExceedsKvCapacity { needed: usize, pool: usize },
+}
+
+/// A step-protocol misuse by the driver (one step at a time, completed with its own id).
+#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
+pub enum StepError {
+    #[error("step {0:?} is still in flight; complete it before scheduling another")]
+    StepInFlight(StepId),
+    #[error("step {got:?} is not the step in flight ({expected:?})")]
+    UnknownStep {
+        expected: Option<StepId>,
+        got: StepId,
+    },
+}
+
+/// Queue depths and counters for metrics and the planner.
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+pub struct SchedulerStats {
+    pub num_waiting: usize,
+    pub num_running: usize,
+    pub num_preemptions: u64,
+    pub num_steps: u64,
+    pub kv: BlockStats,
+}
+
+/// What the executor's sampler needs for one request (see [`Scheduler::sampling_context`]).
+#[derive(Clone, Copy, Debug)]
+pub struct SamplingContext<'a> {
+    pub params: &'a SamplingParams,
+    /// Top alternatives to return with each token's logprob, if logprobs were asked for.
+    pub logprobs: Option<u32>,
+    /// Prompt followed by generated tokens (for repetition penalties).
+    pub tokens: &'a [TokenId],
+    pub prompt_len: usize,
+}
+
+#[derive(Clone, Copy, Debug)]
+struct InFlightEntry {
+    request: RequestId,
+    serial: u64,
+    num_tokens: usize,
+    want_logits: bool,
+}
+
+#[derive(Clone, Debug)]
+struct InFlight {
+    step: StepId,
+    /// In plan order.
+    entries: Vec<InFlightEntry>,
+}
+
+/// The per-worker scheduler. Pure logic: see the module doc and `worker`'s doc for the loop.
+#[derive(Clone, Debug)]
+pub struct Scheduler {
+    cfg: SchedulerConfig,
+    blocks: BlockManager,
+    /// Lookup only (ordering lives in `waiting` and `running`), so a HashMap is
+    /// deterministic here and keeps per-step lookups cheap.
+    seqs: HashMap<RequestId, Sequence>,
+    waiting: VecDeque<RequestId>,
+    /// Admission order, oldest first; preemption takes from the back.
+    running: Vec<RequestId>,
+    in_flight: Option<InFlight>,
+    next_step: u64,
+    next_serial: u64,
+    num_preemptions: u64,
+}
+
+impl Scheduler {
+    pub fn new(cfg: SchedulerConfig, blocks: BlockManager) -> Result<Self, ConfigError> {
+        cfg.validate()?;
+        if blocks.num_blocks() == 0 {
+            return Err(ConfigError::EmptyPool);
+        }
+        Ok(Scheduler {
+            cfg,
+            blocks,
+            seqs: HashMap::new(),
+            waiting: VecDeque::new(),
+            running: Vec::new(),
+            in_flight: None,
+            next_step: 0,
+            next_serial: 0,
+            num_preemptions: 0,
+        })
+    }
+
+    pub fn config(&self) -> &SchedulerConfig {
+        &self.cfg
+    }
+
+    pub fn block_manager(&self) -> &BlockManager {
+        &self.blocks
+    }
+
+    /// Queues a request. Refuses, with nothing held, one that could never complete: empty,
+    /// no room in the context, or more KV than the whole pool.
+    pub fn add_request(
+        &mut self,
+        req: PreprocessedRequest,
+        now: Duration,
+    ) -> Result<(), AdmitError> {
+        if self.seqs.contains_key(&req.id) {
+            return Err(AdmitError::Duplicate(req.id));
+        }
+        let prompt_len = req.token_ids.len();
+        if prompt_len == 0 {
+            return Err(AdmitError::EmptyPrompt);
+        }
+        if req.stop.max_tokens == 0 {
+            return Err(AdmitError::ZeroMaxTokens);
+        }
+        let max_model_len = self.cfg.max_model_len;
+        if prompt_len >= max_model_len {
+            return Err(AdmitError::PromptTooLong {
+                prompt_len,
+                max_model_len,
+            });
+        }
+        // The final sampled token is never fed back, so the KV holds at most total - 1.
+        let max_total = prompt_len
+            .saturating_add(req.stop.max_tokens as usize)
+            .min(max_model_len);
+        let needed = self.blocks.block_size().blocks_for(max_total - 1);
+        if needed > self.blocks.num_blocks() {
+            return Err(AdmitError::ExceedsKvCapacity {
+                needed,
+                pool: self.blocks.num_blocks(),
+            });
+        }
+        let id = req.id;
+        let serial = self.next_serial;
+        self.next_serial += 1;
+        self.seqs.insert(
+            id,
+            Sequence::new(req, serial, self.blocks.block_size(), now),
+        );
+        self.waiting.push_back(id);
+        Ok(())
+    }
+
+    /// Cancels a request: drops it from the queues and frees its blocks at once. If it is in
+    /// the step in flight, its result is ignored. Returns whether the request was known.
+    pub fn abort(&mut self, id: RequestId) -> bool {
+        if self.seqs.remove(&id).is_none() {
+            return false;
+        }
+        self.waiting.retain(|r| *r != id);
+        self.running.retain(|r| *r != id);
+        self.blocks.free(id);
+        true
+    }
+
+    /// Plans the next step. An empty plan means there is nothing to run (nothing needs to be
+    /// completed for it). Only one non-empty step may be in flight at a time.
+    pub fn schedule(&mut self, _now: Duration) -> Result<StepPlan, StepError> {
+        if let Some(f) = &self.in_flight {
+            return Err(StepError::StepInFlight(f.step));
+        }
+        let mut budget = self.cfg.max_num_batched_tokens;
+        let mut batch: Vec<(RequestId, usize)> = Vec::new();
+        let mut preempted: Vec<RequestId> = Vec::new();
+
+        let (decodes, prefills): (Vec<RequestId>, Vec<RequestId>) = self
+            .running
+            .iter()
+            .partition(|id| self.seqs.get(id).is_some_and(|s| s.remaining() == 1));
+        for id in decodes.into_iter().chain(prefills) {
+            if budget == 0 {
+                break;
+            }
+            self.schedule_running(id, &mut budget, &mut batch, &mut preempted);
+        }
+        if preempted.is_empty() {
+            self.admit_waiting(&mut budget, &mut batch);
+        }
+
+        let step = StepId(self.next_step);
+        let mut seqs = Vec::with_capacity(batch.len());
+        let mut entries = Vec::with_capacity(batch.len());
+        for (id, n) in batch {
+            let (Some(seq), Some(table)) = (self.seqs.get(&id), self.blocks.block_table(id)) else {
+                continue;
+            };
+            let start = seq.num_computed;
+            let want_logits = start + n == seq.tokens.len();
+            seqs.push(ScheduledSeq {
+                request: id,
+                tokens: seq.tokens[start..start + n].to_vec(),
+                start_pos: start,
+                block_table: table.iter().map(|b| b.0).collect(),
+                want_logits,
+                sample_index: seq.num_generated() as u32,
+            });
+            entries.push(InFlightEntry {
+                request: id,
+                serial: seq.serial,
+                num_tokens: n,
+                want_logits,
+            });
+        }
+        if !seqs.is_empty() {
+            self.next_step += 1;
+            self.in_flight = Some(InFlight { step, entries });
+        }
+        Ok(StepPlan {
+            step,
+            seqs,
+            preempted,
+        })
+    }
+
+    /// Applies a finished step: advances computed tokens, registers newly full blocks for
+    /// prefix caching, appends the sampled tokens, checks stop conditions and frees finished
+    /// sequences. Returns one output per sampled token, in plan order. A `want_logits`
+    /// request with no entry in `sampled` ends with `FinishReason::Error`. `sampled` may come
+    /// in any order (plan order is the fast path). A stop token is included in the output's
+    /// `token_ids` (the detokenizer hides special tokens); `ignore_eos` disables every id in
+    /// `stop_token_ids`, as they arrive merged.
+    pub fn on_step_done(
+        &mut self,
+        plan: &StepPlan,
+        sampled: &[SampledToken],
+        _now: Duration,
+    ) -> Result<Vec<(RequestId, TokenOutput)>, StepError> {
+        let Some(flight) = self.take_in_flight(plan)? else {
+            return Ok(Vec::new());
+        };
+        let mut samples = SampleLookup::new(sampled);
+        let block_size = self.blocks.block_size();
+        let mut outputs = Vec::new();
+        for entry in flight.entries {
+            let id = entry.request;
+            // Aborted while the step ran (and possibly re-added since: a new incarnation).
+            let Some(seq) = self.seqs.get_mut(&id).filter(|s| s.serial == entry.serial) else {
+                continue;
+            };
+            seq.num_computed += entry.num_tokens;
+            // Cannot fail: a running sequence always has a table.
+            let _ = self
+                .blocks
+                .commit_computed(id, &seq.tokens[..seq.num_computed], &seq.hashes);
+            if !entry.want_logits {
+                continue;
+            }
+            let Some(sample) = samples.get(id) else {
+                outputs.push((id, self.finish_with_error(id, "no token was sampled")));
+                continue;
+            };
+            seq.push_token(sample.token, block_size);
+            let finish = finish_reason(seq, sample.token, self.cfg.max_model_len);
+            let output = TokenOutput {
+                token_ids: vec![sample.token],
+                logprobs: match (seq.logprobs, &sample.logprob) {
+                    (Some(_), Some(lp)) => Some(vec![lp.clone()]),
+                    _ => None,
+                },
+                cached_tokens: (!seq.first_output_sent).then_some(seq.cached_tokens.unwrap_or(0)),
+                finish,
+            };
+            seq.first_output_sent = true;
+            if output.finish.is_some() {
+                self.remove(id);
+            }
+            outputs.push((id, output));
+        }
+        Ok(outputs)
+    }
+
+    /// The step failed in the backend: every request in it ends with
+    /// `FinishReason::Error(reason)` and is freed.
+    pub fn on_step_failed(
+        &mut self,
+        plan: &StepPlan,
+        reason: &str,
+    ) -> Result<Vec<(RequestId, TokenOutput)>, StepError> {
+        let Some(flight) = self.take_in_flight(plan)? else {
+            return Ok(Vec::new());
+        };
+        let mut outputs = Vec::new();
+        for entry in flight.entries {
+            let id = entry.request;
+            if self.seqs.get(&id).is_some_and(|s| s.serial == entry.serial) {
+                outputs.push((id, self.finish_with_error(id, reason)));
+            }
+        }
+        Ok(outputs)
+    }
+
+    /// KV events since the last drain, for the worker to publish as a `KvEventBatch`.
+    pub fn drain_kv_events(&mut self) -> Vec<KvEvent> {
+        self.blocks.drain_events()
+    }
+
+    pub fn sampling_params(&self, id: RequestId) -> Option<&SamplingParams> {
+        self.seqs.get(&id).map(|s| &s.sampling)
+    }
+
+    /// Prompt followed by the tokens generated so far.
+    pub fn token_history(&self, id: RequestId) -> Option<&[TokenId]> {
+        self.seqs.get(&id).map(|s| s.tokens.as_slice())
+    }
+
+    /// Everything the sampler needs for `id` in one borrow.
+    pub fn sampling_context(&self, id: RequestId) -> Option<SamplingContext<'_>> {
+        self.seqs.get(&id).map(|s| SamplingContext {
+            params: &s.sampling,
+            logprobs: s.logprobs,
+            tokens: &s.tokens,
+            prompt_len: s.prompt_len,
+        })
+    }
+
+    /// When `id` arrived (the `now` given to `add_request`).
+    pub fn arrival(&self, id: RequestId) -> Option<Duration> {
+        self.seqs.get(&id).map(|s| s.arrival)
+    }
+
+    pub fn num_waiting(&self) -> usize {
+        self.waiting.len()
+    }
+
+    pub fn num_running(&self) -> usize {
+        self.running.len()
+    }
+
+    pub fn num_preemptions(&self) -> u64 {
+        self.num_preemptions
+    }
+
+    /// Waiting request ids, front first.
+    pub fn waiting(&self) -> impl Iterator<Item = RequestId> + '_ {
+        self.waiting.iter().copied()
+    }
+
+    /// Running request ids, oldest admitted first.
+    pub fn running(&self) -> &[RequestId] {
+        &self.running
+    }
+
+    pub fn has_step_in_flight(&self) -> bool {
+        self.in_flight.is_some()
+    }
+
+    /// Nothing queued, running or in flight.
+    pub fn is_idle(&self) -> bool {
+        self.seqs.is_empty() && self.in_flight.is_none()
+    }
+
+    pub fn stats(&self) -> SchedulerStats {
+        SchedulerStats {
+            num_waiting: self.waiting.len(),
+            num_running: self.running.len(),
+            num_preemptions: self.num_preemptions,
+            num_steps: self.next_step,
+            kv: self.blocks.stats(),
+        }
+    }
+
+    /// Checks the scheduler's and the block manager's invariants (tests, simulator).
+    pub fn check_invariants(&self) -> Result<(), InvariantViolation> {
+        self.blocks.check_invariants()?;
+        let fail = |msg: String| Err(InvariantViolation(msg));
+        if self.running.len() > self.cfg.max_num_seqs {
+            return fail(format!("{} running > max_num_seqs", self.running.len()));
+        }
+        if self.waiting.len() + self.running.len() != self.seqs.len() {
+            return fail(format!(
+                "{} waiting + {} running != {} sequences",
+                self.waiting.len(),
+                self.running.len(),
+                self.seqs.len()
+            ));
+        }
+        let bs = self.blocks.block_size();
+        for id in &self.waiting {
+            let Some(seq) = self.seqs.get(id) else {
+                return fail(format!("waiting {id} has no state"));
+            };
+            if seq.phase != Phase::Waiting || seq.num_computed != 0 {
+                return fail(format!("waiting {id} is {:?} with KV", seq.phase));
+            }
+            if self.blocks.block_table(*id).is_some() {
+                return fail(format!("waiting {id} holds blocks"));
+            }
+        }
+        for id in &self.running {
+            let Some(seq) = self.seqs.get(id) else {
+                return fail(format!("running {id} has no state"));
+            };
+            if seq.phase != Phase::Running {
+                return fail(format!("running {id} is {:?}", seq.phase));
+            }
+            let Some(table) = self.blocks.block_table(*id) else {
+                return fail(format!("running {id} holds no blocks"));
+            };
+            if table.len() < bs.blocks_for(seq.num_computed) {
+                return fail(format!(
+                    "{id}: {} blocks for {} tokens",
+                    table.len(),
+                    seq.num_computed
+                ));
+            }
+        }
+        // Same set as `seqs` (checked above), in a deterministic order.
+        for id in self.waiting.iter().chain(&self.running) {
+            let Some(seq) = self.seqs.get(id) else {
+                continue;
+            };
+            if seq.num_computed >= seq.tokens.len() {
+                return fail(format!("{id} has no token left to feed"));
+            }
+            if seq.hashes.len() != bs.full_blocks(seq.tokens.len()) {
+                return fail(format!("{id} hashes are stale"));
+            }
+            if seq.num_generated() >= seq.stop.max_tokens as usize
+                || seq.tokens.len() >= self.cfg.max_model_len
+            {
+                return fail(format!("{id} should have finished"));
+            }
+        }
+        for id in self.blocks.sequences() {
+            if !self.running.contains(&id) {
+                return fail(format!("{id} holds blocks but is not running"));
+            }
+        }
+        Ok(())
+    }
+
+    fn schedule_running(
+        &mut self,
+        id: RequestId,
+        budget: &mut usize,
+        batch: &mut Vec<(RequestId, usize)>,
+        preempted: &mut Vec<RequestId>,
+    ) {
+        loop {
+            // A victim earlier in this step is no longer running.
+            let Some(seq) = self.seqs.get(&id).filter(|s| s.phase == Phase::Running) else {
+                return;
+            };
+            let n = seq.remaining().min(*budget);
+            match self.blocks.grow(id, seq.num_computed + n) {
+                Ok(()) => {
+                    batch.push((id, n));
+                    *budget -= n;
+                    return;
+                }
+                Err(AllocError::OutOfBlocks { .. }) => {
+                    let Some(victim) = self.running.last().copied() else {
+                        return;
+                    };
+                    self.preempt(victim);
+                    preempted.push(victim);
+                    if let Some(pos) = batch.iter().position(|(r, _)| *r == victim) {
+                        *budget += batch.remove(pos).1;
+                    }
+                    if victim == id {
+                        return;
+                    }
+                }
+                Err(_) => return,
+            }
+        }
+    }
+
+    fn admit_waiting(&mut self, budget: &mut usize, batch: &mut Vec<(RequestId, usize)>) {
+        while let Some(&id) = self.waiting.front() {
+            if *budget == 0 || self.running.len() >= self.cfg.max_num_seqs {
+                return;
+            }
+            let Some(seq) = self.seqs.get(&id) else {
+                self.waiting.pop_front();
+                continue;
+            };
+            let hit = self
+                .blocks
+                .find_cached_prefix(&seq.hashes, seq.tokens.len());
+            let hit_tokens = hit.num_tokens();
+            let remaining = seq.tokens.len() - hit_tokens;
+            let n = if self.cfg.enable_chunked_prefill {
+                remaining.min(*budget)
+            } else if remaining <= *budget {
+                remaining
+            } else {
+                return;
+            };
+            let kind = if seq.cached_tokens.is_none() {
+                StartKind::Fresh
+            } else {
+                StartKind::Resume
+            };
+            if self
+                .blocks
+                .allocate_new(id, &hit, hit_tokens + n, kind)
+                .is_err()
+            {
+                return;
+            }
+            if let Some(seq) = self.seqs.get_mut(&id) {
+                seq.num_computed = hit_tokens;
+                seq.phase = Phase::Running;
+                seq.cached_tokens.get_or_insert(hit_tokens as u32);
+            }
+            self.waiting.pop_front();
+            self.running.push(id);
+            batch.push((id, n));
+            *budget -= n;
+        }
+    }
+
+    fn preempt(&mut self, id: RequestId) {
+        self.blocks.free(id);
+        self.running.retain(|r| *r != id);
+        if let Some(seq) = self.seqs.get_mut(&id) {
+            seq.num_computed = 0;
+            seq.phase = Phase::Waiting;
+        }
+        self.waiting.push_front(id);
+        self.num_preemptions += 1;
+    }
+
+    fn take_in_flight(&mut self, plan: &StepPlan) -> Result<Option<InFlight>, StepError> {
+        match &self.in_flight {
+            Some(f) if f.step == plan.step => Ok(self.in_flight.take()),
+            None if plan.seqs.is_empty() => Ok(None),
+            other => Err(StepError::UnknownStep {
+                expected: other.as_ref().map(|f| f.step),
+                got: plan.step,
+            }),
+        }
+    }
+
+    fn finish_with_error(&mut self, id: RequestId, reason: &str) -> TokenOutput {
+        let cached_tokens = self
+            .seqs
+            .get(&id)
+            .filter(|s| !s.first_output_sent)
+            .map(|s| s.cached_tokens.unwrap_or(0));
+        self.remove(id);
+        TokenOutput {
+            token_ids: Vec::new(),
+            logprobs: None,
+            finish: Some(FinishReason::Error(reason.to_string())),
+            cached_tokens,
+        }
+    }
+
+    fn remove(&mut self, id: RequestId) {
+        self.abort(id);
+    }
+}
+
+/// Finds each request's sample. The executor normally returns samples in plan order, so a
+/// cursor finds each in O(1); anything else falls back to a map built on first need.
+struct SampleLookup<'a> {
+    sampled: &'a [SampledToken],
+    cursor: usize,
+    map: Option<BTreeMap<RequestId, &'a SampledToken>>,
+}
+
+impl<'a> SampleLookup<'a> {
+    fn new(sampled: &'a [SampledToken]) -> Self {
+        SampleLookup {
+            sampled,
+            cursor: 0,
+            map: None,
+        }
+    }
+
+    /// The first sample for `id`.
+    fn get(&mut self, id: RequestId) -> Option<&'a SampledToken> {
+        // Samples before the cursor each matched an earlier plan entry, and a plan names a
+        // request once, so a match at the cursor is `id`'s first sample.
+        if let Some(s) = self.sampled.get(self.cursor).filter(|s| s.request == id) {
+            self.cursor += 1;
+            return Some(s);
+        }
+        let sampled = self.sampled;
+        self.map
+            .get_or_insert_with(|| sampled.iter().rev().map(|s| (s.request, s)).collect())
+            .get(&id)
+            .copied()
+    }
+}
+
+/// Stop checks after appending `token`: a stop token (unless `ignore_eos`), then
+/// `max_tokens`, then the context length.
+fn finish_reason(seq: &Sequence, token: TokenId, max_model_len: usize) -> Option<FinishReason> {
+    if !seq.stop.ignore_eos && seq.stop.stop_token_ids.contains(&token) {
+        Some(FinishReason::Stop)
+    } else if seq.num_generated() >= seq.stop.max_tokens as usize
+        || seq.tokens.len() >= max_model_len
+    {
+        Some(FinishReason::Length)
+    } else {
+        None
+    }
+}

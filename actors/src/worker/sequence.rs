@@ -1,0 +1,89 @@
+//! One request's state inside the scheduler.
+
+use crate::ids::TokenId;
+use crate::kv::hash::{extend_block_hashes, hash_blocks, BlockHash, BlockSize};
+use crate::protocol::{PreprocessedRequest, SamplingParams, StopConditions};
+use std::time::Duration;
+
+/// Where a sequence is.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) enum Phase {
+    /// Queued, holding no blocks (new, or preempted and waiting to be recomputed).
+    Waiting,
+    /// Admitted, holding blocks.
+    Running,
+}
+
+#[derive(Clone, Debug)]
+pub(crate) struct Sequence {
+    /// Unique per `add_request` call: tells a re-added request id apart from an aborted
+    /// incarnation whose step is still in flight.
+    pub serial: u64,
+    pub sampling: SamplingParams,
+    pub stop: StopConditions,
+    pub logprobs: Option<u32>,
+    pub salt: u64,
+    /// Prompt then generated tokens. The last one's KV is not computed yet.
+    pub tokens: Vec<TokenId>,
+    /// Sequence hashes of every full block of `tokens`, kept up to date as tokens arrive.
+    pub hashes: Vec<BlockHash>,
+    pub prompt_len: usize,
+    /// Leading tokens whose KV is in this sequence's blocks. Always `< tokens.len()`.
+    pub num_computed: usize,
+    /// Prefix-cache hit at the first admission; reported on the first output.
+    pub cached_tokens: Option<u32>,
+    pub first_output_sent: bool,
+    pub phase: Phase,
+    pub arrival: Duration,
+}
+
+impl Sequence {
+    pub fn new(
+        req: PreprocessedRequest,
+        serial: u64,
+        block_size: BlockSize,
+        now: Duration,
+    ) -> Self {
+        let hashes = hash_blocks(&req.token_ids, block_size, req.salt);
+        Sequence {
+            serial,
+            prompt_len: req.token_ids.len(),
+            tokens: req.token_ids,
+            hashes,
+            sampling: req.sampling,
+            stop: req.stop,
+            logprobs: req.logprobs,
+            salt: req.salt,
+            num_computed: 0,
+            cached_tokens: None,
+            first_output_sent: false,
+            phase: Phase::Waiting,
+            arrival: now,
+        }
+    }
+
+    /// Known tokens whose KV is still to compute (prompt rest, recompute, or 1 for a decode).
+    pub fn remaining(&self) -> usize {
+        self.tokens.len() - self.num_computed
+    }
+
+    pub fn num_generated(&self) -> usize {
+        self.tokens.len() - self.prompt_len
+    }
+
+    /// Appends a sampled token, hashing the block it completes.
+    pub fn push_token(&mut self, token: TokenId, block_size: BlockSize) {
+        self.tokens.push(token);
+        let bs = block_size.as_usize();
+        if self.tokens.len() % bs == 0 {
+            let parent = self.hashes.last().copied().unwrap_or(BlockHash::ROOT);
+            let start = self.tokens.len() - bs;
+            self.hashes.extend(extend_block_hashes(
+                parent,
+                &self.tokens[start..],
+                block_size,
+                self.salt,
+            ));
+        }
+    }
+}

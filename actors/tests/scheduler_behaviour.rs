@@ -1,0 +1,634 @@
+//! Scheduler behaviour: batching under the budget, chunked prefill, prefix reuse, preemption
+//! with recompute, aborts, stop conditions and the step protocol.
+
+#[path = "worker_support/mod.rs"]
+mod support;
+
+use std::collections::BTreeMap;
+use support::*;
+use turbine_actors::ids::RequestId;
+use turbine_actors::kv::events::KvEvent;
+use turbine_actors::kv::hash::{hash_blocks, BlockHash};
+use turbine_actors::protocol::{FinishReason, TokenLogprob};
+use turbine_actors::worker::{
+    AdmitError, BlockManager, BlockManagerConfig, ConfigError, SampledToken, Scheduler,
+    SchedulerConfig, StepError, StepId, StepPlan,
+};
+
+fn r(id: u64) -> RequestId {
+    RequestId(id)
+}
+
+#[test]
+fn a_long_prompt_is_prefilled_in_chunks_then_decoded() {
+    let mut s = scheduler(64, 4, 8, 8, 256);
+    let p = prompt(1, 20);
+    s.add_request(request(1, p.clone(), 3), at(0)).unwrap();
+    let mut streams = BTreeMap::new();
+    let shapes: Vec<_> = (0..5)
+        .map(|t| {
+            let plan = step(&mut s, &mut streams, at(t));
+            assert_eq!(plan.seqs.len(), 1);
+            let e = &plan.seqs[0];
+            (e.start_pos, e.tokens.len(), e.want_logits)
+        })
+        .collect();
+    assert_eq!(
+        shapes,
+        vec![
+            (0, 8, false),
+            (8, 8, false),
+            (16, 4, true),
+            (20, 1, true),
+            (21, 1, true)
+        ]
+    );
+    assert!(s.is_idle());
+    let out = &streams[&r(1)];
+    assert_eq!(out.tokens, reference_generation(&p, 3));
+    assert_eq!(out.finish, Some(FinishReason::Length));
+    assert_eq!(out.cached_tokens, Some(0));
+}
+
+#[test]
+fn decodes_go_first_and_prefill_chunks_fill_the_budget() {
+    let mut s = scheduler(64, 4, 8, 8, 256);
+    let mut streams = BTreeMap::new();
+    s.add_request(request(1, prompt(1, 4), 10), at(0)).unwrap();
+    step(&mut s, &mut streams, at(0));
+    s.add_request(request(2, prompt(2, 30), 10), at(1)).unwrap();
+    s.add_request(request(3, prompt(3, 5), 10), at(1)).unwrap();
+    let plan = step(&mut s, &mut streams, at(1));
+    let shape: Vec<_> = plan
+        .seqs
+        .iter()
+        .map(|e| (e.request, e.start_pos, e.tokens.len()))
+        .collect();
+    assert_eq!(shape, vec![(r(1), 4, 1), (r(2), 0, 7)]);
+    assert_eq!(plan.num_tokens(), 8);
+    assert_eq!(s.num_waiting(), 1, "request 3 waits: no budget left");
+    // Next step: the decode first, then request 2's next chunk; still no room for 3.
+    let plan = step(&mut s, &mut streams, at(2));
+    let shape: Vec<_> = plan
+        .seqs
+        .iter()
+        .map(|e| (e.request, e.start_pos, e.tokens.len()))
+        .collect();
+    assert_eq!(shape, vec![(r(1), 5, 1), (r(2), 7, 7)]);
+    assert!(plan.seqs[0].is_decode() && !plan.seqs[1].want_logits);
+    run_until_idle(&mut s, &mut streams, 200);
+    for (id, len) in [(1, 4), (2, 30), (3, 5)] {
+        assert_eq!(
+            streams[&r(id)].tokens,
+            reference_generation(&prompt(id as u32, len), 10)
+        );
+    }
+}
+
+#[test]
+fn max_num_seqs_caps_the_running_set() {
+    let mut s = scheduler(64, 4, 64, 2, 256);
+    for id in 1..=3 {
+        s.add_request(request(id, prompt(id as u32, 5), 4), at(0))
+            .unwrap();
+    }
+    let mut streams = BTreeMap::new();
+    let plan = step(&mut s, &mut streams, at(0));
+    assert_eq!(plan.seqs.len(), 2);
+    assert_eq!((s.num_running(), s.num_waiting()), (2, 1));
+    run_until_idle(&mut s, &mut streams, 100);
+    assert_eq!(
+        streams[&r(3)].tokens,
+        reference_generation(&prompt(3, 5), 4)
+    );
+}
+
+#[test]
+fn a_second_request_reuses_the_cached_prefix() {
+    let mut s = scheduler(64, 4, 64, 8, 256);
+    let a = prompt(1, 20);
+    s.add_request(request(1, a.clone(), 2), at(0)).unwrap();
+    let first = run_to_completion(&mut s, 10);
+    assert_eq!(first[&r(1)].cached_tokens, Some(0));
+
+    let mut b = a[..16].to_vec();
+    b.extend(prompt(2, 5));
+    s.add_request(request(2, b.clone(), 2), at(10)).unwrap();
+    let mut streams = BTreeMap::new();
+    let plan = step(&mut s, &mut streams, at(10));
+    assert_eq!(plan.seqs[0].start_pos, 16);
+    assert_eq!(plan.seqs[0].tokens, b[16..].to_vec());
+    assert_eq!(streams[&r(2)].cached_tokens, Some(16));
+    run_until_idle(&mut s, &mut streams, 10);
+    assert_eq!(streams[&r(2)].tokens, reference_generation(&b, 2));
+    let kv = s.stats().kv;
+    assert_eq!((kv.prefix_query_tokens, kv.prefix_hit_tokens), (41, 16));
+    assert!((kv.prefix_hit_rate() - 16.0 / 41.0).abs() < 1e-12);
+}
+
+#[test]
+fn a_concurrent_request_shares_a_running_requests_blocks() {
+    let mut s = scheduler(64, 4, 64, 8, 256);
+    let a = prompt(1, 12);
+    s.add_request(request(1, a.clone(), 10), at(0)).unwrap();
+    let mut streams = BTreeMap::new();
+    step(&mut s, &mut streams, at(0));
+    s.add_request(request(2, a.clone(), 10), at(1)).unwrap();
+    let plan = step(&mut s, &mut streams, at(1));
+    let e2 = plan.seqs.iter().find(|e| e.request == r(2)).unwrap();
+    let e1 = plan.seqs.iter().find(|e| e.request == r(1)).unwrap();
+    assert_eq!(e2.start_pos, 8, "identical prompt: all but the last block");
+    assert_eq!(e2.block_table[..2], e1.block_table[..2]);
+    assert_eq!(streams[&r(2)].cached_tokens, Some(8));
+    run_until_idle(&mut s, &mut streams, 100);
+    assert_eq!(streams[&r(1)].tokens, streams[&r(2)].tokens);
+}
+
+#[test]
+fn stored_events_chain_the_computed_blocks() {
+    let mut s = scheduler(64, 4, 64, 8, 256);
+    let p = prompt(1, 18);
+    s.add_request(request(1, p.clone(), 5), at(0)).unwrap();
+    let streams = run_to_completion(&mut s, 20);
+    let mut full = p.clone();
+    full.extend(&streams[&r(1)].tokens);
+    // The last sampled token is never fed: 22 tokens computed, 5 full blocks.
+    let expected = hash_blocks(&full[..22], bs(4), 0);
+    let events = s.drain_kv_events();
+    let mut chain: Vec<BlockHash> = Vec::new();
+    let mut fed: Vec<u32> = Vec::new();
+    for e in &events {
+        match e {
+            KvEvent::BlockStored {
+                block_hashes,
+                parent_block_hash,
+                token_ids,
+                block_size,
+                ..
+            } => {
+                assert_eq!(*parent_block_hash, chain.last().copied());
+                assert_eq!(block_size.get(), 4);
+                assert_eq!(token_ids.len(), 4 * block_hashes.len());
+                chain.extend(block_hashes);
+                fed.extend(token_ids);
+            }
+            other => panic!("unexpected {other:?}"),
+        }
+    }
+    assert_eq!(chain, expected);
+    assert_eq!(fed, full[..20].to_vec());
+    assert!(s.drain_kv_events().is_empty());
+}
+
+#[test]
+fn preemption_recomputes_without_changing_or_repeating_any_token() {
+    // 8 blocks of 4: each request alone needs 6 blocks at most, both together 12.
+    let make = || {
+        let mut s = scheduler(8, 4, 64, 8, 256);
+        for id in 1..=2 {
+            s.add_request(request(id, prompt(id as u32, 10), 12), at(0))
+                .unwrap();
+        }
+        s
+    };
+    let mut s = make();
+    let streams = run_to_completion(&mut s, 200);
+    assert!(s.num_preemptions() >= 1, "the pool is too small for both");
+    for id in 1..=2 {
+        let st = &streams[&r(id)];
+        assert_eq!(st.tokens, reference_generation(&prompt(id as u32, 10), 12));
+        assert_eq!(st.items, 12, "one output per token, none repeated");
+        assert_eq!(st.finish, Some(FinishReason::Length));
+    }
+    assert_eq!(s.block_manager().num_used_blocks(), 0);
+    // The same workload is replayed identically.
+    let mut again = make();
+    assert_eq!(run_to_completion(&mut again, 200), streams);
+    assert_eq!(again.num_preemptions(), s.num_preemptions());
+}
+
+#[test]
+fn the_newest_running_request_is_the_one_preempted() {
+    let mut s = scheduler(8, 4, 64, 8, 256);
+    let mut streams = BTreeMap::new();
+    s.add_request(request(1, prompt(1, 15), 16), at(0)).unwrap();
+    s.add_request(request(2, prompt(2, 15), 16), at(0)).unwrap();
+    let mut preempted = Vec::new();
+    for t in 0..40 {
+        let plan = step(&mut s, &mut streams, at(t));
+        preempted.extend(plan.preempted.iter().copied());
+        if !preempted.is_empty() {
+            break;
+        }
+    }
+    assert_eq!(preempted, vec![r(2)]);
+    assert_eq!(s.waiting().collect::<Vec<_>>(), vec![r(2)]);
+    assert_eq!(s.running(), &[r(1)]);
+}
+
+#[test]
+fn abort_frees_blocks_at_once() {
+    let mut s = scheduler(64, 4, 64, 8, 256);
+    let mut streams = BTreeMap::new();
+    s.add_request(request(1, prompt(1, 10), 50), at(0)).unwrap();
+    s.add_request(request(2, prompt(2, 10), 50), at(0)).unwrap();
+    step(&mut s, &mut streams, at(0));
+    assert_eq!(s.block_manager().num_used_blocks(), 6);
+    assert!(s.abort(r(1)));
+    assert!(!s.abort(r(1)));
+    assert_eq!(s.block_manager().num_used_blocks(), 3);
+    s.check_invariants().unwrap();
+
+    // Abort while its step is in flight: the result is dropped.
+    let plan = s.schedule(at(1)).unwrap();
+    assert!(s.abort(r(2)));
+    assert_eq!(s.block_manager().num_used_blocks(), 0);
+    let sampled = sample_from_plan(&plan);
+    assert!(s.on_step_done(&plan, &sampled, at(1)).unwrap().is_empty());
+    s.check_invariants().unwrap();
+    assert!(s.is_idle());
+
+    // Abort a waiting request.
+    s.add_request(request(3, prompt(3, 10), 50), at(2)).unwrap();
+    assert!(s.abort(r(3)));
+    assert!(s.is_idle());
+}
+
+/// Samples from the plan alone (for requests already gone from the scheduler).
+fn sample_from_plan(plan: &StepPlan) -> Vec<SampledToken> {
+    plan.seqs
+        .iter()
+        .filter(|e| e.want_logits)
+        .map(|e| SampledToken::new(e.request, 1))
+        .collect()
+}
+
+#[test]
+fn finished_requests_hold_no_blocks() {
+    let mut s = scheduler(32, 4, 16, 4, 256);
+    for id in 1..=6 {
+        s.add_request(
+            request(id, prompt(id as u32 % 2, 9 + id as usize), 7),
+            at(0),
+        )
+        .unwrap();
+    }
+    let streams = run_to_completion(&mut s, 500);
+    assert_eq!(streams.len(), 6);
+    let kv = s.stats().kv;
+    assert_eq!(kv.used, 0);
+    assert_eq!(kv.free, 32);
+    assert!(kv.evictable > 0, "full blocks stay cached after finishing");
+}
+
+#[test]
+fn stop_tokens_end_generation_unless_ignore_eos() {
+    let p = prompt(1, 6);
+    let reference = reference_generation(&p, 10);
+    let stop = reference[3];
+    let first = reference.iter().position(|t| *t == stop).unwrap();
+
+    let mut s = scheduler(64, 4, 64, 8, 256);
+    let mut req = request(1, p.clone(), 10);
+    req.stop.stop_token_ids = vec![stop];
+    s.add_request(req.clone(), at(0)).unwrap();
+    let out = run_to_completion(&mut s, 50);
+    assert_eq!(
+        out[&r(1)].tokens,
+        reference[..=first].to_vec(),
+        "stop token included"
+    );
+    assert_eq!(out[&r(1)].finish, Some(FinishReason::Stop));
+
+    req.stop.ignore_eos = true;
+    s.add_request(req, at(0)).unwrap();
+    let out = run_to_completion(&mut s, 50);
+    assert_eq!(out[&r(1)].tokens, reference);
+    assert_eq!(out[&r(1)].finish, Some(FinishReason::Length));
+}
+
+#[test]
+fn the_context_length_ends_generation() {
+    let mut s = scheduler(64, 4, 64, 8, 24);
+    let p = prompt(1, 20);
+    s.add_request(request(1, p.clone(), 100), at(0)).unwrap();
+    let out = run_to_completion(&mut s, 50);
+    assert_eq!(out[&r(1)].tokens, reference_generation(&p, 4));
+    assert_eq!(out[&r(1)].finish, Some(FinishReason::Length));
+}
+
+#[test]
+fn impossible_requests_are_refused_at_admission() {
+    let mut s = scheduler(4, 4, 64, 8, 32);
+    assert_eq!(
+        s.add_request(request(1, vec![], 5), at(0)),
+        Err(AdmitError::EmptyPrompt)
+    );
+    assert_eq!(
+        s.add_request(request(1, prompt(1, 5), 0), at(0)),
+        Err(AdmitError::ZeroMaxTokens)
+    );
+    assert_eq!(
+        s.add_request(request(1, prompt(1, 32), 5), at(0)),
+        Err(AdmitError::PromptTooLong {
+            prompt_len: 32,
+            max_model_len: 32
+        })
+    );
+    // 10 + 10 tokens: 19 fed -> 5 blocks > 4.
+    assert_eq!(
+        s.add_request(request(1, prompt(1, 10), 10), at(0)),
+        Err(AdmitError::ExceedsKvCapacity { needed: 5, pool: 4 })
+    );
+    // 10 + 7: 16 fed -> exactly the pool.
+    s.add_request(request(1, prompt(1, 10), 7), at(0)).unwrap();
+    assert_eq!(
+        s.add_request(request(1, prompt(1, 3), 1), at(0)),
+        Err(AdmitError::Duplicate(r(1)))
+    );
+    assert_eq!(s.num_waiting(), 1);
+    let out = run_to_completion(&mut s, 50);
+    assert_eq!(out[&r(1)].tokens.len(), 7);
+}
+
+#[test]
+fn bad_configurations_are_refused() {
+    let pool = || BlockManager::new(BlockManagerConfig::default());
+    let cfg = SchedulerConfig::default();
+    let err = |c: SchedulerConfig| Scheduler::new(c, pool()).unwrap_err();
+    assert_eq!(
+        err(SchedulerConfig {
+            max_num_batched_tokens: 0,
+            ..cfg.clone()
+        }),
+        ConfigError::ZeroTokenBudget
+    );
+    assert_eq!(
+        err(SchedulerConfig {
+            max_num_seqs: 0,
+            ..cfg.clone()
+        }),
+        ConfigError::ZeroMaxSeqs
+    );
+    assert_eq!(
+        err(SchedulerConfig {
+            enable_chunked_prefill: false,
+            ..cfg.clone()
+        }),
+        ConfigError::BudgetBelowContext {
+            budget: 2048,
+            max_model_len: 4096
+        }
+    );
+    let empty = BlockManager::new(BlockManagerConfig {
+        num_blocks: 0,
+        ..BlockManagerConfig::default()
+    });
+    assert_eq!(
+        Scheduler::new(cfg.clone(), empty).unwrap_err(),
+        ConfigError::EmptyPool
+    );
+    // Serde defaults fill the blanks.
+    let parsed: SchedulerConfig = serde_json::from_str(r#"{"max_num_seqs": 4}"#).unwrap();
+    assert_eq!(parsed.max_num_seqs, 4);
+    assert_eq!(parsed.max_num_batched_tokens, cfg.max_num_batched_tokens);
+    let parsed: BlockManagerConfig = serde_json::from_str(r#"{"block_size": 32}"#).unwrap();
+    assert_eq!(parsed.block_size.get(), 32);
+    assert!(parsed.enable_prefix_caching);
+}
+
+#[test]
+fn without_chunked_prefill_prompts_are_scheduled_whole() {
+    let blocks = BlockManager::new(BlockManagerConfig {
+        num_blocks: 64,
+        block_size: bs(4),
+        enable_prefix_caching: true,
+    });
+    let mut s = Scheduler::new(
+        SchedulerConfig {
+            max_num_batched_tokens: 32,
+            max_num_seqs: 8,
+            max_model_len: 32,
+            enable_chunked_prefill: false,
+        },
+        blocks,
+    )
+    .unwrap();
+    s.add_request(request(1, prompt(1, 20), 3), at(0)).unwrap();
+    s.add_request(request(2, prompt(2, 20), 3), at(0)).unwrap();
+    let mut streams = BTreeMap::new();
+    let plan = step(&mut s, &mut streams, at(0));
+    assert_eq!(plan.seqs.len(), 1);
+    assert_eq!(plan.seqs[0].tokens.len(), 20);
+    let plan = step(&mut s, &mut streams, at(1));
+    let sizes: Vec<_> = plan.seqs.iter().map(|e| e.tokens.len()).collect();
+    assert_eq!(sizes, vec![1, 20]);
+}
+
+#[test]
+fn the_step_protocol_is_enforced() {
+    let mut s = scheduler(64, 4, 64, 8, 256);
+    let idle = s.schedule(at(0)).unwrap();
+    assert!(idle.is_empty() && !s.has_step_in_flight());
+    assert!(s.on_step_done(&idle, &[], at(0)).unwrap().is_empty());
+
+    s.add_request(request(1, prompt(1, 5), 3), at(0)).unwrap();
+    let plan = s.schedule(at(0)).unwrap();
+    assert_eq!(s.schedule(at(0)), Err(StepError::StepInFlight(plan.step)));
+    let forged = StepPlan {
+        step: StepId(plan.step.0 + 7),
+        ..plan.clone()
+    };
+    assert_eq!(
+        s.on_step_done(&forged, &[], at(0)),
+        Err(StepError::UnknownStep {
+            expected: Some(plan.step),
+            got: forged.step
+        })
+    );
+    assert!(!s.is_idle());
+    let sampled = sample(&s, &plan);
+    assert_eq!(s.on_step_done(&plan, &sampled, at(0)).unwrap().len(), 1);
+    assert!(matches!(
+        s.on_step_done(&plan, &sampled, at(0)),
+        Err(StepError::UnknownStep { expected: None, .. })
+    ));
+}
+
+#[test]
+fn a_missing_sample_or_a_failed_step_ends_requests_with_an_error() {
+    let mut s = scheduler(64, 4, 64, 8, 256);
+    s.add_request(request(1, prompt(1, 5), 3), at(0)).unwrap();
+    s.add_request(request(2, prompt(2, 5), 3), at(0)).unwrap();
+    let plan = s.schedule(at(0)).unwrap();
+    let only_first = vec![SampledToken::new(r(1), 3)];
+    let out = s.on_step_done(&plan, &only_first, at(0)).unwrap();
+    assert_eq!(out.len(), 2);
+    assert_eq!(out[0].1.token_ids, vec![3]);
+    assert!(matches!(out[1].1.finish, Some(FinishReason::Error(_))));
+    assert_eq!(out[1].1.cached_tokens, Some(0));
+    s.check_invariants().unwrap();
+
+    let plan = s.schedule(at(1)).unwrap();
+    let out = s.on_step_failed(&plan, "device lost").unwrap();
+    assert_eq!(
+        out,
+        vec![(
+            r(1),
+            turbine_actors::protocol::TokenOutput {
+                token_ids: vec![],
+                logprobs: None,
+                finish: Some(FinishReason::Error("device lost".into())),
+                cached_tokens: None,
+            }
+        )]
+    );
+    assert!(s.is_idle());
+    assert_eq!(s.block_manager().num_used_blocks(), 0);
+}
+
+#[test]
+fn logprobs_pass_through_when_asked_for() {
+    let mut s = scheduler(64, 4, 64, 8, 256);
+    let mut with = request(1, prompt(1, 5), 1);
+    with.logprobs = Some(2);
+    s.add_request(with, at(0)).unwrap();
+    s.add_request(request(2, prompt(2, 5), 1), at(0)).unwrap();
+    let ctx = s.sampling_context(r(1)).unwrap();
+    assert_eq!(
+        (ctx.logprobs, ctx.prompt_len, ctx.tokens.len()),
+        (Some(2), 5, 5)
+    );
+    assert_eq!(ctx.params.temperature, 0.0);
+    let plan = s.schedule(at(0)).unwrap();
+    let lp = TokenLogprob {
+        token_id: 9,
+        logprob: -0.5,
+        top: vec![(9, -0.5), (4, -1.5)],
+    };
+    let sampled: Vec<_> = [r(1), r(2)]
+        .into_iter()
+        .map(|id| SampledToken {
+            request: id,
+            token: 9,
+            logprob: Some(lp.clone()),
+        })
+        .collect();
+    let out = s.on_step_done(&plan, &sampled, at(0)).unwrap();
+    assert_eq!(out[0].1.logprobs, Some(vec![lp]));
+    assert_eq!(out[1].1.logprobs, None, "not asked for");
+}
+
+#[test]
+fn sample_index_counts_generated_tokens_across_preemption() {
+    let mut s = scheduler(8, 4, 64, 8, 256);
+    for id in 1..=2 {
+        s.add_request(request(id, prompt(id as u32, 10), 12), at(0))
+            .unwrap();
+    }
+    let mut streams: BTreeMap<RequestId, Stream> = BTreeMap::new();
+    let mut t = 0;
+    while !s.is_idle() {
+        let plan = s.schedule(at(t)).unwrap();
+        for e in plan.seqs.iter().filter(|e| e.want_logits) {
+            let so_far = streams.get(&e.request).map_or(0, |st| st.tokens.len());
+            assert_eq!(e.sample_index as usize, so_far);
+        }
+        let sampled = sample(&s, &plan);
+        record(
+            &mut streams,
+            s.on_step_done(&plan, &sampled, at(t)).unwrap(),
+        );
+        t += 1;
+    }
+    assert!(s.num_preemptions() > 0);
+}
+
+#[test]
+fn a_request_re_added_while_its_aborted_step_runs_starts_afresh() {
+    let mut s = scheduler(64, 4, 64, 8, 256);
+    let p = prompt(1, 6);
+    s.add_request(request(1, p.clone(), 3), at(0)).unwrap();
+    let plan = s.schedule(at(0)).unwrap();
+    assert!(s.abort(r(1)));
+    s.add_request(request(1, p.clone(), 3), at(0)).unwrap();
+    let sampled = sample_from_plan(&plan);
+    assert!(
+        s.on_step_done(&plan, &sampled, at(0)).unwrap().is_empty(),
+        "the old incarnation's result is dropped"
+    );
+    s.check_invariants().unwrap();
+    let out = run_to_completion(&mut s, 20);
+    assert_eq!(out[&r(1)].tokens, reference_generation(&p, 3));
+}
+
+#[test]
+fn drained_events_become_numbered_batches() {
+    use turbine_actors::ids::WorkerId;
+    use turbine_actors::worker::KvEventSequencer;
+    let mut s = scheduler(64, 4, 64, 8, 256);
+    let mut seq = KvEventSequencer::new(WorkerId(7));
+    assert!(
+        seq.batch(s.drain_kv_events(), 1.0).is_none(),
+        "nothing to publish"
+    );
+    s.add_request(request(1, prompt(1, 9), 1), at(0)).unwrap();
+    run_to_completion(&mut s, 5);
+    let batch = seq.batch(s.drain_kv_events(), 2.0).unwrap();
+    assert_eq!((batch.worker, batch.seq, batch.ts), (WorkerId(7), 0, 2.0));
+    assert_eq!(batch.events.len(), 1);
+    s.add_request(request(2, prompt(2, 9), 1), at(0)).unwrap();
+    run_to_completion(&mut s, 5);
+    assert_eq!(seq.batch(s.drain_kv_events(), 3.0).unwrap().seq, 1);
+    assert_eq!(seq.next_seq(), 2);
+}
+
+#[test]
+fn plan_summaries_split_decode_and_prefill_work() {
+    let mut s = scheduler(64, 4, 16, 8, 256);
+    let mut streams = BTreeMap::new();
+    s.add_request(request(1, prompt(1, 6), 5), at(0)).unwrap();
+    step(&mut s, &mut streams, at(0));
+    s.add_request(request(2, prompt(2, 40), 5), at(1)).unwrap();
+    let plan = step(&mut s, &mut streams, at(1));
+    assert_eq!(plan.num_decodes(), 1);
+    assert_eq!(plan.num_prefill_tokens(), 15);
+    assert_eq!(plan.num_tokens(), 16);
+    assert_eq!(plan.num_samples(), 1);
+    assert_eq!(plan.seqs[0].context_len(), 7);
+    assert_eq!(plan.seqs[1].context_len(), 15);
+}
+
+#[test]
+fn samples_may_come_in_any_order() {
+    let run = |reverse: bool| {
+        let mut s = scheduler(64, 4, 64, 8, 256);
+        for id in 1..=4 {
+            s.add_request(request(id, prompt(id as u32, 5 + id as usize), 6), at(0))
+                .unwrap();
+        }
+        let mut streams = BTreeMap::new();
+        let mut t = 0;
+        while !s.is_idle() {
+            let plan = s.schedule(at(t)).unwrap();
+            let mut sampled = sample(&s, &plan);
+            if reverse {
+                sampled.reverse();
+            }
+            record(
+                &mut streams,
+                s.on_step_done(&plan, &sampled, at(t)).unwrap(),
+            );
+            t += 1;
+        }
+        streams
+    };
+    let in_order = run(false);
+    assert_eq!(run(true), in_order);
+    for id in 1..=4u64 {
+        assert_eq!(
+            in_order[&r(id)].tokens,
+            reference_generation(&prompt(id as u32, 5 + id as usize), 6)
+        );
+    }
+}

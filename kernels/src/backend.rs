@@ -1,0 +1,190 @@
+//! The compute-backend contract shared by the CPU backend (pure Rust) and the CUDA backend.
+//!
+//! A backend owns the model weights and a *paged* KV pool: `num_blocks` blocks, each holding
+//! `block_size` consecutive token positions of K and V for every layer and KV head. Which
+//! physical blocks a sequence uses is decided OUTSIDE the backend (by the worker's block
+//! manager) and passed in with every step as a block table, so the backend keeps no
+//! per-sequence state: a forward call is a pure function of (weights, KV pool, batch) that
+//! writes the batch's new K/V into the named blocks and returns logits.
+//!
+//! Numerics contract: every backend implements the same Llama-family forward pass (RMSNorm,
+//! RoPE, grouped-query attention, SwiGLU); a CUDA backend must match the CPU backend within
+//! bf16 tolerance on the same weights and inputs.
+
+use crate::model::ModelConfig;
+use thiserror::Error;
+
+/// One sequence's part of a batched forward call: a prefill chunk (several tokens) or a
+/// decode step (one token).
+#[derive(Clone, Copy, Debug)]
+pub struct SeqStep<'a> {
+    /// New tokens to run, in order. Must not be empty.
+    pub tokens: &'a [u32],
+    /// Position of `tokens[0]` in the sequence; positions `0..start_pos` are already in the
+    /// KV cache (written by earlier calls into the same blocks).
+    pub start_pos: usize,
+    /// Physical KV block ids covering positions `0..start_pos + tokens.len()`, in order:
+    /// position `p` lives in block `block_table[p / block_size]` at slot `p % block_size`.
+    /// Extra trailing entries are allowed and ignored.
+    pub block_table: &'a [u32],
+    /// Return the logits of the last token of `tokens`.
+    pub want_logits: bool,
+}
+
+impl SeqStep<'_> {
+    /// Position one past the last token of this step (the sequence length afterwards);
+    /// saturates rather than overflowing on absurd `start_pos` values.
+    pub fn end_pos(&self) -> usize {
+        self.start_pos.saturating_add(self.tokens.len())
+    }
+}
+
+/// Element type of the KV pool, which fixes the byte layout of exported blocks.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum KvDType {
+    F32,
+    F16,
+    BF16,
+}
+
+impl KvDType {
+    pub fn size_bytes(self) -> usize {
+        match self {
+            KvDType::F32 => 4,
+            KvDType::F16 | KvDType::BF16 => 2,
+        }
+    }
+}
+
+/// Shape of a backend's paged KV pool.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub struct KvLayout {
+    /// Token positions per block (default 16, the same `block_size` the block hashes use).
+    pub block_size: usize,
+    /// Physical blocks in the pool; valid block ids are `0..num_blocks`.
+    pub num_blocks: usize,
+    pub n_layers: usize,
+    pub n_kv_heads: usize,
+    pub head_dim: usize,
+    pub dtype: KvDType,
+}
+
+impl KvLayout {
+    /// Elements of K (or of V) for one layer of one block.
+    pub fn elems_per_layer_block(&self) -> usize {
+        self.block_size * self.n_kv_heads * self.head_dim
+    }
+
+    /// Bytes one block occupies in [`Backend::export_blocks`]' output: for each layer in
+    /// order, K then V, each `[block_size][n_kv_heads][head_dim]` little-endian `dtype`.
+    pub fn bytes_per_block(&self) -> usize {
+        2 * self.n_layers * self.elems_per_layer_block() * self.dtype.size_bytes()
+    }
+}
+
+/// Logits returned by a forward call: one `vocab`-sized row per [`SeqStep`] that asked for
+/// them, in batch order.
+#[derive(Clone, Debug, Default, PartialEq)]
+pub struct Logits {
+    pub vocab: usize,
+    /// `rows() * vocab` values, row-major.
+    pub data: Vec<f32>,
+}
+
+impl Logits {
+    pub fn rows(&self) -> usize {
+        self.data.len().checked_div(self.vocab).unwrap_or(0)
+    }
+
+    /// Row `i`, or `None` past the end.
+    pub fn row(&self, i: usize) -> Option<&[f32]> {
+        let start = i.checked_mul(self.vocab)?;
+        self.data.get(start..start.checked_add(self.vocab)?)
+    }
+}
+
+/// Why a backend refused a call. Backends never panic on bad input; they return one of these
+/// and leave the KV pool unchanged where they can (validation happens before any write).
+#[derive(Debug, Error, Clone, PartialEq, Eq)]
+pub enum BackendError {
+    #[error("KV block id {block} out of range (pool has {num_blocks} blocks)")]
+    BadBlockId { block: u32, num_blocks: usize },
+    #[error("block table has {got} blocks but positions up to {needed_positions} need {needed}")]
+    BlockTableTooShort {
+        got: usize,
+        needed: usize,
+        needed_positions: usize,
+    },
+    #[error("sequence length {len} exceeds the model's maximum {max}")]
+    SequenceTooLong { len: usize, max: usize },
+    #[error("token id {token} out of range (vocabulary has {vocab} tokens)")]
+    BadTokenId { token: u32, vocab: usize },
+    #[error("batch entry {index} has no tokens")]
+    EmptyStep { index: usize },
+    #[error("two batch entries write the same KV slot (block {block}, slot {slot})")]
+    ConflictingWrites { block: u32, slot: usize },
+    #[error("KV data is {got} bytes but {expected} were expected")]
+    KvDataSize { got: usize, expected: usize },
+    #[error("unsupported weight {name}: {reason}")]
+    UnsupportedWeight { name: String, reason: String },
+    #[error("invalid model configuration: {0}")]
+    BadConfig(String),
+    #[error("device error: {0}")]
+    Device(String),
+}
+
+/// A compute backend: runs batched forward steps over its own paged KV pool.
+pub trait Backend: Send {
+    fn config(&self) -> &ModelConfig;
+
+    fn kv_layout(&self) -> KvLayout;
+
+    /// Runs every step of `batch` (each sequence at its own position), writing the new
+    /// tokens' K/V into the blocks named by each block table, and returns one logits row per
+    /// step with `want_logits`, in order. Attention is causal within a step and covers all
+    /// cached positions before it. Validation (token ids, block ids, table lengths, context
+    /// limit) happens before anything is written.
+    fn forward(&mut self, batch: &[SeqStep<'_>]) -> Result<Logits, BackendError>;
+
+    /// Copies whole blocks `src -> dst` (all layers, K and V), e.g. for copy-on-write of a
+    /// shared prefix block. Pairs are applied in order.
+    fn copy_blocks(&mut self, src_dst: &[(u32, u32)]) -> Result<(), BackendError>;
+
+    /// Serialises the named blocks, in order, each [`KvLayout::bytes_per_block`] bytes (see
+    /// there for the layout), for transfer to another worker.
+    fn export_blocks(&self, ids: &[u32]) -> Result<Vec<u8>, BackendError>;
+
+    /// Writes data produced by [`Backend::export_blocks`] (on a backend with the same
+    /// [`KvLayout`] shape and dtype) into the named blocks.
+    fn import_blocks(&mut self, ids: &[u32], data: &[u8]) -> Result<(), BackendError>;
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn logits_rows_are_bounded() {
+        let l = Logits {
+            vocab: 3,
+            data: vec![0.0, 1.0, 2.0, 3.0, 4.0, 5.0],
+        };
+        assert_eq!(l.rows(), 2);
+        assert_eq!(l.row(1), Some(&[3.0, 4.0, 5.0][..]));
+        assert_eq!(l.row(2), None);
+        assert_eq!(Logits::default().rows(), 0);
+    }
+
+    #[test]
+    fn block_bytes_cover_k_and_v_of_every_layer() {
+        let layout = KvLayout {
+            block_size: 16,
+            num_blocks: 4,
+            n_layers: 2,
+            n_kv_heads: 3,
+            head_dim: 8,
+            dtype: KvDType::F32,
+        };
+        assert_eq!(layout.bytes_per_block(), 2 * 2 * 16 * 3 * 8 * 4);
+    }
+}

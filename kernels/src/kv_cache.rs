@@ -1,0 +1,212 @@
+//! The CPU backend's paged KV pool, stored as f32 holding f16-rounded values.
+//!
+//! WHY: llama.cpp keeps an f16 cache, and matching its rounding keeps greedy decoding
+//! token-for-token equal to it; storing the rounded values as f32 keeps the attention loops
+//! conversion-free (memory is the price: twice an f16 pool). The export format is f32.
+//!
+//! Layout: for each layer, K and V are each `[block][slot][kv_head][head_dim]`, so one
+//! block's K for one layer is contiguous, which is also the export layout
+//! ([`KvLayout::bytes_per_block`]).
+
+use crate::backend::{BackendError, KvDType, KvLayout};
+
+pub struct PagedKvPool {
+    layout: KvLayout,
+    /// Per layer: `num_blocks * block_size * n_kv_heads * head_dim` values.
+    k: Vec<Vec<f32>>,
+    v: Vec<Vec<f32>>,
+}
+
+impl PagedKvPool {
+    /// Allocates a zeroed pool (`layout.dtype` is forced to F32).
+    pub fn new(layout: KvLayout) -> PagedKvPool {
+        let layout = KvLayout {
+            dtype: KvDType::F32,
+            ..layout
+        };
+        let per_layer = layout.num_blocks * layout.elems_per_layer_block();
+        PagedKvPool {
+            layout,
+            k: (0..layout.n_layers).map(|_| vec![0.0; per_layer]).collect(),
+            v: (0..layout.n_layers).map(|_| vec![0.0; per_layer]).collect(),
+        }
+    }
+
+    pub fn layout(&self) -> KvLayout {
+        self.layout
+    }
+
+    fn row_width(&self) -> usize {
+        self.layout.n_kv_heads * self.layout.head_dim
+    }
+
+    /// Checks a block id against the pool size.
+    pub fn check_block(&self, block: u32) -> Result<(), BackendError> {
+        if (block as usize) < self.layout.num_blocks {
+            Ok(())
+        } else {
+            Err(BackendError::BadBlockId {
+                block,
+                num_blocks: self.layout.num_blocks,
+            })
+        }
+    }
+
+    fn offset(&self, block: u32, slot: usize) -> usize {
+        (block as usize * self.layout.block_size + slot) * self.row_width()
+    }
+
+    /// K and V of every KV head at (`block`, `slot`) of `layer`; empty when out of range
+    /// (callers validate block ids first).
+    pub fn kv_at(&self, layer: usize, block: u32, slot: usize) -> (&[f32], &[f32]) {
+        let o = self.offset(block, slot);
+        let w = self.row_width();
+        let k = self
+            .k
+            .get(layer)
+            .and_then(|k| k.get(o..o + w))
+            .unwrap_or(&[]);
+        let v = self
+            .v
+            .get(layer)
+            .and_then(|v| v.get(o..o + w))
+            .unwrap_or(&[]);
+        (k, v)
+    }
+
+    /// K and V of one whole block of `layer` (`[slot][kv_head][head_dim]` each); empty when
+    /// out of range (callers validate block ids first).
+    pub fn block(&self, layer: usize, block: u32) -> (&[f32], &[f32]) {
+        let r = self.block_range(block);
+        let k = self
+            .k
+            .get(layer)
+            .and_then(|k| k.get(r.clone()))
+            .unwrap_or(&[]);
+        let v = self.v.get(layer).and_then(|v| v.get(r)).unwrap_or(&[]);
+        (k, v)
+    }
+
+    /// Writes one token's K and V rows (`n_kv_heads * head_dim` each).
+    pub fn write(&mut self, layer: usize, block: u32, slot: usize, k: &[f32], v: &[f32]) {
+        let o = self.offset(block, slot);
+        let w = self.row_width();
+        if let Some(dst) = self.k.get_mut(layer).and_then(|x| x.get_mut(o..o + w)) {
+            dst.copy_from_slice(&k[..w.min(k.len())]);
+        }
+        if let Some(dst) = self.v.get_mut(layer).and_then(|x| x.get_mut(o..o + w)) {
+            dst.copy_from_slice(&v[..w.min(v.len())]);
+        }
+    }
+
+    fn block_range(&self, block: u32) -> std::ops::Range<usize> {
+        let n = self.layout.elems_per_layer_block();
+        block as usize * n..(block as usize + 1) * n
+    }
+
+    pub fn copy_blocks(&mut self, src_dst: &[(u32, u32)]) -> Result<(), BackendError> {
+        for &(s, d) in src_dst {
+            self.check_block(s)?;
+            self.check_block(d)?;
+        }
+        for &(s, d) in src_dst {
+            let (rs, rd) = (self.block_range(s), self.block_range(d));
+            for layer in self.k.iter_mut().chain(self.v.iter_mut()) {
+                layer.copy_within(rs.clone(), rd.start);
+            }
+        }
+        Ok(())
+    }
+
+    pub fn export_blocks(&self, ids: &[u32]) -> Result<Vec<u8>, BackendError> {
+        for &b in ids {
+            self.check_block(b)?;
+        }
+        let mut out = Vec::with_capacity(ids.len() * self.layout.bytes_per_block());
+        for &b in ids {
+            let r = self.block_range(b);
+            for (k, v) in self.k.iter().zip(&self.v) {
+                for x in k[r.clone()].iter().chain(&v[r.clone()]) {
+                    out.extend_from_slice(&x.to_le_bytes());
+                }
+            }
+        }
+        Ok(out)
+    }
+
+    pub fn import_blocks(&mut self, ids: &[u32], data: &[u8]) -> Result<(), BackendError> {
+        for &b in ids {
+            self.check_block(b)?;
+        }
+        let per_block = self.layout.bytes_per_block();
+        let expected = ids.len() * per_block;
+        if data.len() != expected {
+            return Err(BackendError::KvDataSize {
+                got: data.len(),
+                expected,
+            });
+        }
+        let per_part = self.layout.elems_per_layer_block() * 4;
+        for (&b, bytes) in ids.iter().zip(data.chunks_exact(per_block)) {
+            let r = self.block_range(b);
+            let mut parts = bytes.chunks_exact(per_part);
+            for (k, v) in self.k.iter_mut().zip(self.v.iter_mut()) {
+                for dst in [&mut k[r.clone()], &mut v[r.clone()]] {
+                    if let Some(src) = parts.next() {
+                        for (d, c) in dst.iter_mut().zip(src.chunks_exact(4)) {
+                            *d = f32::from_le_bytes([c[0], c[1], c[2], c[3]]);
+                        }
+                    }
+                }
+            }
+        }
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn pool() -> PagedKvPool {
+        PagedKvPool::new(KvLayout {
+            block_size: 2,
+            num_blocks: 3,
+            n_layers: 2,
+            n_kv_heads: 1,
+            head_dim: 2,
+            dtype: KvDType::F32,
+        })
+    }
+
+    #[test]
+    fn export_import_copy_round_trip() {
+        let mut p = pool();
+        p.write(1, 2, 1, &[1.0, 2.0], &[3.0, 4.0]);
+        let bytes = p.export_blocks(&[2]).unwrap();
+        assert_eq!(bytes.len(), p.layout().bytes_per_block());
+        let mut q = pool();
+        q.import_blocks(&[0], &bytes).unwrap();
+        assert_eq!(q.kv_at(1, 0, 1), (&[1.0, 2.0][..], &[3.0, 4.0][..]));
+        q.copy_blocks(&[(0, 1)]).unwrap();
+        assert_eq!(q.kv_at(1, 1, 1), (&[1.0, 2.0][..], &[3.0, 4.0][..]));
+        assert_eq!(q.kv_at(0, 1, 1), (&[0.0, 0.0][..], &[0.0, 0.0][..]));
+    }
+
+    #[test]
+    fn bad_ids_and_sizes_are_errors() {
+        let mut p = pool();
+        assert!(matches!(
+            p.export_blocks(&[3]),
+            Err(BackendError::BadBlockId { .. })
+        ));
+        assert!(matches!(
+            p.copy_blocks(&[(0, 9)]),
+            Err(BackendError::BadBlockId { .. })
+        ));
+        assert!(matches!(
+            p.import_blocks(&[0], &[0u8; 3]),
+            Err(BackendError::KvDataSize { .. })
+        ));
+    }
+}

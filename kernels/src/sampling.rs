@@ -1,0 +1,398 @@
+//! Turning a logits row into a token: greedy, or temperature sampling with top-k, top-p,
+//! min-p and a repetition penalty, from a seeded ChaCha RNG (same seed and inputs, same
+//! tokens). Stop tokens are the caller's business.
+//!
+//! Order of the transforms (as llama.cpp and vLLM apply them): repetition penalty on the raw
+//! logits; then, unless greedy, temperature, top-k, softmax, top-p, min-p, and a draw.
+//! The reported `logprob` (and `top_logprobs`) are log-softmax of the raw logits, i.e. the
+//! model's own distribution, as the OpenAI API reports them.
+
+use rand::Rng;
+use rand::SeedableRng;
+use rand_chacha::ChaCha8Rng;
+use thiserror::Error;
+
+#[derive(Clone, Debug, PartialEq)]
+pub struct SamplingParams {
+    /// 0 means greedy (argmax).
+    pub temperature: f32,
+    /// Keep only the k most likely tokens; 0 disables.
+    pub top_k: usize,
+    /// Keep the smallest set of most likely tokens whose probability reaches `top_p`;
+    /// 1.0 disables.
+    pub top_p: f32,
+    /// Drop tokens whose probability is below `min_p` times the most likely one's; 0 disables.
+    pub min_p: f32,
+    /// CTRL-style penalty (>1 discourages) on tokens present in the history; 1.0 disables.
+    pub repetition_penalty: f32,
+    /// RNG seed.
+    pub seed: u64,
+    /// How many most-likely alternatives to report with each token (0 = none).
+    pub top_logprobs: usize,
+}
+
+impl Default for SamplingParams {
+    fn default() -> Self {
+        SamplingParams {
+            temperature: 1.0,
+            top_k: 0,
+            top_p: 1.0,
+            min_p: 0.0,
+            repetition_penalty: 1.0,
+            seed: 0,
+            top_logprobs: 0,
+        }
+    }
+}
+
+impl SamplingParams {
+    pub fn greedy() -> Self {
+        SamplingParams {
+            temperature: 0.0,
+            ..Default::default()
+        }
+    }
+}
+
+#[derive(Debug, Error, Clone, PartialEq)]
+pub enum SamplingError {
+    #[error("invalid sampling parameter: {0}")]
+    InvalidParams(String),
+    #[error("logits row is empty")]
+    EmptyLogits,
+    #[error("logits contain no finite value")]
+    NoFiniteLogits,
+}
+
+/// A chosen token with its log-probability under the model's distribution.
+#[derive(Clone, Debug, PartialEq)]
+pub struct SampledToken {
+    pub token: u32,
+    pub logprob: f32,
+    /// The `top_logprobs` most likely tokens (most likely first) with their log-probabilities.
+    pub top_logprobs: Vec<(u32, f32)>,
+}
+
+/// A per-sequence sampler: parameters plus the RNG stream they seeded.
+#[derive(Clone, Debug)]
+pub struct Sampler {
+    params: SamplingParams,
+    rng: ChaCha8Rng,
+}
+
+impl Sampler {
+    pub fn new(params: SamplingParams) -> Result<Sampler, SamplingError> {
+        let p = &params;
+        let bad = |m: &str| Err(SamplingError::InvalidParams(m.to_string()));
+        if !(p.temperature >= 0.0 && p.temperature.is_finite()) {
+            return bad("temperature must be finite and >= 0");
+        }
+        if !(p.top_p > 0.0 && p.top_p <= 1.0) {
+            return bad("top_p must be in (0, 1]");
+        }
+        if !(0.0..=1.0).contains(&p.min_p) {
+            return bad("min_p must be in [0, 1]");
+        }
+        if !(p.repetition_penalty > 0.0 && p.repetition_penalty.is_finite()) {
+            return bad("repetition_penalty must be finite and > 0");
+        }
+        Ok(Sampler {
+            rng: ChaCha8Rng::seed_from_u64(params.seed),
+            params,
+        })
+    }
+
+    pub fn params(&self) -> &SamplingParams {
+        &self.params
+    }
+
+    /// Picks the next token from `logits`; `history` (prompt and generated tokens) feeds the
+    /// repetition penalty.
+    pub fn sample(
+        &mut self,
+        logits: &[f32],
+        history: &[u32],
+    ) -> Result<SampledToken, SamplingError> {
+        if logits.is_empty() {
+            return Err(SamplingError::EmptyLogits);
+        }
+        if !logits.iter().any(|v| v.is_finite()) {
+            return Err(SamplingError::NoFiniteLogits);
+        }
+        let p = self.params.clone();
+        let mut work = logits.to_vec();
+        if p.repetition_penalty != 1.0 {
+            let mut seen: Vec<u32> = history.to_vec();
+            seen.sort_unstable();
+            seen.dedup();
+            for t in seen {
+                if let Some(l) = work.get_mut(t as usize) {
+                    *l = if *l > 0.0 {
+                        *l / p.repetition_penalty
+                    } else {
+                        *l * p.repetition_penalty
+                    };
+                }
+            }
+        }
+        let token = if p.temperature == 0.0 || p.top_k == 1 {
+            argmax(&work)
+        } else {
+            self.draw(&work)
+        };
+        let log_z = log_sum_exp(logits);
+        let logprob_of = |t: u32| {
+            logits
+                .get(t as usize)
+                .map_or(f32::NEG_INFINITY, |l| l - log_z)
+        };
+        let top_logprobs = if p.top_logprobs > 0 {
+            top_n(logits, p.top_logprobs)
+                .into_iter()
+                .map(|t| (t, logprob_of(t)))
+                .collect()
+        } else {
+            Vec::new()
+        };
+        Ok(SampledToken {
+            token,
+            logprob: logprob_of(token),
+            top_logprobs,
+        })
+    }
+
+    fn draw(&mut self, work: &[f32]) -> u32 {
+        let p = &self.params;
+        // Candidates sorted most likely first (ties by lower id, for determinism).
+        let mut cand: Vec<(u32, f32)> = work
+            .iter()
+            .enumerate()
+            .filter(|(_, l)| l.is_finite())
+            .map(|(i, &l)| (i as u32, l / p.temperature))
+            .collect();
+        cand.sort_by(|a, b| b.1.total_cmp(&a.1).then(a.0.cmp(&b.0)));
+        if p.top_k > 0 {
+            cand.truncate(p.top_k);
+        }
+        let max = cand.first().map_or(0.0, |c| c.1);
+        let mut probs: Vec<f64> = cand.iter().map(|c| ((c.1 - max) as f64).exp()).collect();
+        let total: f64 = probs.iter().sum();
+        probs.iter_mut().for_each(|q| *q /= total);
+        if p.top_p < 1.0 {
+            let mut acc = 0.0;
+            let keep = probs
+                .iter()
+                .position(|&q| {
+                    acc += q;
+                    acc >= p.top_p as f64
+                })
+                .map_or(probs.len(), |i| i + 1);
+            probs.truncate(keep);
+        }
+        if p.min_p > 0.0 {
+            let floor = probs.first().copied().unwrap_or(0.0) * p.min_p as f64;
+            let keep = probs.iter().take_while(|&&q| q >= floor).count().max(1);
+            probs.truncate(keep);
+        }
+        let total: f64 = probs.iter().sum();
+        let mut r = self.rng.gen::<f64>() * total;
+        for (i, &q) in probs.iter().enumerate() {
+            if r < q {
+                return cand[i].0;
+            }
+            r -= q;
+        }
+        cand.get(probs.len().saturating_sub(1)).map_or(0, |c| c.0)
+    }
+}
+
+/// Index of the largest finite logit (lowest index on ties).
+pub fn argmax(logits: &[f32]) -> u32 {
+    let mut best = (0u32, f32::NEG_INFINITY);
+    for (i, &l) in logits.iter().enumerate() {
+        if l > best.1 {
+            best = (i as u32, l);
+        }
+    }
+    best.0
+}
+
+fn log_sum_exp(logits: &[f32]) -> f32 {
+    let max = logits
+        .iter()
+        .copied()
+        .filter(|l| l.is_finite())
+        .fold(f32::NEG_INFINITY, f32::max);
+    let s: f64 = logits
+        .iter()
+        .filter(|l| l.is_finite())
+        .map(|&l| ((l - max) as f64).exp())
+        .sum();
+    max + s.ln() as f32
+}
+
+fn top_n(logits: &[f32], n: usize) -> Vec<u32> {
+    let mut idx: Vec<u32> = (0..logits.len() as u32).collect();
+    idx.sort_by(|&a, &b| {
+        logits[b as usize]
+            .total_cmp(&logits[a as usize])
+            .then(a.cmp(&b))
+    });
+    idx.truncate(n);
+    idx
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn logits() -> Vec<f32> {
+        vec![0.5, 2.0, -1.0, 1.9, 0.0, 1.0]
+    }
+
+    fn run(params: SamplingParams, steps: usize, l: &[f32]) -> Vec<u32> {
+        let mut s = Sampler::new(params).unwrap();
+        (0..steps)
+            .map(|_| s.sample(l, &[]).unwrap().token)
+            .collect()
+    }
+
+    #[test]
+    fn greedy_picks_argmax_with_its_logprob() {
+        let mut s = Sampler::new(SamplingParams::greedy()).unwrap();
+        let out = s.sample(&logits(), &[]).unwrap();
+        assert_eq!(out.token, 1);
+        let z: f32 = logits().iter().map(|l| l.exp()).sum::<f32>().ln();
+        assert!((out.logprob - (2.0 - z)).abs() < 1e-5);
+    }
+
+    #[test]
+    fn top_k_one_equals_greedy() {
+        let p = SamplingParams {
+            top_k: 1,
+            temperature: 1.5,
+            seed: 9,
+            ..Default::default()
+        };
+        assert_eq!(run(p, 20, &logits()), vec![1; 20]);
+    }
+
+    #[test]
+    fn tiny_top_p_equals_greedy() {
+        let p = SamplingParams {
+            top_p: 1e-6,
+            seed: 4,
+            ..Default::default()
+        };
+        assert_eq!(run(p, 20, &logits()), vec![1; 20]);
+    }
+
+    #[test]
+    fn min_p_one_equals_greedy() {
+        let p = SamplingParams {
+            min_p: 1.0,
+            seed: 5,
+            ..Default::default()
+        };
+        assert_eq!(run(p, 20, &logits()), vec![1; 20]);
+    }
+
+    #[test]
+    fn top_k_restricts_the_support() {
+        let p = SamplingParams {
+            top_k: 2,
+            temperature: 5.0,
+            seed: 1,
+            ..Default::default()
+        };
+        let out = run(p, 200, &logits());
+        assert!(out.iter().all(|&t| t == 1 || t == 3));
+        assert!(out.contains(&1) && out.contains(&3));
+    }
+
+    #[test]
+    fn same_seed_same_sequence_different_seeds_differ() {
+        let flat = vec![0.0f32; 1000];
+        let p = |seed| SamplingParams {
+            seed,
+            ..Default::default()
+        };
+        assert_eq!(run(p(42), 50, &flat), run(p(42), 50, &flat));
+        assert_ne!(run(p(42), 50, &flat), run(p(43), 50, &flat));
+    }
+
+    #[test]
+    fn temperature_sharpens_and_flattens() {
+        let l = vec![1.0f32, 0.0];
+        let count = |temperature| {
+            let p = SamplingParams {
+                temperature,
+                seed: 3,
+                ..Default::default()
+            };
+            run(p, 2000, &l).iter().filter(|&&t| t == 0).count()
+        };
+        // p(0) is 0.73 at T=1, ~1.0 at T=0.1, ~0.52 at T=10.
+        let (cold, warm, hot) = (count(0.1), count(1.0), count(10.0));
+        assert!(cold > 1980, "{cold}");
+        assert!((1300..1600).contains(&warm), "{warm}");
+        assert!((900..1200).contains(&hot), "{hot}");
+    }
+
+    #[test]
+    fn repetition_penalty_demotes_seen_tokens() {
+        let mut s = Sampler::new(SamplingParams {
+            repetition_penalty: 2.0,
+            ..SamplingParams::greedy()
+        })
+        .unwrap();
+        // 2.0 / 2 = 1.0 < 1.9: token 3 wins once token 1 has been seen.
+        assert_eq!(s.sample(&logits(), &[1]).unwrap().token, 3);
+        assert_eq!(s.sample(&logits(), &[]).unwrap().token, 1);
+        // Negative logits are multiplied, so they get less likely too.
+        let neg = vec![-1.0f32, -1.5];
+        assert_eq!(s.sample(&neg, &[0]).unwrap().token, 1);
+    }
+
+    #[test]
+    fn top_logprobs_are_sorted_and_normalised() {
+        let mut s = Sampler::new(SamplingParams {
+            top_logprobs: 3,
+            ..SamplingParams::greedy()
+        })
+        .unwrap();
+        let out = s.sample(&logits(), &[]).unwrap();
+        let ids: Vec<u32> = out.top_logprobs.iter().map(|t| t.0).collect();
+        assert_eq!(ids, vec![1, 3, 5]);
+        assert_eq!(out.top_logprobs[0].1, out.logprob);
+        let total: f32 = logits()
+            .iter()
+            .enumerate()
+            .map(|(i, _)| {
+                let z: f32 = logits().iter().map(|l| l.exp()).sum::<f32>().ln();
+                (logits()[i] - z).exp()
+            })
+            .sum();
+        assert!((total - 1.0).abs() < 1e-5);
+    }
+
+    #[test]
+    fn bad_input_is_an_error() {
+        assert!(Sampler::new(SamplingParams {
+            top_p: 0.0,
+            ..Default::default()
+        })
+        .is_err());
+        assert!(Sampler::new(SamplingParams {
+            temperature: -1.0,
+            ..Default::default()
+        })
+        .is_err());
+        let mut s = Sampler::new(SamplingParams::default()).unwrap();
+        assert_eq!(s.sample(&[], &[]), Err(SamplingError::EmptyLogits));
+        assert_eq!(
+            s.sample(&[f32::NAN, f32::NEG_INFINITY], &[]),
+            Err(SamplingError::NoFiniteLogits)
+        );
+    }
+}

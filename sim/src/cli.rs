@@ -1,0 +1,262 @@
+//! `turbine sim`: command-line arguments and the command itself.
+
+use crate::cluster::{simulate, RouterImpl, SimConfig, SimOutcome};
+use crate::faults::FaultPlan;
+use crate::network::{JitterKind, NetConfig};
+use crate::profile::Profile;
+use crate::report::{latency_svg, Report, Slo};
+use crate::rng::SeedSplitter;
+use crate::router::PolicyName;
+use crate::time::SimTime;
+use crate::workload::{load_trace, reshape, ArrivalKind, RequestSpec, Synthetic, TraceFormat};
+use anyhow::{bail, Context};
+use std::fmt::Write as _;
+use std::path::PathBuf;
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+pub enum JitterArg {
+    Exponential,
+    Lognormal,
+}
+
+/// Simulate a turbine cluster on virtual time (deterministic for a given seed).
+#[derive(Clone, Debug, clap::Parser)]
+#[command(name = "sim")]
+pub struct SimArgs {
+    /// Seed of the run's one RNG (workload, network, router, faults).
+    #[arg(long, default_value_t = 0)]
+    pub seed: u64,
+    /// Number of workers.
+    #[arg(long, default_value_t = 4)]
+    pub workers: u32,
+    /// Engine profile: a built-in name (smollm2-cpu, llama3-8b-h100) or a YAML path.
+    #[arg(long, default_value = "smollm2-cpu")]
+    pub profile: String,
+    /// Routing policy.
+    #[arg(long, value_enum, default_value_t = PolicyName::Kv)]
+    pub router: PolicyName,
+    /// Use the simulator's stand-in router instead of turbine-actors' KvRouter.
+    #[arg(long)]
+    pub stand_in_router: bool,
+    /// Run kv, round-robin and random on the same workload and print a comparison.
+    #[arg(long)]
+    pub compare_routers: bool,
+
+    /// Replay a trace (Mooncake JSONL or Azure-style CSV) instead of a synthetic workload.
+    #[arg(long)]
+    pub trace: Option<PathBuf>,
+    /// Trace format (default: from the extension, .csv = azure, else mooncake).
+    #[arg(long, value_enum)]
+    pub trace_format: Option<TraceFormat>,
+    /// Divide trace timestamps by this factor (2 = twice the request rate).
+    #[arg(long, default_value_t = 1.0)]
+    pub time_scale: f64,
+    /// Simulated seconds of arrivals: repeats a trace to fill it, or sizes a synthetic run.
+    #[arg(long)]
+    pub duration_s: Option<f64>,
+
+    /// Synthetic: number of requests (ignored with --duration-s).
+    #[arg(long, default_value_t = 200)]
+    pub requests: usize,
+    /// Synthetic: mean arrival rate (requests/s).
+    #[arg(long, default_value_t = 4.0)]
+    pub rate: f64,
+    #[arg(long, value_enum, default_value_t = ArrivalKind::Poisson)]
+    pub arrival: ArrivalKind,
+    /// Synthetic: mean input tokens (uniform in [mean/2, 3·mean/2]).
+    #[arg(long, default_value_t = 512)]
+    pub input_mean: u32,
+    /// Synthetic: mean output tokens.
+    #[arg(long, default_value_t = 32)]
+    pub output_mean: u32,
+    /// Synthetic: shared-prefix groups (0 = none).
+    #[arg(long, default_value_t = 8)]
+    pub prefix_groups: u32,
+    /// Synthetic: shared prefix length in tokens.
+    #[arg(long, default_value_t = 384)]
+    pub prefix_len: u32,
+
+    /// Faults: `crash:SLOT@AT+DOWN`, `partition:A-B@AT+FOR` (node 0 = router), `random:N`;
+    /// comma-separated, times in seconds.
+    #[arg(long)]
+    pub faults: Option<String>,
+    /// Event-plane loss probability per message.
+    #[arg(long, default_value_t = 0.0)]
+    pub loss: f64,
+    /// Probability that a message may overtake earlier ones on its link.
+    #[arg(long, default_value_t = 0.0)]
+    pub reorder: f64,
+    /// Base one-way network latency (µs).
+    #[arg(long, default_value_t = 200.0)]
+    pub net_base_us: f64,
+    /// Mean (exponential) or median (log-normal) jitter on top of the base (µs).
+    #[arg(long, default_value_t = 50.0)]
+    pub net_jitter_us: f64,
+    #[arg(long, value_enum, default_value_t = JitterArg::Exponential)]
+    pub jitter: JitterArg,
+    /// Attempts per request (first try plus migrations after a worker is lost).
+    #[arg(long, default_value_t = 3)]
+    pub max_attempts: u32,
+
+    /// Goodput SLO: time to first token (ms).
+    #[arg(long, default_value_t = 2000.0)]
+    pub slo_ttft_ms: f64,
+    /// Goodput SLO: mean inter-token latency (ms).
+    #[arg(long, default_value_t = 200.0)]
+    pub slo_itl_ms: f64,
+
+    /// Write the report(s) as JSON here.
+    #[arg(long)]
+    pub json: Option<PathBuf>,
+    /// Write an SVG plot of latency over time here (first policy when comparing).
+    #[arg(long)]
+    pub svg: Option<PathBuf>,
+    /// Write the full event log (one line per event) here.
+    #[arg(long)]
+    pub event_log: Option<PathBuf>,
+}
+
+/// The workload the arguments describe.
+pub fn build_workload(args: &SimArgs) -> anyhow::Result<Vec<RequestSpec>> {
+    let seeds = SeedSplitter::new(args.seed);
+    let duration = args.duration_s.map(SimTime::from_secs_f64);
+    match &args.trace {
+        Some(path) => {
+            let trace = load_trace(path, args.trace_format)?;
+            Ok(reshape(&trace, args.time_scale, duration))
+        }
+        None => {
+            let num_requests = match args.duration_s {
+                Some(d) => (d * args.rate).ceil().max(1.0) as usize,
+                None => args.requests,
+            };
+            let syn = Synthetic {
+                num_requests,
+                rate: args.rate,
+                arrival: args.arrival,
+                burst_factor: 4.0,
+                input_mean: args.input_mean,
+                output_mean: args.output_mean,
+                prefix_groups: args.prefix_groups,
+                prefix_len: args.prefix_len,
+            };
+            Ok(syn.generate(&seeds))
+        }
+    }
+}
+
+/// The run configuration the arguments describe, for `workload`.
+pub fn build_config(args: &SimArgs, workload: &[RequestSpec]) -> anyhow::Result<SimConfig> {
+    let profile = Profile::load(&args.profile)?;
+    let seeds = SeedSplitter::new(args.seed);
+    let span = workload.last().map(|r| r.arrival).unwrap_or_default();
+    let mut cfg = SimConfig::new(args.seed, args.workers, profile);
+    cfg.policy = args.router;
+    if args.stand_in_router {
+        cfg.router_impl = RouterImpl::StandIn;
+    }
+    cfg.max_attempts = args.max_attempts.max(1);
+    cfg.keep_event_log = args.event_log.is_some();
+    cfg.net = NetConfig {
+        base_us: args.net_base_us,
+        jitter_mean_us: args.net_jitter_us,
+        jitter: match args.jitter {
+            JitterArg::Exponential => JitterKind::Exponential,
+            JitterArg::Lognormal => JitterKind::LogNormal,
+        },
+        loss: args.loss.clamp(0.0, 1.0),
+        reorder: args.reorder.clamp(0.0, 1.0),
+        ..NetConfig::default()
+    };
+    if let Some(spec) = &args.faults {
+        cfg.faults = FaultPlan::parse(spec, &seeds, args.workers, span)?;
+    }
+    Ok(cfg)
+}
+
+/// Runs the simulation(s) the arguments ask for and returns the reports.
+pub fn run(args: &SimArgs) -> anyhow::Result<Vec<(Report, SimOutcome)>> {
+    let workload = build_workload(args)?;
+    let base = build_config(args, &workload)?;
+    let slo = Slo {
+        ttft_ms: args.slo_ttft_ms,
+        itl_ms: args.slo_itl_ms,
+    };
+    let policies = if args.compare_routers {
+        vec![PolicyName::Kv, PolicyName::RoundRobin, PolicyName::Random]
+    } else {
+        vec![args.router]
+    };
+    let mut out = Vec::new();
+    for p in policies {
+        let mut cfg = base.clone();
+        cfg.policy = p;
+        let outcome = simulate(&cfg, &workload)?;
+        let report = Report::build(&outcome, args.seed, p.as_str(), &cfg.profile.name, slo);
+        out.push((report, outcome));
+    }
+    Ok(out)
+}
+
+/// `turbine sim`: runs, prints the table(s), writes the requested files. Fails (after
+/// printing) when an invariant was violated, naming the seed to replay.
+pub fn run_cli(args: SimArgs) -> anyhow::Result<()> {
+    let runs = run(&args)?;
+    for (r, _) in &runs {
+        println!("{}", r.table());
+    }
+    if runs.len() > 1 {
+        println!("{}", comparison_table(runs.iter().map(|(r, _)| r)));
+    }
+    if let Some(path) = &args.json {
+        let reports: Vec<&Report> = runs.iter().map(|(r, _)| r).collect();
+        let text = if reports.len() == 1 {
+            serde_json::to_string_pretty(reports[0])?
+        } else {
+            serde_json::to_string_pretty(&reports)?
+        };
+        std::fs::write(path, text).with_context(|| format!("writing {}", path.display()))?;
+    }
+    if let (Some(path), Some((r, o))) = (&args.svg, runs.first()) {
+        let title = format!(
+            "{} router, {} workers, seed {}",
+            r.policy, r.workers, r.seed
+        );
+        std::fs::write(path, latency_svg(o, &title))
+            .with_context(|| format!("writing {}", path.display()))?;
+    }
+    if let (Some(path), Some((_, o))) = (&args.event_log, runs.first()) {
+        let mut text = String::new();
+        for l in o.event_log_lines.as_deref().unwrap_or(&[]) {
+            let _ = writeln!(text, "{l}");
+        }
+        std::fs::write(path, text).with_context(|| format!("writing {}", path.display()))?;
+    }
+    let bad: Vec<&Report> = runs
+        .iter()
+        .map(|(r, _)| r)
+        .filter(|r| !r.invariant_violations.is_empty())
+        .collect();
+    if let Some(r) = bad.first() {
+        bail!("invariants violated under policy {}; replay with `turbine sim --seed {} ...` (same arguments)", r.policy, r.seed);
+    }
+    Ok(())
+}
+
+/// Side-by-side TTFT and hit rates of several runs (markdown).
+pub fn comparison_table<'a>(reports: impl Iterator<Item = &'a Report>) -> String {
+    let mut s = String::from("| policy | TTFT p50 ms | TTFT p99 ms | E2E p50 ms | prefix hit rate | goodput req/s |\n|---|---|---|---|---|---|\n");
+    for r in reports {
+        let _ = writeln!(
+            s,
+            "| {} | {:.1} | {:.1} | {:.1} | {:.1}% | {:.2} |",
+            r.policy,
+            r.ttft_ms.p50,
+            r.ttft_ms.p99,
+            r.e2e_ms.p50,
+            100.0 * r.prefix_hit_rate,
+            r.goodput_rps
+        );
+    }
+    s
+}

@@ -1,0 +1,6 @@
+//! The `turbine` package's library: code the `turbine` binary and the integration tests in
+//! tests/ share.
+
+pub mod bench;
+pub mod fetch;
+pub mod serve;
