@@ -36,7 +36,7 @@ use crate::ids::WorkerId;
 use dashmap::DashMap;
 use std::collections::{HashSet, VecDeque};
 use std::hash::{BuildHasherDefault, Hasher};
-use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicIsize, AtomicU64, Ordering};
 use std::sync::Mutex;
 
 /// Hasher for keys that are already hashes (sequence hashes, worker ids): one multiply-mix
@@ -198,9 +198,10 @@ pub struct FlashIndexer {
     queue: Mutex<EvictionQueue>,
     /// Logical clock for touch stamps: +1 per applied batch.
     tick: AtomicU64,
-    /// Source of `born` ids.
-    births: AtomicU64,
-    distinct: AtomicUsize,
+    /// Distinct blocks. Signed and updated once per batch, so it can dip below zero for a
+    /// moment when an eviction races a batch that created the block; read through
+    /// `block_count`, which clamps.
+    distinct: AtomicIsize,
     counters: Counters,
 }
 
@@ -218,8 +219,7 @@ impl FlashIndexer {
                 fifo: VecDeque::new(),
             }),
             tick: AtomicU64::new(1),
-            births: AtomicU64::new(0),
-            distinct: AtomicUsize::new(0),
+            distinct: AtomicIsize::new(0),
             counters: Counters::default(),
         }
     }
@@ -265,6 +265,7 @@ impl FlashIndexer {
             state.expect = SeqExpect::Next(batch.seq.saturating_add(1));
             let mut block_events = 0u64;
             let mut indexed = 0u64;
+            let mut dropped = 0isize;
             for event in &batch.events {
                 match event {
                     KvEvent::BlockStored { block_hashes, .. } => {
@@ -281,15 +282,17 @@ impl FlashIndexer {
                     KvEvent::BlockRemoved { block_hashes } => {
                         block_events += block_hashes.len() as u64;
                         for h in block_hashes {
-                            if state.blocks.remove(h) {
-                                self.remove_holder(*h, batch.worker);
+                            if state.blocks.remove(h) && self.remove_holder(*h, batch.worker) {
+                                dropped += 1;
                             }
                         }
                     }
                     KvEvent::AllBlocksCleared => {
                         block_events += 1;
                         for h in std::mem::take(&mut state.blocks) {
-                            self.remove_holder(h, batch.worker);
+                            if self.remove_holder(h, batch.worker) {
+                                dropped += 1;
+                            }
                         }
                     }
                 }
@@ -300,6 +303,9 @@ impl FlashIndexer {
                 .fetch_add(batch.events.len() as u64, Ordering::Relaxed);
             c.block_events.fetch_add(block_events, Ordering::Relaxed);
             c.indexed.fetch_add(indexed, Ordering::Relaxed);
+            let created = isize::try_from(fresh.len()).unwrap_or(isize::MAX);
+            self.distinct
+                .fetch_add(created - dropped, Ordering::Relaxed);
             outcome
         };
         self.enqueue_and_evict(fresh);
@@ -315,9 +321,11 @@ impl FlashIndexer {
         fresh: &mut Vec<(BlockHash, u64, u64)>,
     ) -> bool {
         let mut entry = self.blocks.entry(h).or_insert_with(|| {
-            let born = self.births.fetch_add(1, Ordering::Relaxed);
+            // Unique per (batch, new block) without a shared atomic: the batch's tick in the
+            // high bits, its count of new blocks in the low 24. (A batch of over 16M new
+            // blocks could alias two incarnations of one hash; the cost is an early evict.)
+            let born = (tick << 24) | (fresh.len() as u64 & 0xFF_FFFF);
             fresh.push((h, born, tick));
-            self.distinct.fetch_add(1, Ordering::Relaxed);
             BlockEntry {
                 holders: Vec::with_capacity(1),
                 born,
@@ -334,7 +342,8 @@ impl FlashIndexer {
         }
     }
 
-    fn remove_holder(&self, h: BlockHash, w: WorkerId) {
+    /// Drop `w`'s claim on `h`; true when that removed the block's entry (its last holder).
+    fn remove_holder(&self, h: BlockHash, w: WorkerId) -> bool {
         let emptied = match self.blocks.get_mut(&h) {
             Some(mut entry) => {
                 if let Ok(pos) = entry.holders.binary_search(&w) {
@@ -344,18 +353,15 @@ impl FlashIndexer {
             }
             None => false,
         };
-        if emptied
+        emptied
             && self
                 .blocks
                 .remove_if(&h, |_, e| e.holders.is_empty())
                 .is_some()
-        {
-            self.distinct.fetch_sub(1, Ordering::Relaxed);
-        }
     }
 
     fn enqueue_and_evict(&self, fresh: Vec<(BlockHash, u64, u64)>) {
-        let over = self.distinct.load(Ordering::Relaxed) > self.config.max_blocks;
+        let over = self.block_count() > self.config.max_blocks;
         if fresh.is_empty() && !over {
             return;
         }
@@ -365,7 +371,7 @@ impl FlashIndexer {
                 return; // a panicking thread poisoned it: stop evicting rather than panic
             };
             q.fifo.extend(fresh);
-            let live = self.distinct.load(Ordering::Relaxed);
+            let live = self.block_count();
             if q.fifo.len() > 2 * live + 4096 {
                 // Drop queue items of blocks that were removed since they were queued.
                 q.fifo
@@ -463,7 +469,9 @@ impl FlashIndexer {
     pub fn remove_worker(&self, worker: WorkerId) {
         if let Some((_, state)) = self.workers.remove(&worker) {
             for h in state.blocks {
-                self.remove_holder(h, worker);
+                if self.remove_holder(h, worker) {
+                    self.distinct.fetch_sub(1, Ordering::Relaxed);
+                }
             }
         }
     }
@@ -473,7 +481,9 @@ impl FlashIndexer {
     pub fn clear_worker(&self, worker: WorkerId) {
         let mut state = self.workers.entry(worker).or_insert_with(WorkerState::new);
         for h in std::mem::take(&mut state.blocks) {
-            self.remove_holder(h, worker);
+            if self.remove_holder(h, worker) {
+                self.distinct.fetch_sub(1, Ordering::Relaxed);
+            }
         }
         state.needs_resync = false;
         state.expect = SeqExpect::Any;
@@ -505,7 +515,7 @@ impl FlashIndexer {
 
     /// Distinct blocks indexed.
     pub fn block_count(&self) -> usize {
-        self.distinct.load(Ordering::Relaxed)
+        usize::try_from(self.distinct.load(Ordering::Relaxed)).unwrap_or(0)
     }
 
     pub fn metrics(&self) -> IndexerMetrics {

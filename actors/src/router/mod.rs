@@ -3,6 +3,14 @@
 //! Pure logic only: every call takes `now` and returns a decision; randomness comes from a
 //! seeded generator. The router actor shell feeds it worker loads and KV events and
 //! publishes the [`RouterEvent`]s it returns, so several router replicas keep the same view.
+//!
+//! Hash domains: requests are hashed with turbine's [`crate::kv::hash::hash_blocks`]. That
+//! matches turbine workers' KV events directly. vLLM workers publish vLLM's own block hashes,
+//! which the router cannot recompute from tokens: feed their events through
+//! [`crate::kv::vllm::VllmHashTranslator`] (re-hashes each stored block into turbine's domain
+//! from its token ids and its parent chain) before the indexer; blocks whose parent chain is
+//! unknown are skipped until a resync. See `kv::vllm` for the limits (block size must match,
+//! multimodal/cache-salt extra keys are not reproduced).
 
 pub mod config;
 pub mod events;
