@@ -2,3 +2,5 @@
 //! tests/ share.
 
 pub mod bench;
+pub mod fetch;
+pub mod serve;

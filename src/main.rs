@@ -1,5 +1,111 @@
-//! The `turbine` command line: `up`, `worker`, `sim`, `bench`.
+//! The `turbine` command line.
 
-fn main() {
-    println!("turbine {}", env!("CARGO_PKG_VERSION"));
+use anyhow::{Context, Result};
+use clap::{Args, Parser, Subcommand};
+use std::path::PathBuf;
+use turbine_actors::cluster_config::ClusterConfig;
+
+#[derive(Parser)]
+#[command(
+    name = "turbine",
+    version,
+    about = "A distributed LLM inference runtime built as an actor system",
+    long_about = "turbine serves large language models behind an OpenAI-compatible HTTP API.\n\
+                  Every component (frontend, preprocessor, router, KV indexer, workers, \
+                  executors) is an actor.\n\n\
+                  Quick start: `turbine up` serves SmolLM2-135M-Instruct on CPU at \
+                  http://127.0.0.1:8000 (fetching it on first use)."
+)]
+struct Cli {
+    /// Log filter (tracing's env-filter syntax), e.g. `info` or `turbine_actors=debug`.
+    #[arg(long, global = true, env = "TURBINE_LOG", default_value = "warn")]
+    log: String,
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Serve a model: the whole graph from a cluster file (or the default model on CPU).
+    Up(UpArgs),
+    /// Fetch the default model into the model cache, then exit.
+    FetchModel,
+    /// Load generators and micro-benchmarks.
+    Bench {
+        #[command(subcommand)]
+        which: BenchCommand,
+    },
+}
+
+#[derive(Args)]
+struct UpArgs {
+    /// Cluster file (YAML; see docs/CONFIG.md). Without it: the default model on CPU.
+    #[arg(short = 'f', long = "file")]
+    file: Option<PathBuf>,
+    /// Model to serve (a .gguf file or an HF directory); overrides the file's `model.path`.
+    #[arg(long)]
+    model: Option<String>,
+    /// HTTP host; overrides the file's `http.host`.
+    #[arg(long)]
+    host: Option<String>,
+    /// HTTP port; overrides the file's `http.port` (0 picks a free port).
+    #[arg(long)]
+    port: Option<u16>,
+    /// Fail instead of downloading the default model when it is not cached.
+    #[arg(long)]
+    no_fetch: bool,
+}
+
+#[derive(Subcommand)]
+enum BenchCommand {
+    /// Streamed chat load against an OpenAI-compatible server: TTFT, ITL, tokens/s.
+    Serve(turbine::bench::serve::ServeBenchArgs),
+}
+
+fn load_config(args: &UpArgs) -> Result<ClusterConfig> {
+    let mut cfg = match &args.file {
+        Some(path) => {
+            let text = std::fs::read_to_string(path)
+                .with_context(|| format!("reading {}", path.display()))?;
+            serde_yaml::from_str::<ClusterConfig>(&text)
+                .with_context(|| format!("in {}", path.display()))?
+        }
+        None => ClusterConfig::default(),
+    };
+    if let Some(m) = &args.model {
+        cfg.model.path = m.clone();
+    }
+    if let Some(h) = &args.host {
+        cfg.http.host = h.clone();
+    }
+    if let Some(p) = args.port {
+        cfg.http.port = p;
+    }
+    Ok(cfg)
+}
+
+fn main() -> Result<()> {
+    let cli = Cli::parse();
+    tracing_subscriber::fmt()
+        .with_env_filter(tracing_subscriber::EnvFilter::new(&cli.log))
+        .with_writer(std::io::stderr)
+        .init();
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .context("starting the tokio runtime")?;
+    match cli.command {
+        Command::Up(args) => {
+            let cfg = load_config(&args)?;
+            runtime.block_on(turbine::serve::up(cfg, !args.no_fetch))
+        }
+        Command::FetchModel => {
+            let path = turbine::fetch::resolve_model("default", true)?;
+            println!("{}", path.display());
+            Ok(())
+        }
+        Command::Bench { which } => match which {
+            BenchCommand::Serve(args) => runtime.block_on(turbine::bench::serve::run(args)),
+        },
+    }
 }

@@ -6,6 +6,7 @@
 //! ignored setting. docs/CONFIG.md documents every field; keep the two in step.
 
 use crate::kv::BlockSize;
+use crate::router::RouterConfig;
 use serde::{Deserialize, Serialize};
 use std::net::SocketAddr;
 use std::path::PathBuf;
@@ -16,7 +17,8 @@ pub struct ClusterConfig {
     /// Which model to serve.
     pub model: ModelSpec,
     pub http: HttpSection,
-    pub router: RouterSection,
+    /// Routing policy and its weights (see `router::RouterConfig`).
+    pub router: RouterConfig,
     /// Worker groups; each group is `replicas` identical workers.
     pub workers: Vec<WorkerGroup>,
     pub transport: TransportSection,
@@ -28,7 +30,7 @@ impl Default for ClusterConfig {
         ClusterConfig {
             model: ModelSpec::default(),
             http: HttpSection::default(),
-            router: RouterSection::default(),
+            router: RouterConfig::default(),
             workers: vec![WorkerGroup::default()],
             transport: TransportSection::default(),
             discovery: DiscoverySection::default(),
@@ -74,37 +76,6 @@ impl Default for HttpSection {
             host: "127.0.0.1".to_string(),
             port: 8000,
             max_body_bytes: 4 << 20,
-        }
-    }
-}
-
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(rename_all = "snake_case")]
-pub enum RouterPolicyKind {
-    /// KV-cache-aware: weighs prefix overlap against load.
-    Kv,
-    RoundRobin,
-    Random,
-}
-
-#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
-#[serde(deny_unknown_fields, default)]
-pub struct RouterSection {
-    pub policy: RouterPolicyKind,
-    /// Cost of one prefill block still to compute, relative to one active decode block.
-    pub overlap_weight: f64,
-    /// 0 picks the cheapest worker; above 0 samples from softmax(-cost / temperature).
-    pub temperature: f64,
-    pub seed: u64,
-}
-
-impl Default for RouterSection {
-    fn default() -> Self {
-        RouterSection {
-            policy: RouterPolicyKind::Kv,
-            overlap_weight: 1.0,
-            temperature: 0.0,
-            seed: 0,
         }
     }
 }
@@ -186,7 +157,10 @@ pub enum DiscoverySection {
     /// Fixed list of worker addresses.
     Static { workers: Vec<SocketAddr> },
     /// Watch pods by label (not yet implemented: selecting it is an error at start-up).
-    Kubernetes { namespace: String, label_selector: String },
+    Kubernetes {
+        namespace: String,
+        label_selector: String,
+    },
 }
 
 fn default_lease_ms() -> u64 {
@@ -236,7 +210,7 @@ mod tests {
     fn shipped_example_parses() {
         let text = include_str!("../../examples/cluster.yaml");
         let c: ClusterConfig = serde_yaml::from_str(text).unwrap();
-        assert_eq!(c.router.policy, RouterPolicyKind::Kv);
+        assert_eq!(c.router.policy, crate::router::PolicyKind::Kv);
         assert!(c.workers.iter().map(|w| w.replicas).sum::<usize>() >= 2);
     }
 }

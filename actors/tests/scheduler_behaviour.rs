@@ -561,3 +561,74 @@ fn a_request_re_added_while_its_aborted_step_runs_starts_afresh() {
     let out = run_to_completion(&mut s, 20);
     assert_eq!(out[&r(1)].tokens, reference_generation(&p, 3));
 }
+
+#[test]
+fn drained_events_become_numbered_batches() {
+    use turbine_actors::ids::WorkerId;
+    use turbine_actors::worker::KvEventSequencer;
+    let mut s = scheduler(64, 4, 64, 8, 256);
+    let mut seq = KvEventSequencer::new(WorkerId(7));
+    assert!(
+        seq.batch(s.drain_kv_events(), 1.0).is_none(),
+        "nothing to publish"
+    );
+    s.add_request(request(1, prompt(1, 9), 1), at(0)).unwrap();
+    run_to_completion(&mut s, 5);
+    let batch = seq.batch(s.drain_kv_events(), 2.0).unwrap();
+    assert_eq!((batch.worker, batch.seq, batch.ts), (WorkerId(7), 0, 2.0));
+    assert_eq!(batch.events.len(), 1);
+    s.add_request(request(2, prompt(2, 9), 1), at(0)).unwrap();
+    run_to_completion(&mut s, 5);
+    assert_eq!(seq.batch(s.drain_kv_events(), 3.0).unwrap().seq, 1);
+    assert_eq!(seq.next_seq(), 2);
+}
+
+#[test]
+fn plan_summaries_split_decode_and_prefill_work() {
+    let mut s = scheduler(64, 4, 16, 8, 256);
+    let mut streams = BTreeMap::new();
+    s.add_request(request(1, prompt(1, 6), 5), at(0)).unwrap();
+    step(&mut s, &mut streams, at(0));
+    s.add_request(request(2, prompt(2, 40), 5), at(1)).unwrap();
+    let plan = step(&mut s, &mut streams, at(1));
+    assert_eq!(plan.num_decodes(), 1);
+    assert_eq!(plan.num_prefill_tokens(), 15);
+    assert_eq!(plan.num_tokens(), 16);
+    assert_eq!(plan.num_samples(), 1);
+    assert_eq!(plan.seqs[0].context_len(), 7);
+    assert_eq!(plan.seqs[1].context_len(), 15);
+}
+
+#[test]
+fn samples_may_come_in_any_order() {
+    let run = |reverse: bool| {
+        let mut s = scheduler(64, 4, 64, 8, 256);
+        for id in 1..=4 {
+            s.add_request(request(id, prompt(id as u32, 5 + id as usize), 6), at(0))
+                .unwrap();
+        }
+        let mut streams = BTreeMap::new();
+        let mut t = 0;
+        while !s.is_idle() {
+            let plan = s.schedule(at(t)).unwrap();
+            let mut sampled = sample(&s, &plan);
+            if reverse {
+                sampled.reverse();
+            }
+            record(
+                &mut streams,
+                s.on_step_done(&plan, &sampled, at(t)).unwrap(),
+            );
+            t += 1;
+        }
+        streams
+    };
+    let in_order = run(false);
+    assert_eq!(run(true), in_order);
+    for id in 1..=4u64 {
+        assert_eq!(
+            in_order[&r(id)].tokens,
+            reference_generation(&prompt(id as u32, 5 + id as usize), 6)
+        );
+    }
+}

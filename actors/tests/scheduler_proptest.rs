@@ -8,6 +8,7 @@ use proptest::prelude::*;
 use std::collections::BTreeMap;
 use support::*;
 use turbine_actors::ids::{RequestId, TokenId};
+use turbine_actors::kv::events::KvEvent;
 use turbine_actors::protocol::FinishReason;
 use turbine_actors::worker::{
     AdmitError, BlockManager, BlockManagerConfig, Scheduler, SchedulerConfig, StepPlan,
@@ -126,7 +127,7 @@ fn prompt_of(id: u64, a: &Arrival) -> Vec<TokenId> {
 struct RunLog {
     plans: Vec<StepPlan>,
     streams: BTreeMap<RequestId, Stream>,
-    events: Vec<turbine_actors::kv::events::KvEvent>,
+    events: Vec<KvEvent>,
 }
 
 fn run(setup: &Setup, arrivals: &[Arrival]) -> Result<RunLog, TestCaseError> {
@@ -239,6 +240,35 @@ fn run(setup: &Setup, arrivals: &[Arrival]) -> Result<RunLog, TestCaseError> {
         }
     }
     prop_assert!(sched.is_idle());
+    // Replaying the events gives exactly the cache's contents: what an indexer would see.
+    let mut view = std::collections::BTreeSet::new();
+    for e in &events {
+        match e {
+            KvEvent::BlockStored {
+                block_hashes,
+                token_ids,
+                ..
+            } => {
+                prop_assert_eq!(
+                    token_ids.len(),
+                    block_hashes.len() * setup.block_size as usize
+                );
+                for h in block_hashes {
+                    prop_assert!(view.insert(*h), "stored twice without removal");
+                }
+            }
+            KvEvent::BlockRemoved { block_hashes } => {
+                for h in block_hashes {
+                    prop_assert!(view.remove(h), "removed a block never stored");
+                }
+            }
+            KvEvent::AllBlocksCleared => view.clear(),
+        }
+    }
+    prop_assert_eq!(view.len(), sched.stats().kv.cached);
+    for h in &view {
+        prop_assert!(sched.block_manager().is_cached(*h));
+    }
     let kv = sched.stats().kv;
     prop_assert_eq!(kv.used, 0);
     prop_assert_eq!(kv.free, setup.num_blocks as usize);

@@ -4,14 +4,13 @@
 //! `cargo bench -p turbine-kernels --bench cpu_forward` (env: TURBINE_MODEL, BENCH_THREADS
 //! (default 2), BENCH_RUNS (default 5)). Prints one line per measurement with the median and
 //! all runs. `BENCH_GREEDY=id,id,...` instead greedy-decodes 32 tokens after that prompt and
-//! prints them (used to compare with llama.cpp by hand).
-
-#[path = "support/gguf_min.rs"]
-mod gguf_min;
+//! prints them (used to compare with llama.cpp by hand); `BENCH_LOGITS_OUT=file` also writes
+//! the prompt's last-token logits there as little-endian f32.
 
 use std::time::Instant;
 use turbine_kernels::backend::{Backend, SeqStep};
 use turbine_kernels::cpu::{CpuBackend, CpuBackendOptions};
+use turbine_kernels::loader::{default_model_path, load_model};
 use turbine_kernels::sampling::argmax;
 
 fn env_usize(k: &str, d: usize) -> usize {
@@ -39,11 +38,14 @@ fn prompt(n: usize, vocab: usize) -> Vec<u32> {
 }
 
 fn main() {
-    let path = gguf_min::default_model_path();
+    let path = std::env::var_os("TURBINE_MODEL")
+        .filter(|p| !p.is_empty())
+        .map(std::path::PathBuf::from)
+        .unwrap_or_else(default_model_path);
     let threads = env_usize("BENCH_THREADS", 2);
     let runs = env_usize("BENCH_RUNS", 5);
-    let g = gguf_min::read(&path).expect("read model");
-    let (cfg, w) = g.llama().expect("llama weights");
+    let model = load_model(&path).expect("load model");
+    let (cfg, w) = (model.config, model.weights);
     let blocks_per_seq = 48; // 768 positions
     let opts = CpuBackendOptions {
         num_blocks: blocks_per_seq * 8,
@@ -69,6 +71,10 @@ fn main() {
                 want_logits: true,
             };
             let l = be.forward(&[step]).expect("forward");
+            if let (Ok(path), 0) = (std::env::var("BENCH_LOGITS_OUT"), start) {
+                let bytes: Vec<u8> = l.data.iter().flat_map(|x| x.to_le_bytes()).collect();
+                std::fs::write(path, bytes).expect("write logits");
+            }
             let next = argmax(l.row(0).expect("row"));
             start = seq.len();
             seq.push(next);
@@ -78,7 +84,10 @@ fn main() {
         return;
     }
 
-    println!("model {path}, {threads} threads, {runs} runs each");
+    println!(
+        "model {}, {threads} threads, {runs} runs each",
+        path.display()
+    );
     for n in [128usize, 512] {
         let p = prompt(n, vocab);
         let t = table(0, blocks_per_seq);

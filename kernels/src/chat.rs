@@ -1,1 +1,133 @@
-//! TODO
+//! Chat templates: the model's own Jinja template (GGUF `tokenizer.chat_template`, or
+//! `chat_template` in HF's tokenizer_config.json) rendered with minijinja on OpenAI-style
+//! messages, the way HF transformers' `apply_chat_template` renders it.
+
+use minijinja::{context, Environment, Error as JinjaError, ErrorKind};
+use serde::{Deserialize, Serialize};
+
+/// One message of a conversation (OpenAI's `{role, content}`).
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ChatMessage {
+    pub role: String,
+    pub content: String,
+}
+
+impl ChatMessage {
+    pub fn new(role: impl Into<String>, content: impl Into<String>) -> ChatMessage {
+        ChatMessage {
+            role: role.into(),
+            content: content.into(),
+        }
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum ChatTemplateError {
+    #[error("chat template does not compile: {0:#}")]
+    Syntax(JinjaError),
+    #[error("chat template failed to render: {0:#}")]
+    Render(JinjaError),
+}
+
+/// A compiled chat template.
+pub struct ChatTemplate {
+    env: Environment<'static>,
+}
+
+impl std::fmt::Debug for ChatTemplate {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ChatTemplate").finish_non_exhaustive()
+    }
+}
+
+const NAME: &str = "chat_template";
+
+impl ChatTemplate {
+    pub fn new(source: &str) -> Result<ChatTemplate, ChatTemplateError> {
+        let mut env = Environment::new();
+        // transformers renders chat templates with these two options on.
+        env.set_trim_blocks(true);
+        env.set_lstrip_blocks(true);
+        minijinja_contrib::add_to_environment(&mut env);
+        // Python string/list/dict methods (`.strip()`, `.startswith()`, `.items()`, ...).
+        env.set_unknown_method_callback(minijinja_contrib::pycompat::unknown_method_callback);
+        env.add_function("raise_exception", raise_exception);
+        env.add_template_owned(NAME, source.to_string())
+            .map_err(ChatTemplateError::Syntax)?;
+        Ok(ChatTemplate { env })
+    }
+
+    /// Renders `messages` with `add_generation_prompt`, `bos_token` and `eos_token` set.
+    pub fn render(
+        &self,
+        messages: &[ChatMessage],
+        add_generation_prompt: bool,
+        bos_token: &str,
+        eos_token: &str,
+    ) -> Result<String, ChatTemplateError> {
+        let tmpl = self
+            .env
+            .get_template(NAME)
+            .map_err(ChatTemplateError::Syntax)?;
+        tmpl.render(context! {
+            messages => messages,
+            add_generation_prompt => add_generation_prompt,
+            bos_token => bos_token,
+            eos_token => eos_token,
+        })
+        .map_err(ChatTemplateError::Render)
+    }
+}
+
+/// One-shot: compile `template` and render `messages` with a generation prompt.
+pub fn render_chat(
+    template: &str,
+    messages: &[ChatMessage],
+    bos_token: &str,
+    eos_token: &str,
+) -> Result<String, ChatTemplateError> {
+    ChatTemplate::new(template)?.render(messages, true, bos_token, eos_token)
+}
+
+fn raise_exception(message: String) -> Result<String, JinjaError> {
+    Err(JinjaError::new(ErrorKind::InvalidOperation, message))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const CHATML: &str = "{% for message in messages %}{% if loop.first and messages[0]['role'] != 'system' %}{{ '<|im_start|>system\nYou are helpful<|im_end|>\n' }}{% endif %}{{'<|im_start|>' + message['role'] + '\n' + message['content'] + '<|im_end|>' + '\n'}}{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}";
+
+    #[test]
+    fn renders_chatml() {
+        let out = render_chat(CHATML, &[ChatMessage::new("user", "Hi")], "", "").unwrap();
+        assert_eq!(
+            out,
+            "<|im_start|>system\nYou are helpful<|im_end|>\n<|im_start|>user\nHi<|im_end|>\n<|im_start|>assistant\n"
+        );
+    }
+
+    #[test]
+    fn python_methods_and_tokens() {
+        let t = "{{ bos_token }}{% for m in messages %}{{ m.content.strip() | upper }}{% endfor %}{{ eos_token }}";
+        let out = render_chat(t, &[ChatMessage::new("user", "  hi  ")], "<s>", "</s>").unwrap();
+        assert_eq!(out, "<s>HI</s>");
+    }
+
+    #[test]
+    fn raise_exception_is_an_error_with_its_message() {
+        let t = "{% if messages[0].role != 'user' %}{{ raise_exception('roles must alternate') }}{% endif %}";
+        let err = render_chat(t, &[ChatMessage::new("assistant", "x")], "", "").unwrap_err();
+        assert!(matches!(err, ChatTemplateError::Render(_)));
+        assert!(err.to_string().contains("roles must alternate"), "{err}");
+    }
+
+    #[test]
+    fn syntax_error_is_reported() {
+        assert!(matches!(
+            ChatTemplate::new("{% for %}"),
+            Err(ChatTemplateError::Syntax(_))
+        ));
+    }
+}

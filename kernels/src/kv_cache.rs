@@ -1,8 +1,8 @@
-//! The CPU backend's paged KV pool, stored as f32.
+//! The CPU backend's paged KV pool, stored as f32 holding f16-rounded values.
 //!
-//! WHY f32: on CPU the attention cost is small next to the weight matmuls for the models we
-//! serve, and f32 keeps the attention arithmetic conversion-free and exact to the reference.
-//! (llama.cpp keeps an f16 cache; the difference is below sampling noise.)
+//! WHY: llama.cpp keeps an f16 cache, and matching its rounding keeps greedy decoding
+//! token-for-token equal to it; storing the rounded values as f32 keeps the attention loops
+//! conversion-free (memory is the price: twice an f16 pool). The export format is f32.
 //!
 //! Layout: for each layer, K and V are each `[block][slot][kv_head][head_dim]`, so one
 //! block's K for one layer is contiguous, which is also the export layout

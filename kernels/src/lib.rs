@@ -5,14 +5,16 @@
 //! forward pass over a paged KV cache; sampling turns logits into tokens.
 
 pub mod backend;
-pub mod cpu;
-pub mod kv_cache;
-pub mod model;
-pub mod sampling;
-pub mod tensor;
 pub mod chat;
+pub mod cpu;
+#[cfg(feature = "cuda")]
+pub mod cuda;
 pub mod gguf;
+pub mod kv_cache;
 pub mod loader;
+pub mod model;
 pub mod quant;
 pub mod safetensors;
+pub mod sampling;
+pub mod tensor;
 pub mod tokenizer;

@@ -421,6 +421,9 @@ fn rms(b: &[f64]) -> f64 {
     (b.iter().map(|v| v * v).sum::<f64>() / b.len() as f64).sqrt()
 }
 
+/// `rel` is relative to the reference logits' RMS. The f32 backends differ from the f64
+/// reference mostly through the f16 rounding of K, V, queries and attention weights that
+/// the CPU backend shares with llama.cpp (~1e-3 relative).
 fn assert_close(got: &[f32], want: &[f64], rel: f64, what: &str) {
     let d = max_abs_diff(got, want);
     let scale = rms(want).max(1e-3);
@@ -481,7 +484,7 @@ fn one_shot_prefill_and_decode_match_reference() {
         // 20-token prefill, then three single-token decode steps.
         let got = run_chunks(&mut be, &seq, &[20, 1, 1, 1], &table);
         for (g, idx) in got.iter().zip([19, 20, 21, 22]) {
-            assert_close(g, &want[idx], 1e-4, &format!("{what}, position {idx}"));
+            assert_close(g, &want[idx], 3e-3, &format!("{what}, position {idx}"));
         }
     }
 }
@@ -497,8 +500,8 @@ fn chunked_prefill_equals_one_shot() {
     let a = run_chunks(&mut one, &seq, &[30], &table);
     let b = run_chunks(&mut chunked, &seq, &[3, 8, 1, 13, 5], &table);
     let (a, b) = (a.last().unwrap(), b.last().unwrap());
-    assert_close(a, &want[29], 1e-4, "one shot");
-    assert_close(b, &want[29], 1e-4, "chunked");
+    assert_close(a, &want[29], 3e-3, "one shot");
+    assert_close(b, &want[29], 3e-3, "chunked");
     let d = a
         .iter()
         .zip(b)
@@ -556,8 +559,8 @@ fn batch_of_sequences_at_different_positions() {
         ])
         .unwrap();
     assert_eq!(l.rows(), 2);
-    assert_close(l.row(0).unwrap(), &w1[11], 1e-4, "seq 1");
-    assert_close(l.row(1).unwrap(), &w2[8], 1e-4, "seq 2");
+    assert_close(l.row(0).unwrap(), &w1[11], 3e-3, "seq 1");
+    assert_close(l.row(1).unwrap(), &w2[8], 3e-3, "seq 2");
     // Seq 3's cache was written correctly: decode its next token alone.
     let next = [s3[5]];
     let l3 = be
@@ -570,7 +573,7 @@ fn batch_of_sequences_at_different_positions() {
         .unwrap();
     let mut s3x = s3.clone();
     s3x.push(s3[5]);
-    assert_close(l3.row(0).unwrap(), &reference(&r, &s3x)[6], 1e-4, "seq 3");
+    assert_close(l3.row(0).unwrap(), &reference(&r, &s3x)[6], 3e-3, "seq 3");
 }
 
 #[test]

@@ -2,4 +2,5 @@
 //! Pure text logic lives here so the frontend, the real preprocessor actor and the simulator
 //! share one implementation.
 
+pub mod codec;
 pub mod stop;

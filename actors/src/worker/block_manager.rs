@@ -187,7 +187,8 @@ pub struct BlockManager {
     next_tick: u64,
     /// Lookup only (never iterated for output), so a HashMap keeps runs deterministic.
     cached: HashMap<BlockHash, BlockId>,
-    seqs: BTreeMap<RequestId, SeqBlocks>,
+    /// Lookup only; `sequences()` sorts before handing ids out.
+    seqs: HashMap<RequestId, SeqBlocks>,
     num_used: usize,
     events: Vec<KvEvent>,
     stats: BlockStats,
@@ -202,7 +203,7 @@ impl BlockManager {
             evictable: BTreeMap::new(),
             next_tick: 0,
             cached: HashMap::new(),
-            seqs: BTreeMap::new(),
+            seqs: HashMap::new(),
             num_used: 0,
             events: Vec::new(),
             stats: BlockStats {
@@ -256,8 +257,10 @@ impl BlockManager {
     }
 
     /// Sequences that hold a block table, in id order.
-    pub fn sequences(&self) -> impl Iterator<Item = RequestId> + '_ {
-        self.seqs.keys().copied()
+    pub fn sequences(&self) -> Vec<RequestId> {
+        let mut ids: Vec<RequestId> = self.seqs.keys().copied().collect();
+        ids.sort_unstable();
+        ids
     }
 
     /// The longest run of cached blocks matching `hashes` (the sequence's full-block hashes,
@@ -463,7 +466,10 @@ impl BlockManager {
         let fail = |msg: String| Err(InvariantViolation(msg));
         let n = self.blocks.len();
         let mut refs = vec![0u32; n];
-        for (seq, s) in &self.seqs {
+        for seq in self.sequences() {
+            let Some(s) = self.seqs.get(&seq) else {
+                continue;
+            };
             let mut seen = BTreeSet::new();
             for b in &s.blocks {
                 let Some(r) = refs.get_mut(b.0 as usize) else {

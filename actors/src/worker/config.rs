@@ -9,7 +9,8 @@ pub struct SchedulerConfig {
     /// Tokens fed to the model in one step, over all sequences (decodes count 1 each). Bounds
     /// the step's latency, so decodes are not stalled behind a long prompt.
     pub max_num_batched_tokens: usize,
-    /// Sequences running at once (each holds KV blocks and a batch slot).
+    /// Sequences running at once (each holds KV blocks and a batch slot). Keep it at most
+    /// `max_num_batched_tokens`, or some running decodes wait a step for budget.
     pub max_num_seqs: usize,
     /// Context length: prompt plus generated tokens never exceed it.
     pub max_model_len: usize,

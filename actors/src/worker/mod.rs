@@ -29,7 +29,7 @@
 //!         }
 //!         Err(e) => stream scheduler.on_step_failed(&plan, &e.to_string())?
 //!     }
-//!     publish KvEventBatch { events: scheduler.drain_kv_events(), .. } if not empty
+//!     if let Some(batch) = sequencer.batch(scheduler.drain_kv_events(), ts) { publish }
 //! }
 //! ```
 //! Rules for the driver: at most one step in flight (`schedule` refuses a second one until
@@ -39,6 +39,7 @@
 
 pub mod block_manager;
 pub mod config;
+pub mod events;
 pub mod plan;
 pub mod scheduler;
 mod sequence;
@@ -48,5 +49,6 @@ pub use block_manager::{
     PrefixHit, StartKind,
 };
 pub use config::{ConfigError, SchedulerConfig};
+pub use events::KvEventSequencer;
 pub use plan::{SampledToken, ScheduledSeq, StepId, StepPlan};
 pub use scheduler::{AdmitError, SamplingContext, Scheduler, SchedulerStats, StepError};

@@ -37,6 +37,11 @@ impl ScheduledSeq {
     pub fn is_decode(&self) -> bool {
         self.want_logits && self.tokens.len() == 1 && self.start_pos > 0
     }
+
+    /// Positions attended to by the last fed token (what a cost model charges attention on).
+    pub fn context_len(&self) -> usize {
+        self.start_pos + self.tokens.len()
+    }
 }
 
 /// Everything to run in one forward pass.
@@ -58,6 +63,20 @@ impl StepPlan {
     /// Tokens fed in this step (at most `max_num_batched_tokens`).
     pub fn num_tokens(&self) -> usize {
         self.seqs.iter().map(|s| s.tokens.len()).sum()
+    }
+
+    /// Sequences fed exactly one token (decodes); the rest are prefill chunks.
+    pub fn num_decodes(&self) -> usize {
+        self.seqs.iter().filter(|s| s.is_decode()).count()
+    }
+
+    /// Tokens fed as prefill chunks (prompt or recompute), i.e. not as decodes.
+    pub fn num_prefill_tokens(&self) -> usize {
+        self.seqs
+            .iter()
+            .filter(|s| !s.is_decode())
+            .map(|s| s.tokens.len())
+            .sum()
     }
 
     /// Sequences that need a token sampled after the forward pass.

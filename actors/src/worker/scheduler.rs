@@ -24,7 +24,7 @@ use crate::ids::{RequestId, TokenId};
 use crate::kv::events::KvEvent;
 use crate::protocol::{FinishReason, PreprocessedRequest, SamplingParams, TokenOutput};
 use serde::{Deserialize, Serialize};
-use std::collections::{BTreeMap, VecDeque};
+use std::collections::{BTreeMap, HashMap, VecDeque};
 use std::time::Duration;
 
 /// Why a request was refused at [`Scheduler::add_request`]. Refused requests hold nothing.
@@ -101,7 +101,9 @@ struct InFlight {
 pub struct Scheduler {
     cfg: SchedulerConfig,
     blocks: BlockManager,
-    seqs: BTreeMap<RequestId, Sequence>,
+    /// Lookup only (ordering lives in `waiting` and `running`), so a HashMap is
+    /// deterministic here and keeps per-step lookups cheap.
+    seqs: HashMap<RequestId, Sequence>,
     waiting: VecDeque<RequestId>,
     /// Admission order, oldest first; preemption takes from the back.
     running: Vec<RequestId>,
@@ -120,7 +122,7 @@ impl Scheduler {
         Ok(Scheduler {
             cfg,
             blocks,
-            seqs: BTreeMap::new(),
+            seqs: HashMap::new(),
             waiting: VecDeque::new(),
             running: Vec::new(),
             in_flight: None,
@@ -258,7 +260,10 @@ impl Scheduler {
     /// Applies a finished step: advances computed tokens, registers newly full blocks for
     /// prefix caching, appends the sampled tokens, checks stop conditions and frees finished
     /// sequences. Returns one output per sampled token, in plan order. A `want_logits`
-    /// request with no entry in `sampled` ends with `FinishReason::Error`.
+    /// request with no entry in `sampled` ends with `FinishReason::Error`. `sampled` may come
+    /// in any order (plan order is the fast path). A stop token is included in the output's
+    /// `token_ids` (the detokenizer hides special tokens); `ignore_eos` disables every id in
+    /// `stop_token_ids`, as they arrive merged.
     pub fn on_step_done(
         &mut self,
         plan: &StepPlan,
@@ -268,8 +273,7 @@ impl Scheduler {
         let Some(flight) = self.take_in_flight(plan)? else {
             return Ok(Vec::new());
         };
-        let by_request: BTreeMap<RequestId, &SampledToken> =
-            sampled.iter().rev().map(|s| (s.request, s)).collect();
+        let mut samples = SampleLookup::new(sampled);
         let block_size = self.blocks.block_size();
         let mut outputs = Vec::new();
         for entry in flight.entries {
@@ -286,7 +290,7 @@ impl Scheduler {
             if !entry.want_logits {
                 continue;
             }
-            let Some(sample) = by_request.get(&id) else {
+            let Some(sample) = samples.get(id) else {
                 outputs.push((id, self.finish_with_error(id, "no token was sampled")));
                 continue;
             };
@@ -445,7 +449,11 @@ impl Scheduler {
                 ));
             }
         }
-        for (id, seq) in &self.seqs {
+        // Same set as `seqs` (checked above), in a deterministic order.
+        for id in self.waiting.iter().chain(&self.running) {
+            let Some(seq) = self.seqs.get(id) else {
+                continue;
+            };
             if seq.num_computed >= seq.tokens.len() {
                 return fail(format!("{id} has no token left to feed"));
             }
@@ -587,6 +595,39 @@ impl Scheduler {
 
     fn remove(&mut self, id: RequestId) {
         self.abort(id);
+    }
+}
+
+/// Finds each request's sample. The executor normally returns samples in plan order, so a
+/// cursor finds each in O(1); anything else falls back to a map built on first need.
+struct SampleLookup<'a> {
+    sampled: &'a [SampledToken],
+    cursor: usize,
+    map: Option<BTreeMap<RequestId, &'a SampledToken>>,
+}
+
+impl<'a> SampleLookup<'a> {
+    fn new(sampled: &'a [SampledToken]) -> Self {
+        SampleLookup {
+            sampled,
+            cursor: 0,
+            map: None,
+        }
+    }
+
+    /// The first sample for `id`.
+    fn get(&mut self, id: RequestId) -> Option<&'a SampledToken> {
+        // Samples before the cursor each matched an earlier plan entry, and a plan names a
+        // request once, so a match at the cursor is `id`'s first sample.
+        if let Some(s) = self.sampled.get(self.cursor).filter(|s| s.request == id) {
+            self.cursor += 1;
+            return Some(s);
+        }
+        let sampled = self.sampled;
+        self.map
+            .get_or_insert_with(|| sampled.iter().rev().map(|s| (s.request, s)).collect())
+            .get(&id)
+            .copied()
     }
 }
 

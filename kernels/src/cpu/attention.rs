@@ -3,6 +3,12 @@
 //! Each (token, query head) pair is an independent task: it reads the K/V of every position
 //! up to and including its own through its sequence's block table, so a prefill chunk is
 //! causal within itself and sees everything cached before it.
+//!
+//! Precision: K and V are stored rounded to f16 (see `kv_cache`), and like llama.cpp's
+//! (non-flash) attention, which multiplies in f16 with f32 accumulation, the query and the
+//! normalised attention weights are rounded to f16 before their dot products. That keeps
+//! greedy decoding on real models token-for-token with llama.cpp where f32 attention would
+//! drift on near-ties.
 
 use crate::kv_cache::PagedKvPool;
 use rayon::prelude::*;
@@ -41,6 +47,8 @@ pub fn attention(
             return;
         };
         let kv_off = (h / group) * hd;
+        let qh: Vec<f32> = qh.iter().map(|&x| round_f16(x)).collect();
+        let qh = &qh[..];
         let bs = shape.block_size;
         let row = shape.n_kv_heads * hd;
         let len = tok.pos + 1;
@@ -66,13 +74,19 @@ pub fn attention(
         for &block in tok.block_table.iter().take(len.div_ceil(bs)) {
             let (_, vb) = pool.block(layer, block);
             for (v, &w) in vb.chunks_exact(row).zip(weights.by_ref().take(bs)) {
-                let w = w * inv;
+                let w = round_f16(w * inv);
                 for (a, &b) in o.iter_mut().zip(&v[kv_off..kv_off + hd]) {
                     *a += w * b;
                 }
             }
         }
     });
+}
+
+/// `x` rounded to the nearest f16 value (kept as f32).
+#[inline]
+pub fn round_f16(x: f32) -> f32 {
+    half::f16::from_f32(x).to_f32()
 }
 
 fn dot(a: &[f32], b: &[f32]) -> f32 {

@@ -296,6 +296,7 @@ fn run_forward(m: &CpuModel, pool: &mut PagedKvPool, batch: &[SeqStep<'_>]) -> L
         block_size: bs,
     };
 
+    let mut kv_row = Vec::with_capacity(2 * kv_dim);
     for (li, l) in m.layers.iter().enumerate() {
         ops::rms_norm(&x, &l.attn_norm, eps, &mut xn);
         let input = Input::new(&xn, n, h);
@@ -314,7 +315,10 @@ fn run_forward(m: &CpuModel, pool: &mut PagedKvPool, batch: &[SeqStep<'_>]) -> L
             ops::apply_rope(qr, hd, ang, c.rope_style);
             ops::apply_rope(kr, hd, ang, c.rope_style);
             let block = slot.block_table.get(slot.pos / bs).copied().unwrap_or(0);
-            pool.write(li, block, slot.pos % bs, kr, vr);
+            kv_row.clear();
+            kv_row.extend(kr.iter().chain(vr).map(|&x| attention::round_f16(x)));
+            let (kh, vh) = kv_row.split_at(kv_dim);
+            pool.write(li, block, slot.pos % bs, kh, vh);
         }
         attention::attention(pool, li, &shape, &slots, &q, &mut attn);
         l.wo.forward(&Input::new(&attn, n, q_dim), &mut proj);

@@ -274,12 +274,12 @@ impl BpeVocab {
                 self.push_pair(&syms, left, a, &mut heap);
             }
         }
-        for s in syms.iter().filter(|s| s.alive) {
-            match s.id.or(self.unk) {
-                Some(id) => out.push(id),
-                None => {}
-            }
-        }
+        // A character missing from the vocabulary becomes the unknown token, or is dropped.
+        out.extend(
+            syms.iter()
+                .filter(|s| s.alive)
+                .filter_map(|s| s.id.or(self.unk)),
+        );
     }
 
     fn push_pair(

@@ -314,3 +314,15 @@ fn strings(a: &[MetaValue], key: &str) -> Result<Vec<String>, TokenizerError> {
         })
         .collect()
 }
+
+#[cfg(test)]
+mod tests {
+    /// Tokenizers and loaded models are shared across threads (actors hold them in an `Arc`).
+    #[test]
+    fn shareable_across_threads() {
+        fn assert_send_sync<T: Send + Sync>() {}
+        assert_send_sync::<super::Tokenizer>();
+        assert_send_sync::<crate::loader::LoadedModel>();
+        assert_send_sync::<crate::chat::ChatTemplate>();
+    }
+}

@@ -1,0 +1,191 @@
+//! The executor: owns a compute backend (weights + paged KV pool) on its own OS thread and
+//! runs one step at a time: forward pass, then sampling.
+//!
+//! Compute never runs on a tokio worker thread: a forward pass takes milliseconds to seconds
+//! and would stall every other task on that thread. The async side talks to the thread over
+//! a channel and awaits a oneshot reply, so a worker actor can keep accepting requests and
+//! cancellations while a step runs.
+
+use crate::ids::RequestId;
+use crate::protocol::{SamplingParams, TokenLogprob};
+use crate::worker::{SampledToken, ScheduledSeq};
+use std::sync::mpsc as std_mpsc;
+use std::thread;
+use tokio::sync::oneshot;
+use turbine_kernels::backend::{Backend, KvLayout, SeqStep};
+use turbine_kernels::model::ModelConfig;
+use turbine_kernels::sampling::{self as ksampling, Sampler};
+
+/// What the sampler needs for one sequence of a step.
+#[derive(Clone, Debug)]
+pub struct SampleSpec {
+    pub params: SamplingParams,
+    /// The request's seed; the token at `sample_index` is drawn from a stream seeded by
+    /// (seed, sample_index), so a recomputed sequence draws the same tokens again.
+    pub seed: u64,
+    pub sample_index: u32,
+    /// Prompt + generated tokens; only filled when a repetition penalty is active.
+    pub history: Vec<u32>,
+    /// Top alternatives to report with the token's logprob, if logprobs were asked for.
+    pub logprobs: Option<u32>,
+}
+
+/// One sequence of a step, ready for the backend.
+#[derive(Clone, Debug)]
+pub struct ExecSeq {
+    pub seq: ScheduledSeq,
+    /// `Some` exactly when `seq.want_logits`.
+    pub sample: Option<SampleSpec>,
+}
+
+/// Why a step failed. The worker fails the step's requests with this message and goes on.
+#[derive(Debug, Clone, thiserror::Error)]
+pub enum ExecError {
+    #[error("backend: {0}")]
+    Backend(#[from] turbine_kernels::backend::BackendError),
+    #[error("sampling request {request}: {reason}")]
+    Sampling { request: RequestId, reason: String },
+    #[error("the executor thread has stopped")]
+    Stopped,
+}
+
+struct Job {
+    batch: Vec<ExecSeq>,
+    reply: oneshot::Sender<Result<Vec<SampledToken>, ExecError>>,
+}
+
+/// Handle to an executor thread. Cloning shares the thread; the thread ends when the last
+/// handle is dropped.
+#[derive(Clone)]
+pub struct Executor {
+    jobs: std_mpsc::Sender<Job>,
+    layout: KvLayout,
+    config: ModelConfig,
+}
+
+impl Executor {
+    /// Moves `backend` onto a new OS thread named `name`.
+    pub fn spawn(name: &str, backend: Box<dyn Backend>) -> std::io::Result<Executor> {
+        let layout = backend.kv_layout();
+        let config = backend.config().clone();
+        let (jobs, rx) = std_mpsc::channel::<Job>();
+        thread::Builder::new()
+            .name(name.to_string())
+            .spawn(move || run_thread(backend, rx))?;
+        Ok(Executor {
+            jobs,
+            layout,
+            config,
+        })
+    }
+
+    pub fn kv_layout(&self) -> KvLayout {
+        self.layout
+    }
+
+    pub fn model_config(&self) -> &ModelConfig {
+        &self.config
+    }
+
+    /// Runs one step: the forward pass over every sequence, then a sample for each one
+    /// that wants logits, in batch order.
+    pub async fn step(&self, batch: Vec<ExecSeq>) -> Result<Vec<SampledToken>, ExecError> {
+        let (reply, rx) = oneshot::channel();
+        self.jobs
+            .send(Job { batch, reply })
+            .map_err(|_| ExecError::Stopped)?;
+        rx.await.map_err(|_| ExecError::Stopped)?
+    }
+}
+
+fn run_thread(mut backend: Box<dyn Backend>, jobs: std_mpsc::Receiver<Job>) {
+    while let Ok(job) = jobs.recv() {
+        let result = run_step(backend.as_mut(), &job.batch);
+        // The caller may have gone away (worker shutting down): nothing to do then.
+        let _ = job.reply.send(result);
+    }
+}
+
+fn run_step(backend: &mut dyn Backend, batch: &[ExecSeq]) -> Result<Vec<SampledToken>, ExecError> {
+    let steps: Vec<SeqStep<'_>> = batch
+        .iter()
+        .map(|e| SeqStep {
+            tokens: &e.seq.tokens,
+            start_pos: e.seq.start_pos,
+            block_table: &e.seq.block_table,
+            want_logits: e.seq.want_logits,
+        })
+        .collect();
+    let logits = backend.forward(&steps)?;
+    let mut out = Vec::with_capacity(logits.rows());
+    let mut row = 0;
+    for e in batch.iter().filter(|e| e.seq.want_logits) {
+        let request = e.seq.request;
+        let Some(spec) = &e.sample else {
+            return Err(ExecError::Sampling {
+                request,
+                reason: "no sampling parameters".into(),
+            });
+        };
+        let Some(values) = logits.row(row) else {
+            return Err(ExecError::Sampling {
+                request,
+                reason: "backend returned too few logits rows".into(),
+            });
+        };
+        row += 1;
+        let sampled =
+            sample_one(values, spec).map_err(|reason| ExecError::Sampling { request, reason })?;
+        out.push(SampledToken {
+            request,
+            token: sampled.token,
+            logprob: spec.logprobs.map(|_| TokenLogprob {
+                token_id: sampled.token,
+                logprob: sampled.logprob,
+                top: sampled.top_logprobs.clone(),
+            }),
+        });
+    }
+    Ok(out)
+}
+
+/// Seed of the stream that draws token number `index` of a request seeded with `seed`.
+fn step_seed(seed: u64, index: u32) -> u64 {
+    // splitmix64 of the pair: distinct, well-mixed streams per position.
+    let mut z = seed ^ (u64::from(index).wrapping_mul(0x9E37_79B9_7F4A_7C15));
+    z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+    z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
+    z ^ (z >> 31)
+}
+
+fn sample_one(logits: &[f32], spec: &SampleSpec) -> Result<ksampling::SampledToken, String> {
+    let p = &spec.params;
+    let params = ksampling::SamplingParams {
+        temperature: p.temperature,
+        top_k: p.top_k as usize,
+        top_p: p.top_p,
+        min_p: p.min_p,
+        repetition_penalty: p.repetition_penalty,
+        seed: step_seed(spec.seed, spec.sample_index),
+        top_logprobs: spec.logprobs.unwrap_or(0) as usize,
+    };
+    let mut sampler = Sampler::new(params).map_err(|e| e.to_string())?;
+    sampler
+        .sample(logits, &spec.history)
+        .map_err(|e| e.to_string())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::step_seed;
+
+    #[test]
+    fn step_seeds_differ_per_position_and_seed() {
+        let a: Vec<u64> = (0..100).map(|i| step_seed(1, i)).collect();
+        let mut s = a.clone();
+        s.sort_unstable();
+        s.dedup();
+        assert_eq!(s.len(), a.len());
+        assert_ne!(step_seed(1, 0), step_seed(2, 0));
+    }
+}

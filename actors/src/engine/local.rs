@@ -1,0 +1,233 @@
+//! Assembles a whole serving graph inside one process from a [`ClusterConfig`] and a loaded
+//! model: one executor thread and one worker loop per worker replica, a KV-aware router fed
+//! by the workers' KV events, and the [`Pipeline`] the HTTP frontend calls.
+
+use super::executor::Executor;
+use super::metrics::WorkerMetrics;
+use super::pipeline::{index_sink, Pipeline};
+use super::service::{worker_service_name, WorkerActor, WorkerService};
+use super::worker::WorkerHandle;
+use crate::cluster_config::{ClusterConfig, WorkerGroup, WorkerRole};
+use crate::frontend::Metrics;
+use crate::ids::WorkerId;
+use crate::kv::indexer::FlashIndexer;
+use crate::preprocessor::codec::ModelCodec;
+use crate::router::{KvRouter, RouterReplicaId};
+use crate::worker::{BlockManager, BlockManagerConfig, Scheduler, SchedulerConfig};
+use std::sync::Arc;
+use turbine_kernels::backend::Backend;
+use turbine_kernels::cpu::{CpuBackend, CpuBackendOptions};
+use turbine_kernels::loader::LoadedModel;
+use turbine_runtime::{Node, NodeConfig};
+
+/// Why the graph could not be started.
+#[derive(Debug, thiserror::Error)]
+pub enum StartError {
+    #[error("invalid configuration: {0}")]
+    Config(String),
+    #[error("worker {worker}: {reason}")]
+    Worker { worker: WorkerId, reason: String },
+    #[error("request plane: {0}")]
+    Node(String),
+}
+
+/// A running single-process cluster.
+pub struct LocalCluster {
+    pub pipeline: Arc<Pipeline>,
+    pub metrics: Metrics,
+    pub index: Arc<FlashIndexer>,
+    /// This process's request-plane node: the workers are served on it, so other
+    /// processes could reach them too.
+    pub node: Node,
+    /// The worker engine loops, for inspection (stats) and tests.
+    pub workers: Vec<WorkerHandle>,
+}
+
+impl LocalCluster {
+    /// Starts every worker the config describes on the current tokio runtime, each served
+    /// as a supervised [`WorkerService`] on this process's node.
+    pub async fn start(
+        cfg: &ClusterConfig,
+        model: LoadedModel,
+    ) -> Result<LocalCluster, StartError> {
+        let groups: Vec<&WorkerGroup> = cfg.workers.iter().filter(|g| g.replicas > 0).collect();
+        let Some(first) = groups.first() else {
+            return Err(StartError::Config("no workers configured".into()));
+        };
+        let block_size = first.block_size;
+        if groups.iter().any(|g| g.block_size != block_size) {
+            return Err(StartError::Config(
+                "every worker group must use the same block_size".into(),
+            ));
+        }
+        if let Some(g) = groups.iter().find(|g| g.role != WorkerRole::Aggregated) {
+            return Err(StartError::Config(format!(
+                "role {:?} needs disaggregated serving, which this build does not run yet; use role: aggregated",
+                g.role
+            )));
+        }
+        // The context a request may use: the model's, capped by the config and by what the
+        // smallest worker's KV pool can hold.
+        let pool_tokens = groups
+            .iter()
+            .map(|g| g.kv_blocks * block_size.as_usize())
+            .min()
+            .unwrap_or(0);
+        let context_length = cfg
+            .model
+            .max_context
+            .unwrap_or(model.config.max_position)
+            .min(model.config.max_position)
+            .min(pool_tokens);
+        if context_length < 2 {
+            return Err(StartError::Config(format!(
+                "the usable context is {context_length} tokens: raise kv_blocks"
+            )));
+        }
+
+        let metrics = Metrics::new();
+        let worker_metrics = WorkerMetrics::register(&metrics);
+        let index = Arc::new(FlashIndexer::default());
+        let mut router_cfg = cfg.router.clone();
+        router_cfg.block_size = block_size;
+        let router = KvRouter::new(RouterReplicaId(0), router_cfg, Some(index.clone()))
+            .map_err(|e| StartError::Config(format!("router: {e}")))?;
+
+        let mut workers = Vec::new();
+        let mut next_id = 0u64;
+        for group in groups {
+            for _ in 0..group.replicas {
+                let id = WorkerId(next_id);
+                next_id += 1;
+                workers.push(start_worker(
+                    id,
+                    group,
+                    &model,
+                    context_length,
+                    index.clone(),
+                )?);
+            }
+        }
+
+        let (bos, eos) = (model.bos_token(), model.eos_token());
+        let LoadedModel {
+            tokenizer,
+            chat_template,
+            stop_ids,
+            name,
+            ..
+        } = model;
+        let codec = ModelCodec::new(
+            Arc::new(tokenizer),
+            chat_template.as_deref(),
+            bos,
+            eos,
+            stop_ids,
+        )
+        .map_err(StartError::Config)?;
+        let model_id = cfg.model.served_name.clone().unwrap_or(name);
+        let pipeline = Arc::new(Pipeline::new(
+            model_id,
+            context_length,
+            block_size,
+            Arc::new(codec),
+            router,
+        ));
+
+        let node = Node::start(NodeConfig {
+            name: "frontend".to_string(),
+            bind: format!("tcp://{}", cfg.transport.bind),
+            call_timeout_ms: cfg.transport.call_timeout_ms,
+            ..NodeConfig::default()
+        })
+        .await
+        .map_err(|e| StartError::Node(e.to_string()))?;
+        for handle in &workers {
+            let name = worker_service_name(handle.id());
+            let served = handle.clone();
+            node.serve::<WorkerService, _, _>(&name, move || WorkerActor::new(served.clone()))
+                .await
+                .map_err(|e| StartError::Node(e.to_string()))?;
+            let addr = node
+                .local::<WorkerService>(&name)
+                .map_err(|e| StartError::Node(e.to_string()))?;
+            pipeline.add_worker(handle.id(), addr);
+            spawn_load_mirror(handle, pipeline.clone(), worker_metrics.clone());
+        }
+        Ok(LocalCluster {
+            pipeline,
+            metrics,
+            index,
+            node,
+            workers,
+        })
+    }
+}
+
+fn start_worker(
+    id: WorkerId,
+    group: &WorkerGroup,
+    model: &LoadedModel,
+    context_length: usize,
+    index: Arc<FlashIndexer>,
+) -> Result<WorkerHandle, StartError> {
+    let fail = |reason: String| StartError::Worker { worker: id, reason };
+    let backend: Box<dyn Backend> = match group.device.as_str() {
+        "cpu" => Box::new(
+            CpuBackend::new(
+                model.config.clone(),
+                &model.weights,
+                CpuBackendOptions {
+                    num_blocks: group.kv_blocks,
+                    block_size: group.block_size.as_usize(),
+                    threads: group.threads,
+                },
+            )
+            .map_err(|e| fail(e.to_string()))?,
+        ),
+        other => {
+            return Err(fail(format!(
+                "device {other:?} is not available in this build (use device: cpu)"
+            )))
+        }
+    };
+    let executor =
+        Executor::spawn(&format!("executor-{id}"), backend).map_err(|e| fail(e.to_string()))?;
+    let blocks = BlockManager::new(BlockManagerConfig {
+        num_blocks: u32::try_from(group.kv_blocks)
+            .map_err(|_| fail("kv_blocks is too large".into()))?,
+        block_size: group.block_size,
+        enable_prefix_caching: true,
+    });
+    let scheduler = Scheduler::new(
+        SchedulerConfig {
+            max_num_batched_tokens: group.max_num_batched_tokens,
+            max_num_seqs: group.max_num_seqs,
+            max_model_len: context_length,
+            enable_chunked_prefill: true,
+        },
+        blocks,
+    )
+    .map_err(|e| fail(e.to_string()))?;
+    Ok(WorkerHandle::spawn(
+        id,
+        scheduler,
+        executor,
+        index_sink(index),
+    ))
+}
+
+/// After every step of `worker`: its load into the router, its gauges into the metrics.
+fn spawn_load_mirror(worker: &WorkerHandle, pipeline: Arc<Pipeline>, metrics: WorkerMetrics) {
+    let mut stats = worker.watch_stats();
+    let id = worker.id();
+    let name = id.to_string();
+    metrics.update(&name, &stats.borrow());
+    tokio::spawn(async move {
+        while stats.changed().await.is_ok() {
+            let s = stats.borrow_and_update().clone();
+            pipeline.update_load(id, &s);
+            metrics.update(&name, &s);
+        }
+    });
+}

@@ -1,0 +1,12 @@
+//! The serving engine's actor shells: the executor (a backend on its own OS thread) and the
+//! worker loop that drives the pure scheduler against it.
+
+pub mod executor;
+pub mod local;
+pub mod metrics;
+pub mod pipeline;
+pub mod service;
+pub mod worker;
+
+pub use executor::{ExecError, ExecSeq, Executor, SampleSpec};
+pub use worker::{KvEventSink, TokenStream, WorkerError, WorkerHandle};

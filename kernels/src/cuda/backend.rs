@@ -1,0 +1,776 @@
+//! [`CudaBackend`]: the Llama-family forward pass on one GPU, implementing [`Backend`].
+//!
+//! Weights live on the device as bf16 (norms and biases f32), with q/k/v fused into one
+//! `[q + 2kv, hidden]` matrix and gate/up into one `[2 ffn, hidden]` matrix, so a layer is
+//! four cuBLAS GEMMs plus small kernels. The residual stream stays f32. The KV pool is one
+//! bf16 K and one bf16 V allocation per layer, `[num_blocks * block_size][n_kv_heads][head_dim]`
+//! (the per-layer order of [`KvLayout::bytes_per_block`]).
+//!
+//! All work of a call runs in order on the compute stream; the call synchronises only to
+//! upload its small metadata and to return logits (or greedy token ids).
+
+use super::device::{CudaError, DBuf, Gpu, KernelSpec};
+use super::ops::AttnMeta;
+use super::synthetic::{draw_for, Draw};
+use crate::backend::{Backend, BackendError, KvDType, KvLayout, Logits, SeqStep};
+use crate::model::{ModelConfig, ModelWeights, RopeStyle};
+use crate::tensor::WeightTensor;
+
+impl From<CudaError> for BackendError {
+    fn from(e: CudaError) -> Self {
+        BackendError::Device(e.to_string())
+    }
+}
+
+/// Construction options for [`CudaBackend`].
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct CudaBackendOptions {
+    /// CUDA device ordinal.
+    pub device: usize,
+    /// Physical KV blocks in the pool.
+    pub num_blocks: usize,
+    /// Token positions per block.
+    pub block_size: usize,
+}
+
+impl Default for CudaBackendOptions {
+    fn default() -> Self {
+        CudaBackendOptions {
+            device: 0,
+            num_blocks: 2048,
+            block_size: 16,
+        }
+    }
+}
+
+struct DevLayer {
+    attn_norm: DBuf,
+    wqkv: DBuf,
+    bqkv: Option<DBuf>,
+    wo: DBuf,
+    ffn_norm: DBuf,
+    w_gu: DBuf,
+    w_down: DBuf,
+}
+
+/// Scratch buffers, grown to the largest call seen.
+#[derive(Default)]
+struct Scratch {
+    tokens: usize,
+    logits: usize,
+    ws: (usize, usize),
+    meta_len: usize,
+    bufs: Option<ScratchBufs>,
+}
+
+struct ScratchBufs {
+    x: DBuf,
+    h: DBuf,
+    qkv: DBuf,
+    attn: DBuf,
+    o: DBuf,
+    gu: DBuf,
+    act: DBuf,
+    part_o: DBuf,
+    part_ml: DBuf,
+    meta: DBuf,
+    head_in: DBuf,
+    logits: DBuf,
+    argmax: DBuf,
+}
+
+pub struct CudaBackend {
+    gpu: Gpu,
+    config: ModelConfig,
+    layout: KvLayout,
+    embd: DBuf,
+    /// `None`: tied to `embd`.
+    head: Option<DBuf>,
+    out_norm: DBuf,
+    layers: Vec<DevLayer>,
+    kcache: Vec<DBuf>,
+    vcache: Vec<DBuf>,
+    scratch: Scratch,
+}
+
+fn check_config(c: &ModelConfig, o: &CudaBackendOptions) -> Result<(), BackendError> {
+    let bad = |m: &str| Err(BackendError::BadConfig(m.to_string()));
+    if c.n_heads == 0 || c.n_kv_heads == 0 || c.n_heads % c.n_kv_heads != 0 {
+        return bad("n_heads must be a positive multiple of n_kv_heads");
+    }
+    if c.head_dim == 0 || c.head_dim % 32 != 0 || c.head_dim > 256 {
+        return bad("the CUDA kernels need head_dim a multiple of 32, at most 256");
+    }
+    if c.hidden_size == 0 || c.vocab_size == 0 || c.intermediate_size == 0 {
+        return bad("hidden_size, vocab_size and intermediate_size must be positive");
+    }
+    if o.block_size == 0 || o.num_blocks == 0 {
+        return bad("block_size and num_blocks must be positive");
+    }
+    Ok(())
+}
+
+fn to_bf16_bits(v: &[f32]) -> Vec<u16> {
+    v.iter()
+        .map(|&x| half::bf16::from_f32(x).to_bits())
+        .collect()
+}
+
+fn floats(t: &WeightTensor, rows: usize, cols: usize) -> Result<Vec<f32>, BackendError> {
+    if t.numel() != rows * cols {
+        return Err(BackendError::UnsupportedWeight {
+            name: t.name.clone(),
+            reason: format!("shape {:?}, expected {rows} x {cols}", t.shape),
+        });
+    }
+    crate::quant::dequantize_tensor(t).map_err(|e| BackendError::UnsupportedWeight {
+        name: t.name.clone(),
+        reason: e.to_string(),
+    })
+}
+
+/// Split-K attention workspace allowed per launch (bytes).
+const ATTN_WORKSPACE_BYTES: usize = 256 << 20;
+
+/// Query tokens per attention launch so the workspace stays within [`ATTN_WORKSPACE_BYTES`].
+fn attn_chunk(g: &Gpu, tokens: usize, n_heads: usize, max_ctx: usize) -> usize {
+    let per_token = g.attn_workspace(1, n_heads, max_ctx).0.max(1);
+    (ATTN_WORKSPACE_BYTES / per_token).clamp(1, tokens.max(1))
+}
+
+impl CudaBackend {
+    /// Fills the whole KV pool with seeded random values (benchmarks: never time on zeros).
+    pub fn randomize_kv(&mut self, seed: u64) -> Result<(), BackendError> {
+        let n = self.layout.num_blocks * self.layout.elems_per_layer_block();
+        for (l, (k, v)) in self.kcache.iter().zip(&self.vcache).enumerate() {
+            self.gpu
+                .init_uniform_bf16(k.ptr(), n, seed ^ (2 * l as u64), 1.0, 0.0)?;
+            self.gpu
+                .init_uniform_bf16(v.ptr(), n, seed ^ (2 * l as u64 + 1), 1.0, 0.0)?;
+        }
+        self.gpu.sync()?;
+        Ok(())
+    }
+
+    fn empty(
+        config: ModelConfig,
+        options: CudaBackendOptions,
+    ) -> Result<(Gpu, KvLayout), BackendError> {
+        check_config(&config, &options)?;
+        let gpu = Gpu::new(
+            options.device,
+            KernelSpec {
+                head_dim: config.head_dim,
+                group: config.group_size(),
+            },
+        )?;
+        let layout = KvLayout {
+            block_size: options.block_size,
+            num_blocks: options.num_blocks,
+            n_layers: config.n_layers,
+            n_kv_heads: config.n_kv_heads,
+            head_dim: config.head_dim,
+            dtype: KvDType::BF16,
+        };
+        Ok((gpu, layout))
+    }
+
+    fn alloc_pool(gpu: &Gpu, layout: &KvLayout) -> Result<(Vec<DBuf>, Vec<DBuf>), BackendError> {
+        let bytes = layout.num_blocks * layout.elems_per_layer_block() * 2;
+        let mut k = Vec::new();
+        let mut v = Vec::new();
+        for _ in 0..layout.n_layers {
+            let kb = gpu.alloc(bytes)?;
+            let vb = gpu.alloc(bytes)?;
+            gpu.fill(kb.ptr(), 0, bytes)?;
+            gpu.fill(vb.ptr(), 0, bytes)?;
+            k.push(kb);
+            v.push(vb);
+        }
+        Ok((k, v))
+    }
+
+    /// Uploads `weights` (any dtype the loader produces: dequantized to f32 on the host, then
+    /// stored as bf16) and allocates the KV pool.
+    pub fn new(
+        config: ModelConfig,
+        weights: &ModelWeights,
+        options: CudaBackendOptions,
+    ) -> Result<CudaBackend, BackendError> {
+        let (gpu, layout) = Self::empty(config.clone(), options)?;
+        let c = &config;
+        if weights.layers.len() != c.n_layers {
+            return Err(BackendError::BadConfig(format!(
+                "{} layers of weights for n_layers = {}",
+                weights.layers.len(),
+                c.n_layers
+            )));
+        }
+        let (h, q, kv, f) = (
+            c.hidden_size,
+            c.n_heads * c.head_dim,
+            c.n_kv_heads * c.head_dim,
+            c.intermediate_size,
+        );
+        let mat = |parts: &[(&WeightTensor, usize)], cols: usize| -> Result<DBuf, BackendError> {
+            let mut all = Vec::new();
+            for (t, rows) in parts {
+                all.extend(to_bf16_bits(&floats(t, *rows, cols)?));
+            }
+            Ok(gpu.upload(&all)?)
+        };
+        let vecf = |t: &WeightTensor, len: usize| -> Result<DBuf, BackendError> {
+            Ok(gpu.upload(&floats(t, 1, len)?)?)
+        };
+        let mut layers = Vec::new();
+        for l in &weights.layers {
+            let bqkv = match (&l.bq, &l.bk, &l.bv) {
+                (None, None, None) => None,
+                (bq, bk, bv) => {
+                    let mut all = Vec::new();
+                    for (b, len) in [(bq, q), (bk, kv), (bv, kv)] {
+                        match b {
+                            Some(t) => all.extend(floats(t, 1, len)?),
+                            None => all.extend(std::iter::repeat_n(0.0f32, len)),
+                        }
+                    }
+                    Some(gpu.upload(&all)?)
+                }
+            };
+            layers.push(DevLayer {
+                attn_norm: vecf(&l.attn_norm, h)?,
+                wqkv: mat(&[(&l.wq, q), (&l.wk, kv), (&l.wv, kv)], h)?,
+                bqkv,
+                wo: mat(&[(&l.wo, h)], q)?,
+                ffn_norm: vecf(&l.ffn_norm, h)?,
+                w_gu: mat(&[(&l.w_gate, f), (&l.w_up, f)], h)?,
+                w_down: mat(&[(&l.w_down, h)], f)?,
+            });
+        }
+        let embd = mat(&[(&weights.token_embd, c.vocab_size)], h)?;
+        let head = match &weights.output {
+            Some(t) => Some(mat(&[(t, c.vocab_size)], h)?),
+            None => None,
+        };
+        let out_norm = vecf(&weights.output_norm, h)?;
+        let (kcache, vcache) = Self::alloc_pool(&gpu, &layout)?;
+        gpu.sync()?;
+        Ok(CudaBackend {
+            gpu,
+            config,
+            layout,
+            embd,
+            head,
+            out_norm,
+            layers,
+            kcache,
+            vcache,
+            scratch: Scratch::default(),
+        })
+    }
+
+    /// A model of `config`'s shapes with seeded random weights generated on the device (no
+    /// file, no host copy): the same values `synthetic::synthetic_weights(config, seed)` would
+    /// give, up to float rounding of the hash-to-float step.
+    pub fn synthetic(
+        config: ModelConfig,
+        seed: u64,
+        options: CudaBackendOptions,
+    ) -> Result<CudaBackend, BackendError> {
+        let (gpu, layout) = Self::empty(config.clone(), options)?;
+        let c = &config;
+        let (h, q, kv, f) = (
+            c.hidden_size,
+            c.n_heads * c.head_dim,
+            c.n_kv_heads * c.head_dim,
+            c.intermediate_size,
+        );
+        // Fills a fused bf16 matrix part by part, each part with its own draw.
+        let mat = |parts: &[(Draw, usize)], cols: usize| -> Result<DBuf, BackendError> {
+            let rows: usize = parts.iter().map(|p| p.1).sum();
+            let b = gpu.alloc(rows * cols * 2)?;
+            let mut off = 0usize;
+            for (d, r) in parts {
+                gpu.init_uniform_bf16(b.ptr() + off as u64, r * cols, d.seed, d.scale, d.offset)?;
+                off += r * cols * 2;
+            }
+            Ok(b)
+        };
+        let vecf = |d: Draw, len: usize| -> Result<DBuf, BackendError> {
+            let b = gpu.alloc(len * 4)?;
+            gpu.init_uniform_f32(b.ptr(), len, d.seed, d.scale, d.offset)?;
+            Ok(b)
+        };
+        let mut layers = Vec::new();
+        for l in 0..c.n_layers {
+            let d = |role: usize, fan_in: usize| draw_for(seed, Some(l), role, fan_in);
+            layers.push(DevLayer {
+                attn_norm: vecf(d(0, h), h)?,
+                wqkv: mat(&[(d(1, h), q), (d(2, h), kv), (d(3, h), kv)], h)?,
+                bqkv: None,
+                wo: mat(&[(d(4, q), h)], q)?,
+                ffn_norm: vecf(d(5, h), h)?,
+                w_gu: mat(&[(d(6, h), f), (d(7, h), f)], h)?,
+                w_down: mat(&[(d(8, f), h)], f)?,
+            });
+        }
+        let embd = mat(&[(draw_for(seed, None, 0, h), c.vocab_size)], h)?;
+        let head = Some(mat(&[(draw_for(seed, None, 2, h), c.vocab_size)], h)?);
+        let out_norm = vecf(draw_for(seed, None, 1, h), h)?;
+        let (kcache, vcache) = Self::alloc_pool(&gpu, &layout)?;
+        gpu.sync()?;
+        Ok(CudaBackend {
+            gpu,
+            config,
+            layout,
+            embd,
+            head,
+            out_norm,
+            layers,
+            kcache,
+            vcache,
+            scratch: Scratch::default(),
+        })
+    }
+
+    /// The device (for timing events in benchmarks).
+    pub fn gpu(&self) -> &Gpu {
+        &self.gpu
+    }
+
+    /// Bytes of weights on the device.
+    pub fn weight_bytes(&self) -> usize {
+        let mut n =
+            self.embd.len() + self.out_norm.len() + self.head.as_ref().map_or(0, |b| b.len());
+        for l in &self.layers {
+            n += l.attn_norm.len()
+                + l.wqkv.len()
+                + l.wo.len()
+                + l.ffn_norm.len()
+                + l.w_gu.len()
+                + l.w_down.len();
+            n += l.bqkv.as_ref().map_or(0, |b| b.len());
+        }
+        n
+    }
+
+    fn validate(&self, batch: &[SeqStep<'_>]) -> Result<(), BackendError> {
+        let c = &self.config;
+        let bs = self.layout.block_size;
+        let mut written = Vec::new();
+        for (index, s) in batch.iter().enumerate() {
+            if s.tokens.is_empty() {
+                return Err(BackendError::EmptyStep { index });
+            }
+            if let Some(&token) = s.tokens.iter().find(|&&t| t as usize >= c.vocab_size) {
+                return Err(BackendError::BadTokenId {
+                    token,
+                    vocab: c.vocab_size,
+                });
+            }
+            let end = s.end_pos();
+            if c.max_position > 0 && end > c.max_position {
+                return Err(BackendError::SequenceTooLong {
+                    len: end,
+                    max: c.max_position,
+                });
+            }
+            if end > i32::MAX as usize / 2 {
+                return Err(BackendError::SequenceTooLong {
+                    len: end,
+                    max: i32::MAX as usize / 2,
+                });
+            }
+            let needed = end.div_ceil(bs);
+            let table = s
+                .block_table
+                .get(..needed)
+                .ok_or(BackendError::BlockTableTooShort {
+                    got: s.block_table.len(),
+                    needed,
+                    needed_positions: end,
+                })?;
+            for &b in table {
+                self.check_block(b)?;
+            }
+            for p in s.start_pos..end {
+                written.push((table[p / bs], p % bs));
+            }
+        }
+        written.sort_unstable();
+        if let Some(w) = written.windows(2).find(|w| w[0] == w[1]) {
+            return Err(BackendError::ConflictingWrites {
+                block: w[0].0,
+                slot: w[0].1,
+            });
+        }
+        Ok(())
+    }
+
+    fn check_block(&self, b: u32) -> Result<(), BackendError> {
+        if (b as usize) < self.layout.num_blocks {
+            Ok(())
+        } else {
+            Err(BackendError::BadBlockId {
+                block: b,
+                num_blocks: self.layout.num_blocks,
+            })
+        }
+    }
+
+    fn ensure_scratch(
+        &mut self,
+        tokens: usize,
+        logits: usize,
+        max_ctx: usize,
+        meta_len: usize,
+    ) -> Result<(), BackendError> {
+        let c = &self.config;
+        let ws = self.gpu.attn_workspace(
+            attn_chunk(&self.gpu, tokens, c.n_heads, max_ctx),
+            c.n_heads,
+            max_ctx,
+        );
+        let s = &self.scratch;
+        if s.bufs.is_some()
+            && tokens <= s.tokens
+            && logits <= s.logits
+            && ws.0 <= s.ws.0
+            && ws.1 <= s.ws.1
+            && meta_len <= s.meta_len
+        {
+            return Ok(());
+        }
+        let tokens = tokens.max(s.tokens);
+        let logits = logits.max(s.logits).max(1);
+        let ws = (ws.0.max(s.ws.0), ws.1.max(s.ws.1));
+        let meta_len = meta_len.max(s.meta_len);
+        self.scratch.bufs = None;
+        let (h, q, kv, f) = (
+            c.hidden_size,
+            c.n_heads * c.head_dim,
+            c.n_kv_heads * c.head_dim,
+            c.intermediate_size,
+        );
+        let g = &self.gpu;
+        let bufs = ScratchBufs {
+            x: g.alloc(tokens * h * 4)?,
+            h: g.alloc(tokens * h * 2)?,
+            qkv: g.alloc(tokens * (q + 2 * kv) * 2)?,
+            attn: g.alloc(tokens * q * 2)?,
+            o: g.alloc(tokens * h * 2)?,
+            gu: g.alloc(tokens * 2 * f * 2)?,
+            act: g.alloc(tokens * f * 2)?,
+            part_o: g.alloc(ws.0)?,
+            part_ml: g.alloc(ws.1)?,
+            meta: g.alloc(meta_len * 4)?,
+            head_in: g.alloc(logits * h * 2)?,
+            logits: g.alloc(logits * c.vocab_size * 4)?,
+            argmax: g.alloc(logits * 4)?,
+        };
+        self.scratch = Scratch {
+            tokens,
+            logits,
+            ws,
+            meta_len,
+            bufs: Some(bufs),
+        };
+        Ok(())
+    }
+
+    /// Runs the batch up to the logits GEMM; returns how many logit rows were computed (in
+    /// `scratch.logits`). `batch` must be validated.
+    fn run(&mut self, batch: &[SeqStep<'_>]) -> Result<usize, BackendError> {
+        let c = self.config.clone();
+        let bs = self.layout.block_size;
+        let (h, hd) = (c.hidden_size, c.head_dim);
+        let (q, kv, f) = (c.n_heads * hd, c.n_kv_heads * hd, c.intermediate_size);
+        let qkv_dim = q + 2 * kv;
+
+        // Metadata, packed into one i32 upload: tokens, pos, slots, tok_seq, logit rows,
+        // seq_bt_off, block tables.
+        let (mut tokens, mut pos, mut slots, mut tok_seq, mut rows, mut bt_off, mut tables) = (
+            Vec::new(),
+            Vec::new(),
+            Vec::new(),
+            Vec::new(),
+            Vec::new(),
+            Vec::new(),
+            Vec::new(),
+        );
+        let mut max_ctx = 1;
+        for (si, s) in batch.iter().enumerate() {
+            let end = s.end_pos();
+            max_ctx = max_ctx.max(end);
+            bt_off.push(tables.len() as i32);
+            tables.extend(s.block_table[..end.div_ceil(bs)].iter().map(|&b| b as i32));
+            for (i, &t) in s.tokens.iter().enumerate() {
+                let p = s.start_pos + i;
+                tokens.push(t as i32);
+                pos.push(p as i32);
+                slots.push((s.block_table[p / bs] as usize * bs + p % bs) as i32);
+                tok_seq.push(si as i32);
+            }
+            if s.want_logits {
+                rows.push(tokens.len() as i32 - 1);
+            }
+        }
+        let n = tokens.len();
+        let m = rows.len();
+        let mut meta = Vec::new();
+        let mut offs = [0usize; 7];
+        for (i, part) in [&tokens, &pos, &slots, &tok_seq, &rows, &bt_off, &tables]
+            .iter()
+            .enumerate()
+        {
+            offs[i] = meta.len();
+            meta.extend_from_slice(part);
+        }
+        self.ensure_scratch(n, m, max_ctx, meta.len())?;
+        let Some(sb) = self.scratch.bufs.as_ref() else {
+            return Err(BackendError::Device("scratch buffers missing".into()));
+        };
+        let g = &self.gpu;
+        g.htod(&meta, &sb.meta, 0)?;
+        let mp = |i: usize| sb.meta.ptr() + (offs[i] * 4) as u64;
+        let am = AttnMeta {
+            block_tables: mp(6),
+            tok_seq: mp(3),
+            tok_pos: mp(1),
+            seq_bt_off: mp(5),
+            block_size: bs,
+        };
+        let eps = c.rms_norm_eps;
+        g.embed_rows(self.embd.ptr(), mp(0), sb.x.ptr(), n, h)?;
+        for (li, l) in self.layers.iter().enumerate() {
+            let add = if li == 0 { 0 } else { sb.o.ptr() };
+            g.add_rmsnorm(sb.x.ptr(), add, l.attn_norm.ptr(), sb.h.ptr(), n, h, eps)?;
+            g.gemm_xwt(
+                sb.h.ptr(),
+                h,
+                l.wqkv.ptr(),
+                sb.qkv.ptr(),
+                qkv_dim,
+                n,
+                qkv_dim,
+                h,
+                false,
+            )?;
+            if let Some(b) = &l.bqkv {
+                g.add_bias(sb.qkv.ptr(), b.ptr(), n, qkv_dim, qkv_dim)?;
+            }
+            g.rope_qk(
+                sb.qkv.ptr(),
+                mp(1),
+                n,
+                qkv_dim,
+                c.n_heads,
+                c.n_kv_heads,
+                c.rope_theta,
+                c.rope_style == RopeStyle::Neox,
+            )?;
+            let (kc, vc) = (self.kcache[li].ptr(), self.vcache[li].ptr());
+            g.kv_write(sb.qkv.ptr(), mp(2), kc, vc, n, qkv_dim, q, kv)?;
+            // Attention in token chunks so the split-K workspace stays bounded on long prompts.
+            let chunk = attn_chunk(g, n, c.n_heads, max_ctx);
+            let mut t0 = 0;
+            while t0 < n {
+                let nt = chunk.min(n - t0);
+                let sub = AttnMeta {
+                    tok_seq: am.tok_seq + (t0 * 4) as u64,
+                    tok_pos: am.tok_pos + (t0 * 4) as u64,
+                    ..am
+                };
+                g.attention(
+                    sb.qkv.ptr() + (t0 * qkv_dim * 2) as u64,
+                    qkv_dim,
+                    kc,
+                    vc,
+                    &sub,
+                    nt,
+                    c.n_kv_heads,
+                    max_ctx,
+                    sb.part_o.ptr(),
+                    sb.part_ml.ptr(),
+                    sb.attn.ptr() + (t0 * q * 2) as u64,
+                )?;
+                t0 += nt;
+            }
+            g.gemm_xwt(sb.attn.ptr(), q, l.wo.ptr(), sb.o.ptr(), h, n, h, q, false)?;
+            g.add_rmsnorm(
+                sb.x.ptr(),
+                sb.o.ptr(),
+                l.ffn_norm.ptr(),
+                sb.h.ptr(),
+                n,
+                h,
+                eps,
+            )?;
+            g.gemm_xwt(
+                sb.h.ptr(),
+                h,
+                l.w_gu.ptr(),
+                sb.gu.ptr(),
+                2 * f,
+                n,
+                2 * f,
+                h,
+                false,
+            )?;
+            g.swiglu(sb.gu.ptr(), sb.act.ptr(), n, f)?;
+            g.gemm_xwt(
+                sb.act.ptr(),
+                f,
+                l.w_down.ptr(),
+                sb.o.ptr(),
+                h,
+                n,
+                h,
+                f,
+                false,
+            )?;
+        }
+        let add = if self.layers.is_empty() {
+            0
+        } else {
+            sb.o.ptr()
+        };
+        g.add_rmsnorm(sb.x.ptr(), add, self.out_norm.ptr(), sb.h.ptr(), n, h, eps)?;
+        if m > 0 {
+            g.gather_rows(sb.h.ptr(), mp(4), sb.head_in.ptr(), m, h)?;
+            let head = self.head.as_ref().unwrap_or(&self.embd);
+            g.gemm_xwt(
+                sb.head_in.ptr(),
+                h,
+                head.ptr(),
+                sb.logits.ptr(),
+                c.vocab_size,
+                m,
+                c.vocab_size,
+                h,
+                true,
+            )?;
+        }
+        Ok(m)
+    }
+
+    /// Like [`Backend::forward`] but returns the greedy (argmax) token of each logits row,
+    /// computed on the device, so only `4 * rows` bytes come back.
+    pub fn forward_greedy(&mut self, batch: &[SeqStep<'_>]) -> Result<Vec<u32>, BackendError> {
+        self.validate(batch)?;
+        let m = self.run(batch)?;
+        let mut ids = vec![0i32; m];
+        if m > 0 {
+            let Some(sb) = self.scratch.bufs.as_ref() else {
+                return Err(BackendError::Device("scratch buffers missing".into()));
+            };
+            self.gpu
+                .argmax_rows(sb.logits.ptr(), m, self.config.vocab_size, sb.argmax.ptr())?;
+            self.gpu.dtoh(&sb.argmax, 0, &mut ids)?;
+        }
+        Ok(ids.into_iter().map(|i| i.max(0) as u32).collect())
+    }
+
+    /// Byte offset of (block, layer) in a layer's K or V buffer, and its length.
+    fn block_span(&self, block: u32) -> (usize, usize) {
+        let len = self.layout.elems_per_layer_block() * 2;
+        (block as usize * len, len)
+    }
+}
+
+impl Backend for CudaBackend {
+    fn config(&self) -> &ModelConfig {
+        &self.config
+    }
+
+    fn kv_layout(&self) -> KvLayout {
+        self.layout
+    }
+
+    fn forward(&mut self, batch: &[SeqStep<'_>]) -> Result<Logits, BackendError> {
+        self.validate(batch)?;
+        let m = self.run(batch)?;
+        let vocab = self.config.vocab_size;
+        let mut data = vec![0.0f32; m * vocab];
+        if m > 0 {
+            let Some(sb) = self.scratch.bufs.as_ref() else {
+                return Err(BackendError::Device("scratch buffers missing".into()));
+            };
+            self.gpu.dtoh(&sb.logits, 0, &mut data)?;
+        } else {
+            self.gpu.sync()?;
+        }
+        Ok(Logits { vocab, data })
+    }
+
+    fn copy_blocks(&mut self, src_dst: &[(u32, u32)]) -> Result<(), BackendError> {
+        for &(s, d) in src_dst {
+            self.check_block(s)?;
+            self.check_block(d)?;
+        }
+        for &(s, d) in src_dst {
+            let (so, len) = self.block_span(s);
+            let (doff, _) = self.block_span(d);
+            for l in 0..self.layout.n_layers {
+                for buf in [&self.kcache[l], &self.vcache[l]] {
+                    self.gpu
+                        .dtod(buf.ptr() + so as u64, buf.ptr() + doff as u64, len)?;
+                }
+            }
+        }
+        self.gpu.sync()?;
+        Ok(())
+    }
+
+    fn export_blocks(&self, ids: &[u32]) -> Result<Vec<u8>, BackendError> {
+        for &b in ids {
+            self.check_block(b)?;
+        }
+        let per = self.layout.bytes_per_block();
+        let stage = self.gpu.alloc(per * ids.len())?;
+        let mut off = 0u64;
+        for &b in ids {
+            let (so, len) = self.block_span(b);
+            for l in 0..self.layout.n_layers {
+                for buf in [&self.kcache[l], &self.vcache[l]] {
+                    self.gpu
+                        .dtod(buf.ptr() + so as u64, stage.ptr() + off, len)?;
+                    off += len as u64;
+                }
+            }
+        }
+        let mut out = vec![0u8; per * ids.len()];
+        self.gpu.dtoh(&stage, 0, &mut out)?;
+        Ok(out)
+    }
+
+    fn import_blocks(&mut self, ids: &[u32], data: &[u8]) -> Result<(), BackendError> {
+        for &b in ids {
+            self.check_block(b)?;
+        }
+        let per = self.layout.bytes_per_block();
+        if data.len() != per * ids.len() {
+            return Err(BackendError::KvDataSize {
+                got: data.len(),
+                expected: per * ids.len(),
+            });
+        }
+        if ids.is_empty() {
+            return Ok(());
+        }
+        let stage = self.gpu.upload(data)?;
+        let mut off = 0u64;
+        for &b in ids {
+            let (doff, len) = self.block_span(b);
+            for l in 0..self.layout.n_layers {
+                for buf in [&self.kcache[l], &self.vcache[l]] {
+                    self.gpu
+                        .dtod(stage.ptr() + off, buf.ptr() + doff as u64, len)?;
+                    off += len as u64;
+                }
+            }
+        }
+        self.gpu.sync()?;
+        Ok(())
+    }
+}

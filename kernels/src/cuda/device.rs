@@ -1,0 +1,449 @@
+//! The device: a CUDA context with a compute stream and a copy stream, the NVRTC-compiled
+//! kernel module (compiled once per process per (arch, head_dim, group) and cached), and a
+//! cuBLAS handle for bf16 GEMMs with f32 accumulation.
+//!
+//! Buffers are untyped byte allocations ([`DBuf`]); kernels take raw device addresses. Event
+//! tracking is off: all work of one backend is ordered on its compute stream, and the copy
+//! stream is joined explicitly where it is used.
+
+use cudarc::cublas::{self, CudaBlas};
+use cudarc::driver::{
+    self as drv, CudaContext, CudaEvent, CudaFunction, CudaModule, CudaSlice, CudaStream,
+    DevicePtr, LaunchConfig, PushKernelArg,
+};
+use std::collections::BTreeMap;
+use std::sync::{Arc, Mutex, OnceLock};
+use thiserror::Error;
+
+/// The kernels' CUDA C source.
+pub const KERNEL_SOURCE: &str = include_str!("kernels.cu");
+
+/// Why a device operation failed.
+#[derive(Debug, Error, Clone, PartialEq, Eq)]
+pub enum CudaError {
+    #[error("no usable CUDA device: {0}")]
+    NoDevice(String),
+    #[error("CUDA driver: {0}")]
+    Driver(String),
+    #[error("NVRTC compile failed: {0}")]
+    Compile(String),
+    #[error("cuBLAS: {0}")]
+    Blas(String),
+    #[error("unsupported shape: {0}")]
+    Shape(String),
+}
+
+impl From<drv::DriverError> for CudaError {
+    fn from(e: drv::DriverError) -> Self {
+        CudaError::Driver(format!("{e:?}"))
+    }
+}
+
+impl From<cublas::result::CublasError> for CudaError {
+    fn from(e: cublas::result::CublasError) -> Self {
+        CudaError::Blas(format!("{e:?}"))
+    }
+}
+
+/// Compile-time constants a kernel module is specialised for.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]
+pub struct KernelSpec {
+    pub head_dim: usize,
+    /// Query heads per KV head.
+    pub group: usize,
+}
+
+/// PTX per (arch, spec), shared by every context of the process.
+fn ptx_cache() -> &'static Mutex<BTreeMap<(String, KernelSpec), String>> {
+    static CACHE: OnceLock<Mutex<BTreeMap<(String, KernelSpec), String>>> = OnceLock::new();
+    CACHE.get_or_init(|| Mutex::new(BTreeMap::new()))
+}
+
+/// NVRTC's `--gpu-architecture` value for a compute capability (`&'static` as cudarc wants).
+fn arch_name(major: i32, minor: i32) -> &'static str {
+    match (major, minor) {
+        (9, _) => "sm_90",
+        (8, 9) => "sm_89",
+        (8, 6) => "sm_86",
+        (8, _) => "sm_80",
+        (10, _) => "sm_100",
+        (12, _) => "sm_120",
+        _ => "sm_80",
+    }
+}
+
+fn compile(arch: &'static str, spec: KernelSpec) -> Result<String, CudaError> {
+    let key = (arch.to_string(), spec);
+    let mut cache = ptx_cache()
+        .lock()
+        .map_err(|_| CudaError::Compile("PTX cache poisoned".into()))?;
+    if let Some(p) = cache.get(&key) {
+        return Ok(p.clone());
+    }
+    let src = format!(
+        "#define HEAD_DIM {}\n#define GROUP {}\n{}",
+        spec.head_dim, spec.group, KERNEL_SOURCE
+    );
+    let opts = cudarc::nvrtc::CompileOptions {
+        arch: Some(arch),
+        options: vec!["--std=c++17".into()],
+        ..Default::default()
+    };
+    let ptx = cudarc::nvrtc::compile_ptx_with_opts(src, opts)
+        .map_err(|e| CudaError::Compile(format!("{e:?}")))?;
+    let text = ptx.to_src();
+    cache.insert(key, text.clone());
+    Ok(text)
+}
+
+/// A device allocation of `len` bytes. Freed on drop.
+pub struct DBuf {
+    slice: CudaSlice<u8>,
+    ptr: u64,
+}
+
+impl DBuf {
+    /// Raw device address (what kernels take).
+    pub fn ptr(&self) -> u64 {
+        self.ptr
+    }
+    pub fn len(&self) -> usize {
+        self.slice.len()
+    }
+    pub fn is_empty(&self) -> bool {
+        self.slice.is_empty()
+    }
+}
+
+/// The kernels, by name.
+pub struct Kernels {
+    _module: Arc<CudaModule>,
+    pub init_uniform_bf16: CudaFunction,
+    pub init_uniform_f32: CudaFunction,
+    pub embed_rows: CudaFunction,
+    pub add_rmsnorm: CudaFunction,
+    pub add_bias: CudaFunction,
+    pub rope_qk: CudaFunction,
+    pub kv_write: CudaFunction,
+    pub swiglu: CudaFunction,
+    pub gather_rows: CudaFunction,
+    pub attn_split: CudaFunction,
+    pub attn_combine: CudaFunction,
+    pub argmax_rows: CudaFunction,
+}
+
+/// One GPU: context, streams, kernels, cuBLAS.
+pub struct Gpu {
+    pub ctx: Arc<CudaContext>,
+    /// All kernels and GEMMs run here, in order.
+    pub compute: Arc<CudaStream>,
+    /// Host<->device block transfers (export/import) run here.
+    pub copy: Arc<CudaStream>,
+    pub k: Kernels,
+    pub spec: KernelSpec,
+    blas: CudaBlas,
+    pub arch: &'static str,
+    pub name: String,
+}
+
+// The context and streams are used from one thread at a time (the executor's own thread);
+// cudarc's handles are thread-safe to move.
+unsafe impl Send for Gpu {}
+
+/// How many CUDA devices there are; 0 (with the reason) when the driver cannot be loaded.
+pub fn device_count() -> Result<usize, CudaError> {
+    let r = std::panic::catch_unwind(CudaContext::device_count);
+    match r {
+        Ok(Ok(n)) => Ok(n.max(0) as usize),
+        Ok(Err(e)) => Err(CudaError::NoDevice(format!("{e:?}"))),
+        Err(_) => Err(CudaError::NoDevice(
+            "the CUDA driver library (libcuda) could not be loaded".into(),
+        )),
+    }
+}
+
+fn grid_for(n: usize, threads: u32) -> u32 {
+    (n.div_ceil(threads as usize)).clamp(1, 65535 * 8) as u32
+}
+
+/// A kernel argument: a device address, or a scalar.
+pub enum Arg {
+    P(u64),
+    I(i32),
+    F(f32),
+    U(u64),
+}
+
+impl Gpu {
+    /// Opens device `ordinal` and compiles (or takes from the process cache) the kernels for
+    /// `spec`.
+    pub fn new(ordinal: usize, spec: KernelSpec) -> Result<Gpu, CudaError> {
+        if spec.head_dim % 32 != 0 || spec.head_dim > 256 || spec.group == 0 || spec.group > 16 {
+            return Err(CudaError::Shape(format!(
+                "head_dim must be a multiple of 32 up to 256 and group 1..=16, got {spec:?}"
+            )));
+        }
+        let n = device_count()?;
+        if ordinal >= n {
+            return Err(CudaError::NoDevice(format!(
+                "device {ordinal} asked for, {n} present"
+            )));
+        }
+        let ctx = CudaContext::new(ordinal)?;
+        // SAFETY: no buffer is shared between streams without an explicit join.
+        unsafe { ctx.disable_event_tracking() };
+        let (maj, min) = ctx.compute_capability()?;
+        let arch = arch_name(maj, min);
+        let name = ctx.name()?;
+        let compute = ctx.new_stream()?;
+        let copy = ctx.new_stream()?;
+        let ptx = compile(arch, spec)?;
+        let module = ctx.load_module(cudarc::nvrtc::Ptx::from_src(ptx))?;
+        let f = |n: &str| module.load_function(n);
+        let k = Kernels {
+            init_uniform_bf16: f("init_uniform_bf16")?,
+            init_uniform_f32: f("init_uniform_f32")?,
+            embed_rows: f("embed_rows")?,
+            add_rmsnorm: f("add_rmsnorm")?,
+            add_bias: f("add_bias")?,
+            rope_qk: f("rope_qk")?,
+            kv_write: f("kv_write")?,
+            swiglu: f("swiglu")?,
+            gather_rows: f("gather_rows")?,
+            attn_split: f("attn_split")?,
+            attn_combine: f("attn_combine")?,
+            argmax_rows: f("argmax_rows")?,
+            _module: module,
+        };
+        let blas = CudaBlas::new(compute.clone())?;
+        Ok(Gpu {
+            ctx,
+            compute,
+            copy,
+            k,
+            spec,
+            blas,
+            arch,
+            name,
+        })
+    }
+
+    /// Allocates `bytes` (uninitialised).
+    pub fn alloc(&self, bytes: usize) -> Result<DBuf, CudaError> {
+        // SAFETY: callers write before they read (tests poison explicitly).
+        let slice = unsafe { self.compute.alloc::<u8>(bytes.max(1))? };
+        let ptr = slice.device_ptr(&self.compute).0;
+        Ok(DBuf { slice, ptr })
+    }
+
+    /// Allocates and uploads.
+    pub fn upload<T: Copy>(&self, data: &[T]) -> Result<DBuf, CudaError> {
+        let b = self.alloc(std::mem::size_of_val(data))?;
+        self.htod(data, &b, 0)?;
+        Ok(b)
+    }
+
+    /// Host -> device at byte `offset` of `dst`, on the compute stream (synchronous for the
+    /// host buffer: the call returns once the data is read).
+    pub fn htod<T: Copy>(&self, src: &[T], dst: &DBuf, offset: usize) -> Result<(), CudaError> {
+        let bytes = std::mem::size_of_val(src);
+        if offset + bytes > dst.len() {
+            return Err(CudaError::Shape("upload past the end of a buffer".into()));
+        }
+        if bytes == 0 {
+            return Ok(());
+        }
+        // SAFETY: bounds checked; synchronised before `src` can go away.
+        unsafe {
+            let raw = std::slice::from_raw_parts(src.as_ptr() as *const u8, bytes);
+            drv::result::memcpy_htod_async(dst.ptr + offset as u64, raw, self.compute.cu_stream())?;
+        }
+        self.compute.synchronize()?;
+        Ok(())
+    }
+
+    /// Device -> host of `dst.len()` elements from byte `offset` of `src` (synchronises).
+    pub fn dtoh<T: Copy>(&self, src: &DBuf, offset: usize, dst: &mut [T]) -> Result<(), CudaError> {
+        let bytes = std::mem::size_of_val(dst);
+        if offset + bytes > src.len() {
+            return Err(CudaError::Shape("download past the end of a buffer".into()));
+        }
+        if bytes == 0 {
+            return Ok(());
+        }
+        // SAFETY: bounds checked; synchronised before returning.
+        unsafe {
+            let raw = std::slice::from_raw_parts_mut(dst.as_mut_ptr() as *mut u8, bytes);
+            drv::result::memcpy_dtoh_async(raw, src.ptr + offset as u64, self.compute.cu_stream())?;
+        }
+        self.compute.synchronize()?;
+        Ok(())
+    }
+
+    /// Device -> device copy of `bytes` on the compute stream (asynchronous).
+    pub fn dtod(&self, src: u64, dst: u64, bytes: usize) -> Result<(), CudaError> {
+        if bytes == 0 {
+            return Ok(());
+        }
+        // SAFETY: the caller passes addresses inside live allocations.
+        unsafe { drv::result::memcpy_dtod_async(dst, src, bytes, self.compute.cu_stream())? };
+        Ok(())
+    }
+
+    /// Fills `bytes` bytes at `ptr` with `byte` (0xFF in bf16/f32 is a NaN: the poison).
+    pub fn fill(&self, ptr: u64, byte: u8, bytes: usize) -> Result<(), CudaError> {
+        // SAFETY: the caller passes a live allocation.
+        unsafe { drv::result::memset_d8_async(ptr, byte, bytes, self.compute.cu_stream())? };
+        Ok(())
+    }
+
+    pub fn sync(&self) -> Result<(), CudaError> {
+        self.compute.synchronize()?;
+        Ok(())
+    }
+
+    /// Launches `f` on the compute stream.
+    pub fn launch(
+        &self,
+        f: &CudaFunction,
+        grid: (u32, u32, u32),
+        block: u32,
+        args: &[Arg],
+    ) -> Result<(), CudaError> {
+        let mut lb = self.compute.launch_builder(f);
+        for a in args {
+            match a {
+                Arg::P(p) | Arg::U(p) => lb.arg(p),
+                Arg::I(i) => lb.arg(i),
+                Arg::F(x) => lb.arg(x),
+            };
+        }
+        let cfg = LaunchConfig {
+            grid_dim: grid,
+            block_dim: (block, 1, 1),
+            shared_mem_bytes: 0,
+        };
+        // SAFETY: argument lists match the kernels' signatures in kernels.cu (checked by the
+        // kernel tests).
+        unsafe { lb.launch(cfg)? };
+        Ok(())
+    }
+
+    /// Fills `n` bf16 values at `ptr` with seeded uniform values in offset ± scale.
+    pub fn init_uniform_bf16(
+        &self,
+        ptr: u64,
+        n: usize,
+        seed: u64,
+        scale: f32,
+        offset: f32,
+    ) -> Result<(), CudaError> {
+        let grid = grid_for(n, 256).min(132 * 16);
+        self.launch(
+            &self.k.init_uniform_bf16,
+            (grid, 1, 1),
+            256,
+            &[
+                Arg::P(ptr),
+                Arg::U(n as u64),
+                Arg::U(seed),
+                Arg::F(scale),
+                Arg::F(offset),
+            ],
+        )
+    }
+
+    /// Same for f32 values.
+    pub fn init_uniform_f32(
+        &self,
+        ptr: u64,
+        n: usize,
+        seed: u64,
+        scale: f32,
+        offset: f32,
+    ) -> Result<(), CudaError> {
+        let grid = grid_for(n, 256).min(132 * 16);
+        self.launch(
+            &self.k.init_uniform_f32,
+            (grid, 1, 1),
+            256,
+            &[
+                Arg::P(ptr),
+                Arg::U(n as u64),
+                Arg::U(seed),
+                Arg::F(scale),
+                Arg::F(offset),
+            ],
+        )
+    }
+
+    /// `y[n, out] = x[n, in] · w[out, in]^T` (row-major, bf16 in, f32 accumulate); `y` is
+    /// bf16 or, with `y_f32`, f32. `ldx`/`ldy` are the row strides in elements.
+    #[allow(clippy::too_many_arguments)]
+    pub fn gemm_xwt(
+        &self,
+        x: u64,
+        ldx: usize,
+        w: u64,
+        y: u64,
+        ldy: usize,
+        n: usize,
+        out: usize,
+        inp: usize,
+        y_f32: bool,
+    ) -> Result<(), CudaError> {
+        use cublas::sys;
+        let (alpha, beta) = (1.0f32, 0.0f32);
+        let ty = if y_f32 {
+            sys::cudaDataType::CUDA_R_32F
+        } else {
+            sys::cudaDataType::CUDA_R_16BF
+        };
+        // Column-major view: C^T[out, n] = W^T... i.e. op(A) = A^T with A = W as [in, out].
+        // SAFETY: the caller passes buffers of at least these shapes.
+        unsafe {
+            cublas::result::gemm_ex(
+                *self.blas.handle(),
+                sys::cublasOperation_t::CUBLAS_OP_T,
+                sys::cublasOperation_t::CUBLAS_OP_N,
+                out as i32,
+                n as i32,
+                inp as i32,
+                &alpha as *const f32 as *const _,
+                w as *const _,
+                sys::cudaDataType::CUDA_R_16BF,
+                inp as i32,
+                x as *const _,
+                sys::cudaDataType::CUDA_R_16BF,
+                ldx as i32,
+                &beta as *const f32 as *const _,
+                y as *mut _,
+                ty,
+                ldy as i32,
+                sys::cublasComputeType_t::CUBLAS_COMPUTE_32F,
+                sys::cublasGemmAlgo_t::CUBLAS_GEMM_DEFAULT,
+            )?;
+        }
+        Ok(())
+    }
+
+    /// A timing event on the compute stream.
+    pub fn event(&self) -> Result<CudaEvent, CudaError> {
+        let e = self
+            .ctx
+            .new_event(Some(drv::sys::CUevent_flags::CU_EVENT_DEFAULT))?;
+        e.record(&self.compute)?;
+        Ok(e)
+    }
+
+    /// (free, total) device memory in bytes.
+    pub fn mem_info(&self) -> Result<(usize, usize), CudaError> {
+        Ok(self.ctx.mem_get_info()?)
+    }
+}
+
+/// Milliseconds between two recorded events (synchronises on `end`).
+pub fn elapsed_ms(start: &CudaEvent, end: &CudaEvent) -> Result<f32, CudaError> {
+    end.synchronize()?;
+    Ok(start.elapsed_ms(end)?)
+}

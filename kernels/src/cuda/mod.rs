@@ -1,0 +1,15 @@
+//! The CUDA backend (cargo feature `cuda`): NVRTC-compiled kernels in CUDA C
+//! (`kernels.cu`), cuBLAS bf16 GEMMs with f32 accumulation, a paged bf16 KV pool, and
+//! [`CudaBackend`] implementing [`crate::backend::Backend`].
+//!
+//! The CUDA libraries (libcuda, libnvrtc, libcublas) are loaded at run time, so building
+//! with the feature needs no CUDA toolkit; [`device_count`] reports why no device is usable.
+
+pub mod backend;
+pub mod device;
+pub mod ops;
+pub mod synthetic;
+
+pub use backend::{CudaBackend, CudaBackendOptions};
+pub use device::{device_count, CudaError, DBuf, Gpu, KernelSpec};
+pub use synthetic::{synthetic_config, synthetic_weights};

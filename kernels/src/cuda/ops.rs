@@ -1,0 +1,272 @@
+//! Typed launchers for the kernels in `kernels.cu`: one method per kernel, with the grid
+//! chosen here, so the backend and the tests call the same thing. All asynchronous on the
+//! compute stream; pointers are raw device addresses of bf16 (`u16`), f32 or i32 data.
+
+use super::device::{Arg, CudaError, Gpu};
+
+/// Context positions one attention split covers (split-K over long contexts).
+pub const ATTN_SPLIT_LEN: usize = 256;
+const ATTN_THREADS: u32 = 128;
+
+/// Where the per-token attention metadata lives on the device (all i32 arrays).
+#[derive(Clone, Copy, Debug)]
+pub struct AttnMeta {
+    /// Flattened block tables of all sequences.
+    pub block_tables: u64,
+    /// Per token: index of its sequence.
+    pub tok_seq: u64,
+    /// Per token: its position (it attends to 0..=pos).
+    pub tok_pos: u64,
+    /// Per sequence: offset of its table in `block_tables`.
+    pub seq_bt_off: u64,
+    pub block_size: usize,
+}
+
+impl Gpu {
+    /// `x[r] = table[tokens[r]]` widened to f32.
+    pub fn embed_rows(
+        &self,
+        table: u64,
+        tokens: u64,
+        x: u64,
+        rows: usize,
+        hidden: usize,
+    ) -> Result<(), CudaError> {
+        self.launch(
+            &self.k.embed_rows,
+            (rows as u32, 1, 1),
+            256,
+            &[
+                Arg::P(table),
+                Arg::P(tokens),
+                Arg::P(x),
+                Arg::I(hidden as i32),
+            ],
+        )
+    }
+
+    /// `x += add` (if `add != 0`), then `out = rmsnorm(x) * w` in bf16.
+    #[allow(clippy::too_many_arguments)]
+    pub fn add_rmsnorm(
+        &self,
+        x: u64,
+        add: u64,
+        w: u64,
+        out: u64,
+        rows: usize,
+        hidden: usize,
+        eps: f32,
+    ) -> Result<(), CudaError> {
+        self.launch(
+            &self.k.add_rmsnorm,
+            (rows as u32, 1, 1),
+            1024.min(hidden.next_multiple_of(32)) as u32,
+            &[
+                Arg::P(x),
+                Arg::P(add),
+                Arg::P(w),
+                Arg::P(out),
+                Arg::I(hidden as i32),
+                Arg::F(eps),
+            ],
+        )
+    }
+
+    /// `y[r, c] += b[c]` for `cols` columns of rows `stride` apart.
+    pub fn add_bias(
+        &self,
+        y: u64,
+        b: u64,
+        rows: usize,
+        cols: usize,
+        stride: usize,
+    ) -> Result<(), CudaError> {
+        let grid = (rows * cols).div_ceil(256).clamp(1, 4096) as u32;
+        self.launch(
+            &self.k.add_bias,
+            (grid, 1, 1),
+            256,
+            &[
+                Arg::P(y),
+                Arg::P(b),
+                Arg::I(cols as i32),
+                Arg::I(stride as i32),
+                Arg::I(rows as i32),
+            ],
+        )
+    }
+
+    /// RoPE on the first `n_heads + n_kv_heads` heads of each row (q then k).
+    #[allow(clippy::too_many_arguments)]
+    pub fn rope_qk(
+        &self,
+        qkv: u64,
+        pos: u64,
+        rows: usize,
+        stride: usize,
+        n_heads: usize,
+        n_kv_heads: usize,
+        theta: f32,
+        neox: bool,
+    ) -> Result<(), CudaError> {
+        let ratio = theta.powf(-2.0 / self.spec.head_dim as f32);
+        self.launch(
+            &self.k.rope_qk,
+            (rows as u32, 1, 1),
+            256,
+            &[
+                Arg::P(qkv),
+                Arg::P(pos),
+                Arg::I(stride as i32),
+                Arg::I(n_heads as i32),
+                Arg::I(n_kv_heads as i32),
+                Arg::F(ratio),
+                Arg::I(neox as i32),
+            ],
+        )
+    }
+
+    /// Copies each row's k/v (at `k_off`, `k_off + kv_dim`) to pool slot `slots[r]`.
+    #[allow(clippy::too_many_arguments)]
+    pub fn kv_write(
+        &self,
+        qkv: u64,
+        slots: u64,
+        kc: u64,
+        vc: u64,
+        rows: usize,
+        stride: usize,
+        k_off: usize,
+        kv_dim: usize,
+    ) -> Result<(), CudaError> {
+        self.launch(
+            &self.k.kv_write,
+            (rows as u32, 1, 1),
+            256,
+            &[
+                Arg::P(qkv),
+                Arg::P(slots),
+                Arg::P(kc),
+                Arg::P(vc),
+                Arg::I(stride as i32),
+                Arg::I(k_off as i32),
+                Arg::I(kv_dim as i32),
+            ],
+        )
+    }
+
+    /// `out = silu(gu[:, :ffn]) * gu[:, ffn:]`.
+    pub fn swiglu(&self, gu: u64, out: u64, rows: usize, ffn: usize) -> Result<(), CudaError> {
+        let grid = (rows * ffn).div_ceil(256).clamp(1, 8192) as u32;
+        self.launch(
+            &self.k.swiglu,
+            (grid, 1, 1),
+            256,
+            &[
+                Arg::P(gu),
+                Arg::P(out),
+                Arg::I(ffn as i32),
+                Arg::I(rows as i32),
+            ],
+        )
+    }
+
+    /// `dst[i] = src[rows[i]]` for `n` rows of `cols` bf16.
+    pub fn gather_rows(
+        &self,
+        src: u64,
+        rows: u64,
+        dst: u64,
+        n: usize,
+        cols: usize,
+    ) -> Result<(), CudaError> {
+        self.launch(
+            &self.k.gather_rows,
+            (n as u32, 1, 1),
+            256,
+            &[Arg::P(src), Arg::P(rows), Arg::P(dst), Arg::I(cols as i32)],
+        )
+    }
+
+    /// Bytes of f32 workspace attention needs for `tokens` query tokens with up to `max_ctx`
+    /// context positions: (part_o, part_ml).
+    pub fn attn_workspace(&self, tokens: usize, n_heads: usize, max_ctx: usize) -> (usize, usize) {
+        let splits = max_ctx.div_ceil(ATTN_SPLIT_LEN).max(1);
+        let base = tokens * n_heads * splits;
+        (base * self.spec.head_dim * 4, base * 2 * 4)
+    }
+
+    /// Paged causal attention for `tokens` query tokens (rows of `q`, `q_stride` apart) over
+    /// the KV pool of one layer; writes `out[t, h * head_dim + d]` (bf16). `max_ctx` bounds
+    /// every token's position + 1. `part_o`/`part_ml` are the workspace of
+    /// [`Gpu::attn_workspace`].
+    #[allow(clippy::too_many_arguments)]
+    pub fn attention(
+        &self,
+        q: u64,
+        q_stride: usize,
+        kc: u64,
+        vc: u64,
+        meta: &AttnMeta,
+        tokens: usize,
+        n_kv_heads: usize,
+        max_ctx: usize,
+        part_o: u64,
+        part_ml: u64,
+        out: u64,
+    ) -> Result<(), CudaError> {
+        if tokens == 0 {
+            return Ok(());
+        }
+        let hd = self.spec.head_dim;
+        let n_heads = n_kv_heads * self.spec.group;
+        let splits = max_ctx.div_ceil(ATTN_SPLIT_LEN).max(1);
+        let scale = 1.0 / (hd as f32).sqrt();
+        self.launch(
+            &self.k.attn_split,
+            (n_kv_heads as u32, tokens as u32, splits as u32),
+            ATTN_THREADS,
+            &[
+                Arg::P(q),
+                Arg::I(q_stride as i32),
+                Arg::P(kc),
+                Arg::P(vc),
+                Arg::P(meta.block_tables),
+                Arg::P(meta.tok_seq),
+                Arg::P(meta.tok_pos),
+                Arg::P(meta.seq_bt_off),
+                Arg::I(meta.block_size as i32),
+                Arg::I(ATTN_SPLIT_LEN as i32),
+                Arg::I(splits as i32),
+                Arg::I(n_kv_heads as i32),
+                Arg::F(scale),
+                Arg::P(part_o),
+                Arg::P(part_ml),
+            ],
+        )?;
+        self.launch(
+            &self.k.attn_combine,
+            (tokens as u32, n_heads as u32, 1),
+            hd as u32,
+            &[
+                Arg::P(part_o),
+                Arg::P(part_ml),
+                Arg::P(meta.tok_pos),
+                Arg::I(ATTN_SPLIT_LEN as i32),
+                Arg::I(splits as i32),
+                Arg::I(n_heads as i32),
+                Arg::P(out),
+            ],
+        )
+    }
+
+    /// `out[r] = argmax(x[r, :cols])` (i32) for f32 rows.
+    pub fn argmax_rows(&self, x: u64, rows: usize, cols: usize, out: u64) -> Result<(), CudaError> {
+        self.launch(
+            &self.k.argmax_rows,
+            (rows as u32, 1, 1),
+            1024,
+            &[Arg::P(x), Arg::I(cols as i32), Arg::P(out)],
+        )
+    }
+}

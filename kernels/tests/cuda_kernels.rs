@@ -1,0 +1,564 @@
+//! CUDA kernels against float64 CPU references on random inputs, and the CUDA backend
+//! against the CPU backend on the same synthetic weights. Outputs are poisoned (NaN) before
+//! each kernel so an unwritten element fails. Skips, with the reason printed, when no CUDA
+//! device is usable.
+
+use half::bf16;
+use rand::{Rng, SeedableRng};
+use rand_chacha::ChaCha8Rng;
+use turbine_kernels::backend::{Backend, SeqStep};
+use turbine_kernels::cpu::{CpuBackend, CpuBackendOptions};
+use turbine_kernels::cuda::ops::AttnMeta;
+use turbine_kernels::cuda::{
+    device_count, synthetic_config, synthetic_weights, CudaBackend, CudaBackendOptions, DBuf, Gpu,
+    KernelSpec,
+};
+
+/// bf16 operands with f32 accumulation: relative error well under 1e-2.
+const TOL: f64 = 1e-2;
+
+fn gpu(head_dim: usize, group: usize) -> Option<Gpu> {
+    match device_count() {
+        Ok(n) if n > 0 => {}
+        Ok(_) => {
+            eprintln!("SKIP: no CUDA device present");
+            return None;
+        }
+        Err(e) => {
+            eprintln!("SKIP: {e}");
+            return None;
+        }
+    }
+    Some(Gpu::new(0, KernelSpec { head_dim, group }).expect("open device"))
+}
+
+fn rel_err(out: &[f64], reference: &[f64]) -> f64 {
+    assert_eq!(out.len(), reference.len());
+    let mut num = 0.0;
+    let mut den = 0.0;
+    for (&o, &r) in out.iter().zip(reference) {
+        assert!(o.is_finite(), "non-finite output (unwritten or NaN)");
+        num += (o - r) * (o - r);
+        den += r * r;
+    }
+    (num / den.max(1e-300)).sqrt()
+}
+
+fn rand_f32(rng: &mut ChaCha8Rng, n: usize, scale: f32) -> Vec<f32> {
+    (0..n).map(|_| rng.gen_range(-scale..scale)).collect()
+}
+
+fn to_bf(v: &[f32]) -> Vec<u16> {
+    v.iter().map(|&x| bf16::from_f32(x).to_bits()).collect()
+}
+
+fn from_bf(v: &[u16]) -> Vec<f64> {
+    v.iter().map(|&b| bf16::from_bits(b).to_f64()).collect()
+}
+
+fn bf_round(v: &[f32]) -> Vec<f64> {
+    from_bf(&to_bf(v))
+}
+
+fn poisoned(g: &Gpu, bytes: usize) -> DBuf {
+    let b = g.alloc(bytes).unwrap();
+    g.fill(b.ptr(), 0xFF, bytes).unwrap();
+    b
+}
+
+fn down_bf(g: &Gpu, b: &DBuf, n: usize) -> Vec<f64> {
+    let mut v = vec![0u16; n];
+    g.dtoh(b, 0, &mut v).unwrap();
+    from_bf(&v)
+}
+
+fn down_f32(g: &Gpu, b: &DBuf, n: usize) -> Vec<f64> {
+    let mut v = vec![0f32; n];
+    g.dtoh(b, 0, &mut v).unwrap();
+    v.into_iter().map(f64::from).collect()
+}
+
+#[test]
+fn embed_rmsnorm_swiglu_gemm_argmax_match_f64() {
+    let Some(g) = gpu(64, 2) else { return };
+    let mut rng = ChaCha8Rng::seed_from_u64(11);
+    let (rows, h, vocab, ffn) = (7, 576, 300, 384);
+
+    // Embedding gather (exact).
+    let table = rand_f32(&mut rng, vocab * h, 1.0);
+    let tokens: Vec<i32> = (0..rows).map(|_| rng.gen_range(0..vocab as i32)).collect();
+    let dt = g.upload(&to_bf(&table)).unwrap();
+    let dtok = g.upload(&tokens).unwrap();
+    let x = poisoned(&g, rows * h * 4);
+    g.embed_rows(dt.ptr(), dtok.ptr(), x.ptr(), rows, h)
+        .unwrap();
+    let got = down_f32(&g, &x, rows * h);
+    let tb = bf_round(&table);
+    let want: Vec<f64> = tokens
+        .iter()
+        .flat_map(|&t| tb[t as usize * h..(t as usize + 1) * h].to_vec())
+        .collect();
+    assert_eq!(rel_err(&got, &want), 0.0);
+
+    // Residual add + RMSNorm.
+    let xv = rand_f32(&mut rng, rows * h, 2.0);
+    let add = rand_f32(&mut rng, rows * h, 1.0);
+    let w = rand_f32(&mut rng, h, 1.5);
+    let (dx, dadd, dw) = (
+        g.upload(&xv).unwrap(),
+        g.upload(&to_bf(&add)).unwrap(),
+        g.upload(&w).unwrap(),
+    );
+    let out = poisoned(&g, rows * h * 2);
+    g.add_rmsnorm(dx.ptr(), dadd.ptr(), dw.ptr(), out.ptr(), rows, h, 1e-5)
+        .unwrap();
+    let addb = bf_round(&add);
+    let mut want_x = vec![0.0; rows * h];
+    let mut want_o = vec![0.0; rows * h];
+    for r in 0..rows {
+        let xr: Vec<f64> = (0..h)
+            .map(|i| xv[r * h + i] as f64 + addb[r * h + i])
+            .collect();
+        let ms = xr.iter().map(|v| v * v).sum::<f64>() / h as f64;
+        let inv = 1.0 / (ms + 1e-5).sqrt();
+        for i in 0..h {
+            want_x[r * h + i] = xr[i];
+            want_o[r * h + i] = xr[i] * inv * w[i] as f64;
+        }
+    }
+    let ex = rel_err(&down_f32(&g, &dx, rows * h), &want_x);
+    let eo = rel_err(&down_bf(&g, &out, rows * h), &want_o);
+    println!("rmsnorm: residual rel err {ex:.2e}, output rel err {eo:.2e}");
+    assert!(ex < 1e-6 && eo < TOL);
+
+    // SwiGLU.
+    let gu = rand_f32(&mut rng, rows * 2 * ffn, 4.0);
+    let dgu = g.upload(&to_bf(&gu)).unwrap();
+    let act = poisoned(&g, rows * ffn * 2);
+    g.swiglu(dgu.ptr(), act.ptr(), rows, ffn).unwrap();
+    let gub = bf_round(&gu);
+    let want: Vec<f64> = (0..rows * ffn)
+        .map(|i| {
+            let (r, c) = (i / ffn, i % ffn);
+            let (a, b) = (gub[r * 2 * ffn + c], gub[r * 2 * ffn + ffn + c]);
+            a / (1.0 + (-a).exp()) * b
+        })
+        .collect();
+    let e = rel_err(&down_bf(&g, &act, rows * ffn), &want);
+    println!("swiglu rel err {e:.2e}");
+    assert!(e < TOL);
+
+    // GEMM y = x W^T, bf16 and f32 outputs, with a row stride on x.
+    let (n, out_f, in_f, ldx) = (5, 333, 256, 300);
+    let xs = rand_f32(&mut rng, n * ldx, 1.0);
+    let ws = rand_f32(&mut rng, out_f * in_f, 1.0);
+    let (dxs, dws) = (
+        g.upload(&to_bf(&xs)).unwrap(),
+        g.upload(&to_bf(&ws)).unwrap(),
+    );
+    let (xb, wb) = (bf_round(&xs), bf_round(&ws));
+    let want: Vec<f64> = (0..n * out_f)
+        .map(|i| {
+            let (r, o) = (i / out_f, i % out_f);
+            (0..in_f).map(|k| xb[r * ldx + k] * wb[o * in_f + k]).sum()
+        })
+        .collect();
+    let y = poisoned(&g, n * out_f * 2);
+    g.gemm_xwt(
+        dxs.ptr(),
+        ldx,
+        dws.ptr(),
+        y.ptr(),
+        out_f,
+        n,
+        out_f,
+        in_f,
+        false,
+    )
+    .unwrap();
+    let e16 = rel_err(&down_bf(&g, &y, n * out_f), &want);
+    let y32 = poisoned(&g, n * out_f * 4);
+    g.gemm_xwt(
+        dxs.ptr(),
+        ldx,
+        dws.ptr(),
+        y32.ptr(),
+        out_f,
+        n,
+        out_f,
+        in_f,
+        true,
+    )
+    .unwrap();
+    let e32 = rel_err(&down_f32(&g, &y32, n * out_f), &want);
+    println!("gemm rel err: bf16 out {e16:.2e}, f32 out {e32:.2e}");
+    assert!(e16 < TOL && e32 < 1e-4);
+
+    // Argmax, with a planted maximum and a tie resolved to the lower index.
+    let cols = 50_000;
+    let mut lg = rand_f32(&mut rng, 3 * cols, 10.0);
+    lg[7] = 99.0;
+    lg[cols + 40_000] = 99.0;
+    lg[2 * cols + 100] = 99.0;
+    lg[2 * cols + 200] = 99.0;
+    let dl = g.upload(&lg).unwrap();
+    let am = poisoned(&g, 12);
+    g.argmax_rows(dl.ptr(), 3, cols, am.ptr()).unwrap();
+    let mut ids = [0i32; 3];
+    g.dtoh(&am, 0, &mut ids).unwrap();
+    assert_eq!(ids, [7, 40_000, 100]);
+}
+
+fn rope_ref(x: &mut [f64], pos: usize, hd: usize, theta: f64, neox: bool) {
+    let half = hd / 2;
+    for i in 0..half {
+        let ang = pos as f64 * theta.powf(-2.0 * i as f64 / hd as f64);
+        let (c, s) = (ang.cos(), ang.sin());
+        let (a, b) = if neox {
+            (i, i + half)
+        } else {
+            (2 * i, 2 * i + 1)
+        };
+        let (x0, x1) = (x[a], x[b]);
+        x[a] = x0 * c - x1 * s;
+        x[b] = x0 * s + x1 * c;
+    }
+}
+
+#[test]
+fn rope_both_styles_match_f64() {
+    let Some(g) = gpu(128, 4) else { return };
+    let mut rng = ChaCha8Rng::seed_from_u64(12);
+    let (rows, nh, nkv, hd) = (6, 8, 2, 128);
+    let stride = (nh + 2 * nkv) * hd;
+    for neox in [false, true] {
+        let v = rand_f32(&mut rng, rows * stride, 1.0);
+        let pos: Vec<i32> = (0..rows).map(|_| rng.gen_range(0..4000)).collect();
+        let d = g.upload(&to_bf(&v)).unwrap();
+        let dp = g.upload(&pos).unwrap();
+        g.rope_qk(d.ptr(), dp.ptr(), rows, stride, nh, nkv, 500000.0, neox)
+            .unwrap();
+        let mut want = bf_round(&v);
+        for r in 0..rows {
+            for hh in 0..nh + nkv {
+                let s = r * stride + hh * hd;
+                rope_ref(&mut want[s..s + hd], pos[r] as usize, hd, 500000.0, neox);
+            }
+        }
+        let e = rel_err(&down_bf(&g, &d, rows * stride), &want);
+        println!("rope neox={neox} rel err {e:.2e}");
+        assert!(e < TOL);
+    }
+}
+
+#[test]
+fn paged_kv_write_and_attention_match_f64() {
+    for (hd, group, nkv) in [(64usize, 3usize, 3usize), (128, 4, 2)] {
+        let Some(g) = gpu(hd, group) else { return };
+        let mut rng = ChaCha8Rng::seed_from_u64(13 + hd as u64);
+        let nh = nkv * group;
+        let (q_dim, kv_dim) = (nh * hd, nkv * hd);
+        let stride = q_dim + 2 * kv_dim;
+        let bs = 16;
+        // Sequences: (context length, query tokens at the end). Long ones use several splits.
+        let seqs = [(1usize, 1usize), (37, 5), (700, 1), (1100, 3)];
+        let total_blocks: usize = seqs.iter().map(|s| s.0.div_ceil(bs)).sum::<usize>() + 5;
+        let mut perm: Vec<u32> = (0..total_blocks as u32).collect();
+        for i in (1..perm.len()).rev() {
+            perm.swap(i, rng.gen_range(0..=i));
+        }
+        let kc = poisoned(&g, total_blocks * bs * kv_dim * 2);
+        let vc = poisoned(&g, total_blocks * bs * kv_dim * 2);
+        let (mut tables, mut bt_off, mut tok_seq, mut tok_pos, mut rows_all) =
+            (vec![], vec![], vec![], vec![], vec![]);
+        let mut next = 0;
+        let mut host_kv = vec![]; // per seq: (k rows, v rows) as bf16-rounded f64
+        for (si, &(ctx, nq)) in seqs.iter().enumerate() {
+            let nb = ctx.div_ceil(bs);
+            let table: Vec<u32> = perm[next..next + nb].to_vec();
+            next += nb;
+            bt_off.push(tables.len() as i32);
+            tables.extend(table.iter().map(|&b| b as i32));
+            // Write all ctx positions' K/V through kv_write.
+            let qkv = rand_f32(&mut rng, ctx * stride, 1.0);
+            let slots: Vec<i32> = (0..ctx)
+                .map(|p| (table[p / bs] as usize * bs + p % bs) as i32)
+                .collect();
+            let dq = g.upload(&to_bf(&qkv)).unwrap();
+            let ds = g.upload(&slots).unwrap();
+            g.kv_write(
+                dq.ptr(),
+                ds.ptr(),
+                kc.ptr(),
+                vc.ptr(),
+                ctx,
+                stride,
+                q_dim,
+                kv_dim,
+            )
+            .unwrap();
+            let qb = bf_round(&qkv);
+            host_kv.push(qb.clone());
+            for p in ctx - nq..ctx {
+                tok_seq.push(si as i32);
+                tok_pos.push(p as i32);
+                rows_all.push(qb[p * stride..(p + 1) * stride].to_vec());
+            }
+        }
+        let n = tok_pos.len();
+        let q_rows: Vec<f64> = rows_all.concat();
+        let q_up: Vec<u16> = q_rows
+            .iter()
+            .map(|&v| bf16::from_f64(v).to_bits())
+            .collect();
+        let dq = g.upload(&q_up).unwrap();
+        let meta = AttnMeta {
+            block_tables: g.upload(&tables).unwrap().ptr(),
+            tok_seq: 0,
+            tok_pos: 0,
+            seq_bt_off: 0,
+            block_size: bs,
+        };
+        // Keep the uploads alive for the launch.
+        let (dt, dts, dtp, dbo) = (
+            g.upload(&tables).unwrap(),
+            g.upload(&tok_seq).unwrap(),
+            g.upload(&tok_pos).unwrap(),
+            g.upload(&bt_off).unwrap(),
+        );
+        let meta = AttnMeta {
+            block_tables: dt.ptr(),
+            tok_seq: dts.ptr(),
+            tok_pos: dtp.ptr(),
+            seq_bt_off: dbo.ptr(),
+            ..meta
+        };
+        let max_ctx = seqs.iter().map(|s| s.0).max().unwrap();
+        let (wo, wm) = g.attn_workspace(n, nh, max_ctx);
+        let (po, pm) = (poisoned(&g, wo), poisoned(&g, wm));
+        let out = poisoned(&g, n * q_dim * 2);
+        g.attention(
+            dq.ptr(),
+            stride,
+            kc.ptr(),
+            vc.ptr(),
+            &meta,
+            n,
+            nkv,
+            max_ctx,
+            po.ptr(),
+            pm.ptr(),
+            out.ptr(),
+        )
+        .unwrap();
+        let got = down_bf(&g, &out, n * q_dim);
+        // f64 reference.
+        let mut want = vec![0.0; n * q_dim];
+        let scale = 1.0 / (hd as f64).sqrt();
+        for t in 0..n {
+            let kvs = &host_kv[tok_seq[t] as usize];
+            let ctx = tok_pos[t] as usize + 1;
+            for h in 0..nh {
+                let kvh = h / group;
+                let q = &q_rows[t * stride + h * hd..t * stride + (h + 1) * hd];
+                let scores: Vec<f64> = (0..ctx)
+                    .map(|p| {
+                        let k = &kvs[p * stride + q_dim + kvh * hd..][..hd];
+                        q.iter().zip(k).map(|(a, b)| a * b).sum::<f64>() * scale
+                    })
+                    .collect();
+                let m = scores.iter().cloned().fold(f64::NEG_INFINITY, f64::max);
+                let e: Vec<f64> = scores.iter().map(|s| (s - m).exp()).collect();
+                let z: f64 = e.iter().sum();
+                for d in 0..hd {
+                    want[t * q_dim + h * hd + d] = (0..ctx)
+                        .map(|p| e[p] * kvs[p * stride + q_dim + kv_dim + kvh * hd + d])
+                        .sum::<f64>()
+                        / z;
+                }
+            }
+        }
+        let e = rel_err(&got, &want);
+        println!("paged attention hd={hd} group={group}: rel err {e:.2e} over {n} query tokens");
+        assert!(e < TOL);
+    }
+}
+
+fn greedy_run(
+    b: &mut dyn Backend,
+    prompt: &[u32],
+    steps: usize,
+    bs: usize,
+) -> (Vec<u32>, Vec<f32>) {
+    let table: Vec<u32> = (0..((prompt.len() + steps).div_ceil(bs) as u32))
+        .map(|i| i * 2 + 1)
+        .collect();
+    let mut out = vec![];
+    let l = b
+        .forward(&[SeqStep {
+            tokens: prompt,
+            start_pos: 0,
+            block_table: &table,
+            want_logits: true,
+        }])
+        .unwrap();
+    let first_logits = l.data.clone();
+    let argmax = |row: &[f32]| {
+        row.iter()
+            .enumerate()
+            .fold((0, f32::MIN), |a, (i, &v)| if v > a.1 { (i, v) } else { a })
+            .0 as u32
+    };
+    let mut tok = argmax(&l.data);
+    for i in 0..steps {
+        out.push(tok);
+        let l = b
+            .forward(&[SeqStep {
+                tokens: &[tok],
+                start_pos: prompt.len() + i,
+                block_table: &table,
+                want_logits: true,
+            }])
+            .unwrap();
+        tok = argmax(&l.data);
+    }
+    (out, first_logits)
+}
+
+#[test]
+fn cuda_backend_matches_cpu_backend_greedy() {
+    let config = synthetic_config("tiny").unwrap();
+    let Some(_g) = gpu(config.head_dim, config.group_size()) else {
+        return;
+    };
+    let weights = synthetic_weights(&config, 7);
+    let bs = 16;
+    let mut cpu = CpuBackend::new(
+        config.clone(),
+        &weights,
+        CpuBackendOptions {
+            num_blocks: 64,
+            block_size: bs,
+            threads: 2,
+        },
+    )
+    .unwrap();
+    let mut gpu_b = CudaBackend::new(
+        config.clone(),
+        &weights,
+        CudaBackendOptions {
+            device: 0,
+            num_blocks: 64,
+            block_size: bs,
+        },
+    )
+    .unwrap();
+    let prompt: Vec<u32> = (0..20)
+        .map(|i| (i * 37 + 5) % config.vocab_size as u32)
+        .collect();
+    let (cpu_toks, cpu_l) = greedy_run(&mut cpu, &prompt, 32, bs);
+    let (gpu_toks, gpu_l) = greedy_run(&mut gpu_b, &prompt, 32, bs);
+    let e = rel_err(
+        &gpu_l.iter().map(|&v| v as f64).collect::<Vec<_>>(),
+        &cpu_l.iter().map(|&v| v as f64).collect::<Vec<_>>(),
+    );
+    println!("prefill logits rel err vs CPU {e:.2e}");
+    println!("cpu  greedy {cpu_toks:?}\ncuda greedy {gpu_toks:?}");
+    assert!(e < 3e-2);
+    assert_eq!(cpu_toks, gpu_toks);
+
+    // Device argmax agrees with the host argmax of the same step's logits.
+    let table: Vec<u32> = (40..44).collect();
+    let step = [SeqStep {
+        tokens: &prompt,
+        start_pos: 0,
+        block_table: &table,
+        want_logits: true,
+    }];
+    let l = gpu_b.forward(&step).unwrap();
+    let ids = gpu_b.forward_greedy(&step).unwrap();
+    let host = l
+        .data
+        .iter()
+        .enumerate()
+        .fold((0, f32::MIN), |a, (i, &v)| if v > a.1 { (i, v) } else { a })
+        .0 as u32;
+    assert_eq!(ids, vec![host]);
+
+    // Export -> import into other blocks -> same bytes; copy_blocks likewise.
+    let a = gpu_b.export_blocks(&[40, 41]).unwrap();
+    gpu_b.import_blocks(&[50, 51], &a).unwrap();
+    assert_eq!(gpu_b.export_blocks(&[50, 51]).unwrap(), a);
+    gpu_b.copy_blocks(&[(40, 60)]).unwrap();
+    assert_eq!(gpu_b.export_blocks(&[60]).unwrap(), a[..a.len() / 2]);
+
+    // Batched (two sequences, prefill + decode mixed) equals the single-sequence results.
+    let t2: Vec<u32> = (10..14).collect();
+    let batch = [
+        SeqStep {
+            tokens: &prompt,
+            start_pos: 0,
+            block_table: &t2,
+            want_logits: true,
+        },
+        SeqStep {
+            tokens: &[prompt[0]],
+            start_pos: 0,
+            block_table: &[20],
+            want_logits: true,
+        },
+    ];
+    let lb = gpu_b.forward(&batch).unwrap();
+    let e = rel_err(
+        &lb.row(0)
+            .unwrap()
+            .iter()
+            .map(|&v| v as f64)
+            .collect::<Vec<_>>(),
+        &l.data.iter().map(|&v| v as f64).collect::<Vec<_>>(),
+    );
+    assert!(e < 1e-3, "batched vs single {e}");
+}
+
+#[test]
+fn device_synthetic_weights_equal_host_recipe() {
+    let config = synthetic_config("tiny").unwrap();
+    let Some(_g) = gpu(config.head_dim, config.group_size()) else {
+        return;
+    };
+    let host = synthetic_weights(&config, 3);
+    let mut a = CudaBackend::new(
+        config.clone(),
+        &host,
+        CudaBackendOptions {
+            device: 0,
+            num_blocks: 8,
+            block_size: 16,
+        },
+    )
+    .unwrap();
+    let mut b = CudaBackend::synthetic(
+        config.clone(),
+        3,
+        CudaBackendOptions {
+            device: 0,
+            num_blocks: 8,
+            block_size: 16,
+        },
+    )
+    .unwrap();
+    let step = [SeqStep {
+        tokens: &[1, 2, 3, 4, 5],
+        start_pos: 0,
+        block_table: &[0],
+        want_logits: true,
+    }];
+    let la = a.forward(&step).unwrap();
+    let lb = b.forward(&step).unwrap();
+    let e = rel_err(
+        &lb.data.iter().map(|&v| v as f64).collect::<Vec<_>>(),
+        &la.data.iter().map(|&v| v as f64).collect::<Vec<_>>(),
+    );
+    println!("device-generated vs host-generated weights: logits rel err {e:.2e}");
+    assert!(e < 1e-3);
+}

@@ -1,0 +1,621 @@
+//! [`Node`]: one process's presence on the request plane.
+//!
+//! A node binds ONE ROUTER socket that serves every registered service, and connects one
+//! DEALER per peer node it calls (created on first use, then shared by every [`Addr`] to
+//! that peer). Replies go back through the ROUTER to the caller's DEALER identity.
+
+use std::any::Any;
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use bytes::Bytes;
+use serde::Deserialize;
+use tokio::sync::{mpsc, Semaphore};
+use tokio_util::sync::{CancellationToken, DropGuard};
+use zeromq::{RouterSocket, Socket, SocketRecv, SocketSend, ZmqMessage};
+
+use crate::addr::Addr;
+use crate::clock::{SharedClock, TokioClock};
+use crate::local::{LocalService, ServiceFactory};
+use crate::peer::PeerLink;
+use crate::service::{CallError, Handler, RequestCtx, Service};
+use crate::supervisor::{self, RestartPolicy, SupervisorHandle};
+use crate::telemetry::{DropReason, MetricsRegistry, RuntimeMetrics};
+use crate::wire::{self, Envelope, Kind, WireError};
+use futures::StreamExt;
+
+/// Request-plane settings of a node (all have defaults; YAML field names as below).
+#[derive(Debug, Clone, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct NodeConfig {
+    /// Name of this node (appears in envelopes and logs).
+    pub name: String,
+    /// ZeroMQ endpoint to bind the ROUTER on; port 0 picks a free port.
+    pub bind: String,
+    /// How long a call waits for its reply (ms).
+    pub call_timeout_ms: u64,
+    /// Inbound frames larger than this are dropped and counted.
+    pub max_frame_bytes: usize,
+    /// Stream items in flight per stream (local channel size and wire credit window).
+    pub stream_window: usize,
+    /// Frames queued per outbound socket before senders wait.
+    pub send_queue: usize,
+    /// Restart policy for served handlers.
+    pub restart: RestartPolicy,
+}
+
+impl Default for NodeConfig {
+    fn default() -> Self {
+        Self {
+            name: "node".to_string(),
+            bind: "tcp://127.0.0.1:0".to_string(),
+            call_timeout_ms: 5_000,
+            max_frame_bytes: 16 << 20,
+            stream_window: 256,
+            send_queue: 4096,
+            restart: RestartPolicy::default(),
+        }
+    }
+}
+
+impl NodeConfig {
+    /// The call timeout as a `Duration`.
+    pub fn call_timeout(&self) -> Duration {
+        Duration::from_millis(self.call_timeout_ms)
+    }
+}
+
+/// Why a node operation failed.
+#[derive(Debug, thiserror::Error)]
+pub enum NodeError {
+    /// Binding the ROUTER failed.
+    #[error("bind {endpoint}: {message}")]
+    Bind {
+        /// Endpoint asked for.
+        endpoint: String,
+        /// Cause.
+        message: String,
+    },
+    /// A service of that name is already registered.
+    #[error("service `{0}` already registered")]
+    Duplicate(String),
+    /// The supervisor or the service actor could not start.
+    #[error("spawn `{name}`: {message}")]
+    Spawn {
+        /// Service name.
+        name: String,
+        /// Cause.
+        message: String,
+    },
+}
+
+/// Type-erased access to a registered service for the wire.
+trait InboundService: Send + Sync {
+    fn serve(self: Arc<Self>, env: Envelope, reply: Responder, shared: Arc<Shared>);
+}
+
+struct Registered {
+    inbound: Arc<dyn InboundService>,
+    typed: Arc<dyn Any + Send + Sync>,
+    supervisor: SupervisorHandle,
+}
+
+type StreamKey = (Bytes, u64);
+
+/// Flow-control state of one stream served to a remote caller.
+struct ServedStream {
+    cancel: CancellationToken,
+    credit: Arc<Semaphore>,
+}
+
+/// State shared by the node handle and its socket tasks.
+struct Shared {
+    name: Arc<str>,
+    config: NodeConfig,
+    services: Mutex<HashMap<String, Registered>>,
+    served_streams: Mutex<HashMap<StreamKey, ServedStream>>,
+    metrics: RuntimeMetrics,
+    router_out: mpsc::Sender<ZmqMessage>,
+}
+
+impl Shared {
+    fn lookup(&self, name: &str) -> Option<Arc<dyn InboundService>> {
+        lock(&self.services).get(name).map(|r| r.inbound.clone())
+    }
+}
+
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+/// Sends answers for one inbound request back through the ROUTER.
+#[derive(Clone)]
+struct Responder {
+    peer: Bytes,
+    corr_id: u64,
+    out: mpsc::Sender<ZmqMessage>,
+    metrics: RuntimeMetrics,
+}
+
+impl Responder {
+    async fn send(&self, kind: Kind, payload: Bytes) -> bool {
+        let env = Envelope {
+            to: String::new(),
+            from: String::new(),
+            corr_id: self.corr_id,
+            kind,
+            payload,
+        };
+        let mut msg = ZmqMessage::from(wire::encode_frame(&env));
+        msg.push_front(self.peer.clone());
+        let ok = self.out.send(msg).await.is_ok();
+        if ok {
+            self.metrics.frame_out();
+        }
+        ok
+    }
+
+    async fn send_error(&self, err: WireError) -> bool {
+        self.send(Kind::Error, wire::to_payload(&err).unwrap_or_default())
+            .await
+    }
+}
+
+impl<S: Service> InboundService for LocalService<S> {
+    fn serve(self: Arc<Self>, env: Envelope, reply: Responder, shared: Arc<Shared>) {
+        let req: S::Req = match wire::from_payload(&env.payload) {
+            Ok(r) => r,
+            Err(e) => {
+                if env.kind != Kind::Cast {
+                    tokio::spawn(async move { reply.send_error(WireError::BadRequest(e)).await });
+                }
+                return;
+            }
+        };
+        let ctx = RequestCtx {
+            from: env.from,
+            corr_id: env.corr_id,
+        };
+        match env.kind {
+            Kind::Cast => self.submit(crate::local::ServiceMsg::Cast { req, ctx }),
+            Kind::Call => {
+                // Submitted before spawning so requests from one peer keep their order.
+                let reply_future = self.call_submitted(req, ctx);
+                tokio::spawn(async move {
+                    match reply_future.await {
+                        Ok(resp) => match wire::to_payload(&resp) {
+                            Ok(bytes) => reply.send(Kind::Reply, bytes).await,
+                            Err(e) => reply.send_error(WireError::Handler(e)).await,
+                        },
+                        Err(e) => reply.send_error(e.to_wire()).await,
+                    };
+                });
+            }
+            Kind::Stream => {
+                let key = (reply.peer.clone(), reply.corr_id);
+                let cancel = CancellationToken::new();
+                let credit = Arc::new(Semaphore::new(shared.config.stream_window.max(1)));
+                lock(&shared.served_streams).insert(
+                    key.clone(),
+                    ServedStream {
+                        cancel: cancel.clone(),
+                        credit: credit.clone(),
+                    },
+                );
+                tokio::spawn(async move {
+                    forward_stream(self, req, ctx, reply, cancel, credit).await;
+                    lock(&shared.served_streams).remove(&key);
+                });
+            }
+            _ => shared.metrics.drop_frame(DropReason::Unexpected),
+        }
+    }
+}
+
+/// Pumps a locally produced stream onto the wire, one item per credit.
+async fn forward_stream<S: Service>(
+    service: Arc<LocalService<S>>,
+    req: S::Req,
+    ctx: RequestCtx,
+    reply: Responder,
+    cancel: CancellationToken,
+    credit: Arc<Semaphore>,
+) {
+    let mut stream = match service.open_stream(req, ctx).await {
+        Ok(s) => s,
+        Err(e) => {
+            reply.send_error(e.to_wire()).await;
+            return;
+        }
+    };
+    loop {
+        let permit = tokio::select! {
+            biased;
+            _ = cancel.cancelled() => return,
+            p = credit.acquire() => p,
+        };
+        let Ok(permit) = permit else { return };
+        permit.forget();
+        let item = tokio::select! {
+            biased;
+            _ = cancel.cancelled() => return,
+            item = stream.next() => item,
+        };
+        match item {
+            Some(Ok(resp)) => match wire::to_payload(&resp) {
+                Ok(bytes) => {
+                    if !reply.send(Kind::StreamItem, bytes).await {
+                        return;
+                    }
+                }
+                Err(e) => {
+                    reply.send_error(WireError::Handler(e)).await;
+                    return;
+                }
+            },
+            Some(Err(e)) => {
+                reply.send_error(e.to_wire()).await;
+                return;
+            }
+            None => {
+                reply.send(Kind::StreamEnd, Bytes::new()).await;
+                return;
+            }
+        }
+    }
+}
+
+/// A process's endpoint on the request plane. Cheap to clone; shuts down when the last
+/// clone is dropped or [`Node::shutdown`] is called.
+#[derive(Clone)]
+pub struct Node {
+    inner: Arc<NodeInner>,
+}
+
+struct NodeInner {
+    shared: Arc<Shared>,
+    endpoint: String,
+    clock: SharedClock,
+    registry: MetricsRegistry,
+    peers: tokio::sync::Mutex<HashMap<String, Arc<PeerLink>>>,
+    stop: CancellationToken,
+    _stop_on_drop: DropGuard,
+}
+
+impl std::fmt::Debug for Node {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(
+            f,
+            "Node({} @ {})",
+            self.inner.shared.name, self.inner.endpoint
+        )
+    }
+}
+
+impl Node {
+    /// Binds the ROUTER and starts serving, on the real (tokio) clock with a fresh
+    /// metrics registry.
+    pub async fn start(config: NodeConfig) -> Result<Self, NodeError> {
+        Self::start_with(config, TokioClock::shared(), MetricsRegistry::new()).await
+    }
+
+    /// Binds the ROUTER and starts serving with the given clock and metrics registry.
+    pub async fn start_with(
+        config: NodeConfig,
+        clock: SharedClock,
+        registry: MetricsRegistry,
+    ) -> Result<Self, NodeError> {
+        let mut router = RouterSocket::new();
+        let endpoint = router
+            .bind(&config.bind)
+            .await
+            .map_err(|e| NodeError::Bind {
+                endpoint: config.bind.clone(),
+                message: e.to_string(),
+            })?
+            .to_string();
+        let metrics = RuntimeMetrics::new(&registry);
+        let (router_out, out_rx) = mpsc::channel(config.send_queue.max(1));
+        let stop = CancellationToken::new();
+        let shared = Arc::new(Shared {
+            name: Arc::from(config.name.as_str()),
+            config,
+            services: Mutex::new(HashMap::new()),
+            served_streams: Mutex::new(HashMap::new()),
+            metrics,
+            router_out,
+        });
+        let (send_half, recv_half) = router.split();
+        tokio::spawn(router_write_loop(send_half, out_rx, stop.clone()));
+        tokio::spawn(router_read_loop(recv_half, shared.clone(), stop.clone()));
+        tracing::info!(node = %shared.name, %endpoint, "node listening");
+        Ok(Self {
+            inner: Arc::new(NodeInner {
+                shared,
+                endpoint,
+                clock,
+                registry,
+                peers: tokio::sync::Mutex::new(HashMap::new()),
+                _stop_on_drop: stop.clone().drop_guard(),
+                stop,
+            }),
+        })
+    }
+
+    /// The endpoint peers connect to (bound port resolved), e.g. `tcp://127.0.0.1:40123`.
+    pub fn endpoint(&self) -> &str {
+        &self.inner.endpoint
+    }
+
+    /// This node's name.
+    pub fn name(&self) -> &str {
+        &self.inner.shared.name
+    }
+
+    /// The runtime's counters for this node.
+    pub fn metrics(&self) -> &RuntimeMetrics {
+        &self.inner.shared.metrics
+    }
+
+    /// The Prometheus registry this node's counters live in (components may add theirs).
+    pub fn registry(&self) -> &MetricsRegistry {
+        &self.inner.registry
+    }
+
+    /// The clock every timer of this node uses.
+    pub fn clock(&self) -> &SharedClock {
+        &self.inner.clock
+    }
+
+    /// The node's configuration.
+    pub fn config(&self) -> &NodeConfig {
+        &self.inner.shared.config
+    }
+
+    /// Registers service `name`, served by handlers built by `make` inside a supervised
+    /// actor restarted per the node's restart policy.
+    pub async fn serve<S, H, F>(&self, name: &str, make: F) -> Result<ServiceHandle<S>, NodeError>
+    where
+        S: Service,
+        H: Handler<S>,
+        F: Fn() -> H + Send + Sync + 'static,
+    {
+        let policy = self.inner.shared.config.restart;
+        self.serve_with_policy(name, policy, make).await
+    }
+
+    /// Like [`Node::serve`] with an explicit restart policy.
+    pub async fn serve_with_policy<S, H, F>(
+        &self,
+        name: &str,
+        policy: RestartPolicy,
+        make: F,
+    ) -> Result<ServiceHandle<S>, NodeError>
+    where
+        S: Service,
+        H: Handler<S>,
+        F: Fn() -> H + Send + Sync + 'static,
+    {
+        let shared = &self.inner.shared;
+        if lock(&shared.services).contains_key(name) {
+            return Err(NodeError::Duplicate(name.to_string()));
+        }
+        let service = Arc::new(LocalService::<S>::new(
+            name.to_string(),
+            shared.config.call_timeout(),
+            shared.config.stream_window,
+            self.inner.clock.clone(),
+        ));
+        let factory = ServiceFactory {
+            make: Arc::new(make),
+            service: service.clone(),
+        };
+        let supervisor = supervisor::spawn_supervisor(
+            format!("{}/{}", shared.name, name),
+            factory,
+            policy,
+            self.inner.clock.clone(),
+            None,
+        )
+        .await
+        .map_err(|e| NodeError::Spawn {
+            name: name.to_string(),
+            message: e.to_string(),
+        })?;
+        let events = supervisor.subscribe();
+        let mut services = lock(&shared.services);
+        if services.contains_key(name) {
+            supervisor.stop();
+            return Err(NodeError::Duplicate(name.to_string()));
+        }
+        services.insert(
+            name.to_string(),
+            Registered {
+                inbound: service.clone(),
+                typed: service.clone(),
+                supervisor,
+            },
+        );
+        Ok(ServiceHandle {
+            addr: self.addr_for(service),
+            events,
+        })
+    }
+
+    fn addr_for<S: Service>(&self, service: Arc<LocalService<S>>) -> Addr<S> {
+        Addr::local(
+            service,
+            self.inner.shared.config.call_timeout(),
+            self.inner.clock.clone(),
+            self.inner.shared.metrics.clone(),
+        )
+    }
+
+    /// An address of a service registered on this node.
+    pub fn local<S: Service>(&self, name: &str) -> Result<Addr<S>, CallError> {
+        let typed = lock(&self.inner.shared.services)
+            .get(name)
+            .map(|r| r.typed.clone())
+            .ok_or_else(|| CallError::UnknownActor(name.to_string()))?;
+        let service = typed
+            .downcast::<LocalService<S>>()
+            .map_err(|_| CallError::TypeMismatch(name.to_string()))?;
+        Ok(self.addr_for(service))
+    }
+
+    /// An address of service `name` on the node at `endpoint` (this node's own endpoint
+    /// yields a local address). Connects a DEALER to that node on first use.
+    pub async fn connect<S: Service>(
+        &self,
+        endpoint: &str,
+        name: &str,
+    ) -> Result<Addr<S>, CallError> {
+        if endpoint == self.inner.endpoint {
+            return self.local(name);
+        }
+        let link = self.link(endpoint).await?;
+        let cfg = &self.inner.shared.config;
+        Ok(Addr::remote(
+            link,
+            name,
+            cfg.call_timeout(),
+            cfg.stream_window,
+            self.inner.clock.clone(),
+            self.inner.shared.metrics.clone(),
+        ))
+    }
+
+    async fn link(&self, endpoint: &str) -> Result<Arc<PeerLink>, CallError> {
+        let mut peers = self.inner.peers.lock().await;
+        if let Some(link) = peers.get(endpoint) {
+            return Ok(link.clone());
+        }
+        let cfg = &self.inner.shared.config;
+        let link = crate::clock::timeout(
+            self.inner.clock.as_ref(),
+            cfg.call_timeout(),
+            PeerLink::connect(
+                endpoint,
+                self.inner.shared.name.clone(),
+                cfg.max_frame_bytes,
+                cfg.send_queue,
+                self.inner.shared.metrics.clone(),
+                self.inner.stop.clone(),
+            ),
+        )
+        .await
+        .map_err(|_| CallError::Timeout(cfg.call_timeout()))??;
+        peers.insert(endpoint.to_string(), link.clone());
+        Ok(link)
+    }
+
+    /// Stops serving: closes the sockets and stops every service's supervisor.
+    pub fn shutdown(&self) {
+        self.inner.stop.cancel();
+        for registered in lock(&self.inner.shared.services).values() {
+            registered.supervisor.stop();
+        }
+    }
+}
+
+/// What [`Node::serve`] returns: a local address and the supervisor's event feed.
+pub struct ServiceHandle<S: Service> {
+    /// Local address of the service.
+    pub addr: Addr<S>,
+    /// Failures (with reasons), restarts and escalations of the serving actor.
+    pub events: tokio::sync::broadcast::Receiver<crate::supervisor::SupervisorEvent>,
+}
+
+async fn router_write_loop(
+    mut socket: zeromq::RouterSendHalf,
+    mut out: mpsc::Receiver<ZmqMessage>,
+    stop: CancellationToken,
+) {
+    loop {
+        let msg = tokio::select! {
+            biased;
+            _ = stop.cancelled() => return,
+            m = out.recv() => m,
+        };
+        let Some(msg) = msg else { return };
+        if let Err(e) = socket.send(msg).await {
+            tracing::debug!(error = %e, "router send failed (peer gone?)");
+        }
+    }
+}
+
+async fn router_read_loop(
+    mut socket: zeromq::RouterRecvHalf,
+    shared: Arc<Shared>,
+    stop: CancellationToken,
+) {
+    loop {
+        let msg = tokio::select! {
+            _ = stop.cancelled() => return,
+            m = socket.recv() => m,
+        };
+        let msg = match msg {
+            Ok(m) => m,
+            Err(e) => {
+                tracing::debug!(error = %e, "router recv failed");
+                continue;
+            }
+        };
+        shared.metrics.frame_in();
+        let mut parts = msg.into_vecdeque();
+        let (Some(peer), Some(frame), None) = (parts.pop_front(), parts.pop_front(), parts.front())
+        else {
+            shared.metrics.drop_frame(DropReason::Malformed);
+            continue;
+        };
+        let env = match wire::decode_frame(&frame, shared.config.max_frame_bytes) {
+            Ok(env) => env,
+            Err(e) => {
+                tracing::trace!(error = %e, "dropping frame");
+                shared.metrics.drop_frame(e.reason());
+                continue;
+            }
+        };
+        dispatch(&shared, peer, env);
+    }
+}
+
+fn dispatch(shared: &Arc<Shared>, peer: Bytes, env: Envelope) {
+    let reply = Responder {
+        peer,
+        corr_id: env.corr_id,
+        out: shared.router_out.clone(),
+        metrics: shared.metrics.clone(),
+    };
+    match env.kind {
+        Kind::Call | Kind::Cast | Kind::Stream => match shared.lookup(&env.to) {
+            Some(service) => service.serve(env, reply, shared.clone()),
+            None => {
+                if env.kind == Kind::Cast {
+                    shared.metrics.drop_frame(DropReason::Unexpected);
+                } else {
+                    let name = env.to;
+                    tokio::spawn(
+                        async move { reply.send_error(WireError::UnknownActor(name)).await },
+                    );
+                }
+            }
+        },
+        Kind::Cancel => {
+            if let Some(s) = lock(&shared.served_streams).remove(&(reply.peer, env.corr_id)) {
+                s.cancel.cancel();
+            }
+        }
+        Kind::Credit => {
+            let grant: u32 = wire::from_payload(&env.payload).unwrap_or(0);
+            let streams = lock(&shared.served_streams);
+            // Late credit for a stream that already ended is normal and ignored. Grants are
+            // capped so a hostile peer cannot overflow the semaphore.
+            if let Some(s) = streams.get(&(reply.peer, env.corr_id)) {
+                s.credit.add_permits((grant as usize).min(1 << 20));
+            }
+        }
+        _ => shared.metrics.drop_frame(DropReason::Unexpected),
+    }
+}

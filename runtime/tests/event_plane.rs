@@ -1,0 +1,81 @@
+//! Event plane over loopback TCP: topic filtering, sequence numbers, gap notices.
+
+use std::time::Duration;
+
+use turbine_runtime::events::{Delivery, Event, EventPublisher, EventSubscriber};
+use turbine_runtime::{MetricsRegistry, RuntimeMetrics};
+
+async fn next_event(sub: &mut EventSubscriber) -> Event {
+    loop {
+        if let Delivery::Event(e) = sub.recv().await.unwrap() {
+            return e;
+        }
+    }
+}
+
+/// PUB/SUB drops messages until the subscription reaches the publisher ("slow joiner"):
+/// publish warm-up events until one arrives.
+async fn warm_up(publisher: &EventPublisher, sub: &mut EventSubscriber) {
+    loop {
+        publisher.publish("warmup", &0u32).await.unwrap();
+        if let Ok(Ok(Delivery::Event(e))) =
+            tokio::time::timeout(Duration::from_millis(20), sub.recv()).await
+        {
+            if e.topic == "warmup" {
+                return;
+            }
+        }
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn topics_sequence_numbers_and_restart_gap() {
+    let metrics = RuntimeMetrics::new(&MetricsRegistry::new());
+    let mut sub = EventSubscriber::new(1 << 20, metrics);
+    sub.subscribe("kv.").await.unwrap();
+    sub.subscribe("warmup").await.unwrap();
+
+    let first = EventPublisher::bind("tcp://127.0.0.1:0", "w1")
+        .await
+        .unwrap();
+    sub.connect(first.endpoint()).await.unwrap();
+    warm_up(&first, &mut sub).await;
+    for i in 1..=5u64 {
+        first.publish("metrics.w1", &i).await.unwrap(); // not subscribed: filtered out
+        assert_eq!(first.publish("kv.w1", &i).await.unwrap(), i);
+    }
+    let mut seen = Vec::new();
+    while seen.len() < 5 {
+        match sub.recv().await.unwrap() {
+            Delivery::Event(e) if e.topic == "warmup" => {}
+            Delivery::Event(e) => {
+                assert_eq!(e.topic, "kv.w1");
+                assert_eq!(e.publisher, "w1");
+                seen.push((e.seq, e.decode::<u64>().unwrap()));
+            }
+            Delivery::Gap(g) => assert_eq!(g.topic, "warmup", "no gap expected on kv: {g:?}"),
+        }
+    }
+    assert_eq!(seen, (1..=5).map(|i| (i, i)).collect::<Vec<_>>());
+
+    // The publisher restarts (same id, numbering from 1): the subscriber is told.
+    drop(first);
+    let second = EventPublisher::bind("tcp://127.0.0.1:0", "w1")
+        .await
+        .unwrap();
+    sub.connect(second.endpoint()).await.unwrap();
+    warm_up(&second, &mut sub).await;
+    second.publish("kv.w1", &99u64).await.unwrap();
+    let gap = loop {
+        match sub.recv().await.unwrap() {
+            Delivery::Gap(g) if g.topic == "kv.w1" => break g,
+            _ => {}
+        }
+    };
+    assert_eq!(
+        (gap.publisher.as_str(), gap.expected, gap.got),
+        ("w1", 6, 1)
+    );
+    let e = next_event(&mut sub).await;
+    assert_eq!((e.seq, e.decode::<u64>().unwrap()), (1, 99));
+}

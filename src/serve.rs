@@ -1,0 +1,82 @@
+//! `turbine up`: load the model, start the graph, serve the OpenAI API until Ctrl-C.
+
+use crate::fetch::resolve_model;
+use anyhow::{Context, Result};
+use std::sync::Arc;
+use turbine_actors::cluster_config::ClusterConfig;
+use turbine_actors::engine::local::LocalCluster;
+use turbine_actors::frontend::{self, ChatEngine, HttpConfig};
+
+/// Serves `cfg` until Ctrl-C (or SIGTERM); in-flight requests drain before it returns.
+pub async fn up(cfg: ClusterConfig, allow_fetch: bool) -> Result<()> {
+    let mut cfg = cfg;
+    let path = resolve_model(&cfg.model.path, allow_fetch)?;
+    if cfg.model.served_name.is_none() {
+        cfg.model.served_name = Some(served_name_for(&path));
+    }
+    eprintln!("loading {}", path.display());
+    let model = tokio::task::spawn_blocking(move || turbine_kernels::loader::load_model(&path))
+        .await
+        .context("the model loader panicked")?
+        .context("loading the model")?;
+    let cluster = LocalCluster::start(&cfg, model).await?;
+    let engine: Arc<dyn ChatEngine> = cluster.pipeline.clone();
+    let app = frontend::router(
+        engine.clone(),
+        cluster.metrics.clone(),
+        HttpConfig {
+            max_body_bytes: cfg.http.max_body_bytes,
+        },
+    );
+    let addr = format!("{}:{}", cfg.http.host, cfg.http.port);
+    let listener = tokio::net::TcpListener::bind(&addr)
+        .await
+        .with_context(|| format!("binding the HTTP frontend to {addr}"))?;
+    let local = listener.local_addr()?;
+    let workers = cfg.workers.iter().map(|g| g.replicas).sum::<usize>();
+    // One line a script can wait for.
+    println!(
+        "turbine serving {} on http://{local} ({workers} worker(s), context {} tokens)",
+        engine.model_id(),
+        engine.context_length()
+    );
+    frontend::serve(listener, app, shutdown_signal()).await?;
+    eprintln!("turbine: drained, exiting");
+    Ok(())
+}
+
+async fn shutdown_signal() {
+    let ctrl_c = async {
+        let _ = tokio::signal::ctrl_c().await;
+    };
+    #[cfg(unix)]
+    let term = async {
+        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+            Ok(mut s) => {
+                s.recv().await;
+            }
+            Err(_) => std::future::pending::<()>().await,
+        }
+    };
+    #[cfg(not(unix))]
+    let term = std::future::pending::<()>();
+    tokio::select! {
+        _ = ctrl_c => {},
+        _ = term => {},
+    }
+    eprintln!("turbine: shutting down, draining in-flight requests");
+}
+
+/// The name clients use for a model file: its stem without the quantization suffix
+/// (`SmolLM2-135M-Instruct.Q4_1.gguf` -> `SmolLM2-135M-Instruct`).
+fn served_name_for(path: &std::path::Path) -> String {
+    let stem = path
+        .file_stem()
+        .or_else(|| path.file_name())
+        .map(|s| s.to_string_lossy().into_owned())
+        .unwrap_or_else(|| "model".to_string());
+    match stem.split_once('.') {
+        Some((base, _quant)) if !base.is_empty() => base.to_string(),
+        _ => stem,
+    }
+}

@@ -1,0 +1,203 @@
+//! End to end against the real server: `turbine up` (the binary) serving the default model,
+//! driven by the official `openai` Python client, then checked for leaks and cancellation.
+//!
+//! Needs the default model and the test venv, both installed by `scripts/test.sh`
+//! (`scripts/setup-test-deps.sh`). Without them the test fails and says how to get them.
+
+use std::io::{BufRead, BufReader, Read, Write};
+use std::net::TcpStream;
+use std::path::PathBuf;
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+struct Server {
+    child: Child,
+    port: u16,
+}
+
+impl Drop for Server {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+fn test_python() -> PathBuf {
+    if let Some(p) = std::env::var_os("TURBINE_TEST_PYTHON") {
+        return PathBuf::from(p);
+    }
+    let home = std::env::var_os("HOME")
+        .map(PathBuf::from)
+        .unwrap_or_default();
+    home.join(".cache/turbine/test-venv/bin/python")
+}
+
+/// Starts `turbine up` on a free port and waits for its "serving" line.
+fn start_server() -> Server {
+    let mut child = Command::new(env!("CARGO_BIN_EXE_turbine"))
+        .args(["up", "--port", "0", "--no-fetch"])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::inherit())
+        .spawn()
+        .expect("spawning turbine");
+    let stdout = child.stdout.take().expect("stdout is piped");
+    let mut lines = BufReader::new(stdout).lines();
+    let line = loop {
+        match lines.next() {
+            Some(Ok(l)) if l.contains("turbine serving") => break l,
+            Some(Ok(_)) => continue,
+            _ => {
+                let status = child.wait().ok();
+                panic!(
+                    "turbine up exited before serving ({status:?}); is the default model \
+                     fetched? run scripts/setup-test-deps.sh"
+                );
+            }
+        }
+    };
+    let port = line
+        .rsplit("http://127.0.0.1:")
+        .next()
+        .and_then(|rest| rest.split(|c: char| !c.is_ascii_digit()).next())
+        .and_then(|p| p.parse().ok())
+        .unwrap_or_else(|| panic!("no port in {line:?}"));
+    // Keep draining stdout so the server never blocks on a full pipe.
+    std::thread::spawn(move || for _ in lines {});
+    Server { child, port }
+}
+
+fn http(port: u16, method: &str, path: &str, body: &str) -> (u16, String) {
+    let mut s = TcpStream::connect(("127.0.0.1", port)).expect("connect");
+    s.set_read_timeout(Some(Duration::from_secs(120))).unwrap();
+    write!(
+        s,
+        "{method} {path} HTTP/1.1\r\nHost: localhost\r\nContent-Type: application/json\r\n\
+         Content-Length: {}\r\nConnection: close\r\n\r\n{body}",
+        body.len()
+    )
+    .unwrap();
+    let mut out = String::new();
+    s.read_to_string(&mut out).unwrap();
+    let status = out
+        .split_whitespace()
+        .nth(1)
+        .and_then(|c| c.parse().ok())
+        .unwrap_or(0);
+    let body = out
+        .split_once("\r\n\r\n")
+        .map(|x| x.1)
+        .unwrap_or("")
+        .to_string();
+    (status, body)
+}
+
+/// Sum of a gauge over all workers, from /metrics.
+fn gauge(port: u16, name: &str) -> f64 {
+    let (_, text) = http(port, "GET", "/metrics", "");
+    text.lines()
+        .filter(|l| l.starts_with(name) && l[name.len()..].starts_with(['{', ' ']))
+        .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+        .sum()
+}
+
+/// Waits (bounded) until no KV block is held by a request and nothing runs.
+fn wait_until_idle(port: u16) -> (f64, f64) {
+    let deadline = Instant::now() + Duration::from_secs(120);
+    loop {
+        let used = gauge(port, "turbine_kv_blocks_used");
+        let running =
+            gauge(port, "turbine_requests_running") + gauge(port, "turbine_requests_waiting");
+        if (used == 0.0 && running == 0.0) || Instant::now() > deadline {
+            return (used, running);
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
+#[test]
+fn openai_client_drives_turbine_up_and_nothing_leaks() {
+    let python = test_python();
+    assert!(
+        python.exists(),
+        "{} is missing: run scripts/setup-test-deps.sh (scripts/test.sh does)",
+        python.display()
+    );
+    let server = start_server();
+    let port = server.port;
+
+    // 1. The official client: chat and completions, streaming and not, stop strings, bad
+    //    requests, and 32 concurrent greedy streams equal to their solo answers.
+    let driver = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/e2e/openai_e2e.py");
+    let out = Command::new(&python)
+        .arg(driver)
+        .arg(format!("http://127.0.0.1:{port}"))
+        .output()
+        .expect("running the openai driver");
+    let log = String::from_utf8_lossy(&out.stdout);
+    println!("{log}{}", String::from_utf8_lossy(&out.stderr));
+    assert!(
+        out.status.success(),
+        "the openai-client driver failed:\n{log}"
+    );
+
+    // 2. After every request ended, no KV block is held by a request.
+    assert_eq!(
+        wait_until_idle(port),
+        (0.0, 0.0),
+        "blocks or requests left behind"
+    );
+
+    // 3. A client that disconnects mid-stream cancels its request and frees its blocks.
+    let mut s = TcpStream::connect(("127.0.0.1", port)).unwrap();
+    let body = r#"{"prompt":"Write a very long story about a lighthouse keeper.","max_tokens":4000,"ignore_eos":true,"stream":true,"temperature":0}"#;
+    write!(
+        s,
+        "POST /v1/completions HTTP/1.1\r\nHost: localhost\r\nContent-Type: application/json\r\nContent-Length: {}\r\n\r\n{body}",
+        body.len()
+    )
+    .unwrap();
+    let mut reader = BufReader::new(s.try_clone().unwrap());
+    let mut chunks = 0;
+    let mut line = String::new();
+    while chunks < 5 {
+        line.clear();
+        assert!(
+            reader.read_line(&mut line).unwrap() > 0,
+            "stream ended early"
+        );
+        if line.starts_with("data: {") {
+            chunks += 1;
+        }
+    }
+    assert!(
+        gauge(port, "turbine_kv_blocks_used") > 0.0,
+        "a running request holds blocks"
+    );
+    drop(reader);
+    s.shutdown(std::net::Shutdown::Both).unwrap();
+    drop(s);
+    assert_eq!(
+        wait_until_idle(port),
+        (0.0, 0.0),
+        "the disconnected request still holds KV blocks"
+    );
+
+    // 4. A prompt longer than the context is a 400 in OpenAI's shape, and the server serves on.
+    let long_prompt = "hello ".repeat(9000);
+    let (status, body) = http(
+        port,
+        "POST",
+        "/v1/completions",
+        &format!(r#"{{"prompt":"{long_prompt}","max_tokens":4}}"#),
+    );
+    assert_eq!(status, 400, "{body}");
+    assert!(body.contains("context_length_exceeded"), "{body}");
+    let (status, body) = http(
+        port,
+        "POST",
+        "/v1/completions",
+        r#"{"prompt":"One, two,","max_tokens":3,"temperature":0}"#,
+    );
+    assert_eq!(status, 200, "{body}");
+    assert!(body.contains("\"completion_tokens\":3"), "{body}");
+}
