@@ -260,3 +260,38 @@ pub fn comparison_table<'a>(reports: impl Iterator<Item = &'a Report>) -> String
     }
     s
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use clap::{Parser, Subcommand};
+
+    /// The lead's CLI embeds `SimArgs` as `turbine sim ...`; this checks that shape works.
+    #[derive(Parser)]
+    struct Top {
+        #[command(subcommand)]
+        cmd: Cmd,
+    }
+
+    #[derive(Subcommand)]
+    enum Cmd {
+        Sim(SimArgs),
+    }
+
+    #[test]
+    fn sim_args_work_as_a_subcommand() {
+        let Top { cmd: Cmd::Sim(a) } = Top::parse_from([
+            "turbine",
+            "sim",
+            "--seed",
+            "9",
+            "--router",
+            "round-robin",
+            "--compare-routers",
+        ]);
+        assert_eq!(
+            (a.seed, a.router, a.compare_routers),
+            (9, PolicyName::RoundRobin, true)
+        );
+    }
+}

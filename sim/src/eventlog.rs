@@ -6,8 +6,13 @@ use crate::time::SimTime;
 use std::fmt::Write as _;
 use xxhash_rust::xxh3::Xxh3;
 
+const FLUSH_AT: usize = 64 * 1024;
+
 pub struct EventLog {
     hasher: Xxh3,
+    /// Records are batched here and hashed in large chunks (xxh3's streaming update is slow
+    /// for many tiny pieces); the digest is the same as hashing the records one by one.
+    buf: Vec<u8>,
     count: u64,
     lines: Option<Vec<String>>,
 }
@@ -17,6 +22,7 @@ impl EventLog {
     pub fn new(keep_lines: bool) -> Self {
         EventLog {
             hasher: Xxh3::new(),
+            buf: Vec::with_capacity(FLUSH_AT + 64),
             count: 0,
             lines: keep_lines.then(Vec::new),
         }
@@ -25,11 +31,15 @@ impl EventLog {
     /// Records one event: a short kind tag and up to three numeric fields.
     pub fn record(&mut self, at: SimTime, kind: &'static str, a: u64, b: u64, c: u64) {
         self.count += 1;
-        self.hasher.update(&at.0.to_le_bytes());
-        self.hasher.update(kind.as_bytes());
-        self.hasher.update(&a.to_le_bytes());
-        self.hasher.update(&b.to_le_bytes());
-        self.hasher.update(&c.to_le_bytes());
+        self.buf.extend_from_slice(&at.0.to_le_bytes());
+        self.buf.extend_from_slice(kind.as_bytes());
+        self.buf.extend_from_slice(&a.to_le_bytes());
+        self.buf.extend_from_slice(&b.to_le_bytes());
+        self.buf.extend_from_slice(&c.to_le_bytes());
+        if self.buf.len() >= FLUSH_AT {
+            self.hasher.update(&self.buf);
+            self.buf.clear();
+        }
         if let Some(lines) = &mut self.lines {
             let mut s = String::with_capacity(48);
             let _ = write!(s, "{} {kind} {a} {b} {c}", at.0);
@@ -37,8 +47,11 @@ impl EventLog {
         }
     }
 
+    /// xxh3-64 of every record so far, in order.
     pub fn hash(&self) -> u64 {
-        self.hasher.digest()
+        let mut h = self.hasher.clone();
+        h.update(&self.buf);
+        h.digest()
     }
 
     pub fn count(&self) -> u64 {

@@ -10,6 +10,7 @@ use crate::rng::{exponential, mix64, SeedSplitter, Stream};
 use crate::time::SimTime;
 use rand::Rng;
 use serde::{Deserialize, Serialize};
+use std::collections::BTreeMap;
 use std::path::Path;
 use turbine_actors::ids::TokenId;
 
@@ -281,7 +282,9 @@ pub fn load_trace(
 }
 
 /// Scales arrival times (speed a trace up or slow it down) and repeats it to fill
-/// `min_duration`, keeping chunk ids (so shared prefixes stay shared across repeats).
+/// `min_duration`. Chunk ids used by several requests of the trace (shared prefixes) stay
+/// shared across repeats; ids used by one request only are renamed per repeat, so a repeat
+/// does not turn unique content into spurious cache hits.
 pub fn reshape(
     trace: &[RequestSpec],
     time_scale: f64,
@@ -298,15 +301,37 @@ pub fn reshape(
     let Some(min) = min_duration else {
         return scaled;
     };
+    let mut uses: BTreeMap<u64, u32> = BTreeMap::new();
+    for r in &scaled {
+        for id in &r.chunk_ids {
+            *uses.entry(*id).or_default() += 1;
+        }
+    }
     let span = scaled.last().map(|r| r.arrival.0).unwrap_or(0).max(1) + 1_000_000;
     let mut out = Vec::new();
     let mut offset = 0u64;
+    let mut repeat = 0u64;
     while offset < min.0 && !scaled.is_empty() {
-        out.extend(scaled.iter().map(|r| RequestSpec {
-            arrival: SimTime(r.arrival.0 + offset),
-            ..r.clone()
-        }));
+        for r in &scaled {
+            let chunk_ids = r
+                .chunk_ids
+                .iter()
+                .map(|id| {
+                    if repeat == 0 || uses.get(id).copied().unwrap_or(0) > 1 {
+                        *id
+                    } else {
+                        mix64(id ^ (repeat << 48))
+                    }
+                })
+                .collect();
+            out.push(RequestSpec {
+                arrival: SimTime(r.arrival.0 + offset),
+                chunk_ids,
+                ..r.clone()
+            });
+        }
         offset += span;
+        repeat += 1;
     }
     out.retain(|r| r.arrival <= min);
     out
@@ -326,6 +351,20 @@ mod tests {
         assert_eq!(a[..512], b[..512]);
         assert_ne!(a[512..700], b[512..700]);
         assert_eq!(r[1].arrival, SimTime::from_millis(10));
+    }
+
+    #[test]
+    fn repeats_keep_shared_ids_and_rename_single_use_ones() {
+        let t = "{\"timestamp\": 0, \"input_length\": 1024, \"output_length\": 1, \"hash_ids\": [1, 2]}\n\
+                 {\"timestamp\": 1000, \"input_length\": 1024, \"output_length\": 1, \"hash_ids\": [1, 3]}\n";
+        let r = parse_mooncake(t, "t").unwrap();
+        let out = reshape(&r, 2.0, Some(SimTime::from_millis(1000)));
+        // Span 500 ms + 1 ms gap: arrivals 0, 500, then the repeat at 501 (1001 is cut).
+        assert_eq!(out.len(), 3);
+        assert_eq!(out[1].arrival, SimTime::from_millis(500));
+        assert_eq!(out[2].chunk_ids[0], 1);
+        assert_ne!(out[2].chunk_ids[1], 2);
+        assert!(out[2].arrival > out[1].arrival);
     }
 
     #[test]
