@@ -112,6 +112,42 @@ fn main() {
         peak = peak.max(tf);
         println!("gemm bf16 m={m} n={n} k={k}: {ms:.3} ms -> {tf:.0} TFLOP/s");
     }
+    // 2b. The decode step's GEMMs alone at batch 1 (the 8B shapes; separate weights per layer
+    // so nothing is served from L2): how close cuBLAS's skinny GEMMs get to the roofline.
+    {
+        let c = &config;
+        let (h, q, kv, f) = (
+            c.hidden_size,
+            c.n_heads * c.head_dim,
+            c.n_kv_heads * c.head_dim,
+            c.intermediate_size,
+        );
+        let shapes = [(q + 2 * kv, h), (h, q), (2 * f, h), (h, f)];
+        let mut ws = vec![];
+        let mut total = 0usize;
+        for l in 0..c.n_layers {
+            for &(o, i) in &shapes {
+                let w = g.alloc(o * i * 2).unwrap();
+                g.init_uniform_bf16(w.ptr(), o * i, 100 + l as u64, 0.02, 0.0)
+                    .unwrap();
+                total += o * i * 2;
+                ws.push((w, o, i));
+            }
+        }
+        let x = g.alloc(f * 2 * 128).unwrap();
+        g.init_uniform_bf16(x.ptr(), f * 128, 9, 1.0, 0.0).unwrap();
+        let y = g.alloc(2 * f * 2 * 128).unwrap();
+        for n in [1usize, 8, 32, 128] {
+            let ms = time_events(&g, 10, || {
+                for (w, o, i) in &ws {
+                    g.gemm_xwt(x.ptr(), *i, w.ptr(), y.ptr(), *o, n, *o, *i, false)
+                        .unwrap();
+                }
+            });
+            let roof = total as f64 / bw * 1e3;
+            println!("layer GEMMs only, n={n:>3}: {ms:.2} ms for {:.2} GB of weights; roofline {roof:.2} ms -> {:.2}x", total as f64 / 1e9, ms / roof);
+        }
+    }
     drop(g);
 
     // 3. Decode steps on the synthetic model.

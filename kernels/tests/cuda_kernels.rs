@@ -3,6 +3,8 @@
 //! each kernel so an unwritten element fails. Skips, with the reason printed, when no CUDA
 //! device is usable.
 
+#![allow(clippy::needless_range_loop)] // f64 references read clearer with explicit indices
+
 use half::bf16;
 use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
@@ -384,16 +386,25 @@ fn paged_kv_write_and_attention_match_f64() {
     }
 }
 
-fn greedy_run(
+fn argmax(row: &[f32]) -> usize {
+    row.iter()
+        .enumerate()
+        .fold((0, f32::MIN), |a, (i, &v)| if v > a.1 { (i, v) } else { a })
+        .0
+}
+
+/// Runs `prompt` then `steps` decode steps, feeding `forced` tokens when given (teacher
+/// forcing) or the backend's own greedy choice; returns the fed tokens and every step's logits.
+fn run_steps(
     b: &mut dyn Backend,
     prompt: &[u32],
     steps: usize,
+    forced: Option<&[u32]>,
     bs: usize,
-) -> (Vec<u32>, Vec<f32>) {
+) -> (Vec<u32>, Vec<Vec<f32>>) {
     let table: Vec<u32> = (0..((prompt.len() + steps).div_ceil(bs) as u32))
         .map(|i| i * 2 + 1)
         .collect();
-    let mut out = vec![];
     let l = b
         .forward(&[SeqStep {
             tokens: prompt,
@@ -402,16 +413,10 @@ fn greedy_run(
             want_logits: true,
         }])
         .unwrap();
-    let first_logits = l.data.clone();
-    let argmax = |row: &[f32]| {
-        row.iter()
-            .enumerate()
-            .fold((0, f32::MIN), |a, (i, &v)| if v > a.1 { (i, v) } else { a })
-            .0 as u32
-    };
-    let mut tok = argmax(&l.data);
+    let (mut toks, mut logits) = (vec![], vec![l.data]);
     for i in 0..steps {
-        out.push(tok);
+        let tok = forced.map_or_else(|| argmax(&logits[i]) as u32, |f| f[i]);
+        toks.push(tok);
         let l = b
             .forward(&[SeqStep {
                 tokens: &[tok],
@@ -420,11 +425,15 @@ fn greedy_run(
                 want_logits: true,
             }])
             .unwrap();
-        tok = argmax(&l.data);
+        logits.push(l.data);
     }
-    (out, first_logits)
+    (toks, logits)
 }
 
+/// CPU and CUDA backends on identical synthetic weights: logits agree within bf16 tolerance
+/// at every step (the CUDA side fed the CPU's greedy tokens), and every greedy choice agrees
+/// except where the CPU's top two logits are closer than the two backends' difference (a
+/// near tie that bf16 rounding may flip). The free-running agreement is printed.
 #[test]
 fn cuda_backend_matches_cpu_backend_greedy() {
     let config = synthetic_config("tiny").unwrap();
@@ -433,6 +442,7 @@ fn cuda_backend_matches_cpu_backend_greedy() {
     };
     let weights = synthetic_weights(&config, 7);
     let bs = 16;
+    let steps = 32;
     let mut cpu = CpuBackend::new(
         config.clone(),
         &weights,
@@ -456,16 +466,37 @@ fn cuda_backend_matches_cpu_backend_greedy() {
     let prompt: Vec<u32> = (0..20)
         .map(|i| (i * 37 + 5) % config.vocab_size as u32)
         .collect();
-    let (cpu_toks, cpu_l) = greedy_run(&mut cpu, &prompt, 32, bs);
-    let (gpu_toks, gpu_l) = greedy_run(&mut gpu_b, &prompt, 32, bs);
-    let e = rel_err(
-        &gpu_l.iter().map(|&v| v as f64).collect::<Vec<_>>(),
-        &cpu_l.iter().map(|&v| v as f64).collect::<Vec<_>>(),
-    );
-    println!("prefill logits rel err vs CPU {e:.2e}");
-    println!("cpu  greedy {cpu_toks:?}\ncuda greedy {gpu_toks:?}");
-    assert!(e < 3e-2);
-    assert_eq!(cpu_toks, gpu_toks);
+    let (cpu_toks, cpu_l) = run_steps(&mut cpu, &prompt, steps, None, bs);
+    let (_, gpu_l) = run_steps(&mut gpu_b, &prompt, steps, Some(&cpu_toks), bs);
+    let mut agree = 0;
+    for (i, (c, g)) in cpu_l.iter().zip(&gpu_l).enumerate() {
+        let cf: Vec<f64> = c.iter().map(|&v| v as f64).collect();
+        let gf: Vec<f64> = g.iter().map(|&v| v as f64).collect();
+        let e = rel_err(&gf, &cf);
+        assert!(e < 3e-2, "step {i}: logits rel err {e}");
+        let max_diff = cf
+            .iter()
+            .zip(&gf)
+            .map(|(a, b)| (a - b).abs())
+            .fold(0.0, f64::max);
+        let (ca, ga) = (argmax(c), argmax(g));
+        if ca == ga {
+            agree += 1;
+        } else {
+            let gap = cf[ca] - cf[ga];
+            println!("step {i}: argmax differs (cpu {ca}, cuda {ga}); cpu gap {gap:.4}, max |diff| {max_diff:.4}");
+            assert!(gap <= 2.0 * max_diff, "step {i}: a clear choice differs");
+        }
+    }
+    let (gpu_free, _) = run_steps(&mut gpu_b, &prompt, steps, None, bs);
+    let same_prefix = cpu_toks
+        .iter()
+        .zip(&gpu_free)
+        .take_while(|(a, b)| a == b)
+        .count();
+    println!("teacher-forced greedy agreement {agree}/{}; free-running: first {same_prefix}/{steps} tokens equal", steps + 1);
+    println!("cpu  greedy {cpu_toks:?}\ncuda greedy {gpu_free:?}");
+    let l = &gpu_l[0];
 
     // Device argmax agrees with the host argmax of the same step's logits.
     let table: Vec<u32> = (40..44).collect();
@@ -475,15 +506,9 @@ fn cuda_backend_matches_cpu_backend_greedy() {
         block_table: &table,
         want_logits: true,
     }];
-    let l = gpu_b.forward(&step).unwrap();
+    let lf = gpu_b.forward(&step).unwrap();
     let ids = gpu_b.forward_greedy(&step).unwrap();
-    let host = l
-        .data
-        .iter()
-        .enumerate()
-        .fold((0, f32::MIN), |a, (i, &v)| if v > a.1 { (i, v) } else { a })
-        .0 as u32;
-    assert_eq!(ids, vec![host]);
+    assert_eq!(ids, vec![argmax(&lf.data) as u32]);
 
     // Export -> import into other blocks -> same bytes; copy_blocks likewise.
     let a = gpu_b.export_blocks(&[40, 41]).unwrap();
@@ -515,7 +540,7 @@ fn cuda_backend_matches_cpu_backend_greedy() {
             .iter()
             .map(|&v| v as f64)
             .collect::<Vec<_>>(),
-        &l.data.iter().map(|&v| v as f64).collect::<Vec<_>>(),
+        &l.iter().map(|&v| v as f64).collect::<Vec<_>>(),
     );
     assert!(e < 1e-3, "batched vs single {e}");
 }
@@ -561,4 +586,49 @@ fn device_synthetic_weights_equal_host_recipe() {
     );
     println!("device-generated vs host-generated weights: logits rel err {e:.2e}");
     assert!(e < 1e-3);
+}
+
+/// The real SmolLM2 file (Q4_1, dequantized to bf16 on load) against the CPU backend: greedy
+/// tokens for 32 steps. Needs the file on the device machine
+/// (`TURBINE_MODEL_DIR` or ~/.cache/turbine/models); skips with the reason otherwise.
+#[test]
+fn smollm2_file_greedy_matches_cpu() {
+    let path = turbine_kernels::loader::default_model_path();
+    if !path.exists() {
+        eprintln!("SKIP: {} not present", path.display());
+        return;
+    }
+    let m = turbine_kernels::loader::load_model(&path).unwrap();
+    let Some(_g) = gpu(m.config.head_dim, m.config.group_size()) else {
+        return;
+    };
+    let bs = 16;
+    let mut cpu = CpuBackend::new(
+        m.config.clone(),
+        &m.weights,
+        CpuBackendOptions {
+            num_blocks: 64,
+            block_size: bs,
+            threads: 0,
+        },
+    )
+    .unwrap();
+    let mut gpu_b = CudaBackend::new(
+        m.config.clone(),
+        &m.weights,
+        CudaBackendOptions {
+            device: 0,
+            num_blocks: 64,
+            block_size: bs,
+        },
+    )
+    .unwrap();
+    let prompt = m
+        .tokenizer
+        .encode("The capital of France is", true)
+        .unwrap_or_else(|_| vec![1, 504, 3575, 282, 4649, 314]);
+    let (cpu_toks, _) = run_steps(&mut cpu, &prompt, 32, None, bs);
+    let (gpu_toks, _) = run_steps(&mut gpu_b, &prompt, 32, None, bs);
+    println!("cpu  {cpu_toks:?}\ncuda {gpu_toks:?}");
+    assert_eq!(cpu_toks, gpu_toks);
 }

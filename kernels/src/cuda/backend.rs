@@ -426,11 +426,11 @@ impl CudaBackend {
         meta_len: usize,
     ) -> Result<(), BackendError> {
         let c = &self.config;
-        let ws = self.gpu.attn_workspace(
-            attn_chunk(&self.gpu, tokens, c.n_heads, max_ctx),
-            c.n_heads,
-            max_ctx,
-        );
+        // Launches use `chunk` tokens, the last one the remainder: room for either.
+        let chunk = attn_chunk(&self.gpu, tokens, c.n_heads, max_ctx);
+        let full = self.gpu.attn_workspace(chunk, c.n_heads, max_ctx);
+        let last = self.gpu.attn_workspace(tokens % chunk, c.n_heads, max_ctx);
+        let ws = (full.0.max(last.0), full.1.max(last.1));
         let s = &self.scratch;
         if s.bufs.is_some()
             && tokens <= s.tokens
