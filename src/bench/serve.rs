@@ -221,6 +221,15 @@ impl RunContext {
 
 /// Measures every level and returns the results (prints nothing).
 pub async fn measure(args: ServeBenchArgs) -> anyhow::Result<BenchReport> {
+    measure_with_progress(args, |_| {}).await
+}
+
+/// [`measure`], calling `on_level` with each level's results as soon as it is done (a run
+/// on a slow server takes minutes; the table should not wait for the last level).
+pub async fn measure_with_progress(
+    args: ServeBenchArgs,
+    mut on_level: impl FnMut(&LevelReport),
+) -> anyhow::Result<BenchReport> {
     anyhow::ensure!(
         !args.concurrency.is_empty() && args.concurrency.iter().all(|&c| c > 0),
         "--concurrency needs at least one level, each > 0"
@@ -271,7 +280,9 @@ pub async fn measure(args: ServeBenchArgs) -> anyhow::Result<BenchReport> {
     let mut levels = Vec::with_capacity(args.concurrency.len());
     for &concurrency in &args.concurrency {
         let total = args.requests_for(concurrency);
-        levels.push(run_level(&ctx, concurrency, total).await?);
+        let level = run_level(&ctx, concurrency, total).await?;
+        on_level(&level);
+        levels.push(level);
     }
     Ok(BenchReport {
         url: args.url.clone(),
@@ -324,11 +335,25 @@ async fn run_level(
     ))
 }
 
-/// Runs the bench, prints the table and writes `--json` if asked.
+/// Runs the bench, prints the table (a row as each level finishes) and writes `--json` if
+/// asked.
 pub async fn run(args: ServeBenchArgs) -> anyhow::Result<()> {
     let json_path = args.json.clone();
-    let report = measure(args).await?;
-    print!("{}", render_table(&report));
+    println!(
+        "bench serve: {} at {}, levels {:?}, max_tokens {}{}; nearest-rank percentiles, ms",
+        args.model.as_deref().unwrap_or("(model from /v1/models)"),
+        args.url,
+        args.concurrency,
+        args.max_tokens,
+        if args.ignore_eos { ", ignore_eos" } else { "" },
+    );
+    print!("{}", table_header());
+    let report = measure_with_progress(args, |level| print!("{}", table_row(level))).await?;
+    print!("{}", render_notes(&report));
+    println!(
+        "model {}; prompt {}; seed {}",
+        report.model, report.prompt, report.seed
+    );
     if let Some(path) = json_path {
         let text = serde_json::to_string_pretty(&report)?;
         std::fs::write(&path, text + "\n")
@@ -338,7 +363,7 @@ pub async fn run(args: ServeBenchArgs) -> anyhow::Result<()> {
     Ok(())
 }
 
-/// The human-readable results: a header, one row per level, then any error messages.
+/// The human-readable results: a header, one row per level, then notes and error messages.
 pub fn render_table(report: &BenchReport) -> String {
     let mut out =
         format!(
@@ -349,7 +374,17 @@ pub fn render_table(report: &BenchReport) -> String {
         report.max_tokens,
         if report.ignore_eos { ", ignore_eos" } else { "" },
     );
-    out.push_str(&format!(
+    out.push_str(&table_header());
+    for level in &report.levels {
+        out.push_str(&table_row(level));
+    }
+    out.push_str(&render_notes(report));
+    out
+}
+
+/// The column titles of the results table.
+pub fn table_header() -> String {
+    format!(
         "{:>5} {:>6} {:>6} {:>9} {:>9} {:>8} {:>8} {:>9} {:>10} {:>7}\n",
         "conc",
         "reqs",
@@ -361,22 +396,29 @@ pub fn render_table(report: &BenchReport) -> String {
         "E2E p50",
         "out tok/s",
         "req/s"
-    ));
-    for level in &report.levels {
-        out.push_str(&format!(
-            "{:>5} {:>6} {:>6} {:>9} {:>9} {:>8} {:>8} {:>9} {:>10.1} {:>7.2}\n",
-            level.concurrency,
-            level.requests,
-            level.errors,
-            ms(level.ttft.p50_ms),
-            ms(level.ttft.p99_ms),
-            ms(level.itl.p50_ms),
-            ms(level.itl.p99_ms),
-            ms(level.e2e.p50_ms),
-            level.output_tokens_per_sec,
-            level.requests_per_sec,
-        ));
-    }
+    )
+}
+
+/// One level's row of the results table.
+pub fn table_row(level: &LevelReport) -> String {
+    format!(
+        "{:>5} {:>6} {:>6} {:>9} {:>9} {:>8} {:>8} {:>9} {:>10.1} {:>7.2}\n",
+        level.concurrency,
+        level.requests,
+        level.errors,
+        ms(level.ttft.p50_ms),
+        ms(level.ttft.p99_ms),
+        ms(level.itl.p50_ms),
+        ms(level.itl.p99_ms),
+        ms(level.e2e.p50_ms),
+        level.output_tokens_per_sec,
+        level.requests_per_sec,
+    )
+}
+
+/// Notes under the table: token counting, requests cut by the time cap, error messages.
+pub fn render_notes(report: &BenchReport) -> String {
+    let mut out = String::new();
     for level in &report.levels {
         if !level.tokens_from_usage && level.requests > level.errors {
             out.push_str(&format!(
@@ -451,6 +493,35 @@ mod tests {
         assert_eq!(report.itl.p50_ms, Some(2.0));
         assert_eq!(report.mean_prompt_tokens, Some(10.0));
         assert!(report.tokens_from_usage);
+    }
+
+    #[test]
+    fn table_has_a_row_per_level_and_lists_errors() {
+        let t0 = Instant::now();
+        let failed = RequestOutcome::failed(t0, t0, "HTTP 503: busy".into());
+        let report = BenchReport {
+            url: "http://x".into(),
+            model: "m".into(),
+            max_tokens: 4,
+            ignore_eos: false,
+            prompt: "p".into(),
+            seed: 1,
+            percentile_method: "nearest-rank",
+            levels: vec![
+                LevelReport::from_outcomes(1, &[outcome(10, &[1], 2)], 0, Duration::from_secs(1)),
+                LevelReport::from_outcomes(8, &[failed], 3, Duration::from_secs(1)),
+            ],
+        };
+        let table = render_table(&report);
+        let rows: Vec<&str> = table.lines().collect();
+        assert!(rows[1].contains("TTFT p50"), "{table}");
+        assert!(rows[2].trim_start().starts_with("1 "), "{table}");
+        assert!(rows[3].trim_start().starts_with("8 "), "{table}");
+        assert!(
+            table.contains("errors (conc 8): 1 x HTTP 503: busy"),
+            "{table}"
+        );
+        assert!(table.contains("3 requests not started"), "{table}");
     }
 
     #[test]
