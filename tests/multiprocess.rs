@@ -49,6 +49,8 @@ fn spawn(args: &[&str], ready: &str) -> Proc {
 fn complete(port: u16, prompt: &str) -> (u16, String) {
     let body = format!(r#"{{"prompt":"{prompt}","max_tokens":6,"temperature":0}}"#);
     let mut s = TcpStream::connect(("127.0.0.1", port)).expect("connect");
+    // A request must never hang: the frontend answers or fails within the call timeout.
+    s.set_read_timeout(Some(Duration::from_secs(30))).unwrap();
     write!(
         s,
         "POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
@@ -56,7 +58,9 @@ fn complete(port: u16, prompt: &str) -> (u16, String) {
     )
     .unwrap();
     let mut out = String::new();
-    s.read_to_string(&mut out).unwrap();
+    if let Err(e) = s.read_to_string(&mut out) {
+        panic!("no answer from the frontend ({e}); got so far: {out}");
+    }
     let status = out
         .split_whitespace()
         .nth(1)

@@ -157,7 +157,7 @@ impl<S: Service> Addr<S> {
         let payload = wire::to_payload(&req).map_err(CallError::Codec)?;
         let corr_id = link.next_corr();
         let (tx, rx) = oneshot::channel();
-        link.add_pending(corr_id, Pending::Call(tx));
+        link.add_pending(corr_id, Pending::Call(tx))?;
         let env = Envelope {
             to: name.to_string(),
             from: link.node_name.to_string(),
@@ -252,7 +252,7 @@ impl<S: Service> Addr<S> {
                 let payload = wire::to_payload(&req).map_err(CallError::Codec)?;
                 let corr_id = link.next_corr();
                 let (tx, rx) = mpsc::channel(self.window.max(1));
-                link.add_pending(corr_id, Pending::Stream(tx));
+                link.add_pending(corr_id, Pending::Stream(tx))?;
                 let env = Envelope {
                     to: name.to_string(),
                     from: link.node_name.to_string(),

@@ -2,7 +2,7 @@
 //! pending calls and streams, and the tasks that pump frames in and out.
 
 use std::collections::HashMap;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 
 use bytes::Bytes;
@@ -27,6 +27,10 @@ pub(crate) struct PeerLink {
     data_tx: mpsc::Sender<Bytes>,
     ctl_tx: mpsc::UnboundedSender<Bytes>,
     pending: Mutex<HashMap<u64, Pending>>,
+    /// False between a disconnect and the next successful reconnect. Read and written under
+    /// the `pending` lock so a request is either refused or failed by [`PeerLink::fail_all`],
+    /// never left waiting on a peer that is gone.
+    connected: AtomicBool,
     next_corr: AtomicU64,
     pub(crate) max_frame: usize,
     pub(crate) metrics: RuntimeMetrics,
@@ -58,6 +62,7 @@ impl PeerLink {
             data_tx,
             ctl_tx,
             pending: Mutex::new(HashMap::new()),
+            connected: AtomicBool::new(true),
             next_corr: AtomicU64::new(1),
             max_frame,
             metrics,
@@ -91,8 +96,23 @@ impl PeerLink {
         self.pending.lock().unwrap_or_else(|p| p.into_inner())
     }
 
-    pub(crate) fn add_pending(&self, corr_id: u64, pending: Pending) {
-        self.table().insert(corr_id, pending);
+    /// Registers a request waiting for its answer; refuses it while the peer is disconnected
+    /// (the DEALER would only queue it until a reconnect that may never come).
+    pub(crate) fn add_pending(&self, corr_id: u64, pending: Pending) -> Result<(), CallError> {
+        let mut table = self.table();
+        if !self.connected.load(Ordering::Relaxed) {
+            return Err(CallError::PeerGone(format!(
+                "{} (disconnected)",
+                self.endpoint
+            )));
+        }
+        table.insert(corr_id, pending);
+        Ok(())
+    }
+
+    fn set_connected(&self) {
+        let _table = self.table();
+        self.connected.store(true, Ordering::Relaxed);
     }
 
     pub(crate) fn remove_pending(&self, corr_id: u64) -> Option<Pending> {
@@ -138,7 +158,11 @@ impl PeerLink {
 
     /// Fails every pending request: the peer is gone.
     fn fail_all(&self, why: &str) {
-        let drained: Vec<Pending> = self.table().drain().map(|(_, p)| p).collect();
+        let drained: Vec<Pending> = {
+            let mut table = self.table();
+            self.connected.store(false, Ordering::Relaxed);
+            table.drain().map(|(_, p)| p).collect()
+        };
         for pending in drained {
             let err = CallError::PeerGone(format!("{} ({why})", self.endpoint));
             match pending {
@@ -288,10 +312,14 @@ async fn monitor_loop(
             e = events.next() => e,
         };
         let Some(event) = event else { return };
-        if let SocketEvent::Disconnected(_) = event {
-            let Some(link) = link.upgrade() else { return };
-            tracing::debug!(peer = %link.endpoint, "peer disconnected");
-            link.fail_all("disconnected");
+        let Some(link) = link.upgrade() else { return };
+        match event {
+            SocketEvent::Disconnected(_) => {
+                tracing::debug!(peer = %link.endpoint, "peer disconnected");
+                link.fail_all("disconnected");
+            }
+            SocketEvent::Connected(..) => link.set_connected(),
+            _ => {}
         }
     }
 }

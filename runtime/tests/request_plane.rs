@@ -166,3 +166,49 @@ async fn dead_peer_fails_pending_call_with_typed_error() {
         "{err:?}"
     );
 }
+
+/// A stream opened after the peer's disconnect was noticed is refused at once with
+/// `PeerGone`: streams have no overall timeout (a generation may wait in a queue for long),
+/// so a request queued on a DEALER whose peer is gone would otherwise wait forever.
+#[tokio::test]
+async fn stream_to_a_peer_that_already_died_is_refused_not_left_hanging() {
+    let (server, client, _shared, _c) = pair().await;
+    let addr = client
+        .connect::<Probe>(server.endpoint(), "probe")
+        .await
+        .unwrap()
+        .with_timeout(Duration::from_secs(60));
+    addr.call(Req::Echo("warm".into())).await.unwrap();
+    // A call in flight when the peer dies is failed by the disconnect.
+    let pending = {
+        let addr = addr.clone();
+        tokio::spawn(async move { addr.call(Req::Hang).await })
+    };
+    tokio::time::sleep(Duration::from_millis(50)).await;
+    server.shutdown();
+    drop(server);
+    let err = tokio::time::timeout(Duration::from_secs(10), pending)
+        .await
+        .expect("the disconnect fails the pending call")
+        .unwrap()
+        .unwrap_err();
+    assert!(matches!(err, CallError::PeerGone(_)), "{err:?}");
+
+    // Now the link knows the peer is gone: a new stream is refused instead of queued.
+    let outcome = tokio::time::timeout(Duration::from_secs(5), async {
+        use futures::StreamExt;
+        match addr.stream(Req::Count(3)).await {
+            Err(e) => Err(e),
+            Ok(mut s) => match s.next().await {
+                Some(Err(e)) => Err(e),
+                other => Ok(other.is_some()),
+            },
+        }
+    })
+    .await
+    .expect("a stream to a dead peer must not hang");
+    assert!(
+        matches!(outcome, Err(CallError::PeerGone(_))),
+        "{outcome:?}"
+    );
+}
