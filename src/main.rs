@@ -32,6 +32,9 @@ enum Command {
     Worker(WorkerArgs),
     /// Fetch the default model into the model cache, then exit.
     FetchModel,
+    /// Simulate a cluster on virtual time: deterministic for a seed; synthetic workloads or
+    /// trace replay, injected faults, routing-policy comparison (see docs/SIMULATOR.md).
+    Sim(turbine_sim::SimArgs),
     /// Load generators and micro-benchmarks.
     Bench {
         #[command(subcommand)]
@@ -152,6 +155,7 @@ fn main() -> Result<()> {
             println!("{}", path.display());
             Ok(())
         }
+        Command::Sim(args) => turbine_sim::run_cli(args),
         Command::Bench { which } => match which {
             BenchCommand::Serve(args) => runtime.block_on(turbine::bench::serve::run(args)),
         },

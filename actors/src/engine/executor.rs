@@ -118,8 +118,7 @@ fn run_step(backend: &mut dyn Backend, batch: &[ExecSeq]) -> Result<Vec<SampledT
         .collect();
     let logits = backend.forward(&steps)?;
     let mut out = Vec::with_capacity(logits.rows());
-    let mut row = 0;
-    for e in batch.iter().filter(|e| e.seq.want_logits) {
+    for (row, e) in batch.iter().filter(|e| e.seq.want_logits).enumerate() {
         let request = e.seq.request;
         let Some(spec) = &e.sample else {
             return Err(ExecError::Sampling {
@@ -133,7 +132,6 @@ fn run_step(backend: &mut dyn Backend, batch: &[ExecSeq]) -> Result<Vec<SampledT
                 reason: "backend returned too few logits rows".into(),
             });
         };
-        row += 1;
         let sampled =
             sample_one(values, spec).map_err(|reason| ExecError::Sampling { request, reason })?;
         out.push(SampledToken {

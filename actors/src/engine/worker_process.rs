@@ -81,12 +81,9 @@ pub async fn run_worker(
     .await
     .map_err(|e| node_err(&e))?;
     let publisher = Arc::new(
-        EventPublisher::bind(
-            &format!("tcp://{}", cfg.transport.events_bind),
-            &node.name().to_string(),
-        )
-        .await
-        .map_err(|e| node_err(&e))?,
+        EventPublisher::bind(&format!("tcp://{}", cfg.transport.events_bind), node.name())
+            .await
+            .map_err(|e| node_err(&e))?,
     );
 
     // KV events leave the engine loop synchronously; a task publishes them in order.
