@@ -1,0 +1,98 @@
+//! Ctrl-C (SIGINT) drains: a stream in flight when the signal arrives runs to its end
+//! (`data: [DONE]`), new connections are refused, and the process exits cleanly.
+//!
+//! Needs the default model (`scripts/setup-test-deps.sh`, run by `scripts/test.sh`).
+
+use std::io::{BufRead, BufReader, Read, Write};
+use std::net::{TcpListener, TcpStream};
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+fn free_port() -> u16 {
+    TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .map(|a| a.port())
+        .expect("a free port")
+}
+
+#[cfg(unix)]
+#[test]
+fn sigint_drains_the_stream_in_flight_then_exits() {
+    let port = free_port();
+    let mut child = Command::new(env!("CARGO_BIN_EXE_turbine"))
+        .args(["up", "--no-fetch", "--port", &port.to_string()])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("spawning turbine up");
+    let stdout = child.stdout.take().expect("piped");
+    let mut lines = BufReader::new(stdout).lines();
+    loop {
+        match lines.next() {
+            Some(Ok(l)) if l.contains("turbine serving") => break,
+            Some(Ok(_)) => continue,
+            _ => {
+                let _ = child.kill();
+                panic!("turbine up exited before serving: is the model fetched?");
+            }
+        }
+    }
+
+    let body = r#"{"prompt":"Once upon a time","max_tokens":48,"temperature":0,"stream":true,"ignore_eos":true}"#;
+    let mut s = TcpStream::connect(("127.0.0.1", port)).expect("connect");
+    s.set_read_timeout(Some(Duration::from_secs(120))).unwrap();
+    write!(
+        s,
+        "POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
+        body.len()
+    )
+    .unwrap();
+    // Wait for the first streamed token, then interrupt the server.
+    let mut reader = BufReader::new(s);
+    let mut seen = String::new();
+    while !seen.contains("data: {") {
+        let mut line = String::new();
+        if reader.read_line(&mut line).unwrap_or(0) == 0 {
+            break;
+        }
+        seen.push_str(&line);
+    }
+    assert!(seen.contains("data: {"), "no first token: {seen}");
+    let pid = child.id().to_string();
+    let sent = Command::new("kill").args(["-INT", &pid]).status().unwrap();
+    assert!(sent.success());
+
+    // New connections are refused once the signal is handled (bounded wait).
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while TcpStream::connect(("127.0.0.1", port)).is_ok() {
+        assert!(Instant::now() < deadline, "still accepting after SIGINT");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+
+    // The stream in flight still runs to its end.
+    let mut rest = String::new();
+    reader.read_to_string(&mut rest).expect("the stream ends");
+    let all = seen + &rest;
+    let tokens = all.matches("data: {").count();
+    assert!(all.contains("data: [DONE]"), "stream cut short: {all}");
+    assert!(all.contains("\"finish_reason\":\"length\""), "{all}");
+    assert!(tokens >= 48, "only {tokens} chunks arrived: {all}");
+
+    let deadline = Instant::now() + Duration::from_secs(60);
+    let status = loop {
+        if let Some(st) = child.try_wait().unwrap() {
+            break st;
+        }
+        if Instant::now() > deadline {
+            let _ = child.kill();
+            panic!("turbine did not exit after draining");
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    };
+    let mut err = String::new();
+    if let Some(mut e) = child.stderr.take() {
+        let _ = e.read_to_string(&mut err);
+    }
+    assert!(status.success(), "exit {status:?}: {err}");
+    assert!(err.contains("drained"), "{err}");
+}
