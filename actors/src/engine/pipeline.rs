@@ -240,6 +240,13 @@ impl Detokenize {
             // Refused at admission: the request itself is at fault (too long for the
             // worker's pool, empty, ...).
             Err(CallError::Handler(msg)) if first => return Err(EngineError::InvalidRequest(msg)),
+            // The worker went away (crash, network) before it produced anything: nothing was
+            // generated, so the client may simply retry (503); discovery drops the worker.
+            Err(e @ (CallError::PeerGone(_) | CallError::Timeout(_) | CallError::Transport(_)))
+                if first =>
+            {
+                return Err(EngineError::Overloaded(format!("worker unavailable: {e}")))
+            }
             Err(e) => return Err(EngineError::Internal(format!("worker: {e}"))),
         };
         if let Some(c) = out.cached_tokens {
