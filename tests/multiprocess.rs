@@ -4,69 +4,14 @@
 //!
 //! Needs the default model (`scripts/setup-test-deps.sh`, run by `scripts/test.sh`).
 
-use std::io::{BufRead, BufReader, Read, Write};
-use std::net::{TcpListener, TcpStream};
-use std::process::{Child, Command, Stdio};
+mod common;
+
+use common::{free_port, http, spawn_turbine};
 use std::time::{Duration, Instant};
-
-struct Proc(Child);
-
-impl Drop for Proc {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
-
-fn free_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0")
-        .and_then(|l| l.local_addr())
-        .map(|a| a.port())
-        .expect("a free port")
-}
-
-/// Spawns `turbine ARGS` and waits for a stdout line containing `ready`.
-fn spawn(args: &[&str], ready: &str) -> Proc {
-    let mut child = Command::new(env!("CARGO_BIN_EXE_turbine"))
-        .args(args)
-        .stdout(Stdio::piped())
-        .stderr(Stdio::inherit())
-        .spawn()
-        .expect("spawning turbine");
-    let stdout = child.stdout.take().expect("piped");
-    let mut lines = BufReader::new(stdout).lines();
-    loop {
-        match lines.next() {
-            Some(Ok(l)) if l.contains(ready) => break,
-            Some(Ok(_)) => continue,
-            _ => panic!("turbine {args:?} exited before {ready:?}: is the model fetched?"),
-        }
-    }
-    std::thread::spawn(move || for _ in lines {});
-    Proc(child)
-}
 
 fn complete(port: u16, prompt: &str) -> (u16, String) {
     let body = format!(r#"{{"prompt":"{prompt}","max_tokens":6,"temperature":0}}"#);
-    let mut s = TcpStream::connect(("127.0.0.1", port)).expect("connect");
-    // A request must never hang: the frontend answers or fails within the call timeout.
-    s.set_read_timeout(Some(Duration::from_secs(30))).unwrap();
-    write!(
-        s,
-        "POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
-        body.len()
-    )
-    .unwrap();
-    let mut out = String::new();
-    if let Err(e) = s.read_to_string(&mut out) {
-        panic!("no answer from the frontend ({e}); got so far: {out}");
-    }
-    let status = out
-        .split_whitespace()
-        .nth(1)
-        .and_then(|c| c.parse().ok())
-        .unwrap_or(0);
-    (status, out)
+    http(port, "POST", "/v1/completions", &body)
 }
 
 /// Polls (bounded) until a completion gets `want`.
@@ -98,14 +43,14 @@ fn a_worker_process_joins_serves_and_is_forgotten_when_it_dies() {
     )
     .unwrap();
     let file = file.to_str().unwrap();
-    let _frontend = spawn(&["up", "-f", file, "--no-fetch"], "turbine serving");
+    let _frontend = spawn_turbine(&["up", "-f", file, "--no-fetch"], "turbine serving");
 
     // No worker yet: the frontend says so instead of hanging.
     let (status, body) = complete(http, "Hello");
     assert_eq!(status, 503, "{body}");
     assert!(body.contains("no worker"), "{body}");
 
-    let worker = spawn(
+    let worker = spawn_turbine(
         &["worker", "-f", file, "--bind", "127.0.0.1:0", "--no-fetch"],
         "registered with",
     );

@@ -4,23 +4,14 @@
 //! Needs the default model and the test venv, both installed by `scripts/test.sh`
 //! (`scripts/setup-test-deps.sh`). Without them the test fails and says how to get them.
 
-use std::io::{BufRead, BufReader, Read, Write};
+mod common;
+
+use common::{gauge, http, spawn_turbine};
+use std::io::{BufRead, BufReader, Write};
 use std::net::TcpStream;
 use std::path::PathBuf;
-use std::process::{Child, Command, Stdio};
+use std::process::Command;
 use std::time::{Duration, Instant};
-
-struct Server {
-    child: Child,
-    port: u16,
-}
-
-impl Drop for Server {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
 
 fn test_python() -> PathBuf {
     if let Some(p) = std::env::var_os("TURBINE_TEST_PYTHON") {
@@ -30,74 +21,6 @@ fn test_python() -> PathBuf {
         .map(PathBuf::from)
         .unwrap_or_default();
     home.join(".cache/turbine/test-venv/bin/python")
-}
-
-/// Starts `turbine up` on a free port and waits for its "serving" line.
-fn start_server() -> Server {
-    let mut child = Command::new(env!("CARGO_BIN_EXE_turbine"))
-        .args(["up", "--port", "0", "--no-fetch"])
-        .stdout(Stdio::piped())
-        .stderr(Stdio::inherit())
-        .spawn()
-        .expect("spawning turbine");
-    let stdout = child.stdout.take().expect("stdout is piped");
-    let mut lines = BufReader::new(stdout).lines();
-    let line = loop {
-        match lines.next() {
-            Some(Ok(l)) if l.contains("turbine serving") => break l,
-            Some(Ok(_)) => continue,
-            _ => {
-                let status = child.wait().ok();
-                panic!(
-                    "turbine up exited before serving ({status:?}); is the default model \
-                     fetched? run scripts/setup-test-deps.sh"
-                );
-            }
-        }
-    };
-    let port = line
-        .rsplit("http://127.0.0.1:")
-        .next()
-        .and_then(|rest| rest.split(|c: char| !c.is_ascii_digit()).next())
-        .and_then(|p| p.parse().ok())
-        .unwrap_or_else(|| panic!("no port in {line:?}"));
-    // Keep draining stdout so the server never blocks on a full pipe.
-    std::thread::spawn(move || for _ in lines {});
-    Server { child, port }
-}
-
-fn http(port: u16, method: &str, path: &str, body: &str) -> (u16, String) {
-    let mut s = TcpStream::connect(("127.0.0.1", port)).expect("connect");
-    s.set_read_timeout(Some(Duration::from_secs(120))).unwrap();
-    write!(
-        s,
-        "{method} {path} HTTP/1.1\r\nHost: localhost\r\nContent-Type: application/json\r\n\
-         Content-Length: {}\r\nConnection: close\r\n\r\n{body}",
-        body.len()
-    )
-    .unwrap();
-    let mut out = String::new();
-    s.read_to_string(&mut out).unwrap();
-    let status = out
-        .split_whitespace()
-        .nth(1)
-        .and_then(|c| c.parse().ok())
-        .unwrap_or(0);
-    let body = out
-        .split_once("\r\n\r\n")
-        .map(|x| x.1)
-        .unwrap_or("")
-        .to_string();
-    (status, body)
-}
-
-/// Sum of a gauge over all workers, from /metrics.
-fn gauge(port: u16, name: &str) -> f64 {
-    let (_, text) = http(port, "GET", "/metrics", "");
-    text.lines()
-        .filter(|l| l.starts_with(name) && l[name.len()..].starts_with(['{', ' ']))
-        .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
-        .sum()
 }
 
 /// Waits (bounded) until no KV block is held by a request and nothing runs.
@@ -122,8 +45,8 @@ fn openai_client_drives_turbine_up_and_nothing_leaks() {
         "{} is missing: run scripts/setup-test-deps.sh (scripts/test.sh does)",
         python.display()
     );
-    let server = start_server();
-    let port = server.port;
+    let server = spawn_turbine(&["up", "--port", "0", "--no-fetch"], "turbine serving");
+    let port = server.http_port();
 
     // 1. The official client: chat and completions, streaming and not, stop strings, bad
     //    requests, and 32 concurrent greedy streams equal to their solo answers.

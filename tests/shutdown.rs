@@ -3,41 +3,22 @@
 //!
 //! Needs the default model (`scripts/setup-test-deps.sh`, run by `scripts/test.sh`).
 
-use std::io::{BufRead, BufReader, Read, Write};
-use std::net::{TcpListener, TcpStream};
-use std::process::{Command, Stdio};
-use std::time::{Duration, Instant};
+mod common;
 
-fn free_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0")
-        .and_then(|l| l.local_addr())
-        .map(|a| a.port())
-        .expect("a free port")
-}
+use common::{free_port, spawn_turbine};
+use std::io::{BufRead, BufReader, Read, Write};
+use std::net::TcpStream;
+use std::process::Command;
+use std::time::{Duration, Instant};
 
 #[cfg(unix)]
 #[test]
 fn sigint_drains_the_stream_in_flight_then_exits() {
     let port = free_port();
-    let mut child = Command::new(env!("CARGO_BIN_EXE_turbine"))
-        .args(["up", "--no-fetch", "--port", &port.to_string()])
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .expect("spawning turbine up");
-    let stdout = child.stdout.take().expect("piped");
-    let mut lines = BufReader::new(stdout).lines();
-    loop {
-        match lines.next() {
-            Some(Ok(l)) if l.contains("turbine serving") => break,
-            Some(Ok(_)) => continue,
-            _ => {
-                let _ = child.kill();
-                panic!("turbine up exited before serving: is the model fetched?");
-            }
-        }
-    }
-
+    let mut server = spawn_turbine(
+        &["up", "--no-fetch", "--port", &port.to_string()],
+        "turbine serving",
+    );
     let body = r#"{"prompt":"Once upon a time","max_tokens":48,"temperature":0,"stream":true,"ignore_eos":true}"#;
     let mut s = TcpStream::connect(("127.0.0.1", port)).expect("connect");
     s.set_read_timeout(Some(Duration::from_secs(120))).unwrap();
@@ -58,7 +39,7 @@ fn sigint_drains_the_stream_in_flight_then_exits() {
         seen.push_str(&line);
     }
     assert!(seen.contains("data: {"), "no first token: {seen}");
-    let pid = child.id().to_string();
+    let pid = server.child.id().to_string();
     let sent = Command::new("kill").args(["-INT", &pid]).status().unwrap();
     assert!(sent.success());
 
@@ -80,19 +61,14 @@ fn sigint_drains_the_stream_in_flight_then_exits() {
 
     let deadline = Instant::now() + Duration::from_secs(60);
     let status = loop {
-        if let Some(st) = child.try_wait().unwrap() {
+        if let Some(st) = server.child.try_wait().unwrap() {
             break st;
         }
-        if Instant::now() > deadline {
-            let _ = child.kill();
-            panic!("turbine did not exit after draining");
-        }
+        assert!(
+            Instant::now() < deadline,
+            "turbine did not exit after draining"
+        );
         std::thread::sleep(Duration::from_millis(50));
     };
-    let mut err = String::new();
-    if let Some(mut e) = child.stderr.take() {
-        let _ = e.read_to_string(&mut err);
-    }
-    assert!(status.success(), "exit {status:?}: {err}");
-    assert!(err.contains("drained"), "{err}");
+    assert!(status.success(), "exit status after SIGINT: {status:?}");
 }

@@ -1,0 +1,114 @@
+//! What the integration tests share: starting the `turbine` binary and waiting until it
+//! serves, plain HTTP/1.1 requests with a read timeout (a test never hangs), and reading
+//! gauges from `/metrics`.
+#![allow(dead_code)] // each test binary uses its own subset
+
+use std::io::{BufRead, BufReader, Read, Write};
+use std::net::{TcpListener, TcpStream};
+use std::process::{Child, ChildStdout, Command, Stdio};
+use std::time::Duration;
+
+/// A port that was free a moment ago.
+pub fn free_port() -> u16 {
+    TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .map(|a| a.port())
+        .expect("a free port")
+}
+
+/// A running `turbine` process, killed when dropped.
+pub struct Turbine {
+    pub child: Child,
+    /// The HTTP port from the "turbine serving ... http://HOST:PORT" line, when it printed one.
+    pub port: Option<u16>,
+}
+
+impl Drop for Turbine {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+impl Turbine {
+    /// The HTTP port; panics if the process printed none (a test bug).
+    pub fn http_port(&self) -> u16 {
+        self.port
+            .expect("this turbine process prints no HTTP address")
+    }
+}
+
+/// Spawns `turbine ARGS` and waits for a stdout line containing `ready`; stdout keeps being
+/// drained afterwards so the process never blocks on a full pipe.
+pub fn spawn_turbine(args: &[&str], ready: &str) -> Turbine {
+    let mut child = Command::new(env!("CARGO_BIN_EXE_turbine"))
+        .args(args)
+        .stdout(Stdio::piped())
+        .stderr(Stdio::inherit())
+        .spawn()
+        .expect("spawning turbine");
+    let stdout: ChildStdout = child.stdout.take().expect("stdout is piped");
+    let mut lines = BufReader::new(stdout).lines();
+    let line = loop {
+        match lines.next() {
+            Some(Ok(l)) if l.contains(ready) => break l,
+            Some(Ok(_)) => continue,
+            _ => {
+                let status = child.wait().ok();
+                panic!(
+                    "turbine {args:?} exited ({status:?}) before printing {ready:?}; is the \
+                     default model fetched? run scripts/setup-test-deps.sh"
+                );
+            }
+        }
+    };
+    std::thread::spawn(move || for _ in lines {});
+    Turbine {
+        child,
+        port: port_in(&line),
+    }
+}
+
+fn port_in(line: &str) -> Option<u16> {
+    let rest = line.split("http://").nth(1)?;
+    let addr = rest.split(|c: char| c.is_whitespace() || c == ')').next()?;
+    addr.rsplit(':').next()?.parse().ok()
+}
+
+/// One HTTP/1.1 request; returns (status, body). Fails the test instead of hanging when the
+/// server does not answer within two minutes.
+pub fn http(port: u16, method: &str, path: &str, body: &str) -> (u16, String) {
+    let mut s = TcpStream::connect(("127.0.0.1", port)).expect("connect");
+    s.set_read_timeout(Some(Duration::from_secs(120))).unwrap();
+    write!(
+        s,
+        "{method} {path} HTTP/1.1\r\nHost: localhost\r\nContent-Type: application/json\r\n\
+         Content-Length: {}\r\nConnection: close\r\n\r\n{body}",
+        body.len()
+    )
+    .unwrap();
+    let mut out = String::new();
+    if let Err(e) = s.read_to_string(&mut out) {
+        panic!("no answer from the server to {method} {path} ({e}); got so far: {out}");
+    }
+    let status = out
+        .split_whitespace()
+        .nth(1)
+        .and_then(|c| c.parse().ok())
+        .unwrap_or(0);
+    let body = out
+        .split_once("\r\n\r\n")
+        .map(|x| x.1)
+        .unwrap_or("")
+        .to_string();
+    (status, body)
+}
+
+/// Sum over all label sets of the metric `name`, from /metrics.
+pub fn gauge(port: u16, name: &str) -> f64 {
+    let (_, text) = http(port, "GET", "/metrics", "");
+    text.lines()
+        .filter(|l| l.starts_with(name) && l[name.len()..].starts_with(['{', ' ']))
+        .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+        .sum()
+}
