@@ -162,7 +162,7 @@ impl QuantizedRows {
             let id = if amax != 0.0 { 127.0 / amax } else { 0.0 };
             let mut sum = 0i32;
             for (q, &v) in q.iter_mut().zip(src) {
-                let r = (v * id).round_ties_even() as i32;
+                let r = round_ties_even_small(v * id) as i32;
                 *q = r.clamp(-127, 127) as i8;
                 sum += r;
             }
@@ -183,6 +183,17 @@ impl QuantizedRows {
             s: self.s.get(r * nb..(r + 1) * nb).unwrap_or(&[]),
         }
     }
+}
+
+/// `x.round_ties_even()` for |x| < 2^22, without a libm call: adding 1.5 * 2^23 leaves a
+/// sum whose unit in the last place is 1, so the FPU's default round-to-nearest-even does the
+/// rounding, and subtracting is exact. `round_ties_even` compiles to a `rintf` call on the
+/// baseline x86-64 target (no SSE4.1), which cost ~6% of a prefill; this form vectorises.
+/// Values here are at most ~127 in magnitude (or NaN, which stays NaN).
+#[inline]
+fn round_ties_even_small(x: f32) -> f32 {
+    const MAGIC: f32 = 12_582_912.0; // 1.5 * 2^23
+    (x + MAGIC) - MAGIC
 }
 
 /// Whether the AVX2+FMA kernels can run here (checked once; the macro caches it).
@@ -450,6 +461,21 @@ mod avx2 {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn magic_rounding_equals_round_ties_even_over_the_quantizer_range() {
+        // Every f32 in [-128, 128] with a 1/1024 step, the exact halves, and neighbours of
+        // each half: the cases where ties-to-even and ties-away differ.
+        let mut xs: Vec<f32> = (-131_072..=131_072).map(|i| i as f32 / 1024.0).collect();
+        for i in -128..128 {
+            let half = i as f32 + 0.5;
+            xs.extend([half, half.next_up(), half.next_down()]);
+        }
+        for x in xs {
+            assert_eq!(round_ties_even_small(x), x.round_ties_even(), "x = {x}");
+        }
+        assert!(round_ties_even_small(f32::NAN).is_nan());
+    }
 
     fn lcg(seed: &mut u64) -> f32 {
         *seed = seed
