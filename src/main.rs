@@ -66,9 +66,13 @@ struct WorkerArgs {
     /// Cluster file (the same one the frontend's `turbine up -f` reads).
     #[arg(short = 'f', long = "file")]
     file: PathBuf,
-    /// Which entry of the file's `workers:` list this process runs (0-based).
-    #[arg(long, default_value_t = 0)]
-    group: usize,
+    /// Which entry of the file's `workers:` list this process runs (0-based). Default: the
+    /// first group with `--role`, else the first group with `remote: true`, else 0.
+    #[arg(long)]
+    group: Option<usize>,
+    /// Run the first group of the file with this role (`aggregated`, `prefill`, `decode`).
+    #[arg(long, conflicts_with = "group")]
+    role: Option<String>,
     /// The frontend's request-plane endpoint (e.g. tcp://10.0.0.5:7100); overrides the
     /// file's `discovery.registry`.
     #[arg(long)]
@@ -94,6 +98,31 @@ enum BenchCommand {
     Serve(turbine::bench::serve::ServeBenchArgs),
 }
 
+/// The worker group a `turbine worker` process runs: `--group`, or the first with `--role`,
+/// or the first remote group, or the first group.
+fn pick_group(cfg: &ClusterConfig, group: Option<usize>, role: Option<&str>) -> Result<usize> {
+    if let Some(g) = group {
+        anyhow::ensure!(
+            g < cfg.workers.len(),
+            "--group {g}: the file has {} worker group(s) (0-based)",
+            cfg.workers.len()
+        );
+        return Ok(g);
+    }
+    if let Some(role) = role {
+        let wanted: turbine_actors::cluster_config::WorkerRole = serde_yaml::from_str(role)
+            .map_err(|_| {
+                anyhow::anyhow!("--role {role:?}: expected aggregated, prefill or decode")
+            })?;
+        return cfg
+            .workers
+            .iter()
+            .position(|g| g.role == wanted)
+            .with_context(|| format!("the file has no worker group with role {role}"));
+    }
+    Ok(cfg.workers.iter().position(|g| g.remote).unwrap_or(0))
+}
+
 fn read_config(path: &std::path::Path) -> Result<ClusterConfig> {
     let text =
         std::fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))?;
@@ -117,8 +146,19 @@ fn load_config(args: &UpArgs) -> Result<ClusterConfig> {
     Ok(cfg)
 }
 
-fn main() -> Result<()> {
+fn main() -> std::process::ExitCode {
     let cli = Cli::parse();
+    match run(cli) {
+        Ok(()) => std::process::ExitCode::SUCCESS,
+        Err(e) => {
+            // The whole cause chain on one line, no backtrace: errors here are for users.
+            eprintln!("turbine: error: {e:#}");
+            std::process::ExitCode::FAILURE
+        }
+    }
+}
+
+fn run(cli: Cli) -> Result<()> {
     tracing_subscriber::fmt()
         .with_env_filter(tracing_subscriber::EnvFilter::new(&cli.log))
         .with_writer(std::io::stderr)
@@ -143,9 +183,10 @@ fn main() -> Result<()> {
             if let Some(b) = args.events_bind {
                 cfg.transport.events_bind = b;
             }
+            let group = pick_group(&cfg, args.group, args.role.as_deref())?;
             runtime.block_on(turbine::serve::worker(
                 cfg,
-                args.group,
+                group,
                 args.registry,
                 !args.no_fetch,
             ))
