@@ -6,8 +6,9 @@ temperature=0, EOS banned) timed by llama.cpp's own eval counters (llama_perf_co
 import sys, time, statistics, os
 import llama_cpp
 from llama_cpp import Llama
+THREADS = int(os.environ.get("BENCH_THREADS", "2"))
 m = os.environ.get('TURBINE_MODEL') or os.path.expanduser('~/.cache/turbine/models/SmolLM2-135M-Instruct.Q4_1.gguf'); runs=int(sys.argv[1]) if len(sys.argv)>1 else 3
-llm = Llama(model_path=m, n_ctx=2048, n_threads=2, n_threads_batch=2, n_batch=512, n_ubatch=512, verbose=False, seed=0)
+llm = Llama(model_path=m, n_ctx=2048, n_threads=THREADS, n_threads_batch=THREADS, n_batch=512, n_ubatch=512, verbose=False, seed=0)
 vocab = llm.n_vocab()
 def prompt(n): return [ (i*7919+13) % (vocab-100) + 50 for i in range(n)]
 def perf():
