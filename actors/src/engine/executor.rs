@@ -139,7 +139,7 @@ fn run_step(backend: &mut dyn Backend, batch: &[ExecSeq]) -> Result<Vec<SampledT
             token: sampled.token,
             logprob: spec.logprobs.map(|_| TokenLogprob {
                 token_id: sampled.token,
-                logprob: sampled.logprob,
+                logprob: sampled.logprob.unwrap_or(f32::NEG_INFINITY),
                 top: sampled.top_logprobs.clone(),
             }),
         });
@@ -168,6 +168,9 @@ fn sample_one(logits: &[f32], spec: &SampleSpec) -> Result<ksampling::SampledTok
         top_logprobs: spec.logprobs.unwrap_or(0) as usize,
     };
     let mut sampler = Sampler::new(params).map_err(|e| e.to_string())?;
+    if spec.logprobs.is_none() {
+        sampler = sampler.without_logprobs();
+    }
     sampler
         .sample(logits, &spec.history)
         .map_err(|e| e.to_string())
