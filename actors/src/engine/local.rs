@@ -120,6 +120,15 @@ impl LocalCluster {
             Arc::new(codec),
             router,
         ));
+        // Per-worker routing decisions on /metrics, read from the router at scrape time.
+        // (A poisoned registry lock still guards a usable registry.)
+        metrics
+            .registry()
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .register_collector(Box::new(crate::router::prometheus::RouterCollector::new(
+                pipeline.router().clone(),
+            )));
 
         let node = Node::start(NodeConfig {
             name: "frontend".to_string(),

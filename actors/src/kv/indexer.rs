@@ -1,24 +1,33 @@
 //! FlashIndexer: which workers hold which KV blocks, for the router's prefix-overlap query.
 //!
+//! # Layout
+//! Blocks live in [`SHARDS`] shards chosen by hash bits; each shard is an open-addressing
+//! [`Table`] (see `block_table`) behind its own reader-writer lock, one 64-byte entry per
+//! block with its holders inline as 4-byte holder ids (a dense number per worker; blocks with
+//! many holders spill their list to a side map). A query costs about one cache line per
+//! block, and because all of a prompt's hashes are known up front, [`FlashIndexer::find_matches`]
+//! prefetches the entries [`PREFETCH_DISTANCE`] blocks ahead of the one it is comparing, so
+//! the cache misses of a long walk overlap instead of queueing one after another.
+//!
 //! # Concurrency: why reads do not wait on batches
-//! The index is a [`DashMap`] from [`BlockHash`] to the sorted set of workers holding it,
-//! split into many shards, each behind its own reader-writer lock. A writer takes one shard's
-//! write lock per *block* (insert or remove one worker id in one entry: tens of nanoseconds),
-//! never for a whole batch, and never holds two block shards at once. A reader
-//! ([`FlashIndexer::find_matches`]) takes one shard's read lock per block of the prompt.
-//! So a query never waits for a batch to be applied: at worst it waits for one
-//! single-entry update on the one shard it is reading, and readers never block each other.
-//! We chose this over an RCU / arc-swap snapshot of the whole map because copying a
-//! million-entry map per batch (or a persistent map's path-copying and pointer chasing) costs
-//! far more than these short critical sections at the ingestion rates we need.
-//! A query that runs while a batch is being applied may see part of it; every block it
-//! reports was held at some instant during the query, which is all routing needs.
+//! A writer holds one shard's write lock at a time, for the few blocks of one batch that fall
+//! in that shard (a 64-block batch over 64 shards is about one block per lock), never for a
+//! whole batch and never two shards at once. A reader takes the read locks of the shards its
+//! query touches, in ascending shard order (so readers and writers can never wait on each
+//! other in a cycle, even with writer-preferring locks), walks, and releases them: first for
+//! the first [`FIRST_CHUNK`] blocks (most queries of new prompts miss early), then once for
+//! the rest. So a query waits at most for a few single-block updates, readers never block
+//! each other, and a 1,024-block query takes at most about 2 × 64 lock acquisitions instead
+//! of 1,024. A query that runs while a batch is being applied may see part of it; every block
+//! it reports was held at some instant during the query, which is all routing needs.
 //!
 //! # Per-worker state
-//! Each worker has a reverse set (the blocks it holds, so removal and `AllBlocksCleared` cost
-//! O(its blocks)), and the sequence number it should send next. A gap marks the worker as
-//! needing a resync; the resync path is [`FlashIndexer::clear_worker`] followed by a full
-//! re-store of its blocks. Lock order is always worker state, then one block shard.
+//! Each worker has its holder id, a count of the blocks it holds, and the sequence number it
+//! should send next. A gap marks the worker as needing a resync; the resync path is
+//! [`FlashIndexer::clear_worker`] followed by a full re-store of its blocks. There is no
+//! per-worker reverse set (it cost a second hash-table insert per stored block): dropping all
+//! of a worker's blocks (`AllBlocksCleared`, resync, removal) scans the shards instead, which
+//! is O(index) but rare. Lock order is always worker state, then one block shard.
 //!
 //! # Bounded memory
 //! At most [`IndexerConfig::max_blocks`] distinct blocks are indexed. Beyond it the
@@ -30,14 +39,23 @@
 //! approximation of LRU). Evicted blocks are counted in [`IndexerMetrics::evictions`]; the
 //! index then under-reports overlap for them, which only costs routing quality.
 
+use super::block_table::{self, mix, Entry, HolderId, Table};
 use super::events::{KvEvent, KvEventBatch};
 use super::hash::BlockHash;
 use crate::ids::WorkerId;
 use dashmap::DashMap;
-use std::collections::{HashSet, VecDeque};
+use std::collections::VecDeque;
 use std::hash::{BuildHasherDefault, Hasher};
-use std::sync::atomic::{AtomicIsize, AtomicU64, Ordering};
-use std::sync::Mutex;
+use std::sync::atomic::{AtomicIsize, AtomicPtr, AtomicU64, AtomicUsize, Ordering};
+use std::sync::{Mutex, RwLock, RwLockReadGuard, RwLockWriteGuard};
+
+/// Block shards (a power of two; chosen by the top bits of the mixed hash).
+pub const SHARDS: usize = 64;
+const SHARD_SHIFT: u32 = 64 - SHARDS.trailing_zeros();
+/// How many blocks ahead of the current one a query prefetches.
+pub const PREFETCH_DISTANCE: usize = 12;
+/// Blocks of a query walked under the first round of shard locks.
+pub const FIRST_CHUNK: usize = 16;
 
 /// Hasher for keys that are already hashes (sequence hashes, worker ids): one multiply-mix
 /// instead of SipHash, which would cost more than the map probe itself.
@@ -151,15 +169,6 @@ struct Counters {
     evictions: AtomicU64,
 }
 
-struct BlockEntry {
-    /// Sorted, no duplicates.
-    holders: Vec<WorkerId>,
-    /// Identifies this incarnation of the entry in the eviction queue.
-    born: u64,
-    /// Last store or query tick.
-    touched: AtomicU64,
-}
-
 /// Which sequence number a worker must send next.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 enum SeqExpect {
@@ -171,18 +180,9 @@ enum SeqExpect {
 struct WorkerState {
     expect: SeqExpect,
     needs_resync: bool,
-    blocks: HashSet<BlockHash, FastBuild>,
-}
-
-impl WorkerState {
-    fn new() -> Self {
-        WorkerState {
-            // A worker's first batch is seq 0; anything else means we missed its start.
-            expect: SeqExpect::Next(0),
-            needs_resync: false,
-            blocks: HashSet::default(),
-        }
-    }
+    holder: HolderId,
+    /// Blocks this worker holds in the index.
+    blocks: u64,
 }
 
 struct EvictionQueue {
@@ -190,11 +190,55 @@ struct EvictionQueue {
     fifo: VecDeque<(BlockHash, u64, u64)>,
 }
 
+/// A shard: its table, plus the table's layout mirrored in atomics so queries can compute
+/// prefetch addresses without taking the lock.
+struct Shard {
+    table: RwLock<Table>,
+    base: AtomicPtr<Entry>,
+    mask: AtomicUsize,
+}
+
+impl Shard {
+    fn new() -> Shard {
+        let table = Table::default();
+        let (base, mask) = table.layout();
+        Shard {
+            table: RwLock::new(table),
+            base: AtomicPtr::new(base.cast_mut()),
+            mask: AtomicUsize::new(mask),
+        }
+    }
+
+    fn read(&self) -> RwLockReadGuard<'_, Table> {
+        // A panic while writing leaves the table structurally valid (every mutation of one
+        // entry completes before anything can panic), so a poisoned lock is used as is.
+        self.table.read().unwrap_or_else(|e| e.into_inner())
+    }
+
+    fn write(&self) -> RwLockWriteGuard<'_, Table> {
+        self.table.write().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// After a write: the table may have grown.
+    fn publish(&self, table: &Table) {
+        let (base, mask) = table.layout();
+        self.base.store(base.cast_mut(), Ordering::Relaxed);
+        self.mask.store(mask, Ordering::Relaxed);
+    }
+}
+
+#[inline]
+fn shard_of(mixed: u64) -> usize {
+    (mixed >> SHARD_SHIFT) as usize
+}
+
 /// The concurrent KV block index. Share it behind an `Arc`; all methods take `&self`.
 pub struct FlashIndexer {
     config: IndexerConfig,
-    blocks: DashMap<BlockHash, BlockEntry, FastBuild>,
+    shards: Box<[Shard]>,
     workers: DashMap<WorkerId, WorkerState, FastBuild>,
+    /// Holder id -> worker (ids are never reused: a removed worker that comes back gets a new one).
+    names: RwLock<Vec<WorkerId>>,
     queue: Mutex<EvictionQueue>,
     /// Logical clock for touch stamps: +1 per applied batch.
     tick: AtomicU64,
@@ -209,12 +253,9 @@ impl FlashIndexer {
     pub fn new(config: IndexerConfig) -> Self {
         FlashIndexer {
             config,
-            blocks: DashMap::with_capacity_and_hasher_and_shard_amount(
-                0,
-                FastBuild::default(),
-                128,
-            ),
+            shards: (0..SHARDS).map(|_| Shard::new()).collect(),
             workers: DashMap::with_hasher_and_shard_amount(FastBuild::default(), 64),
+            names: RwLock::new(Vec::new()),
             queue: Mutex::new(EvictionQueue {
                 fifo: VecDeque::new(),
             }),
@@ -228,6 +269,37 @@ impl FlashIndexer {
         &self.config
     }
 
+    fn shard(&self, mixed: u64) -> &Shard {
+        // SHARDS is a power of two and shard_of keeps the top bits: always in range.
+        &self.shards[shard_of(mixed) & (SHARDS - 1)]
+    }
+
+    #[inline]
+    fn prefetch(&self, mixed: u64) {
+        let shard = self.shard(mixed);
+        let base = shard.base.load(Ordering::Relaxed);
+        let mask = shard.mask.load(Ordering::Relaxed);
+        let home = block_table::entry_addr(base, mask, mixed);
+        block_table::prefetch(home);
+        // Linear probing: about a third of lookups at our load factor continue to the next
+        // entry, which would otherwise be a second, unhidden miss.
+        block_table::prefetch(home.wrapping_add(1));
+    }
+
+    fn new_worker_state(&self, worker: WorkerId) -> WorkerState {
+        let mut names = self.names.write().unwrap_or_else(|e| e.into_inner());
+        // Beyond 4 billion worker incarnations ids would alias; saturate rather than panic.
+        let holder = HolderId::try_from(names.len()).unwrap_or(HolderId::MAX);
+        names.push(worker);
+        WorkerState {
+            // A worker's first batch is seq 0; anything else means we missed its start.
+            expect: SeqExpect::Next(0),
+            needs_resync: false,
+            holder,
+            blocks: 0,
+        }
+    }
+
     /// Apply one worker's batch. Batches of one worker must be applied in arrival order
     /// (one subscriber task per worker topic does that); different workers may be applied
     /// concurrently from different threads.
@@ -238,7 +310,7 @@ impl FlashIndexer {
             let mut state = self
                 .workers
                 .entry(batch.worker)
-                .or_insert_with(WorkerState::new);
+                .or_insert_with(|| self.new_worker_state(batch.worker));
             let outcome = match state.expect {
                 SeqExpect::Any => ApplyOutcome::Applied,
                 SeqExpect::Next(n) if batch.seq == n => ApplyOutcome::Applied,
@@ -263,37 +335,28 @@ impl FlashIndexer {
                 ApplyOutcome::Applied => {}
             }
             state.expect = SeqExpect::Next(batch.seq.saturating_add(1));
+            let holder = state.holder;
             let mut block_events = 0u64;
             let mut indexed = 0u64;
-            let mut dropped = 0isize;
+            let mut dropped = 0usize;
             for event in &batch.events {
                 match event {
                     KvEvent::BlockStored { block_hashes, .. } => {
                         block_events += block_hashes.len() as u64;
-                        for h in block_hashes {
-                            state.blocks.insert(*h);
-                            // Always (re)claim in the map: an eviction may have just removed
-                            // the entry while the reverse set still lists it.
-                            if self.add_holder(*h, batch.worker, tick, &mut fresh) {
-                                indexed += 1;
-                            }
-                        }
+                        let claims = self.store(block_hashes, holder, tick, &mut fresh);
+                        state.blocks += claims;
+                        indexed += claims;
                     }
                     KvEvent::BlockRemoved { block_hashes } => {
                         block_events += block_hashes.len() as u64;
-                        for h in block_hashes {
-                            if state.blocks.remove(h) && self.remove_holder(*h, batch.worker) {
-                                dropped += 1;
-                            }
-                        }
+                        let (claims, emptied) = self.unstore(block_hashes, holder);
+                        state.blocks = state.blocks.saturating_sub(claims);
+                        dropped += emptied;
                     }
                     KvEvent::AllBlocksCleared => {
                         block_events += 1;
-                        for h in std::mem::take(&mut state.blocks) {
-                            if self.remove_holder(h, batch.worker) {
-                                dropped += 1;
-                            }
-                        }
+                        dropped += self.drop_holder(holder);
+                        state.blocks = 0;
                     }
                 }
             }
@@ -304,6 +367,7 @@ impl FlashIndexer {
             c.block_events.fetch_add(block_events, Ordering::Relaxed);
             c.indexed.fetch_add(indexed, Ordering::Relaxed);
             let created = isize::try_from(fresh.len()).unwrap_or(isize::MAX);
+            let dropped = isize::try_from(dropped).unwrap_or(isize::MAX);
             self.distinct
                 .fetch_add(created - dropped, Ordering::Relaxed);
             outcome
@@ -312,52 +376,96 @@ impl FlashIndexer {
         outcome
     }
 
-    /// Claim `h` for `w`; true when the claim is new.
-    fn add_holder(
-        &self,
-        h: BlockHash,
-        w: WorkerId,
-        tick: u64,
-        fresh: &mut Vec<(BlockHash, u64, u64)>,
-    ) -> bool {
-        let mut entry = self.blocks.entry(h).or_insert_with(|| {
-            // Unique per (batch, new block) without a shared atomic: the batch's tick in the
-            // high bits, its count of new blocks in the low 24. (A batch of over 16M new
-            // blocks could alias two incarnations of one hash; the cost is an early evict.)
-            let born = (tick << 24) | (fresh.len() as u64 & 0xFF_FFFF);
-            fresh.push((h, born, tick));
-            BlockEntry {
-                holders: Vec::with_capacity(1),
-                born,
-                touched: AtomicU64::new(tick),
-            }
-        });
-        entry.touched.store(tick, Ordering::Relaxed);
-        match entry.holders.binary_search(&w) {
-            Ok(_) => false,
-            Err(pos) => {
-                entry.holders.insert(pos, w);
-                true
-            }
-        }
+    /// Mixed hashes of `hashes` with their position, grouped by shard (stable within a
+    /// shard), their home entries prefetched.
+    fn by_shard(&self, hashes: &[BlockHash]) -> Vec<(u64, u32)> {
+        let mut order: Vec<(u64, u32)> = hashes
+            .iter()
+            .enumerate()
+            .map(|(i, h)| {
+                let m = mix(h.0);
+                self.prefetch(m);
+                (m, i as u32)
+            })
+            .collect();
+        order.sort_unstable_by_key(|(m, i)| (shard_of(*m), *i));
+        order
     }
 
-    /// Drop `w`'s claim on `h`; true when that removed the block's entry (its last holder).
-    fn remove_holder(&self, h: BlockHash, w: WorkerId) -> bool {
-        let emptied = match self.blocks.get_mut(&h) {
-            Some(mut entry) => {
-                if let Ok(pos) = entry.holders.binary_search(&w) {
-                    entry.holders.remove(pos);
+    /// Claim `hashes` for `holder`, one write lock per shard touched. Returns new claims;
+    /// blocks new to the index are appended to `fresh` in batch order.
+    fn store(
+        &self,
+        hashes: &[BlockHash],
+        holder: HolderId,
+        tick: u64,
+        fresh: &mut Vec<(BlockHash, u64, u64)>,
+    ) -> u64 {
+        let order = self.by_shard(hashes);
+        let first_fresh = fresh.len();
+        let mut claims = 0u64;
+        let mut created: Vec<(u32, BlockHash, u64)> = Vec::new();
+        for group in order.chunk_by(|a, b| shard_of(a.0) == shard_of(b.0)) {
+            let Some(&(m0, _)) = group.first() else {
+                continue;
+            };
+            let shard = self.shard(m0);
+            let mut table = shard.write();
+            for &(m, i) in group {
+                let h = hashes.get(i as usize).copied().unwrap_or(BlockHash(0));
+                // Unique per (batch, new block) without a shared atomic: the batch's tick in
+                // the high bits, its count of new blocks in the low 24. (A batch of over 16M
+                // new blocks could alias two incarnations of one hash; the cost is an early
+                // evict.)
+                let born = (tick << 24) | ((first_fresh + created.len()) as u64 & 0xFF_FFFF);
+                let added = table.add_holder(h.0, m, holder, tick, born);
+                if added.created {
+                    created.push((i, h, born));
                 }
-                entry.holders.is_empty()
+                claims += u64::from(added.claimed);
             }
-            None => false,
-        };
+            shard.publish(&table);
+        }
+        created.sort_unstable_by_key(|(i, _, _)| *i);
+        fresh.extend(created.into_iter().map(|(_, h, born)| (h, born, tick)));
+        claims
+    }
+
+    /// Drop `holder`'s claims on `hashes`: (claims dropped, blocks that left the index).
+    fn unstore(&self, hashes: &[BlockHash], holder: HolderId) -> (u64, usize) {
+        let order = self.by_shard(hashes);
+        let (mut claims, mut emptied) = (0u64, 0usize);
+        for group in order.chunk_by(|a, b| shard_of(a.0) == shard_of(b.0)) {
+            let Some(&(m0, _)) = group.first() else {
+                continue;
+            };
+            let shard = self.shard(m0);
+            let mut table = shard.write();
+            for &(m, i) in group {
+                let h = hashes.get(i as usize).copied().unwrap_or(BlockHash(0));
+                let r = table.remove_holder(h.0, m, holder);
+                claims += u64::from(r.unclaimed);
+                emptied += usize::from(r.emptied);
+            }
+        }
+        (claims, emptied)
+    }
+
+    /// Drop every claim of `holder`, shard by shard; returns blocks that left the index.
+    fn drop_holder(&self, holder: HolderId) -> usize {
+        let mut emptied = 0;
+        for shard in self.shards.iter() {
+            let mut table = shard.write();
+            emptied += table.remove_holder_everywhere(holder).1;
+            shard.publish(&table);
+        }
         emptied
-            && self
-                .blocks
-                .remove_if(&h, |_, e| e.holders.is_empty())
-                .is_some()
+    }
+
+    fn born_of(&self, h: BlockHash) -> Option<(u64, u64)> {
+        let m = mix(h.0);
+        let table = self.shard(m).read();
+        table.get(h.0, m).map(|e| (e.born(), e.touched()))
     }
 
     fn enqueue_and_evict(&self, fresh: Vec<(BlockHash, u64, u64)>) {
@@ -365,7 +473,7 @@ impl FlashIndexer {
         if fresh.is_empty() && !over {
             return;
         }
-        let mut victims = Vec::new();
+        let mut victims: Vec<HolderId> = Vec::new();
         {
             let Ok(mut q) = self.queue.lock() else {
                 return; // a panicking thread poisoned it: stop evicting rather than panic
@@ -375,7 +483,7 @@ impl FlashIndexer {
             if q.fifo.len() > 2 * live + 4096 {
                 // Drop queue items of blocks that were removed since they were queued.
                 q.fifo
-                    .retain(|(h, born, _)| self.blocks.get(h).is_some_and(|e| e.born == *born));
+                    .retain(|(h, born, _)| self.born_of(*h).is_some_and(|(b, _)| b == *born));
             }
             let mut excess = live.saturating_sub(self.config.max_blocks);
             while excess > 0 {
@@ -383,10 +491,9 @@ impl FlashIndexer {
                     break;
                 };
                 let Some(now) = self
-                    .blocks
-                    .get(&h)
-                    .filter(|e| e.born == born)
-                    .map(|e| e.touched.load(Ordering::Relaxed))
+                    .born_of(h)
+                    .filter(|(b, _)| *b == born)
+                    .map(|(_, touched)| touched)
                 else {
                     continue; // stale item
                 };
@@ -394,27 +501,33 @@ impl FlashIndexer {
                     q.fifo.push_back((h, born, now)); // second chance
                     continue;
                 }
-                if let Some((_, entry)) = self.blocks.remove_if(&h, |_, e| e.born == born) {
+                let m = mix(h.0);
+                let shard = self.shard(m);
+                let removed = shard.write().remove_if_born(h.0, m, born);
+                if let Some(holders) = removed {
                     self.distinct.fetch_sub(1, Ordering::Relaxed);
                     self.counters.evictions.fetch_add(1, Ordering::Relaxed);
-                    victims.push((h, entry.holders));
+                    victims.extend(holders);
                     excess -= 1;
                 }
             }
         }
-        // Drop the evicted blocks from their holders' reverse sets (worker lock, then the
-        // block shard: the same order as `apply`). A holder that stored the block again in
-        // the meantime keeps it.
-        for (h, holders) in victims {
-            for w in holders {
-                if let Some(mut state) = self.workers.get_mut(&w) {
-                    let re_stored = self
-                        .blocks
-                        .get(&h)
-                        .is_some_and(|e| e.holders.binary_search(&w).is_ok());
-                    if !re_stored {
-                        state.blocks.remove(&h);
-                    }
+        if victims.is_empty() {
+            return;
+        }
+        // The evicted claims leave their holders' counts (worker lock only; names first and
+        // released, so no lock is held across the two).
+        let owners: Vec<(WorkerId, HolderId)> = {
+            let names = self.names.read().unwrap_or_else(|e| e.into_inner());
+            victims
+                .into_iter()
+                .filter_map(|id| names.get(id as usize).map(|w| (*w, id)))
+                .collect()
+        };
+        for (w, id) in owners {
+            if let Some(mut state) = self.workers.get_mut(&w) {
+                if state.holder == id {
+                    state.blocks = state.blocks.saturating_sub(1);
                 }
             }
         }
@@ -424,22 +537,81 @@ impl FlashIndexer {
     /// stops at the first block that no still-matching worker holds.
     pub fn find_matches(&self, hashes: &[BlockHash]) -> OverlapScores {
         let tick = self.tick.load(Ordering::Relaxed);
-        let mut active: Vec<WorkerId> = Vec::new();
-        let mut scores: Vec<(WorkerId, u32)> = Vec::new();
-        let mut depth = 0u32;
-        for h in hashes {
-            let Some(entry) = self.blocks.get(h) else {
-                break;
-            };
-            if entry.touched.load(Ordering::Relaxed) < tick {
-                entry.touched.store(tick, Ordering::Relaxed);
+        let mixed: Vec<u64> = hashes.iter().map(|h| mix(h.0)).collect();
+        for &m in mixed.iter().take(PREFETCH_DISTANCE) {
+            self.prefetch(m);
+        }
+        let mut walk = Walk {
+            active: Vec::new(),
+            scores: Vec::new(),
+            depth: 0,
+        };
+        let split = FIRST_CHUNK.min(hashes.len());
+        if !self.walk_chunk(&mut walk, hashes, &mixed, 0, split, tick) {
+            self.walk_chunk(&mut walk, hashes, &mixed, split, hashes.len(), tick);
+        }
+        let Walk {
+            active,
+            mut scores,
+            depth,
+        } = walk;
+        scores.extend(active.into_iter().map(|w| (w, depth)));
+        let names = self.names.read().unwrap_or_else(|e| e.into_inner());
+        OverlapScores::from_pairs(
+            scores
+                .into_iter()
+                .filter_map(|(id, n)| names.get(id as usize).map(|w| (*w, n)))
+                .collect(),
+        )
+    }
+
+    /// Walk blocks `from..to` under the read locks of the shards they fall in, taken in
+    /// ascending shard order. True when the walk ended (a miss, or no worker left).
+    fn walk_chunk(
+        &self,
+        walk: &mut Walk,
+        hashes: &[BlockHash],
+        mixed: &[u64],
+        from: usize,
+        to: usize,
+        tick: u64,
+    ) -> bool {
+        let (Some(keys), Some(chunk)) = (hashes.get(from..to), mixed.get(from..to)) else {
+            return true;
+        };
+        if chunk.is_empty() {
+            return true;
+        }
+        let mut wanted = 0u64;
+        for &m in chunk {
+            wanted |= 1 << shard_of(m);
+        }
+        let mut guards: [Option<RwLockReadGuard<'_, Table>>; SHARDS] =
+            std::array::from_fn(|_| None);
+        for (s, guard) in guards.iter_mut().enumerate() {
+            if wanted & (1 << s) != 0 {
+                *guard = self.shards.get(s).map(Shard::read);
             }
-            if depth == 0 {
-                active.extend_from_slice(&entry.holders);
-            } else if entry.holders != active {
+        }
+        for (k, (h, &m)) in keys.iter().zip(chunk).enumerate() {
+            if let Some(&ahead) = mixed.get(from + k + PREFETCH_DISTANCE) {
+                self.prefetch(ahead);
+            }
+            let Some(table) = guards.get(shard_of(m)).and_then(Option::as_ref) else {
+                return true;
+            };
+            let Some(entry) = table.get(h.0, m) else {
+                return true;
+            };
+            entry.touch(tick);
+            let holders = table.holders(entry);
+            if walk.depth == 0 {
+                walk.active.extend_from_slice(holders);
+            } else if holders != walk.active.as_slice() {
                 // Both sorted: keep workers still holding this block; the rest stop at depth.
-                let holders = &entry.holders;
-                active.retain(|w| {
+                let depth = walk.depth;
+                let scores = &mut walk.scores;
+                walk.active.retain(|w| {
                     let keep = holders.binary_search(w).is_ok();
                     if !keep {
                         scores.push((*w, depth));
@@ -447,44 +619,57 @@ impl FlashIndexer {
                     keep
                 });
             }
-            drop(entry);
-            if active.is_empty() {
-                break;
+            if walk.active.is_empty() {
+                return true;
             }
-            depth += 1;
+            walk.depth += 1;
         }
-        scores.extend(active.into_iter().map(|w| (w, depth)));
-        OverlapScores::from_pairs(scores)
+        false
     }
 
     /// Workers currently holding `h`, sorted.
     pub fn holders(&self, h: BlockHash) -> Vec<WorkerId> {
-        self.blocks
-            .get(&h)
-            .map(|e| e.holders.clone())
-            .unwrap_or_default()
+        let m = mix(h.0);
+        let ids: Vec<HolderId> = {
+            let table = self.shard(m).read();
+            table
+                .get(h.0, m)
+                .map(|e| table.holders(e).to_vec())
+                .unwrap_or_default()
+        };
+        let names = self.names.read().unwrap_or_else(|e| e.into_inner());
+        let mut out: Vec<WorkerId> = ids
+            .into_iter()
+            .filter_map(|id| names.get(id as usize).copied())
+            .collect();
+        out.sort_unstable();
+        out
     }
 
     /// Drop every block of `worker` and forget it (its sequence numbering included).
     pub fn remove_worker(&self, worker: WorkerId) {
         if let Some((_, state)) = self.workers.remove(&worker) {
-            for h in state.blocks {
-                if self.remove_holder(h, worker) {
-                    self.distinct.fetch_sub(1, Ordering::Relaxed);
-                }
-            }
+            let emptied = self.drop_holder(state.holder);
+            self.distinct.fetch_sub(
+                isize::try_from(emptied).unwrap_or(isize::MAX),
+                Ordering::Relaxed,
+            );
         }
     }
 
     /// Resync step 1: drop every block of `worker`, clear its resync flag and accept the
     /// next batch whatever its sequence number (the full re-store that follows).
     pub fn clear_worker(&self, worker: WorkerId) {
-        let mut state = self.workers.entry(worker).or_insert_with(WorkerState::new);
-        for h in std::mem::take(&mut state.blocks) {
-            if self.remove_holder(h, worker) {
-                self.distinct.fetch_sub(1, Ordering::Relaxed);
-            }
-        }
+        let mut state = self
+            .workers
+            .entry(worker)
+            .or_insert_with(|| self.new_worker_state(worker));
+        let emptied = self.drop_holder(state.holder);
+        self.distinct.fetch_sub(
+            isize::try_from(emptied).unwrap_or(isize::MAX),
+            Ordering::Relaxed,
+        );
+        state.blocks = 0;
         state.needs_resync = false;
         state.expect = SeqExpect::Any;
     }
@@ -510,7 +695,9 @@ impl FlashIndexer {
 
     /// Blocks `worker` holds according to the index.
     pub fn worker_block_count(&self, worker: WorkerId) -> usize {
-        self.workers.get(&worker).map_or(0, |s| s.blocks.len())
+        self.workers
+            .get(&worker)
+            .map_or(0, |s| usize::try_from(s.blocks).unwrap_or(usize::MAX))
     }
 
     /// Distinct blocks indexed.
@@ -534,8 +721,67 @@ impl FlashIndexer {
     }
 }
 
+/// A query's progress along the chain: holder ids still matching, and those that stopped.
+struct Walk {
+    active: Vec<HolderId>,
+    scores: Vec<(HolderId, u32)>,
+    depth: u32,
+}
+
 impl Default for FlashIndexer {
     fn default() -> Self {
         FlashIndexer::new(IndexerConfig::default())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::kv::hash::BlockSize;
+
+    fn stored(worker: u64, seq: u64, hashes: &[u64]) -> KvEventBatch {
+        KvEventBatch {
+            worker: WorkerId(worker),
+            seq,
+            ts: 0.0,
+            events: vec![KvEvent::BlockStored {
+                block_hashes: hashes.iter().map(|h| BlockHash(*h)).collect(),
+                parent_block_hash: None,
+                token_ids: Vec::new(),
+                block_size: BlockSize::DEFAULT,
+                lora_id: None,
+            }],
+        }
+    }
+
+    /// Many holders per block (past the inline capacity) and a long chain over every shard:
+    /// each worker's overlap is exactly the prefix it stored.
+    #[test]
+    fn many_holders_and_long_chains() {
+        let ix = FlashIndexer::default();
+        let chain: Vec<u64> = (0..300u64).map(|i| i.wrapping_mul(0x9E37_79B9)).collect();
+        for w in 0..30u64 {
+            let len = 10 * (w as usize + 1);
+            ix.apply(&stored(w, 0, &chain[..len]));
+        }
+        let q: Vec<BlockHash> = chain.iter().map(|h| BlockHash(*h)).collect();
+        let m = ix.find_matches(&q);
+        let want: Vec<(WorkerId, u32)> = (0..30u64)
+            .map(|w| (WorkerId(w), 10 * (w as u32 + 1)))
+            .collect();
+        assert_eq!(m.scores, want);
+        assert_eq!(m.matched_blocks, 300);
+        assert_eq!(ix.holders(q[0]).len(), 30);
+        // Removing most holders brings the list back inline; the survivors still match.
+        for w in 0..25u64 {
+            ix.remove_worker(WorkerId(w));
+        }
+        let m = ix.find_matches(&q);
+        let want: Vec<(WorkerId, u32)> = (25..30u64)
+            .map(|w| (WorkerId(w), 10 * (w as u32 + 1)))
+            .collect();
+        assert_eq!(m.scores, want);
+        assert_eq!(ix.block_count(), 300);
+        assert_eq!(ix.worker_block_count(WorkerId(29)), 300);
     }
 }

@@ -1,6 +1,7 @@
 //! KV-cache bookkeeping shared by workers, the indexer, the router and the simulator.
 
 pub mod approx;
+pub mod block_table;
 pub mod events;
 pub mod hash;
 pub mod indexer;

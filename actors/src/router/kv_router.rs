@@ -68,6 +68,17 @@ impl RouterMetrics {
     }
 }
 
+/// Decisions this replica took for one worker (monotonic; kept after the worker leaves so
+/// exported counters never go backwards).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct WorkerRouteCounts {
+    pub decisions: u64,
+    /// Sum of the request blocks the index said this worker already held.
+    pub overlap_blocks: u64,
+    /// Sum of the blocks of the requests routed here.
+    pub request_blocks: u64,
+}
+
 /// A decision plus the event to publish to peer replicas.
 #[derive(Clone, Debug, PartialEq)]
 pub struct Routed {
@@ -100,6 +111,7 @@ pub struct KvRouter {
     in_flight: BTreeMap<RequestId, InFlight>,
     next_seq: u64,
     metrics: RouterMetrics,
+    per_worker: BTreeMap<WorkerId, WorkerRouteCounts>,
 }
 
 impl KvRouter {
@@ -124,6 +136,7 @@ impl KvRouter {
             in_flight: BTreeMap::new(),
             next_seq: 0,
             metrics: RouterMetrics::default(),
+            per_worker: BTreeMap::new(),
         })
     }
 
@@ -227,6 +240,10 @@ impl KvRouter {
         if decision.overlap_blocks > 0 {
             m.decisions_with_overlap += 1;
         }
+        let w = self.per_worker.entry(decision.worker).or_default();
+        w.decisions += 1;
+        w.overlap_blocks += u64::from(decision.overlap_blocks);
+        w.request_blocks += u64::from(decision.request_blocks);
         let hashes = match &self.index {
             IndexSource::Approximate(_) => request.hashes.clone(),
             IndexSource::Events(_) => Vec::new(),
@@ -340,5 +357,10 @@ impl KvRouter {
 
     pub fn metrics(&self) -> RouterMetrics {
         self.metrics
+    }
+
+    /// Per-worker decision counts of this replica, sorted by worker.
+    pub fn worker_route_counts(&self) -> Vec<(WorkerId, WorkerRouteCounts)> {
+        self.per_worker.iter().map(|(w, c)| (*w, *c)).collect()
     }
 }

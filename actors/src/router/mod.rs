@@ -16,10 +16,11 @@ pub mod config;
 pub mod events;
 pub mod kv_router;
 pub mod policy;
+pub mod prometheus;
 
 pub use config::{PolicyKind, RouterConfig, RouterConfigError, RouterIndexMode};
 pub use events::{RouterEvent, RouterEventKind, RouterReplicaId};
-pub use kv_router::{IndexSource, KvRouter, Routed, RouterMetrics};
+pub use kv_router::{IndexSource, KvRouter, Routed, RouterMetrics, WorkerRouteCounts};
 pub use policy::{
     KvPolicy, Policy, RandomPolicy, RoundRobinPolicy, RouteDecision, RouteError, RouteRequest,
     RoutingPolicy, WorkerLoad,

@@ -1,0 +1,120 @@
+//! Router decisions on `/metrics`, read from the router at scrape time.
+//!
+//! WHY a collector instead of counters bumped on the request path: the router's pure state
+//! already counts every decision ([`KvRouter::worker_route_counts`]); reading it when
+//! Prometheus scrapes keeps the request path free of metric code, and a scrape right after a
+//! response always includes that response's decision (no mirror task to lag behind).
+//!
+//! Exported (all labelled by `worker`, the worker's id):
+//! - `turbine_router_decisions_total`: requests routed to the worker;
+//! - `turbine_router_overlap_blocks_total`: request blocks the KV index said the worker
+//!   already held when it was chosen;
+//! - `turbine_router_request_blocks_total`: full blocks of the requests routed to it.
+
+use super::kv_router::KvRouter;
+use prometheus_client::collector::Collector;
+use prometheus_client::encoding::{DescriptorEncoder, EncodeLabelSet, EncodeMetric};
+use prometheus_client::metrics::counter::ConstCounter;
+use prometheus_client::metrics::MetricType;
+use std::sync::{Arc, Mutex};
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct WorkerLabel {
+    worker: String,
+}
+
+/// Register with `registry.register_collector(Box::new(RouterCollector::new(router)))`.
+pub struct RouterCollector {
+    router: Arc<Mutex<KvRouter>>,
+}
+
+impl RouterCollector {
+    pub fn new(router: Arc<Mutex<KvRouter>>) -> Self {
+        RouterCollector { router }
+    }
+}
+
+impl std::fmt::Debug for RouterCollector {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("RouterCollector")
+    }
+}
+
+impl Collector for RouterCollector {
+    fn encode(&self, mut encoder: DescriptorEncoder) -> Result<(), std::fmt::Error> {
+        // A panic elsewhere while holding the router lock does not make its counters wrong.
+        let counts = self
+            .router
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .worker_route_counts();
+        type Pick = fn(&super::kv_router::WorkerRouteCounts) -> u64;
+        let families: [(&str, &str, Pick); 3] = [
+            (
+                "turbine_router_decisions",
+                "Requests the router sent to each worker",
+                |c| c.decisions,
+            ),
+            (
+                "turbine_router_overlap_blocks",
+                "Request KV blocks the chosen worker already held, per the KV index",
+                |c| c.overlap_blocks,
+            ),
+            (
+                "turbine_router_request_blocks",
+                "Full KV blocks of the requests routed to each worker",
+                |c| c.request_blocks,
+            ),
+        ];
+        for (name, help, pick) in families {
+            let mut family = encoder.encode_descriptor(name, help, None, MetricType::Counter)?;
+            for (worker, c) in &counts {
+                let label = WorkerLabel {
+                    worker: worker.to_string(),
+                };
+                ConstCounter::new(pick(c)).encode(family.encode_family(&label)?)?;
+            }
+        }
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::ids::{RequestId, WorkerId};
+    use crate::kv::hash::BlockHash;
+    use crate::router::{RouteRequest, RouterConfig, RouterReplicaId};
+    use prometheus_client::registry::Registry;
+    use std::time::Duration;
+
+    #[test]
+    fn scrape_shows_each_workers_decisions() {
+        let mut router = KvRouter::new(RouterReplicaId(0), RouterConfig::default(), None)
+            .expect("default config is valid");
+        router.add_worker(WorkerId(3));
+        let req = RouteRequest {
+            id: RequestId(1),
+            hashes: vec![BlockHash(1), BlockHash(2)],
+            token_count: 32,
+        };
+        router.route(Duration::ZERO, &req).expect("one worker");
+        let router = Arc::new(Mutex::new(router));
+        let mut registry = Registry::default();
+        registry.register_collector(Box::new(RouterCollector::new(router.clone())));
+        let mut text = String::new();
+        prometheus_client::encoding::text::encode(&mut text, &registry).expect("encodes");
+        assert!(
+            text.contains("turbine_router_decisions_total{worker=\"w3\"} 1"),
+            "{text}"
+        );
+        assert!(
+            text.contains("turbine_router_request_blocks_total{worker=\"w3\"} 2"),
+            "{text}"
+        );
+        assert!(
+            text.contains("turbine_router_overlap_blocks_total{worker=\"w3\"} 0"),
+            "{text}"
+        );
+    }
+}

@@ -1,0 +1,263 @@
+//! KV-aware routing end to end: `turbine up -f <yaml>` with two CPU workers and the KV
+//! router. Two long prompt families (a shared prefix of many KV blocks, then varying
+//! suffixes) are sent repeatedly; the server's own reporting on GET /metrics
+//! (`turbine_router_decisions_total{worker}`, `turbine_prefix_cache_hit_rate{worker}`) and the
+//! responses' `usage.prompt_tokens_details.cached_tokens` must show that every follow-up goes
+//! to the worker that holds its prefix, and that the prefix cache then serves it.
+//!
+//! Needs the default model (`scripts/setup-test-deps.sh`, run by `scripts/test.sh`).
+
+use std::collections::BTreeMap;
+use std::io::{BufRead, BufReader, Read, Write};
+use std::net::{TcpListener, TcpStream};
+use std::process::{Child, Command, Stdio};
+use std::time::Duration;
+
+struct Proc(Child);
+
+impl Drop for Proc {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+fn free_port() -> u16 {
+    TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .map(|a| a.port())
+        .expect("a free port")
+}
+
+fn start(file: &str) -> Proc {
+    let mut child = Command::new(env!("CARGO_BIN_EXE_turbine"))
+        .args(["up", "-f", file, "--no-fetch"])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::inherit())
+        .spawn()
+        .expect("spawning turbine");
+    let stdout = child.stdout.take().expect("piped");
+    let mut lines = BufReader::new(stdout).lines();
+    loop {
+        match lines.next() {
+            Some(Ok(l)) if l.contains("turbine serving") => break,
+            Some(Ok(_)) => continue,
+            _ => panic!("turbine up exited before serving: is the default model fetched?"),
+        }
+    }
+    std::thread::spawn(move || for _ in lines {});
+    Proc(child)
+}
+
+fn send(port: u16, method: &str, path: &str, body: &str) -> TcpStream {
+    let mut s = TcpStream::connect(("127.0.0.1", port)).expect("connect");
+    s.set_read_timeout(Some(Duration::from_secs(120))).unwrap();
+    write!(
+        s,
+        "{method} {path} HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n\
+         Content-Length: {}\r\nConnection: close\r\n\r\n{body}",
+        body.len()
+    )
+    .unwrap();
+    s
+}
+
+fn http(port: u16, method: &str, path: &str, body: &str) -> (u16, String) {
+    let mut out = String::new();
+    send(port, method, path, body)
+        .read_to_string(&mut out)
+        .expect("an answer");
+    let status = out
+        .split_whitespace()
+        .nth(1)
+        .and_then(|c| c.parse().ok())
+        .unwrap_or(0);
+    let body = out.split_once("\r\n\r\n").map_or("", |x| x.1).to_string();
+    (status, body)
+}
+
+fn completion_body(prompt: &str, max_tokens: u32, stream: bool) -> String {
+    serde_json::json!({
+        "prompt": prompt,
+        "max_tokens": max_tokens,
+        "temperature": 0,
+        "ignore_eos": true,
+        "stream": stream,
+    })
+    .to_string()
+}
+
+/// A non-streaming completion; returns (prompt_tokens, cached_tokens) from its usage.
+fn complete(port: u16, prompt: &str) -> (u64, u64) {
+    let (status, body) = http(
+        port,
+        "POST",
+        "/v1/completions",
+        &completion_body(prompt, 2, false),
+    );
+    assert_eq!(status, 200, "{body}");
+    let v: serde_json::Value = serde_json::from_str(&body).expect("JSON body");
+    let usage = &v["usage"];
+    (
+        usage["prompt_tokens"].as_u64().expect("prompt_tokens"),
+        usage["prompt_tokens_details"]["cached_tokens"]
+            .as_u64()
+            .expect("cached_tokens"),
+    )
+}
+
+/// Per-worker values of one labelled metric family, from /metrics.
+fn per_worker(port: u16, name: &str) -> BTreeMap<String, f64> {
+    let (status, text) = http(port, "GET", "/metrics", "");
+    assert_eq!(status, 200);
+    let prefix = format!("{name}{{worker=\"");
+    text.lines()
+        .filter_map(|l| {
+            let rest = l.strip_prefix(&prefix)?;
+            let (worker, rest) = rest.split_once('"')?;
+            let value = rest.rsplit(' ').next()?.parse().ok()?;
+            Some((worker.to_string(), value))
+        })
+        .collect()
+}
+
+fn decisions(port: u16) -> BTreeMap<String, f64> {
+    per_worker(port, "turbine_router_decisions_total")
+}
+
+/// The one worker whose decision count grew between two readings.
+fn routed_to(before: &BTreeMap<String, f64>, after: &BTreeMap<String, f64>) -> String {
+    let grew: Vec<&String> = after
+        .iter()
+        .filter(|(w, n)| **n > before.get(*w).copied().unwrap_or(0.0))
+        .map(|(w, _)| w)
+        .collect();
+    assert_eq!(
+        grew.len(),
+        1,
+        "one request, one decision: {before:?} -> {after:?}"
+    );
+    grew[0].clone()
+}
+
+/// A long prefix of `sentences` sentences about `topic`: many 16-token KV blocks.
+fn prefix(topic: &str, sentences: usize) -> String {
+    (0..sentences)
+        .map(|i| format!("Note {i} about the {topic}: step {i} is checked and logged. "))
+        .collect()
+}
+
+#[test]
+fn repeated_prefixes_follow_their_kv_blocks() {
+    let port = free_port();
+    let dir = std::env::temp_dir().join(format!("turbine-kvroute-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let file = dir.join("cluster.yaml");
+    std::fs::write(
+        &file,
+        format!(
+            "http: {{port: {port}}}\n\
+             router: {{policy: kv, overlap_weight: 1.0, temperature: 0.0}}\n\
+             workers:\n  - {{role: aggregated, replicas: 2, device: cpu, kv_blocks: 96, \
+             block_size: 16, max_num_batched_tokens: 512, threads: 1}}\n\
+             transport: {{bind: \"127.0.0.1:0\"}}\n"
+        ),
+    )
+    .unwrap();
+    let _server = start(file.to_str().unwrap());
+
+    let family_a = prefix("lighthouse", 18);
+    let family_b = prefix("greenhouse", 18);
+
+    // 1. First A request, streamed: once its first chunk is here it has been routed and
+    //    prefilled (its blocks are on a worker and in the index), and it keeps decoding.
+    let before = decisions(port);
+    let mut a_first = send(
+        port,
+        "POST",
+        "/v1/completions",
+        &completion_body(&format!("{family_a}Question 0: what comes next?"), 48, true),
+    );
+    let mut got = Vec::new();
+    let mut buf = [0u8; 4096];
+    while !String::from_utf8_lossy(&got).contains("data:") {
+        let n = a_first.read(&mut buf).expect("streamed answer");
+        assert!(
+            n > 0,
+            "stream ended early: {}",
+            String::from_utf8_lossy(&got)
+        );
+        got.extend_from_slice(&buf[..n]);
+    }
+    let after = decisions(port);
+    let home_a = routed_to(&before, &after);
+
+    // 2. First B request while A's is still decoding on its worker: no worker holds B's
+    //    blocks, so the router's load term sends it to the idle worker.
+    let (b_prompt_tokens, b_cached) = complete(port, &format!("{family_b}Question 0: why?"));
+    let after_b = decisions(port);
+    let home_b = routed_to(&after, &after_b);
+    assert_ne!(
+        home_a, home_b,
+        "with A still decoding on {home_a}, a request with no cached prefix goes elsewhere"
+    );
+    assert!(b_prompt_tokens >= 200, "the prefix spans many blocks");
+    assert_eq!(b_cached, 0, "nothing of B was cached yet");
+    let mut rest = Vec::new();
+    a_first.read_to_end(&mut rest).expect("rest of A's stream");
+    assert!(
+        String::from_utf8_lossy(&rest).contains("[DONE]"),
+        "A's stream completes"
+    );
+
+    let hit_rate_before = per_worker(port, "turbine_prefix_cache_hit_rate");
+
+    // 3. Follow-ups with new suffixes, in an order no load-only policy would reproduce
+    //    (round robin would send the second A to B's worker): each goes to its family's
+    //    worker, and most of its prompt comes from that worker's prefix cache.
+    let order = [
+        (&family_a, &home_a),
+        (&family_a, &home_a),
+        (&family_b, &home_b),
+        (&family_b, &home_b),
+        (&family_a, &home_a),
+        (&family_b, &home_b),
+    ];
+    for (round, (family, home)) in order.into_iter().enumerate() {
+        let before = decisions(port);
+        let (prompt_tokens, cached) = complete(
+            port,
+            &format!("{family}Question {round}: and then {round}?"),
+        );
+        let to = routed_to(&before, &decisions(port));
+        assert_eq!(
+            &to, home,
+            "follow-up {round}: the prefix's blocks are on {home}"
+        );
+        assert!(
+            cached * 10 >= prompt_tokens * 7,
+            "follow-up {round}: only {cached} of {prompt_tokens} prompt tokens were cached"
+        );
+    }
+
+    // 4. The workers' own prefix-cache hit rate rose on both homes, and the router saw the
+    //    overlap it routed on.
+    let hit_rate_after = per_worker(port, "turbine_prefix_cache_hit_rate");
+    for home in [&home_a, &home_b] {
+        let (was, now) = (
+            hit_rate_before.get(home).copied().unwrap_or(0.0),
+            hit_rate_after.get(home).copied().unwrap_or(0.0),
+        );
+        assert!(
+            now > was && now > 0.5,
+            "{home}: prefix-cache hit rate {was} -> {now}"
+        );
+    }
+    let overlap = per_worker(port, "turbine_router_overlap_blocks_total");
+    let requested = per_worker(port, "turbine_router_request_blocks_total");
+    for home in [&home_a, &home_b] {
+        let (o, r) = (overlap[home], requested[home]);
+        assert!(o >= r * 0.6, "{home}: router overlap {o} of {r} blocks");
+    }
+    let _ = std::fs::remove_dir_all(&dir);
+}
