@@ -7,74 +7,11 @@
 //!
 //! Needs the default model (`scripts/setup-test-deps.sh`, run by `scripts/test.sh`).
 
+mod common;
+
+use common::{free_port, http, send_request as send, spawn_turbine};
 use std::collections::BTreeMap;
-use std::io::{BufRead, BufReader, Read, Write};
-use std::net::{TcpListener, TcpStream};
-use std::process::{Child, Command, Stdio};
-use std::time::Duration;
-
-struct Proc(Child);
-
-impl Drop for Proc {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
-
-fn free_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0")
-        .and_then(|l| l.local_addr())
-        .map(|a| a.port())
-        .expect("a free port")
-}
-
-fn start(file: &str) -> Proc {
-    let mut child = Command::new(env!("CARGO_BIN_EXE_turbine"))
-        .args(["up", "-f", file, "--no-fetch"])
-        .stdout(Stdio::piped())
-        .stderr(Stdio::inherit())
-        .spawn()
-        .expect("spawning turbine");
-    let stdout = child.stdout.take().expect("piped");
-    let mut lines = BufReader::new(stdout).lines();
-    loop {
-        match lines.next() {
-            Some(Ok(l)) if l.contains("turbine serving") => break,
-            Some(Ok(_)) => continue,
-            _ => panic!("turbine up exited before serving: is the default model fetched?"),
-        }
-    }
-    std::thread::spawn(move || for _ in lines {});
-    Proc(child)
-}
-
-fn send(port: u16, method: &str, path: &str, body: &str) -> TcpStream {
-    let mut s = TcpStream::connect(("127.0.0.1", port)).expect("connect");
-    s.set_read_timeout(Some(Duration::from_secs(120))).unwrap();
-    write!(
-        s,
-        "{method} {path} HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n\
-         Content-Length: {}\r\nConnection: close\r\n\r\n{body}",
-        body.len()
-    )
-    .unwrap();
-    s
-}
-
-fn http(port: u16, method: &str, path: &str, body: &str) -> (u16, String) {
-    let mut out = String::new();
-    send(port, method, path, body)
-        .read_to_string(&mut out)
-        .expect("an answer");
-    let status = out
-        .split_whitespace()
-        .nth(1)
-        .and_then(|c| c.parse().ok())
-        .unwrap_or(0);
-    let body = out.split_once("\r\n\r\n").map_or("", |x| x.1).to_string();
-    (status, body)
-}
+use std::io::Read;
 
 fn completion_body(prompt: &str, max_tokens: u32, stream: bool) -> String {
     serde_json::json!({
@@ -164,7 +101,10 @@ fn repeated_prefixes_follow_their_kv_blocks() {
         ),
     )
     .unwrap();
-    let _server = start(file.to_str().unwrap());
+    let _server = spawn_turbine(
+        &["up", "-f", file.to_str().unwrap(), "--no-fetch"],
+        "turbine serving",
+    );
 
     let family_a = prefix("lighthouse", 18);
     let family_b = prefix("greenhouse", 18);

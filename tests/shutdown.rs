@@ -5,8 +5,8 @@
 
 mod common;
 
-use common::{free_port, spawn_turbine};
-use std::io::{BufRead, BufReader, Read, Write};
+use common::{free_port, send_request, spawn_turbine};
+use std::io::{BufRead, BufReader, Read};
 use std::net::TcpStream;
 use std::process::Command;
 use std::time::{Duration, Instant};
@@ -20,14 +20,7 @@ fn sigint_drains_the_stream_in_flight_then_exits() {
         "turbine serving",
     );
     let body = r#"{"prompt":"Once upon a time","max_tokens":48,"temperature":0,"stream":true,"ignore_eos":true}"#;
-    let mut s = TcpStream::connect(("127.0.0.1", port)).expect("connect");
-    s.set_read_timeout(Some(Duration::from_secs(120))).unwrap();
-    write!(
-        s,
-        "POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
-        body.len()
-    )
-    .unwrap();
+    let s = send_request(port, "POST", "/v1/completions", body);
     // Wait for the first streamed token, then interrupt the server.
     let mut reader = BufReader::new(s);
     let mut seen = String::new();

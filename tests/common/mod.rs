@@ -75,9 +75,9 @@ fn port_in(line: &str) -> Option<u16> {
     addr.rsplit(':').next()?.parse().ok()
 }
 
-/// One HTTP/1.1 request; returns (status, body). Fails the test instead of hanging when the
-/// server does not answer within two minutes.
-pub fn http(port: u16, method: &str, path: &str, body: &str) -> (u16, String) {
+/// Sends one HTTP/1.1 request (`Connection: close`) and returns the open connection, for
+/// tests that read a streamed answer as it arrives. Reads time out after two minutes.
+pub fn send_request(port: u16, method: &str, path: &str, body: &str) -> TcpStream {
     let mut s = TcpStream::connect(("127.0.0.1", port)).expect("connect");
     s.set_read_timeout(Some(Duration::from_secs(120))).unwrap();
     write!(
@@ -87,8 +87,14 @@ pub fn http(port: u16, method: &str, path: &str, body: &str) -> (u16, String) {
         body.len()
     )
     .unwrap();
+    s
+}
+
+/// One HTTP/1.1 request; returns (status, body). Fails the test instead of hanging when the
+/// server does not answer within two minutes.
+pub fn http(port: u16, method: &str, path: &str, body: &str) -> (u16, String) {
     let mut out = String::new();
-    if let Err(e) = s.read_to_string(&mut out) {
+    if let Err(e) = send_request(port, method, path, body).read_to_string(&mut out) {
         panic!("no answer from the server to {method} {path} ({e}); got so far: {out}");
     }
     let status = out
