@@ -292,7 +292,6 @@ extern "C" __global__ void argmax_rows(const float* x, int cols, int* out) {
 // C[g][c+1], C[g+8][c], C[g+8][c+1]}. Lower 16 bits hold the lower index.
 #define FA_KEYS (HEAD_DIM <= 128 ? 64 : 32)
 #define FA_KPAD (HEAD_DIM + 8)
-#define FA_VPAD (FA_KEYS + 8)
 
 struct __align__(16) U4 { u32 x, y, z, w; };
 
@@ -304,6 +303,10 @@ __device__ __forceinline__ void mma_bf16_16816(float* c, const u32* a, u32 b0, u
         : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
 }
 
+__device__ __forceinline__ u32 smem_addr(const void* p) {
+    return (u32)__cvta_generic_to_shared(p);
+}
+
 __device__ __forceinline__ u32 pack_bf16(float lo, float hi) {
     return (u32)f2b(lo) | ((u32)f2b(hi) << 16);
 }
@@ -312,7 +315,7 @@ __device__ __forceinline__ u32 pack_bf16(float lo, float hi) {
 // consecutive query tokens of ONE sequence (tiles[3i] = first row, [3i+1] = rows, [3i+2] =
 // sequence); each of the WARPS warps owns 16 of its rows (more warps: each K/V tile serves
 // more rows). Q fragments stay in registers; K
-// (row-major) and V (transposed, so P.V's B fragments are 32-bit loads) tiles of FA_KEYS
+// and V (both row-major; P.V's B fragments come from ldmatrix .trans) tiles of FA_KEYS
 // positions are gathered through the block table into shared memory, read once per block
 // instead of once per query token as in attn_split. Online softmax in base 2 (scale_log2 =
 // log2(e) / sqrt(HEAD_DIM)); P is rounded to bf16 for the P.V product. Row t sees keys
@@ -323,7 +326,7 @@ attn_prefill_impl(const bf16* q, int q_stride, const bf16* kc, const bf16* vc, c
                   const int* tiles, int n_tiles, const int* tok_pos, const int* seq_bt_off,
                   int block_size, int n_kv_heads, float scale_log2, bf16* out) {
     __shared__ __align__(16) bf16 sk[FA_KEYS][FA_KPAD];
-    __shared__ __align__(16) bf16 svt[HEAD_DIM][FA_VPAD];
+    __shared__ __align__(16) bf16 sv[FA_KEYS][FA_KPAD];
     // Heaviest tiles (latest rows: most keys) first, so the grid's tail is short.
     const int tile = n_tiles - 1 - (int)blockIdx.x, h = blockIdx.y;
     const int kvh = h / GROUP;
@@ -361,29 +364,19 @@ attn_prefill_impl(const bf16* q, int q_stride, const bf16* kc, const bf16* vc, c
 
     for (int k0 = 0; k0 < kv_len; k0 += FA_KEYS) {
         __syncthreads();  // the previous tile is consumed
-        // K: 16-byte chunks, dims fastest (coalesced rows).
+        // K and V: 16-byte chunks, dims fastest (coalesced rows), row-major in shared memory.
         for (int i = threadIdx.x; i < FA_KEYS * (HEAD_DIM / 8); i += WARPS * WARP) {
             int kr = i / (HEAD_DIM / 8), d8 = (i % (HEAD_DIM / 8)) * 8;
             int p = k0 + kr;
-            U4 v = {0u, 0u, 0u, 0u};
+            U4 k4 = {0u, 0u, 0u, 0u}, v4 = {0u, 0u, 0u, 0u};
             if (p < kv_len) {
                 int blk = table[p / block_size];
-                v = *(const U4*)(kc + ((u64)blk * block_size + p % block_size) * kv_dim + kvh * HEAD_DIM + d8);
+                u64 off = ((u64)blk * block_size + p % block_size) * kv_dim + kvh * HEAD_DIM + d8;
+                k4 = *(const U4*)(kc + off);
+                v4 = *(const U4*)(vc + off);
             }
-            *(U4*)&sk[kr][d8] = v;
-        }
-        // V, transposed: keys fastest, so a warp's 16-bit stores fill whole words.
-        for (int i = threadIdx.x; i < FA_KEYS * (HEAD_DIM / 8); i += WARPS * WARP) {
-            int kr = i % FA_KEYS, d8 = (i / FA_KEYS) * 8;
-            int p = k0 + kr;
-            U4 v = {0u, 0u, 0u, 0u};
-            if (p < kv_len) {
-                int blk = table[p / block_size];
-                v = *(const U4*)(vc + ((u64)blk * block_size + p % block_size) * kv_dim + kvh * HEAD_DIM + d8);
-            }
-            const bf16* e = (const bf16*)&v;
-#pragma unroll
-            for (int j = 0; j < 8; j++) svt[d8 + j][kr] = e[j];
+            *(U4*)&sk[kr][d8] = k4;
+            *(U4*)&sv[kr][d8] = v4;
         }
         __syncthreads();
         if (!active || k0 > warp_last) continue;
@@ -440,8 +433,13 @@ attn_prefill_impl(const bf16* q, int q_stride, const bf16* kc, const bf16* vc, c
             pf[3] = pack_bf16(s[2 * kk + 1][2], s[2 * kk + 1][3]);
 #pragma unroll
             for (int d = 0; d < HEAD_DIM / 8; d++) {
-                u32 b0 = *(const u32*)&svt[d * 8 + g][kk * 16 + c2];
-                u32 b1 = *(const u32*)&svt[d * 8 + g][kk * 16 + 8 + c2];
+                // B[key][dim] fragments straight from row-major V: ldmatrix .trans, lanes 0-7
+                // address keys kk*16 + 0..7, lanes 8-15 keys kk*16 + 8..15, at dims d*8.
+                u32 b0, b1;
+                u32 addr = smem_addr(&sv[kk * 16 + (lane & 15)][d * 8]);
+                asm volatile("ldmatrix.sync.aligned.m8n8.x2.trans.shared.b16 {%0,%1}, [%2];\n"
+                             : "=r"(b0), "=r"(b1)
+                             : "r"(addr));
                 mma_bf16_16816(o[d], pf, b0, b1);
             }
         }
