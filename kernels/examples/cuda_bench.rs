@@ -3,14 +3,19 @@
 //! the device), against the bandwidth roofline and the measured GEMM peak.
 //!
 //! `cargo run --release -p turbine-kernels --features cuda --example cuda_bench -- \
-//!    [--model synthetic:llama-3-8b] [--quick]`
+//!    [--model synthetic:llama-3-8b] [--quick] [--no-decode] [--compare-prefill]`
+//!
+//! `--no-decode` skips the decode table; `--compare-prefill` times prefill with both
+//! tensor-core kernels (64- and 128-row tiles) and the split kernel (up to 4096 tokens).
 //!
 //! Timings: device events for copy/GEMM (median of repeats after warm-up); host wall clock
 //! around whole forward calls (they end synchronised), median of repeats after warm-up.
 
 use std::time::Instant;
 use turbine_kernels::backend::SeqStep;
+use turbine_kernels::cuda::backend::DEFAULT_PREFILL_ATTENTION;
 use turbine_kernels::cuda::device::elapsed_ms;
+use turbine_kernels::cuda::ops::PrefillAttention;
 use turbine_kernels::cuda::{
     device_count, synthetic_config, CudaBackend, CudaBackendOptions, Gpu, KernelSpec,
 };
@@ -55,6 +60,8 @@ fn main() {
         .and_then(|i| args.get(i + 1).cloned())
         .unwrap_or_else(|| "synthetic:llama-3-8b".into());
     let quick = args.iter().any(|a| a == "--quick");
+    let no_decode = args.iter().any(|a| a == "--no-decode");
+    let compare_prefill = args.iter().any(|a| a == "--compare-prefill");
     match device_count() {
         Ok(n) if n > 0 => {}
         r => {
@@ -174,7 +181,8 @@ fn main() {
     );
     let kv_tok = config.kv_bytes_per_token(2) as f64;
     let mut rows = vec![];
-    for &ctx in &[1024usize, 8192] {
+    let ctxs: &[usize] = if no_decode { &[] } else { &[1024, 8192] };
+    for &ctx in ctxs {
         for &batch in &[1usize, 8, 32, 128] {
             if batch * ctx / bs + 8 > num_blocks || (quick && (ctx > 1024 || batch > 8)) {
                 println!("decode b={batch} ctx={ctx}: skipped (KV pool of {num_blocks} blocks too small)");
@@ -213,34 +221,50 @@ fn main() {
     // 4. Prefill throughput.
     let params = wbytes / 2.0;
     let lens: &[usize] = if quick { &[1024] } else { &[1024, 4096, 16384] };
-    for &p in lens {
-        let table: Vec<u32> = (0..p.div_ceil(bs) as u32).collect();
-        let toks: Vec<u32> = (0..p).map(|i| (i * 31 % 5000) as u32).collect();
-        let step = [SeqStep {
-            tokens: &toks,
-            start_pos: 0,
-            block_table: &table,
-            want_logits: true,
-        }];
-        let ms = time_wall(3, || {
-            be.forward_greedy(&step).unwrap();
-        });
-        // Linear layers (2 flops per weight per token, excluding the embedding gather) plus
-        // causal attention (QK^T and PV: 2 * 2 * p^2/2 * head_dim per head per layer).
-        let lin = 2.0 * (params - (config.vocab_size * config.hidden_size) as f64) * p as f64;
-        let att =
-            2.0 * (p * p) as f64 * (config.head_dim * config.n_heads * config.n_layers) as f64;
-        let tf = (lin + att) / (ms * 1e-3) / 1e12;
-        println!(
-            "prefill p={p:>5}: {ms:9.1} ms, {:8.0} tok/s, {tf:.0} TFLOP/s = {:.1}% of measured GEMM peak {peak:.0} (attention share of flops {:.0}%)",
-            p as f64 / (ms * 1e-3),
-            100.0 * tf / peak,
-            100.0 * att / (lin + att)
-        );
-        rows.push(format!(
-            "| prefill | 1 | {p} | {ms:.1} ms | {tf:.0} TFLOP/s | {:.1}% of peak |",
-            100.0 * tf / peak
-        ));
+    let modes: &[PrefillAttention] = if compare_prefill {
+        &[
+            PrefillAttention::TensorCore64,
+            PrefillAttention::TensorCore128,
+            PrefillAttention::Split,
+        ]
+    } else {
+        &[DEFAULT_PREFILL_ATTENTION]
+    };
+    for &kernel in modes {
+        be.set_prefill_attention(kernel);
+        for &p in lens {
+            if kernel == PrefillAttention::Split && p > 4096 {
+                continue;
+            }
+            let table: Vec<u32> = (0..p.div_ceil(bs) as u32).collect();
+            let toks: Vec<u32> = (0..p).map(|i| (i * 31 % 5000) as u32).collect();
+            let step = [SeqStep {
+                tokens: &toks,
+                start_pos: 0,
+                block_table: &table,
+                want_logits: true,
+            }];
+            let ms = time_wall(3, || {
+                be.forward_greedy(&step).unwrap();
+            });
+            // Linear layers (2 flops per weight per token, excluding the embedding gather) plus
+            // causal attention (QK^T and PV: 2 * 2 * p^2/2 * head_dim per head per layer).
+            let lin = 2.0 * (params - (config.vocab_size * config.hidden_size) as f64) * p as f64;
+            let att =
+                2.0 * (p * p) as f64 * (config.head_dim * config.n_heads * config.n_layers) as f64;
+            let tf = (lin + att) / (ms * 1e-3) / 1e12;
+            println!(
+                "prefill ({kernel:?}) p={p:>5}: {ms:9.1} ms, {:8.0} tok/s, {tf:.0} TFLOP/s = {:.1}% of measured GEMM peak {peak:.0} (attention share of flops {:.0}%)",
+                p as f64 / (ms * 1e-3),
+                100.0 * tf / peak,
+                100.0 * att / (lin + att)
+            );
+            rows.push(format!(
+                "| prefill ({kernel:?}) | 1 | {p} | {ms:.1} ms | {:.0} tok/s | {tf:.0} TFLOP/s | {:.1}% of peak |",
+                p as f64 / (ms * 1e-3),
+                100.0 * tf / peak
+            ));
+        }
     }
     println!(
         "\nsummary (bandwidth {:.0} GB/s, GEMM peak {peak:.0} TFLOP/s):",

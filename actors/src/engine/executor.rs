@@ -12,7 +12,7 @@ use crate::worker::{SampledToken, ScheduledSeq};
 use std::sync::mpsc as std_mpsc;
 use std::thread;
 use tokio::sync::oneshot;
-use turbine_kernels::backend::{Backend, KvLayout, SeqStep};
+use turbine_kernels::backend::{Backend, BackendError, KvLayout, SeqStep};
 use turbine_kernels::model::ModelConfig;
 use turbine_kernels::sampling::{self as ksampling, Sampler};
 
@@ -49,6 +49,20 @@ pub enum ExecError {
     Stopped,
 }
 
+/// Builds a backend on the executor's own thread (see [`Executor::spawn_with`]).
+pub type BackendBuilder = Box<dyn FnOnce() -> Result<Box<dyn Backend>, BackendError> + Send>;
+
+/// Why [`Executor::spawn_with`] could not start an executor.
+#[derive(Debug, thiserror::Error)]
+pub enum SpawnError {
+    #[error("could not start the executor thread: {0}")]
+    Thread(std::io::Error),
+    #[error("{0}")]
+    Backend(#[from] BackendError),
+    #[error("the executor thread panicked while building its backend")]
+    Panicked,
+}
+
 struct Job {
     batch: Vec<ExecSeq>,
     reply: oneshot::Sender<Result<Vec<SampledToken>, ExecError>>,
@@ -72,6 +86,36 @@ impl Executor {
         thread::Builder::new()
             .name(name.to_string())
             .spawn(move || run_thread(backend, rx))?;
+        Ok(Executor {
+            jobs,
+            layout,
+            config,
+        })
+    }
+
+    /// Starts a new OS thread named `name` and builds the backend ON that thread with
+    /// `build`, so a backend whose device context belongs to the thread that made it (CUDA)
+    /// is created, used and dropped there. Blocks until the backend is built; its error is
+    /// returned here and the thread ends.
+    pub fn spawn_with(name: &str, build: BackendBuilder) -> Result<Executor, SpawnError> {
+        let (ready_tx, ready_rx) =
+            std_mpsc::sync_channel::<Result<(KvLayout, ModelConfig), BackendError>>(1);
+        let (jobs, rx) = std_mpsc::channel::<Job>();
+        thread::Builder::new()
+            .name(name.to_string())
+            .spawn(move || match build() {
+                Ok(backend) => {
+                    let shape = (backend.kv_layout(), backend.config().clone());
+                    if ready_tx.send(Ok(shape)).is_ok() {
+                        run_thread(backend, rx);
+                    }
+                }
+                Err(e) => {
+                    let _ = ready_tx.send(Err(e));
+                }
+            })
+            .map_err(SpawnError::Thread)?;
+        let (layout, config) = ready_rx.recv().map_err(|_| SpawnError::Panicked)??;
         Ok(Executor {
             jobs,
             layout,

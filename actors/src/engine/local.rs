@@ -2,6 +2,7 @@
 //! model: one executor thread and one worker loop per worker replica, a KV-aware router fed
 //! by the workers' KV events, and the [`Pipeline`] the HTTP frontend calls.
 
+use super::device::{backend_builder, Device};
 use super::executor::Executor;
 use super::metrics::WorkerMetrics;
 use super::pipeline::{index_sink, Pipeline};
@@ -18,8 +19,6 @@ use crate::router::{KvRouter, RouterReplicaId};
 use crate::worker::{BlockManager, BlockManagerConfig, Scheduler, SchedulerConfig};
 use std::sync::Arc;
 use std::time::Duration;
-use turbine_kernels::backend::Backend;
-use turbine_kernels::cpu::{CpuBackend, CpuBackendOptions};
 use turbine_kernels::loader::LoadedModel;
 use turbine_kernels::model::ModelConfig;
 use turbine_runtime::discovery::{EmbeddedDiscovery, EmbeddedRegistry};
@@ -223,27 +222,11 @@ pub fn start_worker(
     kv_events: KvEventSink,
 ) -> Result<WorkerHandle, StartError> {
     let fail = |reason: String| StartError::Worker { worker: id, reason };
-    let backend: Box<dyn Backend> = match group.device.as_str() {
-        "cpu" => Box::new(
-            CpuBackend::new(
-                model.config.clone(),
-                &model.weights,
-                CpuBackendOptions {
-                    num_blocks: group.kv_blocks,
-                    block_size: group.block_size.as_usize(),
-                    threads: group.threads,
-                },
-            )
-            .map_err(|e| fail(e.to_string()))?,
-        ),
-        other => {
-            return Err(fail(format!(
-                "device {other:?} is not available in this build (use device: cpu)"
-            )))
-        }
-    };
-    let executor =
-        Executor::spawn(&format!("executor-{id}"), backend).map_err(|e| fail(e.to_string()))?;
+    // The backend is built on the executor's own thread (a CUDA context stays there).
+    let device = Device::parse(&group.device).map_err(|e| StartError::Config(e.to_string()))?;
+    let build = backend_builder(device, group, model).map_err(|e| fail(e.to_string()))?;
+    let executor = Executor::spawn_with(&format!("executor-{id}"), build)
+        .map_err(|e| fail(format!("device {device}: {e}")))?;
     let blocks = BlockManager::new(BlockManagerConfig {
         num_blocks: u32::try_from(group.kv_blocks)
             .map_err(|_| fail("kv_blocks is too large".into()))?,

@@ -1,6 +1,7 @@
 //! The serving engine's actor shells: the executor (a backend on its own OS thread) and the
 //! worker loop that drives the pure scheduler against it.
 
+pub mod device;
 pub mod executor;
 pub mod local;
 pub mod metrics;

@@ -129,6 +129,8 @@ pub struct Kernels {
     pub gather_rows: CudaFunction,
     pub attn_split: CudaFunction,
     pub attn_combine: CudaFunction,
+    pub attn_prefill: CudaFunction,
+    pub attn_prefill_wide: CudaFunction,
     pub argmax_rows: CudaFunction,
 }
 
@@ -150,8 +152,33 @@ pub struct Gpu {
 // cudarc's handles are thread-safe to move.
 unsafe impl Send for Gpu {}
 
-/// How many CUDA devices there are; 0 (with the reason) when the driver cannot be loaded.
+/// The shared libraries the backend loads at run time, probed without panicking (cudarc
+/// panics on first use of a missing library).
+fn check_libraries() -> Result<(), CudaError> {
+    // SAFETY: each probe only opens (and closes) the library by name.
+    let present = unsafe {
+        [
+            (
+                "the CUDA driver library (libcuda)",
+                drv::sys::is_culib_present(),
+            ),
+            (
+                "NVRTC (libnvrtc.so.13)",
+                cudarc::nvrtc::sys::is_culib_present(),
+            ),
+            ("cuBLAS (libcublas.so.13)", cublas::sys::is_culib_present()),
+        ]
+    };
+    match present.iter().find(|(_, ok)| !ok) {
+        Some((name, _)) => Err(CudaError::NoDevice(format!("{name} could not be loaded"))),
+        None => Ok(()),
+    }
+}
+
+/// How many CUDA devices there are; an error with the reason when the driver, NVRTC or
+/// cuBLAS cannot be loaded (the backend needs all three).
 pub fn device_count() -> Result<usize, CudaError> {
+    check_libraries()?;
     let r = std::panic::catch_unwind(CudaContext::device_count);
     match r {
         Ok(Ok(n)) => Ok(n.max(0) as usize),
@@ -212,6 +239,8 @@ impl Gpu {
             gather_rows: f("gather_rows")?,
             attn_split: f("attn_split")?,
             attn_combine: f("attn_combine")?,
+            attn_prefill: f("attn_prefill")?,
+            attn_prefill_wide: f("attn_prefill_wide")?,
             argmax_rows: f("argmax_rows")?,
             _module: module,
         };

@@ -284,3 +284,193 @@ extern "C" __global__ void argmax_rows(const float* x, int cols, int* out) {
     }
     if (threadIdx.x == 0) out[blockIdx.x] = si[0] == 0x7fffffff ? 0 : si[0];
 }
+
+// ---- Prefill attention on tensor cores ----------------------------------------------------
+// mma.sync m16n8k16 (bf16 operands, f32 accumulators). Fragment layouts (PTX ISA): lane l,
+// g = l / 4, c = 2 * (l % 4). A 16x16 (row): regs {A[g][c..c+1], A[g+8][c..], A[g][c+8..],
+// A[g+8][c+8..]}. B 16x8 (col): regs {B[c..c+1][g], B[c+8..c+9][g]}. C 16x8: {C[g][c],
+// C[g][c+1], C[g+8][c], C[g+8][c+1]}. Lower 16 bits hold the lower index.
+#define FA_KEYS (HEAD_DIM <= 128 ? 64 : 32)
+#define FA_KPAD (HEAD_DIM + 8)
+
+struct __align__(16) U4 { u32 x, y, z, w; };
+
+__device__ __forceinline__ void mma_bf16_16816(float* c, const u32* a, u32 b0, u32 b1) {
+    asm volatile(
+        "mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, "
+        "{%8,%9}, {%0,%1,%2,%3};\n"
+        : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
+        : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
+}
+
+__device__ __forceinline__ u32 smem_addr(const void* p) {
+    return (u32)__cvta_generic_to_shared(p);
+}
+
+__device__ __forceinline__ u32 pack_bf16(float lo, float hi) {
+    return (u32)f2b(lo) | ((u32)f2b(hi) << 16);
+}
+
+// Causal attention for prefill tiles: block (tile, query head). A tile is up to 16 * WARPS
+// consecutive query tokens of ONE sequence (tiles[3i] = first row, [3i+1] = rows, [3i+2] =
+// sequence); each of the WARPS warps owns 16 of its rows (more warps: each K/V tile serves
+// more rows). Q fragments stay in registers; K
+// and V (both row-major; P.V's B fragments come from ldmatrix .trans) tiles of FA_KEYS
+// positions are gathered through the block table into shared memory, read once per block
+// instead of once per query token as in attn_split. Online softmax in base 2 (scale_log2 =
+// log2(e) / sqrt(HEAD_DIM)); P is rounded to bf16 for the P.V product. Row t sees keys
+// 0..=tok_pos[t]; the last row's position bounds the tile's keys.
+template <int WARPS>
+__device__ __forceinline__ void
+attn_prefill_impl(const bf16* q, int q_stride, const bf16* kc, const bf16* vc, const int* block_tables,
+                  const int* tiles, int n_tiles, const int* tok_pos, const int* seq_bt_off,
+                  int block_size, int n_kv_heads, float scale_log2, bf16* out) {
+    __shared__ __align__(16) bf16 sk[FA_KEYS][FA_KPAD];
+    __shared__ __align__(16) bf16 sv[FA_KEYS][FA_KPAD];
+    // Heaviest tiles (latest rows: most keys) first, so the grid's tail is short.
+    const int tile = n_tiles - 1 - (int)blockIdx.x, h = blockIdx.y;
+    const int kvh = h / GROUP;
+    const int n_heads = n_kv_heads * GROUP;
+    const int row0 = tiles[tile * 3], nrows = tiles[tile * 3 + 1];
+    const int* table = block_tables + seq_bt_off[tiles[tile * 3 + 2]];
+    const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
+    const int g = lane >> 2, c2 = (lane & 3) * 2;
+    const int kv_dim = n_kv_heads * HEAD_DIM;
+    const int wr = warp * 16;
+    const bool active = wr < nrows;
+    // This thread's rows (g and g + 8 of the warp's 16), clamped into the tile: clamped rows
+    // compute a duplicate that is never written.
+    const int ra = min(wr + g, nrows - 1), rb = min(wr + g + 8, nrows - 1);
+    const int pa = tok_pos[row0 + ra], pb = tok_pos[row0 + rb];
+    const int warp_last = tok_pos[row0 + min(wr + 15, nrows - 1)];
+    const int kv_len = tok_pos[row0 + nrows - 1] + 1;
+
+    u32 qf[HEAD_DIM / 16][4];
+    {
+        const bf16* qa = q + (u64)(row0 + ra) * q_stride + h * HEAD_DIM + c2;
+        const bf16* qb = q + (u64)(row0 + rb) * q_stride + h * HEAD_DIM + c2;
+#pragma unroll
+        for (int k = 0; k < HEAD_DIM / 16; k++) {
+            qf[k][0] = *(const u32*)(qa + k * 16);
+            qf[k][1] = *(const u32*)(qb + k * 16);
+            qf[k][2] = *(const u32*)(qa + k * 16 + 8);
+            qf[k][3] = *(const u32*)(qb + k * 16 + 8);
+        }
+    }
+    float o[HEAD_DIM / 8][4];
+#pragma unroll
+    for (int d = 0; d < HEAD_DIM / 8; d++) { o[d][0] = 0.0f; o[d][1] = 0.0f; o[d][2] = 0.0f; o[d][3] = 0.0f; }
+    float ma = NEG_INF, mb = NEG_INF, la = 0.0f, lb = 0.0f;
+
+    for (int k0 = 0; k0 < kv_len; k0 += FA_KEYS) {
+        __syncthreads();  // the previous tile is consumed
+        // K and V: 16-byte chunks, dims fastest (coalesced rows), row-major in shared memory.
+        for (int i = threadIdx.x; i < FA_KEYS * (HEAD_DIM / 8); i += WARPS * WARP) {
+            int kr = i / (HEAD_DIM / 8), d8 = (i % (HEAD_DIM / 8)) * 8;
+            int p = k0 + kr;
+            U4 k4 = {0u, 0u, 0u, 0u}, v4 = {0u, 0u, 0u, 0u};
+            if (p < kv_len) {
+                int blk = table[p / block_size];
+                u64 off = ((u64)blk * block_size + p % block_size) * kv_dim + kvh * HEAD_DIM + d8;
+                k4 = *(const U4*)(kc + off);
+                v4 = *(const U4*)(vc + off);
+            }
+            *(U4*)&sk[kr][d8] = k4;
+            *(U4*)&sv[kr][d8] = v4;
+        }
+        __syncthreads();
+        if (!active || k0 > warp_last) continue;
+
+        float s[FA_KEYS / 8][4];
+#pragma unroll
+        for (int n = 0; n < FA_KEYS / 8; n++) {
+            s[n][0] = 0.0f; s[n][1] = 0.0f; s[n][2] = 0.0f; s[n][3] = 0.0f;
+#pragma unroll
+            for (int k = 0; k < HEAD_DIM / 16; k++) {
+                u32 b0 = *(const u32*)&sk[n * 8 + g][k * 16 + c2];
+                u32 b1 = *(const u32*)&sk[n * 8 + g][k * 16 + 8 + c2];
+                mma_bf16_16816(s[n], qf[k], b0, b1);
+            }
+        }
+        float xa = NEG_INF, xb = NEG_INF;
+#pragma unroll
+        for (int n = 0; n < FA_KEYS / 8; n++) {
+#pragma unroll
+            for (int e = 0; e < 2; e++) {
+                int key = k0 + n * 8 + c2 + e;
+                s[n][e] = key <= pa ? s[n][e] * scale_log2 : NEG_INF;
+                s[n][2 + e] = key <= pb ? s[n][2 + e] * scale_log2 : NEG_INF;
+                xa = fmaxf(xa, s[n][e]);
+                xb = fmaxf(xb, s[n][2 + e]);
+            }
+        }
+        xa = fmaxf(xa, __shfl_xor_sync(0xffffffffu, xa, 1));
+        xa = fmaxf(xa, __shfl_xor_sync(0xffffffffu, xa, 2));
+        xb = fmaxf(xb, __shfl_xor_sync(0xffffffffu, xb, 1));
+        xb = fmaxf(xb, __shfl_xor_sync(0xffffffffu, xb, 2));
+        // Key 0 is in every row's first tile, so the running max is finite from then on.
+        const float na = fmaxf(ma, xa), nb = fmaxf(mb, xb);
+        const float ca = exp2f(ma - na), cb = exp2f(mb - nb);
+        ma = na; mb = nb;
+        float sa = 0.0f, sb = 0.0f;
+#pragma unroll
+        for (int n = 0; n < FA_KEYS / 8; n++) {
+            s[n][0] = exp2f(s[n][0] - na); s[n][1] = exp2f(s[n][1] - na);
+            s[n][2] = exp2f(s[n][2] - nb); s[n][3] = exp2f(s[n][3] - nb);
+            sa += s[n][0] + s[n][1];
+            sb += s[n][2] + s[n][3];
+        }
+        la = la * ca + sa;
+        lb = lb * cb + sb;
+#pragma unroll
+        for (int d = 0; d < HEAD_DIM / 8; d++) { o[d][0] *= ca; o[d][1] *= ca; o[d][2] *= cb; o[d][3] *= cb; }
+#pragma unroll
+        for (int kk = 0; kk < FA_KEYS / 16; kk++) {
+            u32 pf[4];
+            pf[0] = pack_bf16(s[2 * kk][0], s[2 * kk][1]);
+            pf[1] = pack_bf16(s[2 * kk][2], s[2 * kk][3]);
+            pf[2] = pack_bf16(s[2 * kk + 1][0], s[2 * kk + 1][1]);
+            pf[3] = pack_bf16(s[2 * kk + 1][2], s[2 * kk + 1][3]);
+#pragma unroll
+            for (int d = 0; d < HEAD_DIM / 8; d++) {
+                // B[key][dim] fragments straight from row-major V: ldmatrix .trans, lanes 0-7
+                // address keys kk*16 + 0..7, lanes 8-15 keys kk*16 + 8..15, at dims d*8.
+                u32 b0, b1;
+                u32 addr = smem_addr(&sv[kk * 16 + (lane & 15)][d * 8]);
+                asm volatile("ldmatrix.sync.aligned.m8n8.x2.trans.shared.b16 {%0,%1}, [%2];\n"
+                             : "=r"(b0), "=r"(b1)
+                             : "r"(addr));
+                mma_bf16_16816(o[d], pf, b0, b1);
+            }
+        }
+    }
+    if (!active) return;
+    la += __shfl_xor_sync(0xffffffffu, la, 1);
+    la += __shfl_xor_sync(0xffffffffu, la, 2);
+    lb += __shfl_xor_sync(0xffffffffu, lb, 1);
+    lb += __shfl_xor_sync(0xffffffffu, lb, 2);
+    const float ia = 1.0f / la, ib = 1.0f / lb;
+    const u64 row_stride = (u64)n_heads * HEAD_DIM;
+    bf16* oa = out + (u64)(row0 + wr + g) * row_stride + h * HEAD_DIM + c2;
+    bf16* ob = out + (u64)(row0 + wr + g + 8) * row_stride + h * HEAD_DIM + c2;
+#pragma unroll
+    for (int d = 0; d < HEAD_DIM / 8; d++) {
+        if (wr + g < nrows) *(u32*)(oa + d * 8) = pack_bf16(o[d][0] * ia, o[d][1] * ia);
+        if (wr + g + 8 < nrows) *(u32*)(ob + d * 8) = pack_bf16(o[d][2] * ib, o[d][3] * ib);
+    }
+}
+
+#define ATTN_PREFILL_ARGS                                                                       \
+    const bf16 *q, int q_stride, const bf16 *kc, const bf16 *vc, const int *block_tables,       \
+        const int *tiles, int n_tiles, const int *tok_pos, const int *seq_bt_off, int block_size, \
+        int n_kv_heads, float scale_log2, bf16 *out
+#define ATTN_PREFILL_PASS \
+    q, q_stride, kc, vc, block_tables, tiles, n_tiles, tok_pos, seq_bt_off, block_size, n_kv_heads, scale_log2, out
+
+// 64-row tiles (4 warps) and 128-row tiles (8 warps).
+extern "C" __global__ void __launch_bounds__(128) attn_prefill(ATTN_PREFILL_ARGS) {
+    attn_prefill_impl<4>(ATTN_PREFILL_PASS);
+}
+extern "C" __global__ void __launch_bounds__(256) attn_prefill_wide(ATTN_PREFILL_ARGS) {
+    attn_prefill_impl<8>(ATTN_PREFILL_PASS);
+}

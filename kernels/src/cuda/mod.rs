@@ -10,6 +10,7 @@ pub mod device;
 pub mod ops;
 pub mod synthetic;
 
-pub use backend::{CudaBackend, CudaBackendOptions};
+pub use backend::{CudaBackend, CudaBackendOptions, DEFAULT_PREFILL_ATTENTION};
 pub use device::{device_count, CudaError, DBuf, Gpu, KernelSpec};
+pub use ops::PrefillAttention;
 pub use synthetic::{synthetic_config, synthetic_weights};

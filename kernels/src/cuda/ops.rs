@@ -26,6 +26,52 @@ pub fn attn_splits(tokens: usize, n_kv_heads: usize, max_ctx: usize) -> (usize, 
 }
 const ATTN_THREADS: u32 = 128;
 
+/// Which attention kernel a prefill-only step uses.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum PrefillAttention {
+    /// `attn_split`, the kernel every step can use (CUDA cores, K/V re-read per query token).
+    Split,
+    /// `attn_prefill`: tensor cores, 64 query rows per block (4 warps).
+    TensorCore64,
+    /// `attn_prefill_wide`: tensor cores, 128 query rows per block (8 warps): each K/V tile
+    /// loaded into shared memory serves twice the rows.
+    TensorCore128,
+}
+
+impl PrefillAttention {
+    /// Query rows per block (tile), `None` for the split kernel.
+    pub fn tile_rows(self) -> Option<usize> {
+        match self {
+            PrefillAttention::Split => None,
+            PrefillAttention::TensorCore64 => Some(64),
+            PrefillAttention::TensorCore128 => Some(128),
+        }
+    }
+}
+
+/// A sequence needs at least this many new tokens in a step for the tensor-core prefill
+/// kernel to pay (its warps compute 16 rows at a time); shorter ones use `attn_split`.
+pub const PREFILL_MIN_TOKENS: usize = 16;
+
+/// Tiles for [`Gpu::attention_prefill`] as i32 triples (first row, rows, sequence index):
+/// `seq_tokens[s]` new tokens of sequence `s`, its rows contiguous and in order, cut into
+/// tiles of at most `tile_rows`.
+pub fn prefill_tiles(seq_tokens: &[usize], tile_rows: usize) -> Vec<i32> {
+    let tile_rows = tile_rows.max(1);
+    let mut tiles = Vec::new();
+    let mut row = 0usize;
+    for (s, &n) in seq_tokens.iter().enumerate() {
+        let mut t = 0;
+        while t < n {
+            let rows = tile_rows.min(n - t);
+            tiles.extend([(row + t) as i32, rows as i32, s as i32]);
+            t += rows;
+        }
+        row += n;
+    }
+    tiles
+}
+
 /// Where the per-token attention metadata lives on the device (all i32 arrays).
 #[derive(Clone, Copy, Debug)]
 pub struct AttnMeta {
@@ -278,6 +324,61 @@ impl Gpu {
         )
     }
 
+    /// Causal attention on tensor cores for prefill: `tiles` (device i32 triples from
+    /// [`prefill_tiles`] with `kernel.tile_rows()`) cover every query row, each tile
+    /// consecutive tokens of one sequence. Same inputs and output as [`Gpu::attention`]
+    /// (only `meta.tok_pos`, `block_tables`, `seq_bt_off` are read), no workspace.
+    #[allow(clippy::too_many_arguments)]
+    pub fn attention_prefill(
+        &self,
+        q: u64,
+        q_stride: usize,
+        kc: u64,
+        vc: u64,
+        meta: &AttnMeta,
+        tiles: u64,
+        n_tiles: usize,
+        n_kv_heads: usize,
+        out: u64,
+        kernel: PrefillAttention,
+    ) -> Result<(), CudaError> {
+        let (f, threads) = match kernel {
+            PrefillAttention::TensorCore64 => (&self.k.attn_prefill, 128),
+            PrefillAttention::TensorCore128 => (&self.k.attn_prefill_wide, 256),
+            PrefillAttention::Split => {
+                return Err(CudaError::Shape(
+                    "attention_prefill needs a tensor-core kernel".into(),
+                ))
+            }
+        };
+        if n_tiles == 0 {
+            return Ok(());
+        }
+        let hd = self.spec.head_dim;
+        let n_heads = n_kv_heads * self.spec.group;
+        let scale_log2 = std::f32::consts::LOG2_E / (hd as f32).sqrt();
+        self.launch(
+            f,
+            (n_tiles as u32, n_heads as u32, 1),
+            threads,
+            &[
+                Arg::P(q),
+                Arg::I(q_stride as i32),
+                Arg::P(kc),
+                Arg::P(vc),
+                Arg::P(meta.block_tables),
+                Arg::P(tiles),
+                Arg::I(n_tiles as i32),
+                Arg::P(meta.tok_pos),
+                Arg::P(meta.seq_bt_off),
+                Arg::I(meta.block_size as i32),
+                Arg::I(n_kv_heads as i32),
+                Arg::F(scale_log2),
+                Arg::P(out),
+            ],
+        )
+    }
+
     /// `out[r] = argmax(x[r, :cols])` (i32) for f32 rows.
     pub fn argmax_rows(&self, x: u64, rows: usize, cols: usize, out: u64) -> Result<(), CudaError> {
         self.launch(
@@ -286,5 +387,28 @@ impl Gpu {
             1024,
             &[Arg::P(x), Arg::I(cols as i32), Arg::P(out)],
         )
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn prefill_tiles_cover_each_sequence_in_order() {
+        let t = prefill_tiles(&[16, 130, 64], 64);
+        let triples: Vec<[i32; 3]> = t.chunks(3).map(|c| [c[0], c[1], c[2]]).collect();
+        assert_eq!(
+            triples,
+            vec![
+                [0, 16, 0],
+                [16, 64, 1],
+                [80, 64, 1],
+                [144, 2, 1],
+                [146, 64, 2]
+            ]
+        );
+        assert!(prefill_tiles(&[], 64).is_empty());
+        assert_eq!(prefill_tiles(&[130], 128), vec![0, 128, 0, 128, 2, 0]);
     }
 }
