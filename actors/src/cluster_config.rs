@@ -217,4 +217,15 @@ mod tests {
         assert_eq!(c.router.policy, crate::router::PolicyKind::Kv);
         assert!(c.workers.iter().map(|w| w.replicas).sum::<usize>() >= 2);
     }
+
+    #[test]
+    fn shipped_gpu_example_parses_and_names_a_cuda_device() {
+        let text = include_str!("../../examples/cluster-gpu.yaml");
+        let c: ClusterConfig = serde_yaml::from_str(text).unwrap();
+        assert_eq!(c.workers.len(), 1);
+        assert_eq!(
+            crate::engine::device::Device::parse(&c.workers[0].device).ok(),
+            Some(crate::engine::device::Device::Cuda(0))
+        );
+    }
 }
