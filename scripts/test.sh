@@ -8,5 +8,5 @@ cargo test --workspace --all-targets "$@"
 # The CUDA backend compiles everywhere (cudarc loads the driver at run time); its GPU tests
 # print "SKIP: ..." and pass where no device is present.
 cargo test -p turbine-kernels --features cuda --test cuda_kernels "$@"
-# ...and the server's CUDA wiring (device: cuda:N) type-checks.
-cargo check --workspace --all-targets --features turbine/cuda
+# ...and the server's CUDA wiring (device: cuda:N) builds (reusing the test build above).
+cargo test --workspace --all-targets --features turbine/cuda --no-run
