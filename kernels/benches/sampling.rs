@@ -57,6 +57,15 @@ fn bench(c: &mut Criterion) {
                 ..SamplingParams::default()
             },
         ),
+        (
+            "top_logprobs_5",
+            SamplingParams {
+                temperature: 1.0,
+                top_logprobs: 5,
+                seed: 1,
+                ..SamplingParams::default()
+            },
+        ),
     ];
     let mut g = c.benchmark_group("sample_49152");
     for (name, params) in cases {

@@ -296,14 +296,15 @@ fn log_sum_exp(logits: &[f32]) -> f32 {
 }
 
 fn top_n(logits: &[f32], n: usize) -> Vec<u32> {
-    let mut idx: Vec<u32> = (0..logits.len() as u32).collect();
-    idx.sort_by(|&a, &b| {
-        logits[b as usize]
-            .total_cmp(&logits[a as usize])
-            .then(a.cmp(&b))
-    });
-    idx.truncate(n);
-    idx
+    // Same ranking as the draw, and the same partial sort: only the first `n` are ordered.
+    let mut cand: Vec<(u32, f32)> = logits
+        .iter()
+        .enumerate()
+        .map(|(i, &l)| (i as u32, l))
+        .collect();
+    let n = n.min(cand.len());
+    let mut ranked = RankedPrefix::new(&mut cand);
+    (0..n).map(|i| ranked.get(i).0).collect()
 }
 
 #[cfg(test)]
