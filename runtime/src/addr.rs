@@ -13,6 +13,7 @@ use tokio_util::sync::{CancellationToken, DropGuard};
 use tracing::Instrument;
 
 use crate::clock::{self, SharedClock};
+use crate::link::{Direction, Link};
 use crate::local::LocalService;
 use crate::peer::{PeerLink, Pending};
 use crate::service::{CallError, RequestCtx, Service};
@@ -21,7 +22,15 @@ use crate::wire::{self, Envelope, Kind};
 
 enum Target<S: Service> {
     Local(Arc<LocalService<S>>),
-    Remote { link: Arc<PeerLink>, name: Arc<str> },
+    Remote {
+        link: Arc<PeerLink>,
+        name: Arc<str>,
+    },
+    /// Another address reached across a modelled [`Link`] (see [`Addr::via`]).
+    Via {
+        link: Arc<dyn Link>,
+        inner: Box<Addr<S>>,
+    },
 }
 
 impl<S: Service> Clone for Target<S> {
@@ -31,6 +40,10 @@ impl<S: Service> Clone for Target<S> {
             Target::Remote { link, name } => Target::Remote {
                 link: link.clone(),
                 name: name.clone(),
+            },
+            Target::Via { link, inner } => Target::Via {
+                link: link.clone(),
+                inner: inner.clone(),
             },
         }
     }
@@ -63,6 +76,7 @@ impl<S: Service> std::fmt::Debug for Addr<S> {
         match &self.target {
             Target::Local(l) => write!(f, "Addr(local {})", l.name),
             Target::Remote { link, name } => write!(f, "Addr({name} @ {})", link.endpoint),
+            Target::Via { link, inner } => write!(f, "{inner:?} via {link:?}"),
         }
     }
 }
@@ -111,6 +125,23 @@ impl<S: Service> Addr<S> {
         }
     }
 
+    /// This address as seen from the far side of `link`: every request, reply, stream item
+    /// and cancellation crosses the link first, and a link that fails a passage fails the
+    /// exchange as the real transport would (`PeerGone`; `Timeout` past the call timeout).
+    /// The simulator builds its network out of this.
+    pub fn via(self, link: Arc<dyn Link>) -> Self {
+        Self {
+            timeout: self.timeout,
+            window: self.window,
+            clock: self.clock.clone(),
+            metrics: self.metrics.clone(),
+            target: Target::Via {
+                link,
+                inner: Box::new(self),
+            },
+        }
+    }
+
     /// True when calls go straight to an actor in this process.
     pub fn is_local(&self) -> bool {
         matches!(self.target, Target::Local(_))
@@ -126,6 +157,7 @@ impl<S: Service> Addr<S> {
         match &self.target {
             Target::Local(l) => &l.name,
             Target::Remote { name, .. } => name,
+            Target::Via { inner, .. } => inner.service_name(),
         }
     }
 
@@ -138,6 +170,17 @@ impl<S: Service> Addr<S> {
             match &self.target {
                 Target::Local(service) => service.call(req, local_ctx()).await,
                 Target::Remote { link, name } => self.remote_call(link, name, req).await,
+                Target::Via { link, inner } => {
+                    let exchange = async {
+                        link.transit(Direction::Request).await?;
+                        let reply = Box::pin(inner.call(req)).await;
+                        link.transit(Direction::Reply).await?;
+                        reply
+                    };
+                    clock::timeout(self.clock.as_ref(), self.timeout, exchange)
+                        .await
+                        .unwrap_or(Err(CallError::Timeout(self.timeout)))
+                }
             }
         }
         .instrument(span)
@@ -191,6 +234,14 @@ impl<S: Service> Addr<S> {
                 req,
                 ctx: local_ctx(),
             }),
+            Target::Via { link, inner } => {
+                let (passage, inner) = (link.transit(Direction::Request), inner.clone());
+                tokio::spawn(async move {
+                    if passage.await.is_ok() {
+                        inner.cast(req);
+                    }
+                });
+            }
             Target::Remote { link, name } => {
                 let payload = match wire::to_payload(&req) {
                     Ok(p) => p,
@@ -227,6 +278,10 @@ impl<S: Service> Addr<S> {
     pub async fn cast_now(&self, req: S::Req) -> Result<(), CallError> {
         match &self.target {
             Target::Local(service) => service.cast(req, local_ctx()).await,
+            Target::Via { link, inner } => {
+                link.transit(Direction::Request).await?;
+                Box::pin(inner.cast_now(req)).await
+            }
             Target::Remote { link, name } => {
                 let env = Envelope {
                     to: name.to_string(),
@@ -248,6 +303,19 @@ impl<S: Service> Addr<S> {
         self.metrics.call_started();
         match &self.target {
             Target::Local(service) => service.open_stream(req, local_ctx()).await,
+            Target::Via { link, inner } => {
+                let open = async {
+                    link.transit(Direction::Request).await?;
+                    Box::pin(inner.stream(req)).await
+                };
+                let upstream = clock::timeout(self.clock.as_ref(), self.timeout, open)
+                    .await
+                    .unwrap_or(Err(CallError::Timeout(self.timeout)))?;
+                let (tx, rx) = mpsc::channel(self.window.max(1));
+                let cancel = CancellationToken::new();
+                tokio::spawn(forward_across(link.clone(), upstream, tx, cancel.clone()));
+                Ok(ReplyStream::local(rx, cancel))
+            }
             Target::Remote { link, name } => {
                 let payload = wire::to_payload(&req).map_err(CallError::Codec)?;
                 let corr_id = link.next_corr();
@@ -279,6 +347,35 @@ impl<S: Service> Addr<S> {
                     _t: PhantomData,
                 })
             }
+        }
+    }
+}
+
+/// Carries a stream's items back across `link` in order; a cancellation from the consumer
+/// crosses the link before it reaches the producer (dropping `upstream` cancels it).
+async fn forward_across<T: serde::de::DeserializeOwned + Send + 'static>(
+    link: Arc<dyn Link>,
+    mut upstream: ReplyStream<T>,
+    tx: mpsc::Sender<Result<T, CallError>>,
+    cancel: CancellationToken,
+) {
+    use futures::StreamExt;
+    loop {
+        let item = tokio::select! {
+            biased;
+            _ = cancel.cancelled() => {
+                let _ = link.transit(Direction::Request).await;
+                return;
+            }
+            item = upstream.next() => item,
+        };
+        let Some(item) = item else { return };
+        if let Err(e) = link.transit(Direction::Reply).await {
+            let _ = tx.send(Err(e)).await;
+            return;
+        }
+        if tx.send(item).await.is_err() {
+            return;
         }
     }
 }

@@ -81,6 +81,7 @@ pub mod clock;
 pub mod config;
 pub mod discovery;
 pub mod events;
+pub mod link;
 mod local;
 pub mod node;
 mod peer;
@@ -92,6 +93,7 @@ pub mod wire;
 pub use addr::{Addr, ReplyStream};
 pub use clock::{Clock, ManualClock, SharedClock, TokioClock};
 pub use config::{from_yaml_str, load_yaml, ConfigError};
+pub use link::{Direction, Link, Transit};
 pub use node::{Node, NodeConfig, NodeError, ServiceHandle};
 pub use service::{
     CallError, Handler, HandlerError, RequestCtx, Service, StreamClosed, StreamSink,

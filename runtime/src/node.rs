@@ -318,6 +318,8 @@ struct NodeInner {
     clock: SharedClock,
     registry: MetricsRegistry,
     peers: tokio::sync::Mutex<HashMap<String, Arc<PeerLink>>>,
+    /// False for an in-memory node ([`Node::in_memory`]): it has no sockets to reach peers.
+    networked: bool,
     stop: CancellationToken,
     _stop_on_drop: DropGuard,
 }
@@ -385,10 +387,43 @@ impl Node {
                 clock,
                 registry,
                 peers: tokio::sync::Mutex::new(HashMap::new()),
+                networked: true,
                 _stop_on_drop: stop.clone().drop_guard(),
                 stop,
             }),
         })
+    }
+
+    /// A node without sockets: services are served and reached in this process only
+    /// ([`Node::connect`] to any other endpoint fails). The simulator runs the real actors on
+    /// such nodes and puts its own network between them with [`Addr::via`]; nothing here
+    /// touches the OS network, so a paused-time runtime stays deterministic.
+    pub fn in_memory(config: NodeConfig, clock: SharedClock, registry: MetricsRegistry) -> Self {
+        let metrics = RuntimeMetrics::new(&registry);
+        // Replies to remote callers go out through `router_out`; an in-memory node has none.
+        let (router_out, _) = mpsc::channel(1);
+        let stop = CancellationToken::new();
+        let endpoint = format!("inproc://{}", config.name);
+        let shared = Arc::new(Shared {
+            name: Arc::from(config.name.as_str()),
+            config,
+            services: Mutex::new(HashMap::new()),
+            served_streams: Mutex::new(HashMap::new()),
+            metrics,
+            router_out,
+        });
+        Self {
+            inner: Arc::new(NodeInner {
+                shared,
+                endpoint,
+                clock,
+                registry,
+                peers: tokio::sync::Mutex::new(HashMap::new()),
+                networked: false,
+                _stop_on_drop: stop.clone().drop_guard(),
+                stop,
+            }),
+        }
     }
 
     /// The endpoint peers connect to (bound port resolved), e.g. `tcp://127.0.0.1:40123`.
@@ -521,6 +556,12 @@ impl Node {
     ) -> Result<Addr<S>, CallError> {
         if endpoint == self.inner.endpoint {
             return self.local(name);
+        }
+        if !self.inner.networked {
+            return Err(CallError::Transport(format!(
+                "node {} is in-memory and cannot reach {endpoint}",
+                self.inner.shared.name
+            )));
         }
         let link = self.link(endpoint).await?;
         let cfg = &self.inner.shared.config;

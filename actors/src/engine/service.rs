@@ -84,6 +84,7 @@ impl Handler<WorkerService> for WorkerActor {
         tokio::spawn(async move {
             loop {
                 tokio::select! {
+                    biased;
                     item = tokens.next() => match item {
                         Some(out) => {
                             if sink.send(WorkerReply::Token(out)).await.is_err() {

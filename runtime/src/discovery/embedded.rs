@@ -270,6 +270,7 @@ impl EmbeddedRegistry {
         tokio::spawn(async move {
             loop {
                 tokio::select! {
+                    biased;
                     _ = ticker_stop.cancelled() => return,
                     _ = clock.sleep(tick) => ticker_addr.cast(RegistryReq::Expire),
                 }
@@ -327,6 +328,7 @@ impl Discovery for EmbeddedDiscovery {
             let period = lease / 3;
             loop {
                 tokio::select! {
+                    biased;
                     _ = hb_stop.cancelled() => return,
                     _ = clock.sleep(period) => {}
                 }
