@@ -10,11 +10,13 @@ use crate::ids::RequestId;
 use crate::protocol::{SamplingParams, TokenLogprob};
 use crate::worker::{SampledToken, ScheduledSeq};
 use std::sync::mpsc as std_mpsc;
+use std::sync::Arc;
 use std::thread;
+use std::time::Duration;
 use tokio::sync::oneshot;
-use turbine_kernels::backend::{Backend, BackendError, KvLayout, SeqStep};
-use turbine_kernels::model::ModelConfig;
+use turbine_kernels::backend::{Backend, BackendError, SeqStep};
 use turbine_kernels::sampling::{self as ksampling, Sampler};
+use turbine_runtime::SharedClock;
 
 /// What the sampler needs for one sequence of a step.
 #[derive(Clone, Debug)]
@@ -68,28 +70,43 @@ struct Job {
     reply: oneshot::Sender<Result<Vec<SampledToken>, ExecError>>,
 }
 
-/// Handle to an executor thread. Cloning shares the thread; the thread ends when the last
-/// handle is dropped.
+/// A stand-in for a backend on virtual time, for the simulator: it *prices* a step (a cost
+/// model) and makes up its samples instead of computing them. The executor sleeps the priced
+/// duration on its clock, so the worker loop around it runs exactly as with a real backend.
+pub trait SimulatedEngine: Send + Sync + 'static {
+    /// The forward-pass duration of `batch` and its sampled tokens (one per sequence that
+    /// wants logits, in batch order).
+    fn step(&self, batch: &[ExecSeq]) -> (Duration, Result<Vec<SampledToken>, ExecError>);
+}
+
+#[derive(Clone)]
+enum Runner {
+    /// A real backend on its own OS thread.
+    Thread(std_mpsc::Sender<Job>),
+    /// A simulated engine: the step's duration passes on `clock` (virtual time in the
+    /// simulator), on the caller's task.
+    Simulated {
+        engine: Arc<dyn SimulatedEngine>,
+        clock: SharedClock,
+    },
+}
+
+/// Handle to an executor thread (or a simulated engine). Cloning shares the thread; the
+/// thread ends when the last handle is dropped.
 #[derive(Clone)]
 pub struct Executor {
-    jobs: std_mpsc::Sender<Job>,
-    layout: KvLayout,
-    config: ModelConfig,
+    runner: Runner,
 }
 
 impl Executor {
     /// Moves `backend` onto a new OS thread named `name`.
     pub fn spawn(name: &str, backend: Box<dyn Backend>) -> std::io::Result<Executor> {
-        let layout = backend.kv_layout();
-        let config = backend.config().clone();
         let (jobs, rx) = std_mpsc::channel::<Job>();
         thread::Builder::new()
             .name(name.to_string())
             .spawn(move || run_thread(backend, rx))?;
         Ok(Executor {
-            jobs,
-            layout,
-            config,
+            runner: Runner::Thread(jobs),
         })
     }
 
@@ -98,15 +115,13 @@ impl Executor {
     /// is created, used and dropped there. Blocks until the backend is built; its error is
     /// returned here and the thread ends.
     pub fn spawn_with(name: &str, build: BackendBuilder) -> Result<Executor, SpawnError> {
-        let (ready_tx, ready_rx) =
-            std_mpsc::sync_channel::<Result<(KvLayout, ModelConfig), BackendError>>(1);
+        let (ready_tx, ready_rx) = std_mpsc::sync_channel::<Result<(), BackendError>>(1);
         let (jobs, rx) = std_mpsc::channel::<Job>();
         thread::Builder::new()
             .name(name.to_string())
             .spawn(move || match build() {
                 Ok(backend) => {
-                    let shape = (backend.kv_layout(), backend.config().clone());
-                    if ready_tx.send(Ok(shape)).is_ok() {
+                    if ready_tx.send(Ok(())).is_ok() {
                         run_thread(backend, rx);
                     }
                 }
@@ -115,30 +130,35 @@ impl Executor {
                 }
             })
             .map_err(SpawnError::Thread)?;
-        let (layout, config) = ready_rx.recv().map_err(|_| SpawnError::Panicked)??;
+        ready_rx.recv().map_err(|_| SpawnError::Panicked)??;
         Ok(Executor {
-            jobs,
-            layout,
-            config,
+            runner: Runner::Thread(jobs),
         })
     }
 
-    pub fn kv_layout(&self) -> KvLayout {
-        self.layout
-    }
-
-    pub fn model_config(&self) -> &ModelConfig {
-        &self.config
+    /// An executor whose steps are priced by `engine` and last that long on `clock`.
+    pub fn simulated(engine: Arc<dyn SimulatedEngine>, clock: SharedClock) -> Executor {
+        Executor {
+            runner: Runner::Simulated { engine, clock },
+        }
     }
 
     /// Runs one step: the forward pass over every sequence, then a sample for each one
     /// that wants logits, in batch order.
     pub async fn step(&self, batch: Vec<ExecSeq>) -> Result<Vec<SampledToken>, ExecError> {
-        let (reply, rx) = oneshot::channel();
-        self.jobs
-            .send(Job { batch, reply })
-            .map_err(|_| ExecError::Stopped)?;
-        rx.await.map_err(|_| ExecError::Stopped)?
+        match &self.runner {
+            Runner::Thread(jobs) => {
+                let (reply, rx) = oneshot::channel();
+                jobs.send(Job { batch, reply })
+                    .map_err(|_| ExecError::Stopped)?;
+                rx.await.map_err(|_| ExecError::Stopped)?
+            }
+            Runner::Simulated { engine, clock } => {
+                let (duration, sampled) = engine.step(&batch);
+                clock.sleep(duration).await;
+                sampled
+            }
+        }
     }
 }
 

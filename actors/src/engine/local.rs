@@ -3,10 +3,11 @@
 //! by the workers' KV events, and the [`Pipeline`] the HTTP frontend calls.
 
 use super::device::{backend_builder, Device};
+use super::dispatch::Dispatcher;
 use super::executor::Executor;
 use super::metrics::WorkerMetrics;
 use super::pipeline::{index_sink, Pipeline};
-use super::remote::{watch_workers, REGISTRY_SERVICE};
+use super::remote::{watch_workers, NodeConnector, REGISTRY_SERVICE};
 use super::service::{worker_service_name, WorkerActor, WorkerService};
 use super::worker::{KvEventSink, WorkerHandle};
 use crate::cluster_config::{ClusterConfig, WorkerGroup, WorkerRole};
@@ -126,7 +127,7 @@ impl LocalCluster {
             .lock()
             .unwrap_or_else(|e| e.into_inner())
             .register_collector(Box::new(crate::router::prometheus::RouterCollector::new(
-                pipeline.router().clone(),
+                pipeline.dispatcher().router().clone(),
             )));
 
         let node = Node::start(NodeConfig {
@@ -146,8 +147,12 @@ impl LocalCluster {
             let addr = node
                 .local::<WorkerService>(&name)
                 .map_err(|e| StartError::Node(e.to_string()))?;
-            pipeline.add_worker(handle.id(), addr);
-            spawn_load_mirror(handle, pipeline.clone(), worker_metrics.clone());
+            pipeline.dispatcher().add_worker(handle.id(), addr);
+            spawn_load_mirror(
+                handle,
+                pipeline.dispatcher().clone(),
+                worker_metrics.clone(),
+            );
         }
         // Workers in other processes join through the embedded registry on this node.
         let registry = EmbeddedRegistry::serve(&node, REGISTRY_SERVICE, Duration::from_millis(250))
@@ -157,7 +162,12 @@ impl LocalCluster {
             registry.addr().clone(),
             node.clock().clone(),
         ));
-        let watcher = watch_workers(node.clone(), discovery, pipeline.clone(), index.clone());
+        let watcher = watch_workers(
+            Arc::new(NodeConnector::new(node.clone())),
+            discovery,
+            pipeline.dispatcher().clone(),
+            index.clone(),
+        );
         Ok(LocalCluster {
             pipeline,
             metrics,
@@ -247,7 +257,7 @@ pub fn start_worker(
 }
 
 /// After every step of `worker`: its load into the router, its gauges into the metrics.
-fn spawn_load_mirror(worker: &WorkerHandle, pipeline: Arc<Pipeline>, metrics: WorkerMetrics) {
+fn spawn_load_mirror(worker: &WorkerHandle, dispatcher: Arc<Dispatcher>, metrics: WorkerMetrics) {
     let mut stats = worker.watch_stats();
     let id = worker.id();
     let name = id.to_string();
@@ -255,7 +265,7 @@ fn spawn_load_mirror(worker: &WorkerHandle, pipeline: Arc<Pipeline>, metrics: Wo
     tokio::spawn(async move {
         while stats.changed().await.is_ok() {
             let s = stats.borrow_and_update().clone();
-            pipeline.update_load(id, &s);
+            dispatcher.update_load(id, &s);
             metrics.update(&name, &s);
         }
     });

@@ -2,6 +2,7 @@
 //! worker loop that drives the pure scheduler against it.
 
 pub mod device;
+pub mod dispatch;
 pub mod executor;
 pub mod local;
 pub mod metrics;
@@ -11,5 +12,5 @@ pub mod service;
 pub mod worker;
 pub mod worker_process;
 
-pub use executor::{ExecError, ExecSeq, Executor, SampleSpec};
-pub use worker::{KvEventSink, TokenStream, WorkerError, WorkerHandle};
+pub use executor::{ExecError, ExecSeq, Executor, SampleSpec, SimulatedEngine};
+pub use worker::{EngineTime, KvEventSink, TokenStream, WorkerError, WorkerHandle};

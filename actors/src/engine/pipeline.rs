@@ -1,43 +1,36 @@
 //! The request path behind the HTTP frontend: preprocess (template + tokenize), route
 //! (KV-aware), run on a worker, and stream text back (incremental detokenization).
 //!
-//! This is the [`ChatEngine`] the frontend calls. Workers are reached through
-//! location-transparent `Addr<WorkerService>`s (local, or in another process); KV events
-//! flow from each worker into the router's [`FlashIndexer`], and each worker's load is fed
-//! to the router with [`Pipeline::update_load`].
+//! This is the [`ChatEngine`] the frontend calls: text in and out around the
+//! [`Dispatcher`], which routes token ids to workers reached through location-transparent
+//! `Addr<WorkerService>`s (local, or in another process). KV events flow from each worker
+//! into the router's [`FlashIndexer`], and each worker's load is fed to the router with
+//! [`Dispatcher::update_load`].
 
-use super::service::{WorkerReply, WorkerRequest, WorkerService};
+use super::dispatch::{token_output, DispatchRequest, Dispatcher, RouteGuard};
+use super::service::WorkerReply;
 use crate::frontend::{ChatEngine, Delta, DeltaStream, EngineError, GenerateRequest, Usage};
-use crate::ids::{RequestId, WorkerId};
 use crate::kv::indexer::FlashIndexer;
-use crate::kv::{hash_blocks, BlockSize};
+use crate::kv::BlockSize;
 use crate::preprocessor::codec::ModelCodec;
-use crate::protocol::{FinishReason, PreprocessedRequest, StopConditions};
-use crate::router::{KvRouter, RouteError, RouteRequest};
-use crate::worker::SchedulerStats;
+use crate::protocol::{FinishReason, StopConditions};
+use crate::router::KvRouter;
 use async_trait::async_trait;
 use futures::StreamExt;
-use std::collections::BTreeMap;
-use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, Mutex, RwLock};
-use std::time::{Duration, Instant};
+use std::sync::Arc;
 use turbine_kernels::tokenizer::IncrementalDecoder;
-use turbine_runtime::{Addr, CallError, ReplyStream};
+use turbine_runtime::{CallError, ReplyStream, TokioClock};
 
 /// Everything a request needs on its way through the graph, shared by all requests.
 pub struct Pipeline {
     model_id: String,
     context_length: usize,
-    block_size: BlockSize,
     codec: Arc<ModelCodec>,
-    router: Arc<Mutex<KvRouter>>,
-    workers: RwLock<BTreeMap<WorkerId, Addr<WorkerService>>>,
-    next_request: AtomicU64,
-    started: Instant,
+    dispatcher: Arc<Dispatcher>,
 }
 
 impl Pipeline {
-    /// A pipeline with no workers yet: add them with [`Pipeline::add_worker`].
+    /// A pipeline with no workers yet: add them through [`Pipeline::dispatcher`].
     pub fn new(
         model_id: String,
         context_length: usize,
@@ -45,66 +38,29 @@ impl Pipeline {
         codec: Arc<ModelCodec>,
         router: KvRouter,
     ) -> Pipeline {
-        let router = Arc::new(Mutex::new(router));
+        // Request ids only need to be unique per process lifetime; start from the clock so
+        // a restarted frontend does not reuse ids still known to workers.
+        let first_id = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map(|d| d.as_micros() as u64)
+            .unwrap_or(1)
+            << 8;
         Pipeline {
             model_id,
             context_length,
-            block_size,
             codec,
-            router,
-            workers: RwLock::new(BTreeMap::new()),
-            // Request ids only need to be unique per process lifetime; start from the
-            // clock so a restarted frontend does not reuse ids still known to workers.
-            next_request: AtomicU64::new(
-                std::time::SystemTime::now()
-                    .duration_since(std::time::UNIX_EPOCH)
-                    .map(|d| d.as_micros() as u64)
-                    .unwrap_or(1)
-                    << 8,
-            ),
-            started: Instant::now(),
+            dispatcher: Arc::new(Dispatcher::new(
+                block_size,
+                router,
+                first_id,
+                TokioClock::shared(),
+            )),
         }
     }
 
-    /// Makes `worker` routable.
-    pub fn add_worker(&self, id: WorkerId, worker: Addr<WorkerService>) {
-        lock(&self.router).add_worker(id);
-        self.workers
-            .write()
-            .unwrap_or_else(|e| e.into_inner())
-            .insert(id, worker);
-    }
-
-    /// Stops routing to `id` (it left, or its lease expired) and forgets its KV blocks.
-    pub fn remove_worker(&self, id: WorkerId) {
-        lock(&self.router).remove_worker(id);
-        self.workers
-            .write()
-            .unwrap_or_else(|e| e.into_inner())
-            .remove(&id);
-    }
-
-    /// Feeds a worker's latest stats into the router's load view.
-    pub fn update_load(&self, id: WorkerId, stats: &SchedulerStats) {
-        let active = (stats.num_running + stats.num_waiting) as u32;
-        lock(&self.router).update_load(id, stats.kv.used as u64, active);
-    }
-
-    pub fn worker_ids(&self) -> Vec<WorkerId> {
-        self.workers
-            .read()
-            .unwrap_or_else(|e| e.into_inner())
-            .keys()
-            .copied()
-            .collect()
-    }
-
-    pub fn router(&self) -> &Arc<Mutex<KvRouter>> {
-        &self.router
-    }
-
-    fn now(&self) -> Duration {
-        self.started.elapsed()
+    /// The routing shell behind this pipeline (workers join and leave through it).
+    pub fn dispatcher(&self) -> &Arc<Dispatcher> {
+        &self.dispatcher
     }
 }
 
@@ -113,12 +69,6 @@ pub fn index_sink(index: Arc<FlashIndexer>) -> super::worker::KvEventSink {
     Box::new(move |batch| {
         index.apply(&batch);
     })
-}
-
-fn lock(router: &Mutex<KvRouter>) -> std::sync::MutexGuard<'_, KvRouter> {
-    // A panic while holding the lock cannot leave the router half-updated in a way that
-    // matters more than refusing all further requests would, so recover the guard.
-    router.lock().unwrap_or_else(|e| e.into_inner())
 }
 
 #[async_trait]
@@ -145,55 +95,21 @@ impl ChatEngine for Pipeline {
         }
         let room = (self.context_length - prompt_len) as u32;
         let max_tokens = req.max_tokens.map_or(room, |m| m.min(room));
-        let id = RequestId(self.next_request.fetch_add(1, Ordering::Relaxed));
-        let mut sampling = req.sampling.clone();
-        if sampling.seed.is_none() && sampling.temperature > 0.0 {
-            // No seed asked for: still reproducible within this request across preemption.
-            sampling.seed = Some(id.0.wrapping_mul(0x9E37_79B9_7F4A_7C15));
-        }
-        let route = RouteRequest {
-            id,
-            hashes: hash_blocks(&token_ids, self.block_size, 0),
-            token_count: prompt_len,
-        };
-        let decision = lock(&self.router)
-            .route(self.now(), &route)
-            .map_err(|RouteError::NoWorkers| {
-                EngineError::Overloaded("no worker is available".into())
-            })?
-            .decision;
-        let finish_guard = RouteGuard {
-            router: self.router.clone(),
-            id,
-        };
-        let worker = self
-            .workers
-            .read()
-            .unwrap_or_else(|e| e.into_inner())
-            .get(&decision.worker)
-            .cloned();
-        let Some(worker) = worker else {
-            return Err(EngineError::Internal(format!(
-                "router chose unknown worker {}",
-                decision.worker
-            )));
-        };
-        let pre = PreprocessedRequest {
-            id,
-            token_ids,
-            sampling,
-            stop: StopConditions {
-                max_tokens,
-                stop_token_ids: self.codec.stop_ids().to_vec(),
-                ignore_eos: req.ignore_eos,
-            },
-            logprobs: req.logprobs,
-            salt: 0,
-        };
-        let tokens = worker
-            .stream(WorkerRequest::Generate(Box::new(pre)))
-            .await
-            .map_err(|e| EngineError::Overloaded(format!("worker {}: {e}", decision.worker)))?;
+        let dispatched = self
+            .dispatcher
+            .dispatch(DispatchRequest {
+                token_ids,
+                sampling: req.sampling.clone(),
+                stop: StopConditions {
+                    max_tokens,
+                    stop_token_ids: self.codec.stop_ids().to_vec(),
+                    ignore_eos: req.ignore_eos,
+                },
+                logprobs: req.logprobs,
+            })
+            .await?;
+        let tokens = dispatched.tokens;
+        let finish_guard = dispatched.guard;
         let state = Detokenize {
             codec: self.codec.clone(),
             decoder: self.codec.decoder(),
@@ -203,18 +119,6 @@ impl ChatEngine for Pipeline {
             _guard: finish_guard,
         };
         Ok(detokenize(tokens, state))
-    }
-}
-
-/// Tells the router a request is over however its stream ends (finished, failed, dropped).
-struct RouteGuard {
-    router: Arc<Mutex<KvRouter>>,
-    id: RequestId,
-}
-
-impl Drop for RouteGuard {
-    fn drop(&mut self) {
-        lock(&self.router).on_request_finished(self.id);
     }
 }
 
@@ -230,25 +134,7 @@ struct Detokenize {
 impl Detokenize {
     fn delta(&mut self, item: Result<WorkerReply, CallError>) -> Result<Delta, EngineError> {
         let first = self.completion_tokens == 0;
-        let out = match item {
-            Ok(WorkerReply::Token(out)) => out,
-            Ok(WorkerReply::Stats(_)) => {
-                return Err(EngineError::Internal(
-                    "worker sent stats on a stream".into(),
-                ))
-            }
-            // Refused at admission: the request itself is at fault (too long for the
-            // worker's pool, empty, ...).
-            Err(CallError::Handler(msg)) if first => return Err(EngineError::InvalidRequest(msg)),
-            // The worker went away (crash, network) before it produced anything: nothing was
-            // generated, so the client may simply retry (503); discovery drops the worker.
-            Err(e @ (CallError::PeerGone(_) | CallError::Timeout(_) | CallError::Transport(_)))
-                if first =>
-            {
-                return Err(EngineError::Overloaded(format!("worker unavailable: {e}")))
-            }
-            Err(e) => return Err(EngineError::Internal(format!("worker: {e}"))),
-        };
+        let out = token_output(item, first)?;
         if let Some(c) = out.cached_tokens {
             self.cached_tokens = c;
         }

@@ -3,19 +3,26 @@
 //! (`kv.<worker>`) and load (`metrics.<worker>`) on its event-plane PUB socket. The
 //! frontend watches the registry: a new worker is connected, subscribed to and routed to;
 //! one whose lease expires is forgotten, with its KV blocks.
+//!
+//! How a registered worker is reached is a [`WorkerConnector`]: over ZeroMQ
+//! ([`NodeConnector`]) in a deployment, over a simulated network in the simulator; the
+//! watch loop and the event handling are the same code either way.
 
-use super::pipeline::Pipeline;
+use super::dispatch::Dispatcher;
 use super::service::{worker_service_name, WorkerService};
 use crate::ids::WorkerId;
 use crate::kv::indexer::FlashIndexer;
 use crate::kv::KvEventBatch;
 use crate::worker::SchedulerStats;
+use async_trait::async_trait;
+use futures::stream::BoxStream;
+use futures::StreamExt;
 use std::collections::BTreeMap;
 use std::sync::Arc;
 use tokio::task::JoinHandle;
 use turbine_runtime::discovery::{Discovery, DiscoveryEvent, Instance};
 use turbine_runtime::events::{Delivery, EventSubscriber};
-use turbine_runtime::Node;
+use turbine_runtime::{Addr, Node};
 
 /// The discovery component every worker registers under.
 pub const WORKER_COMPONENT: &str = "worker";
@@ -33,6 +40,65 @@ pub fn metrics_topic(worker: WorkerId) -> String {
     format!("metrics.{}", worker.0)
 }
 
+/// A worker's event-plane feed as the frontend receives it (events and gap notices); an
+/// `Err` ends the feed.
+pub type EventFeed = BoxStream<'static, Result<Delivery, String>>;
+
+/// Reaches a worker that registered: its request-plane address and its event feed
+/// (subscribed to its `kv.<id>` and `metrics.<id>` topics).
+#[async_trait]
+pub trait WorkerConnector: Send + Sync + 'static {
+    async fn connect(
+        &self,
+        inst: &Instance,
+        id: WorkerId,
+    ) -> Result<(Addr<WorkerService>, EventFeed), String>;
+}
+
+/// Reaches workers over ZeroMQ from `node`: a DEALER to the worker's node and a SUB socket
+/// on its events endpoint (instance metadata `events`).
+pub struct NodeConnector {
+    node: Node,
+}
+
+impl NodeConnector {
+    pub fn new(node: Node) -> Self {
+        NodeConnector { node }
+    }
+}
+
+#[async_trait]
+impl WorkerConnector for NodeConnector {
+    async fn connect(
+        &self,
+        inst: &Instance,
+        id: WorkerId,
+    ) -> Result<(Addr<WorkerService>, EventFeed), String> {
+        let events_endpoint = inst
+            .metadata
+            .get(META_EVENTS)
+            .ok_or("no events endpoint in its registration")?
+            .clone();
+        let addr = self
+            .node
+            .connect::<WorkerService>(&inst.endpoint, &worker_service_name(id))
+            .await
+            .map_err(|e| e.to_string())?;
+        let mut sub = EventSubscriber::new(16 << 20, self.node.metrics().clone());
+        sub.connect(&events_endpoint)
+            .await
+            .map_err(|e| e.to_string())?;
+        for topic in [kv_topic(id), metrics_topic(id)] {
+            sub.subscribe(&topic).await.map_err(|e| e.to_string())?;
+        }
+        let feed = futures::stream::unfold(sub, |mut sub| async move {
+            let item = sub.recv().await.map_err(|e| e.to_string());
+            Some((item, sub))
+        });
+        Ok((addr, feed.boxed()))
+    }
+}
+
 /// What the frontend keeps per remote worker: the task feeding its events in.
 struct Joined {
     id: WorkerId,
@@ -43,9 +109,9 @@ struct Joined {
 /// them, until the returned task is aborted. A watch that ends (registry restart) is
 /// re-opened and its snapshot taken as the truth.
 pub fn watch_workers(
-    node: Node,
+    connector: Arc<dyn WorkerConnector>,
     discovery: Arc<dyn Discovery>,
-    pipeline: Arc<Pipeline>,
+    dispatcher: Arc<Dispatcher>,
     index: Arc<FlashIndexer>,
 ) -> JoinHandle<()> {
     tokio::spawn(async move {
@@ -59,14 +125,13 @@ pub fn watch_workers(
                     continue;
                 }
             };
-            use futures::StreamExt;
             while let Some(event) = watch.next().await {
                 match event {
                     DiscoveryEvent::Added(inst) => {
                         if joined.contains_key(&inst.id) {
                             continue;
                         }
-                        match join(&node, &inst, &pipeline, &index).await {
+                        match join(connector.as_ref(), &inst, &dispatcher, &index).await {
                             Ok(j) => {
                                 tracing::info!(worker = %j.id, endpoint = %inst.endpoint, "worker joined");
                                 joined.insert(inst.id.clone(), j);
@@ -78,7 +143,7 @@ pub fn watch_workers(
                         if let Some(j) = joined.remove(&inst.id) {
                             tracing::info!(worker = %j.id, "worker left");
                             j.events.abort();
-                            pipeline.remove_worker(j.id);
+                            dispatcher.remove_worker(j.id);
                         }
                     }
                 }
@@ -88,9 +153,9 @@ pub fn watch_workers(
 }
 
 async fn join(
-    node: &Node,
+    connector: &dyn WorkerConnector,
     inst: &Instance,
-    pipeline: &Arc<Pipeline>,
+    dispatcher: &Arc<Dispatcher>,
     index: &Arc<FlashIndexer>,
 ) -> Result<Joined, String> {
     let id = inst
@@ -99,55 +164,48 @@ async fn join(
         .and_then(|v| v.parse().ok())
         .map(WorkerId)
         .ok_or("no worker_id in its registration")?;
-    let events_endpoint = inst
-        .metadata
-        .get(META_EVENTS)
-        .ok_or("no events endpoint in its registration")?
-        .clone();
-    let addr = node
-        .connect::<WorkerService>(&inst.endpoint, &worker_service_name(id))
-        .await
-        .map_err(|e| e.to_string())?;
-    let mut sub = EventSubscriber::new(16 << 20, node.metrics().clone());
-    sub.connect(&events_endpoint)
-        .await
-        .map_err(|e| e.to_string())?;
-    for topic in [kv_topic(id), metrics_topic(id)] {
-        sub.subscribe(&topic).await.map_err(|e| e.to_string())?;
-    }
-    pipeline.add_worker(id, addr);
-    let (pipeline, index) = (pipeline.clone(), index.clone());
-    let events = tokio::spawn(async move {
-        loop {
-            match sub.recv().await {
-                Ok(Delivery::Event(ev)) if ev.topic.starts_with("kv.") => {
-                    match ev.decode::<KvEventBatch>() {
-                        Ok(batch) if batch.worker == id => {
-                            index.apply(&batch);
-                        }
-                        Ok(_) => tracing::warn!(worker = %id, "KV batch from another worker id"),
-                        Err(e) => tracing::warn!(worker = %id, "bad KV event: {e}"),
+    let (addr, feed) = connector.connect(inst, id).await?;
+    dispatcher.add_worker(id, addr);
+    let events = tokio::spawn(feed_events(id, feed, dispatcher.clone(), index.clone()));
+    Ok(Joined { id, events })
+}
+
+/// Applies a worker's events until its feed ends: KV batches into the index, load into the
+/// router; a gap in its KV events clears its index entries.
+async fn feed_events(
+    id: WorkerId,
+    mut feed: EventFeed,
+    dispatcher: Arc<Dispatcher>,
+    index: Arc<FlashIndexer>,
+) {
+    while let Some(item) = feed.next().await {
+        match item {
+            Ok(Delivery::Event(ev)) if ev.topic.starts_with("kv.") => {
+                match ev.decode::<KvEventBatch>() {
+                    Ok(batch) if batch.worker == id => {
+                        index.apply(&batch);
                     }
-                }
-                Ok(Delivery::Event(ev)) => {
-                    if let Ok(stats) = ev.decode::<SchedulerStats>() {
-                        pipeline.update_load(id, &stats);
-                    }
-                }
-                Ok(Delivery::Gap(gap)) => {
-                    // Lost KV events: our view of this worker's cache is no longer exact.
-                    // Forget it; routing treats the worker as cold until new blocks arrive.
-                    if gap.topic.starts_with("kv.") {
-                        tracing::warn!(worker = %id, "KV event gap ({gap:?}); clearing its index entries");
-                        index.clear_worker(id);
-                    }
-                }
-                Err(e) => {
-                    tracing::warn!(worker = %id, "event subscription failed: {e}");
-                    return;
+                    Ok(_) => tracing::warn!(worker = %id, "KV batch from another worker id"),
+                    Err(e) => tracing::warn!(worker = %id, "bad KV event: {e}"),
                 }
             }
+            Ok(Delivery::Event(ev)) => {
+                if let Ok(stats) = ev.decode::<SchedulerStats>() {
+                    dispatcher.update_load(id, &stats);
+                }
+            }
+            Ok(Delivery::Gap(gap)) => {
+                // Lost KV events: our view of this worker's cache is no longer exact.
+                // Forget it; routing treats the worker as cold until new blocks arrive.
+                if gap.topic.starts_with("kv.") {
+                    tracing::warn!(worker = %id, "KV event gap ({gap:?}); clearing its index entries");
+                    index.clear_worker(id);
+                }
+            }
+            Err(e) => {
+                tracing::warn!(worker = %id, "event subscription failed: {e}");
+                return;
+            }
         }
-    });
-    Ok(Joined { id, events })
+    }
 }

@@ -14,8 +14,11 @@ use futures::Stream;
 use std::collections::BTreeMap;
 use std::pin::Pin;
 use std::task::{Context, Poll};
-use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
 use tokio::sync::{mpsc, oneshot, watch};
+use tokio::task::AbortHandle;
+use tokio::time::Instant;
+use turbine_runtime::{SharedClock, TokioClock};
 
 /// Where a worker's KV events go (the event plane, or straight into a local indexer).
 pub type KvEventSink = Box<dyn Fn(KvEventBatch) + Send + Sync>;
@@ -36,6 +39,30 @@ enum Command {
         admitted: oneshot::Sender<Result<(), AdmitError>>,
     },
     Abort(RequestId),
+    Inspect(Box<dyn FnOnce(&Scheduler) + Send>),
+}
+
+/// Where a worker loop reads time: its clock (virtual in the simulator) and the wall-clock
+/// instant its start corresponds to, for the `ts` of published KV event batches.
+#[derive(Clone)]
+pub struct EngineTime {
+    pub clock: SharedClock,
+    /// Seconds since the Unix epoch at the loop's start (0 in the simulator, which never
+    /// reads the wall clock).
+    pub wall_epoch_s: f64,
+}
+
+impl EngineTime {
+    /// The tokio clock, with the wall clock read now.
+    pub fn real() -> EngineTime {
+        EngineTime {
+            clock: TokioClock::shared(),
+            wall_epoch_s: SystemTime::now()
+                .duration_since(UNIX_EPOCH)
+                .map(|d| d.as_secs_f64())
+                .unwrap_or(0.0),
+        }
+    }
 }
 
 /// A handle to a running worker. Cheap to clone.
@@ -44,6 +71,7 @@ pub struct WorkerHandle {
     id: WorkerId,
     cmds: mpsc::UnboundedSender<Command>,
     stats: watch::Receiver<SchedulerStats>,
+    engine_task: AbortHandle,
 }
 
 impl WorkerHandle {
@@ -54,6 +82,17 @@ impl WorkerHandle {
         executor: Executor,
         kv_events: KvEventSink,
     ) -> WorkerHandle {
+        Self::spawn_on(id, scheduler, executor, kv_events, EngineTime::real())
+    }
+
+    /// Like [`WorkerHandle::spawn`], reading time from `time` (the simulator's clock).
+    pub fn spawn_on(
+        id: WorkerId,
+        scheduler: Scheduler,
+        executor: Executor,
+        kv_events: KvEventSink,
+        time: EngineTime,
+    ) -> WorkerHandle {
         let (cmds, rx) = mpsc::unbounded_channel();
         let (stats_tx, stats) = watch::channel(scheduler.stats());
         let engine = EngineLoop {
@@ -63,11 +102,40 @@ impl WorkerHandle {
             kv_events,
             sinks: BTreeMap::new(),
             stats: stats_tx,
-            started: Instant::now(),
+            started: time.clock.now(),
+            time,
             event_seq: 0,
         };
-        tokio::spawn(engine.run(rx));
-        WorkerHandle { id, cmds, stats }
+        let engine_task = tokio::spawn(engine.run(rx)).abort_handle();
+        WorkerHandle {
+            id,
+            cmds,
+            stats,
+            engine_task,
+        }
+    }
+
+    /// Stops the engine loop at once, as if its process died: the step in flight is lost,
+    /// open streams end with an error and nothing more is published. (Failure injection in
+    /// the simulator and tests; a real worker stops by shutting its process down.)
+    pub fn stop_now(&self) {
+        self.engine_task.abort();
+    }
+
+    /// Runs `f` on the scheduler between two steps and returns its result (invariant checks
+    /// and inspection in tests and the simulator).
+    pub async fn inspect<R: Send + 'static>(
+        &self,
+        f: impl FnOnce(&Scheduler) -> R + Send + 'static,
+    ) -> Result<R, WorkerError> {
+        let (tx, rx) = oneshot::channel();
+        let job: Box<dyn FnOnce(&Scheduler) + Send> = Box::new(move |s| {
+            let _ = tx.send(f(s));
+        });
+        self.cmds
+            .send(Command::Inspect(job))
+            .map_err(|_| WorkerError::Stopped(self.id))?;
+        rx.await.map_err(|_| WorkerError::Stopped(self.id))
     }
 
     pub fn id(&self) -> WorkerId {
@@ -162,12 +230,16 @@ struct EngineLoop {
     sinks: BTreeMap<RequestId, mpsc::UnboundedSender<TokenOutput>>,
     stats: watch::Sender<SchedulerStats>,
     started: Instant,
+    time: EngineTime,
     event_seq: u64,
 }
 
 impl EngineLoop {
     fn now(&self) -> Duration {
-        self.started.elapsed()
+        self.time
+            .clock
+            .now()
+            .saturating_duration_since(self.started)
     }
 
     async fn run(mut self, mut cmds: mpsc::UnboundedReceiver<Command>) {
@@ -237,6 +309,7 @@ impl EngineLoop {
                 self.sinks.remove(&id);
                 self.scheduler.abort(id);
             }
+            Command::Inspect(f) => f(&self.scheduler),
         }
     }
 
@@ -284,10 +357,7 @@ impl EngineLoop {
     fn publish(&mut self) {
         let events: Vec<KvEvent> = self.scheduler.drain_kv_events();
         if !events.is_empty() {
-            let ts = SystemTime::now()
-                .duration_since(UNIX_EPOCH)
-                .map(|d| d.as_secs_f64())
-                .unwrap_or(0.0);
+            let ts = self.time.wall_epoch_s + self.now().as_secs_f64();
             (self.kv_events)(KvEventBatch {
                 worker: self.id,
                 seq: self.event_seq,

@@ -1,0 +1,214 @@
+//! The dispatcher: the frontend's routing actor shell. It owns the KV-aware router and the
+//! set of reachable workers, gives each request an id, routes its token ids and opens its
+//! token stream on the chosen worker.
+//!
+//! It speaks token ids only, so the text [`super::pipeline::Pipeline`] (templates,
+//! tokenizer, detokenizer) and the simulator (which has no tokenizer) drive the same code.
+//! Time comes from a [`SharedClock`] and request ids from a caller-chosen start, so on a
+//! paused-time runtime every decision is a pure function of the inputs.
+
+use super::service::{WorkerReply, WorkerRequest, WorkerService};
+use crate::frontend::EngineError;
+use crate::ids::{RequestId, WorkerId};
+use crate::kv::{hash_blocks, BlockSize};
+use crate::protocol::{PreprocessedRequest, SamplingParams, StopConditions, TokenOutput};
+use crate::router::{KvRouter, RouteError, RouteRequest};
+use crate::worker::SchedulerStats;
+use std::collections::BTreeMap;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, RwLock};
+use std::time::Duration;
+use tokio::time::Instant;
+use turbine_runtime::{Addr, CallError, ReplyStream, SharedClock};
+
+/// A request as the dispatcher takes it: prompt token ids and generation settings.
+#[derive(Clone, Debug)]
+pub struct DispatchRequest {
+    pub token_ids: Vec<u32>,
+    pub sampling: SamplingParams,
+    pub stop: StopConditions,
+    pub logprobs: Option<u32>,
+}
+
+/// A request under way on a worker.
+pub struct Dispatched {
+    pub id: RequestId,
+    pub worker: WorkerId,
+    /// The worker's outputs; read them with [`token_output`].
+    pub tokens: ReplyStream<WorkerReply>,
+    /// Tells the router the request is over when dropped: keep it as long as the stream.
+    pub guard: RouteGuard,
+}
+
+/// Routes requests over the workers it knows.
+pub struct Dispatcher {
+    block_size: BlockSize,
+    router: Arc<Mutex<KvRouter>>,
+    workers: RwLock<BTreeMap<WorkerId, Addr<WorkerService>>>,
+    next_request: AtomicU64,
+    clock: SharedClock,
+    started: Instant,
+}
+
+impl Dispatcher {
+    /// A dispatcher with no workers yet; request ids count up from `first_request_id`.
+    pub fn new(
+        block_size: BlockSize,
+        router: KvRouter,
+        first_request_id: u64,
+        clock: SharedClock,
+    ) -> Dispatcher {
+        Dispatcher {
+            block_size,
+            router: Arc::new(Mutex::new(router)),
+            workers: RwLock::new(BTreeMap::new()),
+            next_request: AtomicU64::new(first_request_id),
+            started: clock.now(),
+            clock,
+        }
+    }
+
+    /// Makes `worker` routable.
+    pub fn add_worker(&self, id: WorkerId, worker: Addr<WorkerService>) {
+        lock(&self.router).add_worker(id);
+        self.workers
+            .write()
+            .unwrap_or_else(|e| e.into_inner())
+            .insert(id, worker);
+    }
+
+    /// Stops routing to `id` (it left, or its lease expired) and forgets its KV blocks.
+    pub fn remove_worker(&self, id: WorkerId) {
+        lock(&self.router).remove_worker(id);
+        self.workers
+            .write()
+            .unwrap_or_else(|e| e.into_inner())
+            .remove(&id);
+    }
+
+    /// Feeds a worker's latest stats into the router's load view.
+    pub fn update_load(&self, id: WorkerId, stats: &SchedulerStats) {
+        let active = (stats.num_running + stats.num_waiting) as u32;
+        lock(&self.router).update_load(id, stats.kv.used as u64, active);
+    }
+
+    /// The routable workers, in id order.
+    pub fn worker_ids(&self) -> Vec<WorkerId> {
+        self.workers
+            .read()
+            .unwrap_or_else(|e| e.into_inner())
+            .keys()
+            .copied()
+            .collect()
+    }
+
+    pub fn router(&self) -> &Arc<Mutex<KvRouter>> {
+        &self.router
+    }
+
+    fn now(&self) -> Duration {
+        self.clock.now().saturating_duration_since(self.started)
+    }
+
+    /// Gives `req` an id, routes it and opens its stream on the chosen worker. Fails with
+    /// `Overloaded` (retryable) when no worker is available or the chosen one cannot be
+    /// reached.
+    pub async fn dispatch(&self, req: DispatchRequest) -> Result<Dispatched, EngineError> {
+        let id = RequestId(self.next_request.fetch_add(1, Ordering::Relaxed));
+        let mut sampling = req.sampling;
+        if sampling.seed.is_none() && sampling.temperature > 0.0 {
+            // No seed asked for: still reproducible within this request across preemption.
+            sampling.seed = Some(id.0.wrapping_mul(0x9E37_79B9_7F4A_7C15));
+        }
+        let route = RouteRequest {
+            id,
+            hashes: hash_blocks(&req.token_ids, self.block_size, 0),
+            token_count: req.token_ids.len(),
+        };
+        let decision = lock(&self.router)
+            .route(self.now(), &route)
+            .map_err(|RouteError::NoWorkers| {
+                EngineError::Overloaded("no worker is available".into())
+            })?
+            .decision;
+        let guard = RouteGuard {
+            router: self.router.clone(),
+            id,
+        };
+        let worker = self
+            .workers
+            .read()
+            .unwrap_or_else(|e| e.into_inner())
+            .get(&decision.worker)
+            .cloned();
+        let Some(worker) = worker else {
+            return Err(EngineError::Internal(format!(
+                "router chose unknown worker {}",
+                decision.worker
+            )));
+        };
+        let pre = PreprocessedRequest {
+            id,
+            token_ids: req.token_ids,
+            sampling,
+            stop: req.stop,
+            logprobs: req.logprobs,
+            salt: 0,
+        };
+        let tokens = worker
+            .stream(WorkerRequest::Generate(Box::new(pre)))
+            .await
+            .map_err(|e| EngineError::Overloaded(format!("worker {}: {e}", decision.worker)))?;
+        Ok(Dispatched {
+            id,
+            worker: decision.worker,
+            tokens,
+            guard,
+        })
+    }
+}
+
+/// Reads one item of a worker's token stream; `first` is true until an output arrived.
+/// Failures before the first output are the request's fault (`InvalidRequest`, refused at
+/// admission) or retryable (`Overloaded`: the worker went away before producing anything);
+/// later ones are `Internal`.
+pub fn token_output(
+    item: Result<WorkerReply, CallError>,
+    first: bool,
+) -> Result<TokenOutput, EngineError> {
+    match item {
+        Ok(WorkerReply::Token(out)) => Ok(out),
+        Ok(WorkerReply::Stats(_)) => Err(EngineError::Internal(
+            "worker sent stats on a stream".into(),
+        )),
+        // Refused at admission: the request itself is at fault (too long for the worker's
+        // pool, empty, ...).
+        Err(CallError::Handler(msg)) if first => Err(EngineError::InvalidRequest(msg)),
+        // The worker went away (crash, network) before it produced anything: nothing was
+        // generated, so the client may simply retry (503); discovery drops the worker.
+        Err(e @ (CallError::PeerGone(_) | CallError::Timeout(_) | CallError::Transport(_)))
+            if first =>
+        {
+            Err(EngineError::Overloaded(format!("worker unavailable: {e}")))
+        }
+        Err(e) => Err(EngineError::Internal(format!("worker: {e}"))),
+    }
+}
+
+/// Tells the router a request is over however its stream ends (finished, failed, dropped).
+pub struct RouteGuard {
+    router: Arc<Mutex<KvRouter>>,
+    id: RequestId,
+}
+
+impl Drop for RouteGuard {
+    fn drop(&mut self) {
+        lock(&self.router).on_request_finished(self.id);
+    }
+}
+
+fn lock(router: &Mutex<KvRouter>) -> std::sync::MutexGuard<'_, KvRouter> {
+    // A panic while holding the lock cannot leave the router half-updated in a way that
+    // matters more than refusing all further requests would, so recover the guard.
+    router.lock().unwrap_or_else(|e| e.into_inner())
+}
