@@ -14,6 +14,7 @@ use crate::kv::{hash_blocks, BlockSize};
 use crate::protocol::{PreprocessedRequest, SamplingParams, StopConditions, TokenOutput};
 use crate::router::{KvRouter, RouteError, RouteRequest};
 use crate::worker::SchedulerStats;
+use futures::StreamExt;
 use std::collections::BTreeMap;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, RwLock};
@@ -30,14 +31,83 @@ pub struct DispatchRequest {
     pub logprobs: Option<u32>,
 }
 
-/// A request under way on a worker.
+/// How long a worker that was found unreachable (its connection is gone) is left out of
+/// routing. Discovery drops a dead worker when its lease expires, which takes up to a lease
+/// period; until then every request routed there would fail. A worker that was only cut off
+/// briefly is routed to again after this.
+pub const UNREACHABLE_QUARANTINE: Duration = Duration::from_secs(5);
+
+/// A request under way on a worker. Dropping it cancels the request.
 pub struct Dispatched {
     pub id: RequestId,
     pub worker: WorkerId,
-    /// The worker's outputs; read them with [`token_output`].
-    pub tokens: ReplyStream<WorkerReply>,
-    /// Tells the router the request is over when dropped: keep it as long as the stream.
-    pub guard: RouteGuard,
+    tokens: ReplyStream<WorkerReply>,
+    received: bool,
+    health: Arc<Health>,
+    _guard: RouteGuard,
+}
+
+impl Dispatched {
+    /// The next output of the worker (see [`token_output`] for how failures are classed);
+    /// `None` once the stream has ended. A lost connection to the worker takes it out of
+    /// routing for [`UNREACHABLE_QUARANTINE`].
+    pub async fn next_output(&mut self) -> Option<Result<TokenOutput, EngineError>> {
+        let item = self.tokens.next().await?;
+        if matches!(item, Err(CallError::PeerGone(_) | CallError::Transport(_))) {
+            self.health.unreachable(self.worker);
+        }
+        let out = token_output(item, !self.received);
+        if out.is_ok() {
+            self.received = true;
+        }
+        Some(out)
+    }
+}
+
+/// Which workers are left out of routing because their connection was lost, and until when.
+struct Health {
+    router: Arc<Mutex<KvRouter>>,
+    quarantined: Mutex<BTreeMap<WorkerId, Duration>>,
+    clock: SharedClock,
+    started: Instant,
+}
+
+impl Health {
+    fn now(&self) -> Duration {
+        self.clock.now().saturating_duration_since(self.started)
+    }
+
+    /// Takes `worker` out of routing (and its blocks out of the index) for a while.
+    fn unreachable(&self, worker: WorkerId) {
+        let until = self.now() + UNREACHABLE_QUARANTINE;
+        let mut q = self.quarantined.lock().unwrap_or_else(|e| e.into_inner());
+        if q.insert(worker, until).is_none() {
+            tracing::warn!(%worker, "worker unreachable; not routing to it for {UNREACHABLE_QUARANTINE:?}");
+            lock(&self.router).remove_worker(worker);
+        }
+    }
+
+    /// Ends quarantines that are over; returns the workers to route to again.
+    fn expired(&self) -> Vec<WorkerId> {
+        let now = self.now();
+        let mut q = self.quarantined.lock().unwrap_or_else(|e| e.into_inner());
+        let over: Vec<WorkerId> = q
+            .iter()
+            .filter(|(_, until)| **until <= now)
+            .map(|(w, _)| *w)
+            .collect();
+        for w in &over {
+            q.remove(w);
+        }
+        over
+    }
+
+    fn forget(&self, worker: WorkerId) {
+        self.quarantined
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .remove(&worker);
+    }
 }
 
 /// Routes requests over the workers it knows.
@@ -45,9 +115,8 @@ pub struct Dispatcher {
     block_size: BlockSize,
     router: Arc<Mutex<KvRouter>>,
     workers: RwLock<BTreeMap<WorkerId, Addr<WorkerService>>>,
+    health: Arc<Health>,
     next_request: AtomicU64,
-    clock: SharedClock,
-    started: Instant,
 }
 
 impl Dispatcher {
@@ -58,18 +127,24 @@ impl Dispatcher {
         first_request_id: u64,
         clock: SharedClock,
     ) -> Dispatcher {
+        let router = Arc::new(Mutex::new(router));
         Dispatcher {
             block_size,
-            router: Arc::new(Mutex::new(router)),
+            health: Arc::new(Health {
+                router: router.clone(),
+                quarantined: Mutex::new(BTreeMap::new()),
+                started: clock.now(),
+                clock,
+            }),
+            router,
             workers: RwLock::new(BTreeMap::new()),
             next_request: AtomicU64::new(first_request_id),
-            started: clock.now(),
-            clock,
         }
     }
 
     /// Makes `worker` routable.
     pub fn add_worker(&self, id: WorkerId, worker: Addr<WorkerService>) {
+        self.health.forget(id);
         lock(&self.router).add_worker(id);
         self.workers
             .write()
@@ -79,6 +154,7 @@ impl Dispatcher {
 
     /// Stops routing to `id` (it left, or its lease expired) and forgets its KV blocks.
     pub fn remove_worker(&self, id: WorkerId) {
+        self.health.forget(id);
         lock(&self.router).remove_worker(id);
         self.workers
             .write()
@@ -92,7 +168,7 @@ impl Dispatcher {
         lock(&self.router).update_load(id, stats.kv.used as u64, active);
     }
 
-    /// The routable workers, in id order.
+    /// The workers it knows (routable or in quarantine), in id order.
     pub fn worker_ids(&self) -> Vec<WorkerId> {
         self.workers
             .read()
@@ -104,10 +180,6 @@ impl Dispatcher {
 
     pub fn router(&self) -> &Arc<Mutex<KvRouter>> {
         &self.router
-    }
-
-    fn now(&self) -> Duration {
-        self.clock.now().saturating_duration_since(self.started)
     }
 
     /// Gives `req` an id, routes it and opens its stream on the chosen worker. Fails with
@@ -125,8 +197,18 @@ impl Dispatcher {
             hashes: hash_blocks(&req.token_ids, self.block_size, 0),
             token_count: req.token_ids.len(),
         };
+        for worker in self.health.expired() {
+            let known = self
+                .workers
+                .read()
+                .unwrap_or_else(|e| e.into_inner())
+                .contains_key(&worker);
+            if known {
+                lock(&self.router).add_worker(worker);
+            }
+        }
         let decision = lock(&self.router)
-            .route(self.now(), &route)
+            .route(self.health.now(), &route)
             .map_err(|RouteError::NoWorkers| {
                 EngineError::Overloaded("no worker is available".into())
             })?
@@ -155,20 +237,30 @@ impl Dispatcher {
             logprobs: req.logprobs,
             salt: 0,
         };
-        let tokens = worker
-            .stream(WorkerRequest::Generate(Box::new(pre)))
-            .await
-            .map_err(|e| EngineError::Overloaded(format!("worker {}: {e}", decision.worker)))?;
+        let tokens = match worker.stream(WorkerRequest::Generate(Box::new(pre))).await {
+            Ok(tokens) => tokens,
+            Err(e) => {
+                if matches!(e, CallError::PeerGone(_) | CallError::Transport(_)) {
+                    self.health.unreachable(decision.worker);
+                }
+                return Err(EngineError::Overloaded(format!(
+                    "worker {}: {e}",
+                    decision.worker
+                )));
+            }
+        };
         Ok(Dispatched {
             id,
             worker: decision.worker,
             tokens,
-            guard,
+            received: false,
+            health: self.health.clone(),
+            _guard: guard,
         })
     }
 }
 
-/// Reads one item of a worker's token stream; `first` is true until an output arrived.
+/// Classes one item of a worker's token stream; `first` is true until an output arrived.
 /// Failures before the first output are the request's fault (`InvalidRequest`, refused at
 /// admission) or retryable (`Overloaded`: the worker went away before producing anything);
 /// later ones are `Internal`.

@@ -7,19 +7,18 @@
 //! into the router's [`FlashIndexer`], and each worker's load is fed to the router with
 //! [`Dispatcher::update_load`].
 
-use super::dispatch::{token_output, DispatchRequest, Dispatcher, RouteGuard};
-use super::service::WorkerReply;
+use super::dispatch::{DispatchRequest, Dispatched, Dispatcher};
 use crate::frontend::{ChatEngine, Delta, DeltaStream, EngineError, GenerateRequest, Usage};
 use crate::kv::indexer::FlashIndexer;
 use crate::kv::BlockSize;
 use crate::preprocessor::codec::ModelCodec;
-use crate::protocol::{FinishReason, StopConditions};
+use crate::protocol::{FinishReason, StopConditions, TokenOutput};
 use crate::router::KvRouter;
 use async_trait::async_trait;
 use futures::StreamExt;
 use std::sync::Arc;
 use turbine_kernels::tokenizer::IncrementalDecoder;
-use turbine_runtime::{CallError, ReplyStream, TokioClock};
+use turbine_runtime::TokioClock;
 
 /// Everything a request needs on its way through the graph, shared by all requests.
 pub struct Pipeline {
@@ -108,17 +107,14 @@ impl ChatEngine for Pipeline {
                 logprobs: req.logprobs,
             })
             .await?;
-        let tokens = dispatched.tokens;
-        let finish_guard = dispatched.guard;
         let state = Detokenize {
             codec: self.codec.clone(),
             decoder: self.codec.decoder(),
             prompt_tokens: prompt_len as u32,
             completion_tokens: 0,
             cached_tokens: 0,
-            _guard: finish_guard,
         };
-        Ok(detokenize(tokens, state))
+        Ok(detokenize(dispatched, state))
     }
 }
 
@@ -128,13 +124,12 @@ struct Detokenize {
     prompt_tokens: u32,
     completion_tokens: u32,
     cached_tokens: u32,
-    _guard: RouteGuard,
 }
 
 impl Detokenize {
-    fn delta(&mut self, item: Result<WorkerReply, CallError>) -> Result<Delta, EngineError> {
+    fn delta(&mut self, item: Result<TokenOutput, EngineError>) -> Result<Delta, EngineError> {
         let first = self.completion_tokens == 0;
-        let out = token_output(item, first)?;
+        let out = item?;
         if let Some(c) = out.cached_tokens {
             self.cached_tokens = c;
         }
@@ -176,14 +171,14 @@ impl Detokenize {
     }
 }
 
-fn detokenize(tokens: ReplyStream<WorkerReply>, state: Detokenize) -> DeltaStream {
+fn detokenize(tokens: Dispatched, state: Detokenize) -> DeltaStream {
     futures::stream::unfold(
         (tokens, state, false),
         |(mut tokens, mut state, done)| async move {
             if done {
                 return None;
             }
-            let out = tokens.next().await?;
+            let out = tokens.next_output().await?;
             let item = state.delta(out);
             let done = match &item {
                 Ok(d) => d.finish.is_some(),

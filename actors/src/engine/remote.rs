@@ -19,10 +19,12 @@ use futures::stream::BoxStream;
 use futures::StreamExt;
 use std::collections::BTreeMap;
 use std::sync::Arc;
+use std::time::Duration;
+use tokio::sync::watch;
 use tokio::task::JoinHandle;
 use turbine_runtime::discovery::{Discovery, DiscoveryEvent, Instance};
 use turbine_runtime::events::{Delivery, EventSubscriber};
-use turbine_runtime::{Addr, Node};
+use turbine_runtime::{Addr, Node, SharedClock};
 
 /// The discovery component every worker registers under.
 pub const WORKER_COMPONENT: &str = "worker";
@@ -170,19 +172,79 @@ async fn join(
     Ok(Joined { id, events })
 }
 
+/// How often a worker reports its load even when nothing changed: the report doubles as a
+/// heartbeat of its KV event count (see [`TrailingLoss`]).
+pub const LOAD_REPORT_EVERY: Duration = Duration::from_secs(1);
+
+/// Publishes a worker's load (`publish`) after every change and at least every `every` on
+/// `clock`, until the worker loop is gone.
+pub async fn report_load(
+    mut stats: watch::Receiver<SchedulerStats>,
+    every: Duration,
+    clock: SharedClock,
+    mut publish: impl FnMut(&SchedulerStats),
+) {
+    loop {
+        tokio::select! {
+            biased;
+            changed = stats.changed() => {
+                if changed.is_err() {
+                    return;
+                }
+            }
+            _ = clock.sleep(every) => {}
+        }
+        let s = stats.borrow_and_update().clone();
+        publish(&s);
+    }
+}
+
+/// Notices a lost *trailing* KV batch: the sequence gap detector only sees a loss when a
+/// later batch arrives, which never happens if the worker goes quiet. Load reports carry the
+/// number of batches published; once a report claims more batches than have arrived and the
+/// *next* report comes without them having arrived meanwhile, they were lost. (One report of
+/// slack: a batch and the report after it may be published in either order.)
+#[derive(Debug, Default)]
+pub struct TrailingLoss {
+    /// Highest batch sequence number seen (batches count from 0).
+    seen: Option<u64>,
+    /// What the previous load report claimed.
+    claimed: u64,
+}
+
+impl TrailingLoss {
+    pub fn on_batch(&mut self, seq: u64) {
+        self.seen = Some(self.seen.map_or(seq, |s| s.max(seq)));
+    }
+
+    /// A load report claiming `kv_batches` published; true when batches were lost.
+    pub fn on_load_report(&mut self, kv_batches: u64) -> bool {
+        let arrived = self.seen.map_or(0, |s| s + 1);
+        let lost = self.claimed > arrived;
+        self.claimed = kv_batches;
+        if lost {
+            // Cleared: what arrives from now on is the new baseline.
+            self.seen = kv_batches.checked_sub(1);
+        }
+        lost
+    }
+}
+
 /// Applies a worker's events until its feed ends: KV batches into the index, load into the
-/// router; a gap in its KV events clears its index entries.
+/// router; a gap in its KV events (or a lost trailing batch) clears its index entries.
 async fn feed_events(
     id: WorkerId,
     mut feed: EventFeed,
     dispatcher: Arc<Dispatcher>,
     index: Arc<FlashIndexer>,
 ) {
+    let mut trailing = TrailingLoss::default();
     while let Some(item) = feed.next().await {
         match item {
             Ok(Delivery::Event(ev)) if ev.topic.starts_with("kv.") => {
                 match ev.decode::<KvEventBatch>() {
                     Ok(batch) if batch.worker == id => {
+                        trailing.on_batch(batch.seq);
                         index.apply(&batch);
                     }
                     Ok(_) => tracing::warn!(worker = %id, "KV batch from another worker id"),
@@ -192,6 +254,10 @@ async fn feed_events(
             Ok(Delivery::Event(ev)) => {
                 if let Ok(stats) = ev.decode::<SchedulerStats>() {
                     dispatcher.update_load(id, &stats);
+                    if trailing.on_load_report(stats.kv_batches) {
+                        tracing::warn!(worker = %id, "trailing KV events lost; clearing its index entries");
+                        index.clear_worker(id);
+                    }
                 }
             }
             Ok(Delivery::Gap(gap)) => {
@@ -206,6 +272,39 @@ async fn feed_events(
                 tracing::warn!(worker = %id, "event subscription failed: {e}");
                 return;
             }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::TrailingLoss;
+
+    #[test]
+    fn a_lost_last_batch_is_noticed_one_report_later() {
+        let mut t = TrailingLoss::default();
+        t.on_batch(0);
+        t.on_batch(1);
+        // Batch 2 is lost; the report after it claims 3 batches.
+        assert!(!t.on_load_report(3), "one report of slack");
+        assert!(t.on_load_report(3), "the next report reveals the loss");
+        assert!(!t.on_load_report(3), "and only once");
+    }
+
+    #[test]
+    fn a_batch_published_after_its_report_is_not_a_loss() {
+        let mut t = TrailingLoss::default();
+        t.on_batch(0);
+        assert!(!t.on_load_report(2)); // batch 1 not here yet
+        t.on_batch(1);
+        assert!(!t.on_load_report(2));
+    }
+
+    #[test]
+    fn reports_without_batches_are_quiet() {
+        let mut t = TrailingLoss::default();
+        for _ in 0..3 {
+            assert!(!t.on_load_report(0));
         }
     }
 }

@@ -366,6 +366,8 @@ impl EngineLoop {
             });
             self.event_seq += 1;
         }
-        self.stats.send_replace(self.scheduler.stats());
+        let mut stats = self.scheduler.stats();
+        stats.kv_batches = self.event_seq;
+        self.stats.send_replace(stats);
     }
 }

@@ -7,7 +7,8 @@
 
 use super::local::{check_cluster, start_worker, StartError};
 use super::remote::{
-    kv_topic, metrics_topic, META_EVENTS, META_WORKER_ID, REGISTRY_SERVICE, WORKER_COMPONENT,
+    kv_topic, metrics_topic, report_load, LOAD_REPORT_EVERY, META_EVENTS, META_WORKER_ID,
+    REGISTRY_SERVICE, WORKER_COMPONENT,
 };
 use super::service::{worker_service_name, WorkerActor, WorkerService};
 use crate::cluster_config::{ClusterConfig, DiscoverySection};
@@ -23,6 +24,12 @@ use turbine_runtime::discovery::embedded::Registry;
 use turbine_runtime::discovery::{Discovery, EmbeddedDiscovery, Instance};
 use turbine_runtime::events::EventPublisher;
 use turbine_runtime::{Node, NodeConfig};
+
+/// What the worker publishes on its event plane, in one ordered queue.
+enum Outgoing {
+    Kv(KvEventBatch),
+    Load(crate::worker::SchedulerStats),
+}
 
 /// A fresh id for a worker process: unique across restarts, so KV state from a previous
 /// incarnation is never attributed to this one.
@@ -86,23 +93,29 @@ pub async fn run_worker(
             .map_err(|e| node_err(&e))?,
     );
 
-    // KV events leave the engine loop synchronously; a task publishes them in order.
-    let (kv_tx, mut kv_rx) = mpsc::unbounded_channel::<KvEventBatch>();
-    let kv_pub = publisher.clone();
+    // KV events leave the engine loop synchronously; one task publishes them and the load
+    // reports in order, so a report never overtakes the batches it counts.
+    let (out_tx, mut out_rx) = mpsc::unbounded_channel::<Outgoing>();
+    let out_pub = publisher.clone();
     tokio::spawn(async move {
-        while let Some(batch) = kv_rx.recv().await {
-            if let Err(e) = kv_pub.publish(&kv_topic(batch.worker), &batch).await {
-                tracing::warn!("publishing KV events: {e}");
+        while let Some(item) = out_rx.recv().await {
+            let sent = match &item {
+                Outgoing::Kv(batch) => out_pub.publish(&kv_topic(batch.worker), batch).await,
+                Outgoing::Load(stats) => out_pub.publish(&metrics_topic(id), stats).await,
+            };
+            if let Err(e) = sent {
+                tracing::warn!("publishing worker events: {e}");
             }
         }
     });
+    let kv_tx = out_tx.clone();
     let handle = start_worker(
         id,
         group_cfg,
         &model,
         context_length,
         Box::new(move |batch| {
-            let _ = kv_tx.send(batch);
+            let _ = kv_tx.send(Outgoing::Kv(batch));
         }),
     )?;
     drop(model);
@@ -114,15 +127,15 @@ pub async fn run_worker(
     .await
     .map_err(|e| node_err(&e))?;
 
-    // Load after every step, for the router.
-    let mut stats = handle.watch_stats();
-    let stats_pub = publisher.clone();
-    tokio::spawn(async move {
-        while stats.changed().await.is_ok() {
-            let s = stats.borrow_and_update().clone();
-            let _ = stats_pub.publish(&metrics_topic(id), &s).await;
-        }
-    });
+    // Load after every step (and at least every second), for the router.
+    tokio::spawn(report_load(
+        handle.watch_stats(),
+        LOAD_REPORT_EVERY,
+        node.clock().clone(),
+        move |s| {
+            let _ = out_tx.send(Outgoing::Load(s.clone()));
+        },
+    ));
 
     let registry_addr = node
         .connect::<Registry>(&registry, REGISTRY_SERVICE)

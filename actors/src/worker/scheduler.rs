@@ -68,6 +68,11 @@ pub struct SchedulerStats {
     pub num_preemptions: u64,
     pub num_steps: u64,
     pub kv: BlockStats,
+    /// KV event batches the worker loop has published so far (the scheduler leaves it 0;
+    /// the loop fills it in). A subscriber that has seen fewer can tell a trailing batch
+    /// was lost even when no later batch comes to reveal the gap.
+    #[serde(default)]
+    pub kv_batches: u64,
 }
 
 /// What the executor's sampler needs for one request (see [`Scheduler::sampling_context`]).
@@ -401,6 +406,7 @@ impl Scheduler {
             num_preemptions: self.num_preemptions,
             num_steps: self.next_step,
             kv: self.blocks.stats(),
+            kv_batches: 0,
         }
     }
 
