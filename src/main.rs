@@ -18,8 +18,9 @@ use turbine_actors::cluster_config::ClusterConfig;
 )]
 struct Cli {
     /// Log filter (tracing's env-filter syntax), e.g. `info` or `turbine_actors=debug`.
-    #[arg(long, global = true, env = "TURBINE_LOG", default_value = "warn")]
-    log: String,
+    /// Default: `warn` (`error` for `turbine sim`, whose simulated faults make the shells warn).
+    #[arg(long, global = true, env = "TURBINE_LOG")]
+    log: Option<String>,
     #[command(subcommand)]
     command: Command,
 }
@@ -159,8 +160,14 @@ fn main() -> std::process::ExitCode {
 }
 
 fn run(cli: Cli) -> Result<()> {
+    let default_log = match cli.command {
+        Command::Sim(_) => "error",
+        _ => "warn",
+    };
     tracing_subscriber::fmt()
-        .with_env_filter(tracing_subscriber::EnvFilter::new(&cli.log))
+        .with_env_filter(tracing_subscriber::EnvFilter::new(
+            cli.log.as_deref().unwrap_or(default_log),
+        ))
         .with_writer(std::io::stderr)
         .init();
     let runtime = tokio::runtime::Builder::new_multi_thread()

@@ -36,8 +36,14 @@ pub struct SimArgs {
     #[arg(long, value_enum, default_value_t = PolicyName::Kv)]
     pub router: PolicyName,
     /// Use the simulator's stand-in router instead of turbine-actors' KvRouter.
-    #[arg(long)]
+    #[arg(long, conflicts_with = "actors")]
     pub stand_in_router: bool,
+    /// Run the real actor shells (dispatcher, registry and discovery watch, worker loops
+    /// served as actors on in-memory nodes) on a paused tokio runtime, instead of the
+    /// discrete-event core. Same report; slower; clients retry a 503 instead of the
+    /// router migrating requests (see docs/SIMULATOR.md).
+    #[arg(long)]
+    pub actors: bool,
     /// Run kv, round-robin and random on the same workload and print a comparison.
     #[arg(long)]
     pub compare_routers: bool,
@@ -94,7 +100,8 @@ pub struct SimArgs {
     pub net_jitter_us: f64,
     #[arg(long, value_enum, default_value_t = JitterArg::Exponential)]
     pub jitter: JitterArg,
-    /// Attempts per request (first try plus migrations after a worker is lost).
+    /// Attempts per request (first try plus migrations after a worker is lost; with
+    /// --actors, client retries of a retryable refusal).
     #[arg(long, default_value_t = 3)]
     pub max_attempts: u32,
 
@@ -191,7 +198,11 @@ pub fn run(args: &SimArgs) -> anyhow::Result<Vec<(Report, SimOutcome)>> {
     for p in policies {
         let mut cfg = base.clone();
         cfg.policy = p;
-        let outcome = simulate(&cfg, &workload)?;
+        let outcome = if args.actors {
+            crate::shells::simulate_actors(&cfg, &workload)?
+        } else {
+            simulate(&cfg, &workload)?
+        };
         let report = Report::build(&outcome, args.seed, p.as_str(), &cfg.profile.name, slo);
         out.push((report, outcome));
     }

@@ -134,6 +134,8 @@ pub enum SimError {
     Router(#[from] turbine_actors::router::RouterConfigError),
     #[error("the simulation needs at least one worker")]
     NoWorkers,
+    #[error("starting the actor shells: {0}")]
+    Shells(String),
 }
 
 enum WorkerMsg {

@@ -10,7 +10,7 @@ use crate::time::SimDuration;
 use serde::{Deserialize, Serialize};
 use std::path::Path;
 use turbine_actors::kv::BlockSize;
-use turbine_actors::worker::{BlockManagerConfig, SchedulerConfig, StepPlan};
+use turbine_actors::worker::{BlockManagerConfig, ScheduledSeq, SchedulerConfig, StepPlan};
 
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub struct StepCost {
@@ -23,10 +23,18 @@ pub struct StepCost {
 impl StepCost {
     /// Virtual duration of the forward pass that runs `plan`.
     pub fn step_time(&self, plan: &StepPlan) -> SimDuration {
+        self.step_time_of(&plan.seqs)
+    }
+
+    /// Virtual duration of a forward pass over `seqs`.
+    pub fn step_time_of<'a>(
+        &self,
+        seqs: impl IntoIterator<Item = &'a ScheduledSeq>,
+    ) -> SimDuration {
         let mut prefill_tokens = 0usize;
         let mut decode_seqs = 0usize;
         let mut context = 0usize;
-        for s in &plan.seqs {
+        for s in seqs {
             if s.is_decode() {
                 decode_seqs += 1;
             } else {

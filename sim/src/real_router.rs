@@ -12,6 +12,22 @@ use turbine_actors::router::{
     RouterReplicaId,
 };
 
+/// The router configuration a simulated run uses: `policy`, an events-fed index, and
+/// `seed` for the policy's generator (random policy, softmax sampling).
+pub fn router_config(policy: PolicyName, block_size: BlockSize, seed: u64) -> RouterConfig {
+    RouterConfig {
+        policy: match policy {
+            PolicyName::Kv => PolicyKind::Kv,
+            PolicyName::RoundRobin => PolicyKind::RoundRobin,
+            PolicyName::Random => PolicyKind::Random,
+        },
+        seed,
+        block_size,
+        index: RouterIndexMode::Events,
+        ..RouterConfig::default()
+    }
+}
+
 pub struct RealRouter {
     router: KvRouter,
     index: Arc<FlashIndexer>,
@@ -26,17 +42,7 @@ impl RealRouter {
         seed: u64,
     ) -> Result<Self, RouterConfigError> {
         let index = Arc::new(FlashIndexer::default());
-        let config = RouterConfig {
-            policy: match policy {
-                PolicyName::Kv => PolicyKind::Kv,
-                PolicyName::RoundRobin => PolicyKind::RoundRobin,
-                PolicyName::Random => PolicyKind::Random,
-            },
-            seed,
-            block_size,
-            index: RouterIndexMode::Events,
-            ..RouterConfig::default()
-        };
+        let config = router_config(policy, block_size, seed);
         let router = KvRouter::new(RouterReplicaId(0), config, Some(index.clone()))?;
         Ok(RealRouter {
             router,

@@ -57,6 +57,10 @@ impl fmt::Display for SimTime {
 pub struct SimDuration(pub u64);
 
 impl SimDuration {
+    pub fn as_duration(self) -> Duration {
+        Duration::from_nanos(self.0)
+    }
+
     pub fn from_secs_f64(s: f64) -> SimDuration {
         SimDuration((s.max(0.0) * 1e9) as u64)
     }

@@ -243,6 +243,6 @@ fn fresh_scheduler(profile: &Profile) -> Result<Scheduler, ConfigError> {
 }
 
 /// The simulated sampler: a pure function of (request, index), never a stop token.
-fn sample_token(request: RequestId, index: u32) -> TokenId {
+pub(crate) fn sample_token(request: RequestId, index: u32) -> TokenId {
     (100 + mix64(request.0.rotate_left(20) ^ u64::from(index)) % 30_000) as TokenId
 }

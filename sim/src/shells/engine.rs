@@ -1,0 +1,57 @@
+//! The simulated engine behind a real worker loop: the profile's cost model prices each step
+//! and a pure function of (request, index) stands in for the sampler.
+
+use super::clock::ScaledClock;
+use crate::eventlog::EventLog;
+use crate::profile::StepCost;
+use crate::worker::sample_token;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+use turbine_actors::engine::{ExecError, ExecSeq, SimulatedEngine};
+use turbine_actors::ids::WorkerId;
+use turbine_actors::worker::SampledToken;
+
+/// Forward-pass time and step count of one worker incarnation.
+#[derive(Clone, Copy, Debug, Default)]
+pub struct EngineCounters {
+    pub busy: Duration,
+    pub steps: u64,
+}
+
+pub struct CostModelEngine {
+    pub worker: WorkerId,
+    pub cost: StepCost,
+    pub clock: ScaledClock,
+    pub log: Arc<Mutex<EventLog>>,
+    pub counters: Arc<Mutex<EngineCounters>>,
+}
+
+impl SimulatedEngine for CostModelEngine {
+    fn step(&self, batch: &[ExecSeq]) -> (Duration, Result<Vec<SampledToken>, ExecError>) {
+        let d = self.cost.step_time_of(batch.iter().map(|e| &e.seq));
+        {
+            let mut c = self.counters.lock().unwrap_or_else(|e| e.into_inner());
+            c.busy += Duration::from_nanos(d.0);
+            c.steps += 1;
+        }
+        let tokens: u64 = batch.iter().map(|e| e.seq.tokens.len() as u64).sum();
+        self.log.lock().unwrap_or_else(|e| e.into_inner()).record(
+            self.clock.sim_now(),
+            "step",
+            self.worker.0,
+            tokens,
+            d.0,
+        );
+        let sampled = batch
+            .iter()
+            .filter(|e| e.seq.want_logits)
+            .map(|e| {
+                SampledToken::new(
+                    e.seq.request,
+                    sample_token(e.seq.request, e.seq.sample_index),
+                )
+            })
+            .collect();
+        (Duration::from_nanos(d.0), Ok(sampled))
+    }
+}
