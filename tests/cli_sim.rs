@@ -54,3 +54,34 @@ fn turbine_sim_runs_deterministically_and_writes_a_json_report() {
     );
     assert_eq!(report["seed"], 11, "{report}");
 }
+
+#[test]
+fn turbine_sim_actors_runs_the_real_shells_deterministically_with_a_trace() {
+    let trace = concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/sim/traces/mooncake_sample.jsonl"
+    );
+    let base = [
+        "--actors",
+        "--workers",
+        "4",
+        "--profile",
+        "llama3-8b-h100",
+        "--trace",
+        trace,
+        "--faults",
+        "crash:2@5+3",
+    ];
+    let (a, report) = sim(&[&base[..], &["--seed", "3"]].concat());
+    let (b, _) = sim(&[&base[..], &["--seed", "3"]].concat());
+    assert!(a.contains("(actors)"), "the table names the engine: {a}");
+    assert!(a.contains("invariants: ok"), "{a}");
+    assert_eq!(log_hash(&a), log_hash(&b), "same seed, same event log");
+    let n = report["requests"].as_u64().unwrap_or(0);
+    assert!(n > 0, "{report}");
+    assert_eq!(
+        report["completed"].as_u64().unwrap_or(0) + report["failed"].as_u64().unwrap_or(0),
+        n,
+        "every request finishes exactly once: {report}"
+    );
+}

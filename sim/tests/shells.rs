@@ -8,7 +8,10 @@ use turbine_sim::profile::Profile;
 use turbine_sim::rng::SeedSplitter;
 use turbine_sim::time::SimTime;
 use turbine_sim::workload::{RequestSpec, Synthetic};
-use turbine_sim::{build_config, build_workload, simulate_actors, Outcome, SimArgs, SimConfig};
+use turbine_sim::{
+    build_config, build_workload, simulate, simulate_actors, Outcome, Report, SimArgs, SimConfig,
+    Slo,
+};
 
 fn tiny_profile() -> Profile {
     Profile::load(concat!(
@@ -155,4 +158,51 @@ fn invariants_hold_under_random_faults_for_100_seeds() {
         "{dropped} {crashes} {retried} {failed}"
     );
     println!("100 seeds: {dropped} events dropped, {crashes} crashes, {retried} requests retried, {failed} failed");
+}
+
+#[test]
+fn the_shells_and_the_discrete_event_core_agree_on_a_quiet_run() {
+    // Same workload, profile, router and seed, no faults: the two engines drive the same
+    // scheduler and router logic, so latency and cache figures must come out close (they
+    // differ only in message timing: the shells send real load reports and registrations).
+    let wl = Synthetic {
+        num_requests: 300,
+        rate: 30.0,
+        input_mean: 256,
+        output_mean: 24,
+        prefix_groups: 4,
+        prefix_len: 128,
+        ..Synthetic::default()
+    }
+    .generate(&SeedSplitter::new(9));
+    let mut cfg = SimConfig::new(9, 4, Profile::load("smollm2-cpu").unwrap());
+    cfg.net = NetConfig::default();
+    let core = simulate(&cfg, &wl).unwrap();
+    let shells = simulate_actors(&cfg, &wl).unwrap();
+    let slo = Slo {
+        ttft_ms: 2000.0,
+        itl_ms: 200.0,
+    };
+    let a = Report::build(&core, 9, "kv", "smollm2-cpu", slo);
+    let b = Report::build(&shells, 9, "kv", "smollm2-cpu", slo);
+    assert_eq!((a.completed, b.completed), (300, 300));
+    let close = |x: f64, y: f64, rel: f64| (x - y).abs() <= rel * x.abs().max(y.abs());
+    assert!(
+        close(a.ttft_ms.p50, b.ttft_ms.p50, 0.15),
+        "TTFT p50 {} vs {}",
+        a.ttft_ms.p50,
+        b.ttft_ms.p50
+    );
+    assert!(
+        close(a.e2e_ms.p50, b.e2e_ms.p50, 0.15),
+        "E2E p50 {} vs {}",
+        a.e2e_ms.p50,
+        b.e2e_ms.p50
+    );
+    assert!(
+        (a.prefix_hit_rate - b.prefix_hit_rate).abs() < 0.05,
+        "hit rate {} vs {}",
+        a.prefix_hit_rate,
+        b.prefix_hit_rate
+    );
 }

@@ -66,7 +66,8 @@ use turbine_runtime::{Addr, MetricsRegistry, Node, NodeConfig, SharedClock};
 
 /// How long a client waits before retrying a request refused as retryable.
 pub const RETRY_AFTER: SimDuration = SimDuration(200_000_000);
-/// Longest wait for the run to settle after the last fault and the last request.
+/// How long a run may go without any progress (after the last arrival and fault) before
+/// it is called stuck.
 const SETTLE_LIMIT: SimDuration = SimDuration(120_000_000_000);
 /// How often the run's end conditions are checked.
 const POLL: SimDuration = SimDuration(50_000_000);
@@ -625,27 +626,38 @@ async fn run(cfg: &SimConfig, workload: &[RequestSpec]) -> Result<SimOutcome, Si
     }
 
     // Run until every request is resolved and both that and the last fault are `settle`
-    // behind, and every live worker is idle; give up SETTLE_LIMIT after the last arrival
-    // or fault.
+    // behind, and every live worker is idle. Give up when nothing has progressed (no token
+    // delivered, no request resolved) for SETTLE_LIMIT after the last arrival and fault:
+    // an overloaded cluster is slow, a stuck one is silent.
     let last_arrival = workload
         .iter()
         .map(|r| r.arrival)
         .max()
         .unwrap_or(SimTime::ZERO);
     let faults_over = cfg.faults.last_fault_end().plus(cfg.settle);
-    let give_up = last_arrival.max(faults_over).plus(SETTLE_LIMIT);
     let mut resolved_at = None;
+    let (mut progress, mut progressed_at) = (0usize, SimTime::ZERO);
     loop {
         let now = clock.sim_now();
-        if resolved_at.is_none() && lock(&records).iter().all(|r| r.resolutions > 0) {
+        let (done, delivered) = {
+            let recs = lock(&records);
+            let done = recs.iter().filter(|r| r.resolutions > 0).count();
+            let delivered: usize = recs.iter().map(|r| r.token_times.len()).sum();
+            (done, delivered)
+        };
+        if done + delivered != progress {
+            (progress, progressed_at) = (done + delivered, now);
+        }
+        if resolved_at.is_none() && done == workload.len() {
             resolved_at = Some(now);
         }
         // `settle` after the last request too: load reports must reveal any trailing loss.
         let settled_from = resolved_at.map(|t| t.plus(cfg.settle).max(faults_over));
-        if settled_from.is_some_and(|t| now >= t) && workers_idle(&world).await {
+        if settled_from.is_some_and(|t| now >= t) && workers_idle(&world) {
             break;
         }
-        if now >= give_up {
+        let quiet_since = progressed_at.max(last_arrival).max(faults_over);
+        if now >= quiet_since.plus(SETTLE_LIMIT) {
             break;
         }
         clock.sleep_for(POLL).await;
@@ -716,13 +728,13 @@ async fn log_membership(
     }
 }
 
-async fn workers_idle(world: &Arc<World>) -> bool {
-    for (_, handle, _) in world.live_workers() {
-        if !handle.inspect(|s| s.is_idle()).await.unwrap_or(true) {
-            return false;
-        }
-    }
-    true
+/// Every live worker reported itself idle after its last step (read from its load watch, not
+/// by asking: a command would make it publish again).
+fn workers_idle(world: &World) -> bool {
+    world.live_workers().iter().all(|(_, handle, _)| {
+        let s = handle.stats();
+        s.num_running + s.num_waiting == 0
+    })
 }
 
 /// The settled-state invariants: every live worker passes its block manager's checks, holds
