@@ -632,3 +632,20 @@ fn samples_may_come_in_any_order() {
         );
     }
 }
+
+#[test]
+fn load_counts_the_blocks_a_queue_will_need() {
+    // One sequence slot: the second and third requests wait.
+    let mut s = scheduler(64, 4, 64, 1, 256);
+    let mut streams = BTreeMap::new();
+    s.add_request(request(1, prompt(1, 10), 50), at(0)).unwrap();
+    s.add_request(request(2, prompt(2, 9), 5), at(0)).unwrap();
+    s.add_request(request(3, prompt(3, 4), 5), at(0)).unwrap();
+    step(&mut s, &mut streams, at(0));
+    let stats = s.stats();
+    assert_eq!(stats.num_waiting, 2);
+    // Block size 4: 9 tokens need 3 blocks, 4 tokens need 1.
+    assert_eq!(stats.waiting_blocks, 4);
+    assert_eq!(stats.load_blocks(), stats.kv.used as u64 + 4);
+    assert!(stats.kv.used > 0);
+}

@@ -439,7 +439,7 @@ impl Sim<'_> {
                     return;
                 };
                 let next_seq = w.kv_seq;
-                let active_blocks = w.block_manager().num_used_blocks() as u64;
+                let active_blocks = w.scheduler().stats().load_blocks();
                 let active_requests =
                     (w.scheduler().num_running() + w.scheduler().num_waiting()) as u32;
                 self.log

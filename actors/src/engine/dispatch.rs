@@ -165,7 +165,7 @@ impl Dispatcher {
     /// Feeds a worker's latest stats into the router's load view.
     pub fn update_load(&self, id: WorkerId, stats: &SchedulerStats) {
         let active = (stats.num_running + stats.num_waiting) as u32;
-        lock(&self.router).update_load(id, stats.kv.used as u64, active);
+        lock(&self.router).update_load(id, stats.load_blocks(), active);
     }
 
     /// The workers it knows (routable or in quarantine), in id order.

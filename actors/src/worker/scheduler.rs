@@ -68,11 +68,23 @@ pub struct SchedulerStats {
     pub num_preemptions: u64,
     pub num_steps: u64,
     pub kv: BlockStats,
+    /// KV blocks the waiting requests will need once admitted (their known tokens).
+    #[serde(default)]
+    pub waiting_blocks: u64,
     /// KV event batches the worker loop has published so far (the scheduler leaves it 0;
     /// the loop fills it in). A subscriber that has seen fewer can tell a trailing batch
     /// was lost even when no later batch comes to reveal the gap.
     #[serde(default)]
     pub kv_batches: u64,
+}
+
+impl SchedulerStats {
+    /// The worker's load in KV blocks as the router weighs it: what its running requests hold
+    /// plus what its queue will need. (Blocks held alone hide a queue: a worker with a full
+    /// pool and a hundred waiting requests would look as loaded as one with none.)
+    pub fn load_blocks(&self) -> u64 {
+        self.kv.used as u64 + self.waiting_blocks
+    }
 }
 
 /// What the executor's sampler needs for one request (see [`Scheduler::sampling_context`]).
@@ -406,6 +418,12 @@ impl Scheduler {
             num_preemptions: self.num_preemptions,
             num_steps: self.next_step,
             kv: self.blocks.stats(),
+            waiting_blocks: self
+                .waiting
+                .iter()
+                .filter_map(|id| self.seqs.get(id))
+                .map(|seq| self.blocks.block_size().blocks_for(seq.tokens.len()) as u64)
+                .sum(),
             kv_batches: 0,
         }
     }
