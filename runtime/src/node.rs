@@ -367,31 +367,13 @@ impl Node {
             .to_string();
         let metrics = RuntimeMetrics::new(&registry);
         let (router_out, out_rx) = mpsc::channel(config.send_queue.max(1));
-        let stop = CancellationToken::new();
-        let shared = Arc::new(Shared {
-            name: Arc::from(config.name.as_str()),
-            config,
-            services: Mutex::new(HashMap::new()),
-            served_streams: Mutex::new(HashMap::new()),
-            metrics,
-            router_out,
-        });
+        let node = Self::assemble(config, endpoint, clock, registry, metrics, router_out, true);
         let (send_half, recv_half) = router.split();
+        let (shared, stop) = (&node.inner.shared, &node.inner.stop);
         tokio::spawn(router_write_loop(send_half, out_rx, stop.clone()));
         tokio::spawn(router_read_loop(recv_half, shared.clone(), stop.clone()));
-        tracing::info!(node = %shared.name, %endpoint, "node listening");
-        Ok(Self {
-            inner: Arc::new(NodeInner {
-                shared,
-                endpoint,
-                clock,
-                registry,
-                peers: tokio::sync::Mutex::new(HashMap::new()),
-                networked: true,
-                _stop_on_drop: stop.clone().drop_guard(),
-                stop,
-            }),
-        })
+        tracing::info!(node = %shared.name, endpoint = %node.inner.endpoint, "node listening");
+        Ok(node)
     }
 
     /// A node without sockets: services are served and reached in this process only
@@ -402,8 +384,22 @@ impl Node {
         let metrics = RuntimeMetrics::new(&registry);
         // Replies to remote callers go out through `router_out`; an in-memory node has none.
         let (router_out, _) = mpsc::channel(1);
-        let stop = CancellationToken::new();
         let endpoint = format!("inproc://{}", config.name);
+        Self::assemble(
+            config, endpoint, clock, registry, metrics, router_out, false,
+        )
+    }
+
+    fn assemble(
+        config: NodeConfig,
+        endpoint: String,
+        clock: SharedClock,
+        registry: MetricsRegistry,
+        metrics: RuntimeMetrics,
+        router_out: mpsc::Sender<ZmqMessage>,
+        networked: bool,
+    ) -> Self {
+        let stop = CancellationToken::new();
         let shared = Arc::new(Shared {
             name: Arc::from(config.name.as_str()),
             config,
@@ -419,7 +415,7 @@ impl Node {
                 clock,
                 registry,
                 peers: tokio::sync::Mutex::new(HashMap::new()),
-                networked: false,
+                networked,
                 _stop_on_drop: stop.clone().drop_guard(),
                 stop,
             }),

@@ -93,6 +93,41 @@ pub struct RequestRecord {
     pub resolutions: u32,
 }
 
+impl RequestRecord {
+    /// A request that has not arrived yet.
+    pub fn new(spec: &RequestSpec) -> Self {
+        RequestRecord {
+            arrival: spec.arrival,
+            input_len: spec.input_len,
+            output_len: spec.output_len,
+            token_times: Vec::new(),
+            finished: None,
+            outcome: None,
+            attempts: 0,
+            resolutions: 0,
+        }
+    }
+}
+
+/// Invariant 1: every request resolved exactly once, and a completed one with exactly its
+/// output length.
+pub fn request_violations(records: &[RequestRecord]) -> Vec<String> {
+    let mut violations = Vec::new();
+    for (i, r) in records.iter().enumerate() {
+        if r.resolutions != 1 {
+            violations.push(format!("request {i} resolved {} times", r.resolutions));
+        }
+        if r.outcome == Some(Outcome::Completed) && r.token_times.len() != r.output_len as usize {
+            violations.push(format!(
+                "request {i} completed with {} of {} tokens",
+                r.token_times.len(),
+                r.output_len
+            ));
+        }
+    }
+    violations
+}
+
 /// Per-worker-slot figures.
 #[derive(Clone, Debug, serde::Serialize)]
 pub struct WorkerRecord {
@@ -308,16 +343,7 @@ pub fn simulate_with(
 impl Sim<'_> {
     fn init(&mut self) {
         for (i, r) in self.workload.iter().enumerate() {
-            self.records.push(RequestRecord {
-                arrival: r.arrival,
-                input_len: r.input_len,
-                output_len: r.output_len,
-                token_times: Vec::new(),
-                finished: None,
-                outcome: None,
-                attempts: 0,
-                resolutions: 0,
-            });
+            self.records.push(RequestRecord::new(r));
             self.reqs.push(ReqState {
                 prompt: Vec::new(),
                 current: None,
@@ -850,20 +876,7 @@ impl Sim<'_> {
     }
 
     fn finish(self) -> SimOutcome {
-        let mut violations = Vec::new();
-        for (i, r) in self.records.iter().enumerate() {
-            if r.resolutions != 1 {
-                violations.push(format!("request {i} resolved {} times", r.resolutions));
-            }
-            if r.outcome == Some(Outcome::Completed) && r.token_times.len() != r.output_len as usize
-            {
-                violations.push(format!(
-                    "request {i} completed with {} of {} tokens",
-                    r.token_times.len(),
-                    r.output_len
-                ));
-            }
-        }
+        let mut violations = request_violations(&self.records);
         for w in self.workers.iter().filter(|w| w.alive) {
             if let Err(e) = w.check_settled() {
                 violations.push(e.0);

@@ -1,57 +1,20 @@
 //! Whole-run properties: determinism of the event log, and invariants under faults over many
 //! seeds.
 
+mod common;
+
 use clap::Parser;
+use common::{fault_args, faulty_config, run_fault_seed, tiny_profile, workload};
 use turbine_sim::faults::FaultPlan;
-use turbine_sim::network::NetConfig;
-use turbine_sim::profile::Profile;
 use turbine_sim::rng::SeedSplitter;
 use turbine_sim::router::PolicyName;
 use turbine_sim::time::SimTime;
-use turbine_sim::workload::{RequestSpec, Synthetic};
 use turbine_sim::{build_config, build_workload, simulate, Outcome, SimArgs, SimConfig};
-
-/// A small engine with a small KV pool, so preemption and eviction happen too.
-fn tiny_profile() -> Profile {
-    Profile::from_yaml(
-        "name: tiny\nplaceholder: true\nstep_time: {base_us: 2000, per_prefill_token_us: 20, per_decode_seq_us: 100, per_context_token_us: 0.1}\n\
-         kv: {num_blocks: 48, block_size: 16}\n\
-         scheduler: {max_num_batched_tokens: 128, max_num_seqs: 8, max_model_len: 512, enable_chunked_prefill: true}\n",
-        "tiny",
-    )
-    .unwrap()
-}
-
-fn workload(seed: u64, n: usize) -> Vec<RequestSpec> {
-    Synthetic {
-        num_requests: n,
-        rate: 40.0,
-        input_mean: 96,
-        output_mean: 12,
-        prefix_groups: 3,
-        prefix_len: 64,
-        ..Synthetic::default()
-    }
-    .generate(&SeedSplitter::new(seed))
-}
-
-fn faulty_config(seed: u64, wl: &[RequestSpec]) -> SimConfig {
-    let mut cfg = SimConfig::new(seed, 3, tiny_profile());
-    cfg.net = NetConfig {
-        loss: 0.05,
-        reorder: 0.1,
-        jitter_mean_us: 300.0,
-        ..NetConfig::default()
-    };
-    let span = wl.last().map(|r| r.arrival).unwrap_or(SimTime::ZERO);
-    cfg.faults = FaultPlan::parse("random:3", &SeedSplitter::new(seed), 3, span).unwrap();
-    cfg
-}
 
 #[test]
 fn same_seed_same_event_log_and_different_seed_differs() {
     let wl = workload(11, 40);
-    let cfg = faulty_config(11, &wl);
+    let cfg = faulty_config(11, &wl, "random:3");
     let a = simulate(&cfg, &wl).unwrap();
     let b = simulate(&cfg, &wl).unwrap();
     assert_eq!(a.event_log_hash, b.event_log_hash);
@@ -65,26 +28,12 @@ fn same_seed_same_event_log_and_different_seed_differs() {
 #[test]
 fn event_log_lines_are_identical_across_runs() {
     let wl = workload(5, 20);
-    let mut cfg = faulty_config(5, &wl);
+    let mut cfg = faulty_config(5, &wl, "random:3");
     cfg.keep_event_log = true;
     let a = simulate(&cfg, &wl).unwrap();
     let b = simulate(&cfg, &wl).unwrap();
     assert!(a.event_log_lines.as_ref().is_some_and(|l| !l.is_empty()));
     assert_eq!(a.event_log_lines, b.event_log_lines);
-}
-
-/// The arguments of the fault scenario, as `turbine sim` takes them (so a failing seed can be
-/// replayed from the command line exactly).
-fn fault_args(seed: u64) -> Vec<String> {
-    let profile = concat!(env!("CARGO_MANIFEST_DIR"), "/profiles/tiny-test.yaml");
-    format!(
-        "--seed {seed} --profile {profile} --workers 3 --requests 24 --rate 40 --input-mean 96 \
-         --output-mean 12 --prefix-groups 3 --prefix-len 64 --faults random:3 --loss 0.05 \
-         --reorder 0.1 --net-jitter-us 300"
-    )
-    .split_whitespace()
-    .map(String::from)
-    .collect()
 }
 
 #[test]
@@ -96,26 +45,16 @@ fn invariants_hold_under_random_faults_for_100_seeds() {
         .map(|s| (s, false))
         .chain((0..20).map(|s| (s, true)));
     for (seed, stand_in) in runs {
-        let mut argv = fault_args(seed);
+        let mut argv = fault_args(seed, "");
         if stand_in {
             argv.push("--stand-in-router".to_string());
         }
-        let args =
-            SimArgs::parse_from(std::iter::once("sim".to_string()).chain(argv.iter().cloned()));
-        let wl = build_workload(&args).unwrap();
-        let cfg = build_config(&args, &wl).unwrap();
-        let o = simulate(&cfg, &wl).unwrap();
+        let (o, failure) = run_fault_seed(seed, &argv, simulate);
         migrations += o.migrations;
         resyncs += o.resyncs;
         dropped += o.net.dropped_loss + o.net.dropped_partition;
         crashes += o.workers.iter().map(|w| w.crashes).sum::<u32>();
-        if !o.invariant_violations.is_empty() {
-            failures.push(format!(
-                "seed {seed}: replay with `turbine sim {}`: {:?}",
-                argv.join(" "),
-                o.invariant_violations
-            ));
-        }
+        failures.extend(failure);
     }
     assert!(failures.is_empty(), "{}", failures.join("\n"));
     // The scenario must actually exercise the fault paths.

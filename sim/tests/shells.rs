@@ -1,56 +1,21 @@
 //! The real actor shells on paused time (`turbine sim --actors`): determinism of the event
 //! log, and the settled-state invariants with and without faults.
 
-use clap::Parser;
+mod common;
+
+use common::{fault_args, faulty_config, run_fault_seed, tiny_profile, workload};
 use turbine_sim::faults::FaultPlan;
 use turbine_sim::network::NetConfig;
 use turbine_sim::profile::Profile;
 use turbine_sim::rng::SeedSplitter;
 use turbine_sim::time::SimTime;
-use turbine_sim::workload::{RequestSpec, Synthetic};
-use turbine_sim::{
-    build_config, build_workload, simulate, simulate_actors, Outcome, Report, SimArgs, SimConfig,
-    Slo,
-};
-
-fn tiny_profile() -> Profile {
-    Profile::load(concat!(
-        env!("CARGO_MANIFEST_DIR"),
-        "/profiles/tiny-test.yaml"
-    ))
-    .unwrap()
-}
-
-fn workload(seed: u64, n: usize) -> Vec<RequestSpec> {
-    Synthetic {
-        num_requests: n,
-        rate: 40.0,
-        input_mean: 96,
-        output_mean: 12,
-        prefix_groups: 3,
-        prefix_len: 64,
-        ..Synthetic::default()
-    }
-    .generate(&SeedSplitter::new(seed))
-}
-
-fn config(seed: u64, wl: &[RequestSpec], faults: &str) -> SimConfig {
-    let mut cfg = SimConfig::new(seed, 3, tiny_profile());
-    cfg.net = NetConfig {
-        loss: 0.05,
-        reorder: 0.1,
-        jitter_mean_us: 300.0,
-        ..NetConfig::default()
-    };
-    let span = wl.last().map(|r| r.arrival).unwrap_or(SimTime::ZERO);
-    cfg.faults = FaultPlan::parse(faults, &SeedSplitter::new(seed), 3, span).unwrap();
-    cfg
-}
+use turbine_sim::workload::Synthetic;
+use turbine_sim::{simulate, simulate_actors, Outcome, Report, SimConfig, Slo};
 
 #[test]
 fn a_quiet_run_completes_every_request_through_the_real_shells() {
     let wl = workload(3, 30);
-    let mut cfg = config(3, &wl, "");
+    let mut cfg = faulty_config(3, &wl, "");
     cfg.net = NetConfig::default();
     let out = simulate_actors(&cfg, &wl).unwrap();
     assert!(
@@ -71,7 +36,7 @@ fn a_quiet_run_completes_every_request_through_the_real_shells() {
 #[test]
 fn same_seed_same_event_log_and_different_seed_differs() {
     let wl = workload(11, 30);
-    let mut cfg = config(11, &wl, "random:2");
+    let mut cfg = faulty_config(11, &wl, "random:2");
     cfg.keep_event_log = true;
     let a = simulate_actors(&cfg, &wl).unwrap();
     let b = simulate_actors(&cfg, &wl).unwrap();
@@ -110,31 +75,12 @@ fn requests_after_a_crash_go_to_the_live_worker_without_waiting_for_the_lease() 
     );
 }
 
-/// The fault scenario's arguments, as `turbine sim` takes them, so a failing seed can be
-/// replayed from the command line exactly.
-fn fault_args(seed: u64) -> Vec<String> {
-    let profile = concat!(env!("CARGO_MANIFEST_DIR"), "/profiles/tiny-test.yaml");
-    format!(
-        "--actors --seed {seed} --profile {profile} --workers 3 --requests 24 --rate 40 \
-         --input-mean 96 --output-mean 12 --prefix-groups 3 --prefix-len 64 --faults random:3 \
-         --loss 0.05 --reorder 0.1 --net-jitter-us 300"
-    )
-    .split_whitespace()
-    .map(String::from)
-    .collect()
-}
-
 #[test]
 fn invariants_hold_under_random_faults_for_100_seeds() {
     let mut failures = Vec::new();
     let (mut dropped, mut crashes, mut retried, mut failed) = (0, 0, 0, 0);
     for seed in 0..100u64 {
-        let argv = fault_args(seed);
-        let args =
-            SimArgs::parse_from(std::iter::once("sim".to_string()).chain(argv.iter().cloned()));
-        let wl = build_workload(&args).unwrap();
-        let cfg = build_config(&args, &wl).unwrap();
-        let o = simulate_actors(&cfg, &wl).unwrap();
+        let (o, failure) = run_fault_seed(seed, &fault_args(seed, "--actors"), simulate_actors);
         dropped += o.net.dropped_loss + o.net.dropped_partition;
         crashes += o.workers.iter().map(|w| w.crashes).sum::<u32>();
         retried += o.requests.iter().filter(|r| r.attempts > 1).count();
@@ -143,13 +89,7 @@ fn invariants_hold_under_random_faults_for_100_seeds() {
             .iter()
             .filter(|r| matches!(r.outcome, Some(Outcome::Failed(_))))
             .count();
-        if !o.invariant_violations.is_empty() {
-            failures.push(format!(
-                "seed {seed}: replay with `turbine sim {}`: {:?}",
-                argv.join(" "),
-                o.invariant_violations
-            ));
-        }
+        failures.extend(failure);
     }
     assert!(failures.is_empty(), "{}", failures.join("\n"));
     // The scenario must actually exercise the fault paths.

@@ -27,7 +27,9 @@ pub mod clock;
 pub mod engine;
 pub mod net;
 
-use crate::cluster::{Outcome, RequestRecord, SimConfig, SimError, SimOutcome, WorkerRecord};
+use crate::cluster::{
+    request_violations, Outcome, RequestRecord, SimConfig, SimError, SimOutcome, WorkerRecord,
+};
 use crate::eventlog::EventLog;
 use crate::network::{Network, NodeId};
 use crate::real_router::router_config;
@@ -582,19 +584,7 @@ async fn run(cfg: &SimConfig, workload: &[RequestSpec]) -> Result<SimOutcome, Si
     );
 
     let records = Arc::new(Mutex::new(
-        workload
-            .iter()
-            .map(|r| RequestRecord {
-                arrival: r.arrival,
-                input_len: r.input_len,
-                output_len: r.output_len,
-                token_times: Vec::new(),
-                finished: None,
-                outcome: None,
-                attempts: 0,
-                resolutions: 0,
-            })
-            .collect::<Vec<_>>(),
+        workload.iter().map(RequestRecord::new).collect::<Vec<_>>(),
     ));
     let mut tasks = Vec::new();
     for (i, spec) in workload.iter().enumerate() {
@@ -672,18 +662,7 @@ async fn run(cfg: &SimConfig, workload: &[RequestSpec]) -> Result<SimOutcome, Si
     let routed = lock(dispatcher.router()).metrics();
     let leases_expired = *lock(&leases_expired);
     let records = std::mem::take(&mut *lock(&records));
-    for (i, r) in records.iter().enumerate() {
-        if r.resolutions != 1 {
-            violations.push(format!("request {i} resolved {} times", r.resolutions));
-        }
-        if r.outcome == Some(Outcome::Completed) && r.token_times.len() != r.output_len as usize {
-            violations.push(format!(
-                "request {i} completed with {} of {} tokens",
-                r.token_times.len(),
-                r.output_len
-            ));
-        }
-    }
+    violations.extend(request_violations(&records));
     let workers = worker_records(&world).await;
     let log = lock(&log);
     Ok(SimOutcome {
