@@ -1,0 +1,131 @@
+//! The dispatcher leaves a worker whose connection is lost out of routing for a while (not
+//! until its discovery lease expires), then routes to it again. On paused time, with the
+//! workers behind in-memory nodes and the lost one behind a link that refuses everything.
+
+use async_trait::async_trait;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use turbine_actors::engine::dispatch::{DispatchRequest, Dispatcher, UNREACHABLE_QUARANTINE};
+use turbine_actors::engine::service::{WorkerReply, WorkerRequest, WorkerService};
+use turbine_actors::frontend::EngineError;
+use turbine_actors::ids::WorkerId;
+use turbine_actors::kv::BlockSize;
+use turbine_actors::protocol::{FinishReason, SamplingParams, StopConditions, TokenOutput};
+use turbine_actors::router::{KvRouter, RouterConfig, RouterReplicaId};
+use turbine_runtime::{
+    CallError, Direction, Handler, HandlerError, Link, MetricsRegistry, Node, NodeConfig,
+    RequestCtx, StreamSink, TokioClock, Transit,
+};
+
+/// Answers every request with one token and a finish.
+struct OneToken;
+
+#[async_trait]
+impl Handler<WorkerService> for OneToken {
+    async fn call(
+        &mut self,
+        _req: WorkerRequest,
+        _ctx: &RequestCtx,
+    ) -> Result<WorkerReply, HandlerError> {
+        Err(HandlerError::new("stream only"))
+    }
+
+    async fn stream(
+        &mut self,
+        _req: WorkerRequest,
+        sink: StreamSink<WorkerReply>,
+        _ctx: &RequestCtx,
+    ) -> Result<(), HandlerError> {
+        tokio::spawn(async move {
+            let _ = sink
+                .send(WorkerReply::Token(TokenOutput {
+                    token_ids: vec![7],
+                    logprobs: None,
+                    finish: Some(FinishReason::Length),
+                    cached_tokens: Some(0),
+                }))
+                .await;
+        });
+        Ok(())
+    }
+}
+
+/// A link to a process that is gone (while `down`).
+#[derive(Debug)]
+struct CutLink {
+    down: AtomicBool,
+}
+
+impl Link for CutLink {
+    fn transit(&self, _dir: Direction) -> Transit {
+        let down = self.down.load(Ordering::SeqCst);
+        Box::pin(async move {
+            if down {
+                Err(CallError::PeerGone("tcp://gone".into()))
+            } else {
+                Ok(())
+            }
+        })
+    }
+}
+
+fn request() -> DispatchRequest {
+    DispatchRequest {
+        token_ids: (0..40).collect(),
+        sampling: SamplingParams::greedy(),
+        stop: StopConditions {
+            max_tokens: 1,
+            stop_token_ids: vec![],
+            ignore_eos: true,
+        },
+        logprobs: None,
+    }
+}
+
+#[tokio::test(flavor = "current_thread", start_paused = true)]
+async fn a_lost_worker_is_skipped_for_the_quarantine_then_tried_again() {
+    let node = Node::in_memory(
+        NodeConfig {
+            name: "test".into(),
+            ..NodeConfig::default()
+        },
+        TokioClock::shared(),
+        MetricsRegistry::new(),
+    );
+    for name in ["worker/1", "worker/2"] {
+        node.serve::<WorkerService, _, _>(name, || OneToken)
+            .await
+            .unwrap();
+    }
+    let link = Arc::new(CutLink {
+        down: AtomicBool::new(true),
+    });
+    let router = KvRouter::new(RouterReplicaId(0), RouterConfig::default(), None).unwrap();
+    let dispatcher = Dispatcher::new(BlockSize::DEFAULT, router, 1, TokioClock::shared());
+    let w1 = node
+        .local::<WorkerService>("worker/1")
+        .unwrap()
+        .via(link.clone());
+    dispatcher.add_worker(WorkerId(1), w1);
+    dispatcher.add_worker(WorkerId(2), node.local("worker/2").unwrap());
+
+    // Equal loads: the lower id wins, and its connection is gone: a retryable refusal.
+    let err = dispatcher.dispatch(request()).await.err().unwrap();
+    assert!(matches!(err, EngineError::Overloaded(_)), "{err:?}");
+
+    // From now on the lost worker is skipped, though discovery still lists it.
+    for _ in 0..3 {
+        let mut d = dispatcher.dispatch(request()).await.unwrap();
+        assert_eq!(d.worker, WorkerId(2));
+        let out = d.next_output().await.unwrap().unwrap();
+        assert_eq!(out.token_ids, vec![7]);
+    }
+    assert_eq!(dispatcher.worker_ids(), vec![WorkerId(1), WorkerId(2)]);
+
+    // The process comes back; once the quarantine is over it is routed to again.
+    link.down.store(false, Ordering::SeqCst);
+    tokio::time::advance(UNREACHABLE_QUARANTINE).await;
+    let mut d = dispatcher.dispatch(request()).await.unwrap();
+    assert_eq!(d.worker, WorkerId(1));
+    assert!(d.next_output().await.unwrap().is_ok());
+}
