@@ -84,7 +84,9 @@ pub enum Delivery {
 /// Pure gap detection over (publisher, topic, seq) observations.
 #[derive(Debug, Default, Clone)]
 pub struct GapDetector {
-    next: BTreeMap<(String, String), u64>,
+    /// Next expected sequence number by publisher, then topic (nested so that a lookup
+    /// borrows the names instead of allocating a key per event).
+    next: BTreeMap<String, BTreeMap<String, u64>>,
 }
 
 impl GapDetector {
@@ -96,9 +98,17 @@ impl GapDetector {
     /// Records `seq` and reports a gap if it is not the successor of the last one seen
     /// (the first event of a stream is expected to be seq 1).
     pub fn observe(&mut self, publisher: &str, topic: &str, seq: u64) -> Option<Gap> {
-        let key = (publisher.to_string(), topic.to_string());
-        let expected = self.next.get(&key).copied().unwrap_or(1);
-        self.next.insert(key, seq.saturating_add(1));
+        let topics = match self.next.get_mut(publisher) {
+            Some(topics) => topics,
+            None => self.next.entry(publisher.to_string()).or_default(),
+        };
+        let expected = match topics.get_mut(topic) {
+            Some(next) => std::mem::replace(next, seq.saturating_add(1)),
+            None => {
+                topics.insert(topic.to_string(), seq.saturating_add(1));
+                1
+            }
+        };
         (seq != expected).then(|| Gap {
             publisher: publisher.to_string(),
             topic: topic.to_string(),

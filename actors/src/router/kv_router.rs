@@ -109,6 +109,9 @@ pub struct KvRouter {
     policy: Policy,
     workers: BTreeMap<WorkerId, LoadView>,
     in_flight: BTreeMap<RequestId, InFlight>,
+    /// Per worker, the requests routed there since its last load report (some may have
+    /// finished since): a report acknowledges exactly these, without scanning `in_flight`.
+    unacknowledged: BTreeMap<WorkerId, Vec<RequestId>>,
     next_seq: u64,
     metrics: RouterMetrics,
     per_worker: BTreeMap<WorkerId, WorkerRouteCounts>,
@@ -134,6 +137,7 @@ impl KvRouter {
             index,
             workers: BTreeMap::new(),
             in_flight: BTreeMap::new(),
+            unacknowledged: BTreeMap::new(),
             next_seq: 0,
             metrics: RouterMetrics::default(),
             per_worker: BTreeMap::new(),
@@ -163,6 +167,7 @@ impl KvRouter {
     /// Forget a worker: its load, its in-flight requests and its cached blocks.
     pub fn remove_worker(&mut self, worker: WorkerId) {
         self.workers.remove(&worker);
+        self.unacknowledged.remove(&worker);
         self.in_flight.retain(|_, f| f.worker != worker);
         match &mut self.index {
             IndexSource::Events(ix) => ix.remove_worker(worker),
@@ -193,8 +198,10 @@ impl KvRouter {
             pending_blocks: 0,
             pending_requests: 0,
         };
-        for f in self.in_flight.values_mut().filter(|f| f.worker == worker) {
-            f.acknowledged = true;
+        for request in self.unacknowledged.remove(&worker).unwrap_or_default() {
+            if let Some(f) = self.in_flight.get_mut(&request) {
+                f.acknowledged = true;
+            }
         }
     }
 
@@ -304,6 +311,10 @@ impl KvRouter {
                         acknowledged: false,
                     },
                 );
+                self.unacknowledged
+                    .entry(*worker)
+                    .or_default()
+                    .push(*request);
                 if let IndexSource::Approximate(ax) = &mut self.index {
                     ax.record(now, *worker, hashes);
                 }
