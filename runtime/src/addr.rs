@@ -129,12 +129,18 @@ impl<S: Service> Addr<S> {
     /// and cancellation crosses the link first, and a link that fails a passage fails the
     /// exchange as the real transport would (`PeerGone`; `Timeout` past the call timeout).
     /// The simulator builds its network out of this.
-    pub fn via(self, link: Arc<dyn Link>) -> Self {
+    pub fn via(mut self, link: Arc<dyn Link>) -> Self {
+        // The exchange is counted once, by the outer address: the inner one counts into a
+        // registry nobody reads.
+        let metrics = std::mem::replace(
+            &mut self.metrics,
+            RuntimeMetrics::new(&crate::telemetry::MetricsRegistry::new()),
+        );
         Self {
             timeout: self.timeout,
             window: self.window,
             clock: self.clock.clone(),
-            metrics: self.metrics.clone(),
+            metrics,
             target: Target::Via {
                 link,
                 inner: Box::new(self),

@@ -162,6 +162,11 @@ impl Network {
         Some(at)
     }
 
+    /// Forgets the last delivery times (the caller's clock went back to zero).
+    pub fn reset_fifo(&mut self) {
+        self.last_delivery.clear();
+    }
+
     /// When the last partition ends (faults are over from then on).
     pub fn last_partition_end(&self) -> SimTime {
         self.partitions

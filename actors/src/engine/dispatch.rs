@@ -77,18 +77,19 @@ impl Health {
         self.clock.now().saturating_duration_since(self.started)
     }
 
-    /// Takes `worker` out of routing (and its blocks out of the index) for a while.
+    /// Takes `worker` out of routing for a while (its load and cached blocks are kept, so
+    /// a worker that was only cut off briefly keeps its prefix affinity).
     fn unreachable(&self, worker: WorkerId) {
         let until = self.now() + UNREACHABLE_QUARANTINE;
         let mut q = self.quarantined.lock().unwrap_or_else(|e| e.into_inner());
         if q.insert(worker, until).is_none() {
             tracing::warn!(%worker, "worker unreachable; not routing to it for {UNREACHABLE_QUARANTINE:?}");
-            lock(&self.router).remove_worker(worker);
+            lock(&self.router).set_suspended(worker, true);
         }
     }
 
-    /// Ends quarantines that are over; returns the workers to route to again.
-    fn expired(&self) -> Vec<WorkerId> {
+    /// Routes to the workers whose quarantine is over again.
+    fn lift_expired(&self) {
         let now = self.now();
         let mut q = self.quarantined.lock().unwrap_or_else(|e| e.into_inner());
         let over: Vec<WorkerId> = q
@@ -96,10 +97,11 @@ impl Health {
             .filter(|(_, until)| **until <= now)
             .map(|(w, _)| *w)
             .collect();
-        for w in &over {
-            q.remove(w);
+        for w in over {
+            q.remove(&w);
+            // A worker removed meanwhile is unknown to the router: nothing to lift.
+            lock(&self.router).set_suspended(w, false);
         }
-        over
     }
 
     fn forget(&self, worker: WorkerId) {
@@ -144,22 +146,22 @@ impl Dispatcher {
 
     /// Makes `worker` routable.
     pub fn add_worker(&self, id: WorkerId, worker: Addr<WorkerService>) {
+        // The address map's lock is held across the router update so that the two never
+        // disagree for a concurrent `dispatch`.
+        let mut workers = self.workers.write().unwrap_or_else(|e| e.into_inner());
+        workers.insert(id, worker);
         self.health.forget(id);
-        lock(&self.router).add_worker(id);
-        self.workers
-            .write()
-            .unwrap_or_else(|e| e.into_inner())
-            .insert(id, worker);
+        let mut router = lock(&self.router);
+        router.add_worker(id);
+        router.set_suspended(id, false);
     }
 
     /// Stops routing to `id` (it left, or its lease expired) and forgets its KV blocks.
     pub fn remove_worker(&self, id: WorkerId) {
+        let mut workers = self.workers.write().unwrap_or_else(|e| e.into_inner());
+        workers.remove(&id);
         self.health.forget(id);
         lock(&self.router).remove_worker(id);
-        self.workers
-            .write()
-            .unwrap_or_else(|e| e.into_inner())
-            .remove(&id);
     }
 
     /// Feeds a worker's latest stats into the router's load view.
@@ -197,16 +199,7 @@ impl Dispatcher {
             hashes: hash_blocks(&req.token_ids, self.block_size, 0),
             token_count: req.token_ids.len(),
         };
-        for worker in self.health.expired() {
-            let known = self
-                .workers
-                .read()
-                .unwrap_or_else(|e| e.into_inner())
-                .contains_key(&worker);
-            if known {
-                lock(&self.router).add_worker(worker);
-            }
-        }
+        self.health.lift_expired();
         let decision = lock(&self.router)
             .route(self.health.now(), &route)
             .map_err(|RouteError::NoWorkers| {
@@ -224,8 +217,10 @@ impl Dispatcher {
             .get(&decision.worker)
             .cloned();
         let Some(worker) = worker else {
-            return Err(EngineError::Internal(format!(
-                "router chose unknown worker {}",
+            // Removed between the decision and now: forget it and let the client retry.
+            lock(&self.router).remove_worker(decision.worker);
+            return Err(EngineError::Overloaded(format!(
+                "worker {} has just left",
                 decision.worker
             )));
         };

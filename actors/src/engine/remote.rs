@@ -107,7 +107,7 @@ struct Joined {
     events: JoinHandle<()>,
 }
 
-/// Watches `discovery` for workers and keeps `pipeline` (and the KV `index`) in step with
+/// Watches `discovery` for workers and keeps `dispatcher` (and the KV `index`) in step with
 /// them, until the returned task is aborted. A watch that ends (registry restart) is
 /// re-opened and its snapshot taken as the truth.
 pub fn watch_workers(
@@ -201,15 +201,17 @@ pub async fn report_load(
 
 /// Notices a lost *trailing* KV batch: the sequence gap detector only sees a loss when a
 /// later batch arrives, which never happens if the worker goes quiet. Load reports carry the
-/// number of batches published; once a report claims more batches than have arrived and the
-/// *next* report comes without them having arrived meanwhile, they were lost. (One report of
-/// slack: a batch and the report after it may be published in either order.)
+/// number of batches published; when a report counts batches that had not arrived by the
+/// *previous* report either, they were lost. (The worker publishes batches and reports in
+/// one ordered queue, so a report cannot overtake its batches there; the one report of slack
+/// covers transports that may reorder them.) The first report is the baseline: batches
+/// published before the subscription are not expected.
 #[derive(Debug, Default)]
 pub struct TrailingLoss {
     /// Highest batch sequence number seen (batches count from 0).
     seen: Option<u64>,
-    /// What the previous load report claimed.
-    claimed: u64,
+    /// What the previous load report claimed (`None` before the first report).
+    claimed: Option<u64>,
 }
 
 impl TrailingLoss {
@@ -219,9 +221,14 @@ impl TrailingLoss {
 
     /// A load report claiming `kv_batches` published; true when batches were lost.
     pub fn on_load_report(&mut self, kv_batches: u64) -> bool {
-        let arrived = self.seen.map_or(0, |s| s + 1);
-        let lost = self.claimed > arrived;
-        self.claimed = kv_batches;
+        let Some(claimed) = self.claimed.replace(kv_batches) else {
+            // Baseline: whatever was published before we subscribed counts as seen.
+            let before = kv_batches.checked_sub(1);
+            self.seen = self.seen.max(before);
+            return false;
+        };
+        let arrived = self.seen.map_or(0, |s| s.saturating_add(1));
+        let lost = claimed > arrived;
         if lost {
             // Cleared: what arrives from now on is the new baseline.
             self.seen = kv_batches.checked_sub(1);
@@ -283,6 +290,7 @@ mod tests {
     #[test]
     fn a_lost_last_batch_is_noticed_one_report_later() {
         let mut t = TrailingLoss::default();
+        assert!(!t.on_load_report(0), "the first report is the baseline");
         t.on_batch(0);
         t.on_batch(1);
         // Batch 2 is lost; the report after it claims 3 batches.
@@ -292,8 +300,18 @@ mod tests {
     }
 
     #[test]
+    fn batches_published_before_the_subscription_are_not_a_loss() {
+        let mut t = TrailingLoss::default();
+        assert!(!t.on_load_report(40));
+        t.on_batch(40);
+        assert!(!t.on_load_report(41));
+        assert!(!t.on_load_report(41));
+    }
+
+    #[test]
     fn a_batch_published_after_its_report_is_not_a_loss() {
         let mut t = TrailingLoss::default();
+        assert!(!t.on_load_report(0));
         t.on_batch(0);
         assert!(!t.on_load_report(2)); // batch 1 not here yet
         t.on_batch(1);

@@ -92,6 +92,8 @@ struct LoadView {
     reported_requests: u32,
     pending_blocks: u64,
     pending_requests: u32,
+    /// Left out of selection (unreachable for now); its load and index entries are kept.
+    suspended: bool,
 }
 
 #[derive(Clone, Copy, Debug)]
@@ -175,6 +177,14 @@ impl KvRouter {
         }
     }
 
+    /// Leaves `worker` out of (or back in) selection without forgetting its load or its
+    /// cached blocks: for a worker that is unreachable for now but may come back.
+    pub fn set_suspended(&mut self, worker: WorkerId, suspended: bool) {
+        if let Some(view) = self.workers.get_mut(&worker) {
+            view.suspended = suspended;
+        }
+    }
+
     /// Workers and their current load view, sorted by id.
     pub fn loads(&self) -> Vec<WorkerLoad> {
         self.workers
@@ -197,6 +207,7 @@ impl KvRouter {
             reported_requests: active_requests,
             pending_blocks: 0,
             pending_requests: 0,
+            suspended: view.suspended,
         };
         for request in self.unacknowledged.remove(&worker).unwrap_or_default() {
             if let Some(f) = self.in_flight.get_mut(&request) {
@@ -217,7 +228,11 @@ impl KvRouter {
         request: &RouteRequest,
     ) -> Result<RouteDecision, RouteError> {
         let overlaps = self.find_matches(now, &request.hashes);
-        let loads = self.loads();
+        let loads: Vec<WorkerLoad> = self
+            .loads()
+            .into_iter()
+            .filter(|l| self.workers.get(&l.worker).is_some_and(|v| !v.suspended))
+            .collect();
         let result = self.policy.select(now, request, &loads, &overlaps);
         if result.is_err() {
             self.metrics.no_worker_errors += 1;

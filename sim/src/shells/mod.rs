@@ -293,12 +293,15 @@ impl World {
     }
 
     /// The worker in `slot` dies: its loop, its actors, its heartbeats and its links.
-    fn crash(&self, slot: u32) {
+    /// False when the slot was already down (overlapping crashes): nothing to restart then.
+    fn crash(&self, slot: u32) -> bool {
         let mut slots = lock(&self.slots);
         let Some(s) = slots.get_mut(slot as usize - 1) else {
-            return;
+            return false;
         };
-        let Some(r) = s.running.take() else { return };
+        let Some(r) = s.running.take() else {
+            return false;
+        };
         self.net.take_down(NodeId(slot));
         r.handle.stop_now();
         r.node.shutdown();
@@ -323,6 +326,7 @@ impl World {
             u64::from(slot),
             0,
         );
+        true
     }
 
     fn live_workers(&self) -> Vec<(WorkerId, WorkerHandle, Held)> {
@@ -568,12 +572,16 @@ async fn run(cfg: &SimConfig, workload: &[RequestSpec]) -> Result<SimOutcome, Si
     for slot in 1..=cfg.workers {
         world.start_worker(slot).await?;
     }
-    // The workload starts once every worker has joined (or after a lease, whichever first).
+    // The workload starts once every worker has joined (or after ten leases at most).
     let joined_by = clock.sim_now().plus(SimDuration(cfg.lease.0 * 10));
     while dispatcher.worker_ids().len() < cfg.workers as usize && clock.sim_now() < joined_by {
         clock.sleep_for(SimDuration::from_millis(1)).await;
     }
+    // Workload time starts at zero: the network's FIFO clamps, kept in start-up time, are
+    // reset with it (start-up events stay in the log at their start-up times, before the
+    // `workload` line).
     clock.start_workload();
+    net.restart_time();
     record(
         &log,
         clock.sim_now(),
@@ -600,7 +608,9 @@ async fn run(cfg: &SimConfig, workload: &[RequestSpec]) -> Result<SimOutcome, Si
         let world = world.clone();
         tasks.push(tokio::spawn(async move {
             world.clock.sleep_until(c.at).await;
-            world.crash(c.slot);
+            if !world.crash(c.slot) {
+                return; // already down: the crash that took it down restarts it
+            }
             world.clock.sleep_for(c.down_for).await;
             if world.start_worker(c.slot).await.is_err() {
                 record(

@@ -16,6 +16,7 @@
 use super::clock::ScaledClock;
 use crate::eventlog::EventLog;
 use crate::network::{NetStats, Network, NodeId, Plane};
+use crate::time::SimTime;
 use futures::StreamExt;
 use serde::Serialize;
 use std::collections::{BTreeMap, VecDeque};
@@ -37,6 +38,9 @@ struct NetState {
     /// The live incarnation of each node; absent while the node is down.
     live: BTreeMap<NodeId, u64>,
     next_incarnation: u64,
+    /// Last arrival time per directed request-plane link: the wire is TCP, always FIFO
+    /// (the model's `reorder` applies to the event plane only).
+    link_arrivals: BTreeMap<(NodeId, NodeId), SimTime>,
     /// Event-plane subscriptions by publisher name (the frontend subscribes to each worker).
     subscribers: BTreeMap<String, mpsc::UnboundedSender<Event>>,
     /// KV-topic gaps the subscribers noticed (each makes the frontend clear that worker's
@@ -58,6 +62,7 @@ impl SimNet {
                 network,
                 live: BTreeMap::new(),
                 next_incarnation: 1,
+                link_arrivals: BTreeMap::new(),
                 subscribers: BTreeMap::new(),
                 kv_gaps: 0,
             }),
@@ -68,6 +73,13 @@ impl SimNet {
 
     fn state(&self) -> std::sync::MutexGuard<'_, NetState> {
         self.state.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Time went back to zero (the workload starts): forget arrival times kept so far.
+    pub fn restart_time(&self) {
+        let mut s = self.state();
+        s.link_arrivals.clear();
+        s.network.reset_fifo();
     }
 
     /// Starts a new incarnation of `node`.
@@ -192,8 +204,14 @@ impl Link for SimLink {
             let mut s = self.net.state();
             let live = |ep: Endpoint| s.live.get(&ep.node) == Some(&ep.incarnation);
             if live(from) && live(to) {
-                s.network
-                    .deliver_at(now, from.node, to.node, Plane::Request)
+                let at = s
+                    .network
+                    .deliver_at(now, from.node, to.node, Plane::Request);
+                at.map(|at| {
+                    let last = s.link_arrivals.entry((from.node, to.node)).or_default();
+                    *last = (*last).max(at);
+                    *last
+                })
             } else {
                 None
             }
