@@ -176,26 +176,58 @@ async fn join(
 /// heartbeat of its KV event count (see [`TrailingLoss`]).
 pub const LOAD_REPORT_EVERY: Duration = Duration::from_secs(1);
 
-/// Publishes a worker's load (`publish`) after every change and at least every `every` on
-/// `clock`, until the worker loop is gone.
+/// What the router reads from a load report (see [`Dispatcher::update_load`] and
+/// [`TrailingLoss`]); a report is due when this changes.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+struct RoutingView {
+    running: usize,
+    waiting: usize,
+    load_blocks: u64,
+    kv_batches: u64,
+}
+
+impl RoutingView {
+    fn of(s: &SchedulerStats) -> Self {
+        RoutingView {
+            running: s.num_running,
+            waiting: s.num_waiting,
+            load_blocks: s.load_blocks(),
+            kv_batches: s.kv_batches,
+        }
+    }
+}
+
+/// Publishes a worker's load (`publish`) when what the router reads from it changes, and at
+/// least every `every` on `clock` (a heartbeat for [`TrailingLoss`]), until the worker loop
+/// is gone. Steps that change only counters (most decode steps: no block boundary crossed,
+/// nobody admitted or finished) send nothing.
 pub async fn report_load(
     mut stats: watch::Receiver<SchedulerStats>,
     every: Duration,
     clock: SharedClock,
     mut publish: impl FnMut(&SchedulerStats),
 ) {
+    let mut last: Option<RoutingView> = None;
+    let mut due = clock.now() + every;
     loop {
-        tokio::select! {
+        let wait = due.saturating_duration_since(clock.now());
+        let heartbeat = tokio::select! {
             biased;
             changed = stats.changed() => {
                 if changed.is_err() {
                     return;
                 }
+                false
             }
-            _ = clock.sleep(every) => {}
-        }
+            _ = clock.sleep(wait) => true,
+        };
         let s = stats.borrow_and_update().clone();
-        publish(&s);
+        let view = RoutingView::of(&s);
+        if heartbeat || last != Some(view) {
+            publish(&s);
+            last = Some(view);
+            due = clock.now() + every;
+        }
     }
 }
 

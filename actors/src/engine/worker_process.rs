@@ -127,7 +127,7 @@ pub async fn run_worker(
     .await
     .map_err(|e| node_err(&e))?;
 
-    // Load after every step (and at least every second), for the router.
+    // Load when what the router reads changes (and at least every second).
     tokio::spawn(report_load(
         handle.watch_stats(),
         LOAD_REPORT_EVERY,

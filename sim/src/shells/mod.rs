@@ -238,8 +238,8 @@ impl World {
         .await
         .map_err(|e| SimError::Shells(format!("serving {id}: {e}")))?;
 
-        // Load after every step and at least every LOAD_REPORT_EVERY, as `turbine worker`
-        // publishes it.
+        // Load when what the router reads changes and at least every LOAD_REPORT_EVERY, as
+        // `turbine worker` publishes it.
         let stats_pub = publisher.clone();
         let load_task = tokio::spawn(report_load(
             handle.watch_stats(),
