@@ -1,0 +1,306 @@
+//! The simulated fleet: worker incarnations started (real engine loop, `WorkerService` actor,
+//! registration, KV and load publishing), crashed and restarted, and the connector through
+//! which the frontend's discovery watch reaches them.
+
+use super::clock::ScaledClock;
+use super::engine::{CostModelEngine, EngineCounters};
+use super::net::{Endpoint, SimNet, SimPublisher};
+use super::{lock, record, Held, Log};
+use crate::cluster::{SimConfig, SimError};
+use crate::network::NodeId;
+use async_trait::async_trait;
+use std::collections::{BTreeMap, BTreeSet};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+use tokio::task::JoinHandle;
+use turbine_actors::engine::remote::{
+    kv_topic, metrics_topic, report_load, EventFeed, WorkerConnector, LOAD_REPORT_EVERY,
+    META_WORKER_ID, REGISTRY_SERVICE, WORKER_COMPONENT,
+};
+use turbine_actors::engine::service::{worker_service_name, WorkerActor, WorkerService};
+use turbine_actors::engine::{EngineTime, Executor, KvEventSink, WorkerHandle};
+use turbine_actors::ids::WorkerId;
+use turbine_actors::kv::{BlockHash, KvEvent, KvEventBatch};
+use turbine_actors::worker::{BlockManager, BlockStats, Scheduler};
+use turbine_runtime::discovery::{
+    embedded::Registry, Discovery, EmbeddedDiscovery, Instance, Lease,
+};
+use turbine_runtime::{Addr, MetricsRegistry, Node, NodeConfig, SharedClock};
+
+/// What the frontend's connector needs to reach a registered worker.
+#[derive(Clone)]
+pub(super) struct Reachable {
+    pub(super) node: Node,
+    pub(super) endpoint: Endpoint,
+    pub(super) publisher: String,
+}
+
+/// Reaches simulated workers: their service through a simulated link, their events through
+/// a simulated subscription.
+pub(super) struct SimConnector {
+    pub(super) net: Arc<SimNet>,
+    pub(super) frontend: Endpoint,
+    pub(super) directory: Arc<Mutex<BTreeMap<String, Reachable>>>,
+}
+
+#[async_trait]
+impl WorkerConnector for SimConnector {
+    async fn connect(
+        &self,
+        inst: &Instance,
+        id: WorkerId,
+    ) -> Result<(Addr<WorkerService>, EventFeed), String> {
+        let Some(target) = lock(&self.directory).get(&inst.endpoint).cloned() else {
+            return Err(format!("no simulated node at {}", inst.endpoint));
+        };
+        let addr = target
+            .node
+            .local::<WorkerService>(&worker_service_name(id))
+            .map_err(|e| e.to_string())?
+            .via(self.net.link(self.frontend, target.endpoint));
+        Ok((addr, self.net.subscribe(&target.publisher)))
+    }
+}
+
+/// One running worker incarnation.
+pub(super) struct Running {
+    pub(super) id: WorkerId,
+    pub(super) node: Node,
+    pub(super) handle: WorkerHandle,
+    pub(super) counters: Arc<Mutex<EngineCounters>>,
+    /// From its own events, before the network.
+    pub(super) held: Held,
+    pub(super) lease: Arc<Mutex<Option<Lease>>>,
+    pub(super) tasks: Vec<JoinHandle<()>>,
+}
+
+/// A worker slot over its incarnations.
+pub(super) struct Slot {
+    pub(super) running: Option<Running>,
+    pub(super) last_id: WorkerId,
+    pub(super) crashes: u32,
+    /// Figures of incarnations that crashed.
+    pub(super) retired_busy: Duration,
+    pub(super) retired_steps: u64,
+    pub(super) retired_kv: BlockStats,
+}
+
+/// Everything the run shares between its tasks.
+pub(super) struct World {
+    pub(super) cfg: SimConfig,
+    pub(super) clock: ScaledClock,
+    pub(super) shared_clock: SharedClock,
+    pub(super) log: Log,
+    pub(super) net: Arc<SimNet>,
+    pub(super) frontend: Node,
+    pub(super) frontend_ep: Endpoint,
+    pub(super) directory: Arc<Mutex<BTreeMap<String, Reachable>>>,
+    pub(super) slots: Mutex<Vec<Slot>>,
+    pub(super) next_worker_id: Mutex<u64>,
+}
+
+pub(super) fn node_config(name: String) -> NodeConfig {
+    NodeConfig {
+        name,
+        ..NodeConfig::default()
+    }
+}
+
+impl World {
+    /// Starts a fresh incarnation of worker `slot` (1-based) and registers it in the
+    /// background (registration crosses the network, so it may be held by a partition).
+    pub(super) async fn start_worker(self: &Arc<Self>, slot: u32) -> Result<(), SimError> {
+        let id = {
+            let mut next = lock(&self.next_worker_id);
+            *next += 1;
+            WorkerId(*next)
+        };
+        let endpoint = self.net.bring_up(NodeId(slot));
+        let name = format!("worker-{}", id.0);
+        let node = Node::in_memory(
+            node_config(name.clone()),
+            self.shared_clock.clone(),
+            MetricsRegistry::new(),
+        );
+        let profile = &self.cfg.profile;
+        let counters = Arc::new(Mutex::new(EngineCounters::default()));
+        let executor = Executor::simulated(
+            Arc::new(CostModelEngine {
+                worker: id,
+                cost: profile.step_time.clone(),
+                clock: self.clock.clone(),
+                log: self.log.clone(),
+                counters: counters.clone(),
+            }),
+            self.shared_clock.clone(),
+        );
+        let scheduler = Scheduler::new(
+            profile.scheduler.clone(),
+            BlockManager::new(profile.block_manager_config()),
+        )?;
+        let publisher = Arc::new(SimPublisher::new(self.net.clone(), endpoint, name.clone()));
+        let held = Arc::new(Mutex::new(BTreeSet::new()));
+        let kv_sink: KvEventSink = {
+            let (publisher, held) = (publisher.clone(), held.clone());
+            Box::new(move |batch: KvEventBatch| {
+                track_held(&mut lock(&held), &batch.events);
+                publisher.publish(&kv_topic(batch.worker), &batch);
+            })
+        };
+        let handle = WorkerHandle::spawn_on(
+            id,
+            scheduler,
+            executor,
+            kv_sink,
+            EngineTime {
+                clock: self.shared_clock.clone(),
+                wall_epoch_s: 0.0,
+            },
+        );
+        let served = handle.clone();
+        node.serve::<WorkerService, _, _>(&worker_service_name(id), move || {
+            WorkerActor::new(served.clone())
+        })
+        .await
+        .map_err(|e| SimError::Shells(format!("serving {id}: {e}")))?;
+
+        // Load when what the router reads changes and at least every LOAD_REPORT_EVERY, as
+        // `turbine worker` publishes it.
+        let stats_pub = publisher.clone();
+        let load_task = tokio::spawn(report_load(
+            handle.watch_stats(),
+            LOAD_REPORT_EVERY,
+            self.shared_clock.clone(),
+            move |s| stats_pub.publish(&metrics_topic(id), s),
+        ));
+
+        lock(&self.directory).insert(
+            node.endpoint().to_string(),
+            Reachable {
+                node: node.clone(),
+                endpoint,
+                publisher: name,
+            },
+        );
+        let lease = Arc::new(Mutex::new(None));
+        let register_task = tokio::spawn(register(
+            self.clone(),
+            endpoint,
+            Instance {
+                component: WORKER_COMPONENT.to_string(),
+                id: id.0.to_string(),
+                endpoint: node.endpoint().to_string(),
+                metadata: BTreeMap::from([(META_WORKER_ID.to_string(), id.0.to_string())]),
+            },
+            lease.clone(),
+        ));
+        record(
+            &self.log,
+            self.clock.sim_now(),
+            "start",
+            id.0,
+            u64::from(slot),
+            0,
+        );
+        let mut slots = lock(&self.slots);
+        if let Some(s) = slots.get_mut(slot as usize - 1) {
+            s.last_id = id;
+            s.running = Some(Running {
+                id,
+                node,
+                handle,
+                counters,
+                held,
+                lease,
+                tasks: vec![load_task, register_task],
+            });
+        }
+        Ok(())
+    }
+
+    /// The worker in `slot` dies: its loop, its actors, its heartbeats and its links.
+    /// False when the slot was already down (overlapping crashes): nothing to restart then.
+    pub(super) fn crash(&self, slot: u32) -> bool {
+        let mut slots = lock(&self.slots);
+        let Some(s) = slots.get_mut(slot as usize - 1) else {
+            return false;
+        };
+        let Some(r) = s.running.take() else {
+            return false;
+        };
+        self.net.take_down(NodeId(slot));
+        r.handle.stop_now();
+        r.node.shutdown();
+        for t in &r.tasks {
+            t.abort();
+        }
+        // Dropping the lease stops its heartbeats: the registry expires it, as for a
+        // process that died.
+        drop(lock(&r.lease).take());
+        let c = *lock(&r.counters);
+        s.retired_busy += c.busy;
+        s.retired_steps += c.steps;
+        let kv = r.handle.stats().kv;
+        s.retired_kv.prefix_query_tokens += kv.prefix_query_tokens;
+        s.retired_kv.prefix_hit_tokens += kv.prefix_hit_tokens;
+        s.crashes += 1;
+        record(
+            &self.log,
+            self.clock.sim_now(),
+            "crash",
+            r.id.0,
+            u64::from(slot),
+            0,
+        );
+        true
+    }
+
+    pub(super) fn live_workers(&self) -> Vec<(WorkerId, WorkerHandle, Held)> {
+        lock(&self.slots)
+            .iter()
+            .filter_map(|s| s.running.as_ref())
+            .map(|r| (r.id, r.handle.clone(), r.held.clone()))
+            .collect()
+    }
+}
+
+/// Registers a worker with the frontend's registry across the network, retrying until it
+/// gets through (a partition may hold the first attempts back past the call timeout).
+async fn register(
+    world: Arc<World>,
+    from: Endpoint,
+    instance: Instance,
+    slot_lease: Arc<Mutex<Option<Lease>>>,
+) {
+    let registry = match world.frontend.local::<Registry>(REGISTRY_SERVICE) {
+        Ok(addr) => addr.via(world.net.link(from, world.frontend_ep)),
+        Err(_) => return,
+    };
+    let discovery = EmbeddedDiscovery::new(registry, world.shared_clock.clone());
+    loop {
+        match discovery
+            .register(instance.clone(), world.cfg.lease.as_duration())
+            .await
+        {
+            Ok(lease) => {
+                *lock(&slot_lease) = Some(lease);
+                return;
+            }
+            Err(_) => world.clock.sleep_for(world.cfg.heartbeat).await,
+        }
+    }
+}
+
+fn track_held(held: &mut BTreeSet<BlockHash>, events: &[KvEvent]) {
+    for e in events {
+        match e {
+            KvEvent::BlockStored { block_hashes, .. } => held.extend(block_hashes.iter().copied()),
+            KvEvent::BlockRemoved { block_hashes } => {
+                for h in block_hashes {
+                    held.remove(h);
+                }
+            }
+            KvEvent::AllBlocksCleared => held.clear(),
+        }
+    }
+}
