@@ -11,7 +11,8 @@ use turbine_actors::ids::{RequestId, TokenId, WorkerId};
 use turbine_actors::kv::{BlockHash, KvEvent};
 use turbine_actors::protocol::{FinishReason, PreprocessedRequest, TokenOutput};
 use turbine_actors::worker::{
-    BlockManager, BlockStats, ConfigError, InvariantViolation, SampledToken, Scheduler, StepPlan,
+    BlockManager, BlockStats, ConfigError, InvariantViolation, SampledToken, ScheduledSeq,
+    Scheduler, StepPlan,
 };
 
 /// One streamed token (or error) with its index within the attempt, so the router can put
@@ -136,12 +137,7 @@ impl SimWorker {
                 kv_events: vec![],
             };
         };
-        let sampled: Vec<SampledToken> = plan
-            .seqs
-            .iter()
-            .filter(|s| s.want_logits)
-            .map(|s| SampledToken::new(s.request, sample_token(s.request, s.sample_index)))
-            .collect();
+        let sampled = sample_step(&plan.seqs);
         let index_of = |r: RequestId| {
             plan.seqs
                 .iter()
@@ -161,24 +157,8 @@ impl SimWorker {
         };
         let mut kv_events = std::mem::take(&mut self.pending_events);
         kv_events.extend(self.sched.drain_kv_events());
-        self.track_held(&kv_events);
+        track_held(&mut self.held, &kv_events);
         StepResult { outputs, kv_events }
-    }
-
-    fn track_held(&mut self, events: &[KvEvent]) {
-        for e in events {
-            match e {
-                KvEvent::BlockStored { block_hashes, .. } => {
-                    self.held.extend(block_hashes.iter().copied())
-                }
-                KvEvent::BlockRemoved { block_hashes } => {
-                    for h in block_hashes {
-                        self.held.remove(h);
-                    }
-                }
-                KvEvent::AllBlocksCleared => self.held.clear(),
-            }
-        }
     }
 
     /// The process dies: its requests, step and KV cache are gone.
@@ -216,23 +196,56 @@ impl SimWorker {
     /// Block manager invariants, plus: an idle worker holds no blocks for requests, and every
     /// block it announced is still cached.
     pub fn check_settled(&self) -> Result<(), InvariantViolation> {
-        self.sched.check_invariants()?;
-        let bm = self.sched.block_manager();
-        if bm.num_used_blocks() != 0 {
-            return Err(InvariantViolation(format!(
-                "{}: {} blocks still referenced by requests after the run",
-                self.id,
-                bm.num_used_blocks()
-            )));
-        }
-        if let Some(h) = self.held.iter().find(|h| !bm.is_cached(**h)) {
-            return Err(InvariantViolation(format!(
-                "{}: announced block {h} is not cached",
-                self.id
-            )));
-        }
-        Ok(())
+        check_settled(self.id, &self.sched, &self.held)
     }
+}
+
+/// Applies a worker's KV events to the set of blocks it has announced and not removed.
+pub(crate) fn track_held(held: &mut BTreeSet<BlockHash>, events: &[KvEvent]) {
+    for e in events {
+        match e {
+            KvEvent::BlockStored { block_hashes, .. } => held.extend(block_hashes.iter().copied()),
+            KvEvent::BlockRemoved { block_hashes } => {
+                for h in block_hashes {
+                    held.remove(h);
+                }
+            }
+            KvEvent::AllBlocksCleared => held.clear(),
+        }
+    }
+}
+
+/// A settled worker's invariants: the scheduler's and block manager's own, no block held for
+/// requests, and every block in `held` (announced, not removed) still cached.
+pub(crate) fn check_settled(
+    id: WorkerId,
+    sched: &Scheduler,
+    held: &BTreeSet<BlockHash>,
+) -> Result<(), InvariantViolation> {
+    sched.check_invariants()?;
+    let bm = sched.block_manager();
+    if bm.num_used_blocks() != 0 {
+        return Err(InvariantViolation(format!(
+            "{id}: {} blocks still referenced by requests after the run",
+            bm.num_used_blocks()
+        )));
+    }
+    if let Some(h) = held.iter().find(|h| !bm.is_cached(**h)) {
+        return Err(InvariantViolation(format!(
+            "{id}: announced block {h} is not cached"
+        )));
+    }
+    Ok(())
+}
+
+/// The simulated sampler's tokens for every sequence of a step that wants logits.
+pub(crate) fn sample_step<'a>(
+    seqs: impl IntoIterator<Item = &'a ScheduledSeq>,
+) -> Vec<SampledToken> {
+    seqs.into_iter()
+        .filter(|s| s.want_logits)
+        .map(|s| SampledToken::new(s.request, sample_token(s.request, s.sample_index)))
+        .collect()
 }
 
 fn fresh_scheduler(profile: &Profile) -> Result<Scheduler, ConfigError> {

@@ -4,7 +4,9 @@
 mod common;
 
 use clap::Parser;
-use common::{fault_args, faulty_config, run_fault_seed, tiny_profile, workload};
+use common::{
+    assert_seed_determines_log, fault_args, faulty_config, run_fault_seed, tiny_profile, workload,
+};
 use turbine_sim::faults::FaultPlan;
 use turbine_sim::rng::SeedSplitter;
 use turbine_sim::router::PolicyName;
@@ -14,15 +16,7 @@ use turbine_sim::{build_config, build_workload, simulate, Outcome, SimArgs, SimC
 #[test]
 fn same_seed_same_event_log_and_different_seed_differs() {
     let wl = workload(11, 40);
-    let cfg = faulty_config(11, &wl, "random:3");
-    let a = simulate(&cfg, &wl).unwrap();
-    let b = simulate(&cfg, &wl).unwrap();
-    assert_eq!(a.event_log_hash, b.event_log_hash);
-    assert_eq!(a.events, b.events);
-    let mut cfg2 = cfg.clone();
-    cfg2.seed = 12;
-    let c = simulate(&cfg2, &wl).unwrap();
-    assert_ne!(a.event_log_hash, c.event_log_hash);
+    assert_seed_determines_log(simulate, &wl, faulty_config(11, &wl, "random:3"));
 }
 
 #[test]

@@ -3,7 +3,9 @@
 
 mod common;
 
-use common::{fault_args, faulty_config, run_fault_seed, tiny_profile, workload};
+use common::{
+    assert_seed_determines_log, fault_args, faulty_config, run_fault_seed, tiny_profile, workload,
+};
 use turbine_sim::faults::FaultPlan;
 use turbine_sim::network::NetConfig;
 use turbine_sim::profile::Profile;
@@ -36,16 +38,7 @@ fn a_quiet_run_completes_every_request_through_the_real_shells() {
 #[test]
 fn same_seed_same_event_log_and_different_seed_differs() {
     let wl = workload(11, 30);
-    let mut cfg = faulty_config(11, &wl, "random:2");
-    cfg.keep_event_log = true;
-    let a = simulate_actors(&cfg, &wl).unwrap();
-    let b = simulate_actors(&cfg, &wl).unwrap();
-    assert_eq!(a.event_log_lines, b.event_log_lines);
-    assert_eq!(a.event_log_hash, b.event_log_hash);
-    let mut cfg2 = cfg.clone();
-    cfg2.seed = 12;
-    let c = simulate_actors(&cfg2, &wl).unwrap();
-    assert_ne!(a.event_log_hash, c.event_log_hash);
+    assert_seed_determines_log(simulate_actors, &wl, faulty_config(11, &wl, "random:2"));
 }
 
 #[test]

@@ -5,6 +5,7 @@ use super::clock::ScaledClock;
 use super::fleet::World;
 use super::{lock, record, Log};
 use crate::cluster::WorkerRecord;
+use crate::worker::check_settled;
 use futures::StreamExt;
 use std::collections::BTreeSet;
 use std::sync::{Arc, Mutex};
@@ -64,39 +65,24 @@ pub(super) async fn check_workers(world: &Arc<World>, index: &FlashIndexer) -> V
         }
     }
     for (id, handle, held) in live {
-        let announced: Vec<BlockHash> = lock(&held).iter().copied().collect();
+        let announced: BTreeSet<BlockHash> = lock(&held).clone();
         let check = handle
             .inspect(move |s| {
-                let bm = s.block_manager();
                 let mut p = Vec::new();
-                if let Err(e) = s.check_invariants() {
-                    p.push(format!("{id}: {}", e.0));
+                if let Err(e) = check_settled(id, s, &announced) {
+                    p.push(e.0);
                 }
                 if !s.is_idle() {
                     p.push(format!("{id} still has requests after the run"));
                 }
-                if bm.num_used_blocks() != 0 {
-                    p.push(format!(
-                        "{id}: {} blocks still referenced by requests after the run",
-                        bm.num_used_blocks()
-                    ));
-                }
-                let lost: Vec<BlockHash> = announced
-                    .iter()
-                    .copied()
-                    .filter(|h| !bm.is_cached(*h))
-                    .collect();
-                (p, lost, announced)
+                (p, announced)
             })
             .await;
-        let Ok((p, lost, announced)) = check else {
+        let Ok((p, announced)) = check else {
             problems.push(format!("{id} stopped answering"));
             continue;
         };
         problems.extend(p);
-        if let Some(h) = lost.first() {
-            problems.push(format!("{id}: announced block {h} is not cached"));
-        }
         let indexed = index.worker_block_count(id);
         let indexed_and_held = announced
             .iter()

@@ -4,7 +4,7 @@
 use super::clock::ScaledClock;
 use crate::eventlog::EventLog;
 use crate::profile::StepCost;
-use crate::worker::sample_token;
+use crate::worker::sample_step;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 use turbine_actors::engine::{ExecError, ExecSeq, SimulatedEngine};
@@ -42,16 +42,7 @@ impl SimulatedEngine for CostModelEngine {
             tokens,
             d.0,
         );
-        let sampled = batch
-            .iter()
-            .filter(|e| e.seq.want_logits)
-            .map(|e| {
-                SampledToken::new(
-                    e.seq.request,
-                    sample_token(e.seq.request, e.seq.sample_index),
-                )
-            })
-            .collect();
+        let sampled = sample_step(batch.iter().map(|e| &e.seq));
         (Duration::from_nanos(d.0), Ok(sampled))
     }
 }

@@ -8,6 +8,7 @@ use super::net::{Endpoint, SimNet, SimPublisher};
 use super::{lock, record, Held, Log};
 use crate::cluster::{SimConfig, SimError};
 use crate::network::NodeId;
+use crate::worker::track_held;
 use async_trait::async_trait;
 use std::collections::{BTreeMap, BTreeSet};
 use std::sync::{Arc, Mutex};
@@ -20,7 +21,7 @@ use turbine_actors::engine::remote::{
 use turbine_actors::engine::service::{worker_service_name, WorkerActor, WorkerService};
 use turbine_actors::engine::{EngineTime, Executor, KvEventSink, WorkerHandle};
 use turbine_actors::ids::WorkerId;
-use turbine_actors::kv::{BlockHash, KvEvent, KvEventBatch};
+use turbine_actors::kv::KvEventBatch;
 use turbine_actors::worker::{BlockManager, BlockStats, Scheduler};
 use turbine_runtime::discovery::{
     embedded::Registry, Discovery, EmbeddedDiscovery, Instance, Lease,
@@ -287,20 +288,6 @@ async fn register(
                 return;
             }
             Err(_) => world.clock.sleep_for(world.cfg.heartbeat).await,
-        }
-    }
-}
-
-fn track_held(held: &mut BTreeSet<BlockHash>, events: &[KvEvent]) {
-    for e in events {
-        match e {
-            KvEvent::BlockStored { block_hashes, .. } => held.extend(block_hashes.iter().copied()),
-            KvEvent::BlockRemoved { block_hashes } => {
-                for h in block_hashes {
-                    held.remove(h);
-                }
-            }
-            KvEvent::AllBlocksCleared => held.clear(),
         }
     }
 }

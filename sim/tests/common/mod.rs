@@ -78,3 +78,22 @@ pub fn run_fault_seed(
     });
     (o, failure)
 }
+
+/// The determinism contract for one engine: `cfg` run twice gives the same event log (lines,
+/// count and hash); with the next seed, another hash.
+pub fn assert_seed_determines_log(
+    simulate: impl Fn(&SimConfig, &[RequestSpec]) -> Result<SimOutcome, SimError>,
+    wl: &[RequestSpec],
+    mut cfg: SimConfig,
+) {
+    cfg.keep_event_log = true;
+    let a = simulate(&cfg, wl).unwrap();
+    let b = simulate(&cfg, wl).unwrap();
+    assert!(a.event_log_lines.as_ref().is_some_and(|l| !l.is_empty()));
+    assert_eq!(a.event_log_lines, b.event_log_lines);
+    assert_eq!(a.event_log_hash, b.event_log_hash);
+    assert_eq!(a.events, b.events);
+    cfg.seed += 1;
+    let c = simulate(&cfg, wl).unwrap();
+    assert_ne!(a.event_log_hash, c.event_log_hash);
+}
