@@ -392,6 +392,29 @@ impl FlashIndexer {
         order
     }
 
+    /// Runs `f(table, hash, mixed hash, index in hashes)` for every block of `hashes` under its
+    /// shard's write lock, taking each shard's lock once (in shard order, blocks in batch
+    /// order within a shard) and publishing the table's layout after.
+    fn for_each_by_shard(
+        &self,
+        hashes: &[BlockHash],
+        mut f: impl FnMut(&mut Table, BlockHash, u64, u32),
+    ) {
+        let order = self.by_shard(hashes);
+        for group in order.chunk_by(|a, b| shard_of(a.0) == shard_of(b.0)) {
+            let Some(&(m0, _)) = group.first() else {
+                continue;
+            };
+            let shard = self.shard(m0);
+            let mut table = shard.write();
+            for &(m, i) in group {
+                let h = hashes.get(i as usize).copied().unwrap_or(BlockHash(0));
+                f(&mut table, h, m, i);
+            }
+            shard.publish(&table);
+        }
+    }
+
     /// Claim `hashes` for `holder`, one write lock per shard touched. Returns new claims;
     /// blocks new to the index are appended to `fresh` in batch order.
     fn store(
@@ -401,31 +424,20 @@ impl FlashIndexer {
         tick: u64,
         fresh: &mut Vec<(BlockHash, u64, u64)>,
     ) -> u64 {
-        let order = self.by_shard(hashes);
         let first_fresh = fresh.len();
         let mut claims = 0u64;
         let mut created: Vec<(u32, BlockHash, u64)> = Vec::new();
-        for group in order.chunk_by(|a, b| shard_of(a.0) == shard_of(b.0)) {
-            let Some(&(m0, _)) = group.first() else {
-                continue;
-            };
-            let shard = self.shard(m0);
-            let mut table = shard.write();
-            for &(m, i) in group {
-                let h = hashes.get(i as usize).copied().unwrap_or(BlockHash(0));
-                // Unique per (batch, new block) without a shared atomic: the batch's tick in
-                // the high bits, its count of new blocks in the low 24. (A batch of over 16M
-                // new blocks could alias two incarnations of one hash; the cost is an early
-                // evict.)
-                let born = (tick << 24) | ((first_fresh + created.len()) as u64 & 0xFF_FFFF);
-                let added = table.add_holder(h.0, m, holder, tick, born);
-                if added.created {
-                    created.push((i, h, born));
-                }
-                claims += u64::from(added.claimed);
+        self.for_each_by_shard(hashes, |table, h, m, i| {
+            // Unique per (batch, new block) without a shared atomic: the batch's tick in the
+            // high bits, its count of new blocks in the low 24. (A batch of over 16M new
+            // blocks could alias two incarnations of one hash; the cost is an early evict.)
+            let born = (tick << 24) | ((first_fresh + created.len()) as u64 & 0xFF_FFFF);
+            let added = table.add_holder(h.0, m, holder, tick, born);
+            if added.created {
+                created.push((i, h, born));
             }
-            shard.publish(&table);
-        }
+            claims += u64::from(added.claimed);
+        });
         created.sort_unstable_by_key(|(i, _, _)| *i);
         fresh.extend(created.into_iter().map(|(_, h, born)| (h, born, tick)));
         claims
@@ -433,21 +445,12 @@ impl FlashIndexer {
 
     /// Drop `holder`'s claims on `hashes`: (claims dropped, blocks that left the index).
     fn unstore(&self, hashes: &[BlockHash], holder: HolderId) -> (u64, usize) {
-        let order = self.by_shard(hashes);
         let (mut claims, mut emptied) = (0u64, 0usize);
-        for group in order.chunk_by(|a, b| shard_of(a.0) == shard_of(b.0)) {
-            let Some(&(m0, _)) = group.first() else {
-                continue;
-            };
-            let shard = self.shard(m0);
-            let mut table = shard.write();
-            for &(m, i) in group {
-                let h = hashes.get(i as usize).copied().unwrap_or(BlockHash(0));
-                let r = table.remove_holder(h.0, m, holder);
-                claims += u64::from(r.unclaimed);
-                emptied += usize::from(r.emptied);
-            }
-        }
+        self.for_each_by_shard(hashes, |table, h, m, _| {
+            let r = table.remove_holder(h.0, m, holder);
+            claims += u64::from(r.unclaimed);
+            emptied += usize::from(r.emptied);
+        });
         (claims, emptied)
     }
 

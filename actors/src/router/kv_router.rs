@@ -96,6 +96,16 @@ struct LoadView {
     suspended: bool,
 }
 
+impl LoadView {
+    fn load(&self, worker: WorkerId) -> WorkerLoad {
+        WorkerLoad {
+            worker,
+            active_blocks: self.reported_blocks + self.pending_blocks,
+            active_requests: self.reported_requests.saturating_add(self.pending_requests),
+        }
+    }
+}
+
 #[derive(Clone, Copy, Debug)]
 struct InFlight {
     worker: WorkerId,
@@ -187,14 +197,7 @@ impl KvRouter {
 
     /// Workers and their current load view, sorted by id.
     pub fn loads(&self) -> Vec<WorkerLoad> {
-        self.workers
-            .iter()
-            .map(|(w, v)| WorkerLoad {
-                worker: *w,
-                active_blocks: v.reported_blocks + v.pending_blocks,
-                active_requests: v.reported_requests.saturating_add(v.pending_requests),
-            })
-            .collect()
+        self.workers.iter().map(|(w, v)| v.load(*w)).collect()
     }
 
     /// A worker's report of its decode load; acknowledges requests routed to it so far.
@@ -229,9 +232,10 @@ impl KvRouter {
     ) -> Result<RouteDecision, RouteError> {
         let overlaps = self.find_matches(now, &request.hashes);
         let loads: Vec<WorkerLoad> = self
-            .loads()
-            .into_iter()
-            .filter(|l| self.workers.get(&l.worker).is_some_and(|v| !v.suspended))
+            .workers
+            .iter()
+            .filter(|(_, v)| !v.suspended)
+            .map(|(w, v)| v.load(*w))
             .collect();
         let result = self.policy.select(now, request, &loads, &overlaps);
         if result.is_err() {
