@@ -9,7 +9,7 @@
 
 mod common;
 
-use common::{free_port, http, send_request as send, spawn_turbine};
+use common::{cluster_file, free_port, http, send_request as send, spawn_turbine};
 use std::collections::BTreeMap;
 use std::io::Read;
 
@@ -87,20 +87,16 @@ fn prefix(topic: &str, sentences: usize) -> String {
 #[test]
 fn repeated_prefixes_follow_their_kv_blocks() {
     let port = free_port();
-    let dir = std::env::temp_dir().join(format!("turbine-kvroute-{}", std::process::id()));
-    std::fs::create_dir_all(&dir).unwrap();
-    let file = dir.join("cluster.yaml");
-    std::fs::write(
-        &file,
-        format!(
+    let file = cluster_file(
+        "kvroute",
+        &format!(
             "http: {{port: {port}}}\n\
              router: {{policy: kv, overlap_weight: 1.0, temperature: 0.0}}\n\
              workers:\n  - {{role: aggregated, replicas: 2, device: cpu, kv_blocks: 96, \
              block_size: 16, max_num_batched_tokens: 512, threads: 1}}\n\
              transport: {{bind: \"127.0.0.1:0\"}}\n"
         ),
-    )
-    .unwrap();
+    );
     let _server = spawn_turbine(
         &["up", "-f", file.to_str().unwrap(), "--no-fetch"],
         "turbine serving",
@@ -199,5 +195,7 @@ fn repeated_prefixes_follow_their_kv_blocks() {
         let (o, r) = (overlap[home], requested[home]);
         assert!(o >= r * 0.6, "{home}: router overlap {o} of {r} blocks");
     }
-    let _ = std::fs::remove_dir_all(&dir);
+    if let Some(dir) = file.parent() {
+        let _ = std::fs::remove_dir_all(dir);
+    }
 }

@@ -6,7 +6,7 @@
 
 mod common;
 
-use common::{free_port, http, spawn_turbine};
+use common::{cluster_file, free_port, http, spawn_turbine};
 use std::time::{Duration, Instant};
 
 fn complete(port: u16, prompt: &str) -> (u16, String) {
@@ -29,19 +29,15 @@ fn wait_for_status(port: u16, want: u16) -> (u16, String) {
 #[test]
 fn a_worker_process_joins_serves_and_is_forgotten_when_it_dies() {
     let (http, plane) = (free_port(), free_port());
-    let dir = std::env::temp_dir().join(format!("turbine-mp-{}", std::process::id()));
-    std::fs::create_dir_all(&dir).unwrap();
-    let file = dir.join("cluster.yaml");
-    std::fs::write(
-        &file,
-        format!(
+    let file = cluster_file(
+        "mp",
+        &format!(
             "http: {{port: {http}}}\n\
              workers:\n  - {{replicas: 1, remote: true, kv_blocks: 256, threads: 1}}\n\
              transport: {{bind: \"127.0.0.1:{plane}\"}}\n\
              discovery: {{backend: embedded, registry: \"127.0.0.1:{plane}\", lease_ms: 600}}\n"
         ),
-    )
-    .unwrap();
+    );
     let file = file.to_str().unwrap();
     let _frontend = spawn_turbine(&["up", "-f", file, "--no-fetch"], "turbine serving");
 
