@@ -159,6 +159,70 @@ pub trait Backend: Send {
     fn import_blocks(&mut self, ids: &[u32], data: &[u8]) -> Result<(), BackendError>;
 }
 
+/// Checks a batch before any KV write, the same way for every backend: each step has tokens
+/// from the vocabulary, ends within the model's context (and within `device_max_position`,
+/// a backend's own indexing limit; `usize::MAX` when it has none), names enough blocks, all
+/// inside the pool, and no two steps write the same KV slot.
+pub fn validate_batch(
+    batch: &[SeqStep<'_>],
+    config: &ModelConfig,
+    layout: &KvLayout,
+    device_max_position: usize,
+) -> Result<(), BackendError> {
+    let bs = layout.block_size;
+    let mut written = Vec::new();
+    for (index, s) in batch.iter().enumerate() {
+        if s.tokens.is_empty() {
+            return Err(BackendError::EmptyStep { index });
+        }
+        if let Some(&token) = s.tokens.iter().find(|&&t| t as usize >= config.vocab_size) {
+            return Err(BackendError::BadTokenId {
+                token,
+                vocab: config.vocab_size,
+            });
+        }
+        let end = s.end_pos();
+        if config.max_position > 0 && end > config.max_position {
+            return Err(BackendError::SequenceTooLong {
+                len: end,
+                max: config.max_position,
+            });
+        }
+        if end > device_max_position {
+            return Err(BackendError::SequenceTooLong {
+                len: end,
+                max: device_max_position,
+            });
+        }
+        let needed = end.div_ceil(bs);
+        let table = s
+            .block_table
+            .get(..needed)
+            .ok_or(BackendError::BlockTableTooShort {
+                got: s.block_table.len(),
+                needed,
+                needed_positions: end,
+            })?;
+        if let Some(&block) = table.iter().find(|&&b| b as usize >= layout.num_blocks) {
+            return Err(BackendError::BadBlockId {
+                block,
+                num_blocks: layout.num_blocks,
+            });
+        }
+        for p in s.start_pos..end {
+            written.push((table[p / bs], p % bs));
+        }
+    }
+    written.sort_unstable();
+    if let Some(w) = written.windows(2).find(|w| w[0] == w[1]) {
+        return Err(BackendError::ConflictingWrites {
+            block: w[0].0,
+            slot: w[0].1,
+        });
+    }
+    Ok(())
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -370,56 +370,8 @@ impl CudaBackend {
     }
 
     fn validate(&self, batch: &[SeqStep<'_>]) -> Result<(), BackendError> {
-        let c = &self.config;
-        let bs = self.layout.block_size;
-        let mut written = Vec::new();
-        for (index, s) in batch.iter().enumerate() {
-            if s.tokens.is_empty() {
-                return Err(BackendError::EmptyStep { index });
-            }
-            if let Some(&token) = s.tokens.iter().find(|&&t| t as usize >= c.vocab_size) {
-                return Err(BackendError::BadTokenId {
-                    token,
-                    vocab: c.vocab_size,
-                });
-            }
-            let end = s.end_pos();
-            if c.max_position > 0 && end > c.max_position {
-                return Err(BackendError::SequenceTooLong {
-                    len: end,
-                    max: c.max_position,
-                });
-            }
-            if end > i32::MAX as usize / 2 {
-                return Err(BackendError::SequenceTooLong {
-                    len: end,
-                    max: i32::MAX as usize / 2,
-                });
-            }
-            let needed = end.div_ceil(bs);
-            let table = s
-                .block_table
-                .get(..needed)
-                .ok_or(BackendError::BlockTableTooShort {
-                    got: s.block_table.len(),
-                    needed,
-                    needed_positions: end,
-                })?;
-            for &b in table {
-                self.check_block(b)?;
-            }
-            for p in s.start_pos..end {
-                written.push((table[p / bs], p % bs));
-            }
-        }
-        written.sort_unstable();
-        if let Some(w) = written.windows(2).find(|w| w[0] == w[1]) {
-            return Err(BackendError::ConflictingWrites {
-                block: w[0].0,
-                slot: w[0].1,
-            });
-        }
-        Ok(())
+        // Kernels index positions with i32 (and twice a position in places).
+        crate::backend::validate_batch(batch, &self.config, &self.layout, i32::MAX as usize / 2)
     }
 
     fn check_block(&self, b: u32) -> Result<(), BackendError> {
