@@ -4,6 +4,9 @@
 //! preprocessor → router → worker: [`PreprocessedRequest`] (token ids, sampling, stop);
 //! worker → preprocessor → frontend: a stream of [`TokenOutput`]; the preprocessor turns it
 //! into text (incremental detokenization, stop strings) for the frontend.
+//!
+//! Types that both the frontend and the preprocessor speak (the prompt, rendered
+//! logprobs, the engine error) live here too, so neither imports the other.
 
 use crate::ids::{RequestId, TokenId};
 use serde::{Deserialize, Serialize};
@@ -99,4 +102,62 @@ pub struct TokenOutput {
     pub finish: Option<FinishReason>,
     /// Prompt tokens served from the prefix cache (set on the first output).
     pub cached_tokens: Option<u32>,
+}
+
+/// What to generate from: chat messages (the engine applies the chat template) or raw text.
+#[derive(Clone, Debug, PartialEq)]
+pub enum Prompt {
+    Chat(Vec<ChatMessage>),
+    Text(String),
+}
+
+/// One chat message with its content flattened to text.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ChatMessage {
+    /// "system", "developer", "user", "assistant" or "tool".
+    pub role: String,
+    pub content: String,
+}
+
+/// Log-probability of one generated token, with the alternatives asked for.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct TokenLogprobs {
+    /// The token's text (lossy when the token is a partial UTF-8 sequence).
+    pub token: String,
+    /// The token's raw bytes.
+    pub bytes: Vec<u8>,
+    pub logprob: f32,
+    /// Most likely alternatives, best first.
+    pub top: Vec<TopLogprob>,
+}
+
+/// One alternative token at a position.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct TopLogprob {
+    pub token: String,
+    pub bytes: Vec<u8>,
+    pub logprob: f32,
+}
+
+/// Why an engine refused or failed a request. Each maps to one HTTP status.
+#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
+pub enum EngineError {
+    /// The request is malformed for this model (e.g. a bad chat role). HTTP 400.
+    #[error("{0}")]
+    InvalidRequest(String),
+    /// The prompt does not fit the model's context. HTTP 400, code `context_length_exceeded`.
+    #[error(
+        "this model's maximum context length is {context_length} tokens, \
+         but the prompt has {prompt_tokens} tokens"
+    )]
+    ContextLengthExceeded {
+        prompt_tokens: usize,
+        context_length: usize,
+    },
+    /// No capacity now; the client should retry later. HTTP 503.
+    #[error("the engine is overloaded: {0}")]
+    Overloaded(String),
+    /// Anything else. HTTP 500.
+    #[error("internal engine error: {0}")]
+    Internal(String),
 }

@@ -9,6 +9,9 @@
 //! its KV blocks". No separate cancel call exists, so it cannot be forgotten.
 
 use crate::protocol::{FinishReason, SamplingParams};
+// Shared with the preprocessor (which renders prompts and logprobs), so they live in
+// `protocol`; re-exported here because they are part of this seam.
+pub use crate::protocol::{ChatMessage, EngineError, Prompt, TokenLogprobs, TopLogprob};
 use async_trait::async_trait;
 use futures::stream::BoxStream;
 use serde::{Deserialize, Serialize};
@@ -35,21 +38,6 @@ pub struct GenerateRequest {
     pub stream: bool,
 }
 
-/// What to generate from: chat messages (the engine applies the chat template) or raw text.
-#[derive(Clone, Debug, PartialEq)]
-pub enum Prompt {
-    Chat(Vec<ChatMessage>),
-    Text(String),
-}
-
-/// One chat message with its content flattened to text.
-#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
-pub struct ChatMessage {
-    /// "system", "developer", "user", "assistant" or "tool".
-    pub role: String,
-    pub content: String,
-}
-
 /// Token counts of one request.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Usage {
@@ -57,26 +45,6 @@ pub struct Usage {
     pub completion_tokens: u32,
     /// Prompt tokens served from the prefix cache.
     pub cached_tokens: u32,
-}
-
-/// Log-probability of one generated token, with the alternatives asked for.
-#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
-pub struct TokenLogprobs {
-    /// The token's text (lossy when the token is a partial UTF-8 sequence).
-    pub token: String,
-    /// The token's raw bytes.
-    pub bytes: Vec<u8>,
-    pub logprob: f32,
-    /// Most likely alternatives, best first.
-    pub top: Vec<TopLogprob>,
-}
-
-/// One alternative token at a position.
-#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
-pub struct TopLogprob {
-    pub token: String,
-    pub bytes: Vec<u8>,
-    pub logprob: f32,
 }
 
 /// A piece of generated output: usually one token's text.
@@ -92,29 +60,6 @@ pub struct Delta {
     pub finish: Option<FinishReason>,
     /// Running token counts; engines should set it at least on the first and the last delta.
     pub usage: Option<Usage>,
-}
-
-/// Why an engine refused or failed a request. Each maps to one HTTP status.
-#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
-pub enum EngineError {
-    /// The request is malformed for this model (e.g. a bad chat role). HTTP 400.
-    #[error("{0}")]
-    InvalidRequest(String),
-    /// The prompt does not fit the model's context. HTTP 400, code `context_length_exceeded`.
-    #[error(
-        "this model's maximum context length is {context_length} tokens, \
-         but the prompt has {prompt_tokens} tokens"
-    )]
-    ContextLengthExceeded {
-        prompt_tokens: usize,
-        context_length: usize,
-    },
-    /// No capacity now; the client should retry later. HTTP 503.
-    #[error("the engine is overloaded: {0}")]
-    Overloaded(String),
-    /// Anything else. HTTP 500.
-    #[error("internal engine error: {0}")]
-    Internal(String),
 }
 
 /// The stream of deltas for one request. Dropping it cancels the request.

@@ -15,7 +15,7 @@
 //! All methods here are plain single-threaded code; the indexer puts each shard behind a
 //! reader-writer lock.
 
-use super::indexer::PreHashed;
+use super::hash::PreHashed;
 use std::collections::HashMap;
 use std::hash::BuildHasherDefault;
 use std::sync::atomic::{AtomicU64, Ordering};

@@ -11,6 +11,7 @@
 use crate::ids::TokenId;
 use serde::{Deserialize, Serialize};
 use std::fmt;
+use std::hash::Hasher;
 use xxhash_rust::xxh3::{xxh3_64, Xxh3};
 
 /// Sequence hash of a full block and everything before it.
@@ -159,6 +160,26 @@ pub fn extend_block_hashes(
         out.push(prev);
     }
     out
+}
+
+/// Hasher for keys that are already hashes (sequence hashes, worker ids): one multiply-mix
+/// instead of SipHash, which would cost more than the map probe itself.
+#[derive(Default, Clone, Copy)]
+pub struct PreHashed(u64);
+
+impl Hasher for PreHashed {
+    fn finish(&self) -> u64 {
+        self.0
+    }
+    fn write(&mut self, bytes: &[u8]) {
+        for b in bytes {
+            self.0 = (self.0.rotate_left(8) ^ u64::from(*b)).wrapping_mul(0x9E37_79B9_7F4A_7C15);
+        }
+    }
+    fn write_u64(&mut self, v: u64) {
+        let x = (self.0 ^ v).wrapping_mul(0x9E37_79B9_7F4A_7C15);
+        self.0 = x ^ (x >> 29);
+    }
 }
 
 #[cfg(test)]

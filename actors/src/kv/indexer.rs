@@ -41,11 +41,11 @@
 
 use super::block_table::{self, mix, Entry, HolderId, Table};
 use super::events::{KvEvent, KvEventBatch};
-use super::hash::BlockHash;
+use super::hash::{BlockHash, PreHashed};
 use crate::ids::WorkerId;
 use dashmap::DashMap;
 use std::collections::VecDeque;
-use std::hash::{BuildHasherDefault, Hasher};
+use std::hash::BuildHasherDefault;
 use std::sync::atomic::{AtomicIsize, AtomicPtr, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Mutex, RwLock, RwLockReadGuard, RwLockWriteGuard};
 
@@ -56,26 +56,6 @@ const SHARD_SHIFT: u32 = 64 - SHARDS.trailing_zeros();
 pub const PREFETCH_DISTANCE: usize = 12;
 /// Blocks of a query walked under the first round of shard locks.
 pub const FIRST_CHUNK: usize = 16;
-
-/// Hasher for keys that are already hashes (sequence hashes, worker ids): one multiply-mix
-/// instead of SipHash, which would cost more than the map probe itself.
-#[derive(Default, Clone, Copy)]
-pub struct PreHashed(u64);
-
-impl Hasher for PreHashed {
-    fn finish(&self) -> u64 {
-        self.0
-    }
-    fn write(&mut self, bytes: &[u8]) {
-        for b in bytes {
-            self.0 = (self.0.rotate_left(8) ^ u64::from(*b)).wrapping_mul(0x9E37_79B9_7F4A_7C15);
-        }
-    }
-    fn write_u64(&mut self, v: u64) {
-        let x = (self.0 ^ v).wrapping_mul(0x9E37_79B9_7F4A_7C15);
-        self.0 = x ^ (x >> 29);
-    }
-}
 
 type FastBuild = BuildHasherDefault<PreHashed>;
 

@@ -4,8 +4,7 @@
 //! worker's token ids back into text for the client, incrementally, without ever cutting a
 //! multi-byte character in half.
 
-use crate::frontend::{EngineError, Prompt, TokenLogprobs, TopLogprob};
-use crate::protocol::TokenLogprob;
+use crate::protocol::{EngineError, Prompt, TokenLogprob, TokenLogprobs, TopLogprob};
 use std::sync::Arc;
 use turbine_kernels::chat::{ChatMessage, ChatTemplate};
 use turbine_kernels::tokenizer::{IncrementalDecoder, Tokenizer};
