@@ -71,7 +71,8 @@ struct WorkerArgs {
     /// first group with `--role`, else the first group with `remote: true`, else 0.
     #[arg(long)]
     group: Option<usize>,
-    /// Run the first group of the file with this role (`aggregated`, `prefill`, `decode`).
+    /// Run the first group of the file with this role (`aggregated`, `prefill`, `decode`),
+    /// or `router`: the router and its KV index, for frontends whose `router.remote` is set.
     #[arg(long, conflicts_with = "group")]
     role: Option<String>,
     /// The frontend's request-plane endpoint (e.g. tcp://10.0.0.5:7100); overrides the
@@ -113,7 +114,7 @@ fn pick_group(cfg: &ClusterConfig, group: Option<usize>, role: Option<&str>) -> 
     if let Some(role) = role {
         let wanted: turbine_actors::cluster_config::WorkerRole = serde_yaml::from_str(role)
             .map_err(|_| {
-                anyhow::anyhow!("--role {role:?}: expected aggregated, prefill or decode")
+                anyhow::anyhow!("--role {role:?}: expected aggregated, prefill, decode or router")
             })?;
         return cfg
             .workers
@@ -189,6 +190,9 @@ fn run(cli: Cli) -> Result<()> {
             }
             if let Some(b) = args.events_bind {
                 cfg.transport.events_bind = b;
+            }
+            if args.role.as_deref() == Some("router") {
+                return runtime.block_on(turbine::serve::router(cfg, args.registry));
             }
             let group = pick_group(&cfg, args.group, args.role.as_deref())?;
             runtime.block_on(turbine::serve::worker(

@@ -4,8 +4,8 @@ use crate::fetch::resolve_model;
 use anyhow::{Context, Result};
 use std::sync::Arc;
 use turbine_actors::cluster_config::ClusterConfig;
-use turbine_actors::engine::local::LocalCluster;
 use turbine_actors::frontend::{self, ChatEngine, HttpConfig};
+use turbine_actors::node::local::LocalCluster;
 
 /// Serves `cfg` until Ctrl-C (or SIGTERM); in-flight requests drain before it returns.
 pub async fn up(cfg: ClusterConfig, allow_fetch: bool) -> Result<()> {
@@ -47,15 +47,16 @@ pub async fn worker(
 ) -> Result<()> {
     let mut cfg = cfg;
     let model = load(&mut cfg, allow_fetch).await?;
-    turbine_actors::engine::worker_process::run_worker(
-        &cfg,
-        group,
-        model,
-        registry,
-        shutdown_signal(),
-    )
-    .await?;
+    turbine_actors::node::process::run_worker(&cfg, group, model, registry, shutdown_signal())
+        .await?;
     eprintln!("turbine worker: deregistered, exiting");
+    Ok(())
+}
+
+/// `turbine worker --role router`: the router of the file, joining the frontend's registry.
+pub async fn router(cfg: ClusterConfig, registry: Option<String>) -> Result<()> {
+    turbine_actors::node::process::run_router(&cfg, registry, shutdown_signal()).await?;
+    eprintln!("turbine router: deregistered, exiting");
     Ok(())
 }
 

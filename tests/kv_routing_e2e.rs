@@ -5,6 +5,11 @@
 //! responses' `usage.prompt_tokens_details.cached_tokens` must show that every follow-up goes
 //! to the worker that holds its prefix, and that the prefix cache then serves it.
 //!
+//! The same scenario runs a second time with the router in a process of its own
+//! (`turbine worker --role router`, `router.remote`) and the two workers as `turbine worker`
+//! processes: the frontend reaches the router over the request plane and must route exactly
+//! as with the router in its process.
+//!
 //! Needs the default model (`scripts/setup-test-deps.sh`, run by `scripts/test.sh`).
 
 mod common;
@@ -101,7 +106,105 @@ fn repeated_prefixes_follow_their_kv_blocks() {
         &["up", "-f", file.to_str().unwrap(), "--no-fetch"],
         "turbine serving",
     );
+    scenario(port, true);
+    if let Some(dir) = file.parent() {
+        let _ = std::fs::remove_dir_all(dir);
+    }
+}
 
+#[test]
+fn a_router_process_routes_as_the_local_router_does() {
+    let (port, plane) = (free_port(), free_port());
+    let file = cluster_file(
+        "kvroute-remote",
+        &format!(
+            "http: {{port: {port}}}\n\
+             router: {{policy: kv, overlap_weight: 1.0, temperature: 0.0, remote: true}}\n\
+             workers:\n  - {{role: aggregated, replicas: 2, device: cpu, kv_blocks: 96, \
+             block_size: 16, max_num_batched_tokens: 512, threads: 1, remote: true}}\n\
+             transport: {{bind: \"127.0.0.1:{plane}\"}}\n\
+             discovery: {{backend: embedded, registry: \"127.0.0.1:{plane}\", lease_ms: 2000}}\n"
+        ),
+    );
+    let file_arg = file.to_str().unwrap();
+    let _frontend = spawn_turbine(&["up", "-f", file_arg, "--no-fetch"], "turbine serving");
+    let joined = [
+        "worker",
+        "-f",
+        file_arg,
+        "--bind",
+        "127.0.0.1:0",
+        "--no-fetch",
+    ];
+    let _router = spawn_turbine(
+        &[&joined[..], &["--role", "router"]].concat(),
+        "registered with",
+    );
+    let _workers: Vec<_> = (0..2)
+        .map(|_| spawn_turbine(&joined, "registered with"))
+        .collect();
+    wait_until_both_workers_are_routable(port);
+    scenario(port, false);
+    if let Some(dir) = file.parent() {
+        let _ = std::fs::remove_dir_all(dir);
+    }
+}
+
+/// Waits (bounded) until the router process routes to both workers: a request held open on
+/// one worker sends the next one to the other. The warm-up prompts share no block with the
+/// scenario's.
+fn wait_until_both_workers_are_routable(port: u16) {
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(90);
+    loop {
+        let before = decisions(port);
+        let mut held = send(
+            port,
+            "POST",
+            "/v1/completions",
+            &completion_body("Warm-up: count slowly from one.", 24, true),
+        );
+        let mut got = Vec::new();
+        let mut buf = [0u8; 4096];
+        while !String::from_utf8_lossy(&got).contains("data:") {
+            let n = held.read(&mut buf).expect("streamed answer");
+            if n == 0 {
+                break; // refused (no router or no worker yet)
+            }
+            got.extend_from_slice(&buf[..n]);
+        }
+        let first = decisions(port);
+        let (status, _) = http(
+            port,
+            "POST",
+            "/v1/completions",
+            &completion_body("Warm-up: name a colour.", 2, false),
+        );
+        let second = decisions(port);
+        let mut rest = Vec::new();
+        let _ = held.read_to_end(&mut rest);
+        let to_first: Vec<_> = first
+            .keys()
+            .filter(|w| first[*w] > before.get(*w).copied().unwrap_or(0.0))
+            .collect();
+        let to_second: Vec<_> = second
+            .keys()
+            .filter(|w| second[*w] > first.get(*w).copied().unwrap_or(0.0))
+            .collect();
+        if status == 200 && to_first.len() == 1 && to_second.len() == 1 && to_first != to_second {
+            return;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the router process never routed to both workers"
+        );
+        std::thread::sleep(std::time::Duration::from_millis(300));
+    }
+}
+
+/// The scenario: two prefix families, each follow-up routed to its family's worker.
+/// `worker_gauges`: the workers are in the frontend's process, so their prefix-cache
+/// gauges are on its /metrics too.
+fn scenario(port: u16, worker_gauges: bool) {
     let family_a = prefix("lighthouse", 18);
     let family_b = prefix("greenhouse", 18);
 
@@ -179,7 +282,7 @@ fn repeated_prefixes_follow_their_kv_blocks() {
     // 4. The workers' own prefix-cache hit rate rose on both homes, and the router saw the
     //    overlap it routed on.
     let hit_rate_after = per_worker(port, "turbine_prefix_cache_hit_rate");
-    for home in [&home_a, &home_b] {
+    for home in [&home_a, &home_b].into_iter().filter(|_| worker_gauges) {
         let (was, now) = (
             hit_rate_before.get(home).copied().unwrap_or(0.0),
             hit_rate_after.get(home).copied().unwrap_or(0.0),
@@ -194,8 +297,5 @@ fn repeated_prefixes_follow_their_kv_blocks() {
     for home in [&home_a, &home_b] {
         let (o, r) = (overlap[home], requested[home]);
         assert!(o >= r * 0.6, "{home}: router overlap {o} of {r} blocks");
-    }
-    if let Some(dir) = file.parent() {
-        let _ = std::fs::remove_dir_all(dir);
     }
 }

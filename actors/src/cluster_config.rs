@@ -224,8 +224,8 @@ mod tests {
         let c: ClusterConfig = serde_yaml::from_str(text).unwrap();
         assert_eq!(c.workers.len(), 1);
         assert_eq!(
-            crate::engine::device::Device::parse(&c.workers[0].device).ok(),
-            Some(crate::engine::device::Device::Cuda(0))
+            crate::executor::device::Device::parse(&c.workers[0].device).ok(),
+            Some(crate::executor::device::Device::Cuda(0))
         );
     }
 }

@@ -1,17 +1,21 @@
-//! The dispatcher leaves a worker whose connection is lost out of routing for a while (not
-//! until its discovery lease expires), then routes to it again. On paused time, with the
+//! A worker whose connection is lost is left out of routing for a while (not until its
+//! discovery lease expires), then routed to again: the dispatcher reports it, the router
+//! (served as `RouterService` on the same node) quarantines it. On paused time, with the
 //! workers behind in-memory nodes and the lost one behind a link that refuses everything.
 
 use async_trait::async_trait;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
-use turbine_actors::engine::dispatch::{DispatchRequest, Dispatcher, UNREACHABLE_QUARANTINE};
-use turbine_actors::engine::service::{WorkerReply, WorkerRequest, WorkerService};
 use turbine_actors::frontend::EngineError;
 use turbine_actors::ids::WorkerId;
+use turbine_actors::kv::indexer::FlashIndexer;
 use turbine_actors::kv::BlockSize;
 use turbine_actors::protocol::{FinishReason, SamplingParams, StopConditions, TokenOutput};
+use turbine_actors::router::dispatch::{DispatchRequest, Dispatcher};
+use turbine_actors::router::service::RouterCore;
+use turbine_actors::router::UNREACHABLE_QUARANTINE;
 use turbine_actors::router::{KvRouter, RouterConfig, RouterReplicaId};
+use turbine_actors::worker::service::{WorkerReply, WorkerRequest, WorkerService};
 use turbine_runtime::{
     CallError, Direction, Handler, HandlerError, Link, MetricsRegistry, Node, NodeConfig,
     RequestCtx, StreamSink, TokioClock, Transit,
@@ -100,12 +104,23 @@ async fn a_lost_worker_is_skipped_for_the_quarantine_then_tried_again() {
     let link = Arc::new(CutLink {
         down: AtomicBool::new(true),
     });
-    let router = KvRouter::new(RouterReplicaId(0), RouterConfig::default(), None).unwrap();
-    let dispatcher = Dispatcher::new(BlockSize::DEFAULT, router, 1, TokioClock::shared());
+    let index = Arc::new(FlashIndexer::default());
+    let router = KvRouter::new(
+        RouterReplicaId(0),
+        RouterConfig::default(),
+        Some(index.clone()),
+    )
+    .unwrap();
+    let core = RouterCore::new(router, index, TokioClock::shared());
+    let router_addr = core.serve(&node, "router").await.unwrap();
+    let dispatcher = Dispatcher::new(BlockSize::DEFAULT, Some(router_addr), 1);
     let w1 = node
         .local::<WorkerService>("worker/1")
         .unwrap()
         .via(link.clone());
+    for id in [WorkerId(1), WorkerId(2)] {
+        core.add_worker(id);
+    }
     dispatcher.add_worker(WorkerId(1), w1);
     dispatcher.add_worker(WorkerId(2), node.local("worker/2").unwrap());
 

@@ -7,7 +7,7 @@
 //! device exists is checked before, so a bad config fails with a precise message instead of
 //! a thread that dies.
 
-use super::executor::BackendBuilder;
+use super::BackendBuilder;
 use crate::cluster_config::WorkerGroup;
 use std::fmt;
 use turbine_kernels::backend::Backend;

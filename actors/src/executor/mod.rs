@@ -6,6 +6,8 @@
 //! a channel and awaits a oneshot reply, so a worker actor can keep accepting requests and
 //! cancellations while a step runs.
 
+pub mod device;
+
 use crate::ids::RequestId;
 use crate::protocol::{SamplingParams, TokenLogprob};
 use crate::worker::{SampledToken, ScheduledSeq};

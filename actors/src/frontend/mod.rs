@@ -19,6 +19,7 @@ pub mod generation;
 pub mod http;
 pub mod metrics;
 pub mod openai;
+pub mod pipeline;
 pub mod render;
 pub mod validate;
 

@@ -3,22 +3,17 @@
 //!
 //! This is the [`ChatEngine`] the frontend calls: text in and out around the
 //! [`Dispatcher`], which routes token ids to workers reached through location-transparent
-//! `Addr<WorkerService>`s (local, or in another process). KV events flow from each worker
-//! into the router's [`FlashIndexer`], and each worker's load is fed to the router with
-//! [`Dispatcher::update_load`].
+//! `Addr<WorkerService>`s (local, or in another process), after asking the router (an
+//! `Addr<RouterService>`, likewise) which one.
 
-use super::dispatch::{DispatchRequest, Dispatched, Dispatcher};
 use crate::frontend::{ChatEngine, Delta, DeltaStream, EngineError, GenerateRequest, Usage};
-use crate::kv::indexer::FlashIndexer;
-use crate::kv::BlockSize;
 use crate::preprocessor::codec::ModelCodec;
 use crate::protocol::{FinishReason, StopConditions, TokenOutput};
-use crate::router::KvRouter;
+use crate::router::dispatch::{DispatchRequest, Dispatched, Dispatcher};
 use async_trait::async_trait;
 use futures::StreamExt;
 use std::sync::Arc;
 use turbine_kernels::tokenizer::IncrementalDecoder;
-use turbine_runtime::TokioClock;
 
 /// Everything a request needs on its way through the graph, shared by all requests.
 pub struct Pipeline {
@@ -29,45 +24,36 @@ pub struct Pipeline {
 }
 
 impl Pipeline {
-    /// A pipeline with no workers yet: add them through [`Pipeline::dispatcher`].
+    /// A pipeline routing through `dispatcher` (workers join and leave through it).
     pub fn new(
         model_id: String,
         context_length: usize,
-        block_size: BlockSize,
         codec: Arc<ModelCodec>,
-        router: KvRouter,
+        dispatcher: Arc<Dispatcher>,
     ) -> Pipeline {
-        // Request ids only need to be unique per process lifetime; start from the clock so
-        // a restarted frontend does not reuse ids still known to workers.
-        let first_id = std::time::SystemTime::now()
-            .duration_since(std::time::UNIX_EPOCH)
-            .map(|d| d.as_micros() as u64)
-            .unwrap_or(1)
-            << 8;
         Pipeline {
             model_id,
             context_length,
             codec,
-            dispatcher: Arc::new(Dispatcher::new(
-                block_size,
-                router,
-                first_id,
-                TokioClock::shared(),
-            )),
+            dispatcher,
         }
     }
 
-    /// The routing shell behind this pipeline (workers join and leave through it).
+    /// Where a frontend's request ids start. They only need to be unique per process
+    /// lifetime; starting from the clock keeps a restarted frontend from reusing ids still
+    /// known to workers.
+    pub fn first_request_id() -> u64 {
+        std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map(|d| d.as_micros() as u64)
+            .unwrap_or(1)
+            << 8
+    }
+
+    /// The routing shell behind this pipeline.
     pub fn dispatcher(&self) -> &Arc<Dispatcher> {
         &self.dispatcher
     }
-}
-
-/// Builds the KV event sink for a worker: events go into the shared index.
-pub fn index_sink(index: Arc<FlashIndexer>) -> super::worker::KvEventSink {
-    Box::new(move |batch| {
-        index.apply(&batch);
-    })
 }
 
 #[async_trait]

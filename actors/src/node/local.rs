@@ -1,53 +1,44 @@
-//! Assembles a whole serving graph inside one process from a [`ClusterConfig`] and a loaded
-//! model: one executor thread and one worker loop per worker replica, a KV-aware router fed
-//! by the workers' KV events, and the [`Pipeline`] the HTTP frontend calls.
+//! `turbine up`: a whole serving graph in one process, composed from the root's builders:
+//! the router served on this process's node (unless the config's router is `remote`), one
+//! executor thread and one worker loop per local worker replica, the [`Pipeline`] the HTTP
+//! frontend calls, and the embedded registry that workers in other processes join through.
 
-use super::device::{backend_builder, Device};
-use super::dispatch::Dispatcher;
-use super::executor::Executor;
-use super::metrics::WorkerMetrics;
-use super::pipeline::{index_sink, Pipeline};
-use super::remote::{watch_workers, NodeConnector, REGISTRY_SERVICE};
-use super::service::{worker_service_name, WorkerActor, WorkerService};
-use super::worker::{KvEventSink, WorkerHandle};
-use crate::cluster_config::{ClusterConfig, WorkerGroup, WorkerRole};
+use super::{
+    check_cluster, dispatcher, follow_workers, real_executor, scheduler_for, start_router,
+    start_worker, Announcement, StartError,
+};
+use crate::cluster_config::{ClusterConfig, WorkerGroup};
+use crate::frontend::pipeline::Pipeline;
 use crate::frontend::Metrics;
 use crate::ids::WorkerId;
 use crate::kv::indexer::FlashIndexer;
-use crate::kv::BlockSize;
 use crate::preprocessor::codec::ModelCodec;
-use crate::router::{KvRouter, RouterReplicaId};
-use crate::worker::{BlockManager, BlockManagerConfig, Scheduler, SchedulerConfig};
+use crate::router::dispatch::Dispatcher;
+use crate::router::membership::{Members, NodeConnector};
+use crate::router::service::{RouterCore, RouterService, ROUTER_COMPONENT, ROUTER_SERVICE};
+
+use crate::worker::announce::REGISTRY_SERVICE;
+use crate::worker::metrics::WorkerMetrics;
+use crate::worker::{EngineTime, WorkerHandle};
 use std::sync::Arc;
 use std::time::Duration;
 use turbine_kernels::loader::LoadedModel;
-use turbine_kernels::model::ModelConfig;
-use turbine_runtime::discovery::{EmbeddedDiscovery, EmbeddedRegistry};
+use turbine_runtime::discovery::{Discovery, DiscoveryEvent, EmbeddedDiscovery, EmbeddedRegistry};
 use turbine_runtime::{Node, NodeConfig};
-
-/// Why the graph could not be started.
-#[derive(Debug, thiserror::Error)]
-pub enum StartError {
-    #[error("invalid configuration: {0}")]
-    Config(String),
-    #[error("worker {worker}: {reason}")]
-    Worker { worker: WorkerId, reason: String },
-    #[error("request plane: {0}")]
-    Node(String),
-}
 
 /// A running single-process cluster.
 pub struct LocalCluster {
     pub pipeline: Arc<Pipeline>,
     pub metrics: Metrics,
-    pub index: Arc<FlashIndexer>,
+    /// The router's KV index, when the router runs in this process.
+    pub index: Option<Arc<FlashIndexer>>,
     /// This process's request-plane node: the workers are served on it, so other
     /// processes could reach them too.
     pub node: Node,
     /// The worker engine loops, for inspection (stats) and tests.
     pub workers: Vec<WorkerHandle>,
     _registry: EmbeddedRegistry,
-    _watcher: AbortOnDrop,
+    _tasks: Vec<AbortOnDrop>,
 }
 
 struct AbortOnDrop(tokio::task::JoinHandle<()>);
@@ -60,7 +51,8 @@ impl Drop for AbortOnDrop {
 
 impl LocalCluster {
     /// Starts every worker the config describes on the current tokio runtime, each served
-    /// as a supervised [`WorkerService`] on this process's node.
+    /// as a supervised `WorkerService` on this process's node, and the router (here, or
+    /// followed in a router process).
     pub async fn start(
         cfg: &ClusterConfig,
         model: LoadedModel,
@@ -71,14 +63,41 @@ impl LocalCluster {
             .iter()
             .filter(|g| g.replicas > 0 && !g.remote)
             .collect();
+        let node_err = |e: &dyn std::fmt::Display| StartError::Node(e.to_string());
 
         let metrics = Metrics::new();
         let worker_metrics = WorkerMetrics::register(&metrics);
-        let index = Arc::new(FlashIndexer::default());
-        let mut router_cfg = cfg.router.clone();
-        router_cfg.block_size = block_size;
-        let router = KvRouter::new(RouterReplicaId(0), router_cfg, Some(index.clone()))
-            .map_err(|e| StartError::Config(format!("router: {e}")))?;
+        let node = Node::start(NodeConfig {
+            name: "frontend".to_string(),
+            bind: format!("tcp://{}", cfg.transport.bind),
+            call_timeout_ms: cfg.transport.call_timeout_ms,
+            ..NodeConfig::default()
+        })
+        .await
+        .map_err(|e| node_err(&e))?;
+        // Workers and routers in other processes join through the embedded registry here.
+        let registry = EmbeddedRegistry::serve(&node, REGISTRY_SERVICE, Duration::from_millis(250))
+            .await
+            .map_err(|e| node_err(&e))?;
+        let discovery: Arc<dyn Discovery> = Arc::new(EmbeddedDiscovery::new(
+            registry.addr().clone(),
+            node.clock().clone(),
+        ));
+
+        // The router: served here, or (`router.remote`) a router process found through
+        // discovery, which then follows the workers itself.
+        let (router, router_addr) = if cfg.router.remote {
+            if !groups.is_empty() {
+                return Err(StartError::Config(
+                    "with router.remote, every worker group must be remote too (the router process follows the workers' events)".into(),
+                ));
+            }
+            (None, None)
+        } else {
+            let r =
+                start_router(&node, cfg.router.clone(), block_size, node.clock().clone()).await?;
+            (Some(r.core), Some(r.addr))
+        };
 
         let mut workers = Vec::new();
         let mut next_id = 0u64;
@@ -86,13 +105,27 @@ impl LocalCluster {
             for _ in 0..group.replicas {
                 let id = WorkerId(next_id);
                 next_id += 1;
-                workers.push(start_worker(
+                let scheduler = scheduler_for(group, context_length)
+                    .map_err(|reason| StartError::Worker { worker: id, reason })?;
+                let executor = real_executor(id, group, &model)?;
+                // A local worker's KV events go straight into the router's index.
+                let core = router.clone();
+                let announce: super::Announce = Arc::new(move |a| {
+                    if let (Some(core), Announcement::Kv(batch)) = (&core, a) {
+                        core.apply_kv(&batch);
+                    }
+                });
+                let w = start_worker(
+                    &node,
                     id,
-                    group,
-                    &model,
-                    context_length,
-                    index_sink(index.clone()),
-                )?);
+                    scheduler,
+                    executor,
+                    EngineTime::real(),
+                    announce,
+                    None,
+                )
+                .await?;
+                workers.push(w.handle);
             }
         }
 
@@ -113,151 +146,116 @@ impl LocalCluster {
         )
         .map_err(StartError::Config)?;
         let model_id = cfg.model.served_name.clone().unwrap_or(name);
+        let dispatch = dispatcher(block_size, router_addr, Pipeline::first_request_id());
+        let mut tasks = Vec::new();
+        if cfg.router.remote {
+            tasks.push(follow_router(
+                node.clone(),
+                discovery.clone(),
+                dispatch.clone(),
+            ));
+        }
         let pipeline = Arc::new(Pipeline::new(
             model_id,
             context_length,
-            block_size,
             Arc::new(codec),
-            router,
+            dispatch.clone(),
         ));
-        // Per-worker routing decisions on /metrics, read from the router at scrape time.
+        // Per-worker routing decisions on /metrics, as this frontend received them.
         // (A poisoned registry lock still guards a usable registry.)
         metrics
             .registry()
             .lock()
             .unwrap_or_else(|e| e.into_inner())
             .register_collector(Box::new(crate::router::prometheus::RouterCollector::new(
-                pipeline.dispatcher().router().clone(),
+                dispatch.clone(),
             )));
 
-        let node = Node::start(NodeConfig {
-            name: "frontend".to_string(),
-            bind: format!("tcp://{}", cfg.transport.bind),
-            call_timeout_ms: cfg.transport.call_timeout_ms,
-            ..NodeConfig::default()
-        })
-        .await
-        .map_err(|e| StartError::Node(e.to_string()))?;
         for handle in &workers {
-            let name = worker_service_name(handle.id());
-            let served = handle.clone();
-            node.serve::<WorkerService, _, _>(&name, move || WorkerActor::new(served.clone()))
-                .await
-                .map_err(|e| StartError::Node(e.to_string()))?;
+            let name = crate::worker::service::worker_service_name(handle.id());
             let addr = node
-                .local::<WorkerService>(&name)
-                .map_err(|e| StartError::Node(e.to_string()))?;
-            pipeline.dispatcher().add_worker(handle.id(), addr);
-            spawn_load_mirror(
-                handle,
-                pipeline.dispatcher().clone(),
-                worker_metrics.clone(),
-            );
+                .local::<crate::worker::service::WorkerService>(&name)
+                .map_err(|e| node_err(&e))?;
+            if let Some(core) = &router {
+                core.add_worker(handle.id());
+            }
+            dispatch.add_worker(handle.id(), addr);
+            spawn_load_mirror(handle, router.clone(), worker_metrics.clone());
         }
-        // Workers in other processes join through the embedded registry on this node.
-        let registry = EmbeddedRegistry::serve(&node, REGISTRY_SERVICE, Duration::from_millis(250))
-            .await
-            .map_err(|e| StartError::Node(e.to_string()))?;
-        let discovery = Arc::new(EmbeddedDiscovery::new(
-            registry.addr().clone(),
-            node.clock().clone(),
-        ));
-        let watcher = watch_workers(
+        tasks.push(follow_workers(
             Arc::new(NodeConnector::new(node.clone())),
             discovery,
-            pipeline.dispatcher().clone(),
-            index.clone(),
-        );
+            Members {
+                router: router.clone(),
+                frontend: Some(dispatch),
+            },
+        ));
         Ok(LocalCluster {
             pipeline,
             metrics,
-            index,
+            index: router.as_ref().map(|r| r.index().clone()),
             node,
             workers,
             _registry: registry,
-            _watcher: AbortOnDrop(watcher),
+            _tasks: tasks.into_iter().map(AbortOnDrop).collect(),
         })
     }
 }
 
-/// Validates the worker groups and returns (block size, usable context length): the model's
-/// context, capped by the config and by what the smallest worker's KV pool can hold. The
-/// frontend and every `turbine worker` compute the same figures from the same file.
-pub fn check_cluster(
-    cfg: &ClusterConfig,
-    model: &ModelConfig,
-) -> Result<(BlockSize, usize), StartError> {
-    let groups: Vec<&WorkerGroup> = cfg.workers.iter().filter(|g| g.replicas > 0).collect();
-    let Some(first) = groups.first() else {
-        return Err(StartError::Config("no workers configured".into()));
-    };
-    let block_size = first.block_size;
-    if groups.iter().any(|g| g.block_size != block_size) {
-        return Err(StartError::Config(
-            "every worker group must use the same block_size".into(),
-        ));
-    }
-    if let Some(g) = groups.iter().find(|g| g.role != WorkerRole::Aggregated) {
-        return Err(StartError::Config(format!(
-            "role {:?} needs disaggregated serving, which this build does not run yet; use role: aggregated",
-            g.role
-        )));
-    }
-    let pool_tokens = groups
-        .iter()
-        .map(|g| g.kv_blocks * block_size.as_usize())
-        .min()
-        .unwrap_or(0);
-    let context_length = cfg
-        .model
-        .max_context
-        .unwrap_or(model.max_position)
-        .min(model.max_position)
-        .min(pool_tokens);
-    if context_length < 2 {
-        return Err(StartError::Config(format!(
-            "the usable context is {context_length} tokens: raise kv_blocks"
-        )));
-    }
-    Ok((block_size, context_length))
+/// Keeps `dispatcher` pointed at the router process discovery lists (the latest one to
+/// register), until the returned task is aborted.
+fn follow_router(
+    node: Node,
+    discovery: Arc<dyn Discovery>,
+    dispatcher: Arc<Dispatcher>,
+) -> tokio::task::JoinHandle<()> {
+    tokio::spawn(async move {
+        use futures::StreamExt;
+        let mut current: Option<String> = None;
+        loop {
+            let mut watch = match discovery.watch(ROUTER_COMPONENT).await {
+                Ok(w) => w,
+                Err(e) => {
+                    tracing::warn!("watching routers: {e}; retrying");
+                    tokio::time::sleep(Duration::from_millis(500)).await;
+                    continue;
+                }
+            };
+            while let Some(event) = watch.next().await {
+                match event {
+                    DiscoveryEvent::Added(inst) => {
+                        match node
+                            .connect::<RouterService>(&inst.endpoint, ROUTER_SERVICE)
+                            .await
+                        {
+                            Ok(addr) => {
+                                tracing::info!(endpoint = %inst.endpoint, "router joined");
+                                dispatcher.set_router(Some(addr));
+                                current = Some(inst.id);
+                            }
+                            Err(e) => tracing::warn!("router {} unreachable: {e}", inst.id),
+                        }
+                    }
+                    DiscoveryEvent::Removed(inst) => {
+                        if current.as_deref() == Some(inst.id.as_str()) {
+                            tracing::info!(endpoint = %inst.endpoint, "router left");
+                            dispatcher.set_router(None);
+                            current = None;
+                        }
+                    }
+                }
+            }
+        }
+    })
 }
 
-/// Starts one worker: its executor thread (the backend the group's `device` names) and its
-/// engine loop, publishing KV events into `kv_events`.
-pub fn start_worker(
-    id: WorkerId,
-    group: &WorkerGroup,
-    model: &LoadedModel,
-    context_length: usize,
-    kv_events: KvEventSink,
-) -> Result<WorkerHandle, StartError> {
-    let fail = |reason: String| StartError::Worker { worker: id, reason };
-    // The backend is built on the executor's own thread (a CUDA context stays there).
-    let device = Device::parse(&group.device).map_err(|e| StartError::Config(e.to_string()))?;
-    let build = backend_builder(device, group, model).map_err(|e| fail(e.to_string()))?;
-    let executor = Executor::spawn_with(&format!("executor-{id}"), build)
-        .map_err(|e| fail(format!("device {device}: {e}")))?;
-    let blocks = BlockManager::new(BlockManagerConfig {
-        num_blocks: u32::try_from(group.kv_blocks)
-            .map_err(|_| fail("kv_blocks is too large".into()))?,
-        block_size: group.block_size,
-        enable_prefix_caching: true,
-    });
-    let scheduler = Scheduler::new(
-        SchedulerConfig {
-            max_num_batched_tokens: group.max_num_batched_tokens,
-            max_num_seqs: group.max_num_seqs,
-            max_model_len: context_length,
-            enable_chunked_prefill: true,
-        },
-        blocks,
-    )
-    .map_err(|e| fail(e.to_string()))?;
-    Ok(WorkerHandle::spawn(id, scheduler, executor, kv_events))
-}
-
-/// After every step of `worker`: its load into the router, its gauges into the metrics.
-fn spawn_load_mirror(worker: &WorkerHandle, dispatcher: Arc<Dispatcher>, metrics: WorkerMetrics) {
+/// After every step of `worker`: its load into the router (when it is in this process),
+/// its gauges into the metrics.
+fn spawn_load_mirror(
+    worker: &WorkerHandle,
+    router: Option<Arc<RouterCore>>,
+    metrics: WorkerMetrics,
+) {
     let mut stats = worker.watch_stats();
     let id = worker.id();
     let name = id.to_string();
@@ -265,7 +263,9 @@ fn spawn_load_mirror(worker: &WorkerHandle, dispatcher: Arc<Dispatcher>, metrics
     tokio::spawn(async move {
         while stats.changed().await.is_ok() {
             let s = stats.borrow_and_update().clone();
-            dispatcher.update_load(id, &s);
+            if let Some(router) = &router {
+                router.update_load(id, &s);
+            }
             metrics.update(&name, &s);
         }
     });

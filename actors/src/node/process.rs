@@ -1,19 +1,22 @@
-//! `turbine worker`: one worker in a process of its own, joining a frontend over ZeroMQ.
+//! `turbine worker`: one node in a process of its own, joining a frontend over ZeroMQ.
 //!
-//! It serves [`WorkerService`] on its own request-plane node, publishes its KV events and
-//! load on its event-plane PUB socket, and registers with the frontend's embedded registry
-//! under a lease it renews by heartbeat. When it stops, it deregisters at once; when it
-//! dies, its lease expires and the frontend forgets it.
+//! A worker ([`run_worker`]) serves `WorkerService` on its own request-plane node,
+//! publishes its KV events and load on its event-plane PUB socket, and registers with the
+//! frontend's embedded registry under a lease it renews by heartbeat. A router
+//! ([`run_router`], `--role router`) serves `RouterService`, follows the workers through
+//! the same registry and registers itself for frontends to find. When either stops, it
+//! deregisters at once; when it dies, its lease expires and the others forget it.
 
-use super::local::{check_cluster, start_worker, StartError};
-use super::remote::{
-    kv_topic, metrics_topic, report_load, LOAD_REPORT_EVERY, META_EVENTS, META_WORKER_ID,
-    REGISTRY_SERVICE, WORKER_COMPONENT,
+use super::{
+    block_size_of, check_cluster, follow_workers, real_executor, report_loads, scheduler_for,
+    start_router, start_worker, Announce, Announcement, StartError,
 };
-use super::service::{worker_service_name, WorkerActor, WorkerService};
 use crate::cluster_config::{ClusterConfig, DiscoverySection};
 use crate::ids::WorkerId;
-use crate::kv::KvEventBatch;
+use crate::router::membership::{Members, NodeConnector};
+use crate::router::service::{ROUTER_COMPONENT, ROUTER_SERVICE};
+use crate::worker::announce::{kv_topic, metrics_topic, REGISTRY_SERVICE};
+use crate::worker::EngineTime;
 use std::collections::BTreeMap;
 use std::future::Future;
 use std::sync::Arc;
@@ -25,13 +28,7 @@ use turbine_runtime::discovery::{Discovery, EmbeddedDiscovery, Instance};
 use turbine_runtime::events::EventPublisher;
 use turbine_runtime::{Node, NodeConfig};
 
-/// What the worker publishes on its event plane, in one ordered queue.
-enum Outgoing {
-    Kv(KvEventBatch),
-    Load(crate::worker::SchedulerStats),
-}
-
-/// A fresh id for a worker process: unique across restarts, so KV state from a previous
+/// A fresh id for a worker (or router) process: unique across restarts, so KV state from a previous
 /// incarnation is never attributed to this one.
 fn fresh_worker_id() -> WorkerId {
     let nanos = std::time::SystemTime::now()
@@ -43,6 +40,60 @@ fn fresh_worker_id() -> WorkerId {
     z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
     // Keep it below 2^53 so it survives any JSON tooling that reads it.
     WorkerId((z ^ (z >> 31)) >> 11)
+}
+
+/// How a process joins: the registry endpoint and the lease it registers under.
+struct Joining {
+    registry: String,
+    lease: Duration,
+}
+
+/// Reads the embedded-discovery settings; `registry` overrides `discovery.registry`.
+fn joining(
+    cfg: &ClusterConfig,
+    registry: Option<String>,
+    what: &str,
+) -> Result<Joining, StartError> {
+    let (lease_ms, cfg_registry) = match &cfg.discovery {
+        DiscoverySection::Embedded { registry, lease_ms } => (*lease_ms, *registry),
+        other => {
+            return Err(StartError::Config(format!(
+                "turbine {what} joins through the embedded registry; discovery {other:?} is not supported yet"
+            )))
+        }
+    };
+    let registry = registry
+        .or_else(|| cfg_registry.map(|a| format!("tcp://{a}")))
+        .ok_or_else(|| {
+            StartError::Config(
+                "no registry: set discovery.registry in the file or pass --registry".into(),
+            )
+        })?;
+    Ok(Joining {
+        registry,
+        lease: Duration::from_millis(lease_ms),
+    })
+}
+
+/// This process's request-plane node, bound where the config says.
+async fn process_node(cfg: &ClusterConfig, name: String) -> Result<Node, StartError> {
+    Node::start(NodeConfig {
+        name,
+        bind: format!("tcp://{}", cfg.transport.bind),
+        call_timeout_ms: cfg.transport.call_timeout_ms,
+        ..NodeConfig::default()
+    })
+    .await
+    .map_err(|e| StartError::Node(e.to_string()))
+}
+
+/// Discovery through the frontend's embedded registry at `registry`.
+async fn registry_client(node: &Node, registry: &str) -> Result<EmbeddedDiscovery, StartError> {
+    let addr = node
+        .connect::<Registry>(registry, REGISTRY_SERVICE)
+        .await
+        .map_err(|e| StartError::Node(e.to_string()))?;
+    Ok(EmbeddedDiscovery::new(addr, node.clock().clone()))
 }
 
 /// Runs worker group `group` of `cfg` until `shutdown` resolves. `registry` overrides the
@@ -60,33 +111,12 @@ pub async fn run_worker(
             cfg.workers.len()
         )));
     };
-    let (lease_ms, cfg_registry) = match &cfg.discovery {
-        DiscoverySection::Embedded { registry, lease_ms } => (*lease_ms, *registry),
-        other => {
-            return Err(StartError::Config(format!(
-                "turbine worker joins through the embedded registry; discovery {other:?} is not supported yet"
-            )))
-        }
-    };
-    let registry = registry
-        .or_else(|| cfg_registry.map(|a| format!("tcp://{a}")))
-        .ok_or_else(|| {
-            StartError::Config(
-                "no registry: set discovery.registry in the file or pass --registry".into(),
-            )
-        })?;
+    let join = joining(cfg, registry, "worker")?;
     let (_, context_length) = check_cluster(cfg, &model.config)?;
     let id = fresh_worker_id();
     let node_err = |e: &dyn std::fmt::Display| StartError::Node(e.to_string());
 
-    let node = Node::start(NodeConfig {
-        name: format!("worker-{}", id.0),
-        bind: format!("tcp://{}", cfg.transport.bind),
-        call_timeout_ms: cfg.transport.call_timeout_ms,
-        ..NodeConfig::default()
-    })
-    .await
-    .map_err(|e| node_err(&e))?;
+    let node = process_node(cfg, format!("worker-{}", id.0)).await?;
     let publisher = Arc::new(
         EventPublisher::bind(&format!("tcp://{}", cfg.transport.events_bind), node.name())
             .await
@@ -95,73 +125,96 @@ pub async fn run_worker(
 
     // KV events leave the engine loop synchronously; one task publishes them and the load
     // reports in order, so a report never overtakes the batches it counts.
-    let (out_tx, mut out_rx) = mpsc::unbounded_channel::<Outgoing>();
+    let (out_tx, mut out_rx) = mpsc::unbounded_channel::<Announcement>();
     let out_pub = publisher.clone();
     tokio::spawn(async move {
         while let Some(item) = out_rx.recv().await {
             let sent = match &item {
-                Outgoing::Kv(batch) => out_pub.publish(&kv_topic(batch.worker), batch).await,
-                Outgoing::Load(stats) => out_pub.publish(&metrics_topic(id), stats).await,
+                Announcement::Kv(batch) => out_pub.publish(&kv_topic(batch.worker), batch).await,
+                Announcement::Load(stats) => out_pub.publish(&metrics_topic(id), stats).await,
             };
             if let Err(e) = sent {
                 tracing::warn!("publishing worker events: {e}");
             }
         }
     });
-    let kv_tx = out_tx.clone();
-    let handle = start_worker(
-        id,
-        group_cfg,
-        &model,
-        context_length,
-        Box::new(move |batch| {
-            let _ = kv_tx.send(Outgoing::Kv(batch));
-        }),
-    )?;
+    let announce: Announce = Arc::new(move |a| {
+        let _ = out_tx.send(a);
+    });
+    let scheduler = scheduler_for(group_cfg, context_length)
+        .map_err(|reason| StartError::Worker { worker: id, reason })?;
+    let executor = real_executor(id, group_cfg, &model)?;
     drop(model);
-
-    let served = handle.clone();
-    node.serve::<WorkerService, _, _>(&worker_service_name(id), move || {
-        WorkerActor::new(served.clone())
-    })
-    .await
-    .map_err(|e| node_err(&e))?;
-
+    let worker = start_worker(
+        &node,
+        id,
+        scheduler,
+        executor,
+        EngineTime::real(),
+        announce.clone(),
+        Some(publisher.endpoint()),
+    )
+    .await?;
     // Load when what the router reads changes (and at least every second).
-    tokio::spawn(report_load(
-        handle.watch_stats(),
-        LOAD_REPORT_EVERY,
-        node.clock().clone(),
-        move |s| {
-            let _ = out_tx.send(Outgoing::Load(s.clone()));
-        },
-    ));
+    report_loads(&worker.handle, node.clock().clone(), announce);
 
-    let registry_addr = node
-        .connect::<Registry>(&registry, REGISTRY_SERVICE)
-        .await
-        .map_err(|e| node_err(&e))?;
-    let discovery = EmbeddedDiscovery::new(registry_addr, node.clock().clone());
-    let instance = Instance {
-        component: WORKER_COMPONENT.to_string(),
-        id: id.0.to_string(),
-        endpoint: node.endpoint().to_string(),
-        metadata: BTreeMap::from([
-            (META_EVENTS.to_string(), publisher.endpoint().to_string()),
-            (META_WORKER_ID.to_string(), id.0.to_string()),
-        ]),
-    };
+    let discovery = registry_client(&node, &join.registry).await?;
     let lease = discovery
-        .register(instance, Duration::from_millis(lease_ms))
+        .register(worker.instance, join.lease)
         .await
         .map_err(|e| node_err(&e))?;
     println!(
-        "turbine worker {id} serving on {} (events {}), registered with {registry}",
+        "turbine worker {id} serving on {} (events {}), registered with {}",
         node.endpoint(),
-        publisher.endpoint()
+        publisher.endpoint(),
+        join.registry
     );
     shutdown.await;
     lease.revoke().await;
+    node.shutdown();
+    Ok(())
+}
+
+/// Runs a router process (`turbine worker --role router`) until `shutdown` resolves: the
+/// router served as `RouterService` on this node, following the workers registered with
+/// the frontend's registry (their KV events and load, over the event plane), and itself
+/// registered there so frontends with `router.remote` route through it.
+pub async fn run_router(
+    cfg: &ClusterConfig,
+    registry: Option<String>,
+    shutdown: impl Future<Output = ()>,
+) -> Result<(), StartError> {
+    let join = joining(cfg, registry, "worker --role router")?;
+    let block_size = block_size_of(cfg)?;
+    let node = process_node(cfg, "router".to_string()).await?;
+    let router = start_router(&node, cfg.router.clone(), block_size, node.clock().clone()).await?;
+    let discovery: Arc<dyn Discovery> = Arc::new(registry_client(&node, &join.registry).await?);
+    let follow = follow_workers(
+        Arc::new(NodeConnector::new(node.clone())),
+        discovery.clone(),
+        Members {
+            router: Some(router.core.clone()),
+            frontend: None,
+        },
+    );
+    let instance = Instance {
+        component: ROUTER_COMPONENT.to_string(),
+        id: format!("router-{}", fresh_worker_id().0),
+        endpoint: node.endpoint().to_string(),
+        metadata: BTreeMap::from([("service".to_string(), ROUTER_SERVICE.to_string())]),
+    };
+    let lease = discovery
+        .register(instance, join.lease)
+        .await
+        .map_err(|e| StartError::Node(e.to_string()))?;
+    println!(
+        "turbine router serving on {}, registered with {}",
+        node.endpoint(),
+        join.registry
+    );
+    shutdown.await;
+    lease.revoke().await;
+    follow.abort();
     node.shutdown();
     Ok(())
 }

@@ -43,6 +43,10 @@ pub struct RouterConfig {
     /// Tokens per KV block; must equal the workers'.
     pub block_size: BlockSize,
     pub index: RouterIndexMode,
+    /// Served by a separate `turbine worker --role router` process, which registers with
+    /// the frontend's registry and follows the workers' events; the frontend reaches it
+    /// over the request plane. Every worker group must then be `remote` too.
+    pub remote: bool,
 }
 
 impl Default for RouterConfig {
@@ -54,6 +58,7 @@ impl Default for RouterConfig {
             seed: 0,
             block_size: BlockSize::DEFAULT,
             index: RouterIndexMode::Events,
+            remote: false,
         }
     }
 }

@@ -1,26 +1,27 @@
-//! The dispatcher: the frontend's routing actor shell. It owns the KV-aware router and the
-//! set of reachable workers, gives each request an id, routes its token ids and opens its
-//! token stream on the chosen worker.
+//! The dispatcher: the frontend's side of routing. It gives each request an id, hashes its
+//! token ids, asks the router ([`RouterService`], through an `Addr`: in this process or in a
+//! router process) for a worker, and opens the request's token stream on that worker. It
+//! tells the router when a request ends and when a worker could not be reached (the router
+//! quarantines it, see [`super::kv_router::UNREACHABLE_QUARANTINE`]).
 //!
-//! It speaks token ids only, so the text [`super::pipeline::Pipeline`] (templates,
+//! It speaks token ids only, so the text [`crate::frontend::pipeline::Pipeline`] (templates,
 //! tokenizer, detokenizer) and the simulator (which has no tokenizer) drive the same code.
-//! Time comes from a [`SharedClock`] and request ids from a caller-chosen start, so on a
-//! paused-time runtime every decision is a pure function of the inputs.
+//! Request ids come from a caller-chosen start, so on a paused-time runtime every decision
+//! is a pure function of the inputs.
 
-use super::service::{WorkerReply, WorkerRequest, WorkerService};
-use crate::frontend::EngineError;
+use super::kv_router::WorkerRouteCounts;
+use super::policy::{RouteError, RouteRequest};
+use super::service::{RouterReply, RouterRequest, RouterService};
 use crate::ids::{RequestId, WorkerId};
 use crate::kv::{hash_blocks, BlockSize};
+use crate::protocol::EngineError;
 use crate::protocol::{PreprocessedRequest, SamplingParams, StopConditions, TokenOutput};
-use crate::router::{KvRouter, RouteError, RouteRequest};
-use crate::worker::SchedulerStats;
+use crate::worker::service::{WorkerReply, WorkerRequest, WorkerService};
 use futures::StreamExt;
 use std::collections::BTreeMap;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, Mutex, RwLock};
-use std::time::Duration;
-use tokio::time::Instant;
-use turbine_runtime::{Addr, CallError, ReplyStream, SharedClock};
+use std::sync::{Mutex, RwLock};
+use turbine_runtime::{Addr, CallError, ReplyStream};
 
 /// A request as the dispatcher takes it: prompt token ids and generation settings.
 #[derive(Clone, Debug)]
@@ -31,30 +32,25 @@ pub struct DispatchRequest {
     pub logprobs: Option<u32>,
 }
 
-/// How long a worker that was found unreachable (its connection is gone) is left out of
-/// routing. Discovery drops a dead worker when its lease expires, which takes up to a lease
-/// period; until then every request routed there would fail. A worker that was only cut off
-/// briefly is routed to again after this.
-pub const UNREACHABLE_QUARANTINE: Duration = Duration::from_secs(5);
-
 /// A request under way on a worker. Dropping it cancels the request.
 pub struct Dispatched {
     pub id: RequestId,
     pub worker: WorkerId,
     tokens: ReplyStream<WorkerReply>,
     received: bool,
-    health: Arc<Health>,
     _guard: RouteGuard,
 }
 
 impl Dispatched {
     /// The next output of the worker (see [`token_output`] for how failures are classed);
-    /// `None` once the stream has ended. A lost connection to the worker takes it out of
-    /// routing for [`UNREACHABLE_QUARANTINE`].
+    /// `None` once the stream has ended. A lost connection to the worker is reported to
+    /// the router, which leaves the worker out of routing for a while.
     pub async fn next_output(&mut self) -> Option<Result<TokenOutput, EngineError>> {
         let item = self.tokens.next().await?;
         if matches!(item, Err(CallError::PeerGone(_) | CallError::Transport(_))) {
-            self.health.unreachable(self.worker);
+            self._guard
+                .router
+                .cast(RouterRequest::Unreachable(self.worker));
         }
         let out = token_output(item, !self.received);
         if out.is_ok() {
@@ -64,113 +60,54 @@ impl Dispatched {
     }
 }
 
-/// Which workers are left out of routing because their connection was lost, and until when.
-struct Health {
-    router: Arc<Mutex<KvRouter>>,
-    quarantined: Mutex<BTreeMap<WorkerId, Duration>>,
-    clock: SharedClock,
-    started: Instant,
-}
-
-impl Health {
-    fn now(&self) -> Duration {
-        self.clock.now().saturating_duration_since(self.started)
-    }
-
-    /// Takes `worker` out of routing for a while (its load and cached blocks are kept, so
-    /// a worker that was only cut off briefly keeps its prefix affinity).
-    fn unreachable(&self, worker: WorkerId) {
-        let until = self.now() + UNREACHABLE_QUARANTINE;
-        let mut q = self.quarantined.lock().unwrap_or_else(|e| e.into_inner());
-        if q.insert(worker, until).is_none() {
-            tracing::warn!(%worker, "worker unreachable; not routing to it for {UNREACHABLE_QUARANTINE:?}");
-            lock(&self.router).set_suspended(worker, true);
-        }
-    }
-
-    /// Routes to the workers whose quarantine is over again.
-    fn lift_expired(&self) {
-        let now = self.now();
-        let mut q = self.quarantined.lock().unwrap_or_else(|e| e.into_inner());
-        let over: Vec<WorkerId> = q
-            .iter()
-            .filter(|(_, until)| **until <= now)
-            .map(|(w, _)| *w)
-            .collect();
-        for w in over {
-            q.remove(&w);
-            // A worker removed meanwhile is unknown to the router: nothing to lift.
-            lock(&self.router).set_suspended(w, false);
-        }
-    }
-
-    fn forget(&self, worker: WorkerId) {
-        self.quarantined
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .remove(&worker);
-    }
-}
-
-/// Routes requests over the workers it knows.
+/// Routes requests over the workers it knows, through a router it reaches by address.
 pub struct Dispatcher {
     block_size: BlockSize,
-    router: Arc<Mutex<KvRouter>>,
+    /// The router: in this process, or the router process discovery lists (`None` until
+    /// one registered).
+    router: RwLock<Option<Addr<RouterService>>>,
     workers: RwLock<BTreeMap<WorkerId, Addr<WorkerService>>>,
-    health: Arc<Health>,
     next_request: AtomicU64,
+    /// The decisions this frontend received, per worker (for `/metrics`: the router may
+    /// be in another process).
+    route_counts: Mutex<BTreeMap<WorkerId, WorkerRouteCounts>>,
 }
 
 impl Dispatcher {
     /// A dispatcher with no workers yet; request ids count up from `first_request_id`.
+    /// `router` is `None` when the router is found later ([`Dispatcher::set_router`]).
     pub fn new(
         block_size: BlockSize,
-        router: KvRouter,
+        router: Option<Addr<RouterService>>,
         first_request_id: u64,
-        clock: SharedClock,
     ) -> Dispatcher {
-        let router = Arc::new(Mutex::new(router));
         Dispatcher {
             block_size,
-            health: Arc::new(Health {
-                router: router.clone(),
-                quarantined: Mutex::new(BTreeMap::new()),
-                started: clock.now(),
-                clock,
-            }),
-            router,
+            router: RwLock::new(router),
             workers: RwLock::new(BTreeMap::new()),
             next_request: AtomicU64::new(first_request_id),
+            route_counts: Mutex::new(BTreeMap::new()),
         }
     }
 
-    /// Makes `worker` routable.
+    /// Makes `worker` reachable from this frontend (the router learns of it from its own
+    /// membership feed).
     pub fn add_worker(&self, id: WorkerId, worker: Addr<WorkerService>) {
-        // The address map's lock is held across the router update so that the two never
-        // disagree for a concurrent `dispatch`.
-        let mut workers = self.workers.write().unwrap_or_else(|e| e.into_inner());
-        workers.insert(id, worker);
-        self.health.forget(id);
-        let mut router = lock(&self.router);
-        router.add_worker(id);
-        router.set_suspended(id, false);
+        self.workers
+            .write()
+            .unwrap_or_else(|e| e.into_inner())
+            .insert(id, worker);
     }
 
-    /// Stops routing to `id` (it left, or its lease expired) and forgets its KV blocks.
+    /// Forgets `id`'s address (it left, or its lease expired).
     pub fn remove_worker(&self, id: WorkerId) {
-        let mut workers = self.workers.write().unwrap_or_else(|e| e.into_inner());
-        workers.remove(&id);
-        self.health.forget(id);
-        lock(&self.router).remove_worker(id);
+        self.workers
+            .write()
+            .unwrap_or_else(|e| e.into_inner())
+            .remove(&id);
     }
 
-    /// Feeds a worker's latest stats into the router's load view.
-    pub fn update_load(&self, id: WorkerId, stats: &SchedulerStats) {
-        let active = (stats.num_running + stats.num_waiting) as u32;
-        lock(&self.router).update_load(id, stats.load_blocks(), active);
-    }
-
-    /// The workers it knows (routable or in quarantine), in id order.
+    /// The workers it can reach (routable or in quarantine), in id order.
     pub fn worker_ids(&self) -> Vec<WorkerId> {
         self.workers
             .read()
@@ -180,8 +117,27 @@ impl Dispatcher {
             .collect()
     }
 
-    pub fn router(&self) -> &Arc<Mutex<KvRouter>> {
-        &self.router
+    /// The router this dispatcher asks, if it has one.
+    pub fn router(&self) -> Option<Addr<RouterService>> {
+        self.router
+            .read()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone()
+    }
+
+    /// Points the dispatcher at another router (a router process joined or left).
+    pub fn set_router(&self, router: Option<Addr<RouterService>>) {
+        *self.router.write().unwrap_or_else(|e| e.into_inner()) = router;
+    }
+
+    /// Per-worker counts of the decisions this frontend received, in worker order.
+    pub fn worker_route_counts(&self) -> Vec<(WorkerId, WorkerRouteCounts)> {
+        self.route_counts
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .iter()
+            .map(|(w, c)| (*w, *c))
+            .collect()
     }
 
     /// Gives `req` an id, routes it and opens its stream on the chosen worker. Fails with
@@ -199,17 +155,29 @@ impl Dispatcher {
             hashes: hash_blocks(&req.token_ids, self.block_size, 0),
             token_count: req.token_ids.len(),
         };
-        self.health.lift_expired();
-        let decision = lock(&self.router)
-            .route(self.health.now(), &route)
-            .map_err(|RouteError::NoWorkers| {
-                EngineError::Overloaded("no worker is available".into())
-            })?
-            .decision;
-        let guard = RouteGuard {
-            router: self.router.clone(),
-            id,
+        let Some(router) = self.router() else {
+            return Err(EngineError::Overloaded("no router is available".into()));
         };
+        let decision = match router.call(RouterRequest::Route(route)).await {
+            Ok(RouterReply::Routed(Ok(decision))) => decision,
+            Ok(RouterReply::Routed(Err(RouteError::NoWorkers))) => {
+                return Err(EngineError::Overloaded("no worker is available".into()))
+            }
+            Ok(_) => {
+                return Err(EngineError::Internal(
+                    "the router answered a route request with something else".into(),
+                ))
+            }
+            Err(e) => return Err(EngineError::Overloaded(format!("router unavailable: {e}"))),
+        };
+        {
+            let mut counts = self.route_counts.lock().unwrap_or_else(|e| e.into_inner());
+            let c = counts.entry(decision.worker).or_default();
+            c.decisions += 1;
+            c.overlap_blocks += u64::from(decision.overlap_blocks);
+            c.request_blocks += u64::from(decision.request_blocks);
+        }
+        let guard = RouteGuard { router, id };
         let worker = self
             .workers
             .read()
@@ -217,8 +185,11 @@ impl Dispatcher {
             .get(&decision.worker)
             .cloned();
         let Some(worker) = worker else {
-            // Removed between the decision and now: forget it and let the client retry.
-            lock(&self.router).remove_worker(decision.worker);
+            // Left between the decision and now (the router's membership feed will drop it
+            // too): keep it out of routing until then, and let the client retry.
+            guard
+                .router
+                .cast(RouterRequest::Unreachable(decision.worker));
             return Err(EngineError::Overloaded(format!(
                 "worker {} has just left",
                 decision.worker
@@ -236,7 +207,9 @@ impl Dispatcher {
             Ok(tokens) => tokens,
             Err(e) => {
                 if matches!(e, CallError::PeerGone(_) | CallError::Transport(_)) {
-                    self.health.unreachable(decision.worker);
+                    guard
+                        .router
+                        .cast(RouterRequest::Unreachable(decision.worker));
                 }
                 return Err(EngineError::Overloaded(format!(
                     "worker {}: {e}",
@@ -249,7 +222,6 @@ impl Dispatcher {
             worker: decision.worker,
             tokens,
             received: false,
-            health: self.health.clone(),
             _guard: guard,
         })
     }
@@ -284,18 +256,12 @@ pub fn token_output(
 
 /// Tells the router a request is over however its stream ends (finished, failed, dropped).
 pub struct RouteGuard {
-    router: Arc<Mutex<KvRouter>>,
+    router: Addr<RouterService>,
     id: RequestId,
 }
 
 impl Drop for RouteGuard {
     fn drop(&mut self) {
-        lock(&self.router).on_request_finished(self.id);
+        self.router.cast(RouterRequest::Finished(self.id));
     }
-}
-
-fn lock(router: &Mutex<KvRouter>) -> std::sync::MutexGuard<'_, KvRouter> {
-    // A panic while holding the lock cannot leave the router half-updated in a way that
-    // matters more than refusing all further requests would, so recover the guard.
-    router.lock().unwrap_or_else(|e| e.into_inner())
 }

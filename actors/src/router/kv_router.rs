@@ -7,6 +7,13 @@
 //! in flight on that worker. A finished request's blocks leave the view at once: from the
 //! pending part if unacknowledged, else subtracted from the reported figure until the next
 //! report replaces it.
+//!
+//! # Quarantine
+//! A worker the frontend found unreachable (its connection is gone) is left out of
+//! selection until `now + UNREACHABLE_QUARANTINE` ([`KvRouter::mark_unreachable`]), with
+//! its load and cached blocks kept, so a worker that was only cut off briefly keeps its
+//! prefix affinity. Discovery drops a dead worker when its lease expires, which takes up to
+//! a lease period; until then every request routed there would fail.
 
 use super::config::{RouterConfig, RouterConfigError, RouterIndexMode};
 use super::events::{RouterEvent, RouterEventKind, RouterReplicaId};
@@ -15,6 +22,7 @@ use crate::ids::{RequestId, WorkerId};
 use crate::kv::approx::ApproxIndexer;
 use crate::kv::hash::BlockHash;
 use crate::kv::indexer::{FlashIndexer, OverlapScores};
+use serde::{Deserialize, Serialize};
 use std::collections::BTreeMap;
 use std::sync::Arc;
 use std::time::Duration;
@@ -44,7 +52,7 @@ impl IndexSource {
 }
 
 /// Counters the actor shell exports.
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct RouterMetrics {
     pub decisions: u64,
     /// Sum over decisions of the chosen worker's overlap blocks.
@@ -70,7 +78,7 @@ impl RouterMetrics {
 
 /// Decisions this replica took for one worker (monotonic; kept after the worker leaves so
 /// exported counters never go backwards).
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct WorkerRouteCounts {
     pub decisions: u64,
     /// Sum of the request blocks the index said this worker already held.
@@ -78,6 +86,9 @@ pub struct WorkerRouteCounts {
     /// Sum of the blocks of the requests routed here.
     pub request_blocks: u64,
 }
+
+/// How long a worker that was found unreachable is left out of routing (see the module doc).
+pub const UNREACHABLE_QUARANTINE: Duration = Duration::from_secs(5);
 
 /// A decision plus the event to publish to peer replicas.
 #[derive(Clone, Debug, PartialEq)]
@@ -92,8 +103,9 @@ struct LoadView {
     reported_requests: u32,
     pending_blocks: u64,
     pending_requests: u32,
-    /// Left out of selection (unreachable for now); its load and index entries are kept.
-    suspended: bool,
+    /// Left out of selection until then (unreachable for now; `Duration::MAX`: until
+    /// lifted); its load and index entries are kept.
+    suspended_until: Option<Duration>,
 }
 
 impl LoadView {
@@ -172,8 +184,9 @@ impl KvRouter {
         }
     }
 
+    /// Makes `worker` routable (again: a worker that re-joins leaves its quarantine).
     pub fn add_worker(&mut self, worker: WorkerId) {
-        self.workers.entry(worker).or_default();
+        self.workers.entry(worker).or_default().suspended_until = None;
     }
 
     /// Forget a worker: its load, its in-flight requests and its cached blocks.
@@ -191,8 +204,30 @@ impl KvRouter {
     /// cached blocks: for a worker that is unreachable for now but may come back.
     pub fn set_suspended(&mut self, worker: WorkerId, suspended: bool) {
         if let Some(view) = self.workers.get_mut(&worker) {
-            view.suspended = suspended;
+            view.suspended_until = suspended.then_some(Duration::MAX);
         }
+    }
+
+    /// The frontend could not reach `worker`: leave it out of selection for
+    /// [`UNREACHABLE_QUARANTINE`] from `now`. True when it was not in quarantine already
+    /// (the caller logs that once); false too for a worker the router does not know.
+    pub fn mark_unreachable(&mut self, now: Duration, worker: WorkerId) -> bool {
+        let Some(view) = self.workers.get_mut(&worker) else {
+            return false;
+        };
+        if view.suspended_until.is_some_and(|until| until > now) {
+            return false;
+        }
+        view.suspended_until = Some(now.saturating_add(UNREACHABLE_QUARANTINE));
+        true
+    }
+
+    /// Whether `worker` is left out of selection at `now`.
+    pub fn is_suspended(&self, now: Duration, worker: WorkerId) -> bool {
+        self.workers
+            .get(&worker)
+            .and_then(|v| v.suspended_until)
+            .is_some_and(|until| until > now)
     }
 
     /// Workers and their current load view, sorted by id.
@@ -210,7 +245,7 @@ impl KvRouter {
             reported_requests: active_requests,
             pending_blocks: 0,
             pending_requests: 0,
-            suspended: view.suspended,
+            suspended_until: view.suspended_until,
         };
         for request in self.unacknowledged.remove(&worker).unwrap_or_default() {
             if let Some(f) = self.in_flight.get_mut(&request) {
@@ -234,7 +269,7 @@ impl KvRouter {
         let loads: Vec<WorkerLoad> = self
             .workers
             .iter()
-            .filter(|(_, v)| !v.suspended)
+            .filter(|(_, v)| v.suspended_until.is_none_or(|until| until <= now))
             .map(|(w, v)| v.load(*w))
             .collect();
         let result = self.policy.select(now, request, &loads, &overlaps);

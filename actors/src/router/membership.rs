@@ -1,60 +1,43 @@
-//! Workers in other processes: `turbine worker` registers with the frontend's embedded
-//! registry, serves [`WorkerService`] on its own node and publishes its KV events
-//! (`kv.<worker>`) and load (`metrics.<worker>`) on its event-plane PUB socket. The
-//! frontend watches the registry: a new worker is connected, subscribed to and routed to;
-//! one whose lease expires is forgotten, with its KV blocks.
+//! Worker membership, from discovery: a new worker is connected and routed to; one whose
+//! lease expires is forgotten, with its KV blocks. Two parties follow it, in one process or
+//! in two ([`Members`]): the router (the worker's load and KV events, subscribed to on
+//! `kv.<worker>` and `metrics.<worker>`, see [`crate::worker::announce`] for the worker's
+//! side) and the frontend's dispatcher (the worker's request-plane address). A gap in a
+//! worker's KV events (or a lost trailing batch, [`TrailingLoss`]) clears its index entries.
 //!
 //! How a registered worker is reached is a [`WorkerConnector`]: over ZeroMQ
 //! ([`NodeConnector`]) in a deployment, over a simulated network in the simulator; the
 //! watch loop and the event handling are the same code either way.
 
 use super::dispatch::Dispatcher;
-use super::service::{worker_service_name, WorkerService};
+use super::service::RouterCore;
 use crate::ids::WorkerId;
-use crate::kv::indexer::FlashIndexer;
 use crate::kv::KvEventBatch;
+use crate::worker::announce::{
+    kv_topic, metrics_topic, META_EVENTS, META_WORKER_ID, WORKER_COMPONENT,
+};
+use crate::worker::service::{worker_service_name, WorkerService};
 use crate::worker::SchedulerStats;
 use async_trait::async_trait;
 use futures::stream::BoxStream;
 use futures::StreamExt;
 use std::collections::BTreeMap;
 use std::sync::Arc;
-use std::time::Duration;
-use tokio::sync::watch;
 use tokio::task::JoinHandle;
 use turbine_runtime::discovery::{Discovery, DiscoveryEvent, Instance};
 use turbine_runtime::events::{Delivery, EventSubscriber};
-use turbine_runtime::{Addr, Node, SharedClock};
+use turbine_runtime::{Addr, Node};
 
-/// The discovery component every worker registers under.
-pub const WORKER_COMPONENT: &str = "worker";
-/// Name the frontend serves its embedded registry under.
-pub const REGISTRY_SERVICE: &str = "registry";
-/// Instance metadata keys.
-pub const META_EVENTS: &str = "events";
-pub const META_WORKER_ID: &str = "worker_id";
-
-pub fn kv_topic(worker: WorkerId) -> String {
-    format!("kv.{}", worker.0)
-}
-
-pub fn metrics_topic(worker: WorkerId) -> String {
-    format!("metrics.{}", worker.0)
-}
-
-/// A worker's event-plane feed as the frontend receives it (events and gap notices); an
+/// A worker's event-plane feed as the router receives it (events and gap notices); an
 /// `Err` ends the feed.
 pub type EventFeed = BoxStream<'static, Result<Delivery, String>>;
 
-/// Reaches a worker that registered: its request-plane address and its event feed
-/// (subscribed to its `kv.<id>` and `metrics.<id>` topics).
+/// Reaches a worker that registered: its request-plane address (for the frontend) and its
+/// event feed (for the router: its `kv.<id>` and `metrics.<id>` topics).
 #[async_trait]
 pub trait WorkerConnector: Send + Sync + 'static {
-    async fn connect(
-        &self,
-        inst: &Instance,
-        id: WorkerId,
-    ) -> Result<(Addr<WorkerService>, EventFeed), String>;
+    async fn addr(&self, inst: &Instance, id: WorkerId) -> Result<Addr<WorkerService>, String>;
+    async fn events(&self, inst: &Instance, id: WorkerId) -> Result<EventFeed, String>;
 }
 
 /// Reaches workers over ZeroMQ from `node`: a DEALER to the worker's node and a SUB socket
@@ -71,21 +54,19 @@ impl NodeConnector {
 
 #[async_trait]
 impl WorkerConnector for NodeConnector {
-    async fn connect(
-        &self,
-        inst: &Instance,
-        id: WorkerId,
-    ) -> Result<(Addr<WorkerService>, EventFeed), String> {
+    async fn addr(&self, inst: &Instance, id: WorkerId) -> Result<Addr<WorkerService>, String> {
+        self.node
+            .connect::<WorkerService>(&inst.endpoint, &worker_service_name(id))
+            .await
+            .map_err(|e| e.to_string())
+    }
+
+    async fn events(&self, inst: &Instance, id: WorkerId) -> Result<EventFeed, String> {
         let events_endpoint = inst
             .metadata
             .get(META_EVENTS)
             .ok_or("no events endpoint in its registration")?
             .clone();
-        let addr = self
-            .node
-            .connect::<WorkerService>(&inst.endpoint, &worker_service_name(id))
-            .await
-            .map_err(|e| e.to_string())?;
         let mut sub = EventSubscriber::new(16 << 20, self.node.metrics().clone());
         sub.connect(&events_endpoint)
             .await
@@ -97,24 +78,31 @@ impl WorkerConnector for NodeConnector {
             let item = sub.recv().await.map_err(|e| e.to_string());
             Some((item, sub))
         });
-        Ok((addr, feed.boxed()))
+        Ok(feed.boxed())
     }
 }
 
-/// What the frontend keeps per remote worker: the task feeding its events in.
-struct Joined {
-    id: WorkerId,
-    events: JoinHandle<()>,
+/// Who follows worker membership in this process: the router (loads, KV events), the
+/// frontend (addresses), or both.
+#[derive(Clone, Default)]
+pub struct Members {
+    pub router: Option<Arc<RouterCore>>,
+    pub frontend: Option<Arc<Dispatcher>>,
 }
 
-/// Watches `discovery` for workers and keeps `dispatcher` (and the KV `index`) in step with
-/// them, until the returned task is aborted. A watch that ends (registry restart) is
-/// re-opened and its snapshot taken as the truth.
+/// What is kept per joined worker: the task feeding its events in, if the router follows.
+struct Joined {
+    id: WorkerId,
+    events: Option<JoinHandle<()>>,
+}
+
+/// Watches `discovery` for workers and keeps `members` in step with them, until the
+/// returned task is aborted. A watch that ends (registry restart) is re-opened and its
+/// snapshot taken as the truth.
 pub fn watch_workers(
     connector: Arc<dyn WorkerConnector>,
     discovery: Arc<dyn Discovery>,
-    dispatcher: Arc<Dispatcher>,
-    index: Arc<FlashIndexer>,
+    members: Members,
 ) -> JoinHandle<()> {
     tokio::spawn(async move {
         let mut joined: BTreeMap<String, Joined> = BTreeMap::new();
@@ -133,7 +121,7 @@ pub fn watch_workers(
                         if joined.contains_key(&inst.id) {
                             continue;
                         }
-                        match join(connector.as_ref(), &inst, &dispatcher, &index).await {
+                        match join(connector.as_ref(), &inst, &members).await {
                             Ok(j) => {
                                 tracing::info!(worker = %j.id, endpoint = %inst.endpoint, "worker joined");
                                 joined.insert(inst.id.clone(), j);
@@ -144,8 +132,10 @@ pub fn watch_workers(
                     DiscoveryEvent::Removed(inst) => {
                         if let Some(j) = joined.remove(&inst.id) {
                             tracing::info!(worker = %j.id, "worker left");
-                            j.events.abort();
-                            dispatcher.remove_worker(j.id);
+                            if let Some(events) = j.events {
+                                events.abort();
+                            }
+                            leave(&members, j.id);
                         }
                     }
                 }
@@ -157,8 +147,7 @@ pub fn watch_workers(
 async fn join(
     connector: &dyn WorkerConnector,
     inst: &Instance,
-    dispatcher: &Arc<Dispatcher>,
-    index: &Arc<FlashIndexer>,
+    members: &Members,
 ) -> Result<Joined, String> {
     let id = inst
         .metadata
@@ -166,68 +155,35 @@ async fn join(
         .and_then(|v| v.parse().ok())
         .map(WorkerId)
         .ok_or("no worker_id in its registration")?;
-    let (addr, feed) = connector.connect(inst, id).await?;
-    dispatcher.add_worker(id, addr);
-    let events = tokio::spawn(feed_events(id, feed, dispatcher.clone(), index.clone()));
+    let addr = match &members.frontend {
+        Some(_) => Some(connector.addr(inst, id).await?),
+        None => None,
+    };
+    let feed = match &members.router {
+        Some(_) => Some(connector.events(inst, id).await?),
+        None => None,
+    };
+    if let (Some(frontend), Some(addr)) = (&members.frontend, addr) {
+        frontend.add_worker(id, addr);
+    }
+    let events = match (&members.router, feed) {
+        (Some(router), Some(feed)) => {
+            router.add_worker(id);
+            Some(tokio::spawn(feed_events(id, feed, router.clone())))
+        }
+        _ => None,
+    };
     Ok(Joined { id, events })
 }
 
-/// How often a worker reports its load even when nothing changed: the report doubles as a
-/// heartbeat of its KV event count (see [`TrailingLoss`]).
-pub const LOAD_REPORT_EVERY: Duration = Duration::from_secs(1);
-
-/// What the router reads from a load report (see [`Dispatcher::update_load`] and
-/// [`TrailingLoss`]); a report is due when this changes.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-struct RoutingView {
-    running: usize,
-    waiting: usize,
-    load_blocks: u64,
-    kv_batches: u64,
-}
-
-impl RoutingView {
-    fn of(s: &SchedulerStats) -> Self {
-        RoutingView {
-            running: s.num_running,
-            waiting: s.num_waiting,
-            load_blocks: s.load_blocks(),
-            kv_batches: s.kv_batches,
-        }
+/// Both parties forget `id`: the router first, so no decision names a worker the
+/// frontend can no longer reach for longer than one in flight.
+fn leave(members: &Members, id: WorkerId) {
+    if let Some(router) = &members.router {
+        router.remove_worker(id);
     }
-}
-
-/// Publishes a worker's load (`publish`) when what the router reads from it changes, and at
-/// least every `every` on `clock` (a heartbeat for [`TrailingLoss`]), until the worker loop
-/// is gone. Steps that change only counters (most decode steps: no block boundary crossed,
-/// nobody admitted or finished) send nothing.
-pub async fn report_load(
-    mut stats: watch::Receiver<SchedulerStats>,
-    every: Duration,
-    clock: SharedClock,
-    mut publish: impl FnMut(&SchedulerStats),
-) {
-    let mut last: Option<RoutingView> = None;
-    let mut due = clock.now() + every;
-    loop {
-        let wait = due.saturating_duration_since(clock.now());
-        let heartbeat = tokio::select! {
-            biased;
-            changed = stats.changed() => {
-                if changed.is_err() {
-                    return;
-                }
-                false
-            }
-            _ = clock.sleep(wait) => true,
-        };
-        let s = stats.borrow_and_update().clone();
-        let view = RoutingView::of(&s);
-        if heartbeat || last != Some(view) {
-            publish(&s);
-            last = Some(view);
-            due = clock.now() + every;
-        }
+    if let Some(frontend) = &members.frontend {
+        frontend.remove_worker(id);
     }
 }
 
@@ -271,12 +227,7 @@ impl TrailingLoss {
 
 /// Applies a worker's events until its feed ends: KV batches into the index, load into the
 /// router; a gap in its KV events (or a lost trailing batch) clears its index entries.
-async fn feed_events(
-    id: WorkerId,
-    mut feed: EventFeed,
-    dispatcher: Arc<Dispatcher>,
-    index: Arc<FlashIndexer>,
-) {
+async fn feed_events(id: WorkerId, mut feed: EventFeed, router: Arc<RouterCore>) {
     let mut trailing = TrailingLoss::default();
     while let Some(item) = feed.next().await {
         match item {
@@ -284,7 +235,7 @@ async fn feed_events(
                 match ev.decode::<KvEventBatch>() {
                     Ok(batch) if batch.worker == id => {
                         trailing.on_batch(batch.seq);
-                        index.apply(&batch);
+                        router.apply_kv(&batch);
                     }
                     Ok(_) => tracing::warn!(worker = %id, "KV batch from another worker id"),
                     Err(e) => tracing::warn!(worker = %id, "bad KV event: {e}"),
@@ -292,10 +243,10 @@ async fn feed_events(
             }
             Ok(Delivery::Event(ev)) => {
                 if let Ok(stats) = ev.decode::<SchedulerStats>() {
-                    dispatcher.update_load(id, &stats);
+                    router.update_load(id, &stats);
                     if trailing.on_load_report(stats.kv_batches) {
                         tracing::warn!(worker = %id, "trailing KV events lost; clearing its index entries");
-                        index.clear_worker(id);
+                        router.clear_kv(id);
                     }
                 }
             }
@@ -304,7 +255,7 @@ async fn feed_events(
                 // Forget it; routing treats the worker as cold until new blocks arrive.
                 if gap.topic.starts_with("kv.") {
                     tracing::warn!(worker = %id, "KV event gap ({gap:?}); clearing its index entries");
-                    index.clear_worker(id);
+                    router.clear_kv(id);
                 }
             }
             Err(e) => {

@@ -13,14 +13,19 @@
 //! multimodal/cache-salt extra keys are not reproduced).
 
 pub mod config;
+pub mod dispatch;
 pub mod events;
 pub mod kv_router;
+pub mod membership;
 pub mod policy;
 pub mod prometheus;
+pub mod service;
 
 pub use config::{PolicyKind, RouterConfig, RouterConfigError, RouterIndexMode};
 pub use events::{RouterEvent, RouterEventKind, RouterReplicaId};
-pub use kv_router::{IndexSource, KvRouter, Routed, RouterMetrics, WorkerRouteCounts};
+pub use kv_router::{
+    IndexSource, KvRouter, Routed, RouterMetrics, WorkerRouteCounts, UNREACHABLE_QUARANTINE,
+};
 pub use policy::{
     KvPolicy, Policy, RandomPolicy, RoundRobinPolicy, RouteDecision, RouteError, RouteRequest,
     RoutingPolicy, WorkerLoad,

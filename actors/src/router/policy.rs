@@ -13,10 +13,11 @@ use crate::kv::hash::{BlockHash, BlockSize};
 use crate::kv::indexer::OverlapScores;
 use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
+use serde::{Deserialize, Serialize};
 use std::time::Duration;
 
 /// A request as the router sees it.
-#[derive(Clone, Debug, PartialEq, Eq)]
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct RouteRequest {
     pub id: RequestId,
     /// Sequence hashes of the prompt's full blocks (see [`crate::kv::hash::hash_blocks`]).
@@ -45,7 +46,7 @@ pub struct WorkerLoad {
 }
 
 /// The choice and why.
-#[derive(Clone, Debug, PartialEq)]
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub struct RouteDecision {
     pub worker: WorkerId,
     /// Leading request blocks the chosen worker already holds.
@@ -57,7 +58,7 @@ pub struct RouteDecision {
 }
 
 /// Why no worker could be picked.
-#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+#[derive(Clone, Debug, thiserror::Error, PartialEq, Eq, Serialize, Deserialize)]
 pub enum RouteError {
     #[error("no workers available")]
     NoWorkers,

@@ -1,7 +1,8 @@
 //! Router decisions on `/metrics`, read from the router at scrape time.
 //!
-//! WHY a collector instead of counters bumped on the request path: the router's pure state
-//! already counts every decision ([`KvRouter::worker_route_counts`]); reading it when
+//! WHY a collector instead of counters bumped on the request path: the dispatcher already
+//! counts every decision it received ([`Dispatcher::worker_route_counts`]; the router may be
+//! in another process, so the frontend counts what it was told); reading it when
 //! Prometheus scrapes keeps the request path free of metric code, and a scrape right after a
 //! response always includes that response's decision (no mirror task to lag behind).
 //!
@@ -11,7 +12,9 @@
 //!   already held when it was chosen;
 //! - `turbine_router_request_blocks_total`: full blocks of the requests routed to it.
 
-use super::kv_router::KvRouter;
+use super::dispatch::Dispatcher;
+use super::kv_router::{KvRouter, WorkerRouteCounts};
+use crate::ids::WorkerId;
 use prometheus_client::collector::Collector;
 use prometheus_client::encoding::{DescriptorEncoder, EncodeLabelSet, EncodeMetric};
 use prometheus_client::metrics::counter::ConstCounter;
@@ -23,14 +26,35 @@ struct WorkerLabel {
     worker: String,
 }
 
-/// Register with `registry.register_collector(Box::new(RouterCollector::new(router)))`.
+/// Whatever counts routing decisions per worker: the frontend's dispatcher (what it was
+/// told), or a router itself.
+pub trait RouteCounts: Send + Sync + 'static {
+    fn worker_route_counts(&self) -> Vec<(WorkerId, WorkerRouteCounts)>;
+}
+
+impl RouteCounts for Dispatcher {
+    fn worker_route_counts(&self) -> Vec<(WorkerId, WorkerRouteCounts)> {
+        Dispatcher::worker_route_counts(self)
+    }
+}
+
+impl RouteCounts for Mutex<KvRouter> {
+    fn worker_route_counts(&self) -> Vec<(WorkerId, WorkerRouteCounts)> {
+        // A panic elsewhere while holding the router lock does not make its counters wrong.
+        self.lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .worker_route_counts()
+    }
+}
+
+/// Register with `registry.register_collector(Box::new(RouterCollector::new(source)))`.
 pub struct RouterCollector {
-    router: Arc<Mutex<KvRouter>>,
+    source: Arc<dyn RouteCounts>,
 }
 
 impl RouterCollector {
-    pub fn new(router: Arc<Mutex<KvRouter>>) -> Self {
-        RouterCollector { router }
+    pub fn new(source: Arc<dyn RouteCounts>) -> Self {
+        RouterCollector { source }
     }
 }
 
@@ -42,13 +66,8 @@ impl std::fmt::Debug for RouterCollector {
 
 impl Collector for RouterCollector {
     fn encode(&self, mut encoder: DescriptorEncoder) -> Result<(), std::fmt::Error> {
-        // A panic elsewhere while holding the router lock does not make its counters wrong.
-        let counts = self
-            .router
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .worker_route_counts();
-        type Pick = fn(&super::kv_router::WorkerRouteCounts) -> u64;
+        let counts = self.source.worker_route_counts();
+        type Pick = fn(&WorkerRouteCounts) -> u64;
         let families: [(&str, &str, Pick); 3] = [
             (
                 "turbine_router_decisions",
@@ -82,7 +101,7 @@ impl Collector for RouterCollector {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::ids::{RequestId, WorkerId};
+    use crate::ids::RequestId;
     use crate::kv::hash::BlockHash;
     use crate::router::{RouteRequest, RouterConfig, RouterReplicaId};
     use prometheus_client::registry::Registry;

@@ -37,12 +37,16 @@
 //! is in flight (its result for that request is dropped; no further step touches its blocks,
 //! because nothing is scheduled until the step in flight completes).
 
+pub mod announce;
 pub mod block_manager;
 pub mod config;
 pub mod events;
+pub mod metrics;
 pub mod plan;
 pub mod scheduler;
 mod sequence;
+pub mod service;
+pub mod worker_loop;
 
 pub use block_manager::{
     AllocError, BlockId, BlockManager, BlockManagerConfig, BlockStats, InvariantViolation,
@@ -52,3 +56,4 @@ pub use config::{ConfigError, SchedulerConfig};
 pub use events::KvEventSequencer;
 pub use plan::{SampledToken, ScheduledSeq, StepId, StepPlan};
 pub use scheduler::{AdmitError, SamplingContext, Scheduler, SchedulerStats, StepError};
+pub use worker_loop::{EngineTime, KvEventSink, TokenStream, WorkerError, WorkerHandle};

@@ -5,7 +5,7 @@
 //! is a stream of [`TokenOutput`]s; dropping the caller's stream sends Cancel down the wire,
 //! which drops the worker-side [`TokenStream`] and so aborts the request and frees its KV.
 
-use super::worker::WorkerHandle;
+use super::worker_loop::WorkerHandle;
 use crate::protocol::{PreprocessedRequest, TokenOutput};
 use crate::worker::SchedulerStats;
 use async_trait::async_trait;

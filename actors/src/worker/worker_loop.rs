@@ -5,7 +5,7 @@
 //! thread and, while the step runs, keeps queueing commands. Outputs go to one channel per
 //! request; when a client's channel is gone the request is aborted and its KV blocks freed.
 
-use super::executor::{ExecSeq, Executor, SampleSpec};
+use crate::executor::{ExecSeq, Executor, SampleSpec};
 use crate::ids::{RequestId, WorkerId};
 use crate::kv::{KvEvent, KvEventBatch};
 use crate::protocol::{FinishReason, PreprocessedRequest, TokenOutput};

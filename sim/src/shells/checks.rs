@@ -9,11 +9,11 @@ use crate::worker::check_settled;
 use futures::StreamExt;
 use std::collections::BTreeSet;
 use std::sync::{Arc, Mutex};
-use turbine_actors::engine::remote::WORKER_COMPONENT;
-use turbine_actors::engine::WorkerHandle;
 use turbine_actors::ids::WorkerId;
 use turbine_actors::kv::indexer::FlashIndexer;
 use turbine_actors::kv::BlockHash;
+use turbine_actors::worker::announce::WORKER_COMPONENT;
+use turbine_actors::worker::WorkerHandle;
 use turbine_runtime::discovery::{Discovery, DiscoveryEvent};
 
 /// Logs workers joining and leaving the registry (a second watcher beside the frontend's),

@@ -6,9 +6,9 @@ use super::{lock, record, RETRY_AFTER};
 use crate::cluster::{Outcome, RequestRecord};
 use crate::workload::RequestSpec;
 use std::sync::{Arc, Mutex};
-use turbine_actors::engine::dispatch::{DispatchRequest, Dispatcher};
 use turbine_actors::frontend::EngineError;
 use turbine_actors::protocol::{FinishReason, SamplingParams, StopConditions};
+use turbine_actors::router::dispatch::{DispatchRequest, Dispatcher};
 
 /// One client: waits for its arrival time, sends, retries when told to, reads its stream.
 pub(super) async fn client(

@@ -7,7 +7,7 @@ use crate::profile::StepCost;
 use crate::worker::sample_step;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
-use turbine_actors::engine::{ExecError, ExecSeq, SimulatedEngine};
+use turbine_actors::executor::{ExecError, ExecSeq, SimulatedEngine};
 use turbine_actors::ids::WorkerId;
 use turbine_actors::worker::SampledToken;
 

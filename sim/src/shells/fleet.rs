@@ -14,18 +14,15 @@ use std::collections::{BTreeMap, BTreeSet};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 use tokio::task::JoinHandle;
-use turbine_actors::engine::remote::{
-    kv_topic, metrics_topic, report_load, EventFeed, WorkerConnector, LOAD_REPORT_EVERY,
-    META_WORKER_ID, REGISTRY_SERVICE, WORKER_COMPONENT,
-};
-use turbine_actors::engine::service::{worker_service_name, WorkerActor, WorkerService};
-use turbine_actors::engine::{EngineTime, Executor, KvEventSink, WorkerHandle};
+use turbine_actors::executor::Executor;
 use turbine_actors::ids::WorkerId;
-use turbine_actors::kv::KvEventBatch;
+use turbine_actors::node::{self, Announce, Announcement};
+use turbine_actors::router::membership::{EventFeed, WorkerConnector};
+use turbine_actors::worker::announce::{kv_topic, metrics_topic, REGISTRY_SERVICE};
+use turbine_actors::worker::service::{worker_service_name, WorkerService};
 use turbine_actors::worker::{BlockManager, BlockStats, Scheduler};
-use turbine_runtime::discovery::{
-    embedded::Registry, Discovery, EmbeddedDiscovery, Instance, Lease,
-};
+use turbine_actors::worker::{EngineTime, WorkerHandle};
+use turbine_runtime::discovery::{embedded::Registry, EmbeddedDiscovery, Instance, Lease};
 use turbine_runtime::{Addr, MetricsRegistry, Node, NodeConfig, SharedClock};
 
 /// What the frontend's connector needs to reach a registered worker.
@@ -44,22 +41,28 @@ pub(super) struct SimConnector {
     pub(super) directory: Arc<Mutex<BTreeMap<String, Reachable>>>,
 }
 
+impl SimConnector {
+    fn target(&self, inst: &Instance) -> Result<Reachable, String> {
+        lock(&self.directory)
+            .get(&inst.endpoint)
+            .cloned()
+            .ok_or_else(|| format!("no simulated node at {}", inst.endpoint))
+    }
+}
+
 #[async_trait]
 impl WorkerConnector for SimConnector {
-    async fn connect(
-        &self,
-        inst: &Instance,
-        id: WorkerId,
-    ) -> Result<(Addr<WorkerService>, EventFeed), String> {
-        let Some(target) = lock(&self.directory).get(&inst.endpoint).cloned() else {
-            return Err(format!("no simulated node at {}", inst.endpoint));
-        };
-        let addr = target
+    async fn addr(&self, inst: &Instance, id: WorkerId) -> Result<Addr<WorkerService>, String> {
+        let target = self.target(inst)?;
+        Ok(target
             .node
             .local::<WorkerService>(&worker_service_name(id))
             .map_err(|e| e.to_string())?
-            .via(self.net.link(self.frontend, target.endpoint));
-        Ok((addr, self.net.subscribe(&target.publisher)))
+            .via(self.net.link(self.frontend, target.endpoint)))
+    }
+
+    async fn events(&self, inst: &Instance, _id: WorkerId) -> Result<EventFeed, String> {
+        Ok(self.net.subscribe(&self.target(inst)?.publisher))
     }
 }
 
@@ -125,6 +128,7 @@ impl World {
         );
         let profile = &self.cfg.profile;
         let counters = Arc::new(Mutex::new(EngineCounters::default()));
+        // The executor seam: a priced step instead of a backend.
         let executor = Executor::simulated(
             Arc::new(CostModelEngine {
                 worker: id,
@@ -139,41 +143,32 @@ impl World {
             profile.scheduler.clone(),
             BlockManager::new(profile.block_manager_config()),
         )?;
+        // The event-publisher seam: a simulated PUB socket (and the blocks it announced,
+        // before the network, for the end-of-run checks).
         let publisher = Arc::new(SimPublisher::new(self.net.clone(), endpoint, name.clone()));
         let held = Arc::new(Mutex::new(BTreeSet::new()));
-        let kv_sink: KvEventSink = {
+        let announce: Announce = {
             let (publisher, held) = (publisher.clone(), held.clone());
-            Box::new(move |batch: KvEventBatch| {
-                track_held(&mut lock(&held), &batch.events);
-                publisher.publish(&kv_topic(batch.worker), &batch);
+            Arc::new(move |a| match a {
+                Announcement::Kv(batch) => {
+                    track_held(&mut lock(&held), &batch.events);
+                    publisher.publish(&kv_topic(batch.worker), &batch);
+                }
+                Announcement::Load(stats) => publisher.publish(&metrics_topic(id), &stats),
             })
         };
-        let handle = WorkerHandle::spawn_on(
-            id,
-            scheduler,
-            executor,
-            kv_sink,
-            EngineTime {
-                clock: self.shared_clock.clone(),
-                wall_epoch_s: 0.0,
-            },
-        );
-        let served = handle.clone();
-        node.serve::<WorkerService, _, _>(&worker_service_name(id), move || {
-            WorkerActor::new(served.clone())
-        })
-        .await
-        .map_err(|e| SimError::Shells(format!("serving {id}: {e}")))?;
-
+        let time = EngineTime {
+            clock: self.shared_clock.clone(),
+            wall_epoch_s: 0.0,
+        };
+        let worker =
+            node::start_worker(&node, id, scheduler, executor, time, announce.clone(), None)
+                .await
+                .map_err(|e| SimError::Shells(e.to_string()))?;
         // Load when what the router reads changes and at least every LOAD_REPORT_EVERY, as
         // `turbine worker` publishes it.
-        let stats_pub = publisher.clone();
-        let load_task = tokio::spawn(report_load(
-            handle.watch_stats(),
-            LOAD_REPORT_EVERY,
-            self.shared_clock.clone(),
-            move |s| stats_pub.publish(&metrics_topic(id), s),
-        ));
+        let load_task = node::report_loads(&worker.handle, self.shared_clock.clone(), announce);
+        let handle = worker.handle;
 
         lock(&self.directory).insert(
             node.endpoint().to_string(),
@@ -187,12 +182,7 @@ impl World {
         let register_task = tokio::spawn(register(
             self.clone(),
             endpoint,
-            Instance {
-                component: WORKER_COMPONENT.to_string(),
-                id: id.0.to_string(),
-                endpoint: node.endpoint().to_string(),
-                metadata: BTreeMap::from([(META_WORKER_ID.to_string(), id.0.to_string())]),
-            },
+            worker.instance,
             lease.clone(),
         ));
         record(
@@ -278,16 +268,13 @@ async fn register(
         Err(_) => return,
     };
     let discovery = EmbeddedDiscovery::new(registry, world.shared_clock.clone());
-    loop {
-        match discovery
-            .register(instance.clone(), world.cfg.lease.as_duration())
-            .await
-        {
-            Ok(lease) => {
-                *lock(&slot_lease) = Some(lease);
-                return;
-            }
-            Err(_) => world.clock.sleep_for(world.cfg.heartbeat).await,
-        }
-    }
+    let lease = node::register_until_done(
+        &discovery,
+        instance,
+        world.cfg.lease.as_duration(),
+        world.cfg.heartbeat.as_duration(),
+        &world.shared_clock,
+    )
+    .await;
+    *lock(&slot_lease) = Some(lease);
 }

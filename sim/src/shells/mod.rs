@@ -4,11 +4,14 @@
 //! mode runs the *shells* that serve it, unchanged, on a current-thread tokio runtime with
 //! paused time:
 //!
-//! - frontend side: the [`Dispatcher`] (routing shell around the real `KvRouter`), the
-//!   embedded registry actor and the discovery watch loop that joins and drops workers and
-//!   feeds their KV events into the real `FlashIndexer` (gap handling included);
-//! - worker side, per worker: the real engine loop ([`WorkerHandle`]) around the real
-//!   `Scheduler` + `BlockManager`, served as the supervised [`WorkerActor`] on its own node,
+//! - frontend side, composed by `turbine_actors::node` as `turbine up` composes it: the
+//!   router served as `RouterService` (the real `KvRouter` + `FlashIndexer`) and the
+//!   dispatcher asking it through its address, the embedded registry actor and the
+//!   discovery watch loop that joins and drops workers and feeds their KV events into the
+//!   index (gap handling included);
+//! - worker side, per worker, composed by `turbine_actors::node::start_worker`: the real
+//!   engine loop around the real `Scheduler` + `BlockManager`, served as the supervised
+//!   `WorkerActor` on its own node,
 //!   registered under a lease renewed by heartbeat through the real `EmbeddedDiscovery`
 //!   client, publishing KV events and load on the event plane.
 //!
@@ -45,12 +48,11 @@ use rand::Rng;
 use std::collections::{BTreeMap, BTreeSet};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
-use turbine_actors::engine::dispatch::Dispatcher;
-use turbine_actors::engine::remote::{watch_workers, REGISTRY_SERVICE};
 use turbine_actors::ids::WorkerId;
-use turbine_actors::kv::indexer::FlashIndexer;
 use turbine_actors::kv::BlockHash;
-use turbine_actors::router::{KvRouter, RouterReplicaId};
+use turbine_actors::node;
+use turbine_actors::router::membership::Members;
+use turbine_actors::worker::announce::REGISTRY_SERVICE;
 use turbine_actors::worker::BlockStats;
 use turbine_runtime::discovery::{Discovery, EmbeddedDiscovery, EmbeddedRegistry};
 use turbine_runtime::{MetricsRegistry, Node, SharedClock};
@@ -113,13 +115,14 @@ async fn run(cfg: &SimConfig, workload: &[RequestSpec]) -> Result<SimOutcome, Si
         MetricsRegistry::new(),
     );
     let block_size = cfg.profile.block_size();
-    let index = Arc::new(FlashIndexer::default());
-    let router = KvRouter::new(
-        RouterReplicaId(0),
-        router_config(cfg.policy, block_size, seeds.stream(Stream::Router).gen()),
-        Some(index.clone()),
-    )?;
-    let dispatcher = Arc::new(Dispatcher::new(block_size, router, 1, shared_clock.clone()));
+    // The frontend's node, composed as `turbine up` composes it: the router served on it,
+    // the dispatcher asking it through its address.
+    let router_cfg = router_config(cfg.policy, block_size, seeds.stream(Stream::Router).gen());
+    router_cfg.validate()?;
+    let router = node::start_router(&frontend, router_cfg, block_size, shared_clock.clone())
+        .await
+        .map_err(|e| SimError::Shells(e.to_string()))?;
+    let dispatcher = node::dispatcher(block_size, Some(router.addr.clone()), 1);
     let registry =
         EmbeddedRegistry::serve(&frontend, REGISTRY_SERVICE, cfg.heartbeat.as_duration())
             .await
@@ -129,15 +132,17 @@ async fn run(cfg: &SimConfig, workload: &[RequestSpec]) -> Result<SimOutcome, Si
         registry.addr().clone(),
         shared_clock.clone(),
     ));
-    let watcher = watch_workers(
+    let watcher = node::follow_workers(
         Arc::new(SimConnector {
             net: net.clone(),
             frontend: frontend_ep,
             directory: directory.clone(),
         }),
         discovery.clone(),
-        dispatcher.clone(),
-        index.clone(),
+        Members {
+            router: Some(router.core.clone()),
+            frontend: Some(dispatcher.clone()),
+        },
     );
     let leases_expired = Arc::new(Mutex::new(0u64));
     let membership = tokio::spawn(log_membership(
@@ -264,13 +269,13 @@ async fn run(cfg: &SimConfig, workload: &[RequestSpec]) -> Result<SimOutcome, Si
         clock.sleep_for(POLL).await;
     }
     let end = clock.sim_now();
-    let mut violations = check_workers(&world, &index).await;
+    let mut violations = check_workers(&world, router.core.index()).await;
     for t in tasks {
         t.abort();
     }
     watcher.abort();
     membership.abort();
-    let routed = lock(dispatcher.router()).metrics();
+    let routed = router.core.metrics();
     let leases_expired = *lock(&leases_expired);
     let records = std::mem::take(&mut *lock(&records));
     violations.extend(request_violations(&records));

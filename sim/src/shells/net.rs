@@ -22,7 +22,7 @@ use serde::Serialize;
 use std::collections::{BTreeMap, VecDeque};
 use std::sync::{Arc, Mutex};
 use tokio::sync::mpsc;
-use turbine_actors::engine::remote::EventFeed;
+use turbine_actors::router::membership::EventFeed;
 use turbine_runtime::events::{Delivery, Event, GapDetector};
 use turbine_runtime::{wire, CallError, Direction, Link, Transit};
 

@@ -1,0 +1,204 @@
+//! The router as a supervised service on the request plane: [`RouterService`].
+//!
+//! A frontend reaches the router through an `Addr<RouterService>`: in its own process by
+//! default (a local actor, no serialisation), or in a router process of its own
+//! (`turbine worker --role router`) that several frontends share. The state is the pure
+//! [`KvRouter`] (policy, load view, quarantine) plus the KV index its membership feed fills
+//! ([`super::membership`]); [`RouterCore`] holds both and is what the actor, the membership
+//! feed and the `/metrics` collector share. One lock, taken for one pure call at a time.
+//!
+//! The actor is restarted by its supervisor if it panics; the core outlives it, so a restart
+//! loses nothing but the request being handled.
+
+use super::kv_router::{KvRouter, RouterMetrics, WorkerRouteCounts};
+use super::policy::{RouteDecision, RouteError, RouteRequest};
+use crate::ids::{RequestId, WorkerId};
+use crate::kv::indexer::FlashIndexer;
+use crate::kv::{BlockSize, KvEventBatch};
+use crate::worker::SchedulerStats;
+use async_trait::async_trait;
+use serde::{Deserialize, Serialize};
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::Duration;
+use tokio::time::Instant;
+use turbine_runtime::{
+    Addr, Handler, HandlerError, Node, NodeError, RequestCtx, Service, SharedClock,
+};
+
+/// Name the router serves its [`RouterService`] under on its node.
+pub const ROUTER_SERVICE: &str = "router";
+/// The discovery component a router process registers under.
+pub const ROUTER_COMPONENT: &str = "router";
+
+/// The router's protocol.
+pub struct RouterService;
+
+impl Service for RouterService {
+    type Req = RouterRequest;
+    type Resp = RouterReply;
+}
+
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub enum RouterRequest {
+    /// Call: pick a worker for the request and count it towards that worker's load.
+    Route(RouteRequest),
+    /// Cast: a routed request ended (finished, failed or dropped).
+    Finished(RequestId),
+    /// Cast: the caller could not reach this worker; quarantine it.
+    Unreachable(WorkerId),
+    /// Call: the router's counters.
+    Metrics,
+}
+
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub enum RouterReply {
+    Routed(Result<RouteDecision, RouteError>),
+    Metrics {
+        totals: RouterMetrics,
+        per_worker: Vec<(WorkerId, WorkerRouteCounts)>,
+    },
+    Done,
+}
+
+/// The router's state, shared by its actor, its membership feed and its metrics collector.
+pub struct RouterCore {
+    block_size: BlockSize,
+    router: Mutex<KvRouter>,
+    index: Arc<FlashIndexer>,
+    clock: SharedClock,
+    started: Instant,
+}
+
+impl RouterCore {
+    /// A core around `router`, whose KV overlaps come from `index` (the one the router was
+    /// built with in events mode).
+    pub fn new(router: KvRouter, index: Arc<FlashIndexer>, clock: SharedClock) -> Arc<RouterCore> {
+        Arc::new(RouterCore {
+            block_size: router.config().block_size,
+            router: Mutex::new(router),
+            index,
+            started: clock.now(),
+            clock,
+        })
+    }
+
+    /// Router time: since the core was made, on its clock.
+    pub fn now(&self) -> Duration {
+        self.clock.now().saturating_duration_since(self.started)
+    }
+
+    pub fn block_size(&self) -> BlockSize {
+        self.block_size
+    }
+
+    /// The KV index the membership feed fills.
+    pub fn index(&self) -> &Arc<FlashIndexer> {
+        &self.index
+    }
+
+    /// The pure router, for one call. A panic while holding the lock cannot leave the router
+    /// half-updated in a way that matters more than refusing all further requests would, so
+    /// the guard is recovered.
+    pub fn lock(&self) -> MutexGuard<'_, KvRouter> {
+        self.router.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    pub fn route(&self, request: &RouteRequest) -> Result<RouteDecision, RouteError> {
+        let now = self.now();
+        self.lock().route(now, request).map(|r| r.decision)
+    }
+
+    pub fn finished(&self, request: RequestId) {
+        self.lock().on_request_finished(request);
+    }
+
+    pub fn unreachable(&self, worker: WorkerId) {
+        let now = self.now();
+        if self.lock().mark_unreachable(now, worker) {
+            tracing::warn!(
+                %worker,
+                "worker unreachable; not routing to it for {:?}",
+                super::kv_router::UNREACHABLE_QUARANTINE
+            );
+        }
+    }
+
+    pub fn add_worker(&self, worker: WorkerId) {
+        self.lock().add_worker(worker);
+    }
+
+    /// Stops routing to `worker` (it left, or its lease expired) and forgets its KV blocks.
+    pub fn remove_worker(&self, worker: WorkerId) {
+        self.lock().remove_worker(worker);
+    }
+
+    /// A worker's latest stats into the router's load view.
+    pub fn update_load(&self, worker: WorkerId, stats: &SchedulerStats) {
+        let active = (stats.num_running + stats.num_waiting) as u32;
+        self.lock().update_load(worker, stats.load_blocks(), active);
+    }
+
+    /// A worker's KV events into the index.
+    pub fn apply_kv(&self, batch: &KvEventBatch) {
+        self.index.apply(batch);
+    }
+
+    /// Lost KV events: the view of `worker`'s cache is no longer exact; treat it as cold.
+    pub fn clear_kv(&self, worker: WorkerId) {
+        self.index.clear_worker(worker);
+    }
+
+    pub fn metrics(&self) -> RouterMetrics {
+        self.lock().metrics()
+    }
+
+    pub fn worker_route_counts(&self) -> Vec<(WorkerId, WorkerRouteCounts)> {
+        self.lock().worker_route_counts()
+    }
+
+    /// Serves this core as [`RouterService`] `name` on `node`; returns its local address.
+    pub async fn serve(
+        self: &Arc<Self>,
+        node: &Node,
+        name: &str,
+    ) -> Result<Addr<RouterService>, NodeError> {
+        let core = self.clone();
+        node.serve::<RouterService, _, _>(name, move || RouterActor { core: core.clone() })
+            .await?;
+        node.local::<RouterService>(name)
+            .map_err(|e| NodeError::Spawn {
+                name: name.to_string(),
+                message: e.to_string(),
+            })
+    }
+}
+
+/// Serves [`RouterService`] from a [`RouterCore`].
+pub struct RouterActor {
+    core: Arc<RouterCore>,
+}
+
+#[async_trait]
+impl Handler<RouterService> for RouterActor {
+    async fn call(
+        &mut self,
+        req: RouterRequest,
+        _ctx: &RequestCtx,
+    ) -> Result<RouterReply, HandlerError> {
+        Ok(match req {
+            RouterRequest::Route(r) => RouterReply::Routed(self.core.route(&r)),
+            RouterRequest::Finished(id) => {
+                self.core.finished(id);
+                RouterReply::Done
+            }
+            RouterRequest::Unreachable(w) => {
+                self.core.unreachable(w);
+                RouterReply::Done
+            }
+            RouterRequest::Metrics => RouterReply::Metrics {
+                totals: self.core.metrics(),
+                per_worker: self.core.worker_route_counts(),
+            },
+        })
+    }
+}
