@@ -1,17 +1,17 @@
 //! `turbine sim`: command-line arguments and the command itself.
 
-use crate::cluster::{simulate, RouterImpl, SimConfig, SimOutcome};
 use crate::faults::FaultPlan;
 use crate::network::{JitterKind, NetConfig};
 use crate::profile::Profile;
 use crate::report::{latency_svg, Report, Slo};
 use crate::rng::SeedSplitter;
-use crate::router::PolicyName;
+use crate::run::{simulate, SimConfig, SimOutcome};
 use crate::time::SimTime;
 use crate::workload::{load_trace, reshape, ArrivalKind, RequestSpec, Synthetic, TraceFormat};
 use anyhow::{bail, Context};
 use std::fmt::Write as _;
 use std::path::PathBuf;
+use turbine_actors::router::PolicyKind;
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
 pub enum JitterArg {
@@ -32,17 +32,13 @@ pub struct SimArgs {
     /// Engine profile: a built-in name (smollm2-cpu, llama3-8b-h100) or a YAML path.
     #[arg(long, default_value = "smollm2-cpu")]
     pub profile: String,
-    /// Routing policy.
-    #[arg(long, value_enum, default_value_t = PolicyName::Kv)]
-    pub router: PolicyName,
-    /// Use the simulator's stand-in router instead of turbine-actors' KvRouter.
-    #[arg(long, conflicts_with = "actors")]
-    pub stand_in_router: bool,
-    /// Run the real actor shells (dispatcher, registry and discovery watch, worker loops
-    /// served as actors on in-memory nodes) on a paused tokio runtime, instead of the
-    /// discrete-event core. Same report; slower; clients retry a 503 instead of the
-    /// router migrating requests (see docs/SIMULATOR.md).
-    #[arg(long)]
+    /// Routing policy: kv, round-robin (or round_robin) or random (the router's own
+    /// `PolicyKind` names).
+    #[arg(long, default_value = "kv", value_parser = parse_policy)]
+    pub router: PolicyKind,
+    /// Accepted for old command lines: the real actor shells are what every run uses now
+    /// (there is no other engine).
+    #[arg(long, hide = true)]
     pub actors: bool,
     /// Run kv, round-robin and random on the same workload and print a comparison.
     #[arg(long)]
@@ -100,8 +96,8 @@ pub struct SimArgs {
     pub net_jitter_us: f64,
     #[arg(long, value_enum, default_value_t = JitterArg::Exponential)]
     pub jitter: JitterArg,
-    /// Attempts per request (first try plus migrations after a worker is lost; with
-    /// --actors, client retries of a retryable refusal).
+    /// Attempts per request: the first try plus client retries of a retryable refusal (no
+    /// worker, or its worker was lost before the first token).
     #[arg(long, default_value_t = 3)]
     pub max_attempts: u32,
 
@@ -121,6 +117,10 @@ pub struct SimArgs {
     /// Write the full event log (one line per event) here.
     #[arg(long)]
     pub event_log: Option<PathBuf>,
+}
+
+fn parse_policy(name: &str) -> Result<PolicyKind, String> {
+    PolicyKind::parse(name).ok_or_else(|| format!("{name:?}: expected kv, round-robin or random"))
 }
 
 /// The workload the arguments describe.
@@ -159,9 +159,6 @@ pub fn build_config(args: &SimArgs, workload: &[RequestSpec]) -> anyhow::Result<
     let span = workload.last().map(|r| r.arrival).unwrap_or_default();
     let mut cfg = SimConfig::new(args.seed, args.workers, profile);
     cfg.policy = args.router;
-    if args.stand_in_router {
-        cfg.router_impl = RouterImpl::StandIn;
-    }
     cfg.max_attempts = args.max_attempts.max(1);
     cfg.keep_event_log = args.event_log.is_some();
     cfg.net = NetConfig {
@@ -190,7 +187,7 @@ pub fn run(args: &SimArgs) -> anyhow::Result<Vec<(Report, SimOutcome)>> {
         itl_ms: args.slo_itl_ms,
     };
     let policies = if args.compare_routers {
-        vec![PolicyName::Kv, PolicyName::RoundRobin, PolicyName::Random]
+        PolicyKind::ALL.to_vec()
     } else {
         vec![args.router]
     };
@@ -198,11 +195,7 @@ pub fn run(args: &SimArgs) -> anyhow::Result<Vec<(Report, SimOutcome)>> {
     for p in policies {
         let mut cfg = base.clone();
         cfg.policy = p;
-        let outcome = if args.actors {
-            crate::shells::simulate_actors(&cfg, &workload)?
-        } else {
-            simulate(&cfg, &workload)?
-        };
+        let outcome = simulate(&cfg, &workload)?;
         let report = Report::build(&outcome, args.seed, p.as_str(), &cfg.profile.name, slo);
         out.push((report, outcome));
     }
@@ -302,7 +295,7 @@ mod tests {
         ]);
         assert_eq!(
             (a.seed, a.router, a.compare_routers),
-            (9, PolicyName::RoundRobin, true)
+            (9, PolicyKind::RoundRobin, true)
         );
     }
 }

@@ -1,7 +1,7 @@
 //! Figures derived from a run: latency percentiles, throughput, goodput under an SLO, cache
 //! hit rate, utilisation; as a table, as JSON, and as an SVG of latency over time.
 
-use crate::cluster::{Outcome, SimOutcome};
+use crate::run::{Outcome, SimOutcome};
 use serde::Serialize;
 use std::fmt::Write as _;
 
@@ -75,7 +75,6 @@ pub struct Report {
     pub event_log_hash: String,
     pub resyncs: u64,
     pub leases_expired: u64,
-    pub migrations: u64,
     pub net_dropped: u64,
     pub invariant_violations: Vec<String>,
 }
@@ -145,7 +144,7 @@ impl Report {
         let mean_util =
             per_worker.iter().map(|w| w.utilisation).sum::<f64>() / per_worker.len().max(1) as f64;
         Report {
-            router: o.router_impl.clone(),
+            router: "turbine-actors nodes".to_string(),
             policy: policy.to_string(),
             seed,
             workers: o.workers.len() as u32,
@@ -174,7 +173,6 @@ impl Report {
             event_log_hash: format!("{:016x}", o.event_log_hash),
             resyncs: o.resyncs,
             leases_expired: o.leases_expired,
-            migrations: o.migrations,
             net_dropped: o.net.dropped_loss + o.net.dropped_partition,
             invariant_violations: o.invariant_violations.clone(),
         }
@@ -247,8 +245,8 @@ impl Report {
         );
         let _ = writeln!(
             s,
-            "faults: leases expired {}, migrations {}, resyncs {}, messages dropped {}",
-            self.leases_expired, self.migrations, self.resyncs, self.net_dropped
+            "faults: leases expired {}, resyncs {}, messages dropped {}",
+            self.leases_expired, self.resyncs, self.net_dropped
         );
         let _ = writeln!(s, "event log hash {}", self.event_log_hash);
         if self.invariant_violations.is_empty() {

@@ -1,5 +1,5 @@
-//! The real actor shells on paused time (`turbine sim --actors`): determinism of the event
-//! log, and the settled-state invariants with and without faults.
+//! The simulator's runs (turbine's real nodes on paused time): determinism of the event log,
+//! and the settled-state invariants with and without faults.
 
 mod common;
 
@@ -8,18 +8,16 @@ use common::{
 };
 use turbine_sim::faults::FaultPlan;
 use turbine_sim::network::NetConfig;
-use turbine_sim::profile::Profile;
 use turbine_sim::rng::SeedSplitter;
 use turbine_sim::time::SimTime;
-use turbine_sim::workload::Synthetic;
-use turbine_sim::{simulate, simulate_actors, Outcome, Report, SimConfig, Slo};
+use turbine_sim::{simulate, Outcome, SimConfig};
 
 #[test]
 fn a_quiet_run_completes_every_request_through_the_real_shells() {
     let wl = workload(3, 30);
     let mut cfg = faulty_config(3, &wl, "");
     cfg.net = NetConfig::default();
-    let out = simulate_actors(&cfg, &wl).unwrap();
+    let out = simulate(&cfg, &wl).unwrap();
     assert!(
         out.invariant_violations.is_empty(),
         "{:?}",
@@ -38,7 +36,7 @@ fn a_quiet_run_completes_every_request_through_the_real_shells() {
 #[test]
 fn same_seed_same_event_log_and_different_seed_differs() {
     let wl = workload(11, 30);
-    assert_seed_determines_log(simulate_actors, &wl, faulty_config(11, &wl, "random:2"));
+    assert_seed_determines_log(simulate, &wl, faulty_config(11, &wl, "random:2"));
 }
 
 #[test]
@@ -51,7 +49,7 @@ fn requests_after_a_crash_go_to_the_live_worker_without_waiting_for_the_lease() 
     let mut cfg = SimConfig::new(2, 2, tiny_profile());
     cfg.faults =
         FaultPlan::parse("crash:1@0.3+5", &SeedSplitter::new(2), 2, SimTime::ZERO).unwrap();
-    let o = simulate_actors(&cfg, &wl).unwrap();
+    let o = simulate(&cfg, &wl).unwrap();
     assert!(
         o.invariant_violations.is_empty(),
         "{:?}",
@@ -73,7 +71,7 @@ fn invariants_hold_under_random_faults_for_100_seeds() {
     let mut failures = Vec::new();
     let (mut dropped, mut crashes, mut retried, mut failed) = (0, 0, 0, 0);
     for seed in 0..100u64 {
-        let (o, failure) = run_fault_seed(seed, &fault_args(seed, "--actors"), simulate_actors);
+        let (o, failure) = run_fault_seed(seed, &fault_args(seed, ""), simulate);
         dropped += o.net.dropped_loss + o.net.dropped_partition;
         crashes += o.workers.iter().map(|w| w.crashes).sum::<u32>();
         retried += o.requests.iter().filter(|r| r.attempts > 1).count();
@@ -91,51 +89,4 @@ fn invariants_hold_under_random_faults_for_100_seeds() {
         "{dropped} {crashes} {retried} {failed}"
     );
     println!("100 seeds: {dropped} events dropped, {crashes} crashes, {retried} requests retried, {failed} failed");
-}
-
-#[test]
-fn the_shells_and_the_discrete_event_core_agree_on_a_quiet_run() {
-    // Same workload, profile, router and seed, no faults: the two engines drive the same
-    // scheduler and router logic, so latency and cache figures must come out close (they
-    // differ only in message timing: the shells send real load reports and registrations).
-    let wl = Synthetic {
-        num_requests: 300,
-        rate: 30.0,
-        input_mean: 256,
-        output_mean: 24,
-        prefix_groups: 4,
-        prefix_len: 128,
-        ..Synthetic::default()
-    }
-    .generate(&SeedSplitter::new(9));
-    let mut cfg = SimConfig::new(9, 4, Profile::load("smollm2-cpu").unwrap());
-    cfg.net = NetConfig::default();
-    let core = simulate(&cfg, &wl).unwrap();
-    let shells = simulate_actors(&cfg, &wl).unwrap();
-    let slo = Slo {
-        ttft_ms: 2000.0,
-        itl_ms: 200.0,
-    };
-    let a = Report::build(&core, 9, "kv", "smollm2-cpu", slo);
-    let b = Report::build(&shells, 9, "kv", "smollm2-cpu", slo);
-    assert_eq!((a.completed, b.completed), (300, 300));
-    let close = |x: f64, y: f64, rel: f64| (x - y).abs() <= rel * x.abs().max(y.abs());
-    assert!(
-        close(a.ttft_ms.p50, b.ttft_ms.p50, 0.15),
-        "TTFT p50 {} vs {}",
-        a.ttft_ms.p50,
-        b.ttft_ms.p50
-    );
-    assert!(
-        close(a.e2e_ms.p50, b.e2e_ms.p50, 0.15),
-        "E2E p50 {} vs {}",
-        a.e2e_ms.p50,
-        b.e2e_ms.p50
-    );
-    assert!(
-        (a.prefix_hit_rate - b.prefix_hit_rate).abs() < 0.05,
-        "hit rate {} vs {}",
-        a.prefix_hit_rate,
-        b.prefix_hit_rate
-    );
 }

@@ -17,6 +17,27 @@ pub enum PolicyKind {
     Random,
 }
 
+impl PolicyKind {
+    /// Every policy, in the order comparisons list them.
+    pub const ALL: [PolicyKind; 3] = [PolicyKind::Kv, PolicyKind::RoundRobin, PolicyKind::Random];
+
+    /// The name as the cluster file spells it.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            PolicyKind::Kv => "kv",
+            PolicyKind::RoundRobin => "round_robin",
+            PolicyKind::Random => "random",
+        }
+    }
+
+    /// Parses a policy name; `-` and `_` are interchangeable (`round-robin` on a command
+    /// line, `round_robin` in a file).
+    pub fn parse(name: &str) -> Option<PolicyKind> {
+        let name = name.replace('-', "_");
+        PolicyKind::ALL.into_iter().find(|p| p.as_str() == name)
+    }
+}
+
 /// Where the KV overlap comes from.
 #[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
 #[serde(tag = "mode", rename_all = "snake_case")]

@@ -4,7 +4,7 @@
 use super::clock::ScaledClock;
 use super::fleet::World;
 use super::{lock, record, Log};
-use crate::cluster::WorkerRecord;
+use crate::run::WorkerRecord;
 use crate::worker::check_settled;
 use futures::StreamExt;
 use std::collections::BTreeSet;

@@ -3,7 +3,7 @@
 
 use super::fleet::World;
 use super::{lock, record, RETRY_AFTER};
-use crate::cluster::{Outcome, RequestRecord};
+use crate::run::{Outcome, RequestRecord};
 use crate::workload::RequestSpec;
 use std::sync::{Arc, Mutex};
 use turbine_actors::frontend::EngineError;

@@ -1,8 +1,7 @@
-//! The real actor shells on virtual time (`turbine sim --actors`).
+//! The simulator's run: turbine's real nodes on virtual time.
 //!
-//! Where the discrete-event core ([`crate::cluster`]) calls turbine's pure logic itself, this
-//! mode runs the *shells* that serve it, unchanged, on a current-thread tokio runtime with
-//! paused time:
+//! The nodes are composed by `turbine_actors::node`, as `turbine up` and `turbine worker`
+//! compose them, on a current-thread tokio runtime with paused time:
 //!
 //! - frontend side, composed by `turbine_actors::node` as `turbine up` composes it: the
 //!   router served as `RouterService` (the real `KvRouter` + `FlashIndexer`) and the
@@ -24,7 +23,6 @@
 //! Clients behave like the HTTP frontend's callers: a request refused as retryable (no worker,
 //! or its worker was lost before the first token: HTTP 503) is retried after
 //! [`RETRY_AFTER`] up to `max_attempts`; a failure after the first token fails the request.
-//! (The discrete-event core instead *migrates* such requests; the real pipeline does not.)
 
 mod checks;
 mod client;
@@ -33,11 +31,11 @@ pub mod engine;
 mod fleet;
 pub mod net;
 
-use crate::cluster::{request_violations, RequestRecord, SimConfig, SimError, SimOutcome};
 use crate::eventlog::EventLog;
 use crate::network::{Network, NodeId};
-use crate::real_router::router_config;
 use crate::rng::{SeedSplitter, Stream};
+use crate::run::router_config;
+use crate::run::{request_violations, RequestRecord, SimConfig, SimError, SimOutcome};
 use crate::time::{SimDuration, SimTime};
 use crate::workload::RequestSpec;
 use checks::{check_workers, log_membership, worker_records, workers_idle};
@@ -282,7 +280,6 @@ async fn run(cfg: &SimConfig, workload: &[RequestSpec]) -> Result<SimOutcome, Si
     let workers = worker_records(&world).await;
     let log = lock(&log);
     Ok(SimOutcome {
-        router_impl: "actors".to_string(),
         end,
         event_log_hash: log.hash(),
         events: log.count(),
@@ -291,7 +288,6 @@ async fn run(cfg: &SimConfig, workload: &[RequestSpec]) -> Result<SimOutcome, Si
         net: net.stats(),
         resyncs: net.kv_gaps(),
         leases_expired,
-        migrations: 0,
         routed_overlap_blocks: routed.overlap_blocks,
         routed_blocks: routed.request_blocks,
         invariant_violations: violations,

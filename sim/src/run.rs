@@ -1,0 +1,164 @@
+//! A simulated run: its configuration, what it records, and how it fails. The run itself is
+//! [`crate::shells`]: turbine's own nodes, composed by `turbine_actors::node`, on virtual
+//! time.
+
+use crate::faults::FaultPlan;
+use crate::network::{NetConfig, NetStats};
+use crate::profile::Profile;
+use crate::time::{SimDuration, SimTime};
+use crate::workload::RequestSpec;
+use turbine_actors::ids::WorkerId;
+use turbine_actors::kv::BlockSize;
+use turbine_actors::router::{PolicyKind, RouterConfig, RouterIndexMode};
+
+/// Everything that shapes a run besides the workload.
+#[derive(Clone, Debug)]
+pub struct SimConfig {
+    pub seed: u64,
+    pub workers: u32,
+    pub profile: Profile,
+    pub policy: PolicyKind,
+    pub net: NetConfig,
+    pub faults: FaultPlan,
+    pub max_attempts: u32,
+    pub heartbeat: SimDuration,
+    pub lease: SimDuration,
+    pub settle: SimDuration,
+    /// Keep the event log as text lines too (memory grows with the run).
+    pub keep_event_log: bool,
+}
+
+impl SimConfig {
+    pub fn new(seed: u64, workers: u32, profile: Profile) -> Self {
+        SimConfig {
+            seed,
+            workers,
+            profile,
+            policy: PolicyKind::Kv,
+            net: NetConfig::default(),
+            faults: FaultPlan::default(),
+            max_attempts: 3,
+            heartbeat: SimDuration::from_millis(250),
+            lease: SimDuration::from_millis(1000),
+            settle: SimDuration::from_millis(3000),
+            keep_event_log: false,
+        }
+    }
+}
+
+/// How a request ended.
+#[derive(Clone, Debug, PartialEq, serde::Serialize)]
+pub enum Outcome {
+    Completed,
+    Failed(String),
+}
+
+/// One request's client-side record.
+#[derive(Clone, Debug, serde::Serialize)]
+pub struct RequestRecord {
+    pub arrival: SimTime,
+    pub input_len: u32,
+    pub output_len: u32,
+    /// When each streamed token reached the client (router), in order.
+    pub token_times: Vec<SimTime>,
+    pub finished: Option<SimTime>,
+    pub outcome: Option<Outcome>,
+    pub attempts: u32,
+    /// How many times the request was resolved (must be exactly 1).
+    pub resolutions: u32,
+}
+
+impl RequestRecord {
+    /// A request that has not arrived yet.
+    pub fn new(spec: &RequestSpec) -> Self {
+        RequestRecord {
+            arrival: spec.arrival,
+            input_len: spec.input_len,
+            output_len: spec.output_len,
+            token_times: Vec::new(),
+            finished: None,
+            outcome: None,
+            attempts: 0,
+            resolutions: 0,
+        }
+    }
+}
+
+/// Invariant 1: every request resolved exactly once, and a completed one with exactly its
+/// output length.
+pub fn request_violations(records: &[RequestRecord]) -> Vec<String> {
+    let mut violations = Vec::new();
+    for (i, r) in records.iter().enumerate() {
+        if r.resolutions != 1 {
+            violations.push(format!("request {i} resolved {} times", r.resolutions));
+        }
+        if r.outcome == Some(Outcome::Completed) && r.token_times.len() != r.output_len as usize {
+            violations.push(format!(
+                "request {i} completed with {} of {} tokens",
+                r.token_times.len(),
+                r.output_len
+            ));
+        }
+    }
+    violations
+}
+
+/// Per-worker-slot figures.
+#[derive(Clone, Debug, serde::Serialize)]
+pub struct WorkerRecord {
+    pub slot: u32,
+    pub final_id: WorkerId,
+    pub busy_s: f64,
+    pub steps: u64,
+    pub crashes: u32,
+    pub prefix_query_tokens: u64,
+    pub prefix_hit_tokens: u64,
+}
+
+/// The raw result of a run (see `report` for the derived figures).
+#[derive(Clone, Debug, serde::Serialize)]
+pub struct SimOutcome {
+    pub end: SimTime,
+    pub event_log_hash: u64,
+    pub events: u64,
+    pub requests: Vec<RequestRecord>,
+    pub workers: Vec<WorkerRecord>,
+    pub net: NetStats,
+    pub resyncs: u64,
+    pub leases_expired: u64,
+    /// Router-side prefix overlap: blocks predicted cached / blocks routed.
+    pub routed_overlap_blocks: u64,
+    pub routed_blocks: u64,
+    pub invariant_violations: Vec<String>,
+    #[serde(skip)]
+    pub event_log_lines: Option<Vec<String>>,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum SimError {
+    #[error("invalid engine profile: {0}")]
+    Config(#[from] turbine_actors::worker::ConfigError),
+    #[error("invalid router config: {0}")]
+    Router(#[from] turbine_actors::router::RouterConfigError),
+    #[error("the simulation needs at least one worker")]
+    NoWorkers,
+    #[error("starting the actor shells: {0}")]
+    Shells(String),
+}
+
+/// The router configuration a simulated run uses: `policy`, an events-fed index, and
+/// `seed` for the policy's generator (random policy, softmax sampling).
+pub fn router_config(policy: PolicyKind, block_size: BlockSize, seed: u64) -> RouterConfig {
+    RouterConfig {
+        policy,
+        seed,
+        block_size,
+        index: RouterIndexMode::Events,
+        ..RouterConfig::default()
+    }
+}
+
+/// Runs one simulation (see [`crate::shells`]).
+pub fn simulate(cfg: &SimConfig, workload: &[RequestSpec]) -> Result<SimOutcome, SimError> {
+    crate::shells::simulate_actors(cfg, workload)
+}
