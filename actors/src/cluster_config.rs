@@ -219,6 +219,21 @@ mod tests {
     }
 
     #[test]
+    fn shipped_router_process_example_parses_with_everything_remote() {
+        let text = include_str!("../../examples/cluster-router-process.yaml");
+        let c: ClusterConfig = serde_yaml::from_str(text).unwrap();
+        assert!(c.router.remote);
+        assert!(c.workers.iter().all(|w| w.remote));
+        assert!(matches!(
+            c.discovery,
+            DiscoverySection::Embedded {
+                registry: Some(_),
+                ..
+            }
+        ));
+    }
+
+    #[test]
     fn shipped_gpu_example_parses_and_names_a_cuda_device() {
         let text = include_str!("../../examples/cluster-gpu.yaml");
         let c: ClusterConfig = serde_yaml::from_str(text).unwrap();
