@@ -4,6 +4,7 @@ use anyhow::{Context, Result};
 use clap::{Args, Parser, Subcommand};
 use std::path::PathBuf;
 use turbine_actors::cluster_config::ClusterConfig;
+use turbine_actors::node::Role;
 
 #[derive(Parser)]
 #[command(
@@ -191,13 +192,16 @@ fn run(cli: Cli) -> Result<()> {
             if let Some(b) = args.events_bind {
                 cfg.transport.events_bind = b;
             }
-            if args.role.as_deref() == Some("router") {
-                return runtime.block_on(turbine::serve::router(cfg, args.registry));
-            }
-            let group = pick_group(&cfg, args.group, args.role.as_deref())?;
-            runtime.block_on(turbine::serve::worker(
+            let role = if args.role.as_deref() == Some("router") {
+                Role::Router
+            } else {
+                Role::Worker {
+                    group: pick_group(&cfg, args.group, args.role.as_deref())?,
+                }
+            };
+            runtime.block_on(turbine::serve::join(
                 cfg,
-                group,
+                role,
                 args.registry,
                 !args.no_fetch,
             ))

@@ -6,6 +6,7 @@ use std::sync::Arc;
 use turbine_actors::cluster_config::ClusterConfig;
 use turbine_actors::frontend::{self, ChatEngine, HttpConfig};
 use turbine_actors::node::local::LocalCluster;
+use turbine_actors::node::Role;
 
 /// Serves `cfg` until Ctrl-C (or SIGTERM); in-flight requests drain before it returns.
 pub async fn up(cfg: ClusterConfig, allow_fetch: bool) -> Result<()> {
@@ -38,25 +39,36 @@ pub async fn up(cfg: ClusterConfig, allow_fetch: bool) -> Result<()> {
     Ok(())
 }
 
-/// `turbine worker`: worker group `group` of the file, joining the frontend's registry.
-pub async fn worker(
+/// `turbine worker`: one node of the file's graph, joining the frontend's registry. A new
+/// role is one more arm here and one builder in `turbine_actors::node`.
+pub async fn join(
     cfg: ClusterConfig,
-    group: usize,
+    role: Role,
     registry: Option<String>,
     allow_fetch: bool,
 ) -> Result<()> {
     let mut cfg = cfg;
-    let model = load(&mut cfg, allow_fetch).await?;
-    turbine_actors::node::process::run_worker(&cfg, group, model, registry, shutdown_signal())
-        .await?;
-    eprintln!("turbine worker: deregistered, exiting");
-    Ok(())
-}
-
-/// `turbine worker --role router`: the router of the file, joining the frontend's registry.
-pub async fn router(cfg: ClusterConfig, registry: Option<String>) -> Result<()> {
-    turbine_actors::node::process::run_router(&cfg, registry, shutdown_signal()).await?;
-    eprintln!("turbine router: deregistered, exiting");
+    match role {
+        Role::Router => {
+            turbine_actors::node::process::run_router(&cfg, registry, shutdown_signal()).await?;
+            eprintln!("turbine router: deregistered, exiting");
+        }
+        Role::Worker { group } => {
+            let model = load(&mut cfg, allow_fetch).await?;
+            turbine_actors::node::process::run_worker(
+                &cfg,
+                group,
+                model,
+                registry,
+                shutdown_signal(),
+            )
+            .await?;
+            eprintln!("turbine worker: deregistered, exiting");
+        }
+        Role::Frontend => {
+            anyhow::bail!("the frontend is started by `turbine up`, not `turbine worker`")
+        }
+    }
     Ok(())
 }
 

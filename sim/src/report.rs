@@ -144,7 +144,7 @@ impl Report {
         let mean_util =
             per_worker.iter().map(|w| w.utilisation).sum::<f64>() / per_worker.len().max(1) as f64;
         Report {
-            router: "turbine-actors nodes".to_string(),
+            router: "actors".to_string(),
             policy: policy.to_string(),
             seed,
             workers: o.workers.len() as u32,
