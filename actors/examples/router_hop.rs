@@ -116,6 +116,8 @@ fn main() {
                 addr.cast(RouterRequest::Finished(r.id));
             }
             via_addr.push(decisions as f64 / t.elapsed().as_secs_f64());
+            // A call after the casts is served after them: then every Finished is applied.
+            let _ = addr.call(RouterRequest::Metrics).await;
             assert_eq!(
                 core.lock().in_flight_count(),
                 0,
