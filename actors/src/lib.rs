@@ -6,9 +6,11 @@
 
 pub mod cluster_config;
 pub mod engine;
+pub mod engine_profile;
 pub mod frontend;
 pub mod ids;
 pub mod kv;
+pub mod planner;
 pub mod preprocessor;
 pub mod protocol;
 pub mod router;

@@ -3,7 +3,7 @@
 //! drives it, with the forward pass replaced by a cost-model delay and a deterministic
 //! "sampler". This is the seam where the worker actor's shell can later be dropped in.
 
-use crate::profile::Profile;
+use crate::profile::{Profile, StepPricing};
 use crate::rng::mix64;
 use crate::time::{SimDuration, SimTime};
 use std::collections::BTreeSet;

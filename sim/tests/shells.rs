@@ -8,7 +8,6 @@ use common::{
 };
 use turbine_sim::faults::FaultPlan;
 use turbine_sim::network::NetConfig;
-use turbine_sim::profile::Profile;
 use turbine_sim::rng::SeedSplitter;
 use turbine_sim::time::SimTime;
 use turbine_sim::workload::Synthetic;
@@ -108,7 +107,7 @@ fn the_shells_and_the_discrete_event_core_agree_on_a_quiet_run() {
         ..Synthetic::default()
     }
     .generate(&SeedSplitter::new(9));
-    let mut cfg = SimConfig::new(9, 4, Profile::load("smollm2-cpu").unwrap());
+    let mut cfg = SimConfig::new(9, 4, turbine_sim::profile::load("smollm2-cpu").unwrap());
     cfg.net = NetConfig::default();
     let core = simulate(&cfg, &wl).unwrap();
     let shells = simulate_actors(&cfg, &wl).unwrap();
