@@ -95,11 +95,21 @@ impl StepCost {
     }
 
     /// Least-squares fit of the four coefficients to measured step times `(features, µs)`,
-    /// with every coefficient kept non-negative (a negative cost would price some batch
-    /// below zero): a coefficient that comes out negative is fixed at zero and the rest are
-    /// refitted. `None` when the samples cannot determine any coefficient.
+    /// in relative error (each sample weighted by 1 / its time, so a 20 ms decode step
+    /// counts as much as a 10 s prefill), with every coefficient kept non-negative (a
+    /// negative cost would price some batch below zero): a coefficient that comes out
+    /// negative is fixed at zero and the rest are refitted. Samples whose time is not a
+    /// positive number are skipped. `None` when the samples cannot determine the model.
     pub fn fit(samples: &[(StepFeatures, f64)]) -> Option<StepCost> {
-        let row = |f: &StepFeatures| [1.0, f.prefill_tokens, f.decode_seqs, f.context_tokens];
+        let samples: Vec<(StepFeatures, f64)> = samples
+            .iter()
+            .copied()
+            .filter(|(_, y)| y.is_finite() && *y > 0.0)
+            .collect();
+        // Row and target divided by the target: minimises Σ ((model − y) / y)².
+        let row = |f: &StepFeatures, y: f64| {
+            [1.0, f.prefill_tokens, f.decode_seqs, f.context_tokens].map(|v| v / y)
+        };
         let mut active = [true; 4];
         for _ in 0..4 {
             let idx: Vec<usize> = (0..4).filter(|&i| active[i]).collect();
@@ -109,13 +119,13 @@ impl StepCost {
             let n = idx.len();
             // Normal equations AᵀA x = Aᵀy over the active columns.
             let mut m = vec![vec![0.0; n + 1]; n];
-            for (f, y) in samples {
-                let r = row(f);
+            for (f, y) in &samples {
+                let r = row(f, *y);
                 for (a, &i) in idx.iter().enumerate() {
                     for (b, &j) in idx.iter().enumerate() {
                         m[a][b] += r[i] * r[j];
                     }
-                    m[a][n] += r[i] * y;
+                    m[a][n] += r[i];
                 }
             }
             let x = solve(m)?;

@@ -114,6 +114,11 @@ pub enum PlannerConfigError {
     #[error("planner.devices_per_worker must be at least 1")]
     ZeroDevices,
     #[error(
+        "planner: the worker groups must be all aggregated, or prefill and decode \
+         (found another mix)"
+    )]
+    UnplannableWorkers,
+    #[error(
         "planner.max_devices ({budget}) cannot hold min_replicas in every pool \
          ({needed} devices)"
     )]

@@ -10,6 +10,7 @@ use super::sla::{
     correction, decode_need, prefill_need, whole, Corrections, DecodeNeed, Load, PrefillNeed,
     Targets,
 };
+use crate::cluster_config::{WorkerGroup, WorkerRole};
 use crate::engine_profile::Profile;
 use std::time::Duration;
 
@@ -43,6 +44,34 @@ impl Replicas {
     /// Workers over all pools.
     pub fn total(self) -> usize {
         self.pools().iter().sum()
+    }
+
+    /// The pools of a cluster file's worker groups and their configured sizes: aggregated
+    /// groups form one pool, prefill and decode groups two. A mix, or prefill without
+    /// decode, is not a cluster the planner can size.
+    pub fn of_workers(groups: &[WorkerGroup]) -> Result<Replicas, PlannerConfigError> {
+        let count = |role: WorkerRole| {
+            groups
+                .iter()
+                .filter(|g| g.role == role)
+                .map(|g| g.replicas)
+                .sum::<usize>()
+        };
+        let has = |role: WorkerRole| groups.iter().any(|g| g.role == role);
+        match (
+            has(WorkerRole::Aggregated),
+            has(WorkerRole::Prefill),
+            has(WorkerRole::Decode),
+        ) {
+            (true, false, false) => Ok(Replicas::Aggregated {
+                workers: count(WorkerRole::Aggregated),
+            }),
+            (false, true, true) => Ok(Replicas::Disaggregated {
+                prefill: count(WorkerRole::Prefill),
+                decode: count(WorkerRole::Decode),
+            }),
+            _ => Err(PlannerConfigError::UnplannableWorkers),
+        }
     }
 }
 
@@ -388,6 +417,37 @@ mod tests {
         assert!(d.budget_limited);
         assert_eq!(d.replicas.total(), 10);
         assert_eq!(p.replicas(), d.replicas);
+    }
+
+    #[test]
+    fn pools_follow_the_worker_roles() {
+        let group = |role, replicas| WorkerGroup {
+            role,
+            replicas,
+            ..WorkerGroup::default()
+        };
+        let agg = [
+            group(WorkerRole::Aggregated, 2),
+            group(WorkerRole::Aggregated, 1),
+        ];
+        assert_eq!(
+            Replicas::of_workers(&agg),
+            Ok(Replicas::Aggregated { workers: 3 })
+        );
+        let disagg = [group(WorkerRole::Prefill, 1), group(WorkerRole::Decode, 4)];
+        assert_eq!(
+            Replicas::of_workers(&disagg),
+            Ok(Replicas::Disaggregated {
+                prefill: 1,
+                decode: 4
+            })
+        );
+        let mixed = [
+            group(WorkerRole::Aggregated, 1),
+            group(WorkerRole::Decode, 1),
+        ];
+        assert!(Replicas::of_workers(&mixed).is_err());
+        assert!(Replicas::of_workers(&[group(WorkerRole::Prefill, 1)]).is_err());
     }
 
     #[test]
