@@ -127,5 +127,8 @@ fn turbine_up_refuses_a_planner_section_it_would_not_run() {
     let out = turbine(&["up", "--no-fetch", "-f", file.to_str().unwrap()]);
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert!(!out.status.success());
-    assert!(stderr.contains("planner: the planner does not run"), "{stderr}");
+    assert!(
+        stderr.contains("planner: the planner does not run"),
+        "{stderr}"
+    );
 }

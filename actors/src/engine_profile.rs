@@ -3,11 +3,13 @@
 //!
 //! A profile has two views of the same engine:
 //! - `step_time`: a linear cost model of one forward pass, which the simulator prices every
-//!   step with:
+//!   step with (linear in three batch features, a roofline-style first approximation):
+//!
+//!   ```text
 //!   step_time = base + per_prefill_token × (tokens fed by non-decode entries)
-//!   + per_decode_seq × (decode entries) + per_context_token × (Σ context length of every
-//!   entry, i.e. KV read by attention). Linear in the three batch features, as a
-//!   roofline-style first approximation.
+//!             + per_decode_seq × (decode entries)
+//!             + per_context_token × (Σ context length of every entry: KV read by attention)
+//!   ```
 //! - `measured` (optional): the tables `turbine profile` measured on the real backend:
 //!   prefill time by prompt length, decode inter-token latency (ITL) by batch × context.
 //!   The planner reads these; `turbine profile` also fits `step_time` to them by least
@@ -163,11 +165,12 @@ fn solve(mut m: Vec<Vec<f64>>) -> Option<Vec<f64>> {
             return None;
         }
         m.swap(col, pivot);
-        for r in 0..n {
+        let pivot_row = m[col].clone();
+        for (r, row) in m.iter_mut().enumerate() {
             if r != col {
-                let k = m[r][col] / m[col][col];
-                for c in col..=n {
-                    m[r][c] -= k * m[col][c];
+                let k = row[col] / pivot_row[col];
+                for (v, p) in row[col..].iter_mut().zip(&pivot_row[col..]) {
+                    *v -= k * p;
                 }
             }
         }

@@ -78,7 +78,7 @@ impl LocalLinearTrend {
         }
     }
 
-    fn to_space(&self, v: f64) -> f64 {
+    fn filtered(&self, v: f64) -> f64 {
         if self.log1p {
             v.ln_1p()
         } else {
@@ -86,7 +86,7 @@ impl LocalLinearTrend {
         }
     }
 
-    fn from_space(&self, v: f64) -> f64 {
+    fn unfiltered(&self, v: f64) -> f64 {
         if self.log1p {
             // exp overflows past ~709.8: cap there; sanitize turns ∞ into f64::MAX anyway.
             v.min(709.0).exp_m1()
@@ -106,7 +106,7 @@ impl Predictor for LocalLinearTrend {
         if !usable(value) {
             return;
         }
-        let z = self.to_space(value);
+        let z = self.filtered(value);
         let (q, r) = (self.q, self.r);
         let Some(s) = self.state else {
             self.state = Some(State::diffuse(z, r));
@@ -139,7 +139,7 @@ impl Predictor for LocalLinearTrend {
 
     fn predict(&self) -> Option<f64> {
         let s = self.state?;
-        Some(sanitize(self.from_space(s.level + s.trend)))
+        Some(sanitize(self.unfiltered(s.level + s.trend)))
     }
 }
 
