@@ -177,7 +177,7 @@ pub fn run(cfg: ClusterConfig, args: &ProfileArgs) -> Result<()> {
         "# Engine profile measured by `turbine profile`. Read by the planner (planner.profile)\n\
          # and by `turbine sim --profile {}`; format: docs/PLANNER.md.\n{}",
         args.output.display(),
-        profile.to_yaml()
+        profile.to_yaml().context("writing the profile as YAML")?
     );
     std::fs::write(&args.output, text)
         .with_context(|| format!("writing {}", args.output.display()))?;

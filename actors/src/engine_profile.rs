@@ -291,9 +291,8 @@ impl Profile {
         Profile::from_yaml(&text, &origin)
     }
 
-    pub fn to_yaml(&self) -> String {
-        // Plain data (strings, numbers, lists): serialising cannot fail.
-        serde_yaml::to_string(self).unwrap_or_default()
+    pub fn to_yaml(&self) -> Result<String, serde_yaml::Error> {
+        serde_yaml::to_string(self)
     }
 
     /// Checks what serde cannot: a usable block size, finite non-negative costs, and
@@ -417,59 +416,68 @@ impl Measurements {
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
 
-    const MEASURED: &str = r#"
+    /// A hand-made measured profile with round numbers, shared with the planner's tests.
+    ///
+    /// prefill: 100 tokens in 10 ms (10 000 tok/s), 1 000 tokens in 50 ms (20 000 tok/s).
+    /// decode ITL (ms):   context 100   context 1100
+    ///        batch 1         5             6
+    ///        batch 8         10            20
+    /// KV pool 6250 × 16 = 100 000 tokens, so `max_num_seqs` (8) is the batch limit at
+    /// these contexts.
+    pub(crate) const HAND: &str = r#"
 name: hand
 step_time: {base_us: 1000, per_prefill_token_us: 10, per_decode_seq_us: 100, per_context_token_us: 0.1}
-kv: {num_blocks: 64, block_size: 16}
+kv: {num_blocks: 6250, block_size: 16}
+scheduler: {max_num_batched_tokens: 2048, max_num_seqs: 8, max_model_len: 4096}
 measured:
   device: cpu
-  model: m.gguf
+  model: hand.gguf
   prefill:
     - {prompt_tokens: 100, time_ms: 10}
     - {prompt_tokens: 1000, time_ms: 50}
   decode:
     - {batch: 1, context: 100, itl_ms: 5}
-    - {batch: 1, context: 1000, itl_ms: 6}
+    - {batch: 1, context: 1100, itl_ms: 6}
     - {batch: 8, context: 100, itl_ms: 10}
-    - {batch: 8, context: 1000, itl_ms: 20}
+    - {batch: 8, context: 1100, itl_ms: 20}
 "#;
 
     #[test]
     fn measured_profile_round_trips_through_yaml() {
-        let p = Profile::from_yaml(MEASURED, "hand").unwrap();
+        let p = Profile::from_yaml(HAND, "hand").unwrap();
         let m = p.measured.as_ref().unwrap();
         assert_eq!(m.decode_batches(), vec![1, 8]);
-        assert_eq!(m.itl_ms(8, 1000), Some(20.0));
+        assert_eq!(m.itl_ms(8, 1100), Some(20.0));
         assert_eq!(m.prefill[1].tokens_per_s(), 20_000.0);
-        let again = Profile::from_yaml(&p.to_yaml(), "again").unwrap();
+        let again = Profile::from_yaml(&p.to_yaml().unwrap(), "again").unwrap();
         assert_eq!(again, p);
     }
 
     #[test]
     fn a_profile_without_measurements_omits_the_section() {
-        let mut p = Profile::from_yaml(MEASURED, "hand").unwrap();
+        let mut p = Profile::from_yaml(HAND, "hand").unwrap();
         p.measured = None;
-        assert!(!p.to_yaml().contains("measured"));
+        assert!(!p.to_yaml().unwrap().contains("measured"));
     }
 
     #[test]
     fn typos_holes_and_unsorted_tables_are_rejected() {
-        let typo = MEASURED.replace("itl_ms: 5}", "itl: 5}");
+        let typo = HAND.replace("itl_ms: 5}", "itl: 5}");
         assert!(Profile::from_yaml(&typo, "t").is_err());
-        let hole = MEASURED.replace("    - {batch: 8, context: 1000, itl_ms: 20}\n", "");
+        let hole = HAND.replace("    - {batch: 8, context: 1100, itl_ms: 20}\n", "");
         let e = Profile::from_yaml(&hole, "t").unwrap_err().to_string();
         assert!(e.contains("full grid"), "{e}");
-        let unsorted = MEASURED
+        let unsorted = HAND
             .replace("prompt_tokens: 100,", "prompt_tokens: X,")
             .replace("prompt_tokens: 1000,", "prompt_tokens: 100,")
             .replace("prompt_tokens: X,", "prompt_tokens: 1000,");
         assert!(Profile::from_yaml(&unsorted, "t").is_err());
-        let zero = MEASURED.replace("time_ms: 10}", "time_ms: 0}");
+        let zero = HAND.replace("time_ms: 10}", "time_ms: 0}");
         assert!(Profile::from_yaml(&zero, "t").is_err());
-        let negative = MEASURED.replace("base_us: 1000", "base_us: -1");
+        let negative = HAND.replace("base_us: 1000", "base_us: -1");
         assert!(Profile::from_yaml(&negative, "t").is_err());
     }
 

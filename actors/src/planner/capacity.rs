@@ -172,31 +172,7 @@ fn measured_itl_ms(m: &Measurements, batch: f64, context: f64) -> f64 {
 pub(crate) mod tests {
     use super::*;
 
-    /// A hand-made measured profile with round numbers, used by the SLA tests too.
-    ///
-    /// prefill: 100 tokens in 10 ms (10 000 tok/s), 1 000 tokens in 50 ms (20 000 tok/s).
-    /// decode ITL (ms):   context 100   context 1100
-    ///        batch 1         5             6
-    ///        batch 8         10            20
-    /// KV pool 6250 × 16 = 100 000 tokens, so `max_num_seqs` (8) is the batch limit at
-    /// these contexts.
-    pub const HAND: &str = r#"
-name: hand
-step_time: {base_us: 1000, per_prefill_token_us: 10, per_decode_seq_us: 100, per_context_token_us: 0.1}
-kv: {num_blocks: 6250, block_size: 16}
-scheduler: {max_num_batched_tokens: 2048, max_num_seqs: 8, max_model_len: 4096}
-measured:
-  device: cpu
-  model: hand.gguf
-  prefill:
-    - {prompt_tokens: 100, time_ms: 10}
-    - {prompt_tokens: 1000, time_ms: 50}
-  decode:
-    - {batch: 1, context: 100, itl_ms: 5}
-    - {batch: 1, context: 1100, itl_ms: 6}
-    - {batch: 8, context: 100, itl_ms: 10}
-    - {batch: 8, context: 1100, itl_ms: 20}
-"#;
+    pub(crate) use crate::engine_profile::tests::HAND;
 
     pub fn hand() -> Capacity {
         Capacity::new(Profile::from_yaml(HAND, "hand").unwrap())

@@ -162,6 +162,18 @@ mod tests {
         (a - b).abs() <= 1e-9 * b.abs().max(1.0)
     }
 
+    fn load(requests_per_s: f64, isl: f64, osl: f64) -> Load {
+        Load {
+            requests_per_s,
+            isl,
+            osl,
+        }
+    }
+
+    fn corr(prefill: f64, decode: f64) -> Corrections {
+        Corrections { prefill, decode }
+    }
+
     const TARGETS: Targets = Targets {
         ttft_s: 0.110,
         itl_s: 0.014,
@@ -180,12 +192,8 @@ mod tests {
     fn prefill_need_against_the_hand_profile() {
         // ISL 550: R = 15 000 tok/s, p = 36.67 ms, TTFT 110 ms = 3 p → ρ = 0.8 →
         // 12 000 tok/s usable. 60 req/s × 550 = 33 000 tok/s → 2.75 workers → 3.
-        let load = Load {
-            requests_per_s: 60.0,
-            isl: 550.0,
-            osl: 200.0,
-        };
-        let n = prefill_need(&hand(), load, TARGETS, Corrections::default());
+        let demand = load(60.0, 550.0, 200.0);
+        let n = prefill_need(&hand(), demand, TARGETS, Corrections::default());
         assert!(close(n.idle_ttft_s, 550.0 / 15_000.0));
         assert!(close(n.usable_tokens_per_s, 12_000.0));
         assert!(close(n.workers, 2.75) && n.meets_target);
@@ -194,23 +202,13 @@ mod tests {
 
     #[test]
     fn prefill_correction_only_lowers_demand() {
-        let load = Load {
-            requests_per_s: 60.0,
-            isl: 550.0,
-            osl: 200.0,
-        };
-        let cached = Corrections {
-            prefill: 0.5,
-            decode: 1.0,
-        };
-        let n = prefill_need(&hand(), load, TARGETS, cached);
+        let demand = load(60.0, 550.0, 200.0);
+        let cached = corr(0.5, 1.0);
+        let n = prefill_need(&hand(), demand, TARGETS, cached);
         assert!(close(n.workers, 1.375));
-        let queued = Corrections {
-            prefill: 3.0,
-            decode: 1.0,
-        };
+        let queued = corr(3.0, 1.0);
         assert!(close(
-            prefill_need(&hand(), load, TARGETS, queued).workers,
+            prefill_need(&hand(), demand, TARGETS, queued).workers,
             2.75
         ));
     }
@@ -218,16 +216,12 @@ mod tests {
     #[test]
     fn a_prompt_longer_than_the_target_allows_is_flagged() {
         // ISL 1000 prefills in 50 ms; a 40 ms target cannot be met at any scale.
-        let load = Load {
-            requests_per_s: 10.0,
-            isl: 1000.0,
-            osl: 10.0,
-        };
+        let demand = load(10.0, 1000.0, 10.0);
         let t = Targets {
             ttft_s: 0.040,
             itl_s: 1.0,
         };
-        let n = prefill_need(&hand(), load, t, Corrections::default());
+        let n = prefill_need(&hand(), demand, t, Corrections::default());
         assert!(!n.meets_target);
         assert!(close(n.workers, 0.5)); // 10 000 tok/s over 20 000 at 100 %
     }
@@ -236,12 +230,8 @@ mod tests {
     fn decode_need_against_the_hand_profile() {
         // Context 1000 + 200 / 2 = 1100: ITL(b) = 6 + 2 (b − 1) ms; 14 ms → b = 5,
         // 357.14 tok/s. 20 req/s × 200 = 4 000 tok/s → 11.2 workers → 12.
-        let load = Load {
-            requests_per_s: 20.0,
-            isl: 1000.0,
-            osl: 200.0,
-        };
-        let n = decode_need(&hand(), load, TARGETS, Corrections::default());
+        let demand = load(20.0, 1000.0, 200.0);
+        let n = decode_need(&hand(), demand, TARGETS, Corrections::default());
         assert_eq!(n.context, 1100.0);
         assert_eq!(n.point.batch, 5);
         assert!(close(n.workers, 4000.0 * 0.014 / 5.0));
@@ -252,16 +242,9 @@ mod tests {
     fn a_slow_engine_tightens_the_itl_target() {
         // Observed ITL twice the profile's: choose the point at 7 ms → batch 1 (6 ms),
         // 166.7 tok/s → 24 workers.
-        let load = Load {
-            requests_per_s: 20.0,
-            isl: 1000.0,
-            osl: 200.0,
-        };
-        let slow = Corrections {
-            prefill: 1.0,
-            decode: 2.0,
-        };
-        let n = decode_need(&hand(), load, TARGETS, slow);
+        let demand = load(20.0, 1000.0, 200.0);
+        let slow = corr(1.0, 2.0);
+        let n = decode_need(&hand(), demand, TARGETS, slow);
         assert_eq!(n.point.batch, 1);
         assert_eq!(whole(n.workers), 24);
     }
