@@ -103,6 +103,8 @@ impl Default for PredictorConfig {
 pub enum PlannerConfigError {
     #[error("planner.profile: a profile file is required (write one with `turbine profile`)")]
     NoProfile,
+    #[error("planner.profile: {0}")]
+    Profile(String),
     #[error("planner.adjustment_interval_ms must be at least 1")]
     ZeroInterval,
     #[error("planner.{0} must be a finite number > 0")]

@@ -140,6 +140,8 @@ impl Planner {
     ) -> Result<Planner, PlannerConfigError> {
         let pools = current.pools();
         cfg.validate(pools.len())?;
+        // A profile read from YAML was checked already; one built in code may not be.
+        profile.validate().map_err(PlannerConfigError::Profile)?;
         Ok(Planner {
             interval: Duration::from_millis(cfg.adjustment_interval_ms),
             targets: Targets {
@@ -457,6 +459,10 @@ mod tests {
             ..config(PredictorConfig::Constant {})
         };
         let profile = Profile::from_yaml(HAND, "hand").unwrap();
-        assert!(Planner::new(&cfg, profile, DISAGG).is_err());
+        assert!(Planner::new(&cfg, profile.clone(), DISAGG).is_err());
+        let mut broken = profile;
+        broken.kv.block_size = 0;
+        let e = Planner::new(&config(PredictorConfig::Constant {}), broken, DISAGG);
+        assert!(e.err().unwrap().to_string().contains("block_size"));
     }
 }
