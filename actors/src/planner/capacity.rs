@@ -58,17 +58,37 @@ impl Capacity {
 
     /// Step time (seconds) of `batch` decodes at `context` positions each.
     pub fn decode_itl_s(&self, batch: f64, context: f64) -> f64 {
-        let (batch, context) = (batch.max(1.0), context.max(1.0));
+        self.itl_curve(context).at(batch)
+    }
+
+    /// ITL as a function of the batch alone, at one context: what the batch search asks
+    /// many times, prepared once.
+    fn itl_curve(&self, context: f64) -> ItlCurve<'_> {
+        let context = context.max(1.0);
         match &self.profile.measured {
-            Some(m) => measured_itl_ms(m, batch, context) / 1e3,
-            None => {
-                let f = StepFeatures {
-                    prefill_tokens: 0.0,
-                    decode_seqs: batch,
-                    context_tokens: batch * context,
-                };
-                self.profile.step_time.micros(f) / 1e6
+            Some(m) => {
+                let contexts: Vec<f64> = m.decode_contexts().iter().map(|&c| c as f64).collect();
+                let batches = m.decode_batches();
+                let itl_ms = batches
+                    .iter()
+                    .map(|&b| {
+                        let ys: Vec<f64> = m
+                            .decode_contexts()
+                            .iter()
+                            .map(|&c| m.itl_ms(b, c).unwrap_or(f64::NAN))
+                            .collect();
+                        interpolate(&contexts, &ys, context)
+                    })
+                    .collect();
+                ItlCurve::Measured {
+                    batches: batches.iter().map(|&b| b as f64).collect(),
+                    itl_ms,
+                }
             }
+            None => ItlCurve::Modelled {
+                profile: &self.profile,
+                context,
+            },
         }
     }
 
@@ -84,8 +104,9 @@ impl Capacity {
     /// The decode batch with the most output tokens/s per worker whose ITL meets
     /// `itl_target_s` at `context` positions per sequence.
     pub fn best_decode(&self, itl_target_s: f64, context: f64) -> DecodePoint {
+        let curve = self.itl_curve(context);
         let point = |batch: usize| {
-            let itl_s = self.decode_itl_s(batch as f64, context);
+            let itl_s = curve.at(batch as f64);
             DecodePoint {
                 batch,
                 itl_s,
@@ -104,21 +125,59 @@ impl Capacity {
     }
 
     /// Prefill time of one prompt by the step-time model, in chunks of the scheduler's
-    /// token budget (each chunk one step).
+    /// token budget (each chunk one step). Closed form, so an absurd `isl` costs no time:
+    /// `k` full chunks of `c` tokens cost `k (base + c·per_token) + per_context·c·k(k+1)/2`
+    /// (chunk `j` attends to `(j + 1) c` positions), plus the remainder's step.
     fn modelled_prefill_s(&self, isl: f64) -> f64 {
+        let cost = &self.profile.step_time;
         let chunk = (self.profile.scheduler.max_num_batched_tokens.max(1)) as f64;
-        let mut done = 0.0;
-        let mut us = 0.0;
-        while done < isl {
-            let n = chunk.min(isl - done);
-            us += self.profile.step_time.micros(StepFeatures {
-                prefill_tokens: n,
+        let full = (isl / chunk).floor();
+        let rest = isl - full * chunk;
+        let mut us = full * (cost.base_us + cost.per_prefill_token_us * chunk)
+            + cost.per_context_token_us * chunk * full * (full + 1.0) / 2.0;
+        if rest > 0.0 {
+            us += cost.micros(StepFeatures {
+                prefill_tokens: rest,
                 decode_seqs: 0.0,
-                context_tokens: done + n,
+                context_tokens: isl,
             });
-            done += n;
         }
         us / 1e6
+    }
+}
+
+/// ITL (seconds) over the batch size at one context.
+enum ItlCurve<'a> {
+    /// ITL at each measured batch (interpolated to the context); linear between them,
+    /// extrapolated linearly past the largest (never decreasing), held below the smallest.
+    Measured { batches: Vec<f64>, itl_ms: Vec<f64> },
+    /// The step-time model.
+    Modelled { profile: &'a Profile, context: f64 },
+}
+
+impl ItlCurve<'_> {
+    fn at(&self, batch: f64) -> f64 {
+        let batch = batch.max(1.0);
+        match self {
+            ItlCurve::Measured { batches, itl_ms } => {
+                let n = batches.len();
+                if n >= 2 && batch > batches[n - 1] {
+                    let slope = ((itl_ms[n - 1] - itl_ms[n - 2])
+                        / (batches[n - 1] - batches[n - 2]))
+                        .max(0.0);
+                    return (itl_ms[n - 1] + slope * (batch - batches[n - 1])) / 1e3;
+                }
+                interpolate(batches, itl_ms, batch) / 1e3
+            }
+            ItlCurve::Modelled { profile, context } => {
+                let f = StepFeatures {
+                    prefill_tokens: 0.0,
+                    decode_seqs: batch,
+                    context_tokens: batch * context,
+                };
+                profile.step_time.micros(f) / 1e6
+            }
+        }
     }
 }
 
@@ -142,30 +201,6 @@ fn measured_prefill_tps(m: &Measurements, isl: f64) -> f64 {
     let xs: Vec<f64> = m.prefill.iter().map(|p| p.prompt_tokens as f64).collect();
     let ys: Vec<f64> = m.prefill.iter().map(|p| p.tokens_per_s()).collect();
     interpolate(&xs, &ys, isl)
-}
-
-fn measured_itl_ms(m: &Measurements, batch: f64, context: f64) -> f64 {
-    let batches = m.decode_batches();
-    let contexts: Vec<f64> = m.decode_contexts().iter().map(|&c| c as f64).collect();
-    // ITL over context at each measured batch, then over batch.
-    let at_batch: Vec<f64> = batches
-        .iter()
-        .map(|&b| {
-            let ys: Vec<f64> = m
-                .decode_contexts()
-                .iter()
-                .map(|&c| m.itl_ms(b, c).unwrap_or(f64::NAN))
-                .collect();
-            interpolate(&contexts, &ys, context)
-        })
-        .collect();
-    let bs: Vec<f64> = batches.iter().map(|&b| b as f64).collect();
-    let n = bs.len();
-    if n >= 2 && batch > bs[n - 1] {
-        let slope = ((at_batch[n - 1] - at_batch[n - 2]) / (bs[n - 1] - bs[n - 2])).max(0.0);
-        return at_batch[n - 1] + slope * (batch - bs[n - 1]);
-    }
-    interpolate(&bs, &at_batch, batch)
 }
 
 #[cfg(test)]
@@ -231,5 +266,9 @@ pub(crate) mod tests {
         assert!(close(c.prefill_s(3000.0), 0.0325048));
         // batch 4 at context 1000: 1000 + 400 + 400 µs.
         assert!(close(c.decode_itl_s(4.0, 1000.0), 0.0018));
+        // Exactly two full chunks: 2 × (1000 + 20480) + 0.1 × 2048 × 3 µs.
+        assert!(close(c.prefill_s(4096.0), (2.0 * 21480.0 + 614.4) / 1e6));
+        // An absurd prompt length answers at once (closed form, no loop over chunks).
+        assert!(c.prefill_tokens_per_s(1e300) >= 0.0);
     }
 }

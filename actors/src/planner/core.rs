@@ -262,6 +262,7 @@ mod tests {
     use super::super::capacity::tests::HAND;
     use super::super::config::PredictorConfig;
     use super::*;
+    use proptest::prelude::*;
 
     const TICK: Duration = Duration::from_secs(10);
 
@@ -464,5 +465,63 @@ mod tests {
         broken.kv.block_size = 0;
         let e = Planner::new(&config(PredictorConfig::Constant {}), broken, DISAGG);
         assert!(e.err().unwrap().to_string().contains("block_size"));
+    }
+
+    fn any_value() -> impl Strategy<Value = Option<f64>> {
+        prop_oneof![
+            Just(None),
+            Just(Some(0.0)),
+            (0.0..5e3f64).prop_map(Some),
+            Just(Some(1e300)),
+            Just(Some(f64::NAN)),
+            Just(Some(-3.0)),
+        ]
+    }
+
+    proptest! {
+        /// Whatever the metrics (none, zeros, garbage, absurd values), for either predictor
+        /// kind and cluster shape: every pool stays within its range, the cluster within the
+        /// budget, and the forecast is finite.
+        #[test]
+        fn decisions_respect_the_limits_on_any_metrics(
+            steps in prop::collection::vec(
+                (0u64..100_000, any_value(), any_value(), any_value(), any_value(), any_value()),
+                1..25,
+            ),
+            kalman in any::<bool>(),
+            aggregated in any::<bool>(),
+            budget in 2usize..20,
+        ) {
+            let predictor = if kalman {
+                PredictorConfig::default()
+            } else {
+                PredictorConfig::MovingAverage { window: 3 }
+            };
+            let cfg = PlannerConfig {
+                max_replicas: 12,
+                max_devices: Some(budget),
+                cooldown_ms: 20_000,
+                ..config(predictor)
+            };
+            let shape = if aggregated { Replicas::Aggregated { workers: 1 } } else { DISAGG };
+            let mut p = planner(&cfg, shape);
+            for (i, (requests, isl, osl, ttft, itl, batch)) in steps.into_iter().enumerate() {
+                let now = TICK * (i as u32 + 1);
+                p.observe(now, &IntervalMetrics {
+                    requests,
+                    mean_isl: isl,
+                    mean_osl: osl,
+                    mean_ttft_s: ttft,
+                    mean_itl_s: itl,
+                    mean_decode_batch: batch,
+                });
+                let d = p.decide(now);
+                let sizes = d.replicas.pools();
+                prop_assert!(sizes.iter().all(|&n| (1..=12).contains(&n)), "{sizes:?}");
+                prop_assert!(d.replicas.total() <= budget, "{sizes:?} > {budget}");
+                let f = d.forecast.unwrap();
+                prop_assert!(f.requests.is_finite() && f.isl.is_finite() && f.osl.is_finite());
+            }
+        }
     }
 }
