@@ -3,4 +3,5 @@
 
 pub mod bench;
 pub mod fetch;
+pub mod profile;
 pub mod serve;

@@ -34,6 +34,9 @@ enum Command {
     Worker(WorkerArgs),
     /// Fetch the default model into the model cache, then exit.
     FetchModel,
+    /// Measure the engine of a cluster file's worker group (prefill by prompt length, decode
+    /// ITL by batch × context) and write the profile the planner and `turbine sim` read.
+    Profile(turbine::profile::ProfileArgs),
     /// Simulate a cluster on virtual time: deterministic for a seed; synthetic workloads or
     /// trace replay, injected faults, routing-policy comparison (see docs/SIMULATOR.md).
     Sim(turbine_sim::SimArgs),
@@ -137,6 +140,12 @@ fn load_config(args: &UpArgs) -> Result<ClusterConfig> {
         Some(path) => read_config(path)?,
         None => ClusterConfig::default(),
     };
+    // Parsed and checked already, but nothing runs it yet: say so rather than ignore it.
+    anyhow::ensure!(
+        cfg.planner.is_none(),
+        "planner: the planner does not run in `turbine up` yet (only its config and \
+         `turbine profile` exist); remove the section and size the pools with `replicas`"
+    );
     if let Some(m) = &args.model {
         cfg.model.path = m.clone();
     }
@@ -205,6 +214,13 @@ fn run(cli: Cli) -> Result<()> {
                 args.registry,
                 !args.no_fetch,
             ))
+        }
+        Command::Profile(args) => {
+            let cfg = match &args.file {
+                Some(path) => read_config(path)?,
+                None => ClusterConfig::default(),
+            };
+            turbine::profile::run(cfg, &args)
         }
         Command::FetchModel => {
             let path = turbine::fetch::resolve_model("default", true)?;

@@ -6,6 +6,7 @@
 //! ignored setting. docs/CONFIG.md documents every field; keep the two in step.
 
 use crate::kv::BlockSize;
+use crate::planner::PlannerConfig;
 use crate::router::RouterConfig;
 use serde::{Deserialize, Serialize};
 use std::net::SocketAddr;
@@ -23,6 +24,9 @@ pub struct ClusterConfig {
     pub workers: Vec<WorkerGroup>,
     pub transport: TransportSection,
     pub discovery: DiscoverySection,
+    /// SLA-driven scaling of the worker pools (see `planner::PlannerConfig`); absent: the
+    /// pools keep their `replicas`.
+    pub planner: Option<PlannerConfig>,
 }
 
 impl Default for ClusterConfig {
@@ -34,6 +38,7 @@ impl Default for ClusterConfig {
             workers: vec![WorkerGroup::default()],
             transport: TransportSection::default(),
             discovery: DiscoverySection::default(),
+            planner: None,
         }
     }
 }
@@ -208,6 +213,16 @@ mod tests {
     fn typo_is_rejected_with_the_field_name() {
         let err = serde_yaml::from_str::<ClusterConfig>("htp: {port: 1}").unwrap_err();
         assert!(err.to_string().contains("htp"), "{err}");
+    }
+
+    #[test]
+    fn a_planner_section_parses_and_rejects_typos() {
+        let c: ClusterConfig =
+            serde_yaml::from_str("planner: {profile: p.yaml, ttft_ms: 500}").unwrap();
+        assert_eq!(c.planner.map(|p| p.ttft_ms), Some(500.0));
+        let err =
+            serde_yaml::from_str::<ClusterConfig>("planner: {profile: p, ttf_ms: 1}").unwrap_err();
+        assert!(err.to_string().contains("ttf_ms"), "{err}");
     }
 
     #[test]

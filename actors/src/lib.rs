@@ -5,11 +5,13 @@
 //! decisions, so the simulator and the real actors run the same code.
 
 pub mod cluster_config;
+pub mod engine_profile;
 pub mod executor;
 pub mod frontend;
 pub mod ids;
 pub mod kv;
 pub mod node;
+pub mod planner;
 pub mod preprocessor;
 pub mod protocol;
 pub mod router;

@@ -2,7 +2,6 @@
 
 use crate::faults::FaultPlan;
 use crate::network::{JitterKind, NetConfig};
-use crate::profile::Profile;
 use crate::report::{latency_svg, Report, Slo};
 use crate::rng::SeedSplitter;
 use crate::run::{simulate, SimConfig, SimOutcome};
@@ -154,7 +153,7 @@ pub fn build_workload(args: &SimArgs) -> anyhow::Result<Vec<RequestSpec>> {
 
 /// The run configuration the arguments describe, for `workload`.
 pub fn build_config(args: &SimArgs, workload: &[RequestSpec]) -> anyhow::Result<SimConfig> {
-    let profile = Profile::load(&args.profile)?;
+    let profile = crate::profile::load(&args.profile)?;
     let seeds = SeedSplitter::new(args.seed);
     let span = workload.last().map(|r| r.arrival).unwrap_or_default();
     let mut cfg = SimConfig::new(args.seed, args.workers, profile);

@@ -3,7 +3,7 @@
 
 use super::clock::ScaledClock;
 use crate::eventlog::EventLog;
-use crate::profile::StepCost;
+use crate::profile::{StepCost, StepPricing};
 use crate::worker::sample_step;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;

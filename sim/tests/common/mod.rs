@@ -14,7 +14,7 @@ pub const TINY_PROFILE: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/profiles/ti
 
 /// A small engine with a small KV pool, so preemption and eviction happen too.
 pub fn tiny_profile() -> Profile {
-    Profile::load(TINY_PROFILE).unwrap()
+    turbine_sim::profile::load(TINY_PROFILE).unwrap()
 }
 
 /// `n` short requests at 40/s in 3 shared-prefix groups.

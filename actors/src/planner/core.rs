@@ -1,0 +1,527 @@
+//! The planner's pure core: `observe(now, metrics)` after each adjustment interval,
+//! `decide(now)` for the replica counts. No clock, no I/O: the actor shell (still to come)
+//! feeds it the workers' metrics and carries the decision out through a connector.
+
+use super::capacity::Capacity;
+use super::config::{PlannerConfig, PlannerConfigError};
+use super::limits::{settle, Limits, PoolState};
+use super::predictor::{self, Predictor};
+use super::sla::{
+    correction, decode_need, prefill_need, whole, Corrections, DecodeNeed, Load, PrefillNeed,
+    Targets,
+};
+use crate::cluster_config::{WorkerGroup, WorkerRole};
+use crate::engine_profile::Profile;
+use std::time::Duration;
+
+/// How many workers of each pool: one pool when workers are aggregated, two when prefill
+/// and decode are disaggregated.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Replicas {
+    Aggregated { workers: usize },
+    Disaggregated { prefill: usize, decode: usize },
+}
+
+impl Replicas {
+    fn pools(self) -> Vec<usize> {
+        match self {
+            Replicas::Aggregated { workers } => vec![workers],
+            Replicas::Disaggregated { prefill, decode } => vec![prefill, decode],
+        }
+    }
+
+    fn with_pools(self, sizes: &[usize]) -> Replicas {
+        let at = |i: usize| sizes.get(i).copied().unwrap_or(0);
+        match self {
+            Replicas::Aggregated { .. } => Replicas::Aggregated { workers: at(0) },
+            Replicas::Disaggregated { .. } => Replicas::Disaggregated {
+                prefill: at(0),
+                decode: at(1),
+            },
+        }
+    }
+
+    /// Workers over all pools.
+    pub fn total(self) -> usize {
+        self.pools().iter().sum()
+    }
+
+    /// The pools of a cluster file's worker groups and their configured sizes: aggregated
+    /// groups form one pool, prefill and decode groups two. A mix, or prefill without
+    /// decode, is not a cluster the planner can size.
+    pub fn of_workers(groups: &[WorkerGroup]) -> Result<Replicas, PlannerConfigError> {
+        let count = |role: WorkerRole| {
+            groups
+                .iter()
+                .filter(|g| g.role == role)
+                .map(|g| g.replicas)
+                .sum::<usize>()
+        };
+        let has = |role: WorkerRole| groups.iter().any(|g| g.role == role);
+        match (
+            has(WorkerRole::Aggregated),
+            has(WorkerRole::Prefill),
+            has(WorkerRole::Decode),
+        ) {
+            (true, false, false) => Ok(Replicas::Aggregated {
+                workers: count(WorkerRole::Aggregated),
+            }),
+            (false, true, true) => Ok(Replicas::Disaggregated {
+                prefill: count(WorkerRole::Prefill),
+                decode: count(WorkerRole::Decode),
+            }),
+            _ => Err(PlannerConfigError::UnplannableWorkers),
+        }
+    }
+}
+
+/// What the cluster saw over the adjustment interval that ended at `now` (from the
+/// frontend's request metrics and the workers' step metrics).
+#[derive(Clone, Copy, Debug, Default, PartialEq)]
+pub struct IntervalMetrics {
+    /// Requests that arrived.
+    pub requests: u64,
+    /// Mean prompt length of those requests (tokens); `None` when there were none.
+    pub mean_isl: Option<f64>,
+    /// Mean output length of the requests that finished (tokens).
+    pub mean_osl: Option<f64>,
+    /// Mean time to first token (seconds).
+    pub mean_ttft_s: Option<f64>,
+    /// Mean inter-token latency (seconds).
+    pub mean_itl_s: Option<f64>,
+    /// Mean sequences per decode step on the decode (or aggregated) workers: where on the
+    /// profile's ITL grid the observed ITL belongs.
+    pub mean_decode_batch: Option<f64>,
+}
+
+/// The forecast behind a decision, for the next interval.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct Forecast {
+    pub requests: f64,
+    pub isl: f64,
+    pub osl: f64,
+}
+
+/// The planner's answer, with the reasoning that led to it.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Decision {
+    pub replicas: Replicas,
+    /// `None` before the first observation: the replicas are left as they are.
+    pub forecast: Option<Forecast>,
+    pub prefill: Option<PrefillNeed>,
+    pub decode: Option<DecodeNeed>,
+    pub corrections: Corrections,
+    /// The device budget held a pool below its need.
+    pub budget_limited: bool,
+}
+
+pub struct Planner {
+    interval: Duration,
+    targets: Targets,
+    limits: Limits,
+    use_corrections: bool,
+    capacity: Capacity,
+    shape: Replicas,
+    requests: Box<dyn Predictor>,
+    isl: Box<dyn Predictor>,
+    osl: Box<dyn Predictor>,
+    corrections: Corrections,
+    last_observed: Option<Duration>,
+    pools: Vec<PoolState>,
+}
+
+impl Planner {
+    /// A planner for a cluster whose pools have `current` workers now (its variant says
+    /// whether the cluster is aggregated or disaggregated).
+    pub fn new(
+        cfg: &PlannerConfig,
+        profile: Profile,
+        current: Replicas,
+    ) -> Result<Planner, PlannerConfigError> {
+        let pools = current.pools();
+        cfg.validate(pools.len())?;
+        // A profile read from YAML was checked already; one built in code may not be.
+        profile.validate().map_err(PlannerConfigError::Profile)?;
+        Ok(Planner {
+            interval: Duration::from_millis(cfg.adjustment_interval_ms),
+            targets: Targets {
+                ttft_s: cfg.ttft_ms / 1e3,
+                itl_s: cfg.itl_ms / 1e3,
+            },
+            limits: Limits {
+                min_replicas: cfg.min_replicas,
+                max_replicas: cfg.max_replicas,
+                devices_per_worker: cfg.devices_per_worker,
+                max_devices: cfg.max_devices,
+                cooldown: Duration::from_millis(cfg.cooldown_ms),
+            },
+            use_corrections: cfg.correction,
+            capacity: Capacity::new(profile),
+            shape: current,
+            requests: predictor::build(&cfg.predictor),
+            isl: predictor::build(&cfg.predictor),
+            osl: predictor::build(&cfg.predictor),
+            corrections: Corrections::default(),
+            last_observed: None,
+            pools: pools.into_iter().map(PoolState::new).collect(),
+        })
+    }
+
+    /// The pools' sizes as last decided.
+    pub fn replicas(&self) -> Replicas {
+        let sizes: Vec<usize> = self.pools.iter().map(PoolState::current).collect();
+        self.shape.with_pools(&sizes)
+    }
+
+    /// Takes in the interval that ended at `now`. A request count over an interval longer
+    /// or shorter than `adjustment_interval` (a late or early tick) is rescaled to one
+    /// interval, so the forecast stays per interval.
+    pub fn observe(&mut self, now: Duration, m: &IntervalMetrics) {
+        let elapsed = self
+            .last_observed
+            .map(|t| now.saturating_sub(t))
+            .filter(|d| !d.is_zero())
+            .unwrap_or(self.interval);
+        self.last_observed = Some(now);
+        let per_interval = m.requests as f64 * self.interval.as_secs_f64() / elapsed.as_secs_f64();
+        self.requests.observe(per_interval);
+        if m.requests > 0 {
+            if let Some(isl) = m.mean_isl {
+                self.isl.observe(isl);
+            }
+        }
+        if let Some(osl) = m.mean_osl {
+            self.osl.observe(osl);
+        }
+        if self.use_corrections {
+            self.update_corrections(m);
+        }
+    }
+
+    /// Observed/expected latencies of this interval; a factor without data this interval
+    /// keeps its last value.
+    fn update_corrections(&mut self, m: &IntervalMetrics) {
+        if let (Some(ttft), Some(isl)) = (m.mean_ttft_s, m.mean_isl) {
+            if let Some(f) = correction(ttft, self.capacity.prefill_s(isl)) {
+                self.corrections.prefill = f;
+            }
+        }
+        if let (Some(itl), Some(batch), Some(isl), Some(osl)) =
+            (m.mean_itl_s, m.mean_decode_batch, m.mean_isl, m.mean_osl)
+        {
+            let expected = self.capacity.decode_itl_s(batch, isl + osl / 2.0);
+            if let Some(f) = correction(itl, expected) {
+                self.corrections.decode = f;
+            }
+        }
+    }
+
+    /// The replica counts for the next interval.
+    pub fn decide(&mut self, now: Duration) -> Decision {
+        let Some(requests) = self.requests.predict() else {
+            return Decision {
+                replicas: self.replicas(),
+                forecast: None,
+                prefill: None,
+                decode: None,
+                corrections: self.corrections,
+                budget_limited: false,
+            };
+        };
+        // No lengths yet means no request yet: zero demand either way.
+        let forecast = Forecast {
+            requests,
+            isl: self.isl.predict().unwrap_or(0.0),
+            osl: self.osl.predict().unwrap_or(0.0),
+        };
+        let load = Load {
+            requests_per_s: requests / self.interval.as_secs_f64(),
+            isl: forecast.isl,
+            osl: forecast.osl,
+        };
+        let prefill = prefill_need(&self.capacity, load, self.targets, self.corrections);
+        let decode = decode_need(&self.capacity, load, self.targets, self.corrections);
+        let needs = match self.shape {
+            Replicas::Aggregated { .. } => vec![whole(prefill.workers + decode.workers)],
+            Replicas::Disaggregated { .. } => vec![whole(prefill.workers), whole(decode.workers)],
+        };
+        let (sizes, budget_limited) = settle(&self.limits, now, &mut self.pools, &needs);
+        Decision {
+            replicas: self.shape.with_pools(&sizes),
+            forecast: Some(forecast),
+            prefill: Some(prefill),
+            decode: Some(decode),
+            corrections: self.corrections,
+            budget_limited,
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::super::capacity::tests::HAND;
+    use super::super::config::PredictorConfig;
+    use super::*;
+    use proptest::prelude::*;
+
+    const TICK: Duration = Duration::from_secs(10);
+
+    fn config(predictor: PredictorConfig) -> PlannerConfig {
+        PlannerConfig {
+            profile: "hand.yaml".into(),
+            adjustment_interval_ms: 10_000,
+            ttft_ms: 110.0,
+            itl_ms: 14.0,
+            predictor,
+            min_replicas: 1,
+            max_replicas: 40,
+            cooldown_ms: 0,
+            ..PlannerConfig::default()
+        }
+    }
+
+    fn planner(cfg: &PlannerConfig, current: Replicas) -> Planner {
+        Planner::new(cfg, Profile::from_yaml(HAND, "hand").unwrap(), current).unwrap()
+    }
+
+    fn interval(requests: u64, isl: f64, osl: f64) -> IntervalMetrics {
+        IntervalMetrics {
+            requests,
+            mean_isl: Some(isl),
+            mean_osl: Some(osl),
+            ..IntervalMetrics::default()
+        }
+    }
+
+    const DISAGG: Replicas = Replicas::Disaggregated {
+        prefill: 1,
+        decode: 1,
+    };
+
+    #[test]
+    fn nothing_changes_before_the_first_observation() {
+        let mut p = planner(&config(PredictorConfig::Constant {}), DISAGG);
+        let d = p.decide(TICK);
+        assert_eq!(d.replicas, DISAGG);
+        assert!(d.forecast.is_none());
+    }
+
+    #[test]
+    fn a_disaggregated_cluster_gets_both_pools_from_the_hand_profile() {
+        // 600 requests per 10 s = 60 req/s, ISL 550, OSL 200.
+        // Prefill: 60 × 550 = 33 000 tok/s over 12 000 usable (see sla.rs) → 2.75 → 3.
+        // Decode: context 650, ITL(b) = 5.55 + (b − 1) × 9.95 / 7 ms; 14 ms → b = 6 at
+        // 12.657 ms → 474.0 tok/s; 60 × 200 = 12 000 tok/s → 25.3 → 26.
+        let mut p = planner(&config(PredictorConfig::Constant {}), DISAGG);
+        p.observe(TICK, &interval(600, 550.0, 200.0));
+        let d = p.decide(TICK);
+        assert_eq!(d.decode.unwrap().point.batch, 6);
+        assert_eq!(
+            d.replicas,
+            Replicas::Disaggregated {
+                prefill: 3,
+                decode: 26
+            }
+        );
+    }
+
+    #[test]
+    fn an_aggregated_cluster_adds_the_two_needs_in_one_pool() {
+        // 2.75 + 25.31 = 28.06 workers → 29.
+        let mut p = planner(
+            &config(PredictorConfig::Constant {}),
+            Replicas::Aggregated { workers: 1 },
+        );
+        p.observe(TICK, &interval(600, 550.0, 200.0));
+        assert_eq!(
+            p.decide(TICK).replicas,
+            Replicas::Aggregated { workers: 29 }
+        );
+    }
+
+    #[test]
+    fn no_traffic_means_the_minimum() {
+        let mut p = planner(&config(PredictorConfig::Constant {}), DISAGG);
+        p.observe(TICK, &IntervalMetrics::default());
+        assert_eq!(p.decide(TICK).replicas, DISAGG);
+    }
+
+    #[test]
+    fn a_late_tick_is_rescaled_to_one_interval() {
+        // 1200 requests over 20 s is 600 per 10-s interval: the same need as above.
+        let mut p = planner(&config(PredictorConfig::Constant {}), DISAGG);
+        p.observe(TICK, &interval(600, 550.0, 200.0));
+        p.observe(3 * TICK, &interval(1200, 550.0, 200.0));
+        assert_eq!(p.decide(3 * TICK).forecast.unwrap().requests, 600.0);
+    }
+
+    #[test]
+    fn the_kalman_planner_scales_ahead_of_the_constant_one_on_a_ramp() {
+        let kalman = config(PredictorConfig::default());
+        let constant = config(PredictorConfig::Constant {});
+        let (mut k, mut c) = (planner(&kalman, DISAGG), planner(&constant, DISAGG));
+        let mut ahead = 0;
+        for i in 1..=20u32 {
+            let m = interval(100 * u64::from(i), 550.0, 200.0);
+            k.observe(TICK * i, &m);
+            c.observe(TICK * i, &m);
+            let (kd, cd) = (k.decide(TICK * i), c.decide(TICK * i));
+            assert!(kd.replicas.total() >= cd.replicas.total(), "interval {i}");
+            ahead += usize::from(kd.replicas.total() > cd.replicas.total());
+            if i >= 5 {
+                // The Kalman forecast is the next interval's true count.
+                let next = 100.0 * f64::from(i + 1);
+                assert!((kd.forecast.unwrap().requests - next).abs() < 0.01 * next);
+            }
+        }
+        assert!(ahead >= 10, "ahead in {ahead} of 20 intervals");
+    }
+
+    #[test]
+    fn a_slow_engine_observed_raises_the_decode_pool() {
+        let cfg = config(PredictorConfig::Constant {});
+        let mut p = planner(&cfg, DISAGG);
+        let mut m = interval(200, 550.0, 200.0);
+        p.observe(TICK, &m);
+        let before = p.decide(TICK);
+        // Observed ITL at batch 1, context 650: twice the profile's 5.55 ms.
+        m.mean_decode_batch = Some(1.0);
+        m.mean_itl_s = Some(2.0 * 0.00555);
+        p.observe(2 * TICK, &m);
+        let after = p.decide(2 * TICK);
+        assert!((after.corrections.decode - 2.0).abs() < 1e-9);
+        let decode = |r: Replicas| match r {
+            Replicas::Disaggregated { decode, .. } => decode,
+            Replicas::Aggregated { .. } => unreachable!(),
+        };
+        assert!(decode(after.replicas) > decode(before.replicas));
+        // With corrections off the same observations change nothing.
+        let mut off = planner(
+            &PlannerConfig {
+                correction: false,
+                ..cfg
+            },
+            DISAGG,
+        );
+        off.observe(TICK, &interval(200, 550.0, 200.0));
+        off.observe(2 * TICK, &m);
+        assert_eq!(off.decide(2 * TICK).replicas, before.replicas);
+    }
+
+    #[test]
+    fn the_budget_caps_the_whole_cluster() {
+        let cfg = PlannerConfig {
+            max_devices: Some(10),
+            ..config(PredictorConfig::Constant {})
+        };
+        let mut p = planner(&cfg, DISAGG);
+        p.observe(TICK, &interval(600, 550.0, 200.0));
+        let d = p.decide(TICK);
+        assert!(d.budget_limited);
+        assert_eq!(d.replicas.total(), 10);
+        assert_eq!(p.replicas(), d.replicas);
+    }
+
+    #[test]
+    fn pools_follow_the_worker_roles() {
+        let group = |role, replicas| WorkerGroup {
+            role,
+            replicas,
+            ..WorkerGroup::default()
+        };
+        let agg = [
+            group(WorkerRole::Aggregated, 2),
+            group(WorkerRole::Aggregated, 1),
+        ];
+        assert_eq!(
+            Replicas::of_workers(&agg),
+            Ok(Replicas::Aggregated { workers: 3 })
+        );
+        let disagg = [group(WorkerRole::Prefill, 1), group(WorkerRole::Decode, 4)];
+        assert_eq!(
+            Replicas::of_workers(&disagg),
+            Ok(Replicas::Disaggregated {
+                prefill: 1,
+                decode: 4
+            })
+        );
+        let mixed = [
+            group(WorkerRole::Aggregated, 1),
+            group(WorkerRole::Decode, 1),
+        ];
+        assert!(Replicas::of_workers(&mixed).is_err());
+        assert!(Replicas::of_workers(&[group(WorkerRole::Prefill, 1)]).is_err());
+    }
+
+    #[test]
+    fn an_impossible_config_is_refused() {
+        let cfg = PlannerConfig {
+            max_devices: Some(1),
+            ..config(PredictorConfig::Constant {})
+        };
+        let profile = Profile::from_yaml(HAND, "hand").unwrap();
+        assert!(Planner::new(&cfg, profile.clone(), DISAGG).is_err());
+        let mut broken = profile;
+        broken.kv.block_size = 0;
+        let e = Planner::new(&config(PredictorConfig::Constant {}), broken, DISAGG);
+        assert!(e.err().unwrap().to_string().contains("block_size"));
+    }
+
+    fn any_value() -> impl Strategy<Value = Option<f64>> {
+        prop_oneof![
+            Just(None),
+            Just(Some(0.0)),
+            (0.0..5e3f64).prop_map(Some),
+            Just(Some(1e300)),
+            Just(Some(f64::NAN)),
+            Just(Some(-3.0)),
+        ]
+    }
+
+    proptest! {
+        /// Whatever the metrics (none, zeros, garbage, absurd values), for either predictor
+        /// kind and cluster shape: every pool stays within its range, the cluster within the
+        /// budget, and the forecast is finite.
+        #[test]
+        fn decisions_respect_the_limits_on_any_metrics(
+            steps in prop::collection::vec(
+                (0u64..100_000, any_value(), any_value(), any_value(), any_value(), any_value()),
+                1..25,
+            ),
+            kalman in any::<bool>(),
+            aggregated in any::<bool>(),
+            budget in 2usize..20,
+        ) {
+            let predictor = if kalman {
+                PredictorConfig::default()
+            } else {
+                PredictorConfig::MovingAverage { window: 3 }
+            };
+            let cfg = PlannerConfig {
+                max_replicas: 12,
+                max_devices: Some(budget),
+                cooldown_ms: 20_000,
+                ..config(predictor)
+            };
+            let shape = if aggregated { Replicas::Aggregated { workers: 1 } } else { DISAGG };
+            let mut p = planner(&cfg, shape);
+            for (i, (requests, isl, osl, ttft, itl, batch)) in steps.into_iter().enumerate() {
+                let now = TICK * (i as u32 + 1);
+                p.observe(now, &IntervalMetrics {
+                    requests,
+                    mean_isl: isl,
+                    mean_osl: osl,
+                    mean_ttft_s: ttft,
+                    mean_itl_s: itl,
+                    mean_decode_batch: batch,
+                });
+                let d = p.decide(now);
+                let sizes = d.replicas.pools();
+                prop_assert!(sizes.iter().all(|&n| (1..=12).contains(&n)), "{sizes:?}");
+                prop_assert!(d.replicas.total() <= budget, "{sizes:?} > {budget}");
+                let f = d.forecast.unwrap();
+                prop_assert!(f.requests.is_finite() && f.isl.is_finite() && f.osl.is_finite());
+            }
+        }
+    }
+}
