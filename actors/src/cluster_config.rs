@@ -5,6 +5,7 @@
 //! Unknown fields are rejected so a typo is an error naming the field, not a silently
 //! ignored setting. docs/CONFIG.md documents every field; keep the two in step.
 
+use crate::disagg::DisaggregationConfig;
 use crate::kv::BlockSize;
 use crate::router::RouterConfig;
 use serde::{Deserialize, Serialize};
@@ -23,6 +24,9 @@ pub struct ClusterConfig {
     pub workers: Vec<WorkerGroup>,
     pub transport: TransportSection,
     pub discovery: DiscoverySection,
+    /// Prefill/decode disaggregation: when a prefill goes to a `prefill` worker, and how KV
+    /// moves to the `decode` worker (see `disagg::DisaggregationConfig`).
+    pub disaggregation: DisaggregationConfig,
 }
 
 impl Default for ClusterConfig {
@@ -34,6 +38,7 @@ impl Default for ClusterConfig {
             workers: vec![WorkerGroup::default()],
             transport: TransportSection::default(),
             discovery: DiscoverySection::default(),
+            disaggregation: DisaggregationConfig::default(),
         }
     }
 }
