@@ -216,6 +216,19 @@ mod tests {
     }
 
     #[test]
+    fn disaggregation_section_parses_into_the_cluster_file() {
+        let c: ClusterConfig = serde_yaml::from_str(
+            "disaggregation: {policy: never, transfer: {pull_timeout_ms: 100}}",
+        )
+        .unwrap();
+        assert_eq!(c.disaggregation.policy, crate::disagg::DisaggPolicyKind::Never);
+        assert_eq!(c.disaggregation.transfer.pull_timeout_ms, 100);
+        let err = serde_yaml::from_str::<ClusterConfig>("disaggregation: {polcy: never}")
+            .unwrap_err();
+        assert!(err.to_string().contains("polcy"), "{err}");
+    }
+
+    #[test]
     fn shipped_example_parses() {
         let text = include_str!("../../examples/cluster.yaml");
         let c: ClusterConfig = serde_yaml::from_str(text).unwrap();

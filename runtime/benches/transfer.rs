@@ -1,7 +1,7 @@
 //! Transfer-plane throughput: GB/s of pulls of 1, 4 and 16 MiB buffers cut into 32 chunks
 //! ("layers"), over loopback TCP between two planes in separate hubs (the cross-process
 //! path) and within one hub (the same-process path), plus a plain `memcpy` of the same bytes
-//! as the anchor. Each figure is the median of 7 runs of enough pulls to move 256 MiB.
+//! as the anchor; the socket path also with a 32-piece credit window. Each figure is the median of 7 runs of enough pulls to move 256 MiB.
 //!
 //! Run: `cargo bench -p turbine-runtime --bench transfer`
 
@@ -79,21 +79,30 @@ fn main() {
         let remote = TransferPlane::start(cfg.clone(), clock.clone(), &reg, &hub_b)
             .await
             .expect("bind");
-        let local = TransferPlane::in_memory("local", cfg, clock, &reg, &hub_a);
-        println!("size_mib  memcpy_gbps  same_process_gbps  loopback_tcp_gbps  tcp/memcpy");
+        let local = TransferPlane::in_memory("local", cfg.clone(), clock.clone(), &reg, &hub_a);
+        // The same socket path with a deeper credit window (32 pieces in flight).
+        let deep = TransferConfig { window: 32, ..cfg };
+        let remote_deep = TransferPlane::start(deep, clock, &reg, &TransferHub::new())
+            .await
+            .expect("bind");
+        println!(
+            "size_mib  memcpy_gbps  same_process_gbps  loopback_tcp_gbps  tcp_window32_gbps  tcp/memcpy"
+        );
         for size_mib in [1usize, 4, 16] {
             let size = size_mib << 20;
             let mut m = Vec::new();
             let mut l = Vec::new();
             let mut r = Vec::new();
+            let mut d = Vec::new();
             for _ in 0..RUNS {
                 m.push(memcpy_gbps(size));
                 l.push(gbps(&owner, &local, size).await);
                 r.push(gbps(&owner, &remote, size).await);
+                d.push(gbps(&owner, &remote_deep, size).await);
             }
-            let (m, l, r) = (median(m), median(l), median(r));
+            let (m, l, r, d) = (median(m), median(l), median(r), median(d));
             println!(
-                "{size_mib:>8}  {m:>11.2}  {l:>17.2}  {r:>17.2}  {:>10.2}",
+                "{size_mib:>8}  {m:>11.2}  {l:>17.2}  {r:>17.2}  {d:>17.2}  {:>10.2}",
                 r / m
             );
         }
