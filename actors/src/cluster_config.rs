@@ -221,10 +221,13 @@ mod tests {
             "disaggregation: {policy: never, transfer: {pull_timeout_ms: 100}}",
         )
         .unwrap();
-        assert_eq!(c.disaggregation.policy, crate::disagg::DisaggPolicyKind::Never);
+        assert_eq!(
+            c.disaggregation.policy,
+            crate::disagg::DisaggPolicyKind::Never
+        );
         assert_eq!(c.disaggregation.transfer.pull_timeout_ms, 100);
-        let err = serde_yaml::from_str::<ClusterConfig>("disaggregation: {polcy: never}")
-            .unwrap_err();
+        let err =
+            serde_yaml::from_str::<ClusterConfig>("disaggregation: {polcy: never}").unwrap_err();
         assert!(err.to_string().contains("polcy"), "{err}");
     }
 
