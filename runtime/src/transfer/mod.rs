@@ -58,7 +58,6 @@ use bytes::Bytes;
 use prometheus_client::metrics::counter::Counter;
 use serde::Deserialize;
 use tokio_util::sync::{CancellationToken, DropGuard};
-use zeromq::{RouterSocket, Socket};
 
 pub use descriptor::{BufferId, ByteRange, Descriptor, Layout, TransferError};
 pub use frames::TRANSFER_VERSION;
@@ -209,15 +208,7 @@ impl TransferPlane {
         registry: &MetricsRegistry,
         hub: &TransferHub,
     ) -> Result<Self, NodeError> {
-        let mut router = RouterSocket::new();
-        let endpoint = router
-            .bind(&config.bind)
-            .await
-            .map_err(|e| NodeError::Bind {
-                endpoint: config.bind.clone(),
-                message: e.to_string(),
-            })?
-            .to_string();
+        let (router, endpoint) = crate::node::bind_router(&config.bind).await?;
         let plane = Self::assemble(endpoint, true, config, clock, registry, hub);
         let inner = &plane.inner;
         let ctx = serve::ServeCtx {
