@@ -203,3 +203,123 @@ fn aborting_held_or_importing_requests_frees_their_blocks() {
     assert!(s.is_idle());
     assert_eq!(s.block_manager().num_used_blocks(), 0);
 }
+
+mod random {
+    use super::*;
+    use proptest::prelude::*;
+
+    /// What the driver of a P/D worker may do next.
+    #[derive(Clone, Debug)]
+    enum Op {
+        PrefillOnly {
+            len: usize,
+            max_tokens: u32,
+        },
+        RemoteKv {
+            len: usize,
+            max_tokens: u32,
+        },
+        Plain {
+            len: usize,
+            max_tokens: u32,
+        },
+        Step,
+        /// Finish the oldest import: succeeded or failed.
+        ImportDone(bool),
+        /// Release the oldest held request (exported).
+        Release,
+        /// Abort the request with this index among those added.
+        Abort(usize),
+    }
+
+    fn op() -> impl Strategy<Value = Op> {
+        prop_oneof![
+            (1usize..40, 1u32..6).prop_map(|(len, max_tokens)| Op::PrefillOnly { len, max_tokens }),
+            (1usize..40, 1u32..6).prop_map(|(len, max_tokens)| Op::RemoteKv { len, max_tokens }),
+            (1usize..40, 1u32..6).prop_map(|(len, max_tokens)| Op::Plain { len, max_tokens }),
+            Just(Op::Step),
+            Just(Op::Step),
+            any::<bool>().prop_map(Op::ImportDone),
+            Just(Op::Release),
+            (0usize..16).prop_map(Op::Abort),
+        ]
+    }
+
+    proptest! {
+        /// Any interleaving keeps the invariants, and once every held request is released
+        /// and every import settled, the pool drains to zero blocks in use.
+        #[test]
+        fn any_interleaving_keeps_invariants_and_leaks_no_blocks(
+            ops in proptest::collection::vec(op(), 1..60),
+            num_blocks in 8u32..40,
+        ) {
+            let mut s = scheduler(num_blocks, 4, 16, 4, 64);
+            let mut streams = BTreeMap::new();
+            let mut added: Vec<RequestId> = Vec::new();
+            let mut importing: Vec<RequestId> = Vec::new();
+            let mut held: Vec<RequestId> = Vec::new();
+            for (i, op) in ops.into_iter().enumerate() {
+                let id = r(i as u64);
+                match op {
+                    Op::PrefillOnly { len, max_tokens } => {
+                        if s.add_prefill_only(request(i as u64, prompt(i as u32, len), max_tokens), at(0)).is_ok() {
+                            added.push(id);
+                        }
+                    }
+                    Op::RemoteKv { len, max_tokens } => {
+                        let req = request(i as u64, prompt(i as u32, len), max_tokens);
+                        let first = reference_generation(&req.token_ids, 1)[0];
+                        if s.add_with_remote_kv(req, first, at(0)).is_ok() {
+                            added.push(id);
+                            importing.push(id);
+                            streams.insert(id, Stream { tokens: vec![first], finish: None, cached_tokens: Some(0), items: 1 });
+                        }
+                    }
+                    Op::Plain { len, max_tokens } => {
+                        if s.add_request(request(i as u64, prompt(i as u32, len), max_tokens), at(0)).is_ok() {
+                            added.push(id);
+                        }
+                    }
+                    Op::Step => {
+                        step(&mut s, &mut streams, at(i as u64));
+                        held.extend(s.take_prefilled().into_iter().map(|p| p.request));
+                    }
+                    Op::ImportDone(ok) => {
+                        if !importing.is_empty() {
+                            let id = importing.remove(0);
+                            if ok { s.kv_imported(id); } else { s.kv_import_failed(id); }
+                        }
+                    }
+                    Op::Release => {
+                        if !held.is_empty() {
+                            s.release_held(held.remove(0));
+                        }
+                    }
+                    Op::Abort(k) => {
+                        if let Some(&id) = added.get(k) {
+                            s.abort(id);
+                            importing.retain(|r| *r != id);
+                            held.retain(|r| *r != id);
+                        }
+                    }
+                }
+                s.check_invariants().map_err(|e| TestCaseError::fail(e.to_string()))?;
+            }
+            for id in importing.drain(..) {
+                s.kv_imported(id);
+            }
+            for t in 0..400u64 {
+                for id in held.drain(..) {
+                    s.release_held(id);
+                }
+                if s.is_idle() {
+                    break;
+                }
+                step(&mut s, &mut streams, at(1000 + t));
+                held.extend(s.take_prefilled().into_iter().map(|p| p.request));
+            }
+            prop_assert!(s.is_idle());
+            prop_assert_eq!(s.block_manager().num_used_blocks(), 0);
+        }
+    }
+}
