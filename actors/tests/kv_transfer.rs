@@ -137,7 +137,8 @@ async fn prefill_there_decode_here(
     let adm = dec
         .add_with_remote_kv(request(&p), held.first_token, Duration::ZERO)
         .unwrap();
-    let moved = kv_transfer::import_blocks(b, consumer, &export, adm.import_into())
+    assert_eq!(adm.cached_blocks, 0);
+    let moved = kv_transfer::import_blocks(b, consumer, &export, 0, adm.import_into())
         .await
         .expect("import");
     assert_eq!(moved as usize, bytes);
@@ -148,11 +149,40 @@ async fn prefill_there_decode_here(
     assert_eq!(owner.pinned(), (0, 0), "pulled: unpinned");
 
     // A second pull of the same export is refused with a typed error (decode falls back).
-    let again = kv_transfer::import_blocks(b, consumer, &export, adm.import_into()).await;
+    let again = kv_transfer::import_blocks(b, consumer, &export, 0, adm.import_into()).await;
     assert!(
         matches!(again, Err(KvTransferError::Transfer(_))),
         "{again:?}"
     );
+
+    // The same prompt again: B caches its 3 full blocks, so only the partial last block
+    // crosses (a quarter of the bytes), and the tokens are still the same.
+    let mut second = request(&p);
+    second.id = RequestId(2);
+    pf.add_prefill_only(second.clone(), Duration::ZERO).unwrap();
+    let first = drive(&mut pf, a).await;
+    let held = pf.take_prefilled().remove(0);
+    let export = kv_transfer::export_blocks(a, owner, &held.blocks)
+        .await
+        .expect("export");
+    pf.release_held(RequestId(2));
+    let adm = dec
+        .add_with_remote_kv(second, held.first_token, Duration::ZERO)
+        .unwrap();
+    assert_eq!((adm.cached_blocks, adm.import_into().len()), (3, 1));
+    let skip = adm.cached_blocks;
+    let moved = kv_transfer::import_blocks(b, consumer, &export, skip, adm.import_into())
+        .await
+        .expect("import of the uncached tail");
+    assert_eq!(moved as usize, export.layout.block_bytes());
+    assert!(dec.kv_imported(RequestId(2)));
+    let mut tokens = first;
+    tokens.extend(drive(&mut dec, b).await);
+    assert_eq!(
+        tokens, reference,
+        "a partly cached P/D run equals aggregated too"
+    );
+    assert_eq!(owner.pinned(), (0, 0));
 }
 
 fn planes_cfg() -> TransferConfig {

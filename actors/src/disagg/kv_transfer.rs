@@ -11,7 +11,7 @@
 use bytes::Bytes;
 use serde::{Deserialize, Serialize};
 use turbine_kernels::backend::KvLayout;
-use turbine_runtime::transfer::{Descriptor, TransferError, TransferPlane};
+use turbine_runtime::transfer::{ByteRange, Descriptor, TransferError, TransferPlane};
 
 use crate::engine::executor::{ExecError, Executor};
 use crate::worker::BlockId;
@@ -168,12 +168,15 @@ pub async fn export_blocks(
 }
 
 /// Pulls `export` over `plane` into `blocks` of `exec`'s pool, layer by layer as the
-/// chunks arrive, then imports them in one executor job. Returns the bytes moved. On error
+/// chunks arrive, then imports them in one executor job. The first `skip` transferred
+/// blocks are not pulled at all (the decode worker caches them: `RemoteKvAdmission`'s
+/// `cached_blocks`); the rest go into `blocks`, in order. Returns the bytes pulled. On error
 /// the blocks hold garbage: the caller frees them (and prefills locally).
 pub async fn import_blocks(
     exec: &Executor,
     plane: &TransferPlane,
     export: &KvExport,
+    skip: usize,
     blocks: &[BlockId],
 ) -> Result<u64, KvTransferError> {
     let theirs = export.layout;
@@ -181,10 +184,10 @@ pub async fn import_blocks(
     if !ours.same_shape(&theirs) {
         return Err(KvTransferError::ShapeMismatch { ours, theirs });
     }
-    if theirs.blocks as usize != blocks.len() {
+    if skip.checked_add(blocks.len()) != Some(theirs.blocks as usize) {
         return Err(KvTransferError::BlockCount {
             expected: theirs.blocks,
-            got: blocks.len() as u32,
+            got: (skip + blocks.len()) as u32,
         });
     }
     let expected_chunks = vec![theirs.chunk_bytes() as u64; theirs.n_layers as usize];
@@ -195,24 +198,45 @@ pub async fn import_blocks(
         }
         .into());
     }
-    let mut block_major = vec![0u8; theirs.total_bytes()];
-    let mut pull = plane.pull(&export.descriptor);
+    // The tail of every layer chunk: blocks `skip..` of that layer. An empty pull still
+    // tells the owner it may unpin.
+    let tail = KvChunkLayout {
+        blocks: blocks.len() as u32,
+        ..theirs
+    };
+    let ranges = if tail.blocks == 0 {
+        Vec::new()
+    } else {
+        (0..theirs.n_layers as u64)
+            .map(|layer| ByteRange {
+                start: layer * theirs.chunk_bytes() as u64
+                    + (skip * theirs.layer_block_bytes()) as u64,
+                len: tail.chunk_bytes() as u64,
+            })
+            .collect()
+    };
+    let descriptor = export.descriptor.clone().with_ranges(ranges);
+    let mut block_major = vec![0u8; tail.total_bytes()];
+    let mut pull = plane.pull(&descriptor);
     let mut layers = 0usize;
     while let Some(chunk) = pull.next_chunk().await {
         let (layer, bytes) = chunk?;
-        theirs.place_layer(layer as usize, &bytes, &mut block_major)?;
+        tail.place_layer(layer as usize, &bytes, &mut block_major)?;
         layers += 1;
     }
-    if layers != theirs.n_layers as usize {
+    if tail.blocks == 0 {
+        return Ok(0);
+    }
+    if layers != tail.n_layers as usize {
         return Err(TransferError::SizeMismatch {
-            expected: theirs.total_bytes() as u64,
-            got: (layers * theirs.chunk_bytes()) as u64,
+            expected: tail.total_bytes() as u64,
+            got: (layers * tail.chunk_bytes()) as u64,
         }
         .into());
     }
     let ids: Vec<u32> = blocks.iter().map(|b| b.0).collect();
     exec.import_blocks(ids, block_major).await?;
-    Ok(theirs.total_bytes() as u64)
+    Ok(tail.total_bytes() as u64)
 }
 
 #[cfg(test)]
