@@ -79,7 +79,12 @@ impl Store {
             *next += 1;
             seq
         };
-        let deadline = self.clock.now() + ttl;
+        let now = self.clock.now();
+        // A configured expiry too large for the clock pins "forever" rather than panicking.
+        let deadline = now
+            .checked_add(ttl)
+            .or_else(|| now.checked_add(Duration::from_secs(100 * 365 * 86_400)))
+            .unwrap_or(now);
         {
             let mut t = lock(&self.table);
             t.pinned_bytes += layout.total_bytes();
