@@ -190,6 +190,22 @@ fn a_decode_admission_that_cannot_fit_now_is_refused_and_holds_nothing() {
 }
 
 #[test]
+fn a_refused_admission_can_queue_a_local_recompute_after_the_first_token() {
+    let p = prompt(7, 20);
+    let first = reference_generation(&p, 1)[0];
+    let mut dec = scheduler(64, 4, 8, 8, 256);
+    dec.add_with_first_token(request(1, p.clone(), 4), first, at(0))
+        .unwrap();
+    dec.check_invariants().unwrap();
+    let mut out = stream_after_first(r(1), first);
+    run_until_idle(&mut dec, &mut out, 50);
+    assert_eq!(out[&r(1)].tokens, reference_generation(&p, 4));
+    let done = dec.add_with_first_token(request(2, p.clone(), 1), first, at(0));
+    assert_eq!(done, Err(AdmitError::NothingToDecode));
+    assert!(dec.is_idle());
+}
+
+#[test]
 fn aborting_held_or_importing_requests_frees_their_blocks() {
     let mut s = scheduler(64, 4, 8, 8, 256);
     s.add_prefill_only(request(1, prompt(1, 10), 5), at(0))

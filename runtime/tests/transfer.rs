@@ -86,6 +86,21 @@ async fn a_narrowed_descriptor_pulls_only_its_ranges() {
     assert_eq!(&got[..], &want[..]);
 }
 
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_consumer_that_will_not_pull_can_unpin_at_once() {
+    let owner = networked(TokioClock::shared(), cfg()).await;
+    let consumer = networked(TokioClock::shared(), cfg()).await;
+    let desc = owner.register(layers(2, 1000));
+    consumer.discard(&desc).await.expect("discard");
+    for _ in 0..100 {
+        if owner.pinned() == (0, 0) {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    assert_eq!(owner.pinned(), (0, 0));
+}
+
 #[tokio::test(flavor = "current_thread")]
 async fn same_process_pulls_slice_the_pinned_buffer_without_a_socket() {
     let hub = TransferHub::new();

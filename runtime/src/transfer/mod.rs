@@ -339,6 +339,13 @@ impl TransferPlane {
         }
     }
 
+    /// Tells the owner of `desc` that it will not be pulled (a pull of no bytes), so the
+    /// owner unpins it now instead of at expiry.
+    pub async fn discard(&self, desc: &Descriptor) -> Result<(), TransferError> {
+        let empty = desc.clone().with_ranges(Vec::new());
+        self.pull(&empty).into_bytes().await.map(|_| ())
+    }
+
     /// Stops serving: the socket closes and pulls in progress from this plane end.
     pub fn shutdown(&self) {
         self.inner.stop.cancel();

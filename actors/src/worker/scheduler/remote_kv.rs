@@ -14,6 +14,8 @@
 //! decodes from its first token on. On a failed import, [`Scheduler::kv_import_failed`]
 //! sends it back to the queue to recompute prompt + first token locally, as after a
 //! preemption: the next token it samples is the second one, so nothing is emitted twice.
+//! [`Scheduler::add_with_first_token`] queues such a recompute directly (an admission refused
+//! for lack of blocks or slots).
 
 use super::{AdmitError, Scheduler};
 use crate::ids::{RequestId, TokenId};
@@ -148,6 +150,31 @@ impl Scheduler {
             blocks,
             cached_blocks,
         })
+    }
+
+    /// Queues a request whose first token, `first_token`, was sampled elsewhere (and already
+    /// streamed) but whose KV will not be imported here (the admission was refused for
+    /// `OutOfBlocks` / `Busy`, or the remote prefill's KV is unusable): it recomputes prompt
+    /// and first token locally and samples the second token next. Same refusals as
+    /// [`Scheduler::add_request`], plus `NothingToDecode`.
+    pub fn add_with_first_token(
+        &mut self,
+        req: PreprocessedRequest,
+        first_token: TokenId,
+        now: Duration,
+    ) -> Result<(), AdmitError> {
+        let id = req.id;
+        self.add_request(req, now)?;
+        let Some(seq) = self.seqs.get_mut(&id) else {
+            return Ok(());
+        };
+        seq.push_token(first_token, self.blocks.block_size());
+        seq.first_output_sent = true;
+        if super::finish_reason(seq, first_token, self.cfg.max_model_len).is_some() {
+            self.abort(id);
+            return Err(AdmitError::NothingToDecode);
+        }
+        Ok(())
     }
 
     /// The KV of an importing request is in its blocks: register them and start decoding.
