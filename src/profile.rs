@@ -18,10 +18,10 @@ use indicatif::{ProgressBar, ProgressStyle};
 use std::path::PathBuf;
 use std::time::Instant;
 use turbine_actors::cluster_config::{ClusterConfig, WorkerGroup};
-use turbine_actors::executor::device::{backend_builder, Device};
 use turbine_actors::engine_profile::{
     DecodePoint, KvProfile, Measurements, PrefillPoint, Profile, StepCost,
 };
+use turbine_actors::executor::device::{backend_builder, Device};
 use turbine_actors::worker::SchedulerConfig;
 use turbine_kernels::backend::{Backend, SeqStep};
 

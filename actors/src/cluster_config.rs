@@ -5,6 +5,7 @@
 //! Unknown fields are rejected so a typo is an error naming the field, not a silently
 //! ignored setting. docs/CONFIG.md documents every field; keep the two in step.
 
+use crate::disagg::DisaggregationConfig;
 use crate::kv::BlockSize;
 use crate::planner::PlannerConfig;
 use crate::router::RouterConfig;
@@ -27,6 +28,9 @@ pub struct ClusterConfig {
     /// SLA-driven scaling of the worker pools (see `planner::PlannerConfig`); absent: the
     /// pools keep their `replicas`.
     pub planner: Option<PlannerConfig>,
+    /// Prefill/decode disaggregation: when a prefill goes to a `prefill` worker, and how KV
+    /// moves to the `decode` worker (see `disagg::DisaggregationConfig`).
+    pub disaggregation: DisaggregationConfig,
 }
 
 impl Default for ClusterConfig {
@@ -39,6 +43,7 @@ impl Default for ClusterConfig {
             transport: TransportSection::default(),
             discovery: DiscoverySection::default(),
             planner: None,
+            disaggregation: DisaggregationConfig::default(),
         }
     }
 }
@@ -223,6 +228,22 @@ mod tests {
         let err =
             serde_yaml::from_str::<ClusterConfig>("planner: {profile: p, ttf_ms: 1}").unwrap_err();
         assert!(err.to_string().contains("ttf_ms"), "{err}");
+    }
+
+    #[test]
+    fn disaggregation_section_parses_into_the_cluster_file() {
+        let c: ClusterConfig = serde_yaml::from_str(
+            "disaggregation: {policy: never, transfer: {pull_timeout_ms: 100}}",
+        )
+        .unwrap();
+        assert_eq!(
+            c.disaggregation.policy,
+            crate::disagg::DisaggPolicyKind::Never
+        );
+        assert_eq!(c.disaggregation.transfer.pull_timeout_ms, 100);
+        let err =
+            serde_yaml::from_str::<ClusterConfig>("disaggregation: {polcy: never}").unwrap_err();
+        assert!(err.to_string().contains("polcy"), "{err}");
     }
 
     #[test]

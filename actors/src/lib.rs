@@ -5,6 +5,7 @@
 //! decisions, so the simulator and the real actors run the same code.
 
 pub mod cluster_config;
+pub mod disagg;
 pub mod engine_profile;
 pub mod executor;
 pub mod frontend;

@@ -74,6 +74,7 @@
 //! * [`supervisor`]: a reusable one-child supervisor for any ractor actor.
 //! * [`wire`]: envelope, frame encoding, frame errors.
 //! * [`events`], [`discovery`]: the event and discovery planes.
+//! * [`transfer`]: the transfer plane (bulk bytes pulled by descriptor, outside envelopes).
 //! * [`clock`], [`config`], [`telemetry`]: time, YAML config, tracing and Prometheus.
 
 pub mod addr;
@@ -88,6 +89,7 @@ mod peer;
 pub mod service;
 pub mod supervisor;
 pub mod telemetry;
+pub mod transfer;
 pub mod wire;
 
 pub use addr::{Addr, ReplyStream};

@@ -34,4 +34,12 @@ pub trait Link: Send + Sync + fmt::Debug + 'static {
     /// be delivered in the order their transits resolve; a link that wants FIFO delivery
     /// (like TCP) never lets a later transit resolve before an earlier one.
     fn transit(&self, dir: Direction) -> Transit;
+
+    /// The passage of a message carrying `bytes` of bulk data (a transfer-plane piece). A
+    /// link that models bandwidth charges the size here; by default a piece costs what any
+    /// message costs.
+    fn transit_bytes(&self, dir: Direction, bytes: u64) -> Transit {
+        let _ = bytes;
+        self.transit(dir)
+    }
 }

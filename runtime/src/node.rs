@@ -356,15 +356,7 @@ impl Node {
         clock: SharedClock,
         registry: MetricsRegistry,
     ) -> Result<Self, NodeError> {
-        let mut router = RouterSocket::new();
-        let endpoint = router
-            .bind(&config.bind)
-            .await
-            .map_err(|e| NodeError::Bind {
-                endpoint: config.bind.clone(),
-                message: e.to_string(),
-            })?
-            .to_string();
+        let (router, endpoint) = bind_router(&config.bind).await?;
         let metrics = RuntimeMetrics::new(&registry);
         let (router_out, out_rx) = mpsc::channel(config.send_queue.max(1));
         let node = Self::assemble(config, endpoint, clock, registry, metrics, router_out, true);
@@ -602,6 +594,20 @@ impl Node {
             registered.supervisor.stop();
         }
     }
+}
+
+/// Binds a ROUTER socket on `bind`; returns it with the endpoint it got (port resolved).
+pub(crate) async fn bind_router(bind: &str) -> Result<(RouterSocket, String), NodeError> {
+    let mut router = RouterSocket::new();
+    let endpoint = router
+        .bind(bind)
+        .await
+        .map_err(|e| NodeError::Bind {
+            endpoint: bind.to_string(),
+            message: e.to_string(),
+        })?
+        .to_string();
+    Ok((router, endpoint))
 }
 
 /// What [`Node::serve`] returns: a local address and the supervisor's event feed.

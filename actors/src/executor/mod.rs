@@ -51,6 +51,8 @@ pub enum ExecError {
     Sampling { request: RequestId, reason: String },
     #[error("the executor thread has stopped")]
     Stopped,
+    #[error("a simulated executor holds no KV data to export or import")]
+    NoKvData,
 }
 
 /// Builds a backend on the executor's own thread (see [`Executor::spawn_with`]).
@@ -72,6 +74,22 @@ struct Job {
     reply: oneshot::Sender<Result<Vec<SampledToken>, ExecError>>,
 }
 
+/// Work on the backend other than a step (KV block export/import for disaggregation), run
+/// on the executor's thread between steps.
+type BackendTask = Box<dyn FnOnce(&mut dyn Backend) + Send>;
+
+/// What the executor thread receives.
+enum Work {
+    Step(Job),
+    OnBackend(BackendTask),
+}
+
+impl From<Job> for Work {
+    fn from(job: Job) -> Self {
+        Work::Step(job)
+    }
+}
+
 /// A stand-in for a backend on virtual time, for the simulator: it *prices* a step (a cost
 /// model) and makes up its samples instead of computing them. The executor sleeps the priced
 /// duration on its clock, so the worker loop around it runs exactly as with a real backend.
@@ -84,7 +102,7 @@ pub trait SimulatedEngine: Send + Sync + 'static {
 #[derive(Clone)]
 enum Runner {
     /// A real backend on its own OS thread.
-    Thread(std_mpsc::Sender<Job>),
+    Thread(std_mpsc::Sender<Work>),
     /// A simulated engine: the step's duration passes on `clock` (virtual time in the
     /// simulator), on the caller's task.
     Simulated {
@@ -103,7 +121,7 @@ pub struct Executor {
 impl Executor {
     /// Moves `backend` onto a new OS thread named `name`.
     pub fn spawn(name: &str, backend: Box<dyn Backend>) -> std::io::Result<Executor> {
-        let (jobs, rx) = std_mpsc::channel::<Job>();
+        let (jobs, rx) = std_mpsc::channel::<Work>();
         thread::Builder::new()
             .name(name.to_string())
             .spawn(move || run_thread(backend, rx))?;
@@ -118,7 +136,7 @@ impl Executor {
     /// returned here and the thread ends.
     pub fn spawn_with(name: &str, build: BackendBuilder) -> Result<Executor, SpawnError> {
         let (ready_tx, ready_rx) = std_mpsc::sync_channel::<Result<(), BackendError>>(1);
-        let (jobs, rx) = std_mpsc::channel::<Job>();
+        let (jobs, rx) = std_mpsc::channel::<Work>();
         thread::Builder::new()
             .name(name.to_string())
             .spawn(move || match build() {
@@ -151,7 +169,7 @@ impl Executor {
         match &self.runner {
             Runner::Thread(jobs) => {
                 let (reply, rx) = oneshot::channel();
-                jobs.send(Job { batch, reply })
+                jobs.send(Job { batch, reply }.into())
                     .map_err(|_| ExecError::Stopped)?;
                 rx.await.map_err(|_| ExecError::Stopped)?
             }
@@ -162,10 +180,52 @@ impl Executor {
             }
         }
     }
+
+    /// Runs `f` on the backend, on the executor's thread, after the step in flight (if any).
+    /// A simulated executor has no backend: [`ExecError::NoKvData`].
+    pub async fn on_backend<R: Send + 'static>(
+        &self,
+        f: impl FnOnce(&mut dyn Backend) -> R + Send + 'static,
+    ) -> Result<R, ExecError> {
+        let Runner::Thread(jobs) = &self.runner else {
+            return Err(ExecError::NoKvData);
+        };
+        let (reply, rx) = oneshot::channel();
+        let task: BackendTask = Box::new(move |backend| {
+            let _ = reply.send(f(backend));
+        });
+        jobs.send(Work::OnBackend(task))
+            .map_err(|_| ExecError::Stopped)?;
+        rx.await.map_err(|_| ExecError::Stopped)
+    }
+
+    /// Copies the named KV blocks out of the pool (see `Backend::export_blocks`).
+    pub async fn export_blocks(&self, ids: Vec<u32>) -> Result<Vec<u8>, ExecError> {
+        Ok(self.on_backend(move |b| b.export_blocks(&ids)).await??)
+    }
+
+    /// Writes exported KV data into the named blocks (see `Backend::import_blocks`).
+    pub async fn import_blocks(&self, ids: Vec<u32>, data: Vec<u8>) -> Result<(), ExecError> {
+        Ok(self
+            .on_backend(move |b| b.import_blocks(&ids, &data))
+            .await??)
+    }
+
+    /// The shape of the backend's KV pool.
+    pub async fn kv_layout(&self) -> Result<turbine_kernels::backend::KvLayout, ExecError> {
+        self.on_backend(|b| b.kv_layout()).await
+    }
 }
 
-fn run_thread(mut backend: Box<dyn Backend>, jobs: std_mpsc::Receiver<Job>) {
-    while let Ok(job) = jobs.recv() {
+fn run_thread(mut backend: Box<dyn Backend>, jobs: std_mpsc::Receiver<Work>) {
+    while let Ok(work) = jobs.recv() {
+        let job = match work {
+            Work::Step(job) => job,
+            Work::OnBackend(task) => {
+                task(backend.as_mut());
+                continue;
+            }
+        };
         let result = run_step(backend.as_mut(), &job.batch);
         // The caller may have gone away (worker shutting down): nothing to do then.
         let _ = job.reply.send(result);

@@ -55,5 +55,7 @@ pub use block_manager::{
 pub use config::{ConfigError, SchedulerConfig};
 pub use events::KvEventSequencer;
 pub use plan::{SampledToken, ScheduledSeq, StepId, StepPlan};
-pub use scheduler::{AdmitError, SamplingContext, Scheduler, SchedulerStats, StepError};
+pub use scheduler::{
+    AdmitError, Prefilled, RemoteKvAdmission, SamplingContext, Scheduler, SchedulerStats, StepError,
+};
 pub use worker_loop::{EngineTime, KvEventSink, TokenStream, WorkerError, WorkerHandle};

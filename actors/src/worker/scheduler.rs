@@ -24,8 +24,11 @@ use crate::ids::{RequestId, TokenId};
 use crate::kv::events::KvEvent;
 use crate::protocol::{FinishReason, PreprocessedRequest, SamplingParams, TokenOutput};
 use serde::{Deserialize, Serialize};
-use std::collections::{BTreeMap, HashMap, VecDeque};
+use std::collections::{BTreeMap, BTreeSet, HashMap, VecDeque};
 use std::time::Duration;
+
+mod remote_kv;
+pub use remote_kv::{Prefilled, RemoteKvAdmission};
 
 /// Why a request was refused at [`Scheduler::add_request`]. Refused requests hold nothing.
 #[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
@@ -46,6 +49,15 @@ pub enum AdmitError {
     },
     #[error("the request needs up to {needed} KV blocks but the whole pool has {pool}")]
     ExceedsKvCapacity { needed: usize, pool: usize },
+    /// `add_with_remote_kv`: not enough free blocks right now (prefill locally instead).
+    #[error("not enough free KV blocks to receive the request's KV now")]
+    OutOfBlocks,
+    /// `add_with_remote_kv`: `max_num_seqs` sequences are running or importing.
+    #[error("the worker is running its maximum number of sequences")]
+    Busy,
+    /// `add_with_remote_kv`: the first token already ends the request.
+    #[error("the request finished with its first token; there is nothing to decode")]
+    NothingToDecode,
 }
 
 /// A step-protocol misuse by the driver (one step at a time, completed with its own id).
@@ -128,6 +140,12 @@ pub struct Scheduler {
     next_step: u64,
     next_serial: u64,
     num_preemptions: u64,
+    /// Prefill-only requests done with their prompt, holding blocks for export.
+    held: BTreeSet<RequestId>,
+    /// Requests holding blocks that another worker's KV is being imported into.
+    importing: BTreeSet<RequestId>,
+    /// Prefill-only requests that finished their prompt since the last drain.
+    prefilled: Vec<Prefilled>,
 }
 
 impl Scheduler {
@@ -146,6 +164,9 @@ impl Scheduler {
             next_step: 0,
             next_serial: 0,
             num_preemptions: 0,
+            held: BTreeSet::new(),
+            importing: BTreeSet::new(),
+            prefilled: Vec::new(),
         })
     }
 
@@ -211,6 +232,8 @@ impl Scheduler {
         }
         self.waiting.retain(|r| *r != id);
         self.running.retain(|r| *r != id);
+        self.held.remove(&id);
+        self.importing.remove(&id);
         self.blocks.free(id);
         true
     }
@@ -325,6 +348,8 @@ impl Scheduler {
             seq.first_output_sent = true;
             if output.finish.is_some() {
                 self.remove(id);
+            } else if seq.prefill_only {
+                self.hold(id);
             }
             outputs.push((id, output));
         }
@@ -435,14 +460,16 @@ impl Scheduler {
         if self.running.len() > self.cfg.max_num_seqs {
             return fail(format!("{} running > max_num_seqs", self.running.len()));
         }
-        if self.waiting.len() + self.running.len() != self.seqs.len() {
+        let parked = self.held.len() + self.importing.len();
+        if self.waiting.len() + self.running.len() + parked != self.seqs.len() {
             return fail(format!(
-                "{} waiting + {} running != {} sequences",
+                "{} waiting + {} running + {parked} held or importing != {} sequences",
                 self.waiting.len(),
                 self.running.len(),
                 self.seqs.len()
             ));
         }
+        self.check_parked()?;
         let bs = self.blocks.block_size();
         for id in &self.waiting {
             let Some(seq) = self.seqs.get(id) else {
@@ -491,7 +518,10 @@ impl Scheduler {
             }
         }
         for id in self.blocks.sequences() {
-            if !self.running.contains(&id) {
+            if !self.running.contains(&id)
+                && !self.held.contains(&id)
+                && !self.importing.contains(&id)
+            {
                 return fail(format!("{id} holds blocks but is not running"));
             }
         }
@@ -537,7 +567,8 @@ impl Scheduler {
 
     fn admit_waiting(&mut self, budget: &mut usize, batch: &mut Vec<(RequestId, usize)>) {
         while let Some(&id) = self.waiting.front() {
-            if *budget == 0 || self.running.len() >= self.cfg.max_num_seqs {
+            // Importing requests join `running` once their KV is in: they count already.
+            if *budget == 0 || self.running.len() + self.importing.len() >= self.cfg.max_num_seqs {
                 return;
             }
             let Some(seq) = self.seqs.get(&id) else {

@@ -12,6 +12,12 @@ pub(crate) enum Phase {
     Waiting,
     /// Admitted, holding blocks.
     Running,
+    /// A prefill-only request whose prompt is done: it holds its blocks for export and is
+    /// never scheduled again (see `Scheduler::add_prefill_only`).
+    Held,
+    /// Holding blocks whose KV is being imported from another worker; scheduled once the
+    /// import is reported done (see `Scheduler::add_with_remote_kv`).
+    Importing,
 }
 
 #[derive(Clone, Debug)]
@@ -35,6 +41,8 @@ pub(crate) struct Sequence {
     pub first_output_sent: bool,
     pub phase: Phase,
     pub arrival: Duration,
+    /// Stop after the first sampled token and hold the blocks (a prefill worker's request).
+    pub prefill_only: bool,
 }
 
 impl Sequence {
@@ -59,6 +67,7 @@ impl Sequence {
             first_output_sent: false,
             phase: Phase::Waiting,
             arrival: now,
+            prefill_only: false,
         }
     }
 

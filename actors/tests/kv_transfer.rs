@@ -1,0 +1,220 @@
+//! KV blocks between two real CPU executors: prefill-only on A, blocks exported layer by
+//! layer over the transfer plane (same process, and across sockets), imported into B's
+//! blocks, decode on B. The greedy tokens must equal running everything on A.
+//!
+//! Uses the default model (SmolLM2-135M-Instruct Q4_1); without it the test prints SKIP.
+
+use std::time::Duration;
+
+use turbine_actors::disagg::kv_transfer::{self, KvTransferError};
+use turbine_actors::executor::{ExecSeq, Executor, SampleSpec};
+use turbine_actors::ids::{RequestId, TokenId};
+use turbine_actors::protocol::{PreprocessedRequest, SamplingParams, StopConditions};
+use turbine_actors::worker::{BlockManager, BlockManagerConfig, Scheduler, SchedulerConfig};
+use turbine_kernels::cpu::{CpuBackend, CpuBackendOptions};
+use turbine_kernels::loader::{default_model_path, load_model, LoadedModel};
+use turbine_runtime::transfer::{TransferConfig, TransferHub, TransferPlane};
+use turbine_runtime::{MetricsRegistry, TokioClock};
+
+const BLOCK: u32 = 16;
+const MAX_TOKENS: u32 = 12;
+
+fn model() -> Option<LoadedModel> {
+    let path = default_model_path();
+    if !path.exists() {
+        println!("SKIP: no model at {}", path.display());
+        return None;
+    }
+    Some(load_model(&path).expect("the default model loads"))
+}
+
+fn executor(m: &LoadedModel, name: &str) -> Executor {
+    let backend = CpuBackend::new(
+        m.config.clone(),
+        &m.weights,
+        CpuBackendOptions {
+            num_blocks: 64,
+            block_size: BLOCK as usize,
+            threads: 1,
+        },
+    )
+    .expect("backend");
+    Executor::spawn(name, Box::new(backend)).expect("thread")
+}
+
+fn scheduler() -> Scheduler {
+    let blocks = BlockManager::new(BlockManagerConfig {
+        num_blocks: 64,
+        block_size: turbine_actors::kv::BlockSize::new(BLOCK).unwrap(),
+        enable_prefix_caching: true,
+    });
+    let cfg = SchedulerConfig {
+        max_num_batched_tokens: 256,
+        max_num_seqs: 4,
+        max_model_len: 2048,
+        enable_chunked_prefill: true,
+    };
+    Scheduler::new(cfg, blocks).unwrap()
+}
+
+fn request(prompt: &[TokenId]) -> PreprocessedRequest {
+    PreprocessedRequest {
+        id: RequestId(1),
+        token_ids: prompt.to_vec(),
+        sampling: SamplingParams::greedy(),
+        stop: StopConditions {
+            max_tokens: MAX_TOKENS,
+            stop_token_ids: vec![],
+            ignore_eos: true,
+        },
+        logprobs: None,
+        salt: 0,
+    }
+}
+
+/// A prompt of 3 blocks and a bit (so the last block is partial).
+fn prompt() -> Vec<TokenId> {
+    (0..53).map(|i| 300 + (i * 37) % 4000).collect()
+}
+
+/// Runs steps on `exec` until nothing runs or waits; returns the tokens streamed.
+async fn drive(s: &mut Scheduler, exec: &Executor) -> Vec<TokenId> {
+    let mut out = Vec::new();
+    for t in 0..200u64 {
+        let now = Duration::from_millis(t);
+        let plan = s.schedule(now).unwrap();
+        if plan.is_empty() {
+            break;
+        }
+        let batch = plan
+            .seqs
+            .iter()
+            .map(|seq| ExecSeq {
+                seq: seq.clone(),
+                sample: seq.want_logits.then(|| SampleSpec {
+                    params: SamplingParams::greedy(),
+                    seed: 0,
+                    sample_index: seq.sample_index,
+                    history: Vec::new(),
+                    logprobs: None,
+                }),
+            })
+            .collect();
+        let sampled = exec.step(batch).await.expect("step");
+        for (_, o) in s.on_step_done(&plan, &sampled, now).unwrap() {
+            out.extend(o.token_ids);
+        }
+        s.check_invariants().unwrap();
+    }
+    out
+}
+
+/// P/D from A to B over `owner` -> `consumer`; `reference` is the aggregated run on A.
+async fn prefill_there_decode_here(
+    m: &LoadedModel,
+    (a, b): (&Executor, &Executor),
+    reference: &[TokenId],
+    owner: &TransferPlane,
+    consumer: &TransferPlane,
+) {
+    let p = prompt();
+    let mut pf = scheduler();
+    pf.add_prefill_only(request(&p), Duration::ZERO).unwrap();
+    let first = drive(&mut pf, a).await;
+    let held = pf.take_prefilled().remove(0);
+    assert_eq!(first, vec![held.first_token]);
+    assert_eq!(held.blocks.len(), 4);
+    let export = kv_transfer::export_blocks(a, owner, &held.blocks)
+        .await
+        .expect("export");
+    // The plane holds a copy: A's blocks can go back to its pool at once.
+    assert!(pf.release_held(RequestId(1)));
+    let bytes = export.layout.total_bytes();
+    assert_eq!(bytes, 4 * export.layout.block_bytes());
+    assert_eq!(export.descriptor.layout.chunks.len(), m.config.n_layers);
+
+    let mut dec = scheduler();
+    let adm = dec
+        .add_with_remote_kv(request(&p), held.first_token, Duration::ZERO)
+        .unwrap();
+    assert_eq!(adm.cached_blocks, 0);
+    let moved = kv_transfer::import_blocks(b, consumer, &export, 0, adm.import_into())
+        .await
+        .expect("import");
+    assert_eq!(moved as usize, bytes);
+    assert!(dec.kv_imported(RequestId(1)));
+    let mut tokens = first;
+    tokens.extend(drive(&mut dec, b).await);
+    assert_eq!(tokens, reference, "P/D greedy must equal aggregated");
+    assert_eq!(owner.pinned(), (0, 0), "pulled: unpinned");
+
+    // A second pull of the same export is refused with a typed error (decode falls back).
+    let again = kv_transfer::import_blocks(b, consumer, &export, 0, adm.import_into()).await;
+    assert!(
+        matches!(again, Err(KvTransferError::Transfer(_))),
+        "{again:?}"
+    );
+
+    // The same prompt again: B caches its 3 full blocks, so only the partial last block
+    // crosses (a quarter of the bytes), and the tokens are still the same.
+    let mut second = request(&p);
+    second.id = RequestId(2);
+    pf.add_prefill_only(second.clone(), Duration::ZERO).unwrap();
+    let first = drive(&mut pf, a).await;
+    let held = pf.take_prefilled().remove(0);
+    let export = kv_transfer::export_blocks(a, owner, &held.blocks)
+        .await
+        .expect("export");
+    pf.release_held(RequestId(2));
+    let adm = dec
+        .add_with_remote_kv(second, held.first_token, Duration::ZERO)
+        .unwrap();
+    assert_eq!((adm.cached_blocks, adm.import_into().len()), (3, 1));
+    let skip = adm.cached_blocks;
+    let moved = kv_transfer::import_blocks(b, consumer, &export, skip, adm.import_into())
+        .await
+        .expect("import of the uncached tail");
+    assert_eq!(moved as usize, export.layout.block_bytes());
+    assert!(dec.kv_imported(RequestId(2)));
+    let mut tokens = first;
+    tokens.extend(drive(&mut dec, b).await);
+    assert_eq!(
+        tokens, reference,
+        "a partly cached P/D run equals aggregated too"
+    );
+    assert_eq!(owner.pinned(), (0, 0));
+}
+
+fn planes_cfg() -> TransferConfig {
+    TransferConfig {
+        max_piece_bytes: 256 << 10,
+        ..TransferConfig::default()
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn prefill_on_a_decode_on_b_matches_aggregated_in_process_and_across_sockets() {
+    let Some(m) = model() else { return };
+    let (a, b) = (executor(&m, "exec-a"), executor(&m, "exec-b"));
+    let mut agg = scheduler();
+    agg.add_request(request(&prompt()), Duration::ZERO).unwrap();
+    let reference = drive(&mut agg, &a).await;
+    assert_eq!(reference.len(), MAX_TOKENS as usize);
+
+    let reg = MetricsRegistry::new();
+    let clock = TokioClock::shared();
+    // Same process: one hub, direct slices of the pinned buffer.
+    let hub = TransferHub::new();
+    let owner = TransferPlane::in_memory("prefill", planes_cfg(), clock.clone(), &reg, &hub);
+    let consumer = TransferPlane::in_memory("decode", planes_cfg(), clock.clone(), &reg, &hub);
+    prefill_there_decode_here(&m, (&a, &b), &reference, &owner, &consumer).await;
+
+    // Across processes: two hubs, ZeroMQ frames over loopback.
+    let owner = TransferPlane::start(planes_cfg(), clock.clone(), &reg, &TransferHub::new())
+        .await
+        .unwrap();
+    let consumer = TransferPlane::start(planes_cfg(), clock, &reg, &TransferHub::new())
+        .await
+        .unwrap();
+    prefill_there_decode_here(&m, (&a, &b), &reference, &owner, &consumer).await;
+}
