@@ -26,6 +26,41 @@ pub fn attn_splits(tokens: usize, n_kv_heads: usize, max_ctx: usize) -> (usize, 
 }
 const ATTN_THREADS: u32 = 128;
 
+/// i32 words of one row's parameters for [`Gpu::sample_rows`].
+pub const SAMPLE_PARAMS: usize = 10;
+/// Most alternatives the device sampler reports per token (the API's limit too).
+pub const SAMPLE_MAX_TOP: usize = 20;
+/// i32 words of one row's result: token, logprob, count, ids, logprobs.
+pub const SAMPLE_OUT: usize = 3 + 2 * SAMPLE_MAX_TOP;
+const SAMPLE_THREADS: u32 = 1024;
+
+/// One row's [`SAMPLE_PARAMS`] words: the draw's parameters, where its distinct history
+/// tokens start (`hist_off`) and how many there are.
+pub fn sample_params(
+    p: &crate::sampling::SamplingParams,
+    logprobs: bool,
+    hist_off: usize,
+    hist_len: usize,
+) -> [i32; SAMPLE_PARAMS] {
+    let f = |x: f32| x.to_bits() as i32;
+    [
+        f(p.temperature),
+        p.top_k.min(i32::MAX as usize) as i32,
+        f(p.top_p),
+        f(p.min_p),
+        f(p.repetition_penalty),
+        p.seed as u32 as i32,
+        (p.seed >> 32) as u32 as i32,
+        if logprobs {
+            p.top_logprobs.min(SAMPLE_MAX_TOP) as i32
+        } else {
+            -1
+        },
+        hist_off as i32,
+        hist_len as i32,
+    ]
+}
+
 /// Which attention kernel a prefill-only step uses.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum PrefillAttention {
@@ -374,6 +409,39 @@ impl Gpu {
                 Arg::I(meta.block_size as i32),
                 Arg::I(n_kv_heads as i32),
                 Arg::F(scale_log2),
+                Arg::P(out),
+            ],
+        )
+    }
+
+    /// Draws one token per f32 logits row on the device (`sample_rows` in kernels.cu):
+    /// `params` holds [`SAMPLE_PARAMS`] i32 per row (see [`sample_params`]), `hist` the
+    /// distinct history tokens the rows' offsets point into, `work` `rows * vocab` f32 of
+    /// scratch; `out` gets [`SAMPLE_OUT`] i32 per row.
+    #[allow(clippy::too_many_arguments)]
+    pub fn sample_rows(
+        &self,
+        logits: u64,
+        work: u64,
+        rows: usize,
+        vocab: usize,
+        params: u64,
+        hist: u64,
+        out: u64,
+    ) -> Result<(), CudaError> {
+        if rows == 0 {
+            return Ok(());
+        }
+        self.launch(
+            &self.k.sample_rows,
+            (rows as u32, 1, 1),
+            SAMPLE_THREADS,
+            &[
+                Arg::P(logits),
+                Arg::P(work),
+                Arg::I(vocab as i32),
+                Arg::P(params),
+                Arg::P(hist),
                 Arg::P(out),
             ],
         )
