@@ -122,6 +122,8 @@ struct StepPlan {
     n_tiles: usize,
     /// Sample on the device (params at `offs.sparams`).
     sample: bool,
+    /// Every token row wants logits, in order (no gather before the head GEMM).
+    all_rows: bool,
 }
 
 /// The fixed shape a decode graph was captured for.
@@ -719,6 +721,7 @@ impl CudaBackend {
             max_ctx,
             n_tiles: tiles.len() / 3,
             sample: rows.is_some(),
+            all_rows: m == n && lrows.iter().enumerate().all(|(i, &r)| r == i as i32),
         }
     }
 
@@ -765,9 +768,13 @@ impl CudaBackend {
             if let Some(b) = &l.bqkv {
                 g.add_bias(sb.qkv.ptr(), b.ptr(), n, qkv_dim, qkv_dim)?;
             }
-            g.rope_qk(
+            let (kc, vc) = (self.kcache[li].ptr(), self.vcache[li].ptr());
+            g.rope_kv_write(
                 sb.qkv.ptr(),
                 mp(o.pos),
+                mp(o.slots),
+                kc,
+                vc,
                 n,
                 qkv_dim,
                 c.n_heads,
@@ -775,8 +782,6 @@ impl CudaBackend {
                 c.rope_theta,
                 c.rope_style == RopeStyle::Neox,
             )?;
-            let (kc, vc) = (self.kcache[li].ptr(), self.vcache[li].ptr());
-            g.kv_write(sb.qkv.ptr(), mp(o.slots), kc, vc, n, qkv_dim, q, kv)?;
             if plan.n_tiles > 0 {
                 g.attention_prefill(
                     sb.qkv.ptr(),
@@ -857,10 +862,16 @@ impl CudaBackend {
         };
         g.add_rmsnorm(sb.x.ptr(), add, self.out_norm.ptr(), sb.h.ptr(), n, h, eps)?;
         if m > 0 {
-            g.gather_rows(sb.h.ptr(), mp(o.rows), sb.head_in.ptr(), m, h)?;
+            // Decode steps want every row, in order: the head reads the normed rows in place.
+            let head_in = if plan.all_rows {
+                sb.h.ptr()
+            } else {
+                g.gather_rows(sb.h.ptr(), mp(o.rows), sb.head_in.ptr(), m, h)?;
+                sb.head_in.ptr()
+            };
             let head = self.head.as_ref().unwrap_or(&self.embd);
             g.gemm_xwt(
-                sb.head_in.ptr(),
+                head_in,
                 h,
                 head.ptr(),
                 sb.logits.ptr(),
@@ -948,6 +959,14 @@ impl CudaBackend {
             let captured = self.gpu.capture(|| self.enqueue(&plan, meta.ptr()));
             match captured {
                 Ok(graph) => {
+                    if std::env::var_os("TURBINE_STEP_PROFILE").is_some() {
+                        eprintln!(
+                            "turbine: captured a decode graph for {} rows, context {}: {} nodes",
+                            shape.rows,
+                            shape.ctx_cap,
+                            graph.nodes()?
+                        );
+                    }
                     self.graphs.insert(shape, GraphEntry { graph, meta });
                 }
                 Err(e) => {

@@ -125,6 +125,7 @@ pub struct Kernels {
     pub add_bias: CudaFunction,
     pub rope_qk: CudaFunction,
     pub kv_write: CudaFunction,
+    pub rope_kv_write: CudaFunction,
     pub swiglu: CudaFunction,
     pub gather_rows: CudaFunction,
     pub attn_split: CudaFunction,
@@ -239,6 +240,7 @@ impl Gpu {
             add_bias: f("add_bias")?,
             rope_qk: f("rope_qk")?,
             kv_write: f("kv_write")?,
+            rope_kv_write: f("rope_kv_write")?,
             swiglu: f("swiglu")?,
             gather_rows: f("gather_rows")?,
             attn_split: f("attn_split")?,
@@ -551,6 +553,18 @@ impl Drop for PinnedWords {
 
 /// A captured CUDA graph of work on the compute stream, replayed with [`Gpu::replay`].
 pub struct Graph(drv::CudaGraph);
+
+impl Graph {
+    /// Number of nodes (kernels, copies) in the graph.
+    pub fn nodes(&self) -> Result<usize, CudaError> {
+        let mut n = 0usize;
+        // SAFETY: a null node array asks only for the count.
+        unsafe {
+            drv::sys::cuGraphGetNodes(self.0.cu_graph(), std::ptr::null_mut(), &mut n).result()?;
+        }
+        Ok(n)
+    }
+}
 
 // SAFETY: like the `Gpu` it was captured on, a graph is created, launched and destroyed on
 // the one thread that owns the backend; it is only moved between threads as a whole.

@@ -130,6 +130,38 @@ extern "C" __global__ void rope_qk(bf16* qkv, const int* pos, int stride, int n_
     }
 }
 
+// rope_qk then kv_write in one launch (one block per row: the roped k is read back after a
+// barrier), so a decode layer has one small kernel fewer.
+extern "C" __global__ void rope_kv_write(bf16* qkv, const int* pos, const int* slots, bf16* kc,
+                                         bf16* vc, int stride, int n_heads, int n_kv_heads,
+                                         float ratio, int neox) {
+    int t = blockIdx.x;
+    bf16* row = qkv + (u64)t * stride;
+    const int half = HEAD_DIM / 2;
+    int total = (n_heads + n_kv_heads) * half;
+    float p = (float)pos[t];
+    for (int idx = threadIdx.x; idx < total; idx += blockDim.x) {
+        int h = idx / half, i = idx % half;
+        float theta = p;
+        for (int j = 0; j < i; j++) theta *= ratio;
+        float c = cosf(theta), s = sinf(theta);
+        bf16* base = row + h * HEAD_DIM;
+        int a = neox ? i : 2 * i;
+        int b = neox ? i + half : 2 * i + 1;
+        float x0 = b2f(base[a]), x1 = b2f(base[b]);
+        base[a] = f2b(x0 * c - x1 * s);
+        base[b] = f2b(x0 * s + x1 * c);
+    }
+    __syncthreads();
+    const int kv_dim = n_kv_heads * HEAD_DIM;
+    const bf16* k = row + n_heads * HEAD_DIM;
+    u64 dst = (u64)slots[t] * kv_dim;
+    for (int i = threadIdx.x; i < kv_dim; i += blockDim.x) {
+        kc[dst + i] = k[i];
+        vc[dst + i] = k[kv_dim + i];
+    }
+}
+
 // Writes each row's k and v (at k_off and k_off + kv_dim in the row) into the paged pool at
 // slot slots[t] (= block * block_size + offset). Pool layout: [slot][kv_head][head_dim].
 extern "C" __global__ void kv_write(const bf16* qkv, const int* slots, bf16* kc, bf16* vc,
@@ -167,12 +199,13 @@ extern "C" __global__ void gather_rows(const bf16* src, const int* rows, bf16* d
 // consecutive dims of each of the GROUP query heads that share this KV head (so a K/V row is
 // read once for the whole group). Online softmax per warp, merged across warps in shared
 // memory; the split's unnormalised output and (max, sum) go to part_o / part_ml for
-// attn_combine. Causal: token t sees positions 0..=tok_pos[t].
+// attn_combine (with a single split the normalised output goes straight to `out`).
+// Causal: token t sees positions 0..=tok_pos[t].
 extern "C" __global__ void __launch_bounds__(ATTN_WARPS * WARP)
 attn_split(const bf16* q, int q_stride, const bf16* kc, const bf16* vc, const int* block_tables,
            const int* tok_seq, const int* tok_pos, const int* seq_bt_off, int block_size,
            int split_len, int max_splits, int n_kv_heads, float scale, float* part_o,
-           float* part_ml) {
+           float* part_ml, bf16* out) {
     const int kvh = blockIdx.x, t = blockIdx.y, sp = blockIdx.z;
     const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
     const int n_heads = n_kv_heads * GROUP;
@@ -234,6 +267,11 @@ attn_split(const bf16* q, int q_stride, const bf16* kc, const bf16* vc, const in
             }
         }
         int h = kvh * GROUP + g;
+        if (max_splits == 1) {
+            // One split: this is the whole softmax, so no attn_combine launch.
+            out[(u64)t * n_heads * HEAD_DIM + h * HEAD_DIM + d] = f2b(o / L);
+            continue;
+        }
         u64 base = ((u64)t * n_heads + h) * max_splits + sp;
         part_o[base * HEAD_DIM + d] = o;
         if (d == 0) { part_ml[base * 2] = M; part_ml[base * 2 + 1] = L; }

@@ -14,9 +14,17 @@ const ATTN_MIN_SPLIT: usize = 32;
 /// 19.3 ms with 256-position splits, 22.7 ms with one split per token).
 const ATTN_MAX_SPLIT: usize = 512;
 
+/// Contexts up to this many positions take one split (no attn_combine launch): a block walks
+/// at most 128 keys per warp, a few microseconds, about what the extra launch costs (SmolLM2
+/// decode at 1 stream: ~31 launches of ~2.5 us per step).
+const ATTN_SINGLE_SPLIT_CTX: usize = 512;
+
 /// (splits, split_len) for `tokens` query tokens over up to `max_ctx` positions.
 pub fn attn_splits(tokens: usize, n_kv_heads: usize, max_ctx: usize) -> (usize, usize) {
     let max_ctx = max_ctx.max(1);
+    if max_ctx <= ATTN_SINGLE_SPLIT_CTX {
+        return (1, max_ctx.next_multiple_of(ATTN_MIN_SPLIT));
+    }
     let want = ATTN_TARGET_BLOCKS.div_ceil((tokens * n_kv_heads).max(1));
     let splits = want
         .max(max_ctx.div_ceil(ATTN_MAX_SPLIT))
@@ -225,6 +233,43 @@ impl Gpu {
         )
     }
 
+    /// [`Gpu::rope_qk`] then [`Gpu::kv_write`] (k right after the q heads, v after k) in one
+    /// launch.
+    #[allow(clippy::too_many_arguments)]
+    pub fn rope_kv_write(
+        &self,
+        qkv: u64,
+        pos: u64,
+        slots: u64,
+        kc: u64,
+        vc: u64,
+        rows: usize,
+        stride: usize,
+        n_heads: usize,
+        n_kv_heads: usize,
+        theta: f32,
+        neox: bool,
+    ) -> Result<(), CudaError> {
+        let ratio = theta.powf(-2.0 / self.spec.head_dim as f32);
+        self.launch(
+            &self.k.rope_kv_write,
+            (rows as u32, 1, 1),
+            256,
+            &[
+                Arg::P(qkv),
+                Arg::P(pos),
+                Arg::P(slots),
+                Arg::P(kc),
+                Arg::P(vc),
+                Arg::I(stride as i32),
+                Arg::I(n_heads as i32),
+                Arg::I(n_kv_heads as i32),
+                Arg::F(ratio),
+                Arg::I(neox as i32),
+            ],
+        )
+    }
+
     /// Copies each row's k/v (at `k_off`, `k_off + kv_dim`) to pool slot `slots[r]`.
     #[allow(clippy::too_many_arguments)]
     pub fn kv_write(
@@ -341,8 +386,12 @@ impl Gpu {
                 Arg::F(scale),
                 Arg::P(part_o),
                 Arg::P(part_ml),
+                Arg::P(out),
             ],
         )?;
+        if splits == 1 {
+            return Ok(());
+        }
         self.launch(
             &self.k.attn_combine,
             (tokens as u32, n_heads as u32, 1),
