@@ -829,7 +829,13 @@ fn device_sampler_matches_host_sampler() {
         top_logprobs: 5,
         ..SamplingParams::greedy()
     };
-    let o = device_draws(&g, &[row.clone()], &[greedy.clone()], true, &[]);
+    let o = device_draws(
+        &g,
+        std::slice::from_ref(&row),
+        std::slice::from_ref(&greedy),
+        true,
+        &[],
+    );
     let host = Sampler::new(greedy).unwrap().sample(&row, &[]).unwrap();
     assert_eq!(o[0][0] as u32, host.token);
     assert_eq!(o[0][0], 777);

@@ -14,17 +14,9 @@ const ATTN_MIN_SPLIT: usize = 32;
 /// 19.3 ms with 256-position splits, 22.7 ms with one split per token).
 const ATTN_MAX_SPLIT: usize = 512;
 
-/// Contexts up to this many positions take one split (no attn_combine launch): a block walks
-/// at most 128 keys per warp, a few microseconds, about what the extra launch costs (SmolLM2
-/// decode at 1 stream: ~31 launches of ~2.5 us per step).
-const ATTN_SINGLE_SPLIT_CTX: usize = 512;
-
 /// (splits, split_len) for `tokens` query tokens over up to `max_ctx` positions.
 pub fn attn_splits(tokens: usize, n_kv_heads: usize, max_ctx: usize) -> (usize, usize) {
     let max_ctx = max_ctx.max(1);
-    if max_ctx <= ATTN_SINGLE_SPLIT_CTX {
-        return (1, max_ctx.next_multiple_of(ATTN_MIN_SPLIT));
-    }
     let want = ATTN_TARGET_BLOCKS.div_ceil((tokens * n_kv_heads).max(1));
     let splits = want
         .max(max_ctx.div_ceil(ATTN_MAX_SPLIT))
@@ -390,6 +382,7 @@ impl Gpu {
             ],
         )?;
         if splits == 1 {
+            // The split kernel wrote the normalised output itself.
             return Ok(());
         }
         self.launch(
