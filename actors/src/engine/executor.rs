@@ -1,5 +1,8 @@
 //! The executor: owns a compute backend (weights + paged KV pool) on its own OS thread and
-//! runs one step at a time: forward pass, then sampling.
+//! runs one step at a time: forward pass and sampling in one `Backend::forward_sample` call
+//! (the CUDA backend draws on the device and returns only tokens and requested logprobs; the
+//! CPU backend samples on the host). `TURBINE_HOST_SAMPLING=1` forces host sampling (to
+//! compare); `TURBINE_STEP_PROFILE=N` prints the thread's per-step timeline every N steps.
 //!
 //! Compute never runs on a tokio worker thread: a forward pass takes milliseconds to seconds
 //! and would stall every other task on that thread. The async side talks to the thread over

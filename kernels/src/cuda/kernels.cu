@@ -106,16 +106,13 @@ extern "C" __global__ void add_bias(bf16* y, const float* b, int cols, int strid
     }
 }
 
-// Rotary embedding of the q and k heads of each row of qkv (q heads then k heads, contiguous).
-// angle_i = pos * ratio^i as a running f32 product (ggml's way; the CPU backend's too).
-// neox: pairs (i, i + d/2); else adjacent pairs (2i, 2i+1). grid: rows.
-extern "C" __global__ void rope_qk(bf16* qkv, const int* pos, int stride, int n_heads,
-                                   int n_kv_heads, float ratio, int neox) {
-    int t = blockIdx.x;
-    bf16* row = qkv + (u64)t * stride;
+// Rotary embedding of the q and k heads of one row (q heads then k heads, contiguous; the
+// block's threads share the pairs). angle_i = pos * ratio^i as a running f32 product (ggml's
+// way; the CPU backend's too). neox: pairs (i, i + d/2); else adjacent pairs (2i, 2i+1).
+__device__ __forceinline__ void rope_row(bf16* row, float p, int n_heads, int n_kv_heads,
+                                         float ratio, int neox) {
     const int half = HEAD_DIM / 2;
     int total = (n_heads + n_kv_heads) * half;
-    float p = (float)pos[t];
     for (int idx = threadIdx.x; idx < total; idx += blockDim.x) {
         int h = idx / half, i = idx % half;
         float theta = p;
@@ -128,6 +125,23 @@ extern "C" __global__ void rope_qk(bf16* qkv, const int* pos, int stride, int n_
         base[a] = f2b(x0 * c - x1 * s);
         base[b] = f2b(x0 * s + x1 * c);
     }
+}
+
+// Copies one row's k and v (kv_dim each, v right after k) to pool slot `slot`.
+__device__ __forceinline__ void kv_copy_row(const bf16* k, u64 slot, bf16* kc, bf16* vc,
+                                            int kv_dim) {
+    u64 dst = slot * kv_dim;
+    for (int i = threadIdx.x; i < kv_dim; i += blockDim.x) {
+        kc[dst + i] = k[i];
+        vc[dst + i] = k[kv_dim + i];
+    }
+}
+
+// RoPE of each row of qkv. grid: rows.
+extern "C" __global__ void rope_qk(bf16* qkv, const int* pos, int stride, int n_heads,
+                                   int n_kv_heads, float ratio, int neox) {
+    int t = blockIdx.x;
+    rope_row(qkv + (u64)t * stride, (float)pos[t], n_heads, n_kv_heads, ratio, neox);
 }
 
 // rope_qk then kv_write in one launch (one block per row: the roped k is read back after a
@@ -137,29 +151,9 @@ extern "C" __global__ void rope_kv_write(bf16* qkv, const int* pos, const int* s
                                          float ratio, int neox) {
     int t = blockIdx.x;
     bf16* row = qkv + (u64)t * stride;
-    const int half = HEAD_DIM / 2;
-    int total = (n_heads + n_kv_heads) * half;
-    float p = (float)pos[t];
-    for (int idx = threadIdx.x; idx < total; idx += blockDim.x) {
-        int h = idx / half, i = idx % half;
-        float theta = p;
-        for (int j = 0; j < i; j++) theta *= ratio;
-        float c = cosf(theta), s = sinf(theta);
-        bf16* base = row + h * HEAD_DIM;
-        int a = neox ? i : 2 * i;
-        int b = neox ? i + half : 2 * i + 1;
-        float x0 = b2f(base[a]), x1 = b2f(base[b]);
-        base[a] = f2b(x0 * c - x1 * s);
-        base[b] = f2b(x0 * s + x1 * c);
-    }
+    rope_row(row, (float)pos[t], n_heads, n_kv_heads, ratio, neox);
     __syncthreads();
-    const int kv_dim = n_kv_heads * HEAD_DIM;
-    const bf16* k = row + n_heads * HEAD_DIM;
-    u64 dst = (u64)slots[t] * kv_dim;
-    for (int i = threadIdx.x; i < kv_dim; i += blockDim.x) {
-        kc[dst + i] = k[i];
-        vc[dst + i] = k[kv_dim + i];
-    }
+    kv_copy_row(row + n_heads * HEAD_DIM, (u64)slots[t], kc, vc, n_kv_heads * HEAD_DIM);
 }
 
 // Writes each row's k and v (at k_off and k_off + kv_dim in the row) into the paged pool at
@@ -167,12 +161,7 @@ extern "C" __global__ void rope_kv_write(bf16* qkv, const int* pos, const int* s
 extern "C" __global__ void kv_write(const bf16* qkv, const int* slots, bf16* kc, bf16* vc,
                                     int stride, int k_off, int kv_dim) {
     int t = blockIdx.x;
-    const bf16* row = qkv + (u64)t * stride + k_off;
-    u64 dst = (u64)slots[t] * kv_dim;
-    for (int i = threadIdx.x; i < kv_dim; i += blockDim.x) {
-        kc[dst + i] = row[i];
-        vc[dst + i] = row[kv_dim + i];
-    }
+    kv_copy_row(qkv + (u64)t * stride + k_off, (u64)slots[t], kc, vc, kv_dim);
 }
 
 // out[r, c] = silu(gu[r, c]) * gu[r, ffn + c].
