@@ -3,10 +3,13 @@
 //! the device), against the bandwidth roofline and the measured GEMM peak.
 //!
 //! `cargo run --release -p turbine-kernels --features cuda --example cuda_bench -- \
-//!    [--model synthetic:llama-3-8b] [--quick] [--no-decode] [--compare-prefill]`
+//!    [--model synthetic:llama-3-8b] [--quick] [--no-decode] [--compare-prefill] [--compare-graphs]`
 //!
 //! `--no-decode` skips the decode table; `--compare-prefill` times prefill with both
-//! tensor-core kernels (64- and 128-row tiles) and the split kernel (up to 4096 tokens).
+//! tensor-core kernels (64- and 128-row tiles) and the split kernel (up to 4096 tokens);
+//! `--compare-graphs` times every decode step also with eager launches (no CUDA graph).
+//! Decode steps are `forward_greedy` calls: the device sampler at temperature 0, 4 bytes per
+//! row back.
 //!
 //! Timings: device events for copy/GEMM (median of repeats after warm-up); host wall clock
 //! around whole forward calls (they end synchronised), median of repeats after warm-up.
@@ -62,6 +65,7 @@ fn main() {
     let quick = args.iter().any(|a| a == "--quick");
     let no_decode = args.iter().any(|a| a == "--no-decode");
     let compare_prefill = args.iter().any(|a| a == "--compare-prefill");
+    let compare_graphs = args.iter().any(|a| a == "--compare-graphs");
     match device_count() {
         Ok(n) if n > 0 => {}
         r => {
@@ -201,20 +205,28 @@ fn main() {
                     want_logits: true,
                 })
                 .collect();
-            let ms = time_wall(if quick { 5 } else { 10 }, || {
-                be.forward_greedy(&steps).unwrap();
-            });
-            let roof_bytes = wbytes + batch as f64 * ctx as f64 * kv_tok;
-            let roof_ms = roof_bytes / bw * 1e3;
-            println!(
-                "decode b={batch:>3} ctx={ctx:>5}: {ms:8.2} ms/step, {:8.0} tok/s; roofline {roof_ms:.2} ms -> {:.2}x roofline",
-                batch as f64 / (ms * 1e-3),
-                ms / roof_ms
-            );
-            rows.push(format!(
-                "| decode | {batch} | {ctx} | {ms:.2} ms | {roof_ms:.2} ms | {:.2}x |",
-                ms / roof_ms
-            ));
+            for graphs in [true, false] {
+                if !graphs && !compare_graphs {
+                    continue;
+                }
+                be.set_graphs(graphs);
+                let ms = time_wall(if quick { 5 } else { 10 }, || {
+                    be.forward_greedy(&steps).unwrap();
+                });
+                let roof_bytes = wbytes + batch as f64 * ctx as f64 * kv_tok;
+                let roof_ms = roof_bytes / bw * 1e3;
+                let how = if graphs { "graph" } else { "eager" };
+                println!(
+                    "decode ({how}) b={batch:>3} ctx={ctx:>5}: {ms:8.2} ms/step, {:8.0} tok/s; roofline {roof_ms:.2} ms -> {:.2}x roofline",
+                    batch as f64 / (ms * 1e-3),
+                    ms / roof_ms
+                );
+                rows.push(format!(
+                    "| decode ({how}) | {batch} | {ctx} | {ms:.2} ms | {roof_ms:.2} ms | {:.2}x |",
+                    ms / roof_ms
+                ));
+            }
+            be.set_graphs(true);
         }
     }
 

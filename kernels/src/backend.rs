@@ -12,6 +12,7 @@
 //! bf16 tolerance on the same weights and inputs.
 
 use crate::model::ModelConfig;
+use crate::sampling::{sample_rows_on_host, SampleRow, SampledToken, SamplingError};
 use thiserror::Error;
 
 /// One sequence's part of a batched forward call: a prefill chunk (several tokens) or a
@@ -145,6 +146,20 @@ pub trait Backend: Send {
     /// cached positions before it. Validation (token ids, block ids, table lengths, context
     /// limit) happens before anything is written.
     fn forward(&mut self, batch: &[SeqStep<'_>]) -> Result<Logits, BackendError>;
+
+    /// [`Backend::forward`], then one token drawn from each logits row as `rows` (one per
+    /// step with `want_logits`, in order) asks. A row's own sampling error (bad parameters,
+    /// no finite logit) fails only that row. The default samples on the host; a device
+    /// backend may sample where the logits are and copy back only tokens and logprobs
+    /// (same distribution and tie rules; its random stream is its own, seeded as reproducibly).
+    fn forward_sample(
+        &mut self,
+        batch: &[SeqStep<'_>],
+        rows: &[SampleRow<'_>],
+    ) -> Result<Vec<Result<SampledToken, SamplingError>>, BackendError> {
+        let logits = self.forward(batch)?;
+        Ok(sample_rows_on_host(&logits, rows))
+    }
 
     /// Copies whole blocks `src -> dst` (all layers, K and V), e.g. for copy-on-write of a
     /// shared prefix block. Pairs are applied in order.

@@ -52,6 +52,59 @@ impl SamplingParams {
             ..Default::default()
         }
     }
+
+    /// Checks the ranges every sampler (host or device) relies on.
+    pub fn validate(&self) -> Result<(), SamplingError> {
+        let bad = |m: &str| Err(SamplingError::InvalidParams(m.to_string()));
+        if !(self.temperature >= 0.0 && self.temperature.is_finite()) {
+            return bad("temperature must be finite and >= 0");
+        }
+        if !(self.top_p > 0.0 && self.top_p <= 1.0) {
+            return bad("top_p must be in (0, 1]");
+        }
+        if !(0.0..=1.0).contains(&self.min_p) {
+            return bad("min_p must be in [0, 1]");
+        }
+        if !(self.repetition_penalty > 0.0 && self.repetition_penalty.is_finite()) {
+            return bad("repetition_penalty must be finite and > 0");
+        }
+        Ok(())
+    }
+
+    /// Whether the choice is the argmax (no random draw).
+    pub fn is_greedy(&self) -> bool {
+        self.temperature == 0.0 || self.top_k == 1
+    }
+}
+
+/// What to draw from one logits row of a step (see [`crate::backend::Backend::forward_sample`]).
+#[derive(Clone, Debug)]
+pub struct SampleRow<'a> {
+    /// `seed` is this token's own seed (the caller derives it per position).
+    pub params: SamplingParams,
+    /// Prompt and generated tokens; read only when a repetition penalty is set.
+    pub history: &'a [u32],
+    /// Report the chosen token's logprob and `params.top_logprobs` alternatives.
+    pub logprobs: bool,
+}
+
+/// The host sampler over each row of `logits` (one [`SampleRow`] per row, in order): what
+/// every backend does unless it samples on its device.
+pub fn sample_rows_on_host(
+    logits: &crate::backend::Logits,
+    rows: &[SampleRow<'_>],
+) -> Vec<Result<SampledToken, SamplingError>> {
+    rows.iter()
+        .enumerate()
+        .map(|(i, row)| {
+            let values = logits.row(i).ok_or(SamplingError::EmptyLogits)?;
+            let mut sampler = Sampler::new(row.params.clone())?;
+            if !row.logprobs {
+                sampler = sampler.without_logprobs();
+            }
+            sampler.sample(values, row.history)
+        })
+        .collect()
 }
 
 #[derive(Debug, Error, Clone, PartialEq)]
@@ -85,20 +138,7 @@ pub struct Sampler {
 
 impl Sampler {
     pub fn new(params: SamplingParams) -> Result<Sampler, SamplingError> {
-        let p = &params;
-        let bad = |m: &str| Err(SamplingError::InvalidParams(m.to_string()));
-        if !(p.temperature >= 0.0 && p.temperature.is_finite()) {
-            return bad("temperature must be finite and >= 0");
-        }
-        if !(p.top_p > 0.0 && p.top_p <= 1.0) {
-            return bad("top_p must be in (0, 1]");
-        }
-        if !(0.0..=1.0).contains(&p.min_p) {
-            return bad("min_p must be in [0, 1]");
-        }
-        if !(p.repetition_penalty > 0.0 && p.repetition_penalty.is_finite()) {
-            return bad("repetition_penalty must be finite and > 0");
-        }
+        params.validate()?;
         Ok(Sampler {
             rng: ChaCha8Rng::seed_from_u64(params.seed),
             params,
@@ -146,7 +186,7 @@ impl Sampler {
                 }
             }
         }
-        let token = if p.temperature == 0.0 || p.top_k == 1 {
+        let token = if p.is_greedy() {
             argmax(&work)
         } else {
             self.draw(&work)

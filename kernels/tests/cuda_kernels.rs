@@ -10,11 +10,14 @@ use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
 use turbine_kernels::backend::{Backend, SeqStep};
 use turbine_kernels::cpu::{CpuBackend, CpuBackendOptions};
-use turbine_kernels::cuda::ops::{prefill_tiles, AttnMeta, PrefillAttention};
+use turbine_kernels::cuda::ops::{
+    prefill_tiles, sample_params, AttnMeta, PrefillAttention, SAMPLE_MAX_TOP, SAMPLE_OUT,
+};
 use turbine_kernels::cuda::{
     device_count, synthetic_config, synthetic_weights, CudaBackend, CudaBackendOptions, DBuf, Gpu,
     KernelSpec,
 };
+use turbine_kernels::sampling::{Sampler, SamplingParams};
 
 /// bf16 operands with f32 accumulation: relative error well under 1e-2.
 const TOL: f64 = 1e-2;
@@ -708,5 +711,298 @@ fn smollm2_file_greedy_matches_cpu() {
         // uses bf16 weights and activations (measured on the H100: 5.4e-2 at step 1). The
         // greedy check (near ties only) is the one that catches a wrong kernel.
         compare_greedy(&mut cpu, &mut gpu_b, &prompt, 32, bs, 1.5e-1);
+    }
+}
+
+/// Host reference of one row's draw: the kept set and its probabilities, as the host
+/// sampler computes them (penalty, temperature, top-k, softmax, top-p, min-p).
+fn kept_probs(logits: &[f32], p: &SamplingParams, history: &[u32]) -> Vec<(u32, f64)> {
+    let mut work = logits.to_vec();
+    if p.repetition_penalty != 1.0 {
+        let mut seen = history.to_vec();
+        seen.sort_unstable();
+        seen.dedup();
+        for t in seen {
+            let l = &mut work[t as usize];
+            *l = if *l > 0.0 {
+                *l / p.repetition_penalty
+            } else {
+                *l * p.repetition_penalty
+            };
+        }
+    }
+    let mut cand: Vec<(u32, f32)> = work
+        .iter()
+        .enumerate()
+        .filter(|(_, l)| l.is_finite())
+        .map(|(i, &l)| (i as u32, l / p.temperature))
+        .collect();
+    cand.sort_by(|a, b| b.1.total_cmp(&a.1).then(a.0.cmp(&b.0)));
+    if p.top_k > 0 {
+        cand.truncate(p.top_k);
+    }
+    let max = cand[0].1;
+    let mut probs: Vec<f64> = cand.iter().map(|c| ((c.1 - max) as f64).exp()).collect();
+    let total: f64 = probs.iter().sum();
+    probs.iter_mut().for_each(|q| *q /= total);
+    if p.top_p < 1.0 {
+        let mut acc = 0.0;
+        let keep = probs
+            .iter()
+            .position(|&q| {
+                acc += q;
+                acc >= p.top_p as f64
+            })
+            .map_or(probs.len(), |i| i + 1);
+        probs.truncate(keep);
+    }
+    if p.min_p > 0.0 {
+        let floor = probs[0] * p.min_p as f64;
+        let keep = probs.iter().take_while(|&&q| q >= floor).count().max(1);
+        probs.truncate(keep);
+    }
+    let total: f64 = probs.iter().sum();
+    probs
+        .iter()
+        .enumerate()
+        .map(|(i, &q)| (cand[i].0, q / total))
+        .collect()
+}
+
+/// Runs the device sampler with one (logits row, params) pair per row; returns each row's
+/// output words.
+fn device_draws(
+    g: &Gpu,
+    logits: &[Vec<f32>],
+    params: &[SamplingParams],
+    logprobs: bool,
+    history: &[u32],
+) -> Vec<[i32; SAMPLE_OUT]> {
+    let vocab = logits[0].len();
+    let rows = logits.len();
+    let flat: Vec<f32> = logits.iter().flatten().copied().collect();
+    let mut hist: Vec<i32> = history.iter().map(|&t| t as i32).collect();
+    hist.sort_unstable();
+    hist.dedup();
+    let words: Vec<i32> = params
+        .iter()
+        .flat_map(|p| {
+            let h = if p.repetition_penalty != 1.0 {
+                hist.len()
+            } else {
+                0
+            };
+            sample_params(p, logprobs, 0, h)
+        })
+        .collect();
+    let l = g.upload(&flat).unwrap();
+    let w = g.alloc(flat.len() * 4).unwrap();
+    let pw = g.upload(&words).unwrap();
+    let hb = g.upload(&hist).unwrap();
+    let out = poisoned(g, rows * SAMPLE_OUT * 4);
+    g.sample_rows(l.ptr(), w.ptr(), rows, vocab, pw.ptr(), hb.ptr(), out.ptr())
+        .unwrap();
+    let mut o = vec![0i32; rows * SAMPLE_OUT];
+    g.dtoh(&out, 0, &mut o).unwrap();
+    o.chunks(SAMPLE_OUT)
+        .map(|c| c.try_into().unwrap())
+        .collect()
+}
+
+/// The device sampler: greedy equals the host argmax (ties to the lower id, NaN never),
+/// logprobs and top alternatives equal the host sampler's, seeded draws repeat exactly, and
+/// seeded draws over many seeds follow the host sampler's distribution (same kept set; total
+/// variation distance small) for temperature, top-k, top-p, min-p and repetition penalty.
+#[test]
+fn device_sampler_matches_host_sampler() {
+    let Some(g) = gpu(64, 1) else {
+        return;
+    };
+    let mut rng = ChaCha8Rng::seed_from_u64(17);
+    // Greedy and logprobs on a 49,152-entry row with a tie at the top and a -inf.
+    let vocab = 49152;
+    let mut row = rand_f32(&mut rng, vocab, 8.0);
+    row[777] = 20.0;
+    row[40000] = 20.0;
+    row[6] = f32::NEG_INFINITY;
+    let greedy = SamplingParams {
+        top_logprobs: 5,
+        ..SamplingParams::greedy()
+    };
+    let o = device_draws(
+        &g,
+        std::slice::from_ref(&row),
+        std::slice::from_ref(&greedy),
+        true,
+        &[],
+    );
+    let host = Sampler::new(greedy).unwrap().sample(&row, &[]).unwrap();
+    assert_eq!(o[0][0] as u32, host.token);
+    assert_eq!(o[0][0], 777);
+    let lp = f32::from_bits(o[0][1] as u32);
+    assert!(
+        (lp - host.logprob.unwrap()).abs() < 1e-4,
+        "{lp} vs {:?}",
+        host.logprob
+    );
+    assert_eq!(o[0][2], 5);
+    for (j, (id, hl)) in host.top_logprobs.iter().enumerate() {
+        assert_eq!(o[0][3 + j] as u32, *id);
+        let dl = f32::from_bits(o[0][3 + SAMPLE_MAX_TOP + j] as u32);
+        assert!((dl - hl).abs() < 1e-4, "top {j}: {dl} vs {hl}");
+    }
+    // A NaN is never chosen (the host's argmax skips it too).
+    let mut nan_row = row.clone();
+    nan_row[5] = f32::NAN;
+    let o = device_draws(&g, &[nan_row], &[SamplingParams::greedy()], false, &[]);
+    assert_eq!(o[0][0], 777);
+    // No finite logit: token -1 (the backend reports the host sampler's error).
+    let bad = vec![f32::NAN; 64];
+    let o = device_draws(&g, &[bad], &[SamplingParams::default()], false, &[]);
+    assert_eq!(o[0][0], -1);
+
+    // Distributions on a 64-token vocabulary: 4000 seeds per case, one row each.
+    let small = rand_f32(&mut rng, 64, 3.0);
+    let history = [3u32, 9, 9, 40];
+    let cases = [
+        SamplingParams::default(),
+        SamplingParams {
+            temperature: 0.7,
+            top_k: 5,
+            ..Default::default()
+        },
+        SamplingParams {
+            top_p: 0.8,
+            ..Default::default()
+        },
+        SamplingParams {
+            temperature: 1.3,
+            min_p: 0.1,
+            ..Default::default()
+        },
+        SamplingParams {
+            temperature: 0.9,
+            top_k: 20,
+            top_p: 0.9,
+            min_p: 0.05,
+            repetition_penalty: 1.5,
+            ..Default::default()
+        },
+    ];
+    let n = 4000;
+    for (ci, case) in cases.iter().enumerate() {
+        let params: Vec<SamplingParams> = (0..n)
+            .map(|i| SamplingParams {
+                seed: 1000 * ci as u64 + i as u64,
+                ..case.clone()
+            })
+            .collect();
+        let rows = vec![small.clone(); n];
+        let a = device_draws(&g, &rows, &params, false, &history);
+        let b = device_draws(&g, &rows, &params, false, &history);
+        assert!(
+            a.iter().zip(&b).all(|(x, y)| x[0] == y[0]),
+            "case {ci}: same seeds gave different tokens"
+        );
+        let want = kept_probs(&small, case, &history);
+        let mut counts = vec![0usize; small.len()];
+        for o in &a {
+            let t = o[0];
+            assert!(
+                want.iter().any(|(id, _)| *id as i32 == t),
+                "case {ci}: token {t} outside the host's kept set"
+            );
+            counts[t as usize] += 1;
+        }
+        let tv: f64 = want
+            .iter()
+            .map(|(id, q)| (counts[*id as usize] as f64 / n as f64 - q).abs())
+            .sum::<f64>()
+            / 2.0;
+        println!(
+            "sampler case {ci}: {} kept, total variation {tv:.4}",
+            want.len()
+        );
+        assert!(tv < 0.05, "case {ci}: total variation {tv}");
+    }
+    // Top-k and top-p on the large row keep exactly the host's set (every draw inside it).
+    let p = SamplingParams {
+        temperature: 0.8,
+        top_k: 40,
+        top_p: 0.9,
+        ..Default::default()
+    };
+    let params: Vec<SamplingParams> = (0..256)
+        .map(|i| SamplingParams {
+            seed: i,
+            ..p.clone()
+        })
+        .collect();
+    let want = kept_probs(&row, &p, &[]);
+    let o = device_draws(&g, &vec![row.clone(); 256], &params, false, &[]);
+    for r in &o {
+        assert!(
+            want.iter().any(|(id, _)| *id as i32 == r[0]),
+            "{} outside",
+            r[0]
+        );
+    }
+}
+
+/// Decode steps replayed from a CUDA graph (padded to a batch bucket) choose the same greedy
+/// tokens as eager launches and as the host argmax of the logits.
+#[test]
+fn decode_graph_equals_eager_and_host_argmax() {
+    let config = synthetic_config("tiny").unwrap();
+    let Some(_g) = gpu(config.head_dim, config.group_size()) else {
+        return;
+    };
+    let weights = synthetic_weights(&config, 11);
+    let bs = 16;
+    let mut b = CudaBackend::new(
+        config.clone(),
+        &weights,
+        CudaBackendOptions {
+            device: 0,
+            num_blocks: 64,
+            block_size: bs,
+        },
+    )
+    .unwrap();
+    // Three sequences of different lengths, prefilled, then decode steps.
+    let prompts: Vec<Vec<u32>> = [5usize, 17, 40]
+        .iter()
+        .map(|&n| (0..n as u32).map(|i| (i * 13 + n as u32) % 1000).collect())
+        .collect();
+    let tables: Vec<Vec<u32>> = (0..3).map(|s| (s * 8..s * 8 + 8).collect()).collect();
+    for (p, t) in prompts.iter().zip(&tables) {
+        b.forward(&[SeqStep {
+            tokens: p,
+            start_pos: 0,
+            block_table: t,
+            want_logits: true,
+        }])
+        .unwrap();
+    }
+    let mut next = vec![1u32, 2, 3];
+    for step in 0..6 {
+        let steps: Vec<SeqStep> = (0..3)
+            .map(|s| SeqStep {
+                tokens: std::slice::from_ref(&next[s]),
+                start_pos: prompts[s].len() + step,
+                block_table: &tables[s],
+                want_logits: true,
+            })
+            .collect();
+        // The same step three ways (re-running a step rewrites the same K/V slots).
+        b.set_graphs(true);
+        let graphed = b.forward_greedy(&steps).unwrap();
+        b.set_graphs(false);
+        let eager = b.forward_greedy(&steps).unwrap();
+        let l = b.forward(&steps).unwrap();
+        let host: Vec<u32> = (0..3).map(|r| argmax(l.row(r).unwrap()) as u32).collect();
+        assert_eq!(graphed, eager, "step {step}");
+        assert_eq!(eager, host, "step {step}");
+        next = graphed;
     }
 }

@@ -1,5 +1,8 @@
 //! The executor: owns a compute backend (weights + paged KV pool) on its own OS thread and
-//! runs one step at a time: forward pass, then sampling.
+//! runs one step at a time: forward pass and sampling in one `Backend::forward_sample` call
+//! (the CUDA backend draws on the device and returns only tokens and requested logprobs; the
+//! CPU backend samples on the host). `TURBINE_HOST_SAMPLING=1` forces host sampling (to
+//! compare); `TURBINE_STEP_PROFILE=N` prints the thread's per-step timeline every N steps.
 //!
 //! Compute never runs on a tokio worker thread: a forward pass takes milliseconds to seconds
 //! and would stall every other task on that thread. The async side talks to the thread over
@@ -14,10 +17,10 @@ use crate::worker::{SampledToken, ScheduledSeq};
 use std::sync::mpsc as std_mpsc;
 use std::sync::Arc;
 use std::thread;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 use tokio::sync::oneshot;
 use turbine_kernels::backend::{Backend, BackendError, SeqStep};
-use turbine_kernels::sampling::{self as ksampling, Sampler};
+use turbine_kernels::sampling as ksampling;
 use turbine_runtime::SharedClock;
 
 /// What the sampler needs for one sequence of a step.
@@ -218,6 +221,9 @@ impl Executor {
 }
 
 fn run_thread(mut backend: Box<dyn Backend>, jobs: std_mpsc::Receiver<Work>) {
+    let mut profile = StepProfile::from_env();
+    let host_sampling = std::env::var_os("TURBINE_HOST_SAMPLING").is_some_and(|v| v == "1");
+    let mut idle_since = Instant::now();
     while let Ok(work) = jobs.recv() {
         let job = match work {
             Work::Step(job) => job,
@@ -226,13 +232,75 @@ fn run_thread(mut backend: Box<dyn Backend>, jobs: std_mpsc::Receiver<Work>) {
                 continue;
             }
         };
-        let result = run_step(backend.as_mut(), &job.batch);
+        let started = Instant::now();
+        let result = run_step(backend.as_mut(), &job.batch, host_sampling);
+        if let Some(p) = profile.as_mut() {
+            p.record(&job.batch, started - idle_since, started.elapsed());
+        }
         // The caller may have gone away (worker shutting down): nothing to do then.
         let _ = job.reply.send(result);
+        idle_since = Instant::now();
     }
 }
 
-fn run_step(backend: &mut dyn Backend, batch: &[ExecSeq]) -> Result<Vec<SampledToken>, ExecError> {
+/// Per-step host timeline, printed to stderr every `TURBINE_STEP_PROFILE` steps (a
+/// benchmarking aid; off unless set): mean time the executor thread waited for the step
+/// (the worker loop's bookkeeping between two steps) and mean time inside the backend
+/// (forward pass, sampling and copies), per batch-size bucket.
+struct StepProfile {
+    every: u64,
+    steps: u64,
+    /// (bucket upper bound, steps, rows, wait, busy)
+    buckets: Vec<(usize, u64, u64, Duration, Duration)>,
+}
+
+impl StepProfile {
+    fn from_env() -> Option<StepProfile> {
+        let every = std::env::var("TURBINE_STEP_PROFILE")
+            .ok()?
+            .parse::<u64>()
+            .ok()?;
+        (every > 0).then(|| StepProfile {
+            every,
+            steps: 0,
+            buckets: [1, 8, 32, 64, 128, 256, usize::MAX]
+                .iter()
+                .map(|&b| (b, 0, 0, Duration::ZERO, Duration::ZERO))
+                .collect(),
+        })
+    }
+
+    fn record(&mut self, batch: &[ExecSeq], wait: Duration, busy: Duration) {
+        let tokens: usize = batch.iter().map(|e| e.seq.tokens.len()).sum();
+        if let Some(b) = self.buckets.iter_mut().find(|b| tokens <= b.0) {
+            b.1 += 1;
+            b.2 += batch.len() as u64;
+            b.3 += wait;
+            b.4 += busy;
+        }
+        self.steps += 1;
+        if self.steps % self.every == 0 {
+            for (bound, steps, rows, wait, busy) in &mut self.buckets {
+                if *steps > 0 {
+                    let n = *steps as f64;
+                    eprintln!(
+                        "step-profile tokens<={bound}: {steps} steps, {:.1} seqs/step, wait {:.3} ms, backend {:.3} ms",
+                        *rows as f64 / n,
+                        wait.as_secs_f64() * 1e3 / n,
+                        busy.as_secs_f64() * 1e3 / n
+                    );
+                }
+                (*steps, *rows, *wait, *busy) = (0, 0, Duration::ZERO, Duration::ZERO);
+            }
+        }
+    }
+}
+
+fn run_step(
+    backend: &mut dyn Backend,
+    batch: &[ExecSeq],
+    host_sampling: bool,
+) -> Result<Vec<SampledToken>, ExecError> {
     let steps: Vec<SeqStep<'_>> = batch
         .iter()
         .map(|e| SeqStep {
@@ -242,28 +310,48 @@ fn run_step(backend: &mut dyn Backend, batch: &[ExecSeq]) -> Result<Vec<SampledT
             want_logits: e.seq.want_logits,
         })
         .collect();
-    let logits = backend.forward(&steps)?;
-    let mut out = Vec::with_capacity(logits.rows());
-    for (row, e) in batch.iter().filter(|e| e.seq.want_logits).enumerate() {
-        let request = e.seq.request;
+    let wanted: Vec<&ExecSeq> = batch.iter().filter(|e| e.seq.want_logits).collect();
+    let mut rows = Vec::with_capacity(wanted.len());
+    for e in &wanted {
         let Some(spec) = &e.sample else {
             return Err(ExecError::Sampling {
-                request,
+                request: e.seq.request,
                 reason: "no sampling parameters".into(),
             });
         };
-        let Some(values) = logits.row(row) else {
+        rows.push(sample_row(spec));
+    }
+    let drawn = if host_sampling {
+        let logits = backend.forward(&steps)?;
+        if logits.rows() < rows.len() {
             return Err(ExecError::Sampling {
-                request,
+                request: wanted[logits.rows()].seq.request,
                 reason: "backend returned too few logits rows".into(),
             });
-        };
-        let sampled =
-            sample_one(values, spec).map_err(|reason| ExecError::Sampling { request, reason })?;
+        }
+        ksampling::sample_rows_on_host(&logits, &rows)
+    } else {
+        backend.forward_sample(&steps, &rows)?
+    };
+    let mut out = Vec::with_capacity(wanted.len());
+    for (i, e) in wanted.iter().enumerate() {
+        let request = e.seq.request;
+        let sampled = drawn
+            .get(i)
+            .ok_or_else(|| ExecError::Sampling {
+                request,
+                reason: "backend returned too few samples".into(),
+            })?
+            .as_ref()
+            .map_err(|err| ExecError::Sampling {
+                request,
+                reason: err.to_string(),
+            })?;
+        let asked = e.sample.as_ref().and_then(|s| s.logprobs);
         out.push(SampledToken {
             request,
             token: sampled.token,
-            logprob: spec.logprobs.map(|_| TokenLogprob {
+            logprob: asked.map(|_| TokenLogprob {
                 token_id: sampled.token,
                 logprob: sampled.logprob.unwrap_or(f32::NEG_INFINITY),
                 top: sampled.top_logprobs.clone(),
@@ -282,24 +370,22 @@ fn step_seed(seed: u64, index: u32) -> u64 {
     z ^ (z >> 31)
 }
 
-fn sample_one(logits: &[f32], spec: &SampleSpec) -> Result<ksampling::SampledToken, String> {
+/// The kernels' description of one row's draw.
+fn sample_row(spec: &SampleSpec) -> ksampling::SampleRow<'_> {
     let p = &spec.params;
-    let params = ksampling::SamplingParams {
-        temperature: p.temperature,
-        top_k: p.top_k as usize,
-        top_p: p.top_p,
-        min_p: p.min_p,
-        repetition_penalty: p.repetition_penalty,
-        seed: step_seed(spec.seed, spec.sample_index),
-        top_logprobs: spec.logprobs.unwrap_or(0) as usize,
-    };
-    let mut sampler = Sampler::new(params).map_err(|e| e.to_string())?;
-    if spec.logprobs.is_none() {
-        sampler = sampler.without_logprobs();
+    ksampling::SampleRow {
+        params: ksampling::SamplingParams {
+            temperature: p.temperature,
+            top_k: p.top_k as usize,
+            top_p: p.top_p,
+            min_p: p.min_p,
+            repetition_penalty: p.repetition_penalty,
+            seed: step_seed(spec.seed, spec.sample_index),
+            top_logprobs: spec.logprobs.unwrap_or(0) as usize,
+        },
+        history: &spec.history,
+        logprobs: spec.logprobs.is_some(),
     }
-    sampler
-        .sample(logits, &spec.history)
-        .map_err(|e| e.to_string())
 }
 
 #[cfg(test)]

@@ -6,15 +6,26 @@
 //! bf16 K and one bf16 V allocation per layer, `[num_blocks * block_size][n_kv_heads][head_dim]`
 //! (the per-layer order of [`KvLayout::bytes_per_block`]).
 //!
-//! All work of a call runs in order on the compute stream; the call synchronises only to
-//! upload its small metadata and to return logits (or greedy token ids).
+//! All work of a call runs in order on the compute stream; the call's metadata goes up from
+//! page-locked memory without a wait, and the call synchronises once, at its end, to return
+//! logits or (sampling on the device) token ids and requested logprobs.
+//!
+//! Decode steps (one new token per sequence, every row sampled) replay a CUDA graph captured
+//! per (batch bucket, context bucket): the step is padded to the bucket's row count (padding
+//! rows write a spare KV block past the pool and their tokens are dropped) and its metadata
+//! is laid out at fixed offsets, so one launch replaces the ~11 launches per layer.
 
-use super::device::{CudaError, DBuf, Gpu, KernelSpec};
-use super::ops::{prefill_tiles, AttnMeta, PrefillAttention, PREFILL_MIN_TOKENS};
+use super::device::{CudaError, DBuf, Gpu, Graph, KernelSpec, PinnedWords};
+use super::ops::{
+    prefill_tiles, sample_params, AttnMeta, PrefillAttention, PREFILL_MIN_TOKENS, SAMPLE_MAX_TOP,
+    SAMPLE_OUT,
+};
 use super::synthetic::{draw_for, Draw};
 use crate::backend::{Backend, BackendError, KvDType, KvLayout, Logits, SeqStep};
 use crate::model::{ModelConfig, ModelWeights, RopeStyle};
+use crate::sampling::{SampleRow, SampledToken, SamplingError, SamplingParams};
 use crate::tensor::WeightTensor;
+use std::collections::BTreeMap;
 
 impl From<CudaError> for BackendError {
     fn from(e: CudaError) -> Self {
@@ -76,7 +87,65 @@ struct ScratchBufs {
     meta: DBuf,
     head_in: DBuf,
     logits: DBuf,
-    argmax: DBuf,
+    /// Penalised copies of logits rows (device sampling).
+    sample_work: DBuf,
+    /// [`SAMPLE_OUT`] i32 per logits row.
+    sample_out: DBuf,
+}
+
+/// Word offsets of the parts of a step's metadata upload (one i32 array).
+#[derive(Clone, Copy, Debug, Default)]
+struct MetaOffsets {
+    tokens: usize,
+    pos: usize,
+    slots: usize,
+    tok_seq: usize,
+    rows: usize,
+    bt_off: usize,
+    tables: usize,
+    tiles: usize,
+    sparams: usize,
+    hist: usize,
+}
+
+/// A step reduced to what the device needs: the metadata words and the launch sizes.
+struct StepPlan {
+    words: Vec<i32>,
+    offs: MetaOffsets,
+    /// Token rows (padded, for a graph).
+    n: usize,
+    /// Logits rows.
+    m: usize,
+    /// Bound on every position + 1 (the bucket's, for a graph).
+    max_ctx: usize,
+    /// Tensor-core prefill tiles (0: the split kernel).
+    n_tiles: usize,
+    /// Sample on the device (params at `offs.sparams`).
+    sample: bool,
+    /// Every token row wants logits, in order (no gather before the head GEMM).
+    all_rows: bool,
+}
+
+/// The fixed shape a decode graph was captured for.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]
+struct GraphShape {
+    rows: usize,
+    ctx_cap: usize,
+}
+
+/// Batch buckets of decode graphs (a step of n sequences runs the smallest bucket >= n).
+const GRAPH_BATCHES: [usize; 19] = [
+    1, 2, 4, 8, 16, 24, 32, 40, 48, 56, 64, 80, 96, 112, 128, 160, 192, 224, 256,
+];
+/// Smallest context bucket; buckets double from here.
+const GRAPH_MIN_CTX: usize = 256;
+/// Most graphs kept (each holds its own small metadata buffer).
+const GRAPH_CACHE_MAX: usize = 96;
+
+struct GraphEntry {
+    graph: Graph,
+    /// The metadata buffer the graph reads (fixed address).
+    meta: DBuf,
 }
 
 pub struct CudaBackend {
@@ -91,6 +160,14 @@ pub struct CudaBackend {
     kcache: Vec<DBuf>,
     vcache: Vec<DBuf>,
     scratch: Scratch,
+    /// Page-locked staging of the metadata upload and of the sampled results.
+    pinned_in: Option<PinnedWords>,
+    pinned_out: Option<PinnedWords>,
+    /// Decode graphs by shape; emptied whenever the scratch buffers they point into move.
+    graphs: BTreeMap<GraphShape, GraphEntry>,
+    /// Capture and replay decode graphs (on unless `TURBINE_CUDA_GRAPHS=0` or
+    /// [`CudaBackend::set_graphs`]).
+    use_graphs: bool,
     /// The attention kernel of steps whose every sequence has [`PREFILL_MIN_TOKENS`] or more
     /// new tokens (other steps always use the split kernel).
     prefill_attention: PrefillAttention,
@@ -135,6 +212,28 @@ fn floats(t: &WeightTensor, rows: usize, cols: usize) -> Result<Vec<f32>, Backen
 /// The prefill attention kernel a new backend uses: 128-row tiles measured fastest on the H100
 /// (8B shapes: 16k-token prefill 0.93 s vs 1.00 s with 64-row tiles, 4k 135 vs 138 ms).
 pub const DEFAULT_PREFILL_ATTENTION: PrefillAttention = PrefillAttention::TensorCore128;
+
+/// Whether decode graphs are on by default: `TURBINE_CUDA_GRAPHS=0` turns them off (to
+/// compare with eager launches in benchmarks).
+fn graphs_from_env() -> bool {
+    std::env::var_os("TURBINE_CUDA_GRAPHS").is_none_or(|v| v != "0")
+}
+
+/// The graph shape of a step, if it is a decode step a graph can serve: one new token per
+/// sequence, every row sampled, no repetition penalty (its history has no fixed size).
+fn graph_shape(batch: &[SeqStep<'_>], rows: &[SampleRow<'_>]) -> Option<GraphShape> {
+    let decode = batch.iter().all(|s| s.tokens.len() == 1 && s.want_logits);
+    let plain = rows.iter().all(|r| r.params.repetition_penalty == 1.0);
+    if !decode || !plain || rows.len() != batch.len() {
+        return None;
+    }
+    let bucket = *GRAPH_BATCHES.iter().find(|&&b| b >= batch.len())?;
+    let max_ctx = batch.iter().map(|s| s.end_pos()).max().unwrap_or(1);
+    Some(GraphShape {
+        rows: bucket,
+        ctx_cap: max_ctx.next_power_of_two().max(GRAPH_MIN_CTX),
+    })
+}
 
 /// Split-K attention workspace allowed per launch (bytes).
 const ATTN_WORKSPACE_BYTES: usize = 256 << 20;
@@ -183,7 +282,8 @@ impl CudaBackend {
     }
 
     fn alloc_pool(gpu: &Gpu, layout: &KvLayout) -> Result<(Vec<DBuf>, Vec<DBuf>), BackendError> {
-        let bytes = layout.num_blocks * layout.elems_per_layer_block() * 2;
+        // One spare block past the pool: padding rows of decode graphs write there.
+        let bytes = (layout.num_blocks + 1) * layout.elems_per_layer_block() * 2;
         let mut k = Vec::new();
         let mut v = Vec::new();
         for _ in 0..layout.n_layers {
@@ -273,6 +373,10 @@ impl CudaBackend {
             kcache,
             vcache,
             scratch: Scratch::default(),
+            pinned_in: None,
+            pinned_out: None,
+            graphs: BTreeMap::new(),
+            use_graphs: graphs_from_env(),
             prefill_attention: DEFAULT_PREFILL_ATTENTION,
         })
     }
@@ -338,6 +442,10 @@ impl CudaBackend {
             kcache,
             vcache,
             scratch: Scratch::default(),
+            pinned_in: None,
+            pinned_out: None,
+            graphs: BTreeMap::new(),
+            use_graphs: graphs_from_env(),
             prefill_attention: DEFAULT_PREFILL_ATTENTION,
         })
     }
@@ -391,7 +499,7 @@ impl CudaBackend {
         logits: usize,
         max_ctx: usize,
         meta_len: usize,
-    ) -> Result<(), BackendError> {
+    ) -> Result<bool, BackendError> {
         let c = &self.config;
         // Launches use `chunk` tokens, the last one the remainder: room for either.
         let chunk = attn_chunk(&self.gpu, tokens, c.n_heads, max_ctx);
@@ -406,7 +514,7 @@ impl CudaBackend {
             && ws.1 <= s.ws.1
             && meta_len <= s.meta_len
         {
-            return Ok(());
+            return Ok(false);
         }
         let tokens = tokens.max(s.tokens);
         let logits = logits.max(s.logits).max(1);
@@ -433,7 +541,8 @@ impl CudaBackend {
             meta: g.alloc(meta_len * 4)?,
             head_in: g.alloc(logits * h * 2)?,
             logits: g.alloc(logits * c.vocab_size * 4)?,
-            argmax: g.alloc(logits * 4)?,
+            sample_work: g.alloc(logits * c.vocab_size * 4)?,
+            sample_out: g.alloc(logits * SAMPLE_OUT * 4)?,
         };
         self.scratch = Scratch {
             tokens,
@@ -442,21 +551,25 @@ impl CudaBackend {
             meta_len,
             bufs: Some(bufs),
         };
-        Ok(())
+        // Graphs point into the old buffers.
+        self.graphs.clear();
+        Ok(true)
     }
 
-    /// Runs the batch up to the logits GEMM; returns how many logit rows were computed (in
-    /// `scratch.logits`). `batch` must be validated.
-    fn run(&mut self, batch: &[SeqStep<'_>]) -> Result<usize, BackendError> {
-        let c = self.config.clone();
+    /// Turns a validated batch into its metadata words: tokens, positions, KV slots, token ->
+    /// sequence, logits rows, per-sequence table offsets, block tables, prefill tiles, then
+    /// (when sampling) each row's parameters and the rows' distinct history tokens. With
+    /// `shape` (a decode graph) every part has the bucket's fixed size and offset; padding
+    /// rows point at the spare block past the pool and sample greedily.
+    fn plan_step(
+        &self,
+        batch: &[SeqStep<'_>],
+        rows: Option<&[SampleRow<'_>]>,
+        shape: Option<GraphShape>,
+    ) -> StepPlan {
         let bs = self.layout.block_size;
-        let (h, hd) = (c.hidden_size, c.head_dim);
-        let (q, kv, f) = (c.n_heads * hd, c.n_kv_heads * hd, c.intermediate_size);
-        let qkv_dim = q + 2 * kv;
-
-        // Metadata, packed into one i32 upload: tokens, pos, slots, tok_seq, logit rows,
-        // seq_bt_off, block tables.
-        let (mut tokens, mut pos, mut slots, mut tok_seq, mut rows, mut bt_off, mut tables) = (
+        let spare = self.layout.num_blocks as i32;
+        let (mut tokens, mut pos, mut slots, mut tok_seq, mut lrows, mut bt_off, mut tables) = (
             Vec::new(),
             Vec::new(),
             Vec::new(),
@@ -465,12 +578,17 @@ impl CudaBackend {
             Vec::new(),
             Vec::new(),
         );
+        let stride = shape.map(|g| g.ctx_cap.div_ceil(bs));
         let mut max_ctx = 1;
         for (si, s) in batch.iter().enumerate() {
             let end = s.end_pos();
             max_ctx = max_ctx.max(end);
             bt_off.push(tables.len() as i32);
-            tables.extend(s.block_table[..end.div_ceil(bs)].iter().map(|&b| b as i32));
+            let used = end.div_ceil(bs);
+            tables.extend(s.block_table[..used].iter().map(|&b| b as i32));
+            if let Some(w) = stride {
+                tables.extend(std::iter::repeat_n(spare, w - used));
+            }
             for (i, &t) in s.tokens.iter().enumerate() {
                 let p = s.start_pos + i;
                 tokens.push(t as i32);
@@ -479,50 +597,112 @@ impl CudaBackend {
                 tok_seq.push(si as i32);
             }
             if s.want_logits {
-                rows.push(tokens.len() as i32 - 1);
+                lrows.push(tokens.len() as i32 - 1);
             }
         }
+        if let (Some(g), Some(w)) = (shape, stride) {
+            for si in batch.len()..g.rows {
+                bt_off.push(tables.len() as i32);
+                tables.extend(std::iter::repeat_n(spare, w));
+                tokens.push(0);
+                pos.push(0);
+                slots.push(spare * bs as i32);
+                tok_seq.push(si as i32);
+                lrows.push(si as i32);
+            }
+            max_ctx = g.ctx_cap;
+        }
         let n = tokens.len();
-        let m = rows.len();
+        let m = lrows.len();
         // Prefill-only steps take the tensor-core kernel (no split workspace either).
         let tile_rows = self
             .prefill_attention
             .tile_rows()
             .filter(|_| batch.iter().all(|s| s.tokens.len() >= PREFILL_MIN_TOKENS));
-        let tiles = match tile_rows {
-            Some(rows) => prefill_tiles(
-                &batch.iter().map(|s| s.tokens.len()).collect::<Vec<_>>(),
-                rows,
-            ),
-            None => Vec::new(),
+        let tiles = match (tile_rows, shape) {
+            (Some(r), None) => {
+                prefill_tiles(&batch.iter().map(|s| s.tokens.len()).collect::<Vec<_>>(), r)
+            }
+            _ => Vec::new(),
         };
-        let mut meta = Vec::new();
-        let mut offs = [0usize; 8];
+        let mut sparams = Vec::new();
+        let mut hist = Vec::new();
+        if let Some(rows) = rows {
+            for r in rows {
+                let off = hist.len();
+                if r.params.repetition_penalty != 1.0 {
+                    let mut seen: Vec<u32> = r.history.to_vec();
+                    seen.sort_unstable();
+                    seen.dedup();
+                    hist.extend(seen.iter().map(|&t| t as i32));
+                }
+                sparams.extend(sample_params(&r.params, r.logprobs, off, hist.len() - off));
+            }
+            let greedy = sample_params(&SamplingParams::greedy(), false, 0, 0);
+            for _ in rows.len()..m {
+                sparams.extend(greedy);
+            }
+        }
+        let mut words = Vec::new();
+        let mut offs = [0usize; 10];
         for (i, part) in [
-            &tokens, &pos, &slots, &tok_seq, &rows, &bt_off, &tables, &tiles,
+            &tokens, &pos, &slots, &tok_seq, &lrows, &bt_off, &tables, &tiles, &sparams, &hist,
         ]
         .iter()
         .enumerate()
         {
-            offs[i] = meta.len();
-            meta.extend_from_slice(part);
+            offs[i] = words.len();
+            words.extend_from_slice(part);
         }
-        self.ensure_scratch(n, m, max_ctx, meta.len())?;
+        StepPlan {
+            words,
+            offs: MetaOffsets {
+                tokens: offs[0],
+                pos: offs[1],
+                slots: offs[2],
+                tok_seq: offs[3],
+                rows: offs[4],
+                bt_off: offs[5],
+                tables: offs[6],
+                tiles: offs[7],
+                sparams: offs[8],
+                hist: offs[9],
+            },
+            n,
+            m,
+            max_ctx,
+            n_tiles: tiles.len() / 3,
+            sample: rows.is_some(),
+            all_rows: m == n && lrows.iter().enumerate().all(|(i, &r)| r == i as i32),
+        }
+    }
+
+    /// Queues the whole step on the compute stream (no allocation, no synchronisation, no
+    /// host copy: what a graph capture records): embeddings, the layers, final norm, head
+    /// GEMM, and with `plan.sample` the device sampler into `sample_out`. `meta` is the
+    /// device address of the plan's words.
+    fn enqueue(&self, plan: &StepPlan, meta: u64) -> Result<(), CudaError> {
+        let c = &self.config;
+        let bs = self.layout.block_size;
+        let (h, hd) = (c.hidden_size, c.head_dim);
+        let (q, kv, f) = (c.n_heads * hd, c.n_kv_heads * hd, c.intermediate_size);
+        let qkv_dim = q + 2 * kv;
+        let (n, m, max_ctx) = (plan.n, plan.m, plan.max_ctx);
         let Some(sb) = self.scratch.bufs.as_ref() else {
-            return Err(BackendError::Device("scratch buffers missing".into()));
+            return Err(CudaError::Shape("scratch buffers missing".into()));
         };
         let g = &self.gpu;
-        g.htod(&meta, &sb.meta, 0)?;
-        let mp = |i: usize| sb.meta.ptr() + (offs[i] * 4) as u64;
+        let mp = |off: usize| meta + (off * 4) as u64;
+        let o = plan.offs;
         let am = AttnMeta {
-            block_tables: mp(6),
-            tok_seq: mp(3),
-            tok_pos: mp(1),
-            seq_bt_off: mp(5),
+            block_tables: mp(o.tables),
+            tok_seq: mp(o.tok_seq),
+            tok_pos: mp(o.pos),
+            seq_bt_off: mp(o.bt_off),
             block_size: bs,
         };
         let eps = c.rms_norm_eps;
-        g.embed_rows(self.embd.ptr(), mp(0), sb.x.ptr(), n, h)?;
+        g.embed_rows(self.embd.ptr(), mp(o.tokens), sb.x.ptr(), n, h)?;
         for (li, l) in self.layers.iter().enumerate() {
             let add = if li == 0 { 0 } else { sb.o.ptr() };
             g.add_rmsnorm(sb.x.ptr(), add, l.attn_norm.ptr(), sb.h.ptr(), n, h, eps)?;
@@ -540,9 +720,13 @@ impl CudaBackend {
             if let Some(b) = &l.bqkv {
                 g.add_bias(sb.qkv.ptr(), b.ptr(), n, qkv_dim, qkv_dim)?;
             }
-            g.rope_qk(
+            let (kc, vc) = (self.kcache[li].ptr(), self.vcache[li].ptr());
+            g.rope_kv_write(
                 sb.qkv.ptr(),
-                mp(1),
+                mp(o.pos),
+                mp(o.slots),
+                kc,
+                vc,
                 n,
                 qkv_dim,
                 c.n_heads,
@@ -550,17 +734,15 @@ impl CudaBackend {
                 c.rope_theta,
                 c.rope_style == RopeStyle::Neox,
             )?;
-            let (kc, vc) = (self.kcache[li].ptr(), self.vcache[li].ptr());
-            g.kv_write(sb.qkv.ptr(), mp(2), kc, vc, n, qkv_dim, q, kv)?;
-            if !tiles.is_empty() {
+            if plan.n_tiles > 0 {
                 g.attention_prefill(
                     sb.qkv.ptr(),
                     qkv_dim,
                     kc,
                     vc,
                     &am,
-                    mp(7),
-                    tiles.len() / 3,
+                    mp(o.tiles),
+                    plan.n_tiles,
                     c.n_kv_heads,
                     sb.attn.ptr(),
                     self.prefill_attention,
@@ -568,7 +750,7 @@ impl CudaBackend {
             }
             // Attention in token chunks so the split-K workspace stays bounded on long prompts.
             let chunk = attn_chunk(g, n, c.n_heads, max_ctx);
-            let mut t0 = if tiles.is_empty() { 0 } else { n };
+            let mut t0 = if plan.n_tiles > 0 { n } else { 0 };
             while t0 < n {
                 let nt = chunk.min(n - t0);
                 let sub = AttnMeta {
@@ -632,10 +814,16 @@ impl CudaBackend {
         };
         g.add_rmsnorm(sb.x.ptr(), add, self.out_norm.ptr(), sb.h.ptr(), n, h, eps)?;
         if m > 0 {
-            g.gather_rows(sb.h.ptr(), mp(4), sb.head_in.ptr(), m, h)?;
+            // Decode steps want every row, in order: the head reads the normed rows in place.
+            let head_in = if plan.all_rows {
+                sb.h.ptr()
+            } else {
+                g.gather_rows(sb.h.ptr(), mp(o.rows), sb.head_in.ptr(), m, h)?;
+                sb.head_in.ptr()
+            };
             let head = self.head.as_ref().unwrap_or(&self.embd);
             g.gemm_xwt(
-                sb.head_in.ptr(),
+                head_in,
                 h,
                 head.ptr(),
                 sb.logits.ptr(),
@@ -645,25 +833,201 @@ impl CudaBackend {
                 h,
                 true,
             )?;
+            if plan.sample {
+                g.sample_rows(
+                    sb.logits.ptr(),
+                    sb.sample_work.ptr(),
+                    m,
+                    c.vocab_size,
+                    mp(o.sparams),
+                    mp(o.hist),
+                    sb.sample_out.ptr(),
+                )?;
+            }
         }
-        Ok(m)
+        Ok(())
+    }
+
+    /// Runs a validated batch eagerly (every launch from the host): the logits end up in
+    /// `scratch.logits` and, when sampling, the results in `scratch.sample_out`. Returns the
+    /// number of logits rows. Nothing is synchronised.
+    fn run(
+        &mut self,
+        batch: &[SeqStep<'_>],
+        rows: Option<&[SampleRow<'_>]>,
+    ) -> Result<usize, BackendError> {
+        let plan = self.plan_step(batch, rows, None);
+        self.ensure_scratch(plan.n, plan.m, plan.max_ctx, plan.words.len())?;
+        let Some(meta) = self
+            .scratch
+            .bufs
+            .as_ref()
+            .map(|b| (b.meta.ptr(), b.meta.len()))
+        else {
+            return Err(BackendError::Device("scratch buffers missing".into()));
+        };
+        self.upload_meta_to(&plan.words, meta)?;
+        self.enqueue(&plan, meta.0)?;
+        Ok(plan.m)
+    }
+
+    /// Copies `words` into the page-locked staging buffer (grown as needed) and queues its
+    /// upload to device address `dst.0` (of `dst.1` bytes). Asynchronous: the staging buffer
+    /// is written again only after the call's final synchronisation.
+    fn upload_meta_to(&mut self, words: &[i32], dst: (u64, usize)) -> Result<(), BackendError> {
+        if self
+            .pinned_in
+            .as_ref()
+            .is_none_or(|p| p.len() < words.len())
+        {
+            self.pinned_in = Some(PinnedWords::new(
+                &self.gpu,
+                words.len().next_power_of_two(),
+            )?);
+        }
+        let Some(stage) = self.pinned_in.as_mut() else {
+            return Err(BackendError::Device("staging buffer missing".into()));
+        };
+        stage.as_mut_slice()[..words.len()].copy_from_slice(words);
+        self.gpu.htod_pinned(stage, words.len(), dst.0, dst.1)?;
+        Ok(())
+    }
+
+    /// Runs a validated decode batch by replaying (capturing first, if new) the graph of
+    /// its shape. `Ok(false)`: no graph could be made; nothing was queued.
+    fn run_graph(
+        &mut self,
+        batch: &[SeqStep<'_>],
+        rows: &[SampleRow<'_>],
+        shape: GraphShape,
+    ) -> Result<bool, BackendError> {
+        self.ensure_scratch(shape.rows, shape.rows, shape.ctx_cap, 0)?;
+        let plan = self.plan_step(batch, Some(rows), Some(shape));
+        if !self.graphs.contains_key(&shape) {
+            if self.graphs.len() >= GRAPH_CACHE_MAX {
+                return Ok(false);
+            }
+            let meta = self.gpu.alloc(plan.words.len() * 4)?;
+            let captured = self.gpu.capture(|| self.enqueue(&plan, meta.ptr()));
+            match captured {
+                Ok(graph) => {
+                    if std::env::var_os("TURBINE_STEP_PROFILE").is_some() {
+                        eprintln!(
+                            "turbine: captured a decode graph for {} rows, context {}: {} nodes",
+                            shape.rows,
+                            shape.ctx_cap,
+                            graph.nodes()?
+                        );
+                    }
+                    self.graphs.insert(shape, GraphEntry { graph, meta });
+                }
+                Err(e) => {
+                    // Serve eagerly from now on rather than fail the step.
+                    eprintln!(
+                        "turbine: CUDA graph capture failed ({e}); decode steps run without graphs"
+                    );
+                    self.use_graphs = false;
+                    return Ok(false);
+                }
+            }
+        }
+        let Some(entry) = self.graphs.get(&shape) else {
+            return Ok(false);
+        };
+        let dst = (entry.meta.ptr(), entry.meta.len());
+        self.upload_meta_to(&plan.words, dst)?;
+        let Some(entry) = self.graphs.get(&shape) else {
+            return Ok(false);
+        };
+        self.gpu.replay(&entry.graph)?;
+        Ok(true)
+    }
+
+    /// The device sampler over a validated batch: graph or eager launches, one copy of the
+    /// results back, one synchronisation. `rows` has one entry per logits row.
+    fn sample_on_device(
+        &mut self,
+        batch: &[SeqStep<'_>],
+        rows: &[SampleRow<'_>],
+    ) -> Result<Vec<Result<SampledToken, SamplingError>>, BackendError> {
+        let graphed = match graph_shape(batch, rows).filter(|_| self.use_graphs) {
+            Some(shape) => self.run_graph(batch, rows, shape)?,
+            None => false,
+        };
+        if !graphed {
+            self.run(batch, Some(rows))?;
+        }
+        let m = rows.len();
+        let words = m * SAMPLE_OUT;
+        if self.pinned_out.as_ref().is_none_or(|p| p.len() < words) {
+            self.pinned_out = Some(PinnedWords::new(&self.gpu, words.next_power_of_two())?);
+        }
+        let (Some(sb), Some(out)) = (self.scratch.bufs.as_ref(), self.pinned_out.as_mut()) else {
+            return Err(BackendError::Device("scratch buffers missing".into()));
+        };
+        self.gpu.dtoh_pinned(sb.sample_out.ptr(), words, out)?;
+        self.gpu.sync()?;
+        let out = out.as_slice();
+        Ok(rows
+            .iter()
+            .enumerate()
+            .map(|(i, row)| {
+                let w = &out[i * SAMPLE_OUT..(i + 1) * SAMPLE_OUT];
+                if w[0] < 0 {
+                    return Err(SamplingError::NoFiniteLogits);
+                }
+                let token = w[0] as u32;
+                if !row.logprobs {
+                    return Ok(SampledToken {
+                        token,
+                        logprob: None,
+                        top_logprobs: Vec::new(),
+                    });
+                }
+                let n = (w[2].max(0) as usize).min(SAMPLE_MAX_TOP);
+                let top = (0..n)
+                    .map(|j| {
+                        (
+                            w[3 + j] as u32,
+                            f32::from_bits(w[3 + SAMPLE_MAX_TOP + j] as u32),
+                        )
+                    })
+                    .collect();
+                Ok(SampledToken {
+                    token,
+                    logprob: Some(f32::from_bits(w[1] as u32)),
+                    top_logprobs: top,
+                })
+            })
+            .collect())
+    }
+
+    /// Turns decode graphs on or off (they are on unless `TURBINE_CUDA_GRAPHS=0`).
+    pub fn set_graphs(&mut self, on: bool) {
+        self.use_graphs = on;
+        if !on {
+            self.graphs.clear();
+        }
     }
 
     /// Like [`Backend::forward`] but returns the greedy (argmax) token of each logits row,
-    /// computed on the device, so only `4 * rows` bytes come back.
+    /// chosen on the device (the device sampler with temperature 0; decode steps replay a
+    /// graph), so only a few bytes per row come back.
     pub fn forward_greedy(&mut self, batch: &[SeqStep<'_>]) -> Result<Vec<u32>, BackendError> {
-        self.validate(batch)?;
-        let m = self.run(batch)?;
-        let mut ids = vec![0i32; m];
-        if m > 0 {
-            let Some(sb) = self.scratch.bufs.as_ref() else {
-                return Err(BackendError::Device("scratch buffers missing".into()));
+        let m = batch.iter().filter(|s| s.want_logits).count();
+        let rows = vec![
+            SampleRow {
+                params: SamplingParams::greedy(),
+                history: &[],
+                logprobs: false,
             };
-            self.gpu
-                .argmax_rows(sb.logits.ptr(), m, self.config.vocab_size, sb.argmax.ptr())?;
-            self.gpu.dtoh(&sb.argmax, 0, &mut ids)?;
-        }
-        Ok(ids.into_iter().map(|i| i.max(0) as u32).collect())
+            m
+        ];
+        self.forward_sample(batch, &rows)?
+            .into_iter()
+            .map(|r| r.map(|t| t.token))
+            .collect::<Result<Vec<u32>, SamplingError>>()
+            .map_err(|e| BackendError::Device(format!("greedy choice: {e}")))
     }
 
     /// Byte offset of (block, layer) in a layer's K or V buffer, and its length.
@@ -684,7 +1048,7 @@ impl Backend for CudaBackend {
 
     fn forward(&mut self, batch: &[SeqStep<'_>]) -> Result<Logits, BackendError> {
         self.validate(batch)?;
-        let m = self.run(batch)?;
+        let m = self.run(batch, None)?;
         let vocab = self.config.vocab_size;
         let mut data = vec![0.0f32; m * vocab];
         if m > 0 {
@@ -696,6 +1060,50 @@ impl Backend for CudaBackend {
             self.gpu.sync()?;
         }
         Ok(Logits { vocab, data })
+    }
+
+    fn forward_sample(
+        &mut self,
+        batch: &[SeqStep<'_>],
+        rows: &[SampleRow<'_>],
+    ) -> Result<Vec<Result<SampledToken, SamplingError>>, BackendError> {
+        self.validate(batch)?;
+        let m = batch.iter().filter(|s| s.want_logits).count();
+        if rows.len() != m {
+            return Err(BackendError::Device(format!(
+                "{} sampling rows for {m} logits rows",
+                rows.len()
+            )));
+        }
+        if rows
+            .iter()
+            .any(|r| r.logprobs && r.params.top_logprobs > SAMPLE_MAX_TOP)
+        {
+            // More alternatives than the device sampler reports: the host sampler does it.
+            let logits = self.forward(batch)?;
+            return Ok(crate::sampling::sample_rows_on_host(&logits, rows));
+        }
+        // Rows with bad parameters fail alone; the device draws a greedy token in their place.
+        let checked: Vec<Result<(), SamplingError>> =
+            rows.iter().map(|r| r.params.validate()).collect();
+        let safe: Vec<SampleRow<'_>> = rows
+            .iter()
+            .zip(&checked)
+            .map(|(r, ok)| match ok {
+                Ok(()) => r.clone(),
+                Err(_) => SampleRow {
+                    params: SamplingParams::greedy(),
+                    history: &[],
+                    logprobs: false,
+                },
+            })
+            .collect();
+        let drawn = self.sample_on_device(batch, &safe)?;
+        Ok(drawn
+            .into_iter()
+            .zip(checked)
+            .map(|(d, ok)| ok.and(d))
+            .collect())
     }
 
     fn copy_blocks(&mut self, src_dst: &[(u32, u32)]) -> Result<(), BackendError> {

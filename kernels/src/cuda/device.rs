@@ -125,6 +125,7 @@ pub struct Kernels {
     pub add_bias: CudaFunction,
     pub rope_qk: CudaFunction,
     pub kv_write: CudaFunction,
+    pub rope_kv_write: CudaFunction,
     pub swiglu: CudaFunction,
     pub gather_rows: CudaFunction,
     pub attn_split: CudaFunction,
@@ -132,6 +133,7 @@ pub struct Kernels {
     pub attn_prefill: CudaFunction,
     pub attn_prefill_wide: CudaFunction,
     pub argmax_rows: CudaFunction,
+    pub sample_rows: CudaFunction,
 }
 
 /// One GPU: context, streams, kernels, cuBLAS.
@@ -144,6 +146,9 @@ pub struct Gpu {
     pub k: Kernels,
     pub spec: KernelSpec,
     blas: CudaBlas,
+    /// cuBLAS's workspace, set explicitly so that no GEMM allocates while a CUDA graph is
+    /// being captured.
+    _blas_workspace: DBuf,
     pub arch: &'static str,
     pub name: String,
 }
@@ -235,6 +240,7 @@ impl Gpu {
             add_bias: f("add_bias")?,
             rope_qk: f("rope_qk")?,
             kv_write: f("kv_write")?,
+            rope_kv_write: f("rope_kv_write")?,
             swiglu: f("swiglu")?,
             gather_rows: f("gather_rows")?,
             attn_split: f("attn_split")?,
@@ -242,9 +248,23 @@ impl Gpu {
             attn_prefill: f("attn_prefill")?,
             attn_prefill_wide: f("attn_prefill_wide")?,
             argmax_rows: f("argmax_rows")?,
+            sample_rows: f("sample_rows")?,
             _module: module,
         };
         let blas = CudaBlas::new(compute.clone())?;
+        let ws_bytes = BLAS_WORKSPACE_BYTES;
+        // SAFETY: cuBLAS only uses it as scratch; it lives as long as the handle.
+        let ws = unsafe { compute.alloc::<u8>(ws_bytes)? };
+        let ws_ptr = ws.device_ptr(&compute).0;
+        // SAFETY: a live allocation of `ws_bytes` on the handle's stream's device.
+        unsafe {
+            cublas::sys::cublasSetWorkspace_v2(*blas.handle(), ws_ptr as *mut _, ws_bytes)
+                .result()?;
+        }
+        let blas_workspace = DBuf {
+            slice: ws,
+            ptr: ws_ptr,
+        };
         Ok(Gpu {
             ctx,
             compute,
@@ -252,6 +272,7 @@ impl Gpu {
             k,
             spec,
             blas,
+            _blas_workspace: blas_workspace,
             arch,
             name,
         })
@@ -468,6 +489,174 @@ impl Gpu {
     /// (free, total) device memory in bytes.
     pub fn mem_info(&self) -> Result<(usize, usize), CudaError> {
         Ok(self.ctx.mem_get_info()?)
+    }
+}
+
+/// cuBLAS workspace (32 MiB: what cuBLAS asks for on Hopper for its largest kernels).
+const BLAS_WORKSPACE_BYTES: usize = 32 << 20;
+
+/// Page-locked host memory of `len` i32 words, for asynchronous copies (the step's metadata
+/// up, its sampled tokens down) that need no staging copy by the driver.
+pub struct PinnedWords {
+    ptr: *mut i32,
+    len: usize,
+}
+
+// SAFETY: plain host memory owned by this value; used by one thread at a time.
+unsafe impl Send for PinnedWords {}
+
+impl PinnedWords {
+    /// Allocates `len` words (zeroed). The context must be current (it is on the thread that
+    /// made the [`Gpu`]).
+    pub fn new(gpu: &Gpu, len: usize) -> Result<PinnedWords, CudaError> {
+        gpu.ctx.bind_to_thread()?;
+        let len = len.max(1);
+        // SAFETY: a fresh allocation of `len * 4` bytes, zeroed before use.
+        let ptr = unsafe { drv::result::malloc_host(len * 4, 0)? } as *mut i32;
+        if ptr.is_null() {
+            return Err(CudaError::Driver("cuMemHostAlloc returned null".into()));
+        }
+        // SAFETY: `ptr` holds `len` i32.
+        unsafe { std::ptr::write_bytes(ptr, 0, len) };
+        Ok(PinnedWords { ptr, len })
+    }
+
+    pub fn len(&self) -> usize {
+        self.len
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len == 0
+    }
+
+    /// The words. Only read or write them while no copy into or out of them is in flight
+    /// (every backend call ends synchronised).
+    pub fn as_slice(&self) -> &[i32] {
+        // SAFETY: `ptr` holds `len` initialised i32 for the life of `self`.
+        unsafe { std::slice::from_raw_parts(self.ptr, self.len) }
+    }
+
+    pub fn as_mut_slice(&mut self) -> &mut [i32] {
+        // SAFETY: as above, and `&mut self` is unique.
+        unsafe { std::slice::from_raw_parts_mut(self.ptr, self.len) }
+    }
+}
+
+impl Drop for PinnedWords {
+    fn drop(&mut self) {
+        // SAFETY: allocated by cuMemHostAlloc in `new`; no copy is in flight (see as_slice).
+        unsafe {
+            let _ = drv::result::free_host(self.ptr as *mut _);
+        }
+    }
+}
+
+/// A captured CUDA graph of work on the compute stream, replayed with [`Gpu::replay`].
+pub struct Graph(drv::CudaGraph);
+
+impl Graph {
+    /// Number of nodes (kernels, copies) in the graph.
+    pub fn nodes(&self) -> Result<usize, CudaError> {
+        let mut n = 0usize;
+        // SAFETY: a null node array asks only for the count.
+        unsafe {
+            drv::sys::cuGraphGetNodes(self.0.cu_graph(), std::ptr::null_mut(), &mut n).result()?;
+        }
+        Ok(n)
+    }
+}
+
+// SAFETY: like the `Gpu` it was captured on, a graph is created, launched and destroyed on
+// the one thread that owns the backend; it is only moved between threads as a whole.
+unsafe impl Send for Graph {}
+
+impl Gpu {
+    /// Copies the first `words` words of `src` to byte `offset` of `dst` on the compute
+    /// stream, without waiting. `src` must not change until the stream has passed the copy.
+    pub fn htod_pinned(
+        &self,
+        src: &PinnedWords,
+        words: usize,
+        dst: u64,
+        dst_len: usize,
+    ) -> Result<(), CudaError> {
+        if words > src.len || words * 4 > dst_len {
+            return Err(CudaError::Shape(
+                "pinned upload past the end of a buffer".into(),
+            ));
+        }
+        if words == 0 {
+            return Ok(());
+        }
+        // SAFETY: bounds checked; page-locked memory, so the copy is truly asynchronous.
+        unsafe {
+            drv::sys::cuMemcpyHtoDAsync_v2(
+                dst,
+                src.ptr as *const _,
+                words * 4,
+                self.compute.cu_stream(),
+            )
+            .result()?;
+        }
+        Ok(())
+    }
+
+    /// Queues a copy of `words` words from device address `src` into `dst` (read it after
+    /// [`Gpu::sync`]).
+    pub fn dtoh_pinned(
+        &self,
+        src: u64,
+        words: usize,
+        dst: &mut PinnedWords,
+    ) -> Result<(), CudaError> {
+        if words > dst.len {
+            return Err(CudaError::Shape(
+                "pinned download past the end of a buffer".into(),
+            ));
+        }
+        if words == 0 {
+            return Ok(());
+        }
+        // SAFETY: bounds checked; the caller synchronises before reading `dst`.
+        unsafe {
+            drv::sys::cuMemcpyDtoHAsync_v2(
+                dst.ptr as *mut _,
+                src,
+                words * 4,
+                self.compute.cu_stream(),
+            )
+            .result()?;
+        }
+        Ok(())
+    }
+
+    /// Records everything `enqueue` puts on the compute stream into a graph instead of
+    /// running it. Nothing in `enqueue` may synchronise, allocate or copy from pageable
+    /// memory. The stream is out of capture mode again whatever `enqueue` returns.
+    pub fn capture(
+        &self,
+        enqueue: impl FnOnce() -> Result<(), CudaError>,
+    ) -> Result<Graph, CudaError> {
+        self.compute
+            .begin_capture(drv::sys::CUstreamCaptureMode::CU_STREAM_CAPTURE_MODE_THREAD_LOCAL)?;
+        let queued = enqueue();
+        let graph = self
+            .compute
+            .end_capture(drv::sys::CUgraphInstantiate_flags(0));
+        queued?;
+        match graph? {
+            Some(g) => {
+                g.upload()?;
+                Ok(Graph(g))
+            }
+            None => Err(CudaError::Driver("stream capture produced no graph".into())),
+        }
+    }
+
+    /// Launches a captured graph on the compute stream.
+    pub fn replay(&self, graph: &Graph) -> Result<(), CudaError> {
+        graph.0.launch()?;
+        Ok(())
     }
 }
 

@@ -106,16 +106,13 @@ extern "C" __global__ void add_bias(bf16* y, const float* b, int cols, int strid
     }
 }
 
-// Rotary embedding of the q and k heads of each row of qkv (q heads then k heads, contiguous).
-// angle_i = pos * ratio^i as a running f32 product (ggml's way; the CPU backend's too).
-// neox: pairs (i, i + d/2); else adjacent pairs (2i, 2i+1). grid: rows.
-extern "C" __global__ void rope_qk(bf16* qkv, const int* pos, int stride, int n_heads,
-                                   int n_kv_heads, float ratio, int neox) {
-    int t = blockIdx.x;
-    bf16* row = qkv + (u64)t * stride;
+// Rotary embedding of the q and k heads of one row (q heads then k heads, contiguous; the
+// block's threads share the pairs). angle_i = pos * ratio^i as a running f32 product (ggml's
+// way; the CPU backend's too). neox: pairs (i, i + d/2); else adjacent pairs (2i, 2i+1).
+__device__ __forceinline__ void rope_row(bf16* row, float p, int n_heads, int n_kv_heads,
+                                         float ratio, int neox) {
     const int half = HEAD_DIM / 2;
     int total = (n_heads + n_kv_heads) * half;
-    float p = (float)pos[t];
     for (int idx = threadIdx.x; idx < total; idx += blockDim.x) {
         int h = idx / half, i = idx % half;
         float theta = p;
@@ -130,17 +127,41 @@ extern "C" __global__ void rope_qk(bf16* qkv, const int* pos, int stride, int n_
     }
 }
 
+// Copies one row's k and v (kv_dim each, v right after k) to pool slot `slot`.
+__device__ __forceinline__ void kv_copy_row(const bf16* k, u64 slot, bf16* kc, bf16* vc,
+                                            int kv_dim) {
+    u64 dst = slot * kv_dim;
+    for (int i = threadIdx.x; i < kv_dim; i += blockDim.x) {
+        kc[dst + i] = k[i];
+        vc[dst + i] = k[kv_dim + i];
+    }
+}
+
+// RoPE of each row of qkv. grid: rows.
+extern "C" __global__ void rope_qk(bf16* qkv, const int* pos, int stride, int n_heads,
+                                   int n_kv_heads, float ratio, int neox) {
+    int t = blockIdx.x;
+    rope_row(qkv + (u64)t * stride, (float)pos[t], n_heads, n_kv_heads, ratio, neox);
+}
+
+// rope_qk then kv_write in one launch (one block per row: the roped k is read back after a
+// barrier), so a decode layer has one small kernel fewer.
+extern "C" __global__ void rope_kv_write(bf16* qkv, const int* pos, const int* slots, bf16* kc,
+                                         bf16* vc, int stride, int n_heads, int n_kv_heads,
+                                         float ratio, int neox) {
+    int t = blockIdx.x;
+    bf16* row = qkv + (u64)t * stride;
+    rope_row(row, (float)pos[t], n_heads, n_kv_heads, ratio, neox);
+    __syncthreads();
+    kv_copy_row(row + n_heads * HEAD_DIM, (u64)slots[t], kc, vc, n_kv_heads * HEAD_DIM);
+}
+
 // Writes each row's k and v (at k_off and k_off + kv_dim in the row) into the paged pool at
 // slot slots[t] (= block * block_size + offset). Pool layout: [slot][kv_head][head_dim].
 extern "C" __global__ void kv_write(const bf16* qkv, const int* slots, bf16* kc, bf16* vc,
                                     int stride, int k_off, int kv_dim) {
     int t = blockIdx.x;
-    const bf16* row = qkv + (u64)t * stride + k_off;
-    u64 dst = (u64)slots[t] * kv_dim;
-    for (int i = threadIdx.x; i < kv_dim; i += blockDim.x) {
-        kc[dst + i] = row[i];
-        vc[dst + i] = row[kv_dim + i];
-    }
+    kv_copy_row(qkv + (u64)t * stride + k_off, (u64)slots[t], kc, vc, kv_dim);
 }
 
 // out[r, c] = silu(gu[r, c]) * gu[r, ffn + c].
@@ -167,12 +188,13 @@ extern "C" __global__ void gather_rows(const bf16* src, const int* rows, bf16* d
 // consecutive dims of each of the GROUP query heads that share this KV head (so a K/V row is
 // read once for the whole group). Online softmax per warp, merged across warps in shared
 // memory; the split's unnormalised output and (max, sum) go to part_o / part_ml for
-// attn_combine. Causal: token t sees positions 0..=tok_pos[t].
+// attn_combine (with a single split the normalised output goes straight to `out`).
+// Causal: token t sees positions 0..=tok_pos[t].
 extern "C" __global__ void __launch_bounds__(ATTN_WARPS * WARP)
 attn_split(const bf16* q, int q_stride, const bf16* kc, const bf16* vc, const int* block_tables,
            const int* tok_seq, const int* tok_pos, const int* seq_bt_off, int block_size,
            int split_len, int max_splits, int n_kv_heads, float scale, float* part_o,
-           float* part_ml) {
+           float* part_ml, bf16* out) {
     const int kvh = blockIdx.x, t = blockIdx.y, sp = blockIdx.z;
     const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
     const int n_heads = n_kv_heads * GROUP;
@@ -234,6 +256,11 @@ attn_split(const bf16* q, int q_stride, const bf16* kc, const bf16* vc, const in
             }
         }
         int h = kvh * GROUP + g;
+        if (max_splits == 1) {
+            // One split: this is the whole softmax, so no attn_combine launch.
+            out[(u64)t * n_heads * HEAD_DIM + h * HEAD_DIM + d] = f2b(o / L);
+            continue;
+        }
         u64 base = ((u64)t * n_heads + h) * max_splits + sp;
         part_o[base * HEAD_DIM + d] = o;
         if (d == 0) { part_ml[base * 2] = M; part_ml[base * 2 + 1] = L; }
@@ -473,4 +500,293 @@ extern "C" __global__ void __launch_bounds__(128) attn_prefill(ATTN_PREFILL_ARGS
 }
 extern "C" __global__ void __launch_bounds__(256) attn_prefill_wide(ATTN_PREFILL_ARGS) {
     attn_prefill_impl<8>(ATTN_PREFILL_PASS);
+}
+
+// ---- Sampling on the device ----------------------------------------------------------------
+// One block of SAMPLE_THREADS per logits row: the same transforms as kernels/src/sampling.rs
+// (repetition penalty on the raw logits; unless greedy, temperature, top-k, top-p, min-p and a
+// draw), with only the token id (and requested logprobs) written out. Every reduction runs in
+// a fixed order and every sum of probability mass is an integer (fixed point, 2^40 for the most
+// likely token), so a seed gives the same token on every run.
+// Candidates are ordered by (scaled logit desc, id asc), as on the host: the 64-bit rank
+// (order_key(value) << 32 | ~id) is distinct per token, so "the k-th most likely" is one rank.
+#define SAMPLE_THREADS 1024
+#define SAMPLE_PARAMS 10
+#define SAMPLE_MAX_TOP 20
+#define SAMPLE_OUT (3 + 2 * SAMPLE_MAX_TOP)
+#define MASS_ONE 1099511627776.0f
+
+// Order-preserving map of a float to u32 (NaN lowest, like a value that is never chosen).
+__device__ __forceinline__ u32 order_key(float f) {
+    u32 u = __float_as_uint(f);
+    if ((u & 0x7fffffffu) > 0x7f800000u) return 0u;
+    return (u & 0x80000000u) ? ~u : (u | 0x80000000u);
+}
+__device__ __forceinline__ u64 rank_of(float v, int i) {
+    return ((u64)order_key(v) << 32) | (u64)(~(u32)i);
+}
+__device__ __forceinline__ bool finite_f(float v) {
+    return (__float_as_uint(v) & 0x7f800000u) != 0x7f800000u;
+}
+__device__ __forceinline__ u64 mass_of(float s, float smax) {
+    return __float2ull_rz(__expf(s - smax) * MASS_ONE);
+}
+
+__device__ u64 block_max_u64(u64 v) {
+    __shared__ u64 part[32];
+    int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+#pragma unroll
+    for (int o = 16; o > 0; o >>= 1) { u64 w = __shfl_xor_sync(0xffffffffu, v, o); v = w > v ? w : v; }
+    __syncthreads();
+    if (lane == 0) part[warp] = v;
+    __syncthreads();
+    v = lane < (int)(blockDim.x >> 5) ? part[lane] : 0ull;
+#pragma unroll
+    for (int o = 16; o > 0; o >>= 1) { u64 w = __shfl_xor_sync(0xffffffffu, v, o); v = w > v ? w : v; }
+    return v;
+}
+
+__device__ u64 block_sum_u64(u64 v) {
+    __shared__ u64 part[32];
+    int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+#pragma unroll
+    for (int o = 16; o > 0; o >>= 1) v += __shfl_xor_sync(0xffffffffu, v, o);
+    __syncthreads();
+    if (lane == 0) part[warp] = v;
+    __syncthreads();
+    v = lane < (int)(blockDim.x >> 5) ? part[lane] : 0ull;
+#pragma unroll
+    for (int o = 16; o > 0; o >>= 1) v += __shfl_xor_sync(0xffffffffu, v, o);
+    return v;
+}
+
+__device__ double block_sum_f64(double v) {
+    __shared__ double part[32];
+    int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+#pragma unroll
+    for (int o = 16; o > 0; o >>= 1) v += __shfl_xor_sync(0xffffffffu, v, o);
+    __syncthreads();
+    if (lane == 0) part[warp] = v;
+    __syncthreads();
+    v = lane < (int)(blockDim.x >> 5) ? part[lane] : 0.0;
+#pragma unroll
+    for (int o = 16; o > 0; o >>= 1) v += __shfl_xor_sync(0xffffffffu, v, o);
+    return v;
+}
+
+// Exclusive prefix sum over the block, in thread order.
+__device__ u64 block_exclusive_scan_u64(u64 v) {
+    __shared__ u64 part[32];
+    int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+    u64 inc = v;
+#pragma unroll
+    for (int o = 1; o < 32; o <<= 1) {
+        u64 w = __shfl_up_sync(0xffffffffu, inc, o);
+        if (lane >= o) inc += w;
+    }
+    __syncthreads();
+    if (lane == 31) part[warp] = inc;
+    __syncthreads();
+    u64 before = 0;
+    for (int w = 0; w < warp; w++) before += part[w];
+    return before + inc - v;
+}
+
+// The candidates of one row: finite values of w, scaled by 1/temp, with rank >= floor_r.
+struct Cands {
+    const float* w;
+    int vocab;
+    float temp, smax;
+    u64 floor_r;
+};
+
+// Total weight (count, or mass) of the candidates whose rank is >= x.
+__device__ u64 weight_from(const Cands& c, u64 x, bool by_mass) {
+    u64 acc = 0;
+    for (int i = threadIdx.x; i < c.vocab; i += blockDim.x) {
+        float v = c.w[i];
+        if (!finite_f(v)) continue;
+        float s = v / c.temp;
+        u64 r = rank_of(s, i);
+        if (r < c.floor_r || r < x) continue;
+        acc += by_mass ? mass_of(s, c.smax) : 1ull;
+    }
+    return block_sum_u64(acc);
+}
+
+// The rank of the candidate at which the weight summed most likely first reaches `target`
+// (>= 1, at most the candidates' total): bisection on the value key, then on the id among
+// equal values. Deterministic: every step is an integer block sum.
+__device__ u64 select_rank(const Cands& c, u64 target, bool by_mass, u32 kmax) {
+    u32 lo = 0, hi = kmax;
+    while (lo < hi) {
+        u32 mid = lo + (hi - lo + 1) / 2;
+        if (weight_from(c, (u64)mid << 32, by_mass) >= target) lo = mid; else hi = mid - 1;
+    }
+    u64 base = (u64)lo << 32;
+    u32 llo = ~(u32)(c.vocab - 1), lhi = 0xffffffffu;
+    while (llo < lhi) {
+        u32 mid = llo + (u32)(((u64)lhi - llo + 1) / 2);
+        if (weight_from(c, base | mid, by_mass) >= target) llo = mid; else lhi = mid - 1;
+    }
+    return base | llo;
+}
+
+// params (SAMPLE_PARAMS i32 per row): temperature (f32 bits), top_k, top_p (f32), min_p (f32),
+// repetition penalty (f32), seed lo, seed hi, logprobs (-1: none, else top-n count <= 20),
+// history offset, history length (distinct token ids in `hist`). `work`: [rows, vocab] f32
+// scratch for penalised rows. out (SAMPLE_OUT i32 per row): token (-1: no finite logit),
+// logprob (f32 bits), n, n top ids, n top logprobs (f32 bits). grid: rows.
+extern "C" __global__ void __launch_bounds__(SAMPLE_THREADS)
+sample_rows(const float* logits, float* work, int vocab, const int* params, const int* hist, int* out) {
+    const int row = blockIdx.x, tid = threadIdx.x;
+    const float* raw = logits + (u64)row * vocab;
+    const int* p = params + row * SAMPLE_PARAMS;
+    const float temp = __int_as_float(p[0]);
+    const int top_k = p[1];
+    const float top_p = __int_as_float(p[2]), min_p = __int_as_float(p[3]);
+    const float pen = __int_as_float(p[4]);
+    const u64 seed = (u64)(u32)p[5] | ((u64)(u32)p[6] << 32);
+    const int n_lp = p[7], h_off = p[8], h_len = p[9];
+    int* o = out + row * SAMPLE_OUT;
+    __shared__ int s_token;
+
+    // Finite count, and the raw logits' max over finite values (for log-softmax).
+    u64 fin = 0, best_fin = 0;
+    for (int i = tid; i < vocab; i += blockDim.x) {
+        float v = raw[i];
+        if (finite_f(v)) {
+            fin++;
+            u64 r = rank_of(v, i);
+            best_fin = r > best_fin ? r : best_fin;
+        }
+    }
+    fin = block_sum_u64(fin);
+    if (fin == 0) {
+        if (tid == 0) { o[0] = -1; o[1] = 0; o[2] = 0; }
+        return;
+    }
+    best_fin = block_max_u64(best_fin);
+    float log_z = 0.0f;
+    if (n_lp >= 0) {
+        const float mx = raw[~(u32)best_fin];
+        double s = 0.0;
+        for (int i = tid; i < vocab; i += blockDim.x) {
+            float v = raw[i];
+            if (finite_f(v)) s += exp((double)(v - mx));
+        }
+        s = block_sum_f64(s);
+        log_z = mx + (float)log(s);
+        // The n most likely raw logits, one block-wide max per place.
+        u64 prev = 0xffffffffffffffffull;
+        const int n = min(n_lp, min(SAMPLE_MAX_TOP, vocab));
+        for (int j = 0; j < n; j++) {
+            u64 b = 0;
+            for (int i = tid; i < vocab; i += blockDim.x) {
+                u64 r = rank_of(raw[i], i);
+                if (r < prev && r > b) b = r;
+            }
+            b = block_max_u64(b);
+            prev = b;
+            if (tid == 0) {
+                int id = (int)~(u32)b;
+                o[3 + j] = id;
+                o[3 + SAMPLE_MAX_TOP + j] = __float_as_int(raw[id] - log_z);
+            }
+        }
+        if (tid == 0) o[2] = n;
+    } else if (tid == 0) {
+        o[2] = 0;
+    }
+
+    // Repetition penalty on a copy of the row (the raw row still serves the logprobs).
+    const float* w = raw;
+    if (pen != 1.0f && h_len > 0) {
+        float* wr = work + (u64)row * vocab;
+        for (int i = tid; i < vocab; i += blockDim.x) wr[i] = raw[i];
+        __syncthreads();
+        for (int j = tid; j < h_len; j += blockDim.x) {
+            int t = hist[h_off + j];
+            if (t >= 0 && t < vocab) {
+                float v = wr[t];
+                wr[t] = v > 0.0f ? v / pen : v * pen;
+            }
+        }
+        __syncthreads();
+        w = wr;
+    }
+
+    int token;
+    if (temp == 0.0f || top_k == 1) {
+        // Greedy: the largest value (NaN never), lowest id on ties.
+        u64 b = 0;
+        for (int i = tid; i < vocab; i += blockDim.x) {
+            u64 r = rank_of(w[i], i);
+            b = r > b ? r : b;
+        }
+        b = block_max_u64(b);
+        token = (int)~(u32)b;
+    } else {
+        u64 b = 0;
+        for (int i = tid; i < vocab; i += blockDim.x) {
+            float v = w[i];
+            if (finite_f(v)) {
+                u64 r = rank_of(v / temp, i);
+                b = r > b ? r : b;
+            }
+        }
+        b = block_max_u64(b);
+        const int top = (int)~(u32)b;
+        Cands c = {w, vocab, temp, w[top] / temp, 0ull};
+        const u32 kmax = (u32)(b >> 32);
+        if (top_k > 0 && (u64)top_k < fin) c.floor_r = select_rank(c, (u64)top_k, false, kmax);
+        if (top_p < 1.0f) {
+            u64 total = weight_from(c, 0ull, true);
+            u64 target = (u64)((double)top_p * (double)total);
+            target = target < 1ull ? 1ull : target;
+            c.floor_r = select_rank(c, target, true, kmax);
+        }
+        // min-p, then the draw over the kept candidates in id order (each thread a contiguous
+        // run of ids): the distribution of the host sampler, not its random stream.
+        const float min_e = min_p;
+        const int chunk = (vocab + blockDim.x - 1) / blockDim.x;
+        const int i0 = tid * chunk, i1 = min(vocab, i0 + chunk);
+        u64 local = 0;
+        for (int i = i0; i < i1; i++) {
+            float v = w[i];
+            if (!finite_f(v)) continue;
+            float s = v / temp;
+            if (rank_of(s, i) < c.floor_r) continue;
+            float e = __expf(s - c.smax);
+            if (min_e > 0.0f && e < min_e && i != top) continue;
+            local += mass_of(s, c.smax);
+        }
+        u64 before = block_exclusive_scan_u64(local);
+        u64 kept = block_sum_u64(local);
+        if (tid == 0) s_token = top;
+        __syncthreads();
+        u64 h = mix64(seed);
+        double u = (double)(h >> 11) * (1.0 / 9007199254740992.0);
+        u64 r = (u64)(u * (double)kept);
+        if (r >= kept) r = kept - 1;
+        if (kept > 0 && r >= before && r < before + local) {
+            u64 acc = before;
+            for (int i = i0; i < i1; i++) {
+                float v = w[i];
+                if (!finite_f(v)) continue;
+                float s = v / temp;
+                if (rank_of(s, i) < c.floor_r) continue;
+                float e = __expf(s - c.smax);
+                if (min_e > 0.0f && e < min_e && i != top) continue;
+                acc += mass_of(s, c.smax);
+                if (r < acc) { s_token = i; break; }
+            }
+        }
+        __syncthreads();
+        token = s_token;
+    }
+    if (tid == 0) {
+        o[0] = token;
+        o[1] = __float_as_int(n_lp >= 0 ? raw[token] - log_z : 0.0f);
+    }
 }

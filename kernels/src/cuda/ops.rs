@@ -26,6 +26,41 @@ pub fn attn_splits(tokens: usize, n_kv_heads: usize, max_ctx: usize) -> (usize, 
 }
 const ATTN_THREADS: u32 = 128;
 
+/// i32 words of one row's parameters for [`Gpu::sample_rows`].
+pub const SAMPLE_PARAMS: usize = 10;
+/// Most alternatives the device sampler reports per token (the API's limit too).
+pub const SAMPLE_MAX_TOP: usize = 20;
+/// i32 words of one row's result: token, logprob, count, ids, logprobs.
+pub const SAMPLE_OUT: usize = 3 + 2 * SAMPLE_MAX_TOP;
+const SAMPLE_THREADS: u32 = 1024;
+
+/// One row's [`SAMPLE_PARAMS`] words: the draw's parameters, where its distinct history
+/// tokens start (`hist_off`) and how many there are.
+pub fn sample_params(
+    p: &crate::sampling::SamplingParams,
+    logprobs: bool,
+    hist_off: usize,
+    hist_len: usize,
+) -> [i32; SAMPLE_PARAMS] {
+    let f = |x: f32| x.to_bits() as i32;
+    [
+        f(p.temperature),
+        p.top_k.min(i32::MAX as usize) as i32,
+        f(p.top_p),
+        f(p.min_p),
+        f(p.repetition_penalty),
+        p.seed as u32 as i32,
+        (p.seed >> 32) as u32 as i32,
+        if logprobs {
+            p.top_logprobs.min(SAMPLE_MAX_TOP) as i32
+        } else {
+            -1
+        },
+        hist_off as i32,
+        hist_len as i32,
+    ]
+}
+
 /// Which attention kernel a prefill-only step uses.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum PrefillAttention {
@@ -190,6 +225,43 @@ impl Gpu {
         )
     }
 
+    /// [`Gpu::rope_qk`] then [`Gpu::kv_write`] (k right after the q heads, v after k) in one
+    /// launch.
+    #[allow(clippy::too_many_arguments)]
+    pub fn rope_kv_write(
+        &self,
+        qkv: u64,
+        pos: u64,
+        slots: u64,
+        kc: u64,
+        vc: u64,
+        rows: usize,
+        stride: usize,
+        n_heads: usize,
+        n_kv_heads: usize,
+        theta: f32,
+        neox: bool,
+    ) -> Result<(), CudaError> {
+        let ratio = theta.powf(-2.0 / self.spec.head_dim as f32);
+        self.launch(
+            &self.k.rope_kv_write,
+            (rows as u32, 1, 1),
+            256,
+            &[
+                Arg::P(qkv),
+                Arg::P(pos),
+                Arg::P(slots),
+                Arg::P(kc),
+                Arg::P(vc),
+                Arg::I(stride as i32),
+                Arg::I(n_heads as i32),
+                Arg::I(n_kv_heads as i32),
+                Arg::F(ratio),
+                Arg::I(neox as i32),
+            ],
+        )
+    }
+
     /// Copies each row's k/v (at `k_off`, `k_off + kv_dim`) to pool slot `slots[r]`.
     #[allow(clippy::too_many_arguments)]
     pub fn kv_write(
@@ -306,8 +378,13 @@ impl Gpu {
                 Arg::F(scale),
                 Arg::P(part_o),
                 Arg::P(part_ml),
+                Arg::P(out),
             ],
         )?;
+        if splits == 1 {
+            // The split kernel wrote the normalised output itself.
+            return Ok(());
+        }
         self.launch(
             &self.k.attn_combine,
             (tokens as u32, n_heads as u32, 1),
@@ -374,6 +451,39 @@ impl Gpu {
                 Arg::I(meta.block_size as i32),
                 Arg::I(n_kv_heads as i32),
                 Arg::F(scale_log2),
+                Arg::P(out),
+            ],
+        )
+    }
+
+    /// Draws one token per f32 logits row on the device (`sample_rows` in kernels.cu):
+    /// `params` holds [`SAMPLE_PARAMS`] i32 per row (see [`sample_params`]), `hist` the
+    /// distinct history tokens the rows' offsets point into, `work` `rows * vocab` f32 of
+    /// scratch; `out` gets [`SAMPLE_OUT`] i32 per row.
+    #[allow(clippy::too_many_arguments)]
+    pub fn sample_rows(
+        &self,
+        logits: u64,
+        work: u64,
+        rows: usize,
+        vocab: usize,
+        params: u64,
+        hist: u64,
+        out: u64,
+    ) -> Result<(), CudaError> {
+        if rows == 0 {
+            return Ok(());
+        }
+        self.launch(
+            &self.k.sample_rows,
+            (rows as u32, 1, 1),
+            SAMPLE_THREADS,
+            &[
+                Arg::P(logits),
+                Arg::P(work),
+                Arg::I(vocab as i32),
+                Arg::P(params),
+                Arg::P(hist),
                 Arg::P(out),
             ],
         )
