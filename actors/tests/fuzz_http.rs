@@ -164,9 +164,10 @@ fn mutate_value(rng: &mut ChaCha8Rng, body: &mut Value) {
                     0 => messages.clear(),
                     1 => messages.push(random_value(rng, 1)),
                     2 => {
-                        if let Some(m) = messages.choose_mut(rng) {
-                            let field = ["role", "content"].choose(rng).unwrap_or(&"role");
-                            m[*field] = random_value(rng, 1);
+                        let field = *["role", "content"].choose(rng).unwrap_or(&"role");
+                        let v = random_value(rng, 1);
+                        if let Some(m) = messages.choose_mut(rng).and_then(Value::as_object_mut) {
+                            m.insert(field.to_string(), v);
                         }
                     }
                     _ => {
@@ -244,7 +245,7 @@ fn content_type(rng: &mut ChaCha8Rng) -> Option<&'static str> {
         1 => Some("text/plain"),
         2 => Some("application/json; charset=latin1"),
         3 => Some("application/vnd.api+json"),
-        4 => Some("\u{7f}"),
+        4 => Some("application/json;;; q=x"),
         _ => Some("application/json"),
     }
 }
