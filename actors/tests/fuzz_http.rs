@@ -251,14 +251,7 @@ fn content_type(rng: &mut ChaCha8Rng) -> Option<&'static str> {
 }
 
 fn rss_kb() -> u64 {
-    std::fs::read_to_string("/proc/self/status")
-        .ok()
-        .and_then(|s| {
-            s.lines()
-                .find_map(|l| l.strip_prefix("VmRSS:"))
-                .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
-        })
-        .unwrap_or(0)
+    turbine_runtime::telemetry::resident_memory_kb(None).unwrap_or(0)
 }
 
 /// Sends one request through the router; returns (status, content type, body).

@@ -13,8 +13,11 @@
 //! Asserted: the node never stops serving (a real call is answered after every batch), every
 //! frame is read, and the process's resident memory stays bounded.
 
+mod common;
+
 use async_trait::async_trait;
 use bytes::Bytes;
+use common::{config as node_config, Probe, Req, Resp};
 use rand::seq::SliceRandom;
 use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
@@ -22,8 +25,9 @@ use serde::Serialize;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
+use turbine_runtime::telemetry::resident_memory_kb;
 use turbine_runtime::wire::{encode_frame, to_payload, Envelope, Kind, WIRE_VERSION};
-use turbine_runtime::{Handler, HandlerError, Node, NodeConfig, RequestCtx, Service, StreamSink};
+use turbine_runtime::{Handler, HandlerError, Node, NodeConfig, RequestCtx, StreamSink};
 use zeromq::{DealerSocket, Socket, SocketRecv, SocketSend, ZmqMessage};
 
 const FRAMES_CI: u64 = 20_000;
@@ -44,39 +48,16 @@ const KINDS: [Kind; 10] = [
     Kind::Error,
 ];
 
-/// The service under fire: ordinary request handling, calls and streams. (The shared test
-/// `Probe` has requests that hang or kill the handler on purpose, which random payloads
-/// would sometimes decode into: those test supervision, not the wire.)
-struct Counter;
-
-#[derive(Debug, Clone, Serialize, serde::Deserialize)]
-enum Req {
-    Echo(String),
-    Incr,
-    /// A stream of `n` numbers.
-    Count(u64),
-    /// A stream that ends only when cancelled (or refused credit).
-    Endless,
-}
-
-#[derive(Debug, Clone, PartialEq, Serialize, serde::Deserialize)]
-enum Resp {
-    Text(String),
-    Num(u64),
-}
-
-impl Service for Counter {
-    type Req = Req;
-    type Resp = Resp;
-}
-
+/// The handler under fire: the shared test `Probe` service, minus the requests that hang or
+/// kill the handler on purpose (random payloads sometimes decode into them; they test
+/// supervision, not the wire), which it refuses like any bad request.
 #[derive(Default)]
 struct CounterHandler {
     count: u64,
 }
 
 #[async_trait]
-impl Handler<Counter> for CounterHandler {
+impl Handler<Probe> for CounterHandler {
     async fn call(&mut self, req: Req, _ctx: &RequestCtx) -> Result<Resp, HandlerError> {
         match req {
             Req::Echo(s) => Ok(Resp::Text(s)),
@@ -84,7 +65,7 @@ impl Handler<Counter> for CounterHandler {
                 self.count += 1;
                 Ok(Resp::Num(self.count))
             }
-            Req::Count(_) | Req::Endless => Err(HandlerError::new("stream only")),
+            _ => Err(HandlerError::new("not served here")),
         }
     }
 
@@ -107,15 +88,6 @@ impl Handler<Counter> for CounterHandler {
             }
         });
         Ok(())
-    }
-}
-
-fn node_config(name: &str) -> NodeConfig {
-    NodeConfig {
-        name: name.to_string(),
-        call_timeout_ms: 2_000,
-        max_frame_bytes: 64 * 1024,
-        ..NodeConfig::default()
     }
 }
 
@@ -314,23 +286,15 @@ impl Mutator {
     }
 }
 
-/// Resident memory of this process in kB (0 where /proc is absent).
 fn rss_kb() -> u64 {
-    std::fs::read_to_string("/proc/self/status")
-        .ok()
-        .and_then(|s| {
-            s.lines()
-                .find_map(|l| l.strip_prefix("VmRSS:"))
-                .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
-        })
-        .unwrap_or(0)
+    resident_memory_kb(None).unwrap_or(0)
 }
 
 async fn fuzz(frames: u64, seed: u64) -> Outcome {
     let server = Node::start(node_config("server")).await.unwrap();
     let client = Node::start(node_config("client")).await.unwrap();
     server
-        .serve::<Counter, _, _>("probe", CounterHandler::default)
+        .serve::<Probe, _, _>("probe", CounterHandler::default)
         .await
         .unwrap();
     let max_frame = server.config().max_frame_bytes;
@@ -347,7 +311,7 @@ async fn fuzz(frames: u64, seed: u64) -> Outcome {
         }
     });
     let addr = client
-        .connect::<Counter>(server.endpoint(), "probe")
+        .connect::<Probe>(server.endpoint(), "probe")
         .await
         .unwrap();
     let mut mutator = Mutator {
@@ -449,7 +413,7 @@ async fn a_second_stream_on_a_live_corr_id_is_refused_and_a_creditless_stream_en
     .await
     .unwrap();
     server
-        .serve::<Counter, _, _>("probe", CounterHandler::default)
+        .serve::<Probe, _, _>("probe", CounterHandler::default)
         .await
         .unwrap();
     let mut raw = DealerSocket::new();
