@@ -70,5 +70,10 @@ fn a_worker_process_joins_serves_and_is_forgotten_when_it_dies() {
     drop(worker);
     let (status, body) = wait_for_status(http, 503);
     assert_eq!(status, 503, "a dead worker is still routed to: {body}");
+    // Not ready once discovery has dropped it (lease expiry; bounded wait).
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while common::http(http, "GET", "/ready", "").0 != 503 && Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(100));
+    }
     assert_eq!(common::http(http, "GET", "/ready", "").0, 503);
 }
