@@ -17,7 +17,7 @@ mod common;
 
 use async_trait::async_trait;
 use bytes::Bytes;
-use common::{config as node_config, Probe, Req, Resp};
+use common::{config as node_config, Probe, ProbeHandler, Req, Resp};
 use rand::seq::SliceRandom;
 use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
@@ -48,24 +48,17 @@ const KINDS: [Kind; 10] = [
     Kind::Error,
 ];
 
-/// The handler under fire: the shared test `Probe` service, minus the requests that hang or
-/// kill the handler on purpose (random payloads sometimes decode into them; they test
-/// supervision, not the wire), which it refuses like any bad request.
-#[derive(Default)]
-struct CounterHandler {
-    count: u64,
-}
+/// The handler under fire: the shared test `Probe` handler, minus the requests that hang or
+/// kill it on purpose (random payloads sometimes decode into them; they test supervision,
+/// not the wire), which it refuses like any bad request.
+struct Guarded(ProbeHandler);
 
 #[async_trait]
-impl Handler<Probe> for CounterHandler {
-    async fn call(&mut self, req: Req, _ctx: &RequestCtx) -> Result<Resp, HandlerError> {
+impl Handler<Probe> for Guarded {
+    async fn call(&mut self, req: Req, ctx: &RequestCtx) -> Result<Resp, HandlerError> {
         match req {
-            Req::Echo(s) => Ok(Resp::Text(s)),
-            Req::Incr => {
-                self.count += 1;
-                Ok(Resp::Num(self.count))
-            }
-            _ => Err(HandlerError::new("not served here")),
+            Req::Hang | Req::Panic | Req::Fatal => Err(HandlerError::new("not served here")),
+            req => self.0.call(req, ctx).await,
         }
     }
 
@@ -73,22 +66,20 @@ impl Handler<Probe> for CounterHandler {
         &mut self,
         req: Req,
         sink: StreamSink<Resp>,
-        _ctx: &RequestCtx,
+        ctx: &RequestCtx,
     ) -> Result<(), HandlerError> {
-        let n = match req {
-            Req::Count(n) => n,
-            Req::Endless => u64::MAX,
-            _ => return Err(HandlerError::new("not a stream request")),
-        };
-        tokio::spawn(async move {
-            for i in 0..n {
-                if sink.send(Resp::Num(i)).await.is_err() {
-                    return;
-                }
-            }
-        });
-        Ok(())
+        self.0.stream(req, sink, ctx).await
     }
+}
+
+/// Serves the guarded probe on `server`.
+async fn serve_probe(server: &Node) {
+    // The cancellation reports are not looked at here; dropping the receiver discards them.
+    let (shared, _) = common::shared();
+    server
+        .serve::<Probe, _, _>("probe", move || Guarded(ProbeHandler::new(shared.clone())))
+        .await
+        .unwrap();
 }
 
 /// What a fuzz run saw, for the report.
@@ -293,10 +284,7 @@ fn rss_kb() -> u64 {
 async fn fuzz(frames: u64, seed: u64) -> Outcome {
     let server = Node::start(node_config("server")).await.unwrap();
     let client = Node::start(node_config("client")).await.unwrap();
-    server
-        .serve::<Probe, _, _>("probe", CounterHandler::default)
-        .await
-        .unwrap();
+    serve_probe(&server).await;
     let max_frame = server.config().max_frame_bytes;
     let mut raw = DealerSocket::new();
     raw.connect(server.endpoint()).await.unwrap();
@@ -412,10 +400,7 @@ async fn a_second_stream_on_a_live_corr_id_is_refused_and_a_creditless_stream_en
     })
     .await
     .unwrap();
-    server
-        .serve::<Probe, _, _>("probe", CounterHandler::default)
-        .await
-        .unwrap();
+    serve_probe(&server).await;
     let mut raw = DealerSocket::new();
     raw.connect(server.endpoint()).await.unwrap();
     let endless = to_payload(&Req::Endless).unwrap();
