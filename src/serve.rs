@@ -3,8 +3,9 @@
 use crate::fetch::resolve_model;
 use anyhow::{Context, Result};
 use std::sync::Arc;
+use std::time::Duration;
 use turbine_actors::cluster_config::ClusterConfig;
-use turbine_actors::frontend::{self, ChatEngine, HttpConfig};
+use turbine_actors::frontend::{self, ChatEngine, HttpConfig, Readiness};
 use turbine_actors::node::local::LocalCluster;
 use turbine_actors::node::Role;
 
@@ -14,11 +15,22 @@ pub async fn up(cfg: ClusterConfig, allow_fetch: bool) -> Result<()> {
     let model = load(&mut cfg, allow_fetch).await?;
     let cluster = LocalCluster::start(&cfg, model).await?;
     let engine: Arc<dyn ChatEngine> = cluster.pipeline.clone();
+    let dispatcher = cluster.pipeline.dispatcher().clone();
     let app = frontend::router(
         engine.clone(),
         cluster.metrics.clone(),
         HttpConfig {
             max_body_bytes: cfg.http.max_body_bytes,
+            max_concurrent_requests: cfg.http.max_concurrent_requests,
+            max_queued_requests: cfg.http.max_queued_requests,
+            request_timeout: cfg.http.request_timeout_ms.map(Duration::from_millis),
+            readiness: Readiness::from_fn(move || {
+                if dispatcher.worker_ids().is_empty() {
+                    Err("no worker has joined yet".to_string())
+                } else {
+                    Ok(())
+                }
+            }),
         },
     );
     let addr = format!("{}:{}", cfg.http.host, cfg.http.port);
@@ -26,10 +38,22 @@ pub async fn up(cfg: ClusterConfig, allow_fetch: bool) -> Result<()> {
         .await
         .with_context(|| format!("binding the HTTP frontend to {addr}"))?;
     let local = listener.local_addr()?;
-    let workers = cfg.workers.iter().map(|g| g.replicas).sum::<usize>();
-    // One line a script can wait for.
+    // One line a script can wait for; it counts the workers that are there, not the ones
+    // the file asks for.
+    let joined = cluster.pipeline.dispatcher().worker_ids().len();
+    let remote = cfg
+        .workers
+        .iter()
+        .filter(|g| g.remote)
+        .map(|g| g.replicas)
+        .sum::<usize>();
+    let workers = match (joined, remote) {
+        (n, 0) => format!("{n} worker(s)"),
+        (0, r) => format!("no worker yet, waiting for {r} remote worker(s) to join"),
+        (n, r) => format!("{n} worker(s), waiting for {r} remote worker(s) to join"),
+    };
     println!(
-        "turbine serving {} on http://{local} ({workers} worker(s), context {} tokens; request plane {})",
+        "turbine serving {} on http://{local} ({workers}; context {} tokens; request plane {})",
         engine.model_id(),
         engine.context_length(),
         cluster.node.endpoint()

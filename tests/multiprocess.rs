@@ -35,16 +35,23 @@ fn a_worker_process_joins_serves_and_is_forgotten_when_it_dies() {
             "http: {{port: {http}}}\n\
              workers:\n  - {{replicas: 1, remote: true, kv_blocks: 256, threads: 1}}\n\
              transport: {{bind: \"127.0.0.1:{plane}\"}}\n\
-             discovery: {{backend: embedded, registry: \"127.0.0.1:{plane}\", lease_ms: 600}}\n"
+             discovery: {{backend: embedded, registry: \"tcp://127.0.0.1:{plane}\", lease_ms: 600}}\n"
         ),
     );
     let file = file.to_str().unwrap();
-    let _frontend = spawn_turbine(&["up", "-f", file, "--no-fetch"], "turbine serving");
+    // The banner tells the truth: no worker has joined yet.
+    let _frontend = spawn_turbine(
+        &["up", "-f", file, "--no-fetch"],
+        "no worker yet, waiting for 1 remote worker(s) to join",
+    );
 
-    // No worker yet: the frontend says so instead of hanging.
+    // No worker yet: the frontend says so instead of hanging, and is live but not ready.
     let (status, body) = complete(http, "Hello");
     assert_eq!(status, 503, "{body}");
     assert!(body.contains("no worker"), "{body}");
+    assert_eq!(common::http(http, "GET", "/health", "").0, 200);
+    let (status, body) = common::http(http, "GET", "/ready", "");
+    assert_eq!(status, 503, "{body}");
 
     let worker = spawn_turbine(
         &["worker", "-f", file, "--bind", "127.0.0.1:0", "--no-fetch"],
@@ -57,9 +64,16 @@ fn a_worker_process_joins_serves_and_is_forgotten_when_it_dies() {
         body.contains("Paris"),
         "greedy answer from the remote worker: {body}"
     );
+    assert_eq!(common::http(http, "GET", "/ready", "").0, 200);
 
     // The worker dies without deregistering: its lease expires and it is no longer routed to.
     drop(worker);
     let (status, body) = wait_for_status(http, 503);
     assert_eq!(status, 503, "a dead worker is still routed to: {body}");
+    // Not ready once discovery has dropped it (lease expiry; bounded wait).
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while common::http(http, "GET", "/ready", "").0 != 503 && Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    assert_eq!(common::http(http, "GET", "/ready", "").0, 503);
 }

@@ -78,6 +78,13 @@ pub struct HttpSection {
     pub port: u16,
     /// Request bodies over this many bytes get 413.
     pub max_body_bytes: usize,
+    /// Generations running at once in this frontend (0 = no limit and no queue).
+    pub max_concurrent_requests: usize,
+    /// Generations waiting for a running slot; more are refused with 429 + Retry-After.
+    pub max_queued_requests: usize,
+    /// Default deadline of a generation in milliseconds, arrival to last byte (none when
+    /// absent); clients can ask for a shorter one with the `x-request-timeout-ms` header.
+    pub request_timeout_ms: Option<u64>,
 }
 
 impl Default for HttpSection {
@@ -86,6 +93,9 @@ impl Default for HttpSection {
             host: "127.0.0.1".to_string(),
             port: 8000,
             max_body_bytes: 4 << 20,
+            max_concurrent_requests: 256,
+            max_queued_requests: 1024,
+            request_timeout_ms: None,
         }
     }
 }
@@ -140,8 +150,10 @@ impl Default for WorkerGroup {
 #[serde(deny_unknown_fields, default)]
 pub struct TransportSection {
     /// Where this process's request-plane ROUTER binds (port 0 = any free port).
+    #[serde(deserialize_with = "addr_field::transport_bind")]
     pub bind: SocketAddr,
     /// Where the event plane's PUB socket binds.
+    #[serde(deserialize_with = "addr_field::transport_events_bind")]
     pub events_bind: SocketAddr,
     /// A call that gets no reply within this many milliseconds fails.
     pub call_timeout_ms: u64,
@@ -163,13 +175,16 @@ pub enum DiscoverySection {
     /// A registry inside the frontend process; workers register with a lease.
     Embedded {
         /// Request-plane address of the process holding the registry (for `turbine worker`).
-        #[serde(default)]
+        #[serde(default, deserialize_with = "addr_field::discovery_registry")]
         registry: Option<SocketAddr>,
         #[serde(default = "default_lease_ms")]
         lease_ms: u64,
     },
     /// Fixed list of worker addresses.
-    Static { workers: Vec<SocketAddr> },
+    Static {
+        #[serde(deserialize_with = "addr_field::discovery_workers")]
+        workers: Vec<SocketAddr>,
+    },
     /// Watch pods by label (not yet implemented: selecting it is an error at start-up).
     Kubernetes {
         namespace: String,
@@ -187,6 +202,57 @@ impl Default for DiscoverySection {
             registry: None,
             lease_ms: default_lease_ms(),
         }
+    }
+}
+
+/// Socket addresses in the file: `IP:port`, or the request plane's own spelling
+/// `tcp://IP:port` (what `turbine up` prints and `--registry` takes). A bad one is refused
+/// with the field's path, so the user knows which line to fix.
+mod addr_field {
+    use serde::{Deserialize, Deserializer};
+    use std::net::SocketAddr;
+
+    /// Parses one address of the field `field`.
+    pub fn parse(field: &str, text: &str) -> Result<SocketAddr, String> {
+        let bare = text.trim();
+        let bare = bare.strip_prefix("tcp://").unwrap_or(bare);
+        bare.parse().map_err(|_| {
+            format!(
+                "`{field}`: `{text}` is not a socket address (expected IP:port or \
+                 tcp://IP:port, e.g. 127.0.0.1:7100)"
+            )
+        })
+    }
+
+    fn one<'de, D: Deserializer<'de>>(field: &str, d: D) -> Result<SocketAddr, D::Error> {
+        let text = String::deserialize(d)?;
+        parse(field, &text).map_err(serde::de::Error::custom)
+    }
+
+    pub fn transport_bind<'de, D: Deserializer<'de>>(d: D) -> Result<SocketAddr, D::Error> {
+        one("transport.bind", d)
+    }
+
+    pub fn transport_events_bind<'de, D: Deserializer<'de>>(d: D) -> Result<SocketAddr, D::Error> {
+        one("transport.events_bind", d)
+    }
+
+    pub fn discovery_registry<'de, D: Deserializer<'de>>(
+        d: D,
+    ) -> Result<Option<SocketAddr>, D::Error> {
+        Option::<String>::deserialize(d)?
+            .map(|text| parse("discovery.registry", &text).map_err(serde::de::Error::custom))
+            .transpose()
+    }
+
+    pub fn discovery_workers<'de, D: Deserializer<'de>>(d: D) -> Result<Vec<SocketAddr>, D::Error> {
+        Vec::<String>::deserialize(d)?
+            .iter()
+            .enumerate()
+            .map(|(i, text)| {
+                parse(&format!("discovery.workers[{i}]"), text).map_err(serde::de::Error::custom)
+            })
+            .collect()
     }
 }
 
@@ -244,6 +310,49 @@ mod tests {
         let err =
             serde_yaml::from_str::<ClusterConfig>("disaggregation: {polcy: never}").unwrap_err();
         assert!(err.to_string().contains("polcy"), "{err}");
+    }
+
+    #[test]
+    fn registry_takes_the_tcp_form_too() {
+        for text in [
+            "discovery: {backend: embedded, registry: tcp://127.0.0.1:7100}",
+            "discovery: {backend: embedded, registry: 127.0.0.1:7100}",
+        ] {
+            let c: ClusterConfig = serde_yaml::from_str(text).unwrap();
+            assert_eq!(
+                c.discovery,
+                DiscoverySection::Embedded {
+                    registry: Some(SocketAddr::from(([127, 0, 0, 1], 7100))),
+                    lease_ms: default_lease_ms(),
+                }
+            );
+        }
+        let c: ClusterConfig =
+            serde_yaml::from_str("transport: {bind: 'tcp://0.0.0.0:7100'}").unwrap();
+        assert_eq!(c.transport.bind, SocketAddr::from(([0, 0, 0, 0], 7100)));
+    }
+
+    #[test]
+    fn a_bad_address_names_its_field() {
+        let cases = [
+            (
+                "discovery: {backend: embedded, registry: 'tcp://nowhere'}",
+                "discovery.registry",
+            ),
+            ("transport: {bind: 'localhost'}", "transport.bind"),
+            ("transport: {events_bind: ':1'}", "transport.events_bind"),
+            (
+                "discovery: {backend: static, workers: ['127.0.0.1:1', 'x:2']}",
+                "discovery.workers[1]",
+            ),
+        ];
+        for (text, field) in cases {
+            let err = serde_yaml::from_str::<ClusterConfig>(text)
+                .unwrap_err()
+                .to_string();
+            assert!(err.contains(&format!("`{field}`")), "{text}: {err}");
+            assert!(!err.contains("invalid socket address syntax"), "{err}");
+        }
     }
 
     #[test]

@@ -157,6 +157,11 @@ pub enum EngineError {
     /// No capacity now; the client should retry later. HTTP 503.
     #[error("the engine is overloaded: {0}")]
     Overloaded(String),
+    /// The request ran past its deadline (the `http.request_timeout_ms` default or the
+    /// client's `x-request-timeout-ms`). HTTP 504, code `request_timeout`; mid-stream, an
+    /// error event ends the stream.
+    #[error("the request exceeded its deadline of {timeout_ms} ms")]
+    DeadlineExceeded { timeout_ms: u64 },
     /// Anything else. HTTP 500.
     #[error("internal engine error: {0}")]
     Internal(String),

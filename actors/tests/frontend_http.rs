@@ -13,7 +13,7 @@ use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::{oneshot, Notify};
 use turbine_actors::frontend::{
     router, serve, ChatEngine, Delta, DeltaStream, EngineError, GenerateRequest, HttpConfig,
-    Metrics, Prompt, TokenLogprobs, TopLogprob, Usage,
+    Metrics, Prompt, Readiness, TokenLogprobs, TopLogprob, Usage,
 };
 use turbine_actors::protocol::FinishReason;
 
@@ -297,10 +297,23 @@ impl HttpResponse {
 }
 
 fn raw_request(method: &str, path: &str, content_type: Option<&str>, body: &[u8]) -> Vec<u8> {
+    raw_request_with(method, path, content_type, &[], body)
+}
+
+fn raw_request_with(
+    method: &str,
+    path: &str,
+    content_type: Option<&str>,
+    extra_headers: &[(&str, &str)],
+    body: &[u8],
+) -> Vec<u8> {
     let mut head = format!(
         "{method} {path} HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\nContent-Length: {}\r\n",
         body.len()
     );
+    for (name, value) in extra_headers {
+        head.push_str(&format!("{name}: {value}\r\n"));
+    }
     if let Some(content_type) = content_type {
         head.push_str(&format!("Content-Type: {content_type}\r\n"));
     }
@@ -378,6 +391,31 @@ async fn send(
             .write_all(&raw_request(method, path, content_type, body))
             .await
             .unwrap();
+        let mut raw = Vec::new();
+        stream.read_to_end(&mut raw).await.unwrap();
+        parse_response(&raw)
+    })
+    .await
+    .expect("request hung")
+}
+
+/// A JSON POST with extra header lines.
+async fn post_with(
+    addr: SocketAddr,
+    path: &str,
+    headers: &[(&str, &str)],
+    body: &Value,
+) -> HttpResponse {
+    tokio::time::timeout(HANG_GUARD, async {
+        let mut stream = TcpStream::connect(addr).await.unwrap();
+        let request = raw_request_with(
+            "POST",
+            path,
+            Some("application/json"),
+            headers,
+            body.to_string().as_bytes(),
+        );
+        stream.write_all(&request).await.unwrap();
         let mut raw = Vec::new();
         stream.read_to_end(&mut raw).await.unwrap();
         parse_response(&raw)
@@ -728,6 +766,7 @@ fn bad(name: &'static str, body: Value, status: u16, param: Option<&'static str>
 async fn bad_requests_get_openai_errors_and_the_server_keeps_serving() {
     let server = start_with(HttpConfig {
         max_body_bytes: 1024,
+        ..HttpConfig::default()
     })
     .await;
     let long_prompt = vec!["w"; CONTEXT + 1].join(" ");
@@ -1161,4 +1200,165 @@ async fn client_disconnect_while_waiting_for_a_non_streaming_answer_cancels() {
     drop(stream);
     server.engine.probe.wait().await;
     assert_still_serving(server.addr).await;
+}
+
+/// The value of an unlabelled gauge in the server's metrics text.
+fn gauge(metrics: &Metrics, name: &str) -> f64 {
+    let text = metrics.encode().unwrap();
+    text.lines()
+        .find_map(|line| line.strip_prefix(&format!("{name} ")))
+        .and_then(|v| v.trim().parse().ok())
+        .unwrap_or_else(|| panic!("no gauge {name} in {text}"))
+}
+
+async fn wait_until(what: &str, cond: impl Fn() -> bool) {
+    tokio::time::timeout(HANG_GUARD, async {
+        while !cond() {
+            tokio::time::sleep(Duration::from_millis(1)).await;
+        }
+    })
+    .await
+    .unwrap_or_else(|_| panic!("never happened: {what}"));
+}
+
+#[tokio::test]
+async fn overload_is_refused_with_429_and_every_admitted_request_finishes() {
+    let server = start_with(HttpConfig {
+        max_concurrent_requests: 2,
+        max_queued_requests: 2,
+        ..HttpConfig::default()
+    })
+    .await;
+    let gated = with(chat_body("gated request"), json!({"stream": true}));
+    // Two run (held at the gate), two wait in the queue.
+    let admitted: Vec<_> = (0..4)
+        .map(|_| {
+            let (addr, body) = (server.addr, gated.clone());
+            tokio::spawn(async move { post(addr, "/v1/chat/completions", &body).await })
+        })
+        .collect();
+    wait_until("two running and two queued", || {
+        server.engine.seen.lock().unwrap().len() == 2
+            && gauge(&server.metrics, "turbine_http_requests_queued") == 2.0
+    })
+    .await;
+
+    // Past the queue: refused at once, OpenAI-shaped, with Retry-After.
+    for _ in 0..3 {
+        let refused = post(server.addr, "/v1/chat/completions", &chat_body("one more")).await;
+        assert_eq!(refused.status, 429, "{}", refused.text());
+        assert_eq!(refused.header("retry-after"), Some("1"));
+        let error = &refused.json()["error"];
+        assert_eq!(error["type"], "rate_limit_error");
+        assert_eq!(error["code"], "rate_limit_exceeded");
+        assert!(error["message"].as_str().unwrap().contains("capacity"));
+    }
+    assert_eq!(
+        server.engine.seen.lock().unwrap().len(),
+        2,
+        "refused ones never reach the engine"
+    );
+
+    // Open the gate until every admitted request is through: all four finish in full.
+    let all_done = || admitted.iter().all(|t| t.is_finished());
+    tokio::time::timeout(HANG_GUARD, async {
+        while !all_done() {
+            server.engine.gate.notify_waiters();
+            tokio::time::sleep(Duration::from_millis(1)).await;
+        }
+    })
+    .await
+    .expect("admitted requests never finished");
+    for task in admitted {
+        let response = task.await.unwrap();
+        assert_eq!(response.status, 200, "{}", response.text());
+        assert_eq!(streamed_text(&parse_chunks(&response)), "before after");
+    }
+    assert_eq!(gauge(&server.metrics, "turbine_http_requests_queued"), 0.0);
+    assert_eq!(
+        gauge(&server.metrics, "turbine_http_requests_in_flight"),
+        0.0
+    );
+    assert_still_serving(server.addr).await;
+}
+
+#[tokio::test]
+async fn a_stream_past_its_deadline_ends_with_an_error_and_is_cancelled() {
+    let server = start().await;
+    let body = with(chat_body("endless stream"), json!({"stream": true}));
+    let response = post_with(
+        server.addr,
+        "/v1/chat/completions",
+        &[("x-request-timeout-ms", "200")],
+        &body,
+    )
+    .await;
+    assert_eq!(response.status, 200);
+    let data = response.sse_data();
+    assert_eq!(data.last().map(String::as_str), Some("[DONE]"));
+    let error: Value = serde_json::from_str(&data[data.len() - 2]).unwrap();
+    assert_eq!(error["error"]["code"], "request_timeout", "{error}");
+    assert!(error["error"]["message"]
+        .as_str()
+        .unwrap()
+        .contains("200 ms"));
+    assert!(streamed_text(&parse_chunks(&response)).starts_with("tick"));
+    server.engine.probe.wait().await;
+    assert_still_serving(server.addr).await;
+}
+
+#[tokio::test]
+async fn the_configured_deadline_answers_504_and_a_bad_header_400() {
+    let server = start_with(HttpConfig {
+        request_timeout: Some(Duration::from_millis(150)),
+        ..HttpConfig::default()
+    })
+    .await;
+    let late = post(
+        server.addr,
+        "/v1/chat/completions",
+        &chat_body("endless please"),
+    )
+    .await;
+    assert_eq!(late.status, 504, "{}", late.text());
+    assert_eq!(late.json()["error"]["code"], "request_timeout");
+    server.engine.probe.wait().await;
+    let bad = post_with(
+        server.addr,
+        "/v1/chat/completions",
+        &[("x-request-timeout-ms", "soon")],
+        &chat_body("x"),
+    )
+    .await;
+    assert_eq!(bad.status, 400);
+    assert!(bad.json()["error"]["message"]
+        .as_str()
+        .unwrap()
+        .contains("x-request-timeout-ms"));
+    // Within the deadline, a request is served as usual.
+    assert_still_serving(server.addr).await;
+}
+
+#[tokio::test]
+async fn health_is_liveness_and_ready_follows_the_engine() {
+    let ready = Arc::new(AtomicBool::new(false));
+    let flag = ready.clone();
+    let server = start_with(HttpConfig {
+        readiness: Readiness::from_fn(move || {
+            if flag.load(Ordering::SeqCst) {
+                Ok(())
+            } else {
+                Err("no worker has joined yet".to_string())
+            }
+        }),
+        ..HttpConfig::default()
+    })
+    .await;
+    assert_eq!(get(server.addr, "/health").await.status, 200);
+    let not_ready = get(server.addr, "/ready").await;
+    assert_eq!(not_ready.status, 503);
+    assert_eq!(not_ready.json()["reason"], "no worker has joined yet");
+    ready.store(true, Ordering::SeqCst);
+    assert_eq!(get(server.addr, "/ready").await.status, 200);
+    assert_eq!(get(server.addr, "/health").await.status, 200);
 }

@@ -33,7 +33,8 @@ pub struct NodeConfig {
     pub name: String,
     /// ZeroMQ endpoint to bind the ROUTER on; port 0 picks a free port.
     pub bind: String,
-    /// How long a call waits for its reply (ms).
+    /// How long a call waits for its reply (ms); also how long a stream served to a remote
+    /// caller waits for credit before it is ended (the caller is gone or stopped reading).
     pub call_timeout_ms: u64,
     /// Inbound frames larger than this are dropped and counted.
     pub max_frame_bytes: usize,
@@ -107,6 +108,9 @@ type StreamKey = (Bytes, u64);
 struct ServedStream {
     cancel: CancellationToken,
     credit: Arc<Semaphore>,
+    /// Which stream holds the key: a task that ends removes its own entry only, never the
+    /// entry of a later stream that reused the corr_id after a cancel.
+    serial: u64,
 }
 
 /// State shared by the node handle and its socket tasks.
@@ -115,8 +119,10 @@ struct Shared {
     config: NodeConfig,
     services: Mutex<HashMap<String, Registered>>,
     served_streams: Mutex<HashMap<StreamKey, ServedStream>>,
+    next_stream_serial: std::sync::atomic::AtomicU64,
     metrics: RuntimeMetrics,
     router_out: mpsc::Sender<ZmqMessage>,
+    clock: SharedClock,
 }
 
 impl Shared {
@@ -196,16 +202,40 @@ impl<S: Service> InboundService for LocalService<S> {
                 let key = (reply.peer.clone(), reply.corr_id);
                 let cancel = CancellationToken::new();
                 let credit = Arc::new(Semaphore::new(shared.config.stream_window.max(1)));
-                lock(&shared.served_streams).insert(
-                    key.clone(),
-                    ServedStream {
-                        cancel: cancel.clone(),
-                        credit: credit.clone(),
-                    },
-                );
+                let serial = shared
+                    .next_stream_serial
+                    .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                {
+                    let mut streams = lock(&shared.served_streams);
+                    if streams.contains_key(&key) {
+                        // A second stream on a live corr_id would make the first one
+                        // uncancellable: refuse it, the first goes on.
+                        drop(streams);
+                        let corr_id = reply.corr_id;
+                        tokio::spawn(async move {
+                            reply
+                                .send_error(WireError::BadRequest(format!(
+                                    "corr_id {corr_id} already has an open stream"
+                                )))
+                                .await
+                        });
+                        return;
+                    }
+                    streams.insert(
+                        key.clone(),
+                        ServedStream {
+                            cancel: cancel.clone(),
+                            credit: credit.clone(),
+                            serial,
+                        },
+                    );
+                }
                 tokio::spawn(async move {
-                    forward_stream(self, req, ctx, reply, cancel, credit).await;
-                    lock(&shared.served_streams).remove(&key);
+                    forward_stream(self, req, ctx, reply, cancel, credit, &shared).await;
+                    let mut streams = lock(&shared.served_streams);
+                    if streams.get(&key).is_some_and(|s| s.serial == serial) {
+                        streams.remove(&key);
+                    }
                 });
             }
             _ => shared.metrics.drop_frame(DropReason::Unexpected),
@@ -213,7 +243,10 @@ impl<S: Service> InboundService for LocalService<S> {
     }
 }
 
-/// Pumps a locally produced stream onto the wire, one item per credit.
+/// Pumps a locally produced stream onto the wire, one item per credit. A consumer that
+/// grants no credit for `call_timeout_ms` (it crashed, or stopped reading) gets an error and
+/// the stream is dropped, which cancels it at the producer: a vanished caller cannot pin a
+/// producer's resources (a worker's KV blocks) forever.
 async fn forward_stream<S: Service>(
     service: Arc<LocalService<S>>,
     req: S::Req,
@@ -221,7 +254,9 @@ async fn forward_stream<S: Service>(
     reply: Responder,
     cancel: CancellationToken,
     credit: Arc<Semaphore>,
+    shared: &Shared,
 ) {
+    let idle = shared.config.call_timeout();
     let mut stream = match service.open_stream(req, ctx).await {
         Ok(s) => s,
         Err(e) => {
@@ -233,7 +268,20 @@ async fn forward_stream<S: Service>(
         let permit = tokio::select! {
             biased;
             _ = cancel.cancelled() => return,
-            p = credit.acquire() => p,
+            p = crate::clock::timeout(shared.clock.as_ref(), idle, credit.acquire()) => p,
+        };
+        let Ok(permit) = permit else {
+            tracing::debug!(
+                corr_id = reply.corr_id,
+                "stream got no credit in {idle:?}; ending it"
+            );
+            reply
+                .send_error(WireError::Handler(format!(
+                    "the caller granted no stream credit for {} ms",
+                    idle.as_millis()
+                )))
+                .await;
+            return;
         };
         let Ok(permit) = permit else { return };
         permit.forget();
@@ -397,8 +445,10 @@ impl Node {
             config,
             services: Mutex::new(HashMap::new()),
             served_streams: Mutex::new(HashMap::new()),
+            next_stream_serial: std::sync::atomic::AtomicU64::new(0),
             metrics,
             router_out,
+            clock: clock.clone(),
         });
         Self {
             inner: Arc::new(NodeInner {

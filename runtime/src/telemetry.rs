@@ -174,3 +174,24 @@ impl RuntimeMetrics {
         self.call_errors.get()
     }
 }
+
+/// Resident memory of a process in kB (`pid` `None`: this one), from /proc; `None` where
+/// /proc is absent or unreadable. For soak tests and benchmarks that check memory stays
+/// bounded.
+pub fn resident_memory_kb(pid: Option<u32>) -> Option<u64> {
+    let path = match pid {
+        Some(pid) => format!("/proc/{pid}/status"),
+        None => "/proc/self/status".to_string(),
+    };
+    std::fs::read_to_string(path)
+        .ok()?
+        .lines()
+        .find_map(|line| {
+            line.strip_prefix("VmRSS:")?
+                .trim()
+                .trim_end_matches("kB")
+                .trim()
+                .parse()
+                .ok()
+        })
+}

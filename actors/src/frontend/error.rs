@@ -3,8 +3,9 @@
 //! WHY one type: every failure (bad JSON, bad field, engine refusal, body too large) must
 //! reach the client with the same shape so OpenAI SDKs can surface the message.
 
+use super::admission::RETRY_AFTER_SECS;
 use super::engine::EngineError;
-use axum::http::StatusCode;
+use axum::http::{header, HeaderValue, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::Json;
 use serde::Serialize;
@@ -18,6 +19,8 @@ pub struct ApiError {
     pub kind: &'static str,
     pub param: Option<String>,
     pub code: Option<String>,
+    /// Seconds for the `Retry-After` header of a refusal the client should retry (429, 503).
+    pub retry_after: Option<u32>,
 }
 
 /// The JSON body of an error.
@@ -45,6 +48,7 @@ impl ApiError {
             kind: "invalid_request_error",
             param: param.map(str::to_string),
             code: None,
+            retry_after: None,
         }
     }
 
@@ -85,6 +89,19 @@ impl ApiError {
             kind: "server_error",
             param: None,
             code: None,
+            retry_after: None,
+        }
+    }
+
+    /// 429: the frontend is at capacity; retry after [`RETRY_AFTER_SECS`].
+    pub fn rate_limited(message: impl Into<String>) -> Self {
+        ApiError {
+            status: StatusCode::TOO_MANY_REQUESTS,
+            message: message.into(),
+            kind: "rate_limit_error",
+            param: None,
+            code: Some("rate_limit_exceeded".to_string()),
+            retry_after: Some(RETRY_AFTER_SECS),
         }
     }
 
@@ -98,7 +115,13 @@ impl ApiError {
                 ApiError::field(prompt_param, message).with_code("context_length_exceeded")
             }
             EngineError::Overloaded(_) => {
-                ApiError::server(StatusCode::SERVICE_UNAVAILABLE, message).with_code("overloaded")
+                let mut err = ApiError::server(StatusCode::SERVICE_UNAVAILABLE, message)
+                    .with_code("overloaded");
+                err.retry_after = Some(RETRY_AFTER_SECS);
+                err
+            }
+            EngineError::DeadlineExceeded { .. } => {
+                ApiError::server(StatusCode::GATEWAY_TIMEOUT, message).with_code("request_timeout")
             }
             EngineError::Internal(_) => {
                 ApiError::server(StatusCode::INTERNAL_SERVER_ERROR, message)
@@ -128,6 +151,12 @@ impl std::error::Error for ApiError {}
 
 impl IntoResponse for ApiError {
     fn into_response(self) -> Response {
-        (self.status, Json(self.body())).into_response()
+        let mut response = (self.status, Json(self.body())).into_response();
+        if let Some(secs) = self.retry_after {
+            response
+                .headers_mut()
+                .insert(header::RETRY_AFTER, HeaderValue::from(secs));
+        }
+        response
     }
 }

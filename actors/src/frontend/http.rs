@@ -1,9 +1,12 @@
 //! The OpenAI-compatible HTTP server (axum).
 //!
 //! Routes: POST /v1/chat/completions, POST /v1/completions, GET /v1/models,
-//! GET /v1/models/{id}, GET /health, GET /metrics. Every error is OpenAI-shaped JSON; the
-//! server never panics on input, so it keeps serving after any bad request.
+//! GET /v1/models/{id}, GET /health (the process is up), GET /ready (a worker is there to
+//! serve), GET /metrics. Every error is OpenAI-shaped JSON; the server never panics on
+//! input, so it keeps serving after any bad request. Generations pass [`Admission`] first:
+//! bounded concurrency, a bounded queue, 429 beyond it, and an optional per-request deadline.
 
+use super::admission::{Admission, Admitted, Deadline};
 use super::engine::{ChatEngine, GenerateRequest};
 use super::error::ApiError;
 use super::generation::{GenEvent, Generation};
@@ -23,20 +26,59 @@ use std::convert::Infallible;
 use std::future::Future;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
-use std::time::{Instant, SystemTime, UNIX_EPOCH};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 /// Server settings.
 #[derive(Clone, Debug)]
 pub struct HttpConfig {
     /// Larger request bodies get 413.
     pub max_body_bytes: usize,
+    /// Generations running at once (0: no limit, no queue).
+    pub max_concurrent_requests: usize,
+    /// Generations waiting for a running slot; beyond this, 429 with `Retry-After`.
+    pub max_queued_requests: usize,
+    /// Default deadline of a generation, arrival to last byte (`None`: none). A client can
+    /// ask for a shorter one with the `x-request-timeout-ms` header.
+    pub request_timeout: Option<Duration>,
+    /// What GET /ready reports.
+    pub readiness: Readiness,
 }
 
 impl Default for HttpConfig {
     fn default() -> Self {
         HttpConfig {
             max_body_bytes: 4 * 1024 * 1024,
+            max_concurrent_requests: 256,
+            max_queued_requests: 1024,
+            request_timeout: None,
+            readiness: Readiness::always(),
         }
+    }
+}
+
+/// Whether the engine can serve now (`Err(why)` if not): e.g. whether any worker has joined.
+/// GET /ready answers 200 or 503 from it; GET /health only says the process is alive.
+#[derive(Clone)]
+pub struct Readiness(Arc<dyn Fn() -> Result<(), String> + Send + Sync>);
+
+impl Readiness {
+    /// Ready whenever the process is up (an engine that needs nothing else).
+    pub fn always() -> Readiness {
+        Readiness(Arc::new(|| Ok(())))
+    }
+
+    pub fn from_fn(check: impl Fn() -> Result<(), String> + Send + Sync + 'static) -> Readiness {
+        Readiness(Arc::new(check))
+    }
+
+    pub fn check(&self) -> Result<(), String> {
+        (self.0)()
+    }
+}
+
+impl std::fmt::Debug for Readiness {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("Readiness(..)")
     }
 }
 
@@ -45,6 +87,9 @@ struct AppState {
     engine: Arc<dyn ChatEngine>,
     metrics: Metrics,
     ids: Arc<ResponseIds>,
+    admission: Arc<Admission>,
+    request_timeout: Option<Duration>,
+    readiness: Readiness,
 }
 
 /// Response ids: a per-process random prefix (ids stay unique across restarts) and a counter.
@@ -69,6 +114,13 @@ pub fn router(engine: Arc<dyn ChatEngine>, metrics: Metrics, cfg: HttpConfig) ->
             nonce: rand::random(),
             next: AtomicU64::new(0),
         }),
+        admission: Arc::new(Admission::new(
+            cfg.max_concurrent_requests,
+            cfg.max_queued_requests,
+            metrics.http().queued_gauge(),
+        )),
+        request_timeout: cfg.request_timeout,
+        readiness: cfg.readiness.clone(),
     };
     Router::new()
         .route("/v1/chat/completions", post(chat_completions))
@@ -76,6 +128,7 @@ pub fn router(engine: Arc<dyn ChatEngine>, metrics: Metrics, cfg: HttpConfig) ->
         .route("/v1/models", get(list_models))
         .route("/v1/models/{id}", get(get_model))
         .route("/health", get(health))
+        .route("/ready", get(ready))
         .route("/metrics", get(scrape_metrics))
         .fallback(unknown_route)
         .method_not_allowed_fallback(method_not_allowed)
@@ -117,9 +170,10 @@ async fn chat_completions(
 ) -> Response {
     let started = Instant::now();
     let result = async {
+        let deadline = Deadline::for_request(started.into(), state.request_timeout, &headers)?;
         let body = json_body(&headers, body)?;
         let req = validate::chat_request(&body, state.engine.model_id())?;
-        generate(&state, req, Endpoint::Chat, started).await
+        generate(&state, req, Endpoint::Chat, started, deadline).await
     };
     result.await.unwrap_or_else(error_response)
 }
@@ -131,9 +185,10 @@ async fn completions(
 ) -> Response {
     let started = Instant::now();
     let result = async {
+        let deadline = Deadline::for_request(started.into(), state.request_timeout, &headers)?;
         let body = json_body(&headers, body)?;
         let req = validate::completion_request(&body, state.engine.model_id())?;
-        generate(&state, req, Endpoint::Completion, started).await
+        generate(&state, req, Endpoint::Completion, started, deadline).await
     };
     result.await.unwrap_or_else(error_response)
 }
@@ -178,15 +233,17 @@ fn json_body(headers: &HeaderMap, body: Result<Bytes, BytesRejection>) -> Result
     })
 }
 
-/// Starts the engine, waits for its first event (so early failures get a proper status),
-/// then answers with SSE or one JSON body.
+/// Admits the request, starts the engine, waits for its first event (so early failures get
+/// a proper status), then answers with SSE or one JSON body, all within `deadline`.
 async fn generate(
     state: &AppState,
     req: GenerateRequest,
     endpoint: Endpoint,
     started: Instant,
+    deadline: Option<Deadline>,
 ) -> Result<Response, ApiError> {
-    let in_flight = InFlight::start(state.metrics.http().clone(), started);
+    let admitted = state.admission.admit(deadline).await?;
+    let in_flight = InFlight::start(state.metrics.http().clone(), started, admitted);
     let meta = ResponseMeta::new(
         endpoint,
         &state.ids.next(),
@@ -197,12 +254,23 @@ async fn generate(
     let stop = req.stop.clone();
     let stream = req.stream;
     let include_usage = req.include_usage;
-    let deltas = state
-        .engine
-        .generate(req)
-        .await
-        .map_err(|err| ApiError::from_engine(err, endpoint.prompt_param()))?;
-    let mut generation = Generation::new(deltas, &stop, started, state.metrics.http().clone());
+    let to_api = |err| ApiError::from_engine(err, endpoint.prompt_param());
+    let deltas = match deadline {
+        Some(d) => tokio::time::timeout_at(d.at, state.engine.generate(req))
+            .await
+            .map_err(|_| to_api(d.exceeded()))?,
+        None => state.engine.generate(req).await,
+    }
+    .map_err(to_api)?;
+    let mut generation = Bounded {
+        generation: Some(Generation::new(
+            deltas,
+            &stop,
+            started,
+            state.metrics.http().clone(),
+        )),
+        deadline,
+    };
     let first = generation.next().await;
     if let Some(GenEvent::Failed(err)) = first {
         return Err(ApiError::from_engine(err, endpoint.prompt_param()));
@@ -219,8 +287,31 @@ async fn generate(
     }
 }
 
+/// A generation cut off at its deadline: the engine stream is dropped (which cancels the
+/// request engine-side) and one `DeadlineExceeded` failure is its last event.
+struct Bounded {
+    generation: Option<Generation>,
+    deadline: Option<Deadline>,
+}
+
+impl Bounded {
+    async fn next(&mut self) -> Option<GenEvent> {
+        let generation = self.generation.as_mut()?;
+        let Some(deadline) = self.deadline else {
+            return generation.next().await;
+        };
+        match tokio::time::timeout_at(deadline.at, generation.next()).await {
+            Ok(event) => event,
+            Err(_) => {
+                self.generation = None;
+                Some(GenEvent::Failed(deadline.exceeded()))
+            }
+        }
+    }
+}
+
 async fn aggregate(
-    mut generation: Generation,
+    mut generation: Bounded,
     first: Option<GenEvent>,
     meta: &ResponseMeta,
 ) -> Result<Response, ApiError> {
@@ -252,14 +343,14 @@ async fn aggregate(
 /// State of one SSE body. Dropping it (client gone) drops the generation and with it the
 /// engine stream, which cancels the request engine-side.
 struct SseBody {
-    generation: Generation,
+    generation: Bounded,
     first: Option<GenEvent>,
     writer: SseWriter,
     _in_flight: InFlight,
 }
 
 fn sse_response(
-    generation: Generation,
+    generation: Bounded,
     first: Option<GenEvent>,
     writer: SseWriter,
     in_flight: InFlight,
@@ -300,16 +391,22 @@ fn sse_response(
     response
 }
 
-/// Counts a generation request as in flight until dropped (the end of its response body).
+/// Counts a generation request as in flight, and holds its admission slot, until dropped
+/// (the end of its response body).
 struct InFlight {
     metrics: HttpMetrics,
     started: Instant,
+    _admitted: Admitted,
 }
 
 impl InFlight {
-    fn start(metrics: HttpMetrics, started: Instant) -> Self {
+    fn start(metrics: HttpMetrics, started: Instant, admitted: Admitted) -> Self {
         metrics.request_started();
-        InFlight { metrics, started }
+        InFlight {
+            metrics,
+            started,
+            _admitted: admitted,
+        }
     }
 }
 
@@ -344,8 +441,21 @@ async fn get_model(State(state): State<AppState>, Path(id): Path<String>) -> Res
     }
 }
 
+/// Liveness: the process answers HTTP. Says nothing about workers (see [`ready`]).
 async fn health() -> Json<serde_json::Value> {
     Json(serde_json::json!({"status": "ok"}))
+}
+
+/// Readiness: 200 when a generation could be served now, 503 (with the reason) when not.
+async fn ready(State(state): State<AppState>) -> Response {
+    match state.readiness.check() {
+        Ok(()) => Json(serde_json::json!({"status": "ready"})).into_response(),
+        Err(why) => (
+            StatusCode::SERVICE_UNAVAILABLE,
+            Json(serde_json::json!({"status": "not ready", "reason": why})),
+        )
+            .into_response(),
+    }
 }
 
 async fn scrape_metrics(State(state): State<AppState>) -> Response {

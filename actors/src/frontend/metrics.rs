@@ -27,6 +27,7 @@ pub struct RequestLabels {
 pub struct HttpMetrics {
     requests: Family<RequestLabels, Counter>,
     in_flight: Gauge,
+    queued: Gauge,
     prompt_tokens: Counter,
     completion_tokens: Counter,
     time_to_first_token: Histogram,
@@ -39,6 +40,7 @@ impl HttpMetrics {
         HttpMetrics {
             requests: Family::default(),
             in_flight: Gauge::default(),
+            queued: Gauge::default(),
             prompt_tokens: Counter::default(),
             completion_tokens: Counter::default(),
             // 1 ms .. ~33 s
@@ -60,6 +62,11 @@ impl HttpMetrics {
             "turbine_http_requests_in_flight",
             "Generation requests being served now",
             self.in_flight.clone(),
+        );
+        registry.register(
+            "turbine_http_requests_queued",
+            "Generation requests waiting for a running slot (http.max_concurrent_requests)",
+            self.queued.clone(),
         );
         registry.register(
             "turbine_prompt_tokens",
@@ -95,6 +102,11 @@ impl HttpMetrics {
                 status: status.to_string(),
             })
             .inc();
+    }
+
+    /// The gauge of requests waiting for admission (the admission queue moves it).
+    pub fn queued_gauge(&self) -> Gauge {
+        self.queued.clone()
     }
 
     pub fn request_started(&self) {

@@ -3,7 +3,8 @@
 //! `openai` holds the wire types, `validate` turns a body into a [`engine::GenerateRequest`],
 //! `engine` is the seam to whatever generates tokens, `generation` drives one engine stream
 //! (stop strings, token counting), `render` shapes responses, `http` is the axum server and
-//! `metrics` the Prometheus registry it exposes.
+//! `metrics` the Prometheus registry it exposes, `admission` the overload limits and
+//! request deadlines.
 //!
 //! Wiring (what `turbine up` does once an engine exists):
 //! ```ignore
@@ -13,6 +14,7 @@
 //! frontend::serve(listener, app, async { let _ = tokio::signal::ctrl_c().await; }).await?;
 //! ```
 
+pub mod admission;
 pub mod engine;
 pub mod error;
 pub mod generation;
@@ -28,5 +30,5 @@ pub use engine::{
     TokenLogprobs, TopLogprob, Usage,
 };
 pub use error::ApiError;
-pub use http::{router, serve, HttpConfig};
+pub use http::{router, serve, HttpConfig, Readiness};
 pub use metrics::Metrics;
