@@ -23,7 +23,8 @@ pub enum Replicas {
 }
 
 impl Replicas {
-    fn pools(self) -> Vec<usize> {
+    /// The pool sizes in order: aggregated; or prefill, decode.
+    pub fn pools(self) -> Vec<usize> {
         match self {
             Replicas::Aggregated { workers } => vec![workers],
             Replicas::Disaggregated { prefill, decode } => vec![prefill, decode],
