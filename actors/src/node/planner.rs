@@ -6,7 +6,7 @@ use super::local::LocalCluster;
 use super::StartError;
 use crate::cluster_config::ClusterConfig;
 use crate::engine_profile::Profile;
-use crate::planner::actor::{spawn_planner, DecisionLog};
+use crate::planner::actor::{from_tap, spawn_planner, DecisionLog};
 use crate::planner::config::ConnectorConfig;
 use crate::planner::connector::{Connector, KubernetesDryRun};
 use crate::planner::local::{LocalProcesses, LocalSpec};
@@ -112,7 +112,7 @@ pub fn start_planner(
     let task = spawn_planner(
         planner,
         Duration::from_millis(p.adjustment_interval_ms),
-        tap,
+        from_tap(tap),
         connector,
         cluster.node.clock().clone(),
         decisions.clone(),

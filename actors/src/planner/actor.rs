@@ -54,11 +54,20 @@ impl DecisionRecord {
 /// test).
 pub type DecisionLog = Arc<Mutex<Vec<DecisionRecord>>>;
 
+/// The interval's observations, taken once per interval (a [`LoadTap`]'s `take`, or the
+/// simulator's records).
+pub type Observe = Box<dyn FnMut() -> IntervalMetrics + Send>;
+
+/// An [`Observe`] that drains `tap`.
+pub fn from_tap(tap: LoadTap) -> Observe {
+    Box::new(move || tap.take())
+}
+
 /// Runs the planner until the returned task is aborted.
 pub fn spawn_planner(
     mut planner: Planner,
     interval: Duration,
-    tap: LoadTap,
+    mut observe: Observe,
     mut connector: Box<dyn Connector>,
     clock: SharedClock,
     log: DecisionLog,
@@ -68,7 +77,7 @@ pub fn spawn_planner(
         loop {
             clock.sleep(interval).await;
             let now = clock.now().saturating_duration_since(start);
-            let observed = tap.take();
+            let observed = observe();
             planner.observe(now, &observed);
             let decision = planner.decide(now);
             let applied = match connector.apply(decision.replicas).await {
