@@ -10,7 +10,7 @@ mkdir -p "$OUT"
 SLO="--slo-ttft-ms 2000 --slo-itl-ms 200"
 declare -A TRACES=(
   [bursty]="--arrival surges --rate 4 --duration-s 600"
-  [diurnal]="--arrival diurnal --rate 4 --duration-s 600"
+  [diurnal]="--arrival diurnal --rate 8 --duration-s 600"
   [mooncake]="--trace sim/traces/mooncake_sample.jsonl --time-scale ${MOONCAKE_SCALE:-1} --duration-s 600"
 )
 row() { # name trace-args extra-args
@@ -32,5 +32,5 @@ for TRACE in bursty diurnal mooncake; do
   mean=$(awk -F, 'NR>1 {s+=$5; n++} END {m=s/n; printf "%d", (m==int(m))?m:int(m)+1}' "$OUT/$TRACE-constant.csv")
   WORKERS=$peak; row "static at peak ($peak)" "$args" ""
   WORKERS=$mean; row "static at mean ($mean)" "$args" ""
-  python3 scripts/planner_plot.py "$OUT/$TRACE-kalman.csv" "$OUT/$TRACE-constant.csv" "$OUT/$TRACE.svg" "$TRACE" || true
+  echo "<!-- $TRACE: $(python3 scripts/planner_plot.py "$OUT/$TRACE-kalman.csv" "$OUT/$TRACE-constant.csv" "$OUT/$TRACE.svg" "$TRACE") -->"
 done

@@ -61,3 +61,17 @@ for i, (c, d, name) in enumerate(legend):
 parts.append("</svg>")
 with open(out, "w") as f:
     f.write("\n".join(parts))
+
+# Forecast error on the ramps: intervals whose load rose over the one before, comparing the
+# forecast made one interval earlier with what came.
+def ramp_error(rows):
+    errs = []
+    for prev, cur in zip(rows, rows[1:]):
+        if prev["forecast_requests"] == "":
+            continue
+        if float(cur["observed_requests"]) > float(prev["observed_requests"]):
+            errs.append(abs(float(prev["forecast_requests"]) - float(cur["observed_requests"])))
+    return sum(errs) / len(errs) if errs else float("nan")
+
+print(f"ramp forecast error (mean |forecast - load| on rising intervals, requests/interval): "
+      f"kalman {ramp_error(kal):.2f}, constant {ramp_error(con):.2f}")
