@@ -304,6 +304,27 @@ pub fn comparison_table<'a>(reports: impl Iterator<Item = &'a Report>) -> String
     s
 }
 
+/// The planner's decisions of a run as CSV (see `--planner-log`).
+pub fn planner_csv(o: &SimOutcome) -> String {
+    let mut s = String::from(
+        "t_s,observed_requests,forecast_requests,target_workers,provisioned_workers\n",
+    );
+    for d in o.planner.iter().flat_map(|p| &p.decisions) {
+        let _ = writeln!(
+            s,
+            "{:.3},{},{},{},{}",
+            d.at.as_secs_f64(),
+            d.observed.requests,
+            d.forecast
+                .map(|f| format!("{:.3}", f.requests))
+                .unwrap_or_default(),
+            d.target.total(),
+            d.applied.map(|r| r.total().to_string()).unwrap_or_default()
+        );
+    }
+    s
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -337,25 +358,4 @@ mod tests {
             (9, PolicyKind::RoundRobin, true)
         );
     }
-}
-
-/// The planner's decisions of a run as CSV (see `--planner-log`).
-pub fn planner_csv(o: &SimOutcome) -> String {
-    let mut s = String::from(
-        "t_s,observed_requests,forecast_requests,target_workers,provisioned_workers\n",
-    );
-    for d in o.planner.iter().flat_map(|p| &p.decisions) {
-        let _ = writeln!(
-            s,
-            "{:.3},{},{},{},{}",
-            d.at.as_secs_f64(),
-            d.observed.requests,
-            d.forecast
-                .map(|f| format!("{:.3}", f.requests))
-                .unwrap_or_default(),
-            d.target.total(),
-            d.applied.map(|r| r.total().to_string()).unwrap_or_default()
-        );
-    }
-    s
 }

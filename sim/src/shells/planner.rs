@@ -73,7 +73,7 @@ pub(super) struct SimFleet {
     startup_delay: SimDuration,
     max_slots: u32,
     live: BTreeMap<u32, Provisioned>,
-    timeline: Arc<Mutex<Vec<(SimTime, usize)>>>,
+    timeline: Timeline,
 }
 
 #[async_trait]
@@ -133,6 +133,9 @@ async fn drain(world: Arc<World>, router: Arc<RouterCore>, slot: u32) {
     world.retire(slot).await;
 }
 
+/// (workload time, workers provisioned) at each change of the fleet.
+type Timeline = Arc<Mutex<Vec<(SimTime, usize)>>>;
+
 /// Starts the planner on `world`, whose first `initial` slots are up.
 pub(super) fn start(
     world: Arc<World>,
@@ -140,14 +143,7 @@ pub(super) fn start(
     records: Arc<Mutex<Vec<RequestRecord>>>,
     cfg: &SimPlanner,
     initial: u32,
-) -> Result<
-    (
-        JoinHandle<()>,
-        DecisionLog,
-        Arc<Mutex<Vec<(SimTime, usize)>>>,
-    ),
-    String,
-> {
+) -> Result<(JoinHandle<()>, DecisionLog, Timeline), String> {
     let current = Replicas::Aggregated {
         workers: initial as usize,
     };
