@@ -57,6 +57,7 @@ pub fn interval_metrics(records: &[RequestRecord], from: SimTime, to: SimTime) -
         mean_osl: mean(&osl),
         mean_ttft_s: mean(&ttft),
         mean_itl_s: mean(&itl),
+        // Not from the clients: the caller samples the workers.
         mean_decode_batch: None,
     }
 }
@@ -133,6 +134,18 @@ async fn drain(world: Arc<World>, router: Arc<RouterCore>, slot: u32) {
     world.retire(slot).await;
 }
 
+/// The mean running batch over the workers that run one now (the load reports' figure, read
+/// at the tick, as a `turbine worker`'s latest report would give it).
+fn decode_batch_now(world: &World) -> Option<f64> {
+    let running: Vec<usize> = world
+        .live_workers()
+        .iter()
+        .map(|(_, h, _)| h.stats().num_running)
+        .filter(|&n| n > 0)
+        .collect();
+    (!running.is_empty()).then(|| running.iter().sum::<usize>() as f64 / running.len() as f64)
+}
+
 /// (workload time, workers provisioned) at each change of the fleet.
 type Timeline = Arc<Mutex<Vec<(SimTime, usize)>>>;
 
@@ -162,9 +175,11 @@ pub(super) fn start(
     };
     let clock = world.clock.clone();
     let mut last = clock.sim_now();
+    let sampled = world.clone();
     let observe = Box::new(move || {
         let now = clock.sim_now();
-        let m = interval_metrics(&lock(&records), last, now);
+        let mut m = interval_metrics(&lock(&records), last, now);
+        m.mean_decode_batch = decode_batch_now(&sampled);
         last = now;
         m
     });
