@@ -49,10 +49,10 @@ pub async fn up(cfg: ClusterConfig, file: Option<PathBuf>, allow_fetch: bool) ->
         cluster.node.endpoint()
     );
     frontend::serve(listener, app, shutdown_signal()).await?;
-    if let Some(p) = planner {
+    if let Some(mut p) = planner {
         // Dropping the connector stops the worker processes it started.
         p.task.abort();
-        let _ = p.task.await;
+        let _ = (&mut p.task).await;
     }
     eprintln!("turbine: drained, exiting");
     Ok(())
