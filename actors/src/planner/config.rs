@@ -387,4 +387,39 @@ mod tests {
         .validate(1)
         .is_ok());
     }
+
+    #[test]
+    fn connectors_parse_and_kubernetes_must_name_its_pools_and_stay_a_dry_run() {
+        let c: PlannerConfig = serde_yaml::from_str("profile: p").unwrap();
+        assert_eq!(c.connector, ConnectorConfig::default());
+        let k = |yaml: &str, pools| {
+            let c: PlannerConfig = serde_yaml::from_str(yaml).unwrap();
+            c.validate(pools)
+        };
+        assert!(k(
+            "{profile: p, connector: {kind: kubernetes, aggregated: serve}}",
+            1
+        )
+        .is_ok());
+        assert!(k(
+            "{profile: p, connector: {kind: kubernetes, prefill: pf, decode: dc}}",
+            2
+        )
+        .is_ok());
+        let e = k(
+            "{profile: p, connector: {kind: kubernetes, prefill: pf, decode: dc}}",
+            1,
+        );
+        assert!(e.unwrap_err().to_string().contains("aggregated"));
+        let e = k(
+            "{profile: p, connector: {kind: kubernetes, aggregated: a, dry_run: false}}",
+            1,
+        );
+        assert!(e.unwrap_err().to_string().contains("dry_run"));
+        let e = serde_yaml::from_str::<PlannerConfig>(
+            "{profile: p, connector: {kind: local, grup: 1}}",
+        )
+        .unwrap_err();
+        assert!(e.to_string().contains("grup"), "{e}");
+    }
 }
