@@ -140,12 +140,6 @@ fn load_config(args: &UpArgs) -> Result<ClusterConfig> {
         Some(path) => read_config(path)?,
         None => ClusterConfig::default(),
     };
-    // Parsed and checked already, but nothing runs it yet: say so rather than ignore it.
-    anyhow::ensure!(
-        cfg.planner.is_none(),
-        "planner: the planner does not run in `turbine up` yet (only its config and \
-         `turbine profile` exist); remove the section and size the pools with `replicas`"
-    );
     if let Some(m) = &args.model {
         cfg.model.path = m.clone();
     }
@@ -188,7 +182,7 @@ fn run(cli: Cli) -> Result<()> {
     match cli.command {
         Command::Up(args) => {
             let cfg = load_config(&args)?;
-            runtime.block_on(turbine::serve::up(cfg, !args.no_fetch))
+            runtime.block_on(turbine::serve::up(cfg, args.file.clone(), !args.no_fetch))
         }
         Command::Worker(args) => {
             let mut cfg = read_config(&args.file)?;

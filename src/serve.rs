@@ -2,19 +2,33 @@
 
 use crate::fetch::resolve_model;
 use anyhow::{Context, Result};
+use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
 use turbine_actors::cluster_config::ClusterConfig;
 use turbine_actors::frontend::{self, ChatEngine, HttpConfig, Readiness};
 use turbine_actors::node::local::LocalCluster;
+use turbine_actors::node::planner::start_planner;
 use turbine_actors::node::Role;
+use turbine_actors::planner::tap::{LoadTap, MeteredEngine};
 
-/// Serves `cfg` until Ctrl-C (or SIGTERM); in-flight requests drain before it returns.
-pub async fn up(cfg: ClusterConfig, allow_fetch: bool) -> Result<()> {
+/// Serves `cfg` (read from `file`, if any) until Ctrl-C (or SIGTERM); in-flight requests
+/// drain before it returns.
+pub async fn up(cfg: ClusterConfig, file: Option<PathBuf>, allow_fetch: bool) -> Result<()> {
     let mut cfg = cfg;
     let model = load(&mut cfg, allow_fetch).await?;
     let cluster = LocalCluster::start(&cfg, model).await?;
-    let engine: Arc<dyn ChatEngine> = cluster.pipeline.clone();
+    let mut engine: Arc<dyn ChatEngine> = cluster.pipeline.clone();
+    // The planner reads the frontend's requests through a tap around the engine.
+    let mut planner = None;
+    if cfg.planner.is_some() {
+        let file =
+            file.context("planner: `turbine up -f FILE` (its workers read the same file)")?;
+        let tap = LoadTap::new();
+        engine = Arc::new(MeteredEngine::new(engine, tap.clone()));
+        let binary = std::env::current_exe().context("finding the turbine executable")?;
+        planner = start_planner(&cfg, &file, binary, &cluster, tap)?;
+    }
     let dispatcher = cluster.pipeline.dispatcher().clone();
     let app = frontend::router(
         engine.clone(),
@@ -59,6 +73,11 @@ pub async fn up(cfg: ClusterConfig, allow_fetch: bool) -> Result<()> {
         cluster.node.endpoint()
     );
     frontend::serve(listener, app, shutdown_signal()).await?;
+    if let Some(mut p) = planner {
+        // Dropping the connector stops the worker processes it started.
+        p.task.abort();
+        let _ = (&mut p.task).await;
+    }
     eprintln!("turbine: drained, exiting");
     Ok(())
 }

@@ -5,7 +5,7 @@ use crate::network::{JitterKind, NetConfig};
 use crate::report::{latency_svg, Report, Slo};
 use crate::rng::SeedSplitter;
 use crate::run::{simulate, SimConfig, SimOutcome};
-use crate::time::SimTime;
+use crate::time::{SimDuration, SimTime};
 use crate::workload::{load_trace, reshape, ArrivalKind, RequestSpec, Synthetic, TraceFormat};
 use anyhow::{bail, Context};
 use std::fmt::Write as _;
@@ -116,6 +116,19 @@ pub struct SimArgs {
     /// Write the full event log (one line per event) here.
     #[arg(long)]
     pub event_log: Option<PathBuf>,
+
+    /// Size the fleet with the planner of this cluster file's `planner:` section (its
+    /// connector is replaced by the simulator's; `--workers` is the starting size). The
+    /// planner reads `--profile`, the engine the run simulates.
+    #[arg(long)]
+    pub planner: Option<PathBuf>,
+    /// Simulated start-up time of a worker the planner adds (seconds).
+    #[arg(long, default_value_t = 10.0)]
+    pub planner_startup_s: f64,
+    /// Write the planner's decisions here as CSV: time, observed and forecast requests per
+    /// interval, target and provisioned workers.
+    #[arg(long)]
+    pub planner_log: Option<PathBuf>,
 }
 
 fn parse_policy(name: &str) -> Result<PolicyKind, String> {
@@ -174,6 +187,19 @@ pub fn build_config(args: &SimArgs, workload: &[RequestSpec]) -> anyhow::Result<
     if let Some(spec) = &args.faults {
         cfg.faults = FaultPlan::parse(spec, &seeds, args.workers, span)?;
     }
+    if let Some(path) = &args.planner {
+        let text =
+            std::fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))?;
+        let file: turbine_actors::cluster_config::ClusterConfig =
+            serde_yaml::from_str(&text).with_context(|| format!("in {}", path.display()))?;
+        let config = file
+            .planner
+            .with_context(|| format!("{}: no planner: section", path.display()))?;
+        cfg.planner = Some(crate::run::SimPlanner {
+            config,
+            startup_delay: SimDuration::from_secs_f64(args.planner_startup_s.max(0.0)),
+        });
+    }
     Ok(cfg)
 }
 
@@ -205,8 +231,22 @@ pub fn run(args: &SimArgs) -> anyhow::Result<Vec<(Report, SimOutcome)>> {
 /// printing) when an invariant was violated, naming the seed to replay.
 pub fn run_cli(args: SimArgs) -> anyhow::Result<()> {
     let runs = run(&args)?;
-    for (r, _) in &runs {
+    for (r, o) in &runs {
         println!("{}", r.table());
+        println!(
+            "worker-hours {:.4} ({} at start{})",
+            o.worker_seconds(args.workers) / 3600.0,
+            args.workers,
+            if o.planner.is_some() {
+                ", planner-sized"
+            } else {
+                ", static"
+            }
+        );
+    }
+    if let (Some(path), Some((_, o))) = (&args.planner_log, runs.first()) {
+        std::fs::write(path, planner_csv(o))
+            .with_context(|| format!("writing {}", path.display()))?;
     }
     if runs.len() > 1 {
         println!("{}", comparison_table(runs.iter().map(|(r, _)| r)));
@@ -259,6 +299,27 @@ pub fn comparison_table<'a>(reports: impl Iterator<Item = &'a Report>) -> String
             r.e2e_ms.p50,
             100.0 * r.prefix_hit_rate,
             r.goodput_rps
+        );
+    }
+    s
+}
+
+/// The planner's decisions of a run as CSV (see `--planner-log`).
+pub fn planner_csv(o: &SimOutcome) -> String {
+    let mut s = String::from(
+        "t_s,observed_requests,forecast_requests,target_workers,provisioned_workers\n",
+    );
+    for d in o.planner.iter().flat_map(|p| &p.decisions) {
+        let _ = writeln!(
+            s,
+            "{:.3},{},{},{},{}",
+            d.at.as_secs_f64(),
+            d.observed.requests,
+            d.forecast
+                .map(|f| format!("{:.3}", f.requests))
+                .unwrap_or_default(),
+            d.target.total(),
+            d.applied.map(|r| r.total().to_string()).unwrap_or_default()
         );
     }
     s

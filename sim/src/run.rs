@@ -26,6 +26,24 @@ pub struct SimConfig {
     pub settle: SimDuration,
     /// Keep the event log as text lines too (memory grows with the run).
     pub keep_event_log: bool,
+    /// Size the fleet with the planner (`workers` is then the starting size).
+    pub planner: Option<SimPlanner>,
+}
+
+/// The planner in a simulated run: its section, acting through the simulator's connector
+/// (workers added after `startup_delay`, removed after draining).
+#[derive(Clone, Debug)]
+pub struct SimPlanner {
+    pub config: turbine_actors::planner::PlannerConfig,
+    pub startup_delay: SimDuration,
+}
+
+/// What the planner did in a run.
+#[derive(Clone, Debug, Default)]
+pub struct PlannerOutcome {
+    pub decisions: Vec<turbine_actors::planner::actor::DecisionRecord>,
+    /// (workload time, workers provisioned: starting, serving or draining) at each change.
+    pub timeline: Vec<(SimTime, usize)>,
 }
 
 impl SimConfig {
@@ -42,6 +60,7 @@ impl SimConfig {
             lease: SimDuration::from_millis(1000),
             settle: SimDuration::from_millis(3000),
             keep_event_log: false,
+            planner: None,
         }
     }
 }
@@ -132,6 +151,33 @@ pub struct SimOutcome {
     pub invariant_violations: Vec<String>,
     #[serde(skip)]
     pub event_log_lines: Option<Vec<String>>,
+    #[serde(skip)]
+    pub planner: Option<PlannerOutcome>,
+}
+
+impl SimOutcome {
+    /// Worker-seconds provisioned from workload time 0 to the last request's end: the
+    /// planner's timeline, or `workers` all along.
+    pub fn worker_seconds(&self, workers: u32) -> f64 {
+        let end = self
+            .requests
+            .iter()
+            .filter_map(|r| r.finished)
+            .max()
+            .unwrap_or(self.end)
+            .as_secs_f64();
+        let Some(p) = &self.planner else {
+            return f64::from(workers) * end;
+        };
+        let mut total = 0.0;
+        let (mut at, mut n) = (0.0, workers as usize);
+        for &(t, count) in &p.timeline {
+            let t = t.as_secs_f64().min(end);
+            total += (t - at).max(0.0) * n as f64;
+            (at, n) = (t.max(at), count);
+        }
+        total + (end - at).max(0.0) * n as f64
+    }
 }
 
 #[derive(Debug, thiserror::Error)]

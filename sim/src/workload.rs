@@ -73,6 +73,10 @@ pub enum ArrivalKind {
     Poisson,
     /// On/off: 1 s bursts at `burst_factor`×rate alternating with quiet gaps, same mean.
     Bursty,
+    /// Planner scale: every 120 s, a 30 s surge at 3×rate, then 90 s at rate/3 (same mean).
+    Surges,
+    /// A compressed day: the rate follows rate·(1 − 0.9·cos(2πt / 600 s)), same mean.
+    Diurnal,
 }
 
 /// A synthetic workload with optional shared-prefix groups.
@@ -127,6 +131,17 @@ impl Synthetic {
                     } else {
                         rate * (2.0 - f).max(0.05)
                     }
+                }
+                ArrivalKind::Surges => {
+                    if t % 120.0 < 30.0 {
+                        rate * 3.0
+                    } else {
+                        rate / 3.0
+                    }
+                }
+                ArrivalKind::Diurnal => {
+                    let phase = std::f64::consts::TAU * t / 600.0;
+                    (rate * (1.0 - 0.9 * phase.cos())).max(rate * 0.05)
                 }
             };
             t += exponential(&mut rng, 1.0 / r);

@@ -32,6 +32,8 @@ pub struct LocalCluster {
     pub metrics: Metrics,
     /// The router's KV index, when the router runs in this process.
     pub index: Option<Arc<FlashIndexer>>,
+    /// The router, when it runs in this process (the planner takes leaving workers out).
+    pub router: Option<Arc<RouterCore>>,
     /// This process's request-plane node: the workers are served on it, so other
     /// processes could reach them too.
     pub node: Node,
@@ -194,6 +196,7 @@ impl LocalCluster {
             pipeline,
             metrics,
             index: router.as_ref().map(|r| r.index().clone()),
+            router,
             node,
             workers,
             _registry: registry,

@@ -10,10 +10,11 @@
 //! - where a worker's KV events and load reports go ([`Announce`]).
 //!
 //! Roles today: frontend (with the router in its process, or reaching a router process),
-//! router, aggregated worker. A new role (prefill, decode, encoder, planner, stage) is one
+//! router, aggregated worker, planner (in `turbine up`'s process, [`planner`]). A new role (prefill, decode, encoder, planner, stage) is one
 //! more arm of [`Role`] and one builder here.
 
 pub mod local;
+pub mod planner;
 pub mod process;
 
 use crate::cluster_config::{ClusterConfig, WorkerGroup, WorkerRole};

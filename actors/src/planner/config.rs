@@ -31,6 +31,8 @@ pub struct PlannerConfig {
     pub cooldown_ms: u64,
     /// Scale the math by observed/expected TTFT and ITL (the profile's error on this load).
     pub correction: bool,
+    /// How a decision is carried out (local processes, a Kubernetes workload, the simulator).
+    pub connector: ConnectorConfig,
 }
 
 impl Default for PlannerConfig {
@@ -47,6 +49,70 @@ impl Default for PlannerConfig {
             max_devices: None,
             cooldown_ms: 120_000,
             correction: true,
+            connector: ConnectorConfig::default(),
+        }
+    }
+}
+
+/// Where the planner's decisions go.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(tag = "kind", rename_all = "snake_case", deny_unknown_fields)]
+pub enum ConnectorConfig {
+    /// `turbine worker` processes on this machine, started with the same cluster file; each
+    /// joins through discovery. Scale-down stops routing to a worker, waits until it
+    /// reports itself idle, then sends SIGTERM and waits for it to exit.
+    Local {
+        /// The worker group (0-based index into `workers:`) the extra processes run.
+        #[serde(default)]
+        group: usize,
+        /// How long a worker leaving may take to finish its requests before SIGTERM, and
+        /// then to exit before it is killed (milliseconds, each).
+        #[serde(default = "default_drain_ms")]
+        drain_timeout_ms: u64,
+    },
+    /// Patches the `spec.replicas` of the pools' workloads. Dry-run only in this build: the
+    /// JSON merge patch is printed, not sent (the API client is issue #20).
+    Kubernetes {
+        #[serde(default = "default_namespace")]
+        namespace: String,
+        /// Workload kind in the patch's path: `deployments` or `statefulsets`.
+        #[serde(default = "default_workload_kind")]
+        workload_kind: String,
+        /// The aggregated pool's workload (aggregated clusters).
+        #[serde(default)]
+        aggregated: Option<String>,
+        /// The prefill and decode pools' workloads (disaggregated clusters).
+        #[serde(default)]
+        prefill: Option<String>,
+        #[serde(default)]
+        decode: Option<String>,
+        /// Must be true: printing the patch is all this build does.
+        #[serde(default = "default_true")]
+        dry_run: bool,
+    },
+}
+
+fn default_drain_ms() -> u64 {
+    30_000
+}
+
+fn default_namespace() -> String {
+    "default".to_string()
+}
+
+fn default_workload_kind() -> String {
+    "deployments".to_string()
+}
+
+fn default_true() -> bool {
+    true
+}
+
+impl Default for ConnectorConfig {
+    fn default() -> Self {
+        ConnectorConfig::Local {
+            group: 0,
+            drain_timeout_ms: default_drain_ms(),
         }
     }
 }
@@ -120,6 +186,8 @@ pub enum PlannerConfigError {
          (found another mix)"
     )]
     UnplannableWorkers,
+    #[error("planner.connector: {0}")]
+    BadConnector(String),
     #[error(
         "planner.max_devices ({budget}) cannot hold min_replicas in every pool \
          ({needed} devices)"
@@ -142,6 +210,7 @@ impl PlannerConfig {
             }
         }
         self.predictor.validate()?;
+        self.connector.validate(pools)?;
         if self.min_replicas == 0 || self.min_replicas > self.max_replicas {
             return Err(PlannerConfigError::BadReplicaRange);
         }
@@ -158,6 +227,35 @@ impl PlannerConfig {
             }
         }
         Ok(())
+    }
+}
+
+impl ConnectorConfig {
+    fn validate(&self, pools: usize) -> Result<(), PlannerConfigError> {
+        let bad = |m: &str| Err(PlannerConfigError::BadConnector(m.to_string()));
+        match self {
+            ConnectorConfig::Local { .. } => Ok(()),
+            ConnectorConfig::Kubernetes {
+                dry_run,
+                aggregated,
+                prefill,
+                decode,
+                workload_kind,
+                ..
+            } => {
+                if !dry_run {
+                    return bad("kubernetes: only dry_run: true is supported in this build (the API client is not written yet)");
+                }
+                if !matches!(workload_kind.as_str(), "deployments" | "statefulsets") {
+                    return bad("kubernetes.workload_kind must be deployments or statefulsets");
+                }
+                match (pools, aggregated, prefill, decode) {
+                    (1, Some(_), None, None) | (2, None, Some(_), Some(_)) => Ok(()),
+                    (1, ..) => bad("kubernetes: an aggregated cluster names its workload in `aggregated` (and no prefill/decode)"),
+                    _ => bad("kubernetes: a disaggregated cluster names `prefill` and `decode` workloads (and no aggregated)"),
+                }
+            }
+        }
     }
 }
 
@@ -288,5 +386,40 @@ mod tests {
         }
         .validate(1)
         .is_ok());
+    }
+
+    #[test]
+    fn connectors_parse_and_kubernetes_must_name_its_pools_and_stay_a_dry_run() {
+        let c: PlannerConfig = serde_yaml::from_str("profile: p").unwrap();
+        assert_eq!(c.connector, ConnectorConfig::default());
+        let k = |yaml: &str, pools| {
+            let c: PlannerConfig = serde_yaml::from_str(yaml).unwrap();
+            c.validate(pools)
+        };
+        assert!(k(
+            "{profile: p, connector: {kind: kubernetes, aggregated: serve}}",
+            1
+        )
+        .is_ok());
+        assert!(k(
+            "{profile: p, connector: {kind: kubernetes, prefill: pf, decode: dc}}",
+            2
+        )
+        .is_ok());
+        let e = k(
+            "{profile: p, connector: {kind: kubernetes, prefill: pf, decode: dc}}",
+            1,
+        );
+        assert!(e.unwrap_err().to_string().contains("aggregated"));
+        let e = k(
+            "{profile: p, connector: {kind: kubernetes, aggregated: a, dry_run: false}}",
+            1,
+        );
+        assert!(e.unwrap_err().to_string().contains("dry_run"));
+        let e = serde_yaml::from_str::<PlannerConfig>(
+            "{profile: p, connector: {kind: local, grup: 1}}",
+        )
+        .unwrap_err();
+        assert!(e.to_string().contains("grup"), "{e}");
     }
 }

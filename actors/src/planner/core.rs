@@ -1,5 +1,5 @@
 //! The planner's pure core: `observe(now, metrics)` after each adjustment interval,
-//! `decide(now)` for the replica counts. No clock, no I/O: the actor shell (still to come)
+//! `decide(now)` for the replica counts. No clock, no I/O: the shell (`actor.rs`)
 //! feeds it the workers' metrics and carries the decision out through a connector.
 
 use super::capacity::Capacity;
@@ -23,7 +23,8 @@ pub enum Replicas {
 }
 
 impl Replicas {
-    fn pools(self) -> Vec<usize> {
+    /// The pool sizes in order: aggregated; or prefill, decode.
+    pub fn pools(self) -> Vec<usize> {
         match self {
             Replicas::Aggregated { workers } => vec![workers],
             Replicas::Disaggregated { prefill, decode } => vec![prefill, decode],

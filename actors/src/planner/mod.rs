@@ -11,16 +11,24 @@
 //! - [`core`]: [`Planner`], `observe(now, metrics)` and `decide(now)`;
 //! - [`config`]: the cluster file's `planner:` section.
 //!
-//! The actor that feeds it metrics and its connectors (local processes, Kubernetes, the
-//! simulator) are not written yet.
+//! Its shell and the world around it:
+//! - [`tap`]: the interval's observations, written by the serving path ([`tap::MeteredEngine`]
+//!   in the frontend, the simulator's client);
+//! - [`actor`]: every interval, observe, decide, act through a connector;
+//! - [`connector`]: the one trait and the Kubernetes dry run; [`local`]: `turbine worker`
+//!   processes on this machine (the simulator's connector is in `turbine-sim`).
 
+pub mod actor;
 pub mod capacity;
 pub mod config;
+pub mod connector;
 pub mod core;
 pub mod kalman;
 pub mod limits;
+pub mod local;
 pub mod predictor;
 pub mod sla;
+pub mod tap;
 
 pub use self::core::{Decision, Forecast, IntervalMetrics, Planner, Replicas};
-pub use config::{PlannerConfig, PlannerConfigError, PredictorConfig};
+pub use config::{ConnectorConfig, PlannerConfig, PlannerConfigError, PredictorConfig};

@@ -278,3 +278,50 @@ async fn register(
     .await;
     *lock(&slot_lease) = Some(lease);
 }
+
+impl World {
+    /// The planner's scale-down of `slot`: its lease revoked (it leaves membership at once),
+    /// then its loop and node stopped, like a `turbine worker` that drained and exited.
+    /// The caller has drained it first.
+    pub(super) async fn retire(&self, slot: u32) {
+        let running = {
+            let mut slots = lock(&self.slots);
+            slots
+                .get_mut(slot as usize - 1)
+                .and_then(|s| s.running.take())
+        };
+        let Some(r) = running else { return };
+        let lease = lock(&r.lease).take();
+        if let Some(lease) = lease {
+            lease.revoke().await;
+        }
+        self.net.take_down(NodeId(slot));
+        r.handle.stop_now();
+        r.node.shutdown();
+        for t in &r.tasks {
+            t.abort();
+        }
+        let c = *lock(&r.counters);
+        let mut slots = lock(&self.slots);
+        if let Some(s) = slots.get_mut(slot as usize - 1) {
+            s.retired_busy += c.busy;
+            s.retired_steps += c.steps;
+        }
+        record(
+            &self.log,
+            self.clock.sim_now(),
+            "retire",
+            r.id.0,
+            u64::from(slot),
+            0,
+        );
+    }
+
+    /// The id and engine loop of the worker running in `slot`, if any.
+    pub(super) fn running_in(&self, slot: u32) -> Option<(WorkerId, WorkerHandle)> {
+        lock(&self.slots)
+            .get(slot as usize - 1)
+            .and_then(|s| s.running.as_ref())
+            .map(|r| (r.id, r.handle.clone()))
+    }
+}

@@ -30,6 +30,7 @@ pub mod clock;
 pub mod engine;
 mod fleet;
 pub mod net;
+pub mod planner;
 
 use crate::eventlog::EventLog;
 use crate::network::{Network, NodeId};
@@ -159,8 +160,9 @@ async fn run(cfg: &SimConfig, workload: &[RequestSpec]) -> Result<SimOutcome, Si
         frontend,
         frontend_ep,
         directory,
+        // With a planner, a slot for each worker it may add.
         slots: Mutex::new(
-            (0..cfg.workers)
+            (0..slot_count(cfg))
                 .map(|_| Slot {
                     running: None,
                     last_id: WorkerId(0),
@@ -199,6 +201,19 @@ async fn run(cfg: &SimConfig, workload: &[RequestSpec]) -> Result<SimOutcome, Si
         workload.iter().map(RequestRecord::new).collect::<Vec<_>>(),
     ));
     let mut tasks = Vec::new();
+    let mut planned = None;
+    if let Some(p) = &cfg.planner {
+        let (task, decisions, timeline) = planner::start(
+            world.clone(),
+            router.core.clone(),
+            records.clone(),
+            p,
+            cfg.workers,
+        )
+        .map_err(SimError::Shells)?;
+        tasks.push(task);
+        planned = Some((decisions, timeline));
+    }
     for (i, spec) in workload.iter().enumerate() {
         tasks.push(tokio::spawn(client::client(
             world.clone(),
@@ -278,6 +293,10 @@ async fn run(cfg: &SimConfig, workload: &[RequestSpec]) -> Result<SimOutcome, Si
     let records = std::mem::take(&mut *lock(&records));
     violations.extend(request_violations(&records));
     let workers = worker_records(&world).await;
+    let planner = planned.map(|(d, t)| crate::run::PlannerOutcome {
+        decisions: lock(&d).clone(),
+        timeline: lock(&t).clone(),
+    });
     let log = lock(&log);
     Ok(SimOutcome {
         end,
@@ -292,5 +311,15 @@ async fn run(cfg: &SimConfig, workload: &[RequestSpec]) -> Result<SimOutcome, Si
         routed_blocks: routed.request_blocks,
         invariant_violations: violations,
         event_log_lines: log.lines().map(<[String]>::to_vec),
+        planner,
     })
+}
+
+/// Worker slots of a run: its workers, or as many as its planner may run.
+fn slot_count(cfg: &SimConfig) -> u32 {
+    let most = cfg
+        .planner
+        .as_ref()
+        .map_or(0, |p| p.config.max_replicas as u32);
+    cfg.workers.max(most)
 }

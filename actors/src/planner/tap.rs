@@ -1,0 +1,238 @@
+//! What the planner observes: one adjustment interval's requests, as the frontend saw them.
+//!
+//! [`LoadTap`] is a window the serving path writes into (an arrival with its prompt length,
+//! a first token with its TTFT, a finished request with its output length and mean ITL)
+//! and the planner drains once per interval ([`LoadTap::take`]) into [`IntervalMetrics`].
+//! The frontend's side is [`MeteredEngine`], a [`ChatEngine`] around the pipeline; the
+//! simulator's client writes the same calls on virtual time. Durations are passed in, so
+//! the window itself reads no clock.
+//!
+//! The workers' side (the mean decode batch, from their load reports) is written with
+//! [`LoadTap::decode_batch`] by whoever follows those reports.
+
+use super::core::IntervalMetrics;
+use crate::frontend::engine::{ChatEngine, DeltaStream, GenerateRequest};
+use crate::protocol::EngineError;
+use async_trait::async_trait;
+use futures::StreamExt;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+#[derive(Default)]
+struct Window {
+    requests: u64,
+    isl_sum: f64,
+    isl_n: u64,
+    osl_sum: f64,
+    osl_n: u64,
+    ttft_sum: f64,
+    ttft_n: u64,
+    itl_sum: f64,
+    itl_n: u64,
+    batch_sum: f64,
+    batch_n: u64,
+}
+
+fn mean(sum: f64, n: u64) -> Option<f64> {
+    (n > 0).then(|| sum / n as f64)
+}
+
+/// One interval's observations, shared between the serving path and the planner.
+#[derive(Clone, Default)]
+pub struct LoadTap {
+    window: Arc<Mutex<Window>>,
+}
+
+impl LoadTap {
+    pub fn new() -> LoadTap {
+        LoadTap::default()
+    }
+
+    fn with(&self, f: impl FnOnce(&mut Window)) {
+        // A poisoned window still holds counts worth keeping.
+        f(&mut self.window.lock().unwrap_or_else(|e| e.into_inner()));
+    }
+
+    /// A request arrived (counted even if it then fails: it was load).
+    pub fn arrived(&self) {
+        self.with(|w| w.requests += 1);
+    }
+
+    /// A request's prompt is `prompt_tokens` long.
+    pub fn prompt(&self, prompt_tokens: usize) {
+        self.with(|w| {
+            w.isl_sum += prompt_tokens as f64;
+            w.isl_n += 1;
+        });
+    }
+
+    /// A request's first token came `ttft` after it arrived.
+    pub fn first_token(&self, ttft: Duration) {
+        self.with(|w| {
+            w.ttft_sum += ttft.as_secs_f64();
+            w.ttft_n += 1;
+        });
+    }
+
+    /// A request finished with `output_tokens`; `itl` is its mean gap between tokens
+    /// (`None` with fewer than two tokens).
+    pub fn finished(&self, output_tokens: usize, itl: Option<Duration>) {
+        self.with(|w| {
+            w.osl_sum += output_tokens as f64;
+            w.osl_n += 1;
+            if let Some(itl) = itl {
+                w.itl_sum += itl.as_secs_f64();
+                w.itl_n += 1;
+            }
+        });
+    }
+
+    /// A worker reported `running` sequences in its decode batch.
+    pub fn decode_batch(&self, running: usize) {
+        self.with(|w| {
+            w.batch_sum += running as f64;
+            w.batch_n += 1;
+        });
+    }
+
+    /// The interval so far, and a fresh window for the next one.
+    pub fn take(&self) -> IntervalMetrics {
+        let mut taken = Window::default();
+        self.with(|w| std::mem::swap(w, &mut taken));
+        let w = taken;
+        IntervalMetrics {
+            requests: w.requests,
+            mean_isl: mean(w.isl_sum, w.isl_n),
+            mean_osl: mean(w.osl_sum, w.osl_n),
+            mean_ttft_s: mean(w.ttft_sum, w.ttft_n),
+            mean_itl_s: mean(w.itl_sum, w.itl_n),
+            mean_decode_batch: mean(w.batch_sum, w.batch_n),
+        }
+    }
+}
+
+/// The frontend's engine with every request's arrival, TTFT, ITL and output length written
+/// into a [`LoadTap`]. Prompt length is the engine's own count (the first delta's usage).
+/// A request that fails before its first token counts as an arrival only.
+pub struct MeteredEngine {
+    inner: Arc<dyn ChatEngine>,
+    tap: LoadTap,
+}
+
+impl MeteredEngine {
+    pub fn new(inner: Arc<dyn ChatEngine>, tap: LoadTap) -> MeteredEngine {
+        MeteredEngine { inner, tap }
+    }
+}
+
+/// Per-request timing as its deltas pass.
+struct Timing {
+    tap: LoadTap,
+    arrived: Instant,
+    first: Option<Instant>,
+    last: Option<Instant>,
+    tokens: usize,
+    counted_prompt: bool,
+    done: bool,
+}
+
+impl Timing {
+    fn finish(&mut self) {
+        if self.done {
+            return;
+        }
+        self.done = true;
+        let itl = match (self.first, self.last) {
+            (Some(f), Some(l)) if self.tokens > 1 => {
+                Some(l.duration_since(f) / (self.tokens as u32 - 1))
+            }
+            _ => None,
+        };
+        self.tap.finished(self.tokens, itl);
+    }
+}
+
+impl Drop for Timing {
+    /// A stream dropped early (client gone, stop string) still ends its request.
+    fn drop(&mut self) {
+        if self.first.is_some() {
+            self.finish();
+        }
+    }
+}
+
+#[async_trait]
+impl ChatEngine for MeteredEngine {
+    fn model_id(&self) -> &str {
+        self.inner.model_id()
+    }
+
+    fn context_length(&self) -> usize {
+        self.inner.context_length()
+    }
+
+    async fn generate(&self, req: GenerateRequest) -> Result<DeltaStream, EngineError> {
+        let arrived = Instant::now();
+        self.tap.arrived();
+        let stream = self.inner.generate(req).await?;
+        let mut timing = Timing {
+            tap: self.tap.clone(),
+            arrived,
+            first: None,
+            last: None,
+            tokens: 0,
+            counted_prompt: false,
+            done: false,
+        };
+        Ok(stream
+            .map(move |item| {
+                if let Ok(delta) = &item {
+                    let now = Instant::now();
+                    if !timing.counted_prompt {
+                        if let Some(u) = delta.usage {
+                            timing.tap.prompt(u.prompt_tokens as usize);
+                            timing.counted_prompt = true;
+                        }
+                    }
+                    if !delta.token_ids.is_empty() {
+                        if timing.first.is_none() {
+                            timing.first = Some(now);
+                            timing.tap.first_token(now.duration_since(timing.arrived));
+                        }
+                        timing.last = Some(now);
+                        timing.tokens += delta.token_ids.len();
+                    }
+                    if delta.finish.is_some() {
+                        timing.finish();
+                    }
+                }
+                item
+            })
+            .boxed())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_window_averages_and_resets() {
+        let tap = LoadTap::new();
+        tap.arrived();
+        tap.prompt(100);
+        tap.arrived();
+        tap.prompt(300);
+        tap.first_token(Duration::from_millis(200));
+        tap.finished(10, Some(Duration::from_millis(20)));
+        tap.finished(1, None);
+        let m = tap.take();
+        assert_eq!(m.requests, 2);
+        assert_eq!(m.mean_isl, Some(200.0));
+        assert_eq!(m.mean_osl, Some(5.5));
+        assert_eq!(m.mean_ttft_s, Some(0.2));
+        assert_eq!(m.mean_itl_s, Some(0.02));
+        assert_eq!(m.mean_decode_batch, None);
+        assert_eq!(tap.take(), IntervalMetrics::default());
+    }
+}
