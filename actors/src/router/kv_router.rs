@@ -106,6 +106,15 @@ struct LoadView {
     /// Left out of selection until then (unreachable for now; `Duration::MAX`: until
     /// lifted); its load and index entries are kept.
     suspended_until: Option<Duration>,
+    /// A stream on it stalled: left out of selection until its next load report, which
+    /// only a live worker sends.
+    stalled: bool,
+}
+
+impl LoadView {
+    fn selectable(&self, now: Duration) -> bool {
+        !self.stalled && self.suspended_until.is_none_or(|until| until <= now)
+    }
 }
 
 impl LoadView {
@@ -186,7 +195,9 @@ impl KvRouter {
 
     /// Makes `worker` routable (again: a worker that re-joins leaves its quarantine).
     pub fn add_worker(&mut self, worker: WorkerId) {
-        self.workers.entry(worker).or_default().suspended_until = None;
+        let view = self.workers.entry(worker).or_default();
+        view.suspended_until = None;
+        view.stalled = false;
     }
 
     /// Forget a worker: its load, its in-flight requests and its cached blocks.
@@ -222,12 +233,21 @@ impl KvRouter {
         true
     }
 
+    /// A stream on `worker` made no progress within the liveness timeout: leave it out of
+    /// selection until its next load report ([`KvRouter::update_load`]). True when it was
+    /// not marked already.
+    pub fn mark_stalled(&mut self, worker: WorkerId) -> bool {
+        let Some(view) = self.workers.get_mut(&worker) else {
+            return false;
+        };
+        !std::mem::replace(&mut view.stalled, true)
+    }
+
     /// Whether `worker` is left out of selection at `now`.
     pub fn is_suspended(&self, now: Duration, worker: WorkerId) -> bool {
         self.workers
             .get(&worker)
-            .and_then(|v| v.suspended_until)
-            .is_some_and(|until| until > now)
+            .is_some_and(|v| !v.selectable(now))
     }
 
     /// Workers and their current load view, sorted by id.
@@ -246,6 +266,8 @@ impl KvRouter {
             pending_blocks: 0,
             pending_requests: 0,
             suspended_until: view.suspended_until,
+            // It reported: it is alive.
+            stalled: false,
         };
         for request in self.unacknowledged.remove(&worker).unwrap_or_default() {
             if let Some(f) = self.in_flight.get_mut(&request) {
@@ -269,7 +291,7 @@ impl KvRouter {
         let loads: Vec<WorkerLoad> = self
             .workers
             .iter()
-            .filter(|(_, v)| v.suspended_until.is_none_or(|until| until <= now))
+            .filter(|(_, v)| v.selectable(now))
             .map(|(w, v)| v.load(*w))
             .collect();
         let result = self.policy.select(now, request, &loads, &overlaps);

@@ -17,12 +17,15 @@ pub mod dispatch;
 pub mod events;
 pub mod kv_router;
 pub mod membership;
+pub mod migrating;
+pub mod migration;
 pub mod policy;
 pub mod prometheus;
 pub mod service;
 
 pub use config::{PolicyKind, RouterConfig, RouterConfigError, RouterIndexMode};
 pub use events::{RouterEvent, RouterEventKind, RouterReplicaId};
+pub use migration::MigrationConfig;
 pub use kv_router::{
     IndexSource, KvRouter, Routed, RouterMetrics, WorkerRouteCounts, UNREACHABLE_QUARANTINE,
 };

@@ -46,6 +46,9 @@ pub enum RouterRequest {
     Finished(RequestId),
     /// Cast: the caller could not reach this worker; quarantine it.
     Unreachable(WorkerId),
+    /// Cast: a stream on this worker made no progress within the liveness timeout; leave it
+    /// out of routing until it reports its load again (it proves alive).
+    Stalled(WorkerId),
     /// Call: the router's counters.
     Metrics,
 }
@@ -123,6 +126,13 @@ impl RouterCore {
         }
     }
 
+    /// A stream on `worker` stalled: no routing to it until its next load report.
+    pub fn stalled(&self, worker: WorkerId) {
+        if self.lock().mark_stalled(worker) {
+            tracing::warn!(%worker, "worker stalled; not routing to it until it reports again");
+        }
+    }
+
     pub fn add_worker(&self, worker: WorkerId) {
         self.lock().add_worker(worker);
     }
@@ -193,6 +203,10 @@ impl Handler<RouterService> for RouterActor {
             }
             RouterRequest::Unreachable(w) => {
                 self.core.unreachable(w);
+                RouterReply::Done
+            }
+            RouterRequest::Stalled(w) => {
+                self.core.stalled(w);
                 RouterReply::Done
             }
             RouterRequest::Metrics => RouterReply::Metrics {

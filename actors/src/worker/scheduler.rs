@@ -277,7 +277,7 @@ impl Scheduler {
                 start_pos: start,
                 block_table: table.iter().map(|b| b.0).collect(),
                 want_logits,
-                sample_index: seq.num_generated() as u32,
+                sample_index: seq.sample_index(),
             });
             entries.push(InFlightEntry {
                 request: id,

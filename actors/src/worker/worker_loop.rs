@@ -40,6 +40,18 @@ enum Command {
     },
     Abort(RequestId),
     Inspect(Box<dyn FnOnce(&Scheduler) + Send>),
+    /// Release every request (they end with `FinishReason::Migrate`) and every later one.
+    Release,
+}
+
+/// The end of a request its worker gave up: the frontend continues it elsewhere.
+fn released() -> TokenOutput {
+    TokenOutput {
+        token_ids: Vec::new(),
+        logprobs: None,
+        finish: Some(FinishReason::Migrate),
+        cached_tokens: None,
+    }
 }
 
 /// Where a worker loop reads time: its clock (virtual in the simulator) and the wall-clock
@@ -105,6 +117,7 @@ impl WorkerHandle {
             started: time.clock.now(),
             time,
             event_seq: 0,
+            releasing: false,
         };
         let engine_task = tokio::spawn(engine.run(rx)).abort_handle();
         WorkerHandle {
@@ -120,6 +133,19 @@ impl WorkerHandle {
     /// the simulator and tests; a real worker stops by shutting its process down.)
     pub fn stop_now(&self) {
         self.engine_task.abort();
+    }
+
+    /// Gives up every open request and every one admitted from now on: each ends with
+    /// `FinishReason::Migrate` and its blocks are freed, so the frontend continues it on
+    /// another worker. The last step of a drain (see `node::process::drain`).
+    pub fn release_all(&self) {
+        let _ = self.cmds.send(Command::Release);
+    }
+
+    /// Requests the worker holds (running or waiting) as of the last step.
+    pub fn num_requests(&self) -> usize {
+        let s = self.stats.borrow();
+        s.num_running + s.num_waiting
     }
 
     /// Runs `f` on the scheduler between two steps and returns its result (invariant checks
@@ -200,14 +226,10 @@ impl Stream for TokenStream {
                 Poll::Ready(Some(out))
             }
             Poll::Ready(None) => {
-                // The worker dropped the request without a finish (it stopped).
+                // The worker dropped the request without a finish (it stopped): another
+                // worker may continue it.
                 self.finished = true;
-                Poll::Ready(Some(TokenOutput {
-                    token_ids: Vec::new(),
-                    logprobs: None,
-                    finish: Some(FinishReason::Error("the worker stopped".into())),
-                    cached_tokens: None,
-                }))
+                Poll::Ready(Some(released()))
             }
             Poll::Pending => Poll::Pending,
         }
@@ -232,6 +254,8 @@ struct EngineLoop {
     started: Instant,
     time: EngineTime,
     event_seq: u64,
+    /// Draining: every request is released (see [`WorkerHandle::release_all`]).
+    releasing: bool,
 }
 
 impl EngineLoop {
@@ -280,19 +304,21 @@ impl EngineLoop {
             }
             self.publish();
         }
-        // Shutting down: every open request ends with an error rather than hanging.
+        // Shutting down: every open request is released (another worker may continue it)
+        // rather than left hanging.
         for (_, sink) in std::mem::take(&mut self.sinks) {
-            let _ = sink.send(TokenOutput {
-                token_ids: Vec::new(),
-                logprobs: None,
-                finish: Some(FinishReason::Error("the worker stopped".into())),
-                cached_tokens: None,
-            });
+            let _ = sink.send(released());
         }
     }
 
     fn handle(&mut self, cmd: Command) {
         match cmd {
+            Command::Generate { req, out, admitted } if self.releasing => {
+                // Draining: accept, then hand it straight back for another worker.
+                let _ = admitted.send(Ok(()));
+                let _ = out.send(released());
+                drop(req);
+            }
             Command::Generate { req, out, admitted } => {
                 let id = req.id;
                 match self.scheduler.add_request(*req, self.now()) {
@@ -310,6 +336,13 @@ impl EngineLoop {
                 self.scheduler.abort(id);
             }
             Command::Inspect(f) => f(&self.scheduler),
+            Command::Release => {
+                self.releasing = true;
+                for (id, sink) in std::mem::take(&mut self.sinks) {
+                    self.scheduler.abort(id);
+                    let _ = sink.send(released());
+                }
+            }
         }
     }
 
