@@ -13,10 +13,11 @@ use turbine_sim::time::SimTime;
 use turbine_sim::{build_config, build_workload, simulate, Outcome, SimArgs, SimConfig};
 
 #[test]
-fn without_retries_a_crash_fails_its_requests_once_with_an_error() {
+fn without_retries_or_migration_a_crash_fails_its_requests_once_with_an_error() {
     let wl = workload(2, 40);
     let mut cfg = SimConfig::new(2, 2, tiny_profile());
     cfg.max_attempts = 1;
+    cfg.migration.migration_limit = 0;
     cfg.faults =
         FaultPlan::parse("crash:1@0.3+1", &SeedSplitter::new(2), 2, SimTime::ZERO).unwrap();
     let o = simulate(&cfg, &wl).unwrap();
@@ -32,6 +33,31 @@ fn without_retries_a_crash_fails_its_requests_once_with_an_error() {
         .count();
     assert!(failed > 0);
     assert!(o.requests.iter().all(|r| r.resolutions == 1));
+}
+
+#[test]
+fn with_migration_a_crash_loses_no_request_and_changes_no_token() {
+    let wl = workload(2, 40);
+    let mut cfg = SimConfig::new(2, 2, tiny_profile());
+    cfg.max_attempts = 1;
+    cfg.faults =
+        FaultPlan::parse("crash:1@0.3+1", &SeedSplitter::new(2), 2, SimTime::ZERO).unwrap();
+    let o = simulate(&cfg, &wl).unwrap();
+    // The invariants include: each completed request's tokens equal its fault-free tokens.
+    assert!(
+        o.invariant_violations.is_empty(),
+        "{:?}",
+        o.invariant_violations
+    );
+    assert!(
+        o.requests
+            .iter()
+            .all(|r| r.outcome == Some(Outcome::Completed)),
+        "{:?}",
+        o.requests.iter().map(|r| &r.outcome).collect::<Vec<_>>()
+    );
+    let migrated = o.requests.iter().filter(|r| r.migrations > 0).count();
+    assert!(migrated > 0, "the crash interrupted no stream");
 }
 
 #[test]

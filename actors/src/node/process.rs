@@ -184,12 +184,16 @@ const DRAIN_FLUSH: Duration = Duration::from_millis(300);
 /// How often a draining worker looks whether its requests are done.
 const DRAIN_POLL: Duration = Duration::from_millis(50);
 
-/// Graceful drain: deregister (the router stops routing here), let the requests in flight
-/// finish for up to `deadline`, release the rest (each ends with `FinishReason::Migrate`, so
-/// the frontend continues it on another worker), and give the outputs time to leave. The
+/// Graceful drain: stop admissions (the load report says `draining`, so the router stops
+/// routing here; a request that still arrives is released at once), let the requests in
+/// flight finish for up to `deadline`, release the rest (each ends with
+/// `FinishReason::Migrate`, so the frontend continues it on another worker), give the
+/// outputs time to leave, and deregister. The
 /// planner's scale-down drains a worker the same way (by SIGTERM to its process).
 pub async fn drain(worker: &WorkerHandle, lease: Lease, deadline: Duration) {
-    lease.revoke().await;
+    // Draining shows in the next load report; the router stops routing here. The lease
+    // stays until the end: a departure would make frontends migrate the open streams.
+    worker.stop_admissions();
     let start = tokio::time::Instant::now();
     let in_flight = worker.num_requests();
     println!(
@@ -208,6 +212,7 @@ pub async fn drain(worker: &WorkerHandle, lease: Lease, deadline: Duration) {
     }
     worker.release_all();
     tokio::time::sleep(DRAIN_FLUSH).await;
+    lease.revoke().await;
     println!("turbine worker {} drained", worker.id());
 }
 

@@ -128,6 +128,9 @@ pub struct Dispatcher {
     migration: MigrationConfig,
     /// What the liveness timeout is measured on (the simulator's clock in the simulator).
     clock: SharedClock,
+    /// Bumped whenever a worker is forgotten, so open streams on it migrate at once when
+    /// its lease expires (see [`Dispatcher::departed`]).
+    departures: tokio::sync::watch::Sender<u64>,
 }
 
 impl Dispatcher {
@@ -146,6 +149,7 @@ impl Dispatcher {
             route_counts: Mutex::new(BTreeMap::new()),
             migration: MigrationConfig::default(),
             clock: TokioClock::shared(),
+            departures: tokio::sync::watch::Sender::new(0),
         }
     }
 
@@ -187,6 +191,26 @@ impl Dispatcher {
             .write()
             .unwrap_or_else(|e| e.into_inner())
             .remove(&id);
+        self.departures.send_modify(|n| *n += 1);
+    }
+
+    /// Whether `id` is a worker this dispatcher can reach (joined, not left).
+    pub fn has_worker(&self, id: WorkerId) -> bool {
+        self.workers
+            .read()
+            .unwrap_or_else(|e| e.into_inner())
+            .contains_key(&id)
+    }
+
+    /// Resolves once `id` is no longer a member (it left, or its lease expired); never, while
+    /// it stays.
+    pub async fn departed(&self, id: WorkerId) {
+        let mut rx = self.departures.subscribe();
+        while self.has_worker(id) {
+            if rx.changed().await.is_err() {
+                std::future::pending::<()>().await;
+            }
+        }
     }
 
     /// The workers it can reach (routable or in quarantine), in id order.

@@ -109,11 +109,13 @@ struct LoadView {
     /// A stream on it stalled: left out of selection until its next load report, which
     /// only a live worker sends.
     stalled: bool,
+    /// It said it is draining (its load report): no new requests.
+    draining: bool,
 }
 
 impl LoadView {
     fn selectable(&self, now: Duration) -> bool {
-        !self.stalled && self.suspended_until.is_none_or(|until| until <= now)
+        !self.stalled && !self.draining && self.suspended_until.is_none_or(|until| until <= now)
     }
 }
 
@@ -233,6 +235,14 @@ impl KvRouter {
         true
     }
 
+    /// Leaves a draining worker out of selection (or lets it back in), keeping its load
+    /// and cached blocks while its requests finish.
+    pub fn set_draining(&mut self, worker: WorkerId, draining: bool) {
+        if let Some(view) = self.workers.get_mut(&worker) {
+            view.draining = draining;
+        }
+    }
+
     /// A stream on `worker` made no progress within the liveness timeout: leave it out of
     /// selection until its next load report ([`KvRouter::update_load`]). True when it was
     /// not marked already.
@@ -268,6 +278,7 @@ impl KvRouter {
             suspended_until: view.suspended_until,
             // It reported: it is alive.
             stalled: false,
+            draining: view.draining,
         };
         for request in self.unacknowledged.remove(&worker).unwrap_or_default() {
             if let Some(f) = self.in_flight.get_mut(&request) {

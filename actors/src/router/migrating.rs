@@ -7,7 +7,8 @@
 //!
 //! A stalled worker is reported to the router (`RouterRequest::Stalled`), which leaves it
 //! out of routing until it reports its load again; a lost one is quarantined
-//! (`RouterRequest::Unreachable`). The liveness timer runs on the dispatcher's clock, so
+//! (`RouterRequest::Unreachable`); one whose lease expires (it leaves the dispatcher's
+//! members) has its streams migrated at once. The liveness timer runs on the dispatcher's clock, so
 //! the simulator's virtual clock drives it too.
 
 use super::dispatch::{DispatchError, DispatchRequest, Dispatched, Dispatcher};
@@ -18,7 +19,6 @@ use crate::protocol::{EngineError, FinishReason, TokenOutput};
 use crate::worker::service::WorkerReply;
 use std::sync::Arc;
 use std::time::Duration;
-use turbine_runtime::SharedClock;
 
 /// A request's token stream across workers. Dropping it cancels the request.
 pub struct MigratingStream {
@@ -116,9 +116,8 @@ impl MigratingStream {
         loop {
             let why = match self.current.take() {
                 Some(mut attempt) => {
-                    let clock = self.dispatcher.clock().clone();
                     let timeout = self.cfg.liveness_timeout();
-                    match next_of(&mut attempt, &clock, timeout, self.id).await {
+                    match next_of(&mut attempt, &self.dispatcher, timeout, self.id).await {
                         Step::Output(mut out) => {
                             if self.progress.migrations() > 0 {
                                 // A continuation's prefix-cache hit is not the client's
@@ -183,17 +182,24 @@ enum Step {
 /// Reads the next item of `attempt`, bounded by the liveness timeout.
 async fn next_of(
     attempt: &mut Attempt,
-    clock: &SharedClock,
+    dispatcher: &Dispatcher,
     timeout: Duration,
     id: RequestId,
 ) -> Step {
     let worker = attempt.stream.worker;
     let item = tokio::select! {
         item = attempt.stream.next_reply() => Ok(item),
-        _ = clock.sleep(timeout) => Err(()),
+        _ = dispatcher.clock().sleep(timeout) => Err(true),
+        // Its lease expired (or it left) with this stream open: nothing more will come.
+        _ = dispatcher.departed(worker) => Err(false),
     };
     let item = match item {
-        Err(()) => {
+        Err(false) => {
+            return Step::Interrupted(Interruption::Lost(format!(
+                "worker {worker} left the cluster"
+            )))
+        }
+        Err(true) => {
             tracing::warn!(request = %id, %worker, "no output for {timeout:?}: the worker is stalled");
             attempt.stream.report(RouterRequest::Stalled(worker));
             return Step::Interrupted(Interruption::Stalled(timeout));

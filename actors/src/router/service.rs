@@ -145,7 +145,10 @@ impl RouterCore {
     /// A worker's latest stats into the router's load view.
     pub fn update_load(&self, worker: WorkerId, stats: &SchedulerStats) {
         let active = (stats.num_running + stats.num_waiting) as u32;
-        self.lock().update_load(worker, stats.load_blocks(), active);
+        let mut router = self.lock();
+        router.update_load(worker, stats.load_blocks(), active);
+        // A draining worker takes no new requests (its in-flight ones run to the end).
+        router.set_draining(worker, stats.draining);
     }
 
     /// A worker's KV events into the index.

@@ -40,6 +40,8 @@ enum Command {
     },
     Abort(RequestId),
     Inspect(Box<dyn FnOnce(&Scheduler) + Send>),
+    /// Take no new requests (each is released at once); let the open ones run.
+    Drain,
     /// Release every request (they end with `FinishReason::Migrate`) and every later one.
     Release,
 }
@@ -140,6 +142,13 @@ impl WorkerHandle {
     /// another worker. The last step of a drain (see `node::process::drain`).
     pub fn release_all(&self) {
         let _ = self.cmds.send(Command::Release);
+    }
+
+    /// Stops admissions: a new request is released at once (the frontend sends it
+    /// elsewhere), the open ones keep running, and the load reports say `draining` so the
+    /// router stops routing here. The first step of a drain.
+    pub fn stop_admissions(&self) {
+        let _ = self.cmds.send(Command::Drain);
     }
 
     /// Requests the worker holds (running or waiting) as of the last step.
@@ -254,7 +263,7 @@ struct EngineLoop {
     started: Instant,
     time: EngineTime,
     event_seq: u64,
-    /// Draining: every request is released (see [`WorkerHandle::release_all`]).
+    /// Draining: new requests are released at once (see [`WorkerHandle::stop_admissions`]).
     releasing: bool,
 }
 
@@ -336,6 +345,10 @@ impl EngineLoop {
                 self.scheduler.abort(id);
             }
             Command::Inspect(f) => f(&self.scheduler),
+            Command::Drain => {
+                self.releasing = true;
+                self.publish();
+            }
             Command::Release => {
                 self.releasing = true;
                 for (id, sink) in std::mem::take(&mut self.sinks) {
@@ -401,6 +414,7 @@ impl EngineLoop {
         }
         let mut stats = self.scheduler.stats();
         stats.kv_batches = self.event_seq;
+        stats.draining = self.releasing;
         self.stats.send_replace(stats);
     }
 }
