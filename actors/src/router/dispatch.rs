@@ -22,6 +22,7 @@ use futures::StreamExt;
 use std::collections::BTreeMap;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Mutex, RwLock};
+use std::time::Duration;
 use turbine_runtime::{Addr, CallError, ReplyStream, SharedClock, TokioClock};
 
 /// A request as the dispatcher takes it: prompt token ids and generation settings.
@@ -107,9 +108,23 @@ impl Dispatched {
         Some(item)
     }
 
-    /// Tells the router something about this request's worker (unreachable, stalled).
+    /// Tells the router something about this request's worker (unreachable, draining).
     pub fn report(&self, what: RouterRequest) {
         self._guard.router.cast(what);
+    }
+
+    /// Asks the router whether this request's worker, silent on this stream for `quiet`, is
+    /// stalled (see `RouterRequest::Stalled`); an unreachable router counts as yes.
+    pub async fn is_stalled(&self, quiet: Duration, force: bool) -> bool {
+        let ask = RouterRequest::Stalled {
+            worker: self.worker,
+            quiet_for_ms: quiet.as_millis() as u64,
+            force,
+        };
+        !matches!(
+            self._guard.router.call(ask).await,
+            Ok(RouterReply::Stalled(false))
+        )
     }
 }
 

@@ -111,6 +111,8 @@ struct LoadView {
     stalled: bool,
     /// It said it is draining (its load report): no new requests.
     draining: bool,
+    /// When its last load report arrived (router time).
+    last_report: Option<Duration>,
 }
 
 impl LoadView {
@@ -243,14 +245,35 @@ impl KvRouter {
         }
     }
 
-    /// A stream on `worker` made no progress within the liveness timeout: leave it out of
-    /// selection until its next load report ([`KvRouter::update_load`]). True when it was
-    /// not marked already.
-    pub fn mark_stalled(&mut self, worker: WorkerId) -> bool {
+    /// Notes that `worker`'s load report arrived at `now` (the liveness evidence
+    /// [`KvRouter::check_stalled`] reads).
+    pub fn note_report(&mut self, now: Duration, worker: WorkerId) {
+        if let Some(view) = self.workers.get_mut(&worker) {
+            view.last_report = Some(now);
+        }
+    }
+
+    /// A stream on `worker` made no progress for `quiet_for`. If the worker has not
+    /// reported its load within that time either (frozen, partitioned), or `force` (it has
+    /// been silent past the hard bound), it is stalled: left out of selection until its next
+    /// load report. Returns whether it is stalled; false means it is alive, only slow.
+    pub fn check_stalled(
+        &mut self,
+        now: Duration,
+        worker: WorkerId,
+        quiet_for: Duration,
+        force: bool,
+    ) -> bool {
         let Some(view) = self.workers.get_mut(&worker) else {
-            return false;
+            return true; // gone from the router's view: nothing will come from it
         };
-        !std::mem::replace(&mut view.stalled, true)
+        let silent = view
+            .last_report
+            .is_none_or(|t| t.saturating_add(quiet_for) <= now);
+        if silent || force {
+            view.stalled = true;
+        }
+        view.stalled
     }
 
     /// Whether `worker` is left out of selection at `now`.
@@ -279,6 +302,7 @@ impl KvRouter {
             // It reported: it is alive.
             stalled: false,
             draining: view.draining,
+            last_report: view.last_report,
         };
         for request in self.unacknowledged.remove(&worker).unwrap_or_default() {
             if let Some(f) = self.in_flight.get_mut(&request) {

@@ -5,8 +5,10 @@
 //! to another worker. Before the first token the same path retries instead of failing
 //! while a worker remains.
 //!
-//! A stalled worker is reported to the router (`RouterRequest::Stalled`), which leaves it
-//! out of routing until it reports its load again; a lost one is quarantined
+//! A stream silent for the liveness timeout is checked with the router
+//! (`RouterRequest::Stalled`): when the worker's load reports stopped too (or the silence is
+//! past the slow bound) it is stalled, left out of routing until it reports its load again,
+//! and the request migrates; a lost one is quarantined
 //! (`RouterRequest::Unreachable`); one whose lease expires (it leaves the dispatcher's
 //! members) has its streams migrated at once. The liveness timer runs on the dispatcher's clock, so
 //! the simulator's virtual clock drives it too.
@@ -116,8 +118,7 @@ impl MigratingStream {
         loop {
             let why = match self.current.take() {
                 Some(mut attempt) => {
-                    let timeout = self.cfg.liveness_timeout();
-                    match next_of(&mut attempt, &self.dispatcher, timeout, self.id).await {
+                    match next_of(&mut attempt, &self.dispatcher, &self.cfg, self.id).await {
                         Step::Output(mut out) => {
                             if self.progress.migrations() > 0 {
                                 // A continuation's prefix-cache hit is not the client's
@@ -183,33 +184,41 @@ enum Step {
 async fn next_of(
     attempt: &mut Attempt,
     dispatcher: &Dispatcher,
-    timeout: Duration,
+    cfg: &MigrationConfig,
     id: RequestId,
 ) -> Step {
     let worker = attempt.stream.worker;
-    let item = tokio::select! {
-        item = attempt.stream.next_reply() => Ok(item),
-        _ = dispatcher.clock().sleep(timeout) => Err(true),
-        // Its lease expired (or it left) with this stream open: nothing more will come.
-        _ = dispatcher.departed(worker) => Err(false),
+    let timeout = cfg.liveness_timeout();
+    let mut quiet = Duration::ZERO;
+    let item = loop {
+        tokio::select! {
+            item = attempt.stream.next_reply() => break item,
+            _ = dispatcher.clock().sleep(timeout) => {}
+            // Its lease expired (or it left) with this stream open: nothing more will come.
+            _ = dispatcher.departed(worker) => {
+                return Step::Interrupted(Interruption::Lost(format!(
+                    "worker {worker} left the cluster"
+                )))
+            }
+        }
+        quiet += timeout;
+        // Silent this long: stalled if its load reports stopped too, or past the bound.
+        if attempt
+            .stream
+            .is_stalled(quiet, cfg.past_slow_bound(quiet))
+            .await
+        {
+            tracing::warn!(request = %id, %worker, "no output for {quiet:?}: the worker is stalled");
+            return Step::Interrupted(Interruption::Stalled(quiet));
+        }
     };
     let item = match item {
-        Err(false) => {
-            return Step::Interrupted(Interruption::Lost(format!(
-                "worker {worker} left the cluster"
-            )))
-        }
-        Err(true) => {
-            tracing::warn!(request = %id, %worker, "no output for {timeout:?}: the worker is stalled");
-            attempt.stream.report(RouterRequest::Stalled(worker));
-            return Step::Interrupted(Interruption::Stalled(timeout));
-        }
-        Ok(None) => {
+        None => {
             return Step::Interrupted(Interruption::Lost(
                 "the worker's stream ended without a finish".into(),
             ))
         }
-        Ok(Some(item)) => item,
+        Some(item) => item,
     };
     let mut out = match item {
         Ok(WorkerReply::Token(out)) => out,

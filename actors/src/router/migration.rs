@@ -26,10 +26,11 @@ pub struct MigrationConfig {
     /// stalled or drained; or it could not be reached before the first token). 0 disables
     /// migration: an interrupted stream fails.
     pub migration_limit: u32,
-    /// A worker stream that delivers nothing for this long is declared stalled: its worker
-    /// is left out of routing until it reports its load again, and the request migrates.
-    /// It bounds the wait for the first token too (queueing included), so keep it above the
-    /// longest prefill the cluster serves.
+    /// A worker stream that delivers nothing for this long while its worker has not
+    /// reported its load in that time either (frozen, partitioned) is declared stalled: the
+    /// worker is left out of routing until it reports again, and the request migrates. A
+    /// worker that keeps reporting but delivers nothing for [`SLOW_BOUND_FACTOR`] times this
+    /// long (overloaded past the bound) is treated the same.
     pub liveness_timeout_ms: u64,
 }
 
@@ -42,9 +43,18 @@ impl Default for MigrationConfig {
     }
 }
 
+/// How many liveness timeouts a stream may stay silent on a worker that still reports its
+/// load (alive, but overloaded) before it migrates anyway.
+pub const SLOW_BOUND_FACTOR: u32 = 4;
+
 impl MigrationConfig {
     pub fn liveness_timeout(&self) -> Duration {
         Duration::from_millis(self.liveness_timeout_ms)
+    }
+
+    /// Whether a stream silent for `quiet` is past the bound even on a live worker.
+    pub fn past_slow_bound(&self, quiet: Duration) -> bool {
+        quiet >= self.liveness_timeout() * SLOW_BOUND_FACTOR
     }
 
     /// Rejects a zero liveness timeout (every stream would stall at once).
@@ -373,6 +383,22 @@ mod tests {
             Next::Finish(out) => assert_eq!(out.finish, Some(FinishReason::Stop)),
             other => panic!("expected a finish, got {other:?}"),
         }
+    }
+
+    #[test]
+    fn the_slow_bound_is_a_multiple_of_the_liveness_timeout() {
+        let c = MigrationConfig {
+            migration_limit: 3,
+            liveness_timeout_ms: 1000,
+        };
+        assert!(!c.past_slow_bound(Duration::from_millis(3999)));
+        assert!(c.past_slow_bound(Duration::from_secs(4)));
+        assert!(MigrationConfig {
+            liveness_timeout_ms: 0,
+            ..c
+        }
+        .validate()
+        .is_err());
     }
 
     #[test]
