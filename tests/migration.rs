@@ -46,6 +46,8 @@ struct Streamed {
     prompt_tokens: Option<u64>,
     completion_tokens: Option<u64>,
     error: Option<String>,
+    /// The longest wait between two chunks of the stream (s).
+    gap_s: f64,
 }
 
 /// Runs the driver against `port`; calls `fault` once every stream is under way.
@@ -76,6 +78,7 @@ fn run_streams(port: u16, fault: impl FnOnce()) -> Vec<Streamed> {
                 prompt_tokens: v["prompt_tokens"].as_u64(),
                 completion_tokens: v["completion_tokens"].as_u64(),
                 error: v["error"].as_str().map(str::to_string),
+                gap_s: v["gap_s"].as_f64().unwrap_or(0.0),
             }
         })
         .collect();
@@ -85,8 +88,13 @@ fn run_streams(port: u16, fault: impl FnOnce()) -> Vec<Streamed> {
     results
 }
 
-/// Every request succeeded and equals the unfaulted run's, text and usage.
+/// Every request succeeded and equals the unfaulted run's, text and usage. Prints each
+/// stream's longest gap between chunks (a migrated stream's includes the detection and the
+/// continuation's prefill: the figure docs/BENCHMARKS.md reports).
 fn assert_same(what: &str, reference: &[Streamed], got: &[Streamed]) {
+    let mut gaps: Vec<f64> = got.iter().map(|g| g.gap_s).collect();
+    gaps.sort_by(f64::total_cmp);
+    println!("{what}: longest chunk gap per stream (s, sorted): {gaps:?}");
     for (i, (r, g)) in reference.iter().zip(got).enumerate() {
         assert!(g.ok, "{what}: request {i} failed: {:?}", g.error);
         assert_eq!(g.text, r.text, "{what}: request {i}'s text differs");
