@@ -172,6 +172,9 @@ fn streams_survive_a_killed_a_frozen_and_a_drained_worker() {
     let drained = run_streams(port, || signal(&c, "-TERM"));
     assert_same("SIGTERM drain", &reference, &drained);
     let status = c.child.wait().expect("the drained worker's exit");
-    assert!(status.success(), "the drained worker exited with {status:?}");
+    assert!(
+        status.success(),
+        "the drained worker exited with {status:?}"
+    );
     drop(d);
 }

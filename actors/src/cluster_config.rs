@@ -262,8 +262,8 @@ mod tests {
         assert!(c.workers.iter().map(|w| w.replicas).sum::<usize>() >= 2);
         assert_eq!(c.migration, MigrationConfig::default());
         assert_eq!(c.workers[0].drain_timeout_ms, 30_000);
-        let err = serde_yaml::from_str::<ClusterConfig>("migration: {migration_limt: 1}")
-            .unwrap_err();
+        let err =
+            serde_yaml::from_str::<ClusterConfig>("migration: {migration_limt: 1}").unwrap_err();
         assert!(err.to_string().contains("migration_limt"), "{err}");
     }
 

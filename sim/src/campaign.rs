@@ -63,7 +63,8 @@ impl CampaignSummary {
 pub fn replay_command(args: &SimArgs, seed: u64) -> String {
     let mut cmd = format!(
         "turbine sim --seed {seed} --workers {} --profile {} --router {} --requests {} --rate {} \
-         --input-mean {} --output-mean {} --max-attempts {} --loss {} --reorder {}",
+         --input-mean {} --output-mean {} --prefix-groups {} --prefix-len {} --max-attempts {} \
+         --loss {} --reorder {}",
         args.workers,
         args.profile,
         args.router.as_str(),
@@ -71,6 +72,8 @@ pub fn replay_command(args: &SimArgs, seed: u64) -> String {
         args.rate,
         args.input_mean,
         args.output_mean,
+        args.prefix_groups,
+        args.prefix_len,
         args.max_attempts,
         args.loss,
         args.reorder
@@ -106,7 +109,9 @@ pub fn run_seed(args: &SimArgs, seed: u64) -> SeedResult {
             return result;
         }
     };
-    result.problems.extend(o.invariant_violations.iter().cloned());
+    result
+        .problems
+        .extend(o.invariant_violations.iter().cloned());
     result.requests = o.requests.len();
     for (i, r) in o.requests.iter().enumerate() {
         if r.migrations > 0 {

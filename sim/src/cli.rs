@@ -212,7 +212,10 @@ pub fn run_cli(args: SimArgs) -> anyhow::Result<()> {
         let summary = crate::campaign::run_campaign(&args, count);
         print!("{}", summary.report(&args));
         if !summary.failing.is_empty() {
-            bail!("{} of {count} seeds violated an invariant", summary.failing.len());
+            bail!(
+                "{} of {count} seeds violated an invariant",
+                summary.failing.len()
+            );
         }
         return Ok(());
     }

@@ -167,9 +167,7 @@ pub fn dispatcher(
     migration: MigrationConfig,
     clock: SharedClock,
 ) -> Arc<Dispatcher> {
-    Arc::new(
-        Dispatcher::new(block_size, router, first_request_id).with_migration(migration, clock),
-    )
+    Arc::new(Dispatcher::new(block_size, router, first_request_id).with_migration(migration, clock))
 }
 
 // ---------------------------------------------------------------------------------------

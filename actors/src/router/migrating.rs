@@ -223,9 +223,7 @@ async fn next_of(
     let mut out = match item {
         Ok(WorkerReply::Token(out)) => out,
         Ok(WorkerReply::Stats(_)) => {
-            return Step::Interrupted(Interruption::Failed(
-                "worker sent stats on a stream".into(),
-            ))
+            return Step::Interrupted(Interruption::Failed("worker sent stats on a stream".into()))
         }
         Err(e) => {
             return Step::Interrupted(match Interruption::of_call_error(&e) {
@@ -234,7 +232,7 @@ async fn next_of(
                     Interruption::Failed(format!("worker: {msg}"))
                 }
                 why => why,
-            })
+            });
         }
     };
     attempt.produced = true;

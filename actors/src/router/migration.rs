@@ -223,9 +223,9 @@ impl Progress {
             Interruption::Lost(msg) if !started => {
                 EngineError::Overloaded(format!("worker unavailable{tried}: {msg}"))
             }
-            Interruption::Stalled(d) if !started => EngineError::Overloaded(format!(
-                "no worker answered within {d:?}{tried}"
-            )),
+            Interruption::Stalled(d) if !started => {
+                EngineError::Overloaded(format!("no worker answered within {d:?}{tried}"))
+            }
             Interruption::Released if !started => {
                 EngineError::Overloaded(format!("the worker is draining{tried}"))
             }

@@ -25,10 +25,10 @@ pub mod service;
 
 pub use config::{PolicyKind, RouterConfig, RouterConfigError, RouterIndexMode};
 pub use events::{RouterEvent, RouterEventKind, RouterReplicaId};
-pub use migration::MigrationConfig;
 pub use kv_router::{
     IndexSource, KvRouter, Routed, RouterMetrics, WorkerRouteCounts, UNREACHABLE_QUARANTINE,
 };
+pub use migration::MigrationConfig;
 pub use policy::{
     KvPolicy, Policy, RandomPolicy, RoundRobinPolicy, RouteDecision, RouteError, RouteRequest,
     RoutingPolicy, WorkerLoad,
