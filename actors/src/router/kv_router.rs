@@ -486,3 +486,48 @@ impl KvRouter {
         self.per_worker.iter().map(|(w, c)| (*w, *c)).collect()
     }
 }
+
+#[cfg(test)]
+mod liveness_tests {
+    use super::*;
+
+    fn router() -> KvRouter {
+        let mut r = KvRouter::new(RouterReplicaId(0), RouterConfig::default(), None).unwrap();
+        r.add_worker(WorkerId(1));
+        r.add_worker(WorkerId(2));
+        r
+    }
+
+    const S: Duration = Duration::from_secs(1);
+
+    #[test]
+    fn a_silent_worker_is_stalled_until_it_reports_a_reporting_one_is_only_slow() {
+        let mut r = router();
+        r.note_report(Duration::ZERO, WorkerId(1));
+        r.note_report(3 * S, WorkerId(2));
+        // Both streams silent for 2 s at t=4 s: worker 1 has not reported since t=0.
+        assert!(r.check_stalled(4 * S, WorkerId(1), 2 * S, false));
+        assert!(!r.check_stalled(4 * S, WorkerId(2), 2 * S, false));
+        assert!(r.is_suspended(4 * S, WorkerId(1)));
+        assert!(!r.is_suspended(4 * S, WorkerId(2)));
+        // Past the slow bound a reporting worker is stalled too.
+        assert!(r.check_stalled(4 * S, WorkerId(2), 2 * S, true));
+        // A report proves it alive again.
+        r.update_load(WorkerId(1), 0, 0);
+        r.note_report(5 * S, WorkerId(1));
+        assert!(!r.is_suspended(5 * S, WorkerId(1)));
+        // A worker the router does not know is gone: stalled.
+        assert!(r.check_stalled(5 * S, WorkerId(9), S, false));
+    }
+
+    #[test]
+    fn a_draining_worker_is_left_out_until_it_says_otherwise() {
+        let mut r = router();
+        r.set_draining(WorkerId(1), true);
+        assert!(r.is_suspended(Duration::ZERO, WorkerId(1)));
+        r.update_load(WorkerId(1), 0, 0);
+        assert!(r.is_suspended(Duration::ZERO, WorkerId(1)), "a report keeps it draining");
+        r.set_draining(WorkerId(1), false);
+        assert!(!r.is_suspended(Duration::ZERO, WorkerId(1)));
+    }
+}
