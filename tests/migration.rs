@@ -48,6 +48,43 @@ struct Streamed {
     error: Option<String>,
     /// The longest wait between two chunks of the stream (s).
     gap_s: f64,
+    /// Wall-clock time (s since the epoch) of each content chunk.
+    times: Vec<f64>,
+}
+
+fn wall_now() -> f64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_secs_f64())
+        .unwrap_or(0.0)
+}
+
+/// For each stream, the wait from the fault (at `fault_at`) to its next chunk, sorted: the
+/// streams of the faulted worker wait for detection, re-routing and the continuation's
+/// prefill (printed; docs/BENCHMARKS.md reports it).
+fn print_wait_after_fault(what: &str, fault_at: f64, got: &[Streamed]) {
+    let mut waits: Vec<f64> = got
+        .iter()
+        .filter_map(|g| {
+            g.times
+                .iter()
+                .find(|t| **t > fault_at)
+                .map(|t| t - fault_at)
+        })
+        .map(|w| (w * 1000.0).round() / 1000.0)
+        .collect();
+    waits.sort_by(f64::total_cmp);
+    println!("{what}: wait from the fault to each stream's next token (s, sorted): {waits:?}");
+}
+
+/// The median gap between consecutive chunks over every stream (s).
+fn median_itl(got: &[Streamed]) -> f64 {
+    let mut gaps: Vec<f64> = got
+        .iter()
+        .flat_map(|g| g.times.windows(2).map(|w| w[1] - w[0]))
+        .collect();
+    gaps.sort_by(f64::total_cmp);
+    gaps.get(gaps.len() / 2).copied().unwrap_or(0.0)
 }
 
 /// Runs the driver against `port`; calls `fault` once every stream is under way.
@@ -79,6 +116,10 @@ fn run_streams(port: u16, fault: impl FnOnce()) -> Vec<Streamed> {
                 completion_tokens: v["completion_tokens"].as_u64(),
                 error: v["error"].as_str().map(str::to_string),
                 gap_s: v["gap_s"].as_f64().unwrap_or(0.0),
+                times: v["times"]
+                    .as_array()
+                    .map(|a| a.iter().filter_map(|t| t.as_f64()).collect())
+                    .unwrap_or_default(),
             }
         })
         .collect();
@@ -152,16 +193,29 @@ fn streams_survive_a_killed_a_frozen_and_a_drained_worker() {
     }
 
     // 1. kill -9 mid-stream.
+    println!(
+        "unfaulted: median inter-token gap {:.3} s",
+        median_itl(&reference)
+    );
     let mut a = a;
-    let killed = run_streams(port, || signal(&a, "-KILL"));
+    let mut fault_at = 0.0;
+    let killed = run_streams(port, || {
+        fault_at = wall_now();
+        signal(&a, "-KILL")
+    });
     let _ = a.child.wait();
     assert_same("kill -9", &reference, &killed);
+    print_wait_after_fault("kill -9", fault_at, &killed);
 
     // 2. SIGSTOP mid-stream (a worker that is there but makes no progress).
     let c = spawn_worker(file);
     std::thread::sleep(Duration::from_secs(2));
-    let frozen = run_streams(port, || signal(&b, "-STOP"));
+    let frozen = run_streams(port, || {
+        fault_at = wall_now();
+        signal(&b, "-STOP")
+    });
     assert_same("SIGSTOP", &reference, &frozen);
+    print_wait_after_fault("SIGSTOP", fault_at, &frozen);
     signal(&b, "-CONT");
     drop(b);
 
@@ -169,8 +223,12 @@ fn streams_survive_a_killed_a_frozen_and_a_drained_worker() {
     let d = spawn_worker(file);
     std::thread::sleep(Duration::from_secs(2));
     let mut c = c;
-    let drained = run_streams(port, || signal(&c, "-TERM"));
+    let drained = run_streams(port, || {
+        fault_at = wall_now();
+        signal(&c, "-TERM")
+    });
     assert_same("SIGTERM drain", &reference, &drained);
+    print_wait_after_fault("SIGTERM drain", fault_at, &drained);
     let status = c.child.wait().expect("the drained worker's exit");
     assert!(
         status.success(),

@@ -6,7 +6,8 @@ Opens N streaming chat completions at once (prompt i asks about topic i, tempera
 prints `STREAMING` once every stream has received a token (the moment a test injects its
 fault), then one JSON line per request when all are done:
 {"i": ..., "ok": bool, "text": ..., "finish": ..., "prompt_tokens": ..., "completion_tokens": ...,
- "error": ..., "gap_s": longest wait between two chunks}
+ "error": ..., "gap_s": longest wait between two chunks, "times": wall-clock time of each
+ content chunk}
 and exits 0 (the test decides what is right).
 """
 import argparse
@@ -48,6 +49,7 @@ def main():
         topic = TOPICS[i % len(TOPICS)]
         text, finish, usage, err = "", None, None, None
         first, gap, last = True, 0.0, None
+        times = []
         try:
             stream = client.chat.completions.create(
                 model=model,
@@ -67,6 +69,7 @@ def main():
                 for c in chunk.choices:
                     if c.delta and c.delta.content:
                         text += c.delta.content
+                        times.append(time.time())
                         if first:
                             first = False
                             arrive()
@@ -85,6 +88,7 @@ def main():
             "completion_tokens": usage.completion_tokens if usage else None,
             "error": err,
             "gap_s": round(gap, 3),
+            "times": times,
         }
 
     threads = [threading.Thread(target=run, args=(i,)) for i in range(args.streams)]

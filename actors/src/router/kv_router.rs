@@ -526,7 +526,10 @@ mod liveness_tests {
         r.set_draining(WorkerId(1), true);
         assert!(r.is_suspended(Duration::ZERO, WorkerId(1)));
         r.update_load(WorkerId(1), 0, 0);
-        assert!(r.is_suspended(Duration::ZERO, WorkerId(1)), "a report keeps it draining");
+        assert!(
+            r.is_suspended(Duration::ZERO, WorkerId(1)),
+            "a report keeps it draining"
+        );
         r.set_draining(WorkerId(1), false);
         assert!(!r.is_suspended(Duration::ZERO, WorkerId(1)));
     }
