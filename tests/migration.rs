@@ -18,24 +18,13 @@
 
 mod common;
 
-use common::{cluster_file, free_port, spawn_turbine, Turbine};
+use common::{cluster_file, free_port, spawn_turbine, test_python, Turbine};
 use std::io::{BufRead, BufReader};
-use std::path::PathBuf;
 use std::process::{Command, Stdio};
 use std::time::Duration;
 
 const STREAMS: usize = 16;
 const MAX_TOKENS: u32 = 24;
-
-fn test_python() -> PathBuf {
-    if let Some(p) = std::env::var_os("TURBINE_TEST_PYTHON") {
-        return PathBuf::from(p);
-    }
-    let home = std::env::var_os("HOME")
-        .map(PathBuf::from)
-        .unwrap_or_default();
-    home.join(".cache/turbine/test-venv/bin/python")
-}
 
 /// One request's result as the driver prints it.
 #[derive(Debug)]

@@ -1,36 +1,16 @@
-//! 1,000 seeds of the CI fault campaign (`sim/tests/campaign.rs`): prints the summary, each
-//! failing seed with its replay command, and the wall time. `cargo bench -p turbine-sim
-//! --bench fault_campaign` (`-- N` for another count).
+//! 1,000 seeds of the CI fault campaign (`sim/tests/campaign.rs`, the same arguments): prints
+//! the summary, each failing seed with its replay command, and the wall time.
+//! `cargo bench -p turbine-sim --bench fault_campaign` (`-- N` for another count).
 
-use clap::Parser;
 use std::time::Instant;
-use turbine_sim::campaign::run_campaign;
-use turbine_sim::SimArgs;
+use turbine_sim::campaign::{run_campaign, standard_args};
 
 fn main() {
     let count: u64 = std::env::args()
         .skip(1)
         .find_map(|a| a.parse().ok())
         .unwrap_or(1000);
-    let args = SimArgs::parse_from([
-        "sim",
-        "--workers",
-        "3",
-        "--requests",
-        "24",
-        "--rate",
-        "12",
-        "--input-mean",
-        "128",
-        "--output-mean",
-        "24",
-        "--prefix-len",
-        "64",
-        "--faults",
-        "random:2",
-        "--loss",
-        "0.02",
-    ]);
+    let args = standard_args();
     let start = Instant::now();
     let summary = run_campaign(&args, count);
     print!("{}", summary.report(&args));

@@ -133,6 +133,31 @@ pub fn run_seed(args: &SimArgs, seed: u64) -> SeedResult {
     result
 }
 
+/// The campaign CI and the bench run: 3 workers, 24 requests of ~128 prompt and 24 output
+/// tokens at 12 requests/s, two random faults (crash or partition) per seed, 2 % event loss.
+pub fn standard_args() -> SimArgs {
+    use clap::Parser;
+    SimArgs::parse_from([
+        "sim",
+        "--workers",
+        "3",
+        "--requests",
+        "24",
+        "--rate",
+        "12",
+        "--input-mean",
+        "128",
+        "--output-mean",
+        "24",
+        "--prefix-len",
+        "64",
+        "--faults",
+        "random:2",
+        "--loss",
+        "0.02",
+    ])
+}
+
 /// Runs `count` seeds from `args.seed` on.
 pub fn run_campaign(args: &SimArgs, count: u64) -> CampaignSummary {
     let mut summary = CampaignSummary::default();

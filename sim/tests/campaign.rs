@@ -4,36 +4,11 @@
 //! fault-free tokens (migrated or not), no KV block leaked, failures only with no worker left.
 //! The 1,000-seed run is `cargo bench -p turbine-sim --bench fault_campaign`.
 
-use clap::Parser;
-use turbine_sim::campaign::run_campaign;
-use turbine_sim::SimArgs;
-
-/// The campaign's arguments: what `turbine sim --seeds N` takes.
-pub fn campaign_args() -> SimArgs {
-    SimArgs::parse_from([
-        "sim",
-        "--workers",
-        "3",
-        "--requests",
-        "24",
-        "--rate",
-        "12",
-        "--input-mean",
-        "128",
-        "--output-mean",
-        "24",
-        "--prefix-len",
-        "64",
-        "--faults",
-        "random:2",
-        "--loss",
-        "0.02",
-    ])
-}
+use turbine_sim::campaign::{run_campaign, standard_args};
 
 #[test]
 fn a_hundred_seeds_of_crashes_partitions_and_event_loss_keep_every_invariant() {
-    let args = campaign_args();
+    let args = standard_args();
     let summary = run_campaign(&args, 100);
     let report = summary.report(&args);
     println!("{report}");
