@@ -59,7 +59,11 @@ fn requests_after_a_crash_go_to_the_live_worker_without_waiting_for_the_lease() 
     for (i, r) in o.requests.iter().enumerate() {
         assert_eq!(r.outcome, Some(Outcome::Completed), "request {i}");
         assert_eq!(r.attempts, 1, "request {i} needed a client retry");
-        assert!(r.migrations <= 1, "request {i} migrated {} times", r.migrations);
+        assert!(
+            r.migrations <= 1,
+            "request {i} migrated {} times",
+            r.migrations
+        );
     }
     assert!(
         o.requests.iter().any(|r| r.migrations == 1),
