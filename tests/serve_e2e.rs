@@ -6,22 +6,11 @@
 
 mod common;
 
-use common::{gauge, http, spawn_turbine};
+use common::{gauge, http, spawn_turbine, test_python};
 use std::io::{BufRead, BufReader, Write};
 use std::net::TcpStream;
-use std::path::PathBuf;
 use std::process::Command;
 use std::time::{Duration, Instant};
-
-fn test_python() -> PathBuf {
-    if let Some(p) = std::env::var_os("TURBINE_TEST_PYTHON") {
-        return PathBuf::from(p);
-    }
-    let home = std::env::var_os("HOME")
-        .map(PathBuf::from)
-        .unwrap_or_default();
-    home.join(".cache/turbine/test-venv/bin/python")
-}
 
 /// Waits (bounded) until no KV block is held by a request and nothing runs.
 fn wait_until_idle(port: u16) -> (f64, f64) {

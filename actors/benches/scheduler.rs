@@ -46,6 +46,7 @@ fn request(id: u64, prompt: Vec<TokenId>, max_tokens: u32) -> PreprocessedReques
         },
         logprobs: None,
         salt: 0,
+        generated_before: 0,
     }
 }
 

@@ -8,7 +8,7 @@
 use crate::disagg::DisaggregationConfig;
 use crate::kv::BlockSize;
 use crate::planner::PlannerConfig;
-use crate::router::RouterConfig;
+use crate::router::{MigrationConfig, RouterConfig};
 use serde::{Deserialize, Serialize};
 use std::net::SocketAddr;
 use std::path::PathBuf;
@@ -31,6 +31,9 @@ pub struct ClusterConfig {
     /// Prefill/decode disaggregation: when a prefill goes to a `prefill` worker, and how KV
     /// moves to the `decode` worker (see `disagg::DisaggregationConfig`).
     pub disaggregation: DisaggregationConfig,
+    /// Re-issuing a request whose worker died, stalled or drained (see
+    /// `router::MigrationConfig`).
+    pub migration: MigrationConfig,
 }
 
 impl Default for ClusterConfig {
@@ -44,6 +47,7 @@ impl Default for ClusterConfig {
             discovery: DiscoverySection::default(),
             planner: None,
             disaggregation: DisaggregationConfig::default(),
+            migration: MigrationConfig::default(),
         }
     }
 }
@@ -128,6 +132,9 @@ pub struct WorkerGroup {
     /// Started by separate `turbine worker --group N` processes that join over the
     /// network, not by `turbine up`.
     pub remote: bool,
+    /// On SIGTERM a `turbine worker` stops taking requests and lets those in flight run
+    /// for up to this long; the rest are released to other workers (migration).
+    pub drain_timeout_ms: u64,
 }
 
 impl Default for WorkerGroup {
@@ -142,6 +149,7 @@ impl Default for WorkerGroup {
             max_num_seqs: 64,
             threads: 0,
             remote: false,
+            drain_timeout_ms: 30_000,
         }
     }
 }
@@ -361,6 +369,11 @@ mod tests {
         let c: ClusterConfig = serde_yaml::from_str(text).unwrap();
         assert_eq!(c.router.policy, crate::router::PolicyKind::Kv);
         assert!(c.workers.iter().map(|w| w.replicas).sum::<usize>() >= 2);
+        assert_eq!(c.migration, MigrationConfig::default());
+        assert_eq!(c.workers[0].drain_timeout_ms, 30_000);
+        let err =
+            serde_yaml::from_str::<ClusterConfig>("migration: {migration_limt: 1}").unwrap_err();
+        assert!(err.to_string().contains("migration_limt"), "{err}");
     }
 
     #[test]

@@ -71,6 +71,11 @@ pub struct PreprocessedRequest {
     pub logprobs: Option<u32>,
     /// Hash salt (LoRA, multimodal content); 0 for the base model and text.
     pub salt: u64,
+    /// Tokens at the end of `token_ids` that other workers already generated for this
+    /// request (a migrated continuation). The sample index continues from here, so a
+    /// seeded or greedy request draws the tokens it would have drawn on one worker.
+    #[serde(default)]
+    pub generated_before: u32,
 }
 
 /// Why a sequence ended.
@@ -84,6 +89,10 @@ pub enum FinishReason {
     Cancelled,
     /// The engine failed; the message says why.
     Error(String),
+    /// The worker gave the request up before it finished (it is draining or stopping):
+    /// the frontend continues it on another worker from the tokens so far (see
+    /// `router::migration`). Never reaches a client.
+    Migrate,
 }
 
 /// Log-probability of one sampled token, with the top alternatives when asked for.

@@ -83,6 +83,7 @@ fn request() -> DispatchRequest {
             ignore_eos: true,
         },
         logprobs: None,
+        generated_before: 0,
     }
 }
 

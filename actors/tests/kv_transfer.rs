@@ -69,6 +69,7 @@ fn request(prompt: &[TokenId]) -> PreprocessedRequest {
         },
         logprobs: None,
         salt: 0,
+        generated_before: 0,
     }
 }
 

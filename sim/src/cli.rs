@@ -25,6 +25,10 @@ pub struct SimArgs {
     /// Seed of the run's one RNG (workload, network, router, faults).
     #[arg(long, default_value_t = 0)]
     pub seed: u64,
+    /// Fault campaign: run this many seeds (from --seed on), check every run's invariants
+    /// and print each failing seed with its replay command (see `campaign`).
+    #[arg(long)]
+    pub seeds: Option<u64>,
     /// Number of workers.
     #[arg(long, default_value_t = 4)]
     pub workers: u32,
@@ -230,6 +234,17 @@ pub fn run(args: &SimArgs) -> anyhow::Result<Vec<(Report, SimOutcome)>> {
 /// `turbine sim`: runs, prints the table(s), writes the requested files. Fails (after
 /// printing) when an invariant was violated, naming the seed to replay.
 pub fn run_cli(args: SimArgs) -> anyhow::Result<()> {
+    if let Some(count) = args.seeds {
+        let summary = crate::campaign::run_campaign(&args, count);
+        print!("{}", summary.report(&args));
+        if !summary.failing.is_empty() {
+            bail!(
+                "{} of {count} seeds violated an invariant",
+                summary.failing.len()
+            );
+        }
+        return Ok(());
+    }
     let runs = run(&args)?;
     for (r, o) in &runs {
         println!("{}", r.table());

@@ -10,6 +10,7 @@
 //! ([`faults`]) and the clients. All randomness comes from one seed ([`rng`]); the event log
 //! hash ([`eventlog`]) is the determinism check. See docs/SIMULATOR.md.
 
+pub mod campaign;
 pub mod cli;
 pub mod eventlog;
 pub mod faults;

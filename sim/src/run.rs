@@ -9,7 +9,7 @@ use crate::time::{SimDuration, SimTime};
 use crate::workload::RequestSpec;
 use turbine_actors::ids::WorkerId;
 use turbine_actors::kv::BlockSize;
-use turbine_actors::router::{PolicyKind, RouterConfig, RouterIndexMode};
+use turbine_actors::router::{MigrationConfig, PolicyKind, RouterConfig, RouterIndexMode};
 
 /// Everything that shapes a run besides the workload.
 #[derive(Clone, Debug)]
@@ -21,6 +21,8 @@ pub struct SimConfig {
     pub net: NetConfig,
     pub faults: FaultPlan,
     pub max_attempts: u32,
+    /// The frontend's migration settings (the liveness timeout is simulated time).
+    pub migration: MigrationConfig,
     pub heartbeat: SimDuration,
     pub lease: SimDuration,
     pub settle: SimDuration,
@@ -56,6 +58,10 @@ impl SimConfig {
             net: NetConfig::default(),
             faults: FaultPlan::default(),
             max_attempts: 3,
+            migration: MigrationConfig {
+                migration_limit: 3,
+                liveness_timeout_ms: 2_000,
+            },
             heartbeat: SimDuration::from_millis(250),
             lease: SimDuration::from_millis(1000),
             settle: SimDuration::from_millis(3000),
@@ -85,6 +91,12 @@ pub struct RequestRecord {
     pub attempts: u32,
     /// How many times the request was resolved (must be exactly 1).
     pub resolutions: u32,
+    /// The dispatcher's id of the stream that completed (the simulated sampler's key).
+    pub request_id: Option<u64>,
+    /// The token ids the client received, in order.
+    pub tokens: Vec<u32>,
+    /// Times its stream moved to another worker.
+    pub migrations: u32,
 }
 
 impl RequestRecord {
@@ -99,6 +111,9 @@ impl RequestRecord {
             outcome: None,
             attempts: 0,
             resolutions: 0,
+            request_id: None,
+            tokens: Vec::new(),
+            migrations: 0,
         }
     }
 }
@@ -117,6 +132,19 @@ pub fn request_violations(records: &[RequestRecord]) -> Vec<String> {
                 r.token_times.len(),
                 r.output_len
             ));
+        }
+        // The simulated sampler is a pure function of (request, position), so a fault-free
+        // run of this request streams exactly these tokens: a migrated stream must too (no
+        // token twice, none missing, the sample index continued).
+        if let (Some(Outcome::Completed), Some(id)) = (&r.outcome, r.request_id) {
+            let expected = (0..r.tokens.len() as u32)
+                .map(|k| crate::worker::sample_token(turbine_actors::ids::RequestId(id), k));
+            if let Some(k) = expected.zip(&r.tokens).position(|(e, got)| e != *got) {
+                violations.push(format!(
+                    "request {i} (migrated {} times) differs from its fault-free tokens at position {k}",
+                    r.migrations
+                ));
+            }
         }
     }
     violations

@@ -12,14 +12,20 @@ use turbine_sim::rng::SeedSplitter;
 use turbine_sim::time::SimTime;
 use turbine_sim::{build_config, build_workload, simulate, Outcome, SimArgs, SimConfig};
 
-#[test]
-fn without_retries_a_crash_fails_its_requests_once_with_an_error() {
+/// Two workers, 40 requests, worker 1 crashing at 0.3 s for 1 s; no client retries.
+fn crash_run(migration_limit: u32) -> turbine_sim::SimOutcome {
     let wl = workload(2, 40);
     let mut cfg = SimConfig::new(2, 2, tiny_profile());
     cfg.max_attempts = 1;
+    cfg.migration.migration_limit = migration_limit;
     cfg.faults =
         FaultPlan::parse("crash:1@0.3+1", &SeedSplitter::new(2), 2, SimTime::ZERO).unwrap();
-    let o = simulate(&cfg, &wl).unwrap();
+    simulate(&cfg, &wl).unwrap()
+}
+
+#[test]
+fn without_retries_or_migration_a_crash_fails_its_requests_once_with_an_error() {
+    let o = crash_run(0);
     assert!(
         o.invariant_violations.is_empty(),
         "{:?}",
@@ -32,6 +38,26 @@ fn without_retries_a_crash_fails_its_requests_once_with_an_error() {
         .count();
     assert!(failed > 0);
     assert!(o.requests.iter().all(|r| r.resolutions == 1));
+}
+
+#[test]
+fn with_migration_a_crash_loses_no_request_and_changes_no_token() {
+    let o = crash_run(3);
+    // The invariants include: each completed request's tokens equal its fault-free tokens.
+    assert!(
+        o.invariant_violations.is_empty(),
+        "{:?}",
+        o.invariant_violations
+    );
+    assert!(
+        o.requests
+            .iter()
+            .all(|r| r.outcome == Some(Outcome::Completed)),
+        "{:?}",
+        o.requests.iter().map(|r| &r.outcome).collect::<Vec<_>>()
+    );
+    let migrated = o.requests.iter().filter(|r| r.migrations > 0).count();
+    assert!(migrated > 0, "the crash interrupted no stream");
 }
 
 #[test]

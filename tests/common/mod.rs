@@ -18,6 +18,18 @@ pub fn cluster_file(tag: &str, yaml: &str) -> std::path::PathBuf {
     file
 }
 
+/// The Python with the official `openai` client: $TURBINE_TEST_PYTHON (set by
+/// scripts/test.sh), else the test venv `scripts/setup-test-deps.sh` installs.
+pub fn test_python() -> std::path::PathBuf {
+    if let Some(p) = std::env::var_os("TURBINE_TEST_PYTHON") {
+        return std::path::PathBuf::from(p);
+    }
+    let home = std::env::var_os("HOME")
+        .map(std::path::PathBuf::from)
+        .unwrap_or_default();
+    home.join(".cache/turbine/test-venv/bin/python")
+}
+
 /// A port that was free a moment ago.
 pub fn free_port() -> u16 {
     TcpListener::bind("127.0.0.1:0")

@@ -122,6 +122,11 @@ impl Generation {
             Some(FinishReason::Error(message)) => {
                 self.end(GenEvent::Failed(EngineError::Internal(message)))
             }
+            // The migration shell continues a released request; one that still reaches
+            // here was not migrated.
+            Some(FinishReason::Migrate) => self.end(GenEvent::Failed(EngineError::Internal(
+                "the worker gave the request up".to_string(),
+            ))),
         }
     }
 

@@ -9,7 +9,8 @@
 use crate::frontend::{ChatEngine, Delta, DeltaStream, EngineError, GenerateRequest, Usage};
 use crate::preprocessor::codec::ModelCodec;
 use crate::protocol::{FinishReason, StopConditions, TokenOutput};
-use crate::router::dispatch::{DispatchRequest, Dispatched, Dispatcher};
+use crate::router::dispatch::{DispatchRequest, Dispatcher};
+use crate::router::migrating::MigratingStream;
 use async_trait::async_trait;
 use futures::StreamExt;
 use std::sync::Arc;
@@ -80,9 +81,11 @@ impl ChatEngine for Pipeline {
         }
         let room = (self.context_length - prompt_len) as u32;
         let max_tokens = req.max_tokens.map_or(room, |m| m.min(room));
-        let dispatched = self
-            .dispatcher
-            .dispatch(DispatchRequest {
+        // The stream survives its worker: a lost, stalled or draining worker's request
+        // continues on another (router::migration).
+        let dispatched = MigratingStream::open(
+            self.dispatcher.clone(),
+            DispatchRequest {
                 token_ids,
                 sampling: req.sampling.clone(),
                 stop: StopConditions {
@@ -91,8 +94,10 @@ impl ChatEngine for Pipeline {
                     ignore_eos: req.ignore_eos,
                 },
                 logprobs: req.logprobs,
-            })
-            .await?;
+                generated_before: 0,
+            },
+        )
+        .await?;
         let state = Detokenize {
             codec: self.codec.clone(),
             decoder: self.codec.decoder(),
@@ -157,7 +162,7 @@ impl Detokenize {
     }
 }
 
-fn detokenize(tokens: Dispatched, state: Detokenize) -> DeltaStream {
+fn detokenize(tokens: MigratingStream, state: Detokenize) -> DeltaStream {
     futures::stream::unfold(
         (tokens, state, false),
         |(mut tokens, mut state, done)| async move {

@@ -148,7 +148,13 @@ impl LocalCluster {
         )
         .map_err(StartError::Config)?;
         let model_id = cfg.model.served_name.clone().unwrap_or(name);
-        let dispatch = dispatcher(block_size, router_addr, Pipeline::first_request_id());
+        let dispatch = dispatcher(
+            block_size,
+            router_addr,
+            Pipeline::first_request_id(),
+            cfg.migration.clone(),
+            node.clock().clone(),
+        );
         let mut tasks = Vec::new();
         if cfg.router.remote {
             tasks.push(follow_router(

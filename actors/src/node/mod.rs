@@ -26,7 +26,7 @@ use crate::kv::{BlockSize, KvEventBatch};
 use crate::router::dispatch::Dispatcher;
 use crate::router::membership::{watch_workers, Members, WorkerConnector};
 use crate::router::service::{RouterCore, RouterService, ROUTER_SERVICE};
-use crate::router::{KvRouter, RouterConfig, RouterReplicaId};
+use crate::router::{KvRouter, MigrationConfig, RouterConfig, RouterReplicaId};
 use crate::worker::announce::{
     report_load, LOAD_REPORT_EVERY, META_EVENTS, META_WORKER_ID, WORKER_COMPONENT,
 };
@@ -74,6 +74,7 @@ pub fn check_cluster(
     model: &ModelConfig,
 ) -> Result<(BlockSize, usize), StartError> {
     let block_size = block_size_of(cfg)?;
+    cfg.migration.validate().map_err(StartError::Config)?;
     let groups: Vec<&WorkerGroup> = cfg.workers.iter().filter(|g| g.replicas > 0).collect();
     if let Some(g) = groups.iter().find(|g| g.role != WorkerRole::Aggregated) {
         return Err(StartError::Config(format!(
@@ -164,8 +165,10 @@ pub fn dispatcher(
     block_size: BlockSize,
     router: Option<Addr<RouterService>>,
     first_request_id: u64,
+    migration: MigrationConfig,
+    clock: SharedClock,
 ) -> Arc<Dispatcher> {
-    Arc::new(Dispatcher::new(block_size, router, first_request_id))
+    Arc::new(Dispatcher::new(block_size, router, first_request_id).with_migration(migration, clock))
 }
 
 // ---------------------------------------------------------------------------------------

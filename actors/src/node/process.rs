@@ -16,6 +16,7 @@ use crate::ids::WorkerId;
 use crate::router::membership::{Members, NodeConnector};
 use crate::router::service::{ROUTER_COMPONENT, ROUTER_SERVICE};
 use crate::worker::announce::{kv_topic, metrics_topic, REGISTRY_SERVICE};
+use crate::worker::worker_loop::WorkerHandle;
 use crate::worker::EngineTime;
 use std::collections::BTreeMap;
 use std::future::Future;
@@ -24,7 +25,7 @@ use std::time::Duration;
 use tokio::sync::mpsc;
 use turbine_kernels::loader::LoadedModel;
 use turbine_runtime::discovery::embedded::Registry;
-use turbine_runtime::discovery::{Discovery, EmbeddedDiscovery, Instance};
+use turbine_runtime::discovery::{Discovery, EmbeddedDiscovery, Instance, Lease};
 use turbine_runtime::events::EventPublisher;
 use turbine_runtime::{Node, NodeConfig};
 
@@ -170,9 +171,49 @@ pub async fn run_worker(
         join.registry
     );
     shutdown.await;
-    lease.revoke().await;
+    let drain_timeout = Duration::from_millis(group_cfg.drain_timeout_ms);
+    drain(&worker.handle, lease, drain_timeout).await;
     node.shutdown();
     Ok(())
+}
+
+/// How long a drained worker's node stays up after the last outputs were queued, so the
+/// final tokens and the release notices reach the frontends before the sockets close.
+const DRAIN_FLUSH: Duration = Duration::from_millis(300);
+
+/// How often a draining worker looks whether its requests are done.
+const DRAIN_POLL: Duration = Duration::from_millis(50);
+
+/// Graceful drain: stop admissions (the load report says `draining`, so the router stops
+/// routing here; a request that still arrives is released at once), let the requests in
+/// flight finish for up to `deadline`, release the rest (each ends with
+/// `FinishReason::Migrate`, so the frontend continues it on another worker), give the
+/// outputs time to leave, and deregister. The
+/// planner's scale-down drains a worker the same way (by SIGTERM to its process).
+pub async fn drain(worker: &WorkerHandle, lease: Lease, deadline: Duration) {
+    // Draining shows in the next load report; the router stops routing here. The lease
+    // stays until the end: a departure would make frontends migrate the open streams.
+    worker.stop_admissions();
+    let start = tokio::time::Instant::now();
+    let in_flight = worker.num_requests();
+    println!(
+        "turbine worker {} draining: {in_flight} request(s) in flight, up to {deadline:?}",
+        worker.id()
+    );
+    while worker.num_requests() > 0 && start.elapsed() < deadline {
+        tokio::time::sleep(DRAIN_POLL).await;
+    }
+    let left = worker.num_requests();
+    if left > 0 {
+        println!(
+            "turbine worker {}: releasing {left} request(s) to other workers",
+            worker.id()
+        );
+    }
+    worker.release_all();
+    tokio::time::sleep(DRAIN_FLUSH).await;
+    lease.revoke().await;
+    println!("turbine worker {} drained", worker.id());
 }
 
 /// Runs a router process (`turbine worker --role router`) until `shutdown` resolves: the

@@ -10,6 +10,7 @@
 //! is a pure function of the inputs.
 
 use super::kv_router::WorkerRouteCounts;
+use super::migration::MigrationConfig;
 use super::policy::{RouteError, RouteRequest};
 use super::service::{RouterReply, RouterRequest, RouterService};
 use crate::ids::{RequestId, WorkerId};
@@ -21,15 +22,53 @@ use futures::StreamExt;
 use std::collections::BTreeMap;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Mutex, RwLock};
-use turbine_runtime::{Addr, CallError, ReplyStream};
+use std::time::Duration;
+use turbine_runtime::{Addr, CallError, ReplyStream, SharedClock, TokioClock};
 
 /// A request as the dispatcher takes it: prompt token ids and generation settings.
-#[derive(Clone, Debug)]
+#[derive(Clone, Debug, PartialEq)]
 pub struct DispatchRequest {
     pub token_ids: Vec<u32>,
     pub sampling: SamplingParams,
     pub stop: StopConditions,
     pub logprobs: Option<u32>,
+    /// Tokens at the end of `token_ids` that earlier workers generated for this request (a
+    /// migrated continuation, see [`super::migration`]); 0 for a new request.
+    pub generated_before: u32,
+}
+
+/// Why a request could not be opened on a worker, in the terms the migration policy
+/// needs ([`super::migration::Interruption`]).
+#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
+pub enum DispatchError {
+    /// No router, or no routable worker.
+    #[error("{0}")]
+    NoWorker(String),
+    /// The router could not be asked.
+    #[error("router unavailable: {0}")]
+    Router(String),
+    /// The chosen worker left before its stream opened, or could not be reached.
+    #[error("worker {worker}: {reason}")]
+    Unreachable { worker: WorkerId, reason: String },
+    /// The chosen worker refused the request at admission.
+    #[error("{0}")]
+    Refused(String),
+    /// A protocol failure.
+    #[error("{0}")]
+    Internal(String),
+}
+
+impl From<DispatchError> for EngineError {
+    fn from(e: DispatchError) -> EngineError {
+        match e {
+            DispatchError::NoWorker(m) => EngineError::Overloaded(m),
+            e @ (DispatchError::Router(_) | DispatchError::Unreachable { .. }) => {
+                EngineError::Overloaded(e.to_string())
+            }
+            DispatchError::Refused(m) => EngineError::InvalidRequest(m),
+            DispatchError::Internal(m) => EngineError::Internal(m),
+        }
+    }
 }
 
 /// A request under way on a worker. Dropping it cancels the request.
@@ -58,6 +97,35 @@ impl Dispatched {
         }
         Some(out)
     }
+
+    /// The next raw item of the worker's stream, for the migration shell, which classes
+    /// failures itself; a lost connection is reported to the router as above.
+    pub async fn next_reply(&mut self) -> Option<Result<WorkerReply, CallError>> {
+        let item = self.tokens.next().await?;
+        if matches!(item, Err(CallError::PeerGone(_) | CallError::Transport(_))) {
+            self.report(RouterRequest::Unreachable(self.worker));
+        }
+        Some(item)
+    }
+
+    /// Tells the router something about this request's worker (unreachable, draining).
+    pub fn report(&self, what: RouterRequest) {
+        self._guard.router.cast(what);
+    }
+
+    /// Asks the router whether this request's worker, silent on this stream for `quiet`, is
+    /// stalled (see `RouterRequest::Stalled`); an unreachable router counts as yes.
+    pub async fn is_stalled(&self, quiet: Duration, force: bool) -> bool {
+        let ask = RouterRequest::Stalled {
+            worker: self.worker,
+            quiet_for_ms: quiet.as_millis() as u64,
+            force,
+        };
+        !matches!(
+            self._guard.router.call(ask).await,
+            Ok(RouterReply::Stalled(false))
+        )
+    }
 }
 
 /// Routes requests over the workers it knows, through a router it reaches by address.
@@ -71,6 +139,13 @@ pub struct Dispatcher {
     /// The decisions this frontend received, per worker (for `/metrics`: the router may
     /// be in another process).
     route_counts: Mutex<BTreeMap<WorkerId, WorkerRouteCounts>>,
+    /// When to re-issue an interrupted request (see [`super::migration`]).
+    migration: MigrationConfig,
+    /// What the liveness timeout is measured on (the simulator's clock in the simulator).
+    clock: SharedClock,
+    /// Bumped whenever a worker is forgotten, so open streams on it migrate at once when
+    /// its lease expires (see [`Dispatcher::departed`]).
+    departures: tokio::sync::watch::Sender<u64>,
 }
 
 impl Dispatcher {
@@ -87,7 +162,33 @@ impl Dispatcher {
             workers: RwLock::new(BTreeMap::new()),
             next_request: AtomicU64::new(first_request_id),
             route_counts: Mutex::new(BTreeMap::new()),
+            migration: MigrationConfig::default(),
+            clock: TokioClock::shared(),
+            departures: tokio::sync::watch::Sender::new(0),
         }
+    }
+
+    /// Sets the migration settings (the default: [`MigrationConfig::default`]) and the
+    /// clock the liveness timeout runs on (the default: tokio's).
+    pub fn with_migration(mut self, migration: MigrationConfig, clock: SharedClock) -> Dispatcher {
+        self.migration = migration;
+        self.clock = clock;
+        self
+    }
+
+    /// The clock the liveness timeout runs on.
+    pub fn clock(&self) -> &SharedClock {
+        &self.clock
+    }
+
+    /// The migration settings the dispatcher's streams follow.
+    pub fn migration(&self) -> &MigrationConfig {
+        &self.migration
+    }
+
+    /// A fresh request id.
+    pub fn next_request_id(&self) -> RequestId {
+        RequestId(self.next_request.fetch_add(1, Ordering::Relaxed))
     }
 
     /// Makes `worker` reachable from this frontend (the router learns of it from its own
@@ -105,6 +206,26 @@ impl Dispatcher {
             .write()
             .unwrap_or_else(|e| e.into_inner())
             .remove(&id);
+        self.departures.send_modify(|n| *n += 1);
+    }
+
+    /// Whether `id` is a worker this dispatcher can reach (joined, not left).
+    pub fn has_worker(&self, id: WorkerId) -> bool {
+        self.workers
+            .read()
+            .unwrap_or_else(|e| e.into_inner())
+            .contains_key(&id)
+    }
+
+    /// Resolves once `id` is no longer a member (it left, or its lease expired); never, while
+    /// it stays.
+    pub async fn departed(&self, id: WorkerId) {
+        let mut rx = self.departures.subscribe();
+        while self.has_worker(id) {
+            if rx.changed().await.is_err() {
+                std::future::pending::<()>().await;
+            }
+        }
     }
 
     /// The workers it can reach (routable or in quarantine), in id order.
@@ -142,12 +263,22 @@ impl Dispatcher {
 
     /// Gives `req` an id, routes it and opens its stream on the chosen worker. Fails with
     /// `Overloaded` (retryable) when no worker is available or the chosen one cannot be
-    /// reached.
+    /// reached. No migration: see [`super::migrating::MigratingStream`] for that.
     pub async fn dispatch(&self, req: DispatchRequest) -> Result<Dispatched, EngineError> {
-        let id = RequestId(self.next_request.fetch_add(1, Ordering::Relaxed));
+        Ok(self.dispatch_as(self.next_request_id(), req).await?)
+    }
+
+    /// Routes `req` under id `id` (a migrated request keeps its id, so its seed and a
+    /// sampler keyed by request see the same request) and opens its stream.
+    pub async fn dispatch_as(
+        &self,
+        id: RequestId,
+        req: DispatchRequest,
+    ) -> Result<Dispatched, DispatchError> {
         let mut sampling = req.sampling;
         if sampling.seed.is_none() && sampling.temperature > 0.0 {
-            // No seed asked for: still reproducible within this request across preemption.
+            // No seed asked for: still reproducible within this request across preemption
+            // and migration (the id stays).
             sampling.seed = Some(id.0.wrapping_mul(0x9E37_79B9_7F4A_7C15));
         }
         let route = RouteRequest {
@@ -156,19 +287,19 @@ impl Dispatcher {
             token_count: req.token_ids.len(),
         };
         let Some(router) = self.router() else {
-            return Err(EngineError::Overloaded("no router is available".into()));
+            return Err(DispatchError::NoWorker("no router is available".into()));
         };
         let decision = match router.call(RouterRequest::Route(route)).await {
             Ok(RouterReply::Routed(Ok(decision))) => decision,
             Ok(RouterReply::Routed(Err(RouteError::NoWorkers))) => {
-                return Err(EngineError::Overloaded("no worker is available".into()))
+                return Err(DispatchError::NoWorker("no worker is available".into()))
             }
             Ok(_) => {
-                return Err(EngineError::Internal(
+                return Err(DispatchError::Internal(
                     "the router answered a route request with something else".into(),
                 ))
             }
-            Err(e) => return Err(EngineError::Overloaded(format!("router unavailable: {e}"))),
+            Err(e) => return Err(DispatchError::Router(e.to_string())),
         };
         {
             let mut counts = self.route_counts.lock().unwrap_or_else(|e| e.into_inner());
@@ -190,10 +321,10 @@ impl Dispatcher {
             guard
                 .router
                 .cast(RouterRequest::Unreachable(decision.worker));
-            return Err(EngineError::Overloaded(format!(
-                "worker {} has just left",
-                decision.worker
-            )));
+            return Err(DispatchError::Unreachable {
+                worker: decision.worker,
+                reason: "it has just left".into(),
+            });
         };
         let pre = PreprocessedRequest {
             id,
@@ -202,19 +333,21 @@ impl Dispatcher {
             stop: req.stop,
             logprobs: req.logprobs,
             salt: 0,
+            generated_before: req.generated_before,
         };
         let tokens = match worker.stream(WorkerRequest::Generate(Box::new(pre))).await {
             Ok(tokens) => tokens,
+            Err(CallError::Handler(msg)) => return Err(DispatchError::Refused(msg)),
             Err(e) => {
                 if matches!(e, CallError::PeerGone(_) | CallError::Transport(_)) {
                     guard
                         .router
                         .cast(RouterRequest::Unreachable(decision.worker));
                 }
-                return Err(EngineError::Overloaded(format!(
-                    "worker {}: {e}",
-                    decision.worker
-                )));
+                return Err(DispatchError::Unreachable {
+                    worker: decision.worker,
+                    reason: e.to_string(),
+                });
             }
         };
         Ok(Dispatched {

@@ -106,6 +106,19 @@ struct LoadView {
     /// Left out of selection until then (unreachable for now; `Duration::MAX`: until
     /// lifted); its load and index entries are kept.
     suspended_until: Option<Duration>,
+    /// A stream on it stalled: left out of selection until its next load report, which
+    /// only a live worker sends.
+    stalled: bool,
+    /// It said it is draining (its load report): no new requests.
+    draining: bool,
+    /// When its last load report arrived (router time).
+    last_report: Option<Duration>,
+}
+
+impl LoadView {
+    fn selectable(&self, now: Duration) -> bool {
+        !self.stalled && !self.draining && self.suspended_until.is_none_or(|until| until <= now)
+    }
 }
 
 impl LoadView {
@@ -186,7 +199,9 @@ impl KvRouter {
 
     /// Makes `worker` routable (again: a worker that re-joins leaves its quarantine).
     pub fn add_worker(&mut self, worker: WorkerId) {
-        self.workers.entry(worker).or_default().suspended_until = None;
+        let view = self.workers.entry(worker).or_default();
+        view.suspended_until = None;
+        view.stalled = false;
     }
 
     /// Forget a worker: its load, its in-flight requests and its cached blocks.
@@ -222,12 +237,50 @@ impl KvRouter {
         true
     }
 
+    /// Leaves a draining worker out of selection (or lets it back in), keeping its load
+    /// and cached blocks while its requests finish.
+    pub fn set_draining(&mut self, worker: WorkerId, draining: bool) {
+        if let Some(view) = self.workers.get_mut(&worker) {
+            view.draining = draining;
+        }
+    }
+
+    /// Notes that `worker`'s load report arrived at `now` (the liveness evidence
+    /// [`KvRouter::check_stalled`] reads).
+    pub fn note_report(&mut self, now: Duration, worker: WorkerId) {
+        if let Some(view) = self.workers.get_mut(&worker) {
+            view.last_report = Some(now);
+        }
+    }
+
+    /// A stream on `worker` made no progress for `quiet_for`. If the worker has not
+    /// reported its load within that time either (frozen, partitioned), or `force` (it has
+    /// been silent past the hard bound), it is stalled: left out of selection until its next
+    /// load report. Returns whether it is stalled; false means it is alive, only slow.
+    pub fn check_stalled(
+        &mut self,
+        now: Duration,
+        worker: WorkerId,
+        quiet_for: Duration,
+        force: bool,
+    ) -> bool {
+        let Some(view) = self.workers.get_mut(&worker) else {
+            return true; // gone from the router's view: nothing will come from it
+        };
+        let silent = view
+            .last_report
+            .is_none_or(|t| t.saturating_add(quiet_for) <= now);
+        if silent || force {
+            view.stalled = true;
+        }
+        view.stalled
+    }
+
     /// Whether `worker` is left out of selection at `now`.
     pub fn is_suspended(&self, now: Duration, worker: WorkerId) -> bool {
         self.workers
             .get(&worker)
-            .and_then(|v| v.suspended_until)
-            .is_some_and(|until| until > now)
+            .is_some_and(|v| !v.selectable(now))
     }
 
     /// Workers and their current load view, sorted by id.
@@ -246,6 +299,10 @@ impl KvRouter {
             pending_blocks: 0,
             pending_requests: 0,
             suspended_until: view.suspended_until,
+            // It reported: it is alive.
+            stalled: false,
+            draining: view.draining,
+            last_report: view.last_report,
         };
         for request in self.unacknowledged.remove(&worker).unwrap_or_default() {
             if let Some(f) = self.in_flight.get_mut(&request) {
@@ -269,7 +326,7 @@ impl KvRouter {
         let loads: Vec<WorkerLoad> = self
             .workers
             .iter()
-            .filter(|(_, v)| v.suspended_until.is_none_or(|until| until <= now))
+            .filter(|(_, v)| v.selectable(now))
             .map(|(w, v)| v.load(*w))
             .collect();
         let result = self.policy.select(now, request, &loads, &overlaps);
@@ -427,5 +484,53 @@ impl KvRouter {
     /// Per-worker decision counts of this replica, sorted by worker.
     pub fn worker_route_counts(&self) -> Vec<(WorkerId, WorkerRouteCounts)> {
         self.per_worker.iter().map(|(w, c)| (*w, *c)).collect()
+    }
+}
+
+#[cfg(test)]
+mod liveness_tests {
+    use super::*;
+
+    fn router() -> KvRouter {
+        let mut r = KvRouter::new(RouterReplicaId(0), RouterConfig::default(), None).unwrap();
+        r.add_worker(WorkerId(1));
+        r.add_worker(WorkerId(2));
+        r
+    }
+
+    const S: Duration = Duration::from_secs(1);
+
+    #[test]
+    fn a_silent_worker_is_stalled_until_it_reports_a_reporting_one_is_only_slow() {
+        let mut r = router();
+        r.note_report(Duration::ZERO, WorkerId(1));
+        r.note_report(3 * S, WorkerId(2));
+        // Both streams silent for 2 s at t=4 s: worker 1 has not reported since t=0.
+        assert!(r.check_stalled(4 * S, WorkerId(1), 2 * S, false));
+        assert!(!r.check_stalled(4 * S, WorkerId(2), 2 * S, false));
+        assert!(r.is_suspended(4 * S, WorkerId(1)));
+        assert!(!r.is_suspended(4 * S, WorkerId(2)));
+        // Past the slow bound a reporting worker is stalled too.
+        assert!(r.check_stalled(4 * S, WorkerId(2), 2 * S, true));
+        // A report proves it alive again.
+        r.update_load(WorkerId(1), 0, 0);
+        r.note_report(5 * S, WorkerId(1));
+        assert!(!r.is_suspended(5 * S, WorkerId(1)));
+        // A worker the router does not know is gone: stalled.
+        assert!(r.check_stalled(5 * S, WorkerId(9), S, false));
+    }
+
+    #[test]
+    fn a_draining_worker_is_left_out_until_it_says_otherwise() {
+        let mut r = router();
+        r.set_draining(WorkerId(1), true);
+        assert!(r.is_suspended(Duration::ZERO, WorkerId(1)));
+        r.update_load(WorkerId(1), 0, 0);
+        assert!(
+            r.is_suspended(Duration::ZERO, WorkerId(1)),
+            "a report keeps it draining"
+        );
+        r.set_draining(WorkerId(1), false);
+        assert!(!r.is_suspended(Duration::ZERO, WorkerId(1)));
     }
 }

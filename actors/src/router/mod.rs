@@ -17,6 +17,8 @@ pub mod dispatch;
 pub mod events;
 pub mod kv_router;
 pub mod membership;
+pub mod migrating;
+pub mod migration;
 pub mod policy;
 pub mod prometheus;
 pub mod service;
@@ -26,6 +28,7 @@ pub use events::{RouterEvent, RouterEventKind, RouterReplicaId};
 pub use kv_router::{
     IndexSource, KvRouter, Routed, RouterMetrics, WorkerRouteCounts, UNREACHABLE_QUARANTINE,
 };
+pub use migration::MigrationConfig;
 pub use policy::{
     KvPolicy, Policy, RandomPolicy, RoundRobinPolicy, RouteDecision, RouteError, RouteRequest,
     RoutingPolicy, WorkerLoad,

@@ -46,6 +46,15 @@ pub enum RouterRequest {
     Finished(RequestId),
     /// Cast: the caller could not reach this worker; quarantine it.
     Unreachable(WorkerId),
+    /// Call: a stream on this worker made no progress for `quiet_for_ms`. The router answers
+    /// `Stalled(true)` when the worker has not reported its load in that time either (or
+    /// `force`), and then leaves it out of routing until it reports again (it proves alive);
+    /// `Stalled(false)`: it is alive, only slow.
+    Stalled {
+        worker: WorkerId,
+        quiet_for_ms: u64,
+        force: bool,
+    },
     /// Call: the router's counters.
     Metrics,
 }
@@ -58,6 +67,7 @@ pub enum RouterReply {
         per_worker: Vec<(WorkerId, WorkerRouteCounts)>,
     },
     Done,
+    Stalled(bool),
 }
 
 /// The router's state, shared by its actor, its membership feed and its metrics collector.
@@ -123,6 +133,17 @@ impl RouterCore {
         }
     }
 
+    /// A stream on `worker` made no progress for `quiet_for`: whether the worker is stalled
+    /// (see [`KvRouter::check_stalled`]); a stalled one gets no routing until it reports.
+    pub fn check_stalled(&self, worker: WorkerId, quiet_for: Duration, force: bool) -> bool {
+        let now = self.now();
+        let stalled = self.lock().check_stalled(now, worker, quiet_for, force);
+        if stalled {
+            tracing::warn!(%worker, "worker stalled; not routing to it until it reports again");
+        }
+        stalled
+    }
+
     pub fn add_worker(&self, worker: WorkerId) {
         self.lock().add_worker(worker);
     }
@@ -135,7 +156,12 @@ impl RouterCore {
     /// A worker's latest stats into the router's load view.
     pub fn update_load(&self, worker: WorkerId, stats: &SchedulerStats) {
         let active = (stats.num_running + stats.num_waiting) as u32;
-        self.lock().update_load(worker, stats.load_blocks(), active);
+        let now = self.now();
+        let mut router = self.lock();
+        router.update_load(worker, stats.load_blocks(), active);
+        router.note_report(now, worker);
+        // A draining worker takes no new requests (its in-flight ones run to the end).
+        router.set_draining(worker, stats.draining);
     }
 
     /// A worker's KV events into the index.
@@ -195,6 +221,15 @@ impl Handler<RouterService> for RouterActor {
                 self.core.unreachable(w);
                 RouterReply::Done
             }
+            RouterRequest::Stalled {
+                worker,
+                quiet_for_ms,
+                force,
+            } => RouterReply::Stalled(self.core.check_stalled(
+                worker,
+                Duration::from_millis(quiet_for_ms),
+                force,
+            )),
             RouterRequest::Metrics => RouterReply::Metrics {
                 totals: self.core.metrics(),
                 per_worker: self.core.worker_route_counts(),

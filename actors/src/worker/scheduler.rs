@@ -88,6 +88,10 @@ pub struct SchedulerStats {
     /// was lost even when no later batch comes to reveal the gap.
     #[serde(default)]
     pub kv_batches: u64,
+    /// The worker is draining (the loop fills it in): it takes no new requests, so the
+    /// router leaves it out of selection.
+    #[serde(default)]
+    pub draining: bool,
 }
 
 impl SchedulerStats {
@@ -277,7 +281,7 @@ impl Scheduler {
                 start_pos: start,
                 block_table: table.iter().map(|b| b.0).collect(),
                 want_logits,
-                sample_index: seq.num_generated() as u32,
+                sample_index: seq.sample_index(),
             });
             entries.push(InFlightEntry {
                 request: id,
@@ -450,6 +454,7 @@ impl Scheduler {
                 .map(|seq| self.blocks.block_size().blocks_for(seq.tokens.len()) as u64)
                 .sum(),
             kv_batches: 0,
+            draining: false,
         }
     }
 

@@ -43,6 +43,9 @@ pub(crate) struct Sequence {
     pub arrival: Duration,
     /// Stop after the first sampled token and hold the blocks (a prefill worker's request).
     pub prefill_only: bool,
+    /// Tokens other workers generated before this one took the request over (migration):
+    /// the sample index starts here.
+    pub sample_offset: u32,
 }
 
 impl Sequence {
@@ -68,6 +71,7 @@ impl Sequence {
             phase: Phase::Waiting,
             arrival: now,
             prefill_only: false,
+            sample_offset: req.generated_before,
         }
     }
 
@@ -78,6 +82,12 @@ impl Sequence {
 
     pub fn num_generated(&self) -> usize {
         self.tokens.len() - self.prompt_len
+    }
+
+    /// Index of the next token to sample, counted over the whole request (across
+    /// migrations), so a seeded sampler draws the same token wherever it runs.
+    pub fn sample_index(&self) -> u32 {
+        self.sample_offset + self.num_generated() as u32
     }
 
     /// Appends a sampled token, hashing the block it completes.

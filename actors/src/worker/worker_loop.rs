@@ -40,6 +40,20 @@ enum Command {
     },
     Abort(RequestId),
     Inspect(Box<dyn FnOnce(&Scheduler) + Send>),
+    /// Take no new requests (each is released at once); let the open ones run.
+    Drain,
+    /// Release every request (they end with `FinishReason::Migrate`) and every later one.
+    Release,
+}
+
+/// The end of a request its worker gave up: the frontend continues it elsewhere.
+fn released() -> TokenOutput {
+    TokenOutput {
+        token_ids: Vec::new(),
+        logprobs: None,
+        finish: Some(FinishReason::Migrate),
+        cached_tokens: None,
+    }
 }
 
 /// Where a worker loop reads time: its clock (virtual in the simulator) and the wall-clock
@@ -105,6 +119,7 @@ impl WorkerHandle {
             started: time.clock.now(),
             time,
             event_seq: 0,
+            releasing: false,
         };
         let engine_task = tokio::spawn(engine.run(rx)).abort_handle();
         WorkerHandle {
@@ -120,6 +135,26 @@ impl WorkerHandle {
     /// the simulator and tests; a real worker stops by shutting its process down.)
     pub fn stop_now(&self) {
         self.engine_task.abort();
+    }
+
+    /// Gives up every open request and every one admitted from now on: each ends with
+    /// `FinishReason::Migrate` and its blocks are freed, so the frontend continues it on
+    /// another worker. The last step of a drain (see `node::process::drain`).
+    pub fn release_all(&self) {
+        let _ = self.cmds.send(Command::Release);
+    }
+
+    /// Stops admissions: a new request is released at once (the frontend sends it
+    /// elsewhere), the open ones keep running, and the load reports say `draining` so the
+    /// router stops routing here. The first step of a drain.
+    pub fn stop_admissions(&self) {
+        let _ = self.cmds.send(Command::Drain);
+    }
+
+    /// Requests the worker holds (running or waiting) as of the last step.
+    pub fn num_requests(&self) -> usize {
+        let s = self.stats.borrow();
+        s.num_running + s.num_waiting
     }
 
     /// Runs `f` on the scheduler between two steps and returns its result (invariant checks
@@ -200,14 +235,10 @@ impl Stream for TokenStream {
                 Poll::Ready(Some(out))
             }
             Poll::Ready(None) => {
-                // The worker dropped the request without a finish (it stopped).
+                // The worker dropped the request without a finish (it stopped): another
+                // worker may continue it.
                 self.finished = true;
-                Poll::Ready(Some(TokenOutput {
-                    token_ids: Vec::new(),
-                    logprobs: None,
-                    finish: Some(FinishReason::Error("the worker stopped".into())),
-                    cached_tokens: None,
-                }))
+                Poll::Ready(Some(released()))
             }
             Poll::Pending => Poll::Pending,
         }
@@ -232,6 +263,8 @@ struct EngineLoop {
     started: Instant,
     time: EngineTime,
     event_seq: u64,
+    /// Draining: new requests are released at once (see [`WorkerHandle::stop_admissions`]).
+    releasing: bool,
 }
 
 impl EngineLoop {
@@ -280,19 +313,21 @@ impl EngineLoop {
             }
             self.publish();
         }
-        // Shutting down: every open request ends with an error rather than hanging.
+        // Shutting down: every open request is released (another worker may continue it)
+        // rather than left hanging.
         for (_, sink) in std::mem::take(&mut self.sinks) {
-            let _ = sink.send(TokenOutput {
-                token_ids: Vec::new(),
-                logprobs: None,
-                finish: Some(FinishReason::Error("the worker stopped".into())),
-                cached_tokens: None,
-            });
+            let _ = sink.send(released());
         }
     }
 
     fn handle(&mut self, cmd: Command) {
         match cmd {
+            Command::Generate { req, out, admitted } if self.releasing => {
+                // Draining: accept, then hand it straight back for another worker.
+                let _ = admitted.send(Ok(()));
+                let _ = out.send(released());
+                drop(req);
+            }
             Command::Generate { req, out, admitted } => {
                 let id = req.id;
                 match self.scheduler.add_request(*req, self.now()) {
@@ -310,6 +345,17 @@ impl EngineLoop {
                 self.scheduler.abort(id);
             }
             Command::Inspect(f) => f(&self.scheduler),
+            Command::Drain => {
+                self.releasing = true;
+                self.publish();
+            }
+            Command::Release => {
+                self.releasing = true;
+                for (id, sink) in std::mem::take(&mut self.sinks) {
+                    self.scheduler.abort(id);
+                    let _ = sink.send(released());
+                }
+            }
         }
     }
 
@@ -368,6 +414,7 @@ impl EngineLoop {
         }
         let mut stats = self.scheduler.stats();
         stats.kv_batches = self.event_seq;
+        stats.draining = self.releasing;
         self.stats.send_replace(stats);
     }
 }

@@ -33,6 +33,7 @@ pub fn request(id: u64, prompt: Vec<TokenId>, max_tokens: u32) -> PreprocessedRe
         },
         logprobs: None,
         salt: 0,
+        generated_before: 0,
     }
 }
 

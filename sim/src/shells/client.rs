@@ -1,5 +1,6 @@
-//! The simulated clients: each waits for its arrival time, sends through the dispatcher,
-//! retries a retryable refusal like an HTTP client retrying a 503, and reads its stream.
+//! The simulated clients: each waits for its arrival time, sends through the dispatcher's
+//! migration shell (as the HTTP pipeline does), retries a retryable refusal like an HTTP
+//! client retrying a 503, and reads its stream.
 
 use super::fleet::World;
 use super::{lock, record, RETRY_AFTER};
@@ -9,6 +10,7 @@ use std::sync::{Arc, Mutex};
 use turbine_actors::frontend::EngineError;
 use turbine_actors::protocol::{FinishReason, SamplingParams, StopConditions};
 use turbine_actors::router::dispatch::{DispatchRequest, Dispatcher};
+use turbine_actors::router::migrating::MigratingStream;
 
 /// One client: waits for its arrival time, sends, retries when told to, reads its stream.
 pub(super) async fn client(
@@ -31,15 +33,19 @@ pub(super) async fn client(
             ignore_eos: true,
         },
         logprobs: None,
+        generated_before: 0,
     };
     let mut attempts = 0u32;
+    let mut request_id = None;
+    let mut tokens = Vec::new();
+    let mut migrations = 0;
     let outcome = loop {
         attempts += 1;
         let retry = |e: &EngineError| {
             matches!(e, EngineError::Overloaded(_)) && attempts < world.cfg.max_attempts
         };
-        let mut dispatched = match dispatcher.dispatch(request.clone()).await {
-            Ok(d) => d,
+        let mut stream = match MigratingStream::open(dispatcher.clone(), request.clone()).await {
+            Ok(s) => s,
             Err(e) if retry(&e) => {
                 record(
                     &world.log,
@@ -54,17 +60,18 @@ pub(super) async fn client(
             }
             Err(e) => break Outcome::Failed(e.to_string()),
         };
+        request_id = Some(stream.id().0);
+        let mut worker = stream.worker();
         record(
             &world.log,
             clock.sim_now(),
             "route",
             i,
-            dispatched.worker.0,
+            worker.map_or(0, |w| w.0),
             u64::from(attempts),
         );
-        let mut received = 0u64;
         let ended = loop {
-            let Some(out) = dispatched.next_output().await else {
+            let Some(out) = stream.next_output().await else {
                 break Err(EngineError::Internal(
                     "the stream ended without a finish".into(),
                 ));
@@ -74,9 +81,13 @@ pub(super) async fn client(
                 Err(e) => break Err(e),
             };
             let now = clock.sim_now();
-            for _ in &out.token_ids {
-                record(&world.log, now, "token", i, received, 0);
-                received += 1;
+            if stream.worker() != worker {
+                worker = stream.worker();
+                record(&world.log, now, "migrate", i, worker.map_or(0, |w| w.0), 0);
+            }
+            for &t in &out.token_ids {
+                record(&world.log, now, "token", i, tokens.len() as u64, 0);
+                tokens.push(t);
                 lock(&records)[index].token_times.push(now);
             }
             match out.finish {
@@ -85,20 +96,9 @@ pub(super) async fn client(
                 None => {}
             }
         };
+        migrations = stream.migrations();
         match ended {
             Ok(()) => break Outcome::Completed,
-            Err(e) if received == 0 && retry(&e) => {
-                record(
-                    &world.log,
-                    clock.sim_now(),
-                    "retry",
-                    i,
-                    u64::from(attempts),
-                    0,
-                );
-                drop(dispatched);
-                clock.sleep_for(RETRY_AFTER).await;
-            }
             Err(e) => break Outcome::Failed(e.to_string()),
         }
     };
@@ -118,4 +118,7 @@ pub(super) async fn client(
     r.finished = Some(now);
     r.outcome = Some(outcome);
     r.resolutions += 1;
+    r.request_id = request_id;
+    r.tokens = tokens;
+    r.migrations = migrations;
 }

@@ -20,9 +20,11 @@
 //! `turbine_runtime::Node` and every cross-node `Addr` crosses a simulated link, so nothing
 //! touches the OS network or the wall clock, and one seed gives one event log.
 //!
-//! Clients behave like the HTTP frontend's callers: a request refused as retryable (no worker,
-//! or its worker was lost before the first token: HTTP 503) is retried after
-//! [`RETRY_AFTER`] up to `max_attempts`; a failure after the first token fails the request.
+//! Clients read their streams through the frontend's migration shell
+//! (`router::migrating::MigratingStream`), as the HTTP pipeline does: a request whose worker
+//! crashes, is cut off or stalls mid-stream continues on another worker, up to the
+//! migration limit. A request refused as retryable (no worker left: HTTP 503) is retried
+//! after [`RETRY_AFTER`] up to `max_attempts`, as an HTTP client retries a 503.
 
 mod checks;
 mod client;
@@ -121,7 +123,13 @@ async fn run(cfg: &SimConfig, workload: &[RequestSpec]) -> Result<SimOutcome, Si
     let router = node::start_router(&frontend, router_cfg, block_size, shared_clock.clone())
         .await
         .map_err(|e| SimError::Shells(e.to_string()))?;
-    let dispatcher = node::dispatcher(block_size, Some(router.addr.clone()), 1);
+    let dispatcher = node::dispatcher(
+        block_size,
+        Some(router.addr.clone()),
+        1,
+        cfg.migration.clone(),
+        shared_clock.clone(),
+    );
     let registry =
         EmbeddedRegistry::serve(&frontend, REGISTRY_SERVICE, cfg.heartbeat.as_duration())
             .await
