@@ -12,6 +12,8 @@
 use super::kv_router::WorkerRouteCounts;
 use super::policy::{RouteError, RouteRequest};
 use super::service::{RouterReply, RouterRequest, RouterService};
+use crate::disagg::flow::DisaggSettings;
+use crate::disagg::metrics::DisaggMetrics;
 use crate::ids::{RequestId, WorkerId};
 use crate::kv::{hash_blocks, BlockSize};
 use crate::protocol::EngineError;
@@ -20,7 +22,7 @@ use crate::worker::service::{WorkerReply, WorkerRequest, WorkerService};
 use futures::StreamExt;
 use std::collections::BTreeMap;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Mutex, RwLock};
+use std::sync::{Mutex, OnceLock, RwLock};
 use turbine_runtime::{Addr, CallError, ReplyStream};
 
 /// A request as the dispatcher takes it: prompt token ids and generation settings.
@@ -38,6 +40,10 @@ pub struct Dispatched {
     pub worker: WorkerId,
     tokens: ReplyStream<WorkerReply>,
     received: bool,
+    /// A first token that arrived before the stream (from a prefill worker).
+    first: Option<TokenOutput>,
+    /// Where a decode worker's import report is counted (disaggregated serving).
+    disagg: Option<DisaggMetrics>,
     _guard: RouteGuard,
 }
 
@@ -46,7 +52,17 @@ impl Dispatched {
     /// `None` once the stream has ended. A lost connection to the worker is reported to
     /// the router, which leaves the worker out of routing for a while.
     pub async fn next_output(&mut self) -> Option<Result<TokenOutput, EngineError>> {
-        let item = self.tokens.next().await?;
+        if let Some(first) = self.first.take() {
+            self.received = true;
+            return Some(Ok(first));
+        }
+        let mut item = self.tokens.next().await?;
+        while let Ok(WorkerReply::Import(outcome)) = &item {
+            if let Some(m) = &self.disagg {
+                crate::disagg::flow::count_import(m, outcome);
+            }
+            item = self.tokens.next().await?;
+        }
         if matches!(item, Err(CallError::PeerGone(_) | CallError::Transport(_))) {
             self._guard
                 .router
@@ -71,6 +87,9 @@ pub struct Dispatcher {
     /// The decisions this frontend received, per worker (for `/metrics`: the router may
     /// be in another process).
     route_counts: Mutex<BTreeMap<WorkerId, WorkerRouteCounts>>,
+    /// Set when the cluster has prefill workers: requests go through
+    /// [`crate::disagg::flow`].
+    disagg: OnceLock<DisaggSettings>,
 }
 
 impl Dispatcher {
@@ -87,6 +106,78 @@ impl Dispatcher {
             workers: RwLock::new(BTreeMap::new()),
             next_request: AtomicU64::new(first_request_id),
             route_counts: Mutex::new(BTreeMap::new()),
+            disagg: OnceLock::new(),
+        }
+    }
+
+    /// Routes every request through the disaggregated flow from now on (once).
+    pub fn enable_disaggregation(&self, settings: DisaggSettings) {
+        let _ = self.disagg.set(settings);
+    }
+
+    /// `id`'s address, if this frontend can reach it.
+    pub(crate) fn worker_addr(&self, id: WorkerId) -> Option<Addr<WorkerService>> {
+        self.workers
+            .read()
+            .unwrap_or_else(|e| e.into_inner())
+            .get(&id)
+            .cloned()
+    }
+
+    /// Counts a decision this frontend received, for `/metrics`.
+    pub(crate) fn count_route(&self, decision: &super::policy::RouteDecision) {
+        let mut counts = self.route_counts.lock().unwrap_or_else(|e| e.into_inner());
+        let c = counts.entry(decision.worker).or_default();
+        c.decisions += 1;
+        c.overlap_blocks += u64::from(decision.overlap_blocks);
+        c.request_blocks += u64::from(decision.request_blocks);
+    }
+
+    /// Opens `request`'s stream on `worker` (already routed, under `guard`); `first` is an
+    /// output to hand out before the stream's.
+    pub(crate) async fn open(
+        &self,
+        guard: RouteGuard,
+        id: RequestId,
+        worker: WorkerId,
+        request: WorkerRequest,
+        first: Option<TokenOutput>,
+    ) -> Result<Dispatched, EngineError> {
+        let Some(addr) = self.worker_addr(worker) else {
+            guard.router.cast(RouterRequest::Unreachable(worker));
+            return Err(EngineError::Overloaded(format!(
+                "worker {worker} has just left"
+            )));
+        };
+        let tokens = match addr.stream(request).await {
+            Ok(tokens) => tokens,
+            Err(e) => {
+                if matches!(e, CallError::PeerGone(_) | CallError::Transport(_)) {
+                    guard.router.cast(RouterRequest::Unreachable(worker));
+                }
+                return Err(EngineError::Overloaded(format!("worker {worker}: {e}")));
+            }
+        };
+        Ok(self.dispatched(guard, id, worker, tokens, first))
+    }
+
+    /// A request under way on `worker`'s stream `tokens`.
+    pub(crate) fn dispatched(
+        &self,
+        guard: RouteGuard,
+        id: RequestId,
+        worker: WorkerId,
+        tokens: ReplyStream<WorkerReply>,
+        first: Option<TokenOutput>,
+    ) -> Dispatched {
+        Dispatched {
+            id,
+            worker,
+            tokens,
+            received: false,
+            first,
+            disagg: self.disagg.get().map(|s| s.metrics.clone()),
+            _guard: guard,
         }
     }
 
@@ -158,6 +249,17 @@ impl Dispatcher {
         let Some(router) = self.router() else {
             return Err(EngineError::Overloaded("no router is available".into()));
         };
+        let pre = PreprocessedRequest {
+            id,
+            token_ids: req.token_ids,
+            sampling,
+            stop: req.stop,
+            logprobs: req.logprobs,
+            salt: 0,
+        };
+        if let Some(settings) = self.disagg.get() {
+            return crate::disagg::flow::dispatch(self, settings, router, route, pre).await;
+        }
         let decision = match router.call(RouterRequest::Route(route)).await {
             Ok(RouterReply::Routed(Ok(decision))) => decision,
             Ok(RouterReply::Routed(Err(RouteError::NoWorkers))) => {
@@ -170,13 +272,7 @@ impl Dispatcher {
             }
             Err(e) => return Err(EngineError::Overloaded(format!("router unavailable: {e}"))),
         };
-        {
-            let mut counts = self.route_counts.lock().unwrap_or_else(|e| e.into_inner());
-            let c = counts.entry(decision.worker).or_default();
-            c.decisions += 1;
-            c.overlap_blocks += u64::from(decision.overlap_blocks);
-            c.request_blocks += u64::from(decision.request_blocks);
-        }
+        self.count_route(&decision);
         let guard = RouteGuard { router, id };
         let worker = self
             .workers
@@ -195,14 +291,6 @@ impl Dispatcher {
                 decision.worker
             )));
         };
-        let pre = PreprocessedRequest {
-            id,
-            token_ids: req.token_ids,
-            sampling,
-            stop: req.stop,
-            logprobs: req.logprobs,
-            salt: 0,
-        };
         let tokens = match worker.stream(WorkerRequest::Generate(Box::new(pre))).await {
             Ok(tokens) => tokens,
             Err(e) => {
@@ -217,13 +305,7 @@ impl Dispatcher {
                 )));
             }
         };
-        Ok(Dispatched {
-            id,
-            worker: decision.worker,
-            tokens,
-            received: false,
-            _guard: guard,
-        })
+        Ok(self.dispatched(guard, id, decision.worker, tokens, None))
     }
 }
 
@@ -237,9 +319,9 @@ pub fn token_output(
 ) -> Result<TokenOutput, EngineError> {
     match item {
         Ok(WorkerReply::Token(out)) => Ok(out),
-        Ok(WorkerReply::Stats(_)) => Err(EngineError::Internal(
-            "worker sent stats on a stream".into(),
-        )),
+        Ok(WorkerReply::Stats(_) | WorkerReply::Kv(_) | WorkerReply::Import(_)) => Err(
+            EngineError::Internal("worker sent something other than a token on a stream".into()),
+        ),
         // Refused at admission: the request itself is at fault (too long for the worker's
         // pool, empty, ...).
         Err(CallError::Handler(msg)) if first => Err(EngineError::InvalidRequest(msg)),
@@ -258,6 +340,12 @@ pub fn token_output(
 pub struct RouteGuard {
     router: Addr<RouterService>,
     id: RequestId,
+}
+
+impl RouteGuard {
+    pub(crate) fn new(router: Addr<RouterService>, id: RequestId) -> RouteGuard {
+        RouteGuard { router, id }
+    }
 }
 
 impl Drop for RouteGuard {

@@ -32,7 +32,7 @@ pub enum WorkerError {
     Stopped(WorkerId),
 }
 
-enum Command {
+pub(super) enum Command {
     Generate {
         req: Box<PreprocessedRequest>,
         out: mpsc::UnboundedSender<TokenOutput>,
@@ -40,6 +40,8 @@ enum Command {
     },
     Abort(RequestId),
     Inspect(Box<dyn FnOnce(&Scheduler) + Send>),
+    /// Disaggregated serving (see [`crate::worker::remote`]).
+    Remote(super::remote::RemoteCommand),
 }
 
 /// Where a worker loop reads time: its clock (virtual in the simulator) and the wall-clock
@@ -93,6 +95,19 @@ impl WorkerHandle {
         kv_events: KvEventSink,
         time: EngineTime,
     ) -> WorkerHandle {
+        Self::spawn_with_plane(id, scheduler, executor, kv_events, time, None)
+    }
+
+    /// Like [`WorkerHandle::spawn_on`], with the transfer plane a prefill worker exports KV
+    /// on and a decode worker pulls KV with (`None`: an aggregated worker).
+    pub fn spawn_with_plane(
+        id: WorkerId,
+        scheduler: Scheduler,
+        executor: Executor,
+        kv_events: KvEventSink,
+        time: EngineTime,
+        plane: Option<turbine_runtime::transfer::TransferPlane>,
+    ) -> WorkerHandle {
         let (cmds, rx) = mpsc::unbounded_channel();
         let (stats_tx, stats) = watch::channel(scheduler.stats());
         let engine = EngineLoop {
@@ -105,6 +120,7 @@ impl WorkerHandle {
             started: time.clock.now(),
             time,
             event_seq: 0,
+            remote: super::remote::RemoteState::new(plane, cmds.downgrade()),
         };
         let engine_task = tokio::spawn(engine.run(rx)).abort_handle();
         WorkerHandle {
@@ -140,6 +156,25 @@ impl WorkerHandle {
 
     pub fn id(&self) -> WorkerId {
         self.id
+    }
+
+    pub(super) fn send(&self, cmd: Command) -> Result<(), WorkerError> {
+        self.cmds
+            .send(cmd)
+            .map_err(|_| WorkerError::Stopped(self.id))
+    }
+
+    pub(super) fn token_stream(
+        &self,
+        id: RequestId,
+        rx: mpsc::UnboundedReceiver<TokenOutput>,
+    ) -> TokenStream {
+        TokenStream {
+            id,
+            rx,
+            cmds: self.cmds.clone(),
+            finished: false,
+        }
     }
 
     /// Queue depths and KV usage as of the last step.
@@ -222,20 +257,21 @@ impl Drop for TokenStream {
     }
 }
 
-struct EngineLoop {
-    id: WorkerId,
-    scheduler: Scheduler,
-    executor: Executor,
+pub(super) struct EngineLoop {
+    pub(super) id: WorkerId,
+    pub(super) scheduler: Scheduler,
+    pub(super) executor: Executor,
     kv_events: KvEventSink,
-    sinks: BTreeMap<RequestId, mpsc::UnboundedSender<TokenOutput>>,
+    pub(super) sinks: BTreeMap<RequestId, mpsc::UnboundedSender<TokenOutput>>,
     stats: watch::Sender<SchedulerStats>,
     started: Instant,
     time: EngineTime,
     event_seq: u64,
+    pub(super) remote: super::remote::RemoteState,
 }
 
 impl EngineLoop {
-    fn now(&self) -> Duration {
+    pub(super) fn now(&self) -> Duration {
         self.time
             .clock
             .now()
@@ -272,7 +308,10 @@ impl EngineLoop {
                 }
             };
             match outputs {
-                Ok(outputs) => self.deliver(outputs),
+                Ok(outputs) => {
+                    self.deliver(outputs);
+                    self.export_prefilled().await;
+                }
                 Err(e) => {
                     tracing::error!(worker = %self.id, "step bookkeeping failed: {e}");
                     break;
@@ -307,9 +346,11 @@ impl EngineLoop {
             }
             Command::Abort(id) => {
                 self.sinks.remove(&id);
+                self.remote.finished(id);
                 self.scheduler.abort(id);
             }
             Command::Inspect(f) => f(&self.scheduler),
+            Command::Remote(cmd) => self.handle_remote(cmd),
         }
     }
 
@@ -346,6 +387,7 @@ impl EngineLoop {
             let delivered = self.sinks.get(&id).is_some_and(|s| s.send(out).is_ok());
             if done {
                 self.sinks.remove(&id);
+                self.remote.finished(id);
             } else if !delivered {
                 // The client went away: free its blocks now.
                 self.sinks.remove(&id);

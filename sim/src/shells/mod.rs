@@ -117,9 +117,15 @@ async fn run(cfg: &SimConfig, workload: &[RequestSpec]) -> Result<SimOutcome, Si
     // the dispatcher asking it through its address.
     let router_cfg = router_config(cfg.policy, block_size, seeds.stream(Stream::Router).gen());
     router_cfg.validate()?;
-    let router = node::start_router(&frontend, router_cfg, block_size, shared_clock.clone())
-        .await
-        .map_err(|e| SimError::Shells(e.to_string()))?;
+    let router = node::start_router(
+        &frontend,
+        router_cfg,
+        &turbine_actors::disagg::DisaggregationConfig::default(),
+        block_size,
+        shared_clock.clone(),
+    )
+    .await
+    .map_err(|e| SimError::Shells(e.to_string()))?;
     let dispatcher = node::dispatcher(block_size, Some(router.addr.clone()), 1);
     let registry =
         EmbeddedRegistry::serve(&frontend, REGISTRY_SERVICE, cfg.heartbeat.as_duration())
