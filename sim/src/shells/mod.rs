@@ -120,13 +120,20 @@ async fn run(cfg: &SimConfig, workload: &[RequestSpec]) -> Result<SimOutcome, Si
     let router = node::start_router(
         &frontend,
         router_cfg,
-        &turbine_actors::disagg::DisaggregationConfig::default(),
+        &cfg.disagg,
         block_size,
         shared_clock.clone(),
     )
     .await
     .map_err(|e| SimError::Shells(e.to_string()))?;
     let dispatcher = node::dispatcher(block_size, Some(router.addr.clone()), 1);
+    if cfg.prefill_workers > 0 {
+        // Disaggregated: the same flow `turbine up` runs with prefill workers.
+        dispatcher.enable_disaggregation(turbine_actors::disagg::flow::DisaggSettings {
+            metrics: turbine_actors::disagg::metrics::DisaggMetrics::default(),
+            prefill_timeout: Duration::from_millis(cfg.disagg.remote_prefill_timeout_ms),
+        });
+    }
     let registry =
         EmbeddedRegistry::serve(&frontend, REGISTRY_SERVICE, cfg.heartbeat.as_duration())
             .await
@@ -165,6 +172,8 @@ async fn run(cfg: &SimConfig, workload: &[RequestSpec]) -> Result<SimOutcome, Si
         frontend,
         frontend_ep,
         directory,
+        hub: turbine_runtime::transfer::TransferHub::new(),
+        planes: Mutex::new(BTreeMap::new()),
         slots: Mutex::new(
             (0..cfg.workers)
                 .map(|_| Slot {
