@@ -34,8 +34,8 @@ fn complete(port: u16, prompt: &str) -> String {
 fn wait_until_serving(port: u16) {
     let deadline = Instant::now() + Duration::from_secs(60);
     loop {
-        let body = format!(r#"{{"prompt":"Hi","max_tokens":1,"temperature":0}}"#);
-        let (status, _) = http(port, "POST", "/v1/completions", &body);
+        let body = r#"{"prompt":"Hi","max_tokens":1,"temperature":0}"#;
+        let (status, _) = http(port, "POST", "/v1/completions", body);
         if status == 200 {
             return;
         }
