@@ -76,40 +76,30 @@ pub async fn dispatch(
     dispatcher.count_route(&plan.decode);
     let guard = RouteGuard::new(router.clone(), id);
     let decode = plan.decode.worker;
-    let Some(prefill) = plan.prefill.worker.map(|d| d.worker) else {
-        return dispatcher
-            .open(
-                guard,
-                id,
-                decode,
-                WorkerRequest::Generate(Box::new(pre)),
-                None,
+    let prefilled = match plan.prefill.worker.map(|d| d.worker) {
+        None => None,
+        Some(prefill) => {
+            let remote = tokio::time::timeout(
+                settings.prefill_timeout,
+                remote_prefill(dispatcher, &router, prefill, pre.clone()),
             )
-            .await;
-    };
-
-    let remote = tokio::time::timeout(
-        settings.prefill_timeout,
-        remote_prefill(dispatcher, &router, prefill, pre.clone()),
-    )
-    .await
-    .unwrap_or(Err(FallbackReason::PrefillTimeout));
-    router.cast(RouterRequest::PrefillDone(id));
-    let prefilled = match remote {
-        Ok(p) => p,
-        Err(reason) => {
-            metrics.fallback(reason.label());
-            tracing::info!(request = %id, worker = %prefill, "remote prefill failed ({}); prefilling on {decode}", reason.label());
-            return dispatcher
-                .open(
-                    guard,
-                    id,
-                    decode,
-                    WorkerRequest::Generate(Box::new(pre)),
-                    None,
-                )
-                .await;
+            .await
+            .unwrap_or(Err(FallbackReason::PrefillTimeout));
+            router.cast(RouterRequest::PrefillDone(id));
+            match remote {
+                Ok(p) => Some((prefill, p)),
+                Err(reason) => {
+                    metrics.fallback(reason.label());
+                    tracing::info!(request = %id, worker = %prefill, "remote prefill failed ({}); prefilling on {decode}", reason.label());
+                    None
+                }
+            }
         }
+    };
+    let Some((prefill, prefilled)) = prefilled else {
+        // Local prefill: decided so, or the remote one failed before its first token.
+        let request = WorkerRequest::Generate(Box::new(pre));
+        return dispatcher.open(guard, id, decode, request, None).await;
     };
     match prefilled {
         Prefilled::Finished { first, stream } => {

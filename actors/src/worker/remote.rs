@@ -12,7 +12,7 @@ use crate::disagg::wire::{FallbackReason, ImportOutcome};
 use crate::ids::{RequestId, TokenId};
 use crate::protocol::{PreprocessedRequest, TokenOutput};
 use crate::worker::AdmitError;
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 use tokio::sync::{mpsc, oneshot};
 use turbine_runtime::transfer::TransferPlane;
 
@@ -49,6 +49,8 @@ pub(super) struct RemoteState {
     exports: BTreeMap<RequestId, oneshot::Sender<ExportReply>>,
     /// Where import tasks report back (weak: the loop still ends when every handle is gone).
     loopback: mpsc::WeakUnboundedSender<Command>,
+    /// Importing requests whose caller went away: aborted once their import is over.
+    cancelled: BTreeSet<RequestId>,
 }
 
 impl RemoteState {
@@ -60,7 +62,22 @@ impl RemoteState {
             plane,
             exports: BTreeMap::new(),
             loopback,
+            cancelled: BTreeSet::new(),
         }
+    }
+
+    /// `id` was cancelled: when it is importing, remember to abort it after the import
+    /// (returns true); otherwise the caller aborts it now.
+    pub(super) fn abort_after_import(
+        &mut self,
+        scheduler: &crate::worker::Scheduler,
+        id: RequestId,
+    ) -> bool {
+        let importing = scheduler.is_importing(id);
+        if importing {
+            self.cancelled.insert(id);
+        }
+        importing
     }
 
     /// `id` ended (finished on its first token, or aborted): no export will follow.
@@ -150,6 +167,11 @@ impl EngineLoop {
                 result,
                 outcome,
             } => {
+                if self.remote.cancelled.remove(&id) {
+                    // Its caller went away during the import: the blocks are free to go now.
+                    self.scheduler.abort(id);
+                    return;
+                }
                 let report = match result {
                     Ok(done) => {
                         self.scheduler.kv_imported(id);

@@ -347,7 +347,11 @@ impl EngineLoop {
             Command::Abort(id) => {
                 self.sinks.remove(&id);
                 self.remote.finished(id);
-                self.scheduler.abort(id);
+                // An import still writes into this request's blocks: free them when it
+                // is done, not now (they could be handed to another request meanwhile).
+                if !self.remote.abort_after_import(&self.scheduler, id) {
+                    self.scheduler.abort(id);
+                }
             }
             Command::Inspect(f) => f(&self.scheduler),
             Command::Remote(cmd) => self.handle_remote(cmd),
