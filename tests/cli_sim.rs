@@ -85,3 +85,36 @@ fn turbine_sim_actors_runs_the_real_shells_deterministically_with_a_trace() {
         "every request finishes exactly once: {report}"
     );
 }
+
+#[test]
+fn turbine_sim_compares_aggregated_with_prefill_and_decode_workers_deterministically() {
+    let args = [
+        "--prefill-workers",
+        "1",
+        "--decode-workers",
+        "1",
+        "--requests",
+        "20",
+        "--remote-prefill-min-tokens",
+        "256",
+        "--seed",
+        "5",
+    ];
+    let (a, reports) = sim(&args);
+    let (b, _) = sim(&args);
+    assert!(
+        a.contains("| kv aggregated |") && a.contains("| kv 1P+1D |"),
+        "{a}"
+    );
+    assert_eq!(a.matches("invariants: ok").count(), 2, "{a}");
+    let hashes = |s: &str| -> Vec<String> {
+        s.lines()
+            .filter_map(|l| l.strip_prefix("event log hash "))
+            .map(str::to_string)
+            .collect()
+    };
+    assert_eq!(hashes(&a), hashes(&b), "same seed, same event logs");
+    for r in reports.as_array().expect("two reports") {
+        assert_eq!(r["completed"], 20, "{r}");
+    }
+}

@@ -401,4 +401,22 @@ mod tests {
             Some(crate::executor::device::Device::Cuda(0))
         );
     }
+
+    #[test]
+    fn shipped_disagg_example_parses_with_one_prefill_and_one_decode_worker() {
+        use crate::disagg::DisaggPolicyKind;
+        let text = include_str!("../../examples/disagg.yaml");
+        let c: ClusterConfig = serde_yaml::from_str(text).unwrap();
+        let roles: Vec<(WorkerRole, usize)> =
+            c.workers.iter().map(|w| (w.role, w.replicas)).collect();
+        assert_eq!(
+            roles,
+            vec![(WorkerRole::Prefill, 1), (WorkerRole::Decode, 1)]
+        );
+        assert_eq!(c.disaggregation.policy, DisaggPolicyKind::Conditional);
+        // A ~600-token prompt goes remote.
+        assert!(c.disaggregation.remote_prefill_min_tokens <= 600);
+        assert!(c.workers.iter().all(|w| w.device == "cpu" && !w.remote));
+        assert!(crate::node::is_disaggregated(&c));
+    }
 }

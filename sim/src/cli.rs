@@ -46,6 +46,20 @@ pub struct SimArgs {
     /// Run kv, round-robin and random on the same workload and print a comparison.
     #[arg(long)]
     pub compare_routers: bool,
+    /// Disaggregated serving: this many prefill workers (with --decode-workers). The run
+    /// is then compared with aggregated serving on as many workers in all (--workers is
+    /// ignored).
+    #[arg(long, requires = "decode_workers")]
+    pub prefill_workers: Option<u32>,
+    /// Disaggregated serving: this many decode workers (with --prefill-workers).
+    #[arg(long, requires = "prefill_workers")]
+    pub decode_workers: Option<u32>,
+    /// Disaggregated serving: uncached prompt tokens from which a prefill goes remote.
+    #[arg(long, default_value_t = 512)]
+    pub remote_prefill_min_tokens: u32,
+    /// Bandwidth of a simulated link for KV transfers (Gbit/s).
+    #[arg(long, default_value_t = 100.0)]
+    pub link_gbps: f64,
 
     /// Replay a trace (Mooncake JSONL or Azure-style CSV) instead of a synthetic workload.
     #[arg(long)]
@@ -186,8 +200,10 @@ pub fn build_config(args: &SimArgs, workload: &[RequestSpec]) -> anyhow::Result<
         },
         loss: args.loss.clamp(0.0, 1.0),
         reorder: args.reorder.clamp(0.0, 1.0),
+        bulk_bytes_per_s: (args.link_gbps * 1e9 / 8.0).max(1.0),
         ..NetConfig::default()
     };
+    cfg.disagg.remote_prefill_min_tokens = args.remote_prefill_min_tokens;
     if let Some(spec) = &args.faults {
         cfg.faults = FaultPlan::parse(spec, &seeds, args.workers, span)?;
     }
@@ -221,6 +237,19 @@ pub fn run(args: &SimArgs) -> anyhow::Result<Vec<(Report, SimOutcome)>> {
         vec![args.router]
     };
     let mut out = Vec::new();
+    if let (Some(p), Some(d)) = (args.prefill_workers, args.decode_workers) {
+        // Aggregated vs disaggregated on as many workers, same workload.
+        for (prefill, label) in [(0, "aggregated".to_string()), (p, format!("{p}P+{d}D"))] {
+            let mut cfg = base.clone();
+            cfg.workers = p + d;
+            cfg.prefill_workers = prefill;
+            let outcome = simulate(&cfg, &workload)?;
+            let policy = format!("{} {label}", args.router.as_str());
+            let report = Report::build(&outcome, args.seed, &policy, &cfg.profile.name, slo);
+            out.push((report, outcome));
+        }
+        return Ok(out);
+    }
     for p in policies {
         let mut cfg = base.clone();
         cfg.policy = p;

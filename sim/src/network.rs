@@ -48,6 +48,9 @@ pub struct NetConfig {
     pub loss: f64,
     /// Probability that a message is not held behind earlier ones on its link.
     pub reorder: f64,
+    /// Bandwidth of a link for bulk data (transfer-plane pieces: KV blocks), bytes per
+    /// second; a piece costs a message's latency plus its size over this.
+    pub bulk_bytes_per_s: f64,
 }
 
 impl Default for NetConfig {
@@ -59,6 +62,7 @@ impl Default for NetConfig {
             lognormal_sigma: 0.5,
             loss: 0.0,
             reorder: 0.0,
+            bulk_bytes_per_s: 12.5e9,
         }
     }
 }
@@ -105,6 +109,11 @@ pub struct NetStats {
 }
 
 impl Network {
+    /// The link settings.
+    pub fn config(&self) -> &NetConfig {
+        &self.cfg
+    }
+
     pub fn new(cfg: NetConfig, partitions: Vec<Partition>, rng: ChaCha8Rng) -> Self {
         Network {
             cfg,

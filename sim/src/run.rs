@@ -28,6 +28,13 @@ pub struct SimConfig {
     pub settle: SimDuration,
     /// Keep the event log as text lines too (memory grows with the run).
     pub keep_event_log: bool,
+    /// Of `workers`, how many are prefill workers (slots 1..=N); the rest are decode
+    /// workers. 0: every worker is aggregated.
+    pub prefill_workers: u32,
+    /// The disaggregation policy and transfer settings (used when `prefill_workers > 0`).
+    pub disagg: turbine_actors::disagg::DisaggregationConfig,
+    /// The KV pool's shape for pricing transfers: bytes per block cross the simulated link.
+    pub kv_shape: turbine_kernels::backend::KvLayout,
     /// Size the fleet with the planner (`workers` is then the starting size).
     pub planner: Option<SimPlanner>,
 }
@@ -50,6 +57,7 @@ pub struct PlannerOutcome {
 
 impl SimConfig {
     pub fn new(seed: u64, workers: u32, profile: Profile) -> Self {
+        let block_size = profile.block_size().as_usize();
         SimConfig {
             seed,
             workers,
@@ -67,6 +75,17 @@ impl SimConfig {
             settle: SimDuration::from_millis(3000),
             keep_event_log: false,
             planner: None,
+            prefill_workers: 0,
+            disagg: turbine_actors::disagg::DisaggregationConfig::default(),
+            // Llama-3-8B's KV: 32 layers, 8 KV heads of 128, bf16 (2 MiB per 16-token block).
+            kv_shape: turbine_kernels::backend::KvLayout {
+                block_size,
+                num_blocks: 0,
+                n_layers: 32,
+                n_kv_heads: 8,
+                head_dim: 128,
+                dtype: turbine_kernels::backend::KvDType::BF16,
+            },
         }
     }
 }

@@ -10,8 +10,12 @@
 //! whose KV arrives from elsewhere) lives in `worker::scheduler`.
 
 pub mod config;
+pub mod flow;
 pub mod kv_transfer;
+pub mod metrics;
 pub mod policy;
+pub mod route;
+pub mod wire;
 
 pub use config::{DisaggPolicyKind, DisaggregationConfig, TransferSection};
 pub use kv_transfer::{KvChunkLayout, KvTransferError};

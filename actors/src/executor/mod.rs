@@ -111,6 +111,9 @@ enum Runner {
     Simulated {
         engine: Arc<dyn SimulatedEngine>,
         clock: SharedClock,
+        /// The KV pool's shape, when the simulation moves KV between workers: exports are
+        /// that many zero bytes (their size is what a transfer costs), imports are dropped.
+        kv: Option<turbine_kernels::backend::KvLayout>,
     },
 }
 
@@ -162,7 +165,35 @@ impl Executor {
     /// An executor whose steps are priced by `engine` and last that long on `clock`.
     pub fn simulated(engine: Arc<dyn SimulatedEngine>, clock: SharedClock) -> Executor {
         Executor {
-            runner: Runner::Simulated { engine, clock },
+            runner: Runner::Simulated {
+                engine,
+                clock,
+                kv: None,
+            },
+        }
+    }
+
+    /// A simulated executor whose KV pool has the shape `kv`, so a simulated prefill worker
+    /// can export (placeholder bytes of the real size) and a decode worker import.
+    pub fn simulated_with_kv(
+        engine: Arc<dyn SimulatedEngine>,
+        clock: SharedClock,
+        kv: turbine_kernels::backend::KvLayout,
+    ) -> Executor {
+        Executor {
+            runner: Runner::Simulated {
+                engine,
+                clock,
+                kv: Some(kv),
+            },
+        }
+    }
+
+    /// The simulated KV shape, if this is a simulated executor that has one.
+    fn simulated_kv(&self) -> Option<&turbine_kernels::backend::KvLayout> {
+        match &self.runner {
+            Runner::Simulated { kv, .. } => kv.as_ref(),
+            Runner::Thread(_) => None,
         }
     }
 
@@ -176,7 +207,7 @@ impl Executor {
                     .map_err(|_| ExecError::Stopped)?;
                 rx.await.map_err(|_| ExecError::Stopped)?
             }
-            Runner::Simulated { engine, clock } => {
+            Runner::Simulated { engine, clock, .. } => {
                 let (duration, sampled) = engine.step(&batch);
                 clock.sleep(duration).await;
                 sampled
@@ -204,11 +235,18 @@ impl Executor {
 
     /// Copies the named KV blocks out of the pool (see `Backend::export_blocks`).
     pub async fn export_blocks(&self, ids: Vec<u32>) -> Result<Vec<u8>, ExecError> {
+        if let Some(kv) = self.simulated_kv() {
+            let block = crate::disagg::KvChunkLayout::new(kv, 1).block_bytes();
+            return Ok(vec![0; block * ids.len()]);
+        }
         Ok(self.on_backend(move |b| b.export_blocks(&ids)).await??)
     }
 
     /// Writes exported KV data into the named blocks (see `Backend::import_blocks`).
     pub async fn import_blocks(&self, ids: Vec<u32>, data: Vec<u8>) -> Result<(), ExecError> {
+        if self.simulated_kv().is_some() {
+            return Ok(());
+        }
         Ok(self
             .on_backend(move |b| b.import_blocks(&ids, &data))
             .await??)
@@ -216,6 +254,9 @@ impl Executor {
 
     /// The shape of the backend's KV pool.
     pub async fn kv_layout(&self) -> Result<turbine_kernels::backend::KvLayout, ExecError> {
+        if let Some(kv) = self.simulated_kv() {
+            return Ok(*kv);
+        }
         self.on_backend(|b| b.kv_layout()).await
     }
 }

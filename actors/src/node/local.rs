@@ -4,10 +4,11 @@
 //! frontend calls, and the embedded registry that workers in other processes join through.
 
 use super::{
-    check_cluster, dispatcher, follow_workers, real_executor, scheduler_for, start_router,
-    start_worker, Announcement, StartError,
+    check_cluster, dispatcher, enable_disaggregation, follow_workers, real_executor, scheduler_for,
+    start_router, start_worker_as, transfer_plane, Announcement, StartError, WorkerDisagg,
 };
 use crate::cluster_config::{ClusterConfig, WorkerGroup};
+use crate::disagg::metrics::DisaggMetrics;
 use crate::frontend::pipeline::Pipeline;
 use crate::frontend::Metrics;
 use crate::ids::WorkerId;
@@ -16,6 +17,7 @@ use crate::preprocessor::codec::ModelCodec;
 use crate::router::dispatch::Dispatcher;
 use crate::router::membership::{Members, NodeConnector};
 use crate::router::service::{RouterCore, RouterService, ROUTER_COMPONENT, ROUTER_SERVICE};
+use turbine_runtime::transfer::TransferHub;
 
 use crate::worker::announce::REGISTRY_SERVICE;
 use crate::worker::metrics::WorkerMetrics;
@@ -96,13 +98,22 @@ impl LocalCluster {
             }
             (None, None)
         } else {
-            let r =
-                start_router(&node, cfg.router.clone(), block_size, node.clock().clone()).await?;
+            let r = start_router(
+                &node,
+                cfg.router.clone(),
+                &cfg.disaggregation,
+                block_size,
+                node.clock().clone(),
+            )
+            .await?;
             (Some(r.core), Some(r.addr))
         };
 
         let mut workers = Vec::new();
+        let mut roles = Vec::new();
         let mut next_id = 0u64;
+        // One hub: a decode worker pulls a prefill worker's KV as slices of the same bytes.
+        let hub = TransferHub::new();
         for group in groups {
             for _ in 0..group.replicas {
                 let id = WorkerId(next_id);
@@ -117,7 +128,13 @@ impl LocalCluster {
                         core.apply_kv(&batch);
                     }
                 });
-                let w = start_worker(
+                let plane =
+                    transfer_plane(cfg, id, group.role, &hub, false, node.clock().clone()).await?;
+                let disagg = WorkerDisagg {
+                    role: group.role,
+                    plane,
+                };
+                let w = start_worker_as(
                     &node,
                     id,
                     scheduler,
@@ -125,9 +142,11 @@ impl LocalCluster {
                     EngineTime::real(),
                     announce,
                     None,
+                    disagg,
                 )
                 .await?;
                 workers.push(w.handle);
+                roles.push(group.role);
             }
         }
 
@@ -179,13 +198,14 @@ impl LocalCluster {
                 dispatch.clone(),
             )));
 
-        for handle in &workers {
+        enable_disaggregation(cfg, &dispatch, DisaggMetrics::register(&metrics));
+        for (handle, role) in workers.iter().zip(roles) {
             let name = crate::worker::service::worker_service_name(handle.id());
             let addr = node
                 .local::<crate::worker::service::WorkerService>(&name)
                 .map_err(|e| node_err(&e))?;
             if let Some(core) = &router {
-                core.add_worker(handle.id());
+                core.add_worker_as(handle.id(), role);
             }
             dispatch.add_worker(handle.id(), addr);
             spawn_load_mirror(handle, router.clone(), worker_metrics.clone());

@@ -10,8 +10,10 @@
 //! - where a worker's KV events and load reports go ([`Announce`]).
 //!
 //! Roles today: frontend (with the router in its process, or reaching a router process),
-//! router, aggregated worker, planner (in `turbine up`'s process, [`planner`]). A new role (prefill, decode, encoder, planner, stage) is one
-//! more arm of [`Role`] and one builder here.
+//! router, workers of role aggregated, prefill or decode ([`start_worker_as`]: a prefill or
+//! decode worker gets a transfer plane, [`transfer_plane`]), planner (in `turbine up`'s
+//! process, [`planner`]). A new role (encoder, stage) is one more arm of [`Role`] and one
+//! builder here.
 
 pub mod local;
 pub mod planner;
@@ -28,7 +30,8 @@ use crate::router::membership::{watch_workers, Members, WorkerConnector};
 use crate::router::service::{RouterCore, RouterService, ROUTER_SERVICE};
 use crate::router::{KvRouter, MigrationConfig, RouterConfig, RouterReplicaId};
 use crate::worker::announce::{
-    report_load, LOAD_REPORT_EVERY, META_EVENTS, META_WORKER_ID, WORKER_COMPONENT,
+    report_load, role_name, LOAD_REPORT_EVERY, META_EVENTS, META_ROLE, META_WORKER_ID,
+    WORKER_COMPONENT,
 };
 use crate::worker::service::{worker_service_name, WorkerActor, WorkerService};
 use crate::worker::{
@@ -41,7 +44,8 @@ use tokio::task::JoinHandle;
 use turbine_kernels::loader::LoadedModel;
 use turbine_kernels::model::ModelConfig;
 use turbine_runtime::discovery::{Discovery, Instance};
-use turbine_runtime::{Addr, Node, SharedClock};
+use turbine_runtime::transfer::{TransferHub, TransferPlane};
+use turbine_runtime::{Addr, MetricsRegistry, Node, SharedClock};
 
 /// Why a node could not be started.
 #[derive(Debug, thiserror::Error)]
@@ -76,11 +80,12 @@ pub fn check_cluster(
     let block_size = block_size_of(cfg)?;
     cfg.migration.validate().map_err(StartError::Config)?;
     let groups: Vec<&WorkerGroup> = cfg.workers.iter().filter(|g| g.replicas > 0).collect();
-    if let Some(g) = groups.iter().find(|g| g.role != WorkerRole::Aggregated) {
-        return Err(StartError::Config(format!(
-            "role {:?} needs disaggregated serving, which this build does not run yet; use role: aggregated",
-            g.role
-        )));
+    if groups.iter().any(|g| g.role == WorkerRole::Prefill)
+        && groups.iter().all(|g| g.role == WorkerRole::Prefill)
+    {
+        return Err(StartError::Config(
+            "prefill workers need a decode (or aggregated) worker to hand their KV to".into(),
+        ));
     }
     let pool_tokens = groups
         .iter()
@@ -130,6 +135,7 @@ pub struct RouterNode {
 pub async fn start_router(
     node: &Node,
     mut config: RouterConfig,
+    disagg: &crate::disagg::DisaggregationConfig,
     block_size: BlockSize,
     clock: SharedClock,
 ) -> Result<RouterNode, StartError> {
@@ -138,6 +144,7 @@ pub async fn start_router(
     let router = KvRouter::new(RouterReplicaId(0), config, Some(index.clone()))
         .map_err(|e| StartError::Config(format!("router: {e}")))?;
     let core = RouterCore::new(router, index, clock);
+    core.set_disaggregation(disagg.clone());
     let addr = core
         .serve(node, ROUTER_SERVICE)
         .await
@@ -169,6 +176,32 @@ pub fn dispatcher(
     clock: SharedClock,
 ) -> Arc<Dispatcher> {
     Arc::new(Dispatcher::new(block_size, router, first_request_id).with_migration(migration, clock))
+}
+
+/// Whether `cfg` describes a disaggregated cluster (some prefill workers).
+pub fn is_disaggregated(cfg: &ClusterConfig) -> bool {
+    cfg.workers
+        .iter()
+        .any(|g| g.replicas > 0 && g.role == WorkerRole::Prefill)
+}
+
+/// Sends `dispatcher`'s requests through the disaggregated flow (when `cfg` has prefill
+/// workers), counting into `metrics`. Returns whether it did.
+pub fn enable_disaggregation(
+    cfg: &ClusterConfig,
+    dispatcher: &Dispatcher,
+    metrics: crate::disagg::metrics::DisaggMetrics,
+) -> bool {
+    if !is_disaggregated(cfg) {
+        return false;
+    }
+    dispatcher.enable_disaggregation(crate::disagg::flow::DisaggSettings {
+        metrics,
+        prefill_timeout: std::time::Duration::from_millis(
+            cfg.disaggregation.remote_prefill_timeout_ms,
+        ),
+    });
+    true
 }
 
 // ---------------------------------------------------------------------------------------
@@ -239,13 +272,84 @@ pub async fn start_worker(
     announce: Announce,
     events_endpoint: Option<&str>,
 ) -> Result<WorkerNode, StartError> {
+    let disagg = WorkerDisagg {
+        role: WorkerRole::Aggregated,
+        plane: None,
+    };
+    start_worker_as(
+        node,
+        id,
+        scheduler,
+        executor,
+        time,
+        announce,
+        events_endpoint,
+        disagg,
+    )
+    .await
+}
+
+/// A worker's part in disaggregated serving: its role, and the transfer plane a prefill
+/// worker exports on and a decode worker pulls with.
+pub struct WorkerDisagg {
+    pub role: WorkerRole,
+    pub plane: Option<TransferPlane>,
+}
+
+/// The transfer plane of worker `id` of `role` (none for an aggregated worker): in memory
+/// on `hub` (every plane of one process shares it, so a pull is a slice of the same bytes),
+/// or bound on the config's `disaggregation.transfer.bind` for workers in other processes.
+pub async fn transfer_plane(
+    cfg: &ClusterConfig,
+    id: WorkerId,
+    role: WorkerRole,
+    hub: &TransferHub,
+    networked: bool,
+    clock: SharedClock,
+) -> Result<Option<TransferPlane>, StartError> {
+    if role == WorkerRole::Aggregated {
+        return Ok(None);
+    }
+    let config = cfg.disaggregation.transfer.to_runtime();
+    // Each plane has its own registry: several planes in one process would register the
+    // same metric names twice. The frontend counts transfers from the import reports.
+    let registry = MetricsRegistry::new();
+    if networked {
+        TransferPlane::start(config, clock, &registry, hub)
+            .await
+            .map(Some)
+            .map_err(|e| StartError::Node(format!("transfer plane of {id}: {e}")))
+    } else {
+        Ok(Some(TransferPlane::in_memory(
+            &format!("worker-{}", id.0),
+            config,
+            clock,
+            &registry,
+            hub,
+        )))
+    }
+}
+
+/// [`start_worker`] for a worker of any role.
+#[allow(clippy::too_many_arguments)]
+pub async fn start_worker_as(
+    node: &Node,
+    id: WorkerId,
+    scheduler: Scheduler,
+    executor: Executor,
+    time: EngineTime,
+    announce: Announce,
+    events_endpoint: Option<&str>,
+    disagg: WorkerDisagg,
+) -> Result<WorkerNode, StartError> {
     let kv = announce.clone();
-    let handle = WorkerHandle::spawn_on(
+    let handle = WorkerHandle::spawn_with_plane(
         id,
         scheduler,
         executor,
         Box::new(move |batch| kv(Announcement::Kv(batch))),
         time,
+        disagg.plane,
     );
     let served = handle.clone();
     node.serve::<WorkerService, _, _>(&worker_service_name(id), move || {
@@ -253,7 +357,10 @@ pub async fn start_worker(
     })
     .await
     .map_err(|e| StartError::Node(format!("serving {id}: {e}")))?;
-    let mut metadata = BTreeMap::from([(META_WORKER_ID.to_string(), id.0.to_string())]);
+    let mut metadata = BTreeMap::from([
+        (META_WORKER_ID.to_string(), id.0.to_string()),
+        (META_ROLE.to_string(), role_name(disagg.role).to_string()),
+    ]);
     if let Some(ep) = events_endpoint {
         metadata.insert(META_EVENTS.to_string(), ep.to_string());
     }

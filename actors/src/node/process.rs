@@ -9,7 +9,8 @@
 
 use super::{
     block_size_of, check_cluster, follow_workers, real_executor, report_loads, scheduler_for,
-    start_router, start_worker, Announce, Announcement, StartError,
+    start_router, start_worker_as, transfer_plane, Announce, Announcement, StartError,
+    WorkerDisagg,
 };
 use crate::cluster_config::{ClusterConfig, DiscoverySection};
 use crate::ids::WorkerId;
@@ -27,6 +28,7 @@ use turbine_kernels::loader::LoadedModel;
 use turbine_runtime::discovery::embedded::Registry;
 use turbine_runtime::discovery::{Discovery, EmbeddedDiscovery, Instance, Lease};
 use turbine_runtime::events::EventPublisher;
+use turbine_runtime::transfer::TransferHub;
 use turbine_runtime::{Node, NodeConfig};
 
 /// A fresh id for a worker (or router) process: unique across restarts, so KV state from a previous
@@ -146,7 +148,14 @@ pub async fn run_worker(
         .map_err(|reason| StartError::Worker { worker: id, reason })?;
     let executor = real_executor(id, group_cfg, &model)?;
     drop(model);
-    let worker = start_worker(
+    // A prefill or decode worker moves KV over its own transfer plane (ZeroMQ).
+    let hub = TransferHub::new();
+    let plane = transfer_plane(cfg, id, group_cfg.role, &hub, true, node.clock().clone()).await?;
+    let disagg = WorkerDisagg {
+        role: group_cfg.role,
+        plane: plane.clone(),
+    };
+    let worker = start_worker_as(
         &node,
         id,
         scheduler,
@@ -154,6 +163,7 @@ pub async fn run_worker(
         EngineTime::real(),
         announce.clone(),
         Some(publisher.endpoint()),
+        disagg,
     )
     .await?;
     // Load when what the router reads changes (and at least every second).
@@ -173,6 +183,9 @@ pub async fn run_worker(
     shutdown.await;
     let drain_timeout = Duration::from_millis(group_cfg.drain_timeout_ms);
     drain(&worker.handle, lease, drain_timeout).await;
+    if let Some(plane) = plane {
+        plane.shutdown();
+    }
     node.shutdown();
     Ok(())
 }
@@ -228,7 +241,14 @@ pub async fn run_router(
     let join = joining(cfg, registry, "worker --role router")?;
     let block_size = block_size_of(cfg)?;
     let node = process_node(cfg, "router".to_string()).await?;
-    let router = start_router(&node, cfg.router.clone(), block_size, node.clock().clone()).await?;
+    let router = start_router(
+        &node,
+        cfg.router.clone(),
+        &cfg.disaggregation,
+        block_size,
+        node.clock().clone(),
+    )
+    .await?;
     let discovery: Arc<dyn Discovery> = Arc::new(registry_client(&node, &join.registry).await?);
     let follow = follow_workers(
         Arc::new(NodeConnector::new(node.clone())),

@@ -13,6 +13,8 @@ use super::kv_router::WorkerRouteCounts;
 use super::migration::MigrationConfig;
 use super::policy::{RouteError, RouteRequest};
 use super::service::{RouterReply, RouterRequest, RouterService};
+use crate::disagg::flow::DisaggSettings;
+use crate::disagg::metrics::DisaggMetrics;
 use crate::ids::{RequestId, WorkerId};
 use crate::kv::{hash_blocks, BlockSize};
 use crate::protocol::EngineError;
@@ -21,7 +23,7 @@ use crate::worker::service::{WorkerReply, WorkerRequest, WorkerService};
 use futures::StreamExt;
 use std::collections::BTreeMap;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Mutex, RwLock};
+use std::sync::{Mutex, OnceLock, RwLock};
 use std::time::Duration;
 use turbine_runtime::{Addr, CallError, ReplyStream, SharedClock, TokioClock};
 
@@ -77,6 +79,10 @@ pub struct Dispatched {
     pub worker: WorkerId,
     tokens: ReplyStream<WorkerReply>,
     received: bool,
+    /// A first token that arrived before the stream (from a prefill worker).
+    first: Option<TokenOutput>,
+    /// Where a decode worker's import report is counted (disaggregated serving).
+    disagg: Option<DisaggMetrics>,
     _guard: RouteGuard,
 }
 
@@ -85,7 +91,17 @@ impl Dispatched {
     /// `None` once the stream has ended. A lost connection to the worker is reported to
     /// the router, which leaves the worker out of routing for a while.
     pub async fn next_output(&mut self) -> Option<Result<TokenOutput, EngineError>> {
-        let item = self.tokens.next().await?;
+        if let Some(first) = self.first.take() {
+            self.received = true;
+            return Some(Ok(first));
+        }
+        let mut item = self.tokens.next().await?;
+        while let Ok(WorkerReply::Import(outcome)) = &item {
+            if let Some(m) = &self.disagg {
+                crate::disagg::flow::count_import(m, outcome);
+            }
+            item = self.tokens.next().await?;
+        }
         if matches!(item, Err(CallError::PeerGone(_) | CallError::Transport(_))) {
             self._guard
                 .router
@@ -101,7 +117,18 @@ impl Dispatched {
     /// The next raw item of the worker's stream, for the migration shell, which classes
     /// failures itself; a lost connection is reported to the router as above.
     pub async fn next_reply(&mut self) -> Option<Result<WorkerReply, CallError>> {
-        let item = self.tokens.next().await?;
+        if let Some(first) = self.first.take() {
+            // The first token came from a prefill worker, before this stream's outputs.
+            self.received = true;
+            return Some(Ok(WorkerReply::Token(first)));
+        }
+        let mut item = self.tokens.next().await?;
+        while let Ok(WorkerReply::Import(outcome)) = &item {
+            if let Some(m) = &self.disagg {
+                crate::disagg::flow::count_import(m, outcome);
+            }
+            item = self.tokens.next().await?;
+        }
         if matches!(item, Err(CallError::PeerGone(_) | CallError::Transport(_))) {
             self.report(RouterRequest::Unreachable(self.worker));
         }
@@ -146,6 +173,9 @@ pub struct Dispatcher {
     /// Bumped whenever a worker is forgotten, so open streams on it migrate at once when
     /// its lease expires (see [`Dispatcher::departed`]).
     departures: tokio::sync::watch::Sender<u64>,
+    /// Set when the cluster has prefill workers: requests go through
+    /// [`crate::disagg::flow`].
+    disagg: OnceLock<DisaggSettings>,
 }
 
 impl Dispatcher {
@@ -165,6 +195,85 @@ impl Dispatcher {
             migration: MigrationConfig::default(),
             clock: TokioClock::shared(),
             departures: tokio::sync::watch::Sender::new(0),
+            disagg: OnceLock::new(),
+        }
+    }
+
+    /// Routes every request through the disaggregated flow from now on (once).
+    pub fn enable_disaggregation(&self, settings: DisaggSettings) {
+        let _ = self.disagg.set(settings);
+    }
+
+    /// `id`'s address, if this frontend can reach it.
+    pub(crate) fn worker_addr(&self, id: WorkerId) -> Option<Addr<WorkerService>> {
+        self.workers
+            .read()
+            .unwrap_or_else(|e| e.into_inner())
+            .get(&id)
+            .cloned()
+    }
+
+    /// Counts a decision this frontend received, for `/metrics`.
+    pub(crate) fn count_route(&self, decision: &super::policy::RouteDecision) {
+        let mut counts = self.route_counts.lock().unwrap_or_else(|e| e.into_inner());
+        let c = counts.entry(decision.worker).or_default();
+        c.decisions += 1;
+        c.overlap_blocks += u64::from(decision.overlap_blocks);
+        c.request_blocks += u64::from(decision.request_blocks);
+    }
+
+    /// Opens `request`'s stream on `worker` (already routed, under `guard`); `first` is an
+    /// output to hand out before the stream's.
+    pub(crate) async fn open(
+        &self,
+        guard: RouteGuard,
+        id: RequestId,
+        worker: WorkerId,
+        request: WorkerRequest,
+        first: Option<TokenOutput>,
+    ) -> Result<Dispatched, DispatchError> {
+        let Some(addr) = self.worker_addr(worker) else {
+            // Left between the decision and now (the router's membership feed will drop it
+            // too): keep it out of routing until then, and let the client retry.
+            guard.router.cast(RouterRequest::Unreachable(worker));
+            return Err(DispatchError::Unreachable {
+                worker,
+                reason: "it has just left".into(),
+            });
+        };
+        let tokens = match addr.stream(request).await {
+            Ok(tokens) => tokens,
+            Err(CallError::Handler(msg)) => return Err(DispatchError::Refused(msg)),
+            Err(e) => {
+                if matches!(e, CallError::PeerGone(_) | CallError::Transport(_)) {
+                    guard.router.cast(RouterRequest::Unreachable(worker));
+                }
+                return Err(DispatchError::Unreachable {
+                    worker,
+                    reason: e.to_string(),
+                });
+            }
+        };
+        Ok(self.dispatched(guard, id, worker, tokens, first))
+    }
+
+    /// A request under way on `worker`'s stream `tokens`.
+    pub(crate) fn dispatched(
+        &self,
+        guard: RouteGuard,
+        id: RequestId,
+        worker: WorkerId,
+        tokens: ReplyStream<WorkerReply>,
+        first: Option<TokenOutput>,
+    ) -> Dispatched {
+        Dispatched {
+            id,
+            worker,
+            tokens,
+            received: false,
+            first,
+            disagg: self.disagg.get().map(|s| s.metrics.clone()),
+            _guard: guard,
         }
     }
 
@@ -289,6 +398,18 @@ impl Dispatcher {
         let Some(router) = self.router() else {
             return Err(DispatchError::NoWorker("no router is available".into()));
         };
+        let pre = PreprocessedRequest {
+            id,
+            token_ids: req.token_ids,
+            sampling,
+            stop: req.stop,
+            logprobs: req.logprobs,
+            salt: 0,
+            generated_before: req.generated_before,
+        };
+        if let Some(settings) = self.disagg.get() {
+            return crate::disagg::flow::dispatch(self, settings, router, route, pre).await;
+        }
         let decision = match router.call(RouterRequest::Route(route)).await {
             Ok(RouterReply::Routed(Ok(decision))) => decision,
             Ok(RouterReply::Routed(Err(RouteError::NoWorkers))) => {
@@ -301,62 +422,10 @@ impl Dispatcher {
             }
             Err(e) => return Err(DispatchError::Router(e.to_string())),
         };
-        {
-            let mut counts = self.route_counts.lock().unwrap_or_else(|e| e.into_inner());
-            let c = counts.entry(decision.worker).or_default();
-            c.decisions += 1;
-            c.overlap_blocks += u64::from(decision.overlap_blocks);
-            c.request_blocks += u64::from(decision.request_blocks);
-        }
+        self.count_route(&decision);
         let guard = RouteGuard { router, id };
-        let worker = self
-            .workers
-            .read()
-            .unwrap_or_else(|e| e.into_inner())
-            .get(&decision.worker)
-            .cloned();
-        let Some(worker) = worker else {
-            // Left between the decision and now (the router's membership feed will drop it
-            // too): keep it out of routing until then, and let the client retry.
-            guard
-                .router
-                .cast(RouterRequest::Unreachable(decision.worker));
-            return Err(DispatchError::Unreachable {
-                worker: decision.worker,
-                reason: "it has just left".into(),
-            });
-        };
-        let pre = PreprocessedRequest {
-            id,
-            token_ids: req.token_ids,
-            sampling,
-            stop: req.stop,
-            logprobs: req.logprobs,
-            salt: 0,
-            generated_before: req.generated_before,
-        };
-        let tokens = match worker.stream(WorkerRequest::Generate(Box::new(pre))).await {
-            Ok(tokens) => tokens,
-            Err(CallError::Handler(msg)) => return Err(DispatchError::Refused(msg)),
-            Err(e) => {
-                if matches!(e, CallError::PeerGone(_) | CallError::Transport(_)) {
-                    guard
-                        .router
-                        .cast(RouterRequest::Unreachable(decision.worker));
-                }
-                return Err(DispatchError::Unreachable {
-                    worker: decision.worker,
-                    reason: e.to_string(),
-                });
-            }
-        };
-        Ok(Dispatched {
-            id,
-            worker: decision.worker,
-            tokens,
-            received: false,
-            _guard: guard,
-        })
+        let request = WorkerRequest::Generate(Box::new(pre));
+        self.open(guard, id, decision.worker, request, None).await
     }
 }
 
@@ -370,9 +439,9 @@ pub fn token_output(
 ) -> Result<TokenOutput, EngineError> {
     match item {
         Ok(WorkerReply::Token(out)) => Ok(out),
-        Ok(WorkerReply::Stats(_)) => Err(EngineError::Internal(
-            "worker sent stats on a stream".into(),
-        )),
+        Ok(WorkerReply::Stats(_) | WorkerReply::Kv(_) | WorkerReply::Import(_)) => Err(
+            EngineError::Internal("worker sent something other than a token on a stream".into()),
+        ),
         // Refused at admission: the request itself is at fault (too long for the worker's
         // pool, empty, ...).
         Err(CallError::Handler(msg)) if first => Err(EngineError::InvalidRequest(msg)),
@@ -391,6 +460,12 @@ pub fn token_output(
 pub struct RouteGuard {
     router: Addr<RouterService>,
     id: RequestId,
+}
+
+impl RouteGuard {
+    pub(crate) fn new(router: Addr<RouterService>, id: RequestId) -> RouteGuard {
+        RouteGuard { router, id }
+    }
 }
 
 impl Drop for RouteGuard {

@@ -168,7 +168,7 @@ async fn join(
     }
     let events = match (&members.router, feed) {
         (Some(router), Some(feed)) => {
-            router.add_worker(id);
+            router.add_worker_as(id, crate::worker::announce::role_of(inst));
             Some(tokio::spawn(feed_events(id, feed, router.clone())))
         }
         _ => None,

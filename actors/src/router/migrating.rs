@@ -222,8 +222,10 @@ async fn next_of(
     };
     let mut out = match item {
         Ok(WorkerReply::Token(out)) => out,
-        Ok(WorkerReply::Stats(_)) => {
-            return Step::Interrupted(Interruption::Failed("worker sent stats on a stream".into()))
+        Ok(WorkerReply::Stats(_) | WorkerReply::Kv(_) | WorkerReply::Import(_)) => {
+            return Step::Interrupted(Interruption::Failed(
+                "worker sent something other than a token on a stream".into(),
+            ))
         }
         Err(e) => {
             return Step::Interrupted(match Interruption::of_call_error(&e) {

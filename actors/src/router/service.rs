@@ -12,6 +12,9 @@
 
 use super::kv_router::{KvRouter, RouterMetrics, WorkerRouteCounts};
 use super::policy::{RouteDecision, RouteError, RouteRequest};
+use crate::cluster_config::WorkerRole;
+use crate::disagg::route::{plan_prefill, DisaggRoute};
+use crate::disagg::DisaggregationConfig;
 use crate::ids::{RequestId, WorkerId};
 use crate::kv::indexer::FlashIndexer;
 use crate::kv::{BlockSize, KvEventBatch};
@@ -57,11 +60,18 @@ pub enum RouterRequest {
     },
     /// Call: the router's counters.
     Metrics,
+    /// Call: pick the decode worker, then decide where the prefill runs (see
+    /// [`crate::disagg::route`]).
+    RouteDisagg(RouteRequest),
+    /// Cast: the remote prefill of a request ended (its KV descriptor arrived, or it
+    /// failed): it no longer counts towards the prefill pool's load.
+    PrefillDone(RequestId),
 }
 
 #[derive(Clone, Debug, Serialize, Deserialize)]
 pub enum RouterReply {
     Routed(Result<RouteDecision, RouteError>),
+    RoutedDisagg(Result<DisaggRoute, RouteError>),
     Metrics {
         totals: RouterMetrics,
         per_worker: Vec<(WorkerId, WorkerRouteCounts)>,
@@ -74,6 +84,9 @@ pub enum RouterReply {
 pub struct RouterCore {
     block_size: BlockSize,
     router: Mutex<KvRouter>,
+    /// The prefill pool (workers of role `prefill`), routed over the same index.
+    prefill: Mutex<KvRouter>,
+    disagg: Mutex<DisaggregationConfig>,
     index: Arc<FlashIndexer>,
     clock: SharedClock,
     started: Instant,
@@ -83,9 +96,19 @@ impl RouterCore {
     /// A core around `router`, whose KV overlaps come from `index` (the one the router was
     /// built with in events mode).
     pub fn new(router: KvRouter, index: Arc<FlashIndexer>, clock: SharedClock) -> Arc<RouterCore> {
+        // The router's config was validated when it was built, so the prefill pool's (the
+        // same config) builds too.
+        let prefill = KvRouter::new(
+            super::RouterReplicaId(0),
+            router.config().clone(),
+            Some(index.clone()),
+        )
+        .unwrap_or_else(|_| unreachable!("a validated router config"));
         Arc::new(RouterCore {
             block_size: router.config().block_size,
             router: Mutex::new(router),
+            prefill: Mutex::new(prefill),
+            disagg: Mutex::new(DisaggregationConfig::default()),
             index,
             started: clock.now(),
             clock,
@@ -118,13 +141,49 @@ impl RouterCore {
         self.lock().route(now, request).map(|r| r.decision)
     }
 
+    fn prefill_pool(&self) -> MutexGuard<'_, KvRouter> {
+        self.prefill.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// The disaggregation settings [`RouterCore::route_disagg`] decides with.
+    pub fn set_disaggregation(&self, cfg: DisaggregationConfig) {
+        *self.disagg.lock().unwrap_or_else(|e| e.into_inner()) = cfg;
+    }
+
+    /// The decode worker, then where the prefill runs.
+    pub fn route_disagg(&self, request: &RouteRequest) -> Result<DisaggRoute, RouteError> {
+        let now = self.now();
+        let decode = self.lock().route(now, request)?.decision;
+        let cfg = self
+            .disagg
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone();
+        let prefill = plan_prefill(
+            &cfg,
+            self.block_size,
+            &mut self.prefill_pool(),
+            now,
+            request,
+            decode.overlap_blocks,
+        );
+        Ok(DisaggRoute { decode, prefill })
+    }
+
+    /// A request's remote prefill is over.
+    pub fn prefill_done(&self, request: RequestId) {
+        self.prefill_pool().on_request_finished(request);
+    }
+
     pub fn finished(&self, request: RequestId) {
         self.lock().on_request_finished(request);
+        self.prefill_pool().on_request_finished(request);
     }
 
     pub fn unreachable(&self, worker: WorkerId) {
         let now = self.now();
-        if self.lock().mark_unreachable(now, worker) {
+        let prefill = self.prefill_pool().mark_unreachable(now, worker);
+        if self.lock().mark_unreachable(now, worker) || prefill {
             tracing::warn!(
                 %worker,
                 "worker unreachable; not routing to it for {:?}",
@@ -148,9 +207,19 @@ impl RouterCore {
         self.lock().add_worker(worker);
     }
 
+    /// Adds `worker` to the pool its role serves: prefill workers are routed to only for
+    /// remote prefills, every other role takes requests.
+    pub fn add_worker_as(&self, worker: WorkerId, role: WorkerRole) {
+        match role {
+            WorkerRole::Prefill => self.prefill_pool().add_worker(worker),
+            WorkerRole::Aggregated | WorkerRole::Decode => self.add_worker(worker),
+        }
+    }
+
     /// Stops routing to `worker` (it left, or its lease expired) and forgets its KV blocks.
     pub fn remove_worker(&self, worker: WorkerId) {
         self.lock().remove_worker(worker);
+        self.prefill_pool().remove_worker(worker);
     }
 
     /// A worker's latest stats into the router's load view.
@@ -162,6 +231,9 @@ impl RouterCore {
         router.note_report(now, worker);
         // A draining worker takes no new requests (its in-flight ones run to the end).
         router.set_draining(worker, stats.draining);
+        drop(router);
+        self.prefill_pool()
+            .update_load(worker, stats.load_blocks(), active);
     }
 
     /// A worker's KV events into the index.
@@ -215,6 +287,11 @@ impl Handler<RouterService> for RouterActor {
             RouterRequest::Route(r) => RouterReply::Routed(self.core.route(&r)),
             RouterRequest::Finished(id) => {
                 self.core.finished(id);
+                RouterReply::Done
+            }
+            RouterRequest::RouteDisagg(r) => RouterReply::RoutedDisagg(self.core.route_disagg(&r)),
+            RouterRequest::PrefillDone(id) => {
+                self.core.prefill_done(id);
                 RouterReply::Done
             }
             RouterRequest::Unreachable(w) => {

@@ -82,3 +82,27 @@ pub async fn report_load(
         }
     }
 }
+
+/// Discovery metadata key: the worker's role (`aggregated`, `prefill`, `decode`; absent:
+/// aggregated).
+pub const META_ROLE: &str = "role";
+
+/// The role a worker registered with.
+pub fn role_of(inst: &turbine_runtime::discovery::Instance) -> crate::cluster_config::WorkerRole {
+    use crate::cluster_config::WorkerRole;
+    match inst.metadata.get(META_ROLE).map(String::as_str) {
+        Some("prefill") => WorkerRole::Prefill,
+        Some("decode") => WorkerRole::Decode,
+        _ => WorkerRole::Aggregated,
+    }
+}
+
+/// The metadata value for `role`.
+pub fn role_name(role: crate::cluster_config::WorkerRole) -> &'static str {
+    use crate::cluster_config::WorkerRole;
+    match role {
+        WorkerRole::Aggregated => "aggregated",
+        WorkerRole::Prefill => "prefill",
+        WorkerRole::Decode => "decode",
+    }
+}

@@ -43,6 +43,7 @@ pub mod config;
 pub mod events;
 pub mod metrics;
 pub mod plan;
+pub mod remote;
 pub mod scheduler;
 mod sequence;
 pub mod service;

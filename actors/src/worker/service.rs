@@ -6,6 +6,9 @@
 //! which drops the worker-side [`TokenStream`] and so aborts the request and frees its KV.
 
 use super::worker_loop::WorkerHandle;
+use crate::disagg::kv_transfer::KvExport;
+use crate::disagg::wire::ImportOutcome;
+use crate::ids::TokenId;
 use crate::protocol::{PreprocessedRequest, TokenOutput};
 use crate::worker::SchedulerStats;
 use async_trait::async_trait;
@@ -32,12 +35,28 @@ pub enum WorkerRequest {
     Generate(Box<PreprocessedRequest>),
     /// Call: queue depths and KV usage now.
     Stats,
+    /// Stream (a prefill worker): run the prompt only; one `Token` item with the first
+    /// token, then (unless that token ended the request) one `Kv` item with the descriptor
+    /// of the prompt's KV, pinned on this worker's transfer plane.
+    Prefill(Box<PreprocessedRequest>),
+    /// Stream (a decode worker): decode a request whose first token was sampled on a
+    /// prefill worker, pulling its KV from `kv` (`None`: recompute it here). One `Import`
+    /// item first, then `Token` items from the second token on.
+    DecodeRemote {
+        req: Box<PreprocessedRequest>,
+        first_token: TokenId,
+        kv: Option<KvExport>,
+    },
 }
 
 #[derive(Clone, Debug, Serialize, Deserialize)]
 pub enum WorkerReply {
     Token(TokenOutput),
     Stats(SchedulerStats),
+    /// A prefill worker's KV descriptor, or why it has none.
+    Kv(Result<KvExport, String>),
+    /// What a decode worker did with the remote KV.
+    Import(ImportOutcome),
 }
 
 /// Serves [`WorkerService`] for one worker engine loop.
@@ -60,8 +79,8 @@ impl Handler<WorkerService> for WorkerActor {
     ) -> Result<WorkerReply, HandlerError> {
         match req {
             WorkerRequest::Stats => Ok(WorkerReply::Stats(self.handle.stats())),
-            WorkerRequest::Generate(_) => Err(HandlerError::new(
-                "Generate is a stream request: open it with stream()",
+            _ => Err(HandlerError::new(
+                "generation is a stream request: open it with stream()",
             )),
         }
     }
@@ -72,16 +91,49 @@ impl Handler<WorkerService> for WorkerActor {
         sink: StreamSink<WorkerReply>,
         _ctx: &RequestCtx,
     ) -> Result<(), HandlerError> {
-        let WorkerRequest::Generate(req) = req else {
-            return Err(HandlerError::new("only Generate streams"));
+        let (mut tokens, first) = match req {
+            WorkerRequest::Generate(req) => (
+                self.handle
+                    .generate(*req)
+                    .await
+                    .map_err(HandlerError::new)?,
+                None,
+            ),
+            WorkerRequest::Prefill(req) => {
+                let (tokens, export) =
+                    self.handle.prefill(*req).await.map_err(HandlerError::new)?;
+                tokio::spawn(forward_prefill(tokens, export, sink));
+                return Ok(());
+            }
+            WorkerRequest::DecodeRemote {
+                req,
+                first_token,
+                kv,
+            } => {
+                let (tokens, outcome) = self
+                    .handle
+                    .decode_remote(*req, first_token, kv)
+                    .await
+                    .map_err(HandlerError::new)?;
+                (tokens, Some(outcome))
+            }
+            WorkerRequest::Stats => return Err(HandlerError::new("Stats is a call")),
         };
-        let mut tokens = self
-            .handle
-            .generate(*req)
-            .await
-            .map_err(HandlerError::new)?;
         // Forward on a task of its own so this actor keeps admitting other requests.
         tokio::spawn(async move {
+            if let Some(outcome) = first {
+                // The import's outcome comes first; the loop decodes only after it.
+                let report = tokio::select! {
+                    biased;
+                    o = outcome => o,
+                    _ = sink.cancelled() => return,
+                };
+                if let Ok(report) = report {
+                    if sink.send(WorkerReply::Import(report)).await.is_err() {
+                        return;
+                    }
+                }
+            }
             loop {
                 tokio::select! {
                     biased;
@@ -98,5 +150,32 @@ impl Handler<WorkerService> for WorkerActor {
             }
         });
         Ok(())
+    }
+}
+
+/// A prefill's stream: the first token, then the descriptor (both as soon as they exist).
+/// Dropping `tokens` at the end aborts nothing: the request is already released.
+async fn forward_prefill(
+    mut tokens: crate::worker::TokenStream,
+    export: tokio::sync::oneshot::Receiver<crate::worker::remote::ExportReply>,
+    sink: StreamSink<WorkerReply>,
+) {
+    let first = tokio::select! {
+        biased;
+        t = tokens.next() => t,
+        _ = sink.cancelled() => return,
+    };
+    let Some(first) = first else { return };
+    let ends = first.finish.is_some();
+    if sink.send(WorkerReply::Token(first)).await.is_err() || ends {
+        return;
+    }
+    let answer = tokio::select! {
+        biased;
+        a = export => a,
+        _ = sink.cancelled() => return,
+    };
+    if let Ok(answer) = answer {
+        let _ = sink.send(WorkerReply::Kv(answer)).await;
     }
 }

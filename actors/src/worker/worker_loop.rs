@@ -32,7 +32,7 @@ pub enum WorkerError {
     Stopped(WorkerId),
 }
 
-enum Command {
+pub(super) enum Command {
     Generate {
         req: Box<PreprocessedRequest>,
         out: mpsc::UnboundedSender<TokenOutput>,
@@ -40,6 +40,8 @@ enum Command {
     },
     Abort(RequestId),
     Inspect(Box<dyn FnOnce(&Scheduler) + Send>),
+    /// Disaggregated serving (see [`crate::worker::remote`]).
+    Remote(super::remote::RemoteCommand),
     /// Take no new requests (each is released at once); let the open ones run.
     Drain,
     /// Release every request (they end with `FinishReason::Migrate`) and every later one.
@@ -107,6 +109,19 @@ impl WorkerHandle {
         kv_events: KvEventSink,
         time: EngineTime,
     ) -> WorkerHandle {
+        Self::spawn_with_plane(id, scheduler, executor, kv_events, time, None)
+    }
+
+    /// Like [`WorkerHandle::spawn_on`], with the transfer plane a prefill worker exports KV
+    /// on and a decode worker pulls KV with (`None`: an aggregated worker).
+    pub fn spawn_with_plane(
+        id: WorkerId,
+        scheduler: Scheduler,
+        executor: Executor,
+        kv_events: KvEventSink,
+        time: EngineTime,
+        plane: Option<turbine_runtime::transfer::TransferPlane>,
+    ) -> WorkerHandle {
         let (cmds, rx) = mpsc::unbounded_channel();
         let (stats_tx, stats) = watch::channel(scheduler.stats());
         let engine = EngineLoop {
@@ -120,6 +135,7 @@ impl WorkerHandle {
             time,
             event_seq: 0,
             releasing: false,
+            remote: super::remote::RemoteState::new(plane, cmds.downgrade()),
         };
         let engine_task = tokio::spawn(engine.run(rx)).abort_handle();
         WorkerHandle {
@@ -175,6 +191,25 @@ impl WorkerHandle {
 
     pub fn id(&self) -> WorkerId {
         self.id
+    }
+
+    pub(super) fn send(&self, cmd: Command) -> Result<(), WorkerError> {
+        self.cmds
+            .send(cmd)
+            .map_err(|_| WorkerError::Stopped(self.id))
+    }
+
+    pub(super) fn token_stream(
+        &self,
+        id: RequestId,
+        rx: mpsc::UnboundedReceiver<TokenOutput>,
+    ) -> TokenStream {
+        TokenStream {
+            id,
+            rx,
+            cmds: self.cmds.clone(),
+            finished: false,
+        }
     }
 
     /// Queue depths and KV usage as of the last step.
@@ -253,22 +288,23 @@ impl Drop for TokenStream {
     }
 }
 
-struct EngineLoop {
-    id: WorkerId,
-    scheduler: Scheduler,
-    executor: Executor,
+pub(super) struct EngineLoop {
+    pub(super) id: WorkerId,
+    pub(super) scheduler: Scheduler,
+    pub(super) executor: Executor,
     kv_events: KvEventSink,
-    sinks: BTreeMap<RequestId, mpsc::UnboundedSender<TokenOutput>>,
+    pub(super) sinks: BTreeMap<RequestId, mpsc::UnboundedSender<TokenOutput>>,
     stats: watch::Sender<SchedulerStats>,
     started: Instant,
     time: EngineTime,
     event_seq: u64,
     /// Draining: new requests are released at once (see [`WorkerHandle::stop_admissions`]).
     releasing: bool,
+    pub(super) remote: super::remote::RemoteState,
 }
 
 impl EngineLoop {
-    fn now(&self) -> Duration {
+    pub(super) fn now(&self) -> Duration {
         self.time
             .clock
             .now()
@@ -305,7 +341,10 @@ impl EngineLoop {
                 }
             };
             match outputs {
-                Ok(outputs) => self.deliver(outputs),
+                Ok(outputs) => {
+                    self.deliver(outputs);
+                    self.export_prefilled().await;
+                }
                 Err(e) => {
                     tracing::error!(worker = %self.id, "step bookkeeping failed: {e}");
                     break;
@@ -342,7 +381,12 @@ impl EngineLoop {
             }
             Command::Abort(id) => {
                 self.sinks.remove(&id);
-                self.scheduler.abort(id);
+                self.remote.finished(id);
+                // An import still writes into this request's blocks: free them when it
+                // is done, not now (they could be handed to another request meanwhile).
+                if !self.remote.abort_after_import(&self.scheduler, id) {
+                    self.scheduler.abort(id);
+                }
             }
             Command::Inspect(f) => f(&self.scheduler),
             Command::Drain => {
@@ -356,6 +400,7 @@ impl EngineLoop {
                     let _ = sink.send(released());
                 }
             }
+            Command::Remote(cmd) => self.handle_remote(cmd),
         }
     }
 
@@ -392,6 +437,7 @@ impl EngineLoop {
             let delivered = self.sinks.get(&id).is_some_and(|s| s.send(out).is_ok());
             if done {
                 self.sinks.remove(&id);
+                self.remote.finished(id);
             } else if !delivered {
                 // The client went away: free its blocks now.
                 self.sinks.remove(&id);

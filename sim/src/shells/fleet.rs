@@ -14,6 +14,7 @@ use std::collections::{BTreeMap, BTreeSet};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 use tokio::task::JoinHandle;
+use turbine_actors::cluster_config::WorkerRole;
 use turbine_actors::executor::Executor;
 use turbine_actors::ids::WorkerId;
 use turbine_actors::node::{self, Announce, Announcement};
@@ -23,6 +24,7 @@ use turbine_actors::worker::service::{worker_service_name, WorkerService};
 use turbine_actors::worker::{BlockManager, BlockStats, Scheduler};
 use turbine_actors::worker::{EngineTime, WorkerHandle};
 use turbine_runtime::discovery::{embedded::Registry, EmbeddedDiscovery, Instance, Lease};
+use turbine_runtime::transfer::{TransferHub, TransferPlane};
 use turbine_runtime::{Addr, MetricsRegistry, Node, NodeConfig, SharedClock};
 
 /// What the frontend's connector needs to reach a registered worker.
@@ -101,6 +103,10 @@ pub(super) struct World {
     pub(super) directory: Arc<Mutex<BTreeMap<String, Reachable>>>,
     pub(super) slots: Mutex<Vec<Slot>>,
     pub(super) next_worker_id: Mutex<u64>,
+    /// The transfer planes of the running prefill and decode workers, by slot: pulls
+    /// between them cross the simulated link (`transit_bytes`).
+    pub(super) hub: TransferHub,
+    pub(super) planes: Mutex<BTreeMap<u32, (Endpoint, TransferPlane)>>,
 }
 
 pub(super) fn node_config(name: String) -> NodeConfig {
@@ -111,6 +117,47 @@ pub(super) fn node_config(name: String) -> NodeConfig {
 }
 
 impl World {
+    /// Slots 1..=prefill_workers are prefill workers, the rest decode workers (all
+    /// aggregated without prefill workers).
+    fn role_of(&self, slot: u32) -> WorkerRole {
+        match self.cfg.prefill_workers {
+            0 => WorkerRole::Aggregated,
+            n if slot <= n => WorkerRole::Prefill,
+            _ => WorkerRole::Decode,
+        }
+    }
+
+    /// A fresh in-memory transfer plane for this incarnation of `slot`, linked both ways
+    /// to every other running plane over the simulated network.
+    fn plane_for(
+        &self,
+        slot: u32,
+        endpoint: Endpoint,
+        id: WorkerId,
+        role: WorkerRole,
+    ) -> Option<TransferPlane> {
+        if role == WorkerRole::Aggregated {
+            return None;
+        }
+        let plane = TransferPlane::in_memory(
+            &format!("worker-{}", id.0),
+            self.cfg.disagg.transfer.to_runtime(),
+            self.shared_clock.clone(),
+            &MetricsRegistry::new(),
+            &self.hub,
+        );
+        let mut planes = lock(&self.planes);
+        for (other_slot, (other_ep, other)) in planes.iter() {
+            if *other_slot == slot {
+                continue;
+            }
+            plane.set_link(other.endpoint(), self.net.link(endpoint, *other_ep));
+            other.set_link(plane.endpoint(), self.net.link(*other_ep, endpoint));
+        }
+        planes.insert(slot, (endpoint, plane.clone()));
+        Some(plane)
+    }
+
     /// Starts a fresh incarnation of worker `slot` (1-based) and registers it in the
     /// background (registration crosses the network, so it may be held by a partition).
     pub(super) async fn start_worker(self: &Arc<Self>, slot: u32) -> Result<(), SimError> {
@@ -129,16 +176,20 @@ impl World {
         let profile = &self.cfg.profile;
         let counters = Arc::new(Mutex::new(EngineCounters::default()));
         // The executor seam: a priced step instead of a backend.
-        let executor = Executor::simulated(
-            Arc::new(CostModelEngine {
-                worker: id,
-                cost: profile.step_time.clone(),
-                clock: self.clock.clone(),
-                log: self.log.clone(),
-                counters: counters.clone(),
-            }),
-            self.shared_clock.clone(),
-        );
+        let engine = Arc::new(CostModelEngine {
+            worker: id,
+            cost: profile.step_time.clone(),
+            clock: self.clock.clone(),
+            log: self.log.clone(),
+            counters: counters.clone(),
+        });
+        let role = self.role_of(slot);
+        let executor = if role == WorkerRole::Aggregated {
+            Executor::simulated(engine, self.shared_clock.clone())
+        } else {
+            Executor::simulated_with_kv(engine, self.shared_clock.clone(), self.cfg.kv_shape)
+        };
+        let plane = self.plane_for(slot, endpoint, id, role);
         let scheduler = Scheduler::new(
             profile.scheduler.clone(),
             BlockManager::new(profile.block_manager_config()),
@@ -161,10 +212,19 @@ impl World {
             clock: self.shared_clock.clone(),
             wall_epoch_s: 0.0,
         };
-        let worker =
-            node::start_worker(&node, id, scheduler, executor, time, announce.clone(), None)
-                .await
-                .map_err(|e| SimError::Shells(e.to_string()))?;
+        let disagg = node::WorkerDisagg { role, plane };
+        let worker = node::start_worker_as(
+            &node,
+            id,
+            scheduler,
+            executor,
+            time,
+            announce.clone(),
+            None,
+            disagg,
+        )
+        .await
+        .map_err(|e| SimError::Shells(e.to_string()))?;
         // Load when what the router reads changes and at least every LOAD_REPORT_EVERY, as
         // `turbine worker` publishes it.
         let load_task = node::report_loads(&worker.handle, self.shared_clock.clone(), announce);

@@ -120,9 +120,15 @@ async fn run(cfg: &SimConfig, workload: &[RequestSpec]) -> Result<SimOutcome, Si
     // the dispatcher asking it through its address.
     let router_cfg = router_config(cfg.policy, block_size, seeds.stream(Stream::Router).gen());
     router_cfg.validate()?;
-    let router = node::start_router(&frontend, router_cfg, block_size, shared_clock.clone())
-        .await
-        .map_err(|e| SimError::Shells(e.to_string()))?;
+    let router = node::start_router(
+        &frontend,
+        router_cfg,
+        &cfg.disagg,
+        block_size,
+        shared_clock.clone(),
+    )
+    .await
+    .map_err(|e| SimError::Shells(e.to_string()))?;
     let dispatcher = node::dispatcher(
         block_size,
         Some(router.addr.clone()),
@@ -130,6 +136,13 @@ async fn run(cfg: &SimConfig, workload: &[RequestSpec]) -> Result<SimOutcome, Si
         cfg.migration.clone(),
         shared_clock.clone(),
     );
+    if cfg.prefill_workers > 0 {
+        // Disaggregated: the same flow `turbine up` runs with prefill workers.
+        dispatcher.enable_disaggregation(turbine_actors::disagg::flow::DisaggSettings {
+            metrics: turbine_actors::disagg::metrics::DisaggMetrics::default(),
+            prefill_timeout: Duration::from_millis(cfg.disagg.remote_prefill_timeout_ms),
+        });
+    }
     let registry =
         EmbeddedRegistry::serve(&frontend, REGISTRY_SERVICE, cfg.heartbeat.as_duration())
             .await
@@ -168,6 +181,8 @@ async fn run(cfg: &SimConfig, workload: &[RequestSpec]) -> Result<SimOutcome, Si
         frontend,
         frontend_ep,
         directory,
+        hub: turbine_runtime::transfer::TransferHub::new(),
+        planes: Mutex::new(BTreeMap::new()),
         // With a planner, a slot for each worker it may add.
         slots: Mutex::new(
             (0..slot_count(cfg))

@@ -21,9 +21,11 @@ use futures::StreamExt;
 use serde::Serialize;
 use std::collections::{BTreeMap, VecDeque};
 use std::sync::{Arc, Mutex};
+use std::time::Duration;
 use tokio::sync::mpsc;
 use turbine_actors::router::membership::EventFeed;
 use turbine_runtime::events::{Delivery, Event, GapDetector};
+use turbine_runtime::Clock;
 use turbine_runtime::{wire, CallError, Direction, Link, Transit};
 
 /// One incarnation of a node: links and publishers are bound to it.
@@ -192,6 +194,20 @@ impl std::fmt::Debug for SimNet {
 }
 
 impl Link for SimLink {
+    /// A piece of bulk data: the latency of a message, then its size over the link's
+    /// bandwidth (`NetConfig::bulk_bytes_per_s`).
+    fn transit_bytes(&self, dir: Direction, bytes: u64) -> Transit {
+        let passage = self.transit(dir);
+        let bw = self.net.state().network.config().bulk_bytes_per_s.max(1.0);
+        let serialise = Duration::from_secs_f64(bytes as f64 / bw);
+        let net = self.net.clone();
+        Box::pin(async move {
+            passage.await?;
+            net.clock.sleep(serialise).await;
+            Ok(())
+        })
+    }
+
     fn transit(&self, dir: Direction) -> Transit {
         let (from, to) = match dir {
             Direction::Request => (self.caller, self.service),

@@ -104,6 +104,11 @@ impl Scheduler {
         self.importing.len()
     }
 
+    /// Whether `id` is waiting for its KV import (its blocks are being written).
+    pub fn is_importing(&self, id: RequestId) -> bool {
+        self.importing.contains(&id)
+    }
+
     /// Admits a request whose prompt KV is computed elsewhere and whose first token,
     /// `first_token`, was sampled there. Allocates its blocks now, all or nothing. Refuses
     /// what [`Scheduler::add_request`] refuses, plus `OutOfBlocks` / `Busy` when it cannot

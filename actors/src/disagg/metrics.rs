@@ -1,0 +1,130 @@
+//! Disaggregation metrics on the frontend's `/metrics`: where prefills ran, why remote ones
+//! fell back, how much KV crossed and how long it took, how deep the prefill pool's queue
+//! was at the last decision. The frontend counts them from the router's plans and the
+//! decode workers' import reports, so they are right with workers in other processes too.
+
+use crate::frontend::Metrics;
+use prometheus_client::encoding::EncodeLabelSet;
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::Gauge;
+use std::sync::atomic::AtomicU64;
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct DecisionLabel {
+    pub decision: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct ReasonLabel {
+    pub reason: String,
+}
+
+/// The counters; clone freely (they share their values).
+#[derive(Clone, Default, Debug)]
+pub struct DisaggMetrics {
+    decisions: Family<DecisionLabel, Counter>,
+    fallbacks: Family<ReasonLabel, Counter>,
+    transfer_bytes: Counter,
+    transfer_blocks: Counter,
+    transfer_seconds: Counter<f64, AtomicU64>,
+    transfers: Counter,
+    prefill_queue: Gauge,
+}
+
+impl DisaggMetrics {
+    /// Creates the metrics and registers them in `metrics`' registry.
+    pub fn register(metrics: &Metrics) -> DisaggMetrics {
+        let m = DisaggMetrics::default();
+        metrics.register(
+            "turbine_disagg_prefill_decisions",
+            "Where prefills were decided to run: remote, or local_<reason>",
+            m.decisions.clone(),
+        );
+        metrics.register(
+            "turbine_disagg_prefill_fallbacks",
+            "Remote prefills abandoned for a local one, by reason",
+            m.fallbacks.clone(),
+        );
+        metrics.register(
+            "turbine_disagg_transfer_bytes",
+            "KV bytes pulled from prefill workers by decode workers",
+            m.transfer_bytes.clone(),
+        );
+        metrics.register(
+            "turbine_disagg_transfer_blocks",
+            "KV blocks pulled from prefill workers by decode workers",
+            m.transfer_blocks.clone(),
+        );
+        metrics.register(
+            "turbine_disagg_transfer_seconds",
+            "Time decode workers spent pulling and importing KV",
+            m.transfer_seconds.clone(),
+        );
+        metrics.register(
+            "turbine_disagg_transfers",
+            "KV transfers completed",
+            m.transfers.clone(),
+        );
+        metrics.register(
+            "turbine_disagg_prefill_queue",
+            "Requests in flight on the prefill pool at the last routing decision",
+            m.prefill_queue.clone(),
+        );
+        m
+    }
+
+    pub fn decision(&self, label: &str) {
+        self.decisions
+            .get_or_create(&DecisionLabel {
+                decision: label.to_string(),
+            })
+            .inc();
+    }
+
+    pub fn fallback(&self, reason: &str) {
+        self.fallbacks
+            .get_or_create(&ReasonLabel {
+                reason: reason.to_string(),
+            })
+            .inc();
+    }
+
+    pub fn transferred(&self, blocks: u32, bytes: u64, seconds: f64) {
+        self.transfers.inc();
+        self.transfer_blocks.inc_by(u64::from(blocks));
+        self.transfer_bytes.inc_by(bytes);
+        self.transfer_seconds.inc_by(seconds);
+    }
+
+    pub fn prefill_queue(&self, queued: u32) {
+        self.prefill_queue.set(i64::from(queued));
+    }
+
+    /// Fallbacks counted for `reason` so far (tests, the simulator's report).
+    pub fn fallbacks(&self, reason: &str) -> u64 {
+        self.fallbacks
+            .get_or_create(&ReasonLabel {
+                reason: reason.to_string(),
+            })
+            .get()
+    }
+
+    /// Decisions counted for `label` so far.
+    pub fn decisions(&self, label: &str) -> u64 {
+        self.decisions
+            .get_or_create(&DecisionLabel {
+                decision: label.to_string(),
+            })
+            .get()
+    }
+
+    /// (transfers, blocks, bytes) so far.
+    pub fn transfers(&self) -> (u64, u64, u64) {
+        (
+            self.transfers.get(),
+            self.transfer_blocks.get(),
+            self.transfer_bytes.get(),
+        )
+    }
+}

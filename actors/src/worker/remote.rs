@@ -1,0 +1,313 @@
+//! The worker loop's side of disaggregated serving: a prefill worker's prefill-only requests
+//! (first token streamed, then the KV exported on the transfer plane and the blocks freed),
+//! and a decode worker's admissions whose KV is pulled from a prefill worker.
+//!
+//! The scheduler's pure side is `scheduler/remote_kv.rs`; this module only moves bytes and
+//! answers. A pull runs on a task of its own, so the loop keeps stepping other requests
+//! while KV crosses; its result comes back as a command.
+
+use super::worker_loop::{Command, EngineLoop, TokenStream, WorkerError, WorkerHandle};
+use crate::disagg::kv_transfer::{self, KvExport};
+use crate::disagg::wire::{FallbackReason, ImportOutcome};
+use crate::ids::{RequestId, TokenId};
+use crate::protocol::{PreprocessedRequest, TokenOutput};
+use crate::worker::AdmitError;
+use std::collections::{BTreeMap, BTreeSet};
+use tokio::sync::{mpsc, oneshot};
+use turbine_runtime::transfer::TransferPlane;
+
+/// The answer a prefill worker gives after the first token: the KV's descriptor, or why
+/// there is none.
+pub type ExportReply = Result<KvExport, String>;
+
+pub(super) enum RemoteCommand {
+    Prefill {
+        req: Box<PreprocessedRequest>,
+        out: mpsc::UnboundedSender<TokenOutput>,
+        export: oneshot::Sender<ExportReply>,
+        admitted: oneshot::Sender<Result<(), AdmitError>>,
+    },
+    Decode {
+        req: Box<PreprocessedRequest>,
+        first_token: TokenId,
+        kv: Option<KvExport>,
+        out: mpsc::UnboundedSender<TokenOutput>,
+        outcome: oneshot::Sender<ImportOutcome>,
+        admitted: oneshot::Sender<Result<(), AdmitError>>,
+    },
+    Imported {
+        id: RequestId,
+        result: Result<ImportOutcome, FallbackReason>,
+        outcome: oneshot::Sender<ImportOutcome>,
+    },
+}
+
+/// What the loop keeps for remote requests.
+pub(super) struct RemoteState {
+    plane: Option<TransferPlane>,
+    /// Prefill-only requests waiting for their export, by id.
+    exports: BTreeMap<RequestId, oneshot::Sender<ExportReply>>,
+    /// Where import tasks report back (weak: the loop still ends when every handle is gone).
+    loopback: mpsc::WeakUnboundedSender<Command>,
+    /// Importing requests whose caller went away: aborted once their import is over.
+    cancelled: BTreeSet<RequestId>,
+}
+
+impl RemoteState {
+    pub(super) fn new(
+        plane: Option<TransferPlane>,
+        loopback: mpsc::WeakUnboundedSender<Command>,
+    ) -> Self {
+        RemoteState {
+            plane,
+            exports: BTreeMap::new(),
+            loopback,
+            cancelled: BTreeSet::new(),
+        }
+    }
+
+    /// `id` was cancelled: when it is importing, remember to abort it after the import
+    /// (returns true); otherwise the caller aborts it now.
+    pub(super) fn abort_after_import(
+        &mut self,
+        scheduler: &crate::worker::Scheduler,
+        id: RequestId,
+    ) -> bool {
+        let importing = scheduler.is_importing(id);
+        if importing {
+            self.cancelled.insert(id);
+        }
+        importing
+    }
+
+    /// `id` ended (finished on its first token, or aborted): no export will follow.
+    pub(super) fn finished(&mut self, id: RequestId) {
+        self.exports.remove(&id);
+    }
+}
+
+impl WorkerHandle {
+    /// Runs `req`'s prompt only (a prefill worker): the stream carries the first token;
+    /// the receiver then gets the KV's descriptor (dropped if the first token ended it).
+    pub async fn prefill(
+        &self,
+        req: PreprocessedRequest,
+    ) -> Result<(TokenStream, oneshot::Receiver<ExportReply>), WorkerError> {
+        let id = req.id;
+        let (out, rx) = mpsc::unbounded_channel();
+        let (export, export_rx) = oneshot::channel();
+        let (admitted, admitted_rx) = oneshot::channel();
+        self.send(Command::Remote(RemoteCommand::Prefill {
+            req: Box::new(req),
+            out,
+            export,
+            admitted,
+        }))?;
+        admitted_rx
+            .await
+            .map_err(|_| WorkerError::Stopped(self.id()))??;
+        Ok((self.token_stream(id, rx), export_rx))
+    }
+
+    /// Decodes `req` whose first token `first_token` was sampled on a prefill worker, with
+    /// the prompt's KV pulled from `kv` (`None`, or any failure: recomputed here). The
+    /// receiver says which happened, before the stream's first token.
+    pub async fn decode_remote(
+        &self,
+        req: PreprocessedRequest,
+        first_token: TokenId,
+        kv: Option<KvExport>,
+    ) -> Result<(TokenStream, oneshot::Receiver<ImportOutcome>), WorkerError> {
+        let id = req.id;
+        let (out, rx) = mpsc::unbounded_channel();
+        let (outcome, outcome_rx) = oneshot::channel();
+        let (admitted, admitted_rx) = oneshot::channel();
+        self.send(Command::Remote(RemoteCommand::Decode {
+            req: Box::new(req),
+            first_token,
+            kv,
+            out,
+            outcome,
+            admitted,
+        }))?;
+        admitted_rx
+            .await
+            .map_err(|_| WorkerError::Stopped(self.id()))??;
+        Ok((self.token_stream(id, rx), outcome_rx))
+    }
+}
+
+impl EngineLoop {
+    pub(super) fn handle_remote(&mut self, cmd: RemoteCommand) {
+        match cmd {
+            RemoteCommand::Prefill {
+                req,
+                out,
+                export,
+                admitted,
+            } => {
+                let id = req.id;
+                let result = self.scheduler.add_prefill_only(*req, self.now());
+                if result.is_ok() {
+                    self.sinks.insert(id, out);
+                    self.remote.exports.insert(id, export);
+                }
+                let _ = admitted.send(result);
+            }
+            RemoteCommand::Decode {
+                req,
+                first_token,
+                kv,
+                out,
+                outcome,
+                admitted,
+            } => self.admit_decode(*req, first_token, kv, out, outcome, admitted),
+            RemoteCommand::Imported {
+                id,
+                result,
+                outcome,
+            } => {
+                if self.remote.cancelled.remove(&id) {
+                    // Its caller went away during the import: the blocks are free to go now.
+                    self.scheduler.abort(id);
+                    return;
+                }
+                let report = match result {
+                    Ok(done) => {
+                        self.scheduler.kv_imported(id);
+                        done
+                    }
+                    Err(reason) => {
+                        tracing::info!(worker = %self.id, request = %id, "KV import failed ({}); prefilling locally", reason.label());
+                        self.scheduler.kv_import_failed(id);
+                        ImportOutcome::Fallback {
+                            reason: reason.label().to_string(),
+                        }
+                    }
+                };
+                let _ = outcome.send(report);
+            }
+        }
+    }
+
+    fn admit_decode(
+        &mut self,
+        req: PreprocessedRequest,
+        first_token: TokenId,
+        kv: Option<KvExport>,
+        out: mpsc::UnboundedSender<TokenOutput>,
+        outcome: oneshot::Sender<ImportOutcome>,
+        admitted: oneshot::Sender<Result<(), AdmitError>>,
+    ) {
+        let id = req.id;
+        let now = self.now();
+        let (kv, plane) = match (kv, self.remote.plane.clone()) {
+            (Some(kv), Some(plane)) => (kv, plane),
+            (kv, _) => {
+                // Nothing to pull (the prefill worker went away before its descriptor, or
+                // this worker has no plane): recompute the prompt, keep the first token.
+                let reason = if kv.is_some() {
+                    FallbackReason::BadDescriptor
+                } else {
+                    FallbackReason::NoDescriptor
+                };
+                return self.recompute(req, first_token, reason, out, outcome, admitted);
+            }
+        };
+        match self
+            .scheduler
+            .add_with_remote_kv(req.clone(), first_token, now)
+        {
+            Ok(adm) => {
+                self.sinks.insert(id, out);
+                let _ = admitted.send(Ok(()));
+                let exec = self.executor.clone();
+                let loopback = self.remote.loopback.clone();
+                let skip = adm.cached_blocks;
+                let into = adm.import_into().to_vec();
+                tokio::spawn(async move {
+                    let started = tokio::time::Instant::now();
+                    let result = kv_transfer::import_blocks(&exec, &plane, &kv, skip, &into)
+                        .await
+                        .map(|bytes| ImportOutcome::Imported {
+                            blocks: into.len() as u32,
+                            bytes,
+                            seconds: started.elapsed().as_secs_f64(),
+                        })
+                        .map_err(|e| FallbackReason::of_import(&e));
+                    if let Some(tx) = loopback.upgrade() {
+                        let _ = tx.send(Command::Remote(RemoteCommand::Imported {
+                            id,
+                            result,
+                            outcome,
+                        }));
+                    }
+                });
+            }
+            Err(AdmitError::OutOfBlocks | AdmitError::Busy) => {
+                // Not at once: tell the owner to unpin, and recompute when there is room.
+                tokio::spawn(async move {
+                    let _ = plane.discard(&kv.descriptor).await;
+                });
+                self.recompute(
+                    req,
+                    first_token,
+                    FallbackReason::DecodeBusy,
+                    out,
+                    outcome,
+                    admitted,
+                )
+            }
+            Err(e) => {
+                tokio::spawn(async move {
+                    let _ = plane.discard(&kv.descriptor).await;
+                });
+                let _ = admitted.send(Err(e));
+            }
+        }
+    }
+
+    fn recompute(
+        &mut self,
+        req: PreprocessedRequest,
+        first_token: TokenId,
+        reason: FallbackReason,
+        out: mpsc::UnboundedSender<TokenOutput>,
+        outcome: oneshot::Sender<ImportOutcome>,
+        admitted: oneshot::Sender<Result<(), AdmitError>>,
+    ) {
+        let id = req.id;
+        let result = self
+            .scheduler
+            .add_with_first_token(req, first_token, self.now());
+        if result.is_ok() {
+            self.sinks.insert(id, out);
+            let _ = outcome.send(ImportOutcome::Fallback {
+                reason: reason.label().to_string(),
+            });
+        }
+        let _ = admitted.send(result);
+    }
+
+    /// After a step: every prefill-only request that has its first token is exported on the
+    /// plane (a copy: its blocks go back to the pool at once) and its caller answered.
+    pub(super) async fn export_prefilled(&mut self) {
+        for done in self.scheduler.take_prefilled() {
+            let id = done.request;
+            let Some(reply) = self.remote.exports.remove(&id) else {
+                // Its caller went away: nothing to export.
+                self.scheduler.release_held(id);
+                continue;
+            };
+            let answer = match &self.remote.plane {
+                Some(plane) => kv_transfer::export_blocks(&self.executor, plane, &done.blocks)
+                    .await
+                    .map_err(|e| e.to_string()),
+                None => Err("this worker has no transfer plane".to_string()),
+            };
+            self.scheduler.release_held(id);
+            self.sinks.remove(&id);
+            let _ = reply.send(answer);
+        }
+    }
+}
