@@ -121,14 +121,14 @@ fn a_grid_larger_than_the_kv_pool_is_refused_with_the_reason() {
 }
 
 #[test]
-fn turbine_up_refuses_a_planner_section_it_would_not_run() {
+fn turbine_up_refuses_a_planner_whose_profile_is_missing_naming_the_field() {
     let file = scratch("planner-cluster.yaml");
     std::fs::write(&file, "planner: {profile: p.yaml}\n").unwrap();
     let out = turbine(&["up", "--no-fetch", "-f", file.to_str().unwrap()]);
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert!(!out.status.success());
     assert!(
-        stderr.contains("planner: the planner does not run"),
+        stderr.contains("planner.profile") && stderr.contains("p.yaml"),
         "{stderr}"
     );
 }
