@@ -91,31 +91,18 @@ impl Dispatched {
     /// `None` once the stream has ended. A lost connection to the worker is reported to
     /// the router, which leaves the worker out of routing for a while.
     pub async fn next_output(&mut self) -> Option<Result<TokenOutput, EngineError>> {
-        if let Some(first) = self.first.take() {
-            self.received = true;
-            return Some(Ok(first));
-        }
-        let mut item = self.tokens.next().await?;
-        while let Ok(WorkerReply::Import(outcome)) = &item {
-            if let Some(m) = &self.disagg {
-                crate::disagg::flow::count_import(m, outcome);
-            }
-            item = self.tokens.next().await?;
-        }
-        if matches!(item, Err(CallError::PeerGone(_) | CallError::Transport(_))) {
-            self._guard
-                .router
-                .cast(RouterRequest::Unreachable(self.worker));
-        }
-        let out = token_output(item, !self.received);
+        let first = !self.received;
+        let item = self.next_reply().await?;
+        let out = token_output(item, first);
         if out.is_ok() {
             self.received = true;
         }
         Some(out)
     }
 
-    /// The next raw item of the worker's stream, for the migration shell, which classes
-    /// failures itself; a lost connection is reported to the router as above.
+    /// The next raw item of the worker's stream (a prefill worker's first token first;
+    /// import reports counted and skipped), for the migration shell, which classes failures
+    /// itself; a lost connection is reported to the router as above.
     pub async fn next_reply(&mut self) -> Option<Result<WorkerReply, CallError>> {
         if let Some(first) = self.first.take() {
             // The first token came from a prefill worker, before this stream's outputs.
