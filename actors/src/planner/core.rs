@@ -31,7 +31,8 @@ impl Replicas {
         }
     }
 
-    fn with_pools(self, sizes: &[usize]) -> Replicas {
+    /// The same shape (its variant) with these pool sizes, in [`Replicas::pools`] order.
+    pub fn with_pools(self, sizes: &[usize]) -> Replicas {
         let at = |i: usize| sizes.get(i).copied().unwrap_or(0);
         match self {
             Replicas::Aggregated { .. } => Replicas::Aggregated { workers: at(0) },
@@ -93,7 +94,24 @@ pub struct IntervalMetrics {
     /// Mean sequences per decode step on the decode (or aggregated) workers: where on the
     /// profile's ITL grid the observed ITL belongs.
     pub mean_decode_batch: Option<f64>,
+    /// Requests waiting on the workers at the interval's end, not yet admitted (their
+    /// latest load reports); `None`: no report.
+    pub queued: Option<u64>,
 }
+
+/// What the planner reacts to between two adjustment intervals ([`Planner::react`]).
+#[derive(Clone, Copy, Debug, Default, PartialEq)]
+pub struct Pressure {
+    /// Requests that arrived since the last observation.
+    pub arrivals: u64,
+    /// Requests waiting on the workers now; `None`: no report.
+    pub queued: Option<u64>,
+}
+
+/// How many standard deviations below the observed count a reaction takes the arrival
+/// rate to be (a one-sided Poisson bound, about 2.3 % false alarms): a few requests in the
+/// first second of an interval are noise, a surge is not.
+const REACT_SIGMAS: f64 = 2.0;
 
 /// The forecast behind a decision, for the next interval.
 #[derive(Clone, Copy, Debug, PartialEq)]
@@ -128,6 +146,8 @@ pub struct Planner {
     osl: Box<dyn Predictor>,
     corrections: Corrections,
     last_observed: Option<Duration>,
+    /// Requests waiting at the last observation.
+    queued: u64,
     pools: Vec<PoolState>,
 }
 
@@ -164,6 +184,7 @@ impl Planner {
             osl: predictor::build(&cfg.predictor),
             corrections: Corrections::default(),
             last_observed: None,
+            queued: 0,
             pools: pools.into_iter().map(PoolState::new).collect(),
         })
     }
@@ -194,6 +215,9 @@ impl Planner {
         if let Some(osl) = m.mean_osl {
             self.osl.observe(osl);
         }
+        if let Some(q) = m.queued {
+            self.queued = q;
+        }
         if self.use_corrections {
             self.update_corrections(m);
         }
@@ -217,7 +241,9 @@ impl Planner {
         }
     }
 
-    /// The replica counts for the next interval.
+    /// The replica counts for the next interval: the forecast arrivals, plus the requests
+    /// waiting now, which must start within the TTFT target (`queued / ttft` more requests
+    /// per second).
     pub fn decide(&mut self, now: Duration) -> Decision {
         let Some(requests) = self.requests.predict() else {
             return Decision {
@@ -235,17 +261,72 @@ impl Planner {
             isl: self.isl.predict().unwrap_or(0.0),
             osl: self.osl.predict().unwrap_or(0.0),
         };
+        let rate = requests / self.interval.as_secs_f64() + self.queue_rate(self.queued);
+        self.decision(now, forecast, rate, false)
+    }
+
+    /// Between two intervals (`now` after the last observation): when the requests that
+    /// arrived since it, or the ones waiting now, need more workers than the pools have,
+    /// the pools grow at once; otherwise `None` and the next interval decides. The arrival
+    /// rate taken is the observed count less [`REACT_SIGMAS`] of Poisson noise over the
+    /// time since the last observation, never below the forecast; the queue adds
+    /// `queued / ttft`. A reaction never shrinks a pool.
+    pub fn react(&mut self, now: Duration, p: &Pressure) -> Option<Decision> {
+        let since = now.saturating_sub(self.last_observed.unwrap_or_default());
+        if since.is_zero() {
+            return None;
+        }
+        let forecast_rate = self.requests.predict().unwrap_or(0.0) / self.interval.as_secs_f64();
+        let seen = p.arrivals as f64;
+        let seen_rate = (seen - REACT_SIGMAS * seen.sqrt()).max(0.0) / since.as_secs_f64();
+        let queued = p.queued.unwrap_or(self.queued);
+        let rate = forecast_rate.max(seen_rate) + self.queue_rate(queued);
+        if rate <= forecast_rate + self.queue_rate(self.queued) {
+            return None; // nothing the last decision did not know
+        }
+        // The lengths are the forecast's; before any, nothing can be sized.
+        let isl = self.isl.predict()?;
+        let forecast = Forecast {
+            requests: rate * self.interval.as_secs_f64(),
+            isl,
+            osl: self.osl.predict().unwrap_or(0.0),
+        };
+        let current = self.replicas().pools();
+        let d = self.decision(now, forecast, rate, true);
+        let grew = d.replicas.pools().iter().zip(&current).any(|(n, c)| n > c);
+        grew.then_some(d)
+    }
+
+    /// Extra requests per second that start the `queued` ones within the TTFT target.
+    fn queue_rate(&self, queued: u64) -> f64 {
+        queued as f64 / self.targets.ttft_s
+    }
+
+    /// The SLA math at `rate` requests/s with the forecast's lengths, through the limits;
+    /// `grow_only` keeps every pool at least at its size.
+    fn decision(
+        &mut self,
+        now: Duration,
+        forecast: Forecast,
+        rate: f64,
+        grow_only: bool,
+    ) -> Decision {
         let load = Load {
-            requests_per_s: requests / self.interval.as_secs_f64(),
+            requests_per_s: rate,
             isl: forecast.isl,
             osl: forecast.osl,
         };
         let prefill = prefill_need(&self.capacity, load, self.targets, self.corrections);
         let decode = decode_need(&self.capacity, load, self.targets, self.corrections);
-        let needs = match self.shape {
+        let mut needs = match self.shape {
             Replicas::Aggregated { .. } => vec![whole(prefill.workers + decode.workers)],
             Replicas::Disaggregated { .. } => vec![whole(prefill.workers), whole(decode.workers)],
         };
+        if grow_only {
+            for (n, p) in needs.iter_mut().zip(&self.pools) {
+                *n = (*n).max(p.current());
+            }
+        }
         let (sizes, budget_limited) = settle(&self.limits, now, &mut self.pools, &needs);
         Decision {
             replicas: self.shape.with_pools(&sizes),
@@ -324,6 +405,62 @@ mod tests {
                 decode: 26
             }
         );
+    }
+
+    #[test]
+    fn a_surge_within_the_interval_grows_the_pools_at_once() {
+        let mut p = planner(&config(PredictorConfig::Constant {}), DISAGG);
+        p.observe(TICK, &interval(10, 550.0, 200.0));
+        assert_eq!(p.decide(TICK).replicas, DISAGG);
+        // A few arrivals in the first second are noise: 3 - 2·√3 < 0.
+        let noise = Pressure {
+            arrivals: 3,
+            queued: None,
+        };
+        assert_eq!(p.react(TICK + Duration::from_secs(1), &noise), None);
+        // 100 in 2 s: taken as (100 - 2·10) / 2 = 40 req/s. Prefill 40 × 550 / 12 000 =
+        // 1.83 → 2; decode 40 × 200 / 474.0 = 16.9 → 17 (the hand profile, as above).
+        let surge = Pressure {
+            arrivals: 100,
+            queued: None,
+        };
+        let d = p.react(TICK + Duration::from_secs(2), &surge).unwrap();
+        let grown = Replicas::Disaggregated {
+            prefill: 2,
+            decode: 17,
+        };
+        assert_eq!(d.replicas, grown);
+        assert_eq!(p.replicas(), grown);
+        // A reaction never shrinks: the quiet second after it changes nothing.
+        let quiet = Pressure::default();
+        assert_eq!(p.react(TICK + Duration::from_secs(3), &quiet), None);
+        assert_eq!(p.replicas(), grown);
+    }
+
+    #[test]
+    fn waiting_requests_add_queued_over_ttft_to_the_rate() {
+        // 1 req/s forecast; 2 requests waiting must start within 110 ms: + 18.2 req/s.
+        // Aggregated: 19.2 × 550 / 12 000 + 19.2 × 200 / 474.0 = 0.88 + 8.10 → 9.
+        let agg = Replicas::Aggregated { workers: 1 };
+        let mut p = planner(&config(PredictorConfig::Constant {}), agg);
+        p.observe(TICK, &interval(10, 550.0, 200.0));
+        assert_eq!(p.decide(TICK).replicas, agg);
+        let waiting = Pressure {
+            arrivals: 0,
+            queued: Some(2),
+        };
+        let d = p.react(TICK + Duration::from_secs(1), &waiting).unwrap();
+        assert_eq!(d.replicas, Replicas::Aggregated { workers: 9 });
+        // At the next interval the queue is part of the decision too.
+        let mut q = planner(&config(PredictorConfig::Constant {}), agg);
+        q.observe(
+            TICK,
+            &IntervalMetrics {
+                queued: Some(2),
+                ..interval(10, 550.0, 200.0)
+            },
+        );
+        assert_eq!(q.decide(TICK).replicas, Replicas::Aggregated { workers: 9 });
     }
 
     #[test]
@@ -515,7 +652,15 @@ mod tests {
                     mean_ttft_s: ttft,
                     mean_itl_s: itl,
                     mean_decode_batch: batch,
+                    queued: isl.map(|v| v as u64),
                 });
+                if let Some(d) = p.react(now + TICK / 2, &Pressure {
+                    arrivals: requests,
+                    queued: osl.map(|v| v as u64),
+                }) {
+                    prop_assert!(d.replicas.pools().iter().all(|&n| (1..=12).contains(&n)));
+                    prop_assert!(d.replicas.total() <= budget);
+                }
                 let d = p.decide(now);
                 let sizes = d.replicas.pools();
                 prop_assert!(sizes.iter().all(|&n| (1..=12).contains(&n)), "{sizes:?}");
