@@ -131,9 +131,11 @@ impl LoadTap {
     /// What the planner reacts to between two intervals: the arrivals so far this interval
     /// and the requests waiting now.
     pub fn pressure(&self) -> Pressure {
+        let (arrivals, mean_isl) = self.with(|w| (w.requests, mean(w.isl_sum, w.isl_n)));
         Pressure {
-            arrivals: self.with(|w| w.requests),
+            arrivals,
             queued: self.queued(),
+            mean_isl,
         }
     }
 
@@ -292,7 +294,8 @@ mod tests {
             tap.pressure(),
             Pressure {
                 arrivals: 1,
-                queued: Some(8)
+                queued: Some(8),
+                mean_isl: None,
             }
         );
         tap.worker_left(WorkerId(3));

@@ -260,13 +260,17 @@ pub(super) fn start(
         let world = world.clone();
         let sense: Sense = Box::new(move || {
             let (from, now) = (*lock(&last), world.clock.sim_now());
-            let arrivals = lock(&records)
-                .iter()
-                .filter(|r| r.arrival > from && r.arrival <= now)
-                .count() as u64;
+            let (mut arrivals, mut isl) = (0u64, 0.0);
+            for r in lock(&records).iter() {
+                if r.arrival > from && r.arrival <= now {
+                    arrivals += 1;
+                    isl += f64::from(r.input_len);
+                }
+            }
             Pressure {
                 arrivals,
                 queued: Some(queued_now(&world)),
+                mean_isl: (arrivals > 0).then(|| isl / arrivals as f64),
             }
         });
         (every, sense)
