@@ -165,7 +165,7 @@ impl Connector for KubernetesScaler {
             Mode::DryRun(_) => {
                 let patches = self.patches(self.current.unwrap_or(self.shape), target);
                 if let Mode::DryRun(out) = &mut self.mode {
-                    patches.iter().for_each(|p| out(p));
+                    patches.iter().for_each(out);
                 }
                 self.current = Some(target);
                 return Ok(target);
