@@ -453,5 +453,16 @@ mod tests {
         )
         .unwrap_err();
         assert!(e.to_string().contains("grup"), "{e}");
+        // The local connector names one group per pool, by the cluster's shape.
+        assert!(k("{profile: p, connector: {kind: local, group: 1}}", 1).is_ok());
+        assert!(k(
+            "{profile: p, connector: {kind: local, prefill_group: 0, decode_group: 1}}",
+            2
+        )
+        .is_ok());
+        let e = k("{profile: p, connector: {kind: local, group: 1}}", 2);
+        assert!(e.unwrap_err().to_string().contains("prefill_group"));
+        let e = k("{profile: p, connector: {kind: local, decode_group: 1}}", 1);
+        assert!(e.unwrap_err().to_string().contains("aggregated"));
     }
 }
