@@ -29,7 +29,7 @@ for TRACE in bursty diurnal mooncake; do
     row "planner ($p)" "$args" "--planner sim/planner/$p.yaml --planner-log $OUT/$TRACE-$p.csv"
   done
   peak=$(tail -n +2 "$OUT/$TRACE-constant.csv" "$OUT/$TRACE-kalman.csv" | grep -v '==>' | cut -d, -f4 | sort -n | tail -1)
-  mean=$(awk -F, 'NR>1 {s+=$5; n++} END {m=s/n; printf "%d", (m==int(m))?m:int(m)+1}' "$OUT/$TRACE-constant.csv")
+  mean=$(awk -F, 'NR>1 && $6!=1 {s+=$5; n++} END {m=s/n; printf "%d", (m==int(m))?m:int(m)+1}' "$OUT/$TRACE-constant.csv")
   WORKERS=$peak; row "static at peak ($peak)" "$args" ""
   WORKERS=$mean; row "static at mean ($mean)" "$args" ""
   echo "<!-- $TRACE: $(python3 scripts/planner_plot.py "$OUT/$TRACE-kalman.csv" "$OUT/$TRACE-constant.csv" "$OUT/$TRACE.svg" "$TRACE") -->"

@@ -10,10 +10,12 @@ def read(path):
         return list(csv.DictReader(f))
 
 kal, con, out, title = read(sys.argv[1]), read(sys.argv[2]), sys.argv[3], sys.argv[4]
+# Reactions (between intervals) carry no load: the load lines use the interval rows only.
+def ticks(rows): return [r for r in rows if r.get("reaction", "0") != "1"]
 W, H, L, R, T, B = 760, 360, 60, 60, 30, 40
 t_max = max(float(r["t_s"]) for r in kal + con) or 1.0
-load_max = max([float(r["observed_requests"]) for r in kal + con] +
-               [float(r["forecast_requests"] or 0) for r in kal + con]) or 1.0
+load_max = max([float(r["observed_requests"]) for r in ticks(kal + con)] +
+               [float(r["forecast_requests"] or 0) for r in ticks(kal + con)]) or 1.0
 work_max = max(int(r["provisioned_workers"] or 0) for r in kal + con) or 1
 
 def x(t): return L + (W - L - R) * t / t_max
@@ -45,9 +47,9 @@ parts = [
     f'<text x="{W-R+5}" y="{T+4}">{work_max}</text>',
     f'<text x="{W-R+5}" y="{H-B}">0</text>',
     f'<text x="{W-R}" y="{H-B+15}" text-anchor="end">{t_max:.0f} s</text>',
-    line(kal, "observed_requests", y_load, "#888"),
-    line(kal, "forecast_requests", y_load, "#1f77b4", "4 2"),
-    line(con, "forecast_requests", y_load, "#ff7f0e", "4 2"),
+    line(ticks(kal), "observed_requests", y_load, "#888"),
+    line(ticks(kal), "forecast_requests", y_load, "#1f77b4", "4 2"),
+    line(ticks(con), "forecast_requests", y_load, "#ff7f0e", "4 2"),
     line(kal, "provisioned_workers", y_work, "#1f77b4", step=True),
     line(con, "provisioned_workers", y_work, "#ff7f0e", step=True),
 ]
@@ -65,7 +67,7 @@ with open(out, "w") as f:
 # Forecast error on the ramps: intervals whose load rose over the one before, comparing the
 # forecast made one interval earlier with what came.
 def ramp_error(rows):
-    errs = []
+    rows, errs = ticks(rows), []
     for prev, cur in zip(rows, rows[1:]):
         if prev["forecast_requests"] == "":
             continue

@@ -27,7 +27,7 @@ pub async fn up(cfg: ClusterConfig, file: Option<PathBuf>, allow_fetch: bool) ->
         let tap = LoadTap::new();
         engine = Arc::new(MeteredEngine::new(engine, tap.clone()));
         let binary = std::env::current_exe().context("finding the turbine executable")?;
-        planner = start_planner(&cfg, &file, binary, &cluster, tap)?;
+        planner = start_planner(&cfg, &file, binary, &cluster, tap).await?;
     }
     let dispatcher = cluster.pipeline.dispatcher().clone();
     let app = frontend::router(

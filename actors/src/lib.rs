@@ -10,6 +10,7 @@ pub mod engine_profile;
 pub mod executor;
 pub mod frontend;
 pub mod ids;
+pub mod kubernetes;
 pub mod kv;
 pub mod node;
 pub mod planner;

@@ -10,6 +10,7 @@ use crate::workload::{load_trace, reshape, ArrivalKind, RequestSpec, Synthetic, 
 use anyhow::{bail, Context};
 use std::fmt::Write as _;
 use std::path::PathBuf;
+use turbine_actors::planner::Replicas;
 use turbine_actors::router::PolicyKind;
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
@@ -348,22 +349,39 @@ pub fn comparison_table<'a>(reports: impl Iterator<Item = &'a Report>) -> String
     s
 }
 
-/// The planner's decisions of a run as CSV (see `--planner-log`).
+/// The planner's decisions of a run as CSV (see `--planner-log`): one row per interval and
+/// per reaction (`reaction` 1, load columns empty); per-pool targets when disaggregated.
 pub fn planner_csv(o: &SimOutcome) -> String {
     let mut s = String::from(
-        "t_s,observed_requests,forecast_requests,target_workers,provisioned_workers\n",
+        "t_s,observed_requests,forecast_requests,target_workers,provisioned_workers,reaction,target_prefill,target_decode\n",
     );
     for d in o.planner.iter().flat_map(|p| &p.decisions) {
+        // A reaction (between intervals) observed no interval: its load columns are empty.
+        let tick = d.reaction.is_none();
+        let (prefill, decode) = match d.target {
+            Replicas::Disaggregated { prefill, decode } => {
+                (prefill.to_string(), decode.to_string())
+            }
+            Replicas::Aggregated { .. } => (String::new(), String::new()),
+        };
         let _ = writeln!(
             s,
-            "{:.3},{},{},{},{}",
+            "{:.3},{},{},{},{},{},{},{}",
             d.at.as_secs_f64(),
-            d.observed.requests,
+            if tick {
+                d.observed.requests.to_string()
+            } else {
+                String::new()
+            },
             d.forecast
+                .filter(|_| tick)
                 .map(|f| format!("{:.3}", f.requests))
                 .unwrap_or_default(),
             d.target.total(),
-            d.applied.map(|r| r.total().to_string()).unwrap_or_default()
+            d.applied.map(|r| r.total().to_string()).unwrap_or_default(),
+            u8::from(!tick),
+            prefill,
+            decode,
         );
     }
     s

@@ -52,7 +52,7 @@ pub struct SimPlanner {
 pub struct PlannerOutcome {
     pub decisions: Vec<turbine_actors::planner::actor::DecisionRecord>,
     /// (workload time, workers provisioned: starting, serving or draining) at each change.
-    pub timeline: Vec<(SimTime, usize)>,
+    pub timeline: Vec<(SimTime, turbine_actors::planner::Replicas)>,
 }
 
 impl SimConfig {
@@ -218,10 +218,10 @@ impl SimOutcome {
         };
         let mut total = 0.0;
         let (mut at, mut n) = (0.0, workers as usize);
-        for &(t, count) in &p.timeline {
+        for &(t, pools) in &p.timeline {
             let t = t.as_secs_f64().min(end);
             total += (t - at).max(0.0) * n as f64;
-            (at, n) = (t.max(at), count);
+            (at, n) = (t.max(at), pools.total());
         }
         total + (end - at).max(0.0) * n as f64
     }

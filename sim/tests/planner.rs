@@ -1,11 +1,18 @@
 //! The planner in the simulator: the real planner shell sizing the simulated fleet through
 //! the simulator's connector. Same seed, same decisions; and the fleet follows a surge up
-//! and back down without failing a request.
+//! and back down without failing a request, aggregated and with prefill and decode pools
+//! sized separately.
 
 use clap::Parser;
+use turbine_actors::planner::Replicas;
 use turbine_sim::{build_config, build_workload, simulate, Outcome, SimArgs};
 
 fn run(seed: u64) -> turbine_sim::SimOutcome {
+    run_pools(seed, None)
+}
+
+/// With `pools`, (prefill, decode) workers at the start, disaggregated.
+fn run_pools(seed: u64, pools: Option<(u32, u32)>) -> turbine_sim::SimOutcome {
     let planner = concat!(env!("CARGO_MANIFEST_DIR"), "/planner/kalman.yaml");
     let args = SimArgs::parse_from([
         "sim",
@@ -25,7 +32,13 @@ fn run(seed: u64) -> turbine_sim::SimOutcome {
         "5",
     ]);
     let workload = build_workload(&args).unwrap();
-    let cfg = build_config(&args, &workload).unwrap();
+    let mut cfg = build_config(&args, &workload).unwrap();
+    if let Some((p, d)) = pools {
+        cfg.workers = p + d;
+        cfg.prefill_workers = p;
+        // Every prompt prefills remotely: the prefill pool has work of its own.
+        cfg.disagg.remote_prefill_min_tokens = 1;
+    }
     simulate(&cfg, &workload).unwrap()
 }
 
@@ -72,4 +85,49 @@ fn same_seed_same_planner_decisions_and_the_fleet_follows_the_surge() {
         .filter(|r| r.outcome != Some(Outcome::Completed))
         .count();
     assert_eq!(failed, 0, "requests failed while the fleet changed");
+}
+
+#[test]
+fn prefill_and_decode_pools_are_sized_separately_and_the_same_seed_decides_the_same() {
+    let (a, b) = (run_pools(7, Some((1, 1))), run_pools(7, Some((1, 1))));
+    let (da, db) = (decision_lines(&a), decision_lines(&b));
+    assert_eq!(da, db, "same seed, different decisions");
+    assert_eq!(a.event_log_hash, b.event_log_hash);
+    let pools: Vec<(usize, usize)> = a
+        .planner
+        .as_ref()
+        .unwrap()
+        .decisions
+        .iter()
+        .filter_map(|d| match d.applied {
+            Some(Replicas::Disaggregated { prefill, decode }) => Some((prefill, decode)),
+            _ => None,
+        })
+        .collect();
+    assert_eq!(
+        pools.len(),
+        da.len(),
+        "every decision sized both pools: {da:?}"
+    );
+    let peak_prefill = pools.iter().map(|p| p.0).max().unwrap();
+    let peak_decode = pools.iter().map(|p| p.1).max().unwrap();
+    assert!(
+        peak_prefill > 1 || peak_decode > 1,
+        "the surge grew a pool: {pools:?}"
+    );
+    assert!(
+        pools.iter().any(|&(p, d)| p != d),
+        "the pools moved separately: {pools:?}"
+    );
+    assert!(
+        a.invariant_violations.is_empty(),
+        "{:?}",
+        a.invariant_violations
+    );
+    let failed = a
+        .requests
+        .iter()
+        .filter(|r| r.outcome != Some(Outcome::Completed))
+        .count();
+    assert_eq!(failed, 0, "requests failed while the pools changed");
 }

@@ -2,6 +2,7 @@
 //! predictor, the replica limits and the anti-flapping cooldown. docs/CONFIG.md documents
 //! every field; unknown fields are rejected so a typo names itself.
 
+use crate::kubernetes::WorkloadKind;
 use serde::{Deserialize, Serialize};
 
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
@@ -11,6 +12,10 @@ pub struct PlannerConfig {
     pub profile: String,
     /// How often the planner observes the last interval and decides (milliseconds).
     pub adjustment_interval_ms: u64,
+    /// How often, between two adjustment intervals, the planner looks at the requests
+    /// arrived so far and those waiting on the workers, and grows a pool at once when they
+    /// need more workers than it has (milliseconds; 0: only at adjustment intervals).
+    pub reaction_interval_ms: u64,
     /// Time-to-first-token target (milliseconds).
     pub ttft_ms: f64,
     /// Inter-token-latency target (milliseconds).
@@ -40,6 +45,7 @@ impl Default for PlannerConfig {
         PlannerConfig {
             profile: String::new(),
             adjustment_interval_ms: 30_000,
+            reaction_interval_ms: 1_000,
             ttft_ms: 1_000.0,
             itl_ms: 100.0,
             predictor: PredictorConfig::default(),
@@ -62,22 +68,29 @@ pub enum ConnectorConfig {
     /// joins through discovery. Scale-down stops routing to a worker, waits until it
     /// reports itself idle, then sends SIGTERM and waits for it to exit.
     Local {
-        /// The worker group (0-based index into `workers:`) the extra processes run.
+        /// Aggregated clusters: the worker group (0-based index into `workers:`) the extra
+        /// processes run (default: the first).
         #[serde(default)]
-        group: usize,
+        group: Option<usize>,
+        /// Disaggregated clusters: the prefill pool's and the decode pool's groups (default:
+        /// the first group of each role).
+        #[serde(default)]
+        prefill_group: Option<usize>,
+        #[serde(default)]
+        decode_group: Option<usize>,
         /// How long a worker leaving may take to finish its requests before SIGTERM, and
         /// then to exit before it is killed (milliseconds, each).
         #[serde(default = "default_drain_ms")]
         drain_timeout_ms: u64,
     },
-    /// Patches the `spec.replicas` of the pools' workloads. Dry-run only in this build: the
-    /// JSON merge patch is printed, not sent (the API client is issue #20).
+    /// Sets the replicas of the pools' workloads through their `scale` subresource
+    /// (`crate::kubernetes`); with `dry_run` the JSON merge patch is printed, not sent.
     Kubernetes {
         #[serde(default = "default_namespace")]
         namespace: String,
-        /// Workload kind in the patch's path: `deployments` or `statefulsets`.
+        /// The workloads' kind: `deployments` or `statefulsets`.
         #[serde(default = "default_workload_kind")]
-        workload_kind: String,
+        workload_kind: WorkloadKind,
         /// The aggregated pool's workload (aggregated clusters).
         #[serde(default)]
         aggregated: Option<String>,
@@ -86,9 +99,15 @@ pub enum ConnectorConfig {
         prefill: Option<String>,
         #[serde(default)]
         decode: Option<String>,
-        /// Must be true: printing the patch is all this build does.
+        /// Print each patch instead of sending it (the default: a file copied to another
+        /// cluster scales nothing until this is set to false on purpose).
         #[serde(default = "default_true")]
         dry_run: bool,
+        /// The API server to send to, e.g. `http://127.0.0.1:8001` for `kubectl proxy`;
+        /// unset: the kubeconfig (`KUBECONFIG`, `~/.kube/config`) or, in a pod, the
+        /// service account.
+        #[serde(default)]
+        api_server: Option<String>,
     },
 }
 
@@ -100,8 +119,8 @@ fn default_namespace() -> String {
     "default".to_string()
 }
 
-fn default_workload_kind() -> String {
-    "deployments".to_string()
+fn default_workload_kind() -> WorkloadKind {
+    WorkloadKind::Deployments
 }
 
 fn default_true() -> bool {
@@ -111,7 +130,9 @@ fn default_true() -> bool {
 impl Default for ConnectorConfig {
     fn default() -> Self {
         ConnectorConfig::Local {
-            group: 0,
+            group: None,
+            prefill_group: None,
+            decode_group: None,
             drain_timeout_ms: default_drain_ms(),
         }
     }
@@ -234,20 +255,25 @@ impl ConnectorConfig {
     fn validate(&self, pools: usize) -> Result<(), PlannerConfigError> {
         let bad = |m: &str| Err(PlannerConfigError::BadConnector(m.to_string()));
         match self {
-            ConnectorConfig::Local { .. } => Ok(()),
+            ConnectorConfig::Local {
+                group,
+                prefill_group,
+                decode_group,
+                ..
+            } => match (pools, group, prefill_group.or(*decode_group)) {
+                (1, _, Some(_)) => bad("local: an aggregated cluster names its pool's `group` (no prefill_group/decode_group)"),
+                (2, Some(_), _) => bad("local: a disaggregated cluster names `prefill_group` and `decode_group` (not `group`)"),
+                _ => Ok(()),
+            },
             ConnectorConfig::Kubernetes {
-                dry_run,
                 aggregated,
                 prefill,
                 decode,
-                workload_kind,
+                namespace,
                 ..
             } => {
-                if !dry_run {
-                    return bad("kubernetes: only dry_run: true is supported in this build (the API client is not written yet)");
-                }
-                if !matches!(workload_kind.as_str(), "deployments" | "statefulsets") {
-                    return bad("kubernetes.workload_kind must be deployments or statefulsets");
+                if namespace.trim().is_empty() {
+                    return bad("kubernetes.namespace must not be empty");
                 }
                 match (pools, aggregated, prefill, decode) {
                     (1, Some(_), None, None) | (2, None, Some(_), Some(_)) => Ok(()),
@@ -389,7 +415,7 @@ mod tests {
     }
 
     #[test]
-    fn connectors_parse_and_kubernetes_must_name_its_pools_and_stay_a_dry_run() {
+    fn connectors_parse_and_kubernetes_must_name_its_pools() {
         let c: PlannerConfig = serde_yaml::from_str("profile: p").unwrap();
         assert_eq!(c.connector, ConnectorConfig::default());
         let k = |yaml: &str, pools| {
@@ -411,15 +437,32 @@ mod tests {
             1,
         );
         assert!(e.unwrap_err().to_string().contains("aggregated"));
-        let e = k(
-            "{profile: p, connector: {kind: kubernetes, aggregated: a, dry_run: false}}",
+        assert!(k(
+            "{profile: p, connector: {kind: kubernetes, aggregated: a, dry_run: false, \
+             workload_kind: statefulsets, api_server: 'http://127.0.0.1:8001'}}",
             1,
-        );
-        assert!(e.unwrap_err().to_string().contains("dry_run"));
+        )
+        .is_ok());
+        let e = serde_yaml::from_str::<PlannerConfig>(
+            "{profile: p, connector: {kind: kubernetes, aggregated: a, workload_kind: pods}}",
+        )
+        .unwrap_err();
+        assert!(e.to_string().contains("statefulsets"), "{e}");
         let e = serde_yaml::from_str::<PlannerConfig>(
             "{profile: p, connector: {kind: local, grup: 1}}",
         )
         .unwrap_err();
         assert!(e.to_string().contains("grup"), "{e}");
+        // The local connector names one group per pool, by the cluster's shape.
+        assert!(k("{profile: p, connector: {kind: local, group: 1}}", 1).is_ok());
+        assert!(k(
+            "{profile: p, connector: {kind: local, prefill_group: 0, decode_group: 1}}",
+            2
+        )
+        .is_ok());
+        let e = k("{profile: p, connector: {kind: local, group: 1}}", 2);
+        assert!(e.unwrap_err().to_string().contains("prefill_group"));
+        let e = k("{profile: p, connector: {kind: local, decode_group: 1}}", 1);
+        assert!(e.unwrap_err().to_string().contains("aggregated"));
     }
 }

@@ -31,7 +31,8 @@ impl Replicas {
         }
     }
 
-    fn with_pools(self, sizes: &[usize]) -> Replicas {
+    /// The same shape (its variant) with these pool sizes, in [`Replicas::pools`] order.
+    pub fn with_pools(self, sizes: &[usize]) -> Replicas {
         let at = |i: usize| sizes.get(i).copied().unwrap_or(0);
         match self {
             Replicas::Aggregated { .. } => Replicas::Aggregated { workers: at(0) },
@@ -93,7 +94,26 @@ pub struct IntervalMetrics {
     /// Mean sequences per decode step on the decode (or aggregated) workers: where on the
     /// profile's ITL grid the observed ITL belongs.
     pub mean_decode_batch: Option<f64>,
+    /// Requests waiting on the workers at the interval's end, not yet admitted (their
+    /// latest load reports); `None`: no report.
+    pub queued: Option<u64>,
 }
+
+/// What the planner reacts to between two adjustment intervals ([`Planner::react`]).
+#[derive(Clone, Copy, Debug, Default, PartialEq)]
+pub struct Pressure {
+    /// Requests that arrived since the last observation.
+    pub arrivals: u64,
+    /// Requests waiting on the workers now; `None`: no report.
+    pub queued: Option<u64>,
+    /// Mean prompt length of those arrivals: the lengths before any forecast has one.
+    pub mean_isl: Option<f64>,
+}
+
+/// How many standard deviations below the observed count a reaction takes the arrival
+/// rate to be (a one-sided Poisson bound, about 2.3 % false alarms): a few requests in the
+/// first second of an interval are noise, a surge is not.
+const REACT_SIGMAS: f64 = 2.0;
 
 /// The forecast behind a decision, for the next interval.
 #[derive(Clone, Copy, Debug, PartialEq)]
@@ -128,6 +148,8 @@ pub struct Planner {
     osl: Box<dyn Predictor>,
     corrections: Corrections,
     last_observed: Option<Duration>,
+    /// Requests waiting at the last observation (a reaction acts on the growth since).
+    queued: u64,
     pools: Vec<PoolState>,
 }
 
@@ -164,6 +186,7 @@ impl Planner {
             osl: predictor::build(&cfg.predictor),
             corrections: Corrections::default(),
             last_observed: None,
+            queued: 0,
             pools: pools.into_iter().map(PoolState::new).collect(),
         })
     }
@@ -194,6 +217,9 @@ impl Planner {
         if let Some(osl) = m.mean_osl {
             self.osl.observe(osl);
         }
+        if let Some(q) = m.queued {
+            self.queued = q;
+        }
         if self.use_corrections {
             self.update_corrections(m);
         }
@@ -217,7 +243,10 @@ impl Planner {
         }
     }
 
-    /// The replica counts for the next interval.
+    /// The replica counts for the next interval, from the forecast. (The queue is not added
+    /// here: workers ordered for a backlog serve only after they start, by when the backlog
+    /// is served or missed; measured on the bursty trace, adding it kept 8 workers up where
+    /// 5 served, at no gain. It acts through [`Planner::react`], on its growth.)
     pub fn decide(&mut self, now: Duration) -> Decision {
         let Some(requests) = self.requests.predict() else {
             return Decision {
@@ -235,8 +264,73 @@ impl Planner {
             isl: self.isl.predict().unwrap_or(0.0),
             osl: self.osl.predict().unwrap_or(0.0),
         };
+        let rate = requests / self.interval.as_secs_f64();
+        let needs = self.needs(forecast, rate);
+        self.settled(now, forecast, needs)
+    }
+
+    /// Between two intervals (`now` after the last observation): when the requests that
+    /// arrived since it, or the ones waiting now, need more workers than the pools have,
+    /// the pools grow at once; otherwise `None` and the next interval decides. The arrival
+    /// rate taken is the observed count less [`REACT_SIGMAS`] of Poisson noise over the
+    /// time since the last observation, never below the forecast; a queue that grew since
+    /// the last observation adds its growth over the next interval (or the TTFT target, if
+    /// longer). A reaction never shrinks a pool.
+    pub fn react(&mut self, now: Duration, p: &Pressure) -> Option<Decision> {
+        let since = now.saturating_sub(self.last_observed.unwrap_or_default());
+        if since.is_zero() {
+            return None;
+        }
+        let forecast_rate = self.requests.predict().unwrap_or(0.0) / self.interval.as_secs_f64();
+        let seen = p.arrivals as f64;
+        let seen_rate = (seen - REACT_SIGMAS * seen.sqrt()).max(0.0) / since.as_secs_f64();
+        let grown = p.queued.unwrap_or(self.queued).saturating_sub(self.queued);
+        let rate = forecast_rate.max(seen_rate) + self.queue_rate(grown);
+        if rate <= forecast_rate {
+            return None; // nothing the last decision did not know
+        }
+        // The lengths are the forecast's; before the first, the arrivals' own prompts (a
+        // surge at the very start); with neither, nothing can be sized.
+        let isl = self
+            .isl
+            .predict()
+            .or(p.mean_isl.filter(|v| v.is_finite() && *v >= 0.0))?;
+        let forecast = Forecast {
+            requests: rate * self.interval.as_secs_f64(),
+            isl,
+            osl: self.osl.predict().unwrap_or(0.0),
+        };
+        let (prefill, decode, mut needs) = self.needs(forecast, rate);
+        // Only a pool that needs more acts: a reaction asking for the current size would
+        // count as an ask for the cooldown and hold the pools up.
+        let limit = self.limits.max_replicas;
+        let grows = needs
+            .iter()
+            .zip(&self.pools)
+            .any(|(&n, p)| n.min(limit) > p.current());
+        if !grows {
+            return None;
+        }
+        for (n, p) in needs.iter_mut().zip(&self.pools) {
+            *n = (*n).max(p.current());
+        }
+        let current = self.replicas().pools();
+        let d = self.settled(now, forecast, (prefill, decode, needs));
+        let grew = d.replicas.pools().iter().zip(&current).any(|(n, c)| n > c);
+        grew.then_some(d)
+    }
+
+    /// Extra requests per second that work `queued` requests off within the next interval
+    /// (or the TTFT target, if longer): a worker added now serves only after it starts, so
+    /// sizing a backlog to the TTFT target alone overshoots.
+    fn queue_rate(&self, queued: u64) -> f64 {
+        queued as f64 / self.targets.ttft_s.max(self.interval.as_secs_f64())
+    }
+
+    /// The SLA math at `rate` requests/s with the forecast's lengths: each pool's need.
+    fn needs(&self, forecast: Forecast, rate: f64) -> (PrefillNeed, DecodeNeed, Vec<usize>) {
         let load = Load {
-            requests_per_s: requests / self.interval.as_secs_f64(),
+            requests_per_s: rate,
             isl: forecast.isl,
             osl: forecast.osl,
         };
@@ -246,6 +340,16 @@ impl Planner {
             Replicas::Aggregated { .. } => vec![whole(prefill.workers + decode.workers)],
             Replicas::Disaggregated { .. } => vec![whole(prefill.workers), whole(decode.workers)],
         };
+        (prefill, decode, needs)
+    }
+
+    /// The needs through the limits (committed): the decision.
+    fn settled(
+        &mut self,
+        now: Duration,
+        forecast: Forecast,
+        (prefill, decode, needs): (PrefillNeed, DecodeNeed, Vec<usize>),
+    ) -> Decision {
         let (sizes, budget_limited) = settle(&self.limits, now, &mut self.pools, &needs);
         Decision {
             replicas: self.shape.with_pools(&sizes),
@@ -324,6 +428,108 @@ mod tests {
                 decode: 26
             }
         );
+    }
+
+    #[test]
+    fn a_surge_within_the_interval_grows_the_pools_at_once() {
+        let mut p = planner(&config(PredictorConfig::Constant {}), DISAGG);
+        p.observe(TICK, &interval(10, 550.0, 200.0));
+        assert_eq!(p.decide(TICK).replicas, DISAGG);
+        // A few arrivals in the first second are noise: 3 - 2·√3 < 0.
+        let noise = Pressure {
+            arrivals: 3,
+            queued: None,
+            mean_isl: None,
+        };
+        assert_eq!(p.react(TICK + Duration::from_secs(1), &noise), None);
+        // 100 in 2 s: taken as (100 - 2·10) / 2 = 40 req/s. Prefill 40 × 550 / 12 000 =
+        // 1.83 → 2; decode 40 × 200 / 474.0 = 16.9 → 17 (the hand profile, as above).
+        let surge = Pressure {
+            arrivals: 100,
+            queued: None,
+            mean_isl: None,
+        };
+        let d = p.react(TICK + Duration::from_secs(2), &surge).unwrap();
+        let grown = Replicas::Disaggregated {
+            prefill: 2,
+            decode: 17,
+        };
+        assert_eq!(d.replicas, grown);
+        assert_eq!(p.replicas(), grown);
+        // A reaction never shrinks: the quiet second after it changes nothing.
+        let quiet = Pressure::default();
+        assert_eq!(p.react(TICK + Duration::from_secs(3), &quiet), None);
+        assert_eq!(p.replicas(), grown);
+    }
+
+    #[test]
+    fn reactions_that_need_no_more_do_not_hold_the_pools_up_past_the_cooldown() {
+        let cfg = PlannerConfig {
+            cooldown_ms: 30_000,
+            ..config(PredictorConfig::Constant {})
+        };
+        let mut p = planner(&cfg, DISAGG);
+        let s = Duration::from_secs;
+        p.observe(TICK, &interval(10, 550.0, 200.0));
+        p.decide(TICK);
+        let surge = Pressure {
+            arrivals: 100,
+            queued: None,
+            mean_isl: None,
+        };
+        assert!(p.react(TICK + s(2), &surge).is_some());
+        for i in 2..=5u32 {
+            let now = TICK * i;
+            p.observe(now, &interval(10, 550.0, 200.0));
+            let d = p.decide(now);
+            if i < 5 {
+                assert_ne!(d.replicas, DISAGG, "within the cooldown at {now:?}");
+            } else {
+                assert_eq!(d.replicas, DISAGG, "38 s after the change, quiet for 30 s");
+                break;
+            }
+            // Busier than the forecast, but within what the pools have: 3.7 req/s.
+            for k in 1..10 {
+                let busier = Pressure {
+                    arrivals: 10 * k,
+                    queued: None,
+                    mean_isl: None,
+                };
+                assert_eq!(p.react(now + s(k), &busier), None);
+            }
+        }
+    }
+
+    #[test]
+    fn a_growing_queue_adds_its_growth_over_the_interval_to_the_rate() {
+        // 1 req/s forecast; the queue grew from 5 to 205 since the last observation: 200
+        // requests to work off within the 10 s interval, + 20 req/s. Aggregated: 21 × 550 /
+        // 12 000 + 21 × 200 / 474.0 = 0.96 + 8.86 → 10.
+        let agg = Replicas::Aggregated { workers: 1 };
+        let mut p = planner(&config(PredictorConfig::Constant {}), agg);
+        let queued = |n| IntervalMetrics {
+            queued: Some(n),
+            ..interval(10, 550.0, 200.0)
+        };
+        p.observe(TICK, &queued(5));
+        assert_eq!(
+            p.decide(TICK).replicas,
+            agg,
+            "a standing queue is no growth"
+        );
+        let steady = Pressure {
+            arrivals: 0,
+            queued: Some(5),
+            mean_isl: None,
+        };
+        assert_eq!(p.react(TICK + Duration::from_secs(1), &steady), None);
+        let growing = Pressure {
+            arrivals: 0,
+            queued: Some(205),
+            mean_isl: None,
+        };
+        let d = p.react(TICK + Duration::from_secs(2), &growing).unwrap();
+        assert_eq!(d.replicas, Replicas::Aggregated { workers: 10 });
     }
 
     #[test]
@@ -515,7 +721,16 @@ mod tests {
                     mean_ttft_s: ttft,
                     mean_itl_s: itl,
                     mean_decode_batch: batch,
+                    queued: isl.map(|v| v as u64),
                 });
+                if let Some(d) = p.react(now + TICK / 2, &Pressure {
+                    arrivals: requests,
+                    queued: osl.map(|v| v as u64),
+                    mean_isl: None,
+                }) {
+                    prop_assert!(d.replicas.pools().iter().all(|&n| (1..=12).contains(&n)));
+                    prop_assert!(d.replicas.total() <= budget);
+                }
                 let d = p.decide(now);
                 let sizes = d.replicas.pools();
                 prop_assert!(sizes.iter().all(|&n| (1..=12).contains(&n)), "{sizes:?}");

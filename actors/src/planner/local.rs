@@ -1,7 +1,9 @@
-//! The local connector: the aggregated pool grows by `turbine worker` processes on this
-//! machine, started with the same cluster file and the frontend's registry, each joining
-//! through discovery like any other worker. The workers `turbine up` runs in its own
-//! process are the pool's floor: the connector only starts and stops its own children.
+//! The local connector: each pool (aggregated; or prefill and decode) grows by `turbine
+//! worker` processes on this machine, of the pool's worker group, started with the same
+//! cluster file and the frontend's registry, each joining through discovery like any other
+//! worker (a prefill or decode child with its own transfer plane). The workers `turbine up`
+//! runs in its own process are each pool's floor: the connector only starts and stops its
+//! own children.
 //!
 //! What it does is printed on stdout, one `turbine planner: ...` line per step, next to
 //! `turbine up`'s own lines.
@@ -71,10 +73,18 @@ struct ChildWorker {
     joined: watch::Receiver<Option<Joined>>,
 }
 
-/// Starts and stops `turbine worker` processes for the aggregated pool.
-pub struct LocalProcesses {
+/// One pool's processes.
+struct Pool {
     spec: LocalSpec,
     children: Vec<ChildWorker>,
+}
+
+/// Starts and stops `turbine worker` processes, per pool.
+pub struct LocalProcesses {
+    /// The cluster's shape (its variant).
+    shape: Replicas,
+    /// In [`Replicas::pools`] order.
+    pools: Vec<Pool>,
     /// The router in this process, if any: leaving workers are taken out of it first.
     router: Option<Arc<RouterCore>>,
     metrics: RuntimeMetrics,
@@ -82,22 +92,36 @@ pub struct LocalProcesses {
 }
 
 impl LocalProcesses {
+    /// `specs`: one per pool of `shape`, in [`Replicas::pools`] order.
     pub fn new(
-        spec: LocalSpec,
+        shape: Replicas,
+        specs: Vec<LocalSpec>,
         router: Option<Arc<RouterCore>>,
         metrics: RuntimeMetrics,
-    ) -> LocalProcesses {
-        LocalProcesses {
-            spec,
-            children: Vec::new(),
+    ) -> Result<LocalProcesses, ConnectorError> {
+        if specs.len() != shape.pools().len() {
+            return Err(ConnectorError::Shape(format!(
+                "{} worker group(s) for {} pool(s)",
+                specs.len(),
+                shape.pools().len()
+            )));
+        }
+        Ok(LocalProcesses {
+            shape,
+            pools: specs
+                .into_iter()
+                .map(|spec| Pool {
+                    spec,
+                    children: Vec::new(),
+                })
+                .collect(),
             router,
             metrics,
             drains: Vec::new(),
-        }
+        })
     }
 
-    fn spawn_child(&self) -> Result<ChildWorker, ConnectorError> {
-        let s = &self.spec;
+    fn spawn_child(s: &LocalSpec) -> Result<ChildWorker, ConnectorError> {
         let mut child = Command::new(&s.binary)
             .arg("worker")
             .arg("-f")
@@ -131,21 +155,26 @@ impl LocalProcesses {
 
     /// Forgets children that exited on their own (a crash: the next decision replaces it).
     fn reap(&mut self) {
-        self.children.retain_mut(|c| match c.child.try_wait() {
-            Ok(None) => true,
-            Ok(Some(status)) => {
-                tracing::warn!(%status, "planner: a worker process exited by itself");
-                false
-            }
-            Err(_) => false,
-        });
+        for pool in &mut self.pools {
+            pool.children.retain_mut(|c| match c.child.try_wait() {
+                Ok(None) => true,
+                Ok(Some(status)) => {
+                    tracing::warn!(%status, "planner: a worker process exited by itself");
+                    false
+                }
+                Err(_) => false,
+            });
+        }
         self.drains.retain(|d| !d.is_finished());
     }
 
     fn current(&self) -> Replicas {
-        Replicas::Aggregated {
-            workers: self.spec.floor + self.children.len(),
-        }
+        let sizes: Vec<usize> = self
+            .pools
+            .iter()
+            .map(|p| p.spec.floor + p.children.len())
+            .collect();
+        self.shape.with_pools(&sizes)
     }
 
     /// Waits for every worker being stopped to be gone (tests, shutdown).
@@ -157,8 +186,9 @@ impl LocalProcesses {
 
     /// Ids of the children that are serving.
     pub fn serving(&self) -> Vec<WorkerId> {
-        self.children
+        self.pools
             .iter()
+            .flat_map(|p| &p.children)
             .filter_map(|c| c.joined.borrow().as_ref().map(|j| j.id))
             .collect()
     }
@@ -167,27 +197,30 @@ impl LocalProcesses {
 #[async_trait]
 impl Connector for LocalProcesses {
     async fn apply(&mut self, target: Replicas) -> Result<Replicas, ConnectorError> {
-        let Replicas::Aggregated { workers } = target else {
+        let goal = target.pools();
+        if goal.len() != self.pools.len() {
             return Err(ConnectorError::Shape(
-                "the local connector runs aggregated workers only".into(),
+                "the target has another number of pools".into(),
             ));
-        };
-        self.reap();
-        let want = workers.saturating_sub(self.spec.floor);
-        while self.children.len() < want {
-            let c = self.spawn_child()?;
-            self.children.push(c);
         }
-        while self.children.len() > want {
-            // The newest first: it holds the least cached KV.
-            let Some(c) = self.children.pop() else { break };
-            let (router, metrics, timeout) = (
-                self.router.clone(),
-                self.metrics.clone(),
-                self.spec.drain_timeout,
-            );
-            self.drains
-                .push(tokio::spawn(drain_and_stop(c, router, metrics, timeout)));
+        self.reap();
+        for (pool, &workers) in self.pools.iter_mut().zip(&goal) {
+            let want = workers.saturating_sub(pool.spec.floor);
+            while pool.children.len() < want {
+                let c = Self::spawn_child(&pool.spec)?;
+                pool.children.push(c);
+            }
+            while pool.children.len() > want {
+                // The newest first: it holds the least cached KV.
+                let Some(c) = pool.children.pop() else { break };
+                let (router, metrics, timeout) = (
+                    self.router.clone(),
+                    self.metrics.clone(),
+                    pool.spec.drain_timeout,
+                );
+                self.drains
+                    .push(tokio::spawn(drain_and_stop(c, router, metrics, timeout)));
+            }
         }
         Ok(self.current())
     }

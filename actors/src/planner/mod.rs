@@ -15,8 +15,8 @@
 //! - [`tap`]: the interval's observations, written by the serving path ([`tap::MeteredEngine`]
 //!   in the frontend, the simulator's client);
 //! - [`actor`]: every interval, observe, decide, act through a connector;
-//! - [`connector`]: the one trait and the Kubernetes dry run; [`local`]: `turbine worker`
-//!   processes on this machine (the simulator's connector is in `turbine-sim`).
+//! - [`connector`]: the one trait; [`local`]: `turbine worker` processes on this machine;
+//!   [`kubernetes`]: workloads' scale (the simulator's connector is in `turbine-sim`).
 
 pub mod actor;
 pub mod capacity;
@@ -24,11 +24,12 @@ pub mod config;
 pub mod connector;
 pub mod core;
 pub mod kalman;
+pub mod kubernetes;
 pub mod limits;
 pub mod local;
 pub mod predictor;
 pub mod sla;
 pub mod tap;
 
-pub use self::core::{Decision, Forecast, IntervalMetrics, Planner, Replicas};
+pub use self::core::{Decision, Forecast, IntervalMetrics, Planner, Pressure, Replicas};
 pub use config::{ConnectorConfig, PlannerConfig, PlannerConfigError, PredictorConfig};

@@ -7,16 +7,29 @@
 //! simulator's client writes the same calls on virtual time. Durations are passed in, so
 //! the window itself reads no clock.
 //!
-//! The workers' side (the mean decode batch, from their load reports) is written with
-//! [`LoadTap::decode_batch`] by whoever follows those reports.
+//! The workers' side comes from their load reports ([`LoadTap::worker_load`], written by
+//! whoever follows them: the router's [`crate::router::service::LoadWatcher`] for workers in
+//! other processes, the in-process workers' stats for `turbine up`'s own): the mean decode
+//! batch, and the requests waiting on each worker (the latest report of each; a worker that
+//! left is forgotten, [`LoadTap::worker_left`]).
 
-use super::core::IntervalMetrics;
+use super::core::{IntervalMetrics, Pressure};
 use crate::frontend::engine::{ChatEngine, DeltaStream, GenerateRequest};
+use crate::ids::WorkerId;
 use crate::protocol::EngineError;
+use crate::router::service::PoolRole;
 use async_trait::async_trait;
 use futures::StreamExt;
+use std::collections::BTreeMap;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
+
+#[derive(Default)]
+struct Tap {
+    window: Window,
+    /// Requests waiting on each worker, from its latest report.
+    waiting: BTreeMap<WorkerId, usize>,
+}
 
 #[derive(Default)]
 struct Window {
@@ -40,7 +53,7 @@ fn mean(sum: f64, n: u64) -> Option<f64> {
 /// One interval's observations, shared between the serving path and the planner.
 #[derive(Clone, Default)]
 pub struct LoadTap {
-    window: Arc<Mutex<Window>>,
+    tap: Arc<Mutex<Tap>>,
 }
 
 impl LoadTap {
@@ -48,9 +61,13 @@ impl LoadTap {
         LoadTap::default()
     }
 
-    fn with(&self, f: impl FnOnce(&mut Window)) {
+    fn with<T>(&self, f: impl FnOnce(&mut Window) -> T) -> T {
+        self.with_tap(|t| f(&mut t.window))
+    }
+
+    fn with_tap<T>(&self, f: impl FnOnce(&mut Tap) -> T) -> T {
         // A poisoned window still holds counts worth keeping.
-        f(&mut self.window.lock().unwrap_or_else(|e| e.into_inner()));
+        f(&mut self.tap.lock().unwrap_or_else(|e| e.into_inner()))
     }
 
     /// A request arrived (counted even if it then fails: it was load).
@@ -87,19 +104,45 @@ impl LoadTap {
         });
     }
 
-    /// A worker reported `running` sequences in its decode batch.
-    pub fn decode_batch(&self, running: usize) {
-        self.with(|w| {
-            w.batch_sum += running as f64;
-            w.batch_n += 1;
+    /// A worker's load report: `running` sequences in its batch (a decode batch unless it is
+    /// a prefill worker), `waiting` requests not yet admitted.
+    pub fn worker_load(&self, worker: WorkerId, role: PoolRole, running: usize, waiting: usize) {
+        self.with_tap(|t| {
+            if role == PoolRole::Decode && running > 0 {
+                t.window.batch_sum += running as f64;
+                t.window.batch_n += 1;
+            }
+            t.waiting.insert(worker, waiting);
         });
+    }
+
+    /// The worker left: its last report no longer counts.
+    pub fn worker_left(&self, worker: WorkerId) {
+        self.with_tap(|t| t.waiting.remove(&worker));
+    }
+
+    /// Requests waiting on the workers now (`None` before any report).
+    pub fn queued(&self) -> Option<u64> {
+        self.with_tap(|t| {
+            (!t.waiting.is_empty()).then(|| t.waiting.values().map(|&n| n as u64).sum())
+        })
+    }
+
+    /// What the planner reacts to between two intervals: the arrivals so far this interval
+    /// and the requests waiting now.
+    pub fn pressure(&self) -> Pressure {
+        let (arrivals, mean_isl) = self.with(|w| (w.requests, mean(w.isl_sum, w.isl_n)));
+        Pressure {
+            arrivals,
+            queued: self.queued(),
+            mean_isl,
+        }
     }
 
     /// The interval so far, and a fresh window for the next one.
     pub fn take(&self) -> IntervalMetrics {
-        let mut taken = Window::default();
-        self.with(|w| std::mem::swap(w, &mut taken));
-        let w = taken;
+        let queued = self.queued();
+        let w = self.with(std::mem::take);
         IntervalMetrics {
             requests: w.requests,
             mean_isl: mean(w.isl_sum, w.isl_n),
@@ -107,6 +150,7 @@ impl LoadTap {
             mean_ttft_s: mean(w.ttft_sum, w.ttft_n),
             mean_itl_s: mean(w.itl_sum, w.itl_n),
             mean_decode_batch: mean(w.batch_sum, w.batch_n),
+            queued,
         }
     }
 }
@@ -233,6 +277,37 @@ mod tests {
         assert_eq!(m.mean_ttft_s, Some(0.2));
         assert_eq!(m.mean_itl_s, Some(0.02));
         assert_eq!(m.mean_decode_batch, None);
+        assert_eq!(m.queued, None);
         assert_eq!(tap.take(), IntervalMetrics::default());
+    }
+
+    #[test]
+    fn load_reports_give_the_decode_batch_and_the_queue_of_the_workers_still_there() {
+        let tap = LoadTap::new();
+        tap.worker_load(WorkerId(1), PoolRole::Decode, 4, 2);
+        tap.worker_load(WorkerId(2), PoolRole::Decode, 2, 0);
+        // A prefill worker's batch is prompts: it is not a decode batch, but its queue counts.
+        tap.worker_load(WorkerId(3), PoolRole::Prefill, 6, 5);
+        tap.worker_load(WorkerId(1), PoolRole::Decode, 6, 3);
+        tap.arrived();
+        assert_eq!(
+            tap.pressure(),
+            Pressure {
+                arrivals: 1,
+                queued: Some(8),
+                mean_isl: None,
+            }
+        );
+        tap.worker_left(WorkerId(3));
+        let m = tap.take();
+        assert_eq!(m.mean_decode_batch, Some(4.0));
+        assert_eq!(
+            m.queued,
+            Some(3),
+            "the latest report of each worker still there"
+        );
+        // The queue is a level, not a count per interval: it stays until reports change it.
+        assert_eq!(tap.take().queued, Some(3));
+        assert_eq!(tap.take().mean_decode_batch, None);
     }
 }

@@ -80,9 +80,36 @@ pub enum RouterReply {
     Stalled(bool),
 }
 
+/// What a [`LoadWatcher`] is told.
+#[derive(Clone, Copy, Debug)]
+pub enum LoadNotice<'a> {
+    /// A worker's load report arrived; `role` is the pool it serves.
+    Report {
+        worker: WorkerId,
+        role: PoolRole,
+        stats: &'a SchedulerStats,
+    },
+    /// The worker left routing (it left membership, or its lease expired).
+    Left(WorkerId),
+}
+
+/// Which of the router's pools a worker is in.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum PoolRole {
+    /// Prefill workers (remote prefills only).
+    Prefill,
+    /// Aggregated and decode workers (every request's decode).
+    Decode,
+}
+
+/// Follows the workers' load reports as the router receives them (the planner: mean decode
+/// batch and waiting requests of workers in other processes). Called with no lock held.
+pub type LoadWatcher = Arc<dyn Fn(LoadNotice<'_>) + Send + Sync>;
+
 /// The router's state, shared by its actor, its membership feed and its metrics collector.
 pub struct RouterCore {
     block_size: BlockSize,
+    watchers: Mutex<Vec<LoadWatcher>>,
     router: Mutex<KvRouter>,
     /// The prefill pool (workers of role `prefill`), routed over the same index.
     prefill: Mutex<KvRouter>,
@@ -106,6 +133,7 @@ impl RouterCore {
         .unwrap_or_else(|_| unreachable!("a validated router config"));
         Arc::new(RouterCore {
             block_size: router.config().block_size,
+            watchers: Mutex::new(Vec::new()),
             router: Mutex::new(router),
             prefill: Mutex::new(prefill),
             disagg: Mutex::new(DisaggregationConfig::default()),
@@ -220,6 +248,26 @@ impl RouterCore {
     pub fn remove_worker(&self, worker: WorkerId) {
         self.lock().remove_worker(worker);
         self.prefill_pool().remove_worker(worker);
+        self.notify(LoadNotice::Left(worker));
+    }
+
+    /// Adds a follower of the workers' load reports (see [`LoadWatcher`]).
+    pub fn watch_loads(&self, watcher: LoadWatcher) {
+        self.watchers
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .push(watcher);
+    }
+
+    fn notify(&self, notice: LoadNotice<'_>) {
+        let watchers = self
+            .watchers
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone();
+        for w in &watchers {
+            w(notice);
+        }
     }
 
     /// A worker's latest stats into the router's load view.
@@ -232,8 +280,27 @@ impl RouterCore {
         // A draining worker takes no new requests (its in-flight ones run to the end).
         router.set_draining(worker, stats.draining);
         drop(router);
-        self.prefill_pool()
-            .update_load(worker, stats.load_blocks(), active);
+        let mut prefill = self.prefill_pool();
+        prefill.update_load(worker, stats.load_blocks(), active);
+        if self
+            .watchers
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .is_empty()
+        {
+            return;
+        }
+        let role = if prefill.loads().iter().any(|l| l.worker == worker) {
+            PoolRole::Prefill
+        } else {
+            PoolRole::Decode
+        };
+        drop(prefill);
+        self.notify(LoadNotice::Report {
+            worker,
+            role,
+            stats,
+        });
     }
 
     /// A worker's KV events into the index.

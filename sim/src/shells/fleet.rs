@@ -107,6 +107,8 @@ pub(super) struct World {
     /// between them cross the simulated link (`transit_bytes`).
     pub(super) hub: TransferHub,
     pub(super) planes: Mutex<BTreeMap<u32, (Endpoint, TransferPlane)>>,
+    /// The slots of prefill workers are 1..=prefill_slots (none: all aggregated).
+    pub(super) prefill_slots: u32,
 }
 
 pub(super) fn node_config(name: String) -> NodeConfig {
@@ -117,10 +119,10 @@ pub(super) fn node_config(name: String) -> NodeConfig {
 }
 
 impl World {
-    /// Slots 1..=prefill_workers are prefill workers, the rest decode workers (all
+    /// Slots 1..=prefill_slots are prefill workers, the rest decode workers (all
     /// aggregated without prefill workers).
-    fn role_of(&self, slot: u32) -> WorkerRole {
-        match self.cfg.prefill_workers {
+    pub(super) fn role_of(&self, slot: u32) -> WorkerRole {
+        match self.prefill_slots {
             0 => WorkerRole::Aggregated,
             n if slot <= n => WorkerRole::Prefill,
             _ => WorkerRole::Decode,
@@ -304,6 +306,16 @@ impl World {
             0,
         );
         true
+    }
+
+    /// The running workers' engine loops with their roles.
+    pub(super) fn live_roles(&self) -> Vec<(WorkerRole, WorkerHandle)> {
+        lock(&self.slots)
+            .iter()
+            .enumerate()
+            .filter_map(|(i, s)| s.running.as_ref().map(|r| (i as u32 + 1, r)))
+            .map(|(slot, r)| (self.role_of(slot), r.handle.clone()))
+            .collect()
     }
 
     pub(super) fn live_workers(&self) -> Vec<(WorkerId, WorkerHandle, Held)> {

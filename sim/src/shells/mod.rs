@@ -183,6 +183,7 @@ async fn run(cfg: &SimConfig, workload: &[RequestSpec]) -> Result<SimOutcome, Si
         directory,
         hub: turbine_runtime::transfer::TransferHub::new(),
         planes: Mutex::new(BTreeMap::new()),
+        prefill_slots: prefill_slots(cfg),
         // With a planner, a slot for each worker it may add.
         slots: Mutex::new(
             (0..slot_count(cfg))
@@ -198,7 +199,8 @@ async fn run(cfg: &SimConfig, workload: &[RequestSpec]) -> Result<SimOutcome, Si
         ),
         next_worker_id: Mutex::new(0),
     });
-    for slot in 1..=cfg.workers {
+    let initial = initial_slots(cfg);
+    for &slot in &initial {
         world.start_worker(slot).await?;
     }
     // The workload starts once every worker has joined (or after ten leases at most).
@@ -231,7 +233,8 @@ async fn run(cfg: &SimConfig, workload: &[RequestSpec]) -> Result<SimOutcome, Si
             router.core.clone(),
             records.clone(),
             p,
-            cfg.workers,
+            &initial,
+            slot_count(cfg),
         )
         .map_err(SimError::Shells)?;
         tasks.push(task);
@@ -338,11 +341,37 @@ async fn run(cfg: &SimConfig, workload: &[RequestSpec]) -> Result<SimOutcome, Si
     })
 }
 
-/// Worker slots of a run: its workers, or as many as its planner may run.
-fn slot_count(cfg: &SimConfig) -> u32 {
-    let most = cfg
-        .planner
+/// The most workers the run's planner may run in one pool (0 without a planner).
+fn planner_pool_max(cfg: &SimConfig) -> u32 {
+    cfg.planner
         .as_ref()
-        .map_or(0, |p| p.config.max_replicas as u32);
-    cfg.workers.max(most)
+        .map_or(0, |p| p.config.max_replicas as u32)
+}
+
+/// Prefill slots come first: the run's prefill workers, or as many as its planner may run
+/// in the prefill pool.
+fn prefill_slots(cfg: &SimConfig) -> u32 {
+    match cfg.prefill_workers {
+        0 => 0,
+        n => n.max(planner_pool_max(cfg)),
+    }
+}
+
+/// Worker slots of a run: its workers, or as many as its planner may run (per pool).
+fn slot_count(cfg: &SimConfig) -> u32 {
+    let most = planner_pool_max(cfg);
+    match cfg.prefill_workers {
+        0 => cfg.workers.max(most),
+        p => prefill_slots(cfg) + cfg.workers.saturating_sub(p).max(most),
+    }
+}
+
+/// The slots the run starts with: `workers` in a row; disaggregated, the prefill workers
+/// from slot 1 and the decode workers right after the prefill slots.
+fn initial_slots(cfg: &SimConfig) -> Vec<u32> {
+    let p = cfg.prefill_workers.min(cfg.workers);
+    let decode_from = prefill_slots(cfg) + 1;
+    (1..=p)
+        .chain(decode_from..decode_from + (cfg.workers - p))
+        .collect()
 }

@@ -10,11 +10,13 @@ use crate::run::{RequestRecord, SimPlanner};
 use crate::time::{SimDuration, SimTime};
 use async_trait::async_trait;
 use std::collections::BTreeMap;
+use std::ops::RangeInclusive;
 use std::sync::{Arc, Mutex};
 use tokio::task::JoinHandle;
-use turbine_actors::planner::actor::{spawn_planner, DecisionLog};
+use turbine_actors::cluster_config::WorkerRole;
+use turbine_actors::planner::actor::{spawn_planner, DecisionLog, Inputs, Observe, Sense};
 use turbine_actors::planner::connector::{Connector, ConnectorError};
-use turbine_actors::planner::{IntervalMetrics, Planner, Replicas};
+use turbine_actors::planner::{IntervalMetrics, Planner, Pressure, Replicas};
 use turbine_actors::router::service::RouterCore;
 
 /// How often a draining worker's idleness is checked.
@@ -59,6 +61,7 @@ pub fn interval_metrics(records: &[RequestRecord], from: SimTime, to: SimTime) -
         mean_itl_s: mean(&itl),
         // Not from the clients: the caller samples the workers.
         mean_decode_batch: None,
+        queued: None,
     }
 }
 
@@ -67,29 +70,39 @@ struct Provisioned {
     start: Option<JoinHandle<()>>,
 }
 
-/// The simulator's connector: slots 1..=max of the run's fleet.
+/// The simulator's connector: per pool (aggregated; or prefill, decode), a range of the
+/// run's slots (see `shells::prefill_slots`).
 pub(super) struct SimFleet {
     world: Arc<World>,
     router: Arc<RouterCore>,
     startup_delay: SimDuration,
-    max_slots: u32,
+    shape: Replicas,
+    pools: Vec<RangeInclusive<u32>>,
     live: BTreeMap<u32, Provisioned>,
+    /// The pools as the timeline last recorded them.
+    recorded: Replicas,
     timeline: Timeline,
 }
 
-#[async_trait]
-impl Connector for SimFleet {
-    async fn apply(&mut self, target: Replicas) -> Result<Replicas, ConnectorError> {
-        let Replicas::Aggregated { workers } = target else {
-            return Err(ConnectorError::Shape(
-                "the simulator runs aggregated workers only".into(),
-            ));
-        };
-        let before = self.live.len();
-        while self.live.len() < workers {
-            let Some(slot) = (1..=self.max_slots).find(|s| !self.live.contains_key(s)) else {
-                break;
-            };
+impl SimFleet {
+    fn in_pool(&self, pool: usize) -> Vec<u32> {
+        let range = &self.pools[pool];
+        self.live
+            .keys()
+            .copied()
+            .filter(|s| range.contains(s))
+            .collect()
+    }
+
+    /// Moves one pool to `want` workers: new ones start after the delay in its free slots;
+    /// leaving ones (the highest slots first) are drained and retired.
+    fn resize(&mut self, pool: usize, want: usize) {
+        let mut have = self.in_pool(pool);
+        let free: Vec<u32> = self.pools[pool]
+            .clone()
+            .filter(|s| !self.live.contains_key(s))
+            .collect();
+        for slot in free.into_iter().take(want.saturating_sub(have.len())) {
             let (world, delay) = (self.world.clone(), self.startup_delay);
             let start = tokio::spawn(async move {
                 world.clock.sleep_for(delay).await;
@@ -97,9 +110,10 @@ impl Connector for SimFleet {
             });
             self.live.insert(slot, Provisioned { start: Some(start) });
         }
-        while self.live.len() > workers {
-            let Some((slot, p)) = self.live.pop_last() else {
-                break;
+        while have.len() > want {
+            let Some(slot) = have.pop() else { break };
+            let Some(p) = self.live.remove(&slot) else {
+                continue;
             };
             if let Some(start) = p.start {
                 if !start.is_finished() {
@@ -109,12 +123,36 @@ impl Connector for SimFleet {
             }
             tokio::spawn(drain(self.world.clone(), self.router.clone(), slot));
         }
-        if self.live.len() != before {
-            lock(&self.timeline).push((self.world.clock.sim_now(), self.live.len()));
+    }
+
+    fn current(&self) -> Replicas {
+        let sizes: Vec<usize> = (0..self.pools.len())
+            .map(|p| self.in_pool(p).len())
+            .collect();
+        self.shape.with_pools(&sizes)
+    }
+}
+
+#[async_trait]
+impl Connector for SimFleet {
+    async fn apply(&mut self, target: Replicas) -> Result<Replicas, ConnectorError> {
+        let want = target.pools();
+        if want.len() != self.pools.len() {
+            return Err(ConnectorError::Shape(format!(
+                "{} pool(s) asked of a fleet of {}",
+                want.len(),
+                self.pools.len()
+            )));
         }
-        Ok(Replicas::Aggregated {
-            workers: self.live.len(),
-        })
+        for (pool, &n) in want.iter().enumerate() {
+            self.resize(pool, n);
+        }
+        let now = self.current();
+        if now != self.recorded {
+            lock(&self.timeline).push((self.world.clock.sim_now(), now));
+            self.recorded = now;
+        }
+        Ok(now)
     }
 }
 
@@ -134,32 +172,59 @@ async fn drain(world: Arc<World>, router: Arc<RouterCore>, slot: u32) {
     world.retire(slot).await;
 }
 
-/// The mean running batch over the workers that run one now (the load reports' figure, read
-/// at the tick, as a `turbine worker`'s latest report would give it).
+/// The mean running batch over the decode (or aggregated) workers that run one now (the
+/// load reports' figure, read at the tick, as a `turbine worker`'s latest report would give
+/// it). Prefill workers' batches are prompts, not decodes.
 fn decode_batch_now(world: &World) -> Option<f64> {
     let running: Vec<usize> = world
-        .live_workers()
+        .live_roles()
         .iter()
-        .map(|(_, h, _)| h.stats().num_running)
+        .filter(|(role, _)| *role != WorkerRole::Prefill)
+        .map(|(_, h)| h.stats().num_running)
         .filter(|&n| n > 0)
         .collect();
     (!running.is_empty()).then(|| running.iter().sum::<usize>() as f64 / running.len() as f64)
 }
 
-/// (workload time, workers provisioned) at each change of the fleet.
-type Timeline = Arc<Mutex<Vec<(SimTime, usize)>>>;
+/// Requests waiting on the live workers now (their load reports' figure, read at the tick).
+fn queued_now(world: &World) -> u64 {
+    world
+        .live_roles()
+        .iter()
+        .map(|(_, h)| h.stats().num_waiting as u64)
+        .sum()
+}
 
-/// Starts the planner on `world`, whose first `initial` slots are up.
+/// (workload time, pools provisioned) at each change of the fleet.
+type Timeline = Arc<Mutex<Vec<(SimTime, Replicas)>>>;
+
+/// Starts the planner on `world`, whose slots `initial` are up; `slots` is how many the run
+/// has.
 pub(super) fn start(
     world: Arc<World>,
     router: Arc<RouterCore>,
     records: Arc<Mutex<Vec<RequestRecord>>>,
     cfg: &SimPlanner,
-    initial: u32,
+    initial: &[u32],
+    slots: u32,
 ) -> Result<(JoinHandle<()>, DecisionLog, Timeline), String> {
-    let current = Replicas::Aggregated {
-        workers: initial as usize,
+    let split = world.prefill_slots;
+    let (shape, pools) = if split == 0 {
+        (Replicas::Aggregated { workers: 0 }, vec![1..=slots])
+    } else {
+        (
+            Replicas::Disaggregated {
+                prefill: 0,
+                decode: 0,
+            },
+            vec![1..=split, split + 1..=slots],
+        )
     };
+    let sizes: Vec<usize> = pools
+        .iter()
+        .map(|r| initial.iter().filter(|s| r.contains(s)).count())
+        .collect();
+    let current = shape.with_pools(&sizes);
     let planner =
         Planner::new(&cfg.config, world.cfg.profile.clone(), current).map_err(|e| e.to_string())?;
     let timeline = Arc::new(Mutex::new(Vec::new()));
@@ -167,27 +232,58 @@ pub(super) fn start(
         world: world.clone(),
         router,
         startup_delay: cfg.startup_delay,
-        max_slots: cfg.config.max_replicas as u32,
-        live: (1..=initial)
-            .map(|s| (s, Provisioned { start: None }))
+        shape,
+        pools,
+        live: initial
+            .iter()
+            .map(|&s| (s, Provisioned { start: None }))
             .collect(),
+        recorded: current,
         timeline: timeline.clone(),
     };
-    let clock = world.clock.clone();
-    let mut last = clock.sim_now();
-    let sampled = world.clone();
-    let observe = Box::new(move || {
-        let now = clock.sim_now();
-        let mut m = interval_metrics(&lock(&records), last, now);
-        m.mean_decode_batch = decode_batch_now(&sampled);
-        last = now;
-        m
+    // The interval's start, shared by the interval's observation and the reactions'.
+    let last = Arc::new(Mutex::new(world.clock.sim_now()));
+    let observe: Observe = {
+        let (world, records, last) = (world.clone(), records.clone(), last.clone());
+        Box::new(move || {
+            let now = world.clock.sim_now();
+            let mut from = lock(&last);
+            let mut m = interval_metrics(&lock(&records), *from, now);
+            m.mean_decode_batch = decode_batch_now(&world);
+            m.queued = Some(queued_now(&world));
+            *from = now;
+            m
+        })
+    };
+    let every = std::time::Duration::from_millis(cfg.config.reaction_interval_ms);
+    let react = (!every.is_zero()).then(|| {
+        let world = world.clone();
+        let sense: Sense = Box::new(move || {
+            let (from, now) = (*lock(&last), world.clock.sim_now());
+            let (mut arrivals, mut isl) = (0u64, 0.0);
+            for r in lock(&records).iter() {
+                if r.arrival > from && r.arrival <= now {
+                    arrivals += 1;
+                    isl += f64::from(r.input_len);
+                }
+            }
+            Pressure {
+                arrivals,
+                queued: Some(queued_now(&world)),
+                mean_isl: (arrivals > 0).then(|| isl / arrivals as f64),
+            }
+        });
+        (every, sense)
     });
+    let inputs = Inputs {
+        interval: std::time::Duration::from_millis(cfg.config.adjustment_interval_ms),
+        observe,
+        react,
+    };
     let log = DecisionLog::default();
     let task = spawn_planner(
         planner,
-        std::time::Duration::from_millis(cfg.config.adjustment_interval_ms),
-        observe,
+        inputs,
         Box::new(fleet),
         world.shared_clock.clone(),
         log.clone(),
