@@ -7,6 +7,7 @@
 //! `0..num_patches`; partial tiles (NaViT-style masks) never occur on this path.
 
 use crate::cpu::linear::{floats_of, Input, Linear};
+use crate::cpu::ops::{add_assign, add_bias};
 use crate::tensor::WeightTensor;
 use rayon::prelude::*;
 use serde_json::Value;
@@ -312,9 +313,7 @@ impl VisionTower {
         }
         let mut x = vec![0.0f32; n * h];
         dense(&self.patch, &patches, n, &mut x);
-        for (a, &b) in x.iter_mut().zip(&self.pos) {
-            *a += b;
-        }
+        add_assign(&mut x, &self.pos);
         let mut xn = vec![0.0f32; n * h];
         let (mut q, mut k, mut v) = (vec![0.0; n * h], vec![0.0; n * h], vec![0.0; n * h]);
         let mut attn = vec![0.0f32; n * h];
@@ -327,12 +326,12 @@ impl VisionTower {
             dense(&l.v, &xn, n, &mut v);
             attention(&q, &k, &v, n, c.n_heads, h / c.n_heads, &mut attn);
             dense(&l.o, &attn, n, &mut proj);
-            add(&mut x, &proj);
+            add_assign(&mut x, &proj);
             layer_norm(&x, &l.ln2, c.layer_norm_eps, &mut xn);
             dense(&l.fc1, &xn, n, &mut mid);
             mid.iter_mut().for_each(|m| *m = gelu_tanh(*m));
             dense(&l.fc2, &mid, n, &mut proj);
-            add(&mut x, &proj);
+            add_assign(&mut x, &proj);
         }
         layer_norm(&x, &self.post_ln, c.layer_norm_eps, &mut xn);
         let shuffled = pixel_shuffle(&xn, side, h, c.scale_factor);
@@ -347,15 +346,7 @@ impl VisionTower {
 
 fn dense(d: &Dense, x: &[f32], n: usize, out: &mut [f32]) {
     d.w.forward(&Input::new(x, n, d.w.cols), out);
-    for row in out.chunks_exact_mut(d.b.len().max(1)) {
-        add(row, &d.b);
-    }
-}
-
-fn add(x: &mut [f32], y: &[f32]) {
-    for (a, &b) in x.iter_mut().zip(y) {
-        *a += b;
-    }
+    add_bias(out, &d.b);
 }
 
 /// LayerNorm of each row (mean and variance accumulated in f64).
