@@ -9,7 +9,7 @@ use crate::model::{LayerWeights, ModelConfig, ModelWeights, RopeStyle};
 use crate::safetensors::{SafetensorsError, SafetensorsFile};
 use crate::tensor::WeightTensor;
 use crate::tokenizer::{Tokenizer, TokenizerError};
-use crate::vision::{ProcessorConfig, VisionConfig, VisionTower};
+use crate::vision::{process, ProcessorConfig, RgbImage, VisionConfig, VisionError, VisionTower};
 use serde_json::Value;
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
@@ -90,6 +90,33 @@ pub struct VisionModel {
     pub processor: ProcessorConfig,
     /// The placeholder token the embeddings replace, `image_seq_len` of them per tile.
     pub image_token_id: u32,
+}
+
+/// One image as the text model takes it: the prompt text that stands for it and the
+/// embeddings of its `<image>` tokens, in order.
+#[derive(Clone, Debug, PartialEq)]
+pub struct EncodedImage {
+    pub prompt_text: String,
+    /// `<image>` tokens in `prompt_text`.
+    pub tokens: usize,
+    /// `[tokens, text hidden size]`, row-major.
+    pub embeds: Vec<f32>,
+}
+
+impl VisionModel {
+    /// Processor then tower, tile by tile: what an encoder computes for one image.
+    pub fn encode(&self, image: &RgbImage) -> Result<EncodedImage, VisionError> {
+        let processed = process(image, &self.processor);
+        let mut embeds = Vec::new();
+        for tile in &processed.tiles {
+            embeds.extend(self.tower.encode_tile(tile)?);
+        }
+        Ok(EncodedImage {
+            prompt_text: processed.prompt_text(self.processor.image_seq_len),
+            tokens: processed.tiles.len() * self.processor.image_seq_len,
+            embeds,
+        })
+    }
 }
 
 impl std::fmt::Debug for VisionModel {

@@ -105,8 +105,9 @@ fn processor_matches_transformers_pixels_and_prompt() {
     }
 }
 
-/// The whole model from the HF directory: the processor's tiles through the tower, the
-/// embeddings spliced at the `<image>` tokens of the prompt, then greedy decoding: the
+/// The whole model from the HF directory (`load_model`): `VisionModel::encode` (processor,
+/// then the tower tile by tile), its prompt text tokenized, the embeddings spliced at the
+/// `<image>` tokens of the prompt, then greedy decoding: the
 /// same tokens as transformers' `generate` (its smallest top-2 margin is recorded, and
 /// large, so "exact" is fair).
 #[test]
@@ -115,7 +116,7 @@ fn greedy_tokens_match_transformers() {
     use turbine_kernels::cpu::{CpuBackend, CpuBackendOptions};
     use turbine_kernels::loader::load_model;
     use turbine_kernels::sampling::argmax;
-    use turbine_kernels::vision::{decode, process, DecodeLimits};
+    use turbine_kernels::vision::{decode, DecodeLimits};
 
     let model = load_model(&fixture()).unwrap();
     let vision = model
@@ -129,21 +130,23 @@ fn greedy_tokens_match_transformers() {
     for name in ["a", "b"] {
         let r = &meta["images"][name];
         let bytes = std::fs::read(fixture().join(r["image"].as_str().unwrap())).unwrap();
-        let img = process(
-            &decode(&bytes, &DecodeLimits::default()).unwrap(),
-            &vision.processor,
-        );
-        let embeds: Vec<f32> = img
-            .tiles
-            .iter()
-            .flat_map(|t| vision.tower.encode_tile(t).unwrap())
-            .collect();
-        let prompt: Vec<u32> = r["prompt_ids"]
+        let encoded = vision
+            .encode(&decode(&bytes, &DecodeLimits::default()).unwrap())
+            .unwrap();
+        assert_eq!(encoded.tokens, r["tiles"].as_u64().unwrap() as usize * 4);
+        let text = r["prompt_text"]
+            .as_str()
+            .unwrap()
+            .replace("<image>", &encoded.prompt_text);
+        let embeds = encoded.embeds;
+        let prompt = model.tokenizer.encode(&text, false).unwrap();
+        let want_prompt: Vec<u32> = r["prompt_ids"]
             .as_array()
             .unwrap()
             .iter()
             .map(|v| v.as_u64().unwrap() as u32)
             .collect();
+        assert_eq!(prompt, want_prompt, "image {name}: prompt ids");
         // Runs of image tokens, each spliced with its share of the embeddings.
         let mut splices = Vec::new();
         let mut used = 0;
