@@ -89,6 +89,8 @@ pub struct HttpSection {
     /// Default deadline of a generation in milliseconds, arrival to last byte (none when
     /// absent); clients can ask for a shorter one with the `x-request-timeout-ms` header.
     pub request_timeout_ms: Option<u64>,
+    /// Limits on the images of a chat request (count, bytes, pixels).
+    pub images: crate::frontend::ImageLimits,
 }
 
 impl Default for HttpSection {
@@ -100,6 +102,7 @@ impl Default for HttpSection {
             max_concurrent_requests: 256,
             max_queued_requests: 1024,
             request_timeout_ms: None,
+            images: crate::frontend::ImageLimits::default(),
         }
     }
 }

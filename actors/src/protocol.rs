@@ -125,7 +125,73 @@ pub enum Prompt {
 pub struct ChatMessage {
     /// "system", "developer", "user", "assistant" or "tool".
     pub role: String,
+    /// The text parts, joined by newlines.
     pub content: String,
+    /// The parts in the client's order when the message holds an image; empty for a text
+    /// message (its `content` says it all). Never serialized: images cross processes as
+    /// embeddings by descriptor, not inside the request.
+    #[serde(skip)]
+    pub parts: Vec<MessagePart>,
+}
+
+impl ChatMessage {
+    /// A text-only message.
+    pub fn text(role: impl Into<String>, content: impl Into<String>) -> ChatMessage {
+        ChatMessage {
+            role: role.into(),
+            content: content.into(),
+            parts: Vec::new(),
+        }
+    }
+
+    /// The images of this message, in order.
+    pub fn images(&self) -> impl Iterator<Item = &ChatImage> {
+        self.parts.iter().filter_map(|p| match p {
+            MessagePart::Image(image) => Some(image),
+            MessagePart::Text(_) => None,
+        })
+    }
+}
+
+/// One part of a message that holds images.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum MessagePart {
+    Text(String),
+    Image(ChatImage),
+}
+
+/// A decoded image from a request, with the hash of its pixels.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ChatImage {
+    pub image: std::sync::Arc<turbine_kernels::vision::RgbImage>,
+    /// xxh3-64 over the width, height and RGB pixels: the same picture is the same hash
+    /// however it was encoded. It salts the prompt's KV block hashes and keys the
+    /// encoder's embedding cache.
+    pub hash: ImageHash,
+}
+
+impl ChatImage {
+    pub fn new(image: turbine_kernels::vision::RgbImage) -> ChatImage {
+        let hash = ImageHash::of(&image);
+        ChatImage {
+            image: std::sync::Arc::new(image),
+            hash,
+        }
+    }
+}
+
+/// The content hash of an image (see [`ChatImage::hash`]).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
+pub struct ImageHash(pub u64);
+
+impl ImageHash {
+    pub fn of(image: &turbine_kernels::vision::RgbImage) -> ImageHash {
+        let mut h = xxhash_rust::xxh3::Xxh3::new();
+        h.update(&image.width.to_le_bytes());
+        h.update(&image.height.to_le_bytes());
+        h.update(&image.pixels);
+        ImageHash(h.digest())
+    }
 }
 
 /// Log-probability of one generated token, with the alternatives asked for.

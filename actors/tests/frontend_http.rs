@@ -476,6 +476,23 @@ fn parse_chunks(response: &HttpResponse) -> Vec<Value> {
         .collect()
 }
 
+/// A 2x1 PNG (a red and a green pixel).
+const PNG_2X1: &str = "iVBORw0KGgoAAAANSUhEUgAAAAIAAAABCAIAAAB7QOjdAAAAD0lEQVR4nGP4z8DA8J8BAAf/Af8Bf4mnAAAAAElFTkSuQmCC";
+
+fn png_url() -> String {
+    format!("data:image/png;base64,{PNG_2X1}")
+}
+
+/// A chat body whose one user message is a text part then an image part per url.
+fn image_body(urls: &[&str]) -> Value {
+    let mut parts = vec![json!({"type": "text", "text": "look"})];
+    parts.extend(
+        urls.iter()
+            .map(|u| json!({"type": "image_url", "image_url": {"url": u}})),
+    );
+    json!({"messages": [{"role": "user", "content": parts}]})
+}
+
 async fn assert_still_serving(addr: SocketAddr) {
     let ok = post(addr, "/v1/chat/completions", &chat_body("still alive")).await;
     assert_eq!(ok.status, 200, "server stopped serving: {}", ok.text());
@@ -886,8 +903,32 @@ async fn bad_requests_get_openai_errors_and_the_server_keeps_serving() {
             Some("messages[1]"),
         ),
         bad(
-            "image part",
-            json!({"messages": [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": "x"}}]}]}),
+            "image url not a data uri",
+            image_body(&["x"]),
+            400,
+            Some("messages[0].content[1].image_url.url"),
+        ),
+        bad(
+            "remote image url",
+            image_body(&["https://example.invalid/cat.png"]),
+            400,
+            Some("messages[0].content[1].image_url.url"),
+        ),
+        bad(
+            "corrupt image",
+            image_body(&[&format!("data:image/png;base64,{}", &PNG_2X1[..40])]),
+            400,
+            Some("messages[0].content[1].image_url.url"),
+        ),
+        bad(
+            "unsupported image format",
+            image_body(&["data:image/gif;base64,R0lGODlhAQABAAAAACw="]),
+            400,
+            Some("messages[0].content[1].image_url.url"),
+        ),
+        bad(
+            "image part without image_url",
+            json!({"messages": [{"role": "user", "content": [{"type": "image_url"}]}]}),
             400,
             Some("messages[0].content[0]"),
         ),
@@ -1361,4 +1402,32 @@ async fn health_is_liveness_and_ready_follows_the_engine() {
     ready.store(true, Ordering::SeqCst);
     assert_eq!(get(server.addr, "/ready").await.status, 200);
     assert_eq!(get(server.addr, "/health").await.status, 200);
+}
+
+#[tokio::test]
+async fn a_good_image_passes_the_frontend_to_the_engine() {
+    let server = start().await;
+    let url = png_url();
+    let many = post(
+        server.addr,
+        "/v1/chat/completions",
+        &image_body(&[url.as_str(); 9]),
+    )
+    .await;
+    assert_eq!(many.status, 400, "{}", many.text());
+    let error = &many.json()["error"];
+    assert_eq!(error["param"], "messages[0].content[9]", "{error}");
+    assert!(
+        error["message"].as_str().unwrap().contains("at most 8"),
+        "{error}"
+    );
+    let ok = post(
+        server.addr,
+        "/v1/chat/completions",
+        &image_body(&[png_url().as_str()]),
+    )
+    .await;
+    assert_eq!(ok.status, 200, "{}", ok.text());
+    // The echo engine sees the text part (the image travels beside it).
+    assert_eq!(ok.json()["choices"][0]["message"]["content"], "look");
 }

@@ -40,6 +40,18 @@ impl SeqStep<'_> {
     }
 }
 
+/// Embeddings that stand in for some tokens' embedding rows in a forward call: an image's
+/// placeholder tokens get the vision tower's output. `embeds` is `rows * hidden_size` values.
+#[derive(Clone, Copy, Debug)]
+pub struct Splice<'a> {
+    /// Index of the step in the batch.
+    pub step: usize,
+    /// Index in that step's `tokens` of the first replaced token.
+    pub offset: usize,
+    pub rows: usize,
+    pub embeds: &'a [f32],
+}
+
 /// Element type of the KV pool, which fixes the byte layout of exported blocks.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 pub enum KvDType {
@@ -132,6 +144,8 @@ pub enum BackendError {
     BadConfig(String),
     #[error("device error: {0}")]
     Device(String),
+    #[error("embedding splice: {0}")]
+    BadSplice(String),
 }
 
 /// A compute backend: runs batched forward steps over its own paged KV pool.
@@ -146,6 +160,21 @@ pub trait Backend: Send {
     /// cached positions before it. Validation (token ids, block ids, table lengths, context
     /// limit) happens before anything is written.
     fn forward(&mut self, batch: &[SeqStep<'_>]) -> Result<Logits, BackendError>;
+
+    /// [`Backend::forward`] with some positions' embeddings given rather than looked up
+    /// (multimodal prompts). A backend that cannot splice refuses any splice.
+    fn forward_spliced(
+        &mut self,
+        batch: &[SeqStep<'_>],
+        splices: &[Splice<'_>],
+    ) -> Result<Logits, BackendError> {
+        if splices.is_empty() {
+            return self.forward(batch);
+        }
+        Err(BackendError::BadSplice(
+            "this backend does not take image embeddings".into(),
+        ))
+    }
 
     /// [`Backend::forward`], then one token drawn from each logits row as `rows` (one per
     /// step with `want_logits`, in order) asks. A row's own sampling error (bad parameters,

@@ -18,3 +18,4 @@ pub mod safetensors;
 pub mod sampling;
 pub mod tensor;
 pub mod tokenizer;
+pub mod vision;

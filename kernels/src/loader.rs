@@ -9,6 +9,7 @@ use crate::model::{LayerWeights, ModelConfig, ModelWeights, RopeStyle};
 use crate::safetensors::{SafetensorsError, SafetensorsFile};
 use crate::tensor::WeightTensor;
 use crate::tokenizer::{Tokenizer, TokenizerError};
+use crate::vision::{process, ProcessorConfig, RgbImage, VisionConfig, VisionError, VisionTower};
 use serde_json::Value;
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
@@ -78,6 +79,54 @@ pub struct LoadedModel {
     pub eos_id: Option<u32>,
     /// Ids that end generation (EOS and end-of-turn tokens), sorted.
     pub stop_ids: Vec<u32>,
+    /// The vision tower and image processor of a multimodal checkpoint (Idefics3 / SmolVLM).
+    pub vision: Option<VisionModel>,
+}
+
+/// What a multimodal model adds to its text model.
+#[derive(Clone)]
+pub struct VisionModel {
+    pub tower: std::sync::Arc<VisionTower>,
+    pub processor: ProcessorConfig,
+    /// The placeholder token the embeddings replace, `image_seq_len` of them per tile.
+    pub image_token_id: u32,
+}
+
+/// One image as the text model takes it: the prompt text that stands for it and the
+/// embeddings of its `<image>` tokens, in order.
+#[derive(Clone, Debug, PartialEq)]
+pub struct EncodedImage {
+    pub prompt_text: String,
+    /// `<image>` tokens in `prompt_text`.
+    pub tokens: usize,
+    /// `[tokens, text hidden size]`, row-major.
+    pub embeds: Vec<f32>,
+}
+
+impl VisionModel {
+    /// Processor then tower, tile by tile: what an encoder computes for one image.
+    pub fn encode(&self, image: &RgbImage) -> Result<EncodedImage, VisionError> {
+        let processed = process(image, &self.processor);
+        let mut embeds = Vec::new();
+        for tile in &processed.tiles {
+            embeds.extend(self.tower.encode_tile(tile)?);
+        }
+        Ok(EncodedImage {
+            prompt_text: processed.prompt_text(self.processor.image_seq_len),
+            tokens: processed.tiles.len() * self.processor.image_seq_len,
+            embeds,
+        })
+    }
+}
+
+impl std::fmt::Debug for VisionModel {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("VisionModel")
+            .field("config", self.tower.config())
+            .field("processor", &self.processor)
+            .field("image_token_id", &self.image_token_id)
+            .finish()
+    }
 }
 
 impl LoadedModel {
@@ -365,6 +414,7 @@ fn load_gguf(path: &Path) -> Result<LoadedModel, LoadError> {
         config,
         weights,
         tokenizer,
+        vision: None,
     })
 }
 
@@ -434,8 +484,21 @@ fn chat_template_of(v: Option<&Value>) -> Option<String> {
     }
 }
 
+/// Idefics3 (SmolVLM) checkpoints nest the Llama text model: its config under
+/// `text_config`, its weights under `model.text_model.` (the head stays `lm_head.weight`).
+const IDEFICS3: &str = "idefics3";
+
 fn load_hf_dir(dir: &Path) -> Result<LoadedModel, LoadError> {
-    let cfg_json = read_json(&dir.join("config.json"))?;
+    let outer = read_json(&dir.join("config.json"))?;
+    let multimodal = outer.get("model_type").and_then(Value::as_str) == Some(IDEFICS3);
+    let cfg_json = if multimodal {
+        outer
+            .get("text_config")
+            .cloned()
+            .ok_or_else(|| LoadError::Config("idefics3 config.json has no text_config".into()))?
+    } else {
+        outer.clone()
+    };
     let tok_cfg = read_json_opt(&dir.join("tokenizer_config.json"))?;
     let gen_cfg = read_json_opt(&dir.join("generation_config.json"))?;
 
@@ -475,7 +538,12 @@ fn load_hf_dir(dir: &Path) -> Result<LoadedModel, LoadError> {
         n_kv_heads: num("num_key_value_heads").unwrap_or(n_heads),
         head_dim: num("head_dim").unwrap_or(hidden / n_heads),
         intermediate_size: need("intermediate_size")?,
-        rope_theta: float("rope_theta", 10_000.0),
+        // transformers 5 writes it inside `rope_parameters`.
+        rope_theta: cfg_json
+            .get("rope_parameters")
+            .and_then(|r| r.get("rope_theta"))
+            .and_then(Value::as_f64)
+            .map_or_else(|| float("rope_theta", 10_000.0), |t| t as f32),
         rope_style: RopeStyle::Neox,
         rms_norm_eps: float("rms_norm_eps", 1e-6),
         max_position: num("max_position_embeddings").unwrap_or(2048),
@@ -509,11 +577,22 @@ fn load_hf_dir(dir: &Path) -> Result<LoadedModel, LoadError> {
             index.insert(n.to_string(), i);
         }
     }
-    let fetch = |name: &str| -> Result<Option<WeightTensor>, LoadError> {
-        Ok(index
+    let lookup = |name: &str| {
+        index
             .get(name)
             .and_then(|&i| opened.get(i))
-            .and_then(|f| f.tensor(name)))
+            .and_then(|f| f.tensor(name))
+    };
+    let fetch = |name: &str| -> Result<Option<WeightTensor>, LoadError> {
+        Ok(match name.strip_prefix("model.") {
+            Some(rest) if multimodal => lookup(&format!("model.text_model.{rest}")),
+            _ => lookup(name),
+        })
+    };
+    let vision = if multimodal {
+        Some(load_vision(dir, &outer, &lookup)?)
+    } else {
+        None
     };
     let weights = assemble_weights(&config, Names::Hf, tie, &fetch)?;
     let mut config = config;
@@ -553,12 +632,58 @@ fn load_hf_dir(dir: &Path) -> Result<LoadedModel, LoadError> {
     Ok(LoadedModel {
         name: file_label(dir),
         path: dir.to_path_buf(),
-        chat_template: chat_template_of(tc.and_then(|t| t.get("chat_template"))),
+        // Processors (SmolVLM) keep the template beside the tokenizer's config.
+        chat_template: chat_template_of(tc.and_then(|t| t.get("chat_template")))
+            .or_else(|| std::fs::read_to_string(dir.join("chat_template.jinja")).ok())
+            .or_else(|| {
+                read_json_opt(&dir.join("chat_template.json"))
+                    .ok()
+                    .flatten()
+                    .and_then(|v| chat_template_of(v.get("chat_template")))
+            }),
         bos_id: tokenizer.bos_id(),
         eos_id: tokenizer.eos_id(),
         stop_ids: tokenizer.stop_ids().to_vec(),
         config,
         weights,
         tokenizer,
+        vision,
+    })
+}
+
+/// The vision side of an Idefics3 directory: tower + connector weights, the processor's
+/// config (processor_config.json, else preprocessor_config.json) and the image token.
+fn load_vision(
+    dir: &Path,
+    outer: &Value,
+    lookup: &dyn Fn(&str) -> Option<WeightTensor>,
+) -> Result<VisionModel, LoadError> {
+    let cfg = VisionConfig::from_hf(outer).map_err(|e| LoadError::Config(e.to_string()))?;
+    let proc_json = match read_json_opt(&dir.join("processor_config.json"))? {
+        Some(v) => v,
+        None => read_json(&dir.join("preprocessor_config.json"))?,
+    };
+    let processor = ProcessorConfig::from_hf(&proc_json, Some(cfg.tokens_per_tile()))
+        .map_err(|e| LoadError::Config(format!("image processor: {e}")))?;
+    if processor.image_seq_len != cfg.tokens_per_tile() || processor.tile as usize != cfg.image_size
+    {
+        return Err(LoadError::Config(format!(
+            "the processor's tiles ({} px, {} tokens) disagree with the vision tower's ({} px, {} tokens)",
+            processor.tile,
+            processor.image_seq_len,
+            cfg.image_size,
+            cfg.tokens_per_tile()
+        )));
+    }
+    let image_token_id = outer
+        .get("image_token_id")
+        .and_then(Value::as_u64)
+        .ok_or_else(|| LoadError::Config("config.json: image_token_id missing".into()))?
+        as u32;
+    let tower = VisionTower::load(cfg, lookup).map_err(|e| LoadError::Config(e.to_string()))?;
+    Ok(VisionModel {
+        tower: std::sync::Arc::new(tower),
+        processor,
+        image_token_id,
     })
 }

@@ -10,6 +10,7 @@ use super::admission::{Admission, Admitted, Deadline};
 use super::engine::{ChatEngine, GenerateRequest};
 use super::error::ApiError;
 use super::generation::{GenEvent, Generation};
+use super::images::ImageLimits;
 use super::metrics::{HttpMetrics, Metrics};
 use super::openai::{ModelCard, ModelList};
 use super::render::{Aggregate, Endpoint, ResponseMeta, SseWriter};
@@ -42,6 +43,8 @@ pub struct HttpConfig {
     pub request_timeout: Option<Duration>,
     /// What GET /ready reports.
     pub readiness: Readiness,
+    /// Limits on the images of a chat request.
+    pub images: ImageLimits,
 }
 
 impl Default for HttpConfig {
@@ -52,6 +55,7 @@ impl Default for HttpConfig {
             max_queued_requests: 1024,
             request_timeout: None,
             readiness: Readiness::always(),
+            images: ImageLimits::default(),
         }
     }
 }
@@ -90,6 +94,7 @@ struct AppState {
     admission: Arc<Admission>,
     request_timeout: Option<Duration>,
     readiness: Readiness,
+    images: Arc<ImageLimits>,
 }
 
 /// Response ids: a per-process random prefix (ids stay unique across restarts) and a counter.
@@ -121,6 +126,7 @@ pub fn router(engine: Arc<dyn ChatEngine>, metrics: Metrics, cfg: HttpConfig) ->
         )),
         request_timeout: cfg.request_timeout,
         readiness: cfg.readiness.clone(),
+        images: Arc::new(cfg.images.clone()),
     };
     Router::new()
         .route("/v1/chat/completions", post(chat_completions))
@@ -172,10 +178,29 @@ async fn chat_completions(
     let result = async {
         let deadline = Deadline::for_request(started.into(), state.request_timeout, &headers)?;
         let body = json_body(&headers, body)?;
-        let req = validate::chat_request(&body, state.engine.model_id())?;
+        let req = validate_chat(&state, body).await?;
         generate(&state, req, Endpoint::Chat, started, deadline).await
     };
     result.await.unwrap_or_else(error_response)
+}
+
+/// Bodies at least this large may carry images: they are validated (images decoded) on a
+/// blocking thread, not on the runtime's.
+const DECODE_OFF_RUNTIME_BYTES: usize = 16 << 10;
+
+async fn validate_chat(state: &AppState, body: Bytes) -> Result<GenerateRequest, ApiError> {
+    if body.len() < DECODE_OFF_RUNTIME_BYTES {
+        return validate::chat_request(&body, state.engine.model_id(), &state.images);
+    }
+    let (model, images) = (state.engine.model_id().to_string(), state.images.clone());
+    tokio::task::spawn_blocking(move || validate::chat_request(&body, &model, &images))
+        .await
+        .unwrap_or_else(|e| {
+            Err(ApiError::server(
+                StatusCode::INTERNAL_SERVER_ERROR,
+                format!("validating the request: {e}"),
+            ))
+        })
 }
 
 async fn completions(

@@ -19,6 +19,7 @@ pub mod engine;
 pub mod error;
 pub mod generation;
 pub mod http;
+pub mod images;
 pub mod metrics;
 pub mod openai;
 pub mod pipeline;
@@ -31,4 +32,5 @@ pub use engine::{
 };
 pub use error::ApiError;
 pub use http::{router, serve, HttpConfig, Readiness};
+pub use images::ImageLimits;
 pub use metrics::Metrics;

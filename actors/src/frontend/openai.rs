@@ -30,13 +30,26 @@ pub enum MessageContent {
     Parts(Vec<ContentPart>),
 }
 
-/// One part of an array `content`; only `{"type": "text", "text": ...}` is served.
+/// One part of an array `content`: `{"type": "text", "text": ...}` or
+/// `{"type": "image_url", "image_url": {"url": ...}}`.
 #[derive(Clone, Debug, PartialEq, Eq, Deserialize)]
 pub struct ContentPart {
     #[serde(rename = "type")]
     pub kind: String,
     #[serde(default)]
     pub text: Option<String>,
+    #[serde(default)]
+    pub image_url: Option<ImageUrl>,
+}
+
+/// An `image_url` part's object.
+#[derive(Clone, Debug, PartialEq, Eq, Deserialize)]
+pub struct ImageUrl {
+    pub url: String,
+    /// OpenAI's `auto` / `low` / `high`; the model's processor decides the resolution here,
+    /// so only `auto` (or none) is accepted rather than silently ignoring the others.
+    #[serde(default)]
+    pub detail: Option<String>,
 }
 
 /// One entry of `messages`.

@@ -7,11 +7,12 @@
 
 use super::engine::{ChatMessage, GenerateRequest, Prompt};
 use super::error::ApiError;
+use super::images::{image_from_url, ImageLimits};
 use super::openai::{
     ChatCompletionRequest, CommonFields, CompletionRequest, MessageContent, PromptField,
     RequestMessage, StopField,
 };
-use crate::protocol::SamplingParams;
+use crate::protocol::{MessagePart, SamplingParams};
 use serde::de::DeserializeOwned;
 use serde_json::{Map, Value};
 
@@ -22,8 +23,13 @@ pub const MAX_TOP_LOGPROBS: u64 = 20;
 
 const CHAT_ROLES: [&str; 5] = ["system", "developer", "user", "assistant", "tool"];
 
-/// Validates a POST /v1/chat/completions body for the engine serving `model_id`.
-pub fn chat_request(body: &[u8], model_id: &str) -> Result<GenerateRequest, ApiError> {
+/// Validates a POST /v1/chat/completions body for the engine serving `model_id`; images
+/// are decoded and checked against `images`.
+pub fn chat_request(
+    body: &[u8],
+    model_id: &str,
+    images: &ImageLimits,
+) -> Result<GenerateRequest, ApiError> {
     let object = json_object(body)?;
     let req: ChatCompletionRequest = typed(&object)?;
     let messages = req
@@ -32,10 +38,14 @@ pub fn chat_request(body: &[u8], model_id: &str) -> Result<GenerateRequest, ApiE
     if messages.is_empty() {
         return Err(ApiError::field("messages", "`messages` must not be empty"));
     }
+    let mut budget = ImageBudget {
+        limits: images,
+        seen: 0,
+    };
     let messages = messages
         .into_iter()
         .enumerate()
-        .map(|(i, m)| chat_message(i, m))
+        .map(|(i, m)| chat_message(i, m, &mut budget))
         .collect::<Result<Vec<_>, _>>()?;
     let logprobs = match (req.logprobs, req.top_logprobs) {
         (Some(true), top) => Some(top_logprobs("top_logprobs", top.unwrap_or(0))?),
@@ -146,7 +156,17 @@ fn blame_message(messages: &Value) -> Option<ApiError> {
     })
 }
 
-fn chat_message(index: usize, message: RequestMessage) -> Result<ChatMessage, ApiError> {
+/// The image limits and how many images the request has used so far.
+struct ImageBudget<'a> {
+    limits: &'a ImageLimits,
+    seen: usize,
+}
+
+fn chat_message(
+    index: usize,
+    message: RequestMessage,
+    budget: &mut ImageBudget<'_>,
+) -> Result<ChatMessage, ApiError> {
     if !CHAT_ROLES.contains(&message.role.as_str()) {
         return Err(ApiError::field(
             &format!("messages[{index}].role"),
@@ -157,34 +177,70 @@ fn chat_message(index: usize, message: RequestMessage) -> Result<ChatMessage, Ap
             ),
         ));
     }
-    let content = match message.content {
-        None => String::new(),
-        Some(MessageContent::Text(text)) => text,
-        Some(MessageContent::Parts(parts)) => {
-            let mut texts = Vec::with_capacity(parts.len());
-            for (j, part) in parts.into_iter().enumerate() {
-                let param = format!("messages[{index}].content[{j}]");
-                match (part.kind.as_str(), part.text) {
-                    ("text", Some(text)) => texts.push(text),
-                    ("text", None) => {
-                        return Err(ApiError::field(&param, "a text part needs `text`"))
-                    }
-                    (other, _) => {
-                        return Err(ApiError::field(
-                            &param,
-                            format!("content parts of type `{other}` are not supported"),
-                        ))
-                    }
-                }
-            }
-            // Parts are separate paragraphs to the client; a newline keeps them apart
-            // for the tokenizer instead of gluing the last word of one to the next.
-            texts.join("\n")
-        }
+    let parts = match message.content {
+        None => return Ok(ChatMessage::text(message.role, "")),
+        Some(MessageContent::Text(text)) => return Ok(ChatMessage::text(message.role, text)),
+        Some(MessageContent::Parts(parts)) => parts,
     };
+    let mut out = Vec::with_capacity(parts.len());
+    for (j, part) in parts.into_iter().enumerate() {
+        let param = format!("messages[{index}].content[{j}]");
+        match (part.kind.as_str(), part.text, part.image_url) {
+            ("text", Some(text), _) => out.push(MessagePart::Text(text)),
+            ("text", None, _) => return Err(ApiError::field(&param, "a text part needs `text`")),
+            ("image_url", _, Some(image_url)) => {
+                if let Some(detail) = image_url.detail.filter(|d| d != "auto") {
+                    return Err(ApiError::field(
+                        &format!("{param}.image_url.detail"),
+                        format!(
+                            "`detail: {detail}` is not supported: the model's processor picks \
+                             the resolution (use `auto` or leave it out)"
+                        ),
+                    ));
+                }
+                budget.seen += 1;
+                if budget.seen > budget.limits.max_images_per_request {
+                    return Err(ApiError::field(
+                        &param,
+                        format!(
+                            "too many images: at most {} per request",
+                            budget.limits.max_images_per_request
+                        ),
+                    ));
+                }
+                let image = image_from_url(&image_url.url, budget.limits)
+                    .map_err(|why| ApiError::field(&format!("{param}.image_url.url"), why))?;
+                out.push(MessagePart::Image(image));
+            }
+            ("image_url", _, None) => {
+                return Err(ApiError::field(
+                    &param,
+                    "an image_url part needs `image_url: {\"url\": ...}`",
+                ))
+            }
+            (other, _, _) => {
+                return Err(ApiError::field(
+                    &param,
+                    format!("content parts of type `{other}` are not supported"),
+                ))
+            }
+        }
+    }
+    // Parts are separate paragraphs to the client; a newline keeps them apart for the
+    // tokenizer instead of gluing the last word of one to the next.
+    let content = out
+        .iter()
+        .filter_map(|p| match p {
+            MessagePart::Text(t) => Some(t.as_str()),
+            MessagePart::Image(_) => None,
+        })
+        .collect::<Vec<_>>()
+        .join("\n");
+    let has_image = out.iter().any(|p| matches!(p, MessagePart::Image(_)));
     Ok(ChatMessage {
         role: message.role,
         content,
+        parts: if has_image { out } else { Vec::new() },
     })
 }
 
@@ -331,7 +387,7 @@ mod tests {
     use axum::http::StatusCode;
 
     fn chat(body: &str) -> Result<GenerateRequest, ApiError> {
-        chat_request(body.as_bytes(), "m")
+        chat_request(body.as_bytes(), "m", &ImageLimits::default())
     }
 
     #[test]
@@ -343,10 +399,7 @@ mod tests {
         assert!(!req.stream);
         assert_eq!(
             req.prompt,
-            Prompt::Chat(vec![ChatMessage {
-                role: "user".into(),
-                content: "hi".into()
-            }])
+            Prompt::Chat(vec![ChatMessage::text("user", "hi")])
         );
     }
 

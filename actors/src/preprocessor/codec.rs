@@ -55,6 +55,16 @@ impl ModelCodec {
         match prompt {
             Prompt::Text(text) => self.encode(text, true),
             Prompt::Chat(messages) => {
+                if messages.iter().any(|m| m.images().next().is_some()) {
+                    // Checked before the template: the model must not silently answer a
+                    // question about a picture it never saw. (Vision models load, with
+                    // their tower, but the serving path does not splice embeddings yet.)
+                    return Err(EngineError::InvalidRequest(
+                        "this model is served for text only: requests with images are not \
+                         accepted"
+                            .into(),
+                    ));
+                }
                 let Some(template) = &self.template else {
                     return Err(EngineError::InvalidRequest(
                         "this model has no chat template; use /v1/completions".into(),

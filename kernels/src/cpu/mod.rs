@@ -11,7 +11,7 @@ pub mod linear;
 pub mod ops;
 pub mod quant;
 
-use crate::backend::{Backend, BackendError, KvDType, KvLayout, Logits, SeqStep};
+use crate::backend::{Backend, BackendError, KvDType, KvLayout, Logits, SeqStep, Splice};
 use crate::kv_cache::PagedKvPool;
 use crate::model::{ModelConfig, ModelWeights};
 use crate::tensor::WeightTensor;
@@ -195,8 +195,43 @@ impl CpuBackend {
     }
 }
 
-/// The forward pass proper; `batch` has been validated.
-fn run_forward(m: &CpuModel, pool: &mut PagedKvPool, batch: &[SeqStep<'_>]) -> Logits {
+/// Checks that every splice lands inside its step and carries whole rows.
+fn validate_splices(
+    batch: &[SeqStep<'_>],
+    splices: &[Splice<'_>],
+    hidden: usize,
+) -> Result<(), BackendError> {
+    for (i, sp) in splices.iter().enumerate() {
+        let bad = |m: String| Err(BackendError::BadSplice(format!("splice {i}: {m}")));
+        let Some(step) = batch.get(sp.step) else {
+            return bad(format!("step {} of a batch of {}", sp.step, batch.len()));
+        };
+        if sp.offset.saturating_add(sp.rows) > step.tokens.len() {
+            return bad(format!(
+                "rows {}..{} past the step's {} tokens",
+                sp.offset,
+                sp.offset.saturating_add(sp.rows),
+                step.tokens.len()
+            ));
+        }
+        if sp.embeds.len() != sp.rows.saturating_mul(hidden) {
+            return bad(format!(
+                "{} values for {} rows of {hidden}",
+                sp.embeds.len(),
+                sp.rows
+            ));
+        }
+    }
+    Ok(())
+}
+
+/// The forward pass proper; `batch` and `splices` have been validated.
+fn run_forward(
+    m: &CpuModel,
+    pool: &mut PagedKvPool,
+    batch: &[SeqStep<'_>],
+    splices: &[Splice<'_>],
+) -> Logits {
     let c = &m.config;
     let (h, hd, eps) = (c.hidden_size, c.head_dim, c.rms_norm_eps);
     let (q_dim, kv_dim) = (c.n_heads * hd, c.n_kv_heads * hd);
@@ -236,6 +271,11 @@ fn run_forward(m: &CpuModel, pool: &mut PagedKvPool, batch: &[SeqStep<'_>]) -> L
     let mut x = vec![0.0f32; n * h];
     for (row, &t) in x.chunks_exact_mut(h).zip(&token_ids) {
         m.embd.row_f32(t as usize, row);
+    }
+    for sp in splices {
+        let first: usize = batch[..sp.step].iter().map(|s| s.tokens.len()).sum();
+        let start = (first + sp.offset) * h;
+        x[start..start + sp.rows * h].copy_from_slice(sp.embeds);
     }
     let mut xn = vec![0.0f32; n * h];
     let (mut q, mut k, mut v) = (
@@ -326,13 +366,22 @@ impl Backend for CpuBackend {
     }
 
     fn forward(&mut self, batch: &[SeqStep<'_>]) -> Result<Logits, BackendError> {
+        self.forward_spliced(batch, &[])
+    }
+
+    fn forward_spliced(
+        &mut self,
+        batch: &[SeqStep<'_>],
+        splices: &[Splice<'_>],
+    ) -> Result<Logits, BackendError> {
         self.validate(batch)?;
+        validate_splices(batch, splices, self.model.config.hidden_size)?;
         let CpuBackend {
             model,
             pool,
             threads,
         } = self;
-        Ok(threads.install(|| run_forward(model, pool, batch)))
+        Ok(threads.install(|| run_forward(model, pool, batch, splices)))
     }
 
     fn copy_blocks(&mut self, src_dst: &[(u32, u32)]) -> Result<(), BackendError> {
