@@ -638,6 +638,12 @@ impl FlashIndexer {
                 break;
             };
             let run = read(slot);
+            // Most queries leave a run where it ends: fetch that key's map slot while the run
+            // is compared, so the next lookup (or the final miss) does not wait for it.
+            let rest = run.len().saturating_sub(loc.off()) as usize;
+            if let Some(next) = keys.get(i + rest) {
+                self.map.prefetch(next.0);
+            }
             let advanced = walk.through_run(&run, loc.off(), &keys[i..]);
             if advanced == 0 {
                 break;
