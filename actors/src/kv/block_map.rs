@@ -210,15 +210,6 @@ impl BlockMap {
         }
     }
 
-    /// Point an existing `key` at `loc` (no-op when absent).
-    pub fn relocate(&self, key: u64, loc: Loc) {
-        let m = mix(key);
-        let mut t = self.write(m);
-        if let Ok(i) = t.find(key, m) {
-            t.slots[i].val = loc.0;
-        }
-    }
-
     /// Remove `key` if it still points at `loc`; true when removed.
     pub fn remove_if(&self, key: u64, loc: Loc) -> bool {
         let m = mix(key);
