@@ -142,19 +142,28 @@ fn memory_is_bounded_and_evictions_counted() {
     assert_eq!(ix.holders(BlockHash(119)), vec![WorkerId(1)]);
 }
 
+/// Eviction goes tail first within a chain (what stays is still a matchable prefix), and the
+/// part of a chain that queries matched since the last pass survives it.
 #[test]
 fn blocks_matched_by_queries_survive_eviction() {
     let ix = FlashIndexer::new(IndexerConfig { max_blocks: 3 });
     ix.apply(&batch(1, 0, vec![stored(&[1, 2, 3])]));
-    assert_eq!(ix.find_matches(&hs(&[1])).get(WorkerId(1)), 1);
+    assert_eq!(ix.find_matches(&hs(&[1, 2])).get(WorkerId(1)), 2);
     ix.apply(&batch(1, 1, vec![stored(&[4])]));
     assert_eq!(ix.holders(BlockHash(1)), vec![WorkerId(1)]);
-    assert_eq!(ix.holders(BlockHash(2)), vec![]);
-    assert_eq!(ix.block_count(), 3);
-    // A re-store after eviction indexes the block again.
-    ix.apply(&batch(1, 2, vec![stored(&[2])]));
     assert_eq!(ix.holders(BlockHash(2)), vec![WorkerId(1)]);
+    assert_eq!(
+        ix.holders(BlockHash(3)),
+        vec![],
+        "the unmatched tail went first"
+    );
+    assert_eq!(ix.block_count(), 3);
+    // A re-store after eviction indexes the block again; now the untouched chain [4] goes.
+    ix.apply(&batch(1, 2, vec![stored(&[3])]));
+    assert_eq!(ix.holders(BlockHash(3)), vec![WorkerId(1)]);
+    assert_eq!(ix.holders(BlockHash(4)), vec![]);
     assert_eq!(ix.worker_block_count(WorkerId(1)), 3);
+    assert_eq!(ix.metrics().evictions, 2);
 }
 
 #[test]
@@ -193,6 +202,8 @@ fn concurrent_readers_and_writers_agree_at_the_end() {
 #[derive(Clone, Debug)]
 enum Op {
     Store(u64, u8, u8),
+    /// A chain piece that does not start at the root (a hole before it, or a re-store).
+    StoreFrom(u64, u8, u8, u8),
     Remove(u64, u8, u8),
     Clear(u64),
     RemoveWorker(u64),
@@ -208,6 +219,7 @@ fn chain_hashes(chain: u8, from: u8, len: u8) -> Vec<u64> {
 fn op() -> impl Strategy<Value = Op> {
     prop_oneof![
         6 => (0u64..4, 0u8..3, 0u8..12).prop_map(|(w, c, l)| Op::Store(w, c, l)),
+        3 => (0u64..4, 0u8..3, 0u8..12, 1u8..6).prop_map(|(w, c, f, l)| Op::StoreFrom(w, c, f, l)),
         3 => (0u64..4, 0u8..3, 0u8..12).prop_map(|(w, c, p)| Op::Remove(w, c, p)),
         1 => (0u64..4).prop_map(Op::Clear),
         1 => (0u64..4).prop_map(Op::RemoveWorker),
@@ -235,6 +247,11 @@ proptest! {
             let (w, events) = match op {
                 Op::Store(w, c, l) => {
                     let hs = chain_hashes(c, 0, l + 1);
+                    held.entry(w).or_default().extend(&hs);
+                    (w, vec![stored(&hs)])
+                }
+                Op::StoreFrom(w, c, f, l) => {
+                    let hs = chain_hashes(c, f, l);
                     held.entry(w).or_default().extend(&hs);
                     (w, vec![stored(&hs)])
                 }

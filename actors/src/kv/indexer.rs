@@ -1,61 +1,56 @@
 //! FlashIndexer: which workers hold which KV blocks, for the router's prefix-overlap query.
 //!
 //! # Layout
-//! Blocks live in [`SHARDS`] shards chosen by hash bits; each shard is an open-addressing
-//! [`Table`] (see `block_table`) behind its own reader-writer lock, one 64-byte entry per
-//! block with its holders inline as 4-byte holder ids (a dense number per worker; blocks with
-//! many holders spill their list to a side map). A query costs about one cache line per
-//! block, and because all of a prompt's hashes are known up front, [`FlashIndexer::find_matches`]
-//! prefetches the entries [`PREFETCH_DISTANCE`] blocks ahead of the one it is comparing, so
-//! the cache misses of a long walk overlap instead of queueing one after another.
+//! Blocks are kept as *runs* (see `runs`): chains of sequence hashes in one array, cut into
+//! segments of consecutive blocks with the same holders (4-byte holder ids, a dense number
+//! per worker). A sharded hash map (`block_map`) says where each block lives (run, offset).
+//! [`FlashIndexer::find_matches`] looks up the first block of the query, compares the
+//! following query hashes against the run's array in place (a sequential compare, no lookup),
+//! intersects the still-matching workers with each segment's holders as it crosses a
+//! segment boundary, and looks the next hash up again only where the run ends or the query
+//! leaves it. A 1,024-block query over a shared prefix costs a handful of lookups instead of
+//! one dependent cache miss per block. Ingestion is cheap for the same reason: a worker
+//! storing blocks already indexed (another worker's shared prefix) costs one lookup and a
+//! compare per run; only blocks new to the index cost a map insert each. Removal finds the
+//! first removed block and walks the run for the rest (tail removals are contiguous).
 //!
 //! # Concurrency: why reads do not wait on batches
-//! A writer holds one shard's write lock at a time, for the few blocks of one batch that fall
-//! in that shard (a 64-block batch over 64 shards is about one block per lock), never for a
-//! whole batch and never two shards at once. A reader takes the read locks of the shards its
-//! query touches, in ascending shard order (so readers and writers can never wait on each
-//! other in a cycle, even with writer-preferring locks), walks, and releases them: first for
-//! the first [`FIRST_CHUNK`] blocks (most queries of new prompts miss early), then once for
-//! the rest. So a query waits at most for a few single-block updates, readers never block
-//! each other, and a 1,024-block query takes at most about 2 × 64 lock acquisitions instead
-//! of 1,024. A query that runs while a batch is being applied may see part of it; every block
-//! it reports was held at some instant during the query, which is all routing needs.
+//! Each run has its own reader-writer lock, each map shard its own. A writer holds at most one
+//! run lock and, inside it, one map shard lock at a time (order: run, then shard); a reader
+//! holds one map shard lock (for a lookup) or one run lock (for a compare), never both. So a
+//! query waits at most for one run's update by one event (microseconds), readers never block
+//! each other, and there is no lock cycle. A query that runs while a batch is applied may see
+//! part of it; every block it reports was held at some instant during the query, which is all
+//! routing needs. The read path writes nothing but a run's touch stamp (a relaxed store,
+//! only when stale) and its matched high-water mark (only when it rises): a few stores per
+//! query, never one per block.
 //!
 //! # Per-worker state
 //! Each worker has its holder id, a count of the blocks it holds, and the sequence number it
 //! should send next. A gap marks the worker as needing a resync; the resync path is
-//! [`FlashIndexer::clear_worker`] followed by a full re-store of its blocks. There is no
-//! per-worker reverse set (it cost a second hash-table insert per stored block): dropping all
-//! of a worker's blocks (`AllBlocksCleared`, resync, removal) scans the shards instead, which
-//! is O(index) but rare. Lock order is always worker state, then one block shard.
+//! [`FlashIndexer::clear_worker`] followed by a full re-store of its blocks. Dropping all of a
+//! worker's blocks (`AllBlocksCleared`, resync, removal) scans the runs, which is O(index) but
+//! rare.
 //!
 //! # Bounded memory
-//! At most [`IndexerConfig::max_blocks`] distinct blocks are indexed. Beyond it the
-//! least-recently-touched blocks are evicted whole (every worker's claim on them). "Touched"
-//! means stored by a worker or matched by a query: queries refresh a block's touch stamp with
-//! one relaxed atomic store (only when the stamp is stale), so popular shared prefixes stay
-//! while cold leaves go. Eviction uses a FIFO of (block, stamp) with a second chance: a block
-//! touched since it was queued is re-queued with its new stamp instead of evicted (the CLOCK
-//! approximation of LRU). Evicted blocks are counted in [`IndexerMetrics::evictions`]; the
-//! index then under-reports overlap for them, which only costs routing quality.
+//! At most [`IndexerConfig::max_blocks`] distinct blocks are indexed. Beyond it blocks are
+//! evicted whole (every worker's claim on them), tail first within a run, so what stays is
+//! still a matchable prefix. Which run: a CLOCK over runs (a FIFO of (run, stamp) with a second
+//! chance): a run stored into or matched since it was queued is re-queued, but even then the
+//! part beyond the deepest query match since the last pass (its cold tail) goes first.
+//! Evicted blocks are counted in [`IndexerMetrics::evictions`]; the index then under-reports
+//! overlap for them, which only costs routing quality.
 
-use super::block_table::{self, mix, Entry, HolderId, Table};
+use super::block_map::{BlockMap, Loc};
 use super::events::{KvEvent, KvEventBatch};
 use super::hash::{BlockHash, PreHashed};
+use super::runs::{common_prefix, Arena, HolderId, Run};
 use crate::ids::WorkerId;
 use dashmap::DashMap;
 use std::collections::VecDeque;
 use std::hash::BuildHasherDefault;
-use std::sync::atomic::{AtomicIsize, AtomicPtr, AtomicU64, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicIsize, AtomicU64, Ordering};
 use std::sync::{Mutex, RwLock, RwLockReadGuard, RwLockWriteGuard};
-
-/// Block shards (a power of two; chosen by the top bits of the mixed hash).
-pub const SHARDS: usize = 64;
-const SHARD_SHIFT: u32 = 64 - SHARDS.trailing_zeros();
-/// How many blocks ahead of the current one a query prefetches.
-pub const PREFETCH_DISTANCE: usize = 12;
-/// Blocks of a query walked under the first round of shard locks.
-pub const FIRST_CHUNK: usize = 16;
 
 type FastBuild = BuildHasherDefault<PreHashed>;
 
@@ -165,80 +160,62 @@ struct WorkerState {
     blocks: u64,
 }
 
-struct EvictionQueue {
-    /// (block, born, stamp when queued), oldest first.
-    fifo: VecDeque<(BlockHash, u64, u64)>,
+/// A run to consider for eviction: (run id, its incarnation, touch stamp when queued).
+type Queued = (u32, u64, u64);
+
+/// How many blocks ahead a writer prefetches the map slots it will insert or delete.
+const PREFETCH_DISTANCE: usize = 8;
+
+/// How many times a store retries a lookup that raced with a removal before it treats the
+/// block as new (the insert then settles it).
+const STALE_RETRIES: usize = 4;
+
+fn read(run: &RwLock<Run>) -> RwLockReadGuard<'_, Run> {
+    // Every mutation of a run completes before anything can panic, so a poisoned lock still
+    // guards a valid run.
+    run.read().unwrap_or_else(|e| e.into_inner())
 }
 
-/// A shard: its table, plus the table's layout mirrored in atomics so queries can compute
-/// prefetch addresses without taking the lock.
-struct Shard {
-    table: RwLock<Table>,
-    base: AtomicPtr<Entry>,
-    mask: AtomicUsize,
-}
-
-impl Shard {
-    fn new() -> Shard {
-        let table = Table::default();
-        let (base, mask) = table.layout();
-        Shard {
-            table: RwLock::new(table),
-            base: AtomicPtr::new(base.cast_mut()),
-            mask: AtomicUsize::new(mask),
-        }
-    }
-
-    fn read(&self) -> RwLockReadGuard<'_, Table> {
-        // A panic while writing leaves the table structurally valid (every mutation of one
-        // entry completes before anything can panic), so a poisoned lock is used as is.
-        self.table.read().unwrap_or_else(|e| e.into_inner())
-    }
-
-    fn write(&self) -> RwLockWriteGuard<'_, Table> {
-        self.table.write().unwrap_or_else(|e| e.into_inner())
-    }
-
-    /// After a write: the table may have grown.
-    fn publish(&self, table: &Table) {
-        let (base, mask) = table.layout();
-        self.base.store(base.cast_mut(), Ordering::Relaxed);
-        self.mask.store(mask, Ordering::Relaxed);
-    }
-}
-
-#[inline]
-fn shard_of(mixed: u64) -> usize {
-    (mixed >> SHARD_SHIFT) as usize
+fn write(run: &RwLock<Run>) -> RwLockWriteGuard<'_, Run> {
+    run.write().unwrap_or_else(|e| e.into_inner())
 }
 
 /// The concurrent KV block index. Share it behind an `Arc`; all methods take `&self`.
 pub struct FlashIndexer {
     config: IndexerConfig,
-    shards: Box<[Shard]>,
+    map: BlockMap,
+    runs: Arena,
     workers: DashMap<WorkerId, WorkerState, FastBuild>,
     /// Holder id -> worker (ids are never reused: a removed worker that comes back gets a new one).
     names: RwLock<Vec<WorkerId>>,
-    queue: Mutex<EvictionQueue>,
+    queue: Mutex<VecDeque<Queued>>,
     /// Logical clock for touch stamps: +1 per applied batch.
     tick: AtomicU64,
-    /// Distinct blocks. Signed and updated once per batch, so it can dip below zero for a
+    /// Distinct blocks. Signed and updated once per event, so it can dip below zero for a
     /// moment when an eviction races a batch that created the block; read through
     /// `block_count`, which clamps.
     distinct: AtomicIsize,
     counters: Counters,
 }
 
+/// What one event did to the index.
+#[derive(Default)]
+struct Delta {
+    /// (worker, block) claims added or dropped.
+    claims: u64,
+    /// Blocks that entered or left the index.
+    blocks: usize,
+}
+
 impl FlashIndexer {
     pub fn new(config: IndexerConfig) -> Self {
         FlashIndexer {
             config,
-            shards: (0..SHARDS).map(|_| Shard::new()).collect(),
+            map: BlockMap::default(),
+            runs: Arena::default(),
             workers: DashMap::with_hasher_and_shard_amount(FastBuild::default(), 64),
             names: RwLock::new(Vec::new()),
-            queue: Mutex::new(EvictionQueue {
-                fifo: VecDeque::new(),
-            }),
+            queue: Mutex::new(VecDeque::new()),
             tick: AtomicU64::new(1),
             distinct: AtomicIsize::new(0),
             counters: Counters::default(),
@@ -247,23 +224,6 @@ impl FlashIndexer {
 
     pub fn config(&self) -> &IndexerConfig {
         &self.config
-    }
-
-    fn shard(&self, mixed: u64) -> &Shard {
-        // SHARDS is a power of two and shard_of keeps the top bits: always in range.
-        &self.shards[shard_of(mixed) & (SHARDS - 1)]
-    }
-
-    #[inline]
-    fn prefetch(&self, mixed: u64) {
-        let shard = self.shard(mixed);
-        let base = shard.base.load(Ordering::Relaxed);
-        let mask = shard.mask.load(Ordering::Relaxed);
-        let home = block_table::entry_addr(base, mask, mixed);
-        block_table::prefetch(home);
-        // Linear probing: about a third of lookups at our load factor continue to the next
-        // entry, which would otherwise be a second, unhidden miss.
-        block_table::prefetch(home.wrapping_add(1));
     }
 
     fn new_worker_state(&self, worker: WorkerId) -> WorkerState {
@@ -285,7 +245,7 @@ impl FlashIndexer {
     /// concurrently from different threads.
     pub fn apply(&self, batch: &KvEventBatch) -> ApplyOutcome {
         let tick = self.tick.fetch_add(1, Ordering::Relaxed);
-        let mut fresh: Vec<(BlockHash, u64, u64)> = Vec::new();
+        let mut fresh: Vec<Queued> = Vec::new();
         let outcome = {
             let mut state = self
                 .workers
@@ -318,20 +278,27 @@ impl FlashIndexer {
             let holder = state.holder;
             let mut block_events = 0u64;
             let mut indexed = 0u64;
+            let mut created = 0usize;
             let mut dropped = 0usize;
             for event in &batch.events {
                 match event {
-                    KvEvent::BlockStored { block_hashes, .. } => {
+                    KvEvent::BlockStored {
+                        block_hashes,
+                        parent_block_hash,
+                        ..
+                    } => {
                         block_events += block_hashes.len() as u64;
-                        let claims = self.store(block_hashes, holder, tick, &mut fresh);
-                        state.blocks += claims;
-                        indexed += claims;
+                        let d =
+                            self.store(block_hashes, *parent_block_hash, holder, tick, &mut fresh);
+                        state.blocks += d.claims;
+                        indexed += d.claims;
+                        created += d.blocks;
                     }
                     KvEvent::BlockRemoved { block_hashes } => {
                         block_events += block_hashes.len() as u64;
-                        let (claims, emptied) = self.unstore(block_hashes, holder);
-                        state.blocks = state.blocks.saturating_sub(claims);
-                        dropped += emptied;
+                        let d = self.unstore(block_hashes, holder);
+                        state.blocks = state.blocks.saturating_sub(d.claims);
+                        dropped += d.blocks;
                     }
                     KvEvent::AllBlocksCleared => {
                         block_events += 1;
@@ -346,7 +313,7 @@ impl FlashIndexer {
                 .fetch_add(batch.events.len() as u64, Ordering::Relaxed);
             c.block_events.fetch_add(block_events, Ordering::Relaxed);
             c.indexed.fetch_add(indexed, Ordering::Relaxed);
-            let created = isize::try_from(fresh.len()).unwrap_or(isize::MAX);
+            let created = isize::try_from(created).unwrap_or(isize::MAX);
             let dropped = isize::try_from(dropped).unwrap_or(isize::MAX);
             self.distinct
                 .fetch_add(created - dropped, Ordering::Relaxed);
@@ -356,142 +323,282 @@ impl FlashIndexer {
         outcome
     }
 
-    /// Mixed hashes of `hashes` with their position, grouped by shard (stable within a
-    /// shard), their home entries prefetched.
-    fn by_shard(&self, hashes: &[BlockHash]) -> Vec<(u64, u32)> {
-        let mut order: Vec<(u64, u32)> = hashes
-            .iter()
-            .enumerate()
-            .map(|(i, h)| {
-                let m = mix(h.0);
-                self.prefetch(m);
-                (m, i as u32)
-            })
-            .collect();
-        order.sort_unstable_by_key(|(m, i)| (shard_of(*m), *i));
-        order
-    }
-
-    /// Runs `f(table, hash, mixed hash, index in hashes)` for every block of `hashes` under its
-    /// shard's write lock, taking each shard's lock once (in shard order, blocks in batch
-    /// order within a shard) and publishing the table's layout after.
-    fn for_each_by_shard(
-        &self,
-        hashes: &[BlockHash],
-        mut f: impl FnMut(&mut Table, BlockHash, u64, u32),
-    ) {
-        let order = self.by_shard(hashes);
-        for group in order.chunk_by(|a, b| shard_of(a.0) == shard_of(b.0)) {
-            let Some(&(m0, _)) = group.first() else {
-                continue;
-            };
-            let shard = self.shard(m0);
-            let mut table = shard.write();
-            for &(m, i) in group {
-                let h = hashes.get(i as usize).copied().unwrap_or(BlockHash(0));
-                f(&mut table, h, m, i);
-            }
-            shard.publish(&table);
-        }
-    }
-
-    /// Claim `hashes` for `holder`, one write lock per shard touched. Returns new claims;
-    /// blocks new to the index are appended to `fresh` in batch order.
+    /// Claim `hashes` (a chain whose first block's parent is `parent`) for `holder`.
     fn store(
         &self,
         hashes: &[BlockHash],
+        parent: Option<BlockHash>,
         holder: HolderId,
         tick: u64,
-        fresh: &mut Vec<(BlockHash, u64, u64)>,
-    ) -> u64 {
-        let first_fresh = fresh.len();
-        let mut claims = 0u64;
-        let mut created: Vec<(u32, BlockHash, u64)> = Vec::new();
-        self.for_each_by_shard(hashes, |table, h, m, i| {
-            // Unique per (batch, new block) without a shared atomic: the batch's tick in the
-            // high bits, its count of new blocks in the low 24. (A batch of over 16M new
-            // blocks could alias two incarnations of one hash; the cost is an early evict.)
-            let born = (tick << 24) | ((first_fresh + created.len()) as u64 & 0xFF_FFFF);
-            let added = table.add_holder(h.0, m, holder, tick, born);
-            if added.created {
-                created.push((i, h, born));
+        fresh: &mut Vec<Queued>,
+    ) -> Delta {
+        let keys = hashes;
+        let mut d = Delta::default();
+        let mut i = 0usize;
+        // Where the previous block of the chain lives, once known.
+        let mut prev: Option<Loc> = None;
+        let mut stale = 0usize;
+        while let Some(&key) = keys.get(i) {
+            if stale < STALE_RETRIES {
+                if let Some(loc) = self.map.get(key.0) {
+                    match self.claim_existing(loc, &keys[i..], holder, tick) {
+                        Some((matched, claims, last)) => {
+                            d.claims += claims;
+                            i += matched;
+                            prev = Some(last);
+                        }
+                        None => stale += 1, // raced with a removal: look again
+                    }
+                    continue;
+                }
             }
-            claims += u64::from(added.claimed);
-        });
-        created.sort_unstable_by_key(|(i, _, _)| *i);
-        fresh.extend(created.into_iter().map(|(_, h, born)| (h, born, tick)));
-        claims
-    }
-
-    /// Drop `holder`'s claims on `hashes`: (claims dropped, blocks that left the index).
-    fn unstore(&self, hashes: &[BlockHash], holder: HolderId) -> (u64, usize) {
-        let (mut claims, mut emptied) = (0u64, 0usize);
-        self.for_each_by_shard(hashes, |table, h, m, _| {
-            let r = table.remove_holder(h.0, m, holder);
-            claims += u64::from(r.unclaimed);
-            emptied += usize::from(r.emptied);
-        });
-        (claims, emptied)
-    }
-
-    /// Drop every claim of `holder`, shard by shard; returns blocks that left the index.
-    fn drop_holder(&self, holder: HolderId) -> usize {
-        let mut emptied = 0;
-        for shard in self.shards.iter() {
-            let mut table = shard.write();
-            emptied += table.remove_holder_everywhere(holder).1;
-            shard.publish(&table);
+            if i == 0 {
+                prev = parent.and_then(|p| self.map.get(p.0));
+            }
+            let (n, last) = self.append_new(prev, &keys[i..], holder, tick, fresh);
+            d.claims += n as u64;
+            d.blocks += n;
+            i += n;
+            prev = last.or(prev);
+            stale = 0;
         }
-        emptied
+        d
     }
 
-    fn born_of(&self, h: BlockHash) -> Option<(u64, u64)> {
-        let m = mix(h.0);
-        let table = self.shard(m).read();
-        table.get(h.0, m).map(|e| (e.born(), e.touched()))
+    /// Add `holder` to the stretch of `keys` that the run at `loc` holds in order from
+    /// `loc`: (blocks matched, new claims, location of the last). `None` when `loc` is stale.
+    fn claim_existing(
+        &self,
+        loc: Loc,
+        keys: &[BlockHash],
+        holder: HolderId,
+        tick: u64,
+    ) -> Option<(usize, u64, Loc)> {
+        let slot = self.runs.get(loc.run())?;
+        let mut run = write(slot);
+        let off = loc.off();
+        if run.hashes.get(off as usize) != keys.first() || !run.is_live(off) {
+            return None;
+        }
+        let end = run.live_end(off);
+        let m = common_prefix(keys, &run.hashes[off as usize..end as usize]).max(1);
+        let claims = run.add_holder(off, off + m as u32, holder);
+        *run.touched.get_mut() = tick.max(*run.touched.get_mut());
+        Some((m, claims, Loc::new(loc.run(), off + m as u32 - 1)))
     }
 
-    fn enqueue_and_evict(&self, fresh: Vec<(BlockHash, u64, u64)>) {
+    /// Index new blocks `keys` for `holder`, appended to `prev`'s run when `prev` ends it,
+    /// else in a new run. Stops at the first key already indexed: (blocks indexed, location of
+    /// the last).
+    fn append_new(
+        &self,
+        prev: Option<Loc>,
+        keys: &[BlockHash],
+        holder: HolderId,
+        tick: u64,
+        fresh: &mut Vec<Queued>,
+    ) -> (usize, Option<Loc>) {
+        // Grow the previous block's run in place when the chain continues at its end.
+        if let Some(p) = prev {
+            if let Some(slot) = self.runs.get(p.run()) {
+                let mut run = write(slot);
+                if run.len() == p.off() + 1 && run.is_live(p.off()) {
+                    let n = self.push_keys(p.run(), &mut run, keys, holder, tick);
+                    return (n, (n > 0).then(|| Loc::new(p.run(), p.off() + n as u32)));
+                }
+            }
+        }
+        let Some((id, born)) = self.runs.create() else {
+            return (keys.len(), None); // arena full: these blocks go unindexed
+        };
+        let Some(slot) = self.runs.get(id) else {
+            return (keys.len(), None);
+        };
+        let mut run = write(slot);
+        run.born = born;
+        let n = self.push_keys(id, &mut run, keys, holder, tick);
+        if n == 0 {
+            // The first key was indexed meanwhile (another writer): no run after all.
+            run.reset();
+            drop(run);
+            self.runs.release(id);
+            return (0, None);
+        }
+        fresh.push((id, born, tick));
+        (n, Some(Loc::new(id, n as u32 - 1)))
+    }
+
+    /// Append keys to `run` (id `id`, write-locked) while each is new to the index.
+    fn push_keys(
+        &self,
+        id: u32,
+        run: &mut Run,
+        keys: &[BlockHash],
+        holder: HolderId,
+        tick: u64,
+    ) -> usize {
+        let mut n = 0;
+        for key in keys.iter().take(PREFETCH_DISTANCE) {
+            self.map.prefetch(key.0);
+        }
+        for (k, &key) in keys.iter().enumerate() {
+            if let Some(ahead) = keys.get(k + PREFETCH_DISTANCE) {
+                self.map.prefetch(ahead.0);
+            }
+            if self
+                .map
+                .insert_or_get(key.0, Loc::new(id, run.len()))
+                .is_err()
+            {
+                break;
+            }
+            run.push(key, holder);
+            n += 1;
+        }
+        *run.touched.get_mut() = tick.max(*run.touched.get_mut());
+        n
+    }
+
+    /// Drop `holder`'s claims on `hashes`.
+    fn unstore(&self, hashes: &[BlockHash], holder: HolderId) -> Delta {
+        let mut d = Delta::default();
+        let mut j = 0usize;
+        while let Some(h) = hashes.get(j) {
+            j += 1;
+            let Some(loc) = self.map.get(h.0) else {
+                continue;
+            };
+            let Some(slot) = self.runs.get(loc.run()) else {
+                continue;
+            };
+            let mut run = write(slot);
+            let off = loc.off();
+            if run.hashes.get(off as usize) != Some(h) {
+                continue;
+            }
+            // The rest of a tail removal is usually the run's neighbouring blocks, in either
+            // order: take them under the same lock instead of looking each up.
+            let (mut lo, mut hi) = (off, off);
+            while let Some(next) = hashes.get(j) {
+                // Only live neighbours: a dead position's block may live elsewhere now.
+                if lo > 0 && run.hashes.get(lo as usize - 1) == Some(next) && run.is_live(lo - 1) {
+                    lo -= 1;
+                } else if run.hashes.get(hi as usize + 1) == Some(next) && run.is_live(hi + 1) {
+                    hi += 1;
+                } else {
+                    break;
+                }
+                j += 1;
+            }
+            let (claims, died) = run.remove_holder(lo, hi + 1, holder);
+            d.claims += claims;
+            d.blocks += self.forget(loc.run(), &mut run, &died);
+        }
+        d
+    }
+
+    /// Take the dead ranges of a write-locked run out of the map, trim it, and free it when
+    /// nothing in it is live. Returns the blocks that left the index.
+    fn forget(&self, id: u32, run: &mut Run, died: &[(u32, u32)]) -> usize {
+        let mut gone = 0;
+        for &(a, b) in died {
+            let dead = run.hashes.get(a as usize..b as usize).unwrap_or(&[]);
+            for key in dead.iter().take(PREFETCH_DISTANCE) {
+                self.map.prefetch(key.0);
+            }
+            for off in a..b {
+                if let Some(ahead) = run.hashes.get(off as usize + PREFETCH_DISTANCE) {
+                    if off as usize + PREFETCH_DISTANCE < b as usize {
+                        self.map.prefetch(ahead.0);
+                    }
+                }
+                if let Some(key) = run.hashes.get(off as usize) {
+                    gone += usize::from(self.map.remove_if(key.0, Loc::new(id, off)));
+                }
+            }
+        }
+        if !died.is_empty() {
+            run.trim();
+            if run.live == 0 {
+                run.reset();
+                self.runs.release(id);
+            }
+        }
+        gone
+    }
+
+    /// Drop every claim of `holder`, run by run; returns blocks that left the index.
+    fn drop_holder(&self, holder: HolderId) -> usize {
+        let mut gone = 0;
+        for id in 0..self.runs.end() {
+            let Some(slot) = self.runs.get(id) else {
+                continue;
+            };
+            let mut run = write(slot);
+            if run.live == 0 {
+                continue;
+            }
+            let len = run.len();
+            let (_, died) = run.remove_holder(0, len, holder);
+            gone += self.forget(id, &mut run, &died);
+        }
+        gone
+    }
+
+    fn enqueue_and_evict(&self, fresh: Vec<Queued>) {
         let over = self.block_count() > self.config.max_blocks;
         if fresh.is_empty() && !over {
             return;
         }
-        let mut victims: Vec<HolderId> = Vec::new();
+        let mut victims: Vec<(HolderId, u64)> = Vec::new();
         {
             let Ok(mut q) = self.queue.lock() else {
                 return; // a panicking thread poisoned it: stop evicting rather than panic
             };
-            q.fifo.extend(fresh);
-            let live = self.block_count();
-            if q.fifo.len() > 2 * live + 4096 {
-                // Drop queue items of blocks that were removed since they were queued.
-                q.fifo
-                    .retain(|(h, born, _)| self.born_of(*h).is_some_and(|(b, _)| b == *born));
+            q.extend(fresh);
+            if q.len() > 2 * self.runs.end() as usize + 4096 {
+                // Drop items of runs freed since they were queued.
+                q.retain(|(id, born, _)| self.runs.get(*id).is_some_and(|r| read(r).born == *born));
             }
-            let mut excess = live.saturating_sub(self.config.max_blocks);
-            while excess > 0 {
-                let Some((h, born, stamp)) = q.fifo.pop_front() else {
+            let mut excess = self.block_count().saturating_sub(self.config.max_blocks);
+            // Each run is looked at most twice per call (once, then after its second chance).
+            let mut budget = 2 * q.len() + 1;
+            while excess > 0 && budget > 0 {
+                budget -= 1;
+                let Some((id, born, stamp)) = q.pop_front() else {
                     break;
                 };
-                let Some(now) = self
-                    .born_of(h)
-                    .filter(|(b, _)| *b == born)
-                    .map(|(_, touched)| touched)
-                else {
-                    continue; // stale item
-                };
-                if now > stamp {
-                    q.fifo.push_back((h, born, now)); // second chance
+                let Some(slot) = self.runs.get(id) else {
                     continue;
+                };
+                let mut run = write(slot);
+                if run.born != born || run.live == 0 {
+                    continue; // freed (and maybe reused) since it was queued
                 }
-                let m = mix(h.0);
-                let shard = self.shard(m);
-                let removed = shard.write().remove_if_born(h.0, m, born);
-                if let Some(holders) = removed {
-                    self.distinct.fetch_sub(1, Ordering::Relaxed);
-                    self.counters.evictions.fetch_add(1, Ordering::Relaxed);
-                    victims.extend(holders);
-                    excess -= 1;
+                let touched = *run.touched.get_mut();
+                let hot = std::mem::take(run.hot.get_mut());
+                // Matched or stored since queued: only the part beyond the deepest match is
+                // evictable this pass.
+                let floor = if touched > stamp { hot } else { 0 };
+                let tail = run.live_tail();
+                let from = tail
+                    .saturating_sub(u32::try_from(excess).unwrap_or(u32::MAX))
+                    .max(floor);
+                if from < tail {
+                    let (claims, died) = run.kill(from, tail);
+                    victims.extend(claims);
+                    let gone = self.forget(id, &mut run, &died);
+                    self.distinct.fetch_sub(
+                        isize::try_from(gone).unwrap_or(isize::MAX),
+                        Ordering::Relaxed,
+                    );
+                    self.counters
+                        .evictions
+                        .fetch_add(gone as u64, Ordering::Relaxed);
+                    excess = excess.saturating_sub(gone);
+                }
+                if run.born == born && run.live > 0 {
+                    q.push_back((id, born, touched));
                 }
             }
         }
@@ -500,17 +607,17 @@ impl FlashIndexer {
         }
         // The evicted claims leave their holders' counts (worker lock only; names first and
         // released, so no lock is held across the two).
-        let owners: Vec<(WorkerId, HolderId)> = {
+        let owners: Vec<(WorkerId, HolderId, u64)> = {
             let names = self.names.read().unwrap_or_else(|e| e.into_inner());
             victims
                 .into_iter()
-                .filter_map(|id| names.get(id as usize).map(|w| (*w, id)))
+                .filter_map(|(id, n)| names.get(id as usize).map(|w| (*w, id, n)))
                 .collect()
         };
-        for (w, id) in owners {
+        for (w, id, n) in owners {
             if let Some(mut state) = self.workers.get_mut(&w) {
                 if state.holder == id {
-                    state.blocks = state.blocks.saturating_sub(1);
+                    state.blocks = state.blocks.saturating_sub(n);
                 }
             }
         }
@@ -520,18 +627,32 @@ impl FlashIndexer {
     /// stops at the first block that no still-matching worker holds.
     pub fn find_matches(&self, hashes: &[BlockHash]) -> OverlapScores {
         let tick = self.tick.load(Ordering::Relaxed);
-        let mixed: Vec<u64> = hashes.iter().map(|h| mix(h.0)).collect();
-        for &m in mixed.iter().take(PREFETCH_DISTANCE) {
-            self.prefetch(m);
-        }
-        let mut walk = Walk {
-            active: Vec::new(),
-            scores: Vec::new(),
-            depth: 0,
-        };
-        let split = FIRST_CHUNK.min(hashes.len());
-        if !self.walk_chunk(&mut walk, hashes, &mixed, 0, split, tick) {
-            self.walk_chunk(&mut walk, hashes, &mixed, split, hashes.len(), tick);
+        let keys = hashes;
+        let mut walk = Walk::default();
+        let mut i = 0usize;
+        while let Some(key) = keys.get(i) {
+            let Some(loc) = self.map.get(key.0) else {
+                break;
+            };
+            let Some(slot) = self.runs.get(loc.run()) else {
+                break;
+            };
+            let run = read(slot);
+            // Most queries leave a run where it ends: fetch that key's map slot while the run
+            // is compared, so the next lookup (or the final miss) does not wait for it.
+            let rest = run.len().saturating_sub(loc.off()) as usize;
+            if let Some(next) = keys.get(i + rest) {
+                self.map.prefetch(next.0);
+            }
+            let advanced = walk.through_run(&run, loc.off(), &keys[i..]);
+            if advanced == 0 {
+                break;
+            }
+            run.touch(tick, loc.off() + advanced as u32);
+            i += advanced;
+            if walk.active.is_empty() {
+                break;
+            }
         }
         let Walk {
             active,
@@ -548,78 +669,18 @@ impl FlashIndexer {
         )
     }
 
-    /// Walk blocks `from..to` under the read locks of the shards they fall in, taken in
-    /// ascending shard order. True when the walk ended (a miss, or no worker left).
-    fn walk_chunk(
-        &self,
-        walk: &mut Walk,
-        hashes: &[BlockHash],
-        mixed: &[u64],
-        from: usize,
-        to: usize,
-        tick: u64,
-    ) -> bool {
-        let (Some(keys), Some(chunk)) = (hashes.get(from..to), mixed.get(from..to)) else {
-            return true;
-        };
-        if chunk.is_empty() {
-            return true;
-        }
-        let mut wanted = 0u64;
-        for &m in chunk {
-            wanted |= 1 << shard_of(m);
-        }
-        let mut guards: [Option<RwLockReadGuard<'_, Table>>; SHARDS] =
-            std::array::from_fn(|_| None);
-        for (s, guard) in guards.iter_mut().enumerate() {
-            if wanted & (1 << s) != 0 {
-                *guard = self.shards.get(s).map(Shard::read);
-            }
-        }
-        for (k, (h, &m)) in keys.iter().zip(chunk).enumerate() {
-            if let Some(&ahead) = mixed.get(from + k + PREFETCH_DISTANCE) {
-                self.prefetch(ahead);
-            }
-            let Some(table) = guards.get(shard_of(m)).and_then(Option::as_ref) else {
-                return true;
-            };
-            let Some(entry) = table.get(h.0, m) else {
-                return true;
-            };
-            entry.touch(tick);
-            let holders = table.holders(entry);
-            if walk.depth == 0 {
-                walk.active.extend_from_slice(holders);
-            } else if holders != walk.active.as_slice() {
-                // Both sorted: keep workers still holding this block; the rest stop at depth.
-                let depth = walk.depth;
-                let scores = &mut walk.scores;
-                walk.active.retain(|w| {
-                    let keep = holders.binary_search(w).is_ok();
-                    if !keep {
-                        scores.push((*w, depth));
-                    }
-                    keep
-                });
-            }
-            if walk.active.is_empty() {
-                return true;
-            }
-            walk.depth += 1;
-        }
-        false
-    }
-
     /// Workers currently holding `h`, sorted.
     pub fn holders(&self, h: BlockHash) -> Vec<WorkerId> {
-        let m = mix(h.0);
-        let ids: Vec<HolderId> = {
-            let table = self.shard(m).read();
-            table
-                .get(h.0, m)
-                .map(|e| table.holders(e).to_vec())
-                .unwrap_or_default()
-        };
+        let ids: Vec<HolderId> = self
+            .map
+            .get(h.0)
+            .and_then(|loc| {
+                let run = read(self.runs.get(loc.run())?);
+                let off = loc.off();
+                (run.hashes.get(off as usize) == Some(&h))
+                    .then(|| run.segs[run.seg_index(off)].holders.clone())
+            })
+            .unwrap_or_default();
         let names = self.names.read().unwrap_or_else(|e| e.into_inner());
         let mut out: Vec<WorkerId> = ids
             .into_iter()
@@ -688,6 +749,12 @@ impl FlashIndexer {
         usize::try_from(self.distinct.load(Ordering::Relaxed)).unwrap_or(0)
     }
 
+    /// Heap bytes of the index's map and runs (walks every run: for benchmarks and
+    /// diagnostics, not a hot path).
+    pub fn heap_bytes(&self) -> usize {
+        self.map.heap_bytes() + self.runs.heap_bytes()
+    }
+
     pub fn metrics(&self) -> IndexerMetrics {
         let c = &self.counters;
         IndexerMetrics {
@@ -705,10 +772,67 @@ impl FlashIndexer {
 }
 
 /// A query's progress along the chain: holder ids still matching, and those that stopped.
+#[derive(Default)]
 struct Walk {
     active: Vec<HolderId>,
     scores: Vec<(HolderId, u32)>,
     depth: u32,
+}
+
+impl Walk {
+    /// Follow `keys` through `run` from offset `off` while they match its live positions,
+    /// narrowing the active workers at each segment. Returns the keys consumed (0 when the
+    /// run does not hold `keys[0]` at `off`, e.g. a stale location).
+    fn through_run(&mut self, run: &Run, off: u32, keys: &[BlockHash]) -> usize {
+        if run.hashes.get(off as usize) != keys.first() {
+            return 0;
+        }
+        let mut pos = off;
+        let mut used = 0usize;
+        let mut s = run.seg_index(off);
+        while let Some(seg) = run.segs.get(s) {
+            if seg.holders.is_empty() {
+                break; // dead: the caller looks the key up again
+            }
+            let end = run.seg_end(s);
+            let m = common_prefix(&keys[used..], &run.hashes[pos as usize..end as usize]);
+            if m == 0 {
+                break;
+            }
+            self.narrow(&seg.holders);
+            if self.active.is_empty() {
+                return used + 1; // consumed, but nobody holds it
+            }
+            used += m;
+            pos += m as u32;
+            self.depth += m as u32;
+            if pos < end || used == keys.len() {
+                break; // the query leaves the run here (or ends)
+            }
+            s += 1;
+        }
+        used
+    }
+
+    /// Keep the active workers that also hold the current segment; the rest stop at `depth`.
+    fn narrow(&mut self, holders: &[HolderId]) {
+        if self.depth == 0 && self.active.is_empty() {
+            self.active.extend_from_slice(holders);
+            return;
+        }
+        if holders == self.active.as_slice() {
+            return;
+        }
+        let depth = self.depth;
+        let scores = &mut self.scores;
+        self.active.retain(|w| {
+            let keep = holders.binary_search(w).is_ok();
+            if !keep {
+                scores.push((*w, depth));
+            }
+            keep
+        });
+    }
 }
 
 impl Default for FlashIndexer {
@@ -737,8 +861,8 @@ mod tests {
         }
     }
 
-    /// Many holders per block (past the inline capacity) and a long chain over every shard:
-    /// each worker's overlap is exactly the prefix it stored.
+    /// Many holders per block and a long chain: each worker's overlap is exactly the prefix
+    /// it stored.
     #[test]
     fn many_holders_and_long_chains() {
         let ix = FlashIndexer::default();
@@ -755,7 +879,6 @@ mod tests {
         assert_eq!(m.scores, want);
         assert_eq!(m.matched_blocks, 300);
         assert_eq!(ix.holders(q[0]).len(), 30);
-        // Removing most holders brings the list back inline; the survivors still match.
         for w in 0..25u64 {
             ix.remove_worker(WorkerId(w));
         }
@@ -766,5 +889,45 @@ mod tests {
         assert_eq!(m.scores, want);
         assert_eq!(ix.block_count(), 300);
         assert_eq!(ix.worker_block_count(WorkerId(29)), 300);
+    }
+
+    /// A chain removed tail first and stored again grows its run in place; a block that
+    /// comes back after its run moved on is found where it now lives.
+    #[test]
+    fn removed_tails_regrow_and_moved_blocks_are_found() {
+        let ix = FlashIndexer::default();
+        let chain: Vec<u64> = (1..=20).collect();
+        ix.apply(&stored(1, 0, &chain));
+        ix.apply(&stored(2, 0, &chain[..10]));
+        let rm = |w: u64, seq: u64, hs: &[u64]| KvEventBatch {
+            worker: WorkerId(w),
+            seq,
+            ts: 0.0,
+            events: vec![KvEvent::BlockRemoved {
+                block_hashes: hs.iter().rev().map(|h| BlockHash(*h)).collect(),
+            }],
+        };
+        ix.apply(&rm(1, 1, &chain[5..]));
+        assert_eq!(ix.block_count(), 10);
+        let q: Vec<BlockHash> = chain.iter().map(|h| BlockHash(*h)).collect();
+        assert_eq!(
+            ix.find_matches(&q).scores,
+            vec![(WorkerId(1), 5), (WorkerId(2), 10)]
+        );
+        // Worker 2 drops 3..5 (a hole), then worker 3 stores block 4 alone.
+        ix.apply(&rm(2, 1, &chain[2..5]));
+        ix.apply(&stored(3, 0, &[4]));
+        assert_eq!(ix.holders(BlockHash(4)), vec![WorkerId(1), WorkerId(3)]);
+        assert_eq!(ix.holders(BlockHash(3)), vec![WorkerId(1)]);
+        assert_eq!(
+            ix.find_matches(&q).scores,
+            vec![(WorkerId(1), 5), (WorkerId(2), 2)]
+        );
+        // Worker 1 stores the tail again, appended in place.
+        ix.apply(&stored(1, 2, &chain[5..]));
+        assert_eq!(ix.find_matches(&q).get(WorkerId(1)), 20);
+        assert_eq!(ix.block_count(), 20);
+        assert_eq!(ix.worker_block_count(WorkerId(1)), 20);
+        assert_eq!(ix.worker_block_count(WorkerId(2)), 7);
     }
 }

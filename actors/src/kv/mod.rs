@@ -1,10 +1,11 @@
 //! KV-cache bookkeeping shared by workers, the indexer, the router and the simulator.
 
 pub mod approx;
-pub mod block_table;
+pub mod block_map;
 pub mod events;
 pub mod hash;
 pub mod indexer;
+pub mod runs;
 pub mod vllm;
 
 pub use events::{KvEvent, KvEventBatch};
