@@ -176,7 +176,7 @@ impl Report {
             resyncs: o.resyncs,
             leases_expired: o.leases_expired,
             net_dropped: o.net.dropped_loss + o.net.dropped_partition,
-            disagg: o.disagg,
+            disagg: o.disagg.clone(),
             invariant_violations: o.invariant_violations.clone(),
         }
     }
@@ -249,10 +249,11 @@ impl Report {
         if let Some(d) = &self.disagg {
             let _ = writeln!(
                 s,
-                "prefills: {} remote, {} local, {} fell back; KV transfers {}: {} blocks, {:.1} MB, {:.3} s pulling (mean {:.1} ms)",
+                "prefills: {} remote, {} local, {} fell back {:?}; KV transfers {}: {} blocks, {:.1} MB, {:.3} s pulling (mean {:.1} ms)",
                 d.remote,
                 d.local,
                 d.fallbacks,
+                d.fallback_reasons,
                 d.transfers,
                 d.blocks,
                 d.bytes as f64 / 1e6,

@@ -30,6 +30,7 @@ use crate::router::dispatch::{DispatchError, Dispatched, Dispatcher, RouteGuard}
 use crate::router::policy::{RouteError, RouteRequest};
 use crate::router::service::{RouterReply, RouterRequest, RouterService};
 use crate::worker::service::{WorkerReply, WorkerRequest, WorkerService};
+use turbine_runtime::clock::timeout;
 use turbine_runtime::{Addr, CallError, ReplyStream};
 
 /// What the dispatcher needs to run the flow.
@@ -101,9 +102,12 @@ pub async fn dispatch(
                 router: router.clone(),
                 id,
             };
-            let deadline = tokio::time::Instant::now() + settings.prefill_timeout;
-            let first = tokio::time::timeout_at(
-                deadline,
+            // On the dispatcher's clock: the simulator's virtual one in the simulator.
+            let clock = dispatcher.clock().clone();
+            let deadline = clock.now() + settings.prefill_timeout;
+            let first = timeout(
+                clock.as_ref(),
+                settings.prefill_timeout,
                 first_token(dispatcher, &router, prefill, pre.clone()),
             )
             .await
@@ -145,9 +149,11 @@ pub async fn dispatch(
             // The client gets `first` now; the descriptor and the decode worker's stream
             // follow on a task of their own.
             let router = router.clone();
+            let clock = dispatcher.clock().clone();
             let rest = async move {
+                let left = deadline.saturating_duration_since(clock.now());
                 // No descriptor (counted once, by the decode worker's report): it recomputes.
-                let kv = tokio::time::timeout_at(deadline, descriptor(&router, prefill, stream))
+                let kv = timeout(clock.as_ref(), left, descriptor(&router, prefill, stream))
                     .await
                     .unwrap_or_else(|_| {
                         tracing::info!(request = %id, worker = %prefill, "no KV descriptor within the remote prefill timeout");

@@ -145,6 +145,11 @@ impl DisaggMetrics {
                 .iter()
                 .map(|r| self.fallbacks(r.label()))
                 .sum(),
+            fallback_reasons: FallbackReason::ALL
+                .iter()
+                .map(|r| (r.label(), self.fallbacks(r.label())))
+                .filter(|(_, n)| *n > 0)
+                .collect(),
             transfers,
             blocks,
             bytes,
@@ -154,13 +159,14 @@ impl DisaggMetrics {
 }
 
 /// What [`DisaggMetrics`] counted, in one record.
-#[derive(Clone, Copy, Debug, Default, PartialEq, serde::Serialize)]
+#[derive(Clone, Debug, Default, PartialEq, serde::Serialize)]
 pub struct DisaggSummary {
     /// Prefills decided remote, and decided local (any reason).
     pub remote: u64,
     pub local: u64,
-    /// Remote prefills that fell back to a local one.
+    /// Remote prefills that fell back to a local one, in all and by reason (those seen).
     pub fallbacks: u64,
+    pub fallback_reasons: Vec<(&'static str, u64)>,
     /// KV transfers completed, the blocks and bytes they carried, the seconds they took.
     pub transfers: u64,
     pub blocks: u64,
