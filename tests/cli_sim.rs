@@ -114,7 +114,22 @@ fn turbine_sim_compares_aggregated_with_prefill_and_decode_workers_deterministic
             .collect()
     };
     assert_eq!(hashes(&a), hashes(&b), "same seed, same event logs");
-    for r in reports.as_array().expect("two reports") {
+    let reports = reports.as_array().expect("two reports");
+    for r in reports {
         assert_eq!(r["completed"], 20, "{r}");
     }
+    // The disaggregated run reports its KV transfers; the aggregated one has none.
+    assert!(reports[0]["disagg"].is_null(), "{}", reports[0]);
+    let d = &reports[1]["disagg"];
+    let (transfers, blocks, bytes) = (
+        d["transfers"].as_u64().expect("transfers"),
+        d["blocks"].as_u64().expect("blocks"),
+        d["bytes"].as_u64().expect("bytes"),
+    );
+    assert!(transfers > 0 && blocks >= transfers && bytes > 0, "{d}");
+    assert_eq!(bytes % blocks, 0, "bytes = blocks x bytes per block: {d}");
+    assert!(
+        a.contains(&format!("KV transfers {transfers}: {blocks} blocks")),
+        "{a}"
+    );
 }

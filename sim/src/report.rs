@@ -76,6 +76,8 @@ pub struct Report {
     pub resyncs: u64,
     pub leases_expired: u64,
     pub net_dropped: u64,
+    /// Disaggregated runs: prefill decisions, fallbacks and KV transfers.
+    pub disagg: Option<turbine_actors::disagg::metrics::DisaggSummary>,
     pub invariant_violations: Vec<String>,
 }
 
@@ -174,6 +176,7 @@ impl Report {
             resyncs: o.resyncs,
             leases_expired: o.leases_expired,
             net_dropped: o.net.dropped_loss + o.net.dropped_partition,
+            disagg: o.disagg.clone(),
             invariant_violations: o.invariant_violations.clone(),
         }
     }
@@ -243,6 +246,21 @@ impl Report {
             100.0 * self.mean_utilisation,
             utils.join(" ")
         );
+        if let Some(d) = &self.disagg {
+            let _ = writeln!(
+                s,
+                "prefills: {} remote, {} local, {} fell back {:?}; KV transfers {}: {} blocks, {:.1} MB, {:.3} s pulling (mean {:.1} ms)",
+                d.remote,
+                d.local,
+                d.fallbacks,
+                d.fallback_reasons,
+                d.transfers,
+                d.blocks,
+                d.bytes as f64 / 1e6,
+                d.seconds,
+                if d.transfers == 0 { 0.0 } else { 1e3 * d.seconds / d.transfers as f64 }
+            );
+        }
         let _ = writeln!(
             s,
             "faults: leases expired {}, resyncs {}, messages dropped {}",

@@ -200,6 +200,8 @@ pub struct SimOutcome {
     pub event_log_lines: Option<Vec<String>>,
     #[serde(skip)]
     pub planner: Option<PlannerOutcome>,
+    /// Disaggregated runs: where prefills ran and what KV crossed (the frontend's counts).
+    pub disagg: Option<turbine_actors::disagg::metrics::DisaggSummary>,
 }
 
 impl SimOutcome {

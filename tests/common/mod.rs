@@ -43,6 +43,8 @@ pub struct Turbine {
     pub child: Child,
     /// The HTTP port from the "turbine serving ... http://HOST:PORT" line, when it printed one.
     pub port: Option<u16>,
+    /// The stdout line it was waited for (e.g. "turbine worker w12 serving on ...").
+    pub ready_line: String,
 }
 
 impl Drop for Turbine {
@@ -88,6 +90,7 @@ pub fn spawn_turbine(args: &[&str], ready: &str) -> Turbine {
     Turbine {
         child,
         port: port_in(&line),
+        ready_line: line,
     }
 }
 

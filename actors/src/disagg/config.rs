@@ -60,6 +60,9 @@ pub struct TransferSection {
     pub max_piece_bytes: usize,
     /// Pieces in flight ahead of the importing decode worker.
     pub window: usize,
+    /// The most bytes per second a worker process's transfer plane sends, over all pulls
+    /// (0: no cap). Workers in one process move KV in memory, uncapped.
+    pub max_bytes_per_s: u64,
 }
 
 impl Default for TransferSection {
@@ -71,6 +74,7 @@ impl Default for TransferSection {
             pull_timeout_ms: d.pull_timeout_ms,
             max_piece_bytes: d.max_piece_bytes,
             window: d.window,
+            max_bytes_per_s: d.max_bytes_per_s,
         }
     }
 }
@@ -86,6 +90,7 @@ impl TransferSection {
             max_piece_bytes: self.max_piece_bytes.max(1),
             max_frame_bytes: d.max_frame_bytes.max(self.max_piece_bytes),
             window: self.window.max(1),
+            max_bytes_per_s: self.max_bytes_per_s,
         }
     }
 }

@@ -1,16 +1,20 @@
 //! The frontend's side of a disaggregated request: one router call picks the decode worker
 //! and decides where the prefill runs ([`super::route`]); a remote prefill runs on the
-//! chosen prefill worker (first token + KV descriptor back), and the decode worker is then
-//! asked to pull that KV and decode from the second token on. Every failure on the way ends
-//! in a local prefill on the decode worker, counted by reason: the client sees only latency.
+//! chosen prefill worker, whose first token goes to the client **as soon as it arrives**
+//! (the returned [`Dispatched`] hands it out first); the rest of the flow (waiting for the
+//! KV descriptor, asking the decode worker to pull that KV and decode from the second
+//! token on) runs on a task of its own while the client already has its first token.
+//! Every failure on the way ends in a local prefill on the decode worker, counted by
+//! reason: the client sees only latency.
 //!
 //! | what failed | where it is noticed | what happens |
 //! | --- | --- | --- |
 //! | prefill worker unreachable, refused, died before its first token | here | plain request on the decode worker |
-//! | no answer within `remote_prefill_timeout_ms` | here | the prefill is dropped (cancelled there), plain request on the decode worker |
-//! | died after the first token, before the descriptor | here | decode worker recomputes the prompt, keeps the first token |
+//! | no first token within `remote_prefill_timeout_ms` | here | the prefill is dropped (cancelled there), plain request on the decode worker |
+//! | died after the first token, before the descriptor (or no descriptor within the same timeout) | here | decode worker recomputes the prompt, keeps the first token |
 //! | descriptor bad, expired, owner gone mid-pull | decode worker's import | it recomputes the prompt, keeps the first token |
 //! | decode worker has no slot or blocks for the import now | decode worker | it unpins the descriptor and queues a recompute |
+//! | decode worker unreachable after the first token | the stream's next read | the migration shell continues the request elsewhere |
 
 use std::time::Duration;
 
@@ -20,12 +24,13 @@ use super::kv_transfer::KvExport;
 use super::metrics::DisaggMetrics;
 use super::route::DisaggRoute;
 use super::wire::{FallbackReason, ImportOutcome};
-use crate::ids::WorkerId;
+use crate::ids::{RequestId, WorkerId};
 use crate::protocol::{PreprocessedRequest, TokenOutput};
 use crate::router::dispatch::{DispatchError, Dispatched, Dispatcher, RouteGuard};
 use crate::router::policy::{RouteError, RouteRequest};
 use crate::router::service::{RouterReply, RouterRequest, RouterService};
-use crate::worker::service::{WorkerReply, WorkerRequest};
+use crate::worker::service::{WorkerReply, WorkerRequest, WorkerService};
+use turbine_runtime::clock::timeout;
 use turbine_runtime::{Addr, CallError, ReplyStream};
 
 /// What the dispatcher needs to run the flow.
@@ -48,8 +53,22 @@ pub fn count_import(metrics: &DisaggMetrics, outcome: &ImportOutcome) {
     }
 }
 
+/// Tells the router the remote prefill of a request is over (its prefill-pool queue count
+/// goes down), however it ends: descriptor in, failure, or the client gone.
+struct PrefillDoneGuard {
+    router: Addr<RouterService>,
+    id: RequestId,
+}
+
+impl Drop for PrefillDoneGuard {
+    fn drop(&mut self) {
+        self.router.cast(RouterRequest::PrefillDone(self.id));
+    }
+}
+
 /// Routes `pre` (hashed as `route`) and opens its stream, prefilling remotely when the
-/// router's plan says so.
+/// router's plan says so. With a remote prefill this returns once the prefill worker's
+/// first token is in (the stream's first item), before its KV descriptor.
 pub async fn dispatch(
     dispatcher: &Dispatcher,
     settings: &DisaggSettings,
@@ -76,18 +95,25 @@ pub async fn dispatch(
     dispatcher.count_route(&plan.decode);
     let guard = RouteGuard::new(router.clone(), id);
     let decode = plan.decode.worker;
-    let prefilled = match plan.prefill.worker.map(|d| d.worker) {
+    let remote = match plan.prefill.worker.map(|d| d.worker) {
         None => None,
         Some(prefill) => {
-            let remote = tokio::time::timeout(
+            let done = PrefillDoneGuard {
+                router: router.clone(),
+                id,
+            };
+            // On the dispatcher's clock: the simulator's virtual one in the simulator.
+            let clock = dispatcher.clock().clone();
+            let deadline = clock.now() + settings.prefill_timeout;
+            let first = timeout(
+                clock.as_ref(),
                 settings.prefill_timeout,
-                remote_prefill(dispatcher, &router, prefill, pre.clone()),
+                first_token(dispatcher, &router, prefill, pre.clone()),
             )
             .await
             .unwrap_or(Err(FallbackReason::PrefillTimeout));
-            router.cast(RouterRequest::PrefillDone(id));
-            match remote {
-                Ok(p) => Some((prefill, p)),
+            match first {
+                Ok(p) => Some((prefill, p, done, deadline)),
                 Err(reason) => {
                     metrics.fallback(reason.label());
                     tracing::info!(request = %id, worker = %prefill, "remote prefill failed ({}); prefilling on {decode}", reason.label());
@@ -96,7 +122,7 @@ pub async fn dispatch(
             }
         }
     };
-    let Some((prefill, prefilled)) = prefilled else {
+    let Some((prefill, prefilled, done, deadline)) = remote else {
         // Local prefill: decided so, or the remote one failed before its first token.
         let request = WorkerRequest::Generate(Box::new(pre));
         return dispatcher.open(guard, id, decode, request, None).await;
@@ -104,36 +130,62 @@ pub async fn dispatch(
     match prefilled {
         Prefilled::Finished { first, stream } => {
             // The first token ended the request: nothing to decode.
+            drop(done);
             Ok(dispatcher.dispatched(guard, id, prefill, stream, Some(first)))
         }
-        Prefilled::First { first, kv } => {
+        Prefilled::First { first, stream } => {
             let Some(&first_token) = first.token_ids.first() else {
                 return Err(DispatchError::Internal(
                     "the prefill worker sent no first token".into(),
                 ));
             };
-            if kv.is_none() {
-                metrics.fallback(FallbackReason::NoDescriptor.label());
-            }
-            let request = WorkerRequest::DecodeRemote {
-                req: Box::new(pre),
-                first_token,
-                kv,
+            let Some(addr) = dispatcher.worker_addr(decode) else {
+                router.cast(RouterRequest::Unreachable(decode));
+                return Err(DispatchError::Unreachable {
+                    worker: decode,
+                    reason: "it has just left".into(),
+                });
             };
-            dispatcher
-                .open(guard, id, decode, request, Some(first))
-                .await
+            // The client gets `first` now; the descriptor and the decode worker's stream
+            // follow on a task of their own.
+            let router = router.clone();
+            let clock = dispatcher.clock().clone();
+            let rest = async move {
+                let left = deadline.saturating_duration_since(clock.now());
+                // No descriptor (counted once, by the decode worker's report): it recomputes.
+                let kv = timeout(clock.as_ref(), left, descriptor(&router, prefill, stream))
+                    .await
+                    .unwrap_or_else(|_| {
+                        tracing::info!(request = %id, worker = %prefill, "no KV descriptor within the remote prefill timeout");
+                        None
+                    });
+                drop(done);
+                let request = WorkerRequest::DecodeRemote {
+                    req: Box::new(pre),
+                    first_token,
+                    kv,
+                };
+                open_decode(addr, request).await
+            };
+            Ok(dispatcher.opening(guard, id, decode, first, rest))
         }
     }
 }
 
-/// What a prefill worker answered.
+/// Opens the decode worker's stream.
+async fn open_decode(
+    addr: Addr<WorkerService>,
+    request: WorkerRequest,
+) -> Result<ReplyStream<WorkerReply>, CallError> {
+    addr.stream(request).await
+}
+
+/// What a prefill worker answered first.
 enum Prefilled {
-    /// The first token, and the KV descriptor (`None`: the worker went away or could not
-    /// export; the decode worker recomputes).
+    /// The first token; its KV descriptor comes next on `stream`.
     First {
         first: TokenOutput,
-        kv: Option<KvExport>,
+        stream: ReplyStream<WorkerReply>,
     },
     /// The first token ended the request.
     Finished {
@@ -142,9 +194,9 @@ enum Prefilled {
     },
 }
 
-/// Runs `pre`'s prompt on prefill worker `worker`. An error before the first token is a
-/// fallback to a full local prefill.
-async fn remote_prefill(
+/// Runs `pre`'s prompt on prefill worker `worker` up to its first token. An error before
+/// the first token is a fallback to a full local prefill.
+async fn first_token(
     dispatcher: &Dispatcher,
     router: &Addr<RouterService>,
     worker: WorkerId,
@@ -163,28 +215,42 @@ async fn remote_prefill(
         .stream(WorkerRequest::Prefill(Box::new(pre)))
         .await
         .map_err(|e| gone(&e))?;
-    let first = match stream.next().await {
-        Some(Ok(WorkerReply::Token(first))) if first.finish.is_none() => first,
+    match stream.next().await {
+        Some(Ok(WorkerReply::Token(first))) if first.finish.is_none() => {
+            Ok(Prefilled::First { first, stream })
+        }
         Some(Ok(WorkerReply::Token(first)))
             if matches!(first.finish, Some(crate::protocol::FinishReason::Error(_))) =>
         {
-            return Err(FallbackReason::PrefillFailed)
+            Err(FallbackReason::PrefillFailed)
         }
-        Some(Ok(WorkerReply::Token(first))) => return Ok(Prefilled::Finished { first, stream }),
-        Some(Err(e)) => return Err(gone(&e)),
-        _ => return Err(FallbackReason::PrefillFailed),
-    };
-    let kv = match stream.next().await {
+        Some(Ok(WorkerReply::Token(first))) => Ok(Prefilled::Finished { first, stream }),
+        Some(Err(e)) => Err(gone(&e)),
+        _ => Err(FallbackReason::PrefillFailed),
+    }
+}
+
+/// The prefill worker's KV descriptor, the item after its first token (`None`: it went
+/// away or could not export; the decode worker recomputes). Dropping `stream` after it
+/// cancels nothing: the prefill request is over.
+async fn descriptor(
+    router: &Addr<RouterService>,
+    worker: WorkerId,
+    mut stream: ReplyStream<WorkerReply>,
+) -> Option<KvExport> {
+    match stream.next().await {
         Some(Ok(WorkerReply::Kv(Ok(kv)))) => Some(kv),
         Some(Ok(WorkerReply::Kv(Err(e)))) => {
             tracing::warn!(%worker, "prefill worker could not export KV: {e}");
             None
         }
         Some(Err(e)) => {
-            gone(&e);
+            if matches!(e, CallError::PeerGone(_) | CallError::Transport(_)) {
+                router.cast(RouterRequest::Unreachable(worker));
+            }
+            tracing::info!(%worker, "prefill worker lost before its KV descriptor: {e}");
             None
         }
         _ => None,
-    };
-    Ok(Prefilled::First { first, kv })
+    }
 }

@@ -3,6 +3,7 @@
 //! was at the last decision. The frontend counts them from the router's plans and the
 //! decode workers' import reports, so they are right with workers in other processes too.
 
+use super::wire::FallbackReason;
 use crate::frontend::Metrics;
 use prometheus_client::encoding::EncodeLabelSet;
 use prometheus_client::metrics::counter::Counter;
@@ -127,4 +128,48 @@ impl DisaggMetrics {
             self.transfer_bytes.get(),
         )
     }
+
+    /// The counts so far in one record (the simulator's report).
+    pub fn summary(&self) -> DisaggSummary {
+        let (transfers, blocks, bytes) = self.transfers();
+        let local = [
+            "local_disabled",
+            "local_no_prefill_worker",
+            "local_short",
+            "local_busy",
+        ];
+        DisaggSummary {
+            remote: self.decisions("remote"),
+            local: local.iter().map(|l| self.decisions(l)).sum(),
+            fallbacks: FallbackReason::ALL
+                .iter()
+                .map(|r| self.fallbacks(r.label()))
+                .sum(),
+            fallback_reasons: FallbackReason::ALL
+                .iter()
+                .map(|r| (r.label(), self.fallbacks(r.label())))
+                .filter(|(_, n)| *n > 0)
+                .collect(),
+            transfers,
+            blocks,
+            bytes,
+            seconds: self.transfer_seconds.get(),
+        }
+    }
+}
+
+/// What [`DisaggMetrics`] counted, in one record.
+#[derive(Clone, Debug, Default, PartialEq, serde::Serialize)]
+pub struct DisaggSummary {
+    /// Prefills decided remote, and decided local (any reason).
+    pub remote: u64,
+    pub local: u64,
+    /// Remote prefills that fell back to a local one, in all and by reason (those seen).
+    pub fallbacks: u64,
+    pub fallback_reasons: Vec<(&'static str, u64)>,
+    /// KV transfers completed, the blocks and bytes they carried, the seconds they took.
+    pub transfers: u64,
+    pub blocks: u64,
+    pub bytes: u64,
+    pub seconds: f64,
 }

@@ -46,6 +46,20 @@ pub enum FallbackReason {
 }
 
 impl FallbackReason {
+    /// Every reason, in declaration order.
+    pub const ALL: [FallbackReason; 10] = [
+        FallbackReason::PrefillFailed,
+        FallbackReason::PrefillTimeout,
+        FallbackReason::NoDescriptor,
+        FallbackReason::DecodeBusy,
+        FallbackReason::Expired,
+        FallbackReason::UnknownBuffer,
+        FallbackReason::OwnerGone,
+        FallbackReason::TransferTimeout,
+        FallbackReason::BadDescriptor,
+        FallbackReason::ImportFailed,
+    ];
+
     pub fn label(self) -> &'static str {
         match self {
             FallbackReason::PrefillFailed => "prefill_failed",

@@ -216,6 +216,7 @@ impl LocalCluster {
             Members {
                 router: router.clone(),
                 frontend: Some(dispatch),
+                gauges: Some(worker_metrics),
             },
         ));
         Ok(LocalCluster {

@@ -256,6 +256,7 @@ pub async fn run_router(
         Members {
             router: Some(router.core.clone()),
             frontend: None,
+            gauges: None,
         },
     );
     let instance = Instance {

@@ -73,11 +73,33 @@ impl From<DispatchError> for EngineError {
     }
 }
 
+/// The opening of a worker's stream that waits on something first (a disaggregated
+/// request's decode worker, opened once the prefill worker's KV descriptor is in), running
+/// on a task of its own from the start; aborted (so dropped, cancelling what it opened)
+/// when the request is.
+struct Opening(tokio::task::JoinHandle<Result<ReplyStream<WorkerReply>, CallError>>);
+
+impl Drop for Opening {
+    fn drop(&mut self) {
+        self.0.abort();
+    }
+}
+
+/// The worker's stream of a [`Dispatched`]: open, or still opening.
+enum Tokens {
+    Open(ReplyStream<WorkerReply>),
+    Opening(Opening),
+    /// The opening failed (reported once, on the read that saw it).
+    Failed,
+}
+
 /// A request under way on a worker. Dropping it cancels the request.
 pub struct Dispatched {
     pub id: RequestId,
+    /// The worker whose stream this is (a disaggregated request: the decode worker, also
+    /// while its first token, from the prefill worker, is handed out).
     pub worker: WorkerId,
-    tokens: ReplyStream<WorkerReply>,
+    tokens: Tokens,
     received: bool,
     /// A first token that arrived before the stream (from a prefill worker).
     first: Option<TokenOutput>,
@@ -109,12 +131,31 @@ impl Dispatched {
             self.received = true;
             return Some(Ok(WorkerReply::Token(first)));
         }
-        let mut item = self.tokens.next().await?;
+        if let Tokens::Opening(opening) = &mut self.tokens {
+            // Cancel-safe: the opening lives in `self` until it resolves.
+            let opened = (&mut opening.0).await.unwrap_or_else(|e| {
+                Err(CallError::ActorFailed(format!("opening the stream: {e}")))
+            });
+            match opened {
+                Ok(stream) => self.tokens = Tokens::Open(stream),
+                Err(e) => {
+                    self.tokens = Tokens::Failed;
+                    if matches!(e, CallError::PeerGone(_) | CallError::Transport(_)) {
+                        self.report(RouterRequest::Unreachable(self.worker));
+                    }
+                    return Some(Err(e));
+                }
+            }
+        }
+        let Tokens::Open(tokens) = &mut self.tokens else {
+            return None;
+        };
+        let mut item = tokens.next().await?;
         while let Ok(WorkerReply::Import(outcome)) = &item {
             if let Some(m) = &self.disagg {
                 crate::disagg::flow::count_import(m, outcome);
             }
-            item = self.tokens.next().await?;
+            item = tokens.next().await?;
         }
         if matches!(item, Err(CallError::PeerGone(_) | CallError::Transport(_))) {
             self.report(RouterRequest::Unreachable(self.worker));
@@ -251,6 +292,33 @@ impl Dispatcher {
         id: RequestId,
         worker: WorkerId,
         tokens: ReplyStream<WorkerReply>,
+        first: Option<TokenOutput>,
+    ) -> Dispatched {
+        self.dispatched_as(guard, id, worker, Tokens::Open(tokens), first)
+    }
+
+    /// A request whose `first` output is in, and whose stream on `worker` is `opening`
+    /// (run on a task of its own from now; awaited on the read after `first`).
+    pub(crate) fn opening(
+        &self,
+        guard: RouteGuard,
+        id: RequestId,
+        worker: WorkerId,
+        first: TokenOutput,
+        opening: impl std::future::Future<Output = Result<ReplyStream<WorkerReply>, CallError>>
+            + Send
+            + 'static,
+    ) -> Dispatched {
+        let opening = Opening(tokio::spawn(opening));
+        self.dispatched_as(guard, id, worker, Tokens::Opening(opening), Some(first))
+    }
+
+    fn dispatched_as(
+        &self,
+        guard: RouteGuard,
+        id: RequestId,
+        worker: WorkerId,
+        tokens: Tokens,
         first: Option<TokenOutput>,
     ) -> Dispatched {
         Dispatched {

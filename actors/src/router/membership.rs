@@ -16,6 +16,7 @@ use crate::kv::KvEventBatch;
 use crate::worker::announce::{
     kv_topic, metrics_topic, META_EVENTS, META_WORKER_ID, WORKER_COMPONENT,
 };
+use crate::worker::metrics::WorkerMetrics;
 use crate::worker::service::{worker_service_name, WorkerService};
 use crate::worker::SchedulerStats;
 use async_trait::async_trait;
@@ -88,6 +89,9 @@ impl WorkerConnector for NodeConnector {
 pub struct Members {
     pub router: Option<Arc<RouterCore>>,
     pub frontend: Option<Arc<Dispatcher>>,
+    /// Where each worker's load reports also go (the frontend's `/metrics`, so a user sees
+    /// every worker's KV blocks and queue from one place); only fed while `router` follows.
+    pub gauges: Option<WorkerMetrics>,
 }
 
 /// What is kept per joined worker: the task feeding its events in, if the router follows.
@@ -169,7 +173,8 @@ async fn join(
     let events = match (&members.router, feed) {
         (Some(router), Some(feed)) => {
             router.add_worker_as(id, crate::worker::announce::role_of(inst));
-            Some(tokio::spawn(feed_events(id, feed, router.clone())))
+            let gauges = members.gauges.clone();
+            Some(tokio::spawn(feed_events(id, feed, router.clone(), gauges)))
         }
         _ => None,
     };
@@ -184,6 +189,9 @@ fn leave(members: &Members, id: WorkerId) {
     }
     if let Some(frontend) = &members.frontend {
         frontend.remove_worker(id);
+    }
+    if let Some(gauges) = &members.gauges {
+        gauges.forget(&id.to_string());
     }
 }
 
@@ -227,8 +235,14 @@ impl TrailingLoss {
 
 /// Applies a worker's events until its feed ends: KV batches into the index, load into the
 /// router; a gap in its KV events (or a lost trailing batch) clears its index entries.
-async fn feed_events(id: WorkerId, mut feed: EventFeed, router: Arc<RouterCore>) {
+async fn feed_events(
+    id: WorkerId,
+    mut feed: EventFeed,
+    router: Arc<RouterCore>,
+    gauges: Option<WorkerMetrics>,
+) {
     let mut trailing = TrailingLoss::default();
+    let name = id.to_string();
     while let Some(item) = feed.next().await {
         match item {
             Ok(Delivery::Event(ev)) if ev.topic.starts_with("kv.") => {
@@ -244,6 +258,9 @@ async fn feed_events(id: WorkerId, mut feed: EventFeed, router: Arc<RouterCore>)
             Ok(Delivery::Event(ev)) => {
                 if let Ok(stats) = ev.decode::<SchedulerStats>() {
                     router.update_load(id, &stats);
+                    if let Some(g) = &gauges {
+                        g.update(&name, &stats);
+                    }
                     if trailing.on_load_report(stats.kv_batches) {
                         tracing::warn!(worker = %id, "trailing KV events lost; clearing its index entries");
                         router.clear_kv(id);

@@ -1,5 +1,7 @@
 //! Worker-side metrics (queue depth, KV blocks, prefix-cache hit rate, preemptions),
-//! exported next to the frontend's on `/metrics`.
+//! exported next to the frontend's on `/metrics`: for a worker in the frontend's process
+//! after every step, for a worker in another process from its load reports (when the
+//! router follows it in the frontend's process, see `router::membership`).
 
 use crate::frontend::Metrics;
 use crate::worker::SchedulerStats;
@@ -89,5 +91,19 @@ impl WorkerMetrics {
         self.prefix_cache_hit_rate
             .get_or_create(&l)
             .set(s.kv.prefix_hit_rate());
+    }
+
+    /// Drops `worker`'s gauges (it left the cluster: its last figures are no longer true).
+    pub fn forget(&self, worker: &str) {
+        let l = WorkerLabel {
+            worker: worker.to_string(),
+        };
+        self.kv_blocks_used.remove(&l);
+        self.kv_blocks_free.remove(&l);
+        self.kv_blocks_cached.remove(&l);
+        self.requests_waiting.remove(&l);
+        self.requests_running.remove(&l);
+        self.preemptions.remove(&l);
+        self.prefix_cache_hit_rate.remove(&l);
     }
 }

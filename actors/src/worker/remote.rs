@@ -225,14 +225,16 @@ impl EngineLoop {
                 let loopback = self.remote.loopback.clone();
                 let skip = adm.cached_blocks;
                 let into = adm.import_into().to_vec();
+                // Timed on the loop's clock (the simulator's virtual one in the simulator).
+                let clock = self.time.clock.clone();
                 tokio::spawn(async move {
-                    let started = tokio::time::Instant::now();
+                    let started = clock.now();
                     let result = kv_transfer::import_blocks(&exec, &plane, &kv, skip, &into)
                         .await
                         .map(|bytes| ImportOutcome::Imported {
                             blocks: into.len() as u32,
                             bytes,
-                            seconds: started.elapsed().as_secs_f64(),
+                            seconds: clock.now().saturating_duration_since(started).as_secs_f64(),
                         })
                         .map_err(|e| FallbackReason::of_import(&e));
                     if let Some(tx) = loopback.upgrade() {

@@ -296,7 +296,7 @@ pub(super) struct EngineLoop {
     pub(super) sinks: BTreeMap<RequestId, mpsc::UnboundedSender<TokenOutput>>,
     stats: watch::Sender<SchedulerStats>,
     started: Instant,
-    time: EngineTime,
+    pub(super) time: EngineTime,
     event_seq: u64,
     /// Draining: new requests are released at once (see [`WorkerHandle::stop_admissions`]).
     releasing: bool,

@@ -15,7 +15,10 @@
 //! rows write a spare KV block past the pool and their tokens are dropped) and its metadata
 //! is laid out at fixed offsets, so one launch replaces the ~11 launches per layer.
 
-use super::device::{CudaError, DBuf, Gpu, Graph, KernelSpec, PinnedWords};
+mod kv_copy;
+pub use kv_copy::{KvExportJob, KvImportJob, KvPool};
+
+use super::device::{CudaError, DBuf, Gpu, Graph, KernelSpec, PinnedBytes, PinnedWords};
 use super::ops::{
     prefill_tiles, sample_params, AttnMeta, PrefillAttention, PREFILL_MIN_TOKENS, SAMPLE_MAX_TOP,
     SAMPLE_OUT,
@@ -171,6 +174,9 @@ pub struct CudaBackend {
     /// The attention kernel of steps whose every sequence has [`PREFILL_MIN_TOKENS`] or more
     /// new tokens (other steps always use the split kernel).
     prefill_attention: PrefillAttention,
+    /// Page-locked staging of KV exports and imports, kept between them (pinning hundreds of
+    /// MB takes longer than copying them); the largest one asked for so far.
+    kv_host: std::sync::Mutex<Option<PinnedBytes>>,
 }
 
 fn check_config(c: &ModelConfig, o: &CudaBackendOptions) -> Result<(), BackendError> {
@@ -378,6 +384,7 @@ impl CudaBackend {
             graphs: BTreeMap::new(),
             use_graphs: graphs_from_env(),
             prefill_attention: DEFAULT_PREFILL_ATTENTION,
+            kv_host: std::sync::Mutex::new(None),
         })
     }
 
@@ -447,6 +454,7 @@ impl CudaBackend {
             graphs: BTreeMap::new(),
             use_graphs: graphs_from_env(),
             prefill_attention: DEFAULT_PREFILL_ATTENTION,
+            kv_host: std::sync::Mutex::new(None),
         })
     }
 
@@ -1126,31 +1134,25 @@ impl Backend for CudaBackend {
     }
 
     fn export_blocks(&self, ids: &[u32]) -> Result<Vec<u8>, BackendError> {
-        for &b in ids {
-            self.check_block(b)?;
-        }
-        let per = self.layout.bytes_per_block();
-        let stage = self.gpu.alloc(per * ids.len())?;
-        let mut off = 0u64;
-        for &b in ids {
-            let (so, len) = self.block_span(b);
+        // Through the copy stream's layer chunks, reordered to the trait's block-major order
+        // on the host (one pass; the chunks are what the transfer plane sends anyway).
+        let host = self.take_kv_host(self.export_bytes(ids.len()))?;
+        let (host, _) = self.start_export(ids, host)?.finish()?;
+        let seg2 = 2 * self.block_span(0).1;
+        let layer_bytes = seg2 * ids.len();
+        let mut out = Vec::with_capacity(self.layout.bytes_per_block() * ids.len());
+        for i in 0..ids.len() {
             for l in 0..self.layout.n_layers {
-                for buf in [&self.kcache[l], &self.vcache[l]] {
-                    self.gpu
-                        .dtod(buf.ptr() + so as u64, stage.ptr() + off, len)?;
-                    off += len as u64;
-                }
+                let at = l * layer_bytes + i * seg2;
+                out.extend_from_slice(&host.as_slice()[at..at + seg2]);
             }
         }
-        let mut out = vec![0u8; per * ids.len()];
-        self.gpu.dtoh(&stage, 0, &mut out)?;
+        self.keep_kv_host(host);
         Ok(out)
     }
 
     fn import_blocks(&mut self, ids: &[u32], data: &[u8]) -> Result<(), BackendError> {
-        for &b in ids {
-            self.check_block(b)?;
-        }
+        self.check_ids(ids)?;
         let per = self.layout.bytes_per_block();
         if data.len() != per * ids.len() {
             return Err(BackendError::KvDataSize {
@@ -1161,19 +1163,17 @@ impl Backend for CudaBackend {
         if ids.is_empty() {
             return Ok(());
         }
-        let stage = self.gpu.upload(data)?;
-        let mut off = 0u64;
-        for &b in ids {
-            let (doff, len) = self.block_span(b);
-            for l in 0..self.layout.n_layers {
-                for buf in [&self.kcache[l], &self.vcache[l]] {
-                    self.gpu
-                        .dtod(stage.ptr() + off, buf.ptr() + doff as u64, len)?;
-                    off += len as u64;
-                }
+        let seg2 = 2 * self.block_span(0).1;
+        let mut job = self.start_import(ids)?;
+        let mut chunk = vec![0u8; job.layer_bytes()];
+        for l in 0..self.layout.n_layers {
+            for i in 0..ids.len() {
+                let at = i * per + l * seg2;
+                chunk[i * seg2..(i + 1) * seg2].copy_from_slice(&data[at..at + seg2]);
             }
+            self.import_layer(&mut job, l, &chunk)?;
         }
-        self.gpu.sync()?;
+        self.finish_import(job)?;
         Ok(())
     }
 }

@@ -134,6 +134,7 @@ pub struct Kernels {
     pub attn_prefill_wide: CudaFunction,
     pub argmax_rows: CudaFunction,
     pub sample_rows: CudaFunction,
+    pub copy_segments: CudaFunction,
 }
 
 /// One GPU: context, streams, kernels, cuBLAS.
@@ -249,6 +250,7 @@ impl Gpu {
             attn_prefill_wide: f("attn_prefill_wide")?,
             argmax_rows: f("argmax_rows")?,
             sample_rows: f("sample_rows")?,
+            copy_segments: f("copy_segments")?,
             _module: module,
         };
         let blas = CudaBlas::new(compute.clone())?;
@@ -360,7 +362,19 @@ impl Gpu {
         block: u32,
         args: &[Arg],
     ) -> Result<(), CudaError> {
-        let mut lb = self.compute.launch_builder(f);
+        self.launch_on(&self.compute, f, grid, block, args)
+    }
+
+    /// Launches `f` on `stream` (the compute or the copy stream).
+    pub fn launch_on(
+        &self,
+        stream: &Arc<CudaStream>,
+        f: &CudaFunction,
+        grid: (u32, u32, u32),
+        block: u32,
+        args: &[Arg],
+    ) -> Result<(), CudaError> {
+        let mut lb = stream.launch_builder(f);
         for a in args {
             match a {
                 Arg::P(p) | Arg::U(p) => lb.arg(p),
@@ -495,30 +509,31 @@ impl Gpu {
 /// cuBLAS workspace (32 MiB: what cuBLAS asks for on Hopper for its largest kernels).
 const BLAS_WORKSPACE_BYTES: usize = 32 << 20;
 
-/// Page-locked host memory of `len` i32 words, for asynchronous copies (the step's metadata
-/// up, its sampled tokens down) that need no staging copy by the driver.
-pub struct PinnedWords {
-    ptr: *mut i32,
+/// Page-locked host memory of `len` bytes: what asynchronous copies between host and device
+/// need to run at full speed and truly asynchronously (no staging copy by the driver). KV
+/// blocks leave and enter a pool through it ([`crate::cuda::backend`]'s `kv_copy`).
+pub struct PinnedBytes {
+    ptr: *mut u8,
     len: usize,
 }
 
 // SAFETY: plain host memory owned by this value; used by one thread at a time.
-unsafe impl Send for PinnedWords {}
+unsafe impl Send for PinnedBytes {}
 
-impl PinnedWords {
-    /// Allocates `len` words (zeroed). The context must be current (it is on the thread that
+impl PinnedBytes {
+    /// Allocates `len` bytes (zeroed). The context must be current (it is on the thread that
     /// made the [`Gpu`]).
-    pub fn new(gpu: &Gpu, len: usize) -> Result<PinnedWords, CudaError> {
+    pub fn new(gpu: &Gpu, len: usize) -> Result<PinnedBytes, CudaError> {
         gpu.ctx.bind_to_thread()?;
         let len = len.max(1);
-        // SAFETY: a fresh allocation of `len * 4` bytes, zeroed before use.
-        let ptr = unsafe { drv::result::malloc_host(len * 4, 0)? } as *mut i32;
+        // SAFETY: a fresh allocation of `len` bytes, zeroed before use.
+        let ptr = unsafe { drv::result::malloc_host(len, 0)? } as *mut u8;
         if ptr.is_null() {
             return Err(CudaError::Driver("cuMemHostAlloc returned null".into()));
         }
-        // SAFETY: `ptr` holds `len` i32.
+        // SAFETY: `ptr` holds `len` bytes.
         unsafe { std::ptr::write_bytes(ptr, 0, len) };
-        Ok(PinnedWords { ptr, len })
+        Ok(PinnedBytes { ptr, len })
     }
 
     pub fn len(&self) -> usize {
@@ -529,25 +544,72 @@ impl PinnedWords {
         self.len == 0
     }
 
-    /// The words. Only read or write them while no copy into or out of them is in flight
-    /// (every backend call ends synchronised).
-    pub fn as_slice(&self) -> &[i32] {
-        // SAFETY: `ptr` holds `len` initialised i32 for the life of `self`.
+    /// The host address (for copies queued on a stream).
+    pub fn host_ptr(&self) -> *mut u8 {
+        self.ptr
+    }
+
+    /// The bytes. Only read or write them while no copy into or out of them is in flight.
+    pub fn as_slice(&self) -> &[u8] {
+        // SAFETY: `ptr` holds `len` initialised bytes for the life of `self`.
         unsafe { std::slice::from_raw_parts(self.ptr, self.len) }
     }
 
-    pub fn as_mut_slice(&mut self) -> &mut [i32] {
+    pub fn as_mut_slice(&mut self) -> &mut [u8] {
         // SAFETY: as above, and `&mut self` is unique.
         unsafe { std::slice::from_raw_parts_mut(self.ptr, self.len) }
     }
 }
 
-impl Drop for PinnedWords {
+impl Drop for PinnedBytes {
     fn drop(&mut self) {
         // SAFETY: allocated by cuMemHostAlloc in `new`; no copy is in flight (see as_slice).
         unsafe {
             let _ = drv::result::free_host(self.ptr as *mut _);
         }
+    }
+}
+
+/// Page-locked host memory of `len` i32 words, for asynchronous copies (the step's metadata
+/// up, its sampled tokens down) that need no staging copy by the driver.
+pub struct PinnedWords {
+    bytes: PinnedBytes,
+    len: usize,
+}
+
+impl PinnedWords {
+    /// Allocates `len` words (zeroed). The context must be current (it is on the thread that
+    /// made the [`Gpu`]).
+    pub fn new(gpu: &Gpu, len: usize) -> Result<PinnedWords, CudaError> {
+        let len = len.max(1);
+        Ok(PinnedWords {
+            bytes: PinnedBytes::new(gpu, len * 4)?,
+            len,
+        })
+    }
+
+    pub fn len(&self) -> usize {
+        self.len
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len == 0
+    }
+
+    fn ptr(&self) -> *mut i32 {
+        self.bytes.ptr as *mut i32
+    }
+
+    /// The words. Only read or write them while no copy into or out of them is in flight
+    /// (every backend call ends synchronised).
+    pub fn as_slice(&self) -> &[i32] {
+        // SAFETY: cuMemHostAlloc memory is page-aligned and holds `len` i32.
+        unsafe { std::slice::from_raw_parts(self.ptr(), self.len) }
+    }
+
+    pub fn as_mut_slice(&mut self) -> &mut [i32] {
+        // SAFETY: as above, and `&mut self` is unique.
+        unsafe { std::slice::from_raw_parts_mut(self.ptr(), self.len) }
     }
 }
 
@@ -592,7 +654,7 @@ impl Gpu {
         unsafe {
             drv::sys::cuMemcpyHtoDAsync_v2(
                 dst,
-                src.ptr as *const _,
+                src.ptr() as *const _,
                 words * 4,
                 self.compute.cu_stream(),
             )
@@ -620,7 +682,7 @@ impl Gpu {
         // SAFETY: bounds checked; the caller synchronises before reading `dst`.
         unsafe {
             drv::sys::cuMemcpyDtoHAsync_v2(
-                dst.ptr as *mut _,
+                dst.ptr() as *mut _,
                 src,
                 words * 4,
                 self.compute.cu_stream(),
@@ -656,6 +718,147 @@ impl Gpu {
     /// Launches a captured graph on the compute stream.
     pub fn replay(&self, graph: &Graph) -> Result<(), CudaError> {
         graph.0.launch()?;
+        Ok(())
+    }
+}
+
+/// The copy stream: KV blocks in and out of the pool while the compute stream runs steps.
+/// Work on it is ordered against the compute stream only through events
+/// ([`Gpu::copy_after_compute`], [`Gpu::compute_after_copy`]).
+impl Gpu {
+    /// An event recorded on `stream` now.
+    pub fn record_on(&self, stream: &CudaStream) -> Result<CudaEvent, CudaError> {
+        let e = self
+            .ctx
+            .new_event(Some(drv::sys::CUevent_flags::CU_EVENT_DEFAULT))?;
+        e.record(stream)?;
+        Ok(e)
+    }
+
+    /// Work queued on the copy stream from now on starts after what the compute stream
+    /// holds now (the KV writes of the steps queued so far).
+    pub fn copy_after_compute(&self) -> Result<(), CudaError> {
+        let e = self.record_on(&self.compute)?;
+        self.copy.wait(&e)?;
+        Ok(())
+    }
+
+    /// Work queued on the compute stream from now on starts after what the copy stream
+    /// holds now (an import's writes into blocks a later step reads).
+    pub fn compute_after_copy(&self) -> Result<(), CudaError> {
+        let e = self.record_on(&self.copy)?;
+        self.compute.wait(&e)?;
+        Ok(())
+    }
+
+    /// Host -> device on the copy stream from pageable memory (the driver stages it: `src`
+    /// may go once this returns).
+    pub fn copy_htod(&self, src: &[u8], dst: &DBuf) -> Result<(), CudaError> {
+        if src.len() > dst.len() {
+            return Err(CudaError::Shape("upload past the end of a buffer".into()));
+        }
+        if src.is_empty() {
+            return Ok(());
+        }
+        // SAFETY: bounds checked; pageable source, so the call returns once it is staged.
+        unsafe { drv::result::memcpy_htod_async(dst.ptr, src, self.copy.cu_stream())? };
+        Ok(())
+    }
+
+    /// Queues `bytes` from device address `src` into `dst` at `offset` on the copy stream
+    /// (read `dst` only once the stream has passed the copy).
+    pub fn copy_dtoh_pinned(
+        &self,
+        src: u64,
+        dst: &mut PinnedBytes,
+        offset: usize,
+        bytes: usize,
+    ) -> Result<(), CudaError> {
+        if offset + bytes > dst.len {
+            return Err(CudaError::Shape(
+                "pinned download past the end of a buffer".into(),
+            ));
+        }
+        if bytes == 0 {
+            return Ok(());
+        }
+        // SAFETY: bounds checked; page-locked memory the caller keeps until the copy is done.
+        unsafe {
+            drv::sys::cuMemcpyDtoHAsync_v2(
+                dst.ptr.add(offset) as *mut _,
+                src,
+                bytes,
+                self.copy.cu_stream(),
+            )
+            .result()?;
+        }
+        Ok(())
+    }
+
+    /// Queues `bytes` from `src` at `offset` to device address `dst` on the copy stream
+    /// (`src` must not change until the stream has passed the copy).
+    pub fn copy_htod_pinned(
+        &self,
+        src: &PinnedBytes,
+        offset: usize,
+        dst: u64,
+        bytes: usize,
+    ) -> Result<(), CudaError> {
+        if offset + bytes > src.len {
+            return Err(CudaError::Shape(
+                "pinned upload past the end of a buffer".into(),
+            ));
+        }
+        if bytes == 0 {
+            return Ok(());
+        }
+        // SAFETY: bounds checked; page-locked memory the caller keeps until the copy is done.
+        unsafe {
+            drv::sys::cuMemcpyHtoDAsync_v2(
+                dst,
+                src.ptr.add(offset) as *const _,
+                bytes,
+                self.copy.cu_stream(),
+            )
+            .result()?;
+        }
+        Ok(())
+    }
+
+    /// Queues the `copy_segments` kernel on the copy stream: `n` segments of `seg_bytes`
+    /// (a multiple of 16), their (source, destination) addresses at byte `offset` of `pairs`.
+    pub fn copy_segments(
+        &self,
+        pairs: &DBuf,
+        offset: usize,
+        n: usize,
+        seg_bytes: usize,
+    ) -> Result<(), CudaError> {
+        if seg_bytes % 16 != 0 || pairs.len() < offset + n * 16 {
+            return Err(CudaError::Shape(format!(
+                "copy_segments: {n} segments of {seg_bytes} bytes (needs a multiple of 16)"
+            )));
+        }
+        if n == 0 {
+            return Ok(());
+        }
+        let grid = n.min(65535) as u32;
+        self.launch_on(
+            &self.copy,
+            &self.k.copy_segments,
+            (grid, 1, 1),
+            256,
+            &[
+                Arg::P(pairs.ptr + offset as u64),
+                Arg::I(n as i32),
+                Arg::I((seg_bytes / 16) as i32),
+            ],
+        )
+    }
+
+    /// Waits for everything queued on the copy stream.
+    pub fn sync_copy(&self) -> Result<(), CudaError> {
+        self.copy.synchronize()?;
         Ok(())
     }
 }

@@ -790,3 +790,23 @@ sample_rows(const float* logits, float* work, int vocab, const int* params, cons
         o[1] = __float_as_int(n_lp >= 0 ? raw[token] - log_z : 0.0f);
     }
 }
+
+// KV blocks moved off the compute stream (kv_copy.rs): segment s copies seg_words 16-byte words
+// from pairs[2s] to pairs[2s + 1] (device addresses, 16-byte aligned). One pass, every byte read
+// once and written once like a device memcpy; four loads in flight per thread.
+extern "C" __global__ void copy_segments(const u64* pairs, int n, int seg_words) {
+    int step = blockDim.x;
+    for (int s = blockIdx.x; s < n; s += gridDim.x) {
+        const U4* src = (const U4*)pairs[2 * s];
+        U4* dst = (U4*)pairs[2 * s + 1];
+        int w = threadIdx.x;
+        for (; w + 3 * step < seg_words; w += 4 * step) {
+            U4 a = src[w], b = src[w + step], c = src[w + 2 * step], d = src[w + 3 * step];
+            dst[w] = a;
+            dst[w + step] = b;
+            dst[w + 2 * step] = c;
+            dst[w + 3 * step] = d;
+        }
+        for (; w < seg_words; w += step) dst[w] = src[w];
+    }
+}

@@ -10,7 +10,9 @@ pub mod device;
 pub mod ops;
 pub mod synthetic;
 
-pub use backend::{CudaBackend, CudaBackendOptions, DEFAULT_PREFILL_ATTENTION};
-pub use device::{device_count, CudaError, DBuf, Gpu, KernelSpec};
+pub use backend::{
+    CudaBackend, CudaBackendOptions, KvExportJob, KvImportJob, KvPool, DEFAULT_PREFILL_ATTENTION,
+};
+pub use device::{device_count, CudaError, DBuf, Gpu, KernelSpec, PinnedBytes};
 pub use ops::PrefillAttention;
 pub use synthetic::{synthetic_config, synthetic_weights};

@@ -86,6 +86,10 @@ pub struct TransferConfig {
     pub max_frame_bytes: usize,
     /// Pieces a pull may have in flight ahead of the consumer.
     pub window: usize,
+    /// The most bytes per second the owner's socket sends, over all pulls (0: no cap), so
+    /// bulk KV leaves room on a shared link for the request plane. Pulls within one
+    /// process (the in-memory path) are never capped.
+    pub max_bytes_per_s: u64,
 }
 
 impl Default for TransferConfig {
@@ -97,6 +101,7 @@ impl Default for TransferConfig {
             max_piece_bytes: 4 << 20,
             max_frame_bytes: 64 << 20,
             window: 8,
+            max_bytes_per_s: 0,
         }
     }
 }
@@ -216,6 +221,7 @@ impl TransferPlane {
             clock: inner.clock.clone(),
             timeout: inner.config.pull_timeout(),
             max_piece: inner.config.max_piece_bytes.max(1),
+            pacer: Arc::new(serve::Pacer::new(inner.config.max_bytes_per_s)),
             metrics: inner.metrics.clone(),
             stop: inner.stop.clone(),
         };

@@ -26,6 +26,7 @@ pub(crate) struct ServeCtx {
     pub clock: SharedClock,
     pub timeout: Duration,
     pub max_piece: usize,
+    pub pacer: Arc<Pacer>,
     pub metrics: TransferMetrics,
     pub stop: CancellationToken,
 }
@@ -88,6 +89,34 @@ pub(crate) async fn serve(router: RouterSocket, ctx: ServeCtx) {
     }
 }
 
+/// Paces what one owner sends to `bytes_per_s` across all its pulls: each piece is booked
+/// a slot on one timeline and waits for it (0: no cap, never waits).
+pub(crate) struct Pacer {
+    bytes_per_s: u64,
+    /// When the booked bytes will have gone out at the cap.
+    next_free: Mutex<Option<tokio::time::Instant>>,
+}
+
+impl Pacer {
+    pub fn new(bytes_per_s: u64) -> Self {
+        Pacer {
+            bytes_per_s,
+            next_free: Mutex::new(None),
+        }
+    }
+
+    /// How long a piece of `len` bytes, ready at `now`, waits before it may go.
+    fn book(&self, now: tokio::time::Instant, len: u64) -> Duration {
+        if self.bytes_per_s == 0 {
+            return Duration::ZERO;
+        }
+        let mut next = lock(&self.next_free);
+        let start = next.map_or(now, |t| t.max(now));
+        *next = Some(start + Duration::from_secs_f64(len as f64 / self.bytes_per_s as f64));
+        start - now
+    }
+}
+
 /// Sends every piece (one per credit) and the end marker; true when all went out.
 async fn send_pieces(
     ctx: &ServeCtx,
@@ -110,6 +139,13 @@ async fn send_pieces(
             }
         }
         let len = piece.bytes.len() as u64;
+        let wait = ctx.pacer.book(ctx.clock.now(), len);
+        if !wait.is_zero() {
+            tokio::select! {
+                _ = ctx.stop.cancelled() => return false,
+                _ = ctx.clock.sleep(wait) => {}
+            }
+        }
         let header = frames::encode(&Header::Piece {
             chunk: piece.chunk,
             offset: piece.offset,
@@ -151,5 +187,24 @@ async fn reply(
     tokio::select! {
         _ = ctx.stop.cancelled() => false,
         r = clock::timeout(ctx.clock.as_ref(), ctx.timeout, sent) => matches!(r, Ok(Ok(()))),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::Pacer;
+    use std::time::Duration;
+    use tokio::time::Instant;
+
+    #[test]
+    fn the_pacer_spaces_pieces_at_the_cap_and_an_uncapped_one_never_waits() {
+        let t0 = Instant::now();
+        let p = Pacer::new(1000);
+        assert_eq!(p.book(t0, 500), Duration::ZERO);
+        assert_eq!(p.book(t0, 500), Duration::from_millis(500));
+        // Booked until t0 + 1 s: a piece ready later than that goes at once.
+        assert_eq!(p.book(t0 + Duration::from_secs(2), 10), Duration::ZERO);
+        let free = Pacer::new(0);
+        assert_eq!(free.book(t0, u64::MAX), Duration::ZERO);
     }
 }

@@ -136,13 +136,15 @@ async fn run(cfg: &SimConfig, workload: &[RequestSpec]) -> Result<SimOutcome, Si
         cfg.migration.clone(),
         shared_clock.clone(),
     );
-    if cfg.prefill_workers > 0 {
+    let disagg_metrics = (cfg.prefill_workers > 0).then(|| {
         // Disaggregated: the same flow `turbine up` runs with prefill workers.
+        let metrics = turbine_actors::disagg::metrics::DisaggMetrics::default();
         dispatcher.enable_disaggregation(turbine_actors::disagg::flow::DisaggSettings {
-            metrics: turbine_actors::disagg::metrics::DisaggMetrics::default(),
+            metrics: metrics.clone(),
             prefill_timeout: Duration::from_millis(cfg.disagg.remote_prefill_timeout_ms),
         });
-    }
+        metrics
+    });
     let registry =
         EmbeddedRegistry::serve(&frontend, REGISTRY_SERVICE, cfg.heartbeat.as_duration())
             .await
@@ -162,6 +164,7 @@ async fn run(cfg: &SimConfig, workload: &[RequestSpec]) -> Result<SimOutcome, Si
         Members {
             router: Some(router.core.clone()),
             frontend: Some(dispatcher.clone()),
+            gauges: None,
         },
     );
     let leases_expired = Arc::new(Mutex::new(0u64));
@@ -338,6 +341,7 @@ async fn run(cfg: &SimConfig, workload: &[RequestSpec]) -> Result<SimOutcome, Si
         invariant_violations: violations,
         event_log_lines: log.lines().map(<[String]>::to_vec),
         planner,
+        disagg: disagg_metrics.map(|m| m.summary()),
     })
 }
 

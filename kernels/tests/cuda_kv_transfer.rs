@@ -1,0 +1,151 @@
+//! Disaggregated serving on one GPU: a prefill backend runs the prompt, its KV blocks move to
+//! a decode backend (device to device with no host round trip, or through page-locked host
+//! memory layer by layer on the copy streams), and the decode backend's greedy tokens equal
+//! one backend doing both. The moved bytes are compared exactly. Skips, with the reason
+//! printed, when no CUDA device is usable.
+
+use turbine_kernels::backend::{Backend, SeqStep};
+use turbine_kernels::cuda::{
+    device_count, synthetic_config, CudaBackend, CudaBackendOptions, PinnedBytes,
+};
+
+const BS: usize = 16;
+const STEPS: usize = 12;
+
+fn usable() -> bool {
+    match device_count() {
+        Ok(n) if n > 0 => true,
+        Ok(_) => {
+            eprintln!("SKIP: no CUDA device present");
+            false
+        }
+        Err(e) => {
+            eprintln!("SKIP: {e}");
+            false
+        }
+    }
+}
+
+fn backend(seed_kv: Option<u64>) -> CudaBackend {
+    let config = synthetic_config("tiny").unwrap();
+    let mut b = CudaBackend::synthetic(
+        config,
+        7,
+        CudaBackendOptions {
+            device: 0,
+            num_blocks: 64,
+            block_size: BS,
+        },
+    )
+    .expect("a backend");
+    if let Some(seed) = seed_kv {
+        // Garbage where the KV will land: a block the transfer missed changes the tokens.
+        b.randomize_kv(seed).unwrap();
+    }
+    b
+}
+
+fn prefill(b: &mut CudaBackend, prompt: &[u32], table: &[u32]) -> u32 {
+    b.forward_greedy(&[SeqStep {
+        tokens: prompt,
+        start_pos: 0,
+        block_table: table,
+        want_logits: true,
+    }])
+    .unwrap()[0]
+}
+
+/// Greedy decode from `first` (sampled after `prompt_len` positions), `STEPS` tokens.
+fn decode(b: &mut CudaBackend, first: u32, prompt_len: usize, table: &[u32]) -> Vec<u32> {
+    let mut out = vec![first];
+    for i in 0..STEPS {
+        let tok = out[i];
+        let next = b
+            .forward_greedy(&[SeqStep {
+                tokens: std::slice::from_ref(&tok),
+                start_pos: prompt_len + i,
+                block_table: table,
+                want_logits: true,
+            }])
+            .unwrap()[0];
+        out.push(next);
+    }
+    out
+}
+
+#[test]
+fn two_backends_on_one_device_move_kv_and_decode_like_one() {
+    if !usable() {
+        return;
+    }
+    let prompt: Vec<u32> = (0..70u32).map(|i| (i * 37 + 11) % 1000).collect();
+    let blocks = prompt.len().div_ceil(BS); // 5: the last one partial
+    let total = (prompt.len() + STEPS + 1).div_ceil(BS);
+
+    // Aggregated: one backend prefills and decodes.
+    let mut agg = backend(None);
+    let agg_table: Vec<u32> = (0..total as u32).collect();
+    let first = prefill(&mut agg, &prompt, &agg_table);
+    let reference = decode(&mut agg, first, prompt.len(), &agg_table);
+
+    // Disaggregated: the prefill backend's blocks are scattered, the decode backend's too.
+    let mut p = backend(None);
+    let p_table: Vec<u32> = [9, 3, 17, 5, 30, 41].into_iter().take(total).collect();
+    assert_eq!(
+        prefill(&mut p, &prompt, &p_table),
+        first,
+        "same first token"
+    );
+    let src = &p_table[..blocks];
+    let exported = p.export_blocks(src).unwrap();
+
+    // 1. Device to device, pool to pool.
+    let mut d = backend(Some(3));
+    let d_table: Vec<u32> = [40, 2, 33, 8, 21, 60].into_iter().take(total).collect();
+    let took = d
+        .pull_blocks_device(&p.kv_pool(), src, &d_table[..blocks])
+        .unwrap();
+    assert_eq!(
+        d.export_blocks(&d_table[..blocks]).unwrap(),
+        exported,
+        "the device copy moved every byte"
+    );
+    let got = decode(&mut d, first, prompt.len(), &d_table);
+    println!("device copy: {blocks} blocks in {took:?}; greedy {got:?}");
+    assert_eq!(got, reference, "device copy: greedy equals aggregated");
+
+    // 2. Through page-locked host memory, layer by layer on both copy streams.
+    let mut h = backend(Some(5));
+    let h_table: Vec<u32> = [1, 50, 12, 27, 44, 7].into_iter().take(total).collect();
+    let host = PinnedBytes::new(p.gpu(), p.export_bytes(blocks)).unwrap();
+    let job = p.start_export(src, host).unwrap();
+    let mut import = h.start_import(&h_table[..blocks]).unwrap();
+    for l in 0..job.layers() {
+        // Each layer goes on as soon as its own copy is done.
+        let chunk = job.layer(l).unwrap().to_vec();
+        h.import_layer(&mut import, l, &chunk).unwrap();
+    }
+    let (host, out_t) = job.finish().unwrap();
+    let in_t = h.finish_import(import).unwrap();
+    assert_eq!(
+        h.export_blocks(&h_table[..blocks]).unwrap(),
+        exported,
+        "the host path moved every byte"
+    );
+    let got = decode(&mut h, first, prompt.len(), &h_table);
+    println!("pinned host: export {out_t:?}, import {in_t:?}; greedy {got:?}");
+    assert_eq!(got, reference, "pinned host path: greedy equals aggregated");
+
+    // 3. The same chunks imported straight from the pinned buffer, into a fresh backend.
+    let mut q = backend(Some(9));
+    let mut import = q.start_import(&d_table[..blocks]).unwrap();
+    q.import_pinned(&mut import, &host).unwrap();
+    q.finish_import(import).unwrap();
+    assert_eq!(decode(&mut q, first, prompt.len(), &d_table), reference);
+
+    // Refusals: a block out of range, a pool of another shape.
+    assert!(d.pull_blocks_device(&p.kv_pool(), &[64], &[0]).is_err());
+    let mut other = p.kv_pool();
+    other.layout.n_layers += 1;
+    assert!(d.pull_blocks_device(&other, &[0], &[0]).is_err());
+}
