@@ -38,12 +38,9 @@ pub async fn up(cfg: ClusterConfig, file: Option<PathBuf>, allow_fetch: bool) ->
             max_concurrent_requests: cfg.http.max_concurrent_requests,
             max_queued_requests: cfg.http.max_queued_requests,
             request_timeout: cfg.http.request_timeout_ms.map(Duration::from_millis),
-            readiness: Readiness::from_fn(move || {
-                if dispatcher.worker_ids().is_empty() {
-                    Err("no worker has joined yet".to_string())
-                } else {
-                    Ok(())
-                }
+            readiness: Readiness::from_async(move || {
+                let dispatcher = dispatcher.clone();
+                async move { dispatcher.readiness().await }
             }),
         },
     );

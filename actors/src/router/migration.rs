@@ -28,9 +28,10 @@ pub struct MigrationConfig {
     pub migration_limit: u32,
     /// A worker stream that delivers nothing for this long while its worker has not
     /// reported its load in that time either (frozen, partitioned) is declared stalled: the
-    /// worker is left out of routing until it reports again, and the request migrates. A
-    /// worker that keeps reporting but delivers nothing for [`SLOW_BOUND_FACTOR`] times this
-    /// long (overloaded past the bound) is treated the same.
+    /// worker is left out of routing until its load reports show its engine moving again, and
+    /// the request migrates. A worker that keeps reporting but delivers nothing for
+    /// [`SLOW_BOUND_FACTOR`] times this long (overloaded past the bound, engine stuck) is
+    /// treated the same.
     pub liveness_timeout_ms: u64,
 }
 
