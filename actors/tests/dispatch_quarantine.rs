@@ -191,21 +191,24 @@ async fn readiness_counts_quarantined_and_stalled_workers_as_not_ready() {
     c.join_both();
     assert_eq!(c.dispatcher.readiness().await, Ok(()));
 
-    // Worker 1's connection is lost (a dispatch finds it): quarantined. Worker 2 serves.
-    assert!(c.dispatcher.dispatch(request()).await.is_err());
-    assert_eq!(c.dispatcher.readiness().await, Ok(()));
-
-    // Worker 2 stalls (a stream on it silent past the bound while it reports, its engine
-    // at step 5): nothing is routable.
+    // Worker 2's engine is stuck: it heartbeats with the same step count for 8 s, and a
+    // stream on it is silent past the bound: stalled. Worker 1 is still routable.
     let stuck = SchedulerStats {
         num_running: 1,
         num_steps: 5,
         ..SchedulerStats::default()
     };
     c.core.update_load(WorkerId(2), &stuck);
+    tokio::time::advance(Duration::from_secs(8)).await;
+    c.core.update_load(WorkerId(2), &stuck);
     assert!(c
         .core
         .check_stalled(WorkerId(2), Duration::from_secs(8), true));
+    assert_eq!(c.dispatcher.readiness().await, Ok(()));
+
+    // Worker 1's connection is lost (a dispatch finds it): quarantined. Nothing is
+    // routable.
+    assert!(c.dispatcher.dispatch(request()).await.is_err());
     let why = not_ready(c.dispatcher.readiness().await);
     assert!(
         why.contains("none of the 2 worker(s) can take requests now"),

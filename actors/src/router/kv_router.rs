@@ -111,6 +111,8 @@ struct LoadView {
     stalled: bool,
     /// Its engine's step count in its last load report (its progress).
     last_steps: u64,
+    /// When a load report last showed its step count move (router time).
+    progressed_at: Option<Duration>,
     /// `last_steps` when it was found stalled: a report proves it alive again only with more
     /// steps than this (or with nothing left to run). A worker whose engine is stuck keeps
     /// reporting (the reporter and the lease heartbeat are tasks of their own), so a report
@@ -259,6 +261,9 @@ impl KvRouter {
     /// nothing left to run (its stalled requests migrated away and were cancelled).
     pub fn note_report(&mut self, now: Duration, worker: WorkerId, steps: u64, active: u32) {
         if let Some(view) = self.workers.get_mut(&worker) {
+            if view.last_report.is_none() || steps != view.last_steps {
+                view.progressed_at = Some(now);
+            }
             view.last_report = Some(now);
             view.last_steps = steps;
             if view.stalled && (steps > view.stalled_at_steps || active == 0) {
@@ -268,9 +273,12 @@ impl KvRouter {
     }
 
     /// A stream on `worker` made no progress for `quiet_for`. If the worker has not
-    /// reported its load within that time either (frozen, partitioned), or `force` (it has
-    /// been silent past the hard bound: it reports, but its engine does not move), it is
-    /// stalled: left out of selection until a report shows progress ([`KvRouter::note_report`]).
+    /// reported its load within that time either (frozen, partitioned), or `force` (the
+    /// silence is past the hard bound) and its reports showed no engine step in that time
+    /// (it heartbeats, but its engine is stuck, or a step takes that long), it is stalled:
+    /// left out of selection until a report shows progress ([`KvRouter::note_report`]).
+    /// A worker whose engine keeps stepping is busy, not stalled: its queue is the
+    /// admission limits' business, and moving its streams would only load another worker.
     /// Returns whether it is stalled; false means it is alive, only slow.
     pub fn check_stalled(
         &mut self,
@@ -285,7 +293,10 @@ impl KvRouter {
         let silent = view
             .last_report
             .is_none_or(|t| t.saturating_add(quiet_for) <= now);
-        if (silent || force) && !view.stalled {
+        let stuck = view
+            .progressed_at
+            .is_none_or(|t| t.saturating_add(quiet_for) <= now);
+        if (silent || (force && stuck)) && !view.stalled {
             view.stalled = true;
             view.stalled_at_steps = view.last_steps;
         }
@@ -325,6 +336,7 @@ impl KvRouter {
             // Whether it is alive is the progress in its report (`note_report`).
             stalled: view.stalled,
             last_steps: view.last_steps,
+            progressed_at: view.progressed_at,
             stalled_at_steps: view.stalled_at_steps,
             draining: view.draining,
             last_report: view.last_report,
@@ -535,8 +547,11 @@ mod liveness_tests {
         assert!(!r.check_stalled(4 * S, WorkerId(2), 2 * S, false));
         assert!(r.is_suspended(4 * S, WorkerId(1)));
         assert!(!r.is_suspended(4 * S, WorkerId(2)));
-        // Past the slow bound a reporting worker is stalled too.
-        assert!(r.check_stalled(4 * S, WorkerId(2), 2 * S, true));
+        // Past the slow bound a reporting worker whose engine steps is busy, not stalled;
+        // one whose steps did not move in that time is stalled.
+        assert!(!r.check_stalled(4 * S, WorkerId(2), 2 * S, true));
+        r.note_report(5 * S, WorkerId(2), 10, 1);
+        assert!(r.check_stalled(5 * S, WorkerId(2), 2 * S, true));
         // A report with progress proves it alive again.
         r.update_load(WorkerId(1), 0, 1);
         r.note_report(5 * S, WorkerId(1), 11, 1);
