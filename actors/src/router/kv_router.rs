@@ -22,6 +22,7 @@ use crate::ids::{RequestId, WorkerId};
 use crate::kv::approx::ApproxIndexer;
 use crate::kv::hash::BlockHash;
 use crate::kv::indexer::{FlashIndexer, OverlapScores};
+use crate::worker::announce::LOAD_REPORT_EVERY;
 use serde::{Deserialize, Serialize};
 use std::collections::BTreeMap;
 use std::sync::Arc;
@@ -274,8 +275,9 @@ impl KvRouter {
 
     /// A stream on `worker` made no progress for `quiet_for`. If the worker has not
     /// reported its load within that time either (frozen, partitioned), or `force` (the
-    /// silence is past the hard bound) and its reports showed no engine step in that time
-    /// (it heartbeats, but its engine is stuck, or a step takes that long), it is stalled:
+    /// silence is past the hard bound) and its reports showed no new engine step in that
+    /// time (less two report periods of slack: it heartbeats, but its engine is stuck, or
+    /// one step takes that long), it is stalled:
     /// left out of selection until a report shows progress ([`KvRouter::note_report`]).
     /// A worker whose engine keeps stepping is busy, not stalled: its queue is the
     /// admission limits' business, and moving its streams would only load another worker.
@@ -293,9 +295,13 @@ impl KvRouter {
         let silent = view
             .last_report
             .is_none_or(|t| t.saturating_add(quiet_for) <= now);
+        // No engine step planned since about when the stream went silent: its reports lag
+        // a step by up to a report period, and the step that would have produced the next
+        // token is planned right after the last one, so allow two periods.
+        let window = quiet_for.saturating_sub(2 * LOAD_REPORT_EVERY);
         let stuck = view
             .progressed_at
-            .is_none_or(|t| t.saturating_add(quiet_for) <= now);
+            .is_none_or(|t| t.saturating_add(window) <= now);
         if (silent || (force && stuck)) && !view.stalled {
             view.stalled = true;
             view.stalled_at_steps = view.last_steps;
@@ -549,9 +555,9 @@ mod liveness_tests {
         assert!(!r.is_suspended(4 * S, WorkerId(2)));
         // Past the slow bound a reporting worker whose engine steps is busy, not stalled;
         // one whose steps did not move in that time is stalled.
-        assert!(!r.check_stalled(4 * S, WorkerId(2), 2 * S, true));
-        r.note_report(5 * S, WorkerId(2), 10, 1);
-        assert!(r.check_stalled(5 * S, WorkerId(2), 2 * S, true));
+        assert!(!r.check_stalled(4 * S, WorkerId(2), 8 * S, true));
+        r.note_report(9 * S, WorkerId(2), 10, 1);
+        assert!(r.check_stalled(9 * S, WorkerId(2), 8 * S, true));
         // A report with progress proves it alive again.
         r.update_load(WorkerId(1), 0, 1);
         r.note_report(5 * S, WorkerId(1), 11, 1);

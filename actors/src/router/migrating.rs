@@ -202,6 +202,7 @@ async fn next_of(
             }
         }
         quiet += timeout;
+        tracing::debug!(request = %id, %worker, ?quiet, "no output yet; asking whether the worker is stalled");
         // Silent this long: stalled if its load reports stopped too, or past the bound.
         if attempt
             .stream

@@ -206,6 +206,7 @@ impl RouterCore {
     pub fn check_stalled(&self, worker: WorkerId, quiet_for: Duration, force: bool) -> bool {
         let now = self.now();
         let stalled = self.lock().check_stalled(now, worker, quiet_for, force);
+        tracing::debug!(%worker, ?quiet_for, force, stalled, "stall check");
         if stalled {
             tracing::warn!(%worker, "worker stalled; not routing to it until it makes progress");
         }
