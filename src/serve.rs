@@ -39,12 +39,9 @@ pub async fn up(cfg: ClusterConfig, file: Option<PathBuf>, allow_fetch: bool) ->
             max_queued_requests: cfg.http.max_queued_requests,
             request_timeout: cfg.http.request_timeout_ms.map(Duration::from_millis),
             images: cfg.http.images.clone(),
-            readiness: Readiness::from_fn(move || {
-                if dispatcher.worker_ids().is_empty() {
-                    Err("no worker has joined yet".to_string())
-                } else {
-                    Ok(())
-                }
+            readiness: Readiness::from_async(move || {
+                let dispatcher = dispatcher.clone();
+                async move { dispatcher.readiness().await }
             }),
         },
     );

@@ -159,3 +159,96 @@ fn rss_after_a_burst_of_streams_returns_near_its_idle_level() {
         "RSS grew from {idle:.0} MiB to {after:.0} MiB and stayed"
     );
 }
+
+/// Overload through the official client: a `turbine up` that runs 2 generations and queues
+/// 2 more, hit by 16 concurrent streams at once. A client that does not retry sees the
+/// refusals as `openai.RateLimitError` (429) with `Retry-After: 1`; every request that was
+/// admitted streams to its finish; a client that retries (the SDK backs off on 429, honouring
+/// Retry-After) gets all 16 through. The server's RSS stays within a margin of its idle level
+/// throughout (sampled every 100 ms) and after.
+#[cfg(target_os = "linux")]
+#[test]
+fn a_saturated_frontend_refuses_with_429_and_retry_after_and_finishes_what_it_admitted() {
+    const STREAMS: &str = "16";
+    const RSS_MARGIN_MIB: f64 = 64.0;
+    let file = common::cluster_file(
+        "overload",
+        "http: {port: 0, max_concurrent_requests: 2, max_queued_requests: 2}\n\
+         workers:\n  - {replicas: 1, kv_blocks: 256}\n",
+    );
+    let server = spawn_turbine(
+        &["up", "-f", file.to_str().unwrap(), "--no-fetch"],
+        "turbine serving",
+    );
+    let port = server.http_port();
+    let pid = server.child.id();
+    let idle = rss_mib(pid);
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let sampler = {
+        let stop = stop.clone();
+        std::thread::spawn(move || {
+            let mut peak = 0.0f64;
+            while !stop.load(std::sync::atomic::Ordering::SeqCst) {
+                peak = peak.max(rss_mib(pid));
+                std::thread::sleep(Duration::from_millis(100));
+            }
+            peak
+        })
+    };
+    let driver = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/e2e/overload_driver.py");
+    let out = Command::new(test_python())
+        .args([driver, &format!("http://127.0.0.1:{port}"), STREAMS, "4"])
+        .output()
+        .expect("running the overload driver (is the test venv installed?)");
+    stop.store(true, std::sync::atomic::Ordering::SeqCst);
+    let peak = sampler.join().expect("the RSS sampler");
+    let log = String::from_utf8_lossy(&out.stdout);
+    println!("{log}{}", String::from_utf8_lossy(&out.stderr));
+    assert!(out.status.success(), "the overload driver failed: {log}");
+    let rounds: Vec<serde_json::Value> = log
+        .lines()
+        .map(|l| serde_json::from_str(l).expect("a JSON round line"))
+        .collect();
+    assert_eq!(rounds.len(), 2, "{log}");
+    let count = |round: &serde_json::Value, status: &str| round["statuses"][status].as_u64();
+    let n: u64 = STREAMS.parse().unwrap();
+
+    // Without retries: some refused with 429 + Retry-After, every admitted one finished.
+    let refused = &rounds[0];
+    let limited = count(refused, "rate_limited").unwrap_or(0);
+    let ok = count(refused, "ok").unwrap_or(0);
+    assert!(
+        limited > 0,
+        "no 429 at 16 streams over 2 + 2 slots: {refused}"
+    );
+    assert!(
+        ok >= 2,
+        "fewer than the running slots were served: {refused}"
+    );
+    assert_eq!(
+        ok + limited,
+        n,
+        "a request neither finished nor refused: {refused}"
+    );
+    let retry_after = refused["retry_after"]
+        .as_array()
+        .cloned()
+        .unwrap_or_default();
+    assert_eq!(retry_after.len() as u64, limited, "{refused}");
+    assert!(
+        retry_after.iter().all(|v| v == "1"),
+        "every 429 carries Retry-After: 1: {refused}"
+    );
+
+    // With the SDK's retries: all through.
+    let retried = &rounds[1];
+    assert_eq!(count(retried, "ok"), Some(n), "{retried}");
+
+    assert_eq!(wait_until_idle(port), (0.0, 0.0), "requests left behind");
+    let after = rss_mib(pid);
+    println!("rss idle {idle:.0} MiB, peak {peak:.0} MiB, after {after:.0} MiB");
+    assert!(
+        peak <= idle + RSS_MARGIN_MIB && after <= idle + RSS_MARGIN_MIB,
+        "RSS went from {idle:.0} MiB to a peak of {peak:.0} MiB ({after:.0} MiB after)"
+    );
+}

@@ -2,10 +2,12 @@
 //! discovery lease expires), then routed to again: the dispatcher reports it, the router
 //! (served as `RouterService` on the same node) quarantines it. On paused time, with the
 //! workers behind in-memory nodes and the lost one behind a link that refuses everything.
+//! Readiness (GET /ready) follows the same view: a worker out of routing is not ready to serve.
 
 use async_trait::async_trait;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
+use std::time::Duration;
 use turbine_actors::frontend::EngineError;
 use turbine_actors::ids::WorkerId;
 use turbine_actors::kv::indexer::FlashIndexer;
@@ -16,6 +18,7 @@ use turbine_actors::router::service::RouterCore;
 use turbine_actors::router::UNREACHABLE_QUARANTINE;
 use turbine_actors::router::{KvRouter, RouterConfig, RouterReplicaId};
 use turbine_actors::worker::service::{WorkerReply, WorkerRequest, WorkerService};
+use turbine_actors::worker::SchedulerStats;
 use turbine_runtime::{
     CallError, Direction, Handler, HandlerError, Link, MetricsRegistry, Node, NodeConfig,
     RequestCtx, StreamSink, TokioClock, Transit,
@@ -87,8 +90,16 @@ fn request() -> DispatchRequest {
     }
 }
 
-#[tokio::test(flavor = "current_thread", start_paused = true)]
-async fn a_lost_worker_is_skipped_for_the_quarantine_then_tried_again() {
+/// Two workers on one in-memory node, worker 1 behind `link`; the router served on the
+/// same node; the dispatcher asking it. Workers are not added yet.
+struct Cluster {
+    link: Arc<CutLink>,
+    core: Arc<RouterCore>,
+    dispatcher: Dispatcher,
+    node: Node,
+}
+
+async fn cluster() -> Cluster {
     let node = Node::in_memory(
         NodeConfig {
             name: "test".into(),
@@ -115,15 +126,35 @@ async fn a_lost_worker_is_skipped_for_the_quarantine_then_tried_again() {
     let core = RouterCore::new(router, index, TokioClock::shared());
     let router_addr = core.serve(&node, "router").await.unwrap();
     let dispatcher = Dispatcher::new(BlockSize::DEFAULT, Some(router_addr), 1);
-    let w1 = node
-        .local::<WorkerService>("worker/1")
-        .unwrap()
-        .via(link.clone());
-    for id in [WorkerId(1), WorkerId(2)] {
-        core.add_worker(id);
+    Cluster {
+        link,
+        core,
+        dispatcher,
+        node,
     }
-    dispatcher.add_worker(WorkerId(1), w1);
-    dispatcher.add_worker(WorkerId(2), node.local("worker/2").unwrap());
+}
+
+impl Cluster {
+    fn join_both(&self) {
+        let w1 = self
+            .node
+            .local::<WorkerService>("worker/1")
+            .unwrap()
+            .via(self.link.clone());
+        for id in [WorkerId(1), WorkerId(2)] {
+            self.core.add_worker(id);
+        }
+        self.dispatcher.add_worker(WorkerId(1), w1);
+        self.dispatcher
+            .add_worker(WorkerId(2), self.node.local("worker/2").unwrap());
+    }
+}
+
+#[tokio::test(flavor = "current_thread", start_paused = true)]
+async fn a_lost_worker_is_skipped_for_the_quarantine_then_tried_again() {
+    let c = cluster().await;
+    c.join_both();
+    let (link, dispatcher) = (&c.link, &c.dispatcher);
 
     // Equal loads: the lower id wins, and its connection is gone: a retryable refusal.
     let err = dispatcher.dispatch(request()).await.err().unwrap();
@@ -143,5 +174,67 @@ async fn a_lost_worker_is_skipped_for_the_quarantine_then_tried_again() {
     tokio::time::advance(UNREACHABLE_QUARANTINE).await;
     let mut d = dispatcher.dispatch(request()).await.unwrap();
     assert_eq!(d.worker, WorkerId(1));
+    assert!(d.next_output().await.unwrap().is_ok());
+}
+
+/// GET /ready's answer (`Dispatcher::readiness`): ready only while the router would route
+/// to some worker. Workers that joined but are quarantined (unreachable), stalled or
+/// draining do not count.
+#[tokio::test(flavor = "current_thread", start_paused = true)]
+async fn readiness_counts_quarantined_and_stalled_workers_as_not_ready() {
+    let c = cluster().await;
+    let not_ready = |r: Result<(), String>| r.err().unwrap_or_default();
+    assert_eq!(
+        not_ready(c.dispatcher.readiness().await),
+        "no worker has joined yet"
+    );
+    c.join_both();
+    assert_eq!(c.dispatcher.readiness().await, Ok(()));
+
+    // Worker 2's engine is stuck: it heartbeats with the same step count for 8 s, and a
+    // stream on it is silent past the bound: stalled. Worker 1 is still routable.
+    let stuck = SchedulerStats {
+        num_running: 1,
+        num_steps: 5,
+        ..SchedulerStats::default()
+    };
+    c.core.update_load(WorkerId(2), &stuck);
+    tokio::time::advance(Duration::from_secs(8)).await;
+    c.core.update_load(WorkerId(2), &stuck);
+    assert!(c
+        .core
+        .check_stalled(WorkerId(2), Duration::from_secs(8), true));
+    assert_eq!(c.dispatcher.readiness().await, Ok(()));
+
+    // Worker 1's connection is lost (a dispatch finds it): quarantined. Nothing is
+    // routable.
+    assert!(c.dispatcher.dispatch(request()).await.is_err());
+    let why = not_ready(c.dispatcher.readiness().await);
+    assert!(
+        why.contains("none of the 2 worker(s) can take requests now"),
+        "{why}"
+    );
+    assert!(c.dispatcher.dispatch(request()).await.is_err());
+
+    // Worker 1's quarantine ends (it is back): ready again, served by it.
+    c.link.down.store(false, Ordering::SeqCst);
+    tokio::time::advance(UNREACHABLE_QUARANTINE).await;
+    assert_eq!(c.dispatcher.readiness().await, Ok(()));
+
+    // Both out once more: worker 1 unreachable, worker 2 still stalled (a heartbeat with no
+    // progress does not bring it back); its report with one step more does.
+    c.core.unreachable(WorkerId(1));
+    c.core.update_load(WorkerId(2), &stuck);
+    assert!(c.dispatcher.readiness().await.is_err());
+    c.core.update_load(
+        WorkerId(2),
+        &SchedulerStats {
+            num_steps: 6,
+            ..stuck
+        },
+    );
+    assert_eq!(c.dispatcher.readiness().await, Ok(()));
+    let mut d = c.dispatcher.dispatch(request()).await.unwrap();
+    assert_eq!(d.worker, WorkerId(2));
     assert!(d.next_output().await.unwrap().is_ok());
 }

@@ -134,7 +134,8 @@ pub fn run_seed(args: &SimArgs, seed: u64) -> SeedResult {
 }
 
 /// The campaign CI and the bench run: 3 workers, 24 requests of ~128 prompt and 24 output
-/// tokens at 12 requests/s, two random faults (crash or partition) per seed, 2 % event loss.
+/// tokens at 12 requests/s, two random faults (crash or partition) and one slow worker (its
+/// steps 2 to 1,000 times as long for 0.5-5 s) per seed, 2 % event loss.
 pub fn standard_args() -> SimArgs {
     use clap::Parser;
     SimArgs::parse_from([
@@ -152,7 +153,7 @@ pub fn standard_args() -> SimArgs {
         "--prefix-len",
         "64",
         "--faults",
-        "random:2",
+        "random:2,random-slow:1",
         "--loss",
         "0.02",
     ])

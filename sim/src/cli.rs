@@ -96,8 +96,9 @@ pub struct SimArgs {
     #[arg(long, default_value_t = 384)]
     pub prefix_len: u32,
 
-    /// Faults: `crash:SLOT@AT+DOWN`, `partition:A-B@AT+FOR` (node 0 = router), `random:N`;
-    /// comma-separated, times in seconds.
+    /// Faults: `crash:SLOT@AT+DOWN`, `partition:A-B@AT+FOR` (node 0 = router),
+    /// `slow:SLOT@AT+FORxK` (steps K times as long), `random:N` (crashes or partitions),
+    /// `random-slow:N`; comma-separated, times in seconds.
     #[arg(long)]
     pub faults: Option<String>,
     /// Event-plane loss probability per message.

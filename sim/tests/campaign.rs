@@ -1,5 +1,6 @@
-//! The fault campaign in CI: 100 seeds of a small cluster with random crashes and partitions
-//! and lossy event links, through the real shells. Every run's invariants hold (see
+//! The fault campaign in CI: 100 seeds of a small cluster with random crashes, partitions and
+//! slow workers (steps 2-1,000 times as long while heartbeats go on) and lossy event links,
+//! through the real shells. Every run's invariants hold (see
 //! `turbine_sim::campaign`): each request resolved once, a completed one with exactly its
 //! fault-free tokens (migrated or not), no KV block leaked, failures only with no worker left.
 //! The 1,000-seed run is `cargo bench -p turbine-sim --bench fault_campaign`.
@@ -7,7 +8,7 @@
 use turbine_sim::campaign::{run_campaign, standard_args};
 
 #[test]
-fn a_hundred_seeds_of_crashes_partitions_and_event_loss_keep_every_invariant() {
+fn a_hundred_seeds_of_crashes_partitions_slow_workers_and_event_loss_keep_every_invariant() {
     let args = standard_args();
     let summary = run_campaign(&args, 100);
     let report = summary.report(&args);

@@ -124,3 +124,42 @@ fn kv_routing_weighs_queued_work_so_hot_prefixes_do_not_pile_up() {
     // was 31 % above (408 vs 312 ms).
     assert!(kv99 < 1.2 * rr99, "TTFT p99 {kv99} vs {rr99}");
 }
+
+/// Two workers, 40 requests; worker 1's steps are `factor` times as long from 0.2 s for 2 s,
+/// while its heartbeats and load reports go on; no client retries.
+fn slow_run(factor: u32) -> turbine_sim::SimOutcome {
+    let wl = workload(2, 40);
+    let mut cfg = SimConfig::new(2, 2, tiny_profile());
+    cfg.max_attempts = 1;
+    let spec = format!("slow:1@0.2+2x{factor}");
+    cfg.faults = FaultPlan::parse(&spec, &SeedSplitter::new(2), 2, SimTime::ZERO).unwrap();
+    simulate(&cfg, &wl).unwrap()
+}
+
+#[test]
+fn a_stuck_worker_that_still_heartbeats_loses_no_request_a_slow_one_keeps_its_streams() {
+    for (factor, expect_migrations) in [(4, false), (20_000, true)] {
+        let o = slow_run(factor);
+        assert!(
+            o.invariant_violations.is_empty(),
+            "x{factor}: {:?}",
+            o.invariant_violations
+        );
+        assert!(
+            o.requests
+                .iter()
+                .all(|r| r.outcome == Some(Outcome::Completed)),
+            "x{factor}: {:?}",
+            o.requests.iter().map(|r| &r.outcome).collect::<Vec<_>>()
+        );
+        let migrated = o.requests.iter().filter(|r| r.migrations > 0).count();
+        // Slow but moving: its streams stay. Stuck past the liveness bound (its steps take
+        // seconds, its reports keep coming): they move, with their exact tokens.
+        assert_eq!(
+            migrated > 0,
+            expect_migrations,
+            "x{factor}: {migrated} migrated"
+        );
+        assert_eq!(o.leases_expired, 0, "x{factor}: its lease stayed valid");
+    }
+}

@@ -65,8 +65,14 @@ impl Turbine {
 /// Spawns `turbine ARGS` and waits for a stdout line containing `ready`; stdout keeps being
 /// drained afterwards so the process never blocks on a full pipe.
 pub fn spawn_turbine(args: &[&str], ready: &str) -> Turbine {
+    spawn_turbine_with(args, &[], ready)
+}
+
+/// [`spawn_turbine`] with extra environment variables (a test's fault hooks).
+pub fn spawn_turbine_with(args: &[&str], env: &[(&str, &str)], ready: &str) -> Turbine {
     let mut child = Command::new(env!("CARGO_BIN_EXE_turbine"))
         .args(args)
+        .envs(env.iter().copied())
         .stdout(Stdio::piped())
         .stderr(Stdio::inherit())
         .spawn()
@@ -133,6 +139,15 @@ pub fn http(port: u16, method: &str, path: &str, body: &str) -> (u16, String) {
         .unwrap_or("")
         .to_string();
     (status, body)
+}
+
+/// The value of one sample of /metrics, named with its labels as the exposition writes them
+/// (`turbine_router_decisions_total{worker="w3"}`); 0 when absent.
+pub fn sample(port: u16, series: &str) -> f64 {
+    let (_, text) = http(port, "GET", "/metrics", "");
+    text.lines()
+        .find_map(|l| l.strip_prefix(series)?.strip_prefix(' ')?.parse().ok())
+        .unwrap_or(0.0)
 }
 
 /// Sum over all label sets of the metric `name`, from /metrics.

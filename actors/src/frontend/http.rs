@@ -23,6 +23,7 @@ use axum::middleware::{self, Next};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use axum::{Json, Router};
+use futures::future::BoxFuture;
 use std::convert::Infallible;
 use std::future::Future;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -60,23 +61,37 @@ impl Default for HttpConfig {
     }
 }
 
-/// Whether the engine can serve now (`Err(why)` if not): e.g. whether any worker has joined.
-/// GET /ready answers 200 or 503 from it; GET /health only says the process is alive.
+/// Whether the engine can serve now (`Err(why)` if not): e.g. whether any worker has joined
+/// and can take requests. GET /ready answers 200 or 503 from it; GET /health only says the
+/// process is alive. The check may ask another actor (the router), so it is async.
 #[derive(Clone)]
-pub struct Readiness(Arc<dyn Fn() -> Result<(), String> + Send + Sync>);
+pub struct Readiness(Arc<dyn Fn() -> BoxFuture<'static, Result<(), String>> + Send + Sync>);
 
 impl Readiness {
     /// Ready whenever the process is up (an engine that needs nothing else).
     pub fn always() -> Readiness {
-        Readiness(Arc::new(|| Ok(())))
+        Readiness::from_fn(|| Ok(()))
     }
 
+    /// A check that needs nothing but memory.
     pub fn from_fn(check: impl Fn() -> Result<(), String> + Send + Sync + 'static) -> Readiness {
-        Readiness(Arc::new(check))
+        Readiness(Arc::new(move || {
+            let ready = check();
+            Box::pin(async move { ready })
+        }))
     }
 
-    pub fn check(&self) -> Result<(), String> {
-        (self.0)()
+    /// A check that awaits something (a call to the router).
+    pub fn from_async<F, Fut>(check: F) -> Readiness
+    where
+        F: Fn() -> Fut + Send + Sync + 'static,
+        Fut: Future<Output = Result<(), String>> + Send + 'static,
+    {
+        Readiness(Arc::new(move || Box::pin(check())))
+    }
+
+    pub async fn check(&self) -> Result<(), String> {
+        (self.0)().await
     }
 }
 
@@ -473,7 +488,7 @@ async fn health() -> Json<serde_json::Value> {
 
 /// Readiness: 200 when a generation could be served now, 503 (with the reason) when not.
 async fn ready(State(state): State<AppState>) -> Response {
-    match state.readiness.check() {
+    match state.readiness.check().await {
         Ok(()) => Json(serde_json::json!({"status": "ready"})).into_response(),
         Err(why) => (
             StatusCode::SERVICE_UNAVAILABLE,

@@ -27,6 +27,10 @@ use std::sync::{Mutex, OnceLock, RwLock};
 use std::time::Duration;
 use turbine_runtime::{Addr, CallError, ReplyStream, SharedClock, TokioClock};
 
+/// How long a readiness check waits for the router (a probe must answer promptly; a router
+/// that cannot is itself a reason not to be ready).
+const READINESS_TIMEOUT: Duration = Duration::from_secs(2);
+
 /// A request as the dispatcher takes it: prompt token ids and generation settings.
 #[derive(Clone, Debug, PartialEq)]
 pub struct DispatchRequest {
@@ -400,6 +404,32 @@ impl Dispatcher {
             .keys()
             .copied()
             .collect()
+    }
+
+    /// Whether a request could be routed now (what GET /ready reports): a worker has
+    /// joined, and the router would route to at least one of them. Workers it left out of
+    /// routing (unreachable, stalled, draining) do not count: with all of them out a
+    /// request would wait for the liveness machinery, not be served.
+    pub async fn readiness(&self) -> Result<(), String> {
+        let joined = self.worker_ids().len();
+        if joined == 0 {
+            return Err("no worker has joined yet".into());
+        }
+        let Some(router) = self.router() else {
+            return Err("no router has joined yet".into());
+        };
+        match tokio::time::timeout(READINESS_TIMEOUT, router.call(RouterRequest::Routable)).await {
+            Ok(Ok(RouterReply::Routable { routable, .. })) if routable > 0 => Ok(()),
+            Ok(Ok(RouterReply::Routable { workers, .. })) => Err(format!(
+                "none of the {workers} worker(s) can take requests now \
+                 (unreachable, stalled or draining)"
+            )),
+            Ok(Ok(_)) => Err("the router gave no worker count to a readiness check".into()),
+            Ok(Err(e)) => Err(format!("router unavailable: {e}")),
+            Err(_) => Err(format!(
+                "the router did not answer within {READINESS_TIMEOUT:?}"
+            )),
+        }
     }
 
     /// The router this dispatcher asks, if it has one.

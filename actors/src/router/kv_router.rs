@@ -22,6 +22,7 @@ use crate::ids::{RequestId, WorkerId};
 use crate::kv::approx::ApproxIndexer;
 use crate::kv::hash::BlockHash;
 use crate::kv::indexer::{FlashIndexer, OverlapScores};
+use crate::worker::announce::LOAD_REPORT_EVERY;
 use serde::{Deserialize, Serialize};
 use std::collections::BTreeMap;
 use std::sync::Arc;
@@ -106,9 +107,18 @@ struct LoadView {
     /// Left out of selection until then (unreachable for now; `Duration::MAX`: until
     /// lifted); its load and index entries are kept.
     suspended_until: Option<Duration>,
-    /// A stream on it stalled: left out of selection until its next load report, which
-    /// only a live worker sends.
+    /// A stream on it stalled: left out of selection until a load report shows it made
+    /// progress since (see [`KvRouter::note_report`]).
     stalled: bool,
+    /// Its engine's step count in its last load report (its progress).
+    last_steps: u64,
+    /// When a load report last showed its step count move (router time).
+    progressed_at: Option<Duration>,
+    /// `last_steps` when it was found stalled: a report proves it alive again only with more
+    /// steps than this (or with nothing left to run). A worker whose engine is stuck keeps
+    /// reporting (the reporter and the lease heartbeat are tasks of their own), so a report
+    /// alone proves nothing.
+    stalled_at_steps: u64,
     /// It said it is draining (its load report): no new requests.
     draining: bool,
     /// When its last load report arrived (router time).
@@ -246,17 +256,32 @@ impl KvRouter {
     }
 
     /// Notes that `worker`'s load report arrived at `now` (the liveness evidence
-    /// [`KvRouter::check_stalled`] reads).
-    pub fn note_report(&mut self, now: Duration, worker: WorkerId) {
+    /// [`KvRouter::check_stalled`] reads), with its engine's step count `steps` and its
+    /// requests `active` (running and waiting). A stalled worker proves alive again, and is
+    /// routed to again, when its steps moved past the count it had when it stalled, or it has
+    /// nothing left to run (its stalled requests migrated away and were cancelled).
+    pub fn note_report(&mut self, now: Duration, worker: WorkerId, steps: u64, active: u32) {
         if let Some(view) = self.workers.get_mut(&worker) {
+            if view.last_report.is_none() || steps != view.last_steps {
+                view.progressed_at = Some(now);
+            }
             view.last_report = Some(now);
+            view.last_steps = steps;
+            if view.stalled && (steps > view.stalled_at_steps || active == 0) {
+                view.stalled = false;
+            }
         }
     }
 
     /// A stream on `worker` made no progress for `quiet_for`. If the worker has not
-    /// reported its load within that time either (frozen, partitioned), or `force` (it has
-    /// been silent past the hard bound), it is stalled: left out of selection until its next
-    /// load report. Returns whether it is stalled; false means it is alive, only slow.
+    /// reported its load within that time either (frozen, partitioned), or `force` (the
+    /// silence is past the hard bound) and its reports showed no new engine step in that
+    /// time (less two report periods of slack: it heartbeats, but its engine is stuck, or
+    /// one step takes that long), it is stalled:
+    /// left out of selection until a report shows progress ([`KvRouter::note_report`]).
+    /// A worker whose engine keeps stepping is busy, not stalled: its queue is the
+    /// admission limits' business, and moving its streams would only load another worker.
+    /// Returns whether it is stalled; false means it is alive, only slow.
     pub fn check_stalled(
         &mut self,
         now: Duration,
@@ -270,8 +295,16 @@ impl KvRouter {
         let silent = view
             .last_report
             .is_none_or(|t| t.saturating_add(quiet_for) <= now);
-        if silent || force {
+        // No engine step planned since about when the stream went silent: its reports lag
+        // a step by up to a report period, and the step that would have produced the next
+        // token is planned right after the last one, so allow two periods.
+        let window = quiet_for.saturating_sub(2 * LOAD_REPORT_EVERY);
+        let stuck = view
+            .progressed_at
+            .is_none_or(|t| t.saturating_add(window) <= now);
+        if (silent || (force && stuck)) && !view.stalled {
             view.stalled = true;
+            view.stalled_at_steps = view.last_steps;
         }
         view.stalled
     }
@@ -281,6 +314,13 @@ impl KvRouter {
         self.workers
             .get(&worker)
             .is_some_and(|v| !v.selectable(now))
+    }
+
+    /// Workers it knows and, of those, how many it would route to at `now` (not in
+    /// quarantine, not stalled, not draining): what readiness reports.
+    pub fn routable(&self, now: Duration) -> (usize, usize) {
+        let routable = self.workers.values().filter(|v| v.selectable(now)).count();
+        (self.workers.len(), routable)
     }
 
     /// Workers and their current load view, sorted by id.
@@ -299,8 +339,11 @@ impl KvRouter {
             pending_blocks: 0,
             pending_requests: 0,
             suspended_until: view.suspended_until,
-            // It reported: it is alive.
-            stalled: false,
+            // Whether it is alive is the progress in its report (`note_report`).
+            stalled: view.stalled,
+            last_steps: view.last_steps,
+            progressed_at: view.progressed_at,
+            stalled_at_steps: view.stalled_at_steps,
             draining: view.draining,
             last_report: view.last_report,
         };
@@ -503,21 +546,66 @@ mod liveness_tests {
     #[test]
     fn a_silent_worker_is_stalled_until_it_reports_a_reporting_one_is_only_slow() {
         let mut r = router();
-        r.note_report(Duration::ZERO, WorkerId(1));
-        r.note_report(3 * S, WorkerId(2));
+        r.note_report(Duration::ZERO, WorkerId(1), 10, 1);
+        r.note_report(3 * S, WorkerId(2), 10, 1);
         // Both streams silent for 2 s at t=4 s: worker 1 has not reported since t=0.
         assert!(r.check_stalled(4 * S, WorkerId(1), 2 * S, false));
         assert!(!r.check_stalled(4 * S, WorkerId(2), 2 * S, false));
         assert!(r.is_suspended(4 * S, WorkerId(1)));
         assert!(!r.is_suspended(4 * S, WorkerId(2)));
-        // Past the slow bound a reporting worker is stalled too.
-        assert!(r.check_stalled(4 * S, WorkerId(2), 2 * S, true));
-        // A report proves it alive again.
-        r.update_load(WorkerId(1), 0, 0);
-        r.note_report(5 * S, WorkerId(1));
+        // Past the slow bound a reporting worker whose engine steps is busy, not stalled;
+        // one whose steps did not move in that time is stalled.
+        assert!(!r.check_stalled(4 * S, WorkerId(2), 8 * S, true));
+        r.note_report(9 * S, WorkerId(2), 10, 1);
+        assert!(r.check_stalled(9 * S, WorkerId(2), 8 * S, true));
+        // A report with progress proves it alive again.
+        r.update_load(WorkerId(1), 0, 1);
+        r.note_report(5 * S, WorkerId(1), 11, 1);
         assert!(!r.is_suspended(5 * S, WorkerId(1)));
         // A worker the router does not know is gone: stalled.
         assert!(r.check_stalled(5 * S, WorkerId(9), S, false));
+    }
+
+    #[test]
+    fn a_stuck_worker_that_keeps_reporting_stays_out_until_its_engine_moves() {
+        let mut r = router();
+        r.note_report(Duration::ZERO, WorkerId(1), 40, 3);
+        // Its stream has been silent past the bound while it reports: stalled.
+        assert!(r.check_stalled(S, WorkerId(1), S, true));
+        // Heartbeats with the same step count (the engine is stuck) do not lift it, however
+        // many arrive; asking again does not move the mark either.
+        for t in 2..6 {
+            r.update_load(WorkerId(1), 8, 3);
+            r.note_report(t * S, WorkerId(1), 40, 3);
+            assert!(
+                r.is_suspended(t * S, WorkerId(1)),
+                "a heartbeat without progress"
+            );
+        }
+        assert!(r.check_stalled(6 * S, WorkerId(1), S, true));
+        // One step more: alive.
+        r.note_report(7 * S, WorkerId(1), 41, 3);
+        assert!(!r.is_suspended(7 * S, WorkerId(1)));
+        // Stalled again, then its requests are gone (migrated and cancelled): nothing left
+        // to be stuck on, so it may take requests again.
+        assert!(r.check_stalled(8 * S, WorkerId(1), S, true));
+        r.note_report(9 * S, WorkerId(1), 41, 0);
+        assert!(!r.is_suspended(9 * S, WorkerId(1)));
+    }
+
+    #[test]
+    fn routable_counts_leave_out_quarantined_stalled_and_draining_workers() {
+        let mut r = router();
+        r.add_worker(WorkerId(3));
+        r.add_worker(WorkerId(4));
+        assert_eq!(r.routable(Duration::ZERO), (4, 4));
+        assert!(r.mark_unreachable(Duration::ZERO, WorkerId(1)));
+        r.set_suspended(WorkerId(2), true);
+        assert!(r.check_stalled(S, WorkerId(3), S, true));
+        r.set_draining(WorkerId(4), true);
+        assert_eq!(r.routable(S), (4, 0));
+        // The unreachable worker's quarantine ends on its own.
+        assert_eq!(r.routable(UNREACHABLE_QUARANTINE), (4, 1));
     }
 
     #[test]

@@ -7,7 +7,7 @@
 //!
 //! A stream silent for the liveness timeout is checked with the router
 //! (`RouterRequest::Stalled`): when the worker's load reports stopped too (or the silence is
-//! past the slow bound) it is stalled, left out of routing until it reports its load again,
+//! past the slow bound) it is stalled, left out of routing until its load reports show progress again,
 //! and the request migrates; a lost one is quarantined
 //! (`RouterRequest::Unreachable`); one whose lease expires (it leaves the dispatcher's
 //! members) has its streams migrated at once. The liveness timer runs on the dispatcher's clock, so
@@ -202,6 +202,7 @@ async fn next_of(
             }
         }
         quiet += timeout;
+        tracing::debug!(request = %id, %worker, ?quiet, "no output yet; asking whether the worker is stalled");
         // Silent this long: stalled if its load reports stopped too, or past the bound.
         if attempt
             .stream

@@ -28,9 +28,11 @@ pub struct MigrationConfig {
     pub migration_limit: u32,
     /// A worker stream that delivers nothing for this long while its worker has not
     /// reported its load in that time either (frozen, partitioned) is declared stalled: the
-    /// worker is left out of routing until it reports again, and the request migrates. A
-    /// worker that keeps reporting but delivers nothing for [`SLOW_BOUND_FACTOR`] times this
-    /// long (overloaded past the bound) is treated the same.
+    /// worker is left out of routing until its load reports show its engine moving again, and
+    /// the request migrates. A worker that keeps reporting, leaves the stream silent for
+    /// [`SLOW_BOUND_FACTOR`] times this long, and whose reports show no engine step in that
+    /// time (its engine stuck, or so overloaded that a step takes that long) is treated the
+    /// same. One whose engine keeps stepping is busy, and keeps the stream.
     pub liveness_timeout_ms: u64,
 }
 
@@ -44,7 +46,7 @@ impl Default for MigrationConfig {
 }
 
 /// How many liveness timeouts a stream may stay silent on a worker that still reports its
-/// load (alive, but overloaded) before it migrates anyway.
+/// load before it migrates, if the worker's engine made no step in that time either.
 pub const SLOW_BOUND_FACTOR: u32 = 4;
 
 impl MigrationConfig {

@@ -51,7 +51,8 @@ pub enum RouterRequest {
     Unreachable(WorkerId),
     /// Call: a stream on this worker made no progress for `quiet_for_ms`. The router answers
     /// `Stalled(true)` when the worker has not reported its load in that time either (or
-    /// `force`), and then leaves it out of routing until it reports again (it proves alive);
+    /// `force`), and then leaves it out of routing until a load report shows its engine
+    /// made progress (it proves alive);
     /// `Stalled(false)`: it is alive, only slow.
     Stalled {
         worker: WorkerId,
@@ -60,6 +61,8 @@ pub enum RouterRequest {
     },
     /// Call: the router's counters.
     Metrics,
+    /// Call: how many workers it knows and how many it would route to now (readiness).
+    Routable,
     /// Call: pick the decode worker, then decide where the prefill runs (see
     /// [`crate::disagg::route`]).
     RouteDisagg(RouteRequest),
@@ -78,6 +81,11 @@ pub enum RouterReply {
     },
     Done,
     Stalled(bool),
+    /// Workers known, and of those routable now (not quarantined, stalled or draining).
+    Routable {
+        workers: u32,
+        routable: u32,
+    },
 }
 
 /// What a [`LoadWatcher`] is told.
@@ -221,18 +229,27 @@ impl RouterCore {
     }
 
     /// A stream on `worker` made no progress for `quiet_for`: whether the worker is stalled
-    /// (see [`KvRouter::check_stalled`]); a stalled one gets no routing until it reports.
+    /// (see [`KvRouter::check_stalled`]); a stalled one gets no routing until a report shows
+    /// progress.
     pub fn check_stalled(&self, worker: WorkerId, quiet_for: Duration, force: bool) -> bool {
         let now = self.now();
         let stalled = self.lock().check_stalled(now, worker, quiet_for, force);
+        tracing::debug!(%worker, ?quiet_for, force, stalled, "stall check");
         if stalled {
-            tracing::warn!(%worker, "worker stalled; not routing to it until it reports again");
+            tracing::warn!(%worker, "worker stalled; not routing to it until it makes progress");
         }
         stalled
     }
 
     pub fn add_worker(&self, worker: WorkerId) {
         self.lock().add_worker(worker);
+    }
+
+    /// Workers of the serving pool (aggregated and decode) it knows, and how many of them it
+    /// would route to now (see [`KvRouter::routable`]).
+    pub fn routable(&self) -> (usize, usize) {
+        let now = self.now();
+        self.lock().routable(now)
     }
 
     /// Adds `worker` to the pool its role serves: prefill workers are routed to only for
@@ -276,7 +293,7 @@ impl RouterCore {
         let now = self.now();
         let mut router = self.lock();
         router.update_load(worker, stats.load_blocks(), active);
-        router.note_report(now, worker);
+        router.note_report(now, worker, stats.num_steps, active);
         // A draining worker takes no new requests (its in-flight ones run to the end).
         router.set_draining(worker, stats.draining);
         drop(router);
@@ -374,6 +391,13 @@ impl Handler<RouterService> for RouterActor {
                 Duration::from_millis(quiet_for_ms),
                 force,
             )),
+            RouterRequest::Routable => {
+                let (workers, routable) = self.core.routable();
+                RouterReply::Routable {
+                    workers: workers as u32,
+                    routable: routable as u32,
+                }
+            }
             RouterRequest::Metrics => RouterReply::Metrics {
                 totals: self.core.metrics(),
                 per_worker: self.core.worker_route_counts(),

@@ -8,6 +8,7 @@ use super::net::{Endpoint, SimNet, SimPublisher};
 use super::{lock, record, Held, Log};
 use crate::network::NodeId;
 use crate::run::{SimConfig, SimError};
+use crate::time::SimTime;
 use crate::worker::track_held;
 use async_trait::async_trait;
 use std::collections::{BTreeMap, BTreeSet};
@@ -109,6 +110,8 @@ pub(super) struct World {
     pub(super) planes: Mutex<BTreeMap<u32, (Endpoint, TransferPlane)>>,
     /// The slots of prefill workers are 1..=prefill_slots (none: all aggregated).
     pub(super) prefill_slots: u32,
+    /// When the last step slowed by a `slow:` fault ends (see `CostModelEngine`).
+    pub(super) slowed_until: Arc<Mutex<SimTime>>,
 }
 
 pub(super) fn node_config(name: String) -> NodeConfig {
@@ -180,6 +183,9 @@ impl World {
         // The executor seam: a priced step instead of a backend.
         let engine = Arc::new(CostModelEngine {
             worker: id,
+            slot,
+            faults: Arc::new(self.cfg.faults.clone()),
+            slowed_until: self.slowed_until.clone(),
             cost: profile.step_time.clone(),
             clock: self.clock.clone(),
             log: self.log.clone(),

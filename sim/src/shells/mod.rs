@@ -201,6 +201,7 @@ async fn run(cfg: &SimConfig, workload: &[RequestSpec]) -> Result<SimOutcome, Si
                 .collect(),
         ),
         next_worker_id: Mutex::new(0),
+        slowed_until: Arc::new(Mutex::new(SimTime::ZERO)),
     });
     let initial = initial_slots(cfg);
     for &slot in &initial {
@@ -282,11 +283,16 @@ async fn run(cfg: &SimConfig, workload: &[RequestSpec]) -> Result<SimOutcome, Si
         .map(|r| r.arrival)
         .max()
         .unwrap_or(SimTime::ZERO);
-    let faults_over = cfg.faults.last_fault_end().plus(cfg.settle);
     let mut resolved_at = None;
     let (mut progress, mut progressed_at) = (0usize, SimTime::ZERO);
     loop {
         let now = clock.sim_now();
+        // A slowed step that started inside its fault's window runs past it.
+        let faults_over = cfg
+            .faults
+            .last_fault_end()
+            .max(*lock(&world.slowed_until))
+            .plus(cfg.settle);
         let (done, delivered) = {
             let recs = lock(&records);
             let done = recs.iter().filter(|r| r.resolutions > 0).count();
