@@ -84,6 +84,9 @@ pub struct SampleRow<'a> {
     pub params: SamplingParams,
     /// Prompt and generated tokens; read only when a repetition penalty is set.
     pub history: &'a [u32],
+    /// Added to these tokens' logits before the draw (after the repetition penalty);
+    /// `-inf` bans a token. Usually empty.
+    pub bias: &'a [(u32, f32)],
     /// Report the chosen token's logprob and `params.top_logprobs` alternatives.
     pub logprobs: bool,
 }
@@ -102,7 +105,7 @@ pub fn sample_rows_on_host(
             if !row.logprobs {
                 sampler = sampler.without_logprobs();
             }
-            sampler.sample(values, row.history)
+            sampler.sample_biased(values, row.history, row.bias)
         })
         .collect()
 }
@@ -115,6 +118,8 @@ pub enum SamplingError {
     EmptyLogits,
     #[error("logits contain no finite value")]
     NoFiniteLogits,
+    #[error("the logit bias bans every token")]
+    AllBanned,
 }
 
 /// A chosen token with its log-probability under the model's distribution.
@@ -164,6 +169,17 @@ impl Sampler {
         logits: &[f32],
         history: &[u32],
     ) -> Result<SampledToken, SamplingError> {
+        self.sample_biased(logits, history, &[])
+    }
+
+    /// [`Sampler::sample`] with `bias` added to the named tokens' logits first (`-inf`
+    /// bans). The reported logprobs stay the model's own, as OpenAI reports them.
+    pub fn sample_biased(
+        &mut self,
+        logits: &[f32],
+        history: &[u32],
+        bias: &[(u32, f32)],
+    ) -> Result<SampledToken, SamplingError> {
         if logits.is_empty() {
             return Err(SamplingError::EmptyLogits);
         }
@@ -185,6 +201,14 @@ impl Sampler {
                     };
                 }
             }
+        }
+        for &(t, b) in bias {
+            if let Some(l) = work.get_mut(t as usize) {
+                *l += b;
+            }
+        }
+        if !bias.is_empty() && !work.iter().any(|v| v.is_finite()) {
+            return Err(SamplingError::AllBanned);
         }
         let token = if p.is_greedy() {
             argmax(&work)
@@ -457,6 +481,38 @@ mod tests {
         // Negative logits are multiplied, so they get less likely too.
         let neg = vec![-1.0f32, -1.5];
         assert_eq!(s.sample(&neg, &[0]).unwrap().token, 1);
+    }
+
+    #[test]
+    fn bias_bans_and_favours_tokens_but_logprobs_stay_the_models() {
+        let mut s = Sampler::new(SamplingParams::greedy()).unwrap();
+        let out = s
+            .sample_biased(&logits(), &[], &[(1, f32::NEG_INFINITY)])
+            .unwrap();
+        assert_eq!(out.token, 3);
+        let out = s.sample_biased(&logits(), &[], &[(2, 10.0)]).unwrap();
+        assert_eq!(out.token, 2);
+        let z: f32 = logits().iter().map(|l| l.exp()).sum::<f32>().ln();
+        assert!((out.logprob.unwrap() - (-1.0 - z)).abs() < 1e-5);
+        let all: Vec<(u32, f32)> = (0..6).map(|t| (t, f32::NEG_INFINITY)).collect();
+        assert_eq!(
+            s.sample_biased(&logits(), &[], &all),
+            Err(SamplingError::AllBanned)
+        );
+        // Sampled, a banned token never comes.
+        let mut s = Sampler::new(SamplingParams {
+            temperature: 5.0,
+            seed: 2,
+            ..Default::default()
+        })
+        .unwrap();
+        for _ in 0..200 {
+            let t = s
+                .sample_biased(&logits(), &[], &[(1, f32::NEG_INFINITY)])
+                .unwrap()
+                .token;
+            assert_ne!(t, 1);
+        }
     }
 
     #[test]

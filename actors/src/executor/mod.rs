@@ -33,6 +33,9 @@ pub struct SampleSpec {
     pub sample_index: u32,
     /// Prompt + generated tokens; only filled when a repetition penalty is active.
     pub history: Vec<u32>,
+    /// Added to the logits before the draw: `logit_bias`, presence and frequency
+    /// penalties, stop tokens banned before `min_tokens` (see `worker::bias`).
+    pub bias: Vec<(u32, f32)>,
     /// Top alternatives to report with the token's logprob, if logprobs were asked for.
     pub logprobs: Option<u32>,
 }
@@ -425,6 +428,7 @@ fn sample_row(spec: &SampleSpec) -> ksampling::SampleRow<'_> {
             top_logprobs: spec.logprobs.unwrap_or(0) as usize,
         },
         history: &spec.history,
+        bias: &spec.bias,
         logprobs: spec.logprobs.is_some(),
     }
 }

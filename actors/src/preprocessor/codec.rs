@@ -4,6 +4,7 @@
 //! worker's token ids back into text for the client, incrementally, without ever cutting a
 //! multi-byte character in half.
 
+use super::tool_prompt;
 use crate::protocol::{EngineError, Prompt, TokenLogprob, TokenLogprobs, TopLogprob};
 use std::sync::Arc;
 use turbine_kernels::chat::{ChatMessage, ChatTemplate};
@@ -50,27 +51,71 @@ impl ModelCodec {
         &self.stop_ids
     }
 
-    /// The prompt's token ids: chat messages through the model's template, plain text as is.
+    /// The prompt's token ids: chat messages through the model's template, plain text as is
+    /// (with BOS where the model wants one), token ids checked against the vocabulary.
     pub fn prompt_ids(&self, prompt: &Prompt) -> Result<Vec<u32>, EngineError> {
+        self.tokenize(prompt, true)
+    }
+
+    /// As [`ModelCodec::prompt_ids`]; `add_special` says whether plain text gets BOS.
+    pub fn tokenize(&self, prompt: &Prompt, add_special: bool) -> Result<Vec<u32>, EngineError> {
         match prompt {
-            Prompt::Text(text) => self.encode(text, true),
-            Prompt::Chat(messages) => {
-                let Some(template) = &self.template else {
-                    return Err(EngineError::InvalidRequest(
-                        "this model has no chat template; use /v1/completions".into(),
-                    ));
-                };
-                let messages: Vec<ChatMessage> = messages
-                    .iter()
-                    .map(|m| ChatMessage::new(m.role.clone(), m.content.clone()))
-                    .collect();
-                let text = template
-                    .render(&messages, true, &self.bos, &self.eos)
-                    .map_err(|e| EngineError::InvalidRequest(format!("chat template: {e}")))?;
-                // The template writes BOS itself where the model wants one.
-                self.encode(&text, false)
+            Prompt::Tokens(ids) => {
+                self.check_ids("prompt", ids)?;
+                Ok(ids.clone())
             }
+            Prompt::Text(text) => self.encode(text, add_special),
+            Prompt::Chat(messages) => self.chat_ids(messages, &[]),
         }
+    }
+
+    /// A conversation's token ids through the chat template, with `tools` (OpenAI-shaped)
+    /// rendered by the template if it can, else by the fallback of `tool_prompt`.
+    pub fn chat_ids(
+        &self,
+        messages: &[crate::protocol::ChatMessage],
+        tools: &[serde_json::Value],
+    ) -> Result<Vec<u32>, EngineError> {
+        let Some(template) = &self.template else {
+            return Err(EngineError::InvalidRequest(
+                "this model has no chat template; use /v1/completions".into(),
+            ));
+        };
+        let text = if template.renders_tools() {
+            let shown: Vec<ChatMessage> = tool_prompt::native(messages);
+            let tools = (!tools.is_empty()).then_some(tools);
+            template.render_with_tools(&shown, tools, true, &self.bos, &self.eos)
+        } else {
+            template.render(
+                &tool_prompt::fallback(messages, tools),
+                true,
+                &self.bos,
+                &self.eos,
+            )
+        }
+        .map_err(|e| EngineError::InvalidRequest(format!("chat template: {e}")))?;
+        // The template writes BOS itself where the model wants one.
+        self.encode(&text, false)
+    }
+
+    /// Refuses ids outside the vocabulary, naming `field`.
+    pub fn check_ids(&self, field: &str, ids: &[u32]) -> Result<(), EngineError> {
+        let vocab = self.tokenizer.vocab_size();
+        match ids.iter().find(|&&id| id as usize >= vocab) {
+            Some(id) => Err(EngineError::InvalidRequest(format!(
+                "`{field}` holds token id {id}, but the vocabulary has {vocab} tokens (ids 0 to {})",
+                vocab.saturating_sub(1)
+            ))),
+            None => Ok(()),
+        }
+    }
+
+    /// The text of `ids`, special tokens included (as /detokenize and `echo` show them).
+    pub fn detokenize(&self, ids: &[u32]) -> Result<String, EngineError> {
+        self.check_ids("tokens", ids)?;
+        self.tokenizer
+            .decode(ids, false)
+            .map_err(|e| EngineError::InvalidRequest(format!("detokenizing: {e}")))
     }
 
     fn encode(&self, text: &str, add_special: bool) -> Result<Vec<u32>, EngineError> {

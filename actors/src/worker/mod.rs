@@ -38,6 +38,7 @@
 //! because nothing is scheduled until the step in flight completes).
 
 pub mod announce;
+pub mod bias;
 pub mod block_manager;
 pub mod config;
 pub mod events;

@@ -112,6 +112,19 @@ pub struct SamplingContext<'a> {
     /// Prompt followed by generated tokens (for repetition penalties).
     pub tokens: &'a [TokenId],
     pub prompt_len: usize,
+    /// Of the prompt's last tokens, how many other workers generated (a migrated
+    /// continuation): penalties and `min_tokens` count them as generated.
+    pub generated_before: usize,
+    /// The ids that end the sequence (banned before `min_tokens`).
+    pub stop_token_ids: &'a [TokenId],
+}
+
+impl SamplingContext<'_> {
+    /// The tokens generated for this request so far, across workers.
+    pub fn generated(&self) -> &[TokenId] {
+        let start = self.prompt_len.saturating_sub(self.generated_before);
+        self.tokens.get(start..).unwrap_or(&[])
+    }
 }
 
 #[derive(Clone, Copy, Debug)]
@@ -401,6 +414,8 @@ impl Scheduler {
             logprobs: s.logprobs,
             tokens: &s.tokens,
             prompt_len: s.prompt_len,
+            generated_before: s.sample_offset as usize,
+            stop_token_ids: &s.stop.stop_token_ids,
         })
     }
 

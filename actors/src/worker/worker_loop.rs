@@ -419,6 +419,7 @@ impl EngineLoop {
                             } else {
                                 Vec::new()
                             },
+                            bias: crate::worker::bias::step_bias(&ctx),
                             logprobs: ctx.logprobs,
                         }
                     })

@@ -1019,6 +1019,7 @@ impl CudaBackend {
             SampleRow {
                 params: SamplingParams::greedy(),
                 history: &[],
+                bias: &[],
                 logprobs: false,
             };
             m
@@ -1077,9 +1078,10 @@ impl Backend for CudaBackend {
         }
         if rows
             .iter()
-            .any(|r| r.logprobs && r.params.top_logprobs > SAMPLE_MAX_TOP)
+            .any(|r| (r.logprobs && r.params.top_logprobs > SAMPLE_MAX_TOP) || !r.bias.is_empty())
         {
-            // More alternatives than the device sampler reports: the host sampler does it.
+            // More alternatives than the device sampler reports, or a logit bias (which it
+            // does not apply): the host sampler does it.
             let logits = self.forward(batch)?;
             return Ok(crate::sampling::sample_rows_on_host(&logits, rows));
         }
@@ -1094,6 +1096,7 @@ impl Backend for CudaBackend {
                 Err(_) => SampleRow {
                     params: SamplingParams::greedy(),
                     history: &[],
+                    bias: &[],
                     logprobs: false,
                 },
             })
