@@ -52,6 +52,19 @@ pub enum Grammar {
     Lark(String),
 }
 
+impl Grammar {
+    /// What the grammar engine compiles (the schema text parsed as JSON).
+    pub fn source(&self) -> Result<turbine_kernels::grammar::GrammarSource, String> {
+        use turbine_kernels::grammar::GrammarSource;
+        match self {
+            Grammar::JsonSchema(text) => serde_json::from_str(text)
+                .map(GrammarSource::JsonSchema)
+                .map_err(|e| format!("the JSON schema is not JSON: {e}")),
+            Grammar::Lark(text) => Ok(GrammarSource::Lark(text.clone())),
+        }
+    }
+}
+
 impl Default for SamplingParams {
     fn default() -> Self {
         SamplingParams {

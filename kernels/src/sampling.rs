@@ -87,6 +87,9 @@ pub struct SampleRow<'a> {
     /// Added to these tokens' logits before the draw (after the repetition penalty);
     /// `-inf` bans a token. Usually empty.
     pub bias: &'a [(u32, f32)],
+    /// Constrained decoding: only tokens whose bit is set may be drawn (bit `t % 32` of
+    /// word `t / 32`, see [`crate::grammar`]).
+    pub allowed: Option<&'a [u32]>,
     /// Report the chosen token's logprob and `params.top_logprobs` alternatives.
     pub logprobs: bool,
 }
@@ -105,7 +108,7 @@ pub fn sample_rows_on_host(
             if !row.logprobs {
                 sampler = sampler.without_logprobs();
             }
-            sampler.sample_biased(values, row.history, row.bias)
+            sampler.sample_masked(values, row.history, row.bias, row.allowed)
         })
         .collect()
 }
@@ -118,7 +121,7 @@ pub enum SamplingError {
     EmptyLogits,
     #[error("logits contain no finite value")]
     NoFiniteLogits,
-    #[error("the logit bias bans every token")]
+    #[error("the logit bias or the grammar bans every token")]
     AllBanned,
 }
 
@@ -180,6 +183,17 @@ impl Sampler {
         history: &[u32],
         bias: &[(u32, f32)],
     ) -> Result<SampledToken, SamplingError> {
+        self.sample_masked(logits, history, bias, None)
+    }
+
+    /// [`Sampler::sample_biased`], drawing only tokens `allowed` sets (a grammar's mask).
+    pub fn sample_masked(
+        &mut self,
+        logits: &[f32],
+        history: &[u32],
+        bias: &[(u32, f32)],
+        allowed: Option<&[u32]>,
+    ) -> Result<SampledToken, SamplingError> {
         if logits.is_empty() {
             return Err(SamplingError::EmptyLogits);
         }
@@ -207,7 +221,14 @@ impl Sampler {
                 *l += b;
             }
         }
-        if !bias.is_empty() && !work.iter().any(|v| v.is_finite()) {
+        if let Some(mask) = allowed {
+            for (t, l) in work.iter_mut().enumerate() {
+                if mask.get(t / 32).is_none_or(|w| w >> (t % 32) & 1 == 0) {
+                    *l = f32::NEG_INFINITY;
+                }
+            }
+        }
+        if (!bias.is_empty() || allowed.is_some()) && !work.iter().any(|v| v.is_finite()) {
             return Err(SamplingError::AllBanned);
         }
         let token = if p.is_greedy() {
@@ -513,6 +534,36 @@ mod tests {
                 .token;
             assert_ne!(t, 1);
         }
+    }
+
+    #[test]
+    fn a_mask_limits_the_draw_to_its_tokens() {
+        // Tokens 0 and 4 only.
+        let mask = [0b10001u32];
+        let mut s = Sampler::new(SamplingParams {
+            temperature: 3.0,
+            seed: 8,
+            ..Default::default()
+        })
+        .unwrap();
+        for _ in 0..100 {
+            let t = s
+                .sample_masked(&logits(), &[], &[], Some(&mask))
+                .unwrap()
+                .token;
+            assert!(t == 0 || t == 4, "{t}");
+        }
+        let mut g = Sampler::new(SamplingParams::greedy()).unwrap();
+        assert_eq!(
+            g.sample_masked(&logits(), &[], &[], Some(&mask))
+                .unwrap()
+                .token,
+            0
+        );
+        assert_eq!(
+            g.sample_masked(&logits(), &[], &[], Some(&[0])),
+            Err(SamplingError::AllBanned)
+        );
     }
 
     #[test]

@@ -299,9 +299,21 @@ class Person(BaseModel):
     address: Weather  # a nested object ($defs / $ref in the schema)
 
 
+def strict(schema):
+    """The schema as OpenAI's strict mode wants it: no properties beyond those listed."""
+    if isinstance(schema, dict):
+        schema = {k: strict(v) for k, v in schema.items()}
+        if schema.get("type") == "object":
+            schema.setdefault("additionalProperties", False)
+    elif isinstance(schema, list):
+        schema = [strict(v) for v in schema]
+    return schema
+
+
 def tool(name, model, description):
     return {"type": "function", "function": {"name": name, "description": description,
-                                              "parameters": model.model_json_schema()}}
+                                              "parameters": strict(model.model_json_schema()),
+                                              "strict": True}}
 
 
 WEATHER = tool("get_weather", Weather, "Current weather of a city")
@@ -436,7 +448,8 @@ class Tools:
             # Streamed: the assembled text validates too.
             text = ""
             schema = {"type": "json_schema", "json_schema": {
-                "name": model.__name__, "schema": model.model_json_schema(), "strict": True}}
+                "name": model.__name__, "schema": strict(model.model_json_schema()),
+                "strict": True}}
             for chunk in self.client.chat.completions.create(
                     model=self.model, messages=ask, response_format=schema, temperature=0,
                     max_tokens=128, stream=True):

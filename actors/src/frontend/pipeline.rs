@@ -89,6 +89,13 @@ impl ChatEngine for Pipeline {
         self.codec.check_ids("logit_bias", &biased)?;
         self.codec
             .check_ids("stop_token_ids", &req.stop_token_ids)?;
+        if let Some(grammar) = req.sampling.grammar.clone() {
+            // Compiling is CPU work: off the async threads (the worker loops run there).
+            let codec = self.codec.clone();
+            tokio::task::spawn_blocking(move || codec.check_grammar(&grammar))
+                .await
+                .map_err(|e| EngineError::Internal(format!("checking the grammar: {e}")))??;
+        }
         let prompt_len = token_ids.len();
         if prompt_len == 0 {
             return Err(EngineError::InvalidRequest("the prompt is empty".into()));

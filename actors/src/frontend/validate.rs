@@ -1144,6 +1144,94 @@ mod tests {
     }
 
     #[test]
+    fn response_formats_become_grammars() {
+        let base = r#""messages":[{"role":"user","content":"x"}]"#;
+        let req = chat(&format!(
+            r#"{{{base},"response_format":{{"type":"text"}}}}"#
+        ))
+        .unwrap();
+        assert_eq!(req.sampling.grammar, None);
+        let req = chat(&format!(
+            r#"{{{base},"response_format":{{"type":"json_object"}}}}"#
+        ))
+        .unwrap();
+        assert!(matches!(req.sampling.grammar, Some(Grammar::JsonSchema(_))));
+        let req = chat(&format!(
+            r#"{{{base},"response_format":{{"type":"json_schema","json_schema":{{"name":"n","schema":{{"type":"integer"}},"strict":true}}}}}}"#
+        ))
+        .unwrap();
+        let Some(Grammar::JsonSchema(text)) = req.sampling.grammar else {
+            panic!("a schema grammar expected")
+        };
+        assert!(
+            text.contains("integer") && text.contains("whitespace_flexible"),
+            "{text}"
+        );
+        for (bad, param) in [
+            (r#"{"type":"xml"}"#, "response_format.type"),
+            (r#"{"type":"json_schema"}"#, "response_format.json_schema"),
+            (
+                r#"{"type":"json_schema","json_schema":{"name":"n"}}"#,
+                "response_format.json_schema.schema",
+            ),
+            (
+                r#"{"type":"json_object","extra":1}"#,
+                "response_format.extra",
+            ),
+        ] {
+            let err = chat(&format!(r#"{{{base},"response_format":{bad}}}"#)).unwrap_err();
+            assert_eq!(err.param.as_deref(), Some(param), "{bad}: {}", err.message);
+        }
+    }
+
+    #[test]
+    fn tools_and_tool_choice_are_read_and_checked() {
+        let tools = r#""tools":[{"type":"function","function":{"name":"get_weather","parameters":{"type":"object"}}}]"#;
+        let base = r#""messages":[{"role":"user","content":"x"}]"#;
+        let req = chat(&format!("{{{base},{tools}}}")).unwrap();
+        let setup = req.tools.unwrap();
+        assert_eq!(setup.choice, ToolChoice::Auto);
+        assert_eq!(req.sampling.grammar, None);
+        let req = chat(&format!(
+            r#"{{{base},{tools},"tool_choice":{{"type":"function","function":{{"name":"get_weather"}}}}}}"#
+        ))
+        .unwrap();
+        let Some(Grammar::Lark(lark)) = req.sampling.grammar else {
+            panic!("a forced call is a grammar")
+        };
+        assert!(
+            lark.contains("<tool_call>") && lark.contains("get_weather"),
+            "{lark}"
+        );
+        let err = chat(&format!(
+            r#"{{{base},{tools},"tool_choice":{{"type":"function","function":{{"name":"nope"}}}}}}"#
+        ))
+        .unwrap_err();
+        assert_eq!(err.param.as_deref(), Some("tool_choice"));
+        let err = chat(&format!(r#"{{{base},"tool_choice":"required"}}"#)).unwrap_err();
+        assert_eq!(err.param.as_deref(), Some("tool_choice"));
+        let err = chat(&format!(
+            r#"{{{base},"tools":[{{"type":"function","function":{{"name":"a b"}}}}]}}"#
+        ))
+        .unwrap_err();
+        assert_eq!(err.param.as_deref(), Some("tools[0].function.name"));
+        // A tool conversation: the call in the history and its result.
+        let req = chat(
+            r#"{"messages":[{"role":"user","content":"x"},
+                {"role":"assistant","content":null,"tool_calls":[{"id":"c1","type":"function","function":{"name":"f","arguments":"{}"}}]},
+                {"role":"tool","tool_call_id":"c1","content":"42"}]}"#,
+        )
+        .unwrap();
+        let Prompt::Chat(messages) = req.prompt else {
+            panic!("chat prompt expected")
+        };
+        assert_eq!(messages[1].tool_calls[0].name, "f");
+        assert_eq!(messages[2].tool_call_id.as_deref(), Some("c1"));
+        let err = chat(r#"{"messages":[{"role":"tool","content":"42"}]}"#).unwrap_err();
+        assert_eq!(err.param.as_deref(), Some("messages[0].tool_call_id"));
+    }
+
+    #[test]
     fn chat_logprobs_need_the_flag() {
         let base = r#""messages":[{"role":"user","content":"x"}]"#;
         let req = chat(&format!(r#"{{{base},"logprobs":true,"top_logprobs":2}}"#)).unwrap();

@@ -5,13 +5,16 @@
 //! multi-byte character in half.
 
 use super::tool_prompt;
-use crate::protocol::{EngineError, Prompt, TokenLogprob, TokenLogprobs, TopLogprob};
+use crate::protocol::{EngineError, Grammar, Prompt, TokenLogprob, TokenLogprobs, TopLogprob};
 use std::sync::Arc;
 use turbine_kernels::chat::{ChatMessage, ChatTemplate};
+use turbine_kernels::grammar::Grammars;
 use turbine_kernels::tokenizer::{IncrementalDecoder, Tokenizer};
 
 /// The model's text side, shared by every request.
 pub struct ModelCodec {
+    /// The grammar engine over this vocabulary, built on first use (constrained requests).
+    grammars: std::sync::OnceLock<Result<Arc<Grammars>, String>>,
     tokenizer: Arc<Tokenizer>,
     template: Option<ChatTemplate>,
     bos: String,
@@ -34,6 +37,7 @@ impl ModelCodec {
             .transpose()
             .map_err(|e| format!("the model's chat template: {e}"))?;
         Ok(ModelCodec {
+            grammars: std::sync::OnceLock::new(),
             tokenizer,
             template,
             bos,
@@ -96,6 +100,41 @@ impl ModelCodec {
         .map_err(|e| EngineError::InvalidRequest(format!("chat template: {e}")))?;
         // The template writes BOS itself where the model wants one.
         self.encode(&text, false)
+    }
+
+    /// This codec with an already built grammar engine (shared with the process's workers).
+    pub fn with_grammars(self, grammars: Arc<Grammars>) -> Self {
+        let _ = self.grammars.set(Ok(grammars));
+        self
+    }
+
+    /// The grammar engine over this model's vocabulary (built once, on first use, unless
+    /// given by [`ModelCodec::with_grammars`]).
+    pub fn grammars(&self) -> Result<Arc<Grammars>, EngineError> {
+        self.grammars
+            .get_or_init(|| {
+                Grammars::new(&self.tokenizer, &self.stop_ids)
+                    .map(Arc::new)
+                    .map_err(|e| e.to_string())
+            })
+            .clone()
+            .map_err(EngineError::Internal)
+    }
+
+    /// Compiles `grammar` once, so that one that cannot be enforced is a 400 now rather
+    /// than a failure on the worker.
+    pub fn check_grammar(&self, grammar: &Grammar) -> Result<(), EngineError> {
+        let refuse = |e: String| {
+            EngineError::InvalidRequest(format!(
+                "the output constraint (`response_format`, or the forced tool call's \
+                 `parameters`) cannot be enforced: {e}"
+            ))
+        };
+        let source = grammar.source().map_err(refuse)?;
+        self.grammars()?
+            .constrain(&source)
+            .map(drop)
+            .map_err(|e| refuse(e.to_string()))
     }
 
     /// Refuses ids outside the vocabulary, naming `field`.

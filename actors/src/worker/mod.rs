@@ -41,6 +41,7 @@ pub mod announce;
 pub mod bias;
 pub mod block_manager;
 pub mod config;
+pub mod constrained;
 pub mod events;
 pub mod metrics;
 pub mod plan;

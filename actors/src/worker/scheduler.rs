@@ -55,6 +55,9 @@ pub enum AdmitError {
     /// `add_with_remote_kv`: `max_num_seqs` sequences are running or importing.
     #[error("the worker is running its maximum number of sequences")]
     Busy,
+    /// The request's grammar (`response_format`, a forced tool call) cannot be enforced here.
+    #[error("constrained decoding: {0}")]
+    Grammar(String),
     /// `add_with_remote_kv`: the first token already ends the request.
     #[error("the request finished with its first token; there is nothing to decode")]
     NothingToDecode,

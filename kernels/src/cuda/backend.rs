@@ -1020,6 +1020,7 @@ impl CudaBackend {
                 params: SamplingParams::greedy(),
                 history: &[],
                 bias: &[],
+                allowed: None,
                 logprobs: false,
             };
             m
@@ -1076,12 +1077,13 @@ impl Backend for CudaBackend {
                 rows.len()
             )));
         }
-        if rows
-            .iter()
-            .any(|r| (r.logprobs && r.params.top_logprobs > SAMPLE_MAX_TOP) || !r.bias.is_empty())
-        {
-            // More alternatives than the device sampler reports, or a logit bias (which it
-            // does not apply): the host sampler does it.
+        if rows.iter().any(|r| {
+            (r.logprobs && r.params.top_logprobs > SAMPLE_MAX_TOP)
+                || !r.bias.is_empty()
+                || r.allowed.is_some()
+        }) {
+            // More alternatives than the device sampler reports, a logit bias or a grammar
+            // mask (which it does not apply): the host sampler does it.
             let logits = self.forward(batch)?;
             return Ok(crate::sampling::sample_rows_on_host(&logits, rows));
         }
@@ -1097,6 +1099,7 @@ impl Backend for CudaBackend {
                     params: SamplingParams::greedy(),
                     history: &[],
                     bias: &[],
+                    allowed: None,
                     logprobs: false,
                 },
             })
