@@ -46,7 +46,10 @@ pub struct SampleSpec {
 /// A token mask that is computed while the step's forward pass runs: the worker fills it
 /// from a blocking thread, the executor waits for it only when it samples.
 #[derive(Clone, Default)]
-pub struct MaskSlot(Arc<(Mutex<Option<Result<Vec<u32>, String>>>, Condvar)>);
+pub struct MaskSlot(Arc<(Mutex<Option<MaskResult>>, Condvar)>);
+
+/// A grammar's allowed-token bitmask, or why it could not be computed.
+pub type MaskResult = Result<Vec<u32>, String>;
 
 impl std::fmt::Debug for MaskSlot {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
@@ -56,7 +59,7 @@ impl std::fmt::Debug for MaskSlot {
 
 impl MaskSlot {
     /// Hands the mask (or why there is none) to the waiting executor.
-    pub fn fill(&self, mask: Result<Vec<u32>, String>) {
+    pub fn fill(&self, mask: MaskResult) {
         let (lock, ready) = &*self.0;
         let mut slot = lock.lock().unwrap_or_else(|e| e.into_inner());
         *slot = Some(mask);
@@ -64,7 +67,7 @@ impl MaskSlot {
     }
 
     /// Blocks until the mask is there (the executor thread, never a tokio thread).
-    pub fn wait(&self) -> Result<Vec<u32>, String> {
+    pub fn wait(&self) -> MaskResult {
         let (lock, ready) = &*self.0;
         let mut slot = lock.lock().unwrap_or_else(|e| e.into_inner());
         loop {
