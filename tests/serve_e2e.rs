@@ -52,6 +52,19 @@ fn openai_client_drives_turbine_up_and_nothing_leaks() {
         "the openai-client driver failed:\n{log}"
     );
 
+    // 1b. OpenAI-API parity (issue 18) on the same server: n > 1, logit_bias, echo,
+    //     token-id and batched prompts, stop_token_ids, min_tokens, penalties,
+    //     /tokenize and /detokenize, human 400s.
+    let parity = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/e2e/parity_e2e.py");
+    let out = Command::new(&python)
+        .arg(parity)
+        .arg(format!("http://127.0.0.1:{port}"))
+        .output()
+        .expect("running the parity driver");
+    let log = String::from_utf8_lossy(&out.stdout);
+    println!("{log}{}", String::from_utf8_lossy(&out.stderr));
+    assert!(out.status.success(), "the parity driver failed:\n{log}");
+
     // 2. After every request ended, no KV block is held by a request.
     assert_eq!(
         wait_until_idle(port),

@@ -25,6 +25,44 @@ pub struct SamplingParams {
     pub repetition_penalty: f32,
     /// Same seed, same prompt, same tokens.
     pub seed: Option<u64>,
+    /// OpenAI's: subtracted once from the logit of every token already generated; 0 disables.
+    #[serde(default)]
+    pub presence_penalty: f32,
+    /// OpenAI's: subtracted from a token's logit once per time it was generated; 0 disables.
+    #[serde(default)]
+    pub frequency_penalty: f32,
+    /// Added to the logits of these tokens before sampling; -100 bans a token.
+    #[serde(default)]
+    pub logit_bias: Vec<(TokenId, f32)>,
+    /// Stop tokens are not drawn before this many tokens have been generated.
+    #[serde(default)]
+    pub min_tokens: u32,
+    /// The output must follow this grammar (constrained decoding).
+    #[serde(default)]
+    pub grammar: Option<Grammar>,
+}
+
+/// A grammar the output must follow, enforced token by token (`response_format`, tool
+/// calls under `tool_choice` `required` or a named function).
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub enum Grammar {
+    /// A JSON schema, as JSON text.
+    JsonSchema(String),
+    /// llguidance's Lark dialect (may embed JSON schemas with `%json`).
+    Lark(String),
+}
+
+impl Grammar {
+    /// What the grammar engine compiles (the schema text parsed as JSON).
+    pub fn source(&self) -> Result<turbine_kernels::grammar::GrammarSource, String> {
+        use turbine_kernels::grammar::GrammarSource;
+        match self {
+            Grammar::JsonSchema(text) => serde_json::from_str(text)
+                .map(GrammarSource::JsonSchema)
+                .map_err(|e| format!("the JSON schema is not JSON: {e}")),
+            Grammar::Lark(text) => Ok(GrammarSource::Lark(text.clone())),
+        }
+    }
 }
 
 impl Default for SamplingParams {
@@ -36,6 +74,11 @@ impl Default for SamplingParams {
             min_p: 0.0,
             repetition_penalty: 1.0,
             seed: None,
+            presence_penalty: 0.0,
+            frequency_penalty: 0.0,
+            logit_bias: Vec::new(),
+            min_tokens: 0,
+            grammar: None,
         }
     }
 }
@@ -56,7 +99,8 @@ pub struct StopConditions {
     pub max_tokens: u32,
     /// End-of-sequence ids and any extra stop token ids.
     pub stop_token_ids: Vec<TokenId>,
-    /// Keep going past EOS (benchmarks).
+    /// Keep going past EOS (benchmarks). The frontend sends it as `false` with only the
+    /// client's own `stop_token_ids` in `stop_token_ids`, so those still stop.
     pub ignore_eos: bool,
 }
 
@@ -113,20 +157,29 @@ pub struct TokenOutput {
     pub cached_tokens: Option<u32>,
 }
 
-/// What to generate from: chat messages (the engine applies the chat template) or raw text.
+/// What to generate from: chat messages (the engine applies the chat template), raw text,
+/// or token ids as they are.
 #[derive(Clone, Debug, PartialEq)]
 pub enum Prompt {
     Chat(Vec<ChatMessage>),
     Text(String),
+    Tokens(Vec<TokenId>),
 }
 
 /// One chat message with its content flattened to text.
-#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct ChatMessage {
     /// "system", "developer", "user", "assistant" or "tool".
     pub role: String,
-    /// The text parts, joined by newlines.
+    /// The text parts, joined by newlines. Empty for an assistant message that only calls tools.
     pub content: String,
+    /// An assistant message's tool calls (earlier turns of a tool conversation). Always
+    /// serialized: messages are positional MessagePack, where a skipped field shifts the next.
+    #[serde(default)]
+    pub tool_calls: Vec<ToolCall>,
+    /// A `tool` message: the call it answers.
+    #[serde(default)]
+    pub tool_call_id: Option<String>,
     /// The parts in the client's order when the message holds an image; empty for a text
     /// message (its `content` says it all). Never serialized: images cross processes as
     /// embeddings by descriptor, not inside the request.
@@ -140,7 +193,7 @@ impl ChatMessage {
         ChatMessage {
             role: role.into(),
             content: content.into(),
-            parts: Vec::new(),
+            ..ChatMessage::default()
         }
     }
 
@@ -192,6 +245,15 @@ impl ImageHash {
         h.update(&image.pixels);
         ImageHash(h.digest())
     }
+}
+
+/// A function call an assistant made (in a conversation's history).
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ToolCall {
+    pub id: String,
+    pub name: String,
+    /// The arguments as JSON text, as OpenAI sends them.
+    pub arguments: String,
 }
 
 /// Log-probability of one generated token, with the alternatives asked for.

@@ -70,6 +70,7 @@ fn prompt_words(req: &GenerateRequest) -> Vec<String> {
             .last()
             .map(|m| m.content.clone())
             .unwrap_or_default(),
+        Prompt::Tokens(ids) => ids.iter().map(|id| format!("t{id} ")).collect(),
     };
     text.split_whitespace().map(str::to_string).collect()
 }
@@ -575,7 +576,8 @@ async fn sampling_fields_reach_the_engine() {
         json!({"temperature": 0.5, "top_p": 0.9, "top_k": 40, "min_p": 0.05,
                "repetition_penalty": 1.1, "seed": 42, "max_completion_tokens": 9,
                "ignore_eos": true, "user": "someone", "n": 1, "stop": "zz",
-               "some_vendor_extra": {"x": [1, 2]}}),
+               "presence_penalty": 0.5, "frequency_penalty": -0.5, "min_tokens": 2,
+               "logit_bias": {"3": -100}, "stop_token_ids": [7]}),
     );
     assert_eq!(
         post(server.addr, "/v1/chat/completions", &body)
@@ -593,6 +595,11 @@ async fn sampling_fields_reach_the_engine() {
     assert_eq!(seen.max_tokens, Some(9));
     assert!(seen.ignore_eos);
     assert_eq!(seen.stop, vec!["zz".to_string()]);
+    assert_eq!(seen.sampling.presence_penalty, 0.5);
+    assert_eq!(seen.sampling.frequency_penalty, -0.5);
+    assert_eq!(seen.sampling.min_tokens, 2);
+    assert_eq!(seen.sampling.logit_bias, vec![(3, -100.0)]);
+    assert_eq!(seen.stop_token_ids, vec![7]);
 }
 
 #[tokio::test]
@@ -867,10 +874,28 @@ async fn bad_requests_get_openai_errors_and_the_server_keeps_serving() {
             Some("max_tokens"),
         ),
         bad(
-            "n two",
-            with(chat_body("x"), json!({"n": 2})),
+            "n zero",
+            with(chat_body("x"), json!({"n": 0})),
             400,
             Some("n"),
+        ),
+        bad(
+            "unknown field",
+            with(chat_body("x"), json!({"temprature": 0.5})),
+            400,
+            Some("temprature"),
+        ),
+        bad(
+            "refused field",
+            with(chat_body("x"), json!({"functions": []})),
+            400,
+            Some("functions"),
+        ),
+        bad(
+            "null user content",
+            json!({"messages": [{"role": "user", "content": null}]}),
+            400,
+            Some("messages[0].content"),
         ),
         bad(
             "five stops",
@@ -966,10 +991,10 @@ async fn bad_requests_get_openai_errors_and_the_server_keeps_serving() {
         BadCase {
             path: "/v1/completions",
             ..bad(
-                "two prompts",
-                json!({"prompt": ["a", "b"]}),
+                "empty token-id prompt",
+                json!({"prompt": [[1], []]}),
                 400,
-                Some("prompt"),
+                Some("prompt[1]"),
             )
         },
         BadCase {
@@ -1011,6 +1036,20 @@ async fn bad_requests_get_openai_errors_and_the_server_keeps_serving() {
             case.name
         );
         assert!(error["type"].is_string(), "{}: {body}", case.name);
+        let message = error["message"].as_str().unwrap_or_default();
+        for serde_words in [
+            "variant",
+            "untagged",
+            "invalid type",
+            "expected f64",
+            "expected u64",
+        ] {
+            assert!(
+                !message.contains(serde_words),
+                "{}: a serde message reached the client: {message}",
+                case.name
+            );
+        }
         assert!(
             error.get("param").is_some() && error.get("code").is_some(),
             "{}: {body}",

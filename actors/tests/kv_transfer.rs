@@ -97,6 +97,8 @@ async fn drive(s: &mut Scheduler, exec: &Executor) -> Vec<TokenId> {
                     seed: 0,
                     sample_index: seq.sample_index,
                     history: Vec::new(),
+                    bias: Vec::new(),
+                    allowed: None,
                     logprobs: None,
                 }),
             })

@@ -5,11 +5,18 @@
 use minijinja::{context, Environment, Error as JinjaError, ErrorKind};
 use serde::{Deserialize, Serialize};
 
-/// One message of a conversation (OpenAI's `{role, content}`).
-#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+/// One message of a conversation (OpenAI's `{role, content}`, with `tool_calls` and
+/// `tool_call_id` in a tool conversation, as HF templates read them).
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub struct ChatMessage {
     pub role: String,
     pub content: String,
+    /// `[{"id", "type": "function", "function": {"name", "arguments": {...}}}]`, arguments
+    /// as a JSON object (templates write them with `tojson`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tool_calls: Option<serde_json::Value>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tool_call_id: Option<String>,
 }
 
 impl ChatMessage {
@@ -17,6 +24,8 @@ impl ChatMessage {
         ChatMessage {
             role: role.into(),
             content: content.into(),
+            tool_calls: None,
+            tool_call_id: None,
         }
     }
 }
@@ -32,6 +41,8 @@ pub enum ChatTemplateError {
 /// A compiled chat template.
 pub struct ChatTemplate {
     env: Environment<'static>,
+    /// Whether the template reads `tools` (else callers fall back to a system prompt).
+    renders_tools: bool,
 }
 
 impl std::fmt::Debug for ChatTemplate {
@@ -54,7 +65,15 @@ impl ChatTemplate {
         env.add_function("raise_exception", raise_exception);
         env.add_template_owned(NAME, source.to_string())
             .map_err(ChatTemplateError::Syntax)?;
-        Ok(ChatTemplate { env })
+        // The heuristic HF-format servers use: a template that never names `tools` has no
+        // place for them.
+        let renders_tools = source.contains("tools");
+        Ok(ChatTemplate { env, renders_tools })
+    }
+
+    /// Whether the template renders a `tools` list itself.
+    pub fn renders_tools(&self) -> bool {
+        self.renders_tools
     }
 
     /// Renders `messages` with `add_generation_prompt`, `bos_token` and `eos_token` set.
@@ -65,12 +84,26 @@ impl ChatTemplate {
         bos_token: &str,
         eos_token: &str,
     ) -> Result<String, ChatTemplateError> {
+        self.render_with_tools(messages, None, add_generation_prompt, bos_token, eos_token)
+    }
+
+    /// [`ChatTemplate::render`] with `tools` (OpenAI's `[{"type": "function", "function":
+    /// {...}}]`), passed as `none` when absent, as transformers does.
+    pub fn render_with_tools(
+        &self,
+        messages: &[ChatMessage],
+        tools: Option<&[serde_json::Value]>,
+        add_generation_prompt: bool,
+        bos_token: &str,
+        eos_token: &str,
+    ) -> Result<String, ChatTemplateError> {
         let tmpl = self
             .env
             .get_template(NAME)
             .map_err(ChatTemplateError::Syntax)?;
         tmpl.render(context! {
             messages => messages,
+            tools => tools,
             add_generation_prompt => add_generation_prompt,
             bos_token => bos_token,
             eos_token => eos_token,
@@ -121,6 +154,28 @@ mod tests {
         let err = render_chat(t, &[ChatMessage::new("assistant", "x")], "", "").unwrap_err();
         assert!(matches!(err, ChatTemplateError::Render(_)));
         assert!(err.to_string().contains("roles must alternate"), "{err}");
+    }
+
+    #[test]
+    fn tools_reach_templates_that_read_them() {
+        let t = "{% if tools %}{% for t in tools %}[{{ t.function.name }}]{% endfor %}{% endif %}{% for m in messages %}{{ m.role }}{% if m.tool_calls %}:{{ m.tool_calls[0].function.arguments | tojson }}{% endif %};{% endfor %}";
+        let tmpl = ChatTemplate::new(t).unwrap();
+        assert!(tmpl.renders_tools());
+        let tools = vec![serde_json::json!({"type": "function", "function": {"name": "f"}})];
+        let mut call = ChatMessage::new("assistant", "");
+        call.tool_calls = Some(serde_json::json!([{"id": "c", "type": "function",
+            "function": {"name": "f", "arguments": {"a": 1}}}]));
+        let out = tmpl
+            .render_with_tools(
+                &[ChatMessage::new("user", "x"), call],
+                Some(&tools),
+                false,
+                "",
+                "",
+            )
+            .unwrap();
+        assert_eq!(out, r#"[f]user;assistant:{"a":1};"#);
+        assert!(!ChatTemplate::new(CHATML).unwrap().renders_tools());
     }
 
     #[test]

@@ -10,6 +10,7 @@ pub mod cpu;
 #[cfg(feature = "cuda")]
 pub mod cuda;
 pub mod gguf;
+pub mod grammar;
 pub mod kv_cache;
 pub mod loader;
 pub mod model;

@@ -84,6 +84,12 @@ pub struct SampleRow<'a> {
     pub params: SamplingParams,
     /// Prompt and generated tokens; read only when a repetition penalty is set.
     pub history: &'a [u32],
+    /// Added to these tokens' logits before the draw (after the repetition penalty);
+    /// `-inf` bans a token. Usually empty.
+    pub bias: &'a [(u32, f32)],
+    /// Constrained decoding: only tokens whose bit is set may be drawn (bit `t % 32` of
+    /// word `t / 32`, see [`crate::grammar`]).
+    pub allowed: Option<&'a [u32]>,
     /// Report the chosen token's logprob and `params.top_logprobs` alternatives.
     pub logprobs: bool,
 }
@@ -102,7 +108,7 @@ pub fn sample_rows_on_host(
             if !row.logprobs {
                 sampler = sampler.without_logprobs();
             }
-            sampler.sample(values, row.history)
+            sampler.sample_masked(values, row.history, row.bias, row.allowed)
         })
         .collect()
 }
@@ -115,6 +121,8 @@ pub enum SamplingError {
     EmptyLogits,
     #[error("logits contain no finite value")]
     NoFiniteLogits,
+    #[error("the logit bias or the grammar bans every token")]
+    AllBanned,
 }
 
 /// A chosen token with its log-probability under the model's distribution.
@@ -164,6 +172,28 @@ impl Sampler {
         logits: &[f32],
         history: &[u32],
     ) -> Result<SampledToken, SamplingError> {
+        self.sample_biased(logits, history, &[])
+    }
+
+    /// [`Sampler::sample`] with `bias` added to the named tokens' logits first (`-inf`
+    /// bans). The reported logprobs stay the model's own, as OpenAI reports them.
+    pub fn sample_biased(
+        &mut self,
+        logits: &[f32],
+        history: &[u32],
+        bias: &[(u32, f32)],
+    ) -> Result<SampledToken, SamplingError> {
+        self.sample_masked(logits, history, bias, None)
+    }
+
+    /// [`Sampler::sample_biased`], drawing only tokens `allowed` sets (a grammar's mask).
+    pub fn sample_masked(
+        &mut self,
+        logits: &[f32],
+        history: &[u32],
+        bias: &[(u32, f32)],
+        allowed: Option<&[u32]>,
+    ) -> Result<SampledToken, SamplingError> {
         if logits.is_empty() {
             return Err(SamplingError::EmptyLogits);
         }
@@ -185,6 +215,21 @@ impl Sampler {
                     };
                 }
             }
+        }
+        for &(t, b) in bias {
+            if let Some(l) = work.get_mut(t as usize) {
+                *l += b;
+            }
+        }
+        if let Some(mask) = allowed {
+            for (t, l) in work.iter_mut().enumerate() {
+                if mask.get(t / 32).is_none_or(|w| w >> (t % 32) & 1 == 0) {
+                    *l = f32::NEG_INFINITY;
+                }
+            }
+        }
+        if (!bias.is_empty() || allowed.is_some()) && !work.iter().any(|v| v.is_finite()) {
+            return Err(SamplingError::AllBanned);
         }
         let token = if p.is_greedy() {
             argmax(&work)
@@ -457,6 +502,68 @@ mod tests {
         // Negative logits are multiplied, so they get less likely too.
         let neg = vec![-1.0f32, -1.5];
         assert_eq!(s.sample(&neg, &[0]).unwrap().token, 1);
+    }
+
+    #[test]
+    fn bias_bans_and_favours_tokens_but_logprobs_stay_the_models() {
+        let mut s = Sampler::new(SamplingParams::greedy()).unwrap();
+        let out = s
+            .sample_biased(&logits(), &[], &[(1, f32::NEG_INFINITY)])
+            .unwrap();
+        assert_eq!(out.token, 3);
+        let out = s.sample_biased(&logits(), &[], &[(2, 10.0)]).unwrap();
+        assert_eq!(out.token, 2);
+        let z: f32 = logits().iter().map(|l| l.exp()).sum::<f32>().ln();
+        assert!((out.logprob.unwrap() - (-1.0 - z)).abs() < 1e-5);
+        let all: Vec<(u32, f32)> = (0..6).map(|t| (t, f32::NEG_INFINITY)).collect();
+        assert_eq!(
+            s.sample_biased(&logits(), &[], &all),
+            Err(SamplingError::AllBanned)
+        );
+        // Sampled, a banned token never comes.
+        let mut s = Sampler::new(SamplingParams {
+            temperature: 5.0,
+            seed: 2,
+            ..Default::default()
+        })
+        .unwrap();
+        for _ in 0..200 {
+            let t = s
+                .sample_biased(&logits(), &[], &[(1, f32::NEG_INFINITY)])
+                .unwrap()
+                .token;
+            assert_ne!(t, 1);
+        }
+    }
+
+    #[test]
+    fn a_mask_limits_the_draw_to_its_tokens() {
+        // Tokens 0 and 4 only.
+        let mask = [0b10001u32];
+        let mut s = Sampler::new(SamplingParams {
+            temperature: 3.0,
+            seed: 8,
+            ..Default::default()
+        })
+        .unwrap();
+        for _ in 0..100 {
+            let t = s
+                .sample_masked(&logits(), &[], &[], Some(&mask))
+                .unwrap()
+                .token;
+            assert!(t == 0 || t == 4, "{t}");
+        }
+        let mut g = Sampler::new(SamplingParams::greedy()).unwrap();
+        assert_eq!(
+            g.sample_masked(&logits(), &[], &[], Some(&mask))
+                .unwrap()
+                .token,
+            0
+        );
+        assert_eq!(
+            g.sample_masked(&logits(), &[], &[], Some(&[0])),
+            Err(SamplingError::AllBanned)
+        );
     }
 
     #[test]

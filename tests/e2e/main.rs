@@ -77,6 +77,7 @@ mod against_turbine_frontend {
                     .map(|m| m.content.as_str())
                     .collect::<Vec<_>>()
                     .join("\n"),
+                Prompt::Tokens(ids) => ids.iter().map(|id| format!("t{id} ")).collect(),
             };
             let words: Vec<String> = text.split_whitespace().map(str::to_string).collect();
             let words = if words.is_empty() {

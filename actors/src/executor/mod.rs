@@ -17,7 +17,7 @@ use crate::ids::RequestId;
 use crate::protocol::{SamplingParams, TokenLogprob};
 use crate::worker::{SampledToken, ScheduledSeq};
 use std::sync::mpsc as std_mpsc;
-use std::sync::Arc;
+use std::sync::{Arc, Condvar, Mutex};
 use std::thread;
 use std::time::{Duration, Instant};
 use tokio::sync::oneshot;
@@ -35,8 +35,50 @@ pub struct SampleSpec {
     pub sample_index: u32,
     /// Prompt + generated tokens; only filled when a repetition penalty is active.
     pub history: Vec<u32>,
+    /// Added to the logits before the draw: `logit_bias`, presence and frequency
+    /// penalties, stop tokens banned before `min_tokens` (see `worker::bias`).
+    pub bias: Vec<(u32, f32)>,
+    /// A constrained request: the grammar's allowed-token bitmask, filled while the
+    /// forward pass runs (see `worker::constrained`).
+    pub allowed: Option<MaskSlot>,
     /// Top alternatives to report with the token's logprob, if logprobs were asked for.
     pub logprobs: Option<u32>,
+}
+
+/// A token mask that is computed while the step's forward pass runs: the worker fills it
+/// from a blocking thread, the executor waits for it only when it samples.
+#[derive(Clone, Default)]
+pub struct MaskSlot(Arc<(Mutex<Option<MaskResult>>, Condvar)>);
+
+/// A grammar's allowed-token bitmask, or why it could not be computed.
+pub type MaskResult = Result<Vec<u32>, String>;
+
+impl std::fmt::Debug for MaskSlot {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("MaskSlot(..)")
+    }
+}
+
+impl MaskSlot {
+    /// Hands the mask (or why there is none) to the waiting executor.
+    pub fn fill(&self, mask: MaskResult) {
+        let (lock, ready) = &*self.0;
+        let mut slot = lock.lock().unwrap_or_else(|e| e.into_inner());
+        *slot = Some(mask);
+        ready.notify_all();
+    }
+
+    /// Blocks until the mask is there (the executor thread, never a tokio thread).
+    pub fn wait(&self) -> MaskResult {
+        let (lock, ready) = &*self.0;
+        let mut slot = lock.lock().unwrap_or_else(|e| e.into_inner());
+        loop {
+            if let Some(mask) = slot.as_ref() {
+                return mask.clone();
+            }
+            slot = ready.wait(slot).unwrap_or_else(|e| e.into_inner());
+        }
+    }
 }
 
 /// One sequence of a step, ready for the backend.
@@ -124,9 +166,23 @@ enum Runner {
 #[derive(Clone)]
 pub struct Executor {
     runner: Runner,
+    /// The model's vocabulary for constrained decoding (none: constrained requests are
+    /// refused, e.g. by a simulated engine).
+    grammars: Option<Arc<turbine_kernels::grammar::Grammars>>,
 }
 
 impl Executor {
+    /// This executor with the grammar engine of its model's vocabulary.
+    pub fn with_grammars(mut self, grammars: Arc<turbine_kernels::grammar::Grammars>) -> Self {
+        self.grammars = Some(grammars);
+        self
+    }
+
+    /// The grammar engine of the model's vocabulary, if constrained decoding is served.
+    pub fn grammars(&self) -> Option<&Arc<turbine_kernels::grammar::Grammars>> {
+        self.grammars.as_ref()
+    }
+
     /// Moves `backend` onto a new OS thread named `name`.
     pub fn spawn(name: &str, backend: Box<dyn Backend>) -> std::io::Result<Executor> {
         let (jobs, rx) = std_mpsc::channel::<Work>();
@@ -135,6 +191,7 @@ impl Executor {
             .spawn(move || run_thread(backend, rx))?;
         Ok(Executor {
             runner: Runner::Thread(jobs),
+            grammars: None,
         })
     }
 
@@ -161,6 +218,7 @@ impl Executor {
         ready_rx.recv().map_err(|_| SpawnError::Panicked)??;
         Ok(Executor {
             runner: Runner::Thread(jobs),
+            grammars: None,
         })
     }
 
@@ -172,6 +230,7 @@ impl Executor {
                 clock,
                 kv: None,
             },
+            grammars: None,
         }
     }
 
@@ -188,6 +247,7 @@ impl Executor {
                 clock,
                 kv: Some(kv),
             },
+            grammars: None,
         }
     }
 
@@ -390,6 +450,9 @@ fn run_step(
         })
         .collect();
     let wanted: Vec<&ExecSeq> = batch.iter().filter(|e| e.seq.want_logits).collect();
+    let constrained = wanted
+        .iter()
+        .any(|e| e.sample.as_ref().is_some_and(|s| s.allowed.is_some()));
     let mut rows = Vec::with_capacity(wanted.len());
     for e in &wanted {
         let Some(spec) = &e.sample else {
@@ -400,13 +463,28 @@ fn run_step(
         };
         rows.push(sample_row(spec));
     }
-    let drawn = if host_sampling {
+    let drawn = if host_sampling || constrained {
         let logits = backend.forward(&steps)?;
         if logits.rows() < rows.len() {
             return Err(ExecError::Sampling {
                 request: wanted[logits.rows()].seq.request,
                 reason: "backend returned too few logits rows".into(),
             });
+        }
+        // The masks were computed while the forward pass ran; wait for the last of them.
+        let mut masks: Vec<Option<Vec<u32>>> = Vec::with_capacity(wanted.len());
+        for e in &wanted {
+            let mask = match e.sample.as_ref().and_then(|s| s.allowed.as_ref()) {
+                Some(slot) => Some(slot.wait().map_err(|reason| ExecError::Sampling {
+                    request: e.seq.request,
+                    reason: format!("grammar: {reason}"),
+                })?),
+                None => None,
+            };
+            masks.push(mask);
+        }
+        for (row, mask) in rows.iter_mut().zip(&masks) {
+            row.allowed = mask.as_deref();
         }
         ksampling::sample_rows_on_host(&logits, &rows)
     } else {
@@ -463,6 +541,8 @@ fn sample_row(spec: &SampleSpec) -> ksampling::SampleRow<'_> {
             top_logprobs: spec.logprobs.unwrap_or(0) as usize,
         },
         history: &spec.history,
+        bias: &spec.bias,
+        allowed: None,
         logprobs: spec.logprobs.is_some(),
     }
 }

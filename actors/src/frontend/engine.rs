@@ -29,8 +29,12 @@ pub struct GenerateRequest {
     /// Stop strings (at most 4). The HTTP layer enforces them itself on the text it receives
     /// and drops the stream on a match, so an engine may ignore this field.
     pub stop: Vec<String>,
-    /// Keep generating past EOS.
+    /// Keep generating past EOS (the model's stop tokens; `stop_token_ids` still stop).
     pub ignore_eos: bool,
+    /// The client's extra stop token ids (vLLM's `stop_token_ids`).
+    pub stop_token_ids: Vec<u32>,
+    /// Chat: the tools, rendered into the prompt and parsed out of the output.
+    pub tools: Option<super::tools::ToolSetup>,
     /// `Some(k)`: return the sampled token's log-probability and the top `k` alternatives.
     pub logprobs: Option<u32>,
     /// The client asked for a final usage chunk (streaming only).
@@ -75,4 +79,20 @@ pub trait ChatEngine: Send + Sync + 'static {
     /// Starts generation. Errors found before any token (prompt too long, overload) come
     /// back here; errors after the first token come as an `Err` item in the stream.
     async fn generate(&self, req: GenerateRequest) -> Result<DeltaStream, EngineError>;
+
+    /// The token ids `prompt` would be generated from (chat messages through the template;
+    /// `add_special` adds BOS to plain text). For POST /tokenize and `echo`.
+    fn tokenize(&self, _prompt: &Prompt, _add_special: bool) -> Result<Vec<u32>, EngineError> {
+        Err(EngineError::InvalidRequest(
+            "this engine does not expose its tokenizer".into(),
+        ))
+    }
+
+    /// The text of `ids` (special tokens shown). For POST /detokenize and `echo` of a
+    /// token-id prompt.
+    fn detokenize(&self, _ids: &[u32]) -> Result<String, EngineError> {
+        Err(EngineError::InvalidRequest(
+            "this engine does not expose its tokenizer".into(),
+        ))
+    }
 }

@@ -7,6 +7,7 @@
 
 use super::engine::{Delta, DeltaStream, EngineError, TokenLogprobs, Usage};
 use super::metrics::HttpMetrics;
+use super::tools::ParsedCall;
 use crate::preprocessor::stop::StopMatcher;
 use crate::protocol::FinishReason;
 use futures::StreamExt;
@@ -18,6 +19,8 @@ use std::time::Instant;
 pub enum FinishKind {
     Stop,
     Length,
+    /// The model called tools (set by the tool parser, never by the engine).
+    ToolCalls,
 }
 
 impl FinishKind {
@@ -25,17 +28,24 @@ impl FinishKind {
         match self {
             FinishKind::Stop => "stop",
             FinishKind::Length => "length",
+            FinishKind::ToolCalls => "tool_calls",
         }
     }
 }
 
-/// What the HTTP layer renders, in order: any number of `Text`, then exactly one of
-/// `Finished` or `Failed`.
+/// What the HTTP layer renders, in order: any number of `Text` (and, with tools,
+/// `ToolCall`), then exactly one of `Finished` or `Failed`.
 #[derive(Clone, Debug, PartialEq)]
 pub enum GenEvent {
     Text {
         text: String,
         logprobs: Vec<TokenLogprobs>,
+    },
+    /// A tool call found in the text (chat with tools); `index` counts the choice's calls.
+    ToolCall {
+        index: usize,
+        id: String,
+        call: ParsedCall,
     },
     Finished {
         reason: FinishKind,

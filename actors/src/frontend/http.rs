@@ -1,20 +1,22 @@
 //! The OpenAI-compatible HTTP server (axum).
 //!
 //! Routes: POST /v1/chat/completions, POST /v1/completions, GET /v1/models,
-//! GET /v1/models/{id}, GET /health (the process is up), GET /ready (a worker is there to
+//! GET /v1/models/{id}, POST /tokenize and /detokenize (vLLM's), GET /health (the process is up), GET /ready (a worker is there to
 //! serve), GET /metrics. Every error is OpenAI-shaped JSON; the server never panics on
 //! input, so it keeps serving after any bad request. Generations pass [`Admission`] first:
 //! bounded concurrency, a bounded queue, 429 beyond it, and an optional per-request deadline.
 
 use super::admission::{Admission, Admitted, Deadline};
-use super::engine::{ChatEngine, GenerateRequest};
+use super::engine::{ChatEngine, EngineError, Prompt, Usage};
 use super::error::ApiError;
+use super::generation::FinishKind;
 use super::generation::{GenEvent, Generation};
 use super::images::ImageLimits;
 use super::metrics::{HttpMetrics, Metrics};
-use super::openai::{ModelCard, ModelList};
+use super::openai::{DetokenizeResponse, ModelCard, ModelList, TokenizeResponse};
 use super::render::{Aggregate, Endpoint, ResponseMeta, SseWriter};
-use super::validate;
+use super::tools::{ToolEvent, ToolParser, ToolSetup};
+use super::validate::{self, Validated};
 use axum::body::{Body, Bytes};
 use axum::extract::rejection::BytesRejection;
 use axum::extract::{DefaultBodyLimit, MatchedPath, Path, Request, State};
@@ -24,6 +26,8 @@ use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use axum::{Json, Router};
 use futures::future::BoxFuture;
+use futures::stream::BoxStream;
+use futures::StreamExt;
 use std::convert::Infallible;
 use std::future::Future;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -146,6 +150,8 @@ pub fn router(engine: Arc<dyn ChatEngine>, metrics: Metrics, cfg: HttpConfig) ->
     Router::new()
         .route("/v1/chat/completions", post(chat_completions))
         .route("/v1/completions", post(completions))
+        .route("/tokenize", post(tokenize))
+        .route("/detokenize", post(detokenize))
         .route("/v1/models", get(list_models))
         .route("/v1/models/{id}", get(get_model))
         .route("/health", get(health))
@@ -203,7 +209,7 @@ async fn chat_completions(
 /// blocking thread, not on the runtime's.
 const DECODE_OFF_RUNTIME_BYTES: usize = 16 << 10;
 
-async fn validate_chat(state: &AppState, body: Bytes) -> Result<GenerateRequest, ApiError> {
+async fn validate_chat(state: &AppState, body: Bytes) -> Result<Validated, ApiError> {
     if body.len() < DECODE_OFF_RUNTIME_BYTES {
         return validate::chat_request(&body, state.engine.model_id(), &state.images);
     }
@@ -231,6 +237,46 @@ async fn completions(
         generate(&state, req, Endpoint::Completion, started, deadline).await
     };
     result.await.unwrap_or_else(error_response)
+}
+
+/// POST /tokenize (vLLM's): the token ids a prompt or a conversation is generated from.
+async fn tokenize(
+    State(state): State<AppState>,
+    headers: HeaderMap,
+    body: Result<Bytes, BytesRejection>,
+) -> Response {
+    let result = (|| {
+        let body = json_body(&headers, body)?;
+        let (prompt, add_special) = validate::tokenize_request(&body, state.engine.model_id())?;
+        let tokens = state
+            .engine
+            .tokenize(&prompt, add_special)
+            .map_err(|e| ApiError::from_engine(e, "prompt"))?;
+        Ok::<_, ApiError>(Json(TokenizeResponse {
+            count: tokens.len(),
+            max_model_len: u64::try_from(state.engine.context_length()).unwrap_or(u64::MAX),
+            tokens,
+        }))
+    })();
+    result.map_or_else(error_response, IntoResponse::into_response)
+}
+
+/// POST /detokenize (vLLM's): the text of token ids.
+async fn detokenize(
+    State(state): State<AppState>,
+    headers: HeaderMap,
+    body: Result<Bytes, BytesRejection>,
+) -> Response {
+    let result = (|| {
+        let body = json_body(&headers, body)?;
+        let ids = validate::detokenize_request(&body, state.engine.model_id())?;
+        let prompt = state
+            .engine
+            .detokenize(&ids)
+            .map_err(|e| ApiError::from_engine(e, "tokens"))?;
+        Ok::<_, ApiError>(Json(DetokenizeResponse { prompt }))
+    })();
+    result.map_or_else(error_response, IntoResponse::into_response)
 }
 
 /// Logs server-side failures (client mistakes are the client's to see) and renders the error.
@@ -273,11 +319,18 @@ fn json_body(headers: &HeaderMap, body: Result<Bytes, BytesRejection>) -> Result
     })
 }
 
-/// Admits the request, starts the engine, waits for its first event (so early failures get
-/// a proper status), then answers with SSE or one JSON body, all within `deadline`.
+/// Admits the request, starts the engine for every choice, waits for the first event of
+/// each prompt's first sample (so early failures get a proper status), then answers with
+/// SSE or one JSON body, all within `deadline`.
+///
+/// `n` > 1: a prompt's later samples start once its first sample has produced a token. By
+/// then the prompt's full KV blocks are committed to the worker's prefix cache, so the
+/// other samples are routed to them (KV-aware routing sees the overlap) and share them
+/// (reference-counted, read-only) instead of prefilling the prompt again; only the
+/// trailing partial block is computed per sample.
 async fn generate(
     state: &AppState,
-    req: GenerateRequest,
+    req: Validated,
     endpoint: Endpoint,
     started: Instant,
     deadline: Option<Deadline>,
@@ -288,21 +341,94 @@ async fn generate(
         endpoint,
         &state.ids.next(),
         unix_now(),
-        req.model.clone(),
-        req.logprobs.is_some(),
+        req.request.model.clone(),
+        req.request.logprobs.is_some(),
     );
-    let stop = req.stop.clone();
-    let stream = req.stream;
-    let include_usage = req.include_usage;
     let to_api = |err| ApiError::from_engine(err, endpoint.prompt_param());
+    let echoes = if req.echo {
+        let texts = req
+            .prompts
+            .iter()
+            .map(|p| prompt_text(state.engine.as_ref(), p))
+            .collect::<Result<Vec<_>, _>>()
+            .map_err(to_api)?;
+        Some(texts)
+    } else {
+        None
+    };
+    let n = req.n as usize;
+    let total = req.num_choices();
+    let mut choices: Vec<Option<Bounded>> = (0..total).map(|_| None).collect();
+    for p in 0..req.prompts.len() {
+        choices[p * n] = Some(start_choice(state, &req, p * n, started, deadline).await?);
+    }
+    // Each prompt's first event: a refusal found before any token is the response's status.
+    for p in 0..req.prompts.len() {
+        if let Some(choice) = choices[p * n].as_mut() {
+            let first = choice.next().await;
+            if let Some(GenEvent::Failed(err)) = first {
+                return Err(to_api(err));
+            }
+            choice.replay = first;
+        }
+    }
+    for (index, slot) in choices.iter_mut().enumerate() {
+        if slot.is_none() {
+            *slot = Some(start_choice(state, &req, index, started, deadline).await?);
+        }
+    }
+    let tools = req
+        .request
+        .tools
+        .clone()
+        .filter(|t| t.parses())
+        .map(Arc::new);
+    let merged = merge(choices, echoes, n, tools);
+    if req.request.stream {
+        Ok(sse_response(
+            merged,
+            n,
+            SseWriter::new(meta, req.request.include_usage, total),
+            in_flight,
+        ))
+    } else {
+        aggregate(merged, total, n, &meta).await
+    }
+}
+
+/// The prompt's text, for `echo`.
+fn prompt_text(engine: &dyn ChatEngine, prompt: &Prompt) -> Result<String, EngineError> {
+    match prompt {
+        Prompt::Text(text) => Ok(text.clone()),
+        Prompt::Tokens(ids) => engine.detokenize(ids),
+        Prompt::Chat(_) => Err(EngineError::InvalidRequest(
+            "`echo` is served on /v1/completions only".into(),
+        )),
+    }
+}
+
+async fn start_choice(
+    state: &AppState,
+    req: &Validated,
+    index: usize,
+    started: Instant,
+    deadline: Option<Deadline>,
+) -> Result<Bounded, ApiError> {
+    let request = req.choice(index);
+    let endpoint_param = match request.prompt {
+        Prompt::Chat(_) => "messages",
+        _ => "prompt",
+    };
+    let to_api = |err| ApiError::from_engine(err, endpoint_param);
+    let stop = request.stop.clone();
     let deltas = match deadline {
-        Some(d) => tokio::time::timeout_at(d.at, state.engine.generate(req))
+        Some(d) => tokio::time::timeout_at(d.at, state.engine.generate(request))
             .await
             .map_err(|_| to_api(d.exceeded()))?,
-        None => state.engine.generate(req).await,
+        None => state.engine.generate(request).await,
     }
     .map_err(to_api)?;
-    let mut generation = Bounded {
+    Ok(Bounded {
         generation: Some(Generation::new(
             deltas,
             &stop,
@@ -310,20 +436,135 @@ async fn generate(
             state.metrics.http().clone(),
         )),
         deadline,
-    };
-    let first = generation.next().await;
-    if let Some(GenEvent::Failed(err)) = first {
-        return Err(ApiError::from_engine(err, endpoint.prompt_param()));
+        replay: None,
+    })
+}
+
+/// Every choice's events as one stream of (choice index, event), in arrival order; with
+/// `echoes`, each choice starts with its prompt's text.
+fn merge(
+    choices: Vec<Option<Bounded>>,
+    echoes: Option<Vec<String>>,
+    n: usize,
+    tools: Option<Arc<ToolSetup>>,
+) -> Merged {
+    let streams = choices
+        .into_iter()
+        .enumerate()
+        .filter_map(|(index, choice)| {
+            let generation = choice?;
+            let echo = echoes
+                .as_ref()
+                .and_then(|texts| texts.get(index / n.max(1)))
+                .filter(|text| !text.is_empty())
+                .map(|text| GenEvent::Text {
+                    text: text.clone(),
+                    logprobs: Vec::new(),
+                });
+            let events = futures::stream::iter(echo).chain(futures::stream::unfold(
+                generation,
+                |mut generation| async move { generation.next().await.map(|e| (e, generation)) },
+            ));
+            let events = match &tools {
+                Some(tools) => with_tools(events.boxed(), tools.clone()),
+                None => events.boxed(),
+            };
+            Some(events.map(move |e| (index, e)).boxed())
+        });
+    futures::stream::select_all(streams)
+}
+
+/// One choice's events with tool calls parsed out of its text (see `tools::ToolParser`):
+/// text inside `<tool_call>` tags becomes `ToolCall` events, and a choice that called a
+/// tool finishes with `tool_calls` (unless it was cut at `length`).
+fn with_tools(
+    events: BoxStream<'static, GenEvent>,
+    setup: Arc<ToolSetup>,
+) -> BoxStream<'static, GenEvent> {
+    let parser = ToolParser::new(!setup.parallel);
+    events
+        .scan(parser, move |parser, event| {
+            let (found, tail) = match event {
+                GenEvent::Text { text, logprobs } => {
+                    let found = parser.push(&text, &setup.tools);
+                    // Logprobs go out with the first piece, or alone when the text was held.
+                    (found, (!logprobs.is_empty()).then_some(logprobs))
+                }
+                GenEvent::Finished { reason, usage } => {
+                    let found = parser.finish(&setup.tools);
+                    let called =
+                        parser.calls() > 0 || found.iter().any(|e| matches!(e, ToolEvent::Call(_)));
+                    let reason = match reason {
+                        FinishKind::Stop if called => FinishKind::ToolCalls,
+                        other => other,
+                    };
+                    let mut out = tool_events(parser, found, None);
+                    out.push(GenEvent::Finished { reason, usage });
+                    return futures::future::ready(Some(futures::stream::iter(out)));
+                }
+                other => return futures::future::ready(Some(futures::stream::iter(vec![other]))),
+            };
+            let out = tool_events(parser, found, tail);
+            futures::future::ready(Some(futures::stream::iter(out)))
+        })
+        .flatten()
+        .boxed()
+}
+
+/// The parser's findings as events; `logprobs` ride on the first text (or alone).
+fn tool_events(
+    parser: &ToolParser,
+    found: Vec<ToolEvent>,
+    mut logprobs: Option<Vec<super::engine::TokenLogprobs>>,
+) -> Vec<GenEvent> {
+    let calls_before = parser.calls()
+        - found
+            .iter()
+            .filter(|e| matches!(e, ToolEvent::Call(_)))
+            .count();
+    let mut next_call = calls_before;
+    let mut out = Vec::with_capacity(found.len() + 1);
+    for event in found {
+        match event {
+            ToolEvent::Content(text) => out.push(GenEvent::Text {
+                text,
+                logprobs: logprobs.take().unwrap_or_default(),
+            }),
+            ToolEvent::Call(call) => {
+                out.push(GenEvent::ToolCall {
+                    index: next_call,
+                    id: format!("call_{:016x}", rand::random::<u64>()),
+                    call,
+                });
+                next_call += 1;
+            }
+        }
     }
-    if stream {
-        Ok(sse_response(
-            generation,
-            first,
-            SseWriter::new(meta, include_usage),
-            in_flight,
-        ))
-    } else {
-        aggregate(generation, first, &meta).await
+    if let Some(logprobs) = logprobs {
+        out.push(GenEvent::Text {
+            text: String::new(),
+            logprobs,
+        });
+    }
+    out
+}
+
+/// Token counts over every choice: a prompt's tokens count once, not once per sample.
+#[derive(Default)]
+struct UsageSum {
+    usage: Usage,
+}
+
+impl UsageSum {
+    fn add(&mut self, index: usize, n: usize, usage: Usage) {
+        if index % n.max(1) == 0 {
+            self.usage.prompt_tokens = self.usage.prompt_tokens.saturating_add(usage.prompt_tokens);
+            self.usage.cached_tokens = self.usage.cached_tokens.saturating_add(usage.cached_tokens);
+        }
+        self.usage.completion_tokens = self
+            .usage
+            .completion_tokens
+            .saturating_add(usage.completion_tokens);
     }
 }
 
@@ -332,10 +573,15 @@ async fn generate(
 struct Bounded {
     generation: Option<Generation>,
     deadline: Option<Deadline>,
+    /// An event already read (the first), given out again before the rest.
+    replay: Option<GenEvent>,
 }
 
 impl Bounded {
     async fn next(&mut self) -> Option<GenEvent> {
+        if let Some(event) = self.replay.take() {
+            return Some(event);
+        }
         let generation = self.generation.as_mut()?;
         let Some(deadline) = self.deadline else {
             return generation.next().await;
@@ -350,72 +596,72 @@ impl Bounded {
     }
 }
 
+type Merged = futures::stream::SelectAll<BoxStream<'static, (usize, GenEvent)>>;
+
 async fn aggregate(
-    mut generation: Bounded,
-    first: Option<GenEvent>,
+    mut merged: Merged,
+    total: usize,
+    n: usize,
     meta: &ResponseMeta,
 ) -> Result<Response, ApiError> {
-    let mut body = Aggregate::default();
-    let mut next = first;
-    loop {
-        match next {
-            Some(GenEvent::Text { text, logprobs }) => body.push_text(&text, logprobs),
-            Some(GenEvent::Finished { reason, usage }) => {
-                let json = body.into_json(meta, reason, usage).map_err(|err| {
-                    ApiError::server(StatusCode::INTERNAL_SERVER_ERROR, err.to_string())
-                })?;
-                return Ok(Json(json).into_response());
+    let mut body = Aggregate::new(total);
+    let mut usage = UsageSum::default();
+    while let Some((index, event)) = merged.next().await {
+        match event {
+            GenEvent::Text { text, logprobs } => body.push_text(index, &text, logprobs),
+            GenEvent::ToolCall { id, call, .. } => body.push_tool_call(index, id, call),
+            GenEvent::Finished { reason, usage: u } => {
+                body.finish(index, reason);
+                usage.add(index, n, u);
             }
-            Some(GenEvent::Failed(err)) => {
+            GenEvent::Failed(err) => {
                 return Err(ApiError::from_engine(err, meta.endpoint.prompt_param()))
             }
-            None => {
-                return Err(ApiError::server(
-                    StatusCode::INTERNAL_SERVER_ERROR,
-                    "the generation ended without a result",
-                ))
-            }
         }
-        next = generation.next().await;
     }
+    let json = body
+        .into_json(meta, usage.usage)
+        .map_err(|err| ApiError::server(StatusCode::INTERNAL_SERVER_ERROR, err.to_string()))?;
+    Ok(Json(json).into_response())
 }
 
-/// State of one SSE body. Dropping it (client gone) drops the generation and with it the
-/// engine stream, which cancels the request engine-side.
+/// State of one SSE body. Dropping it (client gone) drops the generations and with them
+/// the engine streams, which cancels the requests engine-side.
 struct SseBody {
-    generation: Bounded,
-    first: Option<GenEvent>,
+    merged: Merged,
     writer: SseWriter,
+    usage: UsageSum,
+    n: usize,
     _in_flight: InFlight,
 }
 
-fn sse_response(
-    generation: Bounded,
-    first: Option<GenEvent>,
-    writer: SseWriter,
-    in_flight: InFlight,
-) -> Response {
+fn sse_response(merged: Merged, n: usize, writer: SseWriter, in_flight: InFlight) -> Response {
     let state = SseBody {
-        generation,
-        first,
+        merged,
         writer,
+        usage: UsageSum::default(),
+        n,
         _in_flight: in_flight,
     };
     let chunks = futures::stream::unfold(Some(state), |state| async move {
         let mut body = state?;
         loop {
-            let event = match body.first.take() {
-                Some(event) => Some(event),
-                None => body.generation.next().await,
+            let Some((index, event)) = body.merged.next().await else {
+                // Every choice finished: the usage chunk, the terminator, and drop the state.
+                let mut tail = body.writer.usage(body.usage.usage);
+                tail.push_str(SseWriter::done());
+                return Some((Ok::<_, Infallible>(Bytes::from(tail)), None));
             };
-            let Some(event) = event else {
-                // Finished: send the terminator and drop the state.
-                return Some((
-                    Ok::<_, Infallible>(Bytes::from_static(SseWriter::done().as_bytes())),
-                    None,
-                ));
-            };
-            let text = body.writer.render(event);
+            if let GenEvent::Finished { usage, .. } = &event {
+                body.usage.add(index, body.n, *usage);
+            }
+            let failed = matches!(event, GenEvent::Failed(_));
+            let mut text = body.writer.render(index, event);
+            if failed {
+                // One failed choice ends the response: the error event, then the terminator.
+                text.push_str(SseWriter::done());
+                return Some((Ok(Bytes::from(text)), None));
+            }
             if !text.is_empty() {
                 return Some((Ok(Bytes::from(text)), Some(body)));
             }

@@ -1,6 +1,8 @@
 //! The OpenAI-compatible HTTP frontend.
 //!
-//! `openai` holds the wire types, `validate` turns a body into a [`engine::GenerateRequest`],
+//! `openai` holds the wire types, `fields` the table of every request field and what is
+//! done with it, `validate` turns a body into a [`validate::Validated`] request (one
+//! [`engine::GenerateRequest`] per choice),
 //! `engine` is the seam to whatever generates tokens, `generation` drives one engine stream
 //! (stop strings, token counting), `render` shapes responses, `http` is the axum server and
 //! `metrics` the Prometheus registry it exposes, `admission` the overload limits and
@@ -17,6 +19,7 @@
 pub mod admission;
 pub mod engine;
 pub mod error;
+pub mod fields;
 pub mod generation;
 pub mod http;
 pub mod images;
@@ -24,6 +27,7 @@ pub mod metrics;
 pub mod openai;
 pub mod pipeline;
 pub mod render;
+pub mod tools;
 pub mod validate;
 
 pub use engine::{

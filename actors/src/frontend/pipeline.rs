@@ -6,7 +6,9 @@
 //! `Addr<WorkerService>`s (local, or in another process), after asking the router (an
 //! `Addr<RouterService>`, likewise) which one.
 
-use crate::frontend::{ChatEngine, Delta, DeltaStream, EngineError, GenerateRequest, Usage};
+use crate::frontend::{
+    ChatEngine, Delta, DeltaStream, EngineError, GenerateRequest, Prompt, Usage,
+};
 use crate::preprocessor::codec::ModelCodec;
 use crate::protocol::{FinishReason, StopConditions, TokenOutput};
 use crate::router::dispatch::{DispatchRequest, Dispatcher};
@@ -67,8 +69,33 @@ impl ChatEngine for Pipeline {
         self.context_length
     }
 
+    fn tokenize(&self, prompt: &Prompt, add_special: bool) -> Result<Vec<u32>, EngineError> {
+        self.codec.tokenize(prompt, add_special)
+    }
+
+    fn detokenize(&self, ids: &[u32]) -> Result<String, EngineError> {
+        self.codec.detokenize(ids)
+    }
+
     async fn generate(&self, req: GenerateRequest) -> Result<DeltaStream, EngineError> {
-        let token_ids = self.codec.prompt_ids(&req.prompt)?;
+        let token_ids = match (&req.prompt, &req.tools) {
+            // `tool_choice: "none"` leaves the tools out of the prompt too (vLLM does the same).
+            (Prompt::Chat(messages), Some(tools)) if tools.parses() => {
+                self.codec.chat_ids(messages, &tools.template_tools())?
+            }
+            (prompt, _) => self.codec.prompt_ids(prompt)?,
+        };
+        let biased: Vec<u32> = req.sampling.logit_bias.iter().map(|&(id, _)| id).collect();
+        self.codec.check_ids("logit_bias", &biased)?;
+        self.codec
+            .check_ids("stop_token_ids", &req.stop_token_ids)?;
+        if let Some(grammar) = req.sampling.grammar.clone() {
+            // Compiling is CPU work: off the async threads (the worker loops run there).
+            let codec = self.codec.clone();
+            tokio::task::spawn_blocking(move || codec.check_grammar(&grammar))
+                .await
+                .map_err(|e| EngineError::Internal(format!("checking the grammar: {e}")))??;
+        }
         let prompt_len = token_ids.len();
         if prompt_len == 0 {
             return Err(EngineError::InvalidRequest("the prompt is empty".into()));
@@ -90,8 +117,13 @@ impl ChatEngine for Pipeline {
                 sampling: req.sampling.clone(),
                 stop: StopConditions {
                     max_tokens,
-                    stop_token_ids: self.codec.stop_ids().to_vec(),
-                    ignore_eos: req.ignore_eos,
+                    stop_token_ids: stop_token_ids(
+                        self.codec.stop_ids(),
+                        &req.stop_token_ids,
+                        req.ignore_eos,
+                    ),
+                    // Folded into the list above, so the client's own ids still stop.
+                    ignore_eos: false,
                 },
                 logprobs: req.logprobs,
                 generated_before: 0,
@@ -107,6 +139,21 @@ impl ChatEngine for Pipeline {
         };
         Ok(detokenize(dispatched, state))
     }
+}
+
+/// The ids that end generation: the model's (unless `ignore_eos`) and the client's.
+fn stop_token_ids(model: &[u32], client: &[u32], ignore_eos: bool) -> Vec<u32> {
+    let mut ids = if ignore_eos {
+        Vec::new()
+    } else {
+        model.to_vec()
+    };
+    for &id in client {
+        if !ids.contains(&id) {
+            ids.push(id);
+        }
+    }
+    ids
 }
 
 struct Detokenize {

@@ -1,5 +1,5 @@
 //! Renders [`GenEvent`]s as OpenAI responses: SSE chunks for streaming, one JSON object
-//! otherwise, for either endpoint.
+//! otherwise, for either endpoint, with one choice per prompt and sample (`index`).
 
 use super::engine::{TokenLogprobs, Usage};
 use super::error::ApiError;
@@ -7,8 +7,10 @@ use super::generation::{FinishKind, GenEvent};
 use super::openai::{
     ChatChoice, ChatChunkChoice, ChatCompletionChunk, ChatCompletionResponse, ChatDelta,
     ChatLogprobs, ChatTokenLogprob, ChatTopLogprob, CompletionChoice, CompletionLogprobs,
-    CompletionResponse, PromptTokensDetails, ResponseMessage, UsageBody,
+    CompletionResponse, FunctionBody, FunctionDelta, PromptTokensDetails, ResponseMessage,
+    ToolCallBody, ToolCallDelta, UsageBody,
 };
+use super::tools::ParsedCall;
 use serde::Serialize;
 
 /// Which OpenAI endpoint a response is for.
@@ -118,48 +120,90 @@ fn extend_completion_logprobs(
     }
 }
 
-/// Streaming: renders events as `data: {json}\n\n` lines.
+/// Streaming: renders each choice's events as `data: {json}\n\n` lines.
 pub struct SseWriter {
     meta: ResponseMeta,
     include_usage: bool,
-    sent_role: bool,
-    text_offset: u32,
+    /// Per choice: whether its role chunk went out (chat).
+    sent_role: Vec<bool>,
+    /// Per choice: byte offset of its next token (completions logprobs).
+    text_offset: Vec<u32>,
 }
 
 impl SseWriter {
-    pub fn new(meta: ResponseMeta, include_usage: bool) -> Self {
+    pub fn new(meta: ResponseMeta, include_usage: bool, choices: usize) -> Self {
         SseWriter {
             meta,
             include_usage,
-            sent_role: false,
-            text_offset: 0,
+            sent_role: vec![false; choices],
+            text_offset: vec![0; choices],
         }
     }
 
-    /// The SSE text for one event (possibly several `data:` lines).
-    pub fn render(&mut self, event: GenEvent) -> String {
+    /// The SSE text for one event of choice `index` (possibly several `data:` lines).
+    /// `Finished` renders the choice's finish chunk; the usage chunk is [`SseWriter::usage`].
+    pub fn render(&mut self, index: usize, event: GenEvent) -> String {
         let mut out = String::new();
-        if self.meta.endpoint == Endpoint::Chat && !self.sent_role {
-            self.sent_role = true;
+        if self.meta.endpoint == Endpoint::Chat
+            && !self.sent_role.get(index).copied().unwrap_or(true)
+        {
+            self.sent_role[index] = true;
             let role = ChatDelta {
                 role: Some("assistant".to_string()),
                 content: Some(String::new()),
+                tool_calls: None,
             };
-            push_data(&mut out, &self.chat_chunk(role, None, None));
+            push_data(&mut out, &self.chat_chunk(index, role, None, None));
         }
         match event {
-            GenEvent::Text { text, logprobs } => self.text_chunk(&mut out, text, &logprobs),
-            GenEvent::Finished { reason, usage } => {
-                self.finish_chunk(&mut out, reason);
-                if self.include_usage {
-                    self.usage_chunk(&mut out, usage);
+            GenEvent::Text { text, logprobs } => self.text_chunk(&mut out, index, text, &logprobs),
+            GenEvent::ToolCall {
+                index: call,
+                id,
+                call: parsed,
+            } => {
+                // Two deltas, as OpenAI streams them: the call's name, then its arguments.
+                let named = ToolCallDelta {
+                    index: call as u32,
+                    id: Some(id),
+                    kind: Some("function".to_string()),
+                    function: FunctionDelta {
+                        name: Some(parsed.name),
+                        arguments: Some(String::new()),
+                    },
+                };
+                let args = ToolCallDelta {
+                    index: call as u32,
+                    id: None,
+                    kind: None,
+                    function: FunctionDelta {
+                        name: None,
+                        arguments: Some(parsed.arguments),
+                    },
+                };
+                for delta in [named, args] {
+                    let delta = ChatDelta {
+                        tool_calls: Some(vec![delta]),
+                        ..ChatDelta::default()
+                    };
+                    push_data(&mut out, &self.chat_chunk(index, delta, None, None));
                 }
             }
+            GenEvent::Finished { reason, .. } => self.finish_chunk(&mut out, index, reason),
             GenEvent::Failed(err) => {
                 tracing::warn!(id = %self.meta.id, error = %err, "generation failed mid-stream");
                 let error = ApiError::from_engine(err, self.meta.endpoint.prompt_param());
                 push_data(&mut out, &error.body());
             }
+        }
+        out
+    }
+
+    /// The final usage chunk, when the client asked for one (empty otherwise).
+    pub fn usage(&self, usage: Usage) -> String {
+        let mut out = String::new();
+        if self.include_usage {
+            self.usage_chunk(&mut out, usage);
         }
         out
     }
@@ -171,6 +215,7 @@ impl SseWriter {
 
     fn chat_chunk(
         &self,
+        index: usize,
         delta: ChatDelta,
         logprobs: Option<ChatLogprobs>,
         finish: Option<FinishKind>,
@@ -181,7 +226,7 @@ impl SseWriter {
             created: self.meta.created,
             model: self.meta.model.clone(),
             choices: vec![ChatChunkChoice {
-                index: 0,
+                index: index as u32,
                 delta,
                 logprobs,
                 finish_reason: finish.map(|f| f.as_str().to_string()),
@@ -192,6 +237,7 @@ impl SseWriter {
 
     fn completion_chunk(
         &self,
+        index: usize,
         text: String,
         logprobs: Option<CompletionLogprobs>,
         finish: Option<FinishKind>,
@@ -202,7 +248,7 @@ impl SseWriter {
             created: self.meta.created,
             model: self.meta.model.clone(),
             choices: vec![CompletionChoice {
-                index: 0,
+                index: index as u32,
                 text,
                 logprobs,
                 finish_reason: finish.map(|f| f.as_str().to_string()),
@@ -211,37 +257,47 @@ impl SseWriter {
         }
     }
 
-    fn text_chunk(&mut self, out: &mut String, text: String, logprobs: &[TokenLogprobs]) {
+    fn text_chunk(
+        &mut self,
+        out: &mut String,
+        index: usize,
+        text: String,
+        logprobs: &[TokenLogprobs],
+    ) {
         let want_logprobs = self.meta.logprobs;
         match self.meta.endpoint {
             Endpoint::Chat => {
                 let logprobs = want_logprobs.then(|| chat_logprobs(logprobs));
                 let delta = ChatDelta {
-                    role: None,
                     content: Some(text),
+                    ..ChatDelta::default()
                 };
-                push_data(out, &self.chat_chunk(delta, logprobs, None));
+                push_data(out, &self.chat_chunk(index, delta, logprobs, None));
             }
             Endpoint::Completion => {
+                let mut offset = self.text_offset.get(index).copied().unwrap_or(0);
                 let logprobs = want_logprobs.then(|| {
                     let mut lp = CompletionLogprobs::default();
-                    extend_completion_logprobs(&mut lp, logprobs, &mut self.text_offset);
+                    extend_completion_logprobs(&mut lp, logprobs, &mut offset);
                     lp
                 });
-                push_data(out, &self.completion_chunk(text, logprobs, None));
+                if let Some(slot) = self.text_offset.get_mut(index) {
+                    *slot = offset;
+                }
+                push_data(out, &self.completion_chunk(index, text, logprobs, None));
             }
         }
     }
 
-    fn finish_chunk(&self, out: &mut String, reason: FinishKind) {
+    fn finish_chunk(&self, out: &mut String, index: usize, reason: FinishKind) {
         match self.meta.endpoint {
             Endpoint::Chat => push_data(
                 out,
-                &self.chat_chunk(ChatDelta::default(), None, Some(reason)),
+                &self.chat_chunk(index, ChatDelta::default(), None, Some(reason)),
             ),
             Endpoint::Completion => push_data(
                 out,
-                &self.completion_chunk(String::new(), None, Some(reason)),
+                &self.completion_chunk(index, String::new(), None, Some(reason)),
             ),
         }
     }
@@ -249,13 +305,13 @@ impl SseWriter {
     fn usage_chunk(&self, out: &mut String, usage: Usage) {
         match self.meta.endpoint {
             Endpoint::Chat => {
-                let mut chunk = self.chat_chunk(ChatDelta::default(), None, None);
+                let mut chunk = self.chat_chunk(0, ChatDelta::default(), None, None);
                 chunk.choices.clear();
                 chunk.usage = Some(usage_body(usage));
                 push_data(out, &chunk);
             }
             Endpoint::Completion => {
-                let mut chunk = self.completion_chunk(String::new(), None, None);
+                let mut chunk = self.completion_chunk(0, String::new(), None, None);
                 chunk.choices.clear();
                 chunk.usage = Some(usage_body(usage));
                 push_data(out, &chunk);
@@ -273,63 +329,113 @@ fn push_data<T: Serialize>(out: &mut String, value: &T) {
     out.push_str("\n\n");
 }
 
-/// Non-streaming: accumulates events into one response body.
+/// One choice of a non-streaming response, as it accumulates.
 #[derive(Default)]
-pub struct Aggregate {
+struct ChoiceText {
     text: String,
     logprobs: Vec<TokenLogprobs>,
+    tool_calls: Vec<ToolCallBody>,
+    finish: Option<FinishKind>,
+}
+
+/// Non-streaming: accumulates each choice's events into one response body.
+pub struct Aggregate {
+    choices: Vec<ChoiceText>,
 }
 
 impl Aggregate {
-    pub fn push_text(&mut self, text: &str, logprobs: Vec<TokenLogprobs>) {
-        self.text.push_str(text);
-        self.logprobs.extend(logprobs);
+    pub fn new(choices: usize) -> Self {
+        Aggregate {
+            choices: (0..choices).map(|_| ChoiceText::default()).collect(),
+        }
+    }
+
+    pub fn push_text(&mut self, index: usize, text: &str, logprobs: Vec<TokenLogprobs>) {
+        if let Some(c) = self.choices.get_mut(index) {
+            c.text.push_str(text);
+            c.logprobs.extend(logprobs);
+        }
+    }
+
+    pub fn push_tool_call(&mut self, index: usize, id: String, call: ParsedCall) {
+        if let Some(c) = self.choices.get_mut(index) {
+            c.tool_calls.push(ToolCallBody {
+                id,
+                kind: "function".to_string(),
+                function: FunctionBody {
+                    name: call.name,
+                    arguments: call.arguments,
+                },
+            });
+        }
+    }
+
+    pub fn finish(&mut self, index: usize, reason: FinishKind) {
+        if let Some(c) = self.choices.get_mut(index) {
+            c.finish = Some(reason);
+        }
     }
 
     pub fn into_json(
         self,
         meta: &ResponseMeta,
-        reason: FinishKind,
         usage: Usage,
     ) -> serde_json::Result<serde_json::Value> {
-        let finish_reason = Some(reason.as_str().to_string());
+        let finish_reason =
+            |c: &ChoiceText| Some(c.finish.unwrap_or(FinishKind::Stop).as_str().to_string());
         match meta.endpoint {
             Endpoint::Chat => serde_json::to_value(ChatCompletionResponse {
                 id: meta.id.clone(),
                 object: "chat.completion".to_string(),
                 created: meta.created,
                 model: meta.model.clone(),
-                choices: vec![ChatChoice {
-                    index: 0,
-                    message: ResponseMessage {
-                        role: "assistant".to_string(),
-                        content: self.text,
-                    },
-                    logprobs: meta.logprobs.then(|| chat_logprobs(&self.logprobs)),
-                    finish_reason,
-                }],
+                choices: self
+                    .choices
+                    .into_iter()
+                    .enumerate()
+                    .map(|(i, c)| ChatChoice {
+                        index: i as u32,
+                        finish_reason: finish_reason(&c),
+                        logprobs: meta.logprobs.then(|| chat_logprobs(&c.logprobs)),
+                        message: ResponseMessage {
+                            role: "assistant".to_string(),
+                            // Only calls: null content, as OpenAI answers.
+                            content: if c.tool_calls.is_empty() {
+                                Some(c.text)
+                            } else {
+                                Some(c.text.trim().to_string()).filter(|t| !t.is_empty())
+                            },
+                            tool_calls: c.tool_calls,
+                        },
+                    })
+                    .collect(),
                 usage: usage_body(usage),
             }),
-            Endpoint::Completion => {
-                let logprobs = meta.logprobs.then(|| {
-                    let mut lp = CompletionLogprobs::default();
-                    extend_completion_logprobs(&mut lp, &self.logprobs, &mut 0);
-                    lp
-                });
-                serde_json::to_value(CompletionResponse {
-                    id: meta.id.clone(),
-                    object: "text_completion".to_string(),
-                    created: meta.created,
-                    model: meta.model.clone(),
-                    choices: vec![CompletionChoice {
-                        index: 0,
-                        text: self.text,
-                        logprobs,
-                        finish_reason,
-                    }],
-                    usage: Some(usage_body(usage)),
-                })
-            }
+            Endpoint::Completion => serde_json::to_value(CompletionResponse {
+                id: meta.id.clone(),
+                object: "text_completion".to_string(),
+                created: meta.created,
+                model: meta.model.clone(),
+                choices: self
+                    .choices
+                    .into_iter()
+                    .enumerate()
+                    .map(|(i, c)| {
+                        let logprobs = meta.logprobs.then(|| {
+                            let mut lp = CompletionLogprobs::default();
+                            extend_completion_logprobs(&mut lp, &c.logprobs, &mut 0);
+                            lp
+                        });
+                        CompletionChoice {
+                            index: i as u32,
+                            finish_reason: finish_reason(&c),
+                            logprobs,
+                            text: c.text,
+                        }
+                    })
+                    .collect(),
+                usage: Some(usage_body(usage)),
+            }),
         }
     }
 }

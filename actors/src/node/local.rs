@@ -109,6 +109,7 @@ impl LocalCluster {
             (Some(r.core), Some(r.addr))
         };
 
+        let grammars = super::grammars_for(&model)?;
         let mut workers = Vec::new();
         let mut roles = Vec::new();
         let mut next_id = 0u64;
@@ -120,7 +121,7 @@ impl LocalCluster {
                 next_id += 1;
                 let scheduler = scheduler_for(group, context_length)
                     .map_err(|reason| StartError::Worker { worker: id, reason })?;
-                let executor = real_executor(id, group, &model)?;
+                let executor = real_executor(id, group, &model, grammars.clone())?;
                 // A local worker's KV events go straight into the router's index.
                 let core = router.clone();
                 let announce: super::Announce = Arc::new(move |a| {
@@ -165,7 +166,8 @@ impl LocalCluster {
             eos,
             stop_ids,
         )
-        .map_err(StartError::Config)?;
+        .map_err(StartError::Config)?
+        .with_grammars(grammars);
         let model_id = cfg.model.served_name.clone().unwrap_or(name);
         let dispatch = dispatcher(
             block_size,

@@ -41,6 +41,7 @@ use crate::worker::{
 use std::collections::BTreeMap;
 use std::sync::Arc;
 use tokio::task::JoinHandle;
+use turbine_kernels::grammar::Grammars;
 use turbine_kernels::loader::LoadedModel;
 use turbine_kernels::model::ModelConfig;
 use turbine_runtime::discovery::{Discovery, Instance};
@@ -245,17 +246,28 @@ pub fn scheduler_for(group: &WorkerGroup, context_length: usize) -> Result<Sched
     .map_err(|e| e.to_string())
 }
 
+/// The grammar engine over `model`'s vocabulary (constrained decoding: `response_format`,
+/// forced tool calls), built and warmed once per process and shared by its executors and
+/// its frontend's codec.
+pub fn grammars_for(model: &LoadedModel) -> Result<Arc<Grammars>, StartError> {
+    Grammars::new(&model.tokenizer, &model.stop_ids)
+        .map(Arc::new)
+        .map_err(|e| StartError::Config(format!("constrained decoding: {e}")))
+}
+
 /// The executor of a real worker: the backend the group's `device` names, built on the
 /// executor's own OS thread (a CUDA context stays there).
 pub fn real_executor(
     id: WorkerId,
     group: &WorkerGroup,
     model: &LoadedModel,
+    grammars: Arc<Grammars>,
 ) -> Result<Executor, StartError> {
     let fail = |reason: String| StartError::Worker { worker: id, reason };
     let device = Device::parse(&group.device).map_err(|e| StartError::Config(e.to_string()))?;
     let build = backend_builder(device, group, model).map_err(|e| fail(e.to_string()))?;
     Executor::spawn_with(&format!("executor-{id}"), build)
+        .map(|e| e.with_grammars(grammars))
         .map_err(|e| fail(format!("device {device}: {e}")))
 }
 

@@ -146,7 +146,7 @@ pub async fn run_worker(
     });
     let scheduler = scheduler_for(group_cfg, context_length)
         .map_err(|reason| StartError::Worker { worker: id, reason })?;
-    let executor = real_executor(id, group_cfg, &model)?;
+    let executor = real_executor(id, group_cfg, &model, super::grammars_for(&model)?)?;
     drop(model);
     // A prefill or decode worker moves KV over its own transfer plane (ZeroMQ).
     let hub = TransferHub::new();

@@ -215,6 +215,18 @@ impl ChatEngine for MeteredEngine {
         self.inner.context_length()
     }
 
+    fn tokenize(
+        &self,
+        prompt: &crate::frontend::Prompt,
+        add_special: bool,
+    ) -> Result<Vec<u32>, EngineError> {
+        self.inner.tokenize(prompt, add_special)
+    }
+
+    fn detokenize(&self, ids: &[u32]) -> Result<String, EngineError> {
+        self.inner.detokenize(ids)
+    }
+
     async fn generate(&self, req: GenerateRequest) -> Result<DeltaStream, EngineError> {
         let arrived = Instant::now();
         self.tap.arrived();

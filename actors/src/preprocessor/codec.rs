@@ -4,13 +4,17 @@
 //! worker's token ids back into text for the client, incrementally, without ever cutting a
 //! multi-byte character in half.
 
-use crate::protocol::{EngineError, Prompt, TokenLogprob, TokenLogprobs, TopLogprob};
+use super::tool_prompt;
+use crate::protocol::{EngineError, Grammar, Prompt, TokenLogprob, TokenLogprobs, TopLogprob};
 use std::sync::Arc;
 use turbine_kernels::chat::{ChatMessage, ChatTemplate};
+use turbine_kernels::grammar::Grammars;
 use turbine_kernels::tokenizer::{IncrementalDecoder, Tokenizer};
 
 /// The model's text side, shared by every request.
 pub struct ModelCodec {
+    /// The grammar engine over this vocabulary, built on first use (constrained requests).
+    grammars: std::sync::OnceLock<Result<Arc<Grammars>, String>>,
     tokenizer: Arc<Tokenizer>,
     template: Option<ChatTemplate>,
     bos: String,
@@ -33,6 +37,7 @@ impl ModelCodec {
             .transpose()
             .map_err(|e| format!("the model's chat template: {e}"))?;
         Ok(ModelCodec {
+            grammars: std::sync::OnceLock::new(),
             tokenizer,
             template,
             bos,
@@ -50,37 +55,114 @@ impl ModelCodec {
         &self.stop_ids
     }
 
-    /// The prompt's token ids: chat messages through the model's template, plain text as is.
+    /// The prompt's token ids: chat messages through the model's template, plain text as is
+    /// (with BOS where the model wants one), token ids checked against the vocabulary.
     pub fn prompt_ids(&self, prompt: &Prompt) -> Result<Vec<u32>, EngineError> {
+        self.tokenize(prompt, true)
+    }
+
+    /// As [`ModelCodec::prompt_ids`]; `add_special` says whether plain text gets BOS.
+    pub fn tokenize(&self, prompt: &Prompt, add_special: bool) -> Result<Vec<u32>, EngineError> {
         match prompt {
-            Prompt::Text(text) => self.encode(text, true),
-            Prompt::Chat(messages) => {
-                if messages.iter().any(|m| m.images().next().is_some()) {
-                    // Checked before the template: the model must not silently answer a
-                    // question about a picture it never saw. (Vision models load, with
-                    // their tower, but the serving path does not splice embeddings yet.)
-                    return Err(EngineError::InvalidRequest(
-                        "this model is served for text only: requests with images are not \
-                         accepted"
-                            .into(),
-                    ));
-                }
-                let Some(template) = &self.template else {
-                    return Err(EngineError::InvalidRequest(
-                        "this model has no chat template; use /v1/completions".into(),
-                    ));
-                };
-                let messages: Vec<ChatMessage> = messages
-                    .iter()
-                    .map(|m| ChatMessage::new(m.role.clone(), m.content.clone()))
-                    .collect();
-                let text = template
-                    .render(&messages, true, &self.bos, &self.eos)
-                    .map_err(|e| EngineError::InvalidRequest(format!("chat template: {e}")))?;
-                // The template writes BOS itself where the model wants one.
-                self.encode(&text, false)
+            Prompt::Tokens(ids) => {
+                self.check_ids("prompt", ids)?;
+                Ok(ids.clone())
             }
+            Prompt::Text(text) => self.encode(text, add_special),
+            Prompt::Chat(messages) => self.chat_ids(messages, &[]),
         }
+    }
+
+    /// A conversation's token ids through the chat template, with `tools` (OpenAI-shaped)
+    /// rendered by the template if it can, else by the fallback of `tool_prompt`.
+    pub fn chat_ids(
+        &self,
+        messages: &[crate::protocol::ChatMessage],
+        tools: &[serde_json::Value],
+    ) -> Result<Vec<u32>, EngineError> {
+        if messages.iter().any(|m| m.images().next().is_some()) {
+            // Checked before the template: the model must not silently answer a question
+            // about a picture it never saw. (Vision models load, with their tower, but the
+            // serving path does not splice embeddings yet.)
+            return Err(EngineError::InvalidRequest(
+                "this model is served for text only: requests with images are not accepted".into(),
+            ));
+        }
+        let Some(template) = &self.template else {
+            return Err(EngineError::InvalidRequest(
+                "this model has no chat template; use /v1/completions".into(),
+            ));
+        };
+        let text = if template.renders_tools() {
+            let shown: Vec<ChatMessage> = tool_prompt::native(messages);
+            let tools = (!tools.is_empty()).then_some(tools);
+            template.render_with_tools(&shown, tools, true, &self.bos, &self.eos)
+        } else {
+            template.render(
+                &tool_prompt::fallback(messages, tools),
+                true,
+                &self.bos,
+                &self.eos,
+            )
+        }
+        .map_err(|e| EngineError::InvalidRequest(format!("chat template: {e}")))?;
+        // The template writes BOS itself where the model wants one.
+        self.encode(&text, false)
+    }
+
+    /// This codec with an already built grammar engine (shared with the process's workers).
+    pub fn with_grammars(self, grammars: Arc<Grammars>) -> Self {
+        let _ = self.grammars.set(Ok(grammars));
+        self
+    }
+
+    /// The grammar engine over this model's vocabulary (built once, on first use, unless
+    /// given by [`ModelCodec::with_grammars`]).
+    pub fn grammars(&self) -> Result<Arc<Grammars>, EngineError> {
+        self.grammars
+            .get_or_init(|| {
+                Grammars::new(&self.tokenizer, &self.stop_ids)
+                    .map(Arc::new)
+                    .map_err(|e| e.to_string())
+            })
+            .clone()
+            .map_err(EngineError::Internal)
+    }
+
+    /// Compiles `grammar` once, so that one that cannot be enforced is a 400 now rather
+    /// than a failure on the worker.
+    pub fn check_grammar(&self, grammar: &Grammar) -> Result<(), EngineError> {
+        let refuse = |e: String| {
+            EngineError::InvalidRequest(format!(
+                "the output constraint (`response_format`, or the forced tool call's \
+                 `parameters`) cannot be enforced: {e}"
+            ))
+        };
+        let source = grammar.source().map_err(refuse)?;
+        self.grammars()?
+            .constrain(&source)
+            .map(drop)
+            .map_err(|e| refuse(e.to_string()))
+    }
+
+    /// Refuses ids outside the vocabulary, naming `field`.
+    pub fn check_ids(&self, field: &str, ids: &[u32]) -> Result<(), EngineError> {
+        let vocab = self.tokenizer.vocab_size();
+        match ids.iter().find(|&&id| id as usize >= vocab) {
+            Some(id) => Err(EngineError::InvalidRequest(format!(
+                "`{field}` holds token id {id}, but the vocabulary has {vocab} tokens (ids 0 to {})",
+                vocab.saturating_sub(1)
+            ))),
+            None => Ok(()),
+        }
+    }
+
+    /// The text of `ids`, special tokens included (as /detokenize and `echo` show them).
+    pub fn detokenize(&self, ids: &[u32]) -> Result<String, EngineError> {
+        self.check_ids("tokens", ids)?;
+        self.tokenizer
+            .decode(ids, false)
+            .map_err(|e| EngineError::InvalidRequest(format!("detokenizing: {e}")))
     }
 
     fn encode(&self, text: &str, add_special: bool) -> Result<Vec<u32>, EngineError> {

@@ -4,3 +4,4 @@
 
 pub mod codec;
 pub mod stop;
+pub mod tool_prompt;

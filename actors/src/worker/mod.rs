@@ -38,8 +38,10 @@
 //! because nothing is scheduled until the step in flight completes).
 
 pub mod announce;
+pub mod bias;
 pub mod block_manager;
 pub mod config;
+pub mod constrained;
 pub mod events;
 pub mod metrics;
 pub mod plan;

@@ -147,6 +147,10 @@ impl EngineLoop {
                 admitted,
             } => {
                 let id = req.id;
+                if let Err(e) = self.constrained.admit(&req) {
+                    let _ = admitted.send(Err(AdmitError::Grammar(e)));
+                    return;
+                }
                 let result = self.scheduler.add_prefill_only(*req, self.now());
                 if result.is_ok() {
                     self.sinks.insert(id, out);
@@ -201,6 +205,16 @@ impl EngineLoop {
     ) {
         let id = req.id;
         let now = self.now();
+        // The prefill worker drew the first token under the grammar; continue from it.
+        let constrained = self
+            .constrained
+            .admit(&req)
+            .and_then(|()| self.constrained.advance(id, first_token));
+        if let Err(e) = constrained {
+            self.constrained.remove(id);
+            let _ = admitted.send(Err(AdmitError::Grammar(e)));
+            return;
+        }
         let (kv, plane) = match (kv, self.remote.plane.clone()) {
             (Some(kv), Some(plane)) => (kv, plane),
             (kv, _) => {

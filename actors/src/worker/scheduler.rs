@@ -55,6 +55,9 @@ pub enum AdmitError {
     /// `add_with_remote_kv`: `max_num_seqs` sequences are running or importing.
     #[error("the worker is running its maximum number of sequences")]
     Busy,
+    /// The request's grammar (`response_format`, a forced tool call) cannot be enforced here.
+    #[error("constrained decoding: {0}")]
+    Grammar(String),
     /// `add_with_remote_kv`: the first token already ends the request.
     #[error("the request finished with its first token; there is nothing to decode")]
     NothingToDecode,
@@ -112,6 +115,19 @@ pub struct SamplingContext<'a> {
     /// Prompt followed by generated tokens (for repetition penalties).
     pub tokens: &'a [TokenId],
     pub prompt_len: usize,
+    /// Of the prompt's last tokens, how many other workers generated (a migrated
+    /// continuation): penalties and `min_tokens` count them as generated.
+    pub generated_before: usize,
+    /// The ids that end the sequence (banned before `min_tokens`).
+    pub stop_token_ids: &'a [TokenId],
+}
+
+impl SamplingContext<'_> {
+    /// The tokens generated for this request so far, across workers.
+    pub fn generated(&self) -> &[TokenId] {
+        let start = self.prompt_len.saturating_sub(self.generated_before);
+        self.tokens.get(start..).unwrap_or(&[])
+    }
 }
 
 #[derive(Clone, Copy, Debug)]
@@ -401,6 +417,8 @@ impl Scheduler {
             logprobs: s.logprobs,
             tokens: &s.tokens,
             prompt_len: s.prompt_len,
+            generated_before: s.sample_offset as usize,
+            stop_token_ids: &s.stop.stop_token_ids,
         })
     }
 

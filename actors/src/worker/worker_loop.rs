@@ -124,9 +124,11 @@ impl WorkerHandle {
     ) -> WorkerHandle {
         let (cmds, rx) = mpsc::unbounded_channel();
         let (stats_tx, stats) = watch::channel(scheduler.stats());
+        let constrained = super::constrained::Constrained::new(executor.grammars().cloned());
         let engine = EngineLoop {
             id,
             scheduler,
+            constrained,
             executor,
             kv_events,
             sinks: BTreeMap::new(),
@@ -291,6 +293,8 @@ impl Drop for TokenStream {
 pub(super) struct EngineLoop {
     pub(super) id: WorkerId,
     pub(super) scheduler: Scheduler,
+    /// Grammar state of constrained requests (`response_format`, forced tool calls).
+    pub(super) constrained: super::constrained::Constrained,
     pub(super) executor: Executor,
     kv_events: KvEventSink,
     pub(super) sinks: BTreeMap<RequestId, mpsc::UnboundedSender<TokenOutput>>,
@@ -341,7 +345,8 @@ impl EngineLoop {
                 }
             };
             match outputs {
-                Ok(outputs) => {
+                Ok(mut outputs) => {
+                    self.advance_grammars(&mut outputs);
                     self.deliver(outputs);
                     self.export_prefilled().await;
                 }
@@ -369,18 +374,24 @@ impl EngineLoop {
             }
             Command::Generate { req, out, admitted } => {
                 let id = req.id;
+                if let Err(e) = self.constrained.admit(&req) {
+                    let _ = admitted.send(Err(AdmitError::Grammar(e)));
+                    return;
+                }
                 match self.scheduler.add_request(*req, self.now()) {
                     Ok(()) => {
                         self.sinks.insert(id, out);
                         let _ = admitted.send(Ok(()));
                     }
                     Err(e) => {
+                        self.constrained.remove(id);
                         let _ = admitted.send(Err(e));
                     }
                 }
             }
             Command::Abort(id) => {
                 self.sinks.remove(&id);
+                self.constrained.remove(id);
                 self.remote.finished(id);
                 // An import still writes into this request's blocks: free them when it
                 // is done, not now (they could be handed to another request meanwhile).
@@ -397,6 +408,7 @@ impl EngineLoop {
                 self.releasing = true;
                 for (id, sink) in std::mem::take(&mut self.sinks) {
                     self.scheduler.abort(id);
+                    self.constrained.remove(id);
                     let _ = sink.send(released());
                 }
             }
@@ -419,6 +431,9 @@ impl EngineLoop {
                             } else {
                                 Vec::new()
                             },
+                            bias: crate::worker::bias::step_bias(&ctx),
+                            // Filled on a blocking thread while the forward pass runs.
+                            allowed: self.constrained.next_mask(seq.request),
                             logprobs: ctx.logprobs,
                         }
                     })
@@ -431,6 +446,29 @@ impl EngineLoop {
             .collect()
     }
 
+    /// Advances each constrained request's grammar by its new token; a token the grammar
+    /// rejects (it cannot, under its mask, unless the request migrated from a worker without
+    /// one) ends the request with an error.
+    fn advance_grammars(&mut self, outputs: &mut [(RequestId, TokenOutput)]) {
+        for (id, out) in outputs.iter_mut() {
+            if !self.constrained.is_constrained(*id) {
+                continue;
+            }
+            for &t in &out.token_ids {
+                if let Err(e) = self.constrained.advance(*id, t) {
+                    if out.finish.is_none() {
+                        self.scheduler.abort(*id);
+                    }
+                    out.finish = Some(FinishReason::Error(format!("grammar: {e}")));
+                    break;
+                }
+            }
+            if out.finish.is_some() {
+                self.constrained.remove(*id);
+            }
+        }
+    }
+
     fn deliver(&mut self, outputs: Vec<(RequestId, TokenOutput)>) {
         for (id, out) in outputs {
             let done = out.finish.is_some();
@@ -438,10 +476,12 @@ impl EngineLoop {
             if done {
                 self.sinks.remove(&id);
                 self.remote.finished(id);
+                self.constrained.remove(id);
             } else if !delivered {
                 // The client went away: free its blocks now.
                 self.sinks.remove(&id);
                 self.scheduler.abort(id);
+                self.constrained.remove(id);
             }
         }
     }

@@ -1027,6 +1027,8 @@ impl CudaBackend {
             SampleRow {
                 params: SamplingParams::greedy(),
                 history: &[],
+                bias: &[],
+                allowed: None,
                 logprobs: false,
             };
             m
@@ -1083,11 +1085,13 @@ impl Backend for CudaBackend {
                 rows.len()
             )));
         }
-        if rows
-            .iter()
-            .any(|r| r.logprobs && r.params.top_logprobs > SAMPLE_MAX_TOP)
-        {
-            // More alternatives than the device sampler reports: the host sampler does it.
+        if rows.iter().any(|r| {
+            (r.logprobs && r.params.top_logprobs > SAMPLE_MAX_TOP)
+                || !r.bias.is_empty()
+                || r.allowed.is_some()
+        }) {
+            // More alternatives than the device sampler reports, a logit bias or a grammar
+            // mask (which it does not apply): the host sampler does it.
             let logits = self.forward(batch)?;
             return Ok(crate::sampling::sample_rows_on_host(&logits, rows));
         }
@@ -1102,6 +1106,8 @@ impl Backend for CudaBackend {
                 Err(_) => SampleRow {
                     params: SamplingParams::greedy(),
                     history: &[],
+                    bias: &[],
+                    allowed: None,
                     logprobs: false,
                 },
             })

@@ -1,0 +1,517 @@
+#!/usr/bin/env python3
+"""OpenAI-API parity checks (issue 18) through the official `openai` client, against one
+running server: n > 1, logit_bias, echo, token-id and batched prompts, stop_token_ids,
+min_tokens, penalties, /tokenize and /detokenize, and human 400s for bad fields.
+
+Usage: parity_e2e.py BASE_URL [--model M]
+Prints one line per check; stops at the first failure with exit status 1. Grouped in one
+script so that one server start serves every assertion (CI has 2 cores).
+"""
+
+import argparse
+import json
+import sys
+import time
+import urllib.error
+import urllib.request
+
+import openai
+from typing import Annotated, List, Literal
+
+from pydantic import BaseModel, Field, ValidationError
+
+SERDE_WORDS = ("variant", "untagged", "invalid type", "expected f64", "expected u64")
+
+
+class CheckFailed(Exception):
+    pass
+
+
+def expect(condition, message):
+    if not condition:
+        raise CheckFailed(message)
+
+
+def post(root, path, body):
+    """Raw POST (for the endpoints and bodies the client does not make); (status, json)."""
+    data = body if isinstance(body, bytes) else json.dumps(body).encode()
+    req = urllib.request.Request(root + path, data=data,
+                                 headers={"Content-Type": "application/json"})
+    try:
+        with urllib.request.urlopen(req, timeout=120) as resp:
+            return resp.status, json.loads(resp.read())
+    except urllib.error.HTTPError as err:
+        return err.code, json.loads(err.read())
+
+
+class Parity:
+    def __init__(self, client, root, model):
+        self.client = client
+        self.root = root
+        self.model = model
+        self.passed = 0
+
+    def check(self, name, fn):
+        started = time.monotonic()
+        try:
+            detail = fn()
+        except CheckFailed as err:
+            print(f"FAIL  {name}: {err}", flush=True)
+            print(f"parity: {self.passed} passed, 1 failed", flush=True)
+            sys.exit(1)
+        except openai.APIError as err:
+            print(f"FAIL  {name}: unexpected {type(err).__name__}: {err}", flush=True)
+            print(f"parity: {self.passed} passed, 1 failed", flush=True)
+            sys.exit(1)
+        self.passed += 1
+        took = time.monotonic() - started
+        print(f"ok    {name} ({took:.1f}s){': ' + detail if detail else ''}", flush=True)
+
+    # -- helpers ----------------------------------------------------------------------
+
+    def complete(self, prompt, **kw):
+        kw.setdefault("temperature", 0)
+        kw.setdefault("max_tokens", 12)
+        return self.client.completions.create(model=self.model, prompt=prompt, **kw)
+
+    def complete_stream(self, prompt, **kw):
+        """Streams a completion; returns ({index: text}, {index: finish_reason}, usage)."""
+        kw.setdefault("temperature", 0)
+        kw.setdefault("max_tokens", 12)
+        stream = self.client.completions.create(model=self.model, prompt=prompt, stream=True,
+                                                stream_options={"include_usage": True}, **kw)
+        texts, finishes, usage = {}, {}, None
+        for chunk in stream:
+            for c in chunk.choices:
+                texts[c.index] = texts.get(c.index, "") + (c.text or "")
+                if c.finish_reason is not None:
+                    expect(c.index not in finishes, f"choice {c.index} finished twice")
+                    finishes[c.index] = c.finish_reason
+            if chunk.usage is not None:
+                usage = chunk.usage
+        return texts, finishes, usage
+
+    def tokenize(self, text, special=False):
+        status, body = post(self.root, "/tokenize",
+                            {"prompt": text, "add_special_tokens": special})
+        expect(status == 200, f"/tokenize {status}: {body}")
+        return body["tokens"]
+
+    # -- checks -----------------------------------------------------------------------
+
+    def n_samples(self):
+        prompt = "Once upon a time"
+        hot = self.complete(prompt, n=3, temperature=1.0, max_tokens=16, seed=11)
+        texts = [c.text for c in sorted(hot.choices, key=lambda c: c.index)]
+        expect([c.index for c in hot.choices] == [0, 1, 2], f"indices {[c.index for c in hot.choices]}")
+        expect(len(set(texts)) == 3, f"temperature 1, n=3 gave {texts}")
+        greedy = self.complete(prompt, n=3, max_tokens=16)
+        same = [c.text for c in greedy.choices]
+        expect(len(same) == 3 and len(set(same)) == 1, f"greedy n=3 gave {same}")
+        solo = self.complete(prompt, max_tokens=16)
+        expect(greedy.usage.prompt_tokens == solo.usage.prompt_tokens,
+               f"n=3 counts the prompt {greedy.usage.prompt_tokens} vs {solo.usage.prompt_tokens}")
+        expect(greedy.usage.completion_tokens == 3 * solo.usage.completion_tokens,
+               f"completion tokens {greedy.usage.completion_tokens} vs 3 x {solo.usage.completion_tokens}")
+        streamed, finishes, usage = self.complete_stream(prompt, n=3, temperature=1.0,
+                                                          max_tokens=16, seed=11)
+        expect(sorted(streamed) == [0, 1, 2] and sorted(finishes) == [0, 1, 2],
+               f"streamed choices {streamed}, finishes {finishes}")
+        expect([streamed[i] for i in range(3)] == texts,
+               f"seeded stream {streamed} != non-streamed {texts}")
+        expect(usage is not None and usage.completion_tokens == hot.usage.completion_tokens,
+               f"streamed usage {usage}")
+        chat = self.client.chat.completions.create(
+            model=self.model, messages=[{"role": "user", "content": "Name a fruit."}],
+            n=3, temperature=0, max_tokens=8)
+        answers = [c.message.content for c in chat.choices]
+        expect(len(answers) == 3 and len(set(answers)) == 1, f"greedy chat n=3 gave {answers}")
+        return f"{texts}"
+
+    def logit_bias(self):
+        prompt = "The capital of France is"
+        first = self.complete(prompt, max_tokens=1).choices[0].text
+        ids = self.tokenize(first)
+        expect(len(ids) == 1, f"first token {first!r} tokenizes to {ids}")
+        banned = ids[0]
+        for stream in (False, True):
+            kw = dict(max_tokens=8, logprobs=1, logit_bias={str(banned): -100})
+            if stream:
+                pieces = []
+                for chunk in self.client.completions.create(model=self.model, prompt=prompt,
+                                                            temperature=0, stream=True, **kw):
+                    for c in chunk.choices:
+                        if c.logprobs is not None:
+                            pieces.extend(c.logprobs.tokens)
+            else:
+                pieces = self.complete(prompt, **kw).choices[0].logprobs.tokens
+            expect(pieces and first not in pieces,
+                   f"stream={stream}: banned {first!r} (id {banned}) still in {pieces}")
+        favoured = self.complete(prompt, max_tokens=3, logit_bias={str(banned): 100},
+                                 temperature=1.0, seed=3)
+        expect(favoured.choices[0].text == first * 3,
+               f"bias 100 on {first!r}: got {favoured.choices[0].text!r}")
+        return f"banned {first!r} (id {banned})"
+
+    def echo(self):
+        prompt = "The capital of France is"
+        whole = self.complete(prompt, echo=True)
+        plain = self.complete(prompt)
+        expect(whole.choices[0].text == prompt + plain.choices[0].text,
+               f"echo gave {whole.choices[0].text!r}")
+        streamed, _, _ = self.complete_stream(prompt, echo=True)
+        expect(streamed[0] == whole.choices[0].text, f"streamed echo {streamed[0]!r}")
+        ids = self.tokenize(prompt)
+        by_ids = self.complete(ids, echo=True)
+        expect(by_ids.choices[0].text.startswith(prompt),
+               f"echo of a token-id prompt gave {by_ids.choices[0].text!r}")
+        return None
+
+    def prompt_forms(self):
+        prompt = "The capital of France is"
+        text = self.complete(prompt).choices[0].text
+        status, body = post(self.root, "/tokenize", {"prompt": prompt})
+        expect(status == 200, f"/tokenize: {body}")
+        by_ids = self.complete(body["tokens"])
+        expect(by_ids.choices[0].text == text,
+               f"token ids {body['tokens']} gave {by_ids.choices[0].text!r}, text gave {text!r}")
+        expect(by_ids.usage.prompt_tokens == body["count"], f"usage {by_ids.usage}")
+        other = "Water boils at"
+        solo = self.complete(other).choices[0].text
+        batch = self.complete([prompt, other])
+        got = {c.index: c.text for c in batch.choices}
+        expect(got == {0: text, 1: solo}, f"batch {got}, solo {[text, solo]}")
+        lists = self.complete([body["tokens"], self.tokenize(other, special=True)])
+        expect({c.index: c.text for c in lists.choices} == {0: text, 1: solo},
+               f"batch of token lists: {lists.choices}")
+        streamed, finishes, _ = self.complete_stream([prompt, other], n=2)
+        expect(streamed == {0: text, 1: text, 2: solo, 3: solo},
+               f"streamed batch x n=2: {streamed}")
+        return None
+
+    def stop_ids_and_min_tokens(self):
+        prompt = "Monday, Tuesday, Wednesday,"
+        whole = self.complete(prompt, max_tokens=10, logprobs=1, extra_body={"ignore_eos": True})
+        pieces = whole.choices[0].logprobs.tokens
+        expect(len(pieces) == 10, f"{pieces}")
+        k = next((i for i in range(2, 10) if len(self.tokenize(pieces[i])) == 1), None)
+        expect(k is not None, f"no single-token piece in {pieces}")
+        stop_id = self.tokenize(pieces[k])[0]
+        at = pieces.index(pieces[k])
+        cut = self.complete(prompt, max_tokens=10, extra_body={"stop_token_ids": [stop_id]})
+        expect(cut.choices[0].finish_reason == "stop" and cut.usage.completion_tokens == at + 1,
+               f"stop_token_ids [{stop_id}] ({pieces[k]!r}): {cut.usage.completion_tokens} tokens, "
+               f"{cut.choices[0].finish_reason}; pieces {pieces}")
+        # A question the model answers briefly, then min_tokens past its end.
+        short = self.client.chat.completions.create(
+            model=self.model, messages=[{"role": "user", "content": "Hi"}],
+            temperature=0, max_tokens=64)
+        n = short.usage.completion_tokens
+        expect(short.choices[0].finish_reason == "stop" and n < 40,
+               f"expected a short answer, got {n} tokens ({short.choices[0].finish_reason})")
+        longer = self.client.chat.completions.create(
+            model=self.model, messages=[{"role": "user", "content": "Hi"}],
+            temperature=0, max_tokens=64, extra_body={"min_tokens": n + 10})
+        expect(longer.usage.completion_tokens >= n + 10,
+               f"min_tokens {n + 10}: {longer.usage.completion_tokens} tokens")
+        return f"stop id {stop_id} after {at + 1} tokens; min_tokens {n}->{longer.usage.completion_tokens}"
+
+    def penalties(self):
+        prompt = "apple apple apple apple apple apple"
+        plain = self.complete(prompt, max_tokens=16).choices[0].text
+        freq = self.complete(prompt, max_tokens=16, frequency_penalty=2.0).choices[0].text
+        pres = self.complete(prompt, max_tokens=16, presence_penalty=2.0).choices[0].text
+        expect(freq != plain and pres != plain,
+               f"penalties changed nothing: {plain!r} / {freq!r} / {pres!r}")
+        expect(freq.count("apple") <= plain.count("apple"), f"{plain!r} vs {freq!r}")
+        return f"{plain!r} -> {freq!r}"
+
+    def tokenize_detokenize(self):
+        text = "Hello, world! Ünïcödé"
+        ids = self.tokenize(text)
+        status, body = post(self.root, "/detokenize", {"tokens": ids})
+        expect(status == 200 and body["prompt"] == text, f"/detokenize {status}: {body}")
+        messages = [{"role": "user", "content": "Hi there"}]
+        status, body = post(self.root, "/tokenize", {"messages": messages, "model": self.model})
+        expect(status == 200, f"/tokenize messages {status}: {body}")
+        chat = self.client.chat.completions.create(model=self.model, messages=messages,
+                                                   max_tokens=1, temperature=0)
+        expect(body["count"] == chat.usage.prompt_tokens,
+               f"/tokenize counts {body['count']}, the chat's usage {chat.usage.prompt_tokens}")
+        status, body = post(self.root, "/detokenize", {"tokens": [10 ** 9]})
+        expect(status == 400 and "vocabulary" in body["error"]["message"], f"{status}: {body}")
+        return f"{len(ids)} tokens"
+
+    def human_errors(self):
+        chat = [{"role": "user", "content": "hi"}]
+        cases = [
+            ("stop: 5", "stop", lambda: self.complete("x", stop=5)),
+            ("prompt [1, 'a']", "prompt", lambda: self.complete([1, "a"])),
+            ("content null", "messages[0].content", lambda: self.client.chat.completions.create(
+                model=self.model, messages=[{"role": "user", "content": None}])),
+            ("unknown field", "frobnicate", lambda: self.client.chat.completions.create(
+                model=self.model, messages=chat, extra_body={"frobnicate": 1})),
+            ("refused field", "functions", lambda: self.client.chat.completions.create(
+                model=self.model, messages=chat, extra_body={"functions": [{"name": "f"}]})),
+            ("token id out of range", None, lambda: self.complete([10 ** 9])),
+        ]
+        for label, param, call in cases:
+            try:
+                call()
+            except openai.BadRequestError as err:
+                body = err.body or {}
+                message = body.get("message", "") if isinstance(body, dict) else ""
+                expect(message, f"{label}: no message in {err.body}")
+                expect(not any(w in message for w in SERDE_WORDS), f"{label}: {message}")
+                if param is not None:
+                    expect(body.get("param") == param, f"{label}: param {body.get('param')}")
+                continue
+            raise CheckFailed(f"{label}: accepted")
+        # A lone surrogate, as Python's json writes one.
+        raw = b'{"prompt": "a\\ud800b", "max_tokens": 1}'
+        status, body = post(self.root, "/v1/completions", raw)
+        message = body["error"]["message"]
+        expect(status == 400 and "surrogate" in message and "hex escape" not in message,
+               f"lone surrogate: {status} {message}")
+        return None
+
+
+# Schemas for structured outputs and tool arguments, as pydantic models: pydantic writes the
+# JSON schema the server must enforce and validates what comes back, independently of turbine.
+class Weather(BaseModel):
+    city: str = Field(max_length=24)
+    unit: Literal["celsius", "fahrenheit"]
+
+
+class Order(BaseModel):
+    item: Literal["apple", "bread", "milk"]
+    quantity: int = Field(ge=1, le=99)
+    express: bool
+
+
+class Tags(BaseModel):
+    tags: List[Annotated[str, Field(max_length=16)]] = Field(min_length=1, max_length=3)
+
+
+class Person(BaseModel):
+    name: str = Field(max_length=20)
+    age: int = Field(ge=0, le=150)
+    address: Weather  # a nested object ($defs / $ref in the schema)
+
+
+def strict(schema):
+    """The schema as OpenAI's strict mode wants it: no properties beyond those listed."""
+    if isinstance(schema, dict):
+        schema = {k: strict(v) for k, v in schema.items()}
+        if schema.get("type") == "object":
+            schema.setdefault("additionalProperties", False)
+    elif isinstance(schema, list):
+        schema = [strict(v) for v in schema]
+    return schema
+
+
+def tool(name, model, description):
+    return {"type": "function", "function": {"name": name, "description": description,
+                                              "parameters": strict(model.model_json_schema()),
+                                              "strict": True}}
+
+
+WEATHER = tool("get_weather", Weather, "Current weather of a city")
+ORDER = tool("place_order", Order, "Order groceries")
+
+
+class Tools:
+    """Tool calling and structured outputs (issue 18 items 1 and 2)."""
+
+    def __init__(self, parity):
+        self.p = parity
+        self.client = parity.client
+        self.model = parity.model
+
+    def chat(self, messages, **kw):
+        kw.setdefault("temperature", 0)
+        kw.setdefault("max_tokens", 96)
+        return self.client.chat.completions.create(model=self.model, messages=messages, **kw)
+
+    def stream_tool_calls(self, messages, **kw):
+        """Streams and assembles tool calls as a client does: by index, name then arguments."""
+        kw.setdefault("temperature", 0)
+        kw.setdefault("max_tokens", 96)
+        calls, content, finish = {}, "", None
+        for chunk in self.client.chat.completions.create(model=self.model, messages=messages,
+                                                         stream=True, **kw):
+            for c in chunk.choices:
+                if c.delta.content:
+                    content += c.delta.content
+                for d in c.delta.tool_calls or []:
+                    call = calls.setdefault(d.index, {"id": None, "name": "", "arguments": ""})
+                    if d.id:
+                        call["id"] = d.id
+                    if d.function and d.function.name:
+                        call["name"] += d.function.name
+                    if d.function and d.function.arguments:
+                        call["arguments"] += d.function.arguments
+                if c.finish_reason is not None:
+                    finish = c.finish_reason
+        return [calls[i] for i in sorted(calls)], content, finish
+
+    def named_tool_call(self):
+        ask = [{"role": "user", "content": "What is the weather in Paris?"}]
+        choice = {"type": "function", "function": {"name": "get_weather"}}
+        r = self.chat(ask, tools=[WEATHER, ORDER], tool_choice=choice)
+        msg = r.choices[0].message
+        expect(r.choices[0].finish_reason == "tool_calls", f"finish {r.choices[0].finish_reason}")
+        expect(msg.tool_calls and len(msg.tool_calls) == 1, f"tool_calls {msg.tool_calls}, content {msg.content!r}")
+        call = msg.tool_calls[0]
+        expect(call.type == "function" and call.id, f"call {call}")
+        expect(call.function.name == "get_weather", f"name {call.function.name}")
+        try:
+            args = Weather.model_validate_json(call.function.arguments)
+        except ValidationError as err:
+            raise CheckFailed(f"arguments {call.function.arguments!r}: {err}")
+        calls, content, finish = self.stream_tool_calls(ask, tools=[WEATHER, ORDER],
+                                                        tool_choice=choice)
+        expect(finish == "tool_calls" and len(calls) == 1, f"streamed {calls} {finish}")
+        expect(calls[0]["name"] == "get_weather" and calls[0]["id"], f"streamed {calls}")
+        expect(calls[0]["arguments"] == call.function.arguments,
+               f"streamed {calls[0]['arguments']!r} vs {call.function.arguments!r}")
+        return f"{call.function.name}({args.model_dump_json()})"
+
+    def required_tool_call(self):
+        ask = [{"role": "user", "content": "Please order three loaves of bread, express."}]
+        r = self.chat(ask, tools=[WEATHER, ORDER], tool_choice="required", temperature=0.7, seed=5)
+        calls = r.choices[0].message.tool_calls or []
+        expect(len(calls) == 1, f"tool_calls {calls}")
+        name, arguments = calls[0].function.name, calls[0].function.arguments
+        model = {"get_weather": Weather, "place_order": Order}.get(name)
+        expect(model is not None, f"called {name!r}, not a declared tool")
+        try:
+            model.model_validate_json(arguments)
+        except ValidationError as err:
+            raise CheckFailed(f"{name} arguments {arguments!r}: {err}")
+        return f"{name}({arguments})"
+
+    def tools_in_prompt_and_tool_messages(self):
+        ask = [{"role": "user", "content": "What is the weather in Oslo?"}]
+        plain = self.chat(ask, max_tokens=1)
+        auto = self.chat(ask, tools=[WEATHER], max_tokens=1)
+        none = self.chat(ask, tools=[WEATHER], tool_choice="none", max_tokens=1)
+        expect(auto.usage.prompt_tokens > plain.usage.prompt_tokens,
+               f"tools not rendered: {auto.usage.prompt_tokens} vs {plain.usage.prompt_tokens} prompt tokens")
+        expect(none.usage.prompt_tokens == plain.usage.prompt_tokens,
+               f"tool_choice none: {none.usage.prompt_tokens} vs {plain.usage.prompt_tokens}")
+        history = ask + [
+            {"role": "assistant", "content": None, "tool_calls": [{
+                "id": "call_1", "type": "function",
+                "function": {"name": "get_weather",
+                             "arguments": '{"city": "Oslo", "unit": "celsius"}'}}]},
+            {"role": "tool", "tool_call_id": "call_1", "content": '{"temperature": -3}'},
+        ]
+        answer = self.chat(history, tools=[WEATHER], tool_choice="none", max_tokens=24)
+        expect(answer.usage.prompt_tokens > none.usage.prompt_tokens + 10,
+               f"the tool turn was not rendered: {answer.usage.prompt_tokens} prompt tokens")
+        expect(answer.choices[0].message.content, f"no answer after the tool result: {answer}")
+        status, body = post(self.p.root, "/v1/chat/completions",
+                            {"model": self.model, "messages": history[:2] +
+                             [{"role": "tool", "content": "x"}]})
+        expect(status == 400 and body["error"]["param"] == "messages[2].tool_call_id",
+               f"tool message without tool_call_id: {status} {body}")
+        return f"{plain.usage.prompt_tokens} -> {auto.usage.prompt_tokens} prompt tokens with tools"
+
+    def json_object(self):
+        ask = [{"role": "user", "content": "Describe a cat as a JSON object."}]
+        r = self.chat(ask, response_format={"type": "json_object"}, max_tokens=64)
+        text = r.choices[0].message.content
+        try:
+            value = json.loads(text)
+        except ValueError as err:
+            raise CheckFailed(f"not JSON ({err}): {text!r} ({r.choices[0].finish_reason})")
+        expect(isinstance(value, dict), f"not an object: {text!r}")
+        return text[:60]
+
+    def json_schemas(self):
+        cases = [
+            (Weather, "What is the weather in Rome? Answer in JSON."),
+            (Order, "Order two bottles of milk."),
+            (Tags, "Give tags for a photo of a beach."),
+            (Person, "Invent a person who lives in Lima."),
+        ]
+        out = []
+        for model, question in cases:
+            ask = [{"role": "user", "content": question}]
+            parsed = self.client.chat.completions.parse(
+                model=self.model, messages=ask, response_format=model, temperature=0,
+                max_tokens=128)
+            choice = parsed.choices[0]
+            expect(choice.message.parsed is not None,
+                   f"{model.__name__}: {choice.message.content!r} ({choice.finish_reason})")
+            # Streamed: the assembled text validates too.
+            text = ""
+            schema = {"type": "json_schema", "json_schema": {
+                "name": model.__name__, "schema": strict(model.model_json_schema()),
+                "strict": True}}
+            for chunk in self.client.chat.completions.create(
+                    model=self.model, messages=ask, response_format=schema, temperature=0,
+                    max_tokens=128, stream=True):
+                for c in chunk.choices:
+                    text += c.delta.content or ""
+            try:
+                model.model_validate_json(text)
+            except ValidationError as err:
+                raise CheckFailed(f"{model.__name__} streamed {text!r}: {err}")
+            out.append(choice.message.content)
+        return " | ".join(o[:40] for o in out)
+
+    def invalid_schemas(self):
+        ask = [{"role": "user", "content": "hi"}]
+        bad = [
+            {"type": "json_schema", "json_schema": {"name": "x", "schema": {"type": "nonsense"}}},
+            {"type": "json_schema", "json_schema": {"name": "x"}},
+            {"type": "xml"},
+        ]
+        for fmt in bad:
+            try:
+                self.chat(ask, response_format=fmt, max_tokens=4)
+            except openai.BadRequestError as err:
+                body = err.body if isinstance(err.body, dict) else {}
+                msg = body.get("message", "")
+                expect("response_format" in (body.get("param") or "") + msg, f"{fmt}: {body}")
+                expect(not any(w in msg for w in SERDE_WORDS), f"{fmt}: {msg}")
+                continue
+            raise CheckFailed(f"{fmt} was accepted")
+        return None
+
+
+def main():
+    parser = argparse.ArgumentParser(description="OpenAI parity checks")
+    parser.add_argument("base_url")
+    parser.add_argument("--model")
+    args = parser.parse_args()
+    root = args.base_url.rstrip("/")
+    if root.endswith("/v1"):
+        root = root[:-3]
+    client = openai.OpenAI(base_url=root + "/v1", api_key="unused", max_retries=0, timeout=300)
+    model = args.model or client.models.list().data[0].id
+    p = Parity(client, root, model)
+    p.check("n=3 distinct hot, identical greedy (streaming and not)", p.n_samples)
+    p.check("logit_bias -100 bans, +100 forces", p.logit_bias)
+    p.check("echo returns the prompt", p.echo)
+    p.check("token-id and batched prompts", p.prompt_forms)
+    p.check("stop_token_ids and min_tokens", p.stop_ids_and_min_tokens)
+    p.check("presence and frequency penalties", p.penalties)
+    p.check("/tokenize and /detokenize", p.tokenize_detokenize)
+    p.check("bad fields get human 400s", p.human_errors)
+    t = Tools(p)
+    p.check("tools rendered, tool_choice none, tool messages", t.tools_in_prompt_and_tool_messages)
+    p.check("named tool call: name and schema-valid arguments (streaming and not)",
+            t.named_tool_call)
+    p.check("tool_choice required", t.required_tool_call)
+    p.check("response_format json_object", t.json_object)
+    p.check("response_format json_schema: four schemas (streaming and not)", t.json_schemas)
+    p.check("invalid schemas are 400s naming response_format", t.invalid_schemas)
+    print(f"parity: {p.passed} passed, 0 failed", flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
