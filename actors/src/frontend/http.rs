@@ -14,6 +14,7 @@ use super::metrics::{HttpMetrics, Metrics};
 use super::openai::{ModelCard, ModelList};
 use super::render::{Aggregate, Endpoint, ResponseMeta, SseWriter};
 use super::validate;
+use crate::router::hints::RoutingHints;
 use axum::body::{Body, Bytes};
 use axum::extract::rejection::BytesRejection;
 use axum::extract::{DefaultBodyLimit, MatchedPath, Path, Request, State};
@@ -172,7 +173,8 @@ async fn chat_completions(
     let result = async {
         let deadline = Deadline::for_request(started.into(), state.request_timeout, &headers)?;
         let body = json_body(&headers, body)?;
-        let req = validate::chat_request(&body, state.engine.model_id())?;
+        let mut req = validate::chat_request(&body, state.engine.model_id())?;
+        req.hints = routing_hints(&headers)?;
         generate(&state, req, Endpoint::Chat, started, deadline).await
     };
     result.await.unwrap_or_else(error_response)
@@ -187,10 +189,18 @@ async fn completions(
     let result = async {
         let deadline = Deadline::for_request(started.into(), state.request_timeout, &headers)?;
         let body = json_body(&headers, body)?;
-        let req = validate::completion_request(&body, state.engine.model_id())?;
+        let mut req = validate::completion_request(&body, state.engine.model_id())?;
+        req.hints = routing_hints(&headers)?;
         generate(&state, req, Endpoint::Completion, started, deadline).await
     };
     result.await.unwrap_or_else(error_response)
+}
+
+/// The request's routing hint headers; a malformed one is the client's 400 (a hint naming
+/// a worker that is not there is not an error: the engine routes the request itself).
+fn routing_hints(headers: &HeaderMap) -> Result<RoutingHints, ApiError> {
+    RoutingHints::from_headers(|name| headers.get(name).and_then(|v| v.to_str().ok()))
+        .map_err(|e| ApiError::invalid(None, e.to_string()))
 }
 
 /// Logs server-side failures (client mistakes are the client's to see) and renders the error.

@@ -256,6 +256,7 @@ fn common(
         logprobs,
         include_usage,
         stream,
+        hints: crate::router::hints::RoutingHints::default(),
     })
 }
 

@@ -13,7 +13,6 @@ use crate::frontend::pipeline::Pipeline;
 use crate::frontend::Metrics;
 use crate::ids::WorkerId;
 use crate::kv::indexer::FlashIndexer;
-use crate::preprocessor::codec::ModelCodec;
 use crate::router::dispatch::Dispatcher;
 use crate::router::membership::{Members, NodeConnector};
 use crate::router::service::{RouterCore, RouterService, ROUTER_COMPONENT, ROUTER_SERVICE};
@@ -150,22 +149,7 @@ impl LocalCluster {
             }
         }
 
-        let (bos, eos) = (model.bos_token(), model.eos_token());
-        let LoadedModel {
-            tokenizer,
-            chat_template,
-            stop_ids,
-            name,
-            ..
-        } = model;
-        let codec = ModelCodec::new(
-            Arc::new(tokenizer),
-            chat_template.as_deref(),
-            bos,
-            eos,
-            stop_ids,
-        )
-        .map_err(StartError::Config)?;
+        let (codec, name) = super::codec_of(model)?;
         let model_id = cfg.model.served_name.clone().unwrap_or(name);
         let dispatch = dispatcher(
             block_size,
@@ -199,6 +183,7 @@ impl LocalCluster {
             )));
 
         enable_disaggregation(cfg, &dispatch, DisaggMetrics::register(&metrics));
+        dispatch.count_hints_into(crate::router::hints::HintMetrics::register(&metrics));
         for (handle, role) in workers.iter().zip(roles) {
             let name = crate::worker::service::worker_service_name(handle.id());
             let addr = node
@@ -216,6 +201,7 @@ impl LocalCluster {
             Members {
                 router: router.clone(),
                 frontend: Some(dispatch),
+                endpoints: None,
             },
         ));
         Ok(LocalCluster {

@@ -14,6 +14,7 @@ use super::{
 };
 use crate::cluster_config::{ClusterConfig, DiscoverySection};
 use crate::ids::WorkerId;
+use crate::router::endpoints::META_GATEWAY_ENDPOINT;
 use crate::router::membership::{Members, NodeConnector};
 use crate::router::service::{ROUTER_COMPONENT, ROUTER_SERVICE};
 use crate::worker::announce::{kv_topic, metrics_topic, REGISTRY_SERVICE};
@@ -33,7 +34,7 @@ use turbine_runtime::{Node, NodeConfig};
 
 /// A fresh id for a worker (or router) process: unique across restarts, so KV state from a previous
 /// incarnation is never attributed to this one.
-fn fresh_worker_id() -> WorkerId {
+pub(super) fn fresh_worker_id() -> WorkerId {
     let nanos = std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
         .map(|d| d.as_nanos() as u64)
@@ -46,13 +47,13 @@ fn fresh_worker_id() -> WorkerId {
 }
 
 /// How a process joins: the registry endpoint and the lease it registers under.
-struct Joining {
-    registry: String,
-    lease: Duration,
+pub(super) struct Joining {
+    pub(super) registry: String,
+    pub(super) lease: Duration,
 }
 
 /// Reads the embedded-discovery settings; `registry` overrides `discovery.registry`.
-fn joining(
+pub(super) fn joining(
     cfg: &ClusterConfig,
     registry: Option<String>,
     what: &str,
@@ -79,7 +80,7 @@ fn joining(
 }
 
 /// This process's request-plane node, bound where the config says.
-async fn process_node(cfg: &ClusterConfig, name: String) -> Result<Node, StartError> {
+pub(super) async fn process_node(cfg: &ClusterConfig, name: String) -> Result<Node, StartError> {
     Node::start(NodeConfig {
         name,
         bind: format!("tcp://{}", cfg.transport.bind),
@@ -91,7 +92,10 @@ async fn process_node(cfg: &ClusterConfig, name: String) -> Result<Node, StartEr
 }
 
 /// Discovery through the frontend's embedded registry at `registry`.
-async fn registry_client(node: &Node, registry: &str) -> Result<EmbeddedDiscovery, StartError> {
+pub(super) async fn registry_client(
+    node: &Node,
+    registry: &str,
+) -> Result<EmbeddedDiscovery, StartError> {
     let addr = node
         .connect::<Registry>(registry, REGISTRY_SERVICE)
         .await
@@ -100,12 +104,15 @@ async fn registry_client(node: &Node, registry: &str) -> Result<EmbeddedDiscover
 }
 
 /// Runs worker group `group` of `cfg` until `shutdown` resolves. `registry` overrides the
-/// config's `discovery.registry` (the frontend's request-plane endpoint).
+/// config's `discovery.registry` (the frontend's request-plane endpoint);
+/// `gateway_endpoint` is the `ip:port` a gateway's endpoint picker sends this worker's
+/// requests to (a frontend beside it), registered for `turbine epp`.
 pub async fn run_worker(
     cfg: &ClusterConfig,
     group: usize,
     model: LoadedModel,
     registry: Option<String>,
+    gateway_endpoint: Option<String>,
     shutdown: impl Future<Output = ()>,
 ) -> Result<(), StartError> {
     let Some(group_cfg) = cfg.workers.get(group) else {
@@ -170,8 +177,14 @@ pub async fn run_worker(
     report_loads(&worker.handle, node.clock().clone(), announce);
 
     let discovery = registry_client(&node, &join.registry).await?;
+    let mut instance = worker.instance;
+    if let Some(ep) = gateway_endpoint {
+        instance
+            .metadata
+            .insert(META_GATEWAY_ENDPOINT.to_string(), ep);
+    }
     let lease = discovery
-        .register(worker.instance, join.lease)
+        .register(instance, join.lease)
         .await
         .map_err(|e| node_err(&e))?;
     println!(
@@ -256,6 +269,7 @@ pub async fn run_router(
         Members {
             router: Some(router.core.clone()),
             frontend: None,
+            endpoints: None,
         },
     );
     let instance = Instance {

@@ -10,6 +10,7 @@
 //! watch loop and the event handling are the same code either way.
 
 use super::dispatch::Dispatcher;
+use super::endpoints::{WorkerEndpoints, META_GATEWAY_ENDPOINT};
 use super::service::RouterCore;
 use crate::ids::WorkerId;
 use crate::kv::KvEventBatch;
@@ -83,11 +84,13 @@ impl WorkerConnector for NodeConnector {
 }
 
 /// Who follows worker membership in this process: the router (loads, KV events), the
-/// frontend (addresses), or both.
+/// frontend (addresses), the endpoint picker (gateway endpoints), or several.
 #[derive(Clone, Default)]
 pub struct Members {
     pub router: Option<Arc<RouterCore>>,
     pub frontend: Option<Arc<Dispatcher>>,
+    /// The workers' gateway endpoints (the endpoint picker's table).
+    pub endpoints: Option<Arc<WorkerEndpoints>>,
 }
 
 /// What is kept per joined worker: the task feeding its events in, if the router follows.
@@ -166,6 +169,9 @@ async fn join(
     if let (Some(frontend), Some(addr)) = (&members.frontend, addr) {
         frontend.add_worker(id, addr);
     }
+    if let Some(endpoints) = &members.endpoints {
+        endpoints.insert(id, inst.metadata.get(META_GATEWAY_ENDPOINT).cloned());
+    }
     let events = match (&members.router, feed) {
         (Some(router), Some(feed)) => {
             router.add_worker_as(id, crate::worker::announce::role_of(inst));
@@ -184,6 +190,9 @@ fn leave(members: &Members, id: WorkerId) {
     }
     if let Some(frontend) = &members.frontend {
         frontend.remove_worker(id);
+    }
+    if let Some(endpoints) = &members.endpoints {
+        endpoints.remove(id);
     }
 }
 

@@ -162,6 +162,7 @@ async fn run(cfg: &SimConfig, workload: &[RequestSpec]) -> Result<SimOutcome, Si
         Members {
             router: Some(router.core.clone()),
             frontend: Some(dispatcher.clone()),
+            endpoints: None,
         },
     );
     let leases_expired = Arc::new(Mutex::new(0u64));
