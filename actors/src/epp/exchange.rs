@@ -287,10 +287,13 @@ mod tests {
     use crate::ids::WorkerId;
     use std::sync::Mutex;
 
+    /// What a picker was asked: path, body, subset.
+    type Asked = (String, Option<Vec<u8>>, Option<Vec<String>>);
+
     /// Picks `a:1` unless the subset excludes it; records what it was asked.
     #[derive(Default)]
     struct Fixed {
-        seen: Mutex<Vec<(String, Option<Vec<u8>>, Option<Vec<String>>)>>,
+        seen: Mutex<Vec<Asked>>,
     }
 
     impl Pick for Fixed {

@@ -3,7 +3,7 @@
 //! event plane, through the same membership code), keeps a router core of its own (never
 //! served to frontends, never registered), and serves Envoy's ext_proc on `listen`.
 
-use super::process::{joining, process_node, registry_client};
+use super::process::{joining, process_node};
 use super::{codec_of, follow_workers, start_router, StartError};
 use crate::cluster_config::ClusterConfig;
 use crate::epp::picker::Picker;
@@ -15,7 +15,6 @@ use std::future::Future;
 use std::net::SocketAddr;
 use std::sync::Arc;
 use turbine_kernels::loader::LoadedModel;
-use turbine_runtime::discovery::Discovery;
 
 /// Where the endpoint picker listens and what it answers for workers without a gateway
 /// endpoint of their own.
@@ -50,7 +49,7 @@ pub async fn run_epp(
     )
     .await?;
     let endpoints = Arc::new(WorkerEndpoints::new(options.default_endpoint));
-    let discovery: Arc<dyn Discovery> = Arc::new(registry_client(&node, &join.registry).await?);
+    let discovery = join.discovery(&node).await?;
     let follow = follow_workers(
         Arc::new(NodeConnector::new(node.clone())),
         discovery,
@@ -70,7 +69,7 @@ pub async fn run_epp(
         .map_err(|e| StartError::Node(e.to_string()))?;
     println!(
         "turbine epp serving ext_proc on {local}, following workers registered with {}",
-        join.registry
+        join.describe()
     );
     let served = tonic::transport::Server::builder()
         .serve_with_incoming_shutdown(

@@ -82,10 +82,25 @@ impl LocalCluster {
         let registry = EmbeddedRegistry::serve(&node, REGISTRY_SERVICE, Duration::from_millis(250))
             .await
             .map_err(|e| node_err(&e))?;
-        let discovery: Arc<dyn Discovery> = Arc::new(EmbeddedDiscovery::new(
-            registry.addr().clone(),
-            node.clock().clone(),
-        ));
+        // With `discovery.backend: kubernetes` the workers are pods with Leases instead.
+        let discovery: Arc<dyn Discovery> = match &cfg.discovery {
+            crate::cluster_config::DiscoverySection::Kubernetes {
+                namespace,
+                label_selector,
+                ..
+            } => Arc::new(
+                turbine_runtime::discovery::KubernetesDiscovery::from_environment(
+                    namespace,
+                    label_selector,
+                )
+                .await
+                .map_err(|e| node_err(&e))?,
+            ),
+            _ => Arc::new(EmbeddedDiscovery::new(
+                registry.addr().clone(),
+                node.clock().clone(),
+            )),
+        };
 
         // The router: served here, or (`router.remote`) a router process found through
         // discovery, which then follows the workers itself.

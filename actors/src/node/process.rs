@@ -27,7 +27,9 @@ use std::time::Duration;
 use tokio::sync::mpsc;
 use turbine_kernels::loader::LoadedModel;
 use turbine_runtime::discovery::embedded::Registry;
-use turbine_runtime::discovery::{Discovery, EmbeddedDiscovery, Instance, Lease};
+use turbine_runtime::discovery::{
+    Discovery, EmbeddedDiscovery, Instance, KubernetesDiscovery, Lease,
+};
 use turbine_runtime::events::EventPublisher;
 use turbine_runtime::transfer::TransferHub;
 use turbine_runtime::{Node, NodeConfig};
@@ -46,13 +48,47 @@ pub(super) fn fresh_worker_id() -> WorkerId {
     WorkerId((z ^ (z >> 31)) >> 11)
 }
 
-/// How a process joins: the registry endpoint and the lease it registers under.
+/// How a process joins: through the frontend's embedded registry, or through the
+/// Kubernetes API (pods and Leases in a namespace), and the lease it registers under.
 pub(super) struct Joining {
-    pub(super) registry: String,
+    via: JoinVia,
     pub(super) lease: Duration,
 }
 
-/// Reads the embedded-discovery settings; `registry` overrides `discovery.registry`.
+enum JoinVia {
+    Registry(String),
+    Kubernetes {
+        namespace: String,
+        label_selector: String,
+    },
+}
+
+impl Joining {
+    /// The discovery backend this process registers with and watches through.
+    pub(super) async fn discovery(&self, node: &Node) -> Result<Arc<dyn Discovery>, StartError> {
+        Ok(match &self.via {
+            JoinVia::Registry(registry) => Arc::new(registry_client(node, registry).await?),
+            JoinVia::Kubernetes {
+                namespace,
+                label_selector,
+            } => Arc::new(
+                KubernetesDiscovery::from_environment(namespace, label_selector)
+                    .await
+                    .map_err(|e| StartError::Node(e.to_string()))?,
+            ),
+        })
+    }
+
+    /// Where it joined, for the start-up line.
+    pub(super) fn describe(&self) -> String {
+        match &self.via {
+            JoinVia::Registry(registry) => registry.clone(),
+            JoinVia::Kubernetes { namespace, .. } => format!("kubernetes namespace {namespace}"),
+        }
+    }
+}
+
+/// Reads the discovery settings; `registry` overrides `discovery.registry`.
 pub(super) fn joining(
     cfg: &ClusterConfig,
     registry: Option<String>,
@@ -60,9 +96,22 @@ pub(super) fn joining(
 ) -> Result<Joining, StartError> {
     let (lease_ms, cfg_registry) = match &cfg.discovery {
         DiscoverySection::Embedded { registry, lease_ms } => (*lease_ms, *registry),
+        DiscoverySection::Kubernetes {
+            namespace,
+            label_selector,
+            lease_ms,
+        } => {
+            return Ok(Joining {
+                via: JoinVia::Kubernetes {
+                    namespace: namespace.clone(),
+                    label_selector: label_selector.clone(),
+                },
+                lease: Duration::from_millis(*lease_ms),
+            })
+        }
         other => {
             return Err(StartError::Config(format!(
-                "turbine {what} joins through the embedded registry; discovery {other:?} is not supported yet"
+                "turbine {what} joins through the embedded registry or kubernetes; discovery {other:?} has no registry to join"
             )))
         }
     };
@@ -74,7 +123,7 @@ pub(super) fn joining(
             )
         })?;
     Ok(Joining {
-        registry,
+        via: JoinVia::Registry(registry),
         lease: Duration::from_millis(lease_ms),
     })
 }
@@ -176,7 +225,7 @@ pub async fn run_worker(
     // Load when what the router reads changes (and at least every second).
     report_loads(&worker.handle, node.clock().clone(), announce);
 
-    let discovery = registry_client(&node, &join.registry).await?;
+    let discovery = join.discovery(&node).await?;
     let mut instance = worker.instance;
     if let Some(ep) = gateway_endpoint {
         instance
@@ -191,7 +240,7 @@ pub async fn run_worker(
         "turbine worker {id} serving on {} (events {}), registered with {}",
         node.endpoint(),
         publisher.endpoint(),
-        join.registry
+        join.describe()
     );
     shutdown.await;
     let drain_timeout = Duration::from_millis(group_cfg.drain_timeout_ms);
@@ -262,7 +311,7 @@ pub async fn run_router(
         node.clock().clone(),
     )
     .await?;
-    let discovery: Arc<dyn Discovery> = Arc::new(registry_client(&node, &join.registry).await?);
+    let discovery = join.discovery(&node).await?;
     let follow = follow_workers(
         Arc::new(NodeConnector::new(node.clone())),
         discovery.clone(),
@@ -285,7 +334,7 @@ pub async fn run_router(
     println!(
         "turbine router serving on {}, registered with {}",
         node.endpoint(),
-        join.registry
+        join.describe()
     );
     shutdown.await;
     lease.revoke().await;
