@@ -32,6 +32,9 @@ enum Command {
     Up(UpArgs),
     /// Run one worker of a cluster file in this process, joining the frontend over ZeroMQ.
     Worker(WorkerArgs),
+    /// Endpoint picker for the Gateway API Inference Extension: an Envoy ext_proc gRPC
+    /// server that routes each request KV-aware (see docs/KUBERNETES.md).
+    Epp(EppArgs),
     /// Fetch the default model into the model cache, then exit.
     FetchModel,
     /// Measure the engine of a cluster file's worker group (prefill by prompt length, decode
@@ -91,6 +94,36 @@ struct WorkerArgs {
     #[arg(long)]
     events_bind: Option<std::net::SocketAddr>,
     /// Model to serve; overrides the file's `model.path` (must be the frontend's model).
+    #[arg(long)]
+    model: Option<String>,
+    /// The `ip:port` a gateway's endpoint picker sends this worker's requests to (a frontend
+    /// beside it); registered for `turbine epp`.
+    #[arg(long, env = "TURBINE_GATEWAY_ENDPOINT")]
+    gateway_endpoint: Option<String>,
+    /// Fail instead of downloading the default model when it is not cached.
+    #[arg(long)]
+    no_fetch: bool,
+}
+
+#[derive(Args)]
+struct EppArgs {
+    /// Cluster file (the frontend's): model, router policy, disaggregation, discovery.
+    #[arg(short = 'f', long = "file")]
+    file: PathBuf,
+    /// ext_proc (gRPC) listen address.
+    #[arg(long, default_value = "0.0.0.0:9002")]
+    listen: std::net::SocketAddr,
+    /// `ip:port` answered for workers that registered no gateway endpoint (e.g. the
+    /// frontend Service); without it such workers are never picked.
+    #[arg(long)]
+    default_endpoint: Option<String>,
+    /// The frontend's request-plane endpoint; overrides the file's `discovery.registry`.
+    #[arg(long)]
+    registry: Option<String>,
+    /// Request-plane bind address of this process; overrides the file's `transport.bind`.
+    #[arg(long)]
+    bind: Option<std::net::SocketAddr>,
+    /// Model whose tokenizer and chat template are used; overrides the file's `model.path`.
     #[arg(long)]
     model: Option<String>,
     /// Fail instead of downloading the default model when it is not cached.
@@ -206,8 +239,24 @@ fn run(cli: Cli) -> Result<()> {
                 cfg,
                 role,
                 args.registry,
+                args.gateway_endpoint,
                 !args.no_fetch,
             ))
+        }
+        Command::Epp(args) => {
+            let mut cfg = read_config(&args.file)?;
+            if let Some(m) = &args.model {
+                cfg.model.path = m.clone();
+            }
+            if let Some(b) = args.bind {
+                cfg.transport.bind = b;
+            }
+            let options = turbine_actors::node::epp::EppOptions {
+                listen: args.listen,
+                default_endpoint: args.default_endpoint,
+                registry: args.registry,
+            };
+            runtime.block_on(turbine::serve::epp(cfg, options, !args.no_fetch))
         }
         Command::Profile(args) => {
             let cfg = match &args.file {

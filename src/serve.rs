@@ -86,6 +86,7 @@ pub async fn join(
     cfg: ClusterConfig,
     role: Role,
     registry: Option<String>,
+    gateway_endpoint: Option<String>,
     allow_fetch: bool,
 ) -> Result<()> {
     let mut cfg = cfg;
@@ -101,6 +102,7 @@ pub async fn join(
                 group,
                 model,
                 registry,
+                gateway_endpoint,
                 shutdown_signal(),
             )
             .await?;
@@ -110,6 +112,19 @@ pub async fn join(
             anyhow::bail!("the frontend is started by `turbine up`, not `turbine worker`")
         }
     }
+    Ok(())
+}
+
+/// `turbine epp`: the endpoint picker, until Ctrl-C (or SIGTERM).
+pub async fn epp(
+    cfg: ClusterConfig,
+    options: turbine_actors::node::epp::EppOptions,
+    allow_fetch: bool,
+) -> Result<()> {
+    let mut cfg = cfg;
+    let model = load(&mut cfg, allow_fetch).await?;
+    turbine_actors::node::epp::run_epp(&cfg, model, options, shutdown_signal()).await?;
+    eprintln!("turbine epp: exiting");
     Ok(())
 }
 

@@ -196,15 +196,23 @@ pub enum DiscoverySection {
         #[serde(deserialize_with = "addr_field::discovery_workers")]
         workers: Vec<SocketAddr>,
     },
-    /// Watch pods by label (not yet implemented: selecting it is an error at start-up).
+    /// Pods by label in a namespace, liveness by the Lease each instance renews
+    /// (`turbine_runtime::discovery::kubernetes`).
     Kubernetes {
         namespace: String,
         label_selector: String,
+        /// How long a registration lives without renewal (rounded up to whole seconds).
+        #[serde(default = "default_k8s_lease_ms")]
+        lease_ms: u64,
     },
 }
 
 fn default_lease_ms() -> u64 {
     3_000
+}
+
+fn default_k8s_lease_ms() -> u64 {
+    10_000
 }
 
 impl Default for DiscoverySection {

@@ -7,6 +7,7 @@
 pub mod cluster_config;
 pub mod disagg;
 pub mod engine_profile;
+pub mod epp;
 pub mod executor;
 pub mod frontend;
 pub mod ids;

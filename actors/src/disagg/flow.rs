@@ -76,7 +76,6 @@ pub async fn dispatch(
     route: RouteRequest,
     pre: PreprocessedRequest,
 ) -> Result<Dispatched, DispatchError> {
-    let id = pre.id;
     let plan: DisaggRoute = match router.call(RouterRequest::RouteDisagg(route)).await {
         Ok(RouterReply::RoutedDisagg(Ok(plan))) => plan,
         Ok(RouterReply::RoutedDisagg(Err(RouteError::NoWorkers))) => {
@@ -89,6 +88,20 @@ pub async fn dispatch(
         }
         Err(e) => return Err(DispatchError::Router(e.to_string())),
     };
+    run_plan(dispatcher, settings, router, plan, pre).await
+}
+
+/// Carries out `plan` for `pre`: the remote prefill (if planned), then the decode worker's
+/// stream; every failure of the remote part ends in a counted local prefill. The plan is
+/// the router's, or a gateway's routing hints ([`crate::router::hints`]).
+pub(crate) async fn run_plan(
+    dispatcher: &Dispatcher,
+    settings: &DisaggSettings,
+    router: Addr<RouterService>,
+    plan: DisaggRoute,
+    pre: PreprocessedRequest,
+) -> Result<Dispatched, DispatchError> {
+    let id = pre.id;
     let metrics = &settings.metrics;
     metrics.decision(plan.prefill.decision.label());
     metrics.prefill_queue(plan.prefill.pool.queued);

@@ -57,6 +57,47 @@ pub fn plan_prefill(
     request: &RouteRequest,
     decode_overlap: u32,
 ) -> PrefillPlan {
+    plan_prefill_by(
+        cfg,
+        block_size,
+        prefill,
+        now,
+        request,
+        decode_overlap,
+        |p| p.route(now, request).map(|r| r.decision),
+    )
+}
+
+/// [`plan_prefill`] deciding only: the prefill worker is selected, not recorded as routed
+/// (the endpoint picker never learns when the request ends; load reports carry the truth).
+pub fn decide_prefill(
+    cfg: &DisaggregationConfig,
+    block_size: BlockSize,
+    prefill: &mut KvRouter,
+    now: Duration,
+    request: &RouteRequest,
+    decode_overlap: u32,
+) -> PrefillPlan {
+    plan_prefill_by(
+        cfg,
+        block_size,
+        prefill,
+        now,
+        request,
+        decode_overlap,
+        |p| p.select(now, request),
+    )
+}
+
+fn plan_prefill_by(
+    cfg: &DisaggregationConfig,
+    block_size: BlockSize,
+    prefill: &mut KvRouter,
+    now: Duration,
+    request: &RouteRequest,
+    decode_overlap: u32,
+    choose: impl FnOnce(&mut KvRouter) -> Result<RouteDecision, crate::router::RouteError>,
+) -> PrefillPlan {
     let pool = pool_load(prefill, now);
     let inputs = PrefillInputs {
         prompt_tokens: u32::try_from(request.token_count).unwrap_or(u32::MAX),
@@ -71,10 +112,10 @@ pub fn plan_prefill(
             pool,
         };
     }
-    match prefill.route(now, request) {
-        Ok(routed) => PrefillPlan {
+    match choose(prefill) {
+        Ok(chosen) => PrefillPlan {
             decision,
-            worker: Some(routed.decision),
+            worker: Some(chosen),
             pool,
         },
         Err(_) => PrefillPlan {

@@ -40,6 +40,9 @@ pub struct GenerateRequest {
     /// The client asked for a final usage chunk (streaming only).
     pub include_usage: bool,
     pub stream: bool,
+    /// Routing hints from a gateway that already decided (header `x-turbine-worker` etc.,
+    /// see [`crate::router::hints`]); an engine that routes follows them when it can.
+    pub hints: crate::router::hints::RoutingHints,
 }
 
 /// Token counts of one request.

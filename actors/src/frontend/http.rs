@@ -17,6 +17,7 @@ use super::openai::{DetokenizeResponse, ModelCard, ModelList, TokenizeResponse};
 use super::render::{Aggregate, Endpoint, ResponseMeta, SseWriter};
 use super::tools::{ToolEvent, ToolParser, ToolSetup};
 use super::validate::{self, Validated};
+use crate::router::hints::RoutingHints;
 use axum::body::{Body, Bytes};
 use axum::extract::rejection::BytesRejection;
 use axum::extract::{DefaultBodyLimit, MatchedPath, Path, Request, State};
@@ -199,7 +200,8 @@ async fn chat_completions(
     let result = async {
         let deadline = Deadline::for_request(started.into(), state.request_timeout, &headers)?;
         let body = json_body(&headers, body)?;
-        let req = validate_chat(&state, body).await?;
+        let mut req = validate_chat(&state, body).await?;
+        req.request.hints = routing_hints(&headers)?;
         generate(&state, req, Endpoint::Chat, started, deadline).await
     };
     result.await.unwrap_or_else(error_response)
@@ -233,7 +235,8 @@ async fn completions(
     let result = async {
         let deadline = Deadline::for_request(started.into(), state.request_timeout, &headers)?;
         let body = json_body(&headers, body)?;
-        let req = validate::completion_request(&body, state.engine.model_id())?;
+        let mut req = validate::completion_request(&body, state.engine.model_id())?;
+        req.request.hints = routing_hints(&headers)?;
         generate(&state, req, Endpoint::Completion, started, deadline).await
     };
     result.await.unwrap_or_else(error_response)
@@ -277,6 +280,13 @@ async fn detokenize(
         Ok::<_, ApiError>(Json(DetokenizeResponse { prompt }))
     })();
     result.map_or_else(error_response, IntoResponse::into_response)
+}
+
+/// The request's routing hint headers; a malformed one is the client's 400 (a hint naming
+/// a worker that is not there is not an error: the engine routes the request itself).
+fn routing_hints(headers: &HeaderMap) -> Result<RoutingHints, ApiError> {
+    RoutingHints::from_headers(|name| headers.get(name).and_then(|v| v.to_str().ok()))
+        .map_err(|e| ApiError::invalid(None, e.to_string()))
 }
 
 /// Logs server-side failures (client mistakes are the client's to see) and renders the error.

@@ -110,7 +110,7 @@ impl ChatEngine for Pipeline {
         let max_tokens = req.max_tokens.map_or(room, |m| m.min(room));
         // The stream survives its worker: a lost, stalled or draining worker's request
         // continues on another (router::migration).
-        let dispatched = MigratingStream::open(
+        let dispatched = MigratingStream::open_hinted(
             self.dispatcher.clone(),
             DispatchRequest {
                 token_ids,
@@ -128,6 +128,7 @@ impl ChatEngine for Pipeline {
                 logprobs: req.logprobs,
                 generated_before: 0,
             },
+            req.hints,
         )
         .await?;
         let state = Detokenize {

@@ -928,6 +928,7 @@ fn common(
         logprobs,
         include_usage,
         stream,
+        hints: crate::router::hints::RoutingHints::default(),
     };
     Ok(Validated {
         request,

@@ -13,7 +13,6 @@ use crate::frontend::pipeline::Pipeline;
 use crate::frontend::Metrics;
 use crate::ids::WorkerId;
 use crate::kv::indexer::FlashIndexer;
-use crate::preprocessor::codec::ModelCodec;
 use crate::router::dispatch::Dispatcher;
 use crate::router::membership::{Members, NodeConnector};
 use crate::router::service::{RouterCore, RouterService, ROUTER_COMPONENT, ROUTER_SERVICE};
@@ -83,10 +82,25 @@ impl LocalCluster {
         let registry = EmbeddedRegistry::serve(&node, REGISTRY_SERVICE, Duration::from_millis(250))
             .await
             .map_err(|e| node_err(&e))?;
-        let discovery: Arc<dyn Discovery> = Arc::new(EmbeddedDiscovery::new(
-            registry.addr().clone(),
-            node.clock().clone(),
-        ));
+        // With `discovery.backend: kubernetes` the workers are pods with Leases instead.
+        let discovery: Arc<dyn Discovery> = match &cfg.discovery {
+            crate::cluster_config::DiscoverySection::Kubernetes {
+                namespace,
+                label_selector,
+                ..
+            } => Arc::new(
+                turbine_runtime::discovery::KubernetesDiscovery::from_environment(
+                    namespace,
+                    label_selector,
+                )
+                .await
+                .map_err(|e| node_err(&e))?,
+            ),
+            _ => Arc::new(EmbeddedDiscovery::new(
+                registry.addr().clone(),
+                node.clock().clone(),
+            )),
+        };
 
         // The router: served here, or (`router.remote`) a router process found through
         // discovery, which then follows the workers itself.
@@ -151,23 +165,8 @@ impl LocalCluster {
             }
         }
 
-        let (bos, eos) = (model.bos_token(), model.eos_token());
-        let LoadedModel {
-            tokenizer,
-            chat_template,
-            stop_ids,
-            name,
-            ..
-        } = model;
-        let codec = ModelCodec::new(
-            Arc::new(tokenizer),
-            chat_template.as_deref(),
-            bos,
-            eos,
-            stop_ids,
-        )
-        .map_err(StartError::Config)?
-        .with_grammars(grammars);
+        let (codec, name) = super::codec_of(model)?;
+        let codec = codec.with_grammars(grammars);
         let model_id = cfg.model.served_name.clone().unwrap_or(name);
         let dispatch = dispatcher(
             block_size,
@@ -201,6 +200,7 @@ impl LocalCluster {
             )));
 
         enable_disaggregation(cfg, &dispatch, DisaggMetrics::register(&metrics));
+        dispatch.count_hints_into(crate::router::hints::HintMetrics::register(&metrics));
         for (handle, role) in workers.iter().zip(roles) {
             let name = crate::worker::service::worker_service_name(handle.id());
             let addr = node
@@ -219,6 +219,7 @@ impl LocalCluster {
                 router: router.clone(),
                 frontend: Some(dispatch),
                 gauges: Some(worker_metrics),
+                endpoints: None,
             },
         ));
         Ok(LocalCluster {

@@ -15,6 +15,7 @@
 //! process, [`planner`]). A new role (encoder, stage) is one more arm of [`Role`] and one
 //! builder here.
 
+pub mod epp;
 pub mod local;
 pub mod planner;
 pub mod process;
@@ -400,6 +401,30 @@ pub fn report_loads(
         clock,
         move |s| announce(Announcement::Load(s.clone())),
     ))
+}
+
+/// The model's text side (tokenizer, chat template, stop ids) and its name, for a node that
+/// tokenizes (the frontend's pipeline, the endpoint picker). The weights are dropped.
+pub fn codec_of(
+    model: LoadedModel,
+) -> Result<(crate::preprocessor::codec::ModelCodec, String), StartError> {
+    let (bos, eos) = (model.bos_token(), model.eos_token());
+    let LoadedModel {
+        tokenizer,
+        chat_template,
+        stop_ids,
+        name,
+        ..
+    } = model;
+    let codec = crate::preprocessor::codec::ModelCodec::new(
+        Arc::new(tokenizer),
+        chat_template.as_deref(),
+        bos,
+        eos,
+        stop_ids,
+    )
+    .map_err(StartError::Config)?;
+    Ok((codec, name))
 }
 
 /// Registers `instance` under a lease of `lease`, retrying every `retry` until the registry

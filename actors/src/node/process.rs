@@ -14,6 +14,7 @@ use super::{
 };
 use crate::cluster_config::{ClusterConfig, DiscoverySection};
 use crate::ids::WorkerId;
+use crate::router::endpoints::META_GATEWAY_ENDPOINT;
 use crate::router::membership::{Members, NodeConnector};
 use crate::router::service::{ROUTER_COMPONENT, ROUTER_SERVICE};
 use crate::worker::announce::{kv_topic, metrics_topic, REGISTRY_SERVICE};
@@ -26,14 +27,16 @@ use std::time::Duration;
 use tokio::sync::mpsc;
 use turbine_kernels::loader::LoadedModel;
 use turbine_runtime::discovery::embedded::Registry;
-use turbine_runtime::discovery::{Discovery, EmbeddedDiscovery, Instance, Lease};
+use turbine_runtime::discovery::{
+    Discovery, EmbeddedDiscovery, Instance, KubernetesDiscovery, Lease,
+};
 use turbine_runtime::events::EventPublisher;
 use turbine_runtime::transfer::TransferHub;
 use turbine_runtime::{Node, NodeConfig};
 
 /// A fresh id for a worker (or router) process: unique across restarts, so KV state from a previous
 /// incarnation is never attributed to this one.
-fn fresh_worker_id() -> WorkerId {
+pub(super) fn fresh_worker_id() -> WorkerId {
     let nanos = std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
         .map(|d| d.as_nanos() as u64)
@@ -45,23 +48,70 @@ fn fresh_worker_id() -> WorkerId {
     WorkerId((z ^ (z >> 31)) >> 11)
 }
 
-/// How a process joins: the registry endpoint and the lease it registers under.
-struct Joining {
-    registry: String,
-    lease: Duration,
+/// How a process joins: through the frontend's embedded registry, or through the
+/// Kubernetes API (pods and Leases in a namespace), and the lease it registers under.
+pub(super) struct Joining {
+    via: JoinVia,
+    pub(super) lease: Duration,
 }
 
-/// Reads the embedded-discovery settings; `registry` overrides `discovery.registry`.
-fn joining(
+enum JoinVia {
+    Registry(String),
+    Kubernetes {
+        namespace: String,
+        label_selector: String,
+    },
+}
+
+impl Joining {
+    /// The discovery backend this process registers with and watches through.
+    pub(super) async fn discovery(&self, node: &Node) -> Result<Arc<dyn Discovery>, StartError> {
+        Ok(match &self.via {
+            JoinVia::Registry(registry) => Arc::new(registry_client(node, registry).await?),
+            JoinVia::Kubernetes {
+                namespace,
+                label_selector,
+            } => Arc::new(
+                KubernetesDiscovery::from_environment(namespace, label_selector)
+                    .await
+                    .map_err(|e| StartError::Node(e.to_string()))?,
+            ),
+        })
+    }
+
+    /// Where it joined, for the start-up line.
+    pub(super) fn describe(&self) -> String {
+        match &self.via {
+            JoinVia::Registry(registry) => registry.clone(),
+            JoinVia::Kubernetes { namespace, .. } => format!("kubernetes namespace {namespace}"),
+        }
+    }
+}
+
+/// Reads the discovery settings; `registry` overrides `discovery.registry`.
+pub(super) fn joining(
     cfg: &ClusterConfig,
     registry: Option<String>,
     what: &str,
 ) -> Result<Joining, StartError> {
     let (lease_ms, cfg_registry) = match &cfg.discovery {
         DiscoverySection::Embedded { registry, lease_ms } => (*lease_ms, *registry),
+        DiscoverySection::Kubernetes {
+            namespace,
+            label_selector,
+            lease_ms,
+        } => {
+            return Ok(Joining {
+                via: JoinVia::Kubernetes {
+                    namespace: namespace.clone(),
+                    label_selector: label_selector.clone(),
+                },
+                lease: Duration::from_millis(*lease_ms),
+            })
+        }
         other => {
             return Err(StartError::Config(format!(
-                "turbine {what} joins through the embedded registry; discovery {other:?} is not supported yet"
+                "turbine {what} joins through the embedded registry or kubernetes; discovery {other:?} has no registry to join"
             )))
         }
     };
@@ -73,13 +123,13 @@ fn joining(
             )
         })?;
     Ok(Joining {
-        registry,
+        via: JoinVia::Registry(registry),
         lease: Duration::from_millis(lease_ms),
     })
 }
 
 /// This process's request-plane node, bound where the config says.
-async fn process_node(cfg: &ClusterConfig, name: String) -> Result<Node, StartError> {
+pub(super) async fn process_node(cfg: &ClusterConfig, name: String) -> Result<Node, StartError> {
     Node::start(NodeConfig {
         name,
         bind: format!("tcp://{}", cfg.transport.bind),
@@ -91,7 +141,10 @@ async fn process_node(cfg: &ClusterConfig, name: String) -> Result<Node, StartEr
 }
 
 /// Discovery through the frontend's embedded registry at `registry`.
-async fn registry_client(node: &Node, registry: &str) -> Result<EmbeddedDiscovery, StartError> {
+pub(super) async fn registry_client(
+    node: &Node,
+    registry: &str,
+) -> Result<EmbeddedDiscovery, StartError> {
     let addr = node
         .connect::<Registry>(registry, REGISTRY_SERVICE)
         .await
@@ -100,12 +153,15 @@ async fn registry_client(node: &Node, registry: &str) -> Result<EmbeddedDiscover
 }
 
 /// Runs worker group `group` of `cfg` until `shutdown` resolves. `registry` overrides the
-/// config's `discovery.registry` (the frontend's request-plane endpoint).
+/// config's `discovery.registry` (the frontend's request-plane endpoint);
+/// `gateway_endpoint` is the `ip:port` a gateway's endpoint picker sends this worker's
+/// requests to (a frontend beside it), registered for `turbine epp`.
 pub async fn run_worker(
     cfg: &ClusterConfig,
     group: usize,
     model: LoadedModel,
     registry: Option<String>,
+    gateway_endpoint: Option<String>,
     shutdown: impl Future<Output = ()>,
 ) -> Result<(), StartError> {
     let Some(group_cfg) = cfg.workers.get(group) else {
@@ -169,16 +225,22 @@ pub async fn run_worker(
     // Load when what the router reads changes (and at least every second).
     report_loads(&worker.handle, node.clock().clone(), announce);
 
-    let discovery = registry_client(&node, &join.registry).await?;
+    let discovery = join.discovery(&node).await?;
+    let mut instance = worker.instance;
+    if let Some(ep) = gateway_endpoint {
+        instance
+            .metadata
+            .insert(META_GATEWAY_ENDPOINT.to_string(), ep);
+    }
     let lease = discovery
-        .register(worker.instance, join.lease)
+        .register(instance, join.lease)
         .await
         .map_err(|e| node_err(&e))?;
     println!(
         "turbine worker {id} serving on {} (events {}), registered with {}",
         node.endpoint(),
         publisher.endpoint(),
-        join.registry
+        join.describe()
     );
     shutdown.await;
     let drain_timeout = Duration::from_millis(group_cfg.drain_timeout_ms);
@@ -249,7 +311,7 @@ pub async fn run_router(
         node.clock().clone(),
     )
     .await?;
-    let discovery: Arc<dyn Discovery> = Arc::new(registry_client(&node, &join.registry).await?);
+    let discovery = join.discovery(&node).await?;
     let follow = follow_workers(
         Arc::new(NodeConnector::new(node.clone())),
         discovery.clone(),
@@ -257,6 +319,7 @@ pub async fn run_router(
             router: Some(router.core.clone()),
             frontend: None,
             gauges: None,
+            endpoints: None,
         },
     );
     let instance = Instance {
@@ -272,7 +335,7 @@ pub async fn run_router(
     println!(
         "turbine router serving on {}, registered with {}",
         node.endpoint(),
-        join.registry
+        join.describe()
     );
     shutdown.await;
     lease.revoke().await;

@@ -9,12 +9,15 @@
 //! Request ids come from a caller-chosen start, so on a paused-time runtime every decision
 //! is a pure function of the inputs.
 
+use super::hints::{HintMetrics, HintMode, HintOutcome, RoutingHints};
 use super::kv_router::WorkerRouteCounts;
 use super::migration::MigrationConfig;
-use super::policy::{RouteError, RouteRequest};
+use super::policy::{RouteDecision, RouteError, RouteRequest};
 use super::service::{RouterReply, RouterRequest, RouterService};
 use crate::disagg::flow::DisaggSettings;
 use crate::disagg::metrics::DisaggMetrics;
+use crate::disagg::policy::{PrefillDecision, PrefillPoolLoad};
+use crate::disagg::route::{DisaggRoute, PrefillPlan};
 use crate::ids::{RequestId, WorkerId};
 use crate::kv::{hash_blocks, BlockSize};
 use crate::protocol::EngineError;
@@ -109,6 +112,9 @@ pub struct Dispatched {
     first: Option<TokenOutput>,
     /// Where a decode worker's import report is counted (disaggregated serving).
     disagg: Option<DisaggMetrics>,
+    /// Opened where a gateway's routing hints said: whether that holds is known once the
+    /// worker produces (the migration shell counts it, see [`Dispatcher::dispatch_hinted`]).
+    pub(crate) hinted: bool,
     _guard: RouteGuard,
 }
 
@@ -208,6 +214,8 @@ pub struct Dispatcher {
     /// Set when the cluster has prefill workers: requests go through
     /// [`crate::disagg::flow`].
     disagg: OnceLock<DisaggSettings>,
+    /// Where what became of routing hints is counted (`/metrics`), once set.
+    hint_metrics: OnceLock<HintMetrics>,
 }
 
 impl Dispatcher {
@@ -228,6 +236,24 @@ impl Dispatcher {
             clock: TokioClock::shared(),
             departures: tokio::sync::watch::Sender::new(0),
             disagg: OnceLock::new(),
+            hint_metrics: OnceLock::new(),
+        }
+    }
+
+    /// Counts what becomes of routing hints into `metrics` from now on (once).
+    pub fn count_hints_into(&self, metrics: HintMetrics) {
+        let _ = self.hint_metrics.set(metrics);
+    }
+
+    pub(crate) fn count_hint(&self, outcome: HintOutcome) {
+        if let Some(m) = self.hint_metrics.get() {
+            m.count(outcome);
+        }
+        if outcome != HintOutcome::Followed {
+            tracing::info!(
+                outcome = outcome.label(),
+                "routing hint not followed; routing the request here"
+            );
         }
     }
 
@@ -332,6 +358,7 @@ impl Dispatcher {
             received: false,
             first,
             disagg: self.disagg.get().map(|s| s.metrics.clone()),
+            hinted: false,
             _guard: guard,
         }
     }
@@ -455,6 +482,25 @@ impl Dispatcher {
             .collect()
     }
 
+    /// `req` as a worker runs it, under id `id`.
+    fn preprocessed(&self, id: RequestId, req: DispatchRequest) -> PreprocessedRequest {
+        let mut sampling = req.sampling;
+        if sampling.seed.is_none() && sampling.temperature > 0.0 {
+            // No seed asked for: still reproducible within this request across preemption
+            // and migration (the id stays).
+            sampling.seed = Some(id.0.wrapping_mul(0x9E37_79B9_7F4A_7C15));
+        }
+        PreprocessedRequest {
+            id,
+            token_ids: req.token_ids,
+            sampling,
+            stop: req.stop,
+            logprobs: req.logprobs,
+            salt: 0,
+            generated_before: req.generated_before,
+        }
+    }
+
     /// Gives `req` an id, routes it and opens its stream on the chosen worker. Fails with
     /// `Overloaded` (retryable) when no worker is available or the chosen one cannot be
     /// reached. No migration: see [`super::migrating::MigratingStream`] for that.
@@ -469,12 +515,6 @@ impl Dispatcher {
         id: RequestId,
         req: DispatchRequest,
     ) -> Result<Dispatched, DispatchError> {
-        let mut sampling = req.sampling;
-        if sampling.seed.is_none() && sampling.temperature > 0.0 {
-            // No seed asked for: still reproducible within this request across preemption
-            // and migration (the id stays).
-            sampling.seed = Some(id.0.wrapping_mul(0x9E37_79B9_7F4A_7C15));
-        }
         let route = RouteRequest {
             id,
             hashes: hash_blocks(&req.token_ids, self.block_size, 0),
@@ -483,15 +523,7 @@ impl Dispatcher {
         let Some(router) = self.router() else {
             return Err(DispatchError::NoWorker("no router is available".into()));
         };
-        let pre = PreprocessedRequest {
-            id,
-            token_ids: req.token_ids,
-            sampling,
-            stop: req.stop,
-            logprobs: req.logprobs,
-            salt: 0,
-            generated_before: req.generated_before,
-        };
+        let pre = self.preprocessed(id, req);
         if let Some(settings) = self.disagg.get() {
             return crate::disagg::flow::dispatch(self, settings, router, route, pre).await;
         }
@@ -511,6 +543,102 @@ impl Dispatcher {
         let guard = RouteGuard { router, id };
         let request = WorkerRequest::Generate(Box::new(pre));
         self.open(guard, id, decision.worker, request, None).await
+    }
+}
+
+impl Dispatcher {
+    /// [`Dispatcher::dispatch_as`] following a gateway's routing `hints` (see
+    /// [`super::hints`]): the hinted worker (and, disaggregated, the hinted prefill worker)
+    /// serve the request without asking the router. A hint this frontend cannot follow (a
+    /// worker it does not know, one that cannot be reached, an incomplete or
+    /// disaggregated hint on a cluster without prefill workers) is counted and the request
+    /// is routed here as if it had no hints: a hint never fails a request.
+    ///
+    /// The router does not see hinted requests as routed; the workers' load reports carry
+    /// them into its load view. The stream returned is marked `hinted`: the migration shell
+    /// counts it followed once the worker produces, or unreachable when it fails first (a
+    /// dead worker whose lease has not expired yet); either way the request goes on.
+    pub async fn dispatch_hinted(
+        &self,
+        id: RequestId,
+        req: DispatchRequest,
+        hints: RoutingHints,
+    ) -> Result<Dispatched, DispatchError> {
+        if hints.is_empty() {
+            return self.dispatch_as(id, req).await;
+        }
+        let Some(router) = self.router() else {
+            return self.dispatch_as(id, req).await;
+        };
+        let Some(worker) = hints.worker else {
+            self.count_hint(HintOutcome::Incomplete);
+            return self.dispatch_as(id, req).await;
+        };
+        if !self.has_worker(worker) {
+            self.count_hint(HintOutcome::UnknownWorker);
+            return self.dispatch_as(id, req).await;
+        }
+        let disaggregated = match (hints.mode, hints.prefill_worker) {
+            (Some(HintMode::Disaggregated), None) => {
+                self.count_hint(HintOutcome::Incomplete);
+                return self.dispatch_as(id, req).await;
+            }
+            (Some(HintMode::Aggregated), _) | (None, None) => None,
+            (_, Some(prefill)) => match self.disagg.get() {
+                Some(settings) if self.has_worker(prefill) => Some((settings, prefill)),
+                _ => {
+                    self.count_hint(HintOutcome::UnknownPrefillWorker);
+                    return self.dispatch_as(id, req).await;
+                }
+            },
+        };
+        let route = RouteRequest {
+            id,
+            hashes: hash_blocks(&req.token_ids, self.block_size, 0),
+            token_count: req.token_ids.len(),
+        };
+        let pre = self.preprocessed(id, req.clone());
+        let hinted = |w| RouteDecision {
+            worker: w,
+            overlap_blocks: 0,
+            request_blocks: route.blocks(self.block_size),
+            cost: 0.0,
+        };
+        let opened = match disaggregated {
+            None => {
+                let guard = RouteGuard::new(router, id);
+                let request = WorkerRequest::Generate(Box::new(pre));
+                let opened = self.open(guard, id, worker, request, None).await;
+                if opened.is_ok() {
+                    self.count_route(&hinted(worker));
+                }
+                opened
+            }
+            Some((settings, prefill)) => {
+                let plan = DisaggRoute {
+                    decode: hinted(worker),
+                    prefill: PrefillPlan {
+                        decision: PrefillDecision::Remote,
+                        worker: Some(hinted(prefill)),
+                        pool: PrefillPoolLoad {
+                            workers: 1,
+                            queued: 0,
+                        },
+                    },
+                };
+                crate::disagg::flow::run_plan(self, settings, router, plan, pre).await
+            }
+        };
+        match opened {
+            Err(DispatchError::Unreachable { .. }) => {
+                self.count_hint(HintOutcome::Unreachable);
+                self.dispatch_as(id, req).await
+            }
+            other => other.map(|mut d| {
+                d.hinted = true;
+                d
+            }),
+        }
     }
 }
 

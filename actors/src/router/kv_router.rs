@@ -365,11 +365,22 @@ impl KvRouter {
         now: Duration,
         request: &RouteRequest,
     ) -> Result<RouteDecision, RouteError> {
+        self.select_among(now, request, &|_| true)
+    }
+
+    /// [`KvRouter::select`] over the selectable workers `eligible` accepts (a gateway's
+    /// subset of endpoints).
+    pub fn select_among(
+        &mut self,
+        now: Duration,
+        request: &RouteRequest,
+        eligible: &dyn Fn(WorkerId) -> bool,
+    ) -> Result<RouteDecision, RouteError> {
         let overlaps = self.find_matches(now, &request.hashes);
         let loads: Vec<WorkerLoad> = self
             .workers
             .iter()
-            .filter(|(_, v)| v.selectable(now))
+            .filter(|(w, v)| v.selectable(now) && eligible(**w))
             .map(|(w, v)| v.load(*w))
             .collect();
         let result = self.policy.select(now, request, &loads, &overlaps);

@@ -10,6 +10,7 @@
 //! watch loop and the event handling are the same code either way.
 
 use super::dispatch::Dispatcher;
+use super::endpoints::{WorkerEndpoints, META_GATEWAY_ENDPOINT};
 use super::service::RouterCore;
 use crate::ids::WorkerId;
 use crate::kv::KvEventBatch;
@@ -84,7 +85,7 @@ impl WorkerConnector for NodeConnector {
 }
 
 /// Who follows worker membership in this process: the router (loads, KV events), the
-/// frontend (addresses), or both.
+/// frontend (addresses), the endpoint picker (gateway endpoints), or several.
 #[derive(Clone, Default)]
 pub struct Members {
     pub router: Option<Arc<RouterCore>>,
@@ -92,6 +93,8 @@ pub struct Members {
     /// Where each worker's load reports also go (the frontend's `/metrics`, so a user sees
     /// every worker's KV blocks and queue from one place); only fed while `router` follows.
     pub gauges: Option<WorkerMetrics>,
+    /// The workers' gateway endpoints (the endpoint picker's table).
+    pub endpoints: Option<Arc<WorkerEndpoints>>,
 }
 
 /// What is kept per joined worker: the task feeding its events in, if the router follows.
@@ -170,6 +173,9 @@ async fn join(
     if let (Some(frontend), Some(addr)) = (&members.frontend, addr) {
         frontend.add_worker(id, addr);
     }
+    if let Some(endpoints) = &members.endpoints {
+        endpoints.insert(id, inst.metadata.get(META_GATEWAY_ENDPOINT).cloned());
+    }
     let events = match (&members.router, feed) {
         (Some(router), Some(feed)) => {
             router.add_worker_as(id, crate::worker::announce::role_of(inst));
@@ -192,6 +198,9 @@ fn leave(members: &Members, id: WorkerId) {
     }
     if let Some(gauges) = &members.gauges {
         gauges.forget(&id.to_string());
+    }
+    if let Some(endpoints) = &members.endpoints {
+        endpoints.remove(id);
     }
 }
 

@@ -14,6 +14,7 @@
 //! the simulator's virtual clock drives it too.
 
 use super::dispatch::{DispatchError, DispatchRequest, Dispatched, Dispatcher};
+use super::hints::{HintOutcome, RoutingHints};
 use super::migration::{Interruption, MigrationConfig, Next, Progress};
 use super::service::RouterRequest;
 use crate::ids::{RequestId, WorkerId};
@@ -50,6 +51,16 @@ impl MigratingStream {
         dispatcher: Arc<Dispatcher>,
         req: DispatchRequest,
     ) -> Result<MigratingStream, EngineError> {
+        MigratingStream::open_hinted(dispatcher, req, RoutingHints::default()).await
+    }
+
+    /// [`MigratingStream::open`] whose first attempt follows a gateway's routing `hints`
+    /// ([`Dispatcher::dispatch_hinted`]); retries and migrations are routed here.
+    pub async fn open_hinted(
+        dispatcher: Arc<Dispatcher>,
+        req: DispatchRequest,
+        hints: RoutingHints,
+    ) -> Result<MigratingStream, EngineError> {
         let cfg = dispatcher.migration().clone();
         let id = dispatcher.next_request_id();
         let mut stream = MigratingStream {
@@ -63,8 +74,13 @@ impl MigratingStream {
             done: false,
         };
         let mut req = stream.progress.request();
+        let mut hints = Some(hints);
         loop {
-            match stream.dispatcher.dispatch_as(id, req).await {
+            let attempt = match hints.take() {
+                Some(h) => stream.dispatcher.dispatch_hinted(id, req, h).await,
+                None => stream.dispatcher.dispatch_as(id, req).await,
+            };
+            match attempt {
                 Ok(d) => {
                     stream.start(d);
                     return Ok(stream);
@@ -139,7 +155,12 @@ impl MigratingStream {
                         }
                         // Dropping the attempt here tells the router the request ended on
                         // that worker before the continuation is routed under the same id.
-                        Step::Interrupted(why) => why,
+                        Step::Interrupted(why) => {
+                            if attempt.stream.hinted {
+                                self.dispatcher.count_hint(HintOutcome::Unreachable);
+                            }
+                            why
+                        }
                     }
                 }
                 None => self.pending.take().unwrap_or(Interruption::Released),
@@ -239,6 +260,9 @@ async fn next_of(
         }
     };
     attempt.produced = true;
+    if std::mem::take(&mut attempt.stream.hinted) {
+        dispatcher.count_hint(HintOutcome::Followed);
+    }
     if out.finish == Some(FinishReason::Migrate) {
         // Draining: keep routing away from it until discovery drops it.
         attempt.stream.report(RouterRequest::Unreachable(worker));

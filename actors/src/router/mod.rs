@@ -14,7 +14,9 @@
 
 pub mod config;
 pub mod dispatch;
+pub mod endpoints;
 pub mod events;
+pub mod hints;
 pub mod kv_router;
 pub mod membership;
 pub mod migrating;

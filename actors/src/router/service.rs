@@ -13,7 +13,7 @@
 use super::kv_router::{KvRouter, RouterMetrics, WorkerRouteCounts};
 use super::policy::{RouteDecision, RouteError, RouteRequest};
 use crate::cluster_config::WorkerRole;
-use crate::disagg::route::{plan_prefill, DisaggRoute};
+use crate::disagg::route::{decide_prefill, plan_prefill, DisaggRoute};
 use crate::disagg::DisaggregationConfig;
 use crate::ids::{RequestId, WorkerId};
 use crate::kv::indexer::FlashIndexer;
@@ -196,6 +196,34 @@ impl RouterCore {
             .unwrap_or_else(|e| e.into_inner())
             .clone();
         let prefill = plan_prefill(
+            &cfg,
+            self.block_size,
+            &mut self.prefill_pool(),
+            now,
+            request,
+            decode.overlap_blocks,
+        );
+        Ok(DisaggRoute { decode, prefill })
+    }
+
+    /// Decides, without recording, where a gateway should send `request`: the decode (or
+    /// aggregated) worker among those `eligible` accepts, and, when the cluster has prefill
+    /// workers and the policy says so, the prefill worker. The endpoint picker asks this; it
+    /// never learns when the request ends, so nothing is counted in flight (the workers'
+    /// load reports carry what they run).
+    pub fn pick(
+        &self,
+        request: &RouteRequest,
+        eligible: &dyn Fn(WorkerId) -> bool,
+    ) -> Result<DisaggRoute, RouteError> {
+        let now = self.now();
+        let decode = self.lock().select_among(now, request, eligible)?;
+        let cfg = self
+            .disagg
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone();
+        let prefill = decide_prefill(
             &cfg,
             self.block_size,
             &mut self.prefill_pool(),

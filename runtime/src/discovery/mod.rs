@@ -5,13 +5,12 @@
 //! * [`EmbeddedDiscovery`]: a registry service ([`embedded::Registry`]) served on some
 //!   node (e.g. the frontend's); instances register with a lease that their [`Lease`]
 //!   renews by heartbeat, and expiry removes them and is announced to watchers.
-//! * Kubernetes (not written yet): implement [`Discovery`] by watching EndpointSlices /
-//!   pods selected by a component label, mapping each ready endpoint to an [`Instance`]
-//!   (`component` from the label, `id` from the pod name, `endpoint` from the pod IP and
-//!   the request-plane port). `register` is then a no-op returning [`Lease::noop`], since
-//!   the kubelet's readiness already plays the lease's role.
+//! * [`KubernetesDiscovery`]: pods selected by a label in a namespace, each instance's
+//!   liveness a `coordination.k8s.io` Lease it renews; list + watch, relist after
+//!   `410 Gone` (see [`kubernetes`]).
 
 pub mod embedded;
+pub mod kubernetes;
 pub mod static_list;
 
 use std::collections::BTreeMap;
@@ -24,6 +23,7 @@ use serde::{Deserialize, Serialize};
 use tokio_util::sync::{CancellationToken, DropGuard};
 
 pub use embedded::{EmbeddedDiscovery, EmbeddedRegistry};
+pub use kubernetes::KubernetesDiscovery;
 pub use static_list::StaticDiscovery;
 
 /// One running instance of a component.

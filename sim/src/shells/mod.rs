@@ -165,6 +165,7 @@ async fn run(cfg: &SimConfig, workload: &[RequestSpec]) -> Result<SimOutcome, Si
             router: Some(router.core.clone()),
             frontend: Some(dispatcher.clone()),
             gauges: None,
+            endpoints: None,
         },
     );
     let leases_expired = Arc::new(Mutex::new(0u64));
