@@ -6,6 +6,12 @@ use std::time::Instant;
 use turbine_sim::campaign::{run_campaign, standard_args};
 
 fn main() {
+    // `cargo bench` passes `--bench`; `cargo test --all-targets` runs this binary without
+    // it, where the 100-seed campaign of tests/campaign.rs already runs.
+    if !std::env::args().any(|a| a == "--bench") {
+        println!("fault_campaign: run it with `cargo bench -p turbine-sim --bench fault_campaign`");
+        return;
+    }
     let count: u64 = std::env::args()
         .skip(1)
         .find_map(|a| a.parse().ok())
