@@ -16,6 +16,7 @@ fn request(blocks: u64) -> RouteRequest {
         id: RequestId(1),
         hashes: (0..blocks).map(BlockHash).collect(),
         token_count: blocks as usize * 16,
+        avoid: Vec::new(),
     }
 }
 
@@ -165,6 +166,7 @@ fn partial_trailing_block_counts_as_prefill_work() {
         id: RequestId(1),
         hashes: vec![BlockHash(1)],
         token_count: 20,
+        avoid: Vec::new(),
     };
     assert_eq!(r.blocks(BlockSize::DEFAULT), 2);
 }

@@ -22,6 +22,7 @@ fn request(id: u64, tokens: &[u32]) -> RouteRequest {
         id: RequestId(id),
         hashes: hash_blocks(tokens, BlockSize::DEFAULT, 0),
         token_count: tokens.len(),
+        avoid: Vec::new(),
     }
 }
 

@@ -73,6 +73,7 @@ impl Pick for Picker {
             id: RequestId(self.next_id.fetch_add(1, Ordering::Relaxed)),
             hashes: hash_blocks(&tokens, self.core.block_size(), 0),
             token_count: tokens.len(),
+            avoid: Vec::new(),
         };
         let eligible = |w| match self.endpoints.endpoint(w) {
             Some(ep) => input.subset.is_none_or(|s| s.contains(&ep)),

@@ -515,10 +515,25 @@ impl Dispatcher {
         id: RequestId,
         req: DispatchRequest,
     ) -> Result<Dispatched, DispatchError> {
+        self.dispatch_avoiding(id, req, Vec::new()).await
+    }
+
+    /// [`Dispatcher::dispatch_as`] never choosing one of `avoid`: the workers a migrating
+    /// request was already lost, stalled or released on. The router may not know yet that
+    /// they are gone (a crash is seen when a lease expires, or when some stream's loss
+    /// reaches it), and a continuation sent back to one of them would spend a migration
+    /// for nothing.
+    pub async fn dispatch_avoiding(
+        &self,
+        id: RequestId,
+        req: DispatchRequest,
+        avoid: Vec<WorkerId>,
+    ) -> Result<Dispatched, DispatchError> {
         let route = RouteRequest {
             id,
             hashes: hash_blocks(&req.token_ids, self.block_size, 0),
             token_count: req.token_ids.len(),
+            avoid,
         };
         let Some(router) = self.router() else {
             return Err(DispatchError::NoWorker("no router is available".into()));
@@ -596,6 +611,7 @@ impl Dispatcher {
             id,
             hashes: hash_blocks(&req.token_ids, self.block_size, 0),
             token_count: req.token_ids.len(),
+            avoid: Vec::new(),
         };
         let pre = self.preprocessed(id, req.clone());
         let hinted = |w| RouteDecision {

@@ -369,7 +369,7 @@ impl KvRouter {
     }
 
     /// [`KvRouter::select`] over the selectable workers `eligible` accepts (a gateway's
-    /// subset of endpoints).
+    /// subset of endpoints), never one of the request's `avoid` list.
     pub fn select_among(
         &mut self,
         now: Duration,
@@ -380,7 +380,7 @@ impl KvRouter {
         let loads: Vec<WorkerLoad> = self
             .workers
             .iter()
-            .filter(|(w, v)| v.selectable(now) && eligible(**w))
+            .filter(|(w, v)| v.selectable(now) && eligible(**w) && !request.avoid.contains(w))
             .map(|(w, v)| v.load(*w))
             .collect();
         let result = self.policy.select(now, request, &loads, &overlaps);

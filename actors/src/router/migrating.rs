@@ -35,6 +35,11 @@ pub struct MigratingStream {
     workers: Vec<WorkerId>,
     /// Why the last attempt ended, while no attempt is open.
     pending: Option<Interruption>,
+    /// Workers a re-issue must not go to: every one an attempt of this request ended short
+    /// on (lost, stalled, released) or could not reach. The router learns of a crash only
+    /// when the lease expires or a loss is reported, and two workers may die at once: a
+    /// continuation routed back to one of them would spend a migration for nothing.
+    avoid: Vec<WorkerId>,
     done: bool,
 }
 
@@ -71,6 +76,7 @@ impl MigratingStream {
             current: None,
             workers: Vec::new(),
             pending: None,
+            avoid: Vec::new(),
             done: false,
         };
         let mut req = stream.progress.request();
@@ -78,22 +84,28 @@ impl MigratingStream {
         loop {
             let attempt = match hints.take() {
                 Some(h) => stream.dispatcher.dispatch_hinted(id, req, h).await,
-                None => stream.dispatcher.dispatch_as(id, req).await,
+                None => {
+                    let avoid = stream.avoid.clone();
+                    stream.dispatcher.dispatch_avoiding(id, req, avoid).await
+                }
             };
             match attempt {
                 Ok(d) => {
                     stream.start(d);
                     return Ok(stream);
                 }
-                Err(e) => match stream.progress.decide(&stream.cfg, interruption_of(e)) {
-                    Next::Reissue(next) => req = next,
-                    Next::Fail(e) => return Err(e),
-                    Next::Finish(_) => {
-                        return Err(EngineError::Internal(
-                            "a request with nothing generated cannot be finished".into(),
-                        ))
+                Err(e) => {
+                    stream.avoid_unreachable(&e);
+                    match stream.progress.decide(&stream.cfg, interruption_of(e)) {
+                        Next::Reissue(next) => req = next,
+                        Next::Fail(e) => return Err(e),
+                        Next::Finish(_) => {
+                            return Err(EngineError::Internal(
+                                "a request with nothing generated cannot be finished".into(),
+                            ))
+                        }
                     }
-                },
+                }
             }
         }
     }
@@ -116,6 +128,19 @@ impl MigratingStream {
     /// Times it was re-issued.
     pub fn migrations(&self) -> u32 {
         self.progress.migrations()
+    }
+
+    /// Keeps a worker the dispatch could not reach out of this request's re-issues.
+    fn avoid_unreachable(&mut self, e: &DispatchError) {
+        if let DispatchError::Unreachable { worker, .. } = e {
+            self.avoid(*worker);
+        }
+    }
+
+    fn avoid(&mut self, worker: WorkerId) {
+        if !self.avoid.contains(&worker) {
+            self.avoid.push(worker);
+        }
     }
 
     fn start(&mut self, stream: Dispatched) {
@@ -149,6 +174,7 @@ impl MigratingStream {
                         Step::Released(out) => {
                             // Tokens that came with the release still reach the client;
                             // the next call re-issues.
+                            self.avoid(attempt.stream.worker);
                             self.progress.record(&out);
                             self.pending = Some(Interruption::Released);
                             return Some(Ok(out));
@@ -156,6 +182,7 @@ impl MigratingStream {
                         // Dropping the attempt here tells the router the request ended on
                         // that worker before the continuation is routed under the same id.
                         Step::Interrupted(why) => {
+                            self.avoid(attempt.stream.worker);
                             if attempt.stream.hinted {
                                 self.dispatcher.count_hint(HintOutcome::Unreachable);
                             }
@@ -173,9 +200,13 @@ impl MigratingStream {
                         generated = self.progress.generated().len(),
                         "migrating request"
                     );
-                    match self.dispatcher.dispatch_as(self.id, req).await {
+                    let avoid = self.avoid.clone();
+                    match self.dispatcher.dispatch_avoiding(self.id, req, avoid).await {
                         Ok(d) => self.start(d),
-                        Err(e) => self.pending = Some(interruption_of(e)),
+                        Err(e) => {
+                            self.avoid_unreachable(&e);
+                            self.pending = Some(interruption_of(e));
+                        }
                     }
                 }
                 Next::Finish(out) => {

@@ -24,6 +24,10 @@ pub struct RouteRequest {
     pub hashes: Vec<BlockHash>,
     /// Prompt length in tokens (the trailing partial block counts as a block to compute).
     pub token_count: usize,
+    /// Workers not to pick: those this request was already lost, stalled or released on
+    /// (a migration), which the router may not know about yet. Empty for a new request.
+    #[serde(default)]
+    pub avoid: Vec<WorkerId>,
 }
 
 impl RouteRequest {
