@@ -1009,7 +1009,7 @@ impl CudaBackend {
     }
 
     /// Sends GEMMs of at most [`crate::cuda::GEMV_MAX_ROWS`] rows to the `gemv_xwt` kernel
-    /// (on unless `TURBINE_CUDA_GEMV=0`) or to cuBLAS; captured graphs are dropped.
+    /// (off unless `TURBINE_CUDA_GEMV=1`) or to cuBLAS; captured graphs are dropped.
     pub fn set_gemv(&mut self, on: bool) {
         self.gpu.gemv = on;
         self.graphs.clear();

@@ -73,8 +73,7 @@ fn arch_name(major: i32, minor: i32) -> &'static str {
 }
 
 /// `TURBINE_ATTN_UNROLL=N` (1..=8) sets how many keys each decode-attention warp loads ahead
-/// (kernels.cu's default otherwise): a benchmarking knob, 1 being the kernel before the
-/// unrolling. Read once per process, so the PTX cache stays keyed by (arch, spec).
+/// (kernels.cu's default, 1, otherwise): a benchmarking knob. Read once per process, so the PTX cache stays keyed by (arch, spec).
 fn attn_unroll_define() -> String {
     std::env::var("TURBINE_ATTN_UNROLL")
         .ok()
@@ -169,17 +168,18 @@ pub struct Gpu {
     pub arch: &'static str,
     pub name: String,
     /// GEMMs of at most [`GEMV_MAX_ROWS`] rows run the `gemv_xwt` kernel instead of cuBLAS
-    /// (on unless `TURBINE_CUDA_GEMV=0`; benchmarks compare the two).
+    /// (off unless `TURBINE_CUDA_GEMV=1`: it measured slower than cuBLAS on the H200 except
+    /// for one row over small matrices; kept to compare and to build on).
     pub gemv: bool,
 }
 
 /// Most rows a GEMM may have to take the `gemv_xwt` kernel (its `GEMV_ROWS`).
 pub const GEMV_MAX_ROWS: usize = 8;
 
-/// Whether small GEMMs use `gemv_xwt` by default: `TURBINE_CUDA_GEMV=0` sends every GEMM to
-/// cuBLAS.
+/// Whether small GEMMs use `gemv_xwt`: only with `TURBINE_CUDA_GEMV=1` (every GEMM goes to
+/// cuBLAS otherwise).
 fn gemv_from_env() -> bool {
-    std::env::var_os("TURBINE_CUDA_GEMV").is_none_or(|v| v != "0")
+    std::env::var_os("TURBINE_CUDA_GEMV").is_some_and(|v| v == "1")
 }
 
 // The context and streams are used from one thread at a time (the executor's own thread);

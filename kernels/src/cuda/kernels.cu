@@ -181,8 +181,10 @@ extern "C" __global__ void swiglu(const bf16* gu, bf16* out, int ffn, int rows) 
 // Small-batch GEMV: y[r, o] = x[r, :] . w[o, :] for r < n <= GEMV_ROWS (bf16 in, f32
 // accumulate; y f32 when yf is set, else bf16 into yb). One warp per output: each lane takes
 // 16-byte chunks lane, lane + 32, ... of the weight row (inp % 8 == 0, rows 16-byte aligned),
-// several in flight (unrolled), so a decode step's skinny GEMMs stream their weights without
-// cuBLAS's tile machinery. With swi != 0 the input is the SwiGLU of gate|up rows
+// several in flight (unrolled). Off by default (TURBINE_CUDA_GEMV=1 turns it on): on the H200
+// it beat cuBLAS only for one row over SmolLM2's small layer matrices (30 layers' GEMMs 1.2 ->
+// 0.7 ms, eager) and lost elsewhere (8B layers at 1 row 3.9 -> 8.6 ms, at 8 rows 3.9 -> 24.5
+// ms; SmolLM2 decode steps with the head GEMM on it 1.05 -> 1.33 ms). With swi != 0 the input is the SwiGLU of gate|up rows
 // (x[r, k] = silu(x[r, k]) * x[r, inp + k], rounded to bf16 as the swiglu kernel does): the
 // down projection reads the gate/up output directly, one launch fewer per layer.
 // grid: ceil(out / 8), block 256.
@@ -248,10 +250,12 @@ extern "C" __global__ void gather_rows(const bf16* src, const int* rows, bf16* d
     for (int c = threadIdx.x; c < cols; c += blockDim.x) d[c] = s[c];
 }
 
-// Keys each attention warp loads ahead (registers: 2 * ATTN_UNROLL * PER_LANE floats); the
-// loader may set it (TURBINE_ATTN_UNROLL, to compare: 1 = one key at a time, as before).
+// Keys each attention warp loads before scoring them (registers: 2 * ATTN_UNROLL * PER_LANE
+// floats); the loader may set it (TURBINE_ATTN_UNROLL). 1, one key at a time: 4 measured
+// slower on the H200 (SmolLM2 1-row decode 1.05 -> 1.15 ms, 8B batch 32 8.4 -> 10.0 ms), so
+// the loop is not bound by load latency.
 #ifndef ATTN_UNROLL
-#define ATTN_UNROLL (PER_LANE <= 4 ? 4 : 2)
+#define ATTN_UNROLL 1
 #endif
 
 
@@ -306,10 +310,9 @@ attn_split(const bf16* q, int q_stride, const bf16* kc, const bf16* vc, const in
         for (int j = 0; j < PER_LANE; j++) { qr[g][j] = b2f(qh[j]) * scale; acc[g][j] = 0.0f; }
         m[g] = NEG_INF; l[g] = 0.0f;
     }
-    // ATTN_UNROLL keys per warp are loaded before any is used: the loads (block table, then
-    // K and V) are independent of the softmax state, so their latencies overlap instead of
-    // adding up key after key (the loop was memory-latency-bound at ~0.5 us per key). Each
-    // warp still visits its keys in the same order, so the arithmetic is unchanged.
+    // ATTN_UNROLL keys per warp are loaded before any is used (the loads do not depend on the
+    // softmax state); each warp visits its keys in the same order whatever ATTN_UNROLL is, so
+    // the arithmetic does not change with it.
     for (int p0 = start + warp; p0 < end; p0 += ATTN_WARPS * ATTN_UNROLL) {
         float k[ATTN_UNROLL][PER_LANE], v[ATTN_UNROLL][PER_LANE];
 #pragma unroll

@@ -4,10 +4,13 @@
 
 use super::device::{Arg, CudaError, Gpu};
 
-/// Attention blocks to aim for per launch: enough to fill every SM several times over
-/// (132 SMs on an H100), so a batch-1 decode step over a long context still spreads its keys
-/// over the whole chip (split-K), while a long prefill keeps few splits (small workspace).
-const ATTN_TARGET_BLOCKS: usize = 4 * 132;
+/// Attention blocks to aim for per launch: enough to fill every SM many times over (132 SMs
+/// on an H100/H200), so a batch-1 decode step over a long context still spreads its keys over
+/// the whole chip (split-K), and a 64-row decode step gets several splits per token, while a
+/// long prefill keeps few splits (small workspace). 16 per SM measured best on the H200
+/// (2026-12-02, docs/BENCHMARKS.md): SmolLM2 64-row decode at 512 positions 2.14 -> 1.86 ms
+/// against 4 per SM, 8B batch 128 17.6 -> 17.2 ms, batch <= 8 unchanged.
+const ATTN_TARGET_BLOCKS: usize = 16 * 132;
 
 /// [`ATTN_TARGET_BLOCKS`], or `TURBINE_ATTN_TARGET_BLOCKS` when set to a positive number (read
 /// once per process; a benchmarking knob for sweeping the split count).
