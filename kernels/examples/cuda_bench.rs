@@ -3,7 +3,8 @@
 //! the device), against the bandwidth roofline and the measured GEMM peak.
 //!
 //! `cargo run --release -p turbine-kernels --features cuda --example cuda_bench -- \
-//!    [--model synthetic:llama-3-8b] [--quick] [--no-decode] [--compare-prefill] [--compare-graphs]`
+//!    [--model synthetic:llama-3-8b] [--quick] [--no-decode] [--compare-prefill] [--compare-graphs]
+//!    [--batches 1,8,64] [--ctxs 256,512]`
 //!
 //! `--no-decode` skips the decode table; `--compare-prefill` times prefill with both
 //! tensor-core kernels (64- and 128-row tiles) and the split kernel (up to 4096 tokens);
@@ -66,6 +67,18 @@ fn main() {
     let no_decode = args.iter().any(|a| a == "--no-decode");
     let compare_prefill = args.iter().any(|a| a == "--compare-prefill");
     let compare_graphs = args.iter().any(|a| a == "--compare-graphs");
+    // `--batches 1,8,64` / `--ctxs 256,512`: the decode shapes to time (defaults below).
+    let list = |flag: &str| -> Option<Vec<usize>> {
+        let i = args.iter().position(|a| a == flag)?;
+        let v: Vec<usize> = args
+            .get(i + 1)?
+            .split(',')
+            .filter_map(|x| x.trim().parse().ok())
+            .collect();
+        (!v.is_empty()).then_some(v)
+    };
+    let batches = list("--batches");
+    let ctx_list = list("--ctxs");
     match device_count() {
         Ok(n) if n > 0 => {}
         r => {
@@ -163,7 +176,11 @@ fn main() {
 
     // 3. Decode steps on the synthetic model.
     let bs = 16;
-    let (max_b, max_ctx) = if quick { (8, 1024) } else { (32, 8192) };
+    let (mut max_b, mut max_ctx) = if quick { (8, 1024) } else { (32, 8192) };
+    if let (Some(b), Some(c)) = (&batches, &ctx_list) {
+        max_b = b.iter().copied().max().unwrap_or(1);
+        max_ctx = c.iter().copied().max().unwrap_or(1);
+    }
     let num_blocks = (max_b * max_ctx / bs).max(128 * 1024 / bs) + 64;
     let t0 = Instant::now();
     let mut be = CudaBackend::synthetic(
@@ -185,10 +202,17 @@ fn main() {
     );
     let kv_tok = config.kv_bytes_per_token(2) as f64;
     let mut rows = vec![];
-    let ctxs: &[usize] = if no_decode { &[] } else { &[1024, 8192] };
-    for &ctx in ctxs {
-        for &batch in &[1usize, 8, 32, 128] {
-            if batch * ctx / bs + 8 > num_blocks || (quick && (ctx > 1024 || batch > 8)) {
+    let ctxs: Vec<usize> = if no_decode {
+        vec![]
+    } else {
+        ctx_list.clone().unwrap_or_else(|| vec![1024, 8192])
+    };
+    let batch_list = batches.clone().unwrap_or_else(|| vec![1, 8, 32, 128]);
+    let chosen = batches.is_some() || ctx_list.is_some();
+    for &ctx in &ctxs {
+        for &batch in &batch_list {
+            if batch * ctx / bs + 8 > num_blocks || (quick && !chosen && (ctx > 1024 || batch > 8))
+            {
                 println!("decode b={batch} ctx={ctx}: skipped (KV pool of {num_blocks} blocks too small)");
                 continue;
             }

@@ -153,51 +153,104 @@ fn embed_rmsnorm_swiglu_gemm_argmax_match_f64() {
     println!("swiglu rel err {e:.2e}");
     assert!(e < TOL);
 
-    // GEMM y = x W^T, bf16 and f32 outputs, with a row stride on x.
-    let (n, out_f, in_f, ldx) = (5, 333, 256, 300);
-    let xs = rand_f32(&mut rng, n * ldx, 1.0);
-    let ws = rand_f32(&mut rng, out_f * in_f, 1.0);
-    let (dxs, dws) = (
-        g.upload(&to_bf(&xs)).unwrap(),
-        g.upload(&to_bf(&ws)).unwrap(),
-    );
-    let (xb, wb) = (bf_round(&xs), bf_round(&ws));
-    let want: Vec<f64> = (0..n * out_f)
-        .map(|i| {
-            let (r, o) = (i / out_f, i % out_f);
-            (0..in_f).map(|k| xb[r * ldx + k] * wb[o * in_f + k]).sum()
-        })
-        .collect();
-    let y = poisoned(&g, n * out_f * 2);
-    g.gemm_xwt(
-        dxs.ptr(),
-        ldx,
-        dws.ptr(),
-        y.ptr(),
-        out_f,
-        n,
-        out_f,
-        in_f,
-        false,
-    )
-    .unwrap();
-    let e16 = rel_err(&down_bf(&g, &y, n * out_f), &want);
-    let y32 = poisoned(&g, n * out_f * 4);
-    g.gemm_xwt(
-        dxs.ptr(),
-        ldx,
-        dws.ptr(),
-        y32.ptr(),
-        out_f,
-        n,
-        out_f,
-        in_f,
-        true,
-    )
-    .unwrap();
-    let e32 = rel_err(&down_f32(&g, &y32, n * out_f), &want);
-    println!("gemm rel err: bf16 out {e16:.2e}, f32 out {e32:.2e}");
-    assert!(e16 < TOL && e32 < 1e-4);
+    // GEMM y = x W^T, bf16 and f32 outputs, with a row stride on x: cuBLAS (5 rows with an
+    // odd stride, 12 rows, or the small-batch kernel turned off) and gemv_xwt (1 and 8 rows).
+    let mut g = g;
+    for (n, ldx, gemv) in [
+        (5, 300, true),
+        (12, 264, true),
+        (1, 256, true),
+        (8, 264, true),
+        (8, 264, false),
+    ] {
+        g.gemv = gemv;
+        let (out_f, in_f) = (333, 256);
+        let xs = rand_f32(&mut rng, n * ldx, 1.0);
+        let ws = rand_f32(&mut rng, out_f * in_f, 1.0);
+        let (dxs, dws) = (
+            g.upload(&to_bf(&xs)).unwrap(),
+            g.upload(&to_bf(&ws)).unwrap(),
+        );
+        let (xb, wb) = (bf_round(&xs), bf_round(&ws));
+        let want: Vec<f64> = (0..n * out_f)
+            .map(|i| {
+                let (r, o) = (i / out_f, i % out_f);
+                (0..in_f).map(|k| xb[r * ldx + k] * wb[o * in_f + k]).sum()
+            })
+            .collect();
+        let y = poisoned(&g, n * out_f * 2);
+        g.gemm_xwt(
+            dxs.ptr(),
+            ldx,
+            dws.ptr(),
+            y.ptr(),
+            out_f,
+            n,
+            out_f,
+            in_f,
+            false,
+        )
+        .unwrap();
+        let e16 = rel_err(&down_bf(&g, &y, n * out_f), &want);
+        let y32 = poisoned(&g, n * out_f * 4);
+        g.gemm_xwt(
+            dxs.ptr(),
+            ldx,
+            dws.ptr(),
+            y32.ptr(),
+            out_f,
+            n,
+            out_f,
+            in_f,
+            true,
+        )
+        .unwrap();
+        let e32 = rel_err(&down_f32(&g, &y32, n * out_f), &want);
+        println!("gemm {n} rows, gemv {gemv}: rel err bf16 out {e16:.2e}, f32 out {e32:.2e}");
+        assert!(e16 < TOL && e32 < 1e-4);
+
+        // The SwiGLU down projection (fused into gemv_xwt for small batches).
+        let (dout, dffn) = (200, 384);
+        let gu = rand_f32(&mut rng, n * 2 * dffn, 4.0);
+        let wd = rand_f32(&mut rng, dout * dffn, 1.0);
+        let (dgu, dwd) = (
+            g.upload(&to_bf(&gu)).unwrap(),
+            g.upload(&to_bf(&wd)).unwrap(),
+        );
+        let act = poisoned(&g, n * dffn * 2);
+        let yd = poisoned(&g, n * dout * 2);
+        g.swiglu_down(
+            dgu.ptr(),
+            act.ptr(),
+            dwd.ptr(),
+            yd.ptr(),
+            dout,
+            n,
+            dout,
+            dffn,
+        )
+        .unwrap();
+        let (gub, wdb) = (bf_round(&gu), bf_round(&wd));
+        let a: Vec<f32> = (0..n * dffn)
+            .map(|i| {
+                let (r, c) = (i / dffn, i % dffn);
+                let (x, u) = (gub[r * 2 * dffn + c], gub[r * 2 * dffn + dffn + c]);
+                (x / (1.0 + (-x).exp()) * u) as f32
+            })
+            .collect();
+        let ab = bf_round(&a);
+        let want: Vec<f64> = (0..n * dout)
+            .map(|i| {
+                let (r, o) = (i / dout, i % dout);
+                (0..dffn)
+                    .map(|k| ab[r * dffn + k] * wdb[o * dffn + k])
+                    .sum()
+            })
+            .collect();
+        let e = rel_err(&down_bf(&g, &yd, n * dout), &want);
+        println!("swiglu+down {n} rows, gemv {gemv}: rel err {e:.2e}");
+        assert!(e < TOL);
+    }
 
     // Argmax, with a planted maximum and a tie resolved to the lower index.
     let cols = 50_000;

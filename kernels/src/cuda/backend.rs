@@ -802,17 +802,15 @@ impl CudaBackend {
                 h,
                 false,
             )?;
-            g.swiglu(sb.gu.ptr(), sb.act.ptr(), n, f)?;
-            g.gemm_xwt(
+            g.swiglu_down(
+                sb.gu.ptr(),
                 sb.act.ptr(),
-                f,
                 l.w_down.ptr(),
                 sb.o.ptr(),
                 h,
                 n,
                 h,
                 f,
-                false,
             )?;
         }
         let add = if self.layers.is_empty() {
@@ -1008,6 +1006,13 @@ impl CudaBackend {
                 })
             })
             .collect())
+    }
+
+    /// Sends GEMMs of at most [`crate::cuda::GEMV_MAX_ROWS`] rows to the `gemv_xwt` kernel
+    /// (off unless `TURBINE_CUDA_GEMV=1`) or to cuBLAS; captured graphs are dropped.
+    pub fn set_gemv(&mut self, on: bool) {
+        self.gpu.gemv = on;
+        self.graphs.clear();
     }
 
     /// Turns decode graphs on or off (they are on unless `TURBINE_CUDA_GRAPHS=0`).

@@ -72,6 +72,17 @@ fn arch_name(major: i32, minor: i32) -> &'static str {
     }
 }
 
+/// `TURBINE_ATTN_UNROLL=N` (1..=8) sets how many keys each decode-attention warp loads ahead
+/// (kernels.cu's default, 1, otherwise): a benchmarking knob. Read once per process, so the PTX cache stays keyed by (arch, spec).
+fn attn_unroll_define() -> String {
+    std::env::var("TURBINE_ATTN_UNROLL")
+        .ok()
+        .and_then(|v| v.parse::<u32>().ok())
+        .filter(|n| (1..=8).contains(n))
+        .map(|n| format!("#define ATTN_UNROLL {n}\n"))
+        .unwrap_or_default()
+}
+
 fn compile(arch: &'static str, spec: KernelSpec) -> Result<String, CudaError> {
     let key = (arch.to_string(), spec);
     let mut cache = ptx_cache()
@@ -81,8 +92,11 @@ fn compile(arch: &'static str, spec: KernelSpec) -> Result<String, CudaError> {
         return Ok(p.clone());
     }
     let src = format!(
-        "#define HEAD_DIM {}\n#define GROUP {}\n{}",
-        spec.head_dim, spec.group, KERNEL_SOURCE
+        "#define HEAD_DIM {}\n#define GROUP {}\n{}{}",
+        spec.head_dim,
+        spec.group,
+        attn_unroll_define(),
+        KERNEL_SOURCE
     );
     let opts = cudarc::nvrtc::CompileOptions {
         arch: Some(arch),
@@ -135,6 +149,7 @@ pub struct Kernels {
     pub argmax_rows: CudaFunction,
     pub sample_rows: CudaFunction,
     pub copy_segments: CudaFunction,
+    pub gemv_xwt: CudaFunction,
 }
 
 /// One GPU: context, streams, kernels, cuBLAS.
@@ -152,6 +167,19 @@ pub struct Gpu {
     _blas_workspace: DBuf,
     pub arch: &'static str,
     pub name: String,
+    /// GEMMs of at most [`GEMV_MAX_ROWS`] rows run the `gemv_xwt` kernel instead of cuBLAS
+    /// (off unless `TURBINE_CUDA_GEMV=1`: it measured slower than cuBLAS on the H200 except
+    /// for one row over small matrices; kept to compare and to build on).
+    pub gemv: bool,
+}
+
+/// Most rows a GEMM may have to take the `gemv_xwt` kernel (its `GEMV_ROWS`).
+pub const GEMV_MAX_ROWS: usize = 8;
+
+/// Whether small GEMMs use `gemv_xwt`: only with `TURBINE_CUDA_GEMV=1` (every GEMM goes to
+/// cuBLAS otherwise).
+fn gemv_from_env() -> bool {
+    std::env::var_os("TURBINE_CUDA_GEMV").is_some_and(|v| v == "1")
 }
 
 // The context and streams are used from one thread at a time (the executor's own thread);
@@ -251,6 +279,7 @@ impl Gpu {
             argmax_rows: f("argmax_rows")?,
             sample_rows: f("sample_rows")?,
             copy_segments: f("copy_segments")?,
+            gemv_xwt: f("gemv_xwt")?,
             _module: module,
         };
         let blas = CudaBlas::new(compute.clone())?;
@@ -277,6 +306,7 @@ impl Gpu {
             _blas_workspace: blas_workspace,
             arch,
             name,
+            gemv: gemv_from_env(),
         })
     }
 
@@ -456,6 +486,9 @@ impl Gpu {
         inp: usize,
         y_f32: bool,
     ) -> Result<(), CudaError> {
+        if self.gemv_fits(x, ldx, w, n, inp) {
+            return self.gemv_xwt(x, ldx, w, y, ldy, n, out, inp, y_f32, false);
+        }
         use cublas::sys;
         let (alpha, beta) = (1.0f32, 0.0f32);
         let ty = if y_f32 {
@@ -489,6 +522,77 @@ impl Gpu {
             )?;
         }
         Ok(())
+    }
+
+    /// Whether a GEMM of these operands can take `gemv_xwt`: few rows, 16-byte aligned rows
+    /// of x and w.
+    fn gemv_fits(&self, x: u64, ldx: usize, w: u64, n: usize, inp: usize) -> bool {
+        self.gemv
+            && (1..=GEMV_MAX_ROWS).contains(&n)
+            && inp % 8 == 0
+            && ldx % 8 == 0
+            && x % 16 == 0
+            && w % 16 == 0
+            && inp <= i32::MAX as usize
+    }
+
+    /// The `gemv_xwt` kernel (see kernels.cu); `swiglu`: x holds gate|up rows of `2 * inp`
+    /// and the input is their SwiGLU.
+    #[allow(clippy::too_many_arguments)]
+    fn gemv_xwt(
+        &self,
+        x: u64,
+        ldx: usize,
+        w: u64,
+        y: u64,
+        ldy: usize,
+        n: usize,
+        out: usize,
+        inp: usize,
+        y_f32: bool,
+        swiglu: bool,
+    ) -> Result<(), CudaError> {
+        let (yf, yb) = if y_f32 { (y, 0) } else { (0, y) };
+        self.launch(
+            &self.k.gemv_xwt,
+            (out.div_ceil(8) as u32, 1, 1),
+            256,
+            &[
+                Arg::P(x),
+                Arg::I(ldx as i32),
+                Arg::P(w),
+                Arg::P(yf),
+                Arg::P(yb),
+                Arg::I(ldy as i32),
+                Arg::I(n as i32),
+                Arg::I(out as i32),
+                Arg::I(inp as i32),
+                Arg::I(i32::from(swiglu)),
+            ],
+        )
+    }
+
+    /// The down projection of a SwiGLU MLP: `y[n, out] = swiglu(gu)[n, ffn] · w[out, ffn]^T`
+    /// with `gu` rows of `2 * ffn` (gate then up), bf16 out. Small batches read `gu` directly
+    /// in `gemv_xwt` (one launch); others write the activation to `act` (`n * ffn` bf16) and
+    /// run a GEMM.
+    #[allow(clippy::too_many_arguments)]
+    pub fn swiglu_down(
+        &self,
+        gu: u64,
+        act: u64,
+        w: u64,
+        y: u64,
+        ldy: usize,
+        n: usize,
+        out: usize,
+        ffn: usize,
+    ) -> Result<(), CudaError> {
+        if self.gemv_fits(gu, 2 * ffn, w, n, ffn) {
+            return self.gemv_xwt(gu, 2 * ffn, w, y, ldy, n, out, ffn, false, true);
+        }
+        self.swiglu(gu, act, n, ffn)?;
+        self.gemm_xwt(act, ffn, w, y, ldy, n, out, ffn, false)
     }
 
     /// A timing event on the compute stream.

@@ -8,6 +8,9 @@
 typedef unsigned short bf16;
 typedef unsigned int u32;
 typedef unsigned long long u64;
+// 8- and 16-byte words for wide loads.
+struct __align__(8) U2 { u32 x, y; };
+struct __align__(16) U4 { u32 x, y, z, w; };
 
 // -inf without <math.h> (NVRTC has no standard headers here).
 #define NEG_INF __uint_as_float(0xff800000u)
@@ -175,12 +178,107 @@ extern "C" __global__ void swiglu(const bf16* gu, bf16* out, int ffn, int rows) 
     }
 }
 
+// Small-batch GEMV: y[r, o] = x[r, :] . w[o, :] for r < n <= GEMV_ROWS (bf16 in, f32
+// accumulate; y f32 when yf is set, else bf16 into yb). One warp per output: each lane takes
+// 16-byte chunks lane, lane + 32, ... of the weight row (inp % 8 == 0, rows 16-byte aligned),
+// several in flight (unrolled). Off by default (TURBINE_CUDA_GEMV=1 turns it on): on the H200
+// it beat cuBLAS only for one row over SmolLM2's small layer matrices (30 layers' GEMMs 1.2 ->
+// 0.7 ms, eager) and lost elsewhere (8B layers at 1 row 3.9 -> 8.6 ms, at 8 rows 3.9 -> 24.5
+// ms; SmolLM2 decode steps with the head GEMM on it 1.05 -> 1.33 ms). With swi != 0 the input is the SwiGLU of gate|up rows
+// (x[r, k] = silu(x[r, k]) * x[r, inp + k], rounded to bf16 as the swiglu kernel does): the
+// down projection reads the gate/up output directly, one launch fewer per layer.
+// grid: ceil(out / 8), block 256.
+#define GEMV_ROWS 8
+__device__ __forceinline__ void unpack8(const U4& v, float* f) {
+    f[0] = __uint_as_float(v.x << 16); f[1] = __uint_as_float(v.x & 0xffff0000u);
+    f[2] = __uint_as_float(v.y << 16); f[3] = __uint_as_float(v.y & 0xffff0000u);
+    f[4] = __uint_as_float(v.z << 16); f[5] = __uint_as_float(v.z & 0xffff0000u);
+    f[6] = __uint_as_float(v.w << 16); f[7] = __uint_as_float(v.w & 0xffff0000u);
+}
+
+extern "C" __global__ void __launch_bounds__(256)
+gemv_xwt(const bf16* x, int ldx, const bf16* w, float* yf, bf16* yb, int ldy, int n, int out,
+         int inp, int swi) {
+    const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
+    const int o = blockIdx.x * 8 + warp;
+    if (o >= out) return;
+    const U4* wr = (const U4*)(w + (u64)o * inp);
+    const int chunks = inp >> 3;
+    float acc[GEMV_ROWS];
+#pragma unroll
+    for (int r = 0; r < GEMV_ROWS; r++) acc[r] = 0.0f;
+#pragma unroll 4
+    for (int c = lane; c < chunks; c += WARP) {
+        float wf[8];
+        unpack8(wr[c], wf);
+#pragma unroll
+        for (int r = 0; r < GEMV_ROWS; r++) {
+            if (r < n) {
+                const bf16* xr = x + (u64)r * ldx;
+                float xf[8];
+                unpack8(((const U4*)xr)[c], xf);
+                if (swi) {
+                    float uf[8];
+                    unpack8(((const U4*)(xr + inp))[c], uf);
+#pragma unroll
+                    for (int j = 0; j < 8; j++) {
+                        float g = xf[j];
+                        xf[j] = b2f(f2b(g / (1.0f + expf(-g)) * uf[j]));
+                    }
+                }
+#pragma unroll
+                for (int j = 0; j < 8; j++) acc[r] += wf[j] * xf[j];
+            }
+        }
+    }
+#pragma unroll
+    for (int r = 0; r < GEMV_ROWS; r++) {
+        if (r < n) {
+            float v = warp_sum(acc[r]);
+            if (lane == 0) {
+                if (yf) yf[(u64)r * ldy + o] = v; else yb[(u64)r * ldy + o] = f2b(v);
+            }
+        }
+    }
+}
+
 // dst[i, :] = src[rows[i], :].
 extern "C" __global__ void gather_rows(const bf16* src, const int* rows, bf16* dst, int cols) {
     int i = blockIdx.x;
     const bf16* s = src + (u64)rows[i] * cols;
     bf16* d = dst + (u64)i * cols;
     for (int c = threadIdx.x; c < cols; c += blockDim.x) d[c] = s[c];
+}
+
+// Keys each attention warp loads before scoring them (registers: 2 * ATTN_UNROLL * PER_LANE
+// floats); the loader may set it (TURBINE_ATTN_UNROLL). 1, one key at a time: 4 measured
+// slower on the H200 (SmolLM2 1-row decode 1.05 -> 1.15 ms, 8B batch 32 8.4 -> 10.0 ms), so
+// the loop is not bound by load latency.
+#ifndef ATTN_UNROLL
+#define ATTN_UNROLL 1
+#endif
+
+
+// A lane's PER_LANE consecutive bf16 (aligned to PER_LANE * 2 bytes) widened to f32, in
+// loads of 4 bytes or more instead of one 2-byte load per value.
+__device__ __forceinline__ void load_lane(const bf16* src, float* dst) {
+#if PER_LANE % 4 == 0
+#pragma unroll
+    for (int j = 0; j < PER_LANE; j += 4) {
+        U2 w = *(const U2*)(src + j);
+        dst[j] = __uint_as_float(w.x << 16); dst[j + 1] = __uint_as_float(w.x & 0xffff0000u);
+        dst[j + 2] = __uint_as_float(w.y << 16); dst[j + 3] = __uint_as_float(w.y & 0xffff0000u);
+    }
+#elif PER_LANE % 2 == 0
+#pragma unroll
+    for (int j = 0; j < PER_LANE; j += 2) {
+        u32 w = *(const u32*)(src + j);
+        dst[j] = __uint_as_float(w << 16); dst[j + 1] = __uint_as_float(w & 0xffff0000u);
+    }
+#else
+#pragma unroll
+    for (int j = 0; j < PER_LANE; j++) dst[j] = b2f(src[j]);
+#endif
 }
 
 // Paged attention, one split of the context: block (kv_head, query token, split). Each of
@@ -212,25 +310,51 @@ attn_split(const bf16* q, int q_stride, const bf16* kc, const bf16* vc, const in
         for (int j = 0; j < PER_LANE; j++) { qr[g][j] = b2f(qh[j]) * scale; acc[g][j] = 0.0f; }
         m[g] = NEG_INF; l[g] = 0.0f;
     }
-    for (int p = start + warp; p < end; p += ATTN_WARPS) {
-        int blk = table[p / block_size];
-        u64 off = ((u64)blk * block_size + (p % block_size)) * kv_dim + kvh * HEAD_DIM + lane * PER_LANE;
-        float k[PER_LANE], v[PER_LANE];
+    // ATTN_UNROLL keys per warp are loaded before any is used (the loads do not depend on the
+    // softmax state); each warp visits its keys in the same order whatever ATTN_UNROLL is, so
+    // the arithmetic does not change with it.
+    for (int p0 = start + warp; p0 < end; p0 += ATTN_WARPS * ATTN_UNROLL) {
+        float k[ATTN_UNROLL][PER_LANE], v[ATTN_UNROLL][PER_LANE];
 #pragma unroll
-        for (int j = 0; j < PER_LANE; j++) { k[j] = b2f(kc[off + j]); v[j] = b2f(vc[off + j]); }
+        for (int u = 0; u < ATTN_UNROLL; u++) {
+            int p = p0 + u * ATTN_WARPS;
+            if (p < end) {
+                int blk = table[p / block_size];
+                u64 off = ((u64)blk * block_size + (p % block_size)) * kv_dim + kvh * HEAD_DIM + lane * PER_LANE;
+                load_lane(kc + off, k[u]);
+                load_lane(vc + off, v[u]);
+            } else {
 #pragma unroll
-        for (int g = 0; g < GROUP; g++) {
-            float s = 0.0f;
+                for (int j = 0; j < PER_LANE; j++) { k[u][j] = 0.0f; v[u][j] = 0.0f; }
+            }
+        }
+        // Every score first (independent warp sums, which interleave), then the serial
+        // online-softmax updates in key order.
+        float sc[ATTN_UNROLL][GROUP];
 #pragma unroll
-            for (int j = 0; j < PER_LANE; j++) s += qr[g][j] * k[j];
-            s = warp_sum(s);
-            float mn = fmaxf(m[g], s);
-            float corr = expf(m[g] - mn);
-            float pe = expf(s - mn);
-            l[g] = l[g] * corr + pe;
+        for (int u = 0; u < ATTN_UNROLL; u++) {
 #pragma unroll
-            for (int j = 0; j < PER_LANE; j++) acc[g][j] = acc[g][j] * corr + pe * v[j];
-            m[g] = mn;
+            for (int g = 0; g < GROUP; g++) {
+                float s = 0.0f;
+#pragma unroll
+                for (int j = 0; j < PER_LANE; j++) s += qr[g][j] * k[u][j];
+                sc[u][g] = warp_sum(s);
+            }
+        }
+#pragma unroll
+        for (int u = 0; u < ATTN_UNROLL; u++) {
+            if (p0 + u * ATTN_WARPS >= end) break;
+#pragma unroll
+            for (int g = 0; g < GROUP; g++) {
+                float s = sc[u][g];
+                float mn = fmaxf(m[g], s);
+                float corr = expf(m[g] - mn);
+                float pe = expf(s - mn);
+                l[g] = l[g] * corr + pe;
+#pragma unroll
+                for (int j = 0; j < PER_LANE; j++) acc[g][j] = acc[g][j] * corr + pe * v[u][j];
+                m[g] = mn;
+            }
         }
     }
     __shared__ float sm_m[ATTN_WARPS][GROUP], sm_l[ATTN_WARPS][GROUP];
@@ -320,7 +444,6 @@ extern "C" __global__ void argmax_rows(const float* x, int cols, int* out) {
 #define FA_KEYS (HEAD_DIM <= 128 ? 64 : 32)
 #define FA_KPAD (HEAD_DIM + 8)
 
-struct __align__(16) U4 { u32 x, y, z, w; };
 
 __device__ __forceinline__ void mma_bf16_16816(float* c, const u32* a, u32 b0, u32 b1) {
     asm volatile(

@@ -13,6 +13,6 @@ pub mod synthetic;
 pub use backend::{
     CudaBackend, CudaBackendOptions, KvExportJob, KvImportJob, KvPool, DEFAULT_PREFILL_ATTENTION,
 };
-pub use device::{device_count, CudaError, DBuf, Gpu, KernelSpec, PinnedBytes};
+pub use device::{device_count, CudaError, DBuf, Gpu, KernelSpec, PinnedBytes, GEMV_MAX_ROWS};
 pub use ops::PrefillAttention;
 pub use synthetic::{synthetic_config, synthetic_weights};

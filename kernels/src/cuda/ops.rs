@@ -4,10 +4,26 @@
 
 use super::device::{Arg, CudaError, Gpu};
 
-/// Attention blocks to aim for per launch: enough to fill every SM several times over
-/// (132 SMs on an H100), so a batch-1 decode step over a long context still spreads its keys
-/// over the whole chip (split-K), while a long prefill keeps few splits (small workspace).
-const ATTN_TARGET_BLOCKS: usize = 4 * 132;
+/// Attention blocks to aim for per launch: enough to fill every SM many times over (132 SMs
+/// on an H100/H200), so a batch-1 decode step over a long context still spreads its keys over
+/// the whole chip (split-K), and a 64-row decode step gets several splits per token, while a
+/// long prefill keeps few splits (small workspace). 16 per SM measured best on the H200
+/// (2026-12-02, docs/BENCHMARKS.md): SmolLM2 64-row decode at 512 positions 2.14 -> 1.86 ms
+/// against 4 per SM, 8B batch 128 17.6 -> 17.2 ms, batch <= 8 unchanged.
+const ATTN_TARGET_BLOCKS: usize = 16 * 132;
+
+/// [`ATTN_TARGET_BLOCKS`], or `TURBINE_ATTN_TARGET_BLOCKS` when set to a positive number (read
+/// once per process; a benchmarking knob for sweeping the split count).
+fn attn_target_blocks() -> usize {
+    static TARGET: std::sync::OnceLock<usize> = std::sync::OnceLock::new();
+    *TARGET.get_or_init(|| {
+        std::env::var("TURBINE_ATTN_TARGET_BLOCKS")
+            .ok()
+            .and_then(|v| v.parse::<usize>().ok())
+            .filter(|&b| b > 0)
+            .unwrap_or(ATTN_TARGET_BLOCKS)
+    })
+}
 /// Shortest split: below this the merge costs more than the parallelism gains.
 const ATTN_MIN_SPLIT: usize = 32;
 /// Longest split: keeps several splits per token at mid batch sizes (batch 128 at 1k ran
@@ -17,7 +33,7 @@ const ATTN_MAX_SPLIT: usize = 512;
 /// (splits, split_len) for `tokens` query tokens over up to `max_ctx` positions.
 pub fn attn_splits(tokens: usize, n_kv_heads: usize, max_ctx: usize) -> (usize, usize) {
     let max_ctx = max_ctx.max(1);
-    let want = ATTN_TARGET_BLOCKS.div_ceil((tokens * n_kv_heads).max(1));
+    let want = attn_target_blocks().div_ceil((tokens * n_kv_heads).max(1));
     let splits = want
         .max(max_ctx.div_ceil(ATTN_MAX_SPLIT))
         .clamp(1, max_ctx.div_ceil(ATTN_MIN_SPLIT));
