@@ -769,14 +769,12 @@ async fn logprobs_shapes() {
     assert_eq!(choice["text"], "x yx y");
     let logprobs = &choice["logprobs"];
     assert_eq!(logprobs["tokens"], json!(["x", "y", "x", "y"]));
-    assert_eq!(
-        logprobs["token_logprobs"],
-        json!([null, -0.5, -0.5, -0.5])
-    );
+    assert_eq!(logprobs["token_logprobs"], json!([null, -0.5, -0.5, -0.5]));
     assert_eq!(logprobs["top_logprobs"][0], json!(null));
     assert_eq!(logprobs["top_logprobs"][1]["alt0"], -1.0);
     assert_eq!(logprobs["text_offset"], json!([0, 1, 2, 3]));
-    let body = json!({"model": MODEL, "prompt": "x y", "logprobs": 1, "echo": true, "stream": true});
+    let body =
+        json!({"model": MODEL, "prompt": "x y", "logprobs": 1, "echo": true, "stream": true});
     let chunks = parse_chunks(&post(server.addr, "/v1/completions", &body).await);
     let tokens: Vec<Value> = chunks
         .iter()

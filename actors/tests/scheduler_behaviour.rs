@@ -675,11 +675,17 @@ fn prompt_logprobs_run_the_whole_prompt_in_one_step_past_the_cache() {
             break plan;
         }
         let sampled = sample(&s, &plan);
-        record(&mut streams, s.on_step_done(&plan, &sampled, at(2)).unwrap());
+        record(
+            &mut streams,
+            s.on_step_done(&plan, &sampled, at(2)).unwrap(),
+        );
         waited += 1;
         assert!(waited < 10, "the prompt-logprobs request never ran");
     };
-    assert!(waited >= 1, "the decode's step had no room for the whole prompt");
+    assert!(
+        waited >= 1,
+        "the decode's step had no room for the whole prompt"
+    );
     let e = plan.seqs.iter().find(|e| e.request == r(3)).unwrap();
     assert_eq!((e.start_pos, e.tokens.len(), e.want_logits), (0, 16, true));
     // The executor's prompt logprobs ride on the first output only.
@@ -698,7 +704,11 @@ fn prompt_logprobs_run_the_whole_prompt_in_one_step_past_the_cache() {
     let out = s.on_step_done(&plan, &sampled, at(9)).unwrap();
     let first = &out.iter().find(|(id, _)| *id == r(3)).unwrap().1;
     assert_eq!(first.prompt_logprobs.as_ref(), Some(&lps));
-    assert_eq!(first.cached_tokens, Some(0), "computed, not read from the cache");
+    assert_eq!(
+        first.cached_tokens,
+        Some(0),
+        "computed, not read from the cache"
+    );
     let plan = s.schedule(at(10)).unwrap();
     let sampled = sample(&s, &plan);
     let out = s.on_step_done(&plan, &sampled, at(10)).unwrap();

@@ -360,7 +360,11 @@ impl<'a> RankedPrefix<'a> {
 /// token's logprob (`echo` with `logprobs`), where nothing is drawn.
 pub fn token_logprob(logits: &[f32], token: u32, top: usize) -> (f32, Vec<(u32, f32)>) {
     let log_z = log_sum_exp(logits);
-    let of = |t: u32| logits.get(t as usize).map_or(f32::NEG_INFINITY, |l| l - log_z);
+    let of = |t: u32| {
+        logits
+            .get(t as usize)
+            .map_or(f32::NEG_INFINITY, |l| l - log_z)
+    };
     let alternatives = if top > 0 {
         top_n(logits, top).into_iter().map(|t| (t, of(t))).collect()
     } else {

@@ -731,9 +731,15 @@ fn every_position_logits_match_reference_in_one_pass_and_by_default() {
     let mut one = backend(&cfg, &w, 4, 2);
     let mut default = ForwardOnly(backend(&cfg, &w, 4, 1));
     for be in [&mut one as &mut dyn Backend, &mut default] {
-        be.forward(&[step(&seq[..3], 0, &table), step(&other[..5], 0, &table_other)])
-            .unwrap();
-        let batch = [step(&seq[3..], 3, &table), step(&other[5..], 5, &table_other)];
+        be.forward(&[
+            step(&seq[..3], 0, &table),
+            step(&other[..5], 0, &table_other),
+        ])
+        .unwrap();
+        let batch = [
+            step(&seq[3..], 3, &table),
+            step(&other[5..], 5, &table_other),
+        ];
         let logits = be.forward_every(&batch, &[true, false]).unwrap();
         assert_eq!(logits.rows(), 11 + 1);
         for p in 3..14 {
@@ -742,7 +748,9 @@ fn every_position_logits_match_reference_in_one_pass_and_by_default() {
         }
         assert_close(logits.row(11).unwrap(), &want_other[5], 3e-3, "the decode");
         // Nothing asked: the plain forward.
-        let rows = be.forward_every(&[step(&seq[..1], 0, &[30])], &[false]).unwrap();
+        let rows = be
+            .forward_every(&[step(&seq[..1], 0, &[30])], &[false])
+            .unwrap();
         assert_eq!(rows.rows(), 1);
     }
 }

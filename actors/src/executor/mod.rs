@@ -21,8 +21,8 @@ use std::sync::{Arc, Condvar, Mutex};
 use std::thread;
 use std::time::{Duration, Instant};
 use tokio::sync::oneshot;
-use turbine_kernels::backend::{Backend, BackendError, SeqStep};
 use turbine_kernels::backend::Logits as KLogits;
+use turbine_kernels::backend::{Backend, BackendError, SeqStep};
 use turbine_kernels::sampling as ksampling;
 use turbine_runtime::SharedClock;
 
@@ -470,19 +470,22 @@ fn run_step(
     }
     let every: Vec<bool> = batch
         .iter()
-        .map(|e| e.sample.as_ref().is_some_and(|s| s.prompt_logprobs.is_some()))
+        .map(|e| {
+            e.sample
+                .as_ref()
+                .is_some_and(|s| s.prompt_logprobs.is_some())
+        })
         .collect();
     let mut prompt_rows: Vec<Option<Vec<TokenLogprob>>> = vec![None; wanted.len()];
     let drawn = if every.contains(&true) {
         // Prompt logprobs: every position's logits, read here; each sampling row is the
         // last of its step's rows, sampled on the host.
         let all = backend.forward_every(&steps, &every)?;
-        let (logits, prompts) = split_every(&all, batch, &every).map_err(|reason| {
-            ExecError::Sampling {
+        let (logits, prompts) =
+            split_every(&all, batch, &every).map_err(|reason| ExecError::Sampling {
                 request: batch[0].seq.request,
                 reason,
-            }
-        })?;
+            })?;
         for (slot, lps) in prompt_rows.iter_mut().zip(prompts) {
             *slot = lps;
         }
@@ -561,11 +564,7 @@ type EveryRows = (KLogits, Vec<Option<Vec<TokenLogprob>>>);
 /// logprobs of its prompt tokens after the first (`Some` for the `every` steps): row `j`
 /// predicts token `j + 1`.
 
-fn split_every(
-    all: &KLogits,
-    batch: &[ExecSeq],
-    every: &[bool],
-) -> Result<EveryRows, String> {
+fn split_every(all: &KLogits, batch: &[ExecSeq], every: &[bool]) -> Result<EveryRows, String> {
     let mut sampling = Vec::new();
     let mut prompts = Vec::new();
     let mut r = 0;
@@ -576,7 +575,11 @@ fn split_every(
     for (e, &full) in batch.iter().zip(every) {
         if full {
             let tokens = &e.seq.tokens;
-            let top = e.sample.as_ref().and_then(|s| s.prompt_logprobs).unwrap_or(0);
+            let top = e
+                .sample
+                .as_ref()
+                .and_then(|s| s.prompt_logprobs)
+                .unwrap_or(0);
             let mut lps = Vec::with_capacity(tokens.len().saturating_sub(1));
             for (j, &next) in tokens.iter().enumerate().skip(1) {
                 let (logprob, top) = ksampling::token_logprob(row(r + j - 1)?, next, top as usize);

@@ -369,7 +369,11 @@ async fn generate(
     let n = req.n as usize;
     let total = req.num_choices();
     let mut choices: Vec<Option<Bounded>> = (0..total).map(|_| None).collect();
-    let echo = |index: usize| echoes.as_ref().and_then(|t| t.get(index / n.max(1)).cloned());
+    let echo = |index: usize| {
+        echoes
+            .as_ref()
+            .and_then(|t| t.get(index / n.max(1)).cloned())
+    };
     for p in 0..req.prompts.len() {
         let first = start_choice(state, &req, p * n, echo(p * n), started, deadline).await?;
         choices[p * n] = Some(first);

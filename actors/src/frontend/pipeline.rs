@@ -133,10 +133,7 @@ impl ChatEngine for Pipeline {
         )
         .await?;
         let state = Detokenize {
-            first_prompt_token: req
-                .sampling
-                .prompt_logprobs
-                .and(token_ids_first),
+            first_prompt_token: req.sampling.prompt_logprobs.and(token_ids_first),
             codec: self.codec.clone(),
             decoder: self.codec.decoder(),
             prompt_tokens: prompt_len as u32,

@@ -1364,21 +1364,23 @@ mod tests {
                 r#"{{{base},"response_format":{{"type":"json_schema","json_schema":{{"name":"n","schema":{s}}}}}}}"#
             )
         };
-        let remote = r#"{"type":"object","properties":{"a":{"$ref":"https://example.com/a.json"}}}"#;
+        let remote =
+            r#"{"type":"object","properties":{"a":{"$ref":"https://example.com/a.json"}}}"#;
         let err = chat(&schema(remote)).unwrap_err();
         assert_eq!(
             err.param.as_deref(),
             Some("response_format.json_schema.schema")
         );
-        assert!(err.message.contains("https://example.com/a.json"), "{}", err.message);
+        assert!(
+            err.message.contains("https://example.com/a.json"),
+            "{}",
+            err.message
+        );
         let local = r##"{"$defs":{"a":{"type":"integer"}},"type":"object","properties":{"a":{"$ref":"#/$defs/a"}}}"##;
         assert!(chat(&schema(local)).is_ok());
         let tools = r#""tools":[{"type":"function","function":{"name":"f","parameters":{"$ref":"other.json"}}}]"#;
         let err = chat(&format!(r#"{{{base},{tools},"tool_choice":"required"}}"#)).unwrap_err();
-        assert_eq!(
-            err.param.as_deref(),
-            Some("tools[0].function.parameters")
-        );
+        assert_eq!(err.param.as_deref(), Some("tools[0].function.parameters"));
         // Shown to the model, not enforced: accepted under "auto".
         assert!(chat(&format!("{{{base},{tools}}}")).is_ok());
     }
