@@ -468,16 +468,16 @@ fn run_step(
         };
         rows.push(sample_row(spec));
     }
-    let full = |e: &ExecSeq| {
-        e.sample
-            .as_ref()
-            .is_some_and(|s| s.prompt_logprobs.is_some())
-    };
-    // Nothing is allocated for it unless some request asked (the normal path's cost).
-    let mut prompt_rows: Vec<Option<Vec<TokenLogprob>>> = Vec::new();
-    let drawn = if batch.iter().any(full) {
-        let every: Vec<bool> = batch.iter().map(full).collect();
-        prompt_rows = vec![None; wanted.len()];
+    let every: Vec<bool> = batch
+        .iter()
+        .map(|e| {
+            e.sample
+                .as_ref()
+                .is_some_and(|s| s.prompt_logprobs.is_some())
+        })
+        .collect();
+    let mut prompt_rows: Vec<Option<Vec<TokenLogprob>>> = vec![None; wanted.len()];
+    let drawn = if every.contains(&true) {
         // Prompt logprobs: every position's logits, read here; each sampling row is the
         // last of its step's rows, sampled on the host.
         let all = backend.forward_every(&steps, &every)?;
