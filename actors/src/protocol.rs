@@ -40,6 +40,12 @@ pub struct SamplingParams {
     /// The output must follow this grammar (constrained decoding).
     #[serde(default)]
     pub grammar: Option<Grammar>,
+    /// `Some(k)`: also return the log-probability of every prompt token after the first
+    /// (with `k` alternatives each), as vLLM's `prompt_logprobs` (completions' `echo` with
+    /// `logprobs`). The worker then computes the whole prompt in one step, without the
+    /// prefix cache (cached positions have no logits).
+    #[serde(default)]
+    pub prompt_logprobs: Option<u32>,
 }
 
 /// A grammar the output must follow, enforced token by token (`response_format`, tool
@@ -79,6 +85,7 @@ impl Default for SamplingParams {
             logit_bias: Vec::new(),
             min_tokens: 0,
             grammar: None,
+            prompt_logprobs: None,
         }
     }
 }
@@ -155,6 +162,10 @@ pub struct TokenOutput {
     pub finish: Option<FinishReason>,
     /// Prompt tokens served from the prefix cache (set on the first output).
     pub cached_tokens: Option<u32>,
+    /// On the first output of a request with `sampling.prompt_logprobs`: the logprob of
+    /// each prompt token after the first, in order.
+    #[serde(default)]
+    pub prompt_logprobs: Option<Vec<TokenLogprob>>,
 }
 
 /// What to generate from: chat messages (the engine applies the chat template), raw text,
@@ -263,6 +274,8 @@ pub struct TokenLogprobs {
     pub token: String,
     /// The token's raw bytes.
     pub bytes: Vec<u8>,
+    /// NaN for a prompt's first token, which has none (nothing precedes it): rendered as
+    /// `null`, as OpenAI and vLLM do.
     pub logprob: f32,
     /// Most likely alternatives, best first.
     pub top: Vec<TopLogprob>,

@@ -38,6 +38,7 @@ fn token(id: u32, finish: Option<FinishReason>) -> WorkerReply {
         logprobs: None,
         finish,
         cached_tokens: Some(0),
+        prompt_logprobs: None,
     })
 }
 

@@ -50,6 +50,7 @@ impl Handler<WorkerService> for OneToken {
                     logprobs: None,
                     finish: Some(FinishReason::Length),
                     cached_tokens: Some(0),
+                    prompt_logprobs: None,
                 }))
                 .await;
         });

@@ -184,6 +184,15 @@ impl ChatEngine for EchoEngine {
                     },
                     token_ids: vec![i as u32],
                     logprobs: req.logprobs.map(|k| logprobs_for(word, k)),
+                    // The prompt is the words: the first has no logprob (NaN).
+                    prompt_logprobs: req.sampling.prompt_logprobs.filter(|_| i == 0).map(|k| {
+                        let mut first = logprobs_for(&words[0], 0);
+                        first[0].logprob = f32::NAN;
+                        first
+                            .into_iter()
+                            .chain(words[1..].iter().flat_map(|w| logprobs_for(w, k)))
+                            .collect()
+                    }),
                     finish: last.then(|| finish.clone()),
                     usage: (i == 0 || last).then_some(Usage {
                         prompt_tokens,
@@ -752,6 +761,28 @@ async fn logprobs_shapes() {
     assert_eq!(logprobs["token_logprobs"], json!([-0.5, -0.5]));
     assert_eq!(logprobs["text_offset"], json!([0, 1]));
     assert_eq!(logprobs["top_logprobs"][0]["alt0"], -1.0);
+
+    // `echo` with `logprobs`: the prompt's tokens first, the first one without a logprob.
+    let body = json!({"model": MODEL, "prompt": "x y", "logprobs": 1, "echo": true});
+    let body = post(server.addr, "/v1/completions", &body).await.json();
+    let choice = &body["choices"][0];
+    assert_eq!(choice["text"], "x yx y");
+    let logprobs = &choice["logprobs"];
+    assert_eq!(logprobs["tokens"], json!(["x", "y", "x", "y"]));
+    assert_eq!(logprobs["token_logprobs"], json!([null, -0.5, -0.5, -0.5]));
+    assert_eq!(logprobs["top_logprobs"][0], json!(null));
+    assert_eq!(logprobs["top_logprobs"][1]["alt0"], -1.0);
+    assert_eq!(logprobs["text_offset"], json!([0, 1, 2, 3]));
+    let body =
+        json!({"model": MODEL, "prompt": "x y", "logprobs": 1, "echo": true, "stream": true});
+    let chunks = parse_chunks(&post(server.addr, "/v1/completions", &body).await);
+    let tokens: Vec<Value> = chunks
+        .iter()
+        .filter_map(|c| c["choices"][0]["logprobs"]["tokens"].as_array())
+        .flatten()
+        .cloned()
+        .collect();
+    assert_eq!(tokens, vec![json!("x"), json!("y"), json!("x"), json!("y")]);
 
     let body = with(chat_body("x y"), json!({"logprobs": true, "stream": true}));
     let chunks = parse_chunks(&post(server.addr, "/v1/chat/completions", &body).await);

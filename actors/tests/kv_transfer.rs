@@ -100,6 +100,7 @@ async fn drive(s: &mut Scheduler, exec: &Executor) -> Vec<TokenId> {
                     bias: Vec::new(),
                     allowed: None,
                     logprobs: None,
+                    prompt_logprobs: None,
                 }),
             })
             .collect();

@@ -480,6 +480,7 @@ fn a_missing_sample_or_a_failed_step_ends_requests_with_an_error() {
                 logprobs: None,
                 finish: Some(FinishReason::Error("device lost".into())),
                 cached_tokens: None,
+                prompt_logprobs: None,
             }
         )]
     );
@@ -512,6 +513,7 @@ fn logprobs_pass_through_when_asked_for() {
             request: id,
             token: 9,
             logprob: Some(lp.clone()),
+            prompt_logprobs: None,
         })
         .collect();
     let out = s.on_step_done(&plan, &sampled, at(0)).unwrap();
@@ -648,4 +650,75 @@ fn load_counts_the_blocks_a_queue_will_need() {
     assert_eq!(stats.waiting_blocks, 4);
     assert_eq!(stats.load_blocks(), stats.kv.used as u64 + 4);
     assert!(stats.kv.used > 0);
+}
+
+#[test]
+fn prompt_logprobs_run_the_whole_prompt_in_one_step_past_the_cache() {
+    // 16-token steps, 4-token blocks.
+    let mut s = scheduler(64, 4, 16, 8, 256);
+    let mut streams = BTreeMap::new();
+    let p = prompt(1, 16);
+    // The prompt's blocks are cached by a first request.
+    s.add_request(request(1, p.clone(), 1), at(0)).unwrap();
+    run_until_idle(&mut s, &mut streams, 50);
+    // A decoding request takes one token of each step's budget.
+    s.add_request(request(2, prompt(2, 4), 3), at(1)).unwrap();
+    step(&mut s, &mut streams, at(1));
+    let mut whole = request(3, p.clone(), 2);
+    whole.sampling.prompt_logprobs = Some(1);
+    s.add_request(whole, at(2)).unwrap();
+    // 15 tokens of budget left: not chunked, it waits until the decode is done.
+    let mut waited = 0;
+    let plan = loop {
+        let plan = s.schedule(at(2 + waited)).unwrap();
+        if plan.seqs.iter().any(|e| e.request == r(3)) {
+            break plan;
+        }
+        let sampled = sample(&s, &plan);
+        record(
+            &mut streams,
+            s.on_step_done(&plan, &sampled, at(2)).unwrap(),
+        );
+        waited += 1;
+        assert!(waited < 10, "the prompt-logprobs request never ran");
+    };
+    assert!(
+        waited >= 1,
+        "the decode's step had no room for the whole prompt"
+    );
+    let e = plan.seqs.iter().find(|e| e.request == r(3)).unwrap();
+    assert_eq!((e.start_pos, e.tokens.len(), e.want_logits), (0, 16, true));
+    // The executor's prompt logprobs ride on the first output only.
+    let lps: Vec<TokenLogprob> = p[1..]
+        .iter()
+        .map(|&t| TokenLogprob {
+            token_id: t,
+            logprob: -1.0,
+            top: Vec::new(),
+        })
+        .collect();
+    let mut sampled = sample(&s, &plan);
+    for x in sampled.iter_mut().filter(|x| x.request == r(3)) {
+        x.prompt_logprobs = Some(lps.clone());
+    }
+    let out = s.on_step_done(&plan, &sampled, at(9)).unwrap();
+    let first = &out.iter().find(|(id, _)| *id == r(3)).unwrap().1;
+    assert_eq!(first.prompt_logprobs.as_ref(), Some(&lps));
+    assert_eq!(
+        first.cached_tokens,
+        Some(0),
+        "computed, not read from the cache"
+    );
+    let plan = s.schedule(at(10)).unwrap();
+    let sampled = sample(&s, &plan);
+    let out = s.on_step_done(&plan, &sampled, at(10)).unwrap();
+    assert!(out.iter().all(|(_, o)| o.prompt_logprobs.is_none()));
+    s.check_invariants().unwrap();
+    // A prompt longer than a step could never run whole: refused.
+    let mut long = request(4, prompt(4, 17), 1);
+    long.sampling.prompt_logprobs = Some(0);
+    assert!(matches!(
+        s.add_request(long, at(11)),
+        Err(AdmitError::PromptLogprobsTooLong { prompt_len: 17, .. })
+    ));
 }

@@ -176,6 +176,85 @@ pub trait Backend: Send {
         ))
     }
 
+    /// [`Backend::forward`], but each step `i` with `every[i]` returns a logits row for
+    /// every one of its tokens (in order) instead of only its last: what a prompt's
+    /// logprobs (`echo` with `logprobs`) are read from. Rows are in batch order, a step's
+    /// rows together; other steps give one row when they `want_logits`. Only a request that
+    /// asks for prompt logprobs takes this path, so the normal path never pays for the wider
+    /// output head.
+    ///
+    /// The default works on any backend by feeding the `every` steps one token per forward
+    /// call (their first token with the rest of the batch, then one call per further
+    /// position), which is correct but costs a call per prompt token; the CPU backend
+    /// overrides it with one pass.
+    fn forward_every(
+        &mut self,
+        batch: &[SeqStep<'_>],
+        every: &[bool],
+    ) -> Result<Logits, BackendError> {
+        let all = |i: usize| every.get(i).copied().unwrap_or(false);
+        if !(0..batch.len()).any(all) {
+            return self.forward(batch);
+        }
+        // Checked whole first: nothing is written if any later call would be refused.
+        validate_batch(batch, self.config(), &self.kv_layout(), usize::MAX)?;
+        let vocab = self.config().vocab_size;
+        let mut rows: Vec<Vec<Vec<f32>>> = vec![Vec::new(); batch.len()];
+        let first: Vec<SeqStep<'_>> = batch
+            .iter()
+            .enumerate()
+            .map(|(i, s)| match all(i) {
+                true => SeqStep {
+                    tokens: &s.tokens[..1],
+                    want_logits: true,
+                    ..*s
+                },
+                false => *s,
+            })
+            .collect();
+        let row = |logits: &Logits, r: usize| {
+            logits.row(r).map(<[f32]>::to_vec).ok_or_else(|| {
+                BackendError::Device("the forward pass returned too few logits rows".into())
+            })
+        };
+        let logits = self.forward(&first)?;
+        let mut r = 0;
+        for (i, s) in first.iter().enumerate() {
+            if s.want_logits {
+                rows[i].push(row(&logits, r)?);
+                r += 1;
+            }
+        }
+        let longest = (0..batch.len())
+            .filter(|&i| all(i))
+            .map(|i| batch[i].tokens.len())
+            .max()
+            .unwrap_or(0);
+        for k in 1..longest {
+            let (ids, steps): (Vec<usize>, Vec<SeqStep<'_>>) = (0..batch.len())
+                .filter(|&i| all(i) && batch[i].tokens.len() > k)
+                .map(|i| {
+                    let s = &batch[i];
+                    let step = SeqStep {
+                        tokens: &s.tokens[k..k + 1],
+                        start_pos: s.start_pos + k,
+                        block_table: s.block_table,
+                        want_logits: true,
+                    };
+                    (i, step)
+                })
+                .unzip();
+            let logits = self.forward(&steps)?;
+            for (r, &i) in ids.iter().enumerate() {
+                rows[i].push(row(&logits, r)?);
+            }
+        }
+        Ok(Logits {
+            vocab,
+            data: rows.into_iter().flatten().flatten().collect(),
+        })
+    }
+
     /// [`Backend::forward`], then one token drawn from each logits row as `rows` (one per
     /// step with `want_logits`, in order) asks. A row's own sampling error (bad parameters,
     /// no finite logit) fails only that row. The default samples on the host; a device

@@ -355,6 +355,24 @@ impl<'a> RankedPrefix<'a> {
     }
 }
 
+/// The model's log-probability of `token` under `logits` (log-softmax of the raw row, as
+/// a sampled token's is reported) and the `top` most likely tokens with theirs: a prompt
+/// token's logprob (`echo` with `logprobs`), where nothing is drawn.
+pub fn token_logprob(logits: &[f32], token: u32, top: usize) -> (f32, Vec<(u32, f32)>) {
+    let log_z = log_sum_exp(logits);
+    let of = |t: u32| {
+        logits
+            .get(t as usize)
+            .map_or(f32::NEG_INFINITY, |l| l - log_z)
+    };
+    let alternatives = if top > 0 {
+        top_n(logits, top).into_iter().map(|t| (t, of(t))).collect()
+    } else {
+        Vec::new()
+    };
+    (of(token), alternatives)
+}
+
 /// Index of the largest finite logit (lowest index on ties).
 pub fn argmax(logits: &[f32]) -> u32 {
     let mut best = (0u32, f32::NEG_INFINITY);

@@ -690,3 +690,67 @@ fn bad_input_is_rejected_without_panicking() {
         Err(BackendError::UnsupportedWeight { .. })
     ));
 }
+
+/// A backend that only has `forward`: the trait's default `forward_every` (one call per
+/// position of the steps that want every row).
+struct ForwardOnly(CpuBackend);
+
+impl Backend for ForwardOnly {
+    fn config(&self) -> &ModelConfig {
+        self.0.config()
+    }
+    fn kv_layout(&self) -> turbine_kernels::backend::KvLayout {
+        self.0.kv_layout()
+    }
+    fn forward(
+        &mut self,
+        batch: &[SeqStep<'_>],
+    ) -> Result<turbine_kernels::backend::Logits, BackendError> {
+        self.0.forward(batch)
+    }
+    fn copy_blocks(&mut self, src_dst: &[(u32, u32)]) -> Result<(), BackendError> {
+        self.0.copy_blocks(src_dst)
+    }
+    fn export_blocks(&self, ids: &[u32]) -> Result<Vec<u8>, BackendError> {
+        self.0.export_blocks(ids)
+    }
+    fn import_blocks(&mut self, ids: &[u32], data: &[u8]) -> Result<(), BackendError> {
+        self.0.import_blocks(ids, data)
+    }
+}
+
+#[test]
+fn every_position_logits_match_reference_in_one_pass_and_by_default() {
+    let (cfg, w, r) = build(PLAIN, 8);
+    // A prompt wanting every row (11 tokens after 3 cached) next to a plain decode.
+    let seq = tokens(4, 14, cfg.vocab_size);
+    let other = tokens(5, 6, cfg.vocab_size);
+    let want = reference(&r, &seq);
+    let want_other = reference(&r, &other);
+    let (table, table_other) = ([3, 9, 1, 12], [20, 21]);
+    let mut one = backend(&cfg, &w, 4, 2);
+    let mut default = ForwardOnly(backend(&cfg, &w, 4, 1));
+    for be in [&mut one as &mut dyn Backend, &mut default] {
+        be.forward(&[
+            step(&seq[..3], 0, &table),
+            step(&other[..5], 0, &table_other),
+        ])
+        .unwrap();
+        let batch = [
+            step(&seq[3..], 3, &table),
+            step(&other[5..], 5, &table_other),
+        ];
+        let logits = be.forward_every(&batch, &[true, false]).unwrap();
+        assert_eq!(logits.rows(), 11 + 1);
+        for p in 3..14 {
+            let got = logits.row(p - 3).unwrap();
+            assert_close(got, &want[p], 3e-3, &format!("position {p}"));
+        }
+        assert_close(logits.row(11).unwrap(), &want_other[5], 3e-3, "the decode");
+        // Nothing asked: the plain forward.
+        let rows = be
+            .forward_every(&[step(&seq[..1], 0, &[30])], &[false])
+            .unwrap();
+        assert_eq!(rows.rows(), 1);
+    }
+}

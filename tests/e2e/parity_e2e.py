@@ -1,6 +1,6 @@
 #!/usr/bin/env python3
 """OpenAI-API parity checks (issue 18) through the official `openai` client, against one
-running server: n > 1, logit_bias, echo, token-id and batched prompts, stop_token_ids,
+running server: n > 1, logit_bias, echo (with prompt logprobs), token-id and batched prompts, stop_token_ids,
 min_tokens, penalties, /tokenize and /detokenize, and human 400s for bad fields.
 
 Usage: parity_e2e.py BASE_URL [--model M]
@@ -166,6 +166,51 @@ class Parity:
         expect(by_ids.choices[0].text.startswith(prompt),
                f"echo of a token-id prompt gave {by_ids.choices[0].text!r}")
         return None
+
+    def echo_logprobs(self):
+        prompt = "The capital of France is"
+        whole = self.complete(prompt, echo=True, logprobs=2, max_tokens=4)
+        c, u = whole.choices[0], whole.usage
+        lp = c.logprobs
+        expect(c.text.startswith(prompt), f"echo gave {c.text!r}")
+        expect(len(lp.tokens) == u.prompt_tokens + u.completion_tokens,
+               f"{len(lp.tokens)} logprob tokens for {u.prompt_tokens} + {u.completion_tokens}")
+        expect(lp.token_logprobs[0] is None and lp.top_logprobs[0] is None,
+               f"the first prompt token has a logprob: {lp.token_logprobs[0]}")
+        expect(all(x is not None and x <= 0 for x in lp.token_logprobs[1:]),
+               f"token_logprobs {lp.token_logprobs}")
+        expect(all(1 <= len(t) <= 2 for t in lp.top_logprobs[1:]), f"top {lp.top_logprobs}")
+        expect("".join(lp.tokens).endswith(c.text), f"tokens {lp.tokens} vs text {c.text!r}")
+        expect(lp.text_offset == sorted(lp.text_offset), f"text_offset {lp.text_offset}")
+        # The generated part is what it is without echo.
+        plain = self.complete(prompt, logprobs=2, max_tokens=4).choices[0].logprobs
+        got = lp.token_logprobs[u.prompt_tokens:]
+        expect(lp.tokens[u.prompt_tokens:] == plain.tokens
+               and all(abs(a - b) < 1e-2 for a, b in zip(got, plain.token_logprobs)),
+               f"generated logprobs {got} vs {plain.token_logprobs} without echo")
+        # A prompt token's logprob is the model's: forcing that token after its prefix
+        # (logit_bias +100; logprobs are of the unbiased distribution) reports the same.
+        ids = self.tokenize(prompt, special=True)
+        expect(len(ids) == u.prompt_tokens, f"/tokenize {ids} vs usage {u}")
+        k = 3
+        forced = self.complete(ids[:k], max_tokens=1, logprobs=0,
+                               logit_bias={str(ids[k]): 100}).choices[0].logprobs
+        expect(abs(forced.token_logprobs[0] - lp.token_logprobs[k]) < 1e-2,
+               f"prompt token {k}: {lp.token_logprobs[k]} echoed, {forced.token_logprobs[0]} forced")
+        streamed, _, _ = self.complete_stream(prompt, echo=True, logprobs=2, max_tokens=4)
+        expect(streamed[0] == c.text, f"streamed {streamed[0]!r} vs {c.text!r}")
+        two = self.complete(prompt, echo=True, logprobs=1, max_tokens=2, n=2)
+        expect(all(x.logprobs.token_logprobs[1] == lp.token_logprobs[1] for x in two.choices),
+               f"n=2: {[x.logprobs.token_logprobs[:3] for x in two.choices]}")
+        # Computed in one step: a prompt past a step's budget is a clear 400.
+        try:
+            self.complete("hello " * 2100, echo=True, logprobs=1, max_tokens=1)
+        except openai.BadRequestError as err:
+            msg = (err.body or {}).get("message", "") if isinstance(err.body, dict) else ""
+            expect("prompt logprobs" in msg, f"long prompt: {err.body}")
+        else:
+            raise CheckFailed("a 2100-token prompt with echo and logprobs was accepted")
+        return f"{lp.tokens[1]!r} {lp.token_logprobs[1]:.3f}"
 
     def prompt_forms(self):
         prompt = "The capital of France is"
@@ -469,6 +514,17 @@ class Tools:
             {"type": "json_schema", "json_schema": {"name": "x"}},
             {"type": "xml"},
         ]
+        remote = {"type": "object", "properties": {"a": {"$ref": "https://example.com/a.json"}}}
+        bad.append({"type": "json_schema", "json_schema": {"name": "x", "schema": remote}})
+        for extra in ({"min_tokens": 5}, {"ignore_eos": True}):
+            try:
+                self.chat(ask, response_format={"type": "json_object"}, max_tokens=4,
+                          extra_body=extra)
+            except openai.BadRequestError as err:
+                body = err.body if isinstance(err.body, dict) else {}
+                expect(body.get("param") == next(iter(extra)), f"{extra}: {body}")
+                continue
+            raise CheckFailed(f"json_object with {extra} was accepted")
         for fmt in bad:
             try:
                 self.chat(ask, response_format=fmt, max_tokens=4)
@@ -496,6 +552,7 @@ def main():
     p.check("n=3 distinct hot, identical greedy (streaming and not)", p.n_samples)
     p.check("logit_bias -100 bans, +100 forces", p.logit_bias)
     p.check("echo returns the prompt", p.echo)
+    p.check("echo with logprobs: the prompt's logprobs", p.echo_logprobs)
     p.check("token-id and batched prompts", p.prompt_forms)
     p.check("stop_token_ids and min_tokens", p.stop_ids_and_min_tokens)
     p.check("presence and frequency penalties", p.penalties)
@@ -508,7 +565,8 @@ def main():
     p.check("tool_choice required", t.required_tool_call)
     p.check("response_format json_object", t.json_object)
     p.check("response_format json_schema: four schemas (streaming and not)", t.json_schemas)
-    p.check("invalid schemas are 400s naming response_format", t.invalid_schemas)
+    p.check("invalid schemas, remote $ref, grammar with min_tokens/ignore_eos are 400s",
+            t.invalid_schemas)
     print(f"parity: {p.passed} passed, 0 failed", flush=True)
     return 0
 

@@ -21,6 +21,7 @@ use std::sync::{Arc, Condvar, Mutex};
 use std::thread;
 use std::time::{Duration, Instant};
 use tokio::sync::oneshot;
+use turbine_kernels::backend::Logits as KLogits;
 use turbine_kernels::backend::{Backend, BackendError, SeqStep};
 use turbine_kernels::sampling as ksampling;
 use turbine_runtime::SharedClock;
@@ -43,6 +44,10 @@ pub struct SampleSpec {
     pub allowed: Option<MaskSlot>,
     /// Top alternatives to report with the token's logprob, if logprobs were asked for.
     pub logprobs: Option<u32>,
+    /// `Some(k)` on a prompt's one step when the request asked for prompt logprobs: every
+    /// position's logits are computed (`Backend::forward_every`) and each prompt token
+    /// after the first gets its logprob and `k` alternatives.
+    pub prompt_logprobs: Option<u32>,
 }
 
 /// A token mask that is computed while the step's forward pass runs: the worker fills it
@@ -463,7 +468,33 @@ fn run_step(
         };
         rows.push(sample_row(spec));
     }
-    let drawn = if host_sampling || constrained {
+    let every: Vec<bool> = batch
+        .iter()
+        .map(|e| {
+            e.sample
+                .as_ref()
+                .is_some_and(|s| s.prompt_logprobs.is_some())
+        })
+        .collect();
+    let mut prompt_rows: Vec<Option<Vec<TokenLogprob>>> = vec![None; wanted.len()];
+    let drawn = if every.contains(&true) {
+        // Prompt logprobs: every position's logits, read here; each sampling row is the
+        // last of its step's rows, sampled on the host.
+        let all = backend.forward_every(&steps, &every)?;
+        let (logits, prompts) =
+            split_every(&all, batch, &every).map_err(|reason| ExecError::Sampling {
+                request: batch[0].seq.request,
+                reason,
+            })?;
+        for (slot, lps) in prompt_rows.iter_mut().zip(prompts) {
+            *slot = lps;
+        }
+        let masks = wait_masks(&wanted)?;
+        for (row, mask) in rows.iter_mut().zip(&masks) {
+            row.allowed = mask.as_deref();
+        }
+        ksampling::sample_rows_on_host(&logits, &rows)
+    } else if host_sampling || constrained {
         let logits = backend.forward(&steps)?;
         if logits.rows() < rows.len() {
             return Err(ExecError::Sampling {
@@ -471,18 +502,7 @@ fn run_step(
                 reason: "backend returned too few logits rows".into(),
             });
         }
-        // The masks were computed while the forward pass ran; wait for the last of them.
-        let mut masks: Vec<Option<Vec<u32>>> = Vec::with_capacity(wanted.len());
-        for e in &wanted {
-            let mask = match e.sample.as_ref().and_then(|s| s.allowed.as_ref()) {
-                Some(slot) => Some(slot.wait().map_err(|reason| ExecError::Sampling {
-                    request: e.seq.request,
-                    reason: format!("grammar: {reason}"),
-                })?),
-                None => None,
-            };
-            masks.push(mask);
-        }
+        let masks = wait_masks(&wanted)?;
         for (row, mask) in rows.iter_mut().zip(&masks) {
             row.allowed = mask.as_deref();
         }
@@ -513,9 +533,78 @@ fn run_step(
                 logprob: sampled.logprob.unwrap_or(f32::NEG_INFINITY),
                 top: sampled.top_logprobs.clone(),
             }),
+            prompt_logprobs: prompt_rows.get_mut(i).and_then(Option::take),
         });
     }
     Ok(out)
+}
+
+/// The grammar masks of the sampled rows, in order. They were computed while the forward
+/// pass ran; this waits for the last of them.
+fn wait_masks(wanted: &[&ExecSeq]) -> Result<Vec<Option<Vec<u32>>>, ExecError> {
+    let mut masks = Vec::with_capacity(wanted.len());
+    for e in wanted {
+        let mask = match e.sample.as_ref().and_then(|s| s.allowed.as_ref()) {
+            Some(slot) => Some(slot.wait().map_err(|reason| ExecError::Sampling {
+                request: e.seq.request,
+                reason: format!("grammar: {reason}"),
+            })?),
+            None => None,
+        };
+        masks.push(mask);
+    }
+    Ok(masks)
+}
+
+/// The sampling rows of a step and, per sampled step, its prompt logprobs.
+type EveryRows = (KLogits, Vec<Option<Vec<TokenLogprob>>>);
+
+/// Splits `Backend::forward_every`'s rows into the sampling rows (one per step that wants
+/// logits: the last row of an `every` step) and, for each sampled step in order, the
+/// logprobs of its prompt tokens after the first (`Some` for the `every` steps): row `j`
+/// predicts token `j + 1`.
+
+fn split_every(all: &KLogits, batch: &[ExecSeq], every: &[bool]) -> Result<EveryRows, String> {
+    let mut sampling = Vec::new();
+    let mut prompts = Vec::new();
+    let mut r = 0;
+    let row = |r: usize| {
+        all.row(r)
+            .ok_or_else(|| "the backend returned too few logits rows".to_string())
+    };
+    for (e, &full) in batch.iter().zip(every) {
+        if full {
+            let tokens = &e.seq.tokens;
+            let top = e
+                .sample
+                .as_ref()
+                .and_then(|s| s.prompt_logprobs)
+                .unwrap_or(0);
+            let mut lps = Vec::with_capacity(tokens.len().saturating_sub(1));
+            for (j, &next) in tokens.iter().enumerate().skip(1) {
+                let (logprob, top) = ksampling::token_logprob(row(r + j - 1)?, next, top as usize);
+                lps.push(TokenLogprob {
+                    token_id: next,
+                    logprob,
+                    top,
+                });
+            }
+            r += tokens.len();
+            sampling.extend_from_slice(row(r - 1)?);
+            prompts.push(Some(lps));
+        } else if e.seq.want_logits {
+            sampling.extend_from_slice(row(r)?);
+            r += 1;
+            prompts.push(None);
+        }
+    }
+    Ok((
+        KLogits {
+            vocab: all.vocab,
+            data: sampling,
+        },
+        prompts,
+    ))
 }
 
 /// Seed of the stream that draws token number `index` of a request seeded with `seed`.

@@ -63,6 +63,9 @@ pub struct Delta {
     pub token_ids: Vec<u32>,
     /// One entry per token in `token_ids` when logprobs were requested.
     pub logprobs: Option<Vec<TokenLogprobs>>,
+    /// On the first delta of a request with `sampling.prompt_logprobs`: one entry per
+    /// prompt token, the first with a NaN logprob (nothing precedes it).
+    pub prompt_logprobs: Option<Vec<TokenLogprobs>>,
     /// Set on the last delta of the stream.
     pub finish: Option<FinishReason>,
     /// Running token counts; engines should set it at least on the first and the last delta.

@@ -107,6 +107,7 @@ pub const FIELDS: &[Field] = &[
     f("verbosity", Chat, Refused("this model has no verbosity setting"), "a string"),
     f("web_search_options", Chat, Refused("web search is not served"), "an object"),
     f("suffix", Completion, Refused("insertion (`suffix`) is not served"), "a string"),
+    f("prompt_logprobs", Both, Refused("vLLM's `prompt_logprobs` output is not served; on /v1/completions, `echo` with `logprobs` returns the prompt's logprobs"), "an integer"),
 ];
 
 /// The row for `name` on `endpoint`, if the field exists there.

@@ -64,6 +64,9 @@ pub struct Generation {
     started: Instant,
     last_output_at: Option<Instant>,
     metrics: HttpMetrics,
+    /// `echo`: the prompt's text, sent before the first delta's text (with the prompt's
+    /// logprobs, which come with that delta, when they were asked for).
+    echo: Option<String>,
 }
 
 impl Generation {
@@ -82,7 +85,14 @@ impl Generation {
             started,
             last_output_at: None,
             metrics,
+            echo: None,
         }
+    }
+
+    /// Starts the choice's text with `echo` (completions' `echo`).
+    pub fn with_echo(mut self, echo: Option<String>) -> Self {
+        self.echo = echo;
+        self
     }
 
     /// The next event, or `None` after the final `Finished`/`Failed`.
@@ -102,7 +112,13 @@ impl Generation {
         }
     }
 
-    fn on_delta(&mut self, delta: Delta) {
+    fn on_delta(&mut self, mut delta: Delta) {
+        if let Some(text) = self.echo.take() {
+            let logprobs = delta.prompt_logprobs.take().unwrap_or_default();
+            if !text.is_empty() || !logprobs.is_empty() {
+                self.pending.push_back(GenEvent::Text { text, logprobs });
+            }
+        }
         if let Some(usage) = delta.usage {
             self.usage = usage;
         }

@@ -369,8 +369,14 @@ async fn generate(
     let n = req.n as usize;
     let total = req.num_choices();
     let mut choices: Vec<Option<Bounded>> = (0..total).map(|_| None).collect();
+    let echo = |index: usize| {
+        echoes
+            .as_ref()
+            .and_then(|t| t.get(index / n.max(1)).cloned())
+    };
     for p in 0..req.prompts.len() {
-        choices[p * n] = Some(start_choice(state, &req, p * n, started, deadline).await?);
+        let first = start_choice(state, &req, p * n, echo(p * n), started, deadline).await?;
+        choices[p * n] = Some(first);
     }
     // Each prompt's first event: a refusal found before any token is the response's status.
     for p in 0..req.prompts.len() {
@@ -384,7 +390,7 @@ async fn generate(
     }
     for (index, slot) in choices.iter_mut().enumerate() {
         if slot.is_none() {
-            *slot = Some(start_choice(state, &req, index, started, deadline).await?);
+            *slot = Some(start_choice(state, &req, index, echo(index), started, deadline).await?);
         }
     }
     let tools = req
@@ -393,7 +399,7 @@ async fn generate(
         .clone()
         .filter(|t| t.parses())
         .map(Arc::new);
-    let merged = merge(choices, echoes, n, tools);
+    let merged = merge(choices, tools);
     if req.request.stream {
         Ok(sse_response(
             merged,
@@ -421,6 +427,7 @@ async fn start_choice(
     state: &AppState,
     req: &Validated,
     index: usize,
+    echo: Option<String>,
     started: Instant,
     deadline: Option<Deadline>,
 ) -> Result<Bounded, ApiError> {
@@ -439,42 +446,24 @@ async fn start_choice(
     }
     .map_err(to_api)?;
     Ok(Bounded {
-        generation: Some(Generation::new(
-            deltas,
-            &stop,
-            started,
-            state.metrics.http().clone(),
-        )),
+        generation: Some(
+            Generation::new(deltas, &stop, started, state.metrics.http().clone()).with_echo(echo),
+        ),
         deadline,
         replay: None,
     })
 }
 
-/// Every choice's events as one stream of (choice index, event), in arrival order; with
-/// `echoes`, each choice starts with its prompt's text.
-fn merge(
-    choices: Vec<Option<Bounded>>,
-    echoes: Option<Vec<String>>,
-    n: usize,
-    tools: Option<Arc<ToolSetup>>,
-) -> Merged {
+/// Every choice's events as one stream of (choice index, event), in arrival order.
+fn merge(choices: Vec<Option<Bounded>>, tools: Option<Arc<ToolSetup>>) -> Merged {
     let streams = choices
         .into_iter()
         .enumerate()
         .filter_map(|(index, choice)| {
             let generation = choice?;
-            let echo = echoes
-                .as_ref()
-                .and_then(|texts| texts.get(index / n.max(1)))
-                .filter(|text| !text.is_empty())
-                .map(|text| GenEvent::Text {
-                    text: text.clone(),
-                    logprobs: Vec::new(),
-                });
-            let events = futures::stream::iter(echo).chain(futures::stream::unfold(
-                generation,
-                |mut generation| async move { generation.next().await.map(|e| (e, generation)) },
-            ));
+            let events = futures::stream::unfold(generation, |mut generation| async move {
+                generation.next().await.map(|e| (e, generation))
+            });
             let events = match &tools {
                 Some(tools) => with_tools(events.boxed(), tools.clone()),
                 None => events.boxed(),

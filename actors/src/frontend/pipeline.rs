@@ -10,7 +10,7 @@ use crate::frontend::{
     ChatEngine, Delta, DeltaStream, EngineError, GenerateRequest, Prompt, Usage,
 };
 use crate::preprocessor::codec::ModelCodec;
-use crate::protocol::{FinishReason, StopConditions, TokenOutput};
+use crate::protocol::{FinishReason, StopConditions, TokenLogprob, TokenOutput};
 use crate::router::dispatch::{DispatchRequest, Dispatcher};
 use crate::router::migrating::MigratingStream;
 use async_trait::async_trait;
@@ -97,6 +97,7 @@ impl ChatEngine for Pipeline {
                 .map_err(|e| EngineError::Internal(format!("checking the grammar: {e}")))??;
         }
         let prompt_len = token_ids.len();
+        let token_ids_first = token_ids.first().copied();
         if prompt_len == 0 {
             return Err(EngineError::InvalidRequest("the prompt is empty".into()));
         }
@@ -132,6 +133,7 @@ impl ChatEngine for Pipeline {
         )
         .await?;
         let state = Detokenize {
+            first_prompt_token: req.sampling.prompt_logprobs.and(token_ids_first),
             codec: self.codec.clone(),
             decoder: self.codec.decoder(),
             prompt_tokens: prompt_len as u32,
@@ -158,6 +160,9 @@ fn stop_token_ids(model: &[u32], client: &[u32], ignore_eos: bool) -> Vec<u32> {
 }
 
 struct Detokenize {
+    /// The prompt's first token, when its logprobs were asked for: it heads the prompt
+    /// logprobs with no logprob of its own.
+    first_prompt_token: Option<u32>,
     codec: Arc<ModelCodec>,
     decoder: IncrementalDecoder,
     prompt_tokens: u32,
@@ -203,6 +208,18 @@ impl Detokenize {
                 .logprobs
                 .as_ref()
                 .map(|lps| lps.iter().map(|lp| self.codec.logprobs(lp)).collect()),
+            prompt_logprobs: out.prompt_logprobs.as_ref().map(|lps| {
+                let first = self.first_prompt_token.map(|token_id| TokenLogprob {
+                    token_id,
+                    logprob: f32::NAN,
+                    top: Vec::new(),
+                });
+                first
+                    .iter()
+                    .chain(lps)
+                    .map(|lp| self.codec.logprobs(lp))
+                    .collect()
+            }),
             token_ids: out.token_ids,
             finish: out.finish,
             usage,

@@ -107,14 +107,16 @@ fn extend_completion_logprobs(
 ) {
     for entry in entries {
         into.tokens.push(entry.token.clone());
-        into.token_logprobs.push(entry.logprob);
-        into.top_logprobs.push(
+        // An echoed prompt's first token has no logprob (NaN): null, as OpenAI sends it.
+        let known = !entry.logprob.is_nan();
+        into.token_logprobs.push(known.then_some(entry.logprob));
+        into.top_logprobs.push(known.then(|| {
             entry
                 .top
                 .iter()
                 .map(|top| (top.token.clone(), serde_json::Value::from(top.logprob)))
-                .collect(),
-        );
+                .collect()
+        }));
         into.text_offset.push(*offset);
         *offset = offset.saturating_add(u32::try_from(entry.token.len()).unwrap_or(u32::MAX));
     }

@@ -101,6 +101,18 @@ pub fn chat_request(
     };
     let tools = tool_setup(req.tools, req.tool_choice, req.parallel_tool_calls)?;
     let forced = tools.as_ref().and_then(tool_grammar);
+    if let (Some(setup), Some(_)) = (&tools, &forced) {
+        // The arguments of a forced call are enforced, so their schema must be complete.
+        for (i, t) in setup.tools.iter().enumerate() {
+            let allowed = match &setup.choice {
+                ToolChoice::Named(name) => &t.name == name,
+                _ => true,
+            };
+            if allowed {
+                local_refs_only(&format!("tools[{i}].function.parameters"), &t.parameters)?;
+            }
+        }
+    }
     let grammar = match (format, forced) {
         (Some(_), Some(_)) => {
             return Err(ApiError::field(
@@ -118,6 +130,26 @@ pub fn chat_request(
         logprobs,
         false,
     )?;
+    if grammar.is_some() {
+        let why = |name: &str, what: &str| {
+            ApiError::field(
+                name,
+                format!("`{name}` cannot be combined with `response_format` or a forced tool call (`tool_choice` \"required\" or a named function): {what}"),
+            )
+        };
+        if validated.request.sampling.min_tokens > 0 {
+            return Err(why(
+                "min_tokens",
+                "the grammar decides where the output ends, and once it is complete only end-of-sequence may follow",
+            ));
+        }
+        if validated.request.ignore_eos {
+            return Err(why(
+                "ignore_eos",
+                "once the grammar is complete only end-of-sequence may follow, so the output could not go on",
+            ));
+        }
+    }
     validated.request.tools = tools;
     validated.request.sampling.grammar = grammar;
     Ok(validated)
@@ -134,12 +166,6 @@ pub fn completion_request(body: &[u8], model_id: &str) -> Result<Validated, ApiE
         .map(|k| top_logprobs("logprobs", k))
         .transpose()?;
     let echo = req.echo.unwrap_or(false);
-    if echo && logprobs.is_some() {
-        return Err(ApiError::field(
-            "echo",
-            "`echo` together with `logprobs` is not supported: the prompt's logprobs are not computed",
-        ));
-    }
     if let Some(best_of) = req.best_of {
         if best_of != req.common.n.unwrap_or(1) {
             return Err(ApiError::field(
@@ -149,7 +175,12 @@ pub fn completion_request(body: &[u8], model_id: &str) -> Result<Validated, ApiE
         }
     }
     let max_tokens = req.common.max_tokens.map(|n| ("max_tokens", n));
-    common(req.common, model_id, prompts, max_tokens, logprobs, echo)
+    let mut validated = common(req.common, model_id, prompts, max_tokens, logprobs, echo)?;
+    // `echo` with `logprobs`: the echoed prompt's tokens come with their logprobs too.
+    if echo {
+        validated.request.sampling.prompt_logprobs = logprobs;
+    }
+    Ok(validated)
 }
 
 /// Validates a POST /tokenize body: the prompt (text or chat messages, rendered as a chat
@@ -270,7 +301,10 @@ fn response_format(format: &Value) -> Result<Option<Grammar>, ApiError> {
                 ));
             }
             match spec.get("schema") {
-                Some(schema @ (Value::Object(_) | Value::Bool(_))) => Ok(Some(json_grammar(schema))),
+                Some(schema @ (Value::Object(_) | Value::Bool(_))) => {
+                    local_refs_only("response_format.json_schema.schema", schema)?;
+                    Ok(Some(json_grammar(schema)))
+                }
                 None => Err(ApiError::field(
                     "response_format.json_schema.schema",
                     "`response_format.json_schema.schema` (a JSON schema) is required",
@@ -291,6 +325,27 @@ fn response_format(format: &Value) -> Result<Option<Grammar>, ApiError> {
             format,
             "an object with a `type` (\"text\", \"json_object\" or \"json_schema\")",
         )),
+    }
+}
+
+/// Refuses a schema with a `$ref` outside the document (`https://...`, `other.json#...`):
+/// turbine fetches nothing over the network, so it could not be enforced. Local refs
+/// (`#`, `#/$defs/...`) are resolved by the grammar engine.
+pub fn local_refs_only(param: &str, schema: &Value) -> Result<(), ApiError> {
+    match schema {
+        Value::Object(o) => {
+            if let Some(Value::String(target)) = o.get("$ref") {
+                if !target.starts_with('#') {
+                    return Err(ApiError::field(
+                        param,
+                        format!("`{param}` refers to {target:?} with `$ref`: only references inside the schema (\"#/$defs/...\") are served; turbine fetches nothing, so put the referenced schema under `$defs`"),
+                    ));
+                }
+            }
+            o.values().try_for_each(|v| local_refs_only(param, v))
+        }
+        Value::Array(items) => items.iter().try_for_each(|v| local_refs_only(param, v)),
+        _ => Ok(()),
     }
 }
 
@@ -1005,6 +1060,7 @@ fn sampling(fields: &CommonFields) -> Result<SamplingParams, ApiError> {
             .min_tokens
             .map_or(0, |m| u32::try_from(m).unwrap_or(u32::MAX)),
         grammar: None,
+        prompt_logprobs: None,
     })
 }
 
@@ -1237,10 +1293,14 @@ mod tests {
     }
 
     #[test]
-    fn echo_is_read_and_refused_with_logprobs() {
-        assert!(completion(r#"{"prompt":"a","echo":true}"#).unwrap().echo);
-        let err = completion(r#"{"prompt":"a","echo":true,"logprobs":1}"#).unwrap_err();
-        assert_eq!(err.param.as_deref(), Some("echo"));
+    fn echo_with_logprobs_asks_for_prompt_logprobs() {
+        let plain = completion(r#"{"prompt":"a","echo":true}"#).unwrap();
+        assert!(plain.echo);
+        assert_eq!(plain.request.sampling.prompt_logprobs, None);
+        let both = completion(r#"{"prompt":"a","echo":true,"logprobs":2}"#).unwrap();
+        assert_eq!(both.request.sampling.prompt_logprobs, Some(2));
+        let no_echo = completion(r#"{"prompt":"a","logprobs":2}"#).unwrap();
+        assert_eq!(no_echo.request.sampling.prompt_logprobs, None);
     }
 
     #[test]
@@ -1282,6 +1342,47 @@ mod tests {
             let err = chat(&format!(r#"{{{base},"response_format":{bad}}}"#)).unwrap_err();
             assert_eq!(err.param.as_deref(), Some(param), "{bad}: {}", err.message);
         }
+    }
+
+    #[test]
+    fn grammars_refuse_min_tokens_ignore_eos_and_remote_refs() {
+        let base = r#""messages":[{"role":"user","content":"x"}]"#;
+        let json = r#""response_format":{"type":"json_object"}"#;
+        for (extra, param) in [
+            (r#""min_tokens":3"#, "min_tokens"),
+            (r#""ignore_eos":true"#, "ignore_eos"),
+        ] {
+            let err = chat(&format!("{{{base},{json},{extra}}}")).unwrap_err();
+            assert_eq!(err.param.as_deref(), Some(param), "{}", err.message);
+            assert!(err.message.contains("response_format"), "{}", err.message);
+            // Without a grammar both are served.
+            assert!(chat(&format!("{{{base},{extra}}}")).is_ok());
+        }
+        assert!(chat(&format!(r#"{{{base},{json},"min_tokens":0}}"#)).is_ok());
+        let schema = |s: &str| {
+            format!(
+                r#"{{{base},"response_format":{{"type":"json_schema","json_schema":{{"name":"n","schema":{s}}}}}}}"#
+            )
+        };
+        let remote =
+            r#"{"type":"object","properties":{"a":{"$ref":"https://example.com/a.json"}}}"#;
+        let err = chat(&schema(remote)).unwrap_err();
+        assert_eq!(
+            err.param.as_deref(),
+            Some("response_format.json_schema.schema")
+        );
+        assert!(
+            err.message.contains("https://example.com/a.json"),
+            "{}",
+            err.message
+        );
+        let local = r##"{"$defs":{"a":{"type":"integer"}},"type":"object","properties":{"a":{"$ref":"#/$defs/a"}}}"##;
+        assert!(chat(&schema(local)).is_ok());
+        let tools = r#""tools":[{"type":"function","function":{"name":"f","parameters":{"$ref":"other.json"}}}]"#;
+        let err = chat(&format!(r#"{{{base},{tools},"tool_choice":"required"}}"#)).unwrap_err();
+        assert_eq!(err.param.as_deref(), Some("tools[0].function.parameters"));
+        // Shown to the model, not enforced: accepted under "auto".
+        assert!(chat(&format!("{{{base},{tools}}}")).is_ok());
     }
 
     #[test]

@@ -539,7 +539,13 @@ impl Dispatcher {
             return Err(DispatchError::NoWorker("no router is available".into()));
         };
         let pre = self.preprocessed(id, req);
-        if let Some(settings) = self.disagg.get() {
+        // Prompt logprobs are read from the prompt's own step, so the worker that
+        // decodes computes the prompt (never a prefill worker).
+        let disagg = self
+            .disagg
+            .get()
+            .filter(|_| pre.sampling.prompt_logprobs.is_none());
+        if let Some(settings) = disagg {
             return crate::disagg::flow::dispatch(self, settings, router, route, pre).await;
         }
         let decision = match router.call(RouterRequest::Route(route)).await {
@@ -599,6 +605,8 @@ impl Dispatcher {
                 return self.dispatch_as(id, req).await;
             }
             (Some(HintMode::Aggregated), _) | (None, None) => None,
+            // Prompt logprobs: the decode worker computes the prompt (see `dispatch_as`).
+            (_, Some(_)) if req.sampling.prompt_logprobs.is_some() => None,
             (_, Some(prefill)) => match self.disagg.get() {
                 Some(settings) if self.has_worker(prefill) => Some((settings, prefill)),
                 _ => {

@@ -145,6 +145,8 @@ impl Progress {
         let done = self.generated.len() as u32;
         req.stop.max_tokens = req.stop.max_tokens.saturating_sub(done);
         req.generated_before = self.original.generated_before + done;
+        // The client has the prompt's logprobs already (they came with the first token).
+        req.sampling.prompt_logprobs = None;
         req
     }
 
@@ -207,6 +209,7 @@ impl Progress {
             logprobs: None,
             finish: Some(finish),
             cached_tokens: None,
+            prompt_logprobs: None,
         })
     }
 
@@ -268,6 +271,7 @@ mod tests {
             logprobs: None,
             finish: None,
             cached_tokens: None,
+            prompt_logprobs: None,
         }
     }
 

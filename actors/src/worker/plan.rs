@@ -92,6 +92,10 @@ pub struct SampledToken {
     pub token: TokenId,
     /// Filled when the request asked for logprobs.
     pub logprob: Option<TokenLogprob>,
+    /// Filled on the prompt's step when the request asked for prompt logprobs: one entry
+    /// per prompt token after the first.
+    #[serde(default)]
+    pub prompt_logprobs: Option<Vec<TokenLogprob>>,
 }
 
 impl SampledToken {
@@ -100,6 +104,7 @@ impl SampledToken {
             request,
             token,
             logprob: None,
+            prompt_logprobs: None,
         }
     }
 }

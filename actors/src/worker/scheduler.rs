@@ -16,7 +16,9 @@
 //! and samples the *next* token: nothing is emitted twice. The oldest running sequence can
 //! always progress because admission refuses requests that could not fit the pool alone.
 
-use super::block_manager::{AllocError, BlockManager, BlockStats, InvariantViolation, StartKind};
+use super::block_manager::{
+    AllocError, BlockManager, BlockStats, InvariantViolation, PrefixHit, StartKind,
+};
 use super::config::{ConfigError, SchedulerConfig};
 use super::plan::{SampledToken, ScheduledSeq, StepId, StepPlan};
 use super::sequence::{Phase, Sequence};
@@ -58,6 +60,15 @@ pub enum AdmitError {
     /// The request's grammar (`response_format`, a forced tool call) cannot be enforced here.
     #[error("constrained decoding: {0}")]
     Grammar(String),
+    /// Prompt logprobs are computed in one step, so the prompt must fit one step's budget.
+    #[error(
+        "prompt logprobs need the whole prompt in one step: the prompt has {prompt_len} \
+         tokens, a step at most {max_num_batched_tokens}"
+    )]
+    PromptLogprobsTooLong {
+        prompt_len: usize,
+        max_num_batched_tokens: usize,
+    },
     /// `add_with_remote_kv`: the first token already ends the request.
     #[error("the request finished with its first token; there is nothing to decode")]
     NothingToDecode,
@@ -233,6 +244,12 @@ impl Scheduler {
                 pool: self.blocks.num_blocks(),
             });
         }
+        if req.sampling.prompt_logprobs.is_some() && prompt_len > self.cfg.max_num_batched_tokens {
+            return Err(AdmitError::PromptLogprobsTooLong {
+                prompt_len,
+                max_num_batched_tokens: self.cfg.max_num_batched_tokens,
+            });
+        }
         let id = req.id;
         let serial = self.next_serial;
         self.next_serial += 1;
@@ -363,6 +380,10 @@ impl Scheduler {
                     _ => None,
                 },
                 cached_tokens: (!seq.first_output_sent).then_some(seq.cached_tokens.unwrap_or(0)),
+                prompt_logprobs: match seq.first_output_sent {
+                    false => sample.prompt_logprobs.clone(),
+                    true => None,
+                },
                 finish,
             };
             seq.first_output_sent = true;
@@ -598,12 +619,18 @@ impl Scheduler {
                 self.waiting.pop_front();
                 continue;
             };
-            let hit = self
-                .blocks
-                .find_cached_prefix(&seq.hashes, seq.tokens.len());
+            // Prompt logprobs: every prompt position computed (a cached one has no
+            // logits), in one step, so the executor sees the whole prompt at once.
+            let whole = seq.sampling.prompt_logprobs.is_some() && !seq.first_output_sent;
+            let hit = if whole {
+                PrefixHit::default()
+            } else {
+                self.blocks
+                    .find_cached_prefix(&seq.hashes, seq.tokens.len())
+            };
             let hit_tokens = hit.num_tokens();
             let remaining = seq.tokens.len() - hit_tokens;
-            let n = if self.cfg.enable_chunked_prefill {
+            let n = if self.cfg.enable_chunked_prefill && !whole {
                 remaining.min(*budget)
             } else if remaining <= *budget {
                 remaining
@@ -668,6 +695,7 @@ impl Scheduler {
             logprobs: None,
             finish: Some(FinishReason::Error(reason.to_string())),
             cached_tokens,
+            prompt_logprobs: None,
         }
     }
 

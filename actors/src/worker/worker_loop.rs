@@ -55,6 +55,7 @@ fn released() -> TokenOutput {
         logprobs: None,
         finish: Some(FinishReason::Migrate),
         cached_tokens: None,
+        prompt_logprobs: None,
     }
 }
 
@@ -435,6 +436,13 @@ impl EngineLoop {
                             // Filled on a blocking thread while the forward pass runs.
                             allowed: self.constrained.next_mask(seq.request),
                             logprobs: ctx.logprobs,
+                            // The prompt's one step (admission keeps it whole): every
+                            // position's logits, for the prompt's logprobs.
+                            prompt_logprobs: ctx.params.prompt_logprobs.filter(|_| {
+                                seq.start_pos == 0
+                                    && seq.tokens.len() == ctx.prompt_len
+                                    && ctx.generated_before == 0
+                            }),
                         }
                     })
                 });

@@ -231,6 +231,7 @@ fn run_forward(
     pool: &mut PagedKvPool,
     batch: &[SeqStep<'_>],
     splices: &[Splice<'_>],
+    every: &[bool],
 ) -> Logits {
     let c = &m.config;
     let (h, hd, eps) = (c.hidden_size, c.head_dim, c.rms_norm_eps);
@@ -240,7 +241,7 @@ fn run_forward(
     let mut slots = Vec::new();
     let mut token_ids = Vec::new();
     let mut logit_rows = Vec::new();
-    for s in batch {
+    for (si, s) in batch.iter().enumerate() {
         for (i, &t) in s.tokens.iter().enumerate() {
             slots.push(TokenSlot {
                 pos: s.start_pos + i,
@@ -248,7 +249,9 @@ fn run_forward(
             });
             token_ids.push(t);
         }
-        if s.want_logits {
+        if every.get(si).copied().unwrap_or(false) {
+            logit_rows.extend(slots.len() - s.tokens.len()..slots.len());
+        } else if s.want_logits {
             logit_rows.push(slots.len() - 1);
         }
     }
@@ -381,7 +384,22 @@ impl Backend for CpuBackend {
             pool,
             threads,
         } = self;
-        Ok(threads.install(|| run_forward(model, pool, batch, splices)))
+        Ok(threads.install(|| run_forward(model, pool, batch, splices, &[])))
+    }
+
+    /// One pass: the output head runs over every token of the `every` steps.
+    fn forward_every(
+        &mut self,
+        batch: &[SeqStep<'_>],
+        every: &[bool],
+    ) -> Result<Logits, BackendError> {
+        self.validate(batch)?;
+        let CpuBackend {
+            model,
+            pool,
+            threads,
+        } = self;
+        Ok(threads.install(|| run_forward(model, pool, batch, &[], every)))
     }
 
     fn copy_blocks(&mut self, src_dst: &[(u32, u32)]) -> Result<(), BackendError> {
