@@ -70,6 +70,8 @@ fn request(prompt: &[TokenId]) -> PreprocessedRequest {
         logprobs: None,
         salt: 0,
         generated_before: 0,
+        images: Vec::new(),
+        embeds: None,
     }
 }
 

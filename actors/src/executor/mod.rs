@@ -21,7 +21,7 @@ use std::sync::{Arc, Condvar, Mutex};
 use std::thread;
 use std::time::{Duration, Instant};
 use tokio::sync::oneshot;
-use turbine_kernels::backend::{Backend, BackendError, SeqStep};
+use turbine_kernels::backend::{Backend, BackendError, SeqStep, Splice};
 use turbine_kernels::sampling as ksampling;
 use turbine_runtime::SharedClock;
 
@@ -87,6 +87,9 @@ pub struct ExecSeq {
     pub seq: ScheduledSeq,
     /// `Some` exactly when `seq.want_logits`.
     pub sample: Option<SampleSpec>,
+    /// The request's image embeddings (its prompt has images): the positions of this step
+    /// that are placeholders take them instead of their token's embedding.
+    pub embeds: Option<Arc<crate::encoder::PromptEmbeds>>,
 }
 
 /// Why a step failed. The worker fails the step's requests with this message and goes on.
@@ -169,9 +172,22 @@ pub struct Executor {
     /// The model's vocabulary for constrained decoding (none: constrained requests are
     /// refused, e.g. by a simulated engine).
     grammars: Option<Arc<turbine_kernels::grammar::Grammars>>,
+    /// The model's vision tower (none: requests with images are refused).
+    vision: Option<Arc<turbine_kernels::loader::VisionModel>>,
 }
 
 impl Executor {
+    /// This executor with its model's vision tower (a multimodal model).
+    pub fn with_vision(mut self, vision: Arc<turbine_kernels::loader::VisionModel>) -> Self {
+        self.vision = Some(vision);
+        self
+    }
+
+    /// The model's vision tower, if it has one.
+    pub fn vision(&self) -> Option<&Arc<turbine_kernels::loader::VisionModel>> {
+        self.vision.as_ref()
+    }
+
     /// This executor with the grammar engine of its model's vocabulary.
     pub fn with_grammars(mut self, grammars: Arc<turbine_kernels::grammar::Grammars>) -> Self {
         self.grammars = Some(grammars);
@@ -192,6 +208,7 @@ impl Executor {
         Ok(Executor {
             runner: Runner::Thread(jobs),
             grammars: None,
+            vision: None,
         })
     }
 
@@ -219,6 +236,7 @@ impl Executor {
         Ok(Executor {
             runner: Runner::Thread(jobs),
             grammars: None,
+            vision: None,
         })
     }
 
@@ -231,6 +249,7 @@ impl Executor {
                 kv: None,
             },
             grammars: None,
+            vision: None,
         }
     }
 
@@ -248,6 +267,7 @@ impl Executor {
                 kv: Some(kv),
             },
             grammars: None,
+            vision: None,
         }
     }
 
@@ -449,6 +469,21 @@ fn run_step(
             want_logits: e.seq.want_logits,
         })
         .collect();
+    let splices: Vec<Splice<'_>> = batch
+        .iter()
+        .enumerate()
+        .filter_map(|(i, e)| e.embeds.as_ref().map(|emb| (i, e, emb)))
+        .flat_map(|(i, e, emb)| {
+            emb.splices(e.seq.start_pos, e.seq.tokens.len())
+                .into_iter()
+                .map(move |s| Splice {
+                    step: i,
+                    offset: s.offset,
+                    rows: s.rows,
+                    embeds: s.embeds,
+                })
+        })
+        .collect();
     let wanted: Vec<&ExecSeq> = batch.iter().filter(|e| e.seq.want_logits).collect();
     let constrained = wanted
         .iter()
@@ -463,8 +498,8 @@ fn run_step(
         };
         rows.push(sample_row(spec));
     }
-    let drawn = if host_sampling || constrained {
-        let logits = backend.forward(&steps)?;
+    let drawn = if host_sampling || constrained || !splices.is_empty() {
+        let logits = backend.forward_spliced(&steps, &splices)?;
         if logits.rows() < rows.len() {
             return Err(ExecError::Sampling {
                 request: wanted[logits.rows()].seq.request,

@@ -259,6 +259,7 @@ mod tests {
             },
             logprobs: None,
             generated_before: 0,
+            images: Vec::new(),
         }
     }
 
