@@ -312,7 +312,7 @@ fn vlm_cluster(tag: &str, http: u16, plane: u16, groups: &[&str]) -> std::path::
         yaml.push_str(&format!("  - {g}\n"));
     }
     yaml.push_str(&format!(
-        "transport: {{bind: \"127.0.0.1:{plane}\", call_timeout_ms: 10000}}\n\
+        "transport: {{bind: \"127.0.0.1:{plane}\", call_timeout_ms: 3000}}\n\
          discovery: {{backend: embedded, registry: \"tcp://127.0.0.1:{plane}\", lease_ms: 600}}\n"
     ));
     common::cluster_file(tag, &yaml)
@@ -412,7 +412,8 @@ fn an_encoder_process_serves_and_its_loss_costs_no_request() {
         encoder_images(http_port, "encoded") >= 1.0,
         "the encoder process was never used"
     );
-    vlm_driver(http_port, false);
+    // Again: the encoder's cache answers, the worker pulls the embeddings over ZeroMQ.
+    vlm_driver(http_port, true);
     assert!(encoder_images(http_port, "cached") >= 1.0);
 
     drop(encoder);
