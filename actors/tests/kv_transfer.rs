@@ -103,6 +103,7 @@ async fn drive(s: &mut Scheduler, exec: &Executor) -> Vec<TokenId> {
                     allowed: None,
                     logprobs: None,
                 }),
+                embeds: None,
             })
             .collect();
         let sampled = exec.step(batch).await.expect("step");
