@@ -78,7 +78,8 @@ struct WorkerArgs {
     /// first group with `--role`, else the first group with `remote: true`, else 0.
     #[arg(long)]
     group: Option<usize>,
-    /// Run the first group of the file with this role (`aggregated`, `prefill`, `decode`),
+    /// Run the first group of the file with this role (`aggregated`, `prefill`, `decode`,
+    /// `encoder`),
     /// or `router`: the router and its KV index, for frontends whose `router.remote` is set.
     #[arg(long, conflicts_with = "group")]
     role: Option<String>,
@@ -151,7 +152,9 @@ fn pick_group(cfg: &ClusterConfig, group: Option<usize>, role: Option<&str>) -> 
     if let Some(role) = role {
         let wanted: turbine_actors::cluster_config::WorkerRole = serde_yaml::from_str(role)
             .map_err(|_| {
-                anyhow::anyhow!("--role {role:?}: expected aggregated, prefill, decode or router")
+                anyhow::anyhow!(
+                    "--role {role:?}: expected aggregated, prefill, decode, encoder or router"
+                )
             })?;
         return cfg
             .workers

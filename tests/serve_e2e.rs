@@ -265,3 +265,166 @@ fn a_saturated_frontend_refuses_with_429_and_retry_after_and_finishes_what_it_ad
         "RSS went from {idle:.0} MiB to a peak of {peak:.0} MiB ({after:.0} MiB after)"
     );
 }
+
+/// Issue 16, aggregated: `turbine up` serving the tiny Idefics3 fixture (an HF directory with
+/// a vision tower), driven by the official client with images as data: URIs. The answers
+/// equal transformers' greedy tokens (decoded by HF `tokenizers`, committed in
+/// tests/fixtures/tiny-idefics3/serving.json); the same text with another image reuses
+/// none of the first image's KV, the same image again is a prefix-cache hit; bad images are
+/// 400s and the next request is served.
+#[test]
+fn images_through_the_openai_client_match_transformers() {
+    let python = test_python();
+    assert!(
+        python.exists(),
+        "{} is missing: run scripts/setup-test-deps.sh (scripts/test.sh does)",
+        python.display()
+    );
+    let fixture = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/fixtures/tiny-idefics3");
+    let server = spawn_turbine(
+        &["up", "--port", "0", "--no-fetch", "--model", fixture],
+        "turbine serving",
+    );
+    let port = server.http_port();
+    let driver = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/e2e/vlm_e2e.py");
+    let out = Command::new(&python)
+        .arg(driver)
+        .arg(format!("http://127.0.0.1:{port}"))
+        .arg(fixture)
+        .output()
+        .expect("running the vlm driver");
+    let log = String::from_utf8_lossy(&out.stdout);
+    println!("{log}{}", String::from_utf8_lossy(&out.stderr));
+    assert!(out.status.success(), "the vlm driver failed:\n{log}");
+    let (used, running) = wait_until_idle(port);
+    assert_eq!(
+        (used, running),
+        (0.0, 0.0),
+        "KV blocks or requests left over"
+    );
+}
+
+/// A cluster file serving the Idefics3 fixture with `groups` (YAML flow mappings).
+fn vlm_cluster(tag: &str, http: u16, plane: u16, groups: &[&str]) -> std::path::PathBuf {
+    let fixture = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/fixtures/tiny-idefics3");
+    let mut yaml = format!("model: {{path: \"{fixture}\"}}\nhttp: {{port: {http}}}\nworkers:\n");
+    for g in groups {
+        yaml.push_str(&format!("  - {g}\n"));
+    }
+    yaml.push_str(&format!(
+        "transport: {{bind: \"127.0.0.1:{plane}\", call_timeout_ms: 3000}}\n\
+         discovery: {{backend: embedded, registry: \"tcp://127.0.0.1:{plane}\", lease_ms: 600}}\n"
+    ));
+    common::cluster_file(tag, &yaml)
+}
+
+/// Runs tests/e2e/vlm_e2e.py against `port` (`quick`: one request) and fails on its failure.
+fn vlm_driver(port: u16, quick: bool) {
+    let fixture = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/fixtures/tiny-idefics3");
+    let driver = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/e2e/vlm_e2e.py");
+    let mut cmd = Command::new(test_python());
+    cmd.arg(driver)
+        .arg(format!("http://127.0.0.1:{port}"))
+        .arg(fixture);
+    if quick {
+        cmd.arg("--quick");
+    }
+    let out = cmd.output().expect("running the vlm driver");
+    let log = String::from_utf8_lossy(&out.stdout);
+    println!("{log}{}", String::from_utf8_lossy(&out.stderr));
+    assert!(out.status.success(), "the vlm driver failed:\n{log}");
+}
+
+fn encoder_images(port: u16, outcome: &str) -> f64 {
+    common::sample(
+        port,
+        &format!("turbine_encoder_images_total{{outcome=\"{outcome}\"}}"),
+    )
+}
+
+/// Issue 16, E/P/D in one process: an encoder worker beside an aggregated one. Same answers
+/// as in-process encoding (the reference), the encoder's cache serves the repeated image,
+/// no image was left to the worker.
+#[test]
+fn images_through_an_encoder_worker_match_transformers_and_hit_its_cache() {
+    let (http_port, plane) = (common::free_port(), common::free_port());
+    let file = vlm_cluster(
+        "vlm-enc",
+        http_port,
+        plane,
+        &[
+            "{role: encoder, embedding_cache_bytes: 1048576}",
+            "{role: aggregated, kv_blocks: 64, threads: 1}",
+        ],
+    );
+    let _server = spawn_turbine(
+        &["up", "-f", file.to_str().unwrap(), "--no-fetch"],
+        "turbine serving",
+    );
+    vlm_driver(http_port, false);
+    assert!(
+        encoder_images(http_port, "encoded") >= 2.0,
+        "a and b encoded by the encoder"
+    );
+    assert!(
+        encoder_images(http_port, "cached") >= 3.0,
+        "image a again came from the encoder's cache"
+    );
+    assert_eq!(encoder_images(http_port, "local"), 0.0);
+}
+
+/// Issue 16, an encoder in a process of its own (`turbine worker --role encoder`), its
+/// embeddings pulled over ZeroMQ by the frontend process's worker; once it dies, requests
+/// with images are still answered, the same, by the worker encoding them itself.
+#[test]
+fn an_encoder_process_serves_and_its_loss_costs_no_request() {
+    let (http_port, plane) = (common::free_port(), common::free_port());
+    let file = vlm_cluster(
+        "vlm-encp",
+        http_port,
+        plane,
+        &[
+            "{role: encoder, remote: true}",
+            "{role: aggregated, kv_blocks: 64, threads: 1}",
+        ],
+    );
+    let file = file.to_str().unwrap();
+    let _server = spawn_turbine(&["up", "-f", file, "--no-fetch"], "turbine serving");
+    let encoder = spawn_turbine(
+        &[
+            "worker",
+            "-f",
+            file,
+            "--role",
+            "encoder",
+            "--bind",
+            "127.0.0.1:0",
+            "--no-fetch",
+        ],
+        "registered with",
+    );
+    // Discovery tells the frontend soon after; until then the worker encodes (also right).
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while encoder_images(http_port, "encoded") == 0.0 && Instant::now() < deadline {
+        vlm_driver(http_port, true);
+    }
+    assert!(
+        encoder_images(http_port, "encoded") >= 1.0,
+        "the encoder process was never used"
+    );
+    // Again: the encoder's cache answers, the worker pulls the embeddings over ZeroMQ.
+    vlm_driver(http_port, true);
+    assert!(encoder_images(http_port, "cached") >= 1.0);
+
+    drop(encoder);
+    let local = encoder_images(http_port, "local");
+    // Whether the frontend still lists it (lease not yet expired: the call fails) or not,
+    // the answer is the same.
+    vlm_driver(http_port, true);
+    std::thread::sleep(Duration::from_millis(1500));
+    vlm_driver(http_port, true);
+    assert!(
+        encoder_images(http_port, "local") >= local + 2.0,
+        "the worker encoded once the encoder was gone"
+    );
+}

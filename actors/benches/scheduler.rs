@@ -47,6 +47,8 @@ fn request(id: u64, prompt: Vec<TokenId>, max_tokens: u32) -> PreprocessedReques
         logprobs: None,
         salt: 0,
         generated_before: 0,
+        images: Vec::new(),
+        embeds: None,
     }
 }
 

@@ -114,6 +114,9 @@ pub enum WorkerRole {
     Aggregated,
     Prefill,
     Decode,
+    /// Runs the vision tower of a multimodal model: images in, embeddings out over the
+    /// transfer plane to the prefill or aggregated worker (E/P/D). Holds no KV.
+    Encoder,
 }
 
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
@@ -138,6 +141,9 @@ pub struct WorkerGroup {
     /// On SIGTERM a `turbine worker` stops taking requests and lets those in flight run
     /// for up to this long; the rest are released to other workers (migration).
     pub drain_timeout_ms: u64,
+    /// An encoder group: bytes of embeddings its cache keeps (image content hash to
+    /// embeddings, least recently used out; 0 disables it). Ignored by other roles.
+    pub embedding_cache_bytes: usize,
 }
 
 impl Default for WorkerGroup {
@@ -153,6 +159,7 @@ impl Default for WorkerGroup {
             threads: 0,
             remote: false,
             drain_timeout_ms: 30_000,
+            embedding_cache_bytes: 256 << 20,
         }
     }
 }

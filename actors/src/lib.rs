@@ -6,6 +6,7 @@
 
 pub mod cluster_config;
 pub mod disagg;
+pub mod encoder;
 pub mod engine_profile;
 pub mod epp;
 pub mod executor;

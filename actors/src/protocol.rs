@@ -127,6 +127,97 @@ pub struct PreprocessedRequest {
     /// seeded or greedy request draws the tokens it would have drawn on one worker.
     #[serde(default)]
     pub generated_before: u32,
+    /// The prompt's images, in prompt order: each stands behind a run of placeholder
+    /// tokens, salts the KV block hashes from its first one (see
+    /// [`crate::kv::hash::ImageSalts`]) and becomes embeddings on the worker.
+    #[serde(default)]
+    pub images: Vec<PromptImage>,
+    /// The embeddings of `images`' placeholder tokens, once computed (on the worker, or
+    /// pulled from an encoder); never serialized.
+    #[serde(skip)]
+    pub embeds: Option<std::sync::Arc<crate::encoder::PromptEmbeds>>,
+}
+
+impl PreprocessedRequest {
+    /// The salts its images put on its KV block hashes.
+    pub fn image_salts(&self) -> crate::kv::hash::ImageSalts {
+        image_salts(&self.images)
+    }
+}
+
+/// The salts `images` put on a prompt's KV block hashes (the dispatcher's and the
+/// worker's hashes are the same function of the same images).
+pub fn image_salts(images: &[PromptImage]) -> crate::kv::hash::ImageSalts {
+    crate::kv::hash::ImageSalts::new(images.iter().map(|i| (i.first_token as usize, i.hash.0)))
+}
+
+/// One image of a prompt, as it travels to a worker: where its placeholder tokens start,
+/// how many there are, and the image itself as the client sent it (PNG/JPEG/WebP bytes,
+/// already checked by the frontend; smaller on the wire than its pixels).
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PromptImage {
+    pub hash: ImageHash,
+    /// Index in the prompt of its first placeholder token.
+    pub first_token: u32,
+    /// Placeholder tokens that stand for it (its embeddings' rows).
+    pub tokens: u32,
+    #[serde(with = "wire_bytes")]
+    pub encoded: std::sync::Arc<Vec<u8>>,
+    /// Its embeddings on an encoder's transfer plane (E/P/D), if an encoder made them; the
+    /// worker pulls them, or encodes the image itself when they cannot be pulled.
+    #[serde(default)]
+    pub embeds: Option<EmbedsRef>,
+    /// The decoded image where the frontend and the worker share a process (not re-decoded
+    /// there); never serialized.
+    #[serde(skip)]
+    pub decoded: Option<std::sync::Arc<turbine_kernels::vision::RgbImage>>,
+}
+
+/// An image's embeddings pinned on an encoder: `[rows, hidden]` little-endian f32.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct EmbedsRef {
+    pub descriptor: turbine_runtime::transfer::Descriptor,
+    pub rows: u32,
+    pub hidden: u32,
+    /// Served from the encoder's embedding cache.
+    pub cached: bool,
+}
+
+/// Bytes as one MessagePack `bin`, not an array of numbers.
+mod wire_bytes {
+    use serde::{Deserializer, Serializer};
+    use std::sync::Arc;
+
+    pub fn serialize<S: Serializer>(b: &Arc<Vec<u8>>, s: S) -> Result<S::Ok, S::Error> {
+        s.serialize_bytes(b)
+    }
+
+    pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Arc<Vec<u8>>, D::Error> {
+        struct V;
+        impl<'de> serde::de::Visitor<'de> for V {
+            type Value = Vec<u8>;
+            fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+                f.write_str("bytes")
+            }
+            fn visit_bytes<E: serde::de::Error>(self, v: &[u8]) -> Result<Vec<u8>, E> {
+                Ok(v.to_vec())
+            }
+            fn visit_byte_buf<E: serde::de::Error>(self, v: Vec<u8>) -> Result<Vec<u8>, E> {
+                Ok(v)
+            }
+            fn visit_seq<A: serde::de::SeqAccess<'de>>(
+                self,
+                mut a: A,
+            ) -> Result<Vec<u8>, A::Error> {
+                let mut out = Vec::new();
+                while let Some(b) = a.next_element::<u8>()? {
+                    out.push(b);
+                }
+                Ok(out)
+            }
+        }
+        d.deserialize_byte_buf(V).map(Arc::new)
+    }
 }
 
 /// Why a sequence ended.
@@ -228,6 +319,8 @@ pub enum MessagePart {
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct ChatImage {
     pub image: std::sync::Arc<turbine_kernels::vision::RgbImage>,
+    /// The bytes the client sent (what crosses to a worker in another process).
+    pub encoded: std::sync::Arc<Vec<u8>>,
     /// xxh3-64 over the width, height and RGB pixels: the same picture is the same hash
     /// however it was encoded. It salts the prompt's KV block hashes and keys the
     /// encoder's embedding cache.
@@ -235,10 +328,11 @@ pub struct ChatImage {
 }
 
 impl ChatImage {
-    pub fn new(image: turbine_kernels::vision::RgbImage) -> ChatImage {
+    pub fn new(image: turbine_kernels::vision::RgbImage, encoded: Vec<u8>) -> ChatImage {
         let hash = ImageHash::of(&image);
         ChatImage {
             image: std::sync::Arc::new(image),
+            encoded: std::sync::Arc::new(encoded),
             hash,
         }
     }

@@ -208,6 +208,7 @@ async fn the_first_token_reaches_the_client_before_the_kv_descriptor() {
         },
         logprobs: None,
         generated_before: 0,
+        images: Vec::new(),
     };
     // The descriptor is held back: the dispatch and the first token must not wait for it
     // (waiting would last until the 60 s remote-prefill timeout).

@@ -73,6 +73,7 @@ async fn generate(cluster: &LocalCluster, token_ids: Vec<TokenId>) -> Vec<TokenI
             stop: stop(),
             logprobs: None,
             generated_before: 0,
+            images: Vec::new(),
         })
         .await
         .expect("dispatched");
@@ -208,6 +209,8 @@ async fn remote_prefill_equals_aggregated_and_bad_or_expired_descriptors_fall_ba
         logprobs: None,
         salt: 0,
         generated_before: 0,
+        images: Vec::new(),
+        embeds: None,
     };
     let (tokens, outcome) = decode
         .decode_remote(req, reference_other[0], Some(bogus))

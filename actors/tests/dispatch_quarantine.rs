@@ -88,6 +88,7 @@ fn request() -> DispatchRequest {
         },
         logprobs: None,
         generated_before: 0,
+        images: Vec::new(),
     }
 }
 

@@ -70,6 +70,8 @@ fn request(prompt: &[TokenId]) -> PreprocessedRequest {
         logprobs: None,
         salt: 0,
         generated_before: 0,
+        images: Vec::new(),
+        embeds: None,
     }
 }
 
@@ -102,6 +104,7 @@ async fn drive(s: &mut Scheduler, exec: &Executor) -> Vec<TokenId> {
                     logprobs: None,
                     prompt_logprobs: None,
                 }),
+                embeds: None,
             })
             .collect();
         let sampled = exec.step(batch).await.expect("step");

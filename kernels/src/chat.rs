@@ -7,10 +7,16 @@ use serde::{Deserialize, Serialize};
 
 /// One message of a conversation (OpenAI's `{role, content}`, with `tool_calls` and
 /// `tool_call_id` in a tool conversation, as HF templates read them).
-#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+///
+/// A message with `parts` (it holds images) reaches the template with `content` as the
+/// list of parts, `[{"type": "text", "text": ...}, {"type": "image"}]`, as transformers'
+/// processors pass multimodal messages; otherwise `content` is the string.
+#[derive(Clone, Debug, PartialEq, Deserialize)]
 pub struct ChatMessage {
     pub role: String,
     pub content: String,
+    #[serde(skip)]
+    pub parts: Option<Vec<ContentPart>>,
     /// `[{"id", "type": "function", "function": {"name", "arguments": {...}}}]`, arguments
     /// as a JSON object (templates write them with `tojson`).
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -24,9 +30,37 @@ impl ChatMessage {
         ChatMessage {
             role: role.into(),
             content: content.into(),
+            parts: None,
             tool_calls: None,
             tool_call_id: None,
         }
+    }
+}
+
+/// One part of a multimodal message's content, as templates read it.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+#[serde(tag = "type", rename_all = "lowercase")]
+pub enum ContentPart {
+    Text { text: String },
+    Image,
+}
+
+impl Serialize for ChatMessage {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        use serde::ser::SerializeMap;
+        let mut m = s.serialize_map(None)?;
+        m.serialize_entry("role", &self.role)?;
+        match &self.parts {
+            Some(parts) => m.serialize_entry("content", parts)?,
+            None => m.serialize_entry("content", &self.content)?,
+        }
+        if let Some(calls) = &self.tool_calls {
+            m.serialize_entry("tool_calls", calls)?;
+        }
+        if let Some(id) = &self.tool_call_id {
+            m.serialize_entry("tool_call_id", id)?;
+        }
+        m.end()
     }
 }
 
@@ -176,6 +210,20 @@ mod tests {
             .unwrap();
         assert_eq!(out, r#"[f]user;assistant:{"a":1};"#);
         assert!(!ChatTemplate::new(CHATML).unwrap().renders_tools());
+    }
+
+    #[test]
+    fn image_parts_reach_the_template_as_a_list() {
+        let t = "{% for m in messages %}{% if m.content is string %}{{ m.content }}{% else %}{% for p in m.content %}{% if p.type == 'image' %}<image>{% else %}{{ p.text }}{% endif %}{% endfor %}{% endif %};{% endfor %}";
+        let mut m = ChatMessage::new("user", "what?");
+        m.parts = Some(vec![
+            ContentPart::Image,
+            ContentPart::Text {
+                text: "what?".into(),
+            },
+        ]);
+        let out = render_chat(t, &[ChatMessage::new("system", "s"), m], "", "").unwrap();
+        assert_eq!(out, "s;<image>what?;");
     }
 
     #[test]

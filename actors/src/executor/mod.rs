@@ -22,7 +22,7 @@ use std::thread;
 use std::time::{Duration, Instant};
 use tokio::sync::oneshot;
 use turbine_kernels::backend::Logits as KLogits;
-use turbine_kernels::backend::{Backend, BackendError, SeqStep};
+use turbine_kernels::backend::{Backend, BackendError, SeqStep, Splice};
 use turbine_kernels::sampling as ksampling;
 use turbine_runtime::SharedClock;
 
@@ -92,6 +92,9 @@ pub struct ExecSeq {
     pub seq: ScheduledSeq,
     /// `Some` exactly when `seq.want_logits`.
     pub sample: Option<SampleSpec>,
+    /// The request's image embeddings (its prompt has images): the positions of this step
+    /// that are placeholders take them instead of their token's embedding.
+    pub embeds: Option<Arc<crate::encoder::PromptEmbeds>>,
 }
 
 /// Why a step failed. The worker fails the step's requests with this message and goes on.
@@ -174,9 +177,22 @@ pub struct Executor {
     /// The model's vocabulary for constrained decoding (none: constrained requests are
     /// refused, e.g. by a simulated engine).
     grammars: Option<Arc<turbine_kernels::grammar::Grammars>>,
+    /// The model's vision tower (none: requests with images are refused).
+    vision: Option<Arc<turbine_kernels::loader::VisionModel>>,
 }
 
 impl Executor {
+    /// This executor with its model's vision tower (a multimodal model).
+    pub fn with_vision(mut self, vision: Arc<turbine_kernels::loader::VisionModel>) -> Self {
+        self.vision = Some(vision);
+        self
+    }
+
+    /// The model's vision tower, if it has one.
+    pub fn vision(&self) -> Option<&Arc<turbine_kernels::loader::VisionModel>> {
+        self.vision.as_ref()
+    }
+
     /// This executor with the grammar engine of its model's vocabulary.
     pub fn with_grammars(mut self, grammars: Arc<turbine_kernels::grammar::Grammars>) -> Self {
         self.grammars = Some(grammars);
@@ -197,6 +213,7 @@ impl Executor {
         Ok(Executor {
             runner: Runner::Thread(jobs),
             grammars: None,
+            vision: None,
         })
     }
 
@@ -224,6 +241,7 @@ impl Executor {
         Ok(Executor {
             runner: Runner::Thread(jobs),
             grammars: None,
+            vision: None,
         })
     }
 
@@ -236,6 +254,7 @@ impl Executor {
                 kv: None,
             },
             grammars: None,
+            vision: None,
         }
     }
 
@@ -253,6 +272,7 @@ impl Executor {
                 kv: Some(kv),
             },
             grammars: None,
+            vision: None,
         }
     }
 
@@ -454,6 +474,21 @@ fn run_step(
             want_logits: e.seq.want_logits,
         })
         .collect();
+    let splices: Vec<Splice<'_>> = batch
+        .iter()
+        .enumerate()
+        .filter_map(|(i, e)| e.embeds.as_ref().map(|emb| (i, e, emb)))
+        .flat_map(|(i, e, emb)| {
+            emb.splices(e.seq.start_pos, e.seq.tokens.len())
+                .into_iter()
+                .map(move |s| Splice {
+                    step: i,
+                    offset: s.offset,
+                    rows: s.rows,
+                    embeds: s.embeds,
+                })
+        })
+        .collect();
     let wanted: Vec<&ExecSeq> = batch.iter().filter(|e| e.seq.want_logits).collect();
     let constrained = wanted
         .iter()
@@ -478,6 +513,14 @@ fn run_step(
         .collect();
     let mut prompt_rows: Vec<Option<Vec<TokenLogprob>>> = vec![None; wanted.len()];
     let drawn = if every.contains(&true) {
+        if let Some(s) = splices.first() {
+            // Every position's logits come from `forward_every`, which takes no splices.
+            return Err(ExecError::Sampling {
+                request: batch[s.step].seq.request,
+                reason: "prompt logprobs (echo with logprobs) are not supported with images"
+                    .into(),
+            });
+        }
         // Prompt logprobs: every position's logits, read here; each sampling row is the
         // last of its step's rows, sampled on the host.
         let all = backend.forward_every(&steps, &every)?;
@@ -494,8 +537,8 @@ fn run_step(
             row.allowed = mask.as_deref();
         }
         ksampling::sample_rows_on_host(&logits, &rows)
-    } else if host_sampling || constrained {
-        let logits = backend.forward(&steps)?;
+    } else if host_sampling || constrained || !splices.is_empty() {
+        let logits = backend.forward_spliced(&steps, &splices)?;
         if logits.rows() < rows.len() {
             return Err(ExecError::Sampling {
                 request: wanted[logits.rows()].seq.request,

@@ -92,7 +92,7 @@ pub fn image_from_url(url: &str, limits: &ImageLimits) -> Result<ChatImage, Stri
         ));
     }
     let image = vision::decode(&bytes, &limits.decode_limits()).map_err(|e| e.to_string())?;
-    Ok(ChatImage::new(image))
+    Ok(ChatImage::new(image, bytes))
 }
 
 #[cfg(test)]

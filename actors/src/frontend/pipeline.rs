@@ -24,6 +24,8 @@ pub struct Pipeline {
     context_length: usize,
     codec: Arc<ModelCodec>,
     dispatcher: Arc<Dispatcher>,
+    /// Encoder workers (E/P/D): a request's images are encoded there before dispatch.
+    encoders: Option<Arc<crate::encoder::client::EncoderPool>>,
 }
 
 impl Pipeline {
@@ -39,7 +41,14 @@ impl Pipeline {
             context_length,
             codec,
             dispatcher,
+            encoders: None,
         }
+    }
+
+    /// This pipeline sending images to `encoders` (else the worker encodes them).
+    pub fn with_encoders(mut self, encoders: Arc<crate::encoder::client::EncoderPool>) -> Self {
+        self.encoders = Some(encoders);
+        self
     }
 
     /// Where a frontend's request ids start. They only need to be unique per process
@@ -78,12 +87,13 @@ impl ChatEngine for Pipeline {
     }
 
     async fn generate(&self, req: GenerateRequest) -> Result<DeltaStream, EngineError> {
-        let token_ids = match (&req.prompt, &req.tools) {
+        let (token_ids, mut images) = match (&req.prompt, &req.tools) {
             // `tool_choice: "none"` leaves the tools out of the prompt too (vLLM does the same).
             (Prompt::Chat(messages), Some(tools)) if tools.parses() => {
-                self.codec.chat_ids(messages, &tools.template_tools())?
+                self.codec.chat_prompt(messages, &tools.template_tools())?
             }
-            (prompt, _) => self.codec.prompt_ids(prompt)?,
+            (Prompt::Chat(messages), _) => self.codec.chat_prompt(messages, &[])?,
+            (prompt, _) => (self.codec.prompt_ids(prompt)?, Vec::new()),
         };
         let biased: Vec<u32> = req.sampling.logit_bias.iter().map(|&(id, _)| id).collect();
         self.codec.check_ids("logit_bias", &biased)?;
@@ -107,6 +117,9 @@ impl ChatEngine for Pipeline {
                 context_length: self.context_length,
             });
         }
+        if let Some(encoders) = &self.encoders {
+            encoders.attach(&mut images).await;
+        }
         let room = (self.context_length - prompt_len) as u32;
         let max_tokens = req.max_tokens.map_or(room, |m| m.min(room));
         // The stream survives its worker: a lost, stalled or draining worker's request
@@ -128,6 +141,7 @@ impl ChatEngine for Pipeline {
                 },
                 logprobs: req.logprobs,
                 generated_before: 0,
+                images,
             },
             req.hints,
         )

@@ -139,6 +139,67 @@ pub fn local_block_hash(tokens: &[TokenId]) -> LocalBlockHash {
     LocalBlockHash(h.digest())
 }
 
+/// The salts of a prompt with images: a block is salted by every image whose placeholder
+/// tokens start inside it or before it (folded into one value, in prompt order), so the
+/// same text with another image is another chain from the image's first block on, the same
+/// image is the same chain, and the text before the first image stays shared with
+/// text-only prompts. With no images every block has the base salt.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct ImageSalts {
+    /// (first placeholder position, salt folded over this image and the ones before).
+    marks: Vec<(usize, u64)>,
+}
+
+impl ImageSalts {
+    /// From each image's (first placeholder position, content hash), in prompt order.
+    pub fn new(images: impl IntoIterator<Item = (usize, u64)>) -> ImageSalts {
+        let mut folded = 0u64;
+        let marks = images
+            .into_iter()
+            .map(|(pos, hash)| {
+                let mut buf = [0u8; 16];
+                buf[..8].copy_from_slice(&folded.to_le_bytes());
+                buf[8..].copy_from_slice(&hash.to_le_bytes());
+                folded = xxh3_64(&buf);
+                (pos, folded)
+            })
+            .collect();
+        ImageSalts { marks }
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.marks.is_empty()
+    }
+
+    /// The salt of the block that ends before token `end`.
+    pub fn salt_of_block(&self, base: u64, end: usize) -> u64 {
+        match self.marks.iter().rev().find(|(pos, _)| *pos < end) {
+            Some((_, folded)) => base ^ folded,
+            None => base,
+        }
+    }
+
+    /// [`hash_blocks`] with these salts.
+    pub fn hash_blocks(
+        &self,
+        tokens: &[TokenId],
+        block_size: BlockSize,
+        base: u64,
+    ) -> Vec<BlockHash> {
+        if self.marks.is_empty() {
+            return hash_blocks(tokens, block_size, base);
+        }
+        let bs = block_size.as_usize();
+        let mut out = Vec::with_capacity(block_size.full_blocks(tokens.len()));
+        let mut prev = BlockHash::ROOT;
+        for (i, chunk) in tokens.chunks_exact(bs).enumerate() {
+            prev = hash_block(prev, chunk, self.salt_of_block(base, (i + 1) * bs));
+            out.push(prev);
+        }
+        out
+    }
+}
+
 /// Sequence hashes of every *full* block of `tokens`, in order. The trailing partial block,
 /// if any, is not hashed.
 pub fn hash_blocks(tokens: &[TokenId], block_size: BlockSize, salt: u64) -> Vec<BlockHash> {
@@ -185,6 +246,25 @@ impl Hasher for PreHashed {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn image_salts_split_chains_from_the_image_block_on() {
+        let bs = BlockSize::new(4).unwrap();
+        let tokens: Vec<u32> = (0..16).collect();
+        let text = hash_blocks(&tokens, bs, 0);
+        let a = ImageSalts::new([(5, 111)]).hash_blocks(&tokens, bs, 0);
+        let a2 = ImageSalts::new([(5, 111)]).hash_blocks(&tokens, bs, 0);
+        let b = ImageSalts::new([(5, 222)]).hash_blocks(&tokens, bs, 0);
+        assert_eq!(a, a2);
+        // Block 0 (tokens 0..4) is before the image: shared with text and the other image.
+        assert_eq!(a[0], text[0]);
+        assert_eq!(a[0], b[0]);
+        for i in 1..4 {
+            assert_ne!(a[i], text[i]);
+            assert_ne!(a[i], b[i]);
+        }
+        assert!(ImageSalts::new([]).hash_blocks(&tokens, bs, 7) == hash_blocks(&tokens, bs, 7));
+    }
     use proptest::prelude::*;
 
     #[test]

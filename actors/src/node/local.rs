@@ -40,6 +40,8 @@ pub struct LocalCluster {
     pub node: Node,
     /// The worker engine loops, for inspection (stats) and tests.
     pub workers: Vec<WorkerHandle>,
+    /// The encoders of `role: encoder` groups (E/P/D), for their counts.
+    pub encoders: Vec<Arc<crate::encoder::service::Encoder>>,
     _registry: EmbeddedRegistry,
     _tasks: Vec<AbortOnDrop>,
 }
@@ -129,7 +131,36 @@ impl LocalCluster {
         let mut next_id = 0u64;
         // One hub: a decode worker pulls a prefill worker's KV as slices of the same bytes.
         let hub = TransferHub::new();
+        let mut encoders = Vec::new();
+        let mut encoder_addrs = Vec::new();
+        let remote_encoders = cfg.workers.iter().any(|g| {
+            g.replicas > 0 && g.remote && g.role == crate::cluster_config::WorkerRole::Encoder
+        });
         for group in groups {
+            if group.role == crate::cluster_config::WorkerRole::Encoder {
+                let vision = model.vision.clone().ok_or_else(|| {
+                    StartError::Config(
+                        "an encoder group needs a multimodal model (one with a vision tower)"
+                            .into(),
+                    )
+                })?;
+                let vision = Arc::new(vision);
+                for _ in 0..group.replicas {
+                    let index = encoders.len() as u64;
+                    let plane = turbine_runtime::transfer::TransferPlane::in_memory(
+                        &format!("encoder-{index}"),
+                        cfg.disaggregation.transfer.to_runtime(),
+                        node.clock().clone(),
+                        &turbine_runtime::MetricsRegistry::new(),
+                        &hub,
+                    );
+                    let (addr, encoder) =
+                        super::start_encoder(&node, index, group, vision.clone(), plane).await?;
+                    encoder_addrs.push(addr);
+                    encoders.push(encoder);
+                }
+                continue;
+            }
             for _ in 0..group.replicas {
                 let id = WorkerId(next_id);
                 next_id += 1;
@@ -143,8 +174,16 @@ impl LocalCluster {
                         core.apply_kv(&batch);
                     }
                 });
-                let plane =
-                    transfer_plane(cfg, id, group.role, &hub, false, node.clock().clone()).await?;
+                // In memory, unless encoders in other processes hand out embeddings to pull.
+                let plane = transfer_plane(
+                    cfg,
+                    id,
+                    group.role,
+                    &hub,
+                    remote_encoders,
+                    node.clock().clone(),
+                )
+                .await?;
                 let disagg = WorkerDisagg {
                     role: group.role,
                     plane,
@@ -183,12 +222,22 @@ impl LocalCluster {
                 dispatch.clone(),
             ));
         }
-        let pipeline = Arc::new(Pipeline::new(
-            model_id,
-            context_length,
-            Arc::new(codec),
-            dispatch.clone(),
-        ));
+        let mut pipeline =
+            Pipeline::new(model_id, context_length, Arc::new(codec), dispatch.clone());
+        // Encoders here, and any encoder process that registers (`turbine worker` of an
+        // encoder group).
+        let encoder_pool = if super::has_encoders(cfg) {
+            let m = crate::encoder::client::EncoderMetrics::register(&metrics);
+            let pool = Arc::new(crate::encoder::client::EncoderPool::new(m));
+            for (i, addr) in encoder_addrs.into_iter().enumerate() {
+                pool.add(format!("local-{i}"), addr);
+            }
+            pipeline = pipeline.with_encoders(pool.clone());
+            Some(pool)
+        } else {
+            None
+        };
+        let pipeline = Arc::new(pipeline);
         // Per-worker routing decisions on /metrics, as this frontend received them.
         // (A poisoned registry lock still guards a usable registry.)
         metrics
@@ -212,6 +261,9 @@ impl LocalCluster {
             dispatch.add_worker(handle.id(), addr);
             spawn_load_mirror(handle, router.clone(), worker_metrics.clone());
         }
+        if let Some(pool) = encoder_pool {
+            tasks.push(follow_encoders(node.clone(), discovery.clone(), pool));
+        }
         tasks.push(follow_workers(
             Arc::new(NodeConnector::new(node.clone())),
             discovery,
@@ -229,6 +281,7 @@ impl LocalCluster {
             router,
             node,
             workers,
+            encoders,
             _registry: registry,
             _tasks: tasks.into_iter().map(AbortOnDrop).collect(),
         })
@@ -275,6 +328,52 @@ fn follow_router(
                             dispatcher.set_router(None);
                             current = None;
                         }
+                    }
+                }
+            }
+        }
+    })
+}
+
+/// Keeps `pool` in step with the encoder processes discovery lists, until aborted.
+fn follow_encoders(
+    node: Node,
+    discovery: Arc<dyn Discovery>,
+    pool: Arc<crate::encoder::client::EncoderPool>,
+) -> tokio::task::JoinHandle<()> {
+    use crate::encoder::service::EncoderService;
+    tokio::spawn(async move {
+        use futures::StreamExt;
+        loop {
+            let mut watch = match discovery
+                .watch(crate::encoder::service::ENCODER_COMPONENT)
+                .await
+            {
+                Ok(w) => w,
+                Err(e) => {
+                    tracing::warn!("watching encoders: {e}; retrying");
+                    tokio::time::sleep(Duration::from_millis(500)).await;
+                    continue;
+                }
+            };
+            while let Some(event) = watch.next().await {
+                match event {
+                    DiscoveryEvent::Added(inst) => {
+                        let service = crate::encoder::service::encoder_service_name(0);
+                        match node
+                            .connect::<EncoderService>(&inst.endpoint, &service)
+                            .await
+                        {
+                            Ok(addr) => {
+                                tracing::info!(endpoint = %inst.endpoint, "encoder joined");
+                                pool.add(inst.id.clone(), addr);
+                            }
+                            Err(e) => tracing::warn!("encoder {} unreachable: {e}", inst.id),
+                        }
+                    }
+                    DiscoveryEvent::Removed(inst) => {
+                        tracing::info!(endpoint = %inst.endpoint, "encoder left");
+                        pool.remove(&inst.id);
                     }
                 }
             }

@@ -21,6 +21,7 @@ pub mod planner;
 pub mod process;
 
 use crate::cluster_config::{ClusterConfig, WorkerGroup, WorkerRole};
+use crate::encoder::service::{encoder_service_name, Encoder, EncoderActor, EncoderService};
 use crate::executor::device::{backend_builder, Device};
 use crate::executor::Executor;
 use crate::ids::WorkerId;
@@ -81,7 +82,12 @@ pub fn check_cluster(
 ) -> Result<(BlockSize, usize), StartError> {
     let block_size = block_size_of(cfg)?;
     cfg.migration.validate().map_err(StartError::Config)?;
-    let groups: Vec<&WorkerGroup> = cfg.workers.iter().filter(|g| g.replicas > 0).collect();
+    // Encoders hold no KV: they neither serve requests nor bound the context.
+    let groups: Vec<&WorkerGroup> = cfg
+        .workers
+        .iter()
+        .filter(|g| g.replicas > 0 && g.role != WorkerRole::Encoder)
+        .collect();
     if groups.iter().any(|g| g.role == WorkerRole::Prefill)
         && groups.iter().all(|g| g.role == WorkerRole::Prefill)
     {
@@ -267,9 +273,15 @@ pub fn real_executor(
     let fail = |reason: String| StartError::Worker { worker: id, reason };
     let device = Device::parse(&group.device).map_err(|e| StartError::Config(e.to_string()))?;
     let build = backend_builder(device, group, model).map_err(|e| fail(e.to_string()))?;
-    Executor::spawn_with(&format!("executor-{id}"), build)
+    let executor = Executor::spawn_with(&format!("executor-{id}"), build)
         .map(|e| e.with_grammars(grammars))
-        .map_err(|e| fail(format!("device {device}: {e}")))
+        .map_err(|e| fail(format!("device {device}: {e}")))?;
+    // The vision tower runs on the CPU, beside the executor (its images are encoded before
+    // admission, on a blocking thread).
+    Ok(match &model.vision {
+        Some(v) => executor.with_vision(Arc::new(v.clone())),
+        None => executor,
+    })
 }
 
 /// Starts worker `id`: its engine loop around `scheduler` and `executor`, KV events into
@@ -320,7 +332,8 @@ pub async fn transfer_plane(
     networked: bool,
     clock: SharedClock,
 ) -> Result<Option<TransferPlane>, StartError> {
-    if role == WorkerRole::Aggregated {
+    // An aggregated worker needs a plane only to pull image embeddings from encoders.
+    if role == WorkerRole::Aggregated && !has_encoders(cfg) {
         return Ok(None);
     }
     let config = cfg.disaggregation.transfer.to_runtime();
@@ -341,6 +354,34 @@ pub async fn transfer_plane(
             hub,
         )))
     }
+}
+
+/// Whether the cluster has encoder workers (E/P/D).
+pub fn has_encoders(cfg: &ClusterConfig) -> bool {
+    cfg.workers
+        .iter()
+        .any(|g| g.replicas > 0 && g.role == WorkerRole::Encoder)
+}
+
+/// Starts encoder `index` on `node`: `vision` on a blocking thread behind
+/// [`EncoderService`], its embeddings exported on `plane`. Returns its local address.
+pub async fn start_encoder(
+    node: &Node,
+    index: u64,
+    group: &WorkerGroup,
+    vision: Arc<turbine_kernels::loader::VisionModel>,
+    plane: TransferPlane,
+) -> Result<(Addr<EncoderService>, Arc<Encoder>), StartError> {
+    let encoder = Encoder::new(vision, plane, group.embedding_cache_bytes);
+    let name = encoder_service_name(index);
+    let served = encoder.clone();
+    node.serve::<EncoderService, _, _>(&name, move || EncoderActor::new(served.clone()))
+        .await
+        .map_err(|e| StartError::Node(format!("serving {name}: {e}")))?;
+    let addr = node
+        .local::<EncoderService>(&name)
+        .map_err(|e| StartError::Node(e.to_string()))?;
+    Ok((addr, encoder))
 }
 
 /// [`start_worker`] for a worker of any role.
@@ -414,9 +455,10 @@ pub fn codec_of(
         chat_template,
         stop_ids,
         name,
+        vision,
         ..
     } = model;
-    let codec = crate::preprocessor::codec::ModelCodec::new(
+    let mut codec = crate::preprocessor::codec::ModelCodec::new(
         Arc::new(tokenizer),
         chat_template.as_deref(),
         bos,
@@ -424,6 +466,11 @@ pub fn codec_of(
         stop_ids,
     )
     .map_err(StartError::Config)?;
+    if let Some(v) = vision {
+        codec = codec
+            .with_vision(v.processor, v.image_token_id)
+            .map_err(StartError::Config)?;
+    }
     Ok((codec, name))
 }
 

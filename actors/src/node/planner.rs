@@ -41,7 +41,8 @@ impl Drop for PlannerNode {
 fn pool_of(role: WorkerRole) -> PoolRole {
     match role {
         WorkerRole::Prefill => PoolRole::Prefill,
-        WorkerRole::Aggregated | WorkerRole::Decode => PoolRole::Decode,
+        // Encoders are no pool of the router; the planner does not scale them (yet).
+        WorkerRole::Aggregated | WorkerRole::Decode | WorkerRole::Encoder => PoolRole::Decode,
     }
 }
 

@@ -170,6 +170,9 @@ pub async fn run_worker(
             cfg.workers.len()
         )));
     };
+    if group_cfg.role == crate::cluster_config::WorkerRole::Encoder {
+        return run_encoder(cfg, group_cfg, model, registry, shutdown).await;
+    }
     let join = joining(cfg, registry, "worker")?;
     let (_, context_length) = check_cluster(cfg, &model.config)?;
     let id = fresh_worker_id();
@@ -248,6 +251,66 @@ pub async fn run_worker(
     if let Some(plane) = plane {
         plane.shutdown();
     }
+    node.shutdown();
+    Ok(())
+}
+
+/// Runs an encoder of a `role: encoder` group until `shutdown` resolves: the model's vision
+/// tower behind `EncoderService` on this node, embeddings exported on a ZeroMQ transfer
+/// plane, registered with the frontend's registry as an `encoder` instance (frontends send
+/// it images; a worker pulls the embeddings). No KV, no events.
+async fn run_encoder(
+    cfg: &ClusterConfig,
+    group_cfg: &crate::cluster_config::WorkerGroup,
+    model: LoadedModel,
+    registry: Option<String>,
+    shutdown: impl Future<Output = ()>,
+) -> Result<(), StartError> {
+    use crate::encoder::service::ENCODER_COMPONENT;
+    let join = joining(cfg, registry, "encoder")?;
+    let vision = model.vision.clone().ok_or_else(|| {
+        StartError::Config(
+            "an encoder group needs a multimodal model (one with a vision tower)".into(),
+        )
+    })?;
+    drop(model);
+    let id = fresh_worker_id();
+    let node_err = |e: &dyn std::fmt::Display| StartError::Node(e.to_string());
+    let node = process_node(cfg, format!("encoder-{}", id.0)).await?;
+    let hub = TransferHub::new();
+    let plane = turbine_runtime::transfer::TransferPlane::start(
+        cfg.disaggregation.transfer.to_runtime(),
+        node.clock().clone(),
+        &turbine_runtime::MetricsRegistry::new(),
+        &hub,
+    )
+    .await
+    .map_err(|e| node_err(&e))?;
+    let (_, _encoder) =
+        super::start_encoder(&node, 0, group_cfg, Arc::new(vision), plane.clone()).await?;
+    let discovery = join.discovery(&node).await?;
+    let instance = Instance {
+        component: ENCODER_COMPONENT.to_string(),
+        id: format!("encoder-{}", id.0),
+        endpoint: node.endpoint().to_string(),
+        metadata: BTreeMap::from([(
+            crate::worker::announce::META_ROLE.to_string(),
+            "encoder".to_string(),
+        )]),
+    };
+    let lease = discovery
+        .register(instance, join.lease)
+        .await
+        .map_err(|e| node_err(&e))?;
+    println!(
+        "turbine encoder {id} serving on {} (transfer {}), registered with {}",
+        node.endpoint(),
+        plane.endpoint(),
+        join.describe()
+    );
+    shutdown.await;
+    lease.revoke().await;
+    plane.shutdown();
     node.shutdown();
     Ok(())
 }

@@ -5,11 +5,14 @@
 //! multi-byte character in half.
 
 use super::tool_prompt;
-use crate::protocol::{EngineError, Grammar, Prompt, TokenLogprob, TokenLogprobs, TopLogprob};
+use crate::protocol::{
+    EngineError, Grammar, Prompt, PromptImage, TokenLogprob, TokenLogprobs, TopLogprob,
+};
 use std::sync::Arc;
 use turbine_kernels::chat::{ChatMessage, ChatTemplate};
 use turbine_kernels::grammar::Grammars;
 use turbine_kernels::tokenizer::{IncrementalDecoder, Tokenizer};
+use turbine_kernels::vision::{layout, ProcessorConfig};
 
 /// The model's text side, shared by every request.
 pub struct ModelCodec {
@@ -20,6 +23,18 @@ pub struct ModelCodec {
     bos: String,
     eos: String,
     stop_ids: Vec<u32>,
+    /// A multimodal model's side of the prompt text (none: images are refused).
+    vision: Option<VisionText>,
+}
+
+/// What the prompt text of an image needs: the processor's tiling and the placeholder.
+#[derive(Clone, Debug)]
+pub struct VisionText {
+    pub processor: ProcessorConfig,
+    pub image_token_id: u32,
+    /// The placeholder's text, which the chat template writes once per image and the
+    /// processor's text replaces (`<image>`).
+    pub image_token: String,
 }
 
 impl ModelCodec {
@@ -43,7 +58,26 @@ impl ModelCodec {
             bos,
             eos,
             stop_ids,
+            vision: None,
         })
+    }
+
+    /// This codec for a multimodal model: images in chat messages become their processor
+    /// text (`image_token_id`'s placeholders, `processor`'s tiles).
+    pub fn with_vision(
+        mut self,
+        processor: ProcessorConfig,
+        image_token_id: u32,
+    ) -> Result<Self, String> {
+        let image_token = self.tokenizer.token_text(image_token_id).ok_or_else(|| {
+            format!("the image token id {image_token_id} is not in the vocabulary")
+        })?;
+        self.vision = Some(VisionText {
+            processor,
+            image_token_id,
+            image_token,
+        });
+        Ok(self)
     }
 
     pub fn tokenizer(&self) -> &Arc<Tokenizer> {
@@ -80,14 +114,32 @@ impl ModelCodec {
         messages: &[crate::protocol::ChatMessage],
         tools: &[serde_json::Value],
     ) -> Result<Vec<u32>, EngineError> {
-        if messages.iter().any(|m| m.images().next().is_some()) {
+        self.chat_prompt(messages, tools).map(|(ids, _)| ids)
+    }
+
+    /// [`ModelCodec::chat_ids`] and the prompt's images: each image's placeholder written
+    /// by the template is replaced by the processor's text for it (its tile grid), and the
+    /// image is located in the token ids (first placeholder, count), as transformers'
+    /// Idefics3 processor does.
+    pub fn chat_prompt(
+        &self,
+        messages: &[crate::protocol::ChatMessage],
+        tools: &[serde_json::Value],
+    ) -> Result<(Vec<u32>, Vec<PromptImage>), EngineError> {
+        let images: Vec<&crate::protocol::ChatImage> =
+            messages.iter().flat_map(|m| m.images()).collect();
+        let vision = match (&self.vision, images.is_empty()) {
+            (_, true) => None,
+            (Some(v), false) => Some(v),
             // Checked before the template: the model must not silently answer a question
-            // about a picture it never saw. (Vision models load, with their tower, but the
-            // serving path does not splice embeddings yet.)
-            return Err(EngineError::InvalidRequest(
-                "this model is served for text only: requests with images are not accepted".into(),
-            ));
-        }
+            // about a picture it never saw.
+            (None, false) => {
+                return Err(EngineError::InvalidRequest(
+                    "this model is served for text only: requests with images are not accepted"
+                        .into(),
+                ))
+            }
+        };
         let Some(template) = &self.template else {
             return Err(EngineError::InvalidRequest(
                 "this model has no chat template; use /v1/completions".into(),
@@ -106,8 +158,69 @@ impl ModelCodec {
             )
         }
         .map_err(|e| EngineError::InvalidRequest(format!("chat template: {e}")))?;
-        // The template writes BOS itself where the model wants one.
-        self.encode(&text, false)
+        let Some(vision) = vision else {
+            // The template writes BOS itself where the model wants one.
+            return Ok((self.encode(&text, false)?, Vec::new()));
+        };
+        let pieces: Vec<&str> = text.split(vision.image_token.as_str()).collect();
+        if pieces.len() != images.len() + 1 {
+            return Err(EngineError::InvalidRequest(format!(
+                "the prompt has {} `{}` markers for {} images (the text of a message may not \
+                 contain `{}`)",
+                pieces.len() - 1,
+                vision.image_token,
+                images.len(),
+                vision.image_token
+            )));
+        }
+        let layouts: Vec<_> = images
+            .iter()
+            .map(|i| layout(i.image.width, i.image.height, &vision.processor))
+            .collect();
+        let mut expanded = String::with_capacity(text.len());
+        for (i, piece) in pieces.iter().enumerate() {
+            expanded.push_str(piece);
+            if let Some(l) = layouts.get(i) {
+                expanded.push_str(&l.prompt_text(vision.processor.image_seq_len));
+            }
+        }
+        let ids = self.encode(&expanded, false)?;
+        let places: Vec<usize> = ids
+            .iter()
+            .enumerate()
+            .filter(|(_, t)| **t == vision.image_token_id)
+            .map(|(i, _)| i)
+            .collect();
+        let per_image: Vec<usize> = layouts
+            .iter()
+            .map(|l| l.tiles() * vision.processor.image_seq_len)
+            .collect();
+        if places.len() != per_image.iter().sum::<usize>() {
+            return Err(EngineError::InvalidRequest(format!(
+                "the prompt has {} image tokens where its {} images need {}",
+                places.len(),
+                images.len(),
+                per_image.iter().sum::<usize>()
+            )));
+        }
+        let mut seen = 0;
+        let out = images
+            .iter()
+            .zip(&per_image)
+            .map(|(img, &n)| {
+                let first = places[seen];
+                seen += n;
+                PromptImage {
+                    hash: img.hash,
+                    first_token: first as u32,
+                    tokens: n as u32,
+                    encoded: img.encoded.clone(),
+                    decoded: Some(img.image.clone()),
+                    embeds: None,
+                }
+            })
+            .collect();
+        Ok((ids, out))
     }
 
     /// This codec with an already built grammar engine (shared with the process's workers).

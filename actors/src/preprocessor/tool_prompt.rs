@@ -9,9 +9,9 @@
 //! tool results as user turns wrapped in `<tool_response>`, since such templates have no
 //! `tool` role of their own.
 
-use crate::protocol::ChatMessage;
+use crate::protocol::{ChatMessage, MessagePart};
 use serde_json::Value;
-use turbine_kernels::chat::ChatMessage as TemplateMessage;
+use turbine_kernels::chat::{ChatMessage as TemplateMessage, ContentPart};
 
 pub const OPEN: &str = "<tool_call>";
 pub const CLOSE: &str = "</tool_call>";
@@ -22,6 +22,7 @@ pub fn native(messages: &[ChatMessage]) -> Vec<TemplateMessage> {
         .iter()
         .map(|m| {
             let mut t = TemplateMessage::new(m.role.clone(), m.content.clone());
+            t.parts = template_parts(m);
             if !m.tool_calls.is_empty() {
                 let calls: Vec<Value> = m
                     .tool_calls
@@ -67,7 +68,11 @@ pub fn fallback(messages: &[ChatMessage], tools: &[Value]) -> Vec<TemplateMessag
                 "user",
                 format!("<tool_response>\n{}\n</tool_response>", m.content),
             ),
-            _ => TemplateMessage::new(m.role.clone(), m.content.clone()),
+            _ => {
+                let mut t = TemplateMessage::new(m.role.clone(), m.content.clone());
+                t.parts = template_parts(m);
+                t
+            }
         };
         out.push(t);
     }
@@ -78,6 +83,19 @@ pub fn fallback(messages: &[ChatMessage], tools: &[Value]) -> Vec<TemplateMessag
         out.insert(0, TemplateMessage::new("system", preamble));
     }
     out
+}
+
+/// A message with images as the template's list of parts (none for a text message).
+fn template_parts(m: &ChatMessage) -> Option<Vec<ContentPart>> {
+    (!m.parts.is_empty()).then(|| {
+        m.parts
+            .iter()
+            .map(|p| match p {
+                MessagePart::Text(text) => ContentPart::Text { text: text.clone() },
+                MessagePart::Image(_) => ContentPart::Image,
+            })
+            .collect()
+    })
 }
 
 /// Arguments as a JSON object for templates (`tojson`); text that is not JSON stays text.

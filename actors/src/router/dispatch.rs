@@ -19,7 +19,7 @@ use crate::disagg::metrics::DisaggMetrics;
 use crate::disagg::policy::{PrefillDecision, PrefillPoolLoad};
 use crate::disagg::route::{DisaggRoute, PrefillPlan};
 use crate::ids::{RequestId, WorkerId};
-use crate::kv::{hash_blocks, BlockSize};
+use crate::kv::BlockSize;
 use crate::protocol::EngineError;
 use crate::protocol::{PreprocessedRequest, SamplingParams, StopConditions, TokenOutput};
 use crate::worker::service::{WorkerReply, WorkerRequest, WorkerService};
@@ -44,6 +44,15 @@ pub struct DispatchRequest {
     /// Tokens at the end of `token_ids` that earlier workers generated for this request (a
     /// migrated continuation, see [`super::migration`]); 0 for a new request.
     pub generated_before: u32,
+    /// The prompt's images (placeholders, content hashes, the images themselves).
+    pub images: Vec<crate::protocol::PromptImage>,
+}
+
+impl DispatchRequest {
+    /// The prompt's block hashes, salted by its images (the worker hashes the same way).
+    pub fn block_hashes(&self, block_size: BlockSize) -> Vec<crate::kv::BlockHash> {
+        crate::protocol::image_salts(&self.images).hash_blocks(&self.token_ids, block_size, 0)
+    }
 }
 
 /// Why a request could not be opened on a worker, in the terms the migration policy
@@ -498,6 +507,8 @@ impl Dispatcher {
             logprobs: req.logprobs,
             salt: 0,
             generated_before: req.generated_before,
+            images: req.images,
+            embeds: None,
         }
     }
 
@@ -531,7 +542,7 @@ impl Dispatcher {
     ) -> Result<Dispatched, DispatchError> {
         let route = RouteRequest {
             id,
-            hashes: hash_blocks(&req.token_ids, self.block_size, 0),
+            hashes: req.block_hashes(self.block_size),
             token_count: req.token_ids.len(),
             avoid,
         };
@@ -617,7 +628,7 @@ impl Dispatcher {
         };
         let route = RouteRequest {
             id,
-            hashes: hash_blocks(&req.token_ids, self.block_size, 0),
+            hashes: req.block_hashes(self.block_size),
             token_count: req.token_ids.len(),
             avoid: Vec::new(),
         };

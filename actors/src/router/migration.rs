@@ -262,6 +262,7 @@ mod tests {
             },
             logprobs: None,
             generated_before: 0,
+            images: Vec::new(),
         }
     }
 

@@ -286,6 +286,8 @@ impl RouterCore {
         match role {
             WorkerRole::Prefill => self.prefill_pool().add_worker(worker),
             WorkerRole::Aggregated | WorkerRole::Decode => self.add_worker(worker),
+            // An encoder takes images, not requests (see `encoder::client`).
+            WorkerRole::Encoder => {}
         }
     }
 

@@ -93,6 +93,7 @@ pub fn role_of(inst: &turbine_runtime::discovery::Instance) -> crate::cluster_co
     match inst.metadata.get(META_ROLE).map(String::as_str) {
         Some("prefill") => WorkerRole::Prefill,
         Some("decode") => WorkerRole::Decode,
+        Some("encoder") => WorkerRole::Encoder,
         _ => WorkerRole::Aggregated,
     }
 }
@@ -104,5 +105,6 @@ pub fn role_name(role: crate::cluster_config::WorkerRole) -> &'static str {
         WorkerRole::Aggregated => "aggregated",
         WorkerRole::Prefill => "prefill",
         WorkerRole::Decode => "decode",
+        WorkerRole::Encoder => "encoder",
     }
 }

@@ -93,6 +93,7 @@ impl WorkerHandle {
         &self,
         req: PreprocessedRequest,
     ) -> Result<(TokenStream, oneshot::Receiver<ExportReply>), WorkerError> {
+        let req = self.with_embeds(req).await?;
         let id = req.id;
         let (out, rx) = mpsc::unbounded_channel();
         let (export, export_rx) = oneshot::channel();
@@ -118,6 +119,8 @@ impl WorkerHandle {
         first_token: TokenId,
         kv: Option<KvExport>,
     ) -> Result<(TokenStream, oneshot::Receiver<ImportOutcome>), WorkerError> {
+        // Also when the KV arrives: a preempted request recomputes its prompt here.
+        let req = self.with_embeds(req).await?;
         let id = req.id;
         let (out, rx) = mpsc::unbounded_channel();
         let (outcome, outcome_rx) = oneshot::channel();

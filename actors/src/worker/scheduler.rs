@@ -443,6 +443,14 @@ impl Scheduler {
         })
     }
 
+    /// The embeddings of `id`'s image placeholders, if its prompt has images.
+    pub fn prompt_embeds(
+        &self,
+        id: RequestId,
+    ) -> Option<&std::sync::Arc<crate::encoder::PromptEmbeds>> {
+        self.seqs.get(&id).and_then(|s| s.embeds.as_ref())
+    }
+
     /// When `id` arrived (the `now` given to `add_request`).
     pub fn arrival(&self, id: RequestId) -> Option<Duration> {
         self.seqs.get(&id).map(|s| s.arrival)

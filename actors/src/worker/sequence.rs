@@ -1,7 +1,7 @@
 //! One request's state inside the scheduler.
 
 use crate::ids::TokenId;
-use crate::kv::hash::{extend_block_hashes, hash_blocks, BlockHash, BlockSize};
+use crate::kv::hash::{extend_block_hashes, BlockHash, BlockSize, ImageSalts};
 use crate::protocol::{PreprocessedRequest, SamplingParams, StopConditions};
 use std::time::Duration;
 
@@ -29,6 +29,11 @@ pub(crate) struct Sequence {
     pub stop: StopConditions,
     pub logprobs: Option<u32>,
     pub salt: u64,
+    /// The salts the prompt's images put on its blocks (empty for text).
+    pub image_salts: ImageSalts,
+    /// The embeddings of the prompt's image placeholders, spliced whenever those positions
+    /// are computed (first prefill, or a recompute after preemption).
+    pub embeds: Option<std::sync::Arc<crate::encoder::PromptEmbeds>>,
     /// Prompt then generated tokens. The last one's KV is not computed yet.
     pub tokens: Vec<TokenId>,
     /// Sequence hashes of every full block of `tokens`, kept up to date as tokens arrive.
@@ -55,8 +60,11 @@ impl Sequence {
         block_size: BlockSize,
         now: Duration,
     ) -> Self {
-        let hashes = hash_blocks(&req.token_ids, block_size, req.salt);
+        let image_salts = req.image_salts();
+        let hashes = image_salts.hash_blocks(&req.token_ids, block_size, req.salt);
         Sequence {
+            image_salts,
+            embeds: req.embeds,
             serial,
             prompt_len: req.token_ids.len(),
             tokens: req.token_ids,
@@ -101,7 +109,7 @@ impl Sequence {
                 parent,
                 &self.tokens[start..],
                 block_size,
-                self.salt,
+                self.image_salts.salt_of_block(self.salt, self.tokens.len()),
             ));
         }
     }

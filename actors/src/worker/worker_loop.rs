@@ -30,6 +30,8 @@ pub enum WorkerError {
     Admit(#[from] AdmitError),
     #[error("worker {0} has stopped")]
     Stopped(WorkerId),
+    #[error(transparent)]
+    Images(#[from] crate::encoder::EncodeError),
 }
 
 pub(super) enum Command {
@@ -86,6 +88,11 @@ impl EngineTime {
 #[derive(Clone)]
 pub struct WorkerHandle {
     id: WorkerId,
+    /// The model's vision tower: a request's images are encoded here, before admission,
+    /// unless their embeddings came with it.
+    vision: Option<std::sync::Arc<turbine_kernels::loader::VisionModel>>,
+    /// Where image embeddings made by encoders are pulled from.
+    plane: Option<turbine_runtime::transfer::TransferPlane>,
     cmds: mpsc::UnboundedSender<Command>,
     stats: watch::Receiver<SchedulerStats>,
     engine_task: AbortHandle,
@@ -126,6 +133,8 @@ impl WorkerHandle {
         let (cmds, rx) = mpsc::unbounded_channel();
         let (stats_tx, stats) = watch::channel(scheduler.stats());
         let constrained = super::constrained::Constrained::new(executor.grammars().cloned());
+        let vision = executor.vision().cloned();
+        let embeds_plane = plane.clone();
         let engine = EngineLoop {
             id,
             scheduler,
@@ -143,6 +152,8 @@ impl WorkerHandle {
         let engine_task = tokio::spawn(engine.run(rx)).abort_handle();
         WorkerHandle {
             id,
+            vision,
+            plane: embeds_plane,
             cmds,
             stats,
             engine_task,
@@ -225,9 +236,58 @@ impl WorkerHandle {
         self.stats.clone()
     }
 
+    /// `req` with the embeddings of its images: pulled from the encoder that made them
+    /// (E/P/D), else encoded here on a blocking thread (an image whose pull fails too: the
+    /// request goes on). A request without images is returned as it is.
+    pub(super) async fn with_embeds(
+        &self,
+        req: PreprocessedRequest,
+    ) -> Result<PreprocessedRequest, WorkerError> {
+        use crate::encoder::EncodeError;
+        if req.images.is_empty() || req.embeds.is_some() {
+            return Ok(req);
+        }
+        let Some(vision) = self.vision.clone() else {
+            return Err(EncodeError::NoVision.into());
+        };
+        let mut pulled: Vec<Option<Vec<f32>>> = Vec::with_capacity(req.images.len());
+        for (i, img) in req.images.iter().enumerate() {
+            let rows = match (&img.embeds, &self.plane) {
+                (Some(r), Some(plane)) => match crate::encoder::pull_embeds(plane, r).await {
+                    Ok(rows) => Some(rows),
+                    Err(e) => {
+                        tracing::warn!(worker = %self.id, "image {i}: pulling its embeddings failed ({e}); encoding it here");
+                        None
+                    }
+                },
+                _ => None,
+            };
+            pulled.push(rows);
+        }
+        let (placed, mut req) = tokio::task::spawn_blocking(move || {
+            let per_image = req
+                .images
+                .iter()
+                .zip(pulled)
+                .enumerate()
+                .map(|(i, (img, rows))| match rows {
+                    Some(rows) => Ok(rows),
+                    None => crate::encoder::local::encode_image(&vision, i, img),
+                })
+                .collect::<Result<Vec<_>, _>>();
+            let placed = per_image.and_then(|p| crate::encoder::local::place(&vision, &req, p));
+            (placed, req)
+        })
+        .await
+        .map_err(|e| EncodeError::Task(e.to_string()))?;
+        req.embeds = Some(std::sync::Arc::new(placed?));
+        Ok(req)
+    }
+
     /// Admits `req` and returns its token stream. Dropping the stream before it finishes
     /// cancels the request.
     pub async fn generate(&self, req: PreprocessedRequest) -> Result<TokenStream, WorkerError> {
+        let req = self.with_embeds(req).await?;
         let id = req.id;
         let (out, rx) = mpsc::unbounded_channel();
         let (admitted, admitted_rx) = oneshot::channel();
@@ -449,6 +509,7 @@ impl EngineLoop {
                 ExecSeq {
                     seq: seq.clone(),
                     sample: sample.flatten(),
+                    embeds: self.scheduler.prompt_embeds(seq.request).cloned(),
                 }
             })
             .collect()

@@ -34,6 +34,8 @@ pub fn request(id: u64, prompt: Vec<TokenId>, max_tokens: u32) -> PreprocessedRe
         logprobs: None,
         salt: 0,
         generated_before: 0,
+        images: Vec::new(),
+        embeds: None,
     }
 }
 

@@ -8,5 +8,5 @@ pub mod resize;
 pub mod tower;
 
 pub use decode::{decode, DecodeLimits, ImageError, RgbImage};
-pub use processor::{process, ProcessedImage, ProcessorConfig};
+pub use processor::{layout, process, ProcessedImage, ProcessedLayout, ProcessorConfig};
 pub use tower::{VisionConfig, VisionError, VisionTower};

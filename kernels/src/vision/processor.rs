@@ -97,26 +97,73 @@ impl ProcessedImage {
     /// The prompt text that stands for this image (its `<image>` tokens are where the
     /// embeddings go, `image_seq_len` per tile, in tile order).
     pub fn prompt_text(&self, image_seq_len: usize) -> String {
-        let image = "<image>".repeat(image_seq_len);
-        let global =
-            format!("<fake_token_around_image><global-img>{image}<fake_token_around_image>");
-        if self.rows == 0 && self.cols == 0 {
-            return global;
-        }
-        let mut s = String::new();
-        for r in 0..self.rows {
-            for c in 0..self.cols {
-                s.push_str(&format!(
-                    "<fake_token_around_image><row_{}_col_{}>{image}",
-                    r + 1,
-                    c + 1
-                ));
-            }
-            s.push('\n');
+        grid_text(self.rows, self.cols, image_seq_len)
+    }
+}
+
+/// `<fake_token_around_image><row_r_col_c><image>...` for a grid (or the global view alone).
+fn grid_text(rows: usize, cols: usize, image_seq_len: usize) -> String {
+    let image = "<image>".repeat(image_seq_len);
+    let global = format!("<fake_token_around_image><global-img>{image}<fake_token_around_image>");
+    if rows == 0 && cols == 0 {
+        return global;
+    }
+    let mut s = String::new();
+    for r in 0..rows {
+        for c in 0..cols {
+            s.push_str(&format!(
+                "<fake_token_around_image><row_{}_col_{}>{image}",
+                r + 1,
+                c + 1
+            ));
         }
         s.push('\n');
-        s.push_str(&global);
-        s
+    }
+    s.push('\n');
+    s.push_str(&global);
+    s
+}
+
+/// The tile grid an image of `width x height` gets, without touching its pixels: what the
+/// prompt text needs (a frontend computes it; only the worker or encoder runs [`process`]).
+/// The same steps as [`process`], on sizes only.
+pub fn layout(width: u32, height: u32, cfg: &ProcessorConfig) -> ProcessedLayout {
+    let one = ProcessedLayout { rows: 0, cols: 0 };
+    if !cfg.splitting {
+        return one;
+    }
+    let (w, h) = fit_longest(width, height, cfg.longest_edge);
+    let t = cfg.tile;
+    let (w, h) = whole_tiles(w, h, t);
+    if w <= t && h <= t {
+        return one;
+    }
+    ProcessedLayout {
+        rows: ((h - t) / t + 1) as usize,
+        cols: ((w - t) / t + 1) as usize,
+    }
+}
+
+/// An image's tile grid (0 x 0: one tile, no split).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct ProcessedLayout {
+    pub rows: usize,
+    pub cols: usize,
+}
+
+impl ProcessedLayout {
+    /// Tiles the tower encodes: the grid plus the global view, or the one tile.
+    pub fn tiles(&self) -> usize {
+        if self.rows == 0 && self.cols == 0 {
+            1
+        } else {
+            self.rows * self.cols + 1
+        }
+    }
+
+    /// The prompt text that stands for the image (see [`ProcessedImage::prompt_text`]).
+    pub fn prompt_text(&self, image_seq_len: usize) -> String {
+        grid_text(self.rows, self.cols, image_seq_len)
     }
 }
 
@@ -205,5 +252,50 @@ pub fn process(img: &RgbImage, cfg: &ProcessorConfig) -> ProcessedImage {
         tiles,
         rows: rows as usize,
         cols: cols as usize,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn cfg(splitting: bool) -> ProcessorConfig {
+        ProcessorConfig {
+            longest_edge: 64,
+            tile: 32,
+            splitting,
+            filter: Filter::from_pil(1).unwrap(),
+            rescale: 1.0 / 255.0,
+            mean: [0.5; 3],
+            std: [0.5; 3],
+            image_seq_len: 4,
+        }
+    }
+
+    #[test]
+    fn layout_is_the_grid_process_makes() {
+        for splitting in [true, false] {
+            let c = cfg(splitting);
+            for (w, h) in [
+                (56, 40),
+                (24, 20),
+                (1, 1),
+                (200, 30),
+                (30, 200),
+                (64, 64),
+                (33, 31),
+            ] {
+                let img = RgbImage {
+                    width: w,
+                    height: h,
+                    pixels: vec![128; (3 * w * h) as usize],
+                };
+                let p = process(&img, &c);
+                let l = layout(w, h, &c);
+                assert_eq!((l.rows, l.cols), (p.rows, p.cols), "{w}x{h}");
+                assert_eq!(l.tiles(), p.tiles.len(), "{w}x{h}");
+                assert_eq!(l.prompt_text(4), p.prompt_text(4));
+            }
+        }
     }
 }

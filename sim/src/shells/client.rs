@@ -34,6 +34,7 @@ pub(super) async fn client(
         },
         logprobs: None,
         generated_before: 0,
+        images: Vec::new(),
     };
     let mut attempts = 0u32;
     let mut request_id = None;
