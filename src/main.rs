@@ -3,7 +3,7 @@
 use anyhow::{Context, Result};
 use clap::{Args, Parser, Subcommand};
 use std::path::PathBuf;
-use turbine_actors::cluster_config::ClusterConfig;
+use turbine_actors::cluster_config::{ClusterConfig, LogFormat};
 use turbine_actors::node::Role;
 
 #[derive(Parser)]
@@ -22,6 +22,10 @@ struct Cli {
     /// Default: `warn` (`error` for `turbine sim`, whose simulated faults make the shells warn).
     #[arg(long, global = true, env = "TURBINE_LOG")]
     log: Option<String>,
+    /// Log line format: `text` (human-readable) or `json` (one JSON object a line, with the
+    /// `request` span's `request_id`). Default: the file's `logging.format`, else `text`.
+    #[arg(long, global = true, env = "TURBINE_LOG_FORMAT", value_parser = ["text", "json"])]
+    log_format: Option<String>,
     #[command(subcommand)]
     command: Command,
 }
@@ -79,10 +83,14 @@ struct WorkerArgs {
     #[arg(long)]
     group: Option<usize>,
     /// Run the first group of the file with this role (`aggregated`, `prefill`, `decode`,
-    /// `encoder`),
-    /// or `router`: the router and its KV index, for frontends whose `router.remote` is set.
+    /// `encoder`), or `router`: the router and its KV index, for frontends whose
+    /// `router.remote` is set, or `stage`: the custom stage `--stage NAME` of the file's
+    /// `stages:` (with `remote: true`), which frontends reach over the request plane.
     #[arg(long, conflicts_with = "group")]
     role: Option<String>,
+    /// With `--role stage`: which entry of the file's `stages:` to run, by name.
+    #[arg(long, requires = "role")]
+    stage: Option<String>,
     /// The frontend's request-plane endpoint (e.g. tcp://10.0.0.5:7100); overrides the
     /// file's `discovery.registry`.
     #[arg(long)]
@@ -153,7 +161,7 @@ fn pick_group(cfg: &ClusterConfig, group: Option<usize>, role: Option<&str>) -> 
         let wanted: turbine_actors::cluster_config::WorkerRole = serde_yaml::from_str(role)
             .map_err(|_| {
                 anyhow::anyhow!(
-                    "--role {role:?}: expected aggregated, prefill, decode, encoder or router"
+                    "--role {role:?}: expected aggregated, prefill, decode, encoder, router or stage"
                 )
             })?;
         return cfg
@@ -163,6 +171,39 @@ fn pick_group(cfg: &ClusterConfig, group: Option<usize>, role: Option<&str>) -> 
             .with_context(|| format!("the file has no worker group with role {role}"));
     }
     Ok(cfg.workers.iter().position(|g| g.remote).unwrap_or(0))
+}
+
+/// The `stages:` entry `--stage NAME` names (`--role stage`).
+fn pick_stage(cfg: &ClusterConfig, name: Option<&str>) -> Result<usize> {
+    let remote: Vec<&str> = cfg
+        .stages
+        .iter()
+        .filter(|s| s.remote)
+        .map(|s| s.name.as_str())
+        .collect();
+    let listed = if remote.is_empty() {
+        "the file lists no remote stage".to_string()
+    } else {
+        format!("the file's remote stages: {}", remote.join(", "))
+    };
+    let name = name.with_context(|| format!("--role stage needs --stage NAME ({listed})"))?;
+    cfg.stages
+        .iter()
+        .position(|s| s.name == name)
+        .with_context(|| format!("--stage {name}: the file lists no such stage ({listed})"))
+}
+
+/// The `logging.format` of the file the command reads, if it reads one (a file that does
+/// not parse logs as text; its error is reported when the command reads it).
+fn file_log_format(command: &Command) -> LogFormat {
+    let file = match command {
+        Command::Up(args) => args.file.as_deref(),
+        Command::Worker(args) => Some(args.file.as_path()),
+        Command::Epp(args) => Some(args.file.as_path()),
+        _ => None,
+    };
+    file.and_then(|f| read_config(f).ok())
+        .map_or(LogFormat::Text, |cfg| cfg.logging.format)
 }
 
 fn read_config(path: &std::path::Path) -> Result<ClusterConfig> {
@@ -205,12 +246,19 @@ fn run(cli: Cli) -> Result<()> {
         Command::Sim(_) => "error",
         _ => "warn",
     };
-    tracing_subscriber::fmt()
-        .with_env_filter(tracing_subscriber::EnvFilter::new(
-            cli.log.as_deref().unwrap_or(default_log),
-        ))
-        .with_writer(std::io::stderr)
-        .init();
+    let filter = tracing_subscriber::EnvFilter::new(cli.log.as_deref().unwrap_or(default_log));
+    let json = match cli.log_format.as_deref() {
+        Some(format) => format == "json",
+        None => file_log_format(&cli.command) == LogFormat::Json,
+    };
+    let logs = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr);
+    if json {
+        logs.json().with_current_span(false).init();
+    } else {
+        logs.init();
+    }
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()
@@ -233,6 +281,10 @@ fn run(cli: Cli) -> Result<()> {
             }
             let role = if args.role.as_deref() == Some("router") {
                 Role::Router
+            } else if args.role.as_deref() == Some("stage") {
+                Role::Stage {
+                    index: pick_stage(&cfg, args.stage.as_deref())?,
+                }
             } else {
                 Role::Worker {
                     group: pick_group(&cfg, args.group, args.role.as_deref())?,

@@ -16,8 +16,12 @@ use turbine_actors::planner::tap::{LoadTap, MeteredEngine};
 /// drain before it returns.
 pub async fn up(cfg: ClusterConfig, file: Option<PathBuf>, allow_fetch: bool) -> Result<()> {
     let mut cfg = cfg;
+    // A stage the binary does not have is a start-up error before the model loads.
+    let stages = crate::stages::registry();
+    turbine_actors::node::stages::check_stages(&cfg, &stages)?;
     let model = load(&mut cfg, allow_fetch).await?;
-    let cluster = LocalCluster::start(&cfg, model).await?;
+    let mut cluster = LocalCluster::start(&cfg, model).await?;
+    let stages = cluster.start_stages(&cfg, &stages).await?;
     let mut engine: Arc<dyn ChatEngine> = cluster.pipeline.clone();
     // The planner reads the frontend's requests through a tap around the engine.
     let mut planner = None;
@@ -39,6 +43,7 @@ pub async fn up(cfg: ClusterConfig, file: Option<PathBuf>, allow_fetch: bool) ->
             max_queued_requests: cfg.http.max_queued_requests,
             request_timeout: cfg.http.request_timeout_ms.map(Duration::from_millis),
             images: cfg.http.images.clone(),
+            stages,
             readiness: Readiness::from_async(move || {
                 let dispatcher = dispatcher.clone();
                 async move { dispatcher.readiness().await }
@@ -107,6 +112,17 @@ pub async fn join(
             )
             .await?;
             eprintln!("turbine worker: deregistered, exiting");
+        }
+        Role::Stage { index } => {
+            turbine_actors::node::stages::run_stage(
+                &cfg,
+                index,
+                &crate::stages::registry(),
+                registry,
+                shutdown_signal(),
+            )
+            .await?;
+            eprintln!("turbine stage: deregistered, exiting");
         }
         Role::Frontend => {
             anyhow::bail!("the frontend is started by `turbine up`, not `turbine worker`")

@@ -34,6 +34,49 @@ pub struct ClusterConfig {
     /// Re-issuing a request whose worker died, stalled or drained (see
     /// `router::MigrationConfig`).
     pub migration: MigrationConfig,
+    /// Custom stages every request passes before routing, in this order (see
+    /// `stages::Stage`, docs/STAGES.md).
+    pub stages: Vec<StageSpec>,
+    /// Logs: format (text or JSON), filter.
+    pub logging: LoggingSection,
+}
+
+/// One entry of `stages:`: a stage the binary registered under `name`.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct StageSpec {
+    /// The registered name (`turbine` ships `key_guard` and `redact`).
+    pub name: String,
+    /// Runs in a process of its own (`turbine worker --role stage --stage NAME`) that joins
+    /// through discovery, instead of in the frontend's process.
+    #[serde(default)]
+    pub remote: bool,
+    /// The stage's own settings, given to its factory as they are written.
+    #[serde(default)]
+    pub config: serde_yaml::Value,
+}
+
+/// How the processes of this cluster log (stderr).
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct LoggingSection {
+    /// `text` (human-readable lines) or `json` (one JSON object a line, for a log pipeline).
+    pub format: LogFormat,
+}
+
+impl Default for LoggingSection {
+    fn default() -> Self {
+        LoggingSection {
+            format: LogFormat::Text,
+        }
+    }
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum LogFormat {
+    Text,
+    Json,
 }
 
 impl Default for ClusterConfig {
@@ -48,6 +91,8 @@ impl Default for ClusterConfig {
             planner: None,
             disaggregation: DisaggregationConfig::default(),
             migration: MigrationConfig::default(),
+            stages: Vec::new(),
+            logging: LoggingSection::default(),
         }
     }
 }

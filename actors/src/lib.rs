@@ -19,4 +19,5 @@ pub mod planner;
 pub mod preprocessor;
 pub mod protocol;
 pub mod router;
+pub mod stages;
 pub mod worker;

@@ -260,8 +260,9 @@ pub struct TokenOutput {
 }
 
 /// What to generate from: chat messages (the engine applies the chat template), raw text,
-/// or token ids as they are.
-#[derive(Clone, Debug, PartialEq)]
+/// or token ids as they are. Serializable for stages in other processes (a chat message's
+/// image parts stay behind, see [`ChatMessage::parts`]).
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub enum Prompt {
     Chat(Vec<ChatMessage>),
     Text(String),

@@ -1501,3 +1501,163 @@ async fn a_good_image_passes_the_frontend_to_the_engine() {
     // The echo engine sees the text part (the image travels beside it).
     assert_eq!(ok.json()["choices"][0]["message"]["content"], "look");
 }
+
+// ------------------------------------------------------------------------------------------
+// Custom stages (the actor API) in front of the engine
+
+mod stages {
+    use super::*;
+    use turbine_actors::stages::{
+        Stage, StageChain, StageError, StageHandler, StageLink, StageRegistry, StageRequest,
+        StageService, StreamFilter,
+    };
+    use turbine_runtime::{Node, NodeConfig};
+
+    /// Rewrites "cats" to "dogs", refuses "forbidden", panics on "explode", and
+    /// upper-cases the output.
+    struct TestStage;
+
+    struct Upper;
+
+    impl StreamFilter for Upper {
+        fn on_text(&mut self, text: &str) -> String {
+            text.to_uppercase()
+        }
+    }
+
+    #[async_trait]
+    impl Stage for TestStage {
+        async fn on_request(&mut self, request: &mut StageRequest) -> Result<(), StageError> {
+            for prompt in &mut request.prompts {
+                if let Prompt::Chat(messages) = prompt {
+                    for m in messages.iter_mut() {
+                        if m.content.contains("explode") {
+                            panic!("kaboom");
+                        }
+                        if m.content.contains("forbidden") {
+                            return Err(StageError::forbidden("that word is not allowed here"));
+                        }
+                        m.content = m.content.replace("cats", "dogs");
+                    }
+                }
+            }
+            Ok(())
+        }
+
+        fn on_stream(&mut self, _request: &StageRequest) -> Option<Box<dyn StreamFilter>> {
+            Some(Box::new(Upper))
+        }
+    }
+
+    async fn start_staged() -> (Server, Node) {
+        let node = Node::start(NodeConfig {
+            name: "stages-test".into(),
+            ..NodeConfig::default()
+        })
+        .await
+        .unwrap();
+        let mut registry = StageRegistry::new();
+        registry.register("test_stage", |_| Ok(Box::new(TestStage)));
+        let spec = turbine_actors::cluster_config::StageSpec {
+            name: "test_stage".into(),
+            remote: false,
+            config: serde_yaml::Value::Null,
+        };
+        let factory = registry.factory(0, &spec).unwrap();
+        node.serve::<StageService, _, _>("stage.test_stage", move || {
+            StageHandler::new("test_stage", &factory, &serde_yaml::Value::Null)
+        })
+        .await
+        .unwrap();
+        let addr = node.local::<StageService>("stage.test_stage").unwrap();
+        let chain = StageChain::new(vec![Arc::new(StageLink::new("test_stage", Some(addr)))]);
+        let server = start_with(HttpConfig {
+            stages: Arc::new(chain),
+            ..HttpConfig::default()
+        })
+        .await;
+        (server, node)
+    }
+
+    #[tokio::test]
+    async fn a_stage_rewrites_rejects_and_filters_and_survives_its_panic() {
+        let (server, _node) = start_staged().await;
+        // Rewrite: the engine sees "dogs"; the filter upper-cases what the client gets.
+        let r = post(
+            server.addr,
+            "/v1/chat/completions",
+            &chat_body("I like cats"),
+        )
+        .await;
+        assert_eq!(r.status, 200, "{}", r.text());
+        assert_eq!(r.json()["choices"][0]["message"]["content"], "I LIKE DOGS");
+        let seen = server.engine.seen.lock().unwrap().last().cloned().unwrap();
+        assert_eq!(prompt_words(&seen), ["I", "like", "dogs"]);
+        assert_eq!(r.header("x-request-id").map(str::len), Some(32));
+
+        // The same through a stream, with the client's request id honoured.
+        let r = post_with(
+            server.addr,
+            "/v1/chat/completions",
+            &[("x-request-id", "client-id-7")],
+            &with(chat_body("cats and more cats"), json!({"stream": true})),
+        )
+        .await;
+        assert_eq!(r.status, 200);
+        assert_eq!(r.header("x-request-id"), Some("client-id-7"));
+        assert_eq!(streamed_text(&parse_chunks(&r)), "DOGS AND MORE DOGS");
+
+        // Reject: the stage's own status and message, OpenAI-shaped.
+        let r = post(
+            server.addr,
+            "/v1/chat/completions",
+            &chat_body("a forbidden word"),
+        )
+        .await;
+        assert_eq!(r.status, 403, "{}", r.text());
+        let err = &r.json()["error"];
+        assert_eq!(err["type"], "permission_error");
+        assert_eq!(err["message"], "that word is not allowed here");
+        assert!(r.header("x-request-id").is_some());
+
+        // Panic: that request gets a 500 naming the stage ...
+        let r = post(
+            server.addr,
+            "/v1/chat/completions",
+            &chat_body("explode now"),
+        )
+        .await;
+        assert_eq!(r.status, 500, "{}", r.text());
+        let err = &r.json()["error"];
+        assert!(
+            err["message"]
+                .as_str()
+                .unwrap()
+                .contains("stage `test_stage`"),
+            "{err}"
+        );
+        assert_eq!(err["code"], "stage_failed");
+        // ... and the restarted stage serves the next one.
+        let r = post(
+            server.addr,
+            "/v1/chat/completions",
+            &chat_body("hello cats"),
+        )
+        .await;
+        assert_eq!(r.status, 200, "{}", r.text());
+        assert_eq!(r.json()["choices"][0]["message"]["content"], "HELLO DOGS");
+    }
+
+    #[tokio::test]
+    async fn requests_without_stages_pass_untouched() {
+        let server = start().await;
+        let r = post(
+            server.addr,
+            "/v1/chat/completions",
+            &chat_body("I like cats"),
+        )
+        .await;
+        assert_eq!(r.status, 200);
+        assert_eq!(r.json()["choices"][0]["message"]["content"], "I like cats");
+    }
+}

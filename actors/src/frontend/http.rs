@@ -17,7 +17,9 @@ use super::openai::{DetokenizeResponse, ModelCard, ModelList, TokenizeResponse};
 use super::render::{Aggregate, Endpoint, ResponseMeta, SseWriter};
 use super::tools::{ToolEvent, ToolParser, ToolSetup};
 use super::validate::{self, Validated};
+use super::{request_id, stages};
 use crate::router::hints::RoutingHints;
+use crate::stages::{RequestMeta, StageChain, StageFlow};
 use axum::body::{Body, Bytes};
 use axum::extract::rejection::BytesRejection;
 use axum::extract::{DefaultBodyLimit, MatchedPath, Path, Request, State};
@@ -51,6 +53,8 @@ pub struct HttpConfig {
     pub readiness: Readiness,
     /// Limits on the images of a chat request.
     pub images: ImageLimits,
+    /// The custom stages every generation passes before the engine (empty: none).
+    pub stages: Arc<StageChain>,
 }
 
 impl Default for HttpConfig {
@@ -62,6 +66,7 @@ impl Default for HttpConfig {
             request_timeout: None,
             readiness: Readiness::always(),
             images: ImageLimits::default(),
+            stages: Arc::new(StageChain::empty()),
         }
     }
 }
@@ -115,6 +120,7 @@ struct AppState {
     request_timeout: Option<Duration>,
     readiness: Readiness,
     images: Arc<ImageLimits>,
+    stages: Arc<StageChain>,
 }
 
 /// Response ids: a per-process random prefix (ids stay unique across restarts) and a counter.
@@ -147,6 +153,7 @@ pub fn router(engine: Arc<dyn ChatEngine>, metrics: Metrics, cfg: HttpConfig) ->
         request_timeout: cfg.request_timeout,
         readiness: cfg.readiness.clone(),
         images: Arc::new(cfg.images.clone()),
+        stages: cfg.stages.clone(),
     };
     Router::new()
         .route("/v1/chat/completions", post(chat_completions))
@@ -162,6 +169,7 @@ pub fn router(engine: Arc<dyn ChatEngine>, metrics: Metrics, cfg: HttpConfig) ->
         .method_not_allowed_fallback(method_not_allowed)
         .layer(DefaultBodyLimit::max(cfg.max_body_bytes))
         .layer(middleware::from_fn_with_state(metrics, count_requests))
+        .layer(middleware::from_fn(request_id::layer))
         .with_state(state)
 }
 
@@ -185,9 +193,14 @@ async fn count_requests(
 ) -> Response {
     let endpoint = matched.map_or_else(|| "unmatched".to_string(), |m| m.as_str().to_string());
     let response = next.run(request).await;
+    let streamed = response
+        .headers()
+        .get(header::CONTENT_TYPE)
+        .and_then(|v| v.to_str().ok())
+        .is_some_and(|v| v.starts_with("text/event-stream"));
     metrics
         .http()
-        .record_request(&endpoint, response.status().as_u16());
+        .record_request(&endpoint, response.status().as_u16(), streamed);
     response
 }
 
@@ -202,7 +215,7 @@ async fn chat_completions(
         let body = json_body(&headers, body)?;
         let mut req = validate_chat(&state, body).await?;
         req.request.hints = routing_hints(&headers)?;
-        generate(&state, req, Endpoint::Chat, started, deadline).await
+        generate(&state, req, Endpoint::Chat, &headers, started, deadline).await
     };
     result.await.unwrap_or_else(error_response)
 }
@@ -237,7 +250,15 @@ async fn completions(
         let body = json_body(&headers, body)?;
         let mut req = validate::completion_request(&body, state.engine.model_id())?;
         req.request.hints = routing_hints(&headers)?;
-        generate(&state, req, Endpoint::Completion, started, deadline).await
+        generate(
+            &state,
+            req,
+            Endpoint::Completion,
+            &headers,
+            started,
+            deadline,
+        )
+        .await
     };
     result.await.unwrap_or_else(error_response)
 }
@@ -340,13 +361,15 @@ fn json_body(headers: &HeaderMap, body: Result<Bytes, BytesRejection>) -> Result
 /// trailing partial block is computed per sample.
 async fn generate(
     state: &AppState,
-    req: Validated,
+    mut req: Validated,
     endpoint: Endpoint,
+    headers: &HeaderMap,
     started: Instant,
     deadline: Option<Deadline>,
 ) -> Result<Response, ApiError> {
     let admitted = state.admission.admit(deadline).await?;
     let in_flight = InFlight::start(state.metrics.http().clone(), started, admitted);
+    let flow = run_stages(state, &mut req, endpoint, headers).await?;
     let meta = ResponseMeta::new(
         endpoint,
         &state.ids.next(),
@@ -375,7 +398,7 @@ async fn generate(
             .and_then(|t| t.get(index / n.max(1)).cloned())
     };
     for p in 0..req.prompts.len() {
-        let first = start_choice(state, &req, p * n, echo(p * n), started, deadline).await?;
+        let first = start_choice(state, &req, p * n, echo(p * n), &flow, started, deadline).await?;
         choices[p * n] = Some(first);
     }
     // Each prompt's first event: a refusal found before any token is the response's status.
@@ -390,7 +413,8 @@ async fn generate(
     }
     for (index, slot) in choices.iter_mut().enumerate() {
         if slot.is_none() {
-            *slot = Some(start_choice(state, &req, index, echo(index), started, deadline).await?);
+            let choice = start_choice(state, &req, index, echo(index), &flow, started, deadline);
+            *slot = Some(choice.await?);
         }
     }
     let tools = req
@@ -423,11 +447,44 @@ fn prompt_text(engine: &dyn ChatEngine, prompt: &Prompt) -> Result<String, Engin
     }
 }
 
+/// Passes `req` through the custom stages (rewritten in place; a refusal is the response).
+async fn run_stages(
+    state: &AppState,
+    req: &mut Validated,
+    endpoint: Endpoint,
+    headers: &HeaderMap,
+) -> Result<Option<StageFlow>, ApiError> {
+    if state.stages.is_empty() {
+        return Ok(None);
+    }
+    let meta = RequestMeta {
+        request_id: request_id::of(headers),
+        api_key: stages::api_key(headers),
+        endpoint: match endpoint {
+            Endpoint::Chat => "/v1/chat/completions",
+            Endpoint::Completion => "/v1/completions",
+        }
+        .to_string(),
+        model: req.request.model.clone(),
+        stream: req.request.stream,
+        n: req.n,
+    };
+    let streams = u32::try_from(req.num_choices()).unwrap_or(u32::MAX);
+    let (staged, flow) = state
+        .stages
+        .admit(stages::stage_request(req, meta), streams)
+        .await
+        .map_err(stages::api_error)?;
+    stages::apply(req, staged)?;
+    Ok(Some(flow))
+}
+
 async fn start_choice(
     state: &AppState,
     req: &Validated,
     index: usize,
     echo: Option<String>,
+    flow: &Option<StageFlow>,
     started: Instant,
     deadline: Option<Deadline>,
 ) -> Result<Bounded, ApiError> {
@@ -445,6 +502,10 @@ async fn start_choice(
         None => state.engine.generate(request).await,
     }
     .map_err(to_api)?;
+    let deltas = match flow {
+        Some(flow) => StageChain::filter(flow, index as u32, deltas),
+        None => deltas,
+    };
     Ok(Bounded {
         generation: Some(
             Generation::new(deltas, &stop, started, state.metrics.http().clone()).with_echo(echo),

@@ -22,10 +22,22 @@ pub struct RequestLabels {
     pub status: String,
 }
 
+/// Labels of `dynamo_frontend_requests_total` (Dynamo's frontend names them so).
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct GenerationLabels {
+    /// `chat_completions` or `completions`.
+    pub endpoint: String,
+    /// `stream` (SSE) or `unary`.
+    pub request_type: String,
+    /// `success` (2xx) or `error`.
+    pub status: String,
+}
+
 /// The HTTP layer's own metrics. Cheap to clone (each metric is an `Arc` inside).
 #[derive(Clone, Debug)]
 pub struct HttpMetrics {
     requests: Family<RequestLabels, Counter>,
+    generations: Family<GenerationLabels, Counter>,
     in_flight: Gauge,
     queued: Gauge,
     prompt_tokens: Counter,
@@ -39,6 +51,7 @@ impl HttpMetrics {
     fn new() -> Self {
         HttpMetrics {
             requests: Family::default(),
+            generations: Family::default(),
             in_flight: Gauge::default(),
             queued: Gauge::default(),
             prompt_tokens: Counter::default(),
@@ -95,13 +108,106 @@ impl HttpMetrics {
         );
     }
 
-    pub fn record_request(&self, endpoint: &str, status: u16) {
+    /// Counts a finished request by route and status; `streamed`: it was answered with SSE.
+    pub fn record_request(&self, endpoint: &str, status: u16, streamed: bool) {
         self.requests
             .get_or_create(&RequestLabels {
                 endpoint: endpoint.to_string(),
                 status: status.to_string(),
             })
             .inc();
+        let generation = match endpoint {
+            "/v1/chat/completions" => "chat_completions",
+            "/v1/completions" => "completions",
+            _ => return,
+        };
+        self.generations
+            .get_or_create(&GenerationLabels {
+                endpoint: generation.to_string(),
+                request_type: if streamed { "stream" } else { "unary" }.to_string(),
+                status: if (200..300).contains(&status) {
+                    "success"
+                } else {
+                    "error"
+                }
+                .to_string(),
+            })
+            .inc();
+    }
+
+    /// The same figures under the names Dynamo's frontend exports (`dynamo_frontend_*`), so
+    /// dashboards built for it work unchanged; `registry` carries the `model` label.
+    fn register_dynamo_names(&self, registry: &mut Registry) {
+        registry.register(
+            "dynamo_frontend_requests",
+            "Generation requests by endpoint, request type and status",
+            self.generations.clone(),
+        );
+        registry.register(
+            "dynamo_frontend_inflight_requests",
+            "Generation requests being served now",
+            self.in_flight.clone(),
+        );
+        registry.register(
+            "dynamo_frontend_queued_requests",
+            "Generation requests waiting for a running slot",
+            self.queued.clone(),
+        );
+        registry.register(
+            "dynamo_frontend_time_to_first_token_seconds",
+            "Time from request arrival to the first generated text",
+            self.time_to_first_token.clone(),
+        );
+        registry.register(
+            "dynamo_frontend_inter_token_latency_seconds",
+            "Time between consecutive generated deltas",
+            self.inter_token_latency.clone(),
+        );
+        registry.register(
+            "dynamo_frontend_request_duration_seconds",
+            "Time from request arrival to the end of its response",
+            self.request_duration.clone(),
+        );
+        registry.register(
+            "dynamo_frontend_input_tokens",
+            "Prompt tokens of served requests",
+            self.prompt_tokens.clone(),
+        );
+        registry.register(
+            "dynamo_frontend_output_tokens",
+            "Generated tokens sent to clients",
+            self.completion_tokens.clone(),
+        );
+    }
+
+    /// vLLM's names (`vllm:*`) for the request-level figures; `registry` carries the
+    /// `model_name` label.
+    fn register_vllm_names(&self, registry: &mut Registry) {
+        registry.register(
+            "vllm:prompt_tokens",
+            "Prompt tokens of served requests",
+            self.prompt_tokens.clone(),
+        );
+        registry.register(
+            "vllm:generation_tokens",
+            "Generated tokens sent to clients",
+            self.completion_tokens.clone(),
+        );
+        registry.register(
+            "vllm:time_to_first_token_seconds",
+            "Time from request arrival to the first generated text",
+            self.time_to_first_token.clone(),
+        );
+        registry.register(
+            "vllm:inter_token_latency_seconds",
+            "Time between consecutive generated deltas",
+            self.inter_token_latency.clone(),
+        );
+        registry.register(
+            "vllm:e2e_request_latency_seconds",
+            "Time from request arrival to the end of its response",
+            self.request_duration.clone(),
+        );
     }
 
     /// The gauge of requests waiting for admission (the admission queue moves it).
@@ -180,6 +286,26 @@ impl Metrics {
 
     pub fn http(&self) -> &HttpMetrics {
         &self.http
+    }
+
+    /// Registers the dashboard names (Dynamo's `dynamo_frontend_*` with a `model` label,
+    /// vLLM's `vllm:*` with `model_name`) for the HTTP metrics. Once per registry, when the
+    /// served model's name is known; the workers' vLLM names join through
+    /// [`Metrics::with_labelled`]. docs/METRICS.md lists every name.
+    pub fn register_dashboard_names(&self, model: &str) {
+        let mut registry = lock(&self.registry);
+        self.http.register_dynamo_names(
+            registry.sub_registry_with_label(("model".into(), model.to_string().into())),
+        );
+        self.http.register_vllm_names(
+            registry.sub_registry_with_label(("model_name".into(), model.to_string().into())),
+        );
+    }
+
+    /// Runs `f` on a scope of the registry whose metrics all carry `label=value`.
+    pub fn with_labelled(&self, label: &'static str, value: &str, f: impl FnOnce(&mut Registry)) {
+        let mut registry = lock(&self.registry);
+        f(registry.sub_registry_with_label((label.into(), value.to_string().into())));
     }
 
     /// Prometheus text exposition of everything registered.

@@ -27,6 +27,8 @@ pub mod metrics;
 pub mod openai;
 pub mod pipeline;
 pub mod render;
+pub mod request_id;
+pub mod stages;
 pub mod tools;
 pub mod validate;
 

@@ -42,6 +42,10 @@ pub struct LocalCluster {
     pub workers: Vec<WorkerHandle>,
     /// The encoders of `role: encoder` groups (E/P/D), for their counts.
     pub encoders: Vec<Arc<crate::encoder::service::Encoder>>,
+    /// How this process finds the others (workers, routers, stage processes).
+    pub discovery: Arc<dyn Discovery>,
+    /// The planner's decisions (empty without a planner), exported on /metrics.
+    pub decisions: crate::planner::actor::DecisionLog,
     _registry: EmbeddedRegistry,
     _tasks: Vec<AbortOnDrop>,
 }
@@ -207,6 +211,11 @@ impl LocalCluster {
         let (codec, name) = super::codec_of(model)?;
         let codec = codec.with_grammars(grammars);
         let model_id = cfg.model.served_name.clone().unwrap_or(name);
+        // The names Dynamo's and vLLM's dashboards query, labelled by the served model.
+        metrics.register_dashboard_names(&model_id);
+        metrics.with_labelled("model_name", &model_id, |r| {
+            worker_metrics.register_vllm_names(r)
+        });
         let dispatch = dispatcher(
             block_size,
             router_addr,
@@ -248,6 +257,14 @@ impl LocalCluster {
                 dispatch.clone(),
             )));
 
+        let decisions = crate::planner::actor::DecisionLog::default();
+        metrics
+            .registry()
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .register_collector(Box::new(crate::planner::prometheus::PlannerCollector::new(
+                decisions.clone(),
+            )));
         enable_disaggregation(cfg, &dispatch, DisaggMetrics::register(&metrics));
         dispatch.count_hints_into(crate::router::hints::HintMetrics::register(&metrics));
         for (handle, role) in workers.iter().zip(roles) {
@@ -266,7 +283,7 @@ impl LocalCluster {
         }
         tasks.push(follow_workers(
             Arc::new(NodeConnector::new(node.clone())),
-            discovery,
+            discovery.clone(),
             Members {
                 router: router.clone(),
                 frontend: Some(dispatch),
@@ -282,9 +299,26 @@ impl LocalCluster {
             node,
             workers,
             encoders,
+            discovery,
+            decisions,
             _registry: registry,
             _tasks: tasks.into_iter().map(AbortOnDrop).collect(),
         })
+    }
+}
+
+impl LocalCluster {
+    /// Starts the file's `stages:` from `registry` (the local ones on this node, the remote
+    /// ones followed through discovery) and returns the chain the HTTP frontend walks.
+    pub async fn start_stages(
+        &mut self,
+        cfg: &ClusterConfig,
+        registry: &crate::stages::StageRegistry,
+    ) -> Result<Arc<crate::stages::StageChain>, StartError> {
+        let (chain, follow) =
+            super::stages::start_stages(cfg, registry, &self.node, self.discovery.clone()).await?;
+        self._tasks.extend(follow.map(AbortOnDrop));
+        Ok(chain)
     }
 }
 

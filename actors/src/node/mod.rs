@@ -19,6 +19,7 @@ pub mod epp;
 pub mod local;
 pub mod planner;
 pub mod process;
+pub mod stages;
 
 use crate::cluster_config::{ClusterConfig, WorkerGroup, WorkerRole};
 use crate::encoder::service::{encoder_service_name, Encoder, EncoderActor, EncoderService};
@@ -71,6 +72,8 @@ pub enum Role {
     Router,
     /// Worker group `group` of the config.
     Worker { group: usize },
+    /// Entry `index` of the config's `stages:` (a custom stage in a process of its own).
+    Stage { index: usize },
 }
 
 /// Validates the worker groups and returns (block size, usable context length): the model's

@@ -187,7 +187,8 @@ pub async fn start_planner(
             LoadNotice::Left(worker) => tap.worker_left(worker),
         }));
     }
-    let decisions = DecisionLog::default();
+    // The cluster's log: /metrics reads the planner's decisions from it.
+    let decisions = cluster.decisions.clone();
     let inputs = Inputs::from_tap(
         tap,
         Duration::from_millis(p.adjustment_interval_ms),

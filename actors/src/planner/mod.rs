@@ -28,6 +28,7 @@ pub mod kubernetes;
 pub mod limits;
 pub mod local;
 pub mod predictor;
+pub mod prometheus;
 pub mod sla;
 pub mod tap;
 

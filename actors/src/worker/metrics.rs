@@ -25,6 +25,7 @@ pub struct WorkerMetrics {
     requests_running: Family<WorkerLabel, Gauge>,
     preemptions: Family<WorkerLabel, Gauge>,
     prefix_cache_hit_rate: Family<WorkerLabel, Gauge<f64, AtomicU64>>,
+    kv_usage: Family<WorkerLabel, Gauge<f64, AtomicU64>>,
 }
 
 impl WorkerMetrics {
@@ -62,6 +63,11 @@ impl WorkerMetrics {
             m.preemptions.clone(),
         );
         metrics.register(
+            "turbine_kv_usage_ratio",
+            "KV blocks held by requests over all KV blocks (0..1)",
+            m.kv_usage.clone(),
+        );
+        metrics.register(
             "turbine_prefix_cache_hit_rate",
             "Prompt tokens served from the prefix cache over prompt tokens looked up",
             m.prefix_cache_hit_rate.clone(),
@@ -91,6 +97,43 @@ impl WorkerMetrics {
         self.prefix_cache_hit_rate
             .get_or_create(&l)
             .set(s.kv.prefix_hit_rate());
+        let total = s.kv.used + s.kv.free;
+        let usage = if total == 0 {
+            0.0
+        } else {
+            s.kv.used as f64 / total as f64
+        };
+        self.kv_usage.get_or_create(&l).set(usage);
+    }
+
+    /// The worker gauges under vLLM's names (`vllm:num_requests_running` ...), for
+    /// dashboards built on vLLM; `registry` carries the `model_name` label.
+    pub fn register_vllm_names(&self, registry: &mut prometheus_client::registry::Registry) {
+        registry.register(
+            "vllm:num_requests_running",
+            "Requests being computed on a worker",
+            self.requests_running.clone(),
+        );
+        registry.register(
+            "vllm:num_requests_waiting",
+            "Requests queued on a worker",
+            self.requests_waiting.clone(),
+        );
+        registry.register(
+            "vllm:kv_cache_usage_perc",
+            "KV blocks held by requests over all KV blocks (0..1, as vLLM's)",
+            self.kv_usage.clone(),
+        );
+        registry.register(
+            "vllm:gpu_cache_usage_perc",
+            "KV blocks held by requests over all KV blocks (0..1; vLLM's older name)",
+            self.kv_usage.clone(),
+        );
+        registry.register(
+            "vllm:prefix_cache_hit_rate",
+            "Prompt tokens served from the prefix cache over prompt tokens looked up",
+            self.prefix_cache_hit_rate.clone(),
+        );
     }
 
     /// Drops `worker`'s gauges (it left the cluster: its last figures are no longer true).
@@ -105,5 +148,6 @@ impl WorkerMetrics {
         self.requests_running.remove(&l);
         self.preemptions.remove(&l);
         self.prefix_cache_hit_rate.remove(&l);
+        self.kv_usage.remove(&l);
     }
 }
