@@ -5,3 +5,4 @@ pub mod bench;
 pub mod fetch;
 pub mod profile;
 pub mod serve;
+pub mod validate;

@@ -270,6 +270,11 @@ fn run(cli: Cli) -> Result<()> {
             println!("{}", path.display());
             Ok(())
         }
+        Command::Sim(args) if args.validate => {
+            let v = turbine::validate::run(&args)?;
+            print!("{}", v.table());
+            Ok(())
+        }
         Command::Sim(args) => turbine_sim::run_cli(args),
         Command::Bench { which } => match which {
             BenchCommand::Serve(args) => runtime.block_on(turbine::bench::serve::run(args)),
