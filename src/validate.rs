@@ -316,14 +316,23 @@ pub fn run(args: &SimArgs) -> Result<Validation> {
     sim_args.validate = false;
     sim_args.profile = profile_path.display().to_string();
     sim_args.compare_routers = false;
-    let runs = turbine_sim::run(&sim_args)?;
-    let (report, outcome) = runs.first().context("the simulator ran nothing")?;
+    let mut sim_cfg = turbine_sim::build_config(&sim_args, &workload)?;
+    // The simulated frontend migrates as the real one does (the simulator's own default
+    // liveness timeout is shorter than a step of a loaded CPU engine).
+    sim_cfg.migration = cfg.migration.clone();
+    sim_cfg.policy = cfg.router.policy;
+    let outcome = turbine_sim::simulate(&sim_cfg, &workload)?;
+    let sim_failed = outcome
+        .requests
+        .iter()
+        .filter(|r| r.outcome != Some(turbine_sim::Outcome::Completed))
+        .count();
     let real = real_latencies(&outcomes);
-    let sim = Latencies::of(outcome);
+    let sim = Latencies::of(&outcome);
     let v = Validation {
         requests: workload.len(),
         real_failed: outcomes.iter().filter(|o| !o.is_ok()).count(),
-        sim_failed: report.failed,
+        sim_failed,
         profile: profile_path.display().to_string(),
         real_wall_s,
         rows: compare(&real, &sim),

@@ -147,13 +147,13 @@ fn turbine_sim_validate_compares_a_real_cluster_with_the_simulator() {
         "--workers",
         "1",
         "--requests",
-        "6",
+        "4",
         "--rate",
         "4",
         "--input-mean",
-        "24",
+        "16",
         "--output-mean",
-        "6",
+        "4",
         "--prefix-groups",
         "0",
         "--seed",
@@ -176,7 +176,7 @@ fn turbine_sim_validate_compares_a_real_cluster_with_the_simulator() {
     );
     let v: serde_json::Value =
         serde_json::from_str(&std::fs::read_to_string(&json).unwrap()).unwrap();
-    assert_eq!(v["requests"], 6);
+    assert_eq!(v["requests"], 4);
     assert_eq!(v["real_failed"], 0, "{v}");
     assert_eq!(v["sim_failed"], 0, "{v}");
     for row in v["rows"].as_array().unwrap() {
