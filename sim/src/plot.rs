@@ -262,9 +262,12 @@ pub fn latency_cdfs(title: &str, runs: &[(&str, &Latencies)]) -> [String; 3] {
     ]
 }
 
+/// A staircase of (time s, value) points.
+pub type Steps = Vec<(f64, f64)>;
+
 /// Requests waiting for their first token, and requests in flight (arrived, not resolved),
 /// over workload time, as the clients saw them.
-pub fn queue_depth(o: &SimOutcome) -> (Vec<(f64, f64)>, Vec<(f64, f64)>) {
+pub fn queue_depth(o: &SimOutcome) -> (Steps, Steps) {
     let mut waiting: Vec<(f64, i64)> = Vec::new();
     let mut flight: Vec<(f64, i64)> = Vec::new();
     for r in &o.requests {
