@@ -42,7 +42,7 @@ enum Command {
     Profile(turbine::profile::ProfileArgs),
     /// Simulate a cluster on virtual time: deterministic for a seed; synthetic workloads or
     /// trace replay, injected faults, routing-policy comparison (see docs/SIMULATOR.md).
-    Sim(turbine_sim::SimArgs),
+    Sim(Box<turbine_sim::SimArgs>),
     /// Load generators and micro-benchmarks.
     Bench {
         #[command(subcommand)]
@@ -275,7 +275,7 @@ fn run(cli: Cli) -> Result<()> {
             print!("{}", v.table());
             Ok(())
         }
-        Command::Sim(args) => turbine_sim::run_cli(args),
+        Command::Sim(args) => turbine_sim::run_cli(*args),
         Command::Bench { which } => match which {
             BenchCommand::Serve(args) => runtime.block_on(turbine::bench::serve::run(args)),
         },
