@@ -6,3 +6,4 @@ pub mod fetch;
 pub mod profile;
 pub mod serve;
 pub mod stages;
+pub mod validate;

@@ -46,7 +46,7 @@ enum Command {
     Profile(turbine::profile::ProfileArgs),
     /// Simulate a cluster on virtual time: deterministic for a seed; synthetic workloads or
     /// trace replay, injected faults, routing-policy comparison (see docs/SIMULATOR.md).
-    Sim(turbine_sim::SimArgs),
+    Sim(Box<turbine_sim::SimArgs>),
     /// Load generators and micro-benchmarks.
     Bench {
         #[command(subcommand)]
@@ -325,7 +325,12 @@ fn run(cli: Cli) -> Result<()> {
             println!("{}", path.display());
             Ok(())
         }
-        Command::Sim(args) => turbine_sim::run_cli(args),
+        Command::Sim(args) if args.validate => {
+            let v = turbine::validate::run(&args)?;
+            print!("{}", v.table());
+            Ok(())
+        }
+        Command::Sim(args) => turbine_sim::run_cli(*args),
         Command::Bench { which } => match which {
             BenchCommand::Serve(args) => runtime.block_on(turbine::bench::serve::run(args)),
         },

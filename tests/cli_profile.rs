@@ -132,3 +132,64 @@ fn turbine_up_refuses_a_planner_whose_profile_is_missing_naming_the_field() {
         "{stderr}"
     );
 }
+
+/// `turbine sim --validate` on a tiny workload: it profiles the engine, replays the requests
+/// against a real `turbine up` child and through the simulator, and compares. The bound is
+/// loose (CI machines are shared and the workload is tiny); docs/SIMULATOR.md has the
+/// figures of a real calibration run.
+#[test]
+fn turbine_sim_validate_compares_a_real_cluster_with_the_simulator() {
+    let json = scratch("validate.json");
+    let plots = scratch("validate-plots");
+    let out = turbine(&[
+        "sim",
+        "--validate",
+        "--workers",
+        "1",
+        "--requests",
+        "4",
+        "--rate",
+        "4",
+        "--input-mean",
+        "16",
+        "--output-mean",
+        "4",
+        "--prefix-groups",
+        "0",
+        "--seed",
+        "3",
+        "--json",
+        json.to_str().unwrap(),
+        "--plots",
+        plots.to_str().unwrap(),
+    ]);
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "turbine sim --validate failed: {stdout}\n{}\n(is the default model fetched? run \
+         scripts/setup-test-deps.sh)",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(
+        stdout.contains("| TTFT |") && stdout.contains("| E2E |"),
+        "{stdout}"
+    );
+    let v: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(&json).unwrap()).unwrap();
+    assert_eq!(v["requests"], 4);
+    assert_eq!(v["real_failed"], 0, "{v}");
+    assert_eq!(v["sim_failed"], 0, "{v}");
+    for row in v["rows"].as_array().unwrap() {
+        for side in ["real_p50_ms", "sim_p50_ms", "real_p90_ms", "sim_p90_ms"] {
+            let ms = row[side].as_f64().unwrap_or(f64::NAN);
+            assert!(ms > 0.0, "{side} of {row}");
+        }
+        // Loose: the simulator within a factor of ~3 of the real cluster at the median.
+        let err = row["p50_error"].as_f64().unwrap();
+        assert!(err.abs() < 2.0, "p50 error of {row}");
+    }
+    for name in ["ttft_cdf.svg", "itl_cdf.svg", "e2e_cdf.svg"] {
+        let svg = std::fs::read_to_string(plots.join(name)).unwrap();
+        assert!(svg.starts_with("<svg"), "{name}");
+    }
+}

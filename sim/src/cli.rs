@@ -2,6 +2,7 @@
 
 use crate::faults::FaultPlan;
 use crate::network::{JitterKind, NetConfig};
+use crate::plot;
 use crate::report::{latency_svg, Report, Slo};
 use crate::rng::SeedSplitter;
 use crate::run::{simulate, SimConfig, SimOutcome};
@@ -133,6 +134,30 @@ pub struct SimArgs {
     /// Write an SVG plot of latency over time here (first policy when comparing).
     #[arg(long)]
     pub svg: Option<PathBuf>,
+    /// Write the report's plots into this folder (created if missing), as SVG:
+    /// `latency.svg` (TTFT and end-to-end against arrival), `ttft_cdf.svg`, `itl_cdf.svg`,
+    /// `e2e_cdf.svg` (one line per policy when comparing), `queue.svg` (requests in flight
+    /// and waiting for their first token over time) and `replicas.svg` (workers provisioned
+    /// over time: the planner's, or `--workers` all along), of the first run.
+    #[arg(long)]
+    pub plots: Option<PathBuf>,
+    /// Calibration (`turbine sim` only, not the stand-alone example): measure the engine
+    /// (`turbine profile`, unless --validate-profile), run this workload against a real
+    /// `turbine up` cluster on this machine, then through the simulator with the measured
+    /// profile, and print TTFT, ITL and end-to-end p50/p90 side by side with the error.
+    /// Keep the workload small: the real side runs in real time. `--json` writes the
+    /// comparison, `--plots` real-against-simulated CDFs.
+    #[arg(long)]
+    pub validate: bool,
+    /// With --validate: the profile to simulate with (measured earlier on this machine),
+    /// instead of measuring one first.
+    #[arg(long, requires = "validate")]
+    pub validate_profile: Option<PathBuf>,
+    /// With --validate: the cluster file `turbine up -f` serves (its first worker group is
+    /// profiled; --workers must be its number of workers). Default: the default model on
+    /// CPU, one worker.
+    #[arg(long, requires = "validate")]
+    pub validate_cluster: Option<PathBuf>,
     /// Write the full event log (one line per event) here.
     #[arg(long)]
     pub event_log: Option<PathBuf>,
@@ -265,6 +290,9 @@ pub fn run(args: &SimArgs) -> anyhow::Result<Vec<(Report, SimOutcome)>> {
 /// `turbine sim`: runs, prints the table(s), writes the requested files. Fails (after
 /// printing) when an invariant was violated, naming the seed to replay.
 pub fn run_cli(args: SimArgs) -> anyhow::Result<()> {
+    if args.validate {
+        bail!("--validate starts a real cluster: run it as `turbine sim --validate ...`");
+    }
     if let Some(count) = args.seeds {
         let summary = crate::campaign::run_campaign(&args, count);
         print!("{}", summary.report(&args));
@@ -314,6 +342,9 @@ pub fn run_cli(args: SimArgs) -> anyhow::Result<()> {
         std::fs::write(path, latency_svg(o, &title))
             .with_context(|| format!("writing {}", path.display()))?;
     }
+    if let Some(dir) = &args.plots {
+        write_plots(dir, &runs, args.workers)?;
+    }
     if let (Some(path), Some((_, o))) = (&args.event_log, runs.first()) {
         let mut text = String::new();
         for l in o.event_log_lines.as_deref().unwrap_or(&[]) {
@@ -329,6 +360,41 @@ pub fn run_cli(args: SimArgs) -> anyhow::Result<()> {
     if let Some(r) = bad.first() {
         bail!("invariants violated under policy {}; replay with `turbine sim --seed {} ...` (same arguments)", r.policy, r.seed);
     }
+    Ok(())
+}
+
+/// The report's plots (see `--plots`) of `runs` into `dir`.
+pub fn write_plots(
+    dir: &std::path::Path,
+    runs: &[(Report, SimOutcome)],
+    workers: u32,
+) -> anyhow::Result<()> {
+    let Some((r, o)) = runs.first() else {
+        return Ok(());
+    };
+    std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
+    let title = format!(
+        "{} router, {} workers, seed {}",
+        r.policy, r.workers, r.seed
+    );
+    let lat: Vec<(String, plot::Latencies)> = runs
+        .iter()
+        .map(|(r, o)| (r.policy.clone(), plot::Latencies::of(o)))
+        .collect();
+    let named: Vec<(&str, &plot::Latencies)> = lat.iter().map(|(n, l)| (n.as_str(), l)).collect();
+    let [ttft, itl, e2e] = plot::latency_cdfs(&format!("seed {}", r.seed), &named);
+    for (name, text) in [
+        ("latency.svg", latency_svg(o, &title)),
+        ("ttft_cdf.svg", ttft),
+        ("itl_cdf.svg", itl),
+        ("e2e_cdf.svg", e2e),
+        ("queue.svg", plot::queue_svg(o, &title)),
+        ("replicas.svg", plot::replicas_svg(o, workers, &title)),
+    ] {
+        let path = dir.join(name);
+        std::fs::write(&path, text).with_context(|| format!("writing {}", path.display()))?;
+    }
+    println!("plots written to {}", dir.display());
     Ok(())
 }
 

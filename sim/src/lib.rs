@@ -15,6 +15,7 @@ pub mod cli;
 pub mod eventlog;
 pub mod faults;
 pub mod network;
+pub mod plot;
 pub mod profile;
 pub mod report;
 pub mod rng;
