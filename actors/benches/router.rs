@@ -41,6 +41,7 @@ fn benches(c: &mut Criterion) {
                 id: RequestId(i as u64),
                 hashes: ch[..1024].to_vec(),
                 token_count: 1024 * 16,
+                overrides: Default::default(),
             })
             .collect();
         let mut i = 0usize;

@@ -129,6 +129,7 @@ fn main() {
             id: RequestId(i),
             hashes: w.chains[c][..1024].to_vec(),
             token_count: 1024 * 16 + 5,
+            overrides: Default::default(),
         };
         let t = Instant::now();
         let d = router.select(Duration::ZERO, &req);

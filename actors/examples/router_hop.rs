@@ -63,6 +63,7 @@ fn request(i: u64) -> RouteRequest {
         id: RequestId(i),
         hashes: hash_blocks(&t, BlockSize::DEFAULT, 0),
         token_count: t.len(),
+        overrides: Default::default(),
     }
 }
 

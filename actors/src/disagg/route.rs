@@ -141,6 +141,7 @@ mod tests {
             id: RequestId(id),
             hashes: hash_blocks(tokens, BlockSize::DEFAULT, 0),
             token_count: tokens.len(),
+            overrides: Default::default(),
         }
     }
 

@@ -73,6 +73,7 @@ impl Pick for Picker {
             id: RequestId(self.next_id.fetch_add(1, Ordering::Relaxed)),
             hashes: hash_blocks(&tokens, self.core.block_size(), 0),
             token_count: tokens.len(),
+            overrides: Default::default(),
         };
         let eligible = |w| match self.endpoints.endpoint(w) {
             Some(ep) => input.subset.is_none_or(|s| s.contains(&ep)),
@@ -87,6 +88,11 @@ impl Pick for Picker {
                 },
             )
             .with_code("no_eligible_endpoint"),
+            RouteError::AllBusy { .. } => ApiError::server(
+                StatusCode::SERVICE_UNAVAILABLE,
+                "every eligible endpoint is busy (router.busy_threshold)",
+            )
+            .with_code("all_endpoints_busy"),
         })?;
         let endpoint = self
             .endpoints
@@ -112,6 +118,7 @@ impl Pick for Picker {
                 } else {
                     HintMode::Aggregated
                 }),
+                ..RoutingHints::default()
             },
         })
     }

@@ -116,6 +116,7 @@ mod tests {
             id: RequestId(1),
             hashes: vec![BlockHash(1), BlockHash(2)],
             token_count: 32,
+            overrides: Default::default(),
         };
         router.route(Duration::ZERO, &req).expect("one worker");
         let router = Arc::new(Mutex::new(router));
