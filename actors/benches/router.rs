@@ -42,6 +42,7 @@ fn benches(c: &mut Criterion) {
                 hashes: ch[..1024].to_vec(),
                 token_count: 1024 * 16,
                 avoid: Vec::new(),
+                overrides: Default::default(),
             })
             .collect();
         let mut i = 0usize;

@@ -130,6 +130,7 @@ fn main() {
             hashes: w.chains[c][..1024].to_vec(),
             token_count: 1024 * 16 + 5,
             avoid: Vec::new(),
+            overrides: Default::default(),
         };
         let t = Instant::now();
         let d = router.select(Duration::ZERO, &req);

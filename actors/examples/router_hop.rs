@@ -64,6 +64,7 @@ fn request(i: u64) -> RouteRequest {
         hashes: hash_blocks(&t, BlockSize::DEFAULT, 0),
         token_count: t.len(),
         avoid: Vec::new(),
+        overrides: Default::default(),
     }
 }
 

@@ -102,6 +102,10 @@ struct Cluster {
 }
 
 async fn cluster() -> Cluster {
+    cluster_with(RouterConfig::default()).await
+}
+
+async fn cluster_with(config: RouterConfig) -> Cluster {
     let node = Node::in_memory(
         NodeConfig {
             name: "test".into(),
@@ -119,12 +123,7 @@ async fn cluster() -> Cluster {
         down: AtomicBool::new(true),
     });
     let index = Arc::new(FlashIndexer::default());
-    let router = KvRouter::new(
-        RouterReplicaId(0),
-        RouterConfig::default(),
-        Some(index.clone()),
-    )
-    .unwrap();
+    let router = KvRouter::new(RouterReplicaId(0), config, Some(index.clone())).unwrap();
     let core = RouterCore::new(router, index, TokioClock::shared());
     let router_addr = core.serve(&node, "router").await.unwrap();
     let dispatcher = Dispatcher::new(BlockSize::DEFAULT, Some(router_addr), 1);
@@ -239,4 +238,52 @@ async fn readiness_counts_quarantined_and_stalled_workers_as_not_ready() {
     let mut d = c.dispatcher.dispatch(request()).await.unwrap();
     assert_eq!(d.worker, WorkerId(2));
     assert!(d.next_output().await.unwrap().is_ok());
+}
+
+/// `router.busy_threshold`: while every worker has that many requests, a new one is held
+/// at the dispatcher (not piled onto a worker) until one finishes, or refused (retryable)
+/// once `queue_timeout_ms` is over.
+#[tokio::test(flavor = "current_thread", start_paused = true)]
+async fn requests_wait_while_every_worker_is_busy_and_take_the_first_freed_slot() {
+    let c = cluster_with(RouterConfig {
+        busy_threshold: Some(1),
+        queue_timeout_ms: 2_000,
+        ..RouterConfig::default()
+    })
+    .await;
+    c.link.down.store(false, Ordering::SeqCst);
+    c.join_both();
+    let first = c.dispatcher.dispatch(request()).await.unwrap();
+    let second = c.dispatcher.dispatch(request()).await.unwrap();
+    assert_eq!((first.worker, second.worker), (WorkerId(1), WorkerId(2)));
+
+    // Both busy: the third is held, not sent to either.
+    let third = c.dispatcher.dispatch(request());
+    tokio::pin!(third);
+    assert!(
+        tokio::time::timeout(Duration::from_millis(500), &mut third)
+            .await
+            .is_err(),
+        "a request was routed to a busy worker"
+    );
+    assert!(c.core.metrics().all_busy > 10, "{:?}", c.core.metrics());
+    // Worker 2's request ends: the held one takes its slot.
+    drop(second);
+    let mut third = third.await.unwrap();
+    assert_eq!(third.worker, WorkerId(2));
+    assert_eq!(
+        third.next_output().await.unwrap().unwrap().token_ids,
+        vec![7]
+    );
+
+    // Nothing ends for longer than the hold time: a retryable refusal naming the setting.
+    let start = tokio::time::Instant::now();
+    let err = c.dispatcher.dispatch(request()).await.err().unwrap();
+    assert!(start.elapsed() >= Duration::from_millis(2_000));
+    match err {
+        EngineError::Overloaded(m) => assert!(m.contains("queue_timeout_ms"), "{m}"),
+        other => panic!("{other:?}"),
+    }
+    drop(first);
+    drop(third);
 }

@@ -323,3 +323,152 @@ proptest! {
         let _ = decode_vllm_batch(0, &data);
     }
 }
+
+/// One vLLM `BlockStored` event in the array layout: blocks of `BLOCK` tokens.
+fn stored(hashes: &[u64], parent: Option<u64>, tokens: &[u32]) -> V {
+    V::A(vec![
+        V::S("BlockStored"),
+        ints(hashes),
+        parent.map_or(V::Nil, V::UInt),
+        V::A(tokens.iter().map(|t| V::UInt(u64::from(*t))).collect()),
+        V::UInt(16),
+        V::Nil,
+        V::S("GPU"),
+    ])
+}
+
+fn batch_of(events: Vec<V>) -> Vec<u8> {
+    bytes(&V::A(vec![V::F(1.0), V::A(events), V::UInt(0)]))
+}
+
+async fn publish(socket: &mut zeromq::PubSocket, seq: u64, payload: Vec<u8>) {
+    use zeromq::SocketSend;
+    let frames = vec![
+        bytes::Bytes::from_static(b"kv-events"),
+        bytes::Bytes::from(seq.to_be_bytes().to_vec()),
+        bytes::Bytes::from(payload),
+    ];
+    socket
+        .send(zeromq::ZmqMessage::try_from(frames).unwrap())
+        .await
+        .unwrap();
+}
+
+/// Waits (up to 10 s) until `done` holds for the feed's counters.
+async fn until(
+    feed: &std::sync::Mutex<turbine_actors::kv::vllm_feed::VllmFeed>,
+    done: impl Fn(&turbine_actors::kv::vllm_feed::VllmFeedStats) -> bool,
+) {
+    for _ in 0..1000 {
+        if done(&feed.lock().unwrap().stats()) {
+            return;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(10)).await;
+    }
+    panic!("feed stuck at {:?}", feed.lock().unwrap().stats());
+}
+
+#[tokio::test]
+async fn vllm_batches_over_a_zmq_pub_socket_feed_the_indexer_and_a_sequence_gap_clears_the_worker()
+{
+    use zeromq::Socket;
+    let mut publisher = zeromq::PubSocket::new();
+    let endpoint = publisher
+        .bind("tcp://127.0.0.1:0")
+        .await
+        .unwrap()
+        .to_string();
+    let ix = std::sync::Arc::new(FlashIndexer::default());
+    let worker = WorkerId(4);
+    let (task, feed) =
+        turbine_actors::kv::vllm_feed::follow_vllm_publisher(&endpoint, "", worker, ix.clone())
+            .await
+            .unwrap();
+    // PUB drops what it sends before the subscription arrives: knock with a message that is
+    // no batch (counted malformed, no sequence number used) until the feed hears one.
+    let mut knocks = 0;
+    while feed.lock().unwrap().stats().malformed == 0 {
+        use zeromq::SocketSend;
+        let hello = zeromq::ZmqMessage::from(bytes::Bytes::from_static(b"hello"));
+        publisher.send(hello).await.unwrap();
+        knocks += 1;
+        assert!(knocks < 1000, "the subscriber never connected");
+        tokio::time::sleep(std::time::Duration::from_millis(10)).await;
+    }
+
+    // A 4-block prompt stored in two batches (vLLM's hashes are its own: 101..104).
+    let tokens: Vec<u32> = (0..64).map(|i| 7_000 + i).collect();
+    let ours = hash_blocks(&tokens, BlockSize::DEFAULT, 0);
+    publish(
+        &mut publisher,
+        0,
+        batch_of(vec![stored(&[101, 102], None, &tokens[..32])]),
+    )
+    .await;
+    publish(
+        &mut publisher,
+        1,
+        batch_of(vec![stored(&[103, 104], Some(102), &tokens[32..])]),
+    )
+    .await;
+    until(&feed, |s| s.batches == 2).await;
+    // Indexed under turbine's hashes of the same tokens: the router's query finds all 4.
+    assert_eq!(ix.find_matches(&ours).get(worker), 4);
+
+    // vLLM evicts the tail block; the overlap shrinks to 3.
+    publish(
+        &mut publisher,
+        2,
+        bytes(&V::A(vec![
+            V::F(2.0),
+            V::A(vec![V::A(vec![
+                V::S("BlockRemoved"),
+                ints(&[104]),
+                V::S("GPU"),
+            ])]),
+        ])),
+    )
+    .await;
+    until(&feed, |s| s.batches == 3).await;
+    assert_eq!(ix.find_matches(&ours).get(worker), 3);
+
+    // Batch 3 is lost; batch 4 extends the prompt from block 103. The gap clears the worker
+    // (its view is no longer exact) and the extension cannot be translated (its parent's
+    // translation went with the clear).
+    publish(
+        &mut publisher,
+        4,
+        batch_of(vec![stored(&[104], Some(103), &tokens[48..])]),
+    )
+    .await;
+    until(&feed, |s| s.batches == 4).await;
+    let s = feed.lock().unwrap().stats();
+    assert_eq!((s.gaps, s.unresolved_blocks), (1, 1));
+    assert_eq!(ix.find_matches(&ours).get(worker), 0);
+    assert_eq!(ix.worker_block_count(worker), 0);
+
+    // The worker stores the prompt again from its first block: indexed at once.
+    publish(
+        &mut publisher,
+        5,
+        batch_of(vec![stored(&[101, 102, 103, 104], None, &tokens)]),
+    )
+    .await;
+    until(&feed, |s| s.batches == 5).await;
+    assert_eq!(ix.find_matches(&ours).get(worker), 4);
+
+    // A payload that is no KVEventBatch is counted and skipped; the feed goes on.
+    let before = feed.lock().unwrap().stats().malformed;
+    publish(&mut publisher, 6, vec![0xc1]).await;
+    publish(
+        &mut publisher,
+        6,
+        batch_of(vec![V::A(vec![V::S("AllBlocksCleared")])]),
+    )
+    .await;
+    until(&feed, |s| s.batches == 6).await;
+    let s = feed.lock().unwrap().stats();
+    assert_eq!((s.malformed, s.gaps), (before + 1, 1));
+    assert_eq!(ix.find_matches(&ours).get(worker), 0);
+    task.abort();
+}

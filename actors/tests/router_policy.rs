@@ -5,8 +5,9 @@ use turbine_actors::ids::{RequestId, WorkerId};
 use turbine_actors::kv::hash::{BlockHash, BlockSize};
 use turbine_actors::kv::indexer::OverlapScores;
 use turbine_actors::router::{
-    KvPolicy, Policy, PolicyKind, RandomPolicy, RoundRobinPolicy, RouteError, RouteRequest,
-    RouterConfig, RouterConfigError, RouterIndexMode, RoutingPolicy, WorkerLoad,
+    KvPolicy, OverrideError, Policy, PolicyKind, RandomPolicy, RoundRobinPolicy, RouteError,
+    RouteOverrides, RouteRequest, RouterConfig, RouterConfigError, RouterIndexMode, RoutingPolicy,
+    WorkerLoad,
 };
 
 const T0: Duration = Duration::ZERO;
@@ -17,6 +18,7 @@ fn request(blocks: u64) -> RouteRequest {
         hashes: (0..blocks).map(BlockHash).collect(),
         token_count: blocks as usize * 16,
         avoid: Vec::new(),
+        overrides: Default::default(),
     }
 }
 
@@ -167,6 +169,7 @@ fn partial_trailing_block_counts_as_prefill_work() {
         hashes: vec![BlockHash(1)],
         token_count: 20,
         avoid: Vec::new(),
+        overrides: Default::default(),
     };
     assert_eq!(r.blocks(BlockSize::DEFAULT), 2);
 }
@@ -194,4 +197,114 @@ fn config_parses_with_defaults_and_validates() {
         ..RouterConfig::default()
     };
     assert_eq!(bad.validate(), Err(RouterConfigError::Temperature(-1.0)));
+}
+
+#[test]
+fn per_request_overrides_replace_the_configured_weight_and_temperature() {
+    let workers = [load(1, 4), load(2, 0)];
+    let cached = overlaps(&[(1, 8)]);
+    let with = |overlap_weight, temperature| RouteRequest {
+        overrides: RouteOverrides {
+            overlap_weight,
+            temperature,
+        },
+        ..request(10)
+    };
+    // Configured weight 1: w1 costs 2 + 4 = 6, w2 costs 10; w1 wins.
+    let mut p = kv(1.0);
+    assert_eq!(
+        p.select(T0, &with(None, None), &workers, &cached)
+            .unwrap()
+            .worker,
+        WorkerId(1)
+    );
+    // Weight 0 for this request only: load alone decides (w1 4, w2 0).
+    let d = p
+        .select(T0, &with(Some(0.0), None), &workers, &cached)
+        .unwrap();
+    assert_eq!((d.worker, d.cost), (WorkerId(2), 0.0));
+    // The next request without an override is back to the configured weight.
+    assert_eq!(
+        p.select(T0, &with(None, None), &workers, &cached)
+            .unwrap()
+            .worker,
+        WorkerId(1)
+    );
+    // A high weight makes the cached worker win even when it is far busier.
+    let busy = [load(1, 30), load(2, 0)];
+    assert_eq!(
+        p.select(T0, &with(None, None), &busy, &cached)
+            .unwrap()
+            .worker,
+        WorkerId(2)
+    );
+    assert_eq!(
+        p.select(T0, &with(Some(5.0), None), &busy, &cached)
+            .unwrap()
+            .worker,
+        WorkerId(1)
+    );
+    // Temperature 0 configured, a large one for this request: both workers get picked,
+    // and the same seed gives the same sequence.
+    let picks = |seed| {
+        let mut p = KvPolicy::new(1.0, 0.0, BlockSize::DEFAULT, seed);
+        (0..64)
+            .map(|_| {
+                p.select(T0, &with(None, Some(1e6)), &workers, &cached)
+                    .unwrap()
+                    .worker
+            })
+            .collect::<Vec<_>>()
+    };
+    let a = picks(3);
+    assert!(
+        a.contains(&WorkerId(1)) && a.contains(&WorkerId(2)),
+        "{a:?}"
+    );
+    assert_eq!(a, picks(3));
+    // A configured temperature is turned off by an override of 0.
+    let mut hot = KvPolicy::new(1.0, 1e6, BlockSize::DEFAULT, 3);
+    for _ in 0..32 {
+        let d = hot
+            .select(T0, &with(None, Some(0.0)), &workers, &cached)
+            .unwrap();
+        assert_eq!(d.worker, WorkerId(1));
+    }
+    // Out of range is a typed error at validation, and the policy never uses it.
+    let bad = RouteOverrides {
+        overlap_weight: Some(-1.0),
+        temperature: None,
+    };
+    assert_eq!(bad.validate(), Err(OverrideError::OverlapWeight(-1.0)));
+    let nan = RouteOverrides {
+        overlap_weight: None,
+        temperature: Some(f64::NAN),
+    };
+    assert!(matches!(nan.validate(), Err(OverrideError::Temperature(_))));
+    assert_eq!(
+        p.select(T0, &with(Some(-1.0), None), &workers, &cached)
+            .unwrap()
+            .worker,
+        WorkerId(1)
+    );
+    // The baselines report their choice's cost with the request's weight.
+    let mut rr = RoundRobinPolicy::new(1.0, BlockSize::DEFAULT);
+    let d = rr
+        .select(T0, &with(Some(0.0), None), &workers, &cached)
+        .unwrap();
+    assert_eq!((d.worker, d.cost), (WorkerId(1), 4.0));
+}
+
+#[test]
+fn overrides_travel_in_the_route_request_to_a_remote_router() {
+    let req = RouteRequest {
+        overrides: RouteOverrides {
+            overlap_weight: Some(0.5),
+            temperature: Some(2.0),
+        },
+        ..request(3)
+    };
+    let bytes = rmp_serde::to_vec(&req).unwrap();
+    let back: RouteRequest = rmp_serde::from_slice(&bytes).unwrap();
+    assert_eq!(back, req);
 }

@@ -23,6 +23,7 @@ fn request(id: u64, tokens: &[u32]) -> RouteRequest {
         hashes: hash_blocks(tokens, BlockSize::DEFAULT, 0),
         token_count: tokens.len(),
         avoid: Vec::new(),
+        overrides: Default::default(),
     }
 }
 
@@ -166,4 +167,163 @@ fn two_replicas_converge_through_router_events() {
         a.select(at(21), &req).unwrap().worker,
         b.select(at(21), &req).unwrap().worker
     );
+}
+
+#[test]
+fn approximate_mode_forgets_a_prefix_after_its_ttl_and_a_reroute_renews_it() {
+    let mut r = KvRouter::new(RouterReplicaId(1), approx_config(), None).unwrap();
+    for w in 1..=3 {
+        r.add_worker(WorkerId(w));
+    }
+    let family = prompt(5, 160); // 10 blocks
+    let first = r.route(at(0), &request(1, &family)).unwrap().decision;
+    assert_eq!(first.overlap_blocks, 0);
+    let holder = first.worker;
+    r.on_request_finished(RequestId(1)).unwrap();
+    // A longer prompt of the same family, within the TTL: routed to the holder, 10 cached.
+    let longer = prompt(5, 256);
+    let again = r.select(at(59), &request(2, &longer)).unwrap();
+    assert_eq!((again.worker, again.overlap_blocks), (holder, 10));
+    let scores = r.find_matches(at(59), &request(2, &longer).hashes);
+    assert_eq!(scores.get(holder), 10);
+    // At the TTL (stored at 0, ttl 60) it counts as absent, before any cleanup ran.
+    assert_eq!(
+        r.find_matches(at(60), &request(2, &longer).hashes)
+            .get(holder),
+        0
+    );
+    assert_eq!(r.index_size(), 10, "not yet pruned from memory");
+    r.expire(at(60));
+    assert_eq!(r.index_size(), 0, "pruned once expired");
+
+    // Renewal: route at 0, again at 50 (same worker: it holds it), and the prefix lives
+    // until 110, not 60.
+    let first = r.route(at(100), &request(3, &family)).unwrap().decision;
+    r.on_request_finished(RequestId(3)).unwrap();
+    let renew = r.route(at(150), &request(4, &family)).unwrap().decision;
+    r.on_request_finished(RequestId(4)).unwrap();
+    assert_eq!((renew.worker, renew.overlap_blocks), (first.worker, 10));
+    let h = request(5, &family).hashes;
+    assert_eq!(r.find_matches(at(200), &h).get(first.worker), 10);
+    r.expire(at(200));
+    assert_eq!(
+        r.index_size(),
+        10,
+        "the renewed entries outlive the first expiry"
+    );
+    assert_eq!(r.find_matches(at(210), &h).get(first.worker), 0);
+    r.expire(at(210));
+    assert_eq!(r.index_size(), 0);
+}
+
+#[test]
+fn approximate_mode_prunes_as_it_routes_so_memory_follows_the_ttl_window() {
+    let mut r = KvRouter::new(
+        RouterReplicaId(1),
+        RouterConfig {
+            index: RouterIndexMode::Approximate(ApproxConfig { ttl_secs: 10.0 }),
+            ..RouterConfig::default()
+        },
+        None,
+    )
+    .unwrap();
+    r.add_worker(WorkerId(1));
+    r.add_worker(WorkerId(2));
+    // One new 4-block prompt per second for 100 s, never expired by hand: routing itself
+    // prunes, so at most ~ttl seconds of prompts stay in memory.
+    let mut most = 0;
+    for i in 0..100u64 {
+        let req = request(i, &prompt(1000 + i as u32, 64));
+        r.route(at(i), &req).unwrap();
+        r.on_request_finished(RequestId(i)).unwrap();
+        most = most.max(r.index_size());
+    }
+    assert!(
+        most <= 11 * 4,
+        "held {most} blocks for a 10 s window of 4-block prompts"
+    );
+    assert!(r.index_size() >= 9 * 4);
+}
+
+#[test]
+fn a_replica_learns_approximate_entries_from_a_peer_and_they_expire_there_too() {
+    let mut a = KvRouter::new(RouterReplicaId(1), approx_config(), None).unwrap();
+    let mut b = KvRouter::new(RouterReplicaId(2), approx_config(), None).unwrap();
+    for r in [&mut a, &mut b] {
+        r.add_worker(WorkerId(1));
+        r.add_worker(WorkerId(2));
+    }
+    let req = request(1, &prompt(9, 128));
+    let routed = a.route(at(0), &req).unwrap();
+    b.apply_router_event(at(0), &routed.event);
+    let w = routed.decision.worker;
+    assert_eq!(b.find_matches(at(30), &req.hashes).get(w), 8);
+    assert_eq!(b.find_matches(at(60), &req.hashes).get(w), 0);
+    b.expire(at(60));
+    assert_eq!(b.index_size(), 0);
+}
+
+#[test]
+fn busy_workers_are_skipped_and_all_busy_is_a_typed_answer_with_the_hold_time() {
+    let config = RouterConfig {
+        busy_threshold: Some(2),
+        queue_timeout_ms: 750,
+        ..RouterConfig::default()
+    };
+    let mut r = KvRouter::new(RouterReplicaId(0), config, None).unwrap();
+    r.add_worker(WorkerId(1));
+    r.add_worker(WorkerId(2));
+    // Equal costs alternate by load; a worker with 2 requests is left out.
+    let tokens = prompt(3, 320);
+    let mut workers = Vec::new();
+    for i in 0..4 {
+        workers.push(
+            r.route(at(0), &request(i, &tokens))
+                .unwrap()
+                .decision
+                .worker,
+        );
+    }
+    workers.sort();
+    assert_eq!(
+        workers,
+        [WorkerId(1), WorkerId(1), WorkerId(2), WorkerId(2)]
+    );
+    assert_eq!(
+        r.route(at(0), &request(9, &tokens)).map(|x| x.decision),
+        Err(RouteError::AllBusy { hold_ms: 750 })
+    );
+    assert_eq!(r.metrics().all_busy, 1);
+    // A load report counts too: worker 2 says it runs 1 (its two acknowledged, one done).
+    r.update_load(WorkerId(2), 20, 1);
+    assert_eq!(
+        r.route(at(0), &request(10, &tokens))
+            .unwrap()
+            .decision
+            .worker,
+        WorkerId(2)
+    );
+    // With no workers at all it is still NoWorkers (nothing to wait for).
+    let mut empty = KvRouter::new(
+        RouterReplicaId(0),
+        RouterConfig {
+            busy_threshold: Some(2),
+            ..RouterConfig::default()
+        },
+        None,
+    )
+    .unwrap();
+    assert_eq!(
+        empty.route(at(0), &request(1, &tokens)).map(|x| x.decision),
+        Err(RouteError::NoWorkers)
+    );
+    assert!(KvRouter::new(
+        RouterReplicaId(0),
+        RouterConfig {
+            busy_threshold: Some(0),
+            ..RouterConfig::default()
+        },
+        None
+    )
+    .is_err());
 }

@@ -81,6 +81,12 @@ pub async fn dispatch(
         Ok(RouterReply::RoutedDisagg(Err(RouteError::NoWorkers))) => {
             return Err(DispatchError::NoWorker("no worker is available".into()))
         }
+        // Disaggregated requests are not held (see docs/CONFIG.md, `busy_threshold`).
+        Ok(RouterReply::RoutedDisagg(Err(RouteError::AllBusy { .. }))) => {
+            return Err(DispatchError::NoWorker(
+                "every decode worker is busy".into(),
+            ))
+        }
         Ok(_) => {
             return Err(DispatchError::Internal(
                 "the router answered a route request with something else".into(),

@@ -142,6 +142,7 @@ mod tests {
             hashes: hash_blocks(tokens, BlockSize::DEFAULT, 0),
             token_count: tokens.len(),
             avoid: Vec::new(),
+            overrides: Default::default(),
         }
     }
 

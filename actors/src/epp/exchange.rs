@@ -35,7 +35,7 @@ pub const LB_NAMESPACE: &str = "envoy.lb";
 pub const MAX_BODY_BYTES: usize = 32 << 20;
 
 /// What a picker decided for one request.
-#[derive(Clone, Debug, PartialEq, Eq)]
+#[derive(Clone, Debug, PartialEq)]
 pub struct Picked {
     /// `ip:port` the proxy sends the request to.
     pub endpoint: String,

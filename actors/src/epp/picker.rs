@@ -74,6 +74,7 @@ impl Pick for Picker {
             hashes: hash_blocks(&tokens, self.core.block_size(), 0),
             token_count: tokens.len(),
             avoid: Vec::new(),
+            overrides: Default::default(),
         };
         let eligible = |w| match self.endpoints.endpoint(w) {
             Some(ep) => input.subset.is_none_or(|s| s.contains(&ep)),
@@ -88,6 +89,11 @@ impl Pick for Picker {
                 },
             )
             .with_code("no_eligible_endpoint"),
+            RouteError::AllBusy { .. } => ApiError::server(
+                StatusCode::SERVICE_UNAVAILABLE,
+                "every eligible endpoint is busy (router.busy_threshold)",
+            )
+            .with_code("all_endpoints_busy"),
         })?;
         let endpoint = self
             .endpoints
@@ -113,6 +119,7 @@ impl Pick for Picker {
                 } else {
                     HintMode::Aggregated
                 }),
+                ..RoutingHints::default()
             },
         })
     }

@@ -7,6 +7,7 @@ pub mod hash;
 pub mod indexer;
 pub mod runs;
 pub mod vllm;
+pub mod vllm_feed;
 
 pub use events::{KvEvent, KvEventBatch};
 pub use hash::{hash_blocks, BlockHash, BlockSize, LocalBlockHash};

@@ -68,6 +68,14 @@ pub struct RouterConfig {
     /// the frontend's registry and follows the workers' events; the frontend reaches it
     /// over the request plane. Every worker group must then be `remote` too.
     pub remote: bool,
+    /// A worker with this many requests (running, waiting, and routed since its last load
+    /// report) is busy: not routed to. While every routable worker is busy a request is
+    /// held at the frontend (up to `queue_timeout_ms`) instead of piling onto one. `None`:
+    /// no worker is ever busy.
+    pub busy_threshold: Option<u32>,
+    /// How long a request is held while every worker is busy before it is refused
+    /// (retryable: HTTP 429 with `Retry-After`).
+    pub queue_timeout_ms: u64,
 }
 
 impl Default for RouterConfig {
@@ -80,6 +88,8 @@ impl Default for RouterConfig {
             block_size: BlockSize::DEFAULT,
             index: RouterIndexMode::Events,
             remote: false,
+            busy_threshold: None,
+            queue_timeout_ms: 30_000,
         }
     }
 }
@@ -93,6 +103,8 @@ pub enum RouterConfigError {
     Temperature(f64),
     #[error("approximate-mode ttl_secs must be finite and > 0, got {0}")]
     Ttl(f64),
+    #[error("busy_threshold must be >= 1 (a worker with 0 requests is never busy), got 0")]
+    BusyThreshold,
 }
 
 impl RouterConfig {
@@ -102,6 +114,9 @@ impl RouterConfig {
         }
         if !(self.temperature.is_finite() && self.temperature >= 0.0) {
             return Err(RouterConfigError::Temperature(self.temperature));
+        }
+        if self.busy_threshold == Some(0) {
+            return Err(RouterConfigError::BusyThreshold);
         }
         if let RouterIndexMode::Approximate(a) = &self.index {
             if !(a.ttl_secs.is_finite() && a.ttl_secs > 0.0) {

@@ -12,7 +12,7 @@
 use super::hints::{HintMetrics, HintMode, HintOutcome, RoutingHints};
 use super::kv_router::WorkerRouteCounts;
 use super::migration::MigrationConfig;
-use super::policy::{RouteDecision, RouteError, RouteRequest};
+use super::policy::{RouteDecision, RouteError, RouteOverrides, RouteRequest};
 use super::service::{RouterReply, RouterRequest, RouterService};
 use crate::disagg::flow::DisaggSettings;
 use crate::disagg::metrics::DisaggMetrics;
@@ -33,6 +33,11 @@ use turbine_runtime::{Addr, CallError, ReplyStream, SharedClock, TokioClock};
 /// How long a readiness check waits for the router (a probe must answer promptly; a router
 /// that cannot is itself a reason not to be ready).
 const READINESS_TIMEOUT: Duration = Duration::from_secs(2);
+
+/// How often a request held while every worker is busy asks the router again. Short next to
+/// a decode step, so a freed slot is taken within a few milliseconds; each ask is one
+/// router call, cheap next to the request it holds.
+const QUEUE_RETRY: Duration = Duration::from_millis(5);
 
 /// A request as the dispatcher takes it: prompt token ids and generation settings.
 #[derive(Clone, Debug, PartialEq)]
@@ -526,7 +531,18 @@ impl Dispatcher {
         id: RequestId,
         req: DispatchRequest,
     ) -> Result<Dispatched, DispatchError> {
-        self.dispatch_avoiding(id, req, Vec::new()).await
+        self.dispatch_routed(id, req, RouteOverrides::default(), Vec::new())
+            .await
+    }
+
+    /// [`Dispatcher::dispatch_as`] with this request's own overlap weight and temperature.
+    pub async fn dispatch_with(
+        &self,
+        id: RequestId,
+        req: DispatchRequest,
+        overrides: RouteOverrides,
+    ) -> Result<Dispatched, DispatchError> {
+        self.dispatch_routed(id, req, overrides, Vec::new()).await
     }
 
     /// [`Dispatcher::dispatch_as`] never choosing one of `avoid`: the workers a migrating
@@ -540,11 +556,23 @@ impl Dispatcher {
         req: DispatchRequest,
         avoid: Vec<WorkerId>,
     ) -> Result<Dispatched, DispatchError> {
+        self.dispatch_routed(id, req, RouteOverrides::default(), avoid)
+            .await
+    }
+
+    async fn dispatch_routed(
+        &self,
+        id: RequestId,
+        req: DispatchRequest,
+        overrides: RouteOverrides,
+        avoid: Vec<WorkerId>,
+    ) -> Result<Dispatched, DispatchError> {
         let route = RouteRequest {
             id,
             hashes: req.block_hashes(self.block_size),
             token_count: req.token_ids.len(),
             avoid,
+            overrides,
         };
         let Some(router) = self.router() else {
             return Err(DispatchError::NoWorker("no router is available".into()));
@@ -559,17 +587,32 @@ impl Dispatcher {
         if let Some(settings) = disagg {
             return crate::disagg::flow::dispatch(self, settings, router, route, pre).await;
         }
-        let decision = match router.call(RouterRequest::Route(route)).await {
-            Ok(RouterReply::Routed(Ok(decision))) => decision,
-            Ok(RouterReply::Routed(Err(RouteError::NoWorkers))) => {
-                return Err(DispatchError::NoWorker("no worker is available".into()))
+        // Held here while every worker is busy (`router.busy_threshold`), asking again every
+        // QUEUE_RETRY until one is not or the router's hold time is over.
+        let mut held_since = None;
+        let decision = loop {
+            match router.call(RouterRequest::Route(route.clone())).await {
+                Ok(RouterReply::Routed(Ok(decision))) => break decision,
+                Ok(RouterReply::Routed(Err(RouteError::NoWorkers))) => {
+                    return Err(DispatchError::NoWorker("no worker is available".into()))
+                }
+                Ok(RouterReply::Routed(Err(RouteError::AllBusy { hold_ms }))) => {
+                    let now = self.clock.now();
+                    let since = *held_since.get_or_insert(now);
+                    if now.duration_since(since) >= Duration::from_millis(hold_ms) {
+                        return Err(DispatchError::NoWorker(format!(
+                            "every worker stayed busy for {hold_ms} ms (router.queue_timeout_ms)"
+                        )));
+                    }
+                    self.clock.sleep(QUEUE_RETRY).await;
+                }
+                Ok(_) => {
+                    return Err(DispatchError::Internal(
+                        "the router answered a route request with something else".into(),
+                    ))
+                }
+                Err(e) => return Err(DispatchError::Router(e.to_string())),
             }
-            Ok(_) => {
-                return Err(DispatchError::Internal(
-                    "the router answered a route request with something else".into(),
-                ))
-            }
-            Err(e) => return Err(DispatchError::Router(e.to_string())),
         };
         self.count_route(&decision);
         let guard = RouteGuard { router, id };
@@ -597,23 +640,23 @@ impl Dispatcher {
         hints: RoutingHints,
     ) -> Result<Dispatched, DispatchError> {
         if hints.is_empty() {
-            return self.dispatch_as(id, req).await;
+            return self.dispatch_with(id, req, hints.overrides).await;
         }
         let Some(router) = self.router() else {
-            return self.dispatch_as(id, req).await;
+            return self.dispatch_with(id, req, hints.overrides).await;
         };
         let Some(worker) = hints.worker else {
             self.count_hint(HintOutcome::Incomplete);
-            return self.dispatch_as(id, req).await;
+            return self.dispatch_with(id, req, hints.overrides).await;
         };
         if !self.has_worker(worker) {
             self.count_hint(HintOutcome::UnknownWorker);
-            return self.dispatch_as(id, req).await;
+            return self.dispatch_with(id, req, hints.overrides).await;
         }
         let disaggregated = match (hints.mode, hints.prefill_worker) {
             (Some(HintMode::Disaggregated), None) => {
                 self.count_hint(HintOutcome::Incomplete);
-                return self.dispatch_as(id, req).await;
+                return self.dispatch_with(id, req, hints.overrides).await;
             }
             (Some(HintMode::Aggregated), _) | (None, None) => None,
             // Prompt logprobs: the decode worker computes the prompt (see `dispatch_as`).
@@ -622,7 +665,7 @@ impl Dispatcher {
                 Some(settings) if self.has_worker(prefill) => Some((settings, prefill)),
                 _ => {
                     self.count_hint(HintOutcome::UnknownPrefillWorker);
-                    return self.dispatch_as(id, req).await;
+                    return self.dispatch_with(id, req, hints.overrides).await;
                 }
             },
         };
@@ -631,6 +674,7 @@ impl Dispatcher {
             hashes: req.block_hashes(self.block_size),
             token_count: req.token_ids.len(),
             avoid: Vec::new(),
+            overrides: hints.overrides,
         };
         let pre = self.preprocessed(id, req.clone());
         let hinted = |w| RouteDecision {
@@ -667,7 +711,7 @@ impl Dispatcher {
         match opened {
             Err(DispatchError::Unreachable { .. }) => {
                 self.count_hint(HintOutcome::Unreachable);
-                self.dispatch_as(id, req).await
+                self.dispatch_with(id, req, hints.overrides).await
             }
             other => other.map(|mut d| {
                 d.hinted = true;

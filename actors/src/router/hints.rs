@@ -5,6 +5,7 @@
 //! follows them when it can, falling back to its own routing when a hint names a worker it
 //! does not know (counted, never an error).
 
+use super::policy::RouteOverrides;
 use crate::frontend::Metrics;
 use crate::ids::WorkerId;
 use prometheus_client::encoding::EncodeLabelSet;
@@ -19,6 +20,10 @@ pub const HINT_PREFILL_WORKER: &str = "x-turbine-prefill-worker";
 pub const HINT_MODE: &str = "x-turbine-mode";
 /// Every hint header, so a picker can strip what a client sent before it sets its own.
 pub const HINT_HEADERS: [&str; 3] = [HINT_WORKER, HINT_PREFILL_WORKER, HINT_MODE];
+/// This request's overlap weight (replaces `router.overlap_weight`; a number >= 0).
+pub const OVERRIDE_OVERLAP_WEIGHT: &str = "x-turbine-overlap-weight";
+/// This request's router temperature (replaces `router.temperature`; a number >= 0).
+pub const OVERRIDE_TEMPERATURE: &str = "x-turbine-router-temperature";
 
 /// How a gateway decided a request should be served.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -39,11 +44,15 @@ impl HintMode {
 }
 
 /// The hints of one request. Absent headers are `None`.
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+#[derive(Clone, Copy, Debug, Default, PartialEq)]
 pub struct RoutingHints {
     pub worker: Option<WorkerId>,
     pub prefill_worker: Option<WorkerId>,
     pub mode: Option<HintMode>,
+    /// The client's own overlap weight and temperature for this request: they apply
+    /// wherever this frontend routes it (no worker hint, or a hint it falls back from),
+    /// and not to a request a gateway already placed.
+    pub overrides: RouteOverrides,
 }
 
 /// A hint header that could not be read.
@@ -62,10 +71,21 @@ fn worker_id(header: &'static str, v: &str) -> Result<WorkerId, HintError> {
     })
 }
 
+fn non_negative(header: &'static str, v: &str) -> Result<f64, HintError> {
+    match v.trim().parse::<f64>() {
+        Ok(x) if x.is_finite() && x >= 0.0 => Ok(x),
+        _ => Err(HintError {
+            header,
+            message: format!("`{v}` is not a finite number >= 0"),
+        }),
+    }
+}
+
 impl RoutingHints {
-    /// Whether any hint is set.
+    /// Whether no placement hint (worker, prefill worker, mode) is set; `overrides` are
+    /// not placement.
     pub fn is_empty(&self) -> bool {
-        *self == RoutingHints::default()
+        self.worker.is_none() && self.prefill_worker.is_none() && self.mode.is_none()
     }
 
     /// Reads the hints through `get` (a header lookup by lower-case name). A malformed
@@ -90,10 +110,19 @@ impl RoutingHints {
                 })
             }
         };
+        let overrides = RouteOverrides {
+            overlap_weight: get(OVERRIDE_OVERLAP_WEIGHT)
+                .map(|v| non_negative(OVERRIDE_OVERLAP_WEIGHT, v))
+                .transpose()?,
+            temperature: get(OVERRIDE_TEMPERATURE)
+                .map(|v| non_negative(OVERRIDE_TEMPERATURE, v))
+                .transpose()?,
+        };
         Ok(RoutingHints {
             worker,
             prefill_worker,
             mode,
+            overrides,
         })
     }
 
@@ -108,6 +137,12 @@ impl RoutingHints {
         }
         if let Some(m) = self.mode {
             out.push((HINT_MODE, m.as_str().to_string()));
+        }
+        if let Some(w) = self.overrides.overlap_weight {
+            out.push((OVERRIDE_OVERLAP_WEIGHT, w.to_string()));
+        }
+        if let Some(t) = self.overrides.temperature {
+            out.push((OVERRIDE_TEMPERATURE, t.to_string()));
         }
         out
     }
@@ -184,6 +219,10 @@ mod tests {
             worker: Some(WorkerId(7)),
             prefill_worker: Some(WorkerId(9)),
             mode: Some(HintMode::Disaggregated),
+            overrides: RouteOverrides {
+                overlap_weight: Some(0.25),
+                temperature: Some(1.5),
+            },
         };
         let headers = h.headers();
         let get = |name: &str| {
@@ -202,6 +241,17 @@ mod tests {
         );
         let err = RoutingHints::from_headers(|n| (n == HINT_MODE).then_some("both")).unwrap_err();
         assert_eq!(err.header, HINT_MODE);
+        let only = RoutingHints::from_headers(|n| (n == OVERRIDE_TEMPERATURE).then_some(" 2 "));
+        let only = only.unwrap();
+        assert!(only.is_empty(), "an override alone is no placement hint");
+        assert_eq!(only.overrides.temperature, Some(2.0));
+        for bad in ["-1", "NaN", "inf", "warm", ""] {
+            for header in [OVERRIDE_OVERLAP_WEIGHT, OVERRIDE_TEMPERATURE] {
+                let err = RoutingHints::from_headers(|n| (n == header).then_some(bad)).unwrap_err();
+                assert_eq!(err.header, header);
+                assert!(err.message.contains(">= 0"), "{}", err.message);
+            }
+        }
         let err = RoutingHints::from_headers(|n| (n == HINT_WORKER).then_some("x1")).unwrap_err();
         assert_eq!(err.header, HINT_WORKER);
         assert!(RoutingHints::from_headers(|_| None).unwrap().is_empty());

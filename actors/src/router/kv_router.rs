@@ -64,6 +64,9 @@ pub struct RouterMetrics {
     pub decisions_with_overlap: u64,
     pub no_worker_errors: u64,
     pub peer_events_applied: u64,
+    /// Route requests answered "every worker is busy" (`router.busy_threshold`).
+    #[serde(default)]
+    pub all_busy: u64,
 }
 
 impl RouterMetrics {
@@ -377,12 +380,22 @@ impl KvRouter {
         eligible: &dyn Fn(WorkerId) -> bool,
     ) -> Result<RouteDecision, RouteError> {
         let overlaps = self.find_matches(now, &request.hashes);
-        let loads: Vec<WorkerLoad> = self
+        let mut loads: Vec<WorkerLoad> = self
             .workers
             .iter()
             .filter(|(w, v)| v.selectable(now) && eligible(**w) && !request.avoid.contains(w))
             .map(|(w, v)| v.load(*w))
             .collect();
+        if let Some(busy) = self.config.busy_threshold {
+            let any = !loads.is_empty();
+            loads.retain(|l| l.active_requests < busy);
+            if any && loads.is_empty() {
+                self.metrics.all_busy += 1;
+                return Err(RouteError::AllBusy {
+                    hold_ms: self.config.queue_timeout_ms,
+                });
+            }
+        }
         let result = self.policy.select(now, request, &loads, &overlaps);
         if result.is_err() {
             self.metrics.no_worker_errors += 1;

@@ -32,6 +32,6 @@ pub use kv_router::{
 };
 pub use migration::MigrationConfig;
 pub use policy::{
-    KvPolicy, Policy, RandomPolicy, RoundRobinPolicy, RouteDecision, RouteError, RouteRequest,
-    RoutingPolicy, WorkerLoad,
+    KvPolicy, OverrideError, Policy, RandomPolicy, RoundRobinPolicy, RouteDecision, RouteError,
+    RouteOverrides, RouteRequest, RoutingPolicy, WorkerLoad,
 };

@@ -17,7 +17,7 @@ use serde::{Deserialize, Serialize};
 use std::time::Duration;
 
 /// A request as the router sees it.
-#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub struct RouteRequest {
     pub id: RequestId,
     /// Sequence hashes of the prompt's full blocks (see [`crate::kv::hash::hash_blocks`]).
@@ -28,6 +28,62 @@ pub struct RouteRequest {
     /// (a migration), which the router may not know about yet. Empty for a new request.
     #[serde(default)]
     pub avoid: Vec<WorkerId>,
+    /// This request's own overlap weight and temperature, where the client set them.
+    #[serde(default)]
+    pub overrides: RouteOverrides,
+}
+
+/// Per-request replacements for the router's `overlap_weight` and `temperature` (a client
+/// that knows its prompt is unique can ask for load balance only, another for strict
+/// cache affinity). `None` keeps the configured value. The KV policy picks with both; the
+/// baselines (round robin, random) do not pick by cost, so they only report the cost of
+/// their choice with the overridden weight, as they do with the configured one.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Serialize, Deserialize)]
+pub struct RouteOverrides {
+    pub overlap_weight: Option<f64>,
+    pub temperature: Option<f64>,
+}
+
+/// An override out of range.
+#[derive(Clone, Debug, thiserror::Error, PartialEq)]
+pub enum OverrideError {
+    #[error("overlap weight must be finite and >= 0, got {0}")]
+    OverlapWeight(f64),
+    #[error("router temperature must be finite and >= 0, got {0}")]
+    Temperature(f64),
+}
+
+impl RouteOverrides {
+    /// Whether nothing is overridden.
+    pub fn is_empty(&self) -> bool {
+        self.overlap_weight.is_none() && self.temperature.is_none()
+    }
+
+    /// The overridden overlap weight if set and in range, else `configured`.
+    pub fn weight_or(&self, configured: f64) -> f64 {
+        (self.overlap_weight)
+            .filter(|v| v.is_finite() && *v >= 0.0)
+            .unwrap_or(configured)
+    }
+
+    /// The overridden temperature if set and in range, else `configured`.
+    pub fn temperature_or(&self, configured: f64) -> f64 {
+        (self.temperature)
+            .filter(|v| v.is_finite() && *v >= 0.0)
+            .unwrap_or(configured)
+    }
+
+    /// The same bounds as the config's (see [`RouterConfig::validate`]).
+    pub fn validate(&self) -> Result<(), OverrideError> {
+        let ok = |v: f64| v.is_finite() && v >= 0.0;
+        if let Some(w) = self.overlap_weight.filter(|w| !ok(*w)) {
+            return Err(OverrideError::OverlapWeight(w));
+        }
+        if let Some(t) = self.temperature.filter(|t| !ok(*t)) {
+            return Err(OverrideError::Temperature(t));
+        }
+        Ok(())
+    }
 }
 
 impl RouteRequest {
@@ -66,6 +122,10 @@ pub struct RouteDecision {
 pub enum RouteError {
     #[error("no workers available")]
     NoWorkers,
+    /// Every routable worker is at `router.busy_threshold`: hold the request up to
+    /// `hold_ms` (the router's `queue_timeout_ms`) and ask again.
+    #[error("every worker is busy")]
+    AllBusy { hold_ms: u64 },
 }
 
 /// Picks a worker. Implementations are deterministic given their seed and call sequence.
@@ -138,11 +198,14 @@ impl RoutingPolicy for KvPolicy {
     ) -> Result<RouteDecision, RouteError> {
         let workers = sorted(workers);
         let request_blocks = request.blocks(self.block_size);
+        // An override out of range (a caller that skipped validation) keeps the config's.
+        let weight = request.overrides.weight_or(self.overlap_weight);
+        let temperature = request.overrides.temperature_or(self.temperature);
         let candidates: Vec<(RouteDecision, u64)> = workers
             .iter()
             .map(|w| {
                 (
-                    decision(w, request_blocks, overlaps, self.overlap_weight),
+                    decision(w, request_blocks, overlaps, weight),
                     w.active_blocks,
                 )
             })
@@ -150,7 +213,7 @@ impl RoutingPolicy for KvPolicy {
         if candidates.is_empty() {
             return Err(RouteError::NoWorkers);
         }
-        if self.temperature > 0.0 {
+        if temperature > 0.0 {
             let min = candidates
                 .iter()
                 .map(|(d, _)| d.cost)
@@ -158,7 +221,7 @@ impl RoutingPolicy for KvPolicy {
             // exp(-(cost - min)/T): the cheapest gets weight 1, so the sum never underflows.
             let weights: Vec<f64> = candidates
                 .iter()
-                .map(|(d, _)| (-(d.cost - min) / self.temperature).exp())
+                .map(|(d, _)| (-(d.cost - min) / temperature).exp())
                 .collect();
             let total: f64 = weights.iter().sum();
             let mut pick = self.rng.gen::<f64>() * total;
@@ -221,7 +284,7 @@ impl RoutingPolicy for RoundRobinPolicy {
             w,
             request.blocks(self.block_size),
             overlaps,
-            self.overlap_weight,
+            request.overrides.weight_or(self.overlap_weight),
         ))
     }
 }
@@ -262,7 +325,7 @@ impl RoutingPolicy for RandomPolicy {
             w,
             request.blocks(self.block_size),
             overlaps,
-            self.overlap_weight,
+            request.overrides.weight_or(self.overlap_weight),
         ))
     }
 }

@@ -117,6 +117,7 @@ mod tests {
             hashes: vec![BlockHash(1), BlockHash(2)],
             token_count: 32,
             avoid: Vec::new(),
+            overrides: Default::default(),
         };
         router.route(Duration::ZERO, &req).expect("one worker");
         let router = Arc::new(Mutex::new(router));
