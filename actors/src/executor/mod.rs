@@ -517,8 +517,7 @@ fn run_step(
             // Every position's logits come from `forward_every`, which takes no splices.
             return Err(ExecError::Sampling {
                 request: batch[s.step].seq.request,
-                reason: "prompt logprobs (echo with logprobs) are not supported with images"
-                    .into(),
+                reason: "prompt logprobs (echo with logprobs) are not supported with images".into(),
             });
         }
         // Prompt logprobs: every position's logits, read here; each sampling row is the
@@ -606,7 +605,6 @@ type EveryRows = (KLogits, Vec<Option<Vec<TokenLogprob>>>);
 /// logits: the last row of an `every` step) and, for each sampled step in order, the
 /// logprobs of its prompt tokens after the first (`Some` for the `every` steps): row `j`
 /// predicts token `j + 1`.
-
 fn split_every(all: &KLogits, batch: &[ExecSeq], every: &[bool]) -> Result<EveryRows, String> {
     let mut sampling = Vec::new();
     let mut prompts = Vec::new();
