@@ -185,7 +185,7 @@ fn thin(points: &[(f64, f64)]) -> Vec<(f64, f64)> {
 }
 
 /// An axis label with enough decimals for the axis range.
-fn tick(v: f64, max: f64) -> String {
+pub(crate) fn tick(v: f64, max: f64) -> String {
     if max >= 20.0 {
         format!("{v:.0}")
     } else if max >= 2.0 {

@@ -1,6 +1,7 @@
 //! Figures derived from a run: latency percentiles, throughput, goodput under an SLO, cache
 //! hit rate, utilisation; as a table, as JSON, and as an SVG of latency over time.
 
+use crate::plot::{tick, xml_escape};
 use crate::run::{Outcome, SimOutcome};
 use serde::Serialize;
 use std::fmt::Write as _;
@@ -379,23 +380,6 @@ pub fn latency_svg(o: &SimOutcome, title: &str) -> String {
     );
     s.push_str("</svg>\n");
     s
-}
-
-/// An axis label with enough decimals for the axis range.
-fn tick(v: f64, max: f64) -> String {
-    if max >= 20.0 {
-        format!("{v:.0}")
-    } else if max >= 2.0 {
-        format!("{v:.1}")
-    } else {
-        format!("{v:.2}")
-    }
-}
-
-fn xml_escape(s: &str) -> String {
-    s.replace('&', "&amp;")
-        .replace('<', "&lt;")
-        .replace('>', "&gt;")
 }
 
 #[cfg(test)]

@@ -333,14 +333,9 @@ fn follow_router(
         use futures::StreamExt;
         let mut current: Option<String> = None;
         loop {
-            let mut watch = match discovery.watch(ROUTER_COMPONENT).await {
-                Ok(w) => w,
-                Err(e) => {
-                    tracing::warn!("watching routers: {e}; retrying");
-                    tokio::time::sleep(Duration::from_millis(500)).await;
-                    continue;
-                }
-            };
+            let mut watch =
+                turbine_runtime::discovery::watch_until_ok(discovery.as_ref(), ROUTER_COMPONENT)
+                    .await;
             while let Some(event) = watch.next().await {
                 match event {
                     DiscoveryEvent::Added(inst) => {
@@ -379,17 +374,11 @@ fn follow_encoders(
     tokio::spawn(async move {
         use futures::StreamExt;
         loop {
-            let mut watch = match discovery
-                .watch(crate::encoder::service::ENCODER_COMPONENT)
-                .await
-            {
-                Ok(w) => w,
-                Err(e) => {
-                    tracing::warn!("watching encoders: {e}; retrying");
-                    tokio::time::sleep(Duration::from_millis(500)).await;
-                    continue;
-                }
-            };
+            let mut watch = turbine_runtime::discovery::watch_until_ok(
+                discovery.as_ref(),
+                crate::encoder::service::ENCODER_COMPONENT,
+            )
+            .await;
             while let Some(event) = watch.next().await {
                 match event {
                     DiscoveryEvent::Added(inst) => {

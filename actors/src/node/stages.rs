@@ -11,7 +11,6 @@ use crate::stages::{StageChain, StageHandler, StageLink, StageRegistry, StageSer
 use std::collections::BTreeMap;
 use std::future::Future;
 use std::sync::Arc;
-use std::time::Duration;
 use tokio::task::JoinHandle;
 use turbine_runtime::discovery::{Discovery, DiscoveryEvent, Instance};
 use turbine_runtime::Node;
@@ -91,14 +90,9 @@ fn follow_stages(
         use futures::StreamExt;
         let mut current: BTreeMap<String, String> = BTreeMap::new();
         loop {
-            let mut watch = match discovery.watch(STAGE_COMPONENT).await {
-                Ok(w) => w,
-                Err(e) => {
-                    tracing::warn!("watching stages: {e}; retrying");
-                    tokio::time::sleep(Duration::from_millis(500)).await;
-                    continue;
-                }
-            };
+            let mut watch =
+                turbine_runtime::discovery::watch_until_ok(discovery.as_ref(), STAGE_COMPONENT)
+                    .await;
             while let Some(event) = watch.next().await {
                 match event {
                     DiscoveryEvent::Added(inst) => {

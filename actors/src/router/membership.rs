@@ -114,14 +114,9 @@ pub fn watch_workers(
     tokio::spawn(async move {
         let mut joined: BTreeMap<String, Joined> = BTreeMap::new();
         loop {
-            let mut watch = match discovery.watch(WORKER_COMPONENT).await {
-                Ok(w) => w,
-                Err(e) => {
-                    tracing::warn!("watching workers: {e}; retrying");
-                    tokio::time::sleep(std::time::Duration::from_millis(500)).await;
-                    continue;
-                }
-            };
+            let mut watch =
+                turbine_runtime::discovery::watch_until_ok(discovery.as_ref(), WORKER_COMPONENT)
+                    .await;
             while let Some(event) = watch.next().await {
                 match event {
                     DiscoveryEvent::Added(inst) => {

@@ -79,6 +79,24 @@ pub trait Discovery: Send + Sync + 'static {
     async fn watch(&self, component: &str) -> Result<WatchStream, DiscoveryError>;
 }
 
+/// How long a follower waits before watching again after [`Discovery::watch`] failed.
+pub const WATCH_RETRY: Duration = Duration::from_millis(500);
+
+/// [`Discovery::watch`] until it succeeds, every failure logged and followed by
+/// [`WATCH_RETRY`]: for the followers (workers, routers, encoders, stages) that must keep
+/// watching whatever the backend does.
+pub async fn watch_until_ok(discovery: &dyn Discovery, component: &str) -> WatchStream {
+    loop {
+        match discovery.watch(component).await {
+            Ok(w) => return w,
+            Err(e) => {
+                tracing::warn!("watching {component}: {e}; retrying");
+                tokio::time::sleep(WATCH_RETRY).await;
+            }
+        }
+    }
+}
+
 /// Keeps a registration alive. Dropping it stops the heartbeats (the instance then expires
 /// after its lease, as if the process had died); [`Lease::revoke`] deregisters at once.
 pub struct Lease {
