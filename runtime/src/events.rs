@@ -7,12 +7,29 @@
 //!
 //! Frames: `[topic, WIRE_VERSION ++ msgpack(EventFrame)]`; ZeroMQ filters on the topic
 //! part by prefix. Malformed frames are dropped and counted.
+//!
+//! # The flush nudge
+//!
+//! `zeromq` 0.7's PUB socket hands each message to a background fan-out task through a
+//! queue and a "wake pending" flag. The task clears the flag with a release store and then
+//! checks the queue; the sender pushes and then loads the flag. That is a store→load pair
+//! on each side with no full fence between, so on x86 both can read the stale value: the
+//! message sits in the queue, nobody is woken, and it goes out only with the *next* send.
+//! A publisher that goes quiet (a worker's last KV event before idling) would strand its
+//! last event indefinitely; CI caught it as a test that waited for one forever.
+//!
+//! Any later send wakes the task, so [`EventPublisher`] sends a [`FLUSH_TOPIC`] frame
+//! [`FLUSH_AFTER`] after each burst of publishes. No subscription matches it (subscribers
+//! drop it even under the catch-all prefix), and by then the fan-out task is asleep, so
+//! the nudge itself cannot race. A stranded event is late by at most [`FLUSH_AFTER`].
 
 use std::collections::BTreeMap;
+use std::sync::{Arc, Weak};
+use std::time::Duration;
 
 use bytes::Bytes;
 use serde::{Deserialize, Serialize};
-use tokio::sync::Mutex;
+use tokio::sync::{Mutex, Notify};
 use zeromq::{PubSocket, Socket, SocketRecv, SocketSend, SubSocket, ZmqMessage};
 
 use crate::telemetry::{DropReason, RuntimeMetrics};
@@ -118,11 +135,20 @@ impl GapDetector {
     }
 }
 
+/// Topic of the flush nudge (see the module docs). It starts with a NUL byte, which no
+/// real topic does, so no subscription prefix but the empty one matches it.
+pub const FLUSH_TOPIC: &str = "\0flush";
+
+/// How long after a burst of publishes the flush nudge follows.
+pub const FLUSH_AFTER: Duration = Duration::from_millis(5);
+
 /// Publishes events under one publisher id on a bound PUB socket.
 pub struct EventPublisher {
     publisher: String,
     endpoint: String,
-    inner: Mutex<PubInner>,
+    inner: Arc<Mutex<PubInner>>,
+    /// Wakes the flush task after a publish (and once more on drop, so it can exit).
+    published: Arc<Notify>,
 }
 
 struct PubInner {
@@ -138,13 +164,17 @@ impl EventPublisher {
             .bind(endpoint)
             .await
             .map_err(|e| EventError::Socket(format!("bind {endpoint}: {e}")))?;
+        let inner = Arc::new(Mutex::new(PubInner {
+            socket,
+            seqs: BTreeMap::new(),
+        }));
+        let published = Arc::new(Notify::new());
+        tokio::spawn(flush_after_bursts(Arc::downgrade(&inner), published.clone()));
         Ok(Self {
             publisher: publisher.to_string(),
             endpoint: bound.to_string(),
-            inner: Mutex::new(PubInner {
-                socket,
-                seqs: BTreeMap::new(),
-            }),
+            inner,
+            published,
         })
     }
 
@@ -179,7 +209,34 @@ impl EventPublisher {
             .send(msg)
             .await
             .map_err(|e| EventError::Socket(e.to_string()))?;
+        drop(inner);
+        self.published.notify_one();
         Ok(seq)
+    }
+}
+
+impl Drop for EventPublisher {
+    fn drop(&mut self) {
+        // The flush task finds the socket gone and exits.
+        self.published.notify_one();
+    }
+}
+
+/// Sends one [`FLUSH_TOPIC`] frame [`FLUSH_AFTER`] after each burst of publishes, until
+/// the publisher is dropped. Publishes during the wait fold into the same nudge.
+async fn flush_after_bursts(inner: Weak<Mutex<PubInner>>, published: Arc<Notify>) {
+    loop {
+        published.notified().await;
+        tokio::time::sleep(FLUSH_AFTER).await;
+        let Some(inner) = inner.upgrade() else {
+            return;
+        };
+        let Ok(nudge) = ZmqMessage::try_from(vec![Bytes::from_static(FLUSH_TOPIC.as_bytes())])
+        else {
+            return;
+        };
+        // PUB sends never block; a failed nudge leaves things as they were.
+        let _ = inner.lock().await.socket.send(nudge).await;
     }
 }
 
@@ -250,6 +307,9 @@ impl EventSubscriber {
     }
 
     fn decode(&self, msg: ZmqMessage) -> Option<Event> {
+        if msg.get(0).is_some_and(|topic| topic == FLUSH_TOPIC.as_bytes()) {
+            return None; // the publisher's flush nudge, not an event
+        }
         let (Some(_topic), Some(body), None) = (msg.get(0), msg.get(1), msg.get(2)) else {
             self.metrics.drop_frame(DropReason::Malformed);
             return None;

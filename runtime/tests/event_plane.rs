@@ -28,8 +28,17 @@ async fn warm_up(publisher: &EventPublisher, sub: &mut EventSubscriber) {
     }
 }
 
+/// Fails the test, instead of hanging the suite, if a delivery never comes.
+const PATIENCE: Duration = Duration::from_secs(60);
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn topics_sequence_numbers_and_restart_gap() {
+    tokio::time::timeout(PATIENCE, topics_sequence_numbers_and_restart_gap_within())
+        .await
+        .expect("an event never arrived");
+}
+
+async fn topics_sequence_numbers_and_restart_gap_within() {
     let metrics = RuntimeMetrics::new(&MetricsRegistry::new());
     let mut sub = EventSubscriber::new(1 << 20, metrics);
     sub.subscribe("kv.").await.unwrap();
@@ -79,3 +88,40 @@ async fn topics_sequence_numbers_and_restart_gap() {
     let e = next_event(&mut sub).await;
     assert_eq!((e.seq, e.decode::<u64>().unwrap()), (1, 99));
 }
+
+/// Each event is published alone and awaited before the next, so the publisher goes quiet
+/// after every one: the pattern in which `zeromq`'s PUB fan-out could strand the last
+/// message until a later send (see `turbine_runtime::events`, "The flush nudge").
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_publisher_that_goes_quiet_still_delivers_its_last_event() {
+    let metrics = RuntimeMetrics::new(&MetricsRegistry::new());
+    let mut sub = EventSubscriber::new(1 << 20, metrics);
+    // The catch-all prefix also matches the flush nudge, which must never surface.
+    sub.subscribe("").await.unwrap();
+    let publisher = EventPublisher::bind("tcp://127.0.0.1:0", "w1")
+        .await
+        .unwrap();
+    sub.connect(publisher.endpoint()).await.unwrap();
+    warm_up(&publisher, &mut sub).await;
+    for i in 1..=2_000u64 {
+        let seq = publisher.publish("kv.w1", &i).await.unwrap();
+        let delivery = tokio::time::timeout(Duration::from_secs(10), async {
+            loop {
+                match sub.recv().await.unwrap() {
+                    Delivery::Event(e) if e.topic == "warmup" => {}
+                    other => return other,
+                }
+            }
+        })
+        .await
+        .unwrap_or_else(|_| panic!("event {i} was published but never delivered"));
+        match delivery {
+            Delivery::Event(e) => {
+                assert_eq!(e.topic, "kv.w1");
+                assert_eq!((e.seq, e.decode::<u64>().unwrap()), (seq, i));
+            }
+            Delivery::Gap(g) => panic!("no gap expected: {g:?}"),
+        }
+    }
+}
+
