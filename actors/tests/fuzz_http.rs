@@ -3,7 +3,7 @@
 //! invalid UTF-8), sent through the real axum router in-process to an engine that streams.
 //!
 //! CI runs [`BODIES_CI`] bodies. The soak (10^5 bodies):
-//! `cargo test --release -p turbine-actors --test fuzz_http -- --ignored --nocapture`.
+//! `cargo test --release -p turbine-actors --test integration fuzz_http:: -- --ignored --nocapture`.
 //!
 //! Asserted for every body: no panic, an answer (never a 5xx: the fake engine never fails,
 //! so a server error is the frontend's own bug), an OpenAI-shaped error for every refusal, a

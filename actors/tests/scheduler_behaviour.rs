@@ -1,8 +1,7 @@
 //! Scheduler behaviour: batching under the budget, chunked prefill, prefix reuse, preemption
 //! with recompute, aborts, stop conditions and the step protocol.
 
-#[path = "worker_support/mod.rs"]
-mod support;
+use crate::worker_support as support;
 
 use std::collections::BTreeMap;
 use support::*;

@@ -2,8 +2,7 @@
 //! with its blocks, and a decode-side admission whose prompt KV is imported, decoding on
 //! from the first token; with fallbacks (failed import, no room) and aborts that free all.
 
-#[path = "worker_support/mod.rs"]
-mod support;
+use crate::worker_support as support;
 
 use std::collections::BTreeMap;
 use support::*;

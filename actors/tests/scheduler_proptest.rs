@@ -1,8 +1,7 @@
 //! Random workloads against small pools: invariants hold after every step, every accepted
 //! request ends exactly once, outputs match an unscheduled reference, and nothing leaks.
 
-#[path = "worker_support/mod.rs"]
-mod support;
+use crate::worker_support as support;
 
 use proptest::prelude::*;
 use std::collections::BTreeMap;

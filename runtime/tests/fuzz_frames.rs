@@ -8,12 +8,12 @@
 //! will read. Each mutation below starts from a valid frame and breaks one thing.
 //!
 //! CI runs [`FRAMES_CI`] frames. The soak (10^6 frames, minutes):
-//! `cargo test --release -p turbine-runtime --test fuzz_frames -- --ignored --nocapture`.
+//! `cargo test --release -p turbine-runtime --test integration fuzz_frames:: -- --ignored --nocapture`.
 //!
 //! Asserted: the node never stops serving (a real call is answered after every batch), every
 //! frame is read, and the process's resident memory stays bounded.
 
-mod common;
+use crate::common;
 
 use async_trait::async_trait;
 use bytes::Bytes;

@@ -1,6 +1,6 @@
 //! A ROUTER flooded with garbage keeps serving and counts every dropped frame.
 
-mod common;
+use crate::common;
 
 use bytes::Bytes;
 use common::{pair, Probe, Req, Resp};

@@ -1,7 +1,7 @@
 //! `Addr::via` over a modelled link on an in-memory node, on paused (virtual) time: what the
 //! simulator builds its network from.
 
-mod common;
+use crate::common;
 
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;

@@ -1,6 +1,6 @@
 //! Request plane across two nodes on loopback TCP.
 
-mod common;
+use crate::common;
 
 use std::sync::atomic::Ordering;
 use std::time::Duration;

@@ -1,6 +1,6 @@
 //! Restart budget and escalation of the reusable supervisor.
 
-mod common;
+use crate::common;
 
 use std::time::Duration;
 

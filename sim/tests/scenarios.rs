@@ -2,7 +2,7 @@
 //! and the KV policy against round robin. (Determinism and the 100-seed fault sweep are in
 //! `shells.rs`.)
 
-mod common;
+use crate::common;
 
 use clap::Parser;
 use common::{tiny_profile, workload};

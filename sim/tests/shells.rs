@@ -1,7 +1,7 @@
 //! The simulator's runs (turbine's real nodes on paused time): determinism of the event log,
 //! and the settled-state invariants with and without faults.
 
-mod common;
+use crate::common;
 
 use common::{
     assert_seed_determines_log, fault_args, faulty_config, run_fault_seed, tiny_profile, workload,
