@@ -14,16 +14,12 @@ use std::process::Command;
 #[test]
 fn override_headers_from_the_openai_client_change_the_routing_decision() {
     let port = free_port();
-    // A long liveness timeout: on a loaded machine one prefill step of a worker in this
-    // process can outlast the default, and a request moved to the other worker would count
-    // two decisions.
     let file = cluster_file(
         "router-overrides",
         &format!(
             "http: {{port: {port}}}\n\
              router: {{policy: kv, overlap_weight: 1.0, temperature: 0.0, seed: 0}}\n\
-             workers:\n  - {{replicas: 2, kv_blocks: 96, block_size: 16, threads: 1}}\n\
-             migration: {{liveness_timeout_ms: 120000}}\n"
+             workers:\n  - {{replicas: 2, kv_blocks: 96, block_size: 16, threads: 1}}\n"
         ),
     );
     let _turbine = spawn_turbine(

@@ -18,7 +18,7 @@ use crate::router::membership::{Members, NodeConnector};
 use crate::router::service::{RouterCore, RouterService, ROUTER_COMPONENT, ROUTER_SERVICE};
 use turbine_runtime::transfer::TransferHub;
 
-use crate::worker::announce::REGISTRY_SERVICE;
+use crate::worker::announce::{LOAD_REPORT_EVERY, REGISTRY_SERVICE};
 use crate::worker::metrics::WorkerMetrics;
 use crate::worker::{EngineTime, WorkerHandle};
 use std::sync::Arc;
@@ -347,7 +347,12 @@ impl LocalCluster {
                 core.add_worker_as(handle.id(), role);
             }
             dispatch.add_worker(handle.id(), addr);
-            spawn_load_mirror(handle, router.clone(), worker_metrics.clone());
+            spawn_load_mirror(
+                handle,
+                router.clone(),
+                worker_metrics.clone(),
+                node.clock().clone(),
+            );
         }
         if let Some(pool) = encoder_pool {
             tasks.push(follow_encoders(node.clone(), discovery.clone(), pool));
@@ -477,23 +482,43 @@ fn follow_encoders(
 }
 
 /// After every step of `worker`: its load into the router (when it is in this process),
-/// its gauges into the metrics.
+/// its gauges into the metrics. Between steps, at least every [`LOAD_REPORT_EVERY`] on
+/// `clock`, a heartbeat: the router hears the worker is alive (as from a worker process's
+/// periodic reports), so a local worker inside one long step (a long prefill on a loaded
+/// machine) is slow, not silent, to the liveness check, and keeps its streams. The
+/// heartbeat carries no load: its snapshot may predate requests routed since, which a load
+/// report would count as acknowledged.
 fn spawn_load_mirror(
     worker: &WorkerHandle,
     router: Option<Arc<RouterCore>>,
     metrics: WorkerMetrics,
+    clock: turbine_runtime::SharedClock,
 ) {
     let mut stats = worker.watch_stats();
     let id = worker.id();
     let name = id.to_string();
     metrics.update(&name, &stats.borrow());
     tokio::spawn(async move {
-        while stats.changed().await.is_ok() {
+        loop {
+            let changed = tokio::select! {
+                biased;
+                changed = stats.changed() => {
+                    if changed.is_err() {
+                        return;
+                    }
+                    true
+                }
+                _ = clock.sleep(LOAD_REPORT_EVERY) => false,
+            };
             let s = stats.borrow_and_update().clone();
-            if let Some(router) = &router {
-                router.update_load(id, &s);
+            match &router {
+                Some(router) if changed => router.update_load(id, &s),
+                Some(router) => router.note_alive(id, &s),
+                None => {}
             }
-            metrics.update(&name, &s);
+            if changed {
+                metrics.update(&name, &s);
+            }
         }
     });
 }

@@ -442,6 +442,15 @@ impl RouterCore {
         });
     }
 
+    /// A worker is alive (a heartbeat from its reporter between load reports): liveness
+    /// evidence only, its load view untouched (see [`KvRouter::note_report`]).
+    pub fn note_alive(&self, worker: WorkerId, stats: &SchedulerStats) {
+        let active = (stats.num_running + stats.num_waiting) as u32;
+        let now = self.now();
+        self.lock()
+            .note_report(now, worker, stats.num_steps, active);
+    }
+
     /// A worker's KV events into the index.
     pub fn apply_kv(&self, batch: &KvEventBatch) {
         self.index.apply(batch);
