@@ -68,6 +68,18 @@ struct UpArgs {
     /// HTTP port; overrides the file's `http.port` (0 picks a free port).
     #[arg(long)]
     port: Option<u16>,
+    /// Join the registry another frontend serves (its request-plane endpoint, e.g.
+    /// tcp://10.0.0.5:7100) instead of serving one: a second frontend of the same cluster
+    /// (see `router.replica_sync`).
+    #[arg(long)]
+    registry: Option<String>,
+    /// Request-plane bind address of this frontend; overrides the file's `transport.bind`
+    /// (which the first frontend on the same host already uses).
+    #[arg(long)]
+    bind: Option<std::net::SocketAddr>,
+    /// Event-plane (PUB) bind address; overrides the file's `transport.events_bind`.
+    #[arg(long)]
+    events_bind: Option<std::net::SocketAddr>,
     /// Fail instead of downloading the default model when it is not cached.
     #[arg(long)]
     no_fetch: bool,
@@ -226,6 +238,12 @@ fn load_config(args: &UpArgs) -> Result<ClusterConfig> {
     if let Some(p) = args.port {
         cfg.http.port = p;
     }
+    if let Some(b) = args.bind {
+        cfg.transport.bind = b;
+    }
+    if let Some(b) = args.events_bind {
+        cfg.transport.events_bind = b;
+    }
     Ok(cfg)
 }
 
@@ -266,7 +284,15 @@ fn run(cli: Cli) -> Result<()> {
     match cli.command {
         Command::Up(args) => {
             let cfg = load_config(&args)?;
-            runtime.block_on(turbine::serve::up(cfg, args.file.clone(), !args.no_fetch))
+            let options = turbine_actors::node::local::LocalOptions {
+                registry: args.registry.clone(),
+            };
+            runtime.block_on(turbine::serve::up(
+                cfg,
+                args.file.clone(),
+                options,
+                !args.no_fetch,
+            ))
         }
         Command::Worker(args) => {
             let mut cfg = read_config(&args.file)?;

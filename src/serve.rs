@@ -7,20 +7,25 @@ use std::sync::Arc;
 use std::time::Duration;
 use turbine_actors::cluster_config::ClusterConfig;
 use turbine_actors::frontend::{self, ChatEngine, HttpConfig, Readiness};
-use turbine_actors::node::local::LocalCluster;
+use turbine_actors::node::local::{LocalCluster, LocalOptions};
 use turbine_actors::node::planner::start_planner;
 use turbine_actors::node::Role;
 use turbine_actors::planner::tap::{LoadTap, MeteredEngine};
 
 /// Serves `cfg` (read from `file`, if any) until Ctrl-C (or SIGTERM); in-flight requests
 /// drain before it returns.
-pub async fn up(cfg: ClusterConfig, file: Option<PathBuf>, allow_fetch: bool) -> Result<()> {
+pub async fn up(
+    cfg: ClusterConfig,
+    file: Option<PathBuf>,
+    options: LocalOptions,
+    allow_fetch: bool,
+) -> Result<()> {
     let mut cfg = cfg;
     // A stage the binary does not have is a start-up error before the model loads.
     let stages = crate::stages::registry();
     turbine_actors::node::stages::check_stages(&cfg, &stages)?;
     let model = load(&mut cfg, allow_fetch).await?;
-    let mut cluster = LocalCluster::start(&cfg, model).await?;
+    let mut cluster = LocalCluster::start_with(&cfg, model, options).await?;
     let stages = cluster.start_stages(&cfg, &stages).await?;
     let mut engine: Arc<dyn ChatEngine> = cluster.pipeline.clone();
     // The planner reads the frontend's requests through a tap around the engine.

@@ -39,6 +39,64 @@ pub struct ClusterConfig {
     pub stages: Vec<StageSpec>,
     /// Logs: format (text or JSON), filter.
     pub logging: LoggingSection,
+    /// Workers turbine does not run (vLLM engines behind a gateway) that `turbine epp`
+    /// picks among, KV-aware from their own KV-event publishers.
+    pub external_workers: Vec<ExternalWorker>,
+}
+
+/// A worker turbine does not run, known from the file: a vLLM engine a gateway sends
+/// requests to, whose KV cache the router follows through the engine's own event stream.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ExternalWorker {
+    /// The id the router knows it by (the `x-turbine-worker` hint names it); unique among
+    /// the file's external workers.
+    pub id: u64,
+    /// The `ip:port` a gateway sends its requests to (`x-gateway-destination-endpoint`).
+    pub gateway_endpoint: String,
+    /// Where its KV events come from.
+    pub kv_events: KvEventSource,
+}
+
+/// A KV-event stream the router follows.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(tag = "source", rename_all = "snake_case", deny_unknown_fields)]
+pub enum KvEventSource {
+    /// vLLM's ZeroMQ publisher (`--kv-events-config '{"enable_kv_cache_events": true,
+    /// "publisher": "zmq", "endpoint": "tcp://*:5557"}'`): `[topic, seq, KVEventBatch]`.
+    Vllm {
+        /// The publisher's endpoint as a subscriber connects to it (`tcp://HOST:PORT`).
+        endpoint: String,
+        /// vLLM's `topic` setting (a prefix; `""`, the default, takes every message).
+        #[serde(default)]
+        topic: String,
+    },
+}
+
+impl ClusterConfig {
+    /// Checks `external_workers`: ids unique, endpoints spelled as a subscriber connects.
+    pub fn validate_external_workers(&self) -> Result<(), String> {
+        let mut seen = std::collections::BTreeSet::new();
+        for (i, w) in self.external_workers.iter().enumerate() {
+            if !seen.insert(w.id) {
+                return Err(format!(
+                    "external_workers[{i}]: id {} is listed twice",
+                    w.id
+                ));
+            }
+            if w.gateway_endpoint.trim().is_empty() {
+                return Err(format!("external_workers[{i}]: gateway_endpoint is empty"));
+            }
+            let KvEventSource::Vllm { endpoint, .. } = &w.kv_events;
+            if !endpoint.starts_with("tcp://") {
+                return Err(format!(
+                    "external_workers[{i}].kv_events.endpoint: `{endpoint}` is not a ZeroMQ \
+                     endpoint (expected tcp://HOST:PORT)"
+                ));
+            }
+        }
+        Ok(())
+    }
 }
 
 /// One entry of `stages:`: a stage the binary registered under `name`.
@@ -93,6 +151,7 @@ impl Default for ClusterConfig {
             migration: MigrationConfig::default(),
             stages: Vec::new(),
             logging: LoggingSection::default(),
+            external_workers: Vec::new(),
         }
     }
 }
@@ -384,6 +443,39 @@ mod tests {
     }
 
     #[test]
+    fn external_vllm_workers_parse_and_are_checked() {
+        let c: ClusterConfig = serde_yaml::from_str(
+            "external_workers:\n\
+             \x20 - {id: 1, gateway_endpoint: '10.0.0.5:8000', \
+             kv_events: {source: vllm, endpoint: 'tcp://10.0.0.5:5557', topic: kv}}\n",
+        )
+        .unwrap();
+        assert_eq!(
+            c.external_workers[0].kv_events,
+            KvEventSource::Vllm {
+                endpoint: "tcp://10.0.0.5:5557".into(),
+                topic: "kv".into()
+            }
+        );
+        assert!(c.validate_external_workers().is_ok());
+        let err = serde_yaml::from_str::<ClusterConfig>(
+            "external_workers: [{id: 1, gateway_endpoint: a, kv_events: {source: sglang, endpoint: x}}]",
+        )
+        .unwrap_err();
+        assert!(err.to_string().contains("sglang"), "{err}");
+        let twice: ClusterConfig = serde_yaml::from_str(
+            "external_workers:\n\
+             \x20 - {id: 3, gateway_endpoint: a, kv_events: {source: vllm, endpoint: 'tcp://h:1'}}\n\
+             \x20 - {id: 3, gateway_endpoint: b, kv_events: {source: vllm, endpoint: 'h:2'}}\n",
+        )
+        .unwrap();
+        assert!(twice
+            .validate_external_workers()
+            .unwrap_err()
+            .contains("listed twice"));
+    }
+
+    #[test]
     fn registry_takes_the_tcp_form_too() {
         for text in [
             "discovery: {backend: embedded, registry: tcp://127.0.0.1:7100}",
@@ -452,6 +544,24 @@ mod tests {
                 ..
             }
         ));
+    }
+
+    #[test]
+    fn shipped_replica_and_vllm_examples_parse() {
+        let text = include_str!("../../examples/router-replicas.yaml");
+        let c: ClusterConfig = serde_yaml::from_str(text).unwrap();
+        assert!(c.router.replica_sync && !c.router.remote);
+        assert!(c.workers.iter().all(|w| w.remote));
+        let text = include_str!("../../examples/epp-vllm.yaml");
+        let c: ClusterConfig = serde_yaml::from_str(text).unwrap();
+        assert_eq!(c.external_workers.len(), 2);
+        assert!(c.validate_external_workers().is_ok());
+        assert_eq!(
+            c.discovery,
+            DiscoverySection::Static {
+                workers: Vec::new()
+            }
+        );
     }
 
     #[test]

@@ -327,3 +327,60 @@ fn busy_workers_are_skipped_and_all_busy_is_a_typed_answer_with_the_hold_time() 
     )
     .is_err());
 }
+
+#[test]
+fn replicas_key_requests_by_who_routed_them_and_forget_a_lost_peers_requests() {
+    let mut a = KvRouter::new(RouterReplicaId(1), RouterConfig::default(), None).unwrap();
+    let mut b = KvRouter::new(RouterReplicaId(2), RouterConfig::default(), None).unwrap();
+    for r in [&mut a, &mut b] {
+        r.add_worker(WorkerId(1));
+        r.add_worker(WorkerId(2));
+    }
+    // Both frontends number their requests from the same id: no collision. B sees A's
+    // request in flight before any load report, so it balances against it.
+    let from_a = a.route(at(0), &request(7, &prompt(1, 64))).unwrap();
+    assert!(b.apply_router_event(at(0), &from_a.event));
+    let from_b = b.route(at(0), &request(7, &prompt(2, 64))).unwrap();
+    assert_ne!(from_b.decision.worker, from_a.decision.worker);
+    assert!(a.apply_router_event(at(0), &from_b.event));
+    assert!(!a.apply_router_event(at(0), &from_a.event), "own echo");
+    assert_eq!((a.in_flight_count(), b.in_flight_count()), (2, 2));
+    assert_eq!(a.loads(), b.loads());
+    // One on each worker, in both views.
+    assert_eq!(
+        b.in_flight_by_worker(),
+        vec![(WorkerId(1), 1), (WorkerId(2), 1)]
+    );
+    // A's finish is A's request 7, not B's.
+    let done = a.on_request_finished(RequestId(7)).unwrap();
+    b.apply_router_event(at(1), &done);
+    assert_eq!((a.in_flight_count(), b.in_flight_count()), (1, 1));
+    let w_b = from_b.decision.worker;
+    assert_eq!(
+        a.in_flight_by_worker().into_iter().find(|(w, _)| *w == w_b),
+        Some((w_b, 1))
+    );
+    // B's events are lost (a gap): A drops B's requests; its own are kept.
+    let mine = a.route(at(2), &request(8, &prompt(3, 32))).unwrap();
+    assert_eq!(a.forget_replica(RouterReplicaId(2)), 1);
+    assert_eq!(a.in_flight_count(), 1);
+    assert_eq!(a.forget_replica(RouterReplicaId(1)), 0, "never its own");
+    assert!(a.on_request_finished(RequestId(8)).is_some());
+    let w = mine.decision.worker;
+    assert_eq!(
+        a.loads()
+            .iter()
+            .find(|l| l.worker == w)
+            .unwrap()
+            .active_requests,
+        0
+    );
+    // A finish for a request it forgot is harmless.
+    let late = b.on_request_finished(RequestId(7)).unwrap();
+    a.apply_router_event(at(3), &late);
+    assert_eq!(a.in_flight_count(), 0);
+    assert!(a
+        .loads()
+        .iter()
+        .all(|l| l.active_requests == 0 && l.active_blocks == 0));
+}

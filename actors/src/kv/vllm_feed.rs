@@ -5,7 +5,9 @@
 //! frames: `[topic, seq (8 bytes, big-endian), msgspec KVEventBatch]` (decoded in
 //! [`super::vllm`]). [`VllmFeed`] is the pure part: it checks the sequence, translates the
 //! blocks into turbine's hash domain ([`VllmHashTranslator`]) and applies them.
-//! [`follow_vllm_publisher`] is the socket shell around it.
+//! [`follow_vllm_publisher`] is the socket shell around it; [`keep_following_vllm_publisher`]
+//! the one a deployment runs (`turbine epp` for each of the cluster file's
+//! `external_workers`: `kv_events: {source: vllm, endpoint, topic}`), which reconnects.
 //!
 //! # Sequence gaps
 //! vLLM numbers its batches from 0, one per batch. A batch whose number is not the next one
@@ -140,6 +142,9 @@ pub struct FollowError {
     pub message: String,
 }
 
+/// How long [`keep_following_vllm_publisher`] waits before connecting again.
+pub const RECONNECT_EVERY: std::time::Duration = std::time::Duration::from_secs(1);
+
 /// Connects a SUB socket to a vLLM worker's KV-event `endpoint` (e.g. `tcp://10.0.0.5:5557`),
 /// subscribes to `topic` (vLLM's `topic` setting; `""` for all) and applies every batch to
 /// `index` as `worker`'s until the socket fails. The feed's counters are readable through
@@ -150,6 +155,42 @@ pub async fn follow_vllm_publisher(
     worker: WorkerId,
     index: Arc<FlashIndexer>,
 ) -> Result<(tokio::task::JoinHandle<()>, Arc<Mutex<VllmFeed>>), FollowError> {
+    let socket = connect(endpoint, topic).await?;
+    let feed = Arc::new(Mutex::new(VllmFeed::new(worker, index)));
+    let shared = feed.clone();
+    let name = endpoint.to_string();
+    let task = tokio::spawn(async move { pump(socket, &shared, &name, worker).await });
+    Ok((task, feed))
+}
+
+/// [`follow_vllm_publisher`] for a deployment: connecting is retried every
+/// [`RECONNECT_EVERY`] until the publisher is there (a vLLM engine starts after its
+/// router), and again whenever the socket fails, until the task is aborted. One feed
+/// throughout: batches missed meanwhile show as a sequence gap, which clears the worker.
+pub fn keep_following_vllm_publisher(
+    endpoint: String,
+    topic: String,
+    worker: WorkerId,
+    index: Arc<FlashIndexer>,
+) -> (tokio::task::JoinHandle<()>, Arc<Mutex<VllmFeed>>) {
+    let feed = Arc::new(Mutex::new(VllmFeed::new(worker, index)));
+    let shared = feed.clone();
+    let task = tokio::spawn(async move {
+        loop {
+            match connect(&endpoint, &topic).await {
+                Ok(socket) => {
+                    tracing::info!(%endpoint, %worker, "following vLLM KV events");
+                    pump(socket, &shared, &endpoint, worker).await;
+                }
+                Err(e) => tracing::debug!("{e}; retrying in {RECONNECT_EVERY:?}"),
+            }
+            tokio::time::sleep(RECONNECT_EVERY).await;
+        }
+    });
+    (task, feed)
+}
+
+async fn connect(endpoint: &str, topic: &str) -> Result<SubSocket, FollowError> {
     let fail = |message: String| FollowError {
         endpoint: endpoint.to_string(),
         message,
@@ -163,34 +204,33 @@ pub async fn follow_vllm_publisher(
         .subscribe(topic)
         .await
         .map_err(|e| fail(format!("subscribe: {e}")))?;
-    let feed = Arc::new(Mutex::new(VllmFeed::new(worker, index)));
-    let shared = feed.clone();
-    let name = endpoint.to_string();
-    let task = tokio::spawn(async move {
-        loop {
-            let msg = match socket.recv().await {
-                Ok(m) => m,
-                Err(e) => {
-                    tracing::warn!(endpoint = %name, %worker, "vLLM KV event feed ended: {e}");
-                    return;
-                }
-            };
-            let frames: Vec<&[u8]> = msg.iter().map(|f| f.as_ref()).collect();
-            let outcome = shared
-                .lock()
-                .unwrap_or_else(|e| e.into_inner())
-                .on_message(&frames);
-            match outcome {
-                FeedOutcome::Applied => {}
-                FeedOutcome::AppliedAfterGap { expected, got } => tracing::warn!(
-                    endpoint = %name, %worker, expected, got,
-                    "vLLM KV event gap; cleared the worker's index entries"
-                ),
-                FeedOutcome::Malformed(e) => {
-                    tracing::warn!(endpoint = %name, %worker, "bad vLLM KV event message: {e}")
-                }
+    Ok(socket)
+}
+
+/// Feeds every message of `socket` into `feed` until the socket fails.
+async fn pump(mut socket: SubSocket, feed: &Mutex<VllmFeed>, name: &str, worker: WorkerId) {
+    loop {
+        let msg = match socket.recv().await {
+            Ok(m) => m,
+            Err(e) => {
+                tracing::warn!(endpoint = %name, %worker, "vLLM KV event feed ended: {e}");
+                return;
+            }
+        };
+        let frames: Vec<&[u8]> = msg.iter().map(|f| f.as_ref()).collect();
+        let outcome = feed
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .on_message(&frames);
+        match outcome {
+            FeedOutcome::Applied => {}
+            FeedOutcome::AppliedAfterGap { expected, got } => tracing::warn!(
+                endpoint = %name, %worker, expected, got,
+                "vLLM KV event gap; cleared the worker's index entries"
+            ),
+            FeedOutcome::Malformed(e) => {
+                tracing::warn!(endpoint = %name, %worker, "bad vLLM KV event message: {e}")
             }
         }
-    });
-    Ok((task, feed))
+    }
 }

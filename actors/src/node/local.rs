@@ -18,7 +18,7 @@ use crate::router::membership::{Members, NodeConnector};
 use crate::router::service::{RouterCore, RouterService, ROUTER_COMPONENT, ROUTER_SERVICE};
 use turbine_runtime::transfer::TransferHub;
 
-use crate::worker::announce::REGISTRY_SERVICE;
+use crate::worker::announce::{LOAD_REPORT_EVERY, REGISTRY_SERVICE};
 use crate::worker::metrics::WorkerMetrics;
 use crate::worker::{EngineTime, WorkerHandle};
 use std::sync::Arc;
@@ -46,8 +46,19 @@ pub struct LocalCluster {
     pub discovery: Arc<dyn Discovery>,
     /// The planner's decisions (empty without a planner), exported on /metrics.
     pub decisions: crate::planner::actor::DecisionLog,
-    _registry: EmbeddedRegistry,
+    /// The registry served here (none when this frontend joined another's).
+    _registry: Option<EmbeddedRegistry>,
+    /// Replica sync with the other frontends' routers (`router.replica_sync`).
+    _replicas: Option<crate::router::replica_sync::ReplicaSync>,
     _tasks: Vec<AbortOnDrop>,
+}
+
+/// How a `turbine up` process joins a larger cluster.
+#[derive(Clone, Debug, Default)]
+pub struct LocalOptions {
+    /// Join the embedded registry another frontend serves (its request-plane endpoint,
+    /// `tcp://HOST:PORT`) instead of serving one: a second frontend of the same cluster.
+    pub registry: Option<String>,
 }
 
 struct AbortOnDrop(tokio::task::JoinHandle<()>);
@@ -65,6 +76,15 @@ impl LocalCluster {
     pub async fn start(
         cfg: &ClusterConfig,
         model: LoadedModel,
+    ) -> Result<LocalCluster, StartError> {
+        Self::start_with(cfg, model, LocalOptions::default()).await
+    }
+
+    /// [`LocalCluster::start`], joining the cluster as `options` say.
+    pub async fn start_with(
+        cfg: &ClusterConfig,
+        model: LoadedModel,
+        options: LocalOptions,
     ) -> Result<LocalCluster, StartError> {
         let (block_size, context_length) = check_cluster(cfg, &model.config)?;
         let groups: Vec<&WorkerGroup> = cfg
@@ -84,28 +104,65 @@ impl LocalCluster {
         })
         .await
         .map_err(|e| node_err(&e))?;
-        // Workers and routers in other processes join through the embedded registry here.
-        let registry = EmbeddedRegistry::serve(&node, REGISTRY_SERVICE, Duration::from_millis(250))
-            .await
-            .map_err(|e| node_err(&e))?;
-        // With `discovery.backend: kubernetes` the workers are pods with Leases instead.
-        let discovery: Arc<dyn Discovery> = match &cfg.discovery {
-            crate::cluster_config::DiscoverySection::Kubernetes {
-                namespace,
-                label_selector,
-                ..
-            } => Arc::new(
-                turbine_runtime::discovery::KubernetesDiscovery::from_environment(
+        cfg.validate_external_workers()
+            .map_err(StartError::Config)?;
+        if !cfg.external_workers.is_empty() {
+            tracing::warn!(
+                "external_workers: {} listed; turbine epp picks among them (a gateway sends \
+                 their requests), this frontend routes to turbine workers only",
+                cfg.external_workers.len()
+            );
+        }
+        if cfg.router.replica_sync && !cfg.router.remote && !groups.is_empty() {
+            return Err(StartError::Config(
+                "router.replica_sync: every worker group must be remote: true (each frontend's router follows the workers through discovery; workers inside one frontend's process are invisible to the others)".into(),
+            ));
+        }
+        // Workers and routers in other processes join through the embedded registry here,
+        // unless this frontend joins another's. With `discovery.backend: kubernetes` the
+        // workers are pods with Leases instead.
+        let serve_registry = || async {
+            EmbeddedRegistry::serve(&node, REGISTRY_SERVICE, Duration::from_millis(250))
+                .await
+                .map_err(|e| node_err(&e))
+        };
+        let (registry, discovery): (Option<EmbeddedRegistry>, Arc<dyn Discovery>) = match (
+            &options.registry,
+            &cfg.discovery,
+        ) {
+            (Some(_), crate::cluster_config::DiscoverySection::Kubernetes { .. }) => {
+                return Err(StartError::Config(
+                    "--registry joins an embedded registry; this file's discovery is kubernetes"
+                        .into(),
+                ))
+            }
+            (Some(joined), _) => (
+                None,
+                Arc::new(super::process::registry_client(&node, joined).await?),
+            ),
+            (
+                None,
+                crate::cluster_config::DiscoverySection::Kubernetes {
                     namespace,
                     label_selector,
-                )
-                .await
-                .map_err(|e| node_err(&e))?,
+                    ..
+                },
+            ) => (
+                Some(serve_registry().await?),
+                Arc::new(
+                    turbine_runtime::discovery::KubernetesDiscovery::from_environment(
+                        namespace,
+                        label_selector,
+                    )
+                    .await
+                    .map_err(|e| node_err(&e))?,
+                ),
             ),
-            _ => Arc::new(EmbeddedDiscovery::new(
-                registry.addr().clone(),
-                node.clock().clone(),
-            )),
+            (None, _) => {
+                let served = serve_registry().await?;
+                let discovery = EmbeddedDiscovery::new(served.addr().clone(), node.clock().clone());
+                (Some(served), Arc::new(discovery))
+            }
         };
 
         // The router: served here, or (`router.remote`) a router process found through
@@ -127,6 +184,10 @@ impl LocalCluster {
             )
             .await?;
             (Some(r.core), Some(r.addr))
+        };
+        let replicas = match &router {
+            Some(core) => super::sync_router_replicas(cfg, core, &node, discovery.clone()).await?,
+            None => None,
         };
 
         let grammars = super::grammars_for(&model)?;
@@ -256,6 +317,16 @@ impl LocalCluster {
             .register_collector(Box::new(crate::router::prometheus::RouterCollector::new(
                 dispatch.clone(),
             )));
+        // The router's own view (in-flight requests, replica sync), when it is here.
+        if let Some(core) = &router {
+            metrics
+                .registry()
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .register_collector(Box::new(
+                    crate::router::prometheus::RouterStateCollector::new(core.clone()),
+                ));
+        }
 
         let decisions = crate::planner::actor::DecisionLog::default();
         metrics
@@ -276,7 +347,12 @@ impl LocalCluster {
                 core.add_worker_as(handle.id(), role);
             }
             dispatch.add_worker(handle.id(), addr);
-            spawn_load_mirror(handle, router.clone(), worker_metrics.clone());
+            spawn_load_mirror(
+                handle,
+                router.clone(),
+                worker_metrics.clone(),
+                node.clock().clone(),
+            );
         }
         if let Some(pool) = encoder_pool {
             tasks.push(follow_encoders(node.clone(), discovery.clone(), pool));
@@ -302,6 +378,7 @@ impl LocalCluster {
             discovery,
             decisions,
             _registry: registry,
+            _replicas: replicas,
             _tasks: tasks.into_iter().map(AbortOnDrop).collect(),
         })
     }
@@ -405,23 +482,43 @@ fn follow_encoders(
 }
 
 /// After every step of `worker`: its load into the router (when it is in this process),
-/// its gauges into the metrics.
+/// its gauges into the metrics. Between steps, at least every [`LOAD_REPORT_EVERY`] on
+/// `clock`, a heartbeat: the router hears the worker is alive (as from a worker process's
+/// periodic reports), so a local worker inside one long step (a long prefill on a loaded
+/// machine) is slow, not silent, to the liveness check, and keeps its streams. The
+/// heartbeat carries no load: its snapshot may predate requests routed since, which a load
+/// report would count as acknowledged.
 fn spawn_load_mirror(
     worker: &WorkerHandle,
     router: Option<Arc<RouterCore>>,
     metrics: WorkerMetrics,
+    clock: turbine_runtime::SharedClock,
 ) {
     let mut stats = worker.watch_stats();
     let id = worker.id();
     let name = id.to_string();
     metrics.update(&name, &stats.borrow());
     tokio::spawn(async move {
-        while stats.changed().await.is_ok() {
+        loop {
+            let changed = tokio::select! {
+                biased;
+                changed = stats.changed() => {
+                    if changed.is_err() {
+                        return;
+                    }
+                    true
+                }
+                _ = clock.sleep(LOAD_REPORT_EVERY) => false,
+            };
             let s = stats.borrow_and_update().clone();
-            if let Some(router) = &router {
-                router.update_load(id, &s);
+            match &router {
+                Some(router) if changed => router.update_load(id, &s),
+                Some(router) => router.note_alive(id, &s),
+                None => {}
             }
-            metrics.update(&name, &s);
+            if changed {
+                metrics.update(&name, &s);
+            }
         }
     });
 }

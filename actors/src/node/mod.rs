@@ -30,6 +30,7 @@ use crate::kv::indexer::FlashIndexer;
 use crate::kv::{BlockSize, KvEventBatch};
 use crate::router::dispatch::Dispatcher;
 use crate::router::membership::{watch_workers, Members, WorkerConnector};
+use crate::router::replica_sync::{start_replica_sync, ReplicaSync};
 use crate::router::service::{RouterCore, RouterService, ROUTER_SERVICE};
 use crate::router::{KvRouter, MigrationConfig, RouterConfig, RouterReplicaId};
 use crate::worker::announce::{
@@ -152,7 +153,14 @@ pub async fn start_router(
 ) -> Result<RouterNode, StartError> {
     config.block_size = block_size;
     let index = Arc::new(FlashIndexer::default());
-    let router = KvRouter::new(RouterReplicaId(0), config, Some(index.clone()))
+    // Replicas tell each other's events apart by id: a fresh one each, unique across
+    // restarts; a router alone keeps 0 (the simulator's runs stay byte for byte).
+    let replica = if config.replica_sync {
+        RouterReplicaId(process::fresh_worker_id().0)
+    } else {
+        RouterReplicaId(0)
+    };
+    let router = KvRouter::new(replica, config, Some(index.clone()))
         .map_err(|e| StartError::Config(format!("router: {e}")))?;
     let core = RouterCore::new(router, index, clock);
     core.set_disaggregation(disagg.clone());
@@ -161,6 +169,39 @@ pub async fn start_router(
         .await
         .map_err(|e| StartError::Node(e.to_string()))?;
     Ok(RouterNode { core, addr })
+}
+
+/// With `router.replica_sync`, keeps `core` in step with the other router replicas
+/// registered with `discovery` (see [`crate::router::replica_sync`]); `None` otherwise.
+/// Its events go out on a PUB socket bound at the file's `transport.events_bind`.
+pub async fn sync_router_replicas(
+    cfg: &ClusterConfig,
+    core: &Arc<RouterCore>,
+    node: &Node,
+    discovery: Arc<dyn Discovery>,
+) -> Result<Option<ReplicaSync>, StartError> {
+    if !cfg.router.replica_sync {
+        return Ok(None);
+    }
+    let lease = match &cfg.discovery {
+        crate::cluster_config::DiscoverySection::Embedded { lease_ms, .. }
+        | crate::cluster_config::DiscoverySection::Kubernetes { lease_ms, .. } => *lease_ms,
+        crate::cluster_config::DiscoverySection::Static { .. } => {
+            return Err(StartError::Config(
+                "router.replica_sync: replicas find each other through discovery; the static backend has no registry (use embedded or kubernetes)".into(),
+            ))
+        }
+    };
+    start_replica_sync(
+        core.clone(),
+        &format!("tcp://{}", cfg.transport.events_bind),
+        discovery,
+        std::time::Duration::from_millis(lease),
+        node.metrics().clone(),
+    )
+    .await
+    .map(Some)
+    .map_err(|e| StartError::Node(e.to_string()))
 }
 
 /// Follows worker membership through `discovery`, for the router and/or the frontend of

@@ -141,7 +141,7 @@ pub(super) async fn process_node(cfg: &ClusterConfig, name: String) -> Result<No
 }
 
 /// Discovery through the frontend's embedded registry at `registry`.
-pub(super) async fn registry_client(
+pub(crate) async fn registry_client(
     node: &Node,
     registry: &str,
 ) -> Result<EmbeddedDiscovery, StartError> {
@@ -375,6 +375,8 @@ pub async fn run_router(
     )
     .await?;
     let discovery = join.discovery(&node).await?;
+    // Several router processes keep one view (`router.replica_sync`).
+    let replicas = super::sync_router_replicas(cfg, &router.core, &node, discovery.clone()).await?;
     let follow = follow_workers(
         Arc::new(NodeConnector::new(node.clone())),
         discovery.clone(),
@@ -402,6 +404,9 @@ pub async fn run_router(
     );
     shutdown.await;
     lease.revoke().await;
+    if let Some(r) = replicas {
+        r.stop().await;
+    }
     follow.abort();
     node.shutdown();
     Ok(())

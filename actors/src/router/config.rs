@@ -74,8 +74,12 @@ pub struct RouterConfig {
     /// no worker is ever busy.
     pub busy_threshold: Option<u32>,
     /// How long a request is held while every worker is busy before it is refused
-    /// (retryable: HTTP 429 with `Retry-After`).
+    /// (retryable: HTTP 503 with `Retry-After`).
     pub queue_timeout_ms: u64,
+    /// Several routers (one per frontend, or several router processes) keep one view:
+    /// each publishes its decisions and finished requests on the event plane and applies
+    /// the others' (see `router::replica_sync`).
+    pub replica_sync: bool,
 }
 
 impl Default for RouterConfig {
@@ -90,6 +94,7 @@ impl Default for RouterConfig {
             remote: false,
             busy_threshold: None,
             queue_timeout_ms: 30_000,
+            replica_sync: false,
         }
     }
 }

@@ -207,6 +207,42 @@ impl Dispatched {
     }
 }
 
+/// What the frontend's queue of held requests counted (`router.busy_threshold`).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct QueueStats {
+    /// Requests held now, waiting for a worker below the busy threshold.
+    pub queued: u64,
+    /// Requests that found every worker busy and were held (each counted once).
+    pub all_busy: u64,
+    /// Held requests refused once `router.queue_timeout_ms` was over.
+    pub timeouts: u64,
+}
+
+#[derive(Debug, Default)]
+struct QueueCounters {
+    queued: AtomicU64,
+    all_busy: AtomicU64,
+    timeouts: AtomicU64,
+}
+
+/// One held request in [`QueueCounters::queued`], however its wait ends (routed, refused,
+/// or the client went away and the dispatch was dropped).
+struct Held<'a>(&'a QueueCounters);
+
+impl<'a> Held<'a> {
+    fn new(counters: &'a QueueCounters) -> Held<'a> {
+        counters.queued.fetch_add(1, Ordering::Relaxed);
+        counters.all_busy.fetch_add(1, Ordering::Relaxed);
+        Held(counters)
+    }
+}
+
+impl Drop for Held<'_> {
+    fn drop(&mut self) {
+        self.0.queued.fetch_sub(1, Ordering::Relaxed);
+    }
+}
+
 /// Routes requests over the workers it knows, through a router it reaches by address.
 pub struct Dispatcher {
     block_size: BlockSize,
@@ -230,6 +266,8 @@ pub struct Dispatcher {
     disagg: OnceLock<DisaggSettings>,
     /// Where what became of routing hints is counted (`/metrics`), once set.
     hint_metrics: OnceLock<HintMetrics>,
+    /// Requests held while every worker is busy.
+    queue: QueueCounters,
 }
 
 impl Dispatcher {
@@ -251,6 +289,16 @@ impl Dispatcher {
             departures: tokio::sync::watch::Sender::new(0),
             disagg: OnceLock::new(),
             hint_metrics: OnceLock::new(),
+            queue: QueueCounters::default(),
+        }
+    }
+
+    /// The queue of requests held while every worker is busy, for `/metrics`.
+    pub fn queue_stats(&self) -> QueueStats {
+        QueueStats {
+            queued: self.queue.queued.load(Ordering::Relaxed),
+            all_busy: self.queue.all_busy.load(Ordering::Relaxed),
+            timeouts: self.queue.timeouts.load(Ordering::Relaxed),
         }
     }
 
@@ -589,7 +637,7 @@ impl Dispatcher {
         }
         // Held here while every worker is busy (`router.busy_threshold`), asking again every
         // QUEUE_RETRY until one is not or the router's hold time is over.
-        let mut held_since = None;
+        let mut held: Option<(tokio::time::Instant, Held<'_>)> = None;
         let decision = loop {
             match router.call(RouterRequest::Route(route.clone())).await {
                 Ok(RouterReply::Routed(Ok(decision))) => break decision,
@@ -598,8 +646,9 @@ impl Dispatcher {
                 }
                 Ok(RouterReply::Routed(Err(RouteError::AllBusy { hold_ms }))) => {
                     let now = self.clock.now();
-                    let since = *held_since.get_or_insert(now);
+                    let since = held.get_or_insert_with(|| (now, Held::new(&self.queue))).0;
                     if now.duration_since(since) >= Duration::from_millis(hold_ms) {
+                        self.queue.timeouts.fetch_add(1, Ordering::Relaxed);
                         return Err(DispatchError::NoWorker(format!(
                             "every worker stayed busy for {hold_ms} ms (router.queue_timeout_ms)"
                         )));
@@ -614,6 +663,7 @@ impl Dispatcher {
                 Err(e) => return Err(DispatchError::Router(e.to_string())),
             }
         };
+        drop(held);
         self.count_route(&decision);
         let guard = RouteGuard { router, id };
         let request = WorkerRequest::Generate(Box::new(pre));

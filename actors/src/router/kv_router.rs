@@ -8,6 +8,15 @@
 //! pending part if unacknowledged, else subtracted from the reported figure until the next
 //! report replaces it.
 //!
+//! # Replicas
+//! Several routers (one per frontend) keep one load view by publishing the
+//! [`RouterEvent`] each decision and each finished request returns, and applying their
+//! peers' ([`KvRouter::apply_router_event`]). In-flight requests are keyed by the replica
+//! that routed them as well as their id, so two frontends' request ids never collide. A
+//! peer's events that were lost (a sequence gap) or a peer that left make its requests
+//! unknowable: [`KvRouter::forget_replica`] drops them, and the workers' load reports carry
+//! that load from then on.
+//!
 //! # Quarantine
 //! A worker the frontend found unreachable (its connection is gone) is left out of
 //! selection until `now + UNREACHABLE_QUARANTINE` ([`KvRouter::mark_unreachable`]), with
@@ -144,6 +153,9 @@ impl LoadView {
     }
 }
 
+/// An in-flight request: the replica that routed it and its id there.
+type FlightKey = (RouterReplicaId, RequestId);
+
 #[derive(Clone, Copy, Debug)]
 struct InFlight {
     worker: WorkerId,
@@ -158,10 +170,10 @@ pub struct KvRouter {
     index: IndexSource,
     policy: Policy,
     workers: BTreeMap<WorkerId, LoadView>,
-    in_flight: BTreeMap<RequestId, InFlight>,
+    in_flight: BTreeMap<FlightKey, InFlight>,
     /// Per worker, the requests routed there since its last load report (some may have
     /// finished since): a report acknowledges exactly these, without scanning `in_flight`.
-    unacknowledged: BTreeMap<WorkerId, Vec<RequestId>>,
+    unacknowledged: BTreeMap<WorkerId, Vec<FlightKey>>,
     next_seq: u64,
     metrics: RouterMetrics,
     per_worker: BTreeMap<WorkerId, WorkerRouteCounts>,
@@ -350,8 +362,8 @@ impl KvRouter {
             draining: view.draining,
             last_report: view.last_report,
         };
-        for request in self.unacknowledged.remove(&worker).unwrap_or_default() {
-            if let Some(f) = self.in_flight.get_mut(&request) {
+        for key in self.unacknowledged.remove(&worker).unwrap_or_default() {
+            if let Some(f) = self.in_flight.get_mut(&key) {
                 f.acknowledged = true;
             }
         }
@@ -439,33 +451,65 @@ impl KvRouter {
             blocks: decision.request_blocks,
             hashes,
         };
-        self.apply_kind(now, &kind, &request.hashes);
+        self.apply_kind(now, self.replica, &kind, &request.hashes);
         self.emit(kind)
     }
 
     /// A request ended; returns the event to publish (none if it was unknown).
     pub fn on_request_finished(&mut self, request: RequestId) -> Option<RouterEvent> {
         let kind = RouterEventKind::Finished { request };
-        self.in_flight.contains_key(&request).then(|| {
-            self.finish(request);
+        let key = (self.replica, request);
+        self.in_flight.contains_key(&key).then(|| {
+            self.finish(key);
             self.emit(kind)
         })
     }
 
-    /// Apply a peer replica's event to this replica's view. Own events are ignored.
-    pub fn apply_router_event(&mut self, now: Duration, event: &RouterEvent) {
+    /// Apply a peer replica's event to this replica's view. Own events (echoed back) are
+    /// ignored; returns whether it was a peer's.
+    pub fn apply_router_event(&mut self, now: Duration, event: &RouterEvent) -> bool {
         if event.replica == self.replica {
-            return;
+            return false;
         }
         self.metrics.peer_events_applied += 1;
         let hashes = match &event.kind {
             RouterEventKind::Routed { hashes, .. } => hashes.as_slice(),
             RouterEventKind::Finished { .. } => &[],
         };
-        self.apply_kind(now, &event.kind, hashes);
+        self.apply_kind(now, event.replica, &event.kind, hashes);
+        true
     }
 
-    fn apply_kind(&mut self, now: Duration, kind: &RouterEventKind, hashes: &[BlockHash]) {
+    /// Forgets every in-flight request `replica` routed (its events were lost, or it left):
+    /// their load leaves the view now, and the workers' next load reports count what still
+    /// runs. Returns how many were dropped. Its approximate-mode entries stay (they expire
+    /// on their TTL like this replica's own).
+    pub fn forget_replica(&mut self, replica: RouterReplicaId) -> usize {
+        if replica == self.replica {
+            return 0;
+        }
+        let keys: Vec<FlightKey> = self
+            .in_flight
+            .keys()
+            .filter(|(r, _)| *r == replica)
+            .copied()
+            .collect();
+        for key in &keys {
+            self.finish(*key);
+        }
+        for pending in self.unacknowledged.values_mut() {
+            pending.retain(|(r, _)| *r != replica);
+        }
+        keys.len()
+    }
+
+    fn apply_kind(
+        &mut self,
+        now: Duration,
+        origin: RouterReplicaId,
+        kind: &RouterEventKind,
+        hashes: &[BlockHash],
+    ) {
         match kind {
             RouterEventKind::Routed {
                 request,
@@ -476,33 +520,31 @@ impl KvRouter {
                 let Some(view) = self.workers.get_mut(worker) else {
                     return;
                 };
-                if self.in_flight.contains_key(request) {
+                let key = (origin, *request);
+                if self.in_flight.contains_key(&key) {
                     return; // duplicate delivery
                 }
                 view.pending_blocks += u64::from(*blocks);
                 view.pending_requests = view.pending_requests.saturating_add(1);
                 self.in_flight.insert(
-                    *request,
+                    key,
                     InFlight {
                         worker: *worker,
                         blocks: *blocks,
                         acknowledged: false,
                     },
                 );
-                self.unacknowledged
-                    .entry(*worker)
-                    .or_default()
-                    .push(*request);
+                self.unacknowledged.entry(*worker).or_default().push(key);
                 if let IndexSource::Approximate(ax) = &mut self.index {
                     ax.record(now, *worker, hashes);
                 }
             }
-            RouterEventKind::Finished { request } => self.finish(*request),
+            RouterEventKind::Finished { request } => self.finish((origin, *request)),
         }
     }
 
-    fn finish(&mut self, request: RequestId) {
-        let Some(f) = self.in_flight.remove(&request) else {
+    fn finish(&mut self, key: FlightKey) {
+        let Some(f) = self.in_flight.remove(&key) else {
             return;
         };
         let Some(view) = self.workers.get_mut(&f.worker) else {
@@ -537,6 +579,16 @@ impl KvRouter {
     /// Requests routed and not finished, as far as this replica knows.
     pub fn in_flight_count(&self) -> usize {
         self.in_flight.len()
+    }
+
+    /// Requests in flight per worker (this replica's and its peers'), sorted by worker;
+    /// every known worker is listed, with 0 when it runs none.
+    pub fn in_flight_by_worker(&self) -> Vec<(WorkerId, u32)> {
+        let mut counts: BTreeMap<WorkerId, u32> = self.workers.keys().map(|w| (*w, 0)).collect();
+        for f in self.in_flight.values() {
+            *counts.entry(f.worker).or_default() += 1;
+        }
+        counts.into_iter().collect()
     }
 
     /// Distinct blocks in the overlap source.

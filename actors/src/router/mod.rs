@@ -23,6 +23,7 @@ pub mod migrating;
 pub mod migration;
 pub mod policy;
 pub mod prometheus;
+pub mod replica_sync;
 pub mod service;
 
 pub use config::{PolicyKind, RouterConfig, RouterConfigError, RouterIndexMode};

@@ -11,13 +11,29 @@
 //! - `turbine_router_overlap_blocks_total`: request blocks the KV index said the worker
 //!   already held when it was chosen;
 //! - `turbine_router_request_blocks_total`: full blocks of the requests routed to it.
+//!
+//! The frontend's queue of requests held while every worker is busy (`router.busy_threshold`;
+//! the dispatcher holds them, wherever the router runs):
+//! - `turbine_router_queued_requests` (gauge): held now;
+//! - `turbine_router_all_busy_total`: requests that found every worker busy and were held;
+//! - `turbine_router_queue_timeouts_total`: held ones refused after `router.queue_timeout_ms`.
+//!
+//! The router's own view, when it runs in this process ([`RouterStateCollector`]):
+//! - `turbine_router_in_flight_requests{worker}` (gauge): requests routed to the worker
+//!   and not finished, by this router or (`router.replica_sync`) by its peers;
+//! - `turbine_router_replica_peers` (gauge): peer replicas followed;
+//! - `turbine_router_replica_events_total`: peer routing events applied;
+//! - `turbine_router_replica_resyncs_total`: a peer's in-flight requests dropped (a gap in
+//!   its events, or it left).
 
-use super::dispatch::Dispatcher;
+use super::dispatch::{Dispatcher, QueueStats};
 use super::kv_router::{KvRouter, WorkerRouteCounts};
+use super::service::RouterCore;
 use crate::ids::WorkerId;
 use prometheus_client::collector::Collector;
 use prometheus_client::encoding::{DescriptorEncoder, EncodeLabelSet, EncodeMetric};
 use prometheus_client::metrics::counter::ConstCounter;
+use prometheus_client::metrics::gauge::ConstGauge;
 use prometheus_client::metrics::MetricType;
 use std::sync::{Arc, Mutex};
 
@@ -30,11 +46,20 @@ struct WorkerLabel {
 /// told), or a router itself.
 pub trait RouteCounts: Send + Sync + 'static {
     fn worker_route_counts(&self) -> Vec<(WorkerId, WorkerRouteCounts)>;
+
+    /// The queue of requests held while every worker is busy, where this source holds one.
+    fn queue_stats(&self) -> Option<QueueStats> {
+        None
+    }
 }
 
 impl RouteCounts for Dispatcher {
     fn worker_route_counts(&self) -> Vec<(WorkerId, WorkerRouteCounts)> {
         Dispatcher::worker_route_counts(self)
+    }
+
+    fn queue_stats(&self) -> Option<QueueStats> {
+        Some(Dispatcher::queue_stats(self))
     }
 }
 
@@ -93,6 +118,92 @@ impl Collector for RouterCollector {
                 };
                 ConstCounter::new(pick(c)).encode(family.encode_family(&label)?)?;
             }
+        }
+        if let Some(q) = self.source.queue_stats() {
+            let gauge = encoder.encode_descriptor(
+                "turbine_router_queued_requests",
+                "Requests held at the frontend while every worker is busy (router.busy_threshold)",
+                None,
+                MetricType::Gauge,
+            )?;
+            ConstGauge::new(q.queued as i64).encode(gauge)?;
+            let counters: [(&str, &str, u64); 2] = [
+                (
+                    "turbine_router_all_busy",
+                    "Requests that found every worker busy and were held",
+                    q.all_busy,
+                ),
+                (
+                    "turbine_router_queue_timeouts",
+                    "Held requests refused after router.queue_timeout_ms",
+                    q.timeouts,
+                ),
+            ];
+            for (name, help, value) in counters {
+                let family = encoder.encode_descriptor(name, help, None, MetricType::Counter)?;
+                ConstCounter::new(value).encode(family)?;
+            }
+        }
+        Ok(())
+    }
+}
+
+/// The router's own state on `/metrics`, read from its core at scrape time (a router in
+/// this process): in-flight requests per worker and replica sync. Register with
+/// `registry.register_collector(Box::new(RouterStateCollector::new(core)))`.
+pub struct RouterStateCollector {
+    core: Arc<RouterCore>,
+}
+
+impl RouterStateCollector {
+    pub fn new(core: Arc<RouterCore>) -> Self {
+        RouterStateCollector { core }
+    }
+}
+
+impl std::fmt::Debug for RouterStateCollector {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("RouterStateCollector")
+    }
+}
+
+impl Collector for RouterStateCollector {
+    fn encode(&self, mut encoder: DescriptorEncoder) -> Result<(), std::fmt::Error> {
+        let mut family = encoder.encode_descriptor(
+            "turbine_router_in_flight_requests",
+            "Requests routed to each worker and not finished, by this router or its replica peers",
+            None,
+            MetricType::Gauge,
+        )?;
+        for (worker, n) in self.core.in_flight_by_worker() {
+            let label = WorkerLabel {
+                worker: worker.to_string(),
+            };
+            ConstGauge::new(i64::from(n)).encode(family.encode_family(&label)?)?;
+        }
+        let r = self.core.replica_stats();
+        let peers = encoder.encode_descriptor(
+            "turbine_router_replica_peers",
+            "Router replicas this router follows (router.replica_sync)",
+            None,
+            MetricType::Gauge,
+        )?;
+        ConstGauge::new(r.peers as i64).encode(peers)?;
+        let counters: [(&str, &str, u64); 2] = [
+            (
+                "turbine_router_replica_events",
+                "Routing events of peer replicas applied to this router's view",
+                r.events_applied,
+            ),
+            (
+                "turbine_router_replica_resyncs",
+                "Times a peer replica's in-flight requests were dropped (events lost, or it left)",
+                r.resyncs,
+            ),
+        ];
+        for (name, help, value) in counters {
+            let family = encoder.encode_descriptor(name, help, None, MetricType::Counter)?;
+            ConstCounter::new(value).encode(family)?;
         }
         Ok(())
     }

@@ -9,7 +9,13 @@
 //!
 //! The actor is restarted by its supervisor if it panics; the core outlives it, so a restart
 //! loses nothing but the request being handled.
+//!
+//! With `router.replica_sync` the core also hands every [`RouterEvent`] its decisions
+//! return to an outbox ([`RouterCore::publish_events_to`]) and applies its peers' events
+//! ([`RouterCore::apply_peer_event`]); [`super::replica_sync`] carries them over the event
+//! plane.
 
+use super::events::{RouterEvent, RouterReplicaId};
 use super::kv_router::{KvRouter, RouterMetrics, WorkerRouteCounts};
 use super::policy::{RouteDecision, RouteError, RouteRequest};
 use crate::cluster_config::WorkerRole;
@@ -21,7 +27,8 @@ use crate::kv::{BlockSize, KvEventBatch};
 use crate::worker::SchedulerStats;
 use async_trait::async_trait;
 use serde::{Deserialize, Serialize};
-use std::sync::{Arc, Mutex, MutexGuard};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard, OnceLock};
 use std::time::Duration;
 use tokio::time::Instant;
 use turbine_runtime::{
@@ -125,6 +132,27 @@ pub struct RouterCore {
     index: Arc<FlashIndexer>,
     clock: SharedClock,
     started: Instant,
+    /// Where this replica's router events go (set when replicas sync; else dropped).
+    outbox: OnceLock<tokio::sync::mpsc::UnboundedSender<RouterEvent>>,
+    replicas: ReplicaCounters,
+}
+
+/// What replica sync counted (exported on `/metrics`).
+#[derive(Debug, Default)]
+struct ReplicaCounters {
+    peers: AtomicU64,
+    resyncs: AtomicU64,
+}
+
+/// A snapshot of [`RouterCore`]'s replica figures.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct ReplicaStats {
+    /// Peer replicas followed now.
+    pub peers: u64,
+    /// Peer events applied.
+    pub events_applied: u64,
+    /// Times a peer's in-flight requests were dropped (a gap in its events, or it left).
+    pub resyncs: u64,
 }
 
 impl RouterCore {
@@ -148,7 +176,64 @@ impl RouterCore {
             index,
             started: clock.now(),
             clock,
+            outbox: OnceLock::new(),
+            replicas: ReplicaCounters::default(),
         })
+    }
+
+    /// This router's replica id (its peers tell its events apart by it).
+    pub fn replica(&self) -> RouterReplicaId {
+        self.lock().replica()
+    }
+
+    /// From now on every router event (a decision, a finished request) goes to `outbox`
+    /// for peer replicas (once; a second call is ignored).
+    pub fn publish_events_to(&self, outbox: tokio::sync::mpsc::UnboundedSender<RouterEvent>) {
+        let _ = self.outbox.set(outbox);
+    }
+
+    fn emit(&self, event: RouterEvent) {
+        if let Some(outbox) = self.outbox.get() {
+            // The publisher task is gone only while the process shuts down.
+            let _ = outbox.send(event);
+        }
+    }
+
+    /// A peer replica's event into this replica's view.
+    pub fn apply_peer_event(&self, event: &RouterEvent) {
+        let now = self.now();
+        self.lock().apply_router_event(now, event);
+    }
+
+    /// A peer's events were lost or it left: drop the requests it routed (see
+    /// [`KvRouter::forget_replica`]).
+    pub fn forget_peer(&self, peer: RouterReplicaId) {
+        let dropped = self.lock().forget_replica(peer);
+        self.replicas.resyncs.fetch_add(1, Ordering::Relaxed);
+        tracing::info!(
+            peer = peer.0,
+            dropped,
+            "router replica resync: its in-flight requests left this view"
+        );
+    }
+
+    /// How many peer replicas are followed now (the sync shell keeps it).
+    pub fn set_peer_count(&self, peers: usize) {
+        self.replicas.peers.store(peers as u64, Ordering::Relaxed);
+    }
+
+    /// Replica sync's figures.
+    pub fn replica_stats(&self) -> ReplicaStats {
+        ReplicaStats {
+            peers: self.replicas.peers.load(Ordering::Relaxed),
+            events_applied: self.lock().metrics().peer_events_applied,
+            resyncs: self.replicas.resyncs.load(Ordering::Relaxed),
+        }
+    }
+
+    /// Requests in flight per worker, as this router knows them (its own and its peers').
+    pub fn in_flight_by_worker(&self) -> Vec<(WorkerId, u32)> {
+        self.lock().in_flight_by_worker()
     }
 
     /// Router time: since the core was made, on its clock.
@@ -174,7 +259,9 @@ impl RouterCore {
 
     pub fn route(&self, request: &RouteRequest) -> Result<RouteDecision, RouteError> {
         let now = self.now();
-        self.lock().route(now, request).map(|r| r.decision)
+        let routed = self.lock().route(now, request)?;
+        self.emit(routed.event);
+        Ok(routed.decision)
     }
 
     fn prefill_pool(&self) -> MutexGuard<'_, KvRouter> {
@@ -189,7 +276,9 @@ impl RouterCore {
     /// The decode worker, then where the prefill runs.
     pub fn route_disagg(&self, request: &RouteRequest) -> Result<DisaggRoute, RouteError> {
         let now = self.now();
-        let decode = self.lock().route(now, request)?.decision;
+        let routed = self.lock().route(now, request)?;
+        self.emit(routed.event);
+        let decode = routed.decision;
         let cfg = self
             .disagg
             .lock()
@@ -240,7 +329,10 @@ impl RouterCore {
     }
 
     pub fn finished(&self, request: RequestId) {
-        self.lock().on_request_finished(request);
+        let event = self.lock().on_request_finished(request);
+        if let Some(event) = event {
+            self.emit(event);
+        }
         self.prefill_pool().on_request_finished(request);
     }
 
@@ -348,6 +440,15 @@ impl RouterCore {
             role,
             stats,
         });
+    }
+
+    /// A worker is alive (a heartbeat from its reporter between load reports): liveness
+    /// evidence only, its load view untouched (see [`KvRouter::note_report`]).
+    pub fn note_alive(&self, worker: WorkerId, stats: &SchedulerStats) {
+        let active = (stats.num_running + stats.num_waiting) as u32;
+        let now = self.now();
+        self.lock()
+            .note_report(now, worker, stats.num_steps, active);
     }
 
     /// A worker's KV events into the index.
