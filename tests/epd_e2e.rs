@@ -10,6 +10,10 @@
 //! - the same image again is a prefix-cache hit (`cached_tokens`, the router's overlap on
 //!   /metrics) and an encoder-cache hit (`turbine_encoder_images_total{outcome="cached"}`);
 //! - bad images are 400s naming the part, and the next good request is served;
+//! - images by http URL from a local HTTP server the driver runs (no internet) are fetched by
+//!   the frontend within `http.images` (size, time, redirects, allowed hosts): the same
+//!   answer and cache hits as inline, each failure a 400 that says why; with
+//!   `remote_urls: false` (the reference server) a URL is refused;
 //! - an encoder killed while it holds a request (the test-only hook
 //!   `TURBINE_FAULT_STALL_FILE` keeps it busy until the kill) costs nothing but time: the
 //!   request is retried on the other encoder (`turbine_encoder_failed_calls_total`) and
@@ -70,6 +74,16 @@ fn finish(mut child: Child, what: &str) -> String {
     eprintln!("{log}{}", String::from_utf8_lossy(&out.stderr));
     assert!(out.status.success(), "the driver ({what}) failed:\n{log}");
     log
+}
+
+/// Runs the driver in `mode` (no arguments) to its end.
+fn run_driver(port: u16, mode: &str) {
+    let child = driver(port, &[mode])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("running the driver");
+    finish(child, mode);
 }
 
 fn start_ask(port: u16, names: &[&str]) -> Child {
@@ -143,16 +157,28 @@ fn holding(stall: &Path) -> PathBuf {
 #[test]
 fn encoder_prefill_and_decode_processes_serve_images_like_aggregated() {
     let first = ["a", "b:stream", "g1"];
-    // Aggregated reference: one process, the vision tower on its worker.
+    // Aggregated reference: one process, the vision tower on its worker; it fetches no
+    // image URL.
     let reference: BTreeMap<String, Answer> = {
-        let server = spawn_turbine(
-            &["up", "--port", "0", "--no-fetch", "--model", FIXTURE],
+        let port = free_port();
+        let file = cluster_file(
+            "epd-agg",
+            &format!(
+                "model: {{path: \"{FIXTURE}\"}}\n\
+                 http: {{port: {port}, images: {{remote_urls: false}}}}\n\
+                 workers:\n  - {{replicas: 1, kv_blocks: 64, threads: 1}}\n"
+            ),
+        );
+        let _server = spawn_turbine(
+            &["up", "-f", file.to_str().unwrap(), "--no-fetch"],
             "turbine serving",
         );
-        ask(server.http_port(), &["a", "b:stream", "g1", "g2"])
+        let answers = ask(port, &["a", "b:stream", "g1", "g2"])
             .into_iter()
             .map(|a| (a.name.split(':').next().unwrap().to_string(), a))
-            .collect()
+            .collect();
+        run_driver(port, "urls-off");
+        answers
     };
 
     let (port, plane) = (free_port(), free_port());
@@ -160,7 +186,8 @@ fn encoder_prefill_and_decode_processes_serve_images_like_aggregated() {
         "epd",
         &format!(
             "model: {{path: \"{FIXTURE}\"}}\n\
-             http: {{port: {port}}}\n\
+             http: {{port: {port}, images: {{allowed_hosts: [\"127.0.0.1\"], \
+               fetch_timeout_ms: 1000, max_image_bytes: 16384, max_redirects: 2}}}}\n\
              workers:\n  \
              - {{role: encoder, replicas: 2, remote: true, embedding_cache_bytes: 1048576}}\n  \
              - {{role: prefill, replicas: 1, remote: true, kv_blocks: 64, threads: 1}}\n  \
@@ -285,12 +312,14 @@ fn encoder_prefill_and_decode_processes_serve_images_like_aggregated() {
     assert_eq!(encoder_images(port, "encoded"), 3.0);
 
     // Bad images: 400s naming the part, then a good request is served.
-    finish(
-        driver(port, &["bad"])
-            .stdout(Stdio::piped())
-            .spawn()
-            .unwrap(),
-        "bad",
+    run_driver(port, "bad");
+
+    // Image URLs: fetched within the limits, the same image as inline (cache hits).
+    let cached = encoder_images(port, "cached");
+    run_driver(port, "urls");
+    assert!(
+        encoder_images(port, "cached") >= cached + 3.0,
+        "image a by URL is image a: the encoder's cache answered"
     );
 
     // An encoder killed while it holds a request: retried on the other one.

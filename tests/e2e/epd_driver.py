@@ -4,6 +4,11 @@
 Usage:
   epd_driver.py BASE_URL FIXTURE_DIR ask NAME...   one chat request per NAME, in order
   epd_driver.py BASE_URL FIXTURE_DIR bad           bad images: 400s, then a good request
+  epd_driver.py BASE_URL FIXTURE_DIR urls          image URLs served by a local HTTP server
+                                                   started here (the server under test must
+                                                   allow 127.0.0.1 only, fetch_timeout_ms
+                                                   1000, max_image_bytes 16384, 2 redirects)
+  epd_driver.py BASE_URL FIXTURE_DIR urls-off      an image URL refused (remote_urls off)
 
 NAME is `a` or `b` (the fixture's images with their questions, from serving.json) or `gN`
 (a 32x32 PNG made here from the number N, asked image a's question), with `:stream` to
@@ -13,9 +18,12 @@ failure. Every request has a client timeout, so the driver never hangs.
 """
 
 import base64
+import http.server
 import json
 import struct
 import sys
+import threading
+import time
 import zlib
 from pathlib import Path
 
@@ -107,13 +115,28 @@ def main() -> None:
             )
         return
 
-    if mode != "bad":
-        raise SystemExit(f"unknown mode {mode!r}")
-
     def check(ok: bool, what: str) -> None:
         print(("ok   " if ok else "FAIL ") + what, flush=True)
         if not ok:
             sys.exit(1)
+
+    def refused(url: str, why: str, says: str) -> None:
+        try:
+            ask(url, ref["a"]["question"], False)
+            check(False, f"{why}: refused")
+        except openai.BadRequestError as e:
+            msg = str(e)
+            check("image_url" in msg and says in msg, f"{why}: 400 saying {says!r} ({e.message[:120]})")
+
+    if mode == "urls-off":
+        refused("http://127.0.0.1:9/a.png", "an image URL with remote_urls off", "remote_urls")
+        print("epd urls-off: all passed")
+        return
+    if mode == "urls":
+        urls(fixture, ref, ask, cached, check, refused)
+        return
+    if mode != "bad":
+        raise SystemExit(f"unknown mode {mode!r}")
 
     good = png(1)
     truncated = good[: len(good) // 2]
@@ -136,6 +159,75 @@ def main() -> None:
     text, _ = ask(url, question, False)
     check(text == ref["a"]["text"], f"after the bad images: served as before ({text!r})")
     print("epd bad images: all passed")
+
+
+def urls(fixture, ref, ask, cached, check, refused) -> None:
+    """Image URLs against a local HTTP server (no internet)."""
+    a_png = (fixture / ref["a"]["image"]).read_bytes()
+
+    class Images(http.server.BaseHTTPRequestHandler):
+        def log_message(self, *args):  # quiet
+            pass
+
+        def send(self, status: int, body: bytes, headers=(), length=True):
+            self.send_response(status)
+            for k, v in headers:
+                self.send_header(k, v)
+            if length:
+                self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
+
+        def do_GET(self):
+            path = self.path
+            if path == "/a.png":
+                self.send(200, a_png, [("Content-Type", "image/png")])
+            elif path == "/redirect":
+                self.send(302, b"", [("Location", "/a.png")])
+            elif path.startswith("/loop"):
+                self.send(302, b"", [("Location", path + "x")])
+            elif path == "/big.png":
+                self.send(200, b"\0" * 40000)
+            elif path == "/big-unsized.png":
+                # No length: the body runs to the connection's end (HTTP/1.0).
+                self.send(200, b"\0" * 40000, length=False)
+            elif path == "/slow.png":
+                time.sleep(3)
+                self.send(200, a_png)
+            elif path == "/text":
+                self.send(200, b"hello, not an image", [("Content-Type", "text/plain")])
+            else:
+                self.send(404, b"no such image")
+
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Images)
+    server.daemon_threads = True
+    server.handle_error = lambda *args: None  # a client that hung up early is expected
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    port = server.server_address[1]
+    base = f"http://127.0.0.1:{port}"
+    question = ref["a"]["question"]
+
+    text, usage = ask(f"{base}/a.png", question, False)
+    check(text == ref["a"]["text"], f"image a by URL: {text!r} == transformers' {ref['a']['text']!r}")
+    check(
+        cached(usage) >= 32,
+        f"image a by URL after image a inline: the same content hash, a prefix-cache hit ({cached(usage)})",
+    )
+    text, _ = ask(f"{base}/redirect", question, True)
+    check(text == ref["a"]["text"], "image a through a redirect")
+    refused(f"{base}/loop", "a redirect loop", "redirects more than 2 times")
+    refused(f"{base}/big.png", "an image over max_image_bytes", "over the limit of 16384 bytes")
+    refused(f"{base}/big-unsized.png", "an image over the limit without a length", "over the limit")
+    refused(f"{base}/slow.png", "a server slower than fetch_timeout_ms", "took over 1000 ms")
+    refused(f"{base}/missing.png", "a 404", "404 Not Found")
+    refused(f"{base}/text", "not an image", "not a recognised image")
+    refused(f"http://localhost:{port}/a.png", "a host not allowed", "allowed_hosts")
+    refused(f"https://127.0.0.1:{port}/a.png", "https to a plain-HTTP server", "https://127.0.0.1")
+    refused("ftp://127.0.0.1/a.png", "another scheme", "or an http(s) URL")
+    text, _ = ask(f"{base}/a.png", question, False)
+    check(text == ref["a"]["text"], "after the failed fetches: served as before")
+    server.shutdown()
+    print("epd urls: all passed")
 
 
 if __name__ == "__main__":
