@@ -15,6 +15,11 @@
 //! does not know, or a dead one, falls back to its own routing (counted on /metrics as
 //! `turbine_routing_hints_total{outcome}`), never an error; a malformed hint is a 400.
 //!
+//! With the tiny Idefics3 fixture (tests/fixtures/tiny-idefics3), a second cluster checks
+//! image prompts: the picker salts its block hashes with each image's content hash as the
+//! workers do, so the same question about two pictures, each first served (by hint) on its
+//! own worker, is sent by the picker to the worker that holds that picture's blocks.
+//!
 //! Needs the default model (`scripts/setup-test-deps.sh`, run by `scripts/test.sh`).
 
 mod common;
@@ -502,6 +507,11 @@ fn the_picker_sends_each_prompt_family_to_the_worker_that_caches_it() {
 
 /// POST /v1/completions with extra headers; returns (status, body).
 fn post_with_headers(port: u16, body: &str, headers: &[(&str, &str)]) -> (u16, String) {
+    post_to(port, "/v1/completions", body, headers)
+}
+
+/// POST `path` with extra headers; returns (status, body).
+fn post_to(port: u16, path: &str, body: &str, headers: &[(&str, &str)]) -> (u16, String) {
     use std::io::Write;
     let mut s = std::net::TcpStream::connect(("127.0.0.1", port)).expect("connect");
     s.set_read_timeout(Some(Duration::from_secs(120))).unwrap();
@@ -511,7 +521,7 @@ fn post_with_headers(port: u16, body: &str, headers: &[(&str, &str)]) -> (u16, S
         .collect();
     write!(
         s,
-        "POST /v1/completions HTTP/1.1\r\nHost: localhost\r\nContent-Type: application/json\r\n\
+        "POST {path} HTTP/1.1\r\nHost: localhost\r\nContent-Type: application/json\r\n\
          {extra}Content-Length: {}\r\nConnection: close\r\n\r\n{body}",
         body.len()
     )
@@ -528,4 +538,165 @@ fn post_with_headers(port: u16, body: &str, headers: &[(&str, &str)]) -> (u16, S
         .map(|x| x.1.to_string())
         .unwrap_or_default();
     (status, body)
+}
+
+const FIXTURE: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/fixtures/tiny-idefics3");
+
+/// A chat request about the fixture's image `name` (a or b), with one question for both.
+fn image_chat(name: &str) -> String {
+    use base64::Engine as _;
+    let png = std::fs::read(format!("{FIXTURE}/images/{name}.png")).expect("a fixture image");
+    let uri = format!(
+        "data:image/png;base64,{}",
+        base64::engine::general_purpose::STANDARD.encode(png)
+    );
+    serde_json::json!({
+        "messages": [{"role": "user", "content": [
+            {"type": "image_url", "image_url": {"url": uri}},
+            {"type": "text", "text": "What is in this picture? Tell me in a few words."},
+        ]}],
+        "max_tokens": 2, "temperature": 0,
+    })
+    .to_string()
+}
+
+#[test]
+fn the_picker_salts_image_prompts_as_the_workers_do() {
+    let (port, plane, grpc) = (free_port(), free_port(), free_port());
+    let file = cluster_file(
+        "epp-images",
+        &format!(
+            "model: {{path: \"{FIXTURE}\"}}\n\
+             http: {{port: {port}}}\n\
+             router: {{policy: kv, overlap_weight: 1.0, temperature: 0.0}}\n\
+             workers:\n  - {{role: aggregated, replicas: 2, kv_blocks: 64, block_size: 16, \
+             threads: 1, remote: true}}\n\
+             transport: {{bind: \"127.0.0.1:{plane}\"}}\n\
+             discovery: {{backend: embedded, registry: \"127.0.0.1:{plane}\", lease_ms: 2000}}\n"
+        ),
+    );
+    let f = file.to_str().unwrap();
+    let _frontend = spawn_turbine(&["up", "-f", f, "--no-fetch"], "turbine serving");
+    let listen = format!("127.0.0.1:{grpc}");
+    let _epp = spawn_turbine(
+        &[
+            "epp",
+            "-f",
+            f,
+            "--bind",
+            "127.0.0.1:0",
+            "--listen",
+            &listen,
+            "--no-fetch",
+        ],
+        "turbine epp serving",
+    );
+    let workers: Vec<_> = ENDPOINTS
+        .iter()
+        .map(|ep| {
+            spawn_turbine(
+                &[
+                    "worker",
+                    "-f",
+                    f,
+                    "--bind",
+                    "127.0.0.1:0",
+                    "--no-fetch",
+                    "--gateway-endpoint",
+                    ep,
+                ],
+                "registered with",
+            )
+        })
+        .collect();
+    // "turbine worker w12 serving on ...": the hint header carries 12.
+    let ids: Vec<String> = workers
+        .iter()
+        .map(|w| {
+            let rest = w
+                .ready_line
+                .split("turbine worker ")
+                .nth(1)
+                .expect("a worker line");
+            let id = rest.split_whitespace().next().expect("an id");
+            id.trim_start_matches('w').to_string()
+        })
+        .collect();
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    let deadline = Instant::now() + Duration::from_secs(60);
+    for ep in ENDPOINTS {
+        loop {
+            let a = rt.block_on(play(
+                &listen,
+                "/v1/completions",
+                &completion_body("Hi.", 1, false),
+                Some(&[ep]),
+            ));
+            if let Answer::Routed { .. } = a {
+                break;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "{ep} never joined the picker: {a:?}"
+            );
+            std::thread::sleep(Duration::from_millis(200));
+        }
+    }
+    // Image a on the first worker, image b on the second: each prompt's blocks, salted by
+    // its picture, are cached on one worker only. (A hint names a worker the frontend may
+    // not know yet: retried until followed.)
+    let followed =
+        |n: f64| common::gauge(port, "turbine_routing_hints_total{outcome=\"followed\"}") >= n;
+    for (i, (name, id)) in [("a", &ids[0]), ("b", &ids[1])].into_iter().enumerate() {
+        loop {
+            let (status, body) = post_to(
+                port,
+                "/v1/chat/completions",
+                &image_chat(name),
+                &[("x-turbine-worker", id), ("x-turbine-mode", "aggregated")],
+            );
+            assert_eq!(status, 200, "{body}");
+            if followed(i as f64 + 1.0) {
+                break;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "the hint to {id} was never followed"
+            );
+            std::thread::sleep(Duration::from_millis(200));
+        }
+    }
+    // The same text about each picture: the picker names the worker holding that picture
+    // (its KV events may take a moment to reach the picker's index).
+    for (name, id) in [("a", &ids[0]), ("b", &ids[1]), ("a", &ids[0])] {
+        let body = image_chat(name);
+        let settled = Instant::now() + Duration::from_secs(60);
+        let worker = loop {
+            let (worker, _) =
+                destination(&rt.block_on(play(&listen, "/v1/chat/completions", &body, None)));
+            if &worker == id || Instant::now() > settled {
+                break worker;
+            }
+            std::thread::sleep(Duration::from_millis(100));
+        };
+        assert_eq!(
+            &worker, id,
+            "image {name}: the picker follows the picture's blocks"
+        );
+    }
+    // An image by URL is not fetched by the picker: placed by load, never an error.
+    let remote = serde_json::json!({
+        "messages": [{"role": "user", "content": [
+            {"type": "image_url", "image_url": {"url": "http://127.0.0.1:9/a.png"}},
+            {"type": "text", "text": "What is in this picture?"},
+        ]}],
+    })
+    .to_string();
+    assert!(matches!(
+        rt.block_on(play(&listen, "/v1/chat/completions", &remote, None)),
+        Answer::Routed { .. }
+    ));
+    if let Some(dir) = file.parent() {
+        let _ = std::fs::remove_dir_all(dir);
+    }
 }

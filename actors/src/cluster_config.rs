@@ -592,4 +592,26 @@ mod tests {
         assert!(c.workers.iter().all(|w| w.device == "cpu" && !w.remote));
         assert!(crate::node::is_disaggregated(&c));
     }
+
+    #[test]
+    fn shipped_epd_example_parses_with_an_encoder_a_prefill_and_a_decode_worker() {
+        let text = include_str!("../../examples/epd.yaml");
+        let c: ClusterConfig = serde_yaml::from_str(text).unwrap();
+        let roles: Vec<(WorkerRole, usize)> =
+            c.workers.iter().map(|w| (w.role, w.replicas)).collect();
+        assert_eq!(
+            roles,
+            vec![
+                (WorkerRole::Encoder, 1),
+                (WorkerRole::Prefill, 1),
+                (WorkerRole::Decode, 1)
+            ]
+        );
+        assert!(crate::node::has_encoders(&c) && crate::node::is_disaggregated(&c));
+        // Image URLs are fetched by default, within the limits.
+        let images = &c.http.images;
+        assert!(
+            images.remote_urls && images.fetch_timeout_ms > 0 && images.allowed_hosts.is_empty()
+        );
+    }
 }

@@ -10,6 +10,7 @@ pub mod encoder;
 pub mod engine_profile;
 pub mod epp;
 pub mod executor;
+pub mod fault;
 pub mod frontend;
 pub mod ids;
 pub mod kubernetes;

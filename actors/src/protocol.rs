@@ -304,7 +304,15 @@ impl ChatMessage {
     pub fn images(&self) -> impl Iterator<Item = &ChatImage> {
         self.parts.iter().filter_map(|p| match p {
             MessagePart::Image(image) => Some(image),
-            MessagePart::Text(_) => None,
+            MessagePart::Text(_) | MessagePart::Remote(_) => None,
+        })
+    }
+
+    /// The images of this message still to be fetched, in order.
+    pub fn remote_images(&self) -> impl Iterator<Item = &RemoteImage> {
+        self.parts.iter().filter_map(|p| match p {
+            MessagePart::Remote(r) => Some(r),
+            _ => None,
         })
     }
 }
@@ -314,6 +322,17 @@ impl ChatMessage {
 pub enum MessagePart {
     Text(String),
     Image(ChatImage),
+    /// An http(s) image not fetched yet: validation leaves it so (it does no I/O), and the
+    /// frontend fetches it (`frontend::fetch`) into an `Image` before the prompt is made.
+    Remote(RemoteImage),
+}
+
+/// An image the client named by an http(s) URL.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct RemoteImage {
+    pub url: String,
+    /// The request field that named it (`messages[0].content[1].image_url.url`), for errors.
+    pub param: String,
 }
 
 /// A decoded image from a request, with the hash of its pixels.

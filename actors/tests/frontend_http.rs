@@ -965,8 +965,8 @@ async fn bad_requests_get_openai_errors_and_the_server_keeps_serving() {
             Some("messages[0].content[1].image_url.url"),
         ),
         bad(
-            "remote image url",
-            image_body(&["https://example.invalid/cat.png"]),
+            "remote image url that cannot be fetched",
+            image_body(&["http://127.0.0.1:1/cat.png"]),
             400,
             Some("messages[0].content[1].image_url.url"),
         ),

@@ -22,6 +22,7 @@ mod router_replicas;
 mod scheduler_behaviour;
 mod scheduler_disagg;
 mod scheduler_proptest;
+mod worker_images;
 
 /// Each `tests/*.rs` file is declared above (with autotests off, cargo would not build it).
 #[test]

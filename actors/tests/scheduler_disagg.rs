@@ -1,14 +1,20 @@
 //! The scheduler's disaggregation modes: a prefill-only request held after its first token
 //! with its blocks, and a decode-side admission whose prompt KV is imported, decoding on
 //! from the first token; with fallbacks (failed import, no room) and aborts that free all.
+//! A decode-side request with images comes without their embeddings: it needs them only
+//! when it recomputes its prompt, and is parked until they come.
 
 use crate::worker_support as support;
 
 use std::collections::BTreeMap;
+use std::sync::Arc;
 use support::*;
+use turbine_actors::encoder::PromptEmbeds;
 use turbine_actors::ids::RequestId;
 use turbine_actors::kv::events::KvEvent;
 use turbine_actors::kv::hash::hash_blocks;
+use turbine_actors::protocol::{FinishReason, ImageHash, PreprocessedRequest, PromptImage};
+use turbine_actors::worker::scheduler::EmbedsWanted;
 use turbine_actors::worker::{AdmitError, Prefilled, Scheduler};
 
 fn r(id: u64) -> RequestId {
@@ -219,6 +225,193 @@ fn aborting_held_or_importing_requests_frees_their_blocks() {
     assert_eq!(s.block_manager().num_used_blocks(), 0);
 }
 
+/// Placeholder token of the image tests.
+const IMAGE_TOKEN: u32 = 999_999;
+
+/// `prompt(seed, len)` with an image of `tokens` placeholders from position 2 on.
+fn image_request(
+    id: u64,
+    seed: u32,
+    len: usize,
+    tokens: u32,
+    max_tokens: u32,
+) -> PreprocessedRequest {
+    let mut p = prompt(seed, len);
+    for t in &mut p[2..2 + tokens as usize] {
+        *t = IMAGE_TOKEN;
+    }
+    let mut req = request(id, p, max_tokens);
+    req.images = vec![PromptImage {
+        hash: ImageHash(7 + seed as u64),
+        first_token: 2,
+        tokens,
+        encoded: Arc::new(Vec::new()),
+        embeds: None,
+        decoded: None,
+    }];
+    req
+}
+
+fn embeds_of(wanted: &EmbedsWanted) -> Arc<PromptEmbeds> {
+    let rows = wanted
+        .images
+        .iter()
+        .map(|i| vec![0.5; i.tokens as usize])
+        .collect();
+    Arc::new(PromptEmbeds::place(&wanted.prompt, IMAGE_TOKEN, &wanted.images, rows, 1).unwrap())
+}
+
+/// Steps until idle; every step that feeds prompt positions of `id` must have its embeddings.
+fn run_checking_embeds(
+    s: &mut Scheduler,
+    out: &mut BTreeMap<RequestId, Stream>,
+    id: RequestId,
+    prompt_len: usize,
+) {
+    for t in 0..100 {
+        if s.is_idle() {
+            return;
+        }
+        let plan = s.schedule(at(t)).unwrap();
+        for seq in plan.seqs.iter().filter(|q| q.request == id) {
+            assert!(
+                seq.start_pos >= prompt_len || s.prompt_embeds(id).is_some(),
+                "prompt positions {}.. computed without the image's embeddings",
+                seq.start_pos
+            );
+        }
+        let sampled = sample(s, &plan);
+        let outputs = s.on_step_done(&plan, &sampled, at(t)).unwrap();
+        record(out, outputs);
+        s.check_invariants().unwrap();
+    }
+    panic!("did not finish");
+}
+
+#[test]
+fn a_decode_admission_with_images_needs_no_embeddings_when_its_kv_is_imported() {
+    let req = image_request(1, 8, 20, 5, 6);
+    let p = req.token_ids.clone();
+    let first = reference_generation(&p, 1)[0];
+    let mut dec = scheduler(64, 4, 8, 8, 256);
+    dec.add_with_remote_kv(req, first, at(0)).unwrap();
+    assert!(dec.kv_imported(r(1)));
+    let mut out = stream_after_first(r(1), first);
+    run_checking_embeds(&mut dec, &mut out, r(1), p.len());
+    assert!(dec.take_embeds_wanted().is_empty(), "nothing to encode");
+    assert_eq!(out[&r(1)].tokens, reference_generation(&p, 6));
+}
+
+#[test]
+fn a_decode_request_with_images_that_must_recompute_waits_for_its_embeddings() {
+    // A failed import: parked (not runnable) until the embeddings come, then recomputed.
+    let req = image_request(1, 9, 20, 5, 6);
+    let p = req.token_ids.clone();
+    let first = reference_generation(&p, 1)[0];
+    let mut dec = scheduler(64, 4, 8, 8, 256);
+    dec.add_with_remote_kv(req, first, at(0)).unwrap();
+    assert!(dec.kv_import_failed(r(1)));
+    dec.check_invariants().unwrap();
+    assert_eq!((dec.num_parked_for_embeds(), dec.num_waiting()), (1, 0));
+    assert!(
+        dec.schedule(at(0)).unwrap().is_empty(),
+        "nothing runs without them"
+    );
+    let wanted = dec.take_embeds_wanted();
+    assert_eq!(wanted.len(), 1);
+    assert_eq!(
+        (wanted[0].request, wanted[0].prompt.clone()),
+        (r(1), p.clone())
+    );
+    assert!(dec.take_embeds_wanted().is_empty(), "listed once");
+    assert!(dec.embeds_ready(r(1), wanted[0].serial, embeds_of(&wanted[0])));
+    assert!(!dec.embeds_ready(r(1), wanted[0].serial, embeds_of(&wanted[0])));
+    let mut out = stream_after_first(r(1), first);
+    run_checking_embeds(&mut dec, &mut out, r(1), p.len());
+    assert_eq!(out[&r(1)].tokens, reference_generation(&p, 6));
+
+    // An admission refused at once (a local recompute from the first token): the same.
+    let req = image_request(2, 10, 20, 5, 4);
+    let p = req.token_ids.clone();
+    let first = reference_generation(&p, 1)[0];
+    dec.add_with_first_token(req, first, at(0)).unwrap();
+    let wanted = dec.take_embeds_wanted();
+    assert_eq!(wanted.len(), 1);
+    assert!(dec.embeds_ready(r(2), wanted[0].serial, embeds_of(&wanted[0])));
+    let mut out = stream_after_first(r(2), first);
+    run_checking_embeds(&mut dec, &mut out, r(2), p.len());
+    assert_eq!(out[&r(2)].tokens, reference_generation(&p, 4));
+
+    // Embeddings that cannot be made end the request with an error; an abort while parked
+    // frees everything and the late embeddings are dropped.
+    let req = image_request(3, 11, 20, 5, 4);
+    let first = reference_generation(&req.token_ids, 1)[0];
+    dec.add_with_first_token(req, first, at(0)).unwrap();
+    let wanted = dec.take_embeds_wanted().remove(0);
+    let failed = dec
+        .embeds_failed(r(3), wanted.serial, "no vision tower")
+        .unwrap();
+    assert!(
+        matches!(failed.finish, Some(FinishReason::Error(ref why)) if why.contains("no vision tower"))
+    );
+    assert!(dec.embeds_failed(r(3), wanted.serial, "again").is_none());
+    let req = image_request(4, 12, 20, 5, 4);
+    let first = reference_generation(&req.token_ids, 1)[0];
+    dec.add_with_first_token(req, first, at(0)).unwrap();
+    let wanted = dec.take_embeds_wanted().remove(0);
+    assert!(dec.abort(r(4)));
+    assert!(!dec.embeds_ready(r(4), wanted.serial, embeds_of(&wanted)));
+    dec.check_invariants().unwrap();
+    assert!(dec.is_idle());
+    assert_eq!(dec.block_manager().num_used_blocks(), 0);
+}
+
+#[test]
+fn a_preempted_decode_request_with_images_is_parked_until_its_embeddings_come() {
+    // 6 blocks of 4: two imported 12-token prompts (3 blocks each) fill the pool; the first
+    // decode step needs a fourth block for one of them, so the newest is preempted.
+    let mut dec = scheduler(6, 4, 8, 8, 256);
+    let mut out = BTreeMap::new();
+    let mut prompts = Vec::new();
+    for id in 1..=2 {
+        let req = image_request(id, 20 + id as u32, 12, 4, 6);
+        let first = reference_generation(&req.token_ids, 1)[0];
+        prompts.push(req.token_ids.clone());
+        dec.add_with_remote_kv(req, first, at(0)).unwrap();
+        assert!(dec.kv_imported(r(id)));
+        out.extend(stream_after_first(r(id), first));
+    }
+    let mut served = false;
+    for t in 0..200 {
+        if dec.is_idle() {
+            break;
+        }
+        for wanted in dec.take_embeds_wanted() {
+            assert!(dec.embeds_ready(wanted.request, wanted.serial, embeds_of(&wanted)));
+            served = true;
+        }
+        let plan = dec.schedule(at(t)).unwrap();
+        for seq in &plan.seqs {
+            assert!(
+                seq.start_pos >= 12 || dec.prompt_embeds(seq.request).is_some(),
+                "a recompute without embeddings"
+            );
+        }
+        let sampled = sample(&dec, &plan);
+        let outputs = dec.on_step_done(&plan, &sampled, at(t)).unwrap();
+        record(&mut out, outputs);
+        dec.check_invariants().unwrap();
+    }
+    assert!(dec.is_idle());
+    assert!(
+        dec.num_preemptions() > 0 && served,
+        "the test preempts and re-encodes"
+    );
+    for (i, p) in prompts.iter().enumerate() {
+        assert_eq!(out[&r(i as u64 + 1)].tokens, reference_generation(p, 6));
+    }
+}
+
 mod random {
     use super::*;
     use proptest::prelude::*;
@@ -245,6 +438,8 @@ mod random {
         Release,
         /// Abort the request with this index among those added.
         Abort(usize),
+        /// Answer the parked requests' embeddings (made, or failed).
+        Embeds(bool),
     }
 
     fn op() -> impl Strategy<Value = Op> {
@@ -257,7 +452,23 @@ mod random {
             any::<bool>().prop_map(Op::ImportDone),
             Just(Op::Release),
             (0usize..16).prop_map(Op::Abort),
+            any::<bool>().prop_map(Op::Embeds),
         ]
+    }
+
+    fn answer_embeds(
+        s: &mut Scheduler,
+        streams: &mut BTreeMap<RequestId, Stream>,
+        wanted: Vec<EmbedsWanted>,
+        ok: bool,
+    ) {
+        for w in wanted {
+            if ok {
+                s.embeds_ready(w.request, w.serial, embeds_of(&w));
+            } else if let Some(out) = s.embeds_failed(w.request, w.serial, "failed") {
+                record(streams, vec![(w.request, out)]);
+            }
+        }
     }
 
     proptest! {
@@ -282,7 +493,12 @@ mod random {
                         }
                     }
                     Op::RemoteKv { len, max_tokens } => {
-                        let req = request(i as u64, prompt(i as u32, len), max_tokens);
+                        // From 8 tokens on, an image: recomputes park it for embeddings.
+                        let req = if len >= 8 {
+                            image_request(i as u64, i as u32, len, 4, max_tokens)
+                        } else {
+                            request(i as u64, prompt(i as u32, len), max_tokens)
+                        };
                         let first = reference_generation(&req.token_ids, 1)[0];
                         if s.add_with_remote_kv(req, first, at(0)).is_ok() {
                             added.push(id);
@@ -317,6 +533,10 @@ mod random {
                             held.retain(|r| *r != id);
                         }
                     }
+                    Op::Embeds(ok) => {
+                        let wanted = s.take_embeds_wanted();
+                        answer_embeds(&mut s, &mut streams, wanted, ok);
+                    }
                 }
                 s.check_invariants().map_err(|e| TestCaseError::fail(e.to_string()))?;
             }
@@ -327,6 +547,8 @@ mod random {
                 for id in held.drain(..) {
                     s.release_held(id);
                 }
+                let wanted = s.take_embeds_wanted();
+                answer_embeds(&mut s, &mut streams, wanted, true);
                 if s.is_idle() {
                     break;
                 }

@@ -10,6 +10,7 @@ use crate::protocol::PromptImage;
 use prometheus_client::encoding::EncodeLabelSet;
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::Gauge;
 use std::collections::BTreeMap;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, RwLock};
@@ -25,6 +26,8 @@ pub struct OutcomeLabel {
 #[derive(Clone, Default, Debug)]
 pub struct EncoderMetrics {
     images: Family<OutcomeLabel, Counter>,
+    failed_calls: Counter,
+    known: Gauge,
 }
 
 impl EncoderMetrics {
@@ -36,7 +39,24 @@ impl EncoderMetrics {
              encoder's embedding cache), local (no encoder answered: the worker encoded)",
             m.images.clone(),
         );
+        metrics.register(
+            "turbine_encoder_failed_calls",
+            "Calls to an encoder that failed (unreachable, lost mid-request, timed out or out \
+             of protocol); the images went to the next encoder, or to the worker",
+            m.failed_calls.clone(),
+        );
+        metrics.register(
+            "turbine_encoders",
+            "Encoders this frontend sends images to now (in process, or joined through \
+             discovery)",
+            m.known.clone(),
+        );
         m
+    }
+
+    /// Failed encoder calls so far.
+    pub fn failed_calls(&self) -> u64 {
+        self.failed_calls.get()
     }
 
     fn count(&self, outcome: &str, n: usize) {
@@ -83,18 +103,16 @@ impl EncoderPool {
             addr,
             in_flight: AtomicUsize::new(0),
         });
-        self.members
-            .write()
-            .unwrap_or_else(|e| e.into_inner())
-            .insert(name, member);
+        let mut members = self.members.write().unwrap_or_else(|e| e.into_inner());
+        members.insert(name, member);
+        self.metrics.known.set(members.len() as i64);
     }
 
     /// An encoder left.
     pub fn remove(&self, name: &str) {
-        self.members
-            .write()
-            .unwrap_or_else(|e| e.into_inner())
-            .remove(name);
+        let mut members = self.members.write().unwrap_or_else(|e| e.into_inner());
+        members.remove(name);
+        self.metrics.known.set(members.len() as i64);
     }
 
     /// Encoders known now.
@@ -153,8 +171,14 @@ impl EncoderPool {
                     }
                     return;
                 }
-                Ok(_) => tracing::warn!("an encoder answered out of protocol; trying the next"),
-                Err(e) => tracing::warn!("encoder unreachable ({e}); trying the next"),
+                Ok(_) => {
+                    self.metrics.failed_calls.inc();
+                    tracing::warn!("an encoder answered out of protocol; trying the next")
+                }
+                Err(e) => {
+                    self.metrics.failed_calls.inc();
+                    tracing::warn!("encoder call failed ({e}); trying the next")
+                }
             }
         }
         self.metrics.count("local", images.len());

@@ -1,9 +1,7 @@
-//! Encoding a request's images where the request is (a worker without an encoder group):
-//! decode each image (unless the frontend in this process already did), run the vision
-//! tower on it, and place the rows over the prompt's placeholders.
+//! Encoding one image where it is (an encoder, or a worker without an encoder group):
+//! decode it (unless the frontend in this process already did) and run the vision tower on
+//! it (`worker::images` places the rows over the prompt's placeholders).
 
-use super::PromptEmbeds;
-use crate::protocol::PreprocessedRequest;
 use std::sync::Arc;
 use turbine_kernels::loader::VisionModel;
 use turbine_kernels::vision::{decode, DecodeLimits};
@@ -50,35 +48,4 @@ pub fn encode_image(
         )));
     }
     Ok(out.embeds)
-}
-
-/// The embeddings of every image of `req`, placed over its prompt (blocking: CPU work;
-/// callers run it on a blocking thread).
-pub fn encode_request(
-    vision: &VisionModel,
-    req: &PreprocessedRequest,
-) -> Result<PromptEmbeds, EncodeError> {
-    let per_image = req
-        .images
-        .iter()
-        .enumerate()
-        .map(|(i, img)| encode_image(vision, i, img))
-        .collect::<Result<Vec<_>, _>>()?;
-    place(vision, req, per_image)
-}
-
-/// Places already computed per-image rows (local, cached or pulled from an encoder).
-pub fn place(
-    vision: &VisionModel,
-    req: &PreprocessedRequest,
-    per_image: Vec<Vec<f32>>,
-) -> Result<PromptEmbeds, EncodeError> {
-    PromptEmbeds::place(
-        &req.token_ids,
-        vision.image_token_id,
-        &req.images,
-        per_image,
-        vision.tower.config().text_hidden,
-    )
-    .map_err(EncodeError::Layout)
 }

@@ -2,8 +2,8 @@
 //! embeddings are laid over the prompt's placeholder tokens for the forward pass.
 //!
 //! `embeds.rs` is the pure layout ([`PromptEmbeds`]: which prompt positions take which
-//! embedding rows, cut per step); `local.rs` encodes a request's images with the model's
-//! vision tower on a blocking thread (a worker with no encoder group does this itself).
+//! embedding rows, cut per step); `local.rs` encodes one image with the model's vision tower
+//! (an encoder, or a worker with no encoder group: see `worker::images`).
 
 pub mod cache;
 pub mod client;
@@ -12,7 +12,7 @@ pub mod local;
 pub mod service;
 
 pub use embeds::{PromptEmbeds, StepSplice};
-pub use local::{encode_request, EncodeError};
+pub use local::EncodeError;
 
 use crate::protocol::EmbedsRef;
 use turbine_runtime::transfer::TransferPlane;

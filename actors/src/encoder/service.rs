@@ -63,6 +63,8 @@ pub struct Encoder {
     plane: TransferPlane,
     cache: Mutex<EmbeddingCache>,
     encoded: std::sync::atomic::AtomicU64,
+    /// The test-only stall hook (`crate::fault`), read once at start.
+    stall: Option<Arc<crate::fault::StallHook>>,
 }
 
 impl Encoder {
@@ -73,6 +75,7 @@ impl Encoder {
             plane,
             cache: Mutex::new(EmbeddingCache::new(cache_bytes)),
             encoded: Default::default(),
+            stall: crate::fault::StallHook::from_env().map(Arc::new),
         })
     }
 
@@ -105,6 +108,9 @@ impl Encoder {
                 let me = self.clone();
                 let hash = image.hash;
                 let rows = tokio::task::spawn_blocking(move || {
+                    if let Some(hook) = &me.stall {
+                        hook.hold();
+                    }
                     encode_image(&me.vision, index, &image).map(Arc::new)
                 })
                 .await

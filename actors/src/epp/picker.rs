@@ -1,17 +1,21 @@
 //! The endpoint picker's decision: the OpenAI request parsed as the frontend parses it
-//! (`frontend::validate`), tokenized with the served model's template and tokenizer
-//! (`preprocessor::codec`), hashed into KV blocks, and scored by the same router core the
+//! (`frontend::validate`), its prompt made as the frontend makes it (`pipeline::prompt_of`:
+//! template, tools, images), hashed into KV blocks salted by its images' content as the
+//! workers hash them, and scored by the same router core the
 //! frontend asks ([`RouterCore::pick`], fed by the workers' KV events and load reports
 //! through membership). The chosen worker's gateway endpoint is the destination; turbine's
 //! routing hints name the worker, the prefill worker and the mode.
 
 use super::exchange::{Pick, PickInput, Picked};
 use crate::frontend::images::ImageLimits;
+use crate::frontend::pipeline::prompt_of;
 use crate::frontend::validate::{chat_request, completion_request};
 use crate::frontend::ApiError;
+use crate::frontend::Prompt;
 use crate::ids::RequestId;
-use crate::kv::hash_blocks;
+use crate::kv::BlockHash;
 use crate::preprocessor::codec::ModelCodec;
+use crate::protocol::image_salts;
 use crate::router::endpoints::WorkerEndpoints;
 use crate::router::hints::{HintMode, RoutingHints};
 use crate::router::policy::{RouteError, RouteRequest};
@@ -45,11 +49,16 @@ impl Picker {
         }
     }
 
-    /// The prompt's token ids, for the OpenAI endpoints turbine serves; a request without a
-    /// body (or for another path) has none and is placed by load alone.
-    fn tokens(&self, path: &str, body: Option<&[u8]>) -> Result<Vec<u32>, ApiError> {
+    /// The prompt's block hashes and token count, for the OpenAI endpoints turbine serves:
+    /// the frontend's prompt (`pipeline::prompt_of`: template, tools, images) hashed with
+    /// its images' content salting the blocks from each image on, as the dispatcher and the
+    /// workers hash it. A request without a body (or for another path), or with an image
+    /// named by URL (the picker fetches nothing: its content is unknown here), is placed by
+    /// load alone.
+    fn hashes(&self, path: &str, body: Option<&[u8]>) -> Result<(Vec<BlockHash>, usize), ApiError> {
+        let none = Ok((Vec::new(), 0));
         let Some(body) = body else {
-            return Ok(Vec::new());
+            return none;
         };
         let path = path.split('?').next().unwrap_or(path);
         let (req, param) = match path {
@@ -58,21 +67,27 @@ impl Picker {
                 "messages",
             ),
             "/v1/completions" => (completion_request(body, &self.model_id)?, "prompt"),
-            _ => return Ok(Vec::new()),
+            _ => return none,
         };
-        self.codec
-            .prompt_ids(&req.request.prompt)
-            .map_err(|e| ApiError::from_engine(e, param))
+        if let Prompt::Chat(messages) = &req.request.prompt {
+            if messages.iter().any(|m| m.remote_images().next().is_some()) {
+                return none;
+            }
+        }
+        let (tokens, images) =
+            prompt_of(&self.codec, &req.request).map_err(|e| ApiError::from_engine(e, param))?;
+        let hashes = image_salts(&images).hash_blocks(&tokens, self.core.block_size(), 0);
+        Ok((hashes, tokens.len()))
     }
 }
 
 impl Pick for Picker {
     fn pick(&self, input: &PickInput<'_>) -> Result<Picked, ApiError> {
-        let tokens = self.tokens(input.path, input.body)?;
+        let (hashes, token_count) = self.hashes(input.path, input.body)?;
         let request = RouteRequest {
             id: RequestId(self.next_id.fetch_add(1, Ordering::Relaxed)),
-            hashes: hash_blocks(&tokens, self.core.block_size(), 0),
-            token_count: tokens.len(),
+            hashes,
+            token_count,
             avoid: Vec::new(),
             overrides: Default::default(),
         };

@@ -4,7 +4,7 @@
 //! CPU backend samples on the host). `TURBINE_HOST_SAMPLING=1` forces host sampling (to
 //! compare); `TURBINE_STEP_PROFILE=N` prints the thread's per-step timeline every N steps.
 //! `TURBINE_FAULT_STALL_FILE=PATH` is a fault hook for tests: while PATH exists, the thread
-//! holds each step before running it, as a stuck engine would (see `StallHook`).
+//! holds each step before running it, as a stuck engine would (see `crate::fault`).
 //!
 //! Compute never runs on a tokio worker thread: a forward pass takes milliseconds to seconds
 //! and would stall every other task on that thread. The async side talks to the thread over
@@ -350,7 +350,7 @@ impl Executor {
 
 fn run_thread(mut backend: Box<dyn Backend>, jobs: std_mpsc::Receiver<Work>) {
     let mut profile = StepProfile::from_env();
-    let stall = StallHook::from_env();
+    let stall = crate::fault::StallHook::from_env();
     let host_sampling = std::env::var_os("TURBINE_HOST_SAMPLING").is_some_and(|v| v == "1");
     let mut idle_since = Instant::now();
     while let Ok(work) = jobs.recv() {
@@ -372,38 +372,6 @@ fn run_thread(mut backend: Box<dyn Backend>, jobs: std_mpsc::Receiver<Work>) {
         // The caller may have gone away (worker shutting down): nothing to do then.
         let _ = job.reply.send(result);
         idle_since = Instant::now();
-    }
-}
-
-/// A fault hook for tests (`TURBINE_FAULT_STALL_FILE=PATH`; off unless set): while the file
-/// exists, each step waits before it runs. Everything else in the process goes on (the
-/// worker actor takes requests and cancellations, the load reporter and the lease heartbeat
-/// keep running), so the worker looks exactly like one whose engine is stuck: alive to
-/// discovery, reporting its load, making no progress. tests/migration.rs drives the
-/// frontend's liveness path with it; removing the file lets the engine go on.
-struct StallHook {
-    path: std::path::PathBuf,
-}
-
-impl StallHook {
-    fn from_env() -> Option<StallHook> {
-        let path = std::env::var_os("TURBINE_FAULT_STALL_FILE")?;
-        Some(StallHook { path: path.into() })
-    }
-
-    /// Returns once the file is gone (at once when it is not there).
-    fn hold(&self) {
-        let mut held = false;
-        while self.path.exists() {
-            if !held {
-                eprintln!("executor: {} exists: holding steps", self.path.display());
-                held = true;
-            }
-            thread::sleep(Duration::from_millis(20));
-        }
-        if held {
-            eprintln!("executor: {} removed: stepping again", self.path.display());
-        }
     }
 }
 

@@ -120,6 +120,8 @@ struct AppState {
     request_timeout: Option<Duration>,
     readiness: Readiness,
     images: Arc<ImageLimits>,
+    /// Fetches the images chat requests name by http(s) URL.
+    fetcher: Arc<super::fetch::ImageFetcher>,
     stages: Arc<StageChain>,
 }
 
@@ -153,6 +155,7 @@ pub fn router(engine: Arc<dyn ChatEngine>, metrics: Metrics, cfg: HttpConfig) ->
         request_timeout: cfg.request_timeout,
         readiness: cfg.readiness.clone(),
         images: Arc::new(cfg.images.clone()),
+        fetcher: Arc::new(super::fetch::ImageFetcher::new(cfg.images.clone())),
         stages: cfg.stages.clone(),
     };
     Router::new()
@@ -214,6 +217,7 @@ async fn chat_completions(
         let deadline = Deadline::for_request(started.into(), state.request_timeout, &headers)?;
         let body = json_body(&headers, body)?;
         let mut req = validate_chat(&state, body).await?;
+        state.fetcher.fetch_request(&mut req).await?;
         req.request.hints = routing_hints(&headers)?;
         generate(&state, req, Endpoint::Chat, &headers, started, deadline).await
     };

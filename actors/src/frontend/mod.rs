@@ -19,6 +19,7 @@
 pub mod admission;
 pub mod engine;
 pub mod error;
+pub mod fetch;
 pub mod fields;
 pub mod generation;
 pub mod http;

@@ -10,13 +10,31 @@ use crate::frontend::{
     ChatEngine, Delta, DeltaStream, EngineError, GenerateRequest, Prompt, Usage,
 };
 use crate::preprocessor::codec::ModelCodec;
-use crate::protocol::{FinishReason, StopConditions, TokenLogprob, TokenOutput};
+use crate::protocol::{FinishReason, PromptImage, StopConditions, TokenLogprob, TokenOutput};
 use crate::router::dispatch::{DispatchRequest, Dispatcher};
 use crate::router::migrating::MigratingStream;
 use async_trait::async_trait;
 use futures::StreamExt;
 use std::sync::Arc;
 use turbine_kernels::tokenizer::IncrementalDecoder;
+
+/// The token ids a request is generated from and the prompt's images (placeholders,
+/// content hashes): chat messages through the template with the request's tools, other
+/// prompts as they are. The one place this is decided, so what the endpoint picker hashes
+/// (`epp::picker`) is what the frontend routes and the worker caches.
+pub fn prompt_of(
+    codec: &ModelCodec,
+    req: &GenerateRequest,
+) -> Result<(Vec<u32>, Vec<PromptImage>), EngineError> {
+    match (&req.prompt, &req.tools) {
+        // `tool_choice: "none"` leaves the tools out of the prompt too (vLLM does the same).
+        (Prompt::Chat(messages), Some(tools)) if tools.parses() => {
+            codec.chat_prompt(messages, &tools.template_tools())
+        }
+        (Prompt::Chat(messages), _) => codec.chat_prompt(messages, &[]),
+        (prompt, _) => Ok((codec.prompt_ids(prompt)?, Vec::new())),
+    }
+}
 
 /// Everything a request needs on its way through the graph, shared by all requests.
 pub struct Pipeline {
@@ -87,14 +105,7 @@ impl ChatEngine for Pipeline {
     }
 
     async fn generate(&self, req: GenerateRequest) -> Result<DeltaStream, EngineError> {
-        let (token_ids, mut images) = match (&req.prompt, &req.tools) {
-            // `tool_choice: "none"` leaves the tools out of the prompt too (vLLM does the same).
-            (Prompt::Chat(messages), Some(tools)) if tools.parses() => {
-                self.codec.chat_prompt(messages, &tools.template_tools())?
-            }
-            (Prompt::Chat(messages), _) => self.codec.chat_prompt(messages, &[])?,
-            (prompt, _) => (self.codec.prompt_ids(prompt)?, Vec::new()),
-        };
+        let (token_ids, mut images) = prompt_of(&self.codec, &req)?;
         let biased: Vec<u32> = req.sampling.logit_bias.iter().map(|&(id, _)| id).collect();
         self.codec.check_ids("logit_bias", &biased)?;
         self.codec

@@ -12,7 +12,7 @@
 use super::engine::{ChatMessage, GenerateRequest, Prompt};
 use super::error::ApiError;
 use super::fields::{self, describe, type_error, On};
-use super::images::{image_from_url, ImageLimits};
+use super::images::{image_from_url, ImageLimits, ImageSource};
 use super::openai::{
     ChatCompletionRequest, CommonFields, CompletionRequest, DetokenizeRequest, PromptField,
     StopField, TokenizeRequest,
@@ -816,9 +816,7 @@ fn content_parts(
                     "a text part needs `text` (a string)",
                 ))
             }
-            (Some("image_url"), _) => {
-                out.push(MessagePart::Image(image_part(&param, part, budget)?))
-            }
+            (Some("image_url"), _) => out.push(image_part(&param, part, budget)?),
             (Some(other), _) => {
                 return Err(ApiError::field(
                     &param,
@@ -842,21 +840,22 @@ fn content_parts(
         .iter()
         .filter_map(|p| match p {
             MessagePart::Text(t) => Some(t.as_str()),
-            MessagePart::Image(_) => None,
+            MessagePart::Image(_) | MessagePart::Remote(_) => None,
         })
         .collect::<Vec<_>>()
         .join("\n");
-    let has_image = out.iter().any(|p| matches!(p, MessagePart::Image(_)));
+    let has_image = out.iter().any(|p| !matches!(p, MessagePart::Text(_)));
     Ok((text, if has_image { out } else { Vec::new() }))
 }
 
-/// One `{"type": "image_url", "image_url": {"url": ..., "detail": ...}}` part, decoded and
-/// checked against the request's image budget.
+/// One `{"type": "image_url", "image_url": {"url": ..., "detail": ...}}` part, checked
+/// against the request's image budget: decoded (a data: URI), or left to fetch (an http(s)
+/// URL, see `frontend::fetch`).
 fn image_part(
     param: &str,
     part: &Value,
     budget: &mut ImageBudget<'_>,
-) -> Result<crate::protocol::ChatImage, ApiError> {
+) -> Result<MessagePart, ApiError> {
     let Some(image_url) = part.get("image_url").and_then(Value::as_object) else {
         return Err(ApiError::field(
             param,
@@ -866,7 +865,7 @@ fn image_part(
     let Some(url) = image_url.get("url").and_then(Value::as_str) else {
         return Err(ApiError::field(
             &format!("{param}.image_url.url"),
-            "`url` must be a string (a data: URI)",
+            "`url` must be a string (a data: URI or an http(s) URL)",
         ));
     };
     match image_url.get("detail") {
@@ -896,8 +895,15 @@ fn image_part(
             ),
         ));
     }
-    image_from_url(url, budget.limits)
-        .map_err(|why| ApiError::field(&format!("{param}.image_url.url"), why))
+    let param = format!("{param}.image_url.url");
+    match image_from_url(url, budget.limits) {
+        Ok(ImageSource::Inline(image)) => Ok(MessagePart::Image(image)),
+        Ok(ImageSource::Remote(url)) => Ok(MessagePart::Remote(crate::protocol::RemoteImage {
+            url,
+            param,
+        })),
+        Err(why) => Err(ApiError::field(&param, why)),
+    }
 }
 
 fn top_logprobs(param: &str, k: u64) -> Result<u32, ApiError> {

@@ -126,6 +126,15 @@ impl ModelCodec {
         messages: &[crate::protocol::ChatMessage],
         tools: &[serde_json::Value],
     ) -> Result<(Vec<u32>, Vec<PromptImage>), EngineError> {
+        if let Some(r) = messages.iter().flat_map(|m| m.remote_images()).next() {
+            // The frontend fetches them for chat completions before this; elsewhere
+            // (/tokenize) nothing is fetched.
+            return Err(EngineError::InvalidRequest(format!(
+                "the image at {} is a URL: image URLs are fetched for /v1/chat/completions \
+                 only; send it as a data: URI here",
+                r.param
+            )));
+        }
         let images: Vec<&crate::protocol::ChatImage> =
             messages.iter().flat_map(|m| m.images()).collect();
         let vision = match (&self.vision, images.is_empty()) {

@@ -92,7 +92,7 @@ fn template_parts(m: &ChatMessage) -> Option<Vec<ContentPart>> {
             .iter()
             .map(|p| match p {
                 MessagePart::Text(text) => ContentPart::Text { text: text.clone() },
-                MessagePart::Image(_) => ContentPart::Image,
+                MessagePart::Image(_) | MessagePart::Remote(_) => ContentPart::Image,
             })
             .collect()
     })

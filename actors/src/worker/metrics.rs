@@ -24,6 +24,7 @@ pub struct WorkerMetrics {
     requests_waiting: Family<WorkerLabel, Gauge>,
     requests_running: Family<WorkerLabel, Gauge>,
     preemptions: Family<WorkerLabel, Gauge>,
+    images_encoded: Family<WorkerLabel, Gauge>,
     prefix_cache_hit_rate: Family<WorkerLabel, Gauge<f64, AtomicU64>>,
     kv_usage: Family<WorkerLabel, Gauge<f64, AtomicU64>>,
 }
@@ -63,6 +64,13 @@ impl WorkerMetrics {
             m.preemptions.clone(),
         );
         metrics.register(
+            "turbine_worker_images_encoded",
+            "Images a worker ran through its own vision tower since start (where no encoder \
+             made their embeddings, or they could not be pulled; a decode worker whose KV \
+             was imported encodes none)",
+            m.images_encoded.clone(),
+        );
+        metrics.register(
             "turbine_kv_usage_ratio",
             "KV blocks held by requests over all KV blocks (0..1)",
             m.kv_usage.clone(),
@@ -94,6 +102,9 @@ impl WorkerMetrics {
         self.preemptions
             .get_or_create(&l)
             .set(i64::try_from(s.num_preemptions).unwrap_or(i64::MAX));
+        self.images_encoded
+            .get_or_create(&l)
+            .set(i64::try_from(s.images_encoded).unwrap_or(i64::MAX));
         self.prefix_cache_hit_rate
             .get_or_create(&l)
             .set(s.kv.prefix_hit_rate());
@@ -147,6 +158,7 @@ impl WorkerMetrics {
         self.requests_waiting.remove(&l);
         self.requests_running.remove(&l);
         self.preemptions.remove(&l);
+        self.images_encoded.remove(&l);
         self.prefix_cache_hit_rate.remove(&l);
         self.kv_usage.remove(&l);
     }

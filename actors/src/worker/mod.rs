@@ -43,6 +43,7 @@ pub mod block_manager;
 pub mod config;
 pub mod constrained;
 pub mod events;
+pub mod images;
 pub mod metrics;
 pub mod plan;
 pub mod remote;

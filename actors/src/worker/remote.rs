@@ -119,8 +119,9 @@ impl WorkerHandle {
         first_token: TokenId,
         kv: Option<KvExport>,
     ) -> Result<(TokenStream, oneshot::Receiver<ImportOutcome>), WorkerError> {
-        // Also when the KV arrives: a preempted request recomputes its prompt here.
-        let req = self.with_embeds(req).await?;
+        // No embeddings: the prompt's KV comes from the prefill worker. Should the prompt be
+        // recomputed here after all (no KV, a failed import, a preemption), the scheduler
+        // parks the request and the loop makes them then (`scheduler/embeds.rs`).
         let id = req.id;
         let (out, rx) = mpsc::unbounded_channel();
         let (outcome, outcome_rx) = oneshot::channel();

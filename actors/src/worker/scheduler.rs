@@ -29,7 +29,9 @@ use serde::{Deserialize, Serialize};
 use std::collections::{BTreeMap, BTreeSet, HashMap, VecDeque};
 use std::time::Duration;
 
+mod embeds;
 mod remote_kv;
+pub use embeds::EmbedsWanted;
 pub use remote_kv::{Prefilled, RemoteKvAdmission};
 
 /// Why a request was refused at [`Scheduler::add_request`]. Refused requests hold nothing.
@@ -106,6 +108,10 @@ pub struct SchedulerStats {
     /// router leaves it out of selection.
     #[serde(default)]
     pub draining: bool,
+    /// Images the worker ran through its own vision tower (the loop fills it in): none
+    /// where encoders made them, and none on a decode worker whose KV was imported.
+    #[serde(default)]
+    pub images_encoded: u64,
 }
 
 impl SchedulerStats {
@@ -177,6 +183,11 @@ pub struct Scheduler {
     importing: BTreeSet<RequestId>,
     /// Prefill-only requests that finished their prompt since the last drain.
     prefilled: Vec<Prefilled>,
+    /// Requests that would wait but lack their image embeddings (see `scheduler/embeds.rs`),
+    /// with whether they go to the front of the queue once they have them.
+    parked_for_embeds: BTreeMap<RequestId, bool>,
+    /// Parked requests not yet listed by `take_embeds_wanted`.
+    embeds_wanted: Vec<RequestId>,
 }
 
 impl Scheduler {
@@ -198,6 +209,8 @@ impl Scheduler {
             held: BTreeSet::new(),
             importing: BTreeSet::new(),
             prefilled: Vec::new(),
+            parked_for_embeds: BTreeMap::new(),
+            embeds_wanted: Vec::new(),
         })
     }
 
@@ -257,7 +270,7 @@ impl Scheduler {
             id,
             Sequence::new(req, serial, self.blocks.block_size(), now),
         );
-        self.waiting.push_back(id);
+        self.enqueue(id, false);
         Ok(())
     }
 
@@ -267,7 +280,7 @@ impl Scheduler {
         if self.seqs.remove(&id).is_none() {
             return false;
         }
-        self.waiting.retain(|r| *r != id);
+        self.unqueue(id);
         self.running.retain(|r| *r != id);
         self.held.remove(&id);
         self.importing.remove(&id);
@@ -489,7 +502,7 @@ impl Scheduler {
 
     pub fn stats(&self) -> SchedulerStats {
         SchedulerStats {
-            num_waiting: self.waiting.len(),
+            num_waiting: self.waiting.len() + self.parked_for_embeds.len(),
             num_running: self.running.len(),
             num_preemptions: self.num_preemptions,
             num_steps: self.next_step,
@@ -497,11 +510,13 @@ impl Scheduler {
             waiting_blocks: self
                 .waiting
                 .iter()
+                .chain(self.parked_for_embeds.keys())
                 .filter_map(|id| self.seqs.get(id))
                 .map(|seq| self.blocks.block_size().blocks_for(seq.tokens.len()) as u64)
                 .sum(),
             kv_batches: 0,
             draining: false,
+            images_encoded: 0,
         }
     }
 
@@ -512,16 +527,17 @@ impl Scheduler {
         if self.running.len() > self.cfg.max_num_seqs {
             return fail(format!("{} running > max_num_seqs", self.running.len()));
         }
-        let parked = self.held.len() + self.importing.len();
+        let parked = self.held.len() + self.importing.len() + self.parked_for_embeds.len();
         if self.waiting.len() + self.running.len() + parked != self.seqs.len() {
             return fail(format!(
-                "{} waiting + {} running + {parked} held or importing != {} sequences",
+                "{} waiting + {} running + {parked} held, importing or parked != {} sequences",
                 self.waiting.len(),
                 self.running.len(),
                 self.seqs.len()
             ));
         }
         self.check_parked()?;
+        self.check_parked_for_embeds()?;
         let bs = self.blocks.block_size();
         for id in &self.waiting {
             let Some(seq) = self.seqs.get(id) else {
@@ -676,7 +692,7 @@ impl Scheduler {
             seq.num_computed = 0;
             seq.phase = Phase::Waiting;
         }
-        self.waiting.push_front(id);
+        self.enqueue(id, true);
         self.num_preemptions += 1;
     }
 

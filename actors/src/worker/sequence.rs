@@ -34,6 +34,10 @@ pub(crate) struct Sequence {
     /// The embeddings of the prompt's image placeholders, spliced whenever those positions
     /// are computed (first prefill, or a recompute after preemption).
     pub embeds: Option<std::sync::Arc<crate::encoder::PromptEmbeds>>,
+    /// The prompt's images, kept so their embeddings can be made when they are missing: a
+    /// decode worker admits a request whose KV came from a prefill worker without them, and
+    /// needs them only if it recomputes the prompt (see `Scheduler::take_embeds_wanted`).
+    pub images: Vec<crate::protocol::PromptImage>,
     /// Prompt then generated tokens. The last one's KV is not computed yet.
     pub tokens: Vec<TokenId>,
     /// Sequence hashes of every full block of `tokens`, kept up to date as tokens arrive.
@@ -65,6 +69,7 @@ impl Sequence {
         Sequence {
             image_salts,
             embeds: req.embeds,
+            images: req.images,
             serial,
             prompt_len: req.token_ids.len(),
             tokens: req.token_ids,
@@ -81,6 +86,12 @@ impl Sequence {
             prefill_only: false,
             sample_offset: req.generated_before,
         }
+    }
+
+    /// The prompt has images but not their embeddings: its placeholder positions cannot be
+    /// computed until they come.
+    pub fn needs_embeds(&self) -> bool {
+        !self.images.is_empty() && self.embeds.is_none()
     }
 
     /// Known tokens whose KV is still to compute (prompt rest, recompute, or 1 for a decode).

@@ -44,6 +44,12 @@ pub(super) enum Command {
     Inspect(Box<dyn FnOnce(&Scheduler) + Send>),
     /// Disaggregated serving (see [`crate::worker::remote`]).
     Remote(super::remote::RemoteCommand),
+    /// The image embeddings of a request the scheduler parked for them (or why none).
+    Embedded {
+        id: RequestId,
+        serial: u64,
+        result: Result<std::sync::Arc<crate::encoder::PromptEmbeds>, crate::encoder::EncodeError>,
+    },
     /// Take no new requests (each is released at once); let the open ones run.
     Drain,
     /// Release every request (they end with `FinishReason::Migrate`) and every later one.
@@ -88,11 +94,9 @@ impl EngineTime {
 #[derive(Clone)]
 pub struct WorkerHandle {
     id: WorkerId,
-    /// The model's vision tower: a request's images are encoded here, before admission,
-    /// unless their embeddings came with it.
-    vision: Option<std::sync::Arc<turbine_kernels::loader::VisionModel>>,
-    /// Where image embeddings made by encoders are pulled from.
-    plane: Option<turbine_runtime::transfer::TransferPlane>,
+    /// A request's image embeddings, made before admission where its prompt is computed
+    /// here (see [`super::images`]).
+    images: super::images::ImageEmbedder,
     cmds: mpsc::UnboundedSender<Command>,
     stats: watch::Receiver<SchedulerStats>,
     engine_task: AbortHandle,
@@ -133,8 +137,8 @@ impl WorkerHandle {
         let (cmds, rx) = mpsc::unbounded_channel();
         let (stats_tx, stats) = watch::channel(scheduler.stats());
         let constrained = super::constrained::Constrained::new(executor.grammars().cloned());
-        let vision = executor.vision().cloned();
-        let embeds_plane = plane.clone();
+        let images =
+            super::images::ImageEmbedder::new(id, executor.vision().cloned(), plane.clone());
         let engine = EngineLoop {
             id,
             scheduler,
@@ -148,12 +152,13 @@ impl WorkerHandle {
             event_seq: 0,
             releasing: false,
             remote: super::remote::RemoteState::new(plane, cmds.downgrade()),
+            images: images.clone(),
+            loopback: cmds.downgrade(),
         };
         let engine_task = tokio::spawn(engine.run(rx)).abort_handle();
         WorkerHandle {
             id,
-            vision,
-            plane: embeds_plane,
+            images,
             cmds,
             stats,
             engine_task,
@@ -236,51 +241,20 @@ impl WorkerHandle {
         self.stats.clone()
     }
 
-    /// `req` with the embeddings of its images: pulled from the encoder that made them
-    /// (E/P/D), else encoded here on a blocking thread (an image whose pull fails too: the
-    /// request goes on). A request without images is returned as it is.
+    /// `req` with the embeddings of its images (see [`super::images`]); a request without
+    /// images, or with its embeddings already, is returned as it is.
     pub(super) async fn with_embeds(
         &self,
-        req: PreprocessedRequest,
+        mut req: PreprocessedRequest,
     ) -> Result<PreprocessedRequest, WorkerError> {
-        use crate::encoder::EncodeError;
         if req.images.is_empty() || req.embeds.is_some() {
             return Ok(req);
         }
-        let Some(vision) = self.vision.clone() else {
-            return Err(EncodeError::NoVision.into());
-        };
-        let mut pulled: Vec<Option<Vec<f32>>> = Vec::with_capacity(req.images.len());
-        for (i, img) in req.images.iter().enumerate() {
-            let rows = match (&img.embeds, &self.plane) {
-                (Some(r), Some(plane)) => match crate::encoder::pull_embeds(plane, r).await {
-                    Ok(rows) => Some(rows),
-                    Err(e) => {
-                        tracing::warn!(worker = %self.id, "image {i}: pulling its embeddings failed ({e}); encoding it here");
-                        None
-                    }
-                },
-                _ => None,
-            };
-            pulled.push(rows);
-        }
-        let (placed, mut req) = tokio::task::spawn_blocking(move || {
-            let per_image = req
-                .images
-                .iter()
-                .zip(pulled)
-                .enumerate()
-                .map(|(i, (img, rows))| match rows {
-                    Some(rows) => Ok(rows),
-                    None => crate::encoder::local::encode_image(&vision, i, img),
-                })
-                .collect::<Result<Vec<_>, _>>();
-            let placed = per_image.and_then(|p| crate::encoder::local::place(&vision, &req, p));
-            (placed, req)
-        })
-        .await
-        .map_err(|e| EncodeError::Task(e.to_string()))?;
-        req.embeds = Some(std::sync::Arc::new(placed?));
+        let placed = self
+            .images
+            .embeds(req.token_ids.clone(), req.images.clone())
+            .await?;
+        req.embeds = Some(std::sync::Arc::new(placed));
         Ok(req)
     }
 
@@ -366,6 +340,10 @@ pub(super) struct EngineLoop {
     /// Draining: new requests are released at once (see [`WorkerHandle::stop_admissions`]).
     releasing: bool,
     pub(super) remote: super::remote::RemoteState,
+    /// Makes the embeddings of requests the scheduler parks for them.
+    images: super::images::ImageEmbedder,
+    /// Where those tasks report back (weak: the loop still ends when every handle is gone).
+    loopback: mpsc::WeakUnboundedSender<Command>,
 }
 
 impl EngineLoop {
@@ -381,6 +359,7 @@ impl EngineLoop {
             while let Ok(cmd) = cmds.try_recv() {
                 self.handle(cmd);
             }
+            self.make_wanted_embeds();
             let plan = match self.scheduler.schedule(self.now()) {
                 Ok(plan) => plan,
                 Err(e) => {
@@ -474,6 +453,38 @@ impl EngineLoop {
                 }
             }
             Command::Remote(cmd) => self.handle_remote(cmd),
+            Command::Embedded { id, serial, result } => match result {
+                Ok(embeds) => {
+                    self.scheduler.embeds_ready(id, serial, embeds);
+                }
+                Err(e) => {
+                    if let Some(out) = self.scheduler.embeds_failed(id, serial, &e.to_string()) {
+                        self.deliver(vec![(id, out)]);
+                    }
+                }
+            },
+        }
+    }
+
+    /// Starts making the embeddings of every request the scheduler parked for them since
+    /// the last call, each on a task of its own; each reports back as `Command::Embedded`.
+    fn make_wanted_embeds(&mut self) {
+        for wanted in self.scheduler.take_embeds_wanted() {
+            let images = self.images.clone();
+            let loopback = self.loopback.clone();
+            tokio::spawn(async move {
+                let result = images
+                    .embeds(wanted.prompt, wanted.images)
+                    .await
+                    .map(std::sync::Arc::new);
+                if let Some(tx) = loopback.upgrade() {
+                    let _ = tx.send(Command::Embedded {
+                        id: wanted.request,
+                        serial: wanted.serial,
+                        result,
+                    });
+                }
+            });
         }
     }
 
@@ -570,6 +581,7 @@ impl EngineLoop {
         let mut stats = self.scheduler.stats();
         stats.kv_batches = self.event_seq;
         stats.draining = self.releasing;
+        stats.images_encoded = self.images.images_encoded();
         self.stats.send_replace(stats);
     }
 }

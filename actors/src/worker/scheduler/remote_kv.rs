@@ -124,7 +124,7 @@ impl Scheduler {
         let prompt_len = req.token_ids.len();
         // Reuse add_request's validation; take the sequence back out of the queue.
         self.add_request(req, now)?;
-        self.waiting.retain(|r| *r != id);
+        self.unqueue(id);
         let Some(mut seq) = self.seqs.remove(&id) else {
             return Err(AdmitError::EmptyPrompt);
         };
@@ -212,7 +212,7 @@ impl Scheduler {
             seq.num_computed = 0;
             seq.phase = Phase::Waiting;
         }
-        self.waiting.push_back(id);
+        self.enqueue(id, false);
         true
     }
 
