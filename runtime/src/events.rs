@@ -169,7 +169,10 @@ impl EventPublisher {
             seqs: BTreeMap::new(),
         }));
         let published = Arc::new(Notify::new());
-        tokio::spawn(flush_after_bursts(Arc::downgrade(&inner), published.clone()));
+        tokio::spawn(flush_after_bursts(
+            Arc::downgrade(&inner),
+            published.clone(),
+        ));
         Ok(Self {
             publisher: publisher.to_string(),
             endpoint: bound.to_string(),
@@ -307,7 +310,10 @@ impl EventSubscriber {
     }
 
     fn decode(&self, msg: ZmqMessage) -> Option<Event> {
-        if msg.get(0).is_some_and(|topic| topic == FLUSH_TOPIC.as_bytes()) {
+        if msg
+            .get(0)
+            .is_some_and(|topic| topic == FLUSH_TOPIC.as_bytes())
+        {
             return None; // the publisher's flush nudge, not an event
         }
         let (Some(_topic), Some(body), None) = (msg.get(0), msg.get(1), msg.get(2)) else {

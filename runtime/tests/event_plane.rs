@@ -124,4 +124,3 @@ async fn a_publisher_that_goes_quiet_still_delivers_its_last_event() {
         }
     }
 }
-
