@@ -87,14 +87,17 @@ impl ChatEngine for Pipeline {
     }
 
     async fn generate(&self, req: GenerateRequest) -> Result<DeltaStream, EngineError> {
-        let (token_ids, mut images) = match (&req.prompt, &req.tools) {
+        let preprocess = tracing::info_span!("preprocess", prompt_tokens = tracing::field::Empty);
+        let (token_ids, mut images) = preprocess.in_scope(|| match (&req.prompt, &req.tools) {
             // `tool_choice: "none"` leaves the tools out of the prompt too (vLLM does the same).
             (Prompt::Chat(messages), Some(tools)) if tools.parses() => {
-                self.codec.chat_prompt(messages, &tools.template_tools())?
+                self.codec.chat_prompt(messages, &tools.template_tools())
             }
-            (Prompt::Chat(messages), _) => self.codec.chat_prompt(messages, &[])?,
-            (prompt, _) => (self.codec.prompt_ids(prompt)?, Vec::new()),
-        };
+            (Prompt::Chat(messages), _) => self.codec.chat_prompt(messages, &[]),
+            (prompt, _) => Ok((self.codec.prompt_ids(prompt)?, Vec::new())),
+        })?;
+        preprocess.record("prompt_tokens", token_ids.len());
+        drop(preprocess);
         let biased: Vec<u32> = req.sampling.logit_bias.iter().map(|&(id, _)| id).collect();
         self.codec.check_ids("logit_bias", &biased)?;
         self.codec

@@ -44,6 +44,7 @@ pub mod config;
 pub mod constrained;
 pub mod events;
 pub mod metrics;
+mod phases;
 pub mod plan;
 pub mod remote;
 pub mod scheduler;

@@ -39,6 +39,8 @@ pub(super) enum Command {
         req: Box<PreprocessedRequest>,
         out: mpsc::UnboundedSender<TokenOutput>,
         admitted: oneshot::Sender<Result<(), AdmitError>>,
+        /// The span the request arrived in (its phases' parent).
+        span: tracing::Span,
     },
     Abort(RequestId),
     Inspect(Box<dyn FnOnce(&Scheduler) + Send>),
@@ -148,6 +150,7 @@ impl WorkerHandle {
             event_seq: 0,
             releasing: false,
             remote: super::remote::RemoteState::new(plane, cmds.downgrade()),
+            phases: super::phases::RequestPhases::default(),
         };
         let engine_task = tokio::spawn(engine.run(rx)).abort_handle();
         WorkerHandle {
@@ -296,6 +299,7 @@ impl WorkerHandle {
                 req: Box::new(req),
                 out,
                 admitted,
+                span: tracing::Span::current(),
             })
             .map_err(|_| WorkerError::Stopped(self.id))?;
         admitted_rx
@@ -366,6 +370,8 @@ pub(super) struct EngineLoop {
     /// Draining: new requests are released at once (see [`WorkerHandle::stop_admissions`]).
     releasing: bool,
     pub(super) remote: super::remote::RemoteState,
+    /// The trace spans of the requests it holds.
+    pub(super) phases: super::phases::RequestPhases,
 }
 
 impl EngineLoop {
@@ -397,6 +403,9 @@ impl EngineLoop {
                 }
                 continue;
             }
+            for seq in &plan.seqs {
+                self.phases.stepped(seq.request, seq.is_decode());
+            }
             let batch = self.exec_batch(&plan.seqs);
             let outputs = match self.executor.step(batch).await {
                 Ok(sampled) => self.scheduler.on_step_done(&plan, &sampled, self.now()),
@@ -423,25 +432,39 @@ impl EngineLoop {
         for (_, sink) in std::mem::take(&mut self.sinks) {
             let _ = sink.send(released());
         }
+        self.phases.clear();
     }
 
     fn handle(&mut self, cmd: Command) {
         match cmd {
-            Command::Generate { req, out, admitted } if self.releasing => {
+            Command::Generate {
+                req, out, admitted, ..
+            } if self.releasing => {
                 // Draining: accept, then hand it straight back for another worker.
                 let _ = admitted.send(Ok(()));
                 let _ = out.send(released());
                 drop(req);
             }
-            Command::Generate { req, out, admitted } => {
+            Command::Generate {
+                req,
+                out,
+                admitted,
+                span,
+            } => {
                 let id = req.id;
                 if let Err(e) = self.constrained.admit(&req) {
                     let _ = admitted.send(Err(AdmitError::Grammar(e)));
                     return;
                 }
+                let prompt_tokens = req.token_ids.len();
                 match self.scheduler.add_request(*req, self.now()) {
                     Ok(()) => {
                         self.sinks.insert(id, out);
+                        self.phases.queued(id, span);
+                        let worker = self.id;
+                        self.phases
+                            .span(id)
+                            .in_scope(|| tracing::debug!(%worker, prompt_tokens, "admitted"));
                         let _ = admitted.send(Ok(()));
                     }
                     Err(e) => {
@@ -452,6 +475,7 @@ impl EngineLoop {
             }
             Command::Abort(id) => {
                 self.sinks.remove(&id);
+                self.phases.ended(id);
                 self.constrained.remove(id);
                 self.remote.finished(id);
                 // An import still writes into this request's blocks: free them when it
@@ -470,6 +494,7 @@ impl EngineLoop {
                 for (id, sink) in std::mem::take(&mut self.sinks) {
                     self.scheduler.abort(id);
                     self.constrained.remove(id);
+                    self.phases.ended(id);
                     let _ = sink.send(released());
                 }
             }
@@ -540,17 +565,23 @@ impl EngineLoop {
 
     fn deliver(&mut self, outputs: Vec<(RequestId, TokenOutput)>) {
         for (id, out) in outputs {
-            let done = out.finish.is_some();
+            let finish = out.finish.as_ref().map(FinishReason::label);
             let delivered = self.sinks.get(&id).is_some_and(|s| s.send(out).is_ok());
-            if done {
+            if let Some(reason) = finish {
+                let worker = self.id;
+                self.phases
+                    .span(id)
+                    .in_scope(|| tracing::debug!(%worker, reason, "finished"));
                 self.sinks.remove(&id);
                 self.remote.finished(id);
                 self.constrained.remove(id);
+                self.phases.ended(id);
             } else if !delivered {
                 // The client went away: free its blocks now.
                 self.sinks.remove(&id);
                 self.scheduler.abort(id);
                 self.constrained.remove(id);
+                self.phases.ended(id);
             }
         }
     }
