@@ -8,7 +8,9 @@
 //!    `request` span is a child of the client's span, the worker's spans (its `serve` span,
 //!    then `queue`, `prefill`, `decode`) hang under the frontend's across the request plane,
 //!    and every parent link points at a span of the same trace. A request without
-//!    `traceparent` starts a trace of its own, joined by the worker too.
+//!    `traceparent` starts a trace of its own, joined by the worker too. Disaggregated
+//!    (frontend, prefill and decode processes), the prefill worker's `queue`, `prefill`,
+//!    `kv_export` and the decode worker's `kv_transfer`, `queue`, `decode` are one trace.
 //! 2. Logs: `turbine up --log-format json`: every stderr line is a JSON object, and every
 //!    line a request causes (the handler, routing, the worker, its loop, the SSE stream, the
 //!    end of the response) names that request's id, the one in its `x-request-id` response
@@ -469,5 +471,122 @@ fn every_log_line_of_a_request_names_its_request_id() {
     assert!(
         seen("event stream complete", &stream_id),
         "the SSE path's line names the streamed request"
+    );
+}
+
+/// The phases under a worker's serve span in `spans` (by start), checking the serve span's
+/// parent is the frontend's request span `root`.
+fn phases_under<'a>(spans: &'a [Received], root: &Received, role: &str) -> Vec<&'a str> {
+    let serve: Vec<_> = spans
+        .iter()
+        .filter(|s| s.role == role && s.name.starts_with("worker/"))
+        .collect();
+    assert_eq!(
+        serve.len(),
+        1,
+        "one serve span on the {role} worker: {spans:#?}"
+    );
+    assert_eq!(
+        serve[0].parent, root.span_id,
+        "the {role} worker serves the request"
+    );
+    let mut phases: Vec<&Received> = spans
+        .iter()
+        .filter(|s| s.parent == serve[0].span_id)
+        .collect();
+    phases.sort_by_key(|s| s.start_ns);
+    phases.iter().map(|s| s.name.as_str()).collect()
+}
+
+#[test]
+fn a_disaggregated_request_is_one_trace_across_frontend_prefill_and_decode() {
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .expect("a tokio runtime for the receiver");
+    let (receiver, otlp) = start_receiver(&rt);
+    let (http, plane) = (free_port(), free_port());
+    let file = cluster_file(
+        "otel-disagg",
+        &format!(
+            "http: {{port: {http}}}\n\
+             workers:\n  \
+             - {{role: prefill, replicas: 1, remote: true, kv_blocks: 256, threads: 1}}\n  \
+             - {{role: decode, replicas: 1, remote: true, kv_blocks: 256, threads: 1}}\n\
+             disaggregation: {{remote_prefill_min_tokens: 16, remote_prefill_timeout_ms: 60000}}\n\
+             transport: {{bind: \"127.0.0.1:{plane}\"}}\n\
+             discovery: {{backend: embedded, registry: \"127.0.0.1:{plane}\", lease_ms: 10000}}\n\
+             observability: {{tracing: {{otlp_endpoint: \"http://127.0.0.1:{otlp}\"}}}}\n"
+        ),
+    );
+    let file = file.to_str().unwrap();
+    let quick = [("OTEL_BSP_SCHEDULE_DELAY", "100")];
+    let _frontend =
+        spawn_turbine_with(&["up", "-f", file, "--no-fetch"], &quick, "turbine serving");
+    let worker = |role: &str| {
+        spawn_turbine_with(
+            &[
+                "worker",
+                "-f",
+                file,
+                "--role",
+                role,
+                "--bind",
+                "127.0.0.1:0",
+                "--no-fetch",
+            ],
+            &quick,
+            "registered with",
+        )
+    };
+    let (_prefill, _decode) = (worker("prefill"), worker("decode"));
+    wait_until(
+        "both workers to be routable",
+        Duration::from_secs(60),
+        || common::http(http, "GET", "/ready", "").0 == 200,
+    );
+    // Over `remote_prefill_min_tokens`: prefilled remotely, its KV pulled by the decode worker.
+    let prompt = "Note about Lyon: the weather was mild, the river calm and the streets quiet.";
+    let body = format!(r#"{{"prompt":"{prompt}","max_tokens":4,"temperature":0}}"#);
+    let (status, answer) = common::http(http, "POST", "/v1/completions", &body);
+    assert_eq!(status, 200, "{answer}");
+    let pulled = |spans: &[Received]| {
+        spans
+            .iter()
+            .find(|s| s.name == "kv_transfer")
+            .map(|s| s.trace_id.clone())
+    };
+    wait_until(
+        "the disaggregated trace at the receiver",
+        Duration::from_secs(30),
+        || {
+            let spans = receiver.spans();
+            pulled(&spans).is_some_and(|t| {
+                spans.iter().any(|s| {
+                    s.trace_id == t && s.name == "POST /v1/completions" && s.role == "frontend"
+                }) && spans.iter().any(|s| s.trace_id == t && s.name == "decode")
+            })
+        },
+    );
+    let all = receiver.spans();
+    let trace = pulled(&all).expect("a kv_transfer span");
+    let spans: Vec<Received> = all.into_iter().filter(|s| s.trace_id == trace).collect();
+    let root = spans
+        .iter()
+        .find(|s| s.name == "POST /v1/completions")
+        .expect("the frontend's request span");
+    assert!(
+        root.parent.is_empty(),
+        "no traceparent: the frontend's span is the root"
+    );
+    check_tree(&spans, root);
+    assert_eq!(
+        phases_under(&spans, root, "prefill"),
+        ["queue", "prefill", "kv_export"]
+    );
+    assert_eq!(
+        phases_under(&spans, root, "decode"),
+        ["kv_transfer", "queue", "decode"]
     );
 }
