@@ -5,6 +5,7 @@ use clap::{Args, Parser, Subcommand};
 use std::path::PathBuf;
 use turbine_actors::cluster_config::{ClusterConfig, LogFormat};
 use turbine_actors::node::Role;
+use turbine_runtime::telemetry::{LogSettings, Telemetry};
 
 #[derive(Parser)]
 #[command(
@@ -205,9 +206,9 @@ fn pick_stage(cfg: &ClusterConfig, name: Option<&str>) -> Result<usize> {
         .with_context(|| format!("--stage {name}: the file lists no such stage ({listed})"))
 }
 
-/// The `logging.format` of the file the command reads, if it reads one (a file that does
-/// not parse logs as text; its error is reported when the command reads it).
-fn file_log_format(command: &Command) -> LogFormat {
+/// The cluster file the command reads, if it reads one and it parses (a file that does not
+/// parse is reported when the command reads it; telemetry starts without it).
+fn file_config(command: &Command) -> Option<ClusterConfig> {
     let file = match command {
         Command::Up(args) => args.file.as_deref(),
         Command::Worker(args) => Some(args.file.as_path()),
@@ -215,7 +216,59 @@ fn file_log_format(command: &Command) -> LogFormat {
         _ => None,
     };
     file.and_then(|f| read_config(f).ok())
-        .map_or(LogFormat::Text, |cfg| cfg.logging.format)
+}
+
+/// What this process is, in its spans' resource (`turbine.role`); `None`: a command that
+/// exports no traces (sim, bench, profile, fetch-model).
+fn traced_role(command: &Command) -> Option<String> {
+    match command {
+        Command::Up(_) => Some("frontend".to_string()),
+        Command::Worker(args) => Some(match (args.role.as_deref(), args.stage.as_deref()) {
+            (Some("stage"), Some(stage)) => format!("stage:{stage}"),
+            (Some(role), _) => role.to_string(),
+            (None, _) => "worker".to_string(),
+        }),
+        Command::Epp(_) => Some("epp".to_string()),
+        _ => None,
+    }
+}
+
+/// Installs logging (`--log`, `--log-format` or the file's `logging.format`) and, for the
+/// serving commands, OTLP trace export (the file's `observability.tracing`, overridden by
+/// the `OTEL_*` environment). Called inside the tokio runtime: the exporter runs on it.
+fn start_telemetry(cli: &Cli, default_log: &str) -> Result<Telemetry> {
+    let file = file_config(&cli.command);
+    let json = match cli.log_format.as_deref() {
+        Some(format) => format == "json",
+        None => file
+            .as_ref()
+            .is_some_and(|cfg| cfg.logging.format == LogFormat::Json),
+    };
+    let logs = LogSettings {
+        filter: cli.log.clone().unwrap_or_else(|| default_log.to_string()),
+        json,
+    };
+    let role = traced_role(&cli.command);
+    let export = match &role {
+        Some(_) => file
+            .map(|cfg| cfg.observability.tracing)
+            .unwrap_or_default()
+            .resolve(|name| std::env::var(name).ok())
+            .context("observability.tracing")?,
+        None => None,
+    };
+    let telemetry =
+        turbine_runtime::telemetry::init(&logs, export.as_ref(), role.as_deref().unwrap_or("tool"))
+            .context("starting telemetry")?;
+    if let Some(t) = &export {
+        tracing::info!(
+            endpoint = %t.endpoint,
+            sampling_ratio = t.sampling_ratio,
+            service = %t.service_name,
+            "exporting traces over OTLP"
+        );
+    }
+    Ok(telemetry)
 }
 
 fn read_config(path: &std::path::Path) -> Result<ClusterConfig> {
@@ -264,23 +317,16 @@ fn run(cli: Cli) -> Result<()> {
         Command::Sim(_) => "error",
         _ => "warn",
     };
-    let filter = tracing_subscriber::EnvFilter::new(cli.log.as_deref().unwrap_or(default_log));
-    let json = match cli.log_format.as_deref() {
-        Some(format) => format == "json",
-        None => file_log_format(&cli.command) == LogFormat::Json,
-    };
-    let logs = tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_writer(std::io::stderr);
-    if json {
-        logs.json().with_current_span(false).init();
-    } else {
-        logs.init();
-    }
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()
         .context("starting the tokio runtime")?;
+    // Dropped before the runtime (declared after it): the last spans are flushed while the
+    // exporter's connection still runs.
+    let _telemetry = {
+        let _in_runtime = runtime.enter();
+        start_telemetry(&cli, default_log)?
+    };
     match cli.command {
         Command::Up(args) => {
             let cfg = load_config(&args)?;

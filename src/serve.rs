@@ -11,6 +11,7 @@ use turbine_actors::node::local::{LocalCluster, LocalOptions};
 use turbine_actors::node::planner::start_planner;
 use turbine_actors::node::Role;
 use turbine_actors::planner::tap::{LoadTap, MeteredEngine};
+use turbine_runtime::telemetry::notice;
 
 /// Serves `cfg` (read from `file`, if any) until Ctrl-C (or SIGTERM); in-flight requests
 /// drain before it returns.
@@ -86,7 +87,7 @@ pub async fn up(
         p.task.abort();
         let _ = (&mut p.task).await;
     }
-    eprintln!("turbine: drained, exiting");
+    notice("turbine: drained, exiting");
     Ok(())
 }
 
@@ -103,7 +104,7 @@ pub async fn join(
     match role {
         Role::Router => {
             turbine_actors::node::process::run_router(&cfg, registry, shutdown_signal()).await?;
-            eprintln!("turbine router: deregistered, exiting");
+            notice("turbine router: deregistered, exiting");
         }
         Role::Worker { group } => {
             let model = load(&mut cfg, allow_fetch).await?;
@@ -116,7 +117,7 @@ pub async fn join(
                 shutdown_signal(),
             )
             .await?;
-            eprintln!("turbine worker: deregistered, exiting");
+            notice("turbine worker: deregistered, exiting");
         }
         Role::Stage { index } => {
             turbine_actors::node::stages::run_stage(
@@ -127,7 +128,7 @@ pub async fn join(
                 shutdown_signal(),
             )
             .await?;
-            eprintln!("turbine stage: deregistered, exiting");
+            notice("turbine stage: deregistered, exiting");
         }
         Role::Frontend => {
             anyhow::bail!("the frontend is started by `turbine up`, not `turbine worker`")
@@ -145,7 +146,7 @@ pub async fn epp(
     let mut cfg = cfg;
     let model = load(&mut cfg, allow_fetch).await?;
     turbine_actors::node::epp::run_epp(&cfg, model, options, shutdown_signal()).await?;
-    eprintln!("turbine epp: exiting");
+    notice("turbine epp: exiting");
     Ok(())
 }
 
@@ -159,7 +160,7 @@ async fn load(
     if cfg.model.served_name.is_none() {
         cfg.model.served_name = Some(served_name_for(&path));
     }
-    eprintln!("loading {}", path.display());
+    notice(format_args!("loading {}", path.display()));
     tokio::task::spawn_blocking(move || turbine_kernels::loader::load_model(&path))
         .await
         .context("the model loader panicked")?
@@ -185,7 +186,7 @@ async fn shutdown_signal() {
         _ = ctrl_c => {},
         _ = term => {},
     }
-    eprintln!("turbine: shutting down, draining in-flight requests");
+    notice("turbine: shutting down, draining in-flight requests");
 }
 
 /// The name clients use for a model file: its stem without the quantization suffix

@@ -97,6 +97,18 @@ impl ClusterConfig {
         }
         Ok(())
     }
+    /// Traces: OpenTelemetry export over OTLP (off unless an endpoint is given).
+    pub observability: ObservabilitySection,
+}
+
+/// `observability:` in the cluster file.
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct ObservabilitySection {
+    /// OpenTelemetry traces (see `turbine_runtime::telemetry::otlp`); the environment's
+    /// `OTEL_EXPORTER_OTLP_ENDPOINT`, `OTEL_TRACES_SAMPLER_ARG` and `OTEL_SERVICE_NAME`
+    /// override it.
+    pub tracing: turbine_runtime::telemetry::TracingConfig,
 }
 
 /// One entry of `stages:`: a stage the binary registered under `name`.
@@ -152,6 +164,7 @@ impl Default for ClusterConfig {
             stages: Vec::new(),
             logging: LoggingSection::default(),
             external_workers: Vec::new(),
+            observability: ObservabilitySection::default(),
         }
     }
 }
@@ -526,9 +539,31 @@ mod tests {
         assert!(c.workers.iter().map(|w| w.replicas).sum::<usize>() >= 2);
         assert_eq!(c.migration, MigrationConfig::default());
         assert_eq!(c.workers[0].drain_timeout_ms, 30_000);
+        assert_eq!(c.observability, ObservabilitySection::default());
         let err =
             serde_yaml::from_str::<ClusterConfig>("migration: {migration_limt: 1}").unwrap_err();
         assert!(err.to_string().contains("migration_limt"), "{err}");
+    }
+
+    #[test]
+    fn observability_tracing_is_off_by_default_and_names_a_typo() {
+        let c: ClusterConfig = serde_yaml::from_str(
+            "observability: {tracing: {otlp_endpoint: \"http://c:4317\", sampling_ratio: 0.5}}",
+        )
+        .unwrap();
+        let t = &c.observability.tracing;
+        assert_eq!(t.otlp_endpoint.as_deref(), Some("http://c:4317"));
+        assert_eq!(
+            (t.sampling_ratio, t.service_name.as_str()),
+            (0.5, "turbine")
+        );
+        assert_eq!(
+            ClusterConfig::default().observability.tracing.otlp_endpoint,
+            None
+        );
+        let err = serde_yaml::from_str::<ClusterConfig>("observability: {tracing: {endpoint: x}}")
+            .unwrap_err();
+        assert!(err.to_string().contains("endpoint"), "{err}");
     }
 
     #[test]

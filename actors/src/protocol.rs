@@ -237,6 +237,19 @@ pub enum FinishReason {
     Migrate,
 }
 
+impl FinishReason {
+    /// A short name for log lines.
+    pub fn label(&self) -> &'static str {
+        match self {
+            FinishReason::Stop => "stop",
+            FinishReason::Length => "length",
+            FinishReason::Cancelled => "cancelled",
+            FinishReason::Error(_) => "error",
+            FinishReason::Migrate => "migrate",
+        }
+    }
+}
+
 /// Log-probability of one sampled token, with the top alternatives when asked for.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub struct TokenLogprob {

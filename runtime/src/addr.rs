@@ -17,7 +17,7 @@ use crate::link::{Direction, Link};
 use crate::local::LocalService;
 use crate::peer::{PeerLink, Pending};
 use crate::service::{CallError, RequestCtx, Service};
-use crate::telemetry::RuntimeMetrics;
+use crate::telemetry::{RuntimeMetrics, TraceContext};
 use crate::wire::{self, Envelope, Kind};
 
 enum Target<S: Service> {
@@ -81,10 +81,22 @@ impl<S: Service> std::fmt::Debug for Addr<S> {
     }
 }
 
-fn local_ctx() -> RequestCtx {
+/// The context of a request to a service in this process, served in a child of the
+/// caller's span.
+fn local_ctx(service: &str) -> RequestCtx {
     RequestCtx {
         from: "local".to_string(),
         corr_id: 0,
+        span: crate::telemetry::context::local_serve_span(service),
+    }
+}
+
+/// The context of a cast: fire and forget, so no span of its own (a cast opens no trace).
+fn cast_ctx() -> RequestCtx {
+    RequestCtx {
+        from: "local".to_string(),
+        corr_id: 0,
+        span: tracing::Span::none(),
     }
 }
 
@@ -174,7 +186,7 @@ impl<S: Service> Addr<S> {
             tracing::debug_span!("call", service = %self.service_name(), local = self.is_local());
         let result = async {
             match &self.target {
-                Target::Local(service) => service.call(req, local_ctx()).await,
+                Target::Local(service) => service.call(req, local_ctx(&service.name)).await,
                 Target::Remote { link, name } => self.remote_call(link, name, req).await,
                 Target::Via { link, inner } => {
                     let exchange = async {
@@ -213,6 +225,7 @@ impl<S: Service> Addr<S> {
             corr_id,
             kind: Kind::Call,
             payload,
+            trace: TraceContext::current(),
         };
         let exchange = async {
             link.send(&env).await?;
@@ -238,7 +251,7 @@ impl<S: Service> Addr<S> {
         match &self.target {
             Target::Local(service) => service.submit(crate::local::ServiceMsg::Cast {
                 req,
-                ctx: local_ctx(),
+                ctx: cast_ctx(),
             }),
             Target::Via { link, inner } => {
                 let (passage, inner) = (link.transit(Direction::Request), inner.clone());
@@ -263,6 +276,8 @@ impl<S: Service> Addr<S> {
                     corr_id: link.next_corr(),
                     kind: Kind::Cast,
                     payload,
+                    // A cast opens no span on the callee (see `cast_ctx`).
+                    trace: None,
                 };
                 match link.try_send(&env) {
                     Ok(()) => {}
@@ -283,7 +298,7 @@ impl<S: Service> Addr<S> {
     /// or queued on the wire (remote), reporting failure to do so.
     pub async fn cast_now(&self, req: S::Req) -> Result<(), CallError> {
         match &self.target {
-            Target::Local(service) => service.cast(req, local_ctx()).await,
+            Target::Local(service) => service.cast(req, cast_ctx()).await,
             Target::Via { link, inner } => {
                 link.transit(Direction::Request).await?;
                 Box::pin(inner.cast_now(req)).await
@@ -295,6 +310,7 @@ impl<S: Service> Addr<S> {
                     corr_id: link.next_corr(),
                     kind: Kind::Cast,
                     payload: wire::to_payload(&req).map_err(CallError::Codec)?,
+                    trace: None,
                 };
                 clock::timeout(self.clock.as_ref(), self.timeout, link.send(&env))
                     .await
@@ -308,7 +324,7 @@ impl<S: Service> Addr<S> {
     pub async fn stream(&self, req: S::Req) -> Result<ReplyStream<S::Resp>, CallError> {
         self.metrics.call_started();
         match &self.target {
-            Target::Local(service) => service.open_stream(req, local_ctx()).await,
+            Target::Local(service) => service.open_stream(req, local_ctx(&service.name)).await,
             Target::Via { link, inner } => {
                 let open = async {
                     link.transit(Direction::Request).await?;
@@ -333,6 +349,7 @@ impl<S: Service> Addr<S> {
                     corr_id,
                     kind: Kind::Stream,
                     payload,
+                    trace: TraceContext::current(),
                 };
                 let sent = clock::timeout(self.clock.as_ref(), self.timeout, link.send(&env))
                     .await

@@ -75,7 +75,8 @@
 //! * [`wire`]: envelope, frame encoding, frame errors.
 //! * [`events`], [`discovery`]: the event and discovery planes.
 //! * [`transfer`]: the transfer plane (bulk bytes pulled by descriptor, outside envelopes).
-//! * [`clock`], [`config`], [`telemetry`]: time, YAML config, tracing and Prometheus.
+//! * [`clock`], [`config`], [`telemetry`]: time, YAML config, logs, OpenTelemetry traces
+//!   (the trace context travels in every envelope) and Prometheus.
 
 pub mod addr;
 pub mod clock;
@@ -101,4 +102,4 @@ pub use service::{
     CallError, Handler, HandlerError, RequestCtx, Service, StreamClosed, StreamSink,
 };
 pub use supervisor::{RestartPolicy, SupervisorEvent};
-pub use telemetry::{init_tracing, DropReason, MetricsRegistry, RuntimeMetrics};
+pub use telemetry::{init_tracing, DropReason, MetricsRegistry, RuntimeMetrics, TraceContext};

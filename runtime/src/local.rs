@@ -6,6 +6,7 @@ use std::time::Duration;
 
 use ractor::{Actor, ActorProcessingErr, ActorRef, MessagingErr};
 use tokio::sync::{oneshot, watch};
+use tracing::Instrument;
 
 use crate::clock::{self, SharedClock};
 use crate::service::{CallError, Handler, RequestCtx, Service, StreamSink};
@@ -240,7 +241,8 @@ impl<S: Service, H: Handler<S>> Actor for ServiceActor<S, H> {
         use std::panic::AssertUnwindSafe;
         match msg {
             ServiceMsg::Call { req, ctx, reply } => {
-                let outcome = AssertUnwindSafe(state.handler.call(req, &ctx))
+                let span = ctx.span.clone();
+                let outcome = AssertUnwindSafe(state.handler.call(req, &ctx).instrument(span))
                     .catch_unwind()
                     .await;
                 match outcome {
@@ -276,9 +278,11 @@ impl<S: Service, H: Handler<S>> Actor for ServiceActor<S, H> {
             }
             ServiceMsg::Stream { req, ctx, sink } => {
                 let keep = sink.clone();
-                let outcome = AssertUnwindSafe(state.handler.stream(req, sink, &ctx))
-                    .catch_unwind()
-                    .await;
+                let span = ctx.span.clone();
+                let outcome =
+                    AssertUnwindSafe(state.handler.stream(req, sink, &ctx).instrument(span))
+                        .catch_unwind()
+                        .await;
                 // Never block the actor on a slow consumer just to report an error.
                 match outcome {
                     Ok(Ok(())) => {}

@@ -24,6 +24,7 @@ use crate::supervisor::{self, RestartPolicy, SupervisorHandle};
 use crate::telemetry::{DropReason, MetricsRegistry, RuntimeMetrics};
 use crate::wire::{self, Envelope, Kind, WireError};
 use futures::{FutureExt, StreamExt};
+use tracing::Instrument;
 
 /// Request-plane settings of a node (all have defaults; YAML field names as below).
 #[derive(Debug, Clone, Deserialize)]
@@ -152,6 +153,7 @@ impl Responder {
             corr_id: self.corr_id,
             kind,
             payload,
+            trace: None,
         };
         let mut msg = ZmqMessage::from(wire::encode_frame(&env));
         msg.push_front(self.peer.clone());
@@ -179,9 +181,18 @@ impl<S: Service> InboundService for LocalService<S> {
                 return;
             }
         };
+        // Calls and streams made inside a request are served in a span of it; casts and
+        // background requests in none.
+        let span = match (&env.trace, env.kind) {
+            (Some(trace), Kind::Call | Kind::Stream) => {
+                crate::telemetry::context::serve_span(&self.name, &env.from, trace)
+            }
+            _ => tracing::Span::none(),
+        };
         let ctx = RequestCtx {
             from: env.from,
             corr_id: env.corr_id,
+            span,
         };
         match env.kind {
             Kind::Cast => self.submit(crate::local::ServiceMsg::Cast { req, ctx }),
@@ -230,13 +241,24 @@ impl<S: Service> InboundService for LocalService<S> {
                         },
                     );
                 }
-                tokio::spawn(async move {
-                    forward_stream(self, req, ctx, reply, cancel, credit, &shared).await;
-                    let mut streams = lock(&shared.served_streams);
-                    if streams.get(&key).is_some_and(|s| s.serial == serial) {
-                        streams.remove(&key);
+                let span = ctx.span.clone();
+                let forward = async move {
+                    let last =
+                        forward_stream(self, req, ctx, &reply, cancel, credit, &shared).await;
+                    {
+                        let mut streams = lock(&shared.served_streams);
+                        if streams.get(&key).is_some_and(|s| s.serial == serial) {
+                            streams.remove(&key);
+                        }
                     }
-                });
+                    // Only now: a caller that reuses the corr_id once it has the stream's
+                    // end finds it free.
+                    if let Some((kind, payload)) = last {
+                        reply.send(kind, payload).await;
+                    }
+                };
+                // The span lasts as long as the stream: what it carries is the request's.
+                tokio::spawn(forward.instrument(span));
             }
             _ => shared.metrics.drop_frame(DropReason::Unexpected),
         }
@@ -247,27 +269,28 @@ impl<S: Service> InboundService for LocalService<S> {
 /// grants no credit for `call_timeout_ms` (it crashed, or stopped reading) gets an error and
 /// the stream is dropped, which cancels it at the producer: a vanished caller cannot pin a
 /// producer's resources (a worker's KV blocks) forever.
+///
+/// Returns the stream's last frame (its end, or an error) for the caller to send once the
+/// stream is forgotten; `None` when the consumer cancelled or is gone.
 async fn forward_stream<S: Service>(
     service: Arc<LocalService<S>>,
     req: S::Req,
     ctx: RequestCtx,
-    reply: Responder,
+    reply: &Responder,
     cancel: CancellationToken,
     credit: Arc<Semaphore>,
     shared: &Shared,
-) {
+) -> Option<(Kind, Bytes)> {
+    let error = |err: WireError| Some((Kind::Error, wire::to_payload(&err).unwrap_or_default()));
     let idle = shared.config.call_timeout();
     let mut stream = match service.open_stream(req, ctx).await {
         Ok(s) => s,
-        Err(e) => {
-            reply.send_error(e.to_wire()).await;
-            return;
-        }
+        Err(e) => return error(e.to_wire()),
     };
     loop {
         let permit = tokio::select! {
             biased;
-            _ = cancel.cancelled() => return,
+            _ = cancel.cancelled() => return None,
             p = crate::clock::timeout(shared.clock.as_ref(), idle, credit.acquire()) => p,
         };
         let Ok(permit) = permit else {
@@ -275,19 +298,16 @@ async fn forward_stream<S: Service>(
                 corr_id = reply.corr_id,
                 "stream got no credit in {idle:?}; ending it"
             );
-            reply
-                .send_error(WireError::Handler(format!(
-                    "the caller granted no stream credit for {} ms",
-                    idle.as_millis()
-                )))
-                .await;
-            return;
+            return error(WireError::Handler(format!(
+                "the caller granted no stream credit for {} ms",
+                idle.as_millis()
+            )));
         };
-        let Ok(permit) = permit else { return };
+        let Ok(permit) = permit else { return None };
         permit.forget();
         let item = tokio::select! {
             biased;
-            _ = cancel.cancelled() => return,
+            _ = cancel.cancelled() => return None,
             item = stream.next() => item,
         };
         let mut batch = Vec::new();
@@ -295,10 +315,7 @@ async fn forward_stream<S: Service>(
             Some(Ok(resp)) => {
                 match wire::to_payload(&resp) {
                     Ok(bytes) => batch.push(bytes),
-                    Err(e) => {
-                        reply.send_error(WireError::Handler(e)).await;
-                        return;
-                    }
+                    Err(e) => return error(WireError::Handler(e)),
                 }
                 None
             }
@@ -326,26 +343,17 @@ async fn forward_stream<S: Service>(
             1 => reply.send(Kind::StreamItem, batch.remove(0)).await,
             _ => match wire::to_payload(&batch) {
                 Ok(bytes) => reply.send(Kind::StreamBatch, bytes).await,
-                Err(e) => {
-                    reply.send_error(WireError::Handler(e)).await;
-                    return;
-                }
+                Err(e) => return error(WireError::Handler(e)),
             },
         };
         if !sent {
-            return;
+            return None;
         }
         match last {
             None => {}
             Some(Some(Ok(_))) => {}
-            Some(Some(Err(e))) => {
-                reply.send_error(e.to_wire()).await;
-                return;
-            }
-            Some(None) => {
-                reply.send(Kind::StreamEnd, Bytes::new()).await;
-                return;
-            }
+            Some(Some(Err(e))) => return error(e.to_wire()),
+            Some(None) => return Some((Kind::StreamEnd, Bytes::new())),
         }
     }
 }

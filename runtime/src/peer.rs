@@ -152,6 +152,7 @@ impl PeerLink {
             corr_id,
             kind,
             payload,
+            trace: None,
         };
         let _ = self.ctl_tx.send(wire::encode_frame(&env));
     }

@@ -110,12 +110,18 @@ impl HandlerError {
 }
 
 /// Facts about the request being served.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone)]
 pub struct RequestCtx {
     /// Who sent it: a node name, or `local`.
     pub from: String,
     /// Correlation id (0 for local requests).
     pub corr_id: u64,
+    /// The span the handler runs in: a `serve` span, child of the caller's (in this process,
+    /// or across the wire from the envelope's [`crate::TraceContext`]), carrying its request
+    /// id; `Span::none()` for background requests. Work a handler moves onto a task of its
+    /// own should run in it (`.instrument(ctx.span.clone())`), so its log lines and trace
+    /// spans stay the request's.
+    pub span: tracing::Span,
 }
 
 /// The producing end of a stream handed to [`Handler::stream`].

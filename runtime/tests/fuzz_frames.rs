@@ -157,6 +157,29 @@ impl Mutator {
         }
     }
 
+    /// No trace context, a valid one, or one whose every field is garbage (the callee must
+    /// serve the request as if it had none).
+    fn trace(&mut self) -> Option<turbine_runtime::TraceContext> {
+        let garbage = |rng: &mut ChaCha8Rng| -> String {
+            (0..rng.gen_range(0..80))
+                .map(|_| char::from(rng.gen_range(0x20u8..0x7f)))
+                .collect()
+        };
+        match self.rng.gen_range(0..4) {
+            0 => Some(turbine_runtime::TraceContext {
+                traceparent: "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01".into(),
+                tracestate: "k=v".into(),
+                request_id: Some("fuzz".into()),
+            }),
+            1 => Some(turbine_runtime::TraceContext {
+                traceparent: garbage(&mut self.rng),
+                tracestate: garbage(&mut self.rng),
+                request_id: Some(garbage(&mut self.rng)),
+            }),
+            _ => None,
+        }
+    }
+
     /// A decodable envelope with one or more fields out of place.
     fn envelope(&mut self) -> Envelope {
         let kind = *KINDS.choose(&mut self.rng).unwrap_or(&Kind::Call);
@@ -177,6 +200,7 @@ impl Mutator {
             corr_id,
             kind,
             payload: self.payload(kind),
+            trace: self.trace(),
         }
     }
 
@@ -376,6 +400,7 @@ async fn raw_envelope(raw: &mut DealerSocket, kind: Kind, corr_id: u64, payload:
         corr_id,
         kind,
         payload,
+        trace: None,
     };
     raw.send(ZmqMessage::from(encode_frame(&env).to_vec()))
         .await

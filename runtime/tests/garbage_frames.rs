@@ -19,6 +19,7 @@ fn garbage(rng: &mut ChaCha8Rng, max_frame: usize) -> ZmqMessage {
         corr_id: rng.gen(),
         kind: Kind::Call,
         payload: Bytes::from_static(&[0x91, 0xa1, 0x78]),
+        trace: None,
     });
     let frame: Vec<u8> = match rng.gen_range(0..6) {
         0 => (0..rng.gen_range(1..200)).map(|_| rng.gen()).collect(),

@@ -100,6 +100,53 @@ pub fn spawn_turbine_with(args: &[&str], env: &[(&str, &str)], ready: &str) -> T
     }
 }
 
+/// [`spawn_turbine_with`] with stderr captured: every stderr line the process writes is
+/// appended to the returned list (by a thread that reads until the process exits).
+pub fn spawn_turbine_capturing(
+    args: &[&str],
+    env: &[(&str, &str)],
+    ready: &str,
+) -> (Turbine, std::sync::Arc<std::sync::Mutex<Vec<String>>>) {
+    let mut child = Command::new(env!("CARGO_BIN_EXE_turbine"))
+        .args(args)
+        .envs(env.iter().copied())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("spawning turbine");
+    let captured = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
+    let stderr = child.stderr.take().expect("stderr is piped");
+    let sink = captured.clone();
+    std::thread::spawn(move || {
+        for line in BufReader::new(stderr).lines().map_while(Result::ok) {
+            sink.lock().unwrap_or_else(|p| p.into_inner()).push(line);
+        }
+    });
+    let stdout: ChildStdout = child.stdout.take().expect("stdout is piped");
+    let mut lines = BufReader::new(stdout).lines();
+    let line = loop {
+        match lines.next() {
+            Some(Ok(l)) if l.contains(ready) => break l,
+            Some(Ok(_)) => continue,
+            _ => {
+                let status = child.wait().ok();
+                let err = captured
+                    .lock()
+                    .unwrap_or_else(|p| p.into_inner())
+                    .join("\n");
+                panic!("turbine {args:?} exited ({status:?}) before printing {ready:?}:\n{err}");
+            }
+        }
+    };
+    std::thread::spawn(move || for _ in lines {});
+    let turbine = Turbine {
+        child,
+        port: port_in(&line),
+        ready_line: line,
+    };
+    (turbine, captured)
+}
+
 fn port_in(line: &str) -> Option<u16> {
     let rest = line.split("http://").nth(1)?;
     let addr = rest.split(|c: char| c.is_whitespace() || c == ')').next()?;

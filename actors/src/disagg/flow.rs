@@ -19,6 +19,7 @@
 use std::time::Duration;
 
 use futures::StreamExt;
+use tracing::Instrument;
 
 use super::kv_transfer::KvExport;
 use super::metrics::DisaggMetrics;
@@ -76,7 +77,12 @@ pub async fn dispatch(
     route: RouteRequest,
     pre: PreprocessedRequest,
 ) -> Result<Dispatched, DispatchError> {
-    let plan: DisaggRoute = match router.call(RouterRequest::RouteDisagg(route)).await {
+    let span = tracing::info_span!("route", request = %pre.id, disaggregated = true);
+    let asked = router
+        .call(RouterRequest::RouteDisagg(route))
+        .instrument(span)
+        .await;
+    let plan: DisaggRoute = match asked {
         Ok(RouterReply::RoutedDisagg(Ok(plan))) => plan,
         Ok(RouterReply::RoutedDisagg(Err(RouteError::NoWorkers))) => {
             return Err(DispatchError::NoWorker("no worker is available".into()))

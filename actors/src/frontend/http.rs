@@ -36,6 +36,7 @@ use std::future::Future;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+use tracing::Instrument;
 
 /// Server settings.
 #[derive(Clone, Debug)]
@@ -371,7 +372,18 @@ async fn generate(
     started: Instant,
     deadline: Option<Deadline>,
 ) -> Result<Response, ApiError> {
-    let admitted = state.admission.admit(deadline).await?;
+    // The `admission` span is the frontend's queue: it lasts while the request waits for a
+    // running slot.
+    let admitted = state
+        .admission
+        .admit(deadline)
+        .instrument(tracing::info_span!("admission"))
+        .await?;
+    tracing::debug!(
+        choices = req.num_choices(),
+        stream = req.request.stream,
+        "generation admitted"
+    );
     let in_flight = InFlight::start(state.metrics.http().clone(), started, admitted);
     let flow = run_stages(state, &mut req, endpoint, headers).await?;
     let meta = ResponseMeta::new(
@@ -714,6 +726,7 @@ fn sse_response(merged: Merged, n: usize, writer: SseWriter, in_flight: InFlight
                 // Every choice finished: the usage chunk, the terminator, and drop the state.
                 let mut tail = body.writer.usage(body.usage.usage);
                 tail.push_str(SseWriter::done());
+                tracing::debug!("event stream complete");
                 return Some((Ok::<_, Infallible>(Bytes::from(tail)), None));
             };
             if let GenEvent::Finished { usage, .. } = &event {

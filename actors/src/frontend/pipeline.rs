@@ -105,7 +105,10 @@ impl ChatEngine for Pipeline {
     }
 
     async fn generate(&self, req: GenerateRequest) -> Result<DeltaStream, EngineError> {
-        let (token_ids, mut images) = prompt_of(&self.codec, &req)?;
+        let preprocess = tracing::info_span!("preprocess", prompt_tokens = tracing::field::Empty);
+        let (token_ids, mut images) = preprocess.in_scope(|| prompt_of(&self.codec, &req))?;
+        preprocess.record("prompt_tokens", token_ids.len());
+        drop(preprocess);
         let biased: Vec<u32> = req.sampling.logit_bias.iter().map(|&(id, _)| id).collect();
         self.codec.check_ids("logit_bias", &biased)?;
         self.codec

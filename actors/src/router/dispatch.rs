@@ -28,6 +28,7 @@ use std::collections::BTreeMap;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Mutex, OnceLock, RwLock};
 use std::time::Duration;
+use tracing::Instrument;
 use turbine_runtime::{Addr, CallError, ReplyStream, SharedClock, TokioClock};
 
 /// How long a readiness check waits for the router (a probe must answer promptly; a router
@@ -401,7 +402,8 @@ impl Dispatcher {
             + Send
             + 'static,
     ) -> Dispatched {
-        let opening = Opening(tokio::spawn(opening));
+        // In the request's span: the decode worker's stream opens as part of the request.
+        let opening = Opening(tokio::spawn(opening.in_current_span()));
         self.dispatched_as(guard, id, worker, Tokens::Opening(opening), Some(first))
     }
 
@@ -636,7 +638,31 @@ impl Dispatcher {
             return crate::disagg::flow::dispatch(self, settings, router, route, pre).await;
         }
         // Held here while every worker is busy (`router.busy_threshold`), asking again every
-        // QUEUE_RETRY until one is not or the router's hold time is over.
+        // QUEUE_RETRY until one is not or the router's hold time is over: the `route` span
+        // covers that wait.
+        let span = tracing::info_span!(
+            "route",
+            request = %id,
+            worker = tracing::field::Empty,
+            overlap_blocks = tracing::field::Empty,
+        );
+        let decision = self.route(&router, route).instrument(span.clone()).await?;
+        span.record("worker", tracing::field::display(decision.worker));
+        span.record("overlap_blocks", decision.overlap_blocks);
+        span.in_scope(|| tracing::debug!(worker = %decision.worker, overlap_blocks = decision.overlap_blocks, "routed"));
+        drop(span);
+        self.count_route(&decision);
+        let guard = RouteGuard { router, id };
+        let request = WorkerRequest::Generate(Box::new(pre));
+        self.open(guard, id, decision.worker, request, None).await
+    }
+
+    /// Asks `router` for a worker for `route`, asking again while every worker is busy.
+    async fn route(
+        &self,
+        router: &Addr<RouterService>,
+        route: RouteRequest,
+    ) -> Result<RouteDecision, DispatchError> {
         let mut held: Option<(tokio::time::Instant, Held<'_>)> = None;
         let decision = loop {
             match router.call(RouterRequest::Route(route.clone())).await {
@@ -664,10 +690,7 @@ impl Dispatcher {
             }
         };
         drop(held);
-        self.count_route(&decision);
-        let guard = RouteGuard { router, id };
-        let request = WorkerRequest::Generate(Box::new(pre));
-        self.open(guard, id, decision.worker, request, None).await
+        Ok(decision)
     }
 }
 

@@ -45,6 +45,7 @@ pub mod constrained;
 pub mod events;
 pub mod images;
 pub mod metrics;
+mod phases;
 pub mod plan;
 pub mod remote;
 pub mod scheduler;

@@ -14,6 +14,7 @@ use crate::protocol::{PreprocessedRequest, TokenOutput};
 use crate::worker::AdmitError;
 use std::collections::{BTreeMap, BTreeSet};
 use tokio::sync::{mpsc, oneshot};
+use tracing::Instrument;
 use turbine_runtime::transfer::TransferPlane;
 
 /// The answer a prefill worker gives after the first token: the KV's descriptor, or why
@@ -26,6 +27,8 @@ pub(super) enum RemoteCommand {
         out: mpsc::UnboundedSender<TokenOutput>,
         export: oneshot::Sender<ExportReply>,
         admitted: oneshot::Sender<Result<(), AdmitError>>,
+        /// The span the request arrived in (see `worker::phases`).
+        span: tracing::Span,
     },
     Decode {
         req: Box<PreprocessedRequest>,
@@ -34,6 +37,7 @@ pub(super) enum RemoteCommand {
         out: mpsc::UnboundedSender<TokenOutput>,
         outcome: oneshot::Sender<ImportOutcome>,
         admitted: oneshot::Sender<Result<(), AdmitError>>,
+        span: tracing::Span,
     },
     Imported {
         id: RequestId,
@@ -103,6 +107,7 @@ impl WorkerHandle {
             out,
             export,
             admitted,
+            span: tracing::Span::current(),
         }))?;
         admitted_rx
             .await
@@ -133,6 +138,7 @@ impl WorkerHandle {
             out,
             outcome,
             admitted,
+            span: tracing::Span::current(),
         }))?;
         admitted_rx
             .await
@@ -149,6 +155,7 @@ impl EngineLoop {
                 out,
                 export,
                 admitted,
+                span,
             } => {
                 let id = req.id;
                 if let Err(e) = self.constrained.admit(&req) {
@@ -159,6 +166,7 @@ impl EngineLoop {
                 if result.is_ok() {
                     self.sinks.insert(id, out);
                     self.remote.exports.insert(id, export);
+                    self.phases.queued(id, span);
                 }
                 let _ = admitted.send(result);
             }
@@ -169,7 +177,8 @@ impl EngineLoop {
                 out,
                 outcome,
                 admitted,
-            } => self.admit_decode(*req, first_token, kv, out, outcome, admitted),
+                span,
+            } => self.admit_decode(*req, first_token, kv, out, outcome, admitted, span),
             RemoteCommand::Imported {
                 id,
                 result,
@@ -178,15 +187,18 @@ impl EngineLoop {
                 if self.remote.cancelled.remove(&id) {
                     // Its caller went away during the import: the blocks are free to go now.
                     self.scheduler.abort(id);
+                    self.phases.ended(id);
                     return;
                 }
+                self.phases.pulled(id);
                 let report = match result {
                     Ok(done) => {
                         self.scheduler.kv_imported(id);
                         done
                     }
                     Err(reason) => {
-                        tracing::info!(worker = %self.id, request = %id, "KV import failed ({}); prefilling locally", reason.label());
+                        let worker = self.id;
+                        self.phases.span(id).in_scope(|| tracing::info!(%worker, request = %id, "KV import failed ({}); prefilling locally", reason.label()));
                         self.scheduler.kv_import_failed(id);
                         ImportOutcome::Fallback {
                             reason: reason.label().to_string(),
@@ -198,6 +210,7 @@ impl EngineLoop {
         }
     }
 
+    #[allow(clippy::too_many_arguments)] // one command's fields, taken apart once
     fn admit_decode(
         &mut self,
         req: PreprocessedRequest,
@@ -206,6 +219,7 @@ impl EngineLoop {
         out: mpsc::UnboundedSender<TokenOutput>,
         outcome: oneshot::Sender<ImportOutcome>,
         admitted: oneshot::Sender<Result<(), AdmitError>>,
+        span: tracing::Span,
     ) {
         let id = req.id;
         let now = self.now();
@@ -229,7 +243,7 @@ impl EngineLoop {
                 } else {
                     FallbackReason::NoDescriptor
                 };
-                return self.recompute(req, first_token, reason, out, outcome, admitted);
+                return self.recompute(req, first_token, reason, out, outcome, admitted, span);
             }
         };
         match self
@@ -238,6 +252,7 @@ impl EngineLoop {
         {
             Ok(adm) => {
                 self.sinks.insert(id, out);
+                let transfer = self.phases.pulling(id, span);
                 let _ = admitted.send(Ok(()));
                 let exec = self.executor.clone();
                 let loopback = self.remote.loopback.clone();
@@ -245,7 +260,7 @@ impl EngineLoop {
                 let into = adm.import_into().to_vec();
                 // Timed on the loop's clock (the simulator's virtual one in the simulator).
                 let clock = self.time.clock.clone();
-                tokio::spawn(async move {
+                let pull = async move {
                     let started = clock.now();
                     let result = kv_transfer::import_blocks(&exec, &plane, &kv, skip, &into)
                         .await
@@ -262,7 +277,8 @@ impl EngineLoop {
                             outcome,
                         }));
                     }
-                });
+                };
+                tokio::spawn(pull.instrument(transfer));
             }
             Err(AdmitError::OutOfBlocks | AdmitError::Busy) => {
                 // Not at once: tell the owner to unpin, and recompute when there is room.
@@ -276,6 +292,7 @@ impl EngineLoop {
                     out,
                     outcome,
                     admitted,
+                    span,
                 )
             }
             Err(e) => {
@@ -287,6 +304,7 @@ impl EngineLoop {
         }
     }
 
+    #[allow(clippy::too_many_arguments)] // `admit_decode`'s, passed on
     fn recompute(
         &mut self,
         req: PreprocessedRequest,
@@ -295,6 +313,7 @@ impl EngineLoop {
         out: mpsc::UnboundedSender<TokenOutput>,
         outcome: oneshot::Sender<ImportOutcome>,
         admitted: oneshot::Sender<Result<(), AdmitError>>,
+        span: tracing::Span,
     ) {
         let id = req.id;
         let result = self
@@ -302,6 +321,7 @@ impl EngineLoop {
             .add_with_first_token(req, first_token, self.now());
         if result.is_ok() {
             self.sinks.insert(id, out);
+            self.phases.queued(id, span);
             let _ = outcome.send(ImportOutcome::Fallback {
                 reason: reason.label().to_string(),
             });
@@ -317,16 +337,19 @@ impl EngineLoop {
             let Some(reply) = self.remote.exports.remove(&id) else {
                 // Its caller went away: nothing to export.
                 self.scheduler.release_held(id);
+                self.phases.ended(id);
                 continue;
             };
             let answer = match &self.remote.plane {
                 Some(plane) => kv_transfer::export_blocks(&self.executor, plane, &done.blocks)
+                    .instrument(self.phases.exporting(id))
                     .await
                     .map_err(|e| e.to_string()),
                 None => Err("this worker has no transfer plane".to_string()),
             };
             self.scheduler.release_held(id);
             self.sinks.remove(&id);
+            self.phases.ended(id);
             let _ = reply.send(answer);
         }
     }

@@ -14,6 +14,7 @@ use crate::worker::SchedulerStats;
 use async_trait::async_trait;
 use futures::StreamExt;
 use serde::{Deserialize, Serialize};
+use tracing::Instrument;
 use turbine_runtime::{Handler, HandlerError, RequestCtx, Service, StreamSink};
 
 /// Service name a worker registers under on its node.
@@ -102,7 +103,7 @@ impl Handler<WorkerService> for WorkerActor {
             WorkerRequest::Prefill(req) => {
                 let (tokens, export) =
                     self.handle.prefill(*req).await.map_err(HandlerError::new)?;
-                tokio::spawn(forward_prefill(tokens, export, sink));
+                tokio::spawn(forward_prefill(tokens, export, sink).in_current_span());
                 return Ok(());
             }
             WorkerRequest::DecodeRemote {
@@ -119,8 +120,9 @@ impl Handler<WorkerService> for WorkerActor {
             }
             WorkerRequest::Stats => return Err(HandlerError::new("Stats is a call")),
         };
-        // Forward on a task of its own so this actor keeps admitting other requests.
-        tokio::spawn(async move {
+        // Forward on a task of its own so this actor keeps admitting other requests (in the
+        // request's span: its log lines are the request's).
+        let forward = async move {
             if let Some(outcome) = first {
                 // The import's outcome comes first; the loop decodes only after it.
                 let report = tokio::select! {
@@ -148,7 +150,8 @@ impl Handler<WorkerService> for WorkerActor {
                     _ = sink.cancelled() => break,
                 }
             }
-        });
+        };
+        tokio::spawn(forward.in_current_span());
         Ok(())
     }
 }

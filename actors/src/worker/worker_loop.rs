@@ -39,6 +39,8 @@ pub(super) enum Command {
         req: Box<PreprocessedRequest>,
         out: mpsc::UnboundedSender<TokenOutput>,
         admitted: oneshot::Sender<Result<(), AdmitError>>,
+        /// The span the request arrived in (its phases' parent).
+        span: tracing::Span,
     },
     Abort(RequestId),
     Inspect(Box<dyn FnOnce(&Scheduler) + Send>),
@@ -154,6 +156,7 @@ impl WorkerHandle {
             remote: super::remote::RemoteState::new(plane, cmds.downgrade()),
             images: images.clone(),
             loopback: cmds.downgrade(),
+            phases: super::phases::RequestPhases::default(),
         };
         let engine_task = tokio::spawn(engine.run(rx)).abort_handle();
         WorkerHandle {
@@ -270,6 +273,7 @@ impl WorkerHandle {
                 req: Box::new(req),
                 out,
                 admitted,
+                span: tracing::Span::current(),
             })
             .map_err(|_| WorkerError::Stopped(self.id))?;
         admitted_rx
@@ -344,6 +348,8 @@ pub(super) struct EngineLoop {
     images: super::images::ImageEmbedder,
     /// Where those tasks report back (weak: the loop still ends when every handle is gone).
     loopback: mpsc::WeakUnboundedSender<Command>,
+    /// The trace spans of the requests it holds.
+    pub(super) phases: super::phases::RequestPhases,
 }
 
 impl EngineLoop {
@@ -376,6 +382,9 @@ impl EngineLoop {
                 }
                 continue;
             }
+            for seq in &plan.seqs {
+                self.phases.stepped(seq.request, seq.is_decode());
+            }
             let batch = self.exec_batch(&plan.seqs);
             let outputs = match self.executor.step(batch).await {
                 Ok(sampled) => self.scheduler.on_step_done(&plan, &sampled, self.now()),
@@ -402,25 +411,39 @@ impl EngineLoop {
         for (_, sink) in std::mem::take(&mut self.sinks) {
             let _ = sink.send(released());
         }
+        self.phases.clear();
     }
 
     fn handle(&mut self, cmd: Command) {
         match cmd {
-            Command::Generate { req, out, admitted } if self.releasing => {
+            Command::Generate {
+                req, out, admitted, ..
+            } if self.releasing => {
                 // Draining: accept, then hand it straight back for another worker.
                 let _ = admitted.send(Ok(()));
                 let _ = out.send(released());
                 drop(req);
             }
-            Command::Generate { req, out, admitted } => {
+            Command::Generate {
+                req,
+                out,
+                admitted,
+                span,
+            } => {
                 let id = req.id;
                 if let Err(e) = self.constrained.admit(&req) {
                     let _ = admitted.send(Err(AdmitError::Grammar(e)));
                     return;
                 }
+                let prompt_tokens = req.token_ids.len();
                 match self.scheduler.add_request(*req, self.now()) {
                     Ok(()) => {
                         self.sinks.insert(id, out);
+                        self.phases.queued(id, span);
+                        let worker = self.id;
+                        self.phases
+                            .span(id)
+                            .in_scope(|| tracing::debug!(%worker, prompt_tokens, "admitted"));
                         let _ = admitted.send(Ok(()));
                     }
                     Err(e) => {
@@ -431,6 +454,7 @@ impl EngineLoop {
             }
             Command::Abort(id) => {
                 self.sinks.remove(&id);
+                self.phases.ended(id);
                 self.constrained.remove(id);
                 self.remote.finished(id);
                 // An import still writes into this request's blocks: free them when it
@@ -449,6 +473,7 @@ impl EngineLoop {
                 for (id, sink) in std::mem::take(&mut self.sinks) {
                     self.scheduler.abort(id);
                     self.constrained.remove(id);
+                    self.phases.ended(id);
                     let _ = sink.send(released());
                 }
             }
@@ -551,17 +576,23 @@ impl EngineLoop {
 
     fn deliver(&mut self, outputs: Vec<(RequestId, TokenOutput)>) {
         for (id, out) in outputs {
-            let done = out.finish.is_some();
+            let finish = out.finish.as_ref().map(FinishReason::label);
             let delivered = self.sinks.get(&id).is_some_and(|s| s.send(out).is_ok());
-            if done {
+            if let Some(reason) = finish {
+                let worker = self.id;
+                self.phases
+                    .span(id)
+                    .in_scope(|| tracing::debug!(%worker, reason, "finished"));
                 self.sinks.remove(&id);
                 self.remote.finished(id);
                 self.constrained.remove(id);
+                self.phases.ended(id);
             } else if !delivered {
                 // The client went away: free its blocks now.
                 self.sinks.remove(&id);
                 self.scheduler.abort(id);
                 self.constrained.remove(id);
+                self.phases.ended(id);
             }
         }
     }

@@ -1,8 +1,21 @@
-//! Tracing initialisation and Prometheus metrics.
+//! Telemetry: logs, traces and Prometheus metrics.
 //!
-//! [`MetricsRegistry`] is a cloneable handle around one `prometheus_client` registry that
-//! components register their own metrics into; [`RuntimeMetrics`] are the runtime's own
-//! counters (frames in/out, dropped frames by reason, calls, call errors).
+//! * [`init`]: the process's `tracing` subscriber (text or JSON log lines, OTLP export).
+//! * [`context`]: the trace context and request id a request carries across processes in
+//!   its envelopes; [`request_id`]: how a span knows its request.
+//! * [`otlp`]: the `observability.tracing` section and the OpenTelemetry exporter.
+//! * Here: [`MetricsRegistry`], a cloneable handle around one `prometheus_client` registry
+//!   that components register their own metrics into, and [`RuntimeMetrics`], the runtime's
+//!   own counters (frames in/out, dropped frames by reason, calls, call errors).
+
+pub mod context;
+pub mod init;
+pub mod otlp;
+pub mod request_id;
+
+pub use context::{set_remote_parent, TraceContext};
+pub use init::{init, notice, LogSettings, Telemetry, TelemetryError};
+pub use otlp::{TracingConfig, TracingError, TracingSettings};
 
 use std::sync::{Arc, Mutex};
 
