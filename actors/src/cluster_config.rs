@@ -42,6 +42,8 @@ pub struct ClusterConfig {
     /// Workers turbine does not run (vLLM engines behind a gateway) that `turbine epp`
     /// picks among, KV-aware from their own KV-event publishers.
     pub external_workers: Vec<ExternalWorker>,
+    /// Traces: OpenTelemetry export over OTLP (off unless an endpoint is given).
+    pub observability: ObservabilitySection,
 }
 
 /// A worker turbine does not run, known from the file: a vLLM engine a gateway sends
@@ -97,8 +99,6 @@ impl ClusterConfig {
         }
         Ok(())
     }
-    /// Traces: OpenTelemetry export over OTLP (off unless an endpoint is given).
-    pub observability: ObservabilitySection,
 }
 
 /// `observability:` in the cluster file.

@@ -111,6 +111,29 @@ pub struct StopConditions {
     pub ignore_eos: bool,
 }
 
+impl StopConditions {
+    /// The `max_tokens` a prompt of `prompt_len` tokens runs with in a context of
+    /// `context_length`: the client's `requested` (none: all the room), capped by the room
+    /// the prompt leaves, as OpenAI servers do. The cap matters: a worker ends a sequence at
+    /// the context length anyway (`FinishReason::Length`), so an uncapped request would end
+    /// short of its own `max_tokens`. A prompt that fills the context is refused. The HTTP
+    /// pipeline and the simulator's clients both ask here.
+    pub fn max_tokens_within(
+        prompt_len: usize,
+        context_length: usize,
+        requested: Option<u32>,
+    ) -> Result<u32, EngineError> {
+        if prompt_len >= context_length {
+            return Err(EngineError::ContextLengthExceeded {
+                prompt_tokens: prompt_len,
+                context_length,
+            });
+        }
+        let room = u32::try_from(context_length - prompt_len).unwrap_or(u32::MAX);
+        Ok(requested.map_or(room, |m| m.min(room)))
+    }
+}
+
 /// A request ready for a worker: tokenized, templated, with its sampling settings.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub struct PreprocessedRequest {
@@ -442,4 +465,25 @@ pub enum EngineError {
     /// Anything else. HTTP 500.
     #[error("internal engine error: {0}")]
     Internal(String),
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn max_tokens_are_capped_by_the_room_the_prompt_leaves() {
+        let within = StopConditions::max_tokens_within;
+        assert_eq!(within(96, 512, Some(100)), Ok(100));
+        assert_eq!(within(140, 512, Some(484)), Ok(372));
+        assert_eq!(within(140, 512, None), Ok(372));
+        assert_eq!(within(511, 512, Some(9)), Ok(1));
+        assert_eq!(
+            within(512, 512, Some(1)),
+            Err(EngineError::ContextLengthExceeded {
+                prompt_tokens: 512,
+                context_length: 512
+            })
+        );
+    }
 }

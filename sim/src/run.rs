@@ -102,7 +102,12 @@ pub enum Outcome {
 pub struct RequestRecord {
     pub arrival: SimTime,
     pub input_len: u32,
+    /// The workload's output length.
     pub output_len: u32,
+    /// The `max_tokens` its client sent: `output_len` capped by the room the prompt leaves
+    /// in the context, as the HTTP frontend caps it (`StopConditions::max_tokens_within`).
+    /// A completed request streams exactly this many tokens.
+    pub max_tokens: u32,
     /// When each streamed token reached the client (router), in order.
     pub token_times: Vec<SimTime>,
     pub finished: Option<SimTime>,
@@ -125,6 +130,7 @@ impl RequestRecord {
             arrival: spec.arrival,
             input_len: spec.input_len,
             output_len: spec.output_len,
+            max_tokens: spec.output_len,
             token_times: Vec::new(),
             finished: None,
             outcome: None,
@@ -137,19 +143,19 @@ impl RequestRecord {
     }
 }
 
-/// Invariant 1: every request resolved exactly once, and a completed one with exactly its
-/// output length.
+/// Invariant 1: every request resolved exactly once, and a completed one with exactly the
+/// `max_tokens` it asked for (the simulated sampler never samples a stop token).
 pub fn request_violations(records: &[RequestRecord]) -> Vec<String> {
     let mut violations = Vec::new();
     for (i, r) in records.iter().enumerate() {
         if r.resolutions != 1 {
             violations.push(format!("request {i} resolved {} times", r.resolutions));
         }
-        if r.outcome == Some(Outcome::Completed) && r.token_times.len() != r.output_len as usize {
+        if r.outcome == Some(Outcome::Completed) && r.token_times.len() != r.max_tokens as usize {
             violations.push(format!(
                 "request {i} completed with {} of {} tokens",
                 r.token_times.len(),
-                r.output_len
+                r.max_tokens
             ));
         }
         // The simulated sampler is a pure function of (request, position), so a fault-free

@@ -163,3 +163,63 @@ fn a_stuck_worker_that_still_heartbeats_loses_no_request_a_slow_one_keeps_its_st
         assert_eq!(o.leases_expired, 0, "x{factor}: its lease stayed valid");
     }
 }
+
+/// One worker whose link to the frontend is cut from 0.3 s for 2 s: its load reports stop
+/// (events are dropped) and its streams go quiet past the 1 s liveness timeout, while its
+/// 6 s lease holds. With no other worker to move them to, its streams wait for the link
+/// instead of failing; what was sent during the cut arrives after it (held, like TCP).
+#[test]
+fn a_quiet_sole_worker_keeps_its_streams_instead_of_failing_them() {
+    let wl = turbine_sim::workload::Synthetic {
+        num_requests: 8,
+        rate: 80.0,
+        input_mean: 96,
+        output_mean: 400,
+        prefix_groups: 0,
+        ..turbine_sim::workload::Synthetic::default()
+    }
+    .generate(&SeedSplitter::new(3));
+    let mut cfg = SimConfig::new(3, 1, tiny_profile());
+    cfg.max_attempts = 1;
+    cfg.lease = turbine_sim::time::SimDuration::from_millis(6_000);
+    cfg.migration.liveness_timeout_ms = 1_000;
+    cfg.faults = FaultPlan::parse(
+        "partition:0-1@0.3+2",
+        &SeedSplitter::new(3),
+        1,
+        SimTime::ZERO,
+    )
+    .unwrap();
+    let o = simulate(&cfg, &wl).unwrap();
+    // Every completed stream has all its tokens, in order, none twice.
+    assert!(
+        o.invariant_violations.is_empty(),
+        "{:?}",
+        o.invariant_violations
+    );
+    assert_eq!(o.leases_expired, 0, "the lease outlived the cut");
+    let outcomes: Vec<_> = o.requests.iter().map(|r| &r.outcome).collect();
+    assert!(
+        outcomes.iter().all(|r| **r == Some(Outcome::Completed)),
+        "{outcomes:?}"
+    );
+    assert!(
+        o.requests.iter().all(|r| r.migrations == 0),
+        "nothing to migrate to"
+    );
+    // Streams that had tokens before the cut and got the rest after it.
+    let (cut_start, cut_end) = (SimTime::from_millis(300), SimTime::from_millis(2_300));
+    let across = o
+        .requests
+        .iter()
+        .filter(|r| {
+            r.token_times.first().is_some_and(|t| *t < cut_start)
+                && r.token_times.last().is_some_and(|t| *t > cut_end)
+        })
+        .count();
+    assert!(
+        across > 0,
+        "some streams were open across the cut: {:?}",
+        o.requests.iter().map(|r| r.finished).collect::<Vec<_>>()
+    );
+}

@@ -25,12 +25,41 @@ fn a_quiet_run_completes_every_request_through_the_real_shells() {
     );
     for (i, r) in out.requests.iter().enumerate() {
         assert_eq!(r.outcome, Some(Outcome::Completed), "request {i}");
-        assert_eq!(r.token_times.len(), r.output_len as usize);
+        assert_eq!(r.token_times.len(), r.max_tokens as usize);
     }
     let steps: u64 = out.workers.iter().map(|w| w.steps).sum();
     assert!(steps > 0);
     let hits: u64 = out.workers.iter().map(|w| w.prefix_hit_tokens).sum();
     assert!(hits > 0, "shared prefixes should hit the workers' caches");
+}
+
+/// The simulated clients cap `max_tokens` by the context as the HTTP frontend does: a
+/// prompt of 140 tokens asking for 484 in the tiny profile's 512-token context gets 372 (the
+/// worker would end it there anyway), and a prompt that fills the context is refused.
+#[test]
+fn a_request_longer_than_the_context_gets_what_fits_and_a_full_prompt_is_refused() {
+    let spec = |input_len| turbine_sim::workload::RequestSpec {
+        arrival: SimTime::ZERO,
+        input_len,
+        output_len: 484,
+        chunk_ids: Vec::new(),
+        chunk_tokens: 16,
+    };
+    let wl = vec![spec(140), spec(512)];
+    let cfg = SimConfig::new(5, 1, tiny_profile());
+    let out = simulate(&cfg, &wl).unwrap();
+    assert!(
+        out.invariant_violations.is_empty(),
+        "{:?}",
+        out.invariant_violations
+    );
+    let fits = &out.requests[0];
+    assert_eq!(fits.outcome, Some(Outcome::Completed));
+    assert_eq!((fits.max_tokens, fits.token_times.len()), (372, 372));
+    match &out.requests[1].outcome {
+        Some(Outcome::Failed(e)) => assert!(e.contains("maximum context length is 512"), "{e}"),
+        other => panic!("a prompt filling the context must be refused: {other:?}"),
+    }
 }
 
 #[test]

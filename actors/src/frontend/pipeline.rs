@@ -125,17 +125,11 @@ impl ChatEngine for Pipeline {
         if prompt_len == 0 {
             return Err(EngineError::InvalidRequest("the prompt is empty".into()));
         }
-        if prompt_len >= self.context_length {
-            return Err(EngineError::ContextLengthExceeded {
-                prompt_tokens: prompt_len,
-                context_length: self.context_length,
-            });
-        }
+        let max_tokens =
+            StopConditions::max_tokens_within(prompt_len, self.context_length, req.max_tokens)?;
         if let Some(encoders) = &self.encoders {
             encoders.attach(&mut images).await;
         }
-        let room = (self.context_length - prompt_len) as u32;
-        let max_tokens = req.max_tokens.map_or(room, |m| m.min(room));
         // The stream survives its worker: a lost, stalled or draining worker's request
         // continues on another (router::migration).
         let dispatched = MigratingStream::open_hinted(

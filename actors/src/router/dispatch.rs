@@ -523,6 +523,25 @@ impl Dispatcher {
         }
     }
 
+    /// Whether the router would route a request to some worker now (see
+    /// [`Dispatcher::readiness`]): no when there is no router or it counts none. A router
+    /// that fails or does not answer (on this dispatcher's clock) counts as yes, so a caller
+    /// that would move a request goes on to try.
+    pub async fn any_routable(&self) -> bool {
+        let Some(router) = self.router() else {
+            return false;
+        };
+        let asked = turbine_runtime::clock::timeout(
+            self.clock.as_ref(),
+            READINESS_TIMEOUT,
+            router.call(RouterRequest::Routable),
+        );
+        !matches!(
+            asked.await,
+            Ok(Ok(RouterReply::Routable { routable: 0, .. }))
+        )
+    }
+
     /// The router this dispatcher asks, if it has one.
     pub fn router(&self) -> Option<Addr<RouterService>> {
         self.router

@@ -8,7 +8,8 @@
 //! A stream silent for the liveness timeout is checked with the router
 //! (`RouterRequest::Stalled`): when the worker's load reports stopped too (or the silence is
 //! past the slow bound) it is stalled, left out of routing until its load reports show progress again,
-//! and the request migrates; a lost one is quarantined
+//! and the request migrates, unless no other worker is routable: then the stream keeps
+//! waiting, up to the slow bound, since moving it could only fail it; a lost one is quarantined
 //! (`RouterRequest::Unreachable`); one whose lease expires (it leaves the dispatcher's
 //! members) has its streams migrated at once. The liveness timer runs on the dispatcher's clock, so
 //! the simulator's virtual clock drives it too.
@@ -256,11 +257,15 @@ async fn next_of(
         quiet += timeout;
         tracing::debug!(request = %id, %worker, ?quiet, "no output yet; asking whether the worker is stalled");
         // Silent this long: stalled if its load reports stopped too, or past the bound.
-        if attempt
-            .stream
-            .is_stalled(quiet, cfg.past_slow_bound(quiet))
-            .await
-        {
+        let past_bound = cfg.past_slow_bound(quiet);
+        if attempt.stream.is_stalled(quiet, past_bound).await {
+            // A stall is a suspicion (an overloaded machine goes quiet too); moving the
+            // request is worth it only where another worker could take it. Without one,
+            // failing it would turn a slow answer into an error: wait, up to the bound.
+            if !past_bound && !dispatcher.any_routable().await {
+                tracing::warn!(request = %id, %worker, "no output for {quiet:?} and the worker looks stalled, but no other worker could take the request: waiting");
+                continue;
+            }
             tracing::warn!(request = %id, %worker, "no output for {quiet:?}: the worker is stalled");
             return Step::Interrupted(Interruption::Stalled(quiet));
         }

@@ -1,6 +1,6 @@
-//! The simulated clients: each waits for its arrival time, sends through the dispatcher's
-//! migration shell (as the HTTP pipeline does), retries a retryable refusal like an HTTP
-//! client retrying a 503, and reads its stream.
+//! The simulated clients: each waits for its arrival time, caps `max_tokens` by the context
+//! and sends through the dispatcher's migration shell (as the HTTP pipeline does), retries
+//! a retryable refusal like an HTTP client retrying a 503, and reads its stream.
 
 use super::fleet::World;
 use super::{lock, record, RETRY_AFTER};
@@ -24,18 +24,86 @@ pub(super) async fn client(
     clock.sleep_until(spec.arrival).await;
     let i = index as u64;
     record(&world.log, clock.sim_now(), "arrive", i, 0, 0);
-    let request = DispatchRequest {
-        token_ids: spec.prompt(i),
-        sampling: SamplingParams::greedy(),
-        stop: StopConditions {
-            max_tokens: spec.output_len.max(1),
-            stop_token_ids: vec![],
-            ignore_eos: true,
-        },
-        logprobs: None,
-        generated_before: 0,
-        images: Vec::new(),
+    let token_ids = spec.prompt(i);
+    // The frontend's cap: a worker would end the sequence at the context length anyway.
+    let capped = StopConditions::max_tokens_within(
+        token_ids.len(),
+        world.cfg.profile.scheduler.max_model_len,
+        Some(spec.output_len.max(1)),
+    );
+    let ran = match capped {
+        Ok(max_tokens) => {
+            lock(&records)[index].max_tokens = max_tokens;
+            let request = DispatchRequest {
+                token_ids,
+                sampling: SamplingParams::greedy(),
+                stop: StopConditions {
+                    max_tokens,
+                    stop_token_ids: vec![],
+                    ignore_eos: true,
+                },
+                logprobs: None,
+                generated_before: 0,
+                images: Vec::new(),
+            };
+            run(&world, &dispatcher, &records, index, request).await
+        }
+        // Refused by the frontend, as over HTTP (a 400).
+        Err(e) => Ran::refused(e),
     };
+    let now = clock.sim_now();
+    let failed = matches!(ran.outcome, Outcome::Failed(_));
+    record(
+        &world.log,
+        now,
+        if failed { "fail" } else { "done" },
+        i,
+        0,
+        0,
+    );
+    let mut recs = lock(&records);
+    let r = &mut recs[index];
+    r.attempts = ran.attempts;
+    r.finished = Some(now);
+    r.outcome = Some(ran.outcome);
+    r.resolutions += 1;
+    r.request_id = ran.request_id;
+    r.tokens = ran.tokens;
+    r.migrations = ran.migrations;
+}
+
+/// What became of one client's request.
+struct Ran {
+    outcome: Outcome,
+    attempts: u32,
+    request_id: Option<u64>,
+    tokens: Vec<u32>,
+    migrations: u32,
+}
+
+impl Ran {
+    /// Refused before it was sent.
+    fn refused(e: EngineError) -> Ran {
+        Ran {
+            outcome: Outcome::Failed(e.to_string()),
+            attempts: 0,
+            request_id: None,
+            tokens: Vec::new(),
+            migrations: 0,
+        }
+    }
+}
+
+/// Sends `request`, retrying a retryable refusal, and reads its stream to the end.
+async fn run(
+    world: &World,
+    dispatcher: &Arc<Dispatcher>,
+    records: &Mutex<Vec<RequestRecord>>,
+    index: usize,
+    request: DispatchRequest,
+) -> Ran {
+    let clock = &world.clock;
+    let i = index as u64;
     let mut attempts = 0u32;
     let mut request_id = None;
     let mut tokens = Vec::new();
@@ -89,7 +157,7 @@ pub(super) async fn client(
             for &t in &out.token_ids {
                 record(&world.log, now, "token", i, tokens.len() as u64, 0);
                 tokens.push(t);
-                lock(&records)[index].token_times.push(now);
+                lock(records)[index].token_times.push(now);
             }
             match out.finish {
                 Some(FinishReason::Error(msg)) => break Err(EngineError::Internal(msg)),
@@ -103,23 +171,11 @@ pub(super) async fn client(
             Err(e) => break Outcome::Failed(e.to_string()),
         }
     };
-    let now = clock.sim_now();
-    let failed = matches!(outcome, Outcome::Failed(_));
-    record(
-        &world.log,
-        now,
-        if failed { "fail" } else { "done" },
-        i,
-        0,
-        0,
-    );
-    let mut recs = lock(&records);
-    let r = &mut recs[index];
-    r.attempts = attempts;
-    r.finished = Some(now);
-    r.outcome = Some(outcome);
-    r.resolutions += 1;
-    r.request_id = request_id;
-    r.tokens = tokens;
-    r.migrations = migrations;
+    Ran {
+        outcome,
+        attempts,
+        request_id,
+        tokens,
+        migrations,
+    }
 }
