@@ -523,18 +523,18 @@ impl Dispatcher {
         }
     }
 
-    /// Whether the router would route a request to some worker now (see
+    /// Whether the router would route a request to some worker not in `besides` now (see
     /// [`Dispatcher::readiness`]): no when there is no router or it counts none. A router
     /// that fails or does not answer (on this dispatcher's clock) counts as yes, so a caller
     /// that would move a request goes on to try.
-    pub async fn any_routable(&self) -> bool {
+    pub async fn any_routable_besides(&self, besides: &[WorkerId]) -> bool {
         let Some(router) = self.router() else {
             return false;
         };
         let asked = turbine_runtime::clock::timeout(
             self.clock.as_ref(),
             READINESS_TIMEOUT,
-            router.call(RouterRequest::Routable),
+            router.call(RouterRequest::RoutableBesides(besides.to_vec())),
         );
         !matches!(
             asked.await,

@@ -338,6 +338,15 @@ impl KvRouter {
         (self.workers.len(), routable)
     }
 
+    /// How many workers it would route to at `now` leaving out `besides` (the workers a
+    /// migrating request must avoid): whether moving that request is worth trying.
+    pub fn routable_besides(&self, now: Duration, besides: &[WorkerId]) -> usize {
+        self.workers
+            .iter()
+            .filter(|(w, v)| !besides.contains(w) && v.selectable(now))
+            .count()
+    }
+
     /// Workers and their current load view, sorted by id.
     pub fn loads(&self) -> Vec<WorkerLoad> {
         self.workers.iter().map(|(w, v)| v.load(*w)).collect()
@@ -682,6 +691,18 @@ mod liveness_tests {
         assert_eq!(r.routable(S), (4, 0));
         // The unreachable worker's quarantine ends on its own.
         assert_eq!(r.routable(UNREACHABLE_QUARANTINE), (4, 1));
+    }
+
+    #[test]
+    fn routable_besides_leaves_out_the_workers_a_request_avoids() {
+        let mut r = router();
+        r.add_worker(WorkerId(3));
+        assert_eq!(r.routable_besides(Duration::ZERO, &[]), 3);
+        assert!(r.check_stalled(S, WorkerId(1), S, true));
+        assert_eq!(r.routable_besides(S, &[]), 2);
+        // The only routable workers left are ones this request already ran on.
+        assert_eq!(r.routable_besides(S, &[WorkerId(2), WorkerId(3)]), 0);
+        assert_eq!(r.routable_besides(S, &[WorkerId(2)]), 1);
     }
 
     #[test]

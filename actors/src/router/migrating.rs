@@ -160,7 +160,15 @@ impl MigratingStream {
         loop {
             let why = match self.current.take() {
                 Some(mut attempt) => {
-                    match next_of(&mut attempt, &self.dispatcher, &self.cfg, self.id).await {
+                    match next_of(
+                        &mut attempt,
+                        &self.dispatcher,
+                        &self.cfg,
+                        self.id,
+                        &self.avoid,
+                    )
+                    .await
+                    {
                         Step::Output(mut out) => {
                             if self.progress.migrations() > 0 {
                                 // A continuation's prefix-cache hit is not the client's
@@ -239,6 +247,7 @@ async fn next_of(
     dispatcher: &Dispatcher,
     cfg: &MigrationConfig,
     id: RequestId,
+    avoid: &[WorkerId],
 ) -> Step {
     let worker = attempt.stream.worker;
     let timeout = cfg.liveness_timeout();
@@ -261,8 +270,9 @@ async fn next_of(
         if attempt.stream.is_stalled(quiet, past_bound).await {
             // A stall is a suspicion (an overloaded machine goes quiet too); moving the
             // request is worth it only where another worker could take it. Without one,
-            // failing it would turn a slow answer into an error: wait, up to the bound.
-            if !past_bound && !dispatcher.any_routable().await {
+            // failing it would turn a slow answer into an error: wait, up to the bound. The
+            // workers this request must avoid could not take it either.
+            if !past_bound && !dispatcher.any_routable_besides(avoid).await {
                 tracing::warn!(request = %id, %worker, "no output for {quiet:?} and the worker looks stalled, but no other worker could take the request: waiting");
                 continue;
             }

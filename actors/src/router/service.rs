@@ -76,6 +76,9 @@ pub enum RouterRequest {
     /// Cast: the remote prefill of a request ended (its KV descriptor arrived, or it
     /// failed): it no longer counts towards the prefill pool's load.
     PrefillDone(RequestId),
+    /// Call: [`RouterRequest::Routable`] leaving these workers out of the routable count
+    /// (a migrating request's avoid list).
+    RoutableBesides(Vec<WorkerId>),
 }
 
 #[derive(Clone, Debug, Serialize, Deserialize)]
@@ -372,6 +375,13 @@ impl RouterCore {
         self.lock().routable(now)
     }
 
+    /// Of the serving pool, the workers it would route to now that are not in `besides`
+    /// (see [`KvRouter::routable_besides`]).
+    pub fn routable_besides(&self, besides: &[WorkerId]) -> usize {
+        let now = self.now();
+        self.lock().routable_besides(now, besides)
+    }
+
     /// Adds `worker` to the pool its role serves: prefill workers are routed to only for
     /// remote prefills, every other role takes requests.
     pub fn add_worker_as(&self, worker: WorkerId, role: WorkerRole) {
@@ -527,6 +537,13 @@ impl Handler<RouterService> for RouterActor {
                 RouterReply::Routable {
                     workers: workers as u32,
                     routable: routable as u32,
+                }
+            }
+            RouterRequest::RoutableBesides(besides) => {
+                let (workers, _) = self.core.routable();
+                RouterReply::Routable {
+                    workers: workers as u32,
+                    routable: self.core.routable_besides(&besides) as u32,
                 }
             }
             RouterRequest::Metrics => RouterReply::Metrics {
