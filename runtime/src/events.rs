@@ -22,6 +22,17 @@
 //! [`FLUSH_AFTER`] after each burst of publishes. No subscription matches it (subscribers
 //! drop it even under the catch-all prefix), and by then the fan-out task is asleep, so
 //! the nudge itself cannot race. A stranded event is late by at most [`FLUSH_AFTER`].
+//!
+//! # A known hang in `zeromq` 0.7's PUB backend
+//!
+//! A subscription that arrives while the socket fans a message out can park a runtime
+//! thread for good: the backend's per-subscriber reader calls a *synchronous* `scc` map
+//! lock (`PubSocketBackend::message_received` -> `get_sync`) on a tokio thread while the
+//! fan-out task holds that bucket across an await. `runtime/tests/event_plane.rs` hit it in
+//! about one run in a thousand (stack taken with gdb). The process goes on with its other
+//! runtime threads; the publisher's later events may stop, which subscribers see as silence
+//! (a router then treats the worker as stalled, see `router::migrating`). The fix belongs
+//! upstream; until then the tests shut their runtimes down with a deadline.
 
 use std::collections::BTreeMap;
 use std::sync::{Arc, Weak};
