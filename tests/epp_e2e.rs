@@ -24,7 +24,9 @@
 
 mod common;
 
-use common::{cluster_file, free_port, http, send_request as send, spawn_turbine};
+use common::{
+    cluster_file, completion_body, decisions, free_port, http, send_request as send, spawn_turbine,
+};
 use std::collections::BTreeMap;
 use std::io::Read;
 use std::time::{Duration, Instant};
@@ -37,26 +39,6 @@ use turbine_actors::epp::proto::{
 };
 
 const ENDPOINTS: [&str; 2] = ["127.0.0.2:8000", "127.0.0.3:8000"];
-
-fn completion_body(prompt: &str, max_tokens: u32, stream: bool) -> String {
-    serde_json::json!({
-        "prompt": prompt, "max_tokens": max_tokens, "temperature": 0,
-        "ignore_eos": true, "stream": stream,
-    })
-    .to_string()
-}
-
-fn decisions(port: u16) -> BTreeMap<String, f64> {
-    let (status, text) = http(port, "GET", "/metrics", "");
-    assert_eq!(status, 200);
-    let prefix = "turbine_router_decisions_total{worker=\"";
-    text.lines()
-        .filter_map(|l| {
-            let (worker, rest) = l.strip_prefix(prefix)?.split_once('"')?;
-            Some((worker.to_string(), rest.rsplit(' ').next()?.parse().ok()?))
-        })
-        .collect()
-}
 
 fn routed_to(before: &BTreeMap<String, f64>, after: &BTreeMap<String, f64>) -> String {
     let grew: Vec<&String> = after

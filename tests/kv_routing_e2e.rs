@@ -14,58 +14,12 @@
 
 mod common;
 
-use common::{cluster_file, free_port, http, send_request as send, spawn_turbine};
+use common::{
+    cluster_file, complete_usage, completion_body, decisions, free_port, http, per_worker,
+    send_request as send, spawn_turbine,
+};
 use std::collections::BTreeMap;
 use std::io::Read;
-
-fn completion_body(prompt: &str, max_tokens: u32, stream: bool) -> String {
-    serde_json::json!({
-        "prompt": prompt,
-        "max_tokens": max_tokens,
-        "temperature": 0,
-        "ignore_eos": true,
-        "stream": stream,
-    })
-    .to_string()
-}
-
-/// A non-streaming completion; returns (prompt_tokens, cached_tokens) from its usage.
-fn complete(port: u16, prompt: &str) -> (u64, u64) {
-    let (status, body) = http(
-        port,
-        "POST",
-        "/v1/completions",
-        &completion_body(prompt, 2, false),
-    );
-    assert_eq!(status, 200, "{body}");
-    let v: serde_json::Value = serde_json::from_str(&body).expect("JSON body");
-    let usage = &v["usage"];
-    (
-        usage["prompt_tokens"].as_u64().expect("prompt_tokens"),
-        usage["prompt_tokens_details"]["cached_tokens"]
-            .as_u64()
-            .expect("cached_tokens"),
-    )
-}
-
-/// Per-worker values of one labelled metric family, from /metrics.
-fn per_worker(port: u16, name: &str) -> BTreeMap<String, f64> {
-    let (status, text) = http(port, "GET", "/metrics", "");
-    assert_eq!(status, 200);
-    let prefix = format!("{name}{{worker=\"");
-    text.lines()
-        .filter_map(|l| {
-            let rest = l.strip_prefix(&prefix)?;
-            let (worker, rest) = rest.split_once('"')?;
-            let value = rest.rsplit(' ').next()?.parse().ok()?;
-            Some((worker.to_string(), value))
-        })
-        .collect()
-}
-
-fn decisions(port: u16) -> BTreeMap<String, f64> {
-    per_worker(port, "turbine_router_decisions_total")
-}
 
 /// The one worker whose decision count grew between two readings.
 fn routed_to(before: &BTreeMap<String, f64>, after: &BTreeMap<String, f64>) -> String {
@@ -233,7 +187,7 @@ fn scenario(port: u16, worker_gauges: bool) {
 
     // 2. First B request while A's is still decoding on its worker: no worker holds B's
     //    blocks, so the router's load term sends it to the idle worker.
-    let (b_prompt_tokens, b_cached) = complete(port, &format!("{family_b}Question 0: why?"));
+    let (b_prompt_tokens, b_cached) = complete_usage(port, &format!("{family_b}Question 0: why?"));
     let after_b = decisions(port);
     let home_b = routed_to(&after, &after_b);
     assert_ne!(
@@ -264,7 +218,7 @@ fn scenario(port: u16, worker_gauges: bool) {
     ];
     for (round, (family, home)) in order.into_iter().enumerate() {
         let before = decisions(port);
-        let (prompt_tokens, cached) = complete(
+        let (prompt_tokens, cached) = complete_usage(
             port,
             &format!("{family}Question {round}: and then {round}?"),
         );

@@ -17,59 +17,14 @@
 
 mod common;
 
-use common::{cluster_file, free_port, http, send_request as send, spawn_turbine};
+use common::{
+    cluster_file, complete_usage, completion_body, decisions, free_port, http, per_worker,
+    send_request as send, spawn_turbine,
+};
 use std::collections::BTreeMap;
 use std::io::Read;
 use std::net::TcpStream;
 use std::time::{Duration, Instant};
-
-fn completion_body(prompt: &str, max_tokens: u32, stream: bool) -> String {
-    serde_json::json!({
-        "prompt": prompt,
-        "max_tokens": max_tokens,
-        "temperature": 0,
-        "ignore_eos": true,
-        "stream": stream,
-    })
-    .to_string()
-}
-
-/// A non-streaming completion; returns (prompt_tokens, cached_tokens).
-fn complete(port: u16, prompt: &str) -> (u64, u64) {
-    let (status, body) = http(
-        port,
-        "POST",
-        "/v1/completions",
-        &completion_body(prompt, 2, false),
-    );
-    assert_eq!(status, 200, "{body}");
-    let v: serde_json::Value = serde_json::from_str(&body).expect("JSON body");
-    let usage = &v["usage"];
-    (
-        usage["prompt_tokens"].as_u64().expect("prompt_tokens"),
-        usage["prompt_tokens_details"]["cached_tokens"]
-            .as_u64()
-            .expect("cached_tokens"),
-    )
-}
-
-/// Per-worker values of one labelled metric family.
-fn per_worker(port: u16, name: &str) -> BTreeMap<String, f64> {
-    let (status, text) = http(port, "GET", "/metrics", "");
-    assert_eq!(status, 200);
-    let prefix = format!("{name}{{worker=\"");
-    text.lines()
-        .filter_map(|l| {
-            let rest = l.strip_prefix(&prefix)?;
-            let (worker, rest) = rest.split_once('"')?;
-            Some((worker.to_string(), rest.rsplit(' ').next()?.parse().ok()?))
-        })
-        .collect()
-}
-
-fn decisions(port: u16) -> BTreeMap<String, f64> {
-    per_worker(port, "turbine_router_decisions_total")
-}
 
 fn in_flight(port: u16) -> BTreeMap<String, f64> {
     per_worker(port, "turbine_router_in_flight_requests")
@@ -242,7 +197,7 @@ fn two_frontends_share_kv_overlaps_and_in_flight_load_through_the_event_plane() 
         Duration::from_secs(30),
         "B never received A's routing events",
         || {
-            complete(port_a, "Warm-up: say yes.");
+            complete_usage(port_a, "Warm-up: say yes.");
             value(port_b, "turbine_router_replica_events_total") > 0.0
         },
     );
@@ -269,7 +224,7 @@ fn two_frontends_share_kv_overlaps_and_in_flight_load_through_the_event_plane() 
 
     // 2. A request through B with no cached prefix while A's decodes: the other worker.
     let before = decisions(port_b);
-    let (_, cached) = complete(
+    let (_, cached) = complete_usage(
         port_b,
         &format!("{}Question 0: why?", prefix("greenhouse", 18)),
     );
@@ -291,7 +246,7 @@ fn two_frontends_share_kv_overlaps_and_in_flight_load_through_the_event_plane() 
     for round in 1..=2 {
         let before = decisions(port_b);
         let (prompt_tokens, cached) =
-            complete(port_b, &format!("{family}Question {round}: and then?"));
+            complete_usage(port_b, &format!("{family}Question {round}: and then?"));
         assert_eq!(
             routed_to(&before, &decisions(port_b)),
             home,
@@ -321,7 +276,7 @@ fn two_frontends_share_kv_overlaps_and_in_flight_load_through_the_event_plane() 
     );
     assert!(value(port_a, "turbine_router_replica_resyncs_total") > resyncs);
     // A still serves.
-    complete(port_a, "After B: say yes.");
+    complete_usage(port_a, "After B: say yes.");
     if let Some(dir) = file.parent() {
         let _ = std::fs::remove_dir_all(dir);
     }

@@ -15,26 +15,14 @@ mod request_plane;
 mod supervision;
 mod transfer;
 
+#[path = "../../tests/layout/declared.rs"]
+mod layout;
+
 /// Each `tests/*.rs` file is declared above (with autotests off, cargo would not build it).
 #[test]
 fn every_test_file_is_a_module() {
-    let here = concat!(env!("CARGO_MANIFEST_DIR"), "/tests");
-    let listed = include_str!("integration.rs");
-    let mut missing = Vec::new();
-    for entry in std::fs::read_dir(here).expect("reading tests/") {
-        let path = entry.expect("a tests/ entry").path();
-        let Some(stem) = path.file_stem().and_then(|s| s.to_str()) else {
-            continue;
-        };
-        if path.extension().is_some_and(|e| e == "rs")
-            && stem != "integration"
-            && !listed.contains(&format!("mod {stem};"))
-        {
-            missing.push(stem.to_string());
-        }
-    }
-    assert!(
-        missing.is_empty(),
-        "tests/*.rs files not declared in tests/integration.rs: {missing:?}"
+    layout::check_every_test_file_is_declared(
+        concat!(env!("CARGO_MANIFEST_DIR"), "/tests"),
+        include_str!("integration.rs"),
     );
 }

@@ -205,3 +205,55 @@ pub fn gauge(port: u16, name: &str) -> f64 {
         .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
         .sum()
 }
+
+/// A greedy completion body (`ignore_eos`, so it runs `max_tokens` long).
+pub fn completion_body(prompt: &str, max_tokens: u32, stream: bool) -> String {
+    serde_json::json!({
+        "prompt": prompt,
+        "max_tokens": max_tokens,
+        "temperature": 0,
+        "ignore_eos": true,
+        "stream": stream,
+    })
+    .to_string()
+}
+
+/// A non-streaming two-token completion; returns (prompt_tokens, cached_tokens) from its
+/// usage.
+pub fn complete_usage(port: u16, prompt: &str) -> (u64, u64) {
+    let (status, body) = http(
+        port,
+        "POST",
+        "/v1/completions",
+        &completion_body(prompt, 2, false),
+    );
+    assert_eq!(status, 200, "{body}");
+    let v: serde_json::Value = serde_json::from_str(&body).expect("JSON body");
+    let usage = &v["usage"];
+    (
+        usage["prompt_tokens"].as_u64().expect("prompt_tokens"),
+        usage["prompt_tokens_details"]["cached_tokens"]
+            .as_u64()
+            .expect("cached_tokens"),
+    )
+}
+
+/// Per-worker values of one labelled metric family, from /metrics.
+pub fn per_worker(port: u16, name: &str) -> std::collections::BTreeMap<String, f64> {
+    let (status, text) = http(port, "GET", "/metrics", "");
+    assert_eq!(status, 200);
+    let prefix = format!("{name}{{worker=\"");
+    text.lines()
+        .filter_map(|l| {
+            let rest = l.strip_prefix(&prefix)?;
+            let (worker, rest) = rest.split_once('"')?;
+            let value = rest.rsplit(' ').next()?.parse().ok()?;
+            Some((worker.to_string(), value))
+        })
+        .collect()
+}
+
+/// The router's decisions per worker.
+pub fn decisions(port: u16) -> std::collections::BTreeMap<String, f64> {
+    per_worker(port, "turbine_router_decisions_total")
+}
