@@ -26,6 +26,7 @@ mod common;
 
 use common::{
     cluster_file, completion_body, decisions, free_port, http, send_request as send, spawn_turbine,
+    Turbine,
 };
 use std::collections::BTreeMap;
 use std::io::Read;
@@ -39,6 +40,45 @@ use turbine_actors::epp::proto::{
 };
 
 const ENDPOINTS: [&str; 2] = ["127.0.0.2:8000", "127.0.0.3:8000"];
+
+/// From cluster file `f`: the frontend, `turbine epp` listening for Envoy on `grpc`, and
+/// one worker per gateway endpoint of [`ENDPOINTS`] (in that order).
+fn start_frontend_picker_and_workers(f: &str, grpc: u16) -> (Turbine, Turbine, Vec<Turbine>) {
+    let frontend = spawn_turbine(&["up", "-f", f, "--no-fetch"], "turbine serving");
+    let listen = format!("127.0.0.1:{grpc}");
+    let epp = spawn_turbine(
+        &[
+            "epp",
+            "-f",
+            f,
+            "--bind",
+            "127.0.0.1:0",
+            "--listen",
+            &listen,
+            "--no-fetch",
+        ],
+        "turbine epp serving",
+    );
+    let workers = ENDPOINTS
+        .iter()
+        .map(|ep| {
+            spawn_turbine(
+                &[
+                    "worker",
+                    "-f",
+                    f,
+                    "--bind",
+                    "127.0.0.1:0",
+                    "--no-fetch",
+                    "--gateway-endpoint",
+                    ep,
+                ],
+                "registered with",
+            )
+        })
+        .collect();
+    (frontend, epp, workers)
+}
 
 fn routed_to(before: &BTreeMap<String, f64>, after: &BTreeMap<String, f64>) -> String {
     let grew: Vec<&String> = after
@@ -234,39 +274,8 @@ fn the_picker_sends_each_prompt_family_to_the_worker_that_caches_it() {
         ),
     );
     let f = file.to_str().unwrap();
-    let _frontend = spawn_turbine(&["up", "-f", f, "--no-fetch"], "turbine serving");
+    let (_frontend, _epp, workers) = start_frontend_picker_and_workers(f, grpc);
     let listen = format!("127.0.0.1:{grpc}");
-    let _epp = spawn_turbine(
-        &[
-            "epp",
-            "-f",
-            f,
-            "--bind",
-            "127.0.0.1:0",
-            "--listen",
-            &listen,
-            "--no-fetch",
-        ],
-        "turbine epp serving",
-    );
-    let workers: Vec<_> = ENDPOINTS
-        .iter()
-        .map(|ep| {
-            spawn_turbine(
-                &[
-                    "worker",
-                    "-f",
-                    f,
-                    "--bind",
-                    "127.0.0.1:0",
-                    "--no-fetch",
-                    "--gateway-endpoint",
-                    ep,
-                ],
-                "registered with",
-            )
-        })
-        .collect();
     let rt = tokio::runtime::Runtime::new().unwrap();
     let deadline = Instant::now() + Duration::from_secs(60);
     // Until both workers have joined the picker: each endpoint alone is eligible.
@@ -558,39 +567,8 @@ fn the_picker_salts_image_prompts_as_the_workers_do() {
         ),
     );
     let f = file.to_str().unwrap();
-    let _frontend = spawn_turbine(&["up", "-f", f, "--no-fetch"], "turbine serving");
+    let (_frontend, _epp, workers) = start_frontend_picker_and_workers(f, grpc);
     let listen = format!("127.0.0.1:{grpc}");
-    let _epp = spawn_turbine(
-        &[
-            "epp",
-            "-f",
-            f,
-            "--bind",
-            "127.0.0.1:0",
-            "--listen",
-            &listen,
-            "--no-fetch",
-        ],
-        "turbine epp serving",
-    );
-    let workers: Vec<_> = ENDPOINTS
-        .iter()
-        .map(|ep| {
-            spawn_turbine(
-                &[
-                    "worker",
-                    "-f",
-                    f,
-                    "--bind",
-                    "127.0.0.1:0",
-                    "--no-fetch",
-                    "--gateway-endpoint",
-                    ep,
-                ],
-                "registered with",
-            )
-        })
-        .collect();
     // "turbine worker w12 serving on ...": the hint header carries 12.
     let ids: Vec<String> = workers
         .iter()
