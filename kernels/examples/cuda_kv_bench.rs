@@ -10,7 +10,10 @@
 //! (pool to pinned host memory, layer by layer on the copy stream), `import_pinned` (pinned
 //! host to pool), `import_layer` (each layer copied from pageable memory first, as chunks
 //! arriving from a socket are), and an export overlapped with decode steps on the compute
-//! stream. Block ids are a shuffled permutation of the pool on both sides (not contiguous).
+//! stream; and the `Backend` trait's paths: block-major `export_blocks`/`import_blocks`, and
+//! the layer chunks a GPU worker's executor hands the transfer plane
+//! (`export_layer_chunks`, `import_layer_chunks` from page-locked slices and from pageable
+//! copies). Block ids are a shuffled permutation of the pool on both sides (not contiguous).
 //! Device events (median of `--reps` after 3 warm-ups), and host wall clock for whole calls.
 
 use std::time::{Duration, Instant};
@@ -201,6 +204,26 @@ fn main() {
     });
     drop(data);
 
+    // The layer-chunk path the executor now uses: export into pooled page-locked slices,
+    // import straight from them (one process) and from pageable copies (a socket's bytes).
+    let mut pinned_chunks = Vec::new();
+    let chunk_export = med(reps.min(10), || {
+        pinned_chunks.clear();
+        wall(|| pinned_chunks = a.export_layer_chunks(src).unwrap())
+    });
+    let chunk_import_locked = med(reps.min(10), || {
+        wall(|| b.import_layer_chunks(dst, &pinned_chunks).unwrap())
+    });
+    let pageable: Vec<bytes::Bytes> = pinned_chunks
+        .iter()
+        .map(|c| bytes::Bytes::from(c.to_vec()))
+        .collect();
+    let chunk_import_pageable = med(reps.min(10), || {
+        wall(|| b.import_layer_chunks(dst, &pageable).unwrap())
+    });
+    drop(pageable);
+    drop(pinned_chunks);
+
     // Overlap: an export on the copy stream while decode steps run on the compute stream.
     let batch = 8usize;
     let ctx = 1024usize;
@@ -300,6 +323,24 @@ fn main() {
         gbs(trait_import),
         gbs(htod),
         100.0 * htod / trait_import
+    );
+    println!(
+        "| `Backend::export_layer_chunks` (pooled page-locked slices) | | {:.1} (wall) | {:.1} | {:.0}% | {chunk_export:.3} ms |",
+        gbs(chunk_export),
+        gbs(dtoh),
+        100.0 * dtoh / chunk_export
+    );
+    println!(
+        "| `Backend::import_layer_chunks` from those slices (DMA) | | {:.1} (wall) | {:.1} | {:.0}% | {chunk_import_locked:.3} ms |",
+        gbs(chunk_import_locked),
+        gbs(htod),
+        100.0 * htod / chunk_import_locked
+    );
+    println!(
+        "| `Backend::import_layer_chunks` from pageable copies | | {:.1} (wall) | {:.1} | {:.0}% | {chunk_import_pageable:.3} ms |",
+        gbs(chunk_import_pageable),
+        gbs(htod),
+        100.0 * htod / chunk_import_pageable
     );
     println!();
     println!(

@@ -11,6 +11,9 @@
 //! RoPE, grouped-query attention, SwiGLU); a CUDA backend must match the CPU backend within
 //! bf16 tolerance on the same weights and inputs.
 
+use bytes::Bytes;
+
+use crate::kv_chunks;
 use crate::model::ModelConfig;
 use crate::sampling::{sample_rows_on_host, SampleRow, SampledToken, SamplingError};
 use thiserror::Error;
@@ -280,6 +283,24 @@ pub trait Backend: Send {
     /// Writes data produced by [`Backend::export_blocks`] (on a backend with the same
     /// [`KvLayout`] shape and dtype) into the named blocks.
     fn import_blocks(&mut self, ids: &[u32], data: &[u8]) -> Result<(), BackendError>;
+
+    /// The named blocks as the transfer plane carries them: one chunk per layer (layer `l`:
+    /// K then V of each block, in `ids` order; see [`crate::kv_chunks`]). The default
+    /// reorders [`Backend::export_blocks`]; a device backend writes the chunks straight from
+    /// its pool (the CUDA one into page-locked memory the chunks keep alive, so a pull in the
+    /// same process reads them with no host copy).
+    fn export_layer_chunks(&self, ids: &[u32]) -> Result<Vec<Bytes>, BackendError> {
+        let data = self.export_blocks(ids)?;
+        kv_chunks::to_layer_chunks(&self.kv_layout(), ids.len(), &data)
+    }
+
+    /// Writes chunks from [`Backend::export_layer_chunks`] (of a backend with the same
+    /// [`KvLayout`] shape and dtype) into the named blocks. The default reorders them for
+    /// [`Backend::import_blocks`].
+    fn import_layer_chunks(&mut self, ids: &[u32], chunks: &[Bytes]) -> Result<(), BackendError> {
+        let data = kv_chunks::to_block_major(&self.kv_layout(), ids.len(), chunks)?;
+        self.import_blocks(ids, &data)
+    }
 }
 
 /// Checks a batch before any KV write, the same way for every backend: each step has tokens

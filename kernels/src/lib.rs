@@ -12,6 +12,7 @@ pub mod cuda;
 pub mod gguf;
 pub mod grammar;
 pub mod kv_cache;
+pub mod kv_chunks;
 pub mod loader;
 pub mod model;
 pub mod quant;

@@ -149,3 +149,65 @@ fn two_backends_on_one_device_move_kv_and_decode_like_one() {
     other.layout.n_layers += 1;
     assert!(d.pull_blocks_device(&other, &[0], &[0]).is_err());
 }
+
+/// What a GPU worker's executor calls: `export_layer_chunks` (slices of a page-locked buffer
+/// from the backend's pool) and `import_layer_chunks`, straight from those slices (DMA, as a
+/// pull in one process hands them over) and from ordinary memory (as a pull over a socket
+/// delivers them). Both move every byte, and the decode equals aggregated serving.
+#[test]
+fn layer_chunks_from_pinned_and_pageable_memory_move_every_byte() {
+    if !usable() {
+        return;
+    }
+    let prompt: Vec<u32> = (0..70u32).map(|i| (i * 53 + 5) % 1000).collect();
+    let blocks = prompt.len().div_ceil(BS);
+    let total = (prompt.len() + STEPS + 1).div_ceil(BS);
+    let mut agg = backend(None);
+    let agg_table: Vec<u32> = (0..total as u32).collect();
+    let first = prefill(&mut agg, &prompt, &agg_table);
+    let reference = decode(&mut agg, first, prompt.len(), &agg_table);
+
+    let mut p = backend(None);
+    let p_table: Vec<u32> = [9, 3, 17, 5, 30, 41].into_iter().take(total).collect();
+    assert_eq!(prefill(&mut p, &prompt, &p_table), first);
+    let src = &p_table[..blocks];
+    let exported = p.export_blocks(src).unwrap();
+    let chunks = p.export_layer_chunks(src).unwrap();
+    let layout = p.kv_layout();
+    assert_eq!(chunks.len(), layout.n_layers);
+    assert!(
+        chunks.iter().all(|c| p.gpu().is_page_locked(c)),
+        "exported chunks live in page-locked memory"
+    );
+    assert_eq!(
+        turbine_kernels::kv_chunks::to_block_major(&layout, blocks, &chunks).unwrap(),
+        exported,
+        "the chunks hold the blocks' bytes, layer by layer"
+    );
+
+    // Straight from the page-locked slices.
+    let mut d = backend(Some(11));
+    let d_table: Vec<u32> = [40, 2, 33, 8, 21, 60].into_iter().take(total).collect();
+    d.import_layer_chunks(&d_table[..blocks], &chunks).unwrap();
+    assert_eq!(d.export_blocks(&d_table[..blocks]).unwrap(), exported);
+    assert_eq!(decode(&mut d, first, prompt.len(), &d_table), reference);
+
+    // From ordinary memory (copies of the chunks, as a socket delivers them).
+    let pageable: Vec<bytes::Bytes> = chunks
+        .iter()
+        .map(|c| bytes::Bytes::from(c.to_vec()))
+        .collect();
+    assert!(!p.gpu().is_page_locked(&pageable[0]));
+    let mut e = backend(Some(13));
+    e.import_layer_chunks(&d_table[..blocks], &pageable)
+        .unwrap();
+    assert_eq!(e.export_blocks(&d_table[..blocks]).unwrap(), exported);
+    assert_eq!(decode(&mut e, first, prompt.len(), &d_table), reference);
+
+    // The exporter outlives nothing: chunks dropped after their backend free their buffer.
+    drop(p);
+    drop(chunks);
+    // Wrong sizes are refused, not written.
+    let short = vec![bytes::Bytes::from(vec![0u8; 3]); layout.n_layers];
+    assert!(e.import_layer_chunks(&d_table[..blocks], &short).is_err());
+}

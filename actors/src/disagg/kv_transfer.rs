@@ -1,12 +1,12 @@
 //! A request's KV blocks from one executor to another over the transfer plane.
 //!
-//! `Backend::export_blocks` writes blocks whole, one after another (per block: every layer's
-//! K then V). The transfer plane instead carries **one chunk per layer** (that layer's K and
-//! V of every block, in block order), so a decode worker receives layer 0 complete first
-//! and can start placing it while later layers are still on the wire (and a backend with a
-//! per-layer import can start the device copy then). [`KvChunkLayout`] converts between the
-//! two orders and is what both sides agree on: the prefill side sends it with the
-//! descriptor, the decode side checks it against its own pool's shape before importing.
+//! The transfer plane carries **one chunk per layer** (that layer's K and V of every block,
+//! in block order; `turbine_kernels::kv_chunks`), as the executor exports and imports them
+//! (`Backend::export_layer_chunks` / `import_layer_chunks`: on a GPU, slices of page-locked
+//! memory filled on the copy stream, which a pull in the same process hands to the importer
+//! with no host copy). [`KvChunkLayout`] is what both sides agree on: the prefill side sends
+//! it with the descriptor, the decode side checks it against its own pool's shape before
+//! importing.
 
 use bytes::Bytes;
 use serde::{Deserialize, Serialize};
@@ -96,51 +96,6 @@ impl KvChunkLayout {
             ..*self
         } == *other
     }
-
-    /// Cuts `export_blocks` output (block-major) into one chunk per layer.
-    pub fn to_layer_chunks(&self, block_major: &[u8]) -> Result<Vec<Bytes>, TransferError> {
-        if block_major.len() != self.total_bytes() {
-            return Err(TransferError::SizeMismatch {
-                expected: self.total_bytes() as u64,
-                got: block_major.len() as u64,
-            });
-        }
-        let (per, block) = (self.layer_block_bytes(), self.block_bytes());
-        Ok((0..self.n_layers as usize)
-            .map(|layer| {
-                let mut chunk = Vec::with_capacity(self.chunk_bytes());
-                for b in 0..self.blocks as usize {
-                    let at = b * block + layer * per;
-                    chunk.extend_from_slice(&block_major[at..at + per]);
-                }
-                Bytes::from(chunk)
-            })
-            .collect())
-    }
-
-    /// Places layer `layer`'s chunk into a block-major buffer of [`Self::total_bytes`].
-    pub fn place_layer(
-        &self,
-        layer: usize,
-        chunk: &[u8],
-        block_major: &mut [u8],
-    ) -> Result<(), TransferError> {
-        if chunk.len() != self.chunk_bytes()
-            || layer >= self.n_layers as usize
-            || block_major.len() != self.total_bytes()
-        {
-            return Err(TransferError::SizeMismatch {
-                expected: self.chunk_bytes() as u64,
-                got: chunk.len() as u64,
-            });
-        }
-        let (per, block) = (self.layer_block_bytes(), self.block_bytes());
-        for (b, part) in chunk.chunks_exact(per).enumerate() {
-            let at = b * block + layer * per;
-            block_major[at..at + per].copy_from_slice(part);
-        }
-        Ok(())
-    }
 }
 
 /// What a prefill worker hands the decode worker for one request's KV.
@@ -159,16 +114,15 @@ pub async fn export_blocks(
 ) -> Result<KvExport, KvTransferError> {
     let layout = KvChunkLayout::new(&exec.kv_layout().await?, blocks.len());
     let ids: Vec<u32> = blocks.iter().map(|b| b.0).collect();
-    let data = exec.export_blocks(ids).await?;
-    let chunks = layout.to_layer_chunks(&data)?;
+    let chunks = exec.export_layer_chunks(ids).await?;
     Ok(KvExport {
         descriptor: plane.register(chunks),
         layout,
     })
 }
 
-/// Pulls `export` over `plane` into `blocks` of `exec`'s pool, layer by layer as the
-/// chunks arrive, then imports them in one executor job. The first `skip` transferred
+/// Pulls `export` over `plane` into `blocks` of `exec`'s pool: the layer chunks as they
+/// arrive, then one executor job imports them all. The first `skip` transferred
 /// blocks are not pulled at all (the decode worker caches them: `RemoteKvAdmission`'s
 /// `cached_blocks`); the rest go into `blocks`, in order. Returns the bytes pulled. On error
 /// the blocks hold garbage: the caller frees them (and prefills locally).
@@ -216,26 +170,35 @@ pub async fn import_blocks(
             .collect()
     };
     let descriptor = export.descriptor.clone().with_ranges(ranges);
-    let mut block_major = vec![0u8; tail.total_bytes()];
+    let mut chunks: Vec<Option<Bytes>> = vec![None; tail.n_layers as usize];
     let mut pull = plane.pull(&descriptor);
-    let mut layers = 0usize;
     while let Some(chunk) = pull.next_chunk().await {
         let (layer, bytes) = chunk?;
-        tail.place_layer(layer as usize, &bytes, &mut block_major)?;
-        layers += 1;
+        let slot = chunks.get_mut(layer as usize).filter(|c| c.is_none());
+        match slot {
+            Some(slot) if bytes.len() == tail.chunk_bytes() => *slot = Some(bytes),
+            _ => {
+                return Err(TransferError::SizeMismatch {
+                    expected: tail.chunk_bytes() as u64,
+                    got: bytes.len() as u64,
+                }
+                .into())
+            }
+        }
     }
     if tail.blocks == 0 {
         return Ok(0);
     }
-    if layers != tail.n_layers as usize {
+    let chunks: Vec<Bytes> = chunks.into_iter().flatten().collect();
+    if chunks.len() != tail.n_layers as usize {
         return Err(TransferError::SizeMismatch {
             expected: tail.total_bytes() as u64,
-            got: (layers * tail.chunk_bytes()) as u64,
+            got: (chunks.len() * tail.chunk_bytes()) as u64,
         }
         .into());
     }
     let ids: Vec<u32> = blocks.iter().map(|b| b.0).collect();
-    exec.import_blocks(ids, block_major).await?;
+    exec.import_layer_chunks(ids, chunks).await?;
     Ok(tail.total_bytes() as u64)
 }
 
@@ -255,29 +218,9 @@ mod tests {
     }
 
     #[test]
-    fn layer_chunks_round_trip_to_block_major() {
-        let l = layout(4);
-        let data: Vec<u8> = (0..l.total_bytes()).map(|i| i as u8).collect();
-        let chunks = l.to_layer_chunks(&data).unwrap();
-        assert_eq!(chunks.len(), 3);
-        // Layer 1 of block 0 starts right after layer 0 of block 0.
-        assert_eq!(chunks[1][0] as usize, l.layer_block_bytes());
-        let mut back = vec![0u8; l.total_bytes()];
-        for (i, c) in chunks.iter().enumerate().rev() {
-            l.place_layer(i, c, &mut back).unwrap();
-        }
-        assert_eq!(back, data);
-    }
-
-    #[test]
-    fn wrong_sizes_are_refused() {
-        let l = layout(2);
-        assert!(l.to_layer_chunks(&[0; 3]).is_err());
-        let mut out = vec![0u8; l.total_bytes()];
-        assert!(l.place_layer(0, &[0; 3], &mut out).is_err());
-        assert!(l
-            .place_layer(7, &vec![0; l.chunk_bytes()], &mut out)
-            .is_err());
+    fn shapes_agree_apart_from_the_block_count() {
+        assert_eq!(layout(4).chunk_bytes(), 4 * layout(1).layer_block_bytes());
+        assert_eq!(layout(4).total_bytes(), 4 * layout(4).block_bytes());
         assert!(layout(1).same_shape(&layout(9)));
         let other = KvChunkLayout {
             head_dim: 4,

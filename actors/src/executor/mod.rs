@@ -16,6 +16,7 @@ pub mod device;
 use crate::ids::RequestId;
 use crate::protocol::{SamplingParams, TokenLogprob};
 use crate::worker::{SampledToken, ScheduledSeq};
+use bytes::Bytes;
 use std::sync::mpsc as std_mpsc;
 use std::sync::{Arc, Condvar, Mutex};
 use std::thread;
@@ -320,22 +321,30 @@ impl Executor {
         rx.await.map_err(|_| ExecError::Stopped)
     }
 
-    /// Copies the named KV blocks out of the pool (see `Backend::export_blocks`).
-    pub async fn export_blocks(&self, ids: Vec<u32>) -> Result<Vec<u8>, ExecError> {
+    /// Copies the named KV blocks out of the pool, one chunk per layer (see
+    /// `Backend::export_layer_chunks`): what the transfer plane serves.
+    pub async fn export_layer_chunks(&self, ids: Vec<u32>) -> Result<Vec<Bytes>, ExecError> {
         if let Some(kv) = self.simulated_kv() {
-            let block = crate::disagg::KvChunkLayout::new(kv, 1).block_bytes();
-            return Ok(vec![0; block * ids.len()]);
+            let chunk = turbine_kernels::kv_chunks::chunk_bytes(kv, ids.len());
+            return Ok(vec![Bytes::from(vec![0; chunk]); kv.n_layers]);
         }
-        Ok(self.on_backend(move |b| b.export_blocks(&ids)).await??)
+        Ok(self
+            .on_backend(move |b| b.export_layer_chunks(&ids))
+            .await??)
     }
 
-    /// Writes exported KV data into the named blocks (see `Backend::import_blocks`).
-    pub async fn import_blocks(&self, ids: Vec<u32>, data: Vec<u8>) -> Result<(), ExecError> {
+    /// Writes exported layer chunks into the named blocks (see
+    /// `Backend::import_layer_chunks`).
+    pub async fn import_layer_chunks(
+        &self,
+        ids: Vec<u32>,
+        chunks: Vec<Bytes>,
+    ) -> Result<(), ExecError> {
         if self.simulated_kv().is_some() {
             return Ok(());
         }
         Ok(self
-            .on_backend(move |b| b.import_blocks(&ids, &data))
+            .on_backend(move |b| b.import_layer_chunks(&ids, &chunks))
             .await??)
     }
 

@@ -18,7 +18,7 @@
 mod kv_copy;
 pub use kv_copy::{KvExportJob, KvImportJob, KvPool};
 
-use super::device::{CudaError, DBuf, Gpu, Graph, KernelSpec, PinnedBytes, PinnedWords};
+use super::device::{CudaError, DBuf, Gpu, Graph, KernelSpec, PinnedWords};
 use super::ops::{
     prefill_tiles, sample_params, AttnMeta, PrefillAttention, PREFILL_MIN_TOKENS, SAMPLE_MAX_TOP,
     SAMPLE_OUT,
@@ -175,8 +175,8 @@ pub struct CudaBackend {
     /// new tokens (other steps always use the split kernel).
     prefill_attention: PrefillAttention,
     /// Page-locked staging of KV exports and imports, kept between them (pinning hundreds of
-    /// MB takes longer than copying them); the largest one asked for so far.
-    kv_host: std::sync::Mutex<Option<PinnedBytes>>,
+    /// MB takes longer than copying them); exported layer chunks hold theirs until dropped.
+    kv_host: std::sync::Arc<kv_copy::PinnedPool>,
 }
 
 fn check_config(c: &ModelConfig, o: &CudaBackendOptions) -> Result<(), BackendError> {
@@ -368,6 +368,7 @@ impl CudaBackend {
         let out_norm = vecf(&weights.output_norm, h)?;
         let (kcache, vcache) = Self::alloc_pool(&gpu, &layout)?;
         gpu.sync()?;
+        let kv_host = std::sync::Arc::new(kv_copy::PinnedPool::new(gpu.ctx.clone()));
         Ok(CudaBackend {
             gpu,
             config,
@@ -384,7 +385,7 @@ impl CudaBackend {
             graphs: BTreeMap::new(),
             use_graphs: graphs_from_env(),
             prefill_attention: DEFAULT_PREFILL_ATTENTION,
-            kv_host: std::sync::Mutex::new(None),
+            kv_host,
         })
     }
 
@@ -438,6 +439,7 @@ impl CudaBackend {
         let out_norm = vecf(draw_for(seed, None, 1, h), h)?;
         let (kcache, vcache) = Self::alloc_pool(&gpu, &layout)?;
         gpu.sync()?;
+        let kv_host = std::sync::Arc::new(kv_copy::PinnedPool::new(gpu.ctx.clone()));
         Ok(CudaBackend {
             gpu,
             config,
@@ -454,7 +456,7 @@ impl CudaBackend {
             graphs: BTreeMap::new(),
             use_graphs: graphs_from_env(),
             prefill_attention: DEFAULT_PREFILL_ATTENTION,
-            kv_host: std::sync::Mutex::new(None),
+            kv_host,
         })
     }
 
@@ -1146,20 +1148,30 @@ impl Backend for CudaBackend {
 
     fn export_blocks(&self, ids: &[u32]) -> Result<Vec<u8>, BackendError> {
         // Through the copy stream's layer chunks, reordered to the trait's block-major order
-        // on the host (one pass; the chunks are what the transfer plane sends anyway).
-        let host = self.take_kv_host(self.export_bytes(ids.len()))?;
-        let (host, _) = self.start_export(ids, host)?.finish()?;
+        // on the host (the transfer plane uses `export_layer_chunks`, without this pass).
+        let chunks = self.export_layer_chunks(ids)?;
+        let mut out = vec![0u8; self.layout.bytes_per_block() * ids.len()];
         let seg2 = 2 * self.block_span(0).1;
-        let layer_bytes = seg2 * ids.len();
-        let mut out = Vec::with_capacity(self.layout.bytes_per_block() * ids.len());
-        for i in 0..ids.len() {
-            for l in 0..self.layout.n_layers {
-                let at = l * layer_bytes + i * seg2;
-                out.extend_from_slice(&host.as_slice()[at..at + seg2]);
+        let per = self.layout.bytes_per_block();
+        for (l, chunk) in chunks.iter().enumerate() {
+            for i in 0..ids.len() {
+                out[i * per + l * seg2..i * per + (l + 1) * seg2]
+                    .copy_from_slice(&chunk[i * seg2..(i + 1) * seg2]);
             }
         }
-        self.keep_kv_host(host);
         Ok(out)
+    }
+
+    fn export_layer_chunks(&self, ids: &[u32]) -> Result<Vec<bytes::Bytes>, BackendError> {
+        self.export_pinned_chunks(ids)
+    }
+
+    fn import_layer_chunks(
+        &mut self,
+        ids: &[u32],
+        chunks: &[bytes::Bytes],
+    ) -> Result<(), BackendError> {
+        self.import_chunks(ids, chunks)
     }
 
     fn import_blocks(&mut self, ids: &[u32], data: &[u8]) -> Result<(), BackendError> {

@@ -899,6 +899,57 @@ impl Gpu {
         Ok(())
     }
 
+    /// Whether all of `host` lies in page-locked memory that this process allocated through
+    /// CUDA (e.g. another backend's exported [`PinnedBytes`]): such bytes can be uploaded by
+    /// DMA with [`Gpu::copy_htod_locked`], with no staging copy. Pageable memory answers
+    /// false (the driver reports an invalid value for it).
+    pub fn is_page_locked(&self, host: &[u8]) -> bool {
+        let Some(last) = host.len().checked_sub(1) else {
+            return false;
+        };
+        let host_type = |addr: *const u8| {
+            let mut ty: u32 = 0;
+            // SAFETY: `ty` is the u32 the MEMORY_TYPE attribute writes; the call only
+            // queries the driver's address table.
+            let r = unsafe {
+                drv::sys::cuPointerGetAttribute(
+                    (&mut ty as *mut u32).cast(),
+                    drv::sys::CUpointer_attribute::CU_POINTER_ATTRIBUTE_MEMORY_TYPE,
+                    addr as u64,
+                )
+            };
+            r == drv::sys::CUresult::CUDA_SUCCESS
+                && ty == drv::sys::CUmemorytype::CU_MEMORYTYPE_HOST as u32
+        };
+        // A slice is one allocation's bytes: both ends page-locked means all of it.
+        host_type(host.as_ptr()) && host_type(host[last..].as_ptr())
+    }
+
+    /// Queues an upload of `src` (page-locked: [`Gpu::is_page_locked`]) to device address
+    /// `dst` on the copy stream. The caller keeps `src` alive and unchanged until the copy
+    /// stream has passed the copy.
+    pub fn copy_htod_locked(&self, src: &[u8], dst: u64) -> Result<(), CudaError> {
+        if src.is_empty() {
+            return Ok(());
+        }
+        if !self.is_page_locked(src) {
+            return Err(CudaError::Shape(
+                "an asynchronous upload from memory that is not page-locked".into(),
+            ));
+        }
+        // SAFETY: page-locked host memory the caller keeps until the copy is done.
+        unsafe {
+            drv::sys::cuMemcpyHtoDAsync_v2(
+                dst,
+                src.as_ptr() as *const _,
+                src.len(),
+                self.copy.cu_stream(),
+            )
+            .result()?;
+        }
+        Ok(())
+    }
+
     /// Queues `bytes` from `src` at `offset` to device address `dst` on the copy stream
     /// (`src` must not change until the stream has passed the copy).
     pub fn copy_htod_pinned(

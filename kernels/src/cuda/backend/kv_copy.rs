@@ -16,15 +16,23 @@
 //! - [`CudaBackend::start_import`] + [`CudaBackend::import_layer`]: the reverse, one layer
 //!   at a time as chunks arrive.
 //!
+//! What a GPU worker's executor calls (`Backend::export_layer_chunks` /
+//! `import_layer_chunks`) sits on the last two: an export's layer chunks are `Bytes` slices
+//! of the page-locked buffer itself (no host copy; the buffer goes back to the backend's
+//! [`PinnedPool`] when the transfer plane drops the last slice), and an import uploads a
+//! chunk by DMA straight from where it lies when that is page-locked (a pull inside one
+//! process hands over the exporter's slices), else through the kept staging buffer.
+//!
 //! Ordering: the copy stream waits for the steps queued on the compute stream before it
 //! reads blocks (an export) and the compute stream waits for the copy stream before the next
 //! step reads imported blocks. The caller keeps the blocks held (not reused) until a job is
 //! finished; a job dropped unfinished waits for its copies before freeing its buffers.
 
-use std::sync::Arc;
+use std::sync::{Arc, Mutex, Weak};
 use std::time::Duration;
 
-use cudarc::driver::{CudaEvent, CudaStream};
+use bytes::Bytes;
+use cudarc::driver::{CudaContext, CudaEvent, CudaStream};
 
 use super::CudaBackend;
 use crate::backend::{BackendError, KvLayout};
@@ -141,6 +149,94 @@ impl Drop for KvImportJob {
     }
 }
 
+/// Most page-locked bytes a [`PinnedPool`] keeps for reuse; buffers beyond are freed.
+const POOL_KEEP_BYTES: usize = 2 << 30;
+
+/// Page-locked buffers kept between KV exports and imports: pinning hundreds of MB takes
+/// longer than copying them. Buffers come back from finished imports and from exported
+/// chunks once the transfer plane has dropped them (from any thread).
+pub(crate) struct PinnedPool {
+    ctx: Arc<CudaContext>,
+    kept: Mutex<Vec<PinnedBytes>>,
+}
+
+impl PinnedPool {
+    pub(crate) fn new(ctx: Arc<CudaContext>) -> PinnedPool {
+        PinnedPool {
+            ctx,
+            kept: Mutex::new(Vec::new()),
+        }
+    }
+
+    /// The smallest kept buffer of at least `bytes`, if any.
+    fn take(&self, bytes: usize) -> Option<PinnedBytes> {
+        let mut kept = self.kept.lock().unwrap_or_else(|e| e.into_inner());
+        let best = kept
+            .iter()
+            .enumerate()
+            .filter(|(_, b)| b.len() >= bytes)
+            .min_by_key(|(_, b)| b.len())
+            .map(|(i, _)| i)?;
+        Some(kept.swap_remove(best))
+    }
+
+    /// Keeps `buf`, then frees the smallest buffers while more than [`POOL_KEEP_BYTES`]
+    /// are kept.
+    fn keep(&self, buf: PinnedBytes) {
+        let mut freed = Vec::new();
+        {
+            let mut kept = self.kept.lock().unwrap_or_else(|e| e.into_inner());
+            kept.push(buf);
+            kept.sort_by_key(|b| std::cmp::Reverse(b.len()));
+            let mut total = 0usize;
+            let mut keep = 0;
+            for b in kept.iter() {
+                if keep > 0 && total + b.len() > POOL_KEEP_BYTES {
+                    break;
+                }
+                total += b.len();
+                keep += 1;
+            }
+            freed.extend(kept.drain(keep..));
+        }
+        if !freed.is_empty() {
+            // cuMemFreeHost needs the context current on this thread (any thread may keep).
+            let _ = self.ctx.bind_to_thread();
+            drop(freed);
+        }
+    }
+}
+
+/// The owner behind an export's layer-chunk `Bytes`: the page-locked buffer, returned to
+/// its pool when the last slice is dropped.
+struct PooledChunks {
+    buf: Option<PinnedBytes>,
+    len: usize,
+    pool: Weak<PinnedPool>,
+    ctx: Arc<CudaContext>,
+}
+
+impl AsRef<[u8]> for PooledChunks {
+    fn as_ref(&self) -> &[u8] {
+        self.buf
+            .as_ref()
+            .map_or(&[][..], |b| &b.as_slice()[..self.len])
+    }
+}
+
+impl Drop for PooledChunks {
+    fn drop(&mut self) {
+        let Some(buf) = self.buf.take() else { return };
+        match self.pool.upgrade() {
+            Some(pool) => pool.keep(buf),
+            None => {
+                let _ = self.ctx.bind_to_thread();
+                drop(buf);
+            }
+        }
+    }
+}
+
 fn device_err(e: impl std::fmt::Debug) -> BackendError {
     BackendError::Device(format!("{e:?}"))
 }
@@ -164,25 +260,63 @@ impl CudaBackend {
         }
     }
 
-    /// The kept page-locked staging buffer if it holds `bytes`, else a new one.
+    /// A kept page-locked buffer that holds `bytes`, else a new one.
     pub(super) fn take_kv_host(&self, bytes: usize) -> Result<PinnedBytes, BackendError> {
-        let kept = self
-            .kv_host
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .take();
-        match kept {
-            Some(h) if h.len() >= bytes => Ok(h),
-            _ => Ok(PinnedBytes::new(&self.gpu, bytes)?),
+        match self.kv_host.take(bytes) {
+            Some(h) => Ok(h),
+            None => Ok(PinnedBytes::new(&self.gpu, bytes)?),
         }
     }
 
-    /// Keeps `host` for the next export or import (the larger of it and the one kept).
+    /// Keeps `host` for a later export or import.
     pub(super) fn keep_kv_host(&self, host: PinnedBytes) {
-        let mut kept = self.kv_host.lock().unwrap_or_else(|e| e.into_inner());
-        if kept.as_ref().is_none_or(|k| k.len() < host.len()) {
-            *kept = Some(host);
+        self.kv_host.keep(host);
+    }
+
+    /// Blocks `ids` as one `Bytes` chunk per layer (see `Backend::export_layer_chunks`),
+    /// slices of one page-locked buffer written on the copy stream: the compute stream runs
+    /// on meanwhile, and the buffer returns to the pool when the last chunk is dropped.
+    pub(super) fn export_pinned_chunks(&self, ids: &[u32]) -> Result<Vec<Bytes>, BackendError> {
+        let total = self.export_bytes(ids.len());
+        let host = self.take_kv_host(total)?;
+        let job = self.start_export(ids, host)?;
+        let layer_bytes = job.layer_bytes();
+        let (host, _) = job.finish()?;
+        let all = Bytes::from_owner(PooledChunks {
+            buf: Some(host),
+            len: total,
+            pool: Arc::downgrade(&self.kv_host),
+            ctx: self.gpu.ctx.clone(),
+        });
+        Ok((0..self.layout.n_layers)
+            .map(|l| all.slice(l * layer_bytes..(l + 1) * layer_bytes))
+            .collect())
+    }
+
+    /// Writes one chunk per layer into blocks `ids` (see `Backend::import_layer_chunks`):
+    /// a page-locked chunk (an export of this process) goes up by DMA from where it lies,
+    /// any other through the kept staging buffer; each layer's scatter follows its upload
+    /// on the copy stream, and the next step waits for the last.
+    pub(super) fn import_chunks(
+        &mut self,
+        ids: &[u32],
+        chunks: &[Bytes],
+    ) -> Result<(), BackendError> {
+        crate::kv_chunks::check_chunks(&self.layout, ids.len(), chunks)?;
+        if ids.is_empty() {
+            return Ok(());
         }
+        let mut job = self.start_import(ids)?;
+        for (l, chunk) in chunks.iter().enumerate() {
+            if self.gpu.is_page_locked(chunk) {
+                self.queue_import_locked(&mut job, l, chunk)?;
+            } else {
+                self.import_layer(&mut job, l, chunk)?;
+            }
+        }
+        // `chunks` outlive the copies: finish_import waits for the copy stream.
+        self.finish_import(job)?;
+        Ok(())
     }
 
     pub(super) fn check_ids(&self, ids: &[u32]) -> Result<(), BackendError> {
@@ -419,6 +553,33 @@ impl CudaBackend {
         // one staging buffer.
         self.gpu
             .copy_htod_pinned(src, offset, job.staging.ptr(), job.layer_bytes)?;
+        self.gpu
+            .copy_segments(&job.pairs, l * per_layer * 16, per_layer, seg)?;
+        job.pushed[l] = true;
+        Ok(())
+    }
+
+    /// Like `queue_import_layer`, from page-locked memory outside the job's buffers (the
+    /// caller keeps it until the job is finished).
+    fn queue_import_locked(
+        &mut self,
+        job: &mut KvImportJob,
+        l: usize,
+        chunk: &[u8],
+    ) -> Result<(), BackendError> {
+        if l >= job.pushed.len() || job.pushed[l] || chunk.len() != job.layer_bytes {
+            return Err(BackendError::Device(format!(
+                "layer {l} of an import of {} layers pushed twice, out of range or of {} bytes",
+                job.pushed.len(),
+                chunk.len()
+            )));
+        }
+        if job.start.is_none() {
+            job.start = Some(self.gpu.record_on(&self.gpu.copy)?);
+        }
+        let per_layer = 2 * job.ids.len();
+        let seg = self.block_span(0).1;
+        self.gpu.copy_htod_locked(chunk, job.staging.ptr())?;
         self.gpu
             .copy_segments(&job.pairs, l * per_layer * 16, per_layer, seg)?;
         job.pushed[l] = true;
