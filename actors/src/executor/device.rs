@@ -253,4 +253,28 @@ mod tests {
             other => panic!("unexpected {other:?}"),
         }
     }
+
+    /// The fixture's vision model stays on the CPU for `cpu`; a GPU that is not there is
+    /// refused with the reason, never a panic.
+    #[test]
+    fn the_vision_tower_goes_to_the_groups_device() {
+        let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
+            .join("../tests/fixtures/tiny-idefics3");
+        let model = turbine_kernels::loader::load_model(&dir).unwrap();
+        let vision = model.vision.unwrap();
+        assert_eq!(
+            vision_on(Device::Cpu, &vision).unwrap().tower.device(),
+            "cpu"
+        );
+        let err = vision_on(Device::Cuda(999), &vision).unwrap_err();
+        assert!(
+            matches!(
+                err,
+                DeviceError::NoSuchDevice { ordinal: 999, .. }
+                    | DeviceError::DriverMissing { ordinal: 999, .. }
+                    | DeviceError::NoCudaSupport(Device::Cuda(999))
+            ),
+            "{err}"
+        );
+    }
 }

@@ -125,10 +125,11 @@ struct Scratch {
     out: DBuf,
 }
 
+// Field order is drop order: the buffers go before the device they live on.
 struct Inner {
-    gpu: Gpu,
     w: DevWeights,
     scratch: Option<Scratch>,
+    gpu: Gpu,
 }
 
 /// The vision tower and connector on one GPU; see the module doc.
@@ -462,9 +463,9 @@ impl CudaVisionTower {
             cfg,
             options,
             inner: Mutex::new(Inner {
-                gpu,
                 w,
                 scratch: None,
+                gpu,
             }),
         })
     }
