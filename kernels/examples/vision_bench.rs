@@ -28,6 +28,20 @@
 //! alike): the CPU backend's prefill of a 512-token prompt on the default text model
 //! (SmolLM2-135M-Instruct Q4_1, the text model of the fixture's shape), when it is there
 //! (`BENCH_ANCHOR=0` skips it).
+//!
+//! `--device cuda` (or `cuda:N`; a build with the `cuda` feature): the CUDA tower
+//! (`CudaVisionTower`, the same synthetic weights uploaded as bf16) for both shapes (or
+//! `BENCH_SHAPE`'s), batches of `BENCH_TILES` tiles per call (comma-separated, default `1,8`):
+//! median wall time of `encode_tiles` (pixels up, tower, embeddings down: each call ends
+//! synchronised) over `BENCH_RUNS` runs (default 10) after 3 warm-up calls, and tiles/s
+//! (images/s of one-tile images); then whole images through `VisionModel::encode` on the GPU
+//! (the processor on the host) for `BENCH_IMAGES`. Anchor: the CUDA backend's prefill of 512
+//! tokens on synthetic SmolLM2-135M weights on the same GPU, median of the same runs.
+//!
+//! ```text
+//! cargo build --release -p turbine-kernels --features cuda --example vision_bench
+//! target/release/examples/vision_bench --device cuda
+//! ```
 
 use std::sync::Arc;
 use std::time::Instant;
@@ -35,7 +49,9 @@ use turbine_kernels::backend::{Backend, SeqStep};
 use turbine_kernels::cpu::{CpuBackend, CpuBackendOptions};
 use turbine_kernels::loader::{default_model_path, load_model, VisionModel};
 use turbine_kernels::tensor::{DType, Storage, WeightTensor};
-use turbine_kernels::vision::{process, ProcessorConfig, RgbImage, VisionConfig, VisionTower};
+use turbine_kernels::vision::{
+    process, ImageEncoder, ProcessorConfig, RgbImage, VisionConfig, VisionTower,
+};
 
 fn env_usize(k: &str, d: usize) -> usize {
     std::env::var(k)
@@ -202,14 +218,15 @@ fn anchor(runs: usize) -> Option<(String, Vec<f64>)> {
     Some((model.name, secs))
 }
 
-fn main() {
-    let shape = std::env::var("BENCH_SHAPE").unwrap_or_else(|_| "smolvlm-256m".into());
-    let (image_size, scale_factor) = match shape.as_str() {
+/// The tower's shape for a `BENCH_SHAPE` name: SigLIP-base patch 16 at 512 px with
+/// SmolVLM-256M's shuffle and text width, or at 224 px.
+fn shape_config(shape: &str) -> VisionConfig {
+    let (image_size, scale_factor) = match shape {
         "smolvlm-256m" => (512, 4),
         "siglip-base-224" => (224, 2),
         other => panic!("BENCH_SHAPE {other:?}: smolvlm-256m or siglip-base-224"),
     };
-    let cfg = VisionConfig {
+    VisionConfig {
         hidden_size: 768,
         intermediate_size: 3072,
         n_layers: 12,
@@ -220,7 +237,38 @@ fn main() {
         layer_norm_eps: 1e-6,
         scale_factor,
         text_hidden: 576,
-    };
+    }
+}
+
+/// The `--device` argument: `None` for the CPU, `Some(N)` for `cuda` / `cuda:N`.
+fn device_arg() -> Option<usize> {
+    let args: Vec<String> = std::env::args().skip(1).collect();
+    let mut value = None;
+    for (i, a) in args.iter().enumerate() {
+        if let Some(v) = a.strip_prefix("--device=") {
+            value = Some(v.to_string());
+        } else if a == "--device" {
+            value = args.get(i + 1).cloned();
+        }
+    }
+    match value.as_deref() {
+        None | Some("cpu") => None,
+        Some("cuda") => Some(0),
+        Some(v) => match v.strip_prefix("cuda:").and_then(|n| n.parse().ok()) {
+            Some(n) => Some(n),
+            None => panic!("--device {v:?}: cpu, cuda or cuda:N"),
+        },
+    }
+}
+
+fn main() {
+    if let Some(ordinal) = device_arg() {
+        cuda::main(ordinal);
+        return;
+    }
+    let shape = std::env::var("BENCH_SHAPE").unwrap_or_else(|_| "smolvlm-256m".into());
+    let cfg = shape_config(&shape);
+    let image_size = cfg.image_size;
     let seq_len = cfg.tokens_per_tile();
     let runs = env_usize("BENCH_RUNS", 3);
     let kinds = std::env::var("BENCH_IMAGES").unwrap_or_else(|_| "1".into());
@@ -239,7 +287,7 @@ fn main() {
             other => panic!("BENCH_IMAGES entry {other:?}: 1 or split"),
         };
         let model = VisionModel {
-            tower: tower.clone(),
+            tower: ImageEncoder::from(tower.clone()),
             processor: processor(image_size, splitting, seq_len),
             image_token_id: 0,
         };
@@ -271,6 +319,162 @@ fn main() {
             rayon::current_num_threads(),
             512.0 / m,
             rounded(&secs)
+        );
+    }
+}
+
+#[cfg(not(feature = "cuda"))]
+mod cuda {
+    pub fn main(_ordinal: usize) {
+        panic!("--device cuda needs a build with the cuda feature (--features turbine/cuda)");
+    }
+}
+
+#[cfg(feature = "cuda")]
+mod cuda {
+    use super::*;
+    use turbine_kernels::cuda::{
+        device_count, synthetic_config, CudaBackend, CudaBackendOptions, CudaVisionOptions,
+        CudaVisionTower,
+    };
+
+    /// `count` tiles of deterministic values in [-1, 1) (normalised pixels).
+    fn tiles(cfg: &VisionConfig, count: usize) -> Vec<Vec<f32>> {
+        (0..count)
+            .map(|t| {
+                (0..cfg.tile_len())
+                    .map(|i| (((i * 7 + t * 13) % 251) as f32 / 125.5) - 1.0)
+                    .collect()
+            })
+            .collect()
+    }
+
+    /// Median seconds of `f` over `runs` calls after `warm` calls.
+    fn timed(warm: usize, runs: usize, mut f: impl FnMut()) -> (f64, Vec<f64>) {
+        for _ in 0..warm {
+            f();
+        }
+        let secs: Vec<f64> = (0..runs)
+            .map(|_| {
+                let t0 = Instant::now();
+                f();
+                t0.elapsed().as_secs_f64()
+            })
+            .collect();
+        (median(secs.clone()), secs)
+    }
+
+    fn ms(v: &[f64]) -> Vec<f64> {
+        v.iter().map(|s| (s * 1e5).round() / 100.0).collect()
+    }
+
+    pub fn main(ordinal: usize) {
+        match device_count() {
+            Ok(n) if n > ordinal => {}
+            Ok(n) => panic!("no CUDA device {ordinal} ({n} present)"),
+            Err(e) => panic!("CUDA is not usable: {e}"),
+        }
+        let runs = env_usize("BENCH_RUNS", 10).max(1);
+        let shapes =
+            std::env::var("BENCH_SHAPE").unwrap_or_else(|_| "siglip-base-224,smolvlm-256m".into());
+        let batches: Vec<usize> = std::env::var("BENCH_TILES")
+            .unwrap_or_else(|_| "1,8".into())
+            .split(',')
+            .map(|b| b.trim().parse().expect("BENCH_TILES: tile counts"))
+            .collect();
+        let kinds = std::env::var("BENCH_IMAGES").unwrap_or_else(|_| "1,split".into());
+        let largest = batches.iter().copied().max().unwrap_or(1).max(17);
+        for shape in shapes.split(',') {
+            let cfg = shape_config(shape);
+            let cpu = Arc::new(tower(cfg.clone()));
+            let gpu = Arc::new(
+                CudaVisionTower::new(
+                    &cpu,
+                    CudaVisionOptions {
+                        device: ordinal,
+                        max_tiles_per_pass: largest,
+                    },
+                )
+                .expect("the CUDA tower"),
+            );
+            println!(
+                "vision_bench --device cuda:{ordinal} ({}): {shape} (synthetic weights, bf16), {} \
+                 patches and {} tokens a tile, median of {runs} runs after 3 warm-ups",
+                gpu.device_name(),
+                cfg.num_patches(),
+                cfg.tokens_per_tile()
+            );
+            for &b in &batches {
+                let input = tiles(&cfg, b);
+                let want = b * cfg.tokens_per_tile() * cfg.text_hidden;
+                let (m, secs) = timed(3, runs, || {
+                    let out = gpu.encode_tiles(&input).expect("encode");
+                    assert_eq!(out.len(), want);
+                });
+                println!(
+                    "  {b} tile(s) a call: median {:.3} ms ({:.1} tiles/s); runs (ms) {:?}",
+                    m * 1e3,
+                    b as f64 / m,
+                    ms(&secs)
+                );
+            }
+            for kind in kinds.split(',') {
+                let splitting = match kind {
+                    "1" => false,
+                    "split" => true,
+                    other => panic!("BENCH_IMAGES entry {other:?}: 1 or split"),
+                };
+                let model = VisionModel {
+                    tower: ImageEncoder::Cuda(gpu.clone()),
+                    processor: processor(cfg.image_size, splitting, cfg.tokens_per_tile()),
+                    image_token_id: 0,
+                };
+                let image = photo(512);
+                let n_tiles = process(&image, &model.processor).tiles.len();
+                let (m, secs) = timed(3, runs, || {
+                    let out = model.encode(&image).expect("encode");
+                    assert_eq!(out.tokens, n_tiles * cfg.tokens_per_tile());
+                });
+                println!(
+                    "  image 512x512, {kind}: {n_tiles} tile(s), processor on the host: median \
+                     {:.3} ms ({:.1} images/s); runs (ms) {:?}",
+                    m * 1e3,
+                    1.0 / m,
+                    ms(&secs)
+                );
+            }
+        }
+        let config = synthetic_config("smollm2-135m").expect("the anchor's shape");
+        let vocab = config.vocab_size;
+        let mut be = CudaBackend::synthetic(
+            config,
+            7,
+            CudaBackendOptions {
+                device: ordinal,
+                num_blocks: 64,
+                block_size: 16,
+            },
+        )
+        .expect("the anchor backend");
+        let prompt: Vec<u32> = (0..512)
+            .map(|i| ((i * 7919 + 13) % (vocab - 100) + 50) as u32)
+            .collect();
+        let table: Vec<u32> = (0..32).collect();
+        let (m, secs) = timed(3, runs, || {
+            be.forward_greedy(&[SeqStep {
+                tokens: &prompt,
+                start_pos: 0,
+                block_table: &table,
+                want_logits: true,
+            }])
+            .expect("prefill");
+        });
+        println!(
+            "anchor: CUDA backend, synthetic smollm2-135m, prefill of 512 tokens: median {:.3} \
+             ms ({:.0} tok/s); runs (ms) {:?}",
+            m * 1e3,
+            512.0 / m,
+            ms(&secs)
         );
     }
 }

@@ -9,7 +9,9 @@ use crate::model::{LayerWeights, ModelConfig, ModelWeights, RopeStyle};
 use crate::safetensors::{SafetensorsError, SafetensorsFile};
 use crate::tensor::WeightTensor;
 use crate::tokenizer::{Tokenizer, TokenizerError};
-use crate::vision::{process, ProcessorConfig, RgbImage, VisionConfig, VisionError, VisionTower};
+use crate::vision::{
+    process, ImageEncoder, ProcessorConfig, RgbImage, VisionConfig, VisionError, VisionTower,
+};
 use serde_json::Value;
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
@@ -86,7 +88,8 @@ pub struct LoadedModel {
 /// What a multimodal model adds to its text model.
 #[derive(Clone)]
 pub struct VisionModel {
-    pub tower: std::sync::Arc<VisionTower>,
+    /// The tower, on the CPU as loaded ([`VisionModel::on_cuda`] moves a copy to a GPU).
+    pub tower: ImageEncoder,
     pub processor: ProcessorConfig,
     /// The placeholder token the embeddings replace, `image_seq_len` of them per tile.
     pub image_token_id: u32,
@@ -104,13 +107,11 @@ pub struct EncodedImage {
 }
 
 impl VisionModel {
-    /// Processor then tower, tile by tile: what an encoder computes for one image.
+    /// Processor then tower, the image's tiles in one call: what an encoder computes for one
+    /// image.
     pub fn encode(&self, image: &RgbImage) -> Result<EncodedImage, VisionError> {
         let processed = process(image, &self.processor);
-        let mut embeds = Vec::new();
-        for tile in &processed.tiles {
-            embeds.extend(self.tower.encode_tile(tile)?);
-        }
+        let embeds = self.tower.encode_tiles(&processed.tiles)?;
         Ok(EncodedImage {
             prompt_text: processed.prompt_text(self.processor.image_seq_len),
             tokens: processed.tiles.len() * self.processor.image_seq_len,
@@ -119,10 +120,22 @@ impl VisionModel {
     }
 }
 
+impl VisionModel {
+    /// The same model with its tower on GPU `device` (see [`ImageEncoder::on_cuda`]).
+    #[cfg(feature = "cuda")]
+    pub fn on_cuda(&self, device: usize) -> Result<VisionModel, VisionError> {
+        Ok(VisionModel {
+            tower: self.tower.on_cuda(device)?,
+            ..self.clone()
+        })
+    }
+}
+
 impl std::fmt::Debug for VisionModel {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("VisionModel")
             .field("config", self.tower.config())
+            .field("device", &self.tower.device())
             .field("processor", &self.processor)
             .field("image_token_id", &self.image_token_id)
             .finish()
@@ -682,7 +695,7 @@ fn load_vision(
         as u32;
     let tower = VisionTower::load(cfg, lookup).map_err(|e| LoadError::Config(e.to_string()))?;
     Ok(VisionModel {
-        tower: std::sync::Arc::new(tower),
+        tower: ImageEncoder::from(tower),
         processor,
         image_token_id,
     })

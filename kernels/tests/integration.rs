@@ -7,6 +7,8 @@
 mod cuda_kernels;
 #[cfg(feature = "cuda")]
 mod cuda_kv_transfer;
+#[cfg(feature = "cuda")]
+mod cuda_vision;
 mod forward_reference;
 mod gguf_corrupt;
 mod grammar;

@@ -12,7 +12,7 @@ use crate::cluster_config::WorkerGroup;
 use std::fmt;
 use turbine_kernels::backend::Backend;
 use turbine_kernels::cpu::{CpuBackend, CpuBackendOptions};
-use turbine_kernels::loader::LoadedModel;
+use turbine_kernels::loader::{LoadedModel, VisionModel};
 
 /// A parsed `device` field.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -45,6 +45,9 @@ pub enum DeviceError {
     NoSuchDevice { ordinal: usize, found: usize },
     #[error("device cuda:{ordinal}: CUDA is not usable on this machine ({reason}); the NVIDIA driver (libcuda) and the CUDA libraries libnvrtc and libcublas must be installed")]
     DriverMissing { ordinal: usize, reason: String },
+    /// The vision tower's weights could not be placed on the device.
+    #[error("device {device}: the vision tower could not be set up there: {reason}")]
+    Vision { device: Device, reason: String },
 }
 
 impl Device {
@@ -105,9 +108,19 @@ pub fn backend_builder(
     }
 }
 
+/// `vision` with its tower on `device`: the CPU tower as loaded for `cpu`; for `cuda:N` a
+/// copy of its weights on GPU N (checked like the backend's device first). Encoding then
+/// runs there for this worker or encoder.
+pub fn vision_on(device: Device, vision: &VisionModel) -> Result<VisionModel, DeviceError> {
+    match device {
+        Device::Cpu => Ok(vision.clone()),
+        Device::Cuda(ordinal) => cuda::vision(ordinal, vision),
+    }
+}
+
 #[cfg(feature = "cuda")]
 mod cuda {
-    use super::{BackendBuilder, DeviceError};
+    use super::{BackendBuilder, Device, DeviceError, VisionModel};
     use turbine_kernels::backend::Backend;
     use turbine_kernels::cuda::{device_count, CudaBackend, CudaBackendOptions};
     use turbine_kernels::model::{ModelConfig, ModelWeights};
@@ -123,6 +136,15 @@ mod cuda {
             return Err(DeviceError::NoSuchDevice { ordinal, found });
         }
         Ok(())
+    }
+
+    /// `vision`'s tower uploaded to GPU `ordinal` (NVRTC build and upload: seconds).
+    pub fn vision(ordinal: usize, vision: &VisionModel) -> Result<VisionModel, DeviceError> {
+        check(ordinal)?;
+        vision.on_cuda(ordinal).map_err(|e| DeviceError::Vision {
+            device: Device::Cuda(ordinal),
+            reason: e.to_string(),
+        })
     }
 
     /// Checks that GPU `device` exists, then returns the closure that uploads the weights.
@@ -151,10 +173,14 @@ mod cuda {
 
 #[cfg(not(feature = "cuda"))]
 mod cuda {
-    use super::{BackendBuilder, Device, DeviceError};
+    use super::{BackendBuilder, Device, DeviceError, VisionModel};
     use turbine_kernels::model::{ModelConfig, ModelWeights};
 
     pub fn check(ordinal: usize) -> Result<(), DeviceError> {
+        Err(DeviceError::NoCudaSupport(Device::Cuda(ordinal)))
+    }
+
+    pub fn vision(ordinal: usize, _vision: &VisionModel) -> Result<VisionModel, DeviceError> {
         Err(DeviceError::NoCudaSupport(Device::Cuda(ordinal)))
     }
 
@@ -226,5 +252,29 @@ mod tests {
             }
             other => panic!("unexpected {other:?}"),
         }
+    }
+
+    /// The fixture's vision model stays on the CPU for `cpu`; a GPU that is not there is
+    /// refused with the reason, never a panic.
+    #[test]
+    fn the_vision_tower_goes_to_the_groups_device() {
+        let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
+            .join("../tests/fixtures/tiny-idefics3");
+        let model = turbine_kernels::loader::load_model(&dir).unwrap();
+        let vision = model.vision.unwrap();
+        assert_eq!(
+            vision_on(Device::Cpu, &vision).unwrap().tower.device(),
+            "cpu"
+        );
+        let err = vision_on(Device::Cuda(999), &vision).unwrap_err();
+        assert!(
+            matches!(
+                err,
+                DeviceError::NoSuchDevice { ordinal: 999, .. }
+                    | DeviceError::DriverMissing { ordinal: 999, .. }
+                    | DeviceError::NoCudaSupport(Device::Cuda(999))
+            ),
+            "{err}"
+        );
     }
 }

@@ -209,7 +209,7 @@ impl LocalCluster {
                             .into(),
                     )
                 })?;
-                let vision = Arc::new(vision);
+                let vision = Arc::new(super::vision_for(group, &vision)?);
                 for _ in 0..group.replicas {
                     let index = encoders.len() as u64;
                     let plane = turbine_runtime::transfer::TransferPlane::in_memory(

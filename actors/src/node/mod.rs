@@ -23,7 +23,7 @@ pub mod stages;
 
 use crate::cluster_config::{ClusterConfig, WorkerGroup, WorkerRole};
 use crate::encoder::service::{encoder_service_name, Encoder, EncoderActor, EncoderService};
-use crate::executor::device::{backend_builder, Device};
+use crate::executor::device::{backend_builder, vision_on, Device};
 use crate::executor::Executor;
 use crate::ids::WorkerId;
 use crate::kv::indexer::FlashIndexer;
@@ -320,12 +320,22 @@ pub fn real_executor(
     let executor = Executor::spawn_with(&format!("executor-{id}"), build)
         .map(|e| e.with_grammars(grammars))
         .map_err(|e| fail(format!("device {device}: {e}")))?;
-    // The vision tower runs on the CPU, beside the executor (its images are encoded before
-    // admission, on a blocking thread).
+    // The vision tower runs beside the executor, on the group's device (its images are
+    // encoded before admission, on a blocking thread).
     Ok(match &model.vision {
-        Some(v) => executor.with_vision(Arc::new(v.clone())),
+        Some(v) => executor.with_vision(Arc::new(vision_for(group, v)?)),
         None => executor,
     })
+}
+
+/// `vision` with its tower on `group`'s device (a GPU copy of the weights for `cuda:N`):
+/// what a worker or an encoder of the group encodes images with.
+pub fn vision_for(
+    group: &WorkerGroup,
+    vision: &turbine_kernels::loader::VisionModel,
+) -> Result<turbine_kernels::loader::VisionModel, StartError> {
+    let device = Device::parse(&group.device).map_err(|e| StartError::Config(e.to_string()))?;
+    vision_on(device, vision).map_err(|e| StartError::Config(e.to_string()))
 }
 
 /// Starts worker `id`: its engine loop around `scheduler` and `executor`, KV events into

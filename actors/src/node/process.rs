@@ -268,12 +268,15 @@ async fn run_encoder(
 ) -> Result<(), StartError> {
     use crate::encoder::service::ENCODER_COMPONENT;
     let join = joining(cfg, registry, "encoder")?;
-    let vision = model.vision.clone().ok_or_else(|| {
+    let cpu_vision = model.vision.clone().ok_or_else(|| {
         StartError::Config(
             "an encoder group needs a multimodal model (one with a vision tower)".into(),
         )
     })?;
     drop(model);
+    // On a GPU, the host copy of the tower goes once its weights are up.
+    let vision = super::vision_for(group_cfg, &cpu_vision)?;
+    drop(cpu_vision);
     let id = fresh_worker_id();
     let node_err = |e: &dyn std::fmt::Display| StartError::Node(e.to_string());
     let node = process_node(cfg, format!("encoder-{}", id.0)).await?;

@@ -196,7 +196,7 @@ fn check_config(c: &ModelConfig, o: &CudaBackendOptions) -> Result<(), BackendEr
     Ok(())
 }
 
-fn to_bf16_bits(v: &[f32]) -> Vec<u16> {
+pub(crate) fn to_bf16_bits(v: &[f32]) -> Vec<u16> {
     v.iter()
         .map(|&x| half::bf16::from_f32(x).to_bits())
         .collect()

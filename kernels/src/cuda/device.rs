@@ -150,6 +150,11 @@ pub struct Kernels {
     pub sample_rows: CudaFunction,
     pub copy_segments: CudaFunction,
     pub gemv_xwt: CudaFunction,
+    pub vis_im2col: CudaFunction,
+    pub vis_embed_add: CudaFunction,
+    pub vis_add_layernorm: CudaFunction,
+    pub vis_bias_act: CudaFunction,
+    pub vis_softmax_rows: CudaFunction,
 }
 
 /// One GPU: context, streams, kernels, cuBLAS.
@@ -280,6 +285,11 @@ impl Gpu {
             sample_rows: f("sample_rows")?,
             copy_segments: f("copy_segments")?,
             gemv_xwt: f("gemv_xwt")?,
+            vis_im2col: f("vis_im2col")?,
+            vis_embed_add: f("vis_embed_add")?,
+            vis_add_layernorm: f("vis_add_layernorm")?,
+            vis_bias_act: f("vis_bias_act")?,
+            vis_softmax_rows: f("vis_softmax_rows")?,
             _module: module,
         };
         let blas = CudaBlas::new(compute.clone())?;
@@ -524,6 +534,63 @@ impl Gpu {
         Ok(())
     }
 
+    /// cuBLAS's strided batched GEMM in its own column-major terms, bf16 operands, f32
+    /// accumulation: for each `i < g.batch`, `C_i = alpha * op(A_i) * B_i` with
+    /// `A_i = a + i * stride_a` etc. (strides and leading dimensions in elements), `op(A)` =
+    /// `A^T` when `trans_a` (A stored `[k, m]`) else `A` (stored `[m, k]`), B `[k, n]`, C
+    /// `[m, n]`, bf16 or (with `c_f32`) f32. A row-major `[rows, cols]` matrix with row stride
+    /// `ld` is a column-major `[cols, rows]` one with leading dimension `ld`: see
+    /// `cuda::vision` for the attention products written this way.
+    pub fn gemm_strided_batched(&self, g: &StridedGemm) -> Result<(), CudaError> {
+        if g.batch == 0 || g.m == 0 || g.n == 0 {
+            return Ok(());
+        }
+        use cublas::sys;
+        let beta = 0.0f32;
+        let c_ty = if g.c_f32 {
+            sys::cudaDataType::CUDA_R_32F
+        } else {
+            sys::cudaDataType::CUDA_R_16BF
+        };
+        let op_a = if g.trans_a {
+            sys::cublasOperation_t::CUBLAS_OP_T
+        } else {
+            sys::cublasOperation_t::CUBLAS_OP_N
+        };
+        let int = |v: usize, what: &str| {
+            i32::try_from(v).map_err(|_| CudaError::Shape(format!("GEMM {what} {v} exceeds i32")))
+        };
+        // SAFETY: the caller passes buffers holding every batch entry at these strides.
+        unsafe {
+            cublas::result::gemm_strided_batched_ex(
+                *self.blas.handle(),
+                op_a,
+                sys::cublasOperation_t::CUBLAS_OP_N,
+                int(g.m, "m")?,
+                int(g.n, "n")?,
+                int(g.k, "k")?,
+                &g.alpha as *const f32 as *const _,
+                g.a as *const _,
+                sys::cudaDataType::CUDA_R_16BF,
+                int(g.lda, "lda")?,
+                g.stride_a as i64,
+                g.b as *const _,
+                sys::cudaDataType::CUDA_R_16BF,
+                int(g.ldb, "ldb")?,
+                g.stride_b as i64,
+                &beta as *const f32 as *const _,
+                g.c as *mut _,
+                c_ty,
+                int(g.ldc, "ldc")?,
+                g.stride_c as i64,
+                int(g.batch, "batch")?,
+                sys::cublasComputeType_t::CUBLAS_COMPUTE_32F,
+                sys::cublasGemmAlgo_t::CUBLAS_GEMM_DEFAULT,
+            )?;
+        }
+        Ok(())
+    }
+
     /// Whether a GEMM of these operands can take `gemv_xwt`: few rows, 16-byte aligned rows
     /// of x and w.
     fn gemv_fits(&self, x: u64, ldx: usize, w: u64, n: usize, inp: usize) -> bool {
@@ -608,6 +675,28 @@ impl Gpu {
     pub fn mem_info(&self) -> Result<(usize, usize), CudaError> {
         Ok(self.ctx.mem_get_info()?)
     }
+}
+
+/// One [`Gpu::gemm_strided_batched`] call, in cuBLAS's column-major terms (elements, not
+/// bytes, for every leading dimension and stride; addresses are device addresses).
+#[derive(Clone, Copy, Debug)]
+pub struct StridedGemm {
+    pub trans_a: bool,
+    pub m: usize,
+    pub n: usize,
+    pub k: usize,
+    pub alpha: f32,
+    pub a: u64,
+    pub lda: usize,
+    pub stride_a: usize,
+    pub b: u64,
+    pub ldb: usize,
+    pub stride_b: usize,
+    pub c: u64,
+    pub ldc: usize,
+    pub stride_c: usize,
+    pub batch: usize,
+    pub c_f32: bool,
 }
 
 /// cuBLAS workspace (32 MiB: what cuBLAS asks for on Hopper for its largest kernels).

@@ -933,3 +933,117 @@ extern "C" __global__ void copy_segments(const u64* pairs, int n, int seg_words)
         for (; w < seg_words; w += step) dst[w] = src[w];
     }
 }
+
+// ---- The vision tower (cuda/vision): SigLIP encoder + Idefics3 connector over a batch of
+// square tiles. Every tile has all n = side * side patches, in row-major order; activation rows
+// are tile-major (row r = t * n + patch). None of these depends on HEAD_DIM or GROUP.
+
+// Max over the block (blockDim.x a multiple of 32, at most 1024); every thread gets it.
+__device__ float block_max(float v) {
+    __shared__ float part[32];
+    int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+#pragma unroll
+    for (int o = 16; o > 0; o >>= 1) v = fmaxf(v, __shfl_xor_sync(0xffffffffu, v, o));
+    __syncthreads();
+    if (lane == 0) part[warp] = v;
+    __syncthreads();
+    int nw = blockDim.x >> 5;
+    float t = lane < nw ? part[lane] : NEG_INF;
+#pragma unroll
+    for (int o = 16; o > 0; o >>= 1) t = fmaxf(t, __shfl_xor_sync(0xffffffffu, t, o));
+    return t;
+}
+
+// im2col of the patch convolution (kernel = stride = patch): tiles [T, C, S, S] f32 ->
+// patches [T * side * side, C * P * P] bf16 (side = S / P). Output (r, k) with
+// r = t * side^2 + py * side + px and k = (ch * P + y) * P + x holds tiles[t, ch, py * P + y,
+// px * P + x]: k runs over the conv weight [hidden, C, P, P] flattened, so the embedding is a
+// GEMM with that weight as a [hidden, C * P * P] matrix. Grid-stride over the outputs.
+extern "C" __global__ void vis_im2col(const float* tiles, bf16* patches, int n_tiles,
+                                      int channels, int image, int patch) {
+    const int side = image / patch;
+    const u64 cells = (u64)side * side;
+    const u64 cols = (u64)channels * patch * patch;
+    const u64 total = (u64)n_tiles * cells * cols;
+    for (u64 i = blockIdx.x * (u64)blockDim.x + threadIdx.x; i < total; i += (u64)gridDim.x * blockDim.x) {
+        const u64 r = i / cols;
+        const int k = (int)(i % cols);
+        const u64 t = r / cells;
+        const int cell = (int)(r % cells);
+        const int py = cell / side, px = cell % side;
+        const int ch = k / (patch * patch), rem = k % (patch * patch);
+        const int y = rem / patch, x = rem % patch;
+        const u64 src = ((t * channels + ch) * image + (u64)(py * patch + y)) * image + (u64)(px * patch + x);
+        patches[i] = f2b(tiles[src]);
+    }
+}
+
+// x[r, c] += bias[c] + pos[r % n, c] (f32, [rows, hidden]): the patch convolution's bias and
+// the position embedding of patch r % n. Grid-stride.
+extern "C" __global__ void vis_embed_add(float* x, const float* bias, const float* pos, int rows,
+                                         int hidden, int n) {
+    const u64 total = (u64)rows * hidden;
+    for (u64 i = blockIdx.x * (u64)blockDim.x + threadIdx.x; i < total; i += (u64)gridDim.x * blockDim.x) {
+        const u64 r = i / hidden;
+        const int c = (int)(i % hidden);
+        x[i] += bias[c] + pos[(r % (u64)n) * hidden + c];
+    }
+}
+
+// The residual add then LayerNorm of one row of x (f32, [rows, hidden]): if add is set,
+// x += add + add_bias (add f32 [rows, hidden], add_bias f32 [hidden] or null), written back;
+// then out = (x - mean) * rsqrt(var + eps) * w + b in bf16, mean and biased variance over the
+// row in two passes (torch's LayerNorm). Each thread re-reads only the elements it wrote, so
+// the passes need no barrier beyond the reductions'. grid: rows; block: a multiple of 32.
+extern "C" __global__ void vis_add_layernorm(float* x, const float* add, const float* add_bias,
+                                             const float* w, const float* b, bf16* out,
+                                             int hidden, float eps) {
+    const u64 r = blockIdx.x;
+    float* xr = x + r * hidden;
+    const float* ar = add ? add + r * hidden : 0;
+    float s = 0.0f;
+    for (int i = threadIdx.x; i < hidden; i += blockDim.x) {
+        float v = xr[i];
+        if (ar) {
+            v += ar[i] + (add_bias ? add_bias[i] : 0.0f);
+            xr[i] = v;
+        }
+        s += v;
+    }
+    const float mean = block_sum(s) / (float)hidden;
+    float q = 0.0f;
+    for (int i = threadIdx.x; i < hidden; i += blockDim.x) {
+        float d = xr[i] - mean;
+        q += d * d;
+    }
+    const float inv = rsqrtf(block_sum(q) / (float)hidden + eps);
+    bf16* o = out + r * hidden;
+    for (int i = threadIdx.x; i < hidden; i += blockDim.x) o[i] = f2b((xr[i] - mean) * inv * w[i] + b[i]);
+}
+
+// out[r, c] = act(y[r, c] + b[c]) in bf16, for f32 y [rows, cols]: the bias of a GEMM's output,
+// then GELU's tanh approximation (gelu_pytorch_tanh) when gelu != 0, else nothing. Grid-stride.
+extern "C" __global__ void vis_bias_act(const float* y, const float* b, bf16* out, int rows,
+                                        int cols, int gelu) {
+    const u64 total = (u64)rows * cols;
+    for (u64 i = blockIdx.x * (u64)blockDim.x + threadIdx.x; i < total; i += (u64)gridDim.x * blockDim.x) {
+        float v = y[i] + b[(int)(i % cols)];
+        if (gelu) v = 0.5f * v * (1.0f + tanhf(0.7978845608f * (v + 0.044715f * v * v * v)));
+        out[i] = f2b(v);
+    }
+}
+
+// Softmax of each row of f32 scores s [rows, cols] (already scaled) into bf16 probabilities p
+// (same shape). grid: rows; block: a multiple of 32.
+extern "C" __global__ void vis_softmax_rows(const float* s, bf16* p, int cols) {
+    const u64 r = blockIdx.x;
+    const float* sr = s + r * cols;
+    bf16* pr = p + r * cols;
+    float m = NEG_INF;
+    for (int i = threadIdx.x; i < cols; i += blockDim.x) m = fmaxf(m, sr[i]);
+    m = block_max(m);
+    float sum = 0.0f;
+    for (int i = threadIdx.x; i < cols; i += blockDim.x) sum += expf(sr[i] - m);
+    const float inv = 1.0f / block_sum(sum);
+    for (int i = threadIdx.x; i < cols; i += blockDim.x) pr[i] = f2b(expf(sr[i] - m) * inv);
+}

@@ -3,10 +3,12 @@
 //! the vision tower that turns those into embeddings for the text model.
 
 pub mod decode;
+pub mod encoder;
 pub mod processor;
 pub mod resize;
 pub mod tower;
 
 pub use decode::{decode, DecodeLimits, ImageError, RgbImage};
+pub use encoder::ImageEncoder;
 pub use processor::{layout, process, ProcessedImage, ProcessedLayout, ProcessorConfig};
-pub use tower::{VisionConfig, VisionError, VisionTower};
+pub use tower::{pixel_shuffle_rows, VisionConfig, VisionError, VisionTower};

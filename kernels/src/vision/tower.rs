@@ -45,6 +45,8 @@ pub enum VisionError {
     },
     #[error("vision weight {name:?}: {reason}")]
     Unsupported { name: String, reason: String },
+    #[error("vision tower on the GPU: {0}")]
+    Device(String),
     #[error("tile has {got} values, expected {expected} (3 x {side} x {side})")]
     BadTile {
         got: usize,
@@ -133,38 +135,41 @@ impl VisionConfig {
     }
 }
 
-struct Norm {
-    weight: Vec<f32>,
-    bias: Vec<f32>,
+// The weights' fields are crate-visible: the CUDA tower (`cuda::vision`) uploads these, so
+// both towers run the same tensors, reshaped once, here.
+pub(crate) struct Norm {
+    pub(crate) weight: Vec<f32>,
+    pub(crate) bias: Vec<f32>,
 }
 
-struct Dense {
-    w: Linear,
-    b: Vec<f32>,
+pub(crate) struct Dense {
+    /// `[out, in]`.
+    pub(crate) w: Linear,
+    pub(crate) b: Vec<f32>,
 }
 
-struct Layer {
-    ln1: Norm,
-    q: Dense,
-    k: Dense,
-    v: Dense,
-    o: Dense,
-    ln2: Norm,
-    fc1: Dense,
-    fc2: Dense,
+pub(crate) struct Layer {
+    pub(crate) ln1: Norm,
+    pub(crate) q: Dense,
+    pub(crate) k: Dense,
+    pub(crate) v: Dense,
+    pub(crate) o: Dense,
+    pub(crate) ln2: Norm,
+    pub(crate) fc1: Dense,
+    pub(crate) fc2: Dense,
 }
 
 /// The tower and the connector, weights in CPU-kernel form (f32).
 pub struct VisionTower {
-    cfg: VisionConfig,
+    pub(crate) cfg: VisionConfig,
     /// The patch convolution as a matrix `[hidden, channels * patch * patch]`.
-    patch: Dense,
+    pub(crate) patch: Dense,
     /// `[num_patches, hidden]`.
-    pos: Vec<f32>,
-    layers: Vec<Layer>,
-    post_ln: Norm,
+    pub(crate) pos: Vec<f32>,
+    pub(crate) layers: Vec<Layer>,
+    pub(crate) post_ln: Norm,
     /// `[text_hidden, hidden * scale^2]`, no bias.
-    proj: Linear,
+    pub(crate) proj: Linear,
 }
 
 /// Where the tower's weights live in an Idefics3 checkpoint (with or without the
@@ -342,6 +347,17 @@ impl VisionTower {
             .forward(&Input::new(&shuffled, tokens, width), &mut out);
         Ok(out)
     }
+
+    /// Several tiles, one after the other: their embeddings concatenated
+    /// (`[tiles * tokens_per_tile, text_hidden]`).
+    pub fn encode_tiles(&self, tiles: &[Vec<f32>]) -> Result<Vec<f32>, VisionError> {
+        let mut out =
+            Vec::with_capacity(tiles.len() * self.cfg.tokens_per_tile() * self.cfg.text_hidden);
+        for tile in tiles {
+            out.extend(self.encode_tile(tile)?);
+        }
+        Ok(out)
+    }
 }
 
 fn dense(d: &Dense, x: &[f32], n: usize, out: &mut [f32]) {
@@ -420,9 +436,51 @@ fn pixel_shuffle(x: &[f32], side: usize, dim: usize, s: usize) -> Vec<f32> {
     out
 }
 
+/// [`pixel_shuffle`] of `tiles` tiles at once as a row gather: viewing the output as rows of
+/// `dim` (each output cell is `s * s` of them), output row `q` is input row `rows[q]`, the
+/// input being the tiles' `side * side` cells each, tile after tile. Output row
+/// `q = ((t * out_side + i) * out_side + j) * s * s + u * s + v` (tile `t`, cell `(i, j)`,
+/// block row `u`, column `v`) takes input cell `(i * s + u, j * s + v)` of tile `t`.
+pub fn pixel_shuffle_rows(tiles: usize, side: usize, s: usize) -> Vec<usize> {
+    let out_side = side / s.max(1);
+    let mut rows = Vec::with_capacity(tiles * side * side);
+    for t in 0..tiles {
+        for i in 0..out_side {
+            for j in 0..out_side {
+                for u in 0..s {
+                    for v in 0..s {
+                        rows.push(t * side * side + (i * s + u) * side + (j * s + v));
+                    }
+                }
+            }
+        }
+    }
+    rows
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn pixel_shuffle_rows_gather_what_pixel_shuffle_builds() {
+        // Two 4x4 tiles of 3-wide features (distinct values), s = 2; and 6x6, s = 3.
+        for (side, s) in [(4, 2), (6, 3), (4, 1)] {
+            let (dim, tiles) = (3, 2);
+            let x: Vec<f32> = (0..tiles * side * side * dim).map(|v| v as f32).collect();
+            let rows = pixel_shuffle_rows(tiles, side, s);
+            assert_eq!(rows.len(), tiles * side * side);
+            let gathered: Vec<f32> = rows
+                .iter()
+                .flat_map(|&r| x[r * dim..(r + 1) * dim].iter().copied())
+                .collect();
+            let cell = side * side * dim;
+            let expected: Vec<f32> = (0..tiles)
+                .flat_map(|t| pixel_shuffle(&x[t * cell..(t + 1) * cell], side, dim, s))
+                .collect();
+            assert_eq!(gathered, expected, "side {side}, s {s}");
+        }
+    }
 
     #[test]
     fn pixel_shuffle_groups_blocks() {
