@@ -387,7 +387,12 @@ impl EngineLoop {
             }
             let batch = self.exec_batch(&plan.seqs);
             let outputs = match self.executor.step(batch).await {
-                Ok(sampled) => self.scheduler.on_step_done(&plan, &sampled, self.now()),
+                Ok(out) => self.scheduler.on_step_done_with(
+                    &plan,
+                    &out.sampled,
+                    &out.prompt_logprobs,
+                    self.now(),
+                ),
                 Err(e) => {
                     tracing::warn!(worker = %self.id, "step failed: {e}");
                     self.scheduler.on_step_failed(&plan, &e.to_string())
@@ -538,13 +543,6 @@ impl EngineLoop {
                             // Filled on a blocking thread while the forward pass runs.
                             allowed: self.constrained.next_mask(seq.request, hold),
                             logprobs: ctx.logprobs,
-                            // The prompt's one step (admission keeps it whole): every
-                            // position's logits, for the prompt's logprobs.
-                            prompt_logprobs: ctx.params.prompt_logprobs.filter(|_| {
-                                seq.start_pos == 0
-                                    && seq.tokens.len() == ctx.prompt_len
-                                    && ctx.generated_before == 0
-                            }),
                         }
                     })
                 });
