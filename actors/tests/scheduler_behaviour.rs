@@ -691,15 +691,25 @@ fn prompt_logprobs_are_computed_in_chunks_past_the_cache_and_gathered() {
             .on_step_done_with(&plan, &sampled, &[chunk], at(2 + k as u64))
             .unwrap();
         first = out.into_iter().find(|(id, _)| *id == r(3)).map(|(_, o)| o);
-        assert_eq!(first.is_some(), next.is_none(), "output only after the last chunk");
+        assert_eq!(
+            first.is_some(),
+            next.is_none(),
+            "output only after the last chunk"
+        );
     }
     let first = first.unwrap();
-    let lps = first.prompt_logprobs.expect("prompt logprobs on the first output");
+    let lps = first
+        .prompt_logprobs
+        .expect("prompt logprobs on the first output");
     assert_eq!(lps.len(), 39);
     for (i, lp) in lps.iter().enumerate() {
         assert_eq!((lp.token_id, lp.logprob), (p[i + 1], -((i + 1) as f32)));
     }
-    assert_eq!(first.cached_tokens, Some(0), "computed, not read from the cache");
+    assert_eq!(
+        first.cached_tokens,
+        Some(0),
+        "computed, not read from the cache"
+    );
     // The decode step asks for nothing and its output carries none.
     let plan = s.schedule(at(10)).unwrap();
     assert!(plan.seqs.iter().all(|e| e.prompt_logprobs.is_none()));

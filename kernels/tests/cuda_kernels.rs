@@ -1109,7 +1109,10 @@ fn every_position_logits_on_the_device() {
     ];
     let all = b.forward_every(&batch, &[true, false]).unwrap();
     let on_cpu = cpu.forward_every(&batch, &[true, false]).unwrap();
-    assert_eq!((all.rows(), on_cpu.rows()), (prompt.len() + 1, prompt.len() + 1));
+    assert_eq!(
+        (all.rows(), on_cpu.rows()),
+        (prompt.len() + 1, prompt.len() + 1)
+    );
     let f = |v: &[f32]| v.iter().map(|&x| x as f64).collect::<Vec<_>>();
     // Prefixes alone take the split attention kernel, as the mixed batch above did.
     b.set_prefill_attention(PrefillAttention::Split);
@@ -1125,7 +1128,10 @@ fn every_position_logits_on_the_device() {
             .unwrap();
         let row = f(all.row(p).unwrap());
         let e = rel_err(&row, &f(&last.data));
-        assert!(e < TOL, "position {p}: every-row vs its prefix alone, rel err {e}");
+        assert!(
+            e < TOL,
+            "position {p}: every-row vs its prefix alone, rel err {e}"
+        );
         let e = rel_err(&row, &f(on_cpu.row(p).unwrap()));
         assert!(e < 3e-2, "position {p}: device vs CPU rel err {e}");
     }

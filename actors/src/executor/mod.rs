@@ -652,7 +652,93 @@ fn sample_row(spec: &SampleSpec) -> ksampling::SampleRow<'_> {
 
 #[cfg(test)]
 mod tests {
-    use super::step_seed;
+    use super::{split_every, step_seed, ExecSeq, KLogits};
+    use crate::ids::RequestId;
+    use crate::worker::{PromptLogprobsAsk, ScheduledSeq};
+    use turbine_kernels::sampling::token_logprob;
+
+    fn entry(
+        id: u64,
+        tokens: &[u32],
+        want_logits: bool,
+        ask: Option<PromptLogprobsAsk>,
+    ) -> ExecSeq {
+        ExecSeq {
+            seq: ScheduledSeq {
+                request: RequestId(id),
+                tokens: tokens.to_vec(),
+                start_pos: 0,
+                block_table: vec![0],
+                want_logits,
+                sample_index: 0,
+                prompt_logprobs: ask,
+            },
+            sample: None,
+            embeds: None,
+        }
+    }
+
+    #[test]
+    fn every_rows_split_into_prompt_logprobs_and_sampling_rows() {
+        let vocab = 4;
+        // Row r favours token r % 4, so each row is told apart by its logprobs.
+        let row = |r: usize| -> Vec<f32> {
+            (0..vocab)
+                .map(|t| if t == r % 4 { 2.0 } else { r as f32 * 0.1 })
+                .collect()
+        };
+        // A middle chunk (3 rows, no sample), a decode (1 row), a last chunk (2 rows, sampled).
+        let batch = [
+            entry(
+                1,
+                &[5, 1, 2],
+                false,
+                Some(PromptLogprobsAsk {
+                    top: 1,
+                    next: Some(3),
+                }),
+            ),
+            entry(2, &[0], true, None),
+            entry(
+                3,
+                &[2, 0],
+                true,
+                Some(PromptLogprobsAsk { top: 0, next: None }),
+            ),
+        ];
+        let all = KLogits {
+            vocab,
+            data: (0..6).flat_map(row).collect(),
+        };
+        let (sampling, prompts) = split_every(&all, &batch).unwrap();
+        assert_eq!(
+            sampling.data,
+            [row(3), row(5)].concat(),
+            "the decode's row, then the last chunk's last"
+        );
+        assert_eq!(prompts.len(), 2);
+        let (a, b) = (&prompts[0], &prompts[1]);
+        assert_eq!((a.request, b.request), (RequestId(1), RequestId(3)));
+        // Chunk 1 predicts its tokens 1, 2 and then the next chunk's first, 3.
+        let want: Vec<(u32, f32)> = [(1, 0), (2, 1), (3, 2)]
+            .iter()
+            .map(|&(t, r)| (t, token_logprob(&row(r), t, 1).0))
+            .collect();
+        let got: Vec<(u32, f32)> = a.logprobs.iter().map(|l| (l.token_id, l.logprob)).collect();
+        assert_eq!(got, want);
+        assert!(a.logprobs.iter().all(|l| l.top.len() == 1));
+        // The last chunk predicts only its token 0 (its last row is sampled).
+        assert_eq!(b.logprobs.len(), 1);
+        assert_eq!(b.logprobs[0].token_id, 0);
+        assert_eq!(b.logprobs[0].logprob, token_logprob(&row(4), 0, 0).0);
+        assert!(b.logprobs[0].top.is_empty());
+        // Too few rows is an error, not a panic.
+        let short = KLogits {
+            vocab,
+            data: row(0),
+        };
+        assert!(split_every(&short, &batch).is_err());
+    }
 
     #[test]
     fn step_seeds_differ_per_position_and_seed() {

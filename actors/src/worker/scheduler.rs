@@ -745,7 +745,11 @@ fn prompt_logprobs_ask(seq: &Sequence, start: usize, n: usize) -> Option<PromptL
     let end = start + n;
     Some(PromptLogprobsAsk {
         top,
-        next: seq.tokens.get(end).copied().filter(|_| end < seq.prompt_len),
+        next: seq
+            .tokens
+            .get(end)
+            .copied()
+            .filter(|_| end < seq.prompt_len),
     })
 }
 
