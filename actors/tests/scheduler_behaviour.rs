@@ -723,3 +723,62 @@ fn prompt_logprobs_are_computed_in_chunks_past_the_cache_and_gathered() {
     let e = plan.seqs.iter().find(|e| e.request == r(4)).unwrap();
     assert!(e.start_pos > 0 && e.prompt_logprobs.is_none());
 }
+
+/// The executor's answer to every entry of `plan` that asks for prompt logprobs: each
+/// predicted prompt token with logprob `-position`, so order and gaps show.
+fn prompt_chunks(plan: &StepPlan, p: &[u32]) -> Vec<PromptLogprobsChunk> {
+    plan.seqs
+        .iter()
+        .filter_map(|e| {
+            let ask = e.prompt_logprobs?;
+            let end = e.start_pos + e.tokens.len() + usize::from(ask.next.is_some());
+            Some(PromptLogprobsChunk {
+                request: e.request,
+                logprobs: (e.start_pos + 1..end)
+                    .map(|pos| TokenLogprob {
+                        token_id: p[pos],
+                        logprob: -(pos as f32),
+                        top: Vec::new(),
+                    })
+                    .collect(),
+            })
+        })
+        .collect()
+}
+
+#[test]
+fn a_preempted_prompt_starts_its_logprobs_over() {
+    // 8 blocks of 4 tokens, 4-token steps: a decode and a long prompt outgrow the pool.
+    let mut s = scheduler(8, 4, 4, 8, 256);
+    s.add_request(request(1, prompt(1, 4), 24), at(0)).unwrap();
+    let p = prompt(2, 24);
+    let mut every = request(2, p.clone(), 1);
+    every.sampling.prompt_logprobs = Some(0);
+    s.add_request(every, at(0)).unwrap();
+    let mut first = None;
+    for t in 0..200 {
+        let plan = s.schedule(at(t)).unwrap();
+        if plan.is_empty() {
+            break;
+        }
+        let chunks = prompt_chunks(&plan, &p);
+        let sampled = sample(&s, &plan);
+        for (id, out) in s
+            .on_step_done_with(&plan, &sampled, &chunks, at(t))
+            .unwrap()
+        {
+            if id == r(2) && first.is_none() {
+                first = Some(out);
+            }
+        }
+        s.check_invariants().unwrap();
+    }
+    assert!(s.num_preemptions() > 0, "the prompt was never preempted");
+    let lps = first
+        .expect("the prompt-logprobs request finished")
+        .prompt_logprobs
+        .expect("with its prompt logprobs");
+    let got: Vec<(u32, f32)> = lps.iter().map(|l| (l.token_id, l.logprob)).collect();
+    let want: Vec<(u32, f32)> = (1..24).map(|pos| (p[pos], -(pos as f32))).collect();
+    assert_eq!(got, want, "each prompt position once, in order");
+}

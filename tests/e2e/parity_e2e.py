@@ -564,6 +564,16 @@ class Tools:
                 expect(body.get("param") == "ignore_eos", f"{forced}: {body}")
                 continue
             raise CheckFailed(f"{forced} with ignore_eos was accepted")
+        # A forced call's parameters are enforced too: a remote $ref there is a 400.
+        far = {"type": "function", "function": {"name": "f", "parameters": {"$ref": "other.json"}}}
+        try:
+            self.chat(ask, tools=[far], tool_choice="required", max_tokens=4)
+        except openai.BadRequestError as err:
+            body = err.body if isinstance(err.body, dict) else {}
+            expect(body.get("param") == "tools[0].function.parameters"
+                   and "other.json" in body.get("message", ""), f"remote $ref in a tool: {body}")
+        else:
+            raise CheckFailed("a forced tool call with a remote $ref was accepted")
         for fmt in bad:
             try:
                 self.chat(ask, response_format=fmt, max_tokens=4)
