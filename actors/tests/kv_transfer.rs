@@ -102,12 +102,11 @@ async fn drive(s: &mut Scheduler, exec: &Executor) -> Vec<TokenId> {
                     bias: Vec::new(),
                     allowed: None,
                     logprobs: None,
-                    prompt_logprobs: None,
                 }),
                 embeds: None,
             })
             .collect();
-        let sampled = exec.step(batch).await.expect("step");
+        let sampled = exec.step(batch).await.expect("step").sampled;
         for (_, o) in s.on_step_done(&plan, &sampled, now).unwrap() {
             out.extend(o.token_ids);
         }

@@ -10,8 +10,8 @@ use turbine_actors::kv::events::KvEvent;
 use turbine_actors::kv::hash::{hash_blocks, BlockHash};
 use turbine_actors::protocol::{FinishReason, TokenLogprob};
 use turbine_actors::worker::{
-    AdmitError, BlockManager, BlockManagerConfig, ConfigError, SampledToken, Scheduler,
-    SchedulerConfig, StepError, StepId, StepPlan,
+    AdmitError, BlockManager, BlockManagerConfig, ConfigError, PromptLogprobsChunk, SampledToken,
+    Scheduler, SchedulerConfig, StepError, StepId, StepPlan,
 };
 
 fn r(id: u64) -> RequestId {
@@ -512,7 +512,6 @@ fn logprobs_pass_through_when_asked_for() {
             request: id,
             token: 9,
             logprob: Some(lp.clone()),
-            prompt_logprobs: None,
         })
         .collect();
     let out = s.on_step_done(&plan, &sampled, at(0)).unwrap();
@@ -652,72 +651,134 @@ fn load_counts_the_blocks_a_queue_will_need() {
 }
 
 #[test]
-fn prompt_logprobs_run_the_whole_prompt_in_one_step_past_the_cache() {
+fn prompt_logprobs_are_computed_in_chunks_past_the_cache_and_gathered() {
     // 16-token steps, 4-token blocks.
     let mut s = scheduler(64, 4, 16, 8, 256);
     let mut streams = BTreeMap::new();
-    let p = prompt(1, 16);
+    let p = prompt(1, 40);
     // The prompt's blocks are cached by a first request.
     s.add_request(request(1, p.clone(), 1), at(0)).unwrap();
     run_until_idle(&mut s, &mut streams, 50);
-    // A decoding request takes one token of each step's budget.
-    s.add_request(request(2, prompt(2, 4), 3), at(1)).unwrap();
-    step(&mut s, &mut streams, at(1));
-    let mut whole = request(3, p.clone(), 2);
-    whole.sampling.prompt_logprobs = Some(1);
-    s.add_request(whole, at(2)).unwrap();
-    // 15 tokens of budget left: not chunked, it waits until the decode is done.
-    let mut waited = 0;
-    let plan = loop {
-        let plan = s.schedule(at(2 + waited)).unwrap();
-        if plan.seqs.iter().any(|e| e.request == r(3)) {
-            break plan;
-        }
+    let mut every = request(3, p.clone(), 2);
+    every.sampling.prompt_logprobs = Some(1);
+    s.add_request(every, at(1)).unwrap();
+    // Chunks of 16, 16 and 8 from position 0 (the cache is not used): each asks for its
+    // positions' logprobs, naming the prompt token after it; only the last samples.
+    let mut first = None;
+    for (k, (start, len, next)) in [(0, 16, Some(p[16])), (16, 16, Some(p[32])), (32, 8, None)]
+        .into_iter()
+        .enumerate()
+    {
+        let plan = s.schedule(at(2 + k as u64)).unwrap();
+        let e = plan.seqs.iter().find(|e| e.request == r(3)).unwrap();
+        assert_eq!((e.start_pos, e.tokens.len()), (start, len), "chunk {k}");
+        assert_eq!(e.want_logits, next.is_none(), "chunk {k}");
+        let ask = e.prompt_logprobs.expect("every chunk asks");
+        assert_eq!((ask.top, ask.next), (1, next), "chunk {k}");
+        // The executor's answer: one logprob per predicted token, marked by position.
+        let chunk = PromptLogprobsChunk {
+            request: r(3),
+            logprobs: (start + 1..start + len + usize::from(next.is_some()))
+                .map(|pos| TokenLogprob {
+                    token_id: p[pos],
+                    logprob: -(pos as f32),
+                    top: Vec::new(),
+                })
+                .collect(),
+        };
         let sampled = sample(&s, &plan);
-        record(
-            &mut streams,
-            s.on_step_done(&plan, &sampled, at(2)).unwrap(),
+        let out = s
+            .on_step_done_with(&plan, &sampled, &[chunk], at(2 + k as u64))
+            .unwrap();
+        first = out.into_iter().find(|(id, _)| *id == r(3)).map(|(_, o)| o);
+        assert_eq!(
+            first.is_some(),
+            next.is_none(),
+            "output only after the last chunk"
         );
-        waited += 1;
-        assert!(waited < 10, "the prompt-logprobs request never ran");
-    };
-    assert!(
-        waited >= 1,
-        "the decode's step had no room for the whole prompt"
-    );
-    let e = plan.seqs.iter().find(|e| e.request == r(3)).unwrap();
-    assert_eq!((e.start_pos, e.tokens.len(), e.want_logits), (0, 16, true));
-    // The executor's prompt logprobs ride on the first output only.
-    let lps: Vec<TokenLogprob> = p[1..]
-        .iter()
-        .map(|&t| TokenLogprob {
-            token_id: t,
-            logprob: -1.0,
-            top: Vec::new(),
-        })
-        .collect();
-    let mut sampled = sample(&s, &plan);
-    for x in sampled.iter_mut().filter(|x| x.request == r(3)) {
-        x.prompt_logprobs = Some(lps.clone());
     }
-    let out = s.on_step_done(&plan, &sampled, at(9)).unwrap();
-    let first = &out.iter().find(|(id, _)| *id == r(3)).unwrap().1;
-    assert_eq!(first.prompt_logprobs.as_ref(), Some(&lps));
+    let first = first.unwrap();
+    let lps = first
+        .prompt_logprobs
+        .expect("prompt logprobs on the first output");
+    assert_eq!(lps.len(), 39);
+    for (i, lp) in lps.iter().enumerate() {
+        assert_eq!((lp.token_id, lp.logprob), (p[i + 1], -((i + 1) as f32)));
+    }
     assert_eq!(
         first.cached_tokens,
         Some(0),
         "computed, not read from the cache"
     );
+    // The decode step asks for nothing and its output carries none.
     let plan = s.schedule(at(10)).unwrap();
+    assert!(plan.seqs.iter().all(|e| e.prompt_logprobs.is_none()));
     let sampled = sample(&s, &plan);
     let out = s.on_step_done(&plan, &sampled, at(10)).unwrap();
     assert!(out.iter().all(|(_, o)| o.prompt_logprobs.is_none()));
     s.check_invariants().unwrap();
-    // A prompt longer than a step could never run whole: refused.
-    let mut long = request(4, prompt(4, 17), 1);
-    long.sampling.prompt_logprobs = Some(0);
-    assert!(matches!(
-        s.add_request(long, at(11)),
-        Err(AdmitError::PromptLogprobsTooLong { prompt_len: 17, .. })
-    ));
+    // A request that did not ask gets no prompt logprobs and uses the cache.
+    s.add_request(request(4, p.clone(), 1), at(11)).unwrap();
+    let plan = s.schedule(at(11)).unwrap();
+    let e = plan.seqs.iter().find(|e| e.request == r(4)).unwrap();
+    assert!(e.start_pos > 0 && e.prompt_logprobs.is_none());
+}
+
+/// The executor's answer to every entry of `plan` that asks for prompt logprobs: each
+/// predicted prompt token with logprob `-position`, so order and gaps show.
+fn prompt_chunks(plan: &StepPlan, p: &[u32]) -> Vec<PromptLogprobsChunk> {
+    plan.seqs
+        .iter()
+        .filter_map(|e| {
+            let ask = e.prompt_logprobs?;
+            let end = e.start_pos + e.tokens.len() + usize::from(ask.next.is_some());
+            Some(PromptLogprobsChunk {
+                request: e.request,
+                logprobs: (e.start_pos + 1..end)
+                    .map(|pos| TokenLogprob {
+                        token_id: p[pos],
+                        logprob: -(pos as f32),
+                        top: Vec::new(),
+                    })
+                    .collect(),
+            })
+        })
+        .collect()
+}
+
+#[test]
+fn a_preempted_prompt_starts_its_logprobs_over() {
+    // 8 blocks of 4 tokens, 4-token steps: a decode and a long prompt outgrow the pool.
+    let mut s = scheduler(8, 4, 4, 8, 256);
+    s.add_request(request(1, prompt(1, 4), 24), at(0)).unwrap();
+    let p = prompt(2, 24);
+    let mut every = request(2, p.clone(), 1);
+    every.sampling.prompt_logprobs = Some(0);
+    s.add_request(every, at(0)).unwrap();
+    let mut first = None;
+    for t in 0..200 {
+        let plan = s.schedule(at(t)).unwrap();
+        if plan.is_empty() {
+            break;
+        }
+        let chunks = prompt_chunks(&plan, &p);
+        let sampled = sample(&s, &plan);
+        for (id, out) in s
+            .on_step_done_with(&plan, &sampled, &chunks, at(t))
+            .unwrap()
+        {
+            if id == r(2) && first.is_none() {
+                first = Some(out);
+            }
+        }
+        s.check_invariants().unwrap();
+    }
+    assert!(s.num_preemptions() > 0, "the prompt was never preempted");
+    let lps = first
+        .expect("the prompt-logprobs request finished")
+        .prompt_logprobs
+        .expect("with its prompt logprobs");
+    let got: Vec<(u32, f32)> = lps.iter().map(|l| (l.token_id, l.logprob)).collect();
+    let want: Vec<(u32, f32)> = (1..24).map(|pos| (p[pos], -(pos as f32))).collect();
+    assert_eq!(got, want, "each prompt position once, in order");
 }

@@ -188,8 +188,8 @@ pub trait Backend: Send {
     ///
     /// The default works on any backend by feeding the `every` steps one token per forward
     /// call (their first token with the rest of the batch, then one call per further
-    /// position), which is correct but costs a call per prompt token; the CPU backend
-    /// overrides it with one pass.
+    /// position), which is correct but costs a call per prompt token; the CPU and CUDA
+    /// backends override it with one pass (their output head over the wider set of rows).
     fn forward_every(
         &mut self,
         batch: &[SeqStep<'_>],

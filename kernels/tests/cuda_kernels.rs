@@ -1059,3 +1059,86 @@ fn decode_graph_equals_eager_and_host_argmax() {
         next = graphed;
     }
 }
+
+/// `forward_every` on the device (one pass, the head GEMM over every row of the flagged
+/// step): each row equals the last-position logits of its prefix run alone on the same
+/// backend, and the CPU backend's rows within bf16 tolerance; the other step of the batch
+/// still gets its one row.
+#[test]
+fn every_position_logits_on_the_device() {
+    let config = synthetic_config("tiny").unwrap();
+    let Some(_g) = gpu(config.head_dim, config.group_size()) else {
+        return;
+    };
+    let weights = synthetic_weights(&config, 5);
+    let bs = 16;
+    let opts = CudaBackendOptions {
+        device: 0,
+        num_blocks: 64,
+        block_size: bs,
+    };
+    let mut b = CudaBackend::new(config.clone(), &weights, opts).unwrap();
+    let mut cpu = CpuBackend::new(
+        config.clone(),
+        &weights,
+        CpuBackendOptions {
+            num_blocks: 64,
+            block_size: bs,
+            threads: 2,
+        },
+    )
+    .unwrap();
+    let prompt: Vec<u32> = (0..37)
+        .map(|i| (i * 29 + 3) % config.vocab_size as u32)
+        .collect();
+    let other = [7u32, 8, 9];
+    let (table, table_other): (Vec<u32>, Vec<u32>) = ((0..3).collect(), vec![10]);
+    let batch = [
+        SeqStep {
+            tokens: &prompt,
+            start_pos: 0,
+            block_table: &table,
+            want_logits: true,
+        },
+        SeqStep {
+            tokens: &other,
+            start_pos: 0,
+            block_table: &table_other,
+            want_logits: true,
+        },
+    ];
+    let all = b.forward_every(&batch, &[true, false]).unwrap();
+    let on_cpu = cpu.forward_every(&batch, &[true, false]).unwrap();
+    assert_eq!(
+        (all.rows(), on_cpu.rows()),
+        (prompt.len() + 1, prompt.len() + 1)
+    );
+    let f = |v: &[f32]| v.iter().map(|&x| x as f64).collect::<Vec<_>>();
+    // Prefixes alone take the split attention kernel, as the mixed batch above did.
+    b.set_prefill_attention(PrefillAttention::Split);
+    for p in 0..prompt.len() {
+        let alone: Vec<u32> = (20..23).collect();
+        let last = b
+            .forward(&[SeqStep {
+                tokens: &prompt[..=p],
+                start_pos: 0,
+                block_table: &alone,
+                want_logits: true,
+            }])
+            .unwrap();
+        let row = f(all.row(p).unwrap());
+        let e = rel_err(&row, &f(&last.data));
+        assert!(
+            e < TOL,
+            "position {p}: every-row vs its prefix alone, rel err {e}"
+        );
+        let e = rel_err(&row, &f(on_cpu.row(p).unwrap()));
+        assert!(e < 3e-2, "position {p}: device vs CPU rel err {e}");
+    }
+    b.set_prefill_attention(turbine_kernels::cuda::DEFAULT_PREFILL_ATTENTION);
+    let e = rel_err(
+        &f(all.row(prompt.len()).unwrap()),
+        &f(on_cpu.row(prompt.len()).unwrap()),
+    );
+    assert!(e < 3e-2, "the other step: device vs CPU rel err {e}");
+}

@@ -754,3 +754,33 @@ fn every_position_logits_match_reference_in_one_pass_and_by_default() {
         assert_eq!(rows.rows(), 1);
     }
 }
+
+/// The backend checked against itself: row `p` of `forward_every` over a whole prompt is
+/// the last-position logits of the prefix `..=p` run alone (a fresh sequence each time, in
+/// blocks of its own), the teacher-forced identity prompt logprobs rest on. Also with the
+/// prompt's start already cached (a later chunk).
+#[test]
+fn every_position_row_is_the_last_row_of_its_prefix() {
+    let (cfg, w, _) = build(PLAIN, 9);
+    let seq = tokens(6, 13, cfg.vocab_size);
+    let mut be = backend(&cfg, &w, 4, 2);
+    let table = [1, 2, 3, 4];
+    let all = be.forward_every(&[step(&seq, 0, &table)], &[true]).unwrap();
+    assert_eq!(all.rows(), seq.len());
+    // A later chunk (positions 5..13 over cached 0..5) in other blocks.
+    let later = [40, 41, 42, 43];
+    be.forward(&[step(&seq[..5], 0, &later)]).unwrap();
+    let chunk = be
+        .forward_every(&[step(&seq[5..], 5, &later)], &[true])
+        .unwrap();
+    for p in 0..seq.len() {
+        let alone = [20, 21, 22, 23];
+        let last = be.forward(&[step(&seq[..=p], 0, &alone)]).unwrap();
+        let want: Vec<f64> = last.row(0).unwrap().iter().map(|&x| x as f64).collect();
+        assert_close(all.row(p).unwrap(), &want, 1e-5, &format!("position {p}"));
+        if p >= 5 {
+            let got = chunk.row(p - 5).unwrap();
+            assert_close(got, &want, 1e-5, &format!("chunk, position {p}"));
+        }
+    }
+}

@@ -202,15 +202,53 @@ class Parity:
         two = self.complete(prompt, echo=True, logprobs=1, max_tokens=2, n=2)
         expect(all(x.logprobs.token_logprobs[1] == lp.token_logprobs[1] for x in two.choices),
                f"n=2: {[x.logprobs.token_logprobs[:3] for x in two.choices]}")
-        # Computed in one step: a prompt past a step's budget is a clear 400.
-        try:
-            self.complete("hello " * 2100, echo=True, logprobs=1, max_tokens=1)
-        except openai.BadRequestError as err:
-            msg = (err.body or {}).get("message", "") if isinstance(err.body, dict) else ""
-            expect("prompt logprobs" in msg, f"long prompt: {err.body}")
-        else:
-            raise CheckFailed("a 2100-token prompt with echo and logprobs was accepted")
         return f"{lp.tokens[1]!r} {lp.token_logprobs[1]:.3f}"
+
+    def teacher_forced(self, ids, generate):
+        """Teacher forcing: the logprob the server reports for each token it generated
+        (greedy, one decode step each) equals that token's prompt logprob when prompt and
+        generated tokens are sent back as the prompt with echo (every position computed,
+        past the prefix cache that now holds the prompt's blocks). Returns the largest
+        difference."""
+        gen = self.complete(ids, max_tokens=generate, logprobs=0,
+                            extra_body={"ignore_eos": True})
+        glp = gen.choices[0].logprobs
+        expect(len(glp.tokens) == generate, f"generated {glp.tokens}")
+        # The generated tokens' ids, by tokenizing the text again; the echo below shows
+        # the same token strings, so these are the tokens that were generated.
+        both = ids + self.tokenize(gen.choices[0].text)
+        expect(len(both) == len(ids) + generate,
+               f"retokenized {len(both) - len(ids)} tokens for {generate}")
+        again = self.complete(both, echo=True, logprobs=0, max_tokens=1)
+        alp = again.choices[0].logprobs
+        u = again.usage
+        expect(u.prompt_tokens == len(both), f"usage {u}")
+        cached = getattr(getattr(u, "prompt_tokens_details", None), "cached_tokens", None)
+        expect(cached == 0, f"the echoed prompt was read from the prefix cache: {cached} tokens")
+        # The blocks were there to take: the same prompt without echo reads them.
+        plain = self.complete(both, max_tokens=1).usage.prompt_tokens_details.cached_tokens
+        expect(plain >= len(ids) // 16 * 16 - 16,
+               f"without echo only {plain} of {len(both)} tokens came from the prefix cache")
+        expect(len(alp.token_logprobs) == len(both) + 1 and alp.token_logprobs[0] is None,
+               f"{len(alp.token_logprobs)} entries for {len(both)} + 1 tokens")
+        echoed = alp.tokens[len(ids):len(both)]
+        expect(echoed == glp.tokens, f"echoed {echoed} vs generated {glp.tokens}")
+        got = alp.token_logprobs[len(ids):len(both)]
+        diffs = [abs(a - b) for a, b in zip(got, glp.token_logprobs)]
+        expect(max(diffs) < 1e-3,
+               f"prompt vs generated logprobs differ by up to {max(diffs):.2e}: "
+               f"{got} vs {glp.token_logprobs}")
+        return max(diffs)
+
+    def echo_logprobs_teacher_forced(self):
+        short = self.teacher_forced(self.tokenize("The three primary colours are", special=True), 24)
+        # A prompt past one step's budget (512 tokens by default) is computed in chunks:
+        # 500 prompt + 24 generated tokens put the chunk boundary among the generated ones.
+        text = " ".join(f"Item {i} costs {3 * i + 1} dollars." for i in range(120))
+        ids = self.tokenize(text, special=True)
+        expect(len(ids) > 500, f"{len(ids)} tokens")
+        long = self.teacher_forced(ids[:500], 24)
+        return f"largest difference {short:.1e} (short prompt), {long:.1e} (524 tokens, chunked)"
 
     def prompt_forms(self):
         prompt = "The capital of France is"
@@ -516,15 +554,26 @@ class Tools:
         ]
         remote = {"type": "object", "properties": {"a": {"$ref": "https://example.com/a.json"}}}
         bad.append({"type": "json_schema", "json_schema": {"name": "x", "schema": remote}})
-        for extra in ({"min_tokens": 5}, {"ignore_eos": True}):
+        choice = {"type": "function", "function": {"name": "get_weather"}}
+        for forced in ({"response_format": {"type": "json_object"}},
+                       {"tools": [WEATHER], "tool_choice": choice}):
             try:
-                self.chat(ask, response_format={"type": "json_object"}, max_tokens=4,
-                          extra_body=extra)
+                self.chat(ask, max_tokens=4, extra_body={"ignore_eos": True}, **forced)
             except openai.BadRequestError as err:
                 body = err.body if isinstance(err.body, dict) else {}
-                expect(body.get("param") == next(iter(extra)), f"{extra}: {body}")
+                expect(body.get("param") == "ignore_eos", f"{forced}: {body}")
                 continue
-            raise CheckFailed(f"json_object with {extra} was accepted")
+            raise CheckFailed(f"{forced} with ignore_eos was accepted")
+        # A forced call's parameters are enforced too: a remote $ref there is a 400.
+        far = {"type": "function", "function": {"name": "f", "parameters": {"$ref": "other.json"}}}
+        try:
+            self.chat(ask, tools=[far], tool_choice="required", max_tokens=4)
+        except openai.BadRequestError as err:
+            body = err.body if isinstance(err.body, dict) else {}
+            expect(body.get("param") == "tools[0].function.parameters"
+                   and "other.json" in body.get("message", ""), f"remote $ref in a tool: {body}")
+        else:
+            raise CheckFailed("a forced tool call with a remote $ref was accepted")
         for fmt in bad:
             try:
                 self.chat(ask, response_format=fmt, max_tokens=4)
@@ -536,6 +585,52 @@ class Tools:
                 continue
             raise CheckFailed(f"{fmt} was accepted")
         return None
+
+    def grammar_min_tokens(self):
+        """min_tokens under a grammar: stop tokens are held back while the grammar allows
+        another token, and the output ends where the grammar is complete."""
+        # A number may always grow: min_tokens keeps it going.
+        ask = [{"role": "user", "content": "Give me a number between 1 and 10."}]
+        number = {"type": "json_schema", "json_schema": {"name": "n", "schema": {"type": "integer"}}}
+        plain = self.chat(ask, response_format=number, max_tokens=32)
+        m = plain.usage.completion_tokens
+        expect(plain.choices[0].finish_reason == "stop" and m < 24,
+               f"expected a short number, got {plain.choices[0].message.content!r}")
+        held = self.chat(ask, response_format=number, max_tokens=32,
+                         extra_body={"min_tokens": m + 4})
+        text = held.choices[0].message.content
+        try:
+            int(text)
+        except ValueError:
+            raise CheckFailed(f"min_tokens {m + 4} with an integer schema gave {text!r}")
+        pieces = len(self.p.tokenize(text))
+        expect(pieces >= m + 4, f"min_tokens {m + 4}: {text!r} is {pieces} tokens")
+        expect(text.startswith(plain.choices[0].message.content),
+               f"{text!r} does not continue {plain.choices[0].message.content!r}")
+        # A closed JSON object admits nothing more: the output ends there, short of
+        # min_tokens, exactly as without it.
+        obj = [{"role": "user", "content": "Describe a cat as a JSON object."}]
+        free = self.chat(obj, response_format={"type": "json_object"}, max_tokens=200)
+        short = self.chat(obj, response_format={"type": "json_object"}, max_tokens=200,
+                          extra_body={"min_tokens": 150})
+        c = short.choices[0]
+        expect(c.finish_reason == "stop" and isinstance(json.loads(c.message.content), dict),
+               f"json_object with min_tokens: {c.message.content!r} ({c.finish_reason})")
+        expect(c.message.content == free.choices[0].message.content,
+               f"{c.message.content!r} vs {free.choices[0].message.content!r} without min_tokens")
+        # A forced tool call likewise ends with its closed call.
+        choice = {"type": "function", "function": {"name": "get_weather"}}
+        call = self.chat([{"role": "user", "content": "Weather in Paris?"}], tools=[WEATHER],
+                         tool_choice=choice, extra_body={"min_tokens": 120}, max_tokens=160)
+        calls = call.choices[0].message.tool_calls or []
+        expect(call.choices[0].finish_reason == "tool_calls" and len(calls) == 1,
+               f"forced call with min_tokens: {call.choices[0]}")
+        try:
+            Weather.model_validate_json(calls[0].function.arguments)
+        except ValidationError as err:
+            raise CheckFailed(f"arguments {calls[0].function.arguments!r}: {err}")
+        return (f"integer {plain.choices[0].message.content!r} -> {text!r} (min_tokens {m + 4}); "
+                f"object ended after {short.usage.completion_tokens} tokens (min_tokens 150)")
 
 
 def main():
@@ -553,6 +648,8 @@ def main():
     p.check("logit_bias -100 bans, +100 forces", p.logit_bias)
     p.check("echo returns the prompt", p.echo)
     p.check("echo with logprobs: the prompt's logprobs", p.echo_logprobs)
+    p.check("echo with logprobs: prompt logprobs equal the generated tokens' (teacher forced)",
+            p.echo_logprobs_teacher_forced)
     p.check("token-id and batched prompts", p.prompt_forms)
     p.check("stop_token_ids and min_tokens", p.stop_ids_and_min_tokens)
     p.check("presence and frequency penalties", p.penalties)
@@ -565,8 +662,10 @@ def main():
     p.check("tool_choice required", t.required_tool_call)
     p.check("response_format json_object", t.json_object)
     p.check("response_format json_schema: four schemas (streaming and not)", t.json_schemas)
-    p.check("invalid schemas, remote $ref, grammar with min_tokens/ignore_eos are 400s",
+    p.check("invalid schemas, remote $ref, grammar with ignore_eos are 400s",
             t.invalid_schemas)
+    p.check("min_tokens with a grammar: held while it may go on, ends when complete",
+            t.grammar_min_tokens)
     print(f"parity: {p.passed} passed, 0 failed", flush=True)
     return 0
 

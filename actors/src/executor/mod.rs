@@ -15,7 +15,7 @@ pub mod device;
 
 use crate::ids::RequestId;
 use crate::protocol::{SamplingParams, TokenLogprob};
-use crate::worker::{SampledToken, ScheduledSeq};
+use crate::worker::{PromptLogprobsChunk, SampledToken, ScheduledSeq};
 use bytes::Bytes;
 use std::sync::mpsc as std_mpsc;
 use std::sync::{Arc, Condvar, Mutex};
@@ -45,10 +45,6 @@ pub struct SampleSpec {
     pub allowed: Option<MaskSlot>,
     /// Top alternatives to report with the token's logprob, if logprobs were asked for.
     pub logprobs: Option<u32>,
-    /// `Some(k)` on a prompt's one step when the request asked for prompt logprobs: every
-    /// position's logits are computed (`Backend::forward_every`) and each prompt token
-    /// after the first gets its logprob and `k` alternatives.
-    pub prompt_logprobs: Option<u32>,
 }
 
 /// A token mask that is computed while the step's forward pass runs: the worker fills it
@@ -127,7 +123,16 @@ pub enum SpawnError {
 
 struct Job {
     batch: Vec<ExecSeq>,
-    reply: oneshot::Sender<Result<Vec<SampledToken>, ExecError>>,
+    reply: oneshot::Sender<Result<StepOutput, ExecError>>,
+}
+
+/// What one step gives back: a sample per sequence that wants logits (in batch order) and
+/// the prompt logprobs of the sequences whose entry asked (`ScheduledSeq::prompt_logprobs`:
+/// every position's logits computed by `Backend::forward_every`).
+#[derive(Clone, Debug, Default)]
+pub struct StepOutput {
+    pub sampled: Vec<SampledToken>,
+    pub prompt_logprobs: Vec<PromptLogprobsChunk>,
 }
 
 /// Work on the backend other than a step (KV block export/import for disaggregation), run
@@ -286,8 +291,8 @@ impl Executor {
     }
 
     /// Runs one step: the forward pass over every sequence, then a sample for each one
-    /// that wants logits, in batch order.
-    pub async fn step(&self, batch: Vec<ExecSeq>) -> Result<Vec<SampledToken>, ExecError> {
+    /// that wants logits, in batch order (and prompt logprobs where asked).
+    pub async fn step(&self, batch: Vec<ExecSeq>) -> Result<StepOutput, ExecError> {
         match &self.runner {
             Runner::Thread(jobs) => {
                 let (reply, rx) = oneshot::channel();
@@ -298,7 +303,11 @@ impl Executor {
             Runner::Simulated { engine, clock, .. } => {
                 let (duration, sampled) = engine.step(&batch);
                 clock.sleep(duration).await;
-                sampled
+                // A simulated engine computes no logits, so it serves no prompt logprobs.
+                sampled.map(|sampled| StepOutput {
+                    sampled,
+                    prompt_logprobs: Vec::new(),
+                })
             }
         }
     }
@@ -441,7 +450,7 @@ fn run_step(
     backend: &mut dyn Backend,
     batch: &[ExecSeq],
     host_sampling: bool,
-) -> Result<Vec<SampledToken>, ExecError> {
+) -> Result<StepOutput, ExecError> {
     let steps: Vec<SeqStep<'_>> = batch
         .iter()
         .map(|e| SeqStep {
@@ -482,13 +491,9 @@ fn run_step(
     }
     let every: Vec<bool> = batch
         .iter()
-        .map(|e| {
-            e.sample
-                .as_ref()
-                .is_some_and(|s| s.prompt_logprobs.is_some())
-        })
+        .map(|e| e.seq.prompt_logprobs.is_some())
         .collect();
-    let mut prompt_rows: Vec<Option<Vec<TokenLogprob>>> = vec![None; wanted.len()];
+    let mut prompt_logprobs = Vec::new();
     let drawn = if every.contains(&true) {
         if let Some(s) = splices.first() {
             // Every position's logits come from `forward_every`, which takes no splices.
@@ -500,14 +505,11 @@ fn run_step(
         // Prompt logprobs: every position's logits, read here; each sampling row is the
         // last of its step's rows, sampled on the host.
         let all = backend.forward_every(&steps, &every)?;
-        let (logits, prompts) =
-            split_every(&all, batch, &every).map_err(|reason| ExecError::Sampling {
-                request: batch[0].seq.request,
-                reason,
-            })?;
-        for (slot, lps) in prompt_rows.iter_mut().zip(prompts) {
-            *slot = lps;
-        }
+        let (logits, prompts) = split_every(&all, batch).map_err(|reason| ExecError::Sampling {
+            request: batch[0].seq.request,
+            reason,
+        })?;
+        prompt_logprobs = prompts;
         let masks = wait_masks(&wanted)?;
         for (row, mask) in rows.iter_mut().zip(&masks) {
             row.allowed = mask.as_deref();
@@ -552,10 +554,12 @@ fn run_step(
                 logprob: sampled.logprob.unwrap_or(f32::NEG_INFINITY),
                 top: sampled.top_logprobs.clone(),
             }),
-            prompt_logprobs: prompt_rows.get_mut(i).and_then(Option::take),
         });
     }
-    Ok(out)
+    Ok(StepOutput {
+        sampled: out,
+        prompt_logprobs,
+    })
 }
 
 /// The grammar masks of the sampled rows, in order. They were computed while the forward
@@ -575,14 +579,15 @@ fn wait_masks(wanted: &[&ExecSeq]) -> Result<Vec<Option<Vec<u32>>>, ExecError> {
     Ok(masks)
 }
 
-/// The sampling rows of a step and, per sampled step, its prompt logprobs.
-type EveryRows = (KLogits, Vec<Option<Vec<TokenLogprob>>>);
+/// The sampling rows of a step and the prompt logprobs of its entries that asked.
+type EveryRows = (KLogits, Vec<PromptLogprobsChunk>);
 
 /// Splits `Backend::forward_every`'s rows into the sampling rows (one per step that wants
-/// logits: the last row of an `every` step) and, for each sampled step in order, the
-/// logprobs of its prompt tokens after the first (`Some` for the `every` steps): row `j`
-/// predicts token `j + 1`.
-fn split_every(all: &KLogits, batch: &[ExecSeq], every: &[bool]) -> Result<EveryRows, String> {
+/// logits: for an entry with `prompt_logprobs`, the last of its rows) and, per such entry,
+/// the logprobs of the prompt tokens its rows predict: row `j` of an entry predicts its
+/// token `j + 1`, and its last row the prompt token after the chunk
+/// (`PromptLogprobsAsk::next`) unless that row is sampled.
+fn split_every(all: &KLogits, batch: &[ExecSeq]) -> Result<EveryRows, String> {
     let mut sampling = Vec::new();
     let mut prompts = Vec::new();
     let mut r = 0;
@@ -590,17 +595,13 @@ fn split_every(all: &KLogits, batch: &[ExecSeq], every: &[bool]) -> Result<Every
         all.row(r)
             .ok_or_else(|| "the backend returned too few logits rows".to_string())
     };
-    for (e, &full) in batch.iter().zip(every) {
-        if full {
+    for e in batch {
+        if let Some(ask) = e.seq.prompt_logprobs {
             let tokens = &e.seq.tokens;
-            let top = e
-                .sample
-                .as_ref()
-                .and_then(|s| s.prompt_logprobs)
-                .unwrap_or(0);
-            let mut lps = Vec::with_capacity(tokens.len().saturating_sub(1));
-            for (j, &next) in tokens.iter().enumerate().skip(1) {
-                let (logprob, top) = ksampling::token_logprob(row(r + j - 1)?, next, top as usize);
+            let predicted = tokens.iter().skip(1).copied().chain(ask.next);
+            let mut lps = Vec::with_capacity(tokens.len());
+            for (j, next) in predicted.enumerate() {
+                let (logprob, top) = ksampling::token_logprob(row(r + j)?, next, ask.top as usize);
                 lps.push(TokenLogprob {
                     token_id: next,
                     logprob,
@@ -608,12 +609,16 @@ fn split_every(all: &KLogits, batch: &[ExecSeq], every: &[bool]) -> Result<Every
                 });
             }
             r += tokens.len();
-            sampling.extend_from_slice(row(r - 1)?);
-            prompts.push(Some(lps));
+            if e.seq.want_logits {
+                sampling.extend_from_slice(row(r - 1)?);
+            }
+            prompts.push(PromptLogprobsChunk {
+                request: e.seq.request,
+                logprobs: lps,
+            });
         } else if e.seq.want_logits {
             sampling.extend_from_slice(row(r)?);
             r += 1;
-            prompts.push(None);
         }
     }
     Ok((
@@ -656,7 +661,93 @@ fn sample_row(spec: &SampleSpec) -> ksampling::SampleRow<'_> {
 
 #[cfg(test)]
 mod tests {
-    use super::step_seed;
+    use super::{split_every, step_seed, ExecSeq, KLogits};
+    use crate::ids::RequestId;
+    use crate::worker::{PromptLogprobsAsk, ScheduledSeq};
+    use turbine_kernels::sampling::token_logprob;
+
+    fn entry(
+        id: u64,
+        tokens: &[u32],
+        want_logits: bool,
+        ask: Option<PromptLogprobsAsk>,
+    ) -> ExecSeq {
+        ExecSeq {
+            seq: ScheduledSeq {
+                request: RequestId(id),
+                tokens: tokens.to_vec(),
+                start_pos: 0,
+                block_table: vec![0],
+                want_logits,
+                sample_index: 0,
+                prompt_logprobs: ask,
+            },
+            sample: None,
+            embeds: None,
+        }
+    }
+
+    #[test]
+    fn every_rows_split_into_prompt_logprobs_and_sampling_rows() {
+        let vocab = 4;
+        // Row r favours token r % 4, so each row is told apart by its logprobs.
+        let row = |r: usize| -> Vec<f32> {
+            (0..vocab)
+                .map(|t| if t == r % 4 { 2.0 } else { r as f32 * 0.1 })
+                .collect()
+        };
+        // A middle chunk (3 rows, no sample), a decode (1 row), a last chunk (2 rows, sampled).
+        let batch = [
+            entry(
+                1,
+                &[5, 1, 2],
+                false,
+                Some(PromptLogprobsAsk {
+                    top: 1,
+                    next: Some(3),
+                }),
+            ),
+            entry(2, &[0], true, None),
+            entry(
+                3,
+                &[2, 0],
+                true,
+                Some(PromptLogprobsAsk { top: 0, next: None }),
+            ),
+        ];
+        let all = KLogits {
+            vocab,
+            data: (0..6).flat_map(row).collect(),
+        };
+        let (sampling, prompts) = split_every(&all, &batch).unwrap();
+        assert_eq!(
+            sampling.data,
+            [row(3), row(5)].concat(),
+            "the decode's row, then the last chunk's last"
+        );
+        assert_eq!(prompts.len(), 2);
+        let (a, b) = (&prompts[0], &prompts[1]);
+        assert_eq!((a.request, b.request), (RequestId(1), RequestId(3)));
+        // Chunk 1 predicts its tokens 1, 2 and then the next chunk's first, 3.
+        let want: Vec<(u32, f32)> = [(1, 0), (2, 1), (3, 2)]
+            .iter()
+            .map(|&(t, r)| (t, token_logprob(&row(r), t, 1).0))
+            .collect();
+        let got: Vec<(u32, f32)> = a.logprobs.iter().map(|l| (l.token_id, l.logprob)).collect();
+        assert_eq!(got, want);
+        assert!(a.logprobs.iter().all(|l| l.top.len() == 1));
+        // The last chunk predicts only its token 0 (its last row is sampled).
+        assert_eq!(b.logprobs.len(), 1);
+        assert_eq!(b.logprobs[0].token_id, 0);
+        assert_eq!(b.logprobs[0].logprob, token_logprob(&row(4), 0, 0).0);
+        assert!(b.logprobs[0].top.is_empty());
+        // Too few rows is an error, not a panic.
+        let short = KLogits {
+            vocab,
+            data: row(0),
+        };
+        assert!(split_every(&short, &batch).is_err());
+    }
 
     #[test]
     fn step_seeds_differ_per_position_and_seed() {

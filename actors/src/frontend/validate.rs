@@ -130,25 +130,13 @@ pub fn chat_request(
         logprobs,
         false,
     )?;
-    if grammar.is_some() {
-        let why = |name: &str, what: &str| {
-            ApiError::field(
-                name,
-                format!("`{name}` cannot be combined with `response_format` or a forced tool call (`tool_choice` \"required\" or a named function): {what}"),
-            )
-        };
-        if validated.request.sampling.min_tokens > 0 {
-            return Err(why(
-                "min_tokens",
-                "the grammar decides where the output ends, and once it is complete only end-of-sequence may follow",
-            ));
-        }
-        if validated.request.ignore_eos {
-            return Err(why(
-                "ignore_eos",
-                "once the grammar is complete only end-of-sequence may follow, so the output could not go on",
-            ));
-        }
+    // `min_tokens` is served with a grammar (the stop tokens leave its mask while it
+    // allows going on: `worker::constrained::hold_back`); `ignore_eos` has no meaning there.
+    if grammar.is_some() && validated.request.ignore_eos {
+        return Err(ApiError::field(
+            "ignore_eos",
+            "`ignore_eos` cannot be combined with `response_format` or a forced tool call (`tool_choice` \"required\" or a named function): once the grammar is complete only end-of-sequence may follow, so the output could not go on",
+        ));
     }
     validated.request.tools = tools;
     validated.request.sampling.grammar = grammar;
@@ -1351,20 +1339,23 @@ mod tests {
     }
 
     #[test]
-    fn grammars_refuse_min_tokens_ignore_eos_and_remote_refs() {
+    fn grammars_refuse_ignore_eos_and_remote_refs_and_take_min_tokens() {
         let base = r#""messages":[{"role":"user","content":"x"}]"#;
         let json = r#""response_format":{"type":"json_object"}"#;
-        for (extra, param) in [
-            (r#""min_tokens":3"#, "min_tokens"),
-            (r#""ignore_eos":true"#, "ignore_eos"),
-        ] {
-            let err = chat(&format!("{{{base},{json},{extra}}}")).unwrap_err();
-            assert_eq!(err.param.as_deref(), Some(param), "{}", err.message);
-            assert!(err.message.contains("response_format"), "{}", err.message);
-            // Without a grammar both are served.
-            assert!(chat(&format!("{{{base},{extra}}}")).is_ok());
-        }
-        assert!(chat(&format!(r#"{{{base},{json},"min_tokens":0}}"#)).is_ok());
+        let extra = r#""ignore_eos":true"#;
+        let err = chat(&format!("{{{base},{json},{extra}}}")).unwrap_err();
+        assert_eq!(err.param.as_deref(), Some("ignore_eos"), "{}", err.message);
+        assert!(err.message.contains("response_format"), "{}", err.message);
+        // Without a grammar it is served.
+        assert!(chat(&format!("{{{base},{extra}}}")).is_ok());
+        // `min_tokens` is served with a grammar, and with a forced tool call.
+        let with = chat(&format!(r#"{{{base},{json},"min_tokens":3}}"#)).unwrap();
+        assert_eq!(with.sampling.min_tokens, 3);
+        assert!(with.sampling.grammar.is_some());
+        let tools = r#""tools":[{"type":"function","function":{"name":"f","parameters":{"type":"object"}}}],"tool_choice":"required""#;
+        assert!(chat(&format!(r#"{{{base},{tools},"min_tokens":3}}"#)).is_ok());
+        let err = chat(&format!("{{{base},{tools},{extra}}}")).unwrap_err();
+        assert_eq!(err.param.as_deref(), Some("ignore_eos"), "{}", err.message);
         let schema = |s: &str| {
             format!(
                 r#"{{{base},"response_format":{{"type":"json_schema","json_schema":{{"name":"n","schema":{s}}}}}}}"#

@@ -12,10 +12,18 @@ use std::collections::HashMap;
 /// A bias at or below this bans the token (OpenAI: -100 "should result in a ban").
 pub const BAN_AT: f32 = -100.0;
 
-/// The (token, bias) pairs for the next draw of `ctx`'s request, each token once.
-pub fn step_bias(ctx: &SamplingContext<'_>) -> Vec<(u32, f32)> {
+/// Whether `min_tokens` still keeps `ctx`'s request from stopping.
+pub fn min_tokens_pending(ctx: &SamplingContext<'_>) -> bool {
+    (ctx.generated().len() as u64) < u64::from(ctx.params.min_tokens)
+}
+
+/// The (token, bias) pairs for the next draw of `ctx`'s request, each token once. With
+/// `grammar` (a constrained request) `min_tokens` is left to the grammar's mask
+/// (`constrained::hold_back`), which may end the output early; a ban here could leave no
+/// token to draw.
+pub fn step_bias(ctx: &SamplingContext<'_>, grammar: bool) -> Vec<(u32, f32)> {
     let p = ctx.params;
-    let banning = (ctx.generated().len() as u64) < u64::from(p.min_tokens);
+    let banning = !grammar && min_tokens_pending(ctx);
     let penalised = p.presence_penalty != 0.0 || p.frequency_penalty != 0.0;
     if p.logit_bias.is_empty() && !banning && !penalised {
         return Vec::new();
@@ -70,7 +78,7 @@ mod tests {
     #[test]
     fn nothing_set_costs_nothing() {
         let p = SamplingParams::default();
-        assert!(step_bias(&ctx(&p, &[1, 2, 3], &[0])).is_empty());
+        assert!(step_bias(&ctx(&p, &[1, 2, 3], &[0]), false).is_empty());
     }
 
     #[test]
@@ -81,7 +89,7 @@ mod tests {
             ..SamplingParams::default()
         };
         // Prompt [7, 8]; generated 8, 8, 9.
-        let b = step_bias(&ctx(&p, &[7, 8, 8, 8, 9], &[0]));
+        let b = step_bias(&ctx(&p, &[7, 8, 8, 8, 9], &[0]), false);
         assert_eq!(b, vec![(8, -1.0), (9, -0.75)]);
     }
 
@@ -92,12 +100,17 @@ mod tests {
             min_tokens: 2,
             ..SamplingParams::default()
         };
-        let b = step_bias(&ctx(&p, &[1, 2, 3], &[0]));
+        let b = step_bias(&ctx(&p, &[1, 2, 3], &[0]), false);
         assert_eq!(
             b,
             vec![(0, f32::NEG_INFINITY), (5, f32::NEG_INFINITY), (6, 3.0)]
         );
-        let b = step_bias(&ctx(&p, &[1, 2, 3, 4], &[0]));
+        assert!(min_tokens_pending(&ctx(&p, &[1, 2, 3], &[0])));
+        // Under a grammar the mask holds the stop tokens back instead.
+        let b = step_bias(&ctx(&p, &[1, 2, 3], &[0]), true);
         assert_eq!(b, vec![(5, f32::NEG_INFINITY), (6, 3.0)]);
+        let b = step_bias(&ctx(&p, &[1, 2, 3, 4], &[0]), false);
+        assert_eq!(b, vec![(5, f32::NEG_INFINITY), (6, 3.0)]);
+        assert!(!min_tokens_pending(&ctx(&p, &[1, 2, 3, 4], &[0])));
     }
 }

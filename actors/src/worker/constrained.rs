@@ -50,8 +50,10 @@ impl Constrained {
     }
 
     /// A slot the next mask of `id` will be written to, computed on a blocking thread;
-    /// `None` for an unconstrained request.
-    pub fn next_mask(&self, id: RequestId) -> Option<MaskSlot> {
+    /// `None` for an unconstrained request. `hold` are the stop tokens `min_tokens` still
+    /// keeps back: they leave the mask while the grammar allows anything else (see
+    /// [`hold_back`]).
+    pub fn next_mask(&self, id: RequestId, hold: Vec<u32>) -> Option<MaskSlot> {
         let constraint = self.active.get(&id)?.clone();
         let slot = MaskSlot::default();
         let filled = slot.clone();
@@ -59,7 +61,11 @@ impl Constrained {
             let mask = constraint
                 .lock()
                 .map_err(|_| "the grammar state was poisoned".to_string())
-                .and_then(|mut c| c.mask().map_err(|e| e.to_string()));
+                .and_then(|mut c| c.mask().map_err(|e| e.to_string()))
+                .map(|mut bits| {
+                    hold_back(&mut bits, &hold);
+                    bits
+                });
             filled.fill(mask);
         });
         Some(slot)
@@ -83,5 +89,64 @@ impl Constrained {
 
     pub fn is_constrained(&self, id: RequestId) -> bool {
         self.active.contains_key(&id)
+    }
+}
+
+/// `min_tokens` under a grammar: clears the `hold` tokens (the stop tokens) from the
+/// allowed-token bitmask `bits`, unless nothing else is allowed. Returns whether it did.
+///
+/// WHY the grammar wins: while the grammar allows going on (an unfinished value, or a
+/// complete one that may still grow, like the digits of a number) the output is kept
+/// going, as `min_tokens` asks; once only a stop token fits (a closed JSON object), the
+/// output is complete and ends there, short of `min_tokens`, rather than fail the request
+/// with no token left to draw.
+pub fn hold_back(bits: &mut [u32], hold: &[u32]) -> bool {
+    if hold.is_empty() {
+        return false;
+    }
+    let mut rest = bits.to_vec();
+    for &t in hold {
+        if let Some(w) = rest.get_mut(t as usize / 32) {
+            *w &= !(1u32 << (t % 32));
+        }
+    }
+    if rest.iter().all(|&w| w == 0) {
+        return false;
+    }
+    bits.copy_from_slice(&rest);
+    true
+}
+
+#[cfg(test)]
+mod tests {
+    use super::hold_back;
+    use turbine_kernels::grammar::allowed;
+
+    fn bits(on: &[u32]) -> Vec<u32> {
+        let mut b = vec![0u32; 3];
+        for &t in on {
+            b[t as usize / 32] |= 1 << (t % 32);
+        }
+        b
+    }
+
+    #[test]
+    fn stop_tokens_are_held_back_only_while_something_else_fits() {
+        // A value that may end or go on (EOS 2 and stop id 70 allowed, digits 40 and 41).
+        let mut b = bits(&[2, 40, 41, 70]);
+        assert!(hold_back(&mut b, &[2, 70]));
+        assert_eq!(b, bits(&[40, 41]));
+        // Complete: only the stop tokens fit, so the output ends there.
+        let mut done = bits(&[2, 70]);
+        assert!(!hold_back(&mut done, &[2, 70]));
+        assert!(allowed(&done, 2) && allowed(&done, 70));
+        // Nothing to hold (min_tokens reached): the mask as the grammar gave it.
+        let mut free = bits(&[2, 40]);
+        assert!(!hold_back(&mut free, &[]));
+        assert_eq!(free, bits(&[2, 40]));
+        // A stop token outside the vocabulary's bitmask is ignored.
+        let mut b = bits(&[2, 40]);
+        assert!(hold_back(&mut b, &[2, 5000]));
+        assert_eq!(b, bits(&[40]));
     }
 }

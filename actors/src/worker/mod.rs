@@ -59,7 +59,9 @@ pub use block_manager::{
 };
 pub use config::{ConfigError, SchedulerConfig};
 pub use events::KvEventSequencer;
-pub use plan::{SampledToken, ScheduledSeq, StepId, StepPlan};
+pub use plan::{
+    PromptLogprobsAsk, PromptLogprobsChunk, SampledToken, ScheduledSeq, StepId, StepPlan,
+};
 pub use scheduler::{
     AdmitError, Prefilled, RemoteKvAdmission, SamplingContext, Scheduler, SchedulerStats, StepError,
 };

@@ -29,6 +29,21 @@ pub struct ScheduledSeq {
     /// that seeds its RNG from (request seed, sample_index) draws the same token after a
     /// preemption-and-recompute as it would have without.
     pub sample_index: u32,
+    /// A prompt chunk of a request that asked for prompt logprobs (`echo` with
+    /// `logprobs`), before its first output: the executor computes every position's
+    /// logits and returns each fed position's logprob of the token after it.
+    #[serde(default)]
+    pub prompt_logprobs: Option<PromptLogprobsAsk>,
+}
+
+/// What the executor needs to give a prompt chunk's logprobs.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PromptLogprobsAsk {
+    /// Alternatives per position.
+    pub top: u32,
+    /// The prompt token after this chunk, which its last position predicts; `None` when
+    /// the chunk ends the prompt (that position's logits are sampled instead).
+    pub next: Option<TokenId>,
 }
 
 impl ScheduledSeq {
@@ -92,10 +107,6 @@ pub struct SampledToken {
     pub token: TokenId,
     /// Filled when the request asked for logprobs.
     pub logprob: Option<TokenLogprob>,
-    /// Filled on the prompt's step when the request asked for prompt logprobs: one entry
-    /// per prompt token after the first.
-    #[serde(default)]
-    pub prompt_logprobs: Option<Vec<TokenLogprob>>,
 }
 
 impl SampledToken {
@@ -104,7 +115,15 @@ impl SampledToken {
             request,
             token,
             logprob: None,
-            prompt_logprobs: None,
         }
     }
+}
+
+/// The executor's answer to an entry with `prompt_logprobs`: the logprob of each prompt
+/// token that entry's positions predict (the chunk's tokens after its first, then
+/// `PromptLogprobsAsk::next`), in order.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct PromptLogprobsChunk {
+    pub request: RequestId,
+    pub logprobs: Vec<TokenLogprob>,
 }

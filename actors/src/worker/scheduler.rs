@@ -20,7 +20,9 @@ use super::block_manager::{
     AllocError, BlockManager, BlockStats, InvariantViolation, PrefixHit, StartKind,
 };
 use super::config::{ConfigError, SchedulerConfig};
-use super::plan::{SampledToken, ScheduledSeq, StepId, StepPlan};
+use super::plan::{
+    PromptLogprobsAsk, PromptLogprobsChunk, SampledToken, ScheduledSeq, StepId, StepPlan,
+};
 use super::sequence::{Phase, Sequence};
 use crate::ids::{RequestId, TokenId};
 use crate::kv::events::KvEvent;
@@ -62,15 +64,6 @@ pub enum AdmitError {
     /// The request's grammar (`response_format`, a forced tool call) cannot be enforced here.
     #[error("constrained decoding: {0}")]
     Grammar(String),
-    /// Prompt logprobs are computed in one step, so the prompt must fit one step's budget.
-    #[error(
-        "prompt logprobs need the whole prompt in one step: the prompt has {prompt_len} \
-         tokens, a step at most {max_num_batched_tokens}"
-    )]
-    PromptLogprobsTooLong {
-        prompt_len: usize,
-        max_num_batched_tokens: usize,
-    },
     /// `add_with_remote_kv`: the first token already ends the request.
     #[error("the request finished with its first token; there is nothing to decode")]
     NothingToDecode,
@@ -257,12 +250,6 @@ impl Scheduler {
                 pool: self.blocks.num_blocks(),
             });
         }
-        if req.sampling.prompt_logprobs.is_some() && prompt_len > self.cfg.max_num_batched_tokens {
-            return Err(AdmitError::PromptLogprobsTooLong {
-                prompt_len,
-                max_num_batched_tokens: self.cfg.max_num_batched_tokens,
-            });
-        }
         let id = req.id;
         let serial = self.next_serial;
         self.next_serial += 1;
@@ -328,6 +315,7 @@ impl Scheduler {
                 block_table: table.iter().map(|b| b.0).collect(),
                 want_logits,
                 sample_index: seq.sample_index(),
+                prompt_logprobs: prompt_logprobs_ask(seq, start, n),
             });
             entries.push(InFlightEntry {
                 request: id,
@@ -358,6 +346,19 @@ impl Scheduler {
         &mut self,
         plan: &StepPlan,
         sampled: &[SampledToken],
+        now: Duration,
+    ) -> Result<Vec<(RequestId, TokenOutput)>, StepError> {
+        self.on_step_done_with(plan, sampled, &[], now)
+    }
+
+    /// [`Scheduler::on_step_done`] with the prompt logprobs the executor computed for the
+    /// step's entries that asked (`ScheduledSeq::prompt_logprobs`): they gather chunk by
+    /// chunk and go out with the request's first output.
+    pub fn on_step_done_with(
+        &mut self,
+        plan: &StepPlan,
+        sampled: &[SampledToken],
+        prompt_logprobs: &[PromptLogprobsChunk],
         _now: Duration,
     ) -> Result<Vec<(RequestId, TokenOutput)>, StepError> {
         let Some(flight) = self.take_in_flight(plan)? else {
@@ -373,6 +374,9 @@ impl Scheduler {
                 continue;
             };
             seq.num_computed += entry.num_tokens;
+            if let Some(chunk) = prompt_logprobs.iter().find(|c| c.request == id) {
+                seq.prompt_lps.extend_from_slice(&chunk.logprobs);
+            }
             // Cannot fail: a running sequence always has a table.
             let _ = self
                 .blocks
@@ -394,8 +398,10 @@ impl Scheduler {
                 },
                 cached_tokens: (!seq.first_output_sent).then_some(seq.cached_tokens.unwrap_or(0)),
                 prompt_logprobs: match seq.first_output_sent {
-                    false => sample.prompt_logprobs.clone(),
-                    true => None,
+                    false if seq.sampling.prompt_logprobs.is_some() => {
+                        Some(std::mem::take(&mut seq.prompt_lps))
+                    }
+                    _ => None,
                 },
                 finish,
             };
@@ -644,9 +650,9 @@ impl Scheduler {
                 continue;
             };
             // Prompt logprobs: every prompt position computed (a cached one has no
-            // logits), in one step, so the executor sees the whole prompt at once.
-            let whole = seq.sampling.prompt_logprobs.is_some() && !seq.first_output_sent;
-            let hit = if whole {
+            // logits), chunked like any prompt.
+            let every_position = seq.sampling.prompt_logprobs.is_some() && !seq.first_output_sent;
+            let hit = if every_position {
                 PrefixHit::default()
             } else {
                 self.blocks
@@ -654,7 +660,7 @@ impl Scheduler {
             };
             let hit_tokens = hit.num_tokens();
             let remaining = seq.tokens.len() - hit_tokens;
-            let n = if self.cfg.enable_chunked_prefill && !whole {
+            let n = if self.cfg.enable_chunked_prefill {
                 remaining.min(*budget)
             } else if remaining <= *budget {
                 remaining
@@ -691,6 +697,7 @@ impl Scheduler {
         if let Some(seq) = self.seqs.get_mut(&id) {
             seq.num_computed = 0;
             seq.phase = Phase::Waiting;
+            seq.prompt_lps.clear();
         }
         self.enqueue(id, true);
         self.num_preemptions += 1;
@@ -726,6 +733,24 @@ impl Scheduler {
     fn remove(&mut self, id: RequestId) {
         self.abort(id);
     }
+}
+
+/// The executor's prompt-logprobs ask for `seq`'s entry of `n` tokens from `start`: set
+/// while the request wants its prompt's logprobs and the entry computes prompt positions.
+fn prompt_logprobs_ask(seq: &Sequence, start: usize, n: usize) -> Option<PromptLogprobsAsk> {
+    let top = seq.sampling.prompt_logprobs?;
+    if seq.first_output_sent || start >= seq.prompt_len {
+        return None;
+    }
+    let end = start + n;
+    Some(PromptLogprobsAsk {
+        top,
+        next: seq
+            .tokens
+            .get(end)
+            .copied()
+            .filter(|_| end < seq.prompt_len),
+    })
 }
 
 /// Finds each request's sample. The executor normally returns samples in plan order, so a

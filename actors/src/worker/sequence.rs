@@ -55,6 +55,9 @@ pub(crate) struct Sequence {
     /// Tokens other workers generated before this one took the request over (migration):
     /// the sample index starts here.
     pub sample_offset: u32,
+    /// The prompt logprobs the computed chunks gave so far (a request that asked for
+    /// them), sent with the first output; cleared when a preemption recomputes the prompt.
+    pub prompt_lps: Vec<crate::protocol::TokenLogprob>,
 }
 
 impl Sequence {
@@ -85,6 +88,7 @@ impl Sequence {
             arrival: now,
             prefill_only: false,
             sample_offset: req.generated_before,
+            prompt_lps: Vec::new(),
         }
     }
 

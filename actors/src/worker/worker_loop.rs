@@ -387,7 +387,12 @@ impl EngineLoop {
             }
             let batch = self.exec_batch(&plan.seqs);
             let outputs = match self.executor.step(batch).await {
-                Ok(sampled) => self.scheduler.on_step_done(&plan, &sampled, self.now()),
+                Ok(out) => self.scheduler.on_step_done_with(
+                    &plan,
+                    &out.sampled,
+                    &out.prompt_logprobs,
+                    self.now(),
+                ),
                 Err(e) => {
                     tracing::warn!(worker = %self.id, "step failed: {e}");
                     self.scheduler.on_step_failed(&plan, &e.to_string())
@@ -519,6 +524,12 @@ impl EngineLoop {
                 let sample = seq.want_logits.then(|| {
                     self.scheduler.sampling_context(seq.request).map(|ctx| {
                         let penalised = ctx.params.repetition_penalty != 1.0;
+                        let constrained = self.constrained.is_constrained(seq.request);
+                        // `min_tokens` under a grammar: the stop tokens leave its mask.
+                        let hold = match crate::worker::bias::min_tokens_pending(&ctx) {
+                            true => ctx.stop_token_ids.to_vec(),
+                            false => Vec::new(),
+                        };
                         SampleSpec {
                             params: ctx.params.clone(),
                             seed: ctx.params.seed.unwrap_or(seq.request.0),
@@ -528,17 +539,10 @@ impl EngineLoop {
                             } else {
                                 Vec::new()
                             },
-                            bias: crate::worker::bias::step_bias(&ctx),
+                            bias: crate::worker::bias::step_bias(&ctx, constrained),
                             // Filled on a blocking thread while the forward pass runs.
-                            allowed: self.constrained.next_mask(seq.request),
+                            allowed: self.constrained.next_mask(seq.request, hold),
                             logprobs: ctx.logprobs,
-                            // The prompt's one step (admission keeps it whole): every
-                            // position's logits, for the prompt's logprobs.
-                            prompt_logprobs: ctx.params.prompt_logprobs.filter(|_| {
-                                seq.start_pos == 0
-                                    && seq.tokens.len() == ctx.prompt_len
-                                    && ctx.generated_before == 0
-                            }),
                         }
                     })
                 });

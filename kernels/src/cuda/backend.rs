@@ -570,12 +570,15 @@ impl CudaBackend {
     /// sequence, logits rows, per-sequence table offsets, block tables, prefill tiles, then
     /// (when sampling) each row's parameters and the rows' distinct history tokens. With
     /// `shape` (a decode graph) every part has the bucket's fixed size and offset; padding
-    /// rows point at the spare block past the pool and sample greedily.
+    /// rows point at the spare block past the pool and sample greedily. A step `i` with
+    /// `every[i]` gets a logits row for each of its tokens (`Backend::forward_every`): the
+    /// head GEMM simply runs over more gathered rows.
     fn plan_step(
         &self,
         batch: &[SeqStep<'_>],
         rows: Option<&[SampleRow<'_>]>,
         shape: Option<GraphShape>,
+        every: &[bool],
     ) -> StepPlan {
         let bs = self.layout.block_size;
         let spare = self.layout.num_blocks as i32;
@@ -606,7 +609,9 @@ impl CudaBackend {
                 slots.push((s.block_table[p / bs] as usize * bs + p % bs) as i32);
                 tok_seq.push(si as i32);
             }
-            if s.want_logits {
+            if every.get(si).copied().unwrap_or(false) {
+                lrows.extend(tokens.len() as i32 - s.tokens.len() as i32..tokens.len() as i32);
+            } else if s.want_logits {
                 lrows.push(tokens.len() as i32 - 1);
             }
         }
@@ -863,8 +868,9 @@ impl CudaBackend {
         &mut self,
         batch: &[SeqStep<'_>],
         rows: Option<&[SampleRow<'_>]>,
+        every: &[bool],
     ) -> Result<usize, BackendError> {
-        let plan = self.plan_step(batch, rows, None);
+        let plan = self.plan_step(batch, rows, None, every);
         self.ensure_scratch(plan.n, plan.m, plan.max_ctx, plan.words.len())?;
         let Some(meta) = self
             .scratch
@@ -910,7 +916,7 @@ impl CudaBackend {
         shape: GraphShape,
     ) -> Result<bool, BackendError> {
         self.ensure_scratch(shape.rows, shape.rows, shape.ctx_cap, 0)?;
-        let plan = self.plan_step(batch, Some(rows), Some(shape));
+        let plan = self.plan_step(batch, Some(rows), Some(shape), &[]);
         if !self.graphs.contains_key(&shape) {
             if self.graphs.len() >= GRAPH_CACHE_MAX {
                 return Ok(false);
@@ -963,7 +969,7 @@ impl CudaBackend {
             None => false,
         };
         if !graphed {
-            self.run(batch, Some(rows))?;
+            self.run(batch, Some(rows), &[])?;
         }
         let m = rows.len();
         let words = m * SAMPLE_OUT;
@@ -1047,6 +1053,23 @@ impl CudaBackend {
             .map_err(|e| BackendError::Device(format!("greedy choice: {e}")))
     }
 
+    /// Runs a validated batch eagerly and copies its logits rows back (see
+    /// [`CudaBackend::plan_step`] for `every`).
+    fn logits_of(&mut self, batch: &[SeqStep<'_>], every: &[bool]) -> Result<Logits, BackendError> {
+        let m = self.run(batch, None, every)?;
+        let vocab = self.config.vocab_size;
+        let mut data = vec![0.0f32; m * vocab];
+        if m > 0 {
+            let Some(sb) = self.scratch.bufs.as_ref() else {
+                return Err(BackendError::Device("scratch buffers missing".into()));
+            };
+            self.gpu.dtoh(&sb.logits, 0, &mut data)?;
+        } else {
+            self.gpu.sync()?;
+        }
+        Ok(Logits { vocab, data })
+    }
+
     /// Byte offset of (block, layer) in a layer's K or V buffer, and its length.
     fn block_span(&self, block: u32) -> (usize, usize) {
         let len = self.layout.elems_per_layer_block() * 2;
@@ -1065,18 +1088,17 @@ impl Backend for CudaBackend {
 
     fn forward(&mut self, batch: &[SeqStep<'_>]) -> Result<Logits, BackendError> {
         self.validate(batch)?;
-        let m = self.run(batch, None)?;
-        let vocab = self.config.vocab_size;
-        let mut data = vec![0.0f32; m * vocab];
-        if m > 0 {
-            let Some(sb) = self.scratch.bufs.as_ref() else {
-                return Err(BackendError::Device("scratch buffers missing".into()));
-            };
-            self.gpu.dtoh(&sb.logits, 0, &mut data)?;
-        } else {
-            self.gpu.sync()?;
-        }
-        Ok(Logits { vocab, data })
+        self.logits_of(batch, &[])
+    }
+
+    /// One pass: the head GEMM runs over every token row of the `every` steps.
+    fn forward_every(
+        &mut self,
+        batch: &[SeqStep<'_>],
+        every: &[bool],
+    ) -> Result<Logits, BackendError> {
+        self.validate(batch)?;
+        self.logits_of(batch, every)
     }
 
     fn forward_sample(
