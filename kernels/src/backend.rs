@@ -151,6 +151,36 @@ pub enum BackendError {
     BadSplice(String),
 }
 
+/// Checks that every splice lands inside its step and carries whole rows.
+pub fn validate_splices(
+    batch: &[SeqStep<'_>],
+    splices: &[Splice<'_>],
+    hidden: usize,
+) -> Result<(), BackendError> {
+    for (i, sp) in splices.iter().enumerate() {
+        let bad = |m: String| Err(BackendError::BadSplice(format!("splice {i}: {m}")));
+        let Some(step) = batch.get(sp.step) else {
+            return bad(format!("step {} of a batch of {}", sp.step, batch.len()));
+        };
+        if sp.offset.saturating_add(sp.rows) > step.tokens.len() {
+            return bad(format!(
+                "rows {}..{} past the step's {} tokens",
+                sp.offset,
+                sp.offset.saturating_add(sp.rows),
+                step.tokens.len()
+            ));
+        }
+        if sp.embeds.len() != sp.rows.saturating_mul(hidden) {
+            return bad(format!(
+                "{} values for {} rows of {hidden}",
+                sp.embeds.len(),
+                sp.rows
+            ));
+        }
+    }
+    Ok(())
+}
+
 /// A compute backend: runs batched forward steps over its own paged KV pool.
 pub trait Backend: Send {
     fn config(&self) -> &ModelConfig;

@@ -8,7 +8,7 @@
 use half::bf16;
 use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
-use turbine_kernels::backend::{Backend, SeqStep};
+use turbine_kernels::backend::{Backend, BackendError, SeqStep, Splice};
 use turbine_kernels::cpu::{CpuBackend, CpuBackendOptions};
 use turbine_kernels::cuda::ops::{
     prefill_tiles, sample_params, AttnMeta, PrefillAttention, SAMPLE_MAX_TOP, SAMPLE_OUT,
@@ -673,6 +673,110 @@ fn cuda_backend_matches_cpu_backend_greedy() {
     let ek = rel_err(&f(l), &f(&ls.data));
     println!("prefill logits, tensor-core vs split attention: rel err {ek:.2e}");
     assert!(ek < TOL, "tensor-core vs split prefill {ek}");
+}
+
+/// Image embeddings spliced into a prompt (`Backend::forward_spliced`): the CUDA backend's
+/// logits equal the CPU backend's within bf16 tolerance, the splice changes them (the rows
+/// were really replaced on the device), a step without splices is untouched by the last
+/// one, and a splice of the wrong size is refused before anything runs.
+#[test]
+fn spliced_embeddings_match_the_cpu_backend() {
+    let config = synthetic_config("tiny").unwrap();
+    let Some(_g) = gpu(config.head_dim, config.group_size()) else {
+        return;
+    };
+    let weights = synthetic_weights(&config, 11);
+    let (h, bs) = (config.hidden_size, 16);
+    let mut cpu = CpuBackend::new(
+        config.clone(),
+        &weights,
+        CpuBackendOptions {
+            num_blocks: 64,
+            block_size: bs,
+            threads: 2,
+        },
+    )
+    .unwrap();
+    let mut cuda = CudaBackend::new(
+        config.clone(),
+        &weights,
+        CudaBackendOptions {
+            device: 0,
+            num_blocks: 64,
+            block_size: bs,
+        },
+    )
+    .unwrap();
+    let mut rng = ChaCha8Rng::seed_from_u64(5);
+    let prompt: Vec<u32> = (0..48)
+        .map(|_| rng.gen_range(0..config.vocab_size as u32))
+        .collect();
+    let short: Vec<u32> = prompt[..9].to_vec();
+    // Two runs of "image" rows in the long prompt, of the embeddings' usual spread.
+    let embeds: Vec<f32> = (0..24 * h).map(|_| rng.gen_range(-1.0..1.0)).collect();
+    let splices = [
+        Splice {
+            step: 1,
+            offset: 4,
+            rows: 16,
+            embeds: &embeds[..16 * h],
+        },
+        Splice {
+            step: 1,
+            offset: 30,
+            rows: 8,
+            embeds: &embeds[16 * h..],
+        },
+    ];
+    let (t0, t1): (Vec<u32>, Vec<u32>) = ((0..4).collect(), (8..12).collect());
+    let batch = [
+        SeqStep {
+            tokens: &short,
+            start_pos: 0,
+            block_table: &t0,
+            want_logits: true,
+        },
+        SeqStep {
+            tokens: &prompt,
+            start_pos: 0,
+            block_table: &t1,
+            want_logits: true,
+        },
+    ];
+    let want = cpu.forward_spliced(&batch, &splices).unwrap();
+    let got = cuda.forward_spliced(&batch, &splices).unwrap();
+    let plain = cuda.forward(&batch).unwrap();
+    let f = |v: &[f32]| v.iter().map(|&x| x as f64).collect::<Vec<_>>();
+    for row in 0..2 {
+        let e = rel_err(&f(got.row(row).unwrap()), &f(want.row(row).unwrap()));
+        println!("row {row}: spliced logits, cuda vs cpu: rel err {e:.2e}");
+        assert!(e < 3e-2, "row {row}: cuda vs cpu {e}");
+    }
+    let moved = rel_err(&f(plain.row(1).unwrap()), &f(got.row(1).unwrap()));
+    assert!(moved > 0.1, "the splice changed nothing ({moved})");
+    let same = rel_err(&f(plain.row(0).unwrap()), &f(got.row(0).unwrap()));
+    assert!(same < 1e-3, "the unspliced step moved ({same})");
+
+    let short_values = [Splice {
+        step: 1,
+        offset: 4,
+        rows: 2,
+        embeds: &embeds[..h],
+    }];
+    assert!(matches!(
+        cuda.forward_spliced(&batch, &short_values),
+        Err(BackendError::BadSplice(_))
+    ));
+    let past_end = [Splice {
+        step: 0,
+        offset: 8,
+        rows: 2,
+        embeds: &embeds[..2 * h],
+    }];
+    assert!(matches!(
+        cuda.forward_spliced(&batch, &past_end),
+        Err(BackendError::BadSplice(_))
+    ));
 }
 
 #[test]

@@ -11,7 +11,9 @@ pub mod linear;
 pub mod ops;
 pub mod quant;
 
-use crate::backend::{Backend, BackendError, KvDType, KvLayout, Logits, SeqStep, Splice};
+use crate::backend::{
+    validate_splices, Backend, BackendError, KvDType, KvLayout, Logits, SeqStep, Splice,
+};
 use crate::kv_cache::PagedKvPool;
 use crate::model::{ModelConfig, ModelWeights};
 use crate::tensor::WeightTensor;
@@ -193,36 +195,6 @@ impl CpuBackend {
         let layout = self.pool.layout();
         crate::backend::validate_batch(batch, &self.model.config, &layout, usize::MAX)
     }
-}
-
-/// Checks that every splice lands inside its step and carries whole rows.
-fn validate_splices(
-    batch: &[SeqStep<'_>],
-    splices: &[Splice<'_>],
-    hidden: usize,
-) -> Result<(), BackendError> {
-    for (i, sp) in splices.iter().enumerate() {
-        let bad = |m: String| Err(BackendError::BadSplice(format!("splice {i}: {m}")));
-        let Some(step) = batch.get(sp.step) else {
-            return bad(format!("step {} of a batch of {}", sp.step, batch.len()));
-        };
-        if sp.offset.saturating_add(sp.rows) > step.tokens.len() {
-            return bad(format!(
-                "rows {}..{} past the step's {} tokens",
-                sp.offset,
-                sp.offset.saturating_add(sp.rows),
-                step.tokens.len()
-            ));
-        }
-        if sp.embeds.len() != sp.rows.saturating_mul(hidden) {
-            return bad(format!(
-                "{} values for {} rows of {hidden}",
-                sp.embeds.len(),
-                sp.rows
-            ));
-        }
-    }
-    Ok(())
 }
 
 /// The forward pass proper; `batch` and `splices` have been validated.

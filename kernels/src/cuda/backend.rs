@@ -24,7 +24,9 @@ use super::ops::{
     SAMPLE_OUT,
 };
 use super::synthetic::{draw_for, Draw};
-use crate::backend::{Backend, BackendError, KvDType, KvLayout, Logits, SeqStep};
+use crate::backend::{
+    validate_splices, Backend, BackendError, KvDType, KvLayout, Logits, SeqStep, Splice,
+};
 use crate::model::{ModelConfig, ModelWeights, RopeStyle};
 use crate::sampling::{SampleRow, SampledToken, SamplingError, SamplingParams};
 use crate::tensor::WeightTensor;
@@ -695,8 +697,14 @@ impl CudaBackend {
     /// Queues the whole step on the compute stream (no allocation, no synchronisation, no
     /// host copy: what a graph capture records): embeddings, the layers, final norm, head
     /// GEMM, and with `plan.sample` the device sampler into `sample_out`. `meta` is the
-    /// device address of the plan's words.
-    fn enqueue(&self, plan: &StepPlan, meta: u64) -> Result<(), CudaError> {
+    /// device address of the plan's words. `spliced` (a prefill with images; never in a
+    /// graph) overwrites token rows of the embeddings with given values: (first row, values).
+    fn enqueue(
+        &self,
+        plan: &StepPlan,
+        meta: u64,
+        spliced: &[(usize, &[f32])],
+    ) -> Result<(), CudaError> {
         let c = &self.config;
         let bs = self.layout.block_size;
         let (h, hd) = (c.hidden_size, c.head_dim);
@@ -718,6 +726,10 @@ impl CudaBackend {
         };
         let eps = c.rms_norm_eps;
         g.embed_rows(self.embd.ptr(), mp(o.tokens), sb.x.ptr(), n, h)?;
+        for &(row, values) in spliced {
+            // Ordered after the lookup on the compute stream; `x` is f32 like the values.
+            g.htod(values, &sb.x, row * h * 4)?;
+        }
         for (li, l) in self.layers.iter().enumerate() {
             let add = if li == 0 { 0 } else { sb.o.ptr() };
             g.add_rmsnorm(sb.x.ptr(), add, l.attn_norm.ptr(), sb.h.ptr(), n, h, eps)?;
@@ -869,6 +881,7 @@ impl CudaBackend {
         batch: &[SeqStep<'_>],
         rows: Option<&[SampleRow<'_>]>,
         every: &[bool],
+        splices: &[Splice<'_>],
     ) -> Result<usize, BackendError> {
         let plan = self.plan_step(batch, rows, None, every);
         self.ensure_scratch(plan.n, plan.m, plan.max_ctx, plan.words.len())?;
@@ -881,7 +894,18 @@ impl CudaBackend {
             return Err(BackendError::Device("scratch buffers missing".into()));
         };
         self.upload_meta_to(&plan.words, meta)?;
-        self.enqueue(&plan, meta.0)?;
+        // A step's tokens are rows in batch order (`plan_step`).
+        let mut first_row = Vec::with_capacity(batch.len());
+        let mut rows_before = 0;
+        for s in batch {
+            first_row.push(rows_before);
+            rows_before += s.tokens.len();
+        }
+        let spliced: Vec<(usize, &[f32])> = splices
+            .iter()
+            .map(|sp| (first_row[sp.step] + sp.offset, sp.embeds))
+            .collect();
+        self.enqueue(&plan, meta.0, &spliced)?;
         Ok(plan.m)
     }
 
@@ -922,7 +946,7 @@ impl CudaBackend {
                 return Ok(false);
             }
             let meta = self.gpu.alloc(plan.words.len() * 4)?;
-            let captured = self.gpu.capture(|| self.enqueue(&plan, meta.ptr()));
+            let captured = self.gpu.capture(|| self.enqueue(&plan, meta.ptr(), &[]));
             match captured {
                 Ok(graph) => {
                     if std::env::var_os("TURBINE_STEP_PROFILE").is_some() {
@@ -969,7 +993,7 @@ impl CudaBackend {
             None => false,
         };
         if !graphed {
-            self.run(batch, Some(rows), &[])?;
+            self.run(batch, Some(rows), &[], &[])?;
         }
         let m = rows.len();
         let words = m * SAMPLE_OUT;
@@ -1055,8 +1079,13 @@ impl CudaBackend {
 
     /// Runs a validated batch eagerly and copies its logits rows back (see
     /// [`CudaBackend::plan_step`] for `every`).
-    fn logits_of(&mut self, batch: &[SeqStep<'_>], every: &[bool]) -> Result<Logits, BackendError> {
-        let m = self.run(batch, None, every)?;
+    fn logits_of(
+        &mut self,
+        batch: &[SeqStep<'_>],
+        every: &[bool],
+        splices: &[Splice<'_>],
+    ) -> Result<Logits, BackendError> {
+        let m = self.run(batch, None, every, splices)?;
         let vocab = self.config.vocab_size;
         let mut data = vec![0.0f32; m * vocab];
         if m > 0 {
@@ -1088,7 +1117,19 @@ impl Backend for CudaBackend {
 
     fn forward(&mut self, batch: &[SeqStep<'_>]) -> Result<Logits, BackendError> {
         self.validate(batch)?;
-        self.logits_of(batch, &[])
+        self.logits_of(batch, &[], &[])
+    }
+
+    /// Image embeddings replace the looked-up rows of their positions before the first
+    /// layer; the rest of the pass is [`Backend::forward`]'s.
+    fn forward_spliced(
+        &mut self,
+        batch: &[SeqStep<'_>],
+        splices: &[Splice<'_>],
+    ) -> Result<Logits, BackendError> {
+        self.validate(batch)?;
+        validate_splices(batch, splices, self.config.hidden_size)?;
+        self.logits_of(batch, &[], splices)
     }
 
     /// One pass: the head GEMM runs over every token row of the `every` steps.
@@ -1098,7 +1139,7 @@ impl Backend for CudaBackend {
         every: &[bool],
     ) -> Result<Logits, BackendError> {
         self.validate(batch)?;
-        self.logits_of(batch, every)
+        self.logits_of(batch, every, &[])
     }
 
     fn forward_sample(
