@@ -201,7 +201,14 @@ fn encoder_prefill_and_decode_processes_serve_images_like_aggregated() {
     );
     let dir = file.parent().unwrap().to_path_buf();
     let file = file.to_str().unwrap();
-    let _frontend = spawn_turbine(&["up", "-f", file, "--no-fetch"], "turbine serving");
+    // https image URLs: the driver's https server has a certificate from a test CA, which
+    // the frontend trusts through the variable the machine's root store reads.
+    let ca = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/e2e/tls/ca.pem");
+    let _frontend = spawn_turbine_with(
+        &["up", "-f", file, "--no-fetch"],
+        &[("SSL_CERT_FILE", ca)],
+        "turbine serving",
+    );
     let role = |role: &str, env: &[(&str, &str)]| {
         spawn_turbine_with(
             &[

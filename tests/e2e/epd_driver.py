@@ -20,6 +20,7 @@ failure. Every request has a client timeout, so the driver never hangs.
 import base64
 import http.server
 import json
+import ssl
 import struct
 import sys
 import threading
@@ -199,11 +200,23 @@ def urls(fixture, ref, ask, cached, check, refused) -> None:
             else:
                 self.send(404, b"no such image")
 
-    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Images)
-    server.daemon_threads = True
-    server.handle_error = lambda *args: None  # a client that hung up early is expected
-    threading.Thread(target=server.serve_forever, daemon=True).start()
-    port = server.server_address[1]
+    def start(cert=None):
+        server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Images)
+        server.daemon_threads = True
+        server.handle_error = lambda *args: None  # a client that hung up early is expected
+        if cert is not None:
+            tls = Path(__file__).parent / "tls"
+            context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+            context.load_cert_chain(tls / f"{cert}.pem", tls / f"{cert}.key")
+            server.socket = context.wrap_socket(server.socket, server_side=True)
+        threading.Thread(target=server.serve_forever, daemon=True).start()
+        return server, server.server_address[1]
+
+    server, port = start()
+    # https: a certificate from the test CA the frontend trusts (SSL_CERT_FILE), and one
+    # nobody signed.
+    tls_server, tls_port = start("server")
+    untrusted_server, untrusted_port = start("untrusted")
     base = f"http://127.0.0.1:{port}"
     question = ref["a"]["question"]
 
@@ -212,6 +225,13 @@ def urls(fixture, ref, ask, cached, check, refused) -> None:
     check(
         cached(usage) >= 32,
         f"image a by URL after image a inline: the same content hash, a prefix-cache hit ({cached(usage)})",
+    )
+    text, _ = ask(f"https://127.0.0.1:{tls_port}/a.png", question, False)
+    check(text == ref["a"]["text"], "image a by https URL (a certificate the server trusts)")
+    refused(
+        f"https://127.0.0.1:{untrusted_port}/a.png",
+        "https to a server whose certificate nobody signed",
+        "certificate",
     )
     text, _ = ask(f"{base}/redirect", question, True)
     check(text == ref["a"]["text"], "image a through a redirect")
@@ -226,7 +246,8 @@ def urls(fixture, ref, ask, cached, check, refused) -> None:
     refused("ftp://127.0.0.1/a.png", "another scheme", "or an http(s) URL")
     text, _ = ask(f"{base}/a.png", question, False)
     check(text == ref["a"]["text"], "after the failed fetches: served as before")
-    server.shutdown()
+    for s in (server, tls_server, untrusted_server):
+        s.shutdown()
     print("epd urls: all passed")
 
 
