@@ -365,6 +365,7 @@ impl LocalCluster {
                 frontend: Some(dispatch),
                 gauges: Some(worker_metrics),
                 endpoints: None,
+                loads: None,
             },
         ));
         Ok(LocalCluster {

@@ -385,6 +385,7 @@ pub async fn run_router(
             frontend: None,
             gauges: None,
             endpoints: None,
+            loads: None,
         },
     );
     let instance = Instance {
