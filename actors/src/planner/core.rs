@@ -572,7 +572,11 @@ mod tests {
             assert_eq!(workers(&p), 19, "the queue is still there");
             p.observe(3 * TICK, &queued(200, if served { 0 } else { 30 }));
             p.decide(3 * TICK);
-            assert_eq!(workers(&p), if served { 10 } else { 19 }, "served: {served}");
+            assert_eq!(
+                workers(&p),
+                if served { 10 } else { 19 },
+                "served: {served}"
+            );
         }
     }
 
@@ -629,7 +633,13 @@ mod tests {
         assert_eq!(net.replicas.pools()[1], all.replicas.pools()[1]);
         // An interval without first outputs keeps the share; a NaN one changes nothing.
         for cached_fraction in [None, Some(f64::NAN)] {
-            p.observe(3 * TICK, &IntervalMetrics { cached_fraction, ..m });
+            p.observe(
+                3 * TICK,
+                &IntervalMetrics {
+                    cached_fraction,
+                    ..m
+                },
+            );
             assert_eq!(p.decide(3 * TICK).replicas.pools()[0], 3);
         }
     }
@@ -654,7 +664,11 @@ mod tests {
             },
         );
         let d = p.decide(2 * TICK);
-        assert!((d.corrections.prefill - 1.0).abs() < 1e-9, "{:?}", d.corrections);
+        assert!(
+            (d.corrections.prefill - 1.0).abs() < 1e-9,
+            "{:?}",
+            d.corrections
+        );
         assert_eq!(d.replicas.pools()[0], 3);
     }
 

@@ -258,8 +258,14 @@ mod tests {
         let l = limits(300, None);
         let mut pools = vec![PoolState::new(1)];
         assert_eq!(settle(&l, S, &mut pools, &[3], Ask::Decision).0, vec![3]);
-        assert_eq!(settle(&l, 2 * S, &mut pools, &[5], Ask::Decision).0, vec![5]);
-        assert_eq!(settle(&l, 3 * S, &mut pools, &[1], Ask::Decision).0, vec![5]);
+        assert_eq!(
+            settle(&l, 2 * S, &mut pools, &[5], Ask::Decision).0,
+            vec![5]
+        );
+        assert_eq!(
+            settle(&l, 3 * S, &mut pools, &[1], Ask::Decision).0,
+            vec![5]
+        );
     }
 
     #[test]
@@ -269,17 +275,32 @@ mod tests {
         // A surge: decisions ask 3 while a reaction grows the pool to 6 for its backlog.
         assert_eq!(settle(&l, S, &mut pools, &[6], Ask::Reaction).0, vec![6]);
         assert!(pools[0].reaction_held());
-        assert_eq!(settle(&l, 5 * S, &mut pools, &[3], Ask::Decision).0, vec![6]);
-        assert_eq!(settle(&l, 10 * S, &mut pools, &[3], Ask::Decision).0, vec![6]);
+        assert_eq!(
+            settle(&l, 5 * S, &mut pools, &[3], Ask::Decision).0,
+            vec![6]
+        );
+        assert_eq!(
+            settle(&l, 10 * S, &mut pools, &[3], Ask::Decision).0,
+            vec![6]
+        );
         // The backlog is served: the pool goes to what the decisions asked, at once (no
         // decision had changed it, so no cooldown runs), not 60 s after the reaction.
         release_reactions(&mut pools);
         assert!(!pools[0].reaction_held());
-        assert_eq!(settle(&l, 15 * S, &mut pools, &[2], Ask::Decision).0, vec![3]);
+        assert_eq!(
+            settle(&l, 15 * S, &mut pools, &[2], Ask::Decision).0,
+            vec![3]
+        );
         // From there the cooldown as ever: 60 s after that change, down to the most the
         // last 60 s asked (2, at 15 s).
-        assert_eq!(settle(&l, 65 * S, &mut pools, &[1], Ask::Decision).0, vec![3]);
-        assert_eq!(settle(&l, 75 * S, &mut pools, &[1], Ask::Decision).0, vec![2]);
+        assert_eq!(
+            settle(&l, 65 * S, &mut pools, &[1], Ask::Decision).0,
+            vec![3]
+        );
+        assert_eq!(
+            settle(&l, 75 * S, &mut pools, &[1], Ask::Decision).0,
+            vec![2]
+        );
     }
 
     #[test]
@@ -287,14 +308,26 @@ mod tests {
         let l = limits(60, None);
         let mut pools = vec![PoolState::new(1)];
         settle(&l, S, &mut pools, &[6], Ask::Reaction);
-        assert_eq!(settle(&l, 30 * S, &mut pools, &[1], Ask::Decision).0, vec![6]);
+        assert_eq!(
+            settle(&l, 30 * S, &mut pools, &[1], Ask::Decision).0,
+            vec![6]
+        );
         // Its own size is no ask: after the cooldown it goes to the decisions' asks.
-        assert_eq!(settle(&l, 61 * S, &mut pools, &[1], Ask::Decision).0, vec![1]);
+        assert_eq!(
+            settle(&l, 61 * S, &mut pools, &[1], Ask::Decision).0,
+            vec![1]
+        );
         // Releasing a pool a decision changed last changes nothing.
         release_reactions(&mut pools);
-        assert_eq!(settle(&l, 62 * S, &mut pools, &[4], Ask::Decision).0, vec![4]);
+        assert_eq!(
+            settle(&l, 62 * S, &mut pools, &[4], Ask::Decision).0,
+            vec![4]
+        );
         release_reactions(&mut pools);
-        assert_eq!(settle(&l, 63 * S, &mut pools, &[1], Ask::Decision).0, vec![4]);
+        assert_eq!(
+            settle(&l, 63 * S, &mut pools, &[1], Ask::Decision).0,
+            vec![4]
+        );
     }
 
     #[test]

@@ -247,7 +247,10 @@ mod tests {
         assert!(close(net.demand_tokens_per_s, 33_000.0));
         assert!(close(net.workers, 2.75));
         // The decode side still attends to the whole prompt: context 1000 + 100.
-        assert_eq!(decode_need(&hand(), demand, TARGETS, Corrections::default()).context, 1100.0);
+        assert_eq!(
+            decode_need(&hand(), demand, TARGETS, Corrections::default()).context,
+            1100.0
+        );
         // A share outside 0..=1 (or NaN) is clamped (or none): never a negative demand.
         for (share, workers) in [(1.5, 0.0), (-1.0, all.workers), (f64::NAN, all.workers)] {
             demand.cached = share;

@@ -440,7 +440,9 @@ mod load_follower_tests {
                 stats,
             } = n
             {
-                sink.lock().unwrap().push((worker.0, role, stats.num_waiting));
+                sink.lock()
+                    .unwrap()
+                    .push((worker.0, role, stats.num_waiting));
             }
         });
         let discovery = StaticDiscovery::new(vec![worker(1, "prefill"), worker(2, "decode")]);
