@@ -295,6 +295,9 @@ impl RouterCore {
             request,
             decode.overlap_blocks,
         );
+        if prefill.worker.is_some() {
+            self.lock().awaiting_prefill(request.id);
+        }
         Ok(DisaggRoute { decode, prefill })
     }
 
@@ -329,6 +332,7 @@ impl RouterCore {
     /// A request's remote prefill is over.
     pub fn prefill_done(&self, request: RequestId) {
         self.prefill_pool().on_request_finished(request);
+        self.lock().prefill_over(request);
     }
 
     pub fn finished(&self, request: RequestId) {
