@@ -230,12 +230,12 @@ fn load_starts_a_worker_process_and_its_end_drains_and_stops_it() {
     assert_eq!(status, 200, "{body}");
 }
 
-/// A prompt of about 800 tokens that shares no block with any other (its number first):
-/// longer than one scheduler step's 512 tokens, so a prefill worker's load reports show it
-/// busy while it prefills (a one-step prefill is over before any report counts it, and the
-/// prefill router, breaking ties towards the lowest worker id, would never pick the child).
+/// A prompt of about 270 tokens that shares no block with any other (its number first):
+/// one scheduler step (512 tokens) prefills it, so no load report of the prefill worker
+/// ever shows it busy; the router keeps it pending there until the prefill is done, or
+/// the child (ties go to the lowest worker id) would never be picked.
 fn long_prompt(client: usize, n: u64) -> String {
-    let notes: Vec<String> = (0..60)
+    let notes: Vec<String> = (0..20)
         .map(|k| format!("Note {k}: the river was calm and the weather mild."))
         .collect();
     format!(

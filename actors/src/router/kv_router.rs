@@ -9,7 +9,10 @@
 //! report replaces it. A request whose prompt is being prefilled on a prefill worker has not
 //! reached its decode worker yet, so that worker's reports cannot count it: it stays
 //! pending until its prefill is over ([`KvRouter::awaiting_prefill`],
-//! [`KvRouter::prefill_over`]). Acknowledged at once, every such request would leave the
+//! [`KvRouter::prefill_over`]). The prefill pool (a `KvRouter` of its own) keeps the
+//! same request pending on its prefill worker until the prefill is done
+//! ([`KvRouter::on_request_finished`]): a prefill of one scheduler step is over before any
+//! report of that worker counts it. Acknowledged at once, every such request would leave the
 //! decode pool's view as soon as the next report came, and the pool would look idle while
 //! each of its workers waits on prefills (every decode would then go to one worker).
 //!
@@ -403,6 +406,8 @@ impl KvRouter {
 
     /// `request` (routed here by this replica) has its prompt prefilled on another worker
     /// first: its decode worker's reports cannot count it until [`KvRouter::prefill_over`].
+    /// In a prefill pool: no report acknowledges it until it finishes (a one-step prefill
+    /// is over before a report could count it).
     pub fn awaiting_prefill(&mut self, request: RequestId) {
         let key = (self.replica, request);
         if self.in_flight.contains_key(&key) {
@@ -705,6 +710,33 @@ mod liveness_tests {
         // A request routed without a remote prefill is acknowledged by the next report.
         r.update_load(second, 0, 0);
         assert_eq!(load(&r, second).active_requests, 0);
+    }
+
+    #[test]
+    fn a_prefill_stays_in_its_prefill_workers_load_until_it_is_done() {
+        // The prefill pool: a report sent before (or while) the prefill ran shows nothing;
+        // the request still counts, so the next prefill goes to the other, idle, worker.
+        let mut r = router();
+        let first = r
+            .route(Duration::ZERO, &request(1, 6))
+            .unwrap()
+            .decision
+            .worker;
+        r.awaiting_prefill(RequestId(1));
+        r.update_load(first, 0, 0);
+        let load = |r: &KvRouter, w| r.loads().into_iter().find(|l| l.worker == w).unwrap();
+        assert_eq!(load(&r, first).active_requests, 1);
+        let second = r
+            .route(Duration::ZERO, &request(2, 6))
+            .unwrap()
+            .decision
+            .worker;
+        assert_ne!(second, first);
+        // Done: it leaves the view at once, whatever the reports said.
+        assert!(r.on_request_finished(RequestId(1)).is_some());
+        assert_eq!(load(&r, first).active_requests, 0);
+        r.update_load(first, 0, 0);
+        assert_eq!(load(&r, first).active_requests, 0);
     }
 
     #[test]

@@ -297,6 +297,11 @@ impl RouterCore {
         );
         if prefill.worker.is_some() {
             self.lock().awaiting_prefill(request.id);
+            // On the prefill worker too: a prefill of one scheduler step is over before any
+            // of its reports counts it, and the report after the routing would acknowledge
+            // it; pending until `prefill_done`, the pool sees that worker busy meanwhile
+            // (counted twice while a report also shows it running).
+            self.prefill_pool().awaiting_prefill(request.id);
         }
         Ok(DisaggRoute { decode, prefill })
     }
