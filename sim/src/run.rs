@@ -121,6 +121,8 @@ pub struct RequestRecord {
     pub tokens: Vec<u32>,
     /// Times its stream moved to another worker.
     pub migrations: u32,
+    /// Prompt tokens the prefix cache served, as its first output said.
+    pub cached_tokens: Option<u32>,
 }
 
 impl RequestRecord {
@@ -139,6 +141,7 @@ impl RequestRecord {
             request_id: None,
             tokens: Vec::new(),
             migrations: 0,
+            cached_tokens: None,
         }
     }
 }

@@ -77,6 +77,7 @@ pub async fn run_epp(
                 frontend: None,
                 gauges: None,
                 endpoints: Some(endpoints.clone()),
+                loads: None,
             },
         ));
     }

@@ -198,9 +198,7 @@ impl LocalCluster {
         let hub = TransferHub::new();
         let mut encoders = Vec::new();
         let mut encoder_addrs = Vec::new();
-        let remote_encoders = cfg.workers.iter().any(|g| {
-            g.replicas > 0 && g.remote && g.role == crate::cluster_config::WorkerRole::Encoder
-        });
+        let networked = planes_networked(cfg);
         for group in groups {
             if group.role == crate::cluster_config::WorkerRole::Encoder {
                 let vision = model.vision.clone().ok_or_else(|| {
@@ -239,16 +237,10 @@ impl LocalCluster {
                         core.apply_kv(&batch);
                     }
                 });
-                // In memory, unless encoders in other processes hand out embeddings to pull.
-                let plane = transfer_plane(
-                    cfg,
-                    id,
-                    group.role,
-                    &hub,
-                    remote_encoders,
-                    node.clock().clone(),
-                )
-                .await?;
+                // In memory, unless workers in other processes pull from it or it from them.
+                let plane =
+                    transfer_plane(cfg, id, group.role, &hub, networked, node.clock().clone())
+                        .await?;
                 let disagg = WorkerDisagg {
                     role: group.role,
                     plane,
@@ -365,6 +357,7 @@ impl LocalCluster {
                 frontend: Some(dispatch),
                 gauges: Some(worker_metrics),
                 endpoints: None,
+                loads: None,
             },
         ));
         Ok(LocalCluster {
@@ -521,4 +514,31 @@ fn spawn_load_mirror(
             }
         }
     });
+}
+
+/// Whether this process's workers need transfer planes other processes reach (ZeroMQ)
+/// rather than in-memory ones: encoders in other processes hand out embeddings to pull;
+/// prefill or decode workers in other processes (a `remote` group, or the ones the
+/// planner's local connector starts) pull KV from this process's workers or have it pulled.
+fn planes_networked(cfg: &ClusterConfig) -> bool {
+    use crate::cluster_config::WorkerRole;
+    let remote = |role: WorkerRole| {
+        cfg.workers
+            .iter()
+            .any(|g| g.replicas > 0 && g.remote && g.role == role)
+    };
+    let disaggregated = cfg
+        .workers
+        .iter()
+        .any(|g| matches!(g.role, WorkerRole::Prefill | WorkerRole::Decode));
+    let planner_starts_processes = cfg.planner.as_ref().is_some_and(|p| {
+        matches!(
+            p.connector,
+            crate::planner::config::ConnectorConfig::Local { .. }
+        )
+    });
+    remote(WorkerRole::Encoder)
+        || remote(WorkerRole::Prefill)
+        || remote(WorkerRole::Decode)
+        || (disaggregated && planner_starts_processes)
 }

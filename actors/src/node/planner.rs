@@ -2,6 +2,7 @@
 //! section and its profile, fed by the frontend's [`LoadTap`], acting through the
 //! connector the section names.
 
+use super::follow_workers;
 use super::local::LocalCluster;
 use super::StartError;
 use crate::cluster_config::ClusterConfig;
@@ -14,7 +15,8 @@ use crate::planner::kubernetes::KubernetesScaler;
 use crate::planner::local::{LocalProcesses, LocalSpec};
 use crate::planner::tap::LoadTap;
 use crate::planner::{Planner, PlannerConfig, Replicas};
-use crate::router::service::{LoadNotice, PoolRole};
+use crate::router::membership::{Members, NodeConnector};
+use crate::router::service::{LoadNotice, LoadWatcher, PoolRole};
 use crate::worker::announce::role_name;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -25,7 +27,8 @@ use tokio::task::JoinHandle;
 pub struct PlannerNode {
     pub task: JoinHandle<()>,
     pub decisions: DecisionLog,
-    /// Feeding the in-process workers' running batches into the tap.
+    /// Feeding the workers' load into the tap: the in-process workers' stats, and with
+    /// `router.remote` the membership watch for the other processes' load reports.
     batches: Vec<JoinHandle<()>>,
 }
 
@@ -154,14 +157,15 @@ pub async fn start_planner(
             .map_err(|e| config_err(&e))?,
         ),
     };
-    // Load reports: the in-process workers' stats, and (through the router, when it runs
-    // here) those of `turbine worker` processes. Each gives the decode batch and the queue.
+    // Load reports: the in-process workers' stats, and those of `turbine worker` processes
+    // (through the router when it runs here, else from their event planes directly). Each
+    // gives the decode batch and the queue.
     let local_roles = cfg
         .workers
         .iter()
         .filter(|g| g.replicas > 0 && !g.remote)
         .flat_map(|g| std::iter::repeat_n(g.role, g.replicas));
-    let batches: Vec<JoinHandle<()>> = cluster
+    let mut batches: Vec<JoinHandle<()>> = cluster
         .workers
         .iter()
         .zip(local_roles)
@@ -176,16 +180,29 @@ pub async fn start_planner(
             })
         })
         .collect();
-    if let Some(router) = &cluster.router {
+    let watcher: LoadWatcher = {
         let tap = tap.clone();
-        router.watch_loads(Arc::new(move |notice| match notice {
+        Arc::new(move |notice| match notice {
             LoadNotice::Report {
                 worker,
                 role,
                 stats,
             } => tap.worker_load(worker, role, stats.num_running, stats.num_waiting),
             LoadNotice::Left(worker) => tap.worker_left(worker),
-        }));
+        })
+    };
+    match &cluster.router {
+        Some(router) => router.watch_loads(watcher),
+        // The router runs in another process (`router.remote`): the planner follows the
+        // workers' membership itself, for their load reports alone.
+        None => batches.push(follow_workers(
+            Arc::new(NodeConnector::new(cluster.node.clone())),
+            cluster.discovery.clone(),
+            Members {
+                loads: Some(watcher),
+                ..Members::default()
+            },
+        )),
     }
     // The cluster's log: /metrics reads the planner's decisions from it.
     let decisions = cluster.decisions.clone();

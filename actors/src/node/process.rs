@@ -249,10 +249,37 @@ pub async fn run_worker(
     let drain_timeout = Duration::from_millis(group_cfg.drain_timeout_ms);
     drain(&worker.handle, lease, drain_timeout).await;
     if let Some(plane) = plane {
+        exports_pulled(id, &plane, drain_timeout).await;
         plane.shutdown();
     }
     node.shutdown();
     Ok(())
+}
+
+/// Waits, up to `deadline`, until nothing this worker exported on its transfer plane is
+/// still pinned: a prefill worker's requests are done once their first token is out, but
+/// their KV still has to be pulled by the decode worker; stopping the plane before that
+/// would make the decode worker compute the prompt again (`owner_gone`).
+async fn exports_pulled(
+    id: WorkerId,
+    plane: &turbine_runtime::transfer::TransferPlane,
+    deadline: Duration,
+) {
+    let (pinned, _) = plane.pinned();
+    if pinned == 0 {
+        return;
+    }
+    println!(
+        "turbine worker {id}: {pinned} KV export(s) not pulled yet, waiting up to {deadline:?}"
+    );
+    let start = tokio::time::Instant::now();
+    while plane.pinned().0 > 0 && start.elapsed() < deadline {
+        tokio::time::sleep(DRAIN_POLL).await;
+    }
+    let (left, _) = plane.pinned();
+    if left > 0 {
+        println!("turbine worker {id}: stopping with {left} KV export(s) not pulled");
+    }
 }
 
 /// Runs an encoder of a `role: encoder` group until `shutdown` resolves: the model's vision
@@ -388,6 +415,7 @@ pub async fn run_router(
             frontend: None,
             gauges: None,
             endpoints: None,
+            loads: None,
         },
     );
     let instance = Instance {

@@ -4,7 +4,7 @@
 
 use super::capacity::Capacity;
 use super::config::{PlannerConfig, PlannerConfigError};
-use super::limits::{settle, Limits, PoolState};
+use super::limits::{release_reactions, settle, Ask, Limits, PoolState};
 use super::predictor::{self, Predictor};
 use super::sla::{
     correction, decode_need, prefill_need, whole, Corrections, DecodeNeed, Load, PrefillNeed,
@@ -97,6 +97,9 @@ pub struct IntervalMetrics {
     /// Requests waiting on the workers at the interval's end, not yet admitted (their
     /// latest load reports); `None`: no report.
     pub queued: Option<u64>,
+    /// Share of the prompt tokens the prefix cache served (0..=1), over the requests whose
+    /// first output came this interval; `None`: none came.
+    pub cached_fraction: Option<f64>,
 }
 
 /// What the planner reacts to between two adjustment intervals ([`Planner::react`]).
@@ -150,6 +153,12 @@ pub struct Planner {
     last_observed: Option<Duration>,
     /// Requests waiting at the last observation (a reaction acts on the growth since).
     queued: u64,
+    /// Share of the prompt tokens the prefix cache served, as last observed: the prefill
+    /// demand is net of it.
+    cached: f64,
+    /// While a reaction's growth is held: the queue before the first reaction of the
+    /// episode. An interval that ends with the queue back there releases the growth.
+    reacted_at_queue: Option<u64>,
     pools: Vec<PoolState>,
 }
 
@@ -187,6 +196,8 @@ impl Planner {
             corrections: Corrections::default(),
             last_observed: None,
             queued: 0,
+            cached: 0.0,
+            reacted_at_queue: None,
             pools: pools.into_iter().map(PoolState::new).collect(),
         })
     }
@@ -220,6 +231,18 @@ impl Planner {
         if let Some(q) = m.queued {
             self.queued = q;
         }
+        // The reactions answered arrivals this interval has now measured (the decision
+        // sizes for them) and a queue: once that is back where it was, their cause is gone.
+        // With no report, the arrivals were all there was to see.
+        if let Some(before) = self.reacted_at_queue {
+            if m.queued.is_none_or(|q| q <= before) {
+                release_reactions(&mut self.pools);
+                self.reacted_at_queue = None;
+            }
+        }
+        if let Some(c) = m.cached_fraction.filter(|c| c.is_finite()) {
+            self.cached = c.clamp(0.0, 1.0);
+        }
         if self.use_corrections {
             self.update_corrections(m);
         }
@@ -229,7 +252,10 @@ impl Planner {
     /// keeps its last value.
     fn update_corrections(&mut self, m: &IntervalMetrics) {
         if let (Some(ttft), Some(isl)) = (m.mean_ttft_s, m.mean_isl) {
-            if let Some(f) = correction(ttft, self.capacity.prefill_s(isl)) {
+            // The profile's time for the tokens the engine computed: the cache's share
+            // is already out of the demand, and counting it here again would halve it twice.
+            let expected = self.capacity.prefill_s(isl * (1.0 - self.cached));
+            if let Some(f) = correction(ttft, expected) {
                 self.corrections.prefill = f;
             }
         }
@@ -266,7 +292,7 @@ impl Planner {
         };
         let rate = requests / self.interval.as_secs_f64();
         let needs = self.needs(forecast, rate);
-        self.settled(now, forecast, needs)
+        self.settled(now, forecast, needs, Ask::Decision)
     }
 
     /// Between two intervals (`now` after the last observation): when the requests that
@@ -275,7 +301,9 @@ impl Planner {
     /// rate taken is the observed count less [`REACT_SIGMAS`] of Poisson noise over the
     /// time since the last observation, never below the forecast; a queue that grew since
     /// the last observation adds its growth over the next interval (or the TTFT target, if
-    /// longer). A reaction never shrinks a pool.
+    /// longer). A reaction never shrinks a pool. Its growth is held until an interval ends
+    /// with the queue back where it was before the reaction (see `limits.rs`), then the
+    /// decisions' own asks decide.
     pub fn react(&mut self, now: Duration, p: &Pressure) -> Option<Decision> {
         let since = now.saturating_sub(self.last_observed.unwrap_or_default());
         if since.is_zero() {
@@ -315,8 +343,11 @@ impl Planner {
             *n = (*n).max(p.current());
         }
         let current = self.replicas().pools();
-        let d = self.settled(now, forecast, (prefill, decode, needs));
+        let d = self.settled(now, forecast, (prefill, decode, needs), Ask::Reaction);
         let grew = d.replicas.pools().iter().zip(&current).any(|(n, c)| n > c);
+        if grew {
+            self.reacted_at_queue.get_or_insert(self.queued);
+        }
         grew.then_some(d)
     }
 
@@ -333,6 +364,7 @@ impl Planner {
             requests_per_s: rate,
             isl: forecast.isl,
             osl: forecast.osl,
+            cached: self.cached,
         };
         let prefill = prefill_need(&self.capacity, load, self.targets, self.corrections);
         let decode = decode_need(&self.capacity, load, self.targets, self.corrections);
@@ -349,8 +381,9 @@ impl Planner {
         now: Duration,
         forecast: Forecast,
         (prefill, decode, needs): (PrefillNeed, DecodeNeed, Vec<usize>),
+        ask: Ask,
     ) -> Decision {
-        let (sizes, budget_limited) = settle(&self.limits, now, &mut self.pools, &needs);
+        let (sizes, budget_limited) = settle(&self.limits, now, &mut self.pools, &needs, ask);
         Decision {
             replicas: self.shape.with_pools(&sizes),
             forecast: Some(forecast),
@@ -470,7 +503,13 @@ mod tests {
         };
         let mut p = planner(&cfg, DISAGG);
         let s = Duration::from_secs;
-        p.observe(TICK, &interval(10, 550.0, 200.0));
+        // A queue that stays up: the reaction's growth is never released, so the cooldown
+        // from the reaction is what holds it.
+        let queued = |n| IntervalMetrics {
+            queued: Some(n),
+            ..interval(10, 550.0, 200.0)
+        };
+        p.observe(TICK, &queued(0));
         p.decide(TICK);
         let surge = Pressure {
             arrivals: 100,
@@ -480,7 +519,7 @@ mod tests {
         assert!(p.react(TICK + s(2), &surge).is_some());
         for i in 2..=5u32 {
             let now = TICK * i;
-            p.observe(now, &interval(10, 550.0, 200.0));
+            p.observe(now, &queued(50));
             let d = p.decide(now);
             if i < 5 {
                 assert_ne!(d.replicas, DISAGG, "within the cooldown at {now:?}");
@@ -497,6 +536,47 @@ mod tests {
                 };
                 assert_eq!(p.react(now + s(k), &busier), None);
             }
+        }
+    }
+
+    #[test]
+    fn a_reactions_growth_goes_once_the_queue_it_answered_is_gone() {
+        // Aggregated, 60 s cooldown. 100 arrivals in 2 s: 40 req/s → 1.83 + 16.88 → 19
+        // workers at once. The interval then measures 20 req/s (0.92 + 8.44 → 10) with 30
+        // requests still waiting: the growth is held. The next ends with the queue back at
+        // its level before the reaction: the pool goes to the decisions' 10 at once, not
+        // 60 s after the reaction.
+        let cfg = PlannerConfig {
+            cooldown_ms: 60_000,
+            ..config(PredictorConfig::Constant {})
+        };
+        let agg = Replicas::Aggregated { workers: 1 };
+        let queued = |requests, n| IntervalMetrics {
+            queued: Some(n),
+            ..interval(requests, 550.0, 200.0)
+        };
+        let workers = |p: &Planner| p.replicas().total();
+        for served in [true, false] {
+            let mut p = planner(&cfg, agg);
+            p.observe(TICK, &queued(10, 0));
+            p.decide(TICK);
+            let surge = Pressure {
+                arrivals: 100,
+                queued: None,
+                mean_isl: None,
+            };
+            assert!(p.react(TICK + Duration::from_secs(2), &surge).is_some());
+            assert_eq!(workers(&p), 19);
+            p.observe(2 * TICK, &queued(200, 30));
+            p.decide(2 * TICK);
+            assert_eq!(workers(&p), 19, "the queue is still there");
+            p.observe(3 * TICK, &queued(200, if served { 0 } else { 30 }));
+            p.decide(3 * TICK);
+            assert_eq!(
+                workers(&p),
+                if served { 10 } else { 19 },
+                "served: {served}"
+            );
         }
     }
 
@@ -530,6 +610,66 @@ mod tests {
         };
         let d = p.react(TICK + Duration::from_secs(2), &growing).unwrap();
         assert_eq!(d.replicas, Replicas::Aggregated { workers: 10 });
+    }
+
+    #[test]
+    fn the_prefill_pool_is_sized_for_the_tokens_the_prefix_cache_does_not_serve() {
+        // 60 req/s at ISL 1000: all 1000 tokens priced, 60 000 tok/s over 14 118 usable
+        // (R = 20 000, p = 50 ms, ρ = 0.706) → 4.25 → 5 prefill workers. With 45 % of the
+        // prompt tokens served from the cache, 550 new tokens each: 33 000 over 12 000
+        // (sla.rs) → 2.75 → 3. The decode pool is the same either way (context 1100).
+        let mut p = planner(&config(PredictorConfig::Constant {}), DISAGG);
+        let m = interval(600, 1000.0, 200.0);
+        p.observe(TICK, &m);
+        let all = p.decide(TICK);
+        assert_eq!(all.replicas.pools()[0], 5);
+        let hits = IntervalMetrics {
+            cached_fraction: Some(0.45),
+            ..m
+        };
+        p.observe(2 * TICK, &hits);
+        let net = p.decide(2 * TICK);
+        assert_eq!(net.replicas.pools()[0], 3);
+        assert_eq!(net.replicas.pools()[1], all.replicas.pools()[1]);
+        // An interval without first outputs keeps the share; a NaN one changes nothing.
+        for cached_fraction in [None, Some(f64::NAN)] {
+            p.observe(
+                3 * TICK,
+                &IntervalMetrics {
+                    cached_fraction,
+                    ..m
+                },
+            );
+            assert_eq!(p.decide(3 * TICK).replicas.pools()[0], 3);
+        }
+    }
+
+    #[test]
+    fn a_ttft_that_matches_the_uncached_work_is_no_correction() {
+        // 45 % cached, ISL 1000: the engine computes 550 tokens, 36.67 ms idle. A TTFT of
+        // that is the profile exactly (factor 1), not a cache effect to take off again.
+        let mut p = planner(&config(PredictorConfig::Constant {}), DISAGG);
+        p.observe(
+            TICK,
+            &IntervalMetrics {
+                cached_fraction: Some(0.45),
+                ..interval(600, 1000.0, 200.0)
+            },
+        );
+        p.observe(
+            2 * TICK,
+            &IntervalMetrics {
+                mean_ttft_s: Some(550.0 / 15_000.0),
+                ..interval(600, 1000.0, 200.0)
+            },
+        );
+        let d = p.decide(2 * TICK);
+        assert!(
+            (d.corrections.prefill - 1.0).abs() < 1e-9,
+            "{:?}",
+            d.corrections
+        );
+        assert_eq!(d.replicas.pools()[0], 3);
     }
 
     #[test]
@@ -692,7 +832,7 @@ mod tests {
         #[test]
         fn decisions_respect_the_limits_on_any_metrics(
             steps in prop::collection::vec(
-                (0u64..100_000, any_value(), any_value(), any_value(), any_value(), any_value()),
+                (0u64..100_000, any_value(), any_value(), any_value(), any_value(), any_value(), any_value()),
                 1..25,
             ),
             kalman in any::<bool>(),
@@ -712,7 +852,7 @@ mod tests {
             };
             let shape = if aggregated { Replicas::Aggregated { workers: 1 } } else { DISAGG };
             let mut p = planner(&cfg, shape);
-            for (i, (requests, isl, osl, ttft, itl, batch)) in steps.into_iter().enumerate() {
+            for (i, (requests, isl, osl, ttft, itl, batch, cached)) in steps.into_iter().enumerate() {
                 let now = TICK * (i as u32 + 1);
                 p.observe(now, &IntervalMetrics {
                     requests,
@@ -722,6 +862,7 @@ mod tests {
                     mean_itl_s: itl,
                     mean_decode_batch: batch,
                     queued: isl.map(|v| v as u64),
+                    cached_fraction: cached.map(|v| v / 1e3),
                 });
                 if let Some(d) = p.react(now + TICK / 2, &Pressure {
                     arrivals: requests,

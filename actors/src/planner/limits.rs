@@ -6,6 +6,13 @@
 //! goes down to the largest size asked for during the last `cooldown`: one quiet interval
 //! between two busy ones does not remove a worker only to start it again.
 //!
+//! A reaction's growth (between intervals, [`Ask::Reaction`]) is held differently: it
+//! answered a surge's first seconds or a growing queue before any interval had measured
+//! them, so it is held until its cause is gone ([`release_reactions`]: the planner calls it
+//! once the queue is back), not for a whole cooldown; its size is not remembered as an ask.
+//! The decisions made while it held, which saw the surge, are asks like any other: what the
+//! surge still needs stays for the cooldown.
+//!
 //! Budget: pools together may use at most `max_devices`. When the needs exceed it, the
 //! workers are shared out in proportion to the needs, each pool keeping its minimum (config
 //! validation guarantees the minimums fit). The budget is a hard limit and is applied after
@@ -31,12 +38,25 @@ impl Limits {
     }
 }
 
+/// Who asks for a size: an interval's decision, or a reaction between intervals.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Ask {
+    Decision,
+    Reaction,
+}
+
 /// One pool's size and its recent history, for the cooldown.
 #[derive(Clone, Debug)]
 pub struct PoolState {
     current: usize,
+    /// The last change, by either kind of ask: the cooldown runs from it.
     last_change: Option<Duration>,
-    /// (time, size asked for) over the last cooldown.
+    /// The last change a decision made: where the cooldown runs from once a reaction's
+    /// growth is released.
+    decided_change: Option<Duration>,
+    /// A reaction grew the pool and its growth is not released yet.
+    reaction_held: bool,
+    /// (time, size asked for) by decisions over the last cooldown.
     asked: VecDeque<(Duration, usize)>,
 }
 
@@ -45,8 +65,15 @@ impl PoolState {
         PoolState {
             current,
             last_change: None,
+            decided_change: None,
+            reaction_held: false,
             asked: VecDeque::new(),
         }
+    }
+
+    /// A reaction's growth is held by this pool now.
+    pub fn reaction_held(&self) -> bool {
+        self.reaction_held
     }
 
     pub fn current(&self) -> usize {
@@ -55,8 +82,10 @@ impl PoolState {
 
     /// The size this pool may take now for a need of `target` (already within the range),
     /// under the cooldown. Records the request; does not change the size (see `commit`).
-    fn propose(&mut self, now: Duration, target: usize, cooldown: Duration) -> usize {
-        self.asked.push_back((now, target));
+    fn propose(&mut self, now: Duration, target: usize, cooldown: Duration, ask: Ask) -> usize {
+        if ask == Ask::Decision {
+            self.asked.push_back((now, target));
+        }
         while self
             .asked
             .front()
@@ -77,11 +106,34 @@ impl PoolState {
         recent_max.clamp(target, self.current)
     }
 
-    fn commit(&mut self, now: Duration, size: usize) {
+    fn commit(&mut self, now: Duration, size: usize, ask: Ask) {
         if size != self.current {
             self.current = size;
             self.last_change = Some(now);
+            match ask {
+                Ask::Decision => {
+                    self.decided_change = Some(now);
+                    self.reaction_held = false;
+                }
+                Ask::Reaction => self.reaction_held = true,
+            }
         }
+    }
+
+    /// The reaction's growth is no longer held: the cooldown runs from the last decision's
+    /// change again, over the decisions' asks.
+    fn release(&mut self) {
+        if std::mem::take(&mut self.reaction_held) {
+            self.last_change = self.decided_change;
+        }
+    }
+}
+
+/// The cause of the reactions' growth is gone: each pool may shrink, at the next decision,
+/// to what the decisions of the last cooldown asked for (see the module doc).
+pub fn release_reactions(pools: &mut [PoolState]) {
+    for pool in pools {
+        pool.release();
     }
 }
 
@@ -93,13 +145,14 @@ pub fn settle(
     now: Duration,
     pools: &mut [PoolState],
     needs: &[usize],
+    ask: Ask,
 ) -> (Vec<usize>, bool) {
     let proposed: Vec<usize> = pools
         .iter_mut()
         .zip(needs)
         .map(|(pool, &need)| {
             let target = need.clamp(limits.min_replicas, limits.max_replicas);
-            pool.propose(now, target, limits.cooldown)
+            pool.propose(now, target, limits.cooldown, ask)
         })
         .collect();
     let sized = match limits.worker_budget() {
@@ -108,7 +161,7 @@ pub fn settle(
     };
     let cut = sized != proposed;
     for (pool, &n) in pools.iter_mut().zip(&sized) {
-        pool.commit(now, n);
+        pool.commit(now, n, ask);
     }
     (sized, cut)
 }
@@ -173,7 +226,7 @@ mod tests {
     fn the_range_is_applied() {
         let l = limits(0, None);
         let mut pools = vec![PoolState::new(1), PoolState::new(1)];
-        let (sizes, _) = settle(&l, S, &mut pools, &[0, 50]);
+        let (sizes, _) = settle(&l, S, &mut pools, &[0, 50], Ask::Decision);
         assert_eq!(sizes, vec![1, 10]);
     }
 
@@ -186,11 +239,11 @@ mod tests {
         let mut sizes = Vec::new();
         for i in 0..12u32 {
             let need = if i % 2 == 0 { 6 } else { 2 };
-            sizes.push(settle(&l, S * (10 * i), &mut pools, &[need]).0[0]);
+            sizes.push(settle(&l, S * (10 * i), &mut pools, &[need], Ask::Decision).0[0]);
         }
         assert!(sizes.iter().all(|&n| n == 6), "{sizes:?}");
         for i in 12..20u32 {
-            sizes.push(settle(&l, S * (10 * i), &mut pools, &[2]).0[0]);
+            sizes.push(settle(&l, S * (10 * i), &mut pools, &[2], Ask::Decision).0[0]);
         }
         let changes = sizes.windows(2).filter(|w| w[0] != w[1]).count();
         assert_eq!(changes, 1, "{sizes:?}");
@@ -204,19 +257,87 @@ mod tests {
     fn growth_is_never_delayed() {
         let l = limits(300, None);
         let mut pools = vec![PoolState::new(1)];
-        assert_eq!(settle(&l, S, &mut pools, &[3]).0, vec![3]);
-        assert_eq!(settle(&l, 2 * S, &mut pools, &[5]).0, vec![5]);
-        assert_eq!(settle(&l, 3 * S, &mut pools, &[1]).0, vec![5]);
+        assert_eq!(settle(&l, S, &mut pools, &[3], Ask::Decision).0, vec![3]);
+        assert_eq!(
+            settle(&l, 2 * S, &mut pools, &[5], Ask::Decision).0,
+            vec![5]
+        );
+        assert_eq!(
+            settle(&l, 3 * S, &mut pools, &[1], Ask::Decision).0,
+            vec![5]
+        );
+    }
+
+    #[test]
+    fn a_reactions_growth_is_held_until_released_then_the_decisions_asks_decide() {
+        let l = limits(60, None);
+        let mut pools = vec![PoolState::new(1)];
+        // A surge: decisions ask 3 while a reaction grows the pool to 6 for its backlog.
+        assert_eq!(settle(&l, S, &mut pools, &[6], Ask::Reaction).0, vec![6]);
+        assert!(pools[0].reaction_held());
+        assert_eq!(
+            settle(&l, 5 * S, &mut pools, &[3], Ask::Decision).0,
+            vec![6]
+        );
+        assert_eq!(
+            settle(&l, 10 * S, &mut pools, &[3], Ask::Decision).0,
+            vec![6]
+        );
+        // The backlog is served: the pool goes to what the decisions asked, at once (no
+        // decision had changed it, so no cooldown runs), not 60 s after the reaction.
+        release_reactions(&mut pools);
+        assert!(!pools[0].reaction_held());
+        assert_eq!(
+            settle(&l, 15 * S, &mut pools, &[2], Ask::Decision).0,
+            vec![3]
+        );
+        // From there the cooldown as ever: 60 s after that change, down to the most the
+        // last 60 s asked (2, at 15 s).
+        assert_eq!(
+            settle(&l, 65 * S, &mut pools, &[1], Ask::Decision).0,
+            vec![3]
+        );
+        assert_eq!(
+            settle(&l, 75 * S, &mut pools, &[1], Ask::Decision).0,
+            vec![2]
+        );
+    }
+
+    #[test]
+    fn a_reaction_held_and_never_released_is_held_for_the_cooldown() {
+        let l = limits(60, None);
+        let mut pools = vec![PoolState::new(1)];
+        settle(&l, S, &mut pools, &[6], Ask::Reaction);
+        assert_eq!(
+            settle(&l, 30 * S, &mut pools, &[1], Ask::Decision).0,
+            vec![6]
+        );
+        // Its own size is no ask: after the cooldown it goes to the decisions' asks.
+        assert_eq!(
+            settle(&l, 61 * S, &mut pools, &[1], Ask::Decision).0,
+            vec![1]
+        );
+        // Releasing a pool a decision changed last changes nothing.
+        release_reactions(&mut pools);
+        assert_eq!(
+            settle(&l, 62 * S, &mut pools, &[4], Ask::Decision).0,
+            vec![4]
+        );
+        release_reactions(&mut pools);
+        assert_eq!(
+            settle(&l, 63 * S, &mut pools, &[1], Ask::Decision).0,
+            vec![4]
+        );
     }
 
     #[test]
     fn the_budget_is_shared_in_proportion() {
         let l = limits(0, Some(8));
         let mut pools = vec![PoolState::new(1), PoolState::new(1)];
-        let (sizes, cut) = settle(&l, S, &mut pools, &[4, 12]);
+        let (sizes, cut) = settle(&l, S, &mut pools, &[4, 12], Ask::Decision);
         assert!(cut);
         assert_eq!(sizes, vec![2, 6]);
-        let (sizes, cut) = settle(&l, 2 * S, &mut pools, &[0, 40]);
+        let (sizes, cut) = settle(&l, 2 * S, &mut pools, &[0, 40], Ask::Decision);
         assert!(cut);
         assert_eq!(sizes, vec![1, 7]);
     }
@@ -228,7 +349,7 @@ mod tests {
             ..limits(0, Some(9))
         };
         let mut pools = vec![PoolState::new(1)];
-        assert_eq!(settle(&l, S, &mut pools, &[10]).0, vec![4]);
+        assert_eq!(settle(&l, S, &mut pools, &[10], Ask::Decision).0, vec![4]);
     }
 
     proptest! {
@@ -243,7 +364,7 @@ mod tests {
             let l = limits(cooldown_s, Some(budget));
             let mut pools = vec![PoolState::new(1), PoolState::new(1)];
             for (i, (p, d)) in steps.into_iter().enumerate() {
-                let (sizes, _) = settle(&l, S * (10 * i as u32), &mut pools, &[p, d]);
+                let (sizes, _) = settle(&l, S * (10 * i as u32), &mut pools, &[p, d], Ask::Decision);
                 prop_assert!(sizes.iter().all(|&n| (1..=10).contains(&n)), "{sizes:?}");
                 prop_assert!(sizes.iter().sum::<usize>() <= budget, "{sizes:?} > {budget}");
             }

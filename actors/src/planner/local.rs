@@ -135,19 +135,23 @@ impl LocalProcesses {
             .spawn()
             .map_err(|e| ConnectorError::Start(format!("{}: {e}", s.binary.display())))?;
         let (tx, joined) = watch::channel(None);
+        let group = s.group;
         if let Some(out) = child.stdout.take() {
             tokio::spawn(async move {
                 let mut lines = BufReader::new(out).lines();
                 while let Ok(Some(line)) = lines.next_line().await {
                     if let Some(j) = parse_serving_line(&line) {
-                        println!("turbine planner: worker process {} serving", j.id);
+                        println!(
+                            "turbine planner: worker process {} of group {group} serving",
+                            j.id
+                        );
                         let _ = tx.send(Some(j));
                     }
                 }
             });
         }
         println!(
-            "turbine planner: started a worker process (pid {})",
+            "turbine planner: started a worker process of group {group} (pid {})",
             child.id().unwrap_or(0)
         );
         Ok(ChildWorker { child, joined })

@@ -1,8 +1,11 @@
 //! The SLA math: how many workers a forecast load needs to meet the TTFT and ITL targets,
 //! from what one worker can do ([`Capacity`]).
 //!
-//! Prefill. Demand is `requests/s × ISL` prompt tokens per second. One worker prefills a
-//! prompt in `p = ISL / R(ISL)` seconds (R: profiled prefill throughput). Prompts queue, so
+//! Prefill. Demand is `requests/s × new tokens` per second, where a prompt's new tokens are
+//! its ISL less the share the prefix cache serves (`cached`, observed): a cached block is
+//! not computed again, and a workload whose prompts share a system prompt or a conversation
+//! would otherwise be priced several times over. One worker prefills a prompt's new tokens
+//! `n` in `p = n / R(n)` seconds (R: profiled prefill throughput). Prompts queue, so
 //! a worker cannot run at 100 %: with Poisson arrivals and a fixed service time (M/D/1) the
 //! mean wait at utilisation ρ is `ρ p / (2 (1 − ρ))`, and TTFT = wait + p ≤ target T holds
 //! up to `ρ_max = 2 (a − 1) / (1 + 2 (a − 1))` with `a = T / p`. A worker's prefill
@@ -37,6 +40,20 @@ pub struct Load {
     pub isl: f64,
     /// Mean output length, tokens.
     pub osl: f64,
+    /// Share of the prompt tokens the prefix cache serves (0..=1): not prefilled again.
+    pub cached: f64,
+}
+
+impl Load {
+    /// The prompt tokens a request prefills: its ISL less what the prefix cache serves.
+    pub fn new_tokens(&self) -> f64 {
+        let cached = if self.cached.is_finite() {
+            self.cached.clamp(0.0, 1.0)
+        } else {
+            0.0
+        };
+        self.isl * (1.0 - cached)
+    }
 }
 
 /// Latency targets (seconds).
@@ -78,7 +95,7 @@ pub fn correction(observed: f64, expected: f64) -> Option<f64> {
 pub struct PrefillNeed {
     /// Fractional workers.
     pub workers: f64,
-    /// Prompt tokens per second to prefill (after correction).
+    /// Prompt tokens per second to prefill (net of prefix-cache hits, after correction).
     pub demand_tokens_per_s: f64,
     /// One worker's throughput within the TTFT target.
     pub usable_tokens_per_s: f64,
@@ -117,12 +134,13 @@ pub fn prefill_need(
     targets: Targets,
     corr: Corrections,
 ) -> PrefillNeed {
-    let tps = cap.prefill_tokens_per_s(load.isl);
-    let idle_ttft_s = cap.prefill_s(load.isl);
+    let new_tokens = load.new_tokens();
+    let tps = cap.prefill_tokens_per_s(new_tokens);
+    let idle_ttft_s = cap.prefill_s(new_tokens);
     let rho = max_prefill_utilisation(idle_ttft_s, targets.ttft_s);
     let meets_target = rho > 0.0;
     let usable = if meets_target { tps * rho } else { tps };
-    let demand = load.requests_per_s * load.isl * corr.prefill.min(1.0);
+    let demand = load.requests_per_s * new_tokens * corr.prefill.min(1.0);
     PrefillNeed {
         workers: demand / usable,
         demand_tokens_per_s: demand,
@@ -167,6 +185,7 @@ mod tests {
             requests_per_s,
             isl,
             osl,
+            cached: 0.0,
         }
     }
 
@@ -211,6 +230,33 @@ mod tests {
             prefill_need(&hand(), demand, TARGETS, queued).workers,
             2.75
         ));
+    }
+
+    #[test]
+    fn prefix_cache_hits_are_not_prefilled_again() {
+        // ISL 1000, 45 % served from the cache: 550 new tokens per prompt, the hand case
+        // above (R(550) = 15 000 tok/s, p = 36.67 ms, ρ = 0.8): 60 × 550 = 33 000 tok/s
+        // over 12 000 → 2.75 workers, where pricing all 1000 tokens (R = 20 000, p = 50 ms,
+        // a = 2.2, ρ = 0.7059) asks 60 000 / 14 118 = 4.25.
+        let mut demand = load(60.0, 1000.0, 200.0);
+        let all = prefill_need(&hand(), demand, TARGETS, Corrections::default());
+        assert!(close(all.workers, 60_000.0 / (20_000.0 * 2.4 / 3.4)));
+        demand.cached = 0.45;
+        let net = prefill_need(&hand(), demand, TARGETS, Corrections::default());
+        assert!(close(net.idle_ttft_s, 550.0 / 15_000.0));
+        assert!(close(net.demand_tokens_per_s, 33_000.0));
+        assert!(close(net.workers, 2.75));
+        // The decode side still attends to the whole prompt: context 1000 + 100.
+        assert_eq!(
+            decode_need(&hand(), demand, TARGETS, Corrections::default()).context,
+            1100.0
+        );
+        // A share outside 0..=1 (or NaN) is clamped (or none): never a negative demand.
+        for (share, workers) in [(1.5, 0.0), (-1.0, all.workers), (f64::NAN, all.workers)] {
+            demand.cached = share;
+            let n = prefill_need(&hand(), demand, TARGETS, Corrections::default());
+            assert!(close(n.workers, workers), "{share}: {}", n.workers);
+        }
     }
 
     #[test]

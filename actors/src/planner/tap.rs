@@ -36,6 +36,8 @@ struct Window {
     requests: u64,
     isl_sum: f64,
     isl_n: u64,
+    /// Of `isl_sum`, the tokens the prefix cache served.
+    cached_sum: f64,
     osl_sum: f64,
     osl_n: u64,
     ttft_sum: f64,
@@ -75,11 +77,13 @@ impl LoadTap {
         self.with(|w| w.requests += 1);
     }
 
-    /// A request's prompt is `prompt_tokens` long.
-    pub fn prompt(&self, prompt_tokens: usize) {
+    /// A request's prompt is `prompt_tokens` long, `cached_tokens` of them served from the
+    /// prefix cache.
+    pub fn prompt(&self, prompt_tokens: usize, cached_tokens: usize) {
         self.with(|w| {
             w.isl_sum += prompt_tokens as f64;
             w.isl_n += 1;
+            w.cached_sum += cached_tokens.min(prompt_tokens) as f64;
         });
     }
 
@@ -151,6 +155,7 @@ impl LoadTap {
             mean_itl_s: mean(w.itl_sum, w.itl_n),
             mean_decode_batch: mean(w.batch_sum, w.batch_n),
             queued,
+            cached_fraction: (w.isl_sum > 0.0).then(|| w.cached_sum / w.isl_sum),
         }
     }
 }
@@ -246,7 +251,9 @@ impl ChatEngine for MeteredEngine {
                     let now = Instant::now();
                     if !timing.counted_prompt {
                         if let Some(u) = delta.usage {
-                            timing.tap.prompt(u.prompt_tokens as usize);
+                            timing
+                                .tap
+                                .prompt(u.prompt_tokens as usize, u.cached_tokens as usize);
                             timing.counted_prompt = true;
                         }
                     }
@@ -276,9 +283,9 @@ mod tests {
     fn a_window_averages_and_resets() {
         let tap = LoadTap::new();
         tap.arrived();
-        tap.prompt(100);
+        tap.prompt(100, 0);
         tap.arrived();
-        tap.prompt(300);
+        tap.prompt(300, 200);
         tap.first_token(Duration::from_millis(200));
         tap.finished(10, Some(Duration::from_millis(20)));
         tap.finished(1, None);
@@ -290,6 +297,7 @@ mod tests {
         assert_eq!(m.mean_itl_s, Some(0.02));
         assert_eq!(m.mean_decode_batch, None);
         assert_eq!(m.queued, None);
+        assert_eq!(m.cached_fraction, Some(0.5), "200 of 400 prompt tokens");
         assert_eq!(tap.take(), IntervalMetrics::default());
     }
 

@@ -6,7 +6,15 @@
 //! its peers), which the report could not include yet. A report acknowledges every request
 //! in flight on that worker. A finished request's blocks leave the view at once: from the
 //! pending part if unacknowledged, else subtracted from the reported figure until the next
-//! report replaces it.
+//! report replaces it. A request whose prompt is being prefilled on a prefill worker has not
+//! reached its decode worker yet, so that worker's reports cannot count it: it stays
+//! pending until its prefill is over ([`KvRouter::awaiting_prefill`],
+//! [`KvRouter::prefill_over`]). The prefill pool (a `KvRouter` of its own) keeps the
+//! same request pending on its prefill worker until the prefill is done
+//! ([`KvRouter::on_request_finished`]): a prefill of one scheduler step is over before any
+//! report of that worker counts it. Acknowledged at once, every such request would leave the
+//! decode pool's view as soon as the next report came, and the pool would look idle while
+//! each of its workers waits on prefills (every decode would then go to one worker).
 //!
 //! # Replicas
 //! Several routers (one per frontend) keep one load view by publishing the
@@ -33,7 +41,7 @@ use crate::kv::hash::BlockHash;
 use crate::kv::indexer::{FlashIndexer, OverlapScores};
 use crate::worker::announce::LOAD_REPORT_EVERY;
 use serde::{Deserialize, Serialize};
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -174,6 +182,9 @@ pub struct KvRouter {
     /// Per worker, the requests routed there since its last load report (some may have
     /// finished since): a report acknowledges exactly these, without scanning `in_flight`.
     unacknowledged: BTreeMap<WorkerId, Vec<FlightKey>>,
+    /// Requests of this replica routed here whose prompt is prefilled elsewhere: no report
+    /// acknowledges them until the prefill is over.
+    awaiting: BTreeSet<FlightKey>,
     next_seq: u64,
     metrics: RouterMetrics,
     per_worker: BTreeMap<WorkerId, WorkerRouteCounts>,
@@ -200,6 +211,7 @@ impl KvRouter {
             workers: BTreeMap::new(),
             in_flight: BTreeMap::new(),
             unacknowledged: BTreeMap::new(),
+            awaiting: BTreeSet::new(),
             next_seq: 0,
             metrics: RouterMetrics::default(),
             per_worker: BTreeMap::new(),
@@ -234,6 +246,8 @@ impl KvRouter {
         self.workers.remove(&worker);
         self.unacknowledged.remove(&worker);
         self.in_flight.retain(|_, f| f.worker != worker);
+        let in_flight = &self.in_flight;
+        self.awaiting.retain(|k| in_flight.contains_key(k));
         match &mut self.index {
             IndexSource::Events(ix) => ix.remove_worker(worker),
             IndexSource::Approximate(ax) => ax.remove_worker(worker),
@@ -371,11 +385,40 @@ impl KvRouter {
             draining: view.draining,
             last_report: view.last_report,
         };
+        let mut still = Vec::new();
         for key in self.unacknowledged.remove(&worker).unwrap_or_default() {
-            if let Some(f) = self.in_flight.get_mut(&key) {
+            let Some(f) = self.in_flight.get_mut(&key) else {
+                continue;
+            };
+            if self.awaiting.contains(&key) {
+                // Not on the worker yet: it stays pending, on top of the report.
+                view.pending_blocks += u64::from(f.blocks);
+                view.pending_requests = view.pending_requests.saturating_add(1);
+                still.push(key);
+            } else {
                 f.acknowledged = true;
             }
         }
+        if !still.is_empty() {
+            self.unacknowledged.insert(worker, still);
+        }
+    }
+
+    /// `request` (routed here by this replica) has its prompt prefilled on another worker
+    /// first: its decode worker's reports cannot count it until [`KvRouter::prefill_over`].
+    /// In a prefill pool: no report acknowledges it until it finishes (a one-step prefill
+    /// is over before a report could count it).
+    pub fn awaiting_prefill(&mut self, request: RequestId) {
+        let key = (self.replica, request);
+        if self.in_flight.contains_key(&key) {
+            self.awaiting.insert(key);
+        }
+    }
+
+    /// `request`'s remote prefill is over (done, or given up): its decode worker has it, or
+    /// is about to, and its next report counts it.
+    pub fn prefill_over(&mut self, request: RequestId) {
+        self.awaiting.remove(&(self.replica, request));
     }
 
     /// Overlap of `hashes` per worker, from the configured source.
@@ -553,6 +596,7 @@ impl KvRouter {
     }
 
     fn finish(&mut self, key: FlightKey) {
+        self.awaiting.remove(&key);
         let Some(f) = self.in_flight.remove(&key) else {
             return;
         };
@@ -627,6 +671,73 @@ mod liveness_tests {
     }
 
     const S: Duration = Duration::from_secs(1);
+
+    fn request(id: u64, blocks: usize) -> RouteRequest {
+        RouteRequest {
+            id: RequestId(id),
+            hashes: Vec::new(),
+            token_count: blocks * 16,
+            avoid: Vec::new(),
+            overrides: Default::default(),
+        }
+    }
+
+    #[test]
+    fn a_request_prefilled_elsewhere_stays_in_its_decode_workers_load_until_the_prefill_is_over() {
+        let mut r = router();
+        let first = r
+            .route(Duration::ZERO, &request(1, 6))
+            .unwrap()
+            .decision
+            .worker;
+        r.awaiting_prefill(RequestId(1));
+        // The decode worker reports before the request reaches it: still counted.
+        r.update_load(first, 0, 0);
+        let load = |r: &KvRouter, w| r.loads().into_iter().find(|l| l.worker == w).unwrap();
+        assert_eq!(load(&r, first).active_requests, 1);
+        assert!(load(&r, first).active_blocks > 0);
+        // So the next request goes to the other, idle, worker.
+        let second = r
+            .route(Duration::ZERO, &request(2, 6))
+            .unwrap()
+            .decision
+            .worker;
+        assert_ne!(second, first);
+        // Once the prefill is over, the worker's next report is the truth.
+        r.prefill_over(RequestId(1));
+        r.update_load(first, 0, 0);
+        assert_eq!(load(&r, first).active_requests, 0);
+        // A request routed without a remote prefill is acknowledged by the next report.
+        r.update_load(second, 0, 0);
+        assert_eq!(load(&r, second).active_requests, 0);
+    }
+
+    #[test]
+    fn a_prefill_stays_in_its_prefill_workers_load_until_it_is_done() {
+        // The prefill pool: a report sent before (or while) the prefill ran shows nothing;
+        // the request still counts, so the next prefill goes to the other, idle, worker.
+        let mut r = router();
+        let first = r
+            .route(Duration::ZERO, &request(1, 6))
+            .unwrap()
+            .decision
+            .worker;
+        r.awaiting_prefill(RequestId(1));
+        r.update_load(first, 0, 0);
+        let load = |r: &KvRouter, w| r.loads().into_iter().find(|l| l.worker == w).unwrap();
+        assert_eq!(load(&r, first).active_requests, 1);
+        let second = r
+            .route(Duration::ZERO, &request(2, 6))
+            .unwrap()
+            .decision
+            .worker;
+        assert_ne!(second, first);
+        // Done: it leaves the view at once, whatever the reports said.
+        assert!(r.on_request_finished(RequestId(1)).is_some());
+        assert_eq!(load(&r, first).active_requests, 0);
+        r.update_load(first, 0, 0);
+        assert_eq!(load(&r, first).active_requests, 0);
+    }
 
     #[test]
     fn a_silent_worker_is_stalled_until_it_reports_a_reporting_one_is_only_slow() {

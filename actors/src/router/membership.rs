@@ -4,6 +4,8 @@
 //! `kv.<worker>` and `metrics.<worker>`, see [`crate::worker::announce`] for the worker's
 //! side) and the frontend's dispatcher (the worker's request-plane address). A gap in a
 //! worker's KV events (or a lost trailing batch, [`TrailingLoss`]) clears its index entries.
+//! A third may follow the load reports alone ([`Members::loads`]): the planner in a
+//! frontend's process whose router runs elsewhere (`router.remote`).
 //!
 //! How a registered worker is reached is a [`WorkerConnector`]: over ZeroMQ
 //! ([`NodeConnector`]) in a deployment, over a simulated network in the simulator; the
@@ -11,7 +13,7 @@
 
 use super::dispatch::Dispatcher;
 use super::endpoints::{WorkerEndpoints, META_GATEWAY_ENDPOINT};
-use super::service::RouterCore;
+use super::service::{LoadNotice, LoadWatcher, PoolRole, RouterCore};
 use crate::ids::WorkerId;
 use crate::kv::KvEventBatch;
 use crate::worker::announce::{
@@ -95,6 +97,9 @@ pub struct Members {
     pub gauges: Option<WorkerMetrics>,
     /// The workers' gateway endpoints (the endpoint picker's table).
     pub endpoints: Option<Arc<WorkerEndpoints>>,
+    /// Told every worker's load reports and its leaving, where no `router` follows here
+    /// (with one, watch its loads instead: [`RouterCore::watch_loads`]).
+    pub loads: Option<LoadWatcher>,
 }
 
 /// What is kept per joined worker: the task feeding its events in, if the router follows.
@@ -161,9 +166,9 @@ async fn join(
         Some(_) => Some(connector.addr(inst, id).await?),
         None => None,
     };
-    let feed = match &members.router {
-        Some(_) => Some(connector.events(inst, id).await?),
-        None => None,
+    let feed = match (&members.router, &members.loads) {
+        (None, None) => None,
+        _ => Some(connector.events(inst, id).await?),
     };
     if let (Some(frontend), Some(addr)) = (&members.frontend, addr) {
         frontend.add_worker(id, addr);
@@ -171,11 +176,19 @@ async fn join(
     if let Some(endpoints) = &members.endpoints {
         endpoints.insert(id, inst.metadata.get(META_GATEWAY_ENDPOINT).cloned());
     }
-    let events = match (&members.router, feed) {
-        (Some(router), Some(feed)) => {
-            router.add_worker_as(id, crate::worker::announce::role_of(inst));
+    let role = crate::worker::announce::role_of(inst);
+    let events = match (&members.router, &members.loads, feed) {
+        (Some(router), _, Some(feed)) => {
+            router.add_worker_as(id, role);
             let gauges = members.gauges.clone();
             Some(tokio::spawn(feed_events(id, feed, router.clone(), gauges)))
+        }
+        (None, Some(loads), Some(feed)) => {
+            let pool = match role {
+                crate::cluster_config::WorkerRole::Prefill => PoolRole::Prefill,
+                _ => PoolRole::Decode,
+            };
+            Some(tokio::spawn(feed_loads(id, pool, feed, loads.clone())))
         }
         _ => None,
     };
@@ -196,6 +209,9 @@ fn leave(members: &Members, id: WorkerId) {
     }
     if let Some(endpoints) = &members.endpoints {
         endpoints.remove(id);
+    }
+    if let (None, Some(loads)) = (&members.router, &members.loads) {
+        loads(LoadNotice::Left(id));
     }
 }
 
@@ -287,6 +303,29 @@ async fn feed_events(
     }
 }
 
+/// Hands a worker's load reports to `loads` until its feed ends (its KV events are not
+/// read: no router follows here).
+async fn feed_loads(id: WorkerId, role: PoolRole, mut feed: EventFeed, loads: LoadWatcher) {
+    let metrics = metrics_topic(id);
+    while let Some(item) = feed.next().await {
+        match item {
+            Ok(Delivery::Event(ev)) if ev.topic == metrics => match ev.decode::<SchedulerStats>() {
+                Ok(stats) => loads(LoadNotice::Report {
+                    worker: id,
+                    role,
+                    stats: &stats,
+                }),
+                Err(e) => tracing::warn!(worker = %id, "bad load report: {e}"),
+            },
+            Ok(_) => {}
+            Err(e) => {
+                tracing::warn!(worker = %id, "event subscription failed: {e}");
+                return;
+            }
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::TrailingLoss;
@@ -328,5 +367,109 @@ mod tests {
         for _ in 0..3 {
             assert!(!t.on_load_report(0));
         }
+    }
+}
+
+#[cfg(test)]
+mod load_follower_tests {
+    use super::*;
+    use crate::worker::announce::META_ROLE;
+    use std::sync::Mutex;
+    use std::time::Duration;
+    use turbine_runtime::discovery::StaticDiscovery;
+    use turbine_runtime::events::Event;
+
+    /// Serves each worker's event feed from a list: a KV batch (not read), then load
+    /// reports; no request plane (no frontend follows here).
+    struct Reports;
+
+    #[async_trait]
+    impl WorkerConnector for Reports {
+        async fn addr(&self, _: &Instance, _: WorkerId) -> Result<Addr<WorkerService>, String> {
+            Err("no request plane in this test".into())
+        }
+
+        async fn events(&self, _: &Instance, id: WorkerId) -> Result<EventFeed, String> {
+            let event = |topic: String, seq, payload| {
+                Ok(Delivery::Event(Event {
+                    topic,
+                    publisher: id.to_string(),
+                    seq,
+                    payload,
+                }))
+            };
+            let stats = |waiting| SchedulerStats {
+                num_running: 3,
+                num_waiting: waiting,
+                ..SchedulerStats::default()
+            };
+            let wire = |v: &SchedulerStats| turbine_runtime::wire::to_payload(v).unwrap();
+            let items = vec![
+                event(kv_topic(id), 1, bytes::Bytes::from_static(b"not read")),
+                event(metrics_topic(id), 1, wire(&stats(1))),
+                event(metrics_topic(id), 2, wire(&stats(id.0 as usize * 10))),
+            ];
+            Ok(futures::stream::iter(items)
+                .chain(futures::stream::pending())
+                .boxed())
+        }
+    }
+
+    fn worker(id: u64, role: &str) -> Instance {
+        Instance {
+            component: WORKER_COMPONENT.into(),
+            id: format!("w{id}"),
+            endpoint: format!("tcp://127.0.0.1:{}", 7000 + id),
+            metadata: [
+                (META_WORKER_ID.to_string(), id.to_string()),
+                (META_ROLE.to_string(), role.to_string()),
+            ]
+            .into_iter()
+            .collect(),
+        }
+    }
+
+    #[tokio::test]
+    async fn without_a_router_the_load_follower_gets_every_workers_reports_with_its_pool() {
+        let seen = Arc::new(Mutex::new(Vec::new()));
+        let sink = seen.clone();
+        let loads: LoadWatcher = Arc::new(move |n| {
+            if let LoadNotice::Report {
+                worker,
+                role,
+                stats,
+            } = n
+            {
+                sink.lock()
+                    .unwrap()
+                    .push((worker.0, role, stats.num_waiting));
+            }
+        });
+        let discovery = StaticDiscovery::new(vec![worker(1, "prefill"), worker(2, "decode")]);
+        let task = watch_workers(
+            Arc::new(Reports),
+            Arc::new(discovery),
+            Members {
+                loads: Some(loads),
+                ..Members::default()
+            },
+        );
+        let want = vec![
+            (1, PoolRole::Prefill, 1),
+            (1, PoolRole::Prefill, 10),
+            (2, PoolRole::Decode, 1),
+            (2, PoolRole::Decode, 20),
+        ];
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+        loop {
+            let mut got = seen.lock().unwrap().clone();
+            got.sort_by_key(|&(w, _, q)| (w, q));
+            if got == want {
+                break;
+            }
+            assert!(tokio::time::Instant::now() < deadline, "{got:?}");
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        task.abort();
     }
 }

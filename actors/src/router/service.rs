@@ -295,6 +295,14 @@ impl RouterCore {
             request,
             decode.overlap_blocks,
         );
+        if prefill.worker.is_some() {
+            self.lock().awaiting_prefill(request.id);
+            // On the prefill worker too: a prefill of one scheduler step is over before any
+            // of its reports counts it, and the report after the routing would acknowledge
+            // it; pending until `prefill_done`, the pool sees that worker busy meanwhile
+            // (counted twice while a report also shows it running).
+            self.prefill_pool().awaiting_prefill(request.id);
+        }
         Ok(DisaggRoute { decode, prefill })
     }
 
@@ -329,6 +337,7 @@ impl RouterCore {
     /// A request's remote prefill is over.
     pub fn prefill_done(&self, request: RequestId) {
         self.prefill_pool().on_request_finished(request);
+        self.lock().prefill_over(request);
     }
 
     pub fn finished(&self, request: RequestId) {

@@ -154,6 +154,9 @@ async fn run(
                 worker = stream.worker();
                 record(&world.log, now, "migrate", i, worker.map_or(0, |w| w.0), 0);
             }
+            if let Some(c) = out.cached_tokens {
+                lock(records)[index].cached_tokens.get_or_insert(c);
+            }
             for &t in &out.token_ids {
                 record(&world.log, now, "token", i, tokens.len() as u64, 0);
                 tokens.push(t);

@@ -166,6 +166,7 @@ async fn run(cfg: &SimConfig, workload: &[RequestSpec]) -> Result<SimOutcome, Si
             frontend: Some(dispatcher.clone()),
             gauges: None,
             endpoints: None,
+            loads: None,
         },
     );
     let leases_expired = Arc::new(Mutex::new(0u64));

@@ -23,12 +23,15 @@ use turbine_actors::router::service::RouterCore;
 const DRAIN_POLL: SimDuration = SimDuration(50_000_000);
 
 /// The requests of `records` as the frontend saw them in `(from, to]`: arrivals (with their
-/// prompt lengths), first tokens (TTFT) and finished requests (output length, mean ITL).
+/// prompt lengths), first tokens (TTFT, and the share of the prompt the prefix cache served)
+/// and finished requests (output length, mean ITL).
 pub fn interval_metrics(records: &[RequestRecord], from: SimTime, to: SimTime) -> IntervalMetrics {
     let within = |t: SimTime| t > from && t <= to;
     let mean = |v: &[f64]| (!v.is_empty()).then(|| v.iter().sum::<f64>() / v.len() as f64);
     let (mut isl, mut osl, mut ttft, mut itl) = (vec![], vec![], vec![], vec![]);
     let mut requests = 0;
+    // Prompt tokens, and of them served from the prefix cache, of the first outputs.
+    let (mut prompted, mut cached) = (0.0, 0.0);
     for r in records {
         if within(r.arrival) {
             requests += 1;
@@ -37,6 +40,8 @@ pub fn interval_metrics(records: &[RequestRecord], from: SimTime, to: SimTime) -
         if let Some(&first) = r.token_times.first() {
             if within(first) {
                 ttft.push(first.as_secs_f64() - r.arrival.as_secs_f64());
+                prompted += f64::from(r.input_len);
+                cached += f64::from(r.cached_tokens.unwrap_or(0).min(r.input_len));
             }
         }
         if let (Some(done), Some(&first), Some(&last)) =
@@ -62,6 +67,7 @@ pub fn interval_metrics(records: &[RequestRecord], from: SimTime, to: SimTime) -
         // Not from the clients: the caller samples the workers.
         mean_decode_batch: None,
         queued: None,
+        cached_fraction: (prompted > 0.0).then(|| cached / prompted),
     }
 }
 
