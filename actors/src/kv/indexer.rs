@@ -44,9 +44,10 @@
 use super::block_map::{BlockMap, Loc};
 use super::events::{KvEvent, KvEventBatch};
 use super::hash::{BlockHash, PreHashed};
-use super::runs::{common_prefix, Arena, HolderId, Run};
+use super::runs::{chain_prefix, Arena, HolderId, Run};
 use crate::ids::WorkerId;
 use dashmap::DashMap;
+use smallvec::SmallVec;
 use std::collections::VecDeque;
 use std::hash::BuildHasherDefault;
 use std::sync::atomic::{AtomicIsize, AtomicU64, Ordering};
@@ -381,7 +382,7 @@ impl FlashIndexer {
             return None;
         }
         let end = run.live_end(off);
-        let m = common_prefix(keys, &run.hashes[off as usize..end as usize]).max(1);
+        let m = chain_prefix(keys, &run.hashes[off as usize..end as usize]).max(1);
         let claims = run.add_holder(off, off + m as u32, holder);
         *run.touched.get_mut() = tick.max(*run.touched.get_mut());
         Some((m, claims, Loc::new(loc.run(), off + m as u32 - 1)))
@@ -656,17 +657,28 @@ impl FlashIndexer {
         }
         let Walk {
             active,
-            mut scores,
+            scores,
             depth,
         } = walk;
-        scores.extend(active.into_iter().map(|w| (w, depth)));
-        let names = self.names.read().unwrap_or_else(|e| e.into_inner());
-        OverlapScores::from_pairs(
-            scores
-                .into_iter()
-                .filter_map(|(id, n)| names.get(id as usize).map(|w| (*w, n)))
-                .collect(),
-        )
+        // One allocation: the answer itself.
+        let mut out: Vec<(WorkerId, u32)> = Vec::with_capacity(scores.len() + active.len());
+        {
+            let names = self.names.read().unwrap_or_else(|e| e.into_inner());
+            let stopped = scores.into_iter();
+            let held = active.into_iter().map(|w| (w, depth));
+            out.extend(
+                stopped
+                    .chain(held)
+                    .filter(|(_, n)| *n > 0)
+                    .filter_map(|(id, n)| names.get(id as usize).map(|w| (*w, n))),
+            );
+        }
+        out.sort_unstable();
+        let matched_blocks = out.iter().map(|(_, n)| *n).max().unwrap_or(0);
+        OverlapScores {
+            scores: out,
+            matched_blocks,
+        }
     }
 
     /// Workers currently holding `h`, sorted.
@@ -678,7 +690,7 @@ impl FlashIndexer {
                 let run = read(self.runs.get(loc.run())?);
                 let off = loc.off();
                 (run.hashes.get(off as usize) == Some(&h))
-                    .then(|| run.segs[run.seg_index(off)].holders.clone())
+                    .then(|| run.segs[run.seg_index(off)].holders.to_vec())
             })
             .unwrap_or_default();
         let names = self.names.read().unwrap_or_else(|e| e.into_inner());
@@ -771,11 +783,12 @@ impl FlashIndexer {
     }
 }
 
-/// A query's progress along the chain: holder ids still matching, and those that stopped.
+/// A query's progress along the chain: holder ids still matching, and those that stopped
+/// (on the stack for the usual handful of workers).
 #[derive(Default)]
 struct Walk {
-    active: Vec<HolderId>,
-    scores: Vec<(HolderId, u32)>,
+    active: SmallVec<[HolderId; 16]>,
+    scores: SmallVec<[(HolderId, u32); 16]>,
     depth: u32,
 }
 
@@ -795,7 +808,7 @@ impl Walk {
                 break; // dead: the caller looks the key up again
             }
             let end = run.seg_end(s);
-            let m = common_prefix(&keys[used..], &run.hashes[pos as usize..end as usize]);
+            let m = chain_prefix(&keys[used..], &run.hashes[pos as usize..end as usize]);
             if m == 0 {
                 break;
             }
