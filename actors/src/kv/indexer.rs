@@ -4,12 +4,14 @@
 //! Blocks are kept as *runs* (see `runs`): chains of sequence hashes in one array, cut into
 //! segments of consecutive blocks with the same holders (4-byte holder ids, a dense number
 //! per worker). A sharded hash map (`block_map`) says where each block lives (run, offset).
-//! [`FlashIndexer::find_matches`] looks up the first block of the query, compares the
-//! following query hashes against the run's array in place (a sequential compare, no lookup),
-//! intersects the still-matching workers with each segment's holders as it crosses a
-//! segment boundary, and looks the next hash up again only where the run ends or the query
-//! leaves it. A 1,024-block query over a shared prefix costs a handful of lookups instead of
-//! one dependent cache miss per block. Ingestion is cheap for the same reason: a worker
+//! [`FlashIndexer::find_matches`] looks up the first block of the query, follows the run
+//! from there segment by segment (a sequence hash names its whole prefix, so comparing the
+//! query's hash with the run's at a segment's last position decides the whole segment; only
+//! where they differ is the first difference searched, see `runs::chain_prefix`), intersects
+//! the still-matching workers with each segment's holders (inline in the segment for up to 4),
+//! and looks the next hash up again only where the run ends or the query leaves it. A
+//! 1,024-block query over a shared prefix costs a handful of lookups and a few compares per
+//! run instead of one dependent cache miss per block. Ingestion is cheap for the same reason: a worker
 //! storing blocks already indexed (another worker's shared prefix) costs one lookup and a
 //! compare per run; only blocks new to the index cost a map insert each. Removal finds the
 //! first removed block and walks the run for the rest (tail removals are contiguous).

@@ -5,11 +5,13 @@
 //! So instead of one hash-table entry per block (one cache miss per block on every query),
 //! the index keeps each chain as a *run*: the blocks' sequence hashes in order in one array,
 //! cut into *segments* of consecutive blocks with the same holders. A query finds where its
-//! first block lives (one lookup in `block_map`), then compares the rest of its hashes
-//! against the run's array in place, a sequential scan, and meets the holder sets only at
-//! segment boundaries. A 1,024-block prompt over a shared prefix costs a few lookups and a
-//! memory-speed compare instead of 1,024 dependent lookups. Workers re-storing a chain that
-//! is already indexed cost one lookup and a compare too, not one insert per block.
+//! first block lives (one lookup in `block_map`), then checks the rest of its hashes against
+//! the run's array in place and meets the holder sets only at segment boundaries. Because a
+//! sequence hash names its block's whole prefix, one compare at a segment's last position
+//! tells whether the query holds the whole segment ([`chain_prefix`]); a scan is needed only
+//! near where the query leaves the run. A 1,024-block prompt over a shared prefix costs a few
+//! lookups and a few compares instead of 1,024 dependent lookups. Workers re-storing a chain
+//! that is already indexed cost one lookup and a compare too, not one insert per block.
 //!
 //! Each indexed block lives at exactly one live position of one run (the map points at it).
 //! A position whose segment has no holder is dead: its hash is out of the map, and a query
@@ -110,12 +112,14 @@ pub fn chain_prefix(a: &[BlockHash], b: &[BlockHash]) -> usize {
         let matched = (1..8)
             .map(|k| usize::from(a[lo + k * step] == b[lo + k * step]))
             .sum::<usize>();
-        let (new_lo, new_hi) = (
-            if matched > 0 { lo + matched * step + 1 } else { lo },
-            if matched < 7 { lo + (matched + 1) * step } else { hi },
-        );
-        lo = new_lo;
-        hi = new_hi;
+        // Probes 1..=matched match, probe matched + 1 (if any) does not.
+        let base = lo;
+        if matched < 7 {
+            hi = base + (matched + 1) * step;
+        }
+        if matched > 0 {
+            lo = base + matched * step + 1;
+        }
     }
     lo + common_prefix(&a[lo..hi], &b[lo..hi])
 }
