@@ -36,8 +36,8 @@ pub type Range = (u32, u32);
 /// Runs, one chunk of the arena.
 type Chunk = Box<[RwLock<Run>]>;
 
-/// A segment's holders, sorted. Up to 4 live inline in the segment (as big as a `Vec`), so a
-/// query crossing a segment reads them from the segment's own cache line instead of
+/// A segment's holders, sorted. Up to 4 live inline in the segment (8 bytes more than a
+/// `Vec`), so a query crossing a segment reads them from the segment itself instead of
 /// following a pointer; most segments have 1-4 holders.
 pub type Holders = SmallVec<[HolderId; 4]>;
 
