@@ -4,12 +4,14 @@
 //! Blocks are kept as *runs* (see `runs`): chains of sequence hashes in one array, cut into
 //! segments of consecutive blocks with the same holders (4-byte holder ids, a dense number
 //! per worker). A sharded hash map (`block_map`) says where each block lives (run, offset).
-//! [`FlashIndexer::find_matches`] looks up the first block of the query, compares the
-//! following query hashes against the run's array in place (a sequential compare, no lookup),
-//! intersects the still-matching workers with each segment's holders as it crosses a
-//! segment boundary, and looks the next hash up again only where the run ends or the query
-//! leaves it. A 1,024-block query over a shared prefix costs a handful of lookups instead of
-//! one dependent cache miss per block. Ingestion is cheap for the same reason: a worker
+//! [`FlashIndexer::find_matches`] looks up the first block of the query, follows the run
+//! from there segment by segment (a sequence hash names its whole prefix, so comparing the
+//! query's hash with the run's at a segment's last position decides the whole segment; only
+//! where they differ is the first difference searched, see `runs::chain_prefix`), intersects
+//! the still-matching workers with each segment's holders (inline in the segment for up to 4),
+//! and looks the next hash up again only where the run ends or the query leaves it. A
+//! 1,024-block query over a shared prefix costs a handful of lookups and a few compares per
+//! run instead of one dependent cache miss per block. Ingestion is cheap for the same reason: a worker
 //! storing blocks already indexed (another worker's shared prefix) costs one lookup and a
 //! compare per run; only blocks new to the index cost a map insert each. Removal finds the
 //! first removed block and walks the run for the rest (tail removals are contiguous).
@@ -44,9 +46,10 @@
 use super::block_map::{BlockMap, Loc};
 use super::events::{KvEvent, KvEventBatch};
 use super::hash::{BlockHash, PreHashed};
-use super::runs::{common_prefix, Arena, HolderId, Run};
+use super::runs::{chain_prefix, Arena, HolderId, Run};
 use crate::ids::WorkerId;
 use dashmap::DashMap;
+use smallvec::SmallVec;
 use std::collections::VecDeque;
 use std::hash::BuildHasherDefault;
 use std::sync::atomic::{AtomicIsize, AtomicU64, Ordering};
@@ -381,7 +384,7 @@ impl FlashIndexer {
             return None;
         }
         let end = run.live_end(off);
-        let m = common_prefix(keys, &run.hashes[off as usize..end as usize]).max(1);
+        let m = chain_prefix(keys, &run.hashes[off as usize..end as usize]).max(1);
         let claims = run.add_holder(off, off + m as u32, holder);
         *run.touched.get_mut() = tick.max(*run.touched.get_mut());
         Some((m, claims, Loc::new(loc.run(), off + m as u32 - 1)))
@@ -656,17 +659,28 @@ impl FlashIndexer {
         }
         let Walk {
             active,
-            mut scores,
+            scores,
             depth,
         } = walk;
-        scores.extend(active.into_iter().map(|w| (w, depth)));
-        let names = self.names.read().unwrap_or_else(|e| e.into_inner());
-        OverlapScores::from_pairs(
-            scores
-                .into_iter()
-                .filter_map(|(id, n)| names.get(id as usize).map(|w| (*w, n)))
-                .collect(),
-        )
+        // One allocation: the answer itself.
+        let mut out: Vec<(WorkerId, u32)> = Vec::with_capacity(scores.len() + active.len());
+        {
+            let names = self.names.read().unwrap_or_else(|e| e.into_inner());
+            let stopped = scores.into_iter();
+            let held = active.into_iter().map(|w| (w, depth));
+            out.extend(
+                stopped
+                    .chain(held)
+                    .filter(|(_, n)| *n > 0)
+                    .filter_map(|(id, n)| names.get(id as usize).map(|w| (*w, n))),
+            );
+        }
+        out.sort_unstable();
+        let matched_blocks = out.iter().map(|(_, n)| *n).max().unwrap_or(0);
+        OverlapScores {
+            scores: out,
+            matched_blocks,
+        }
     }
 
     /// Workers currently holding `h`, sorted.
@@ -678,7 +692,7 @@ impl FlashIndexer {
                 let run = read(self.runs.get(loc.run())?);
                 let off = loc.off();
                 (run.hashes.get(off as usize) == Some(&h))
-                    .then(|| run.segs[run.seg_index(off)].holders.clone())
+                    .then(|| run.segs[run.seg_index(off)].holders.to_vec())
             })
             .unwrap_or_default();
         let names = self.names.read().unwrap_or_else(|e| e.into_inner());
@@ -771,11 +785,12 @@ impl FlashIndexer {
     }
 }
 
-/// A query's progress along the chain: holder ids still matching, and those that stopped.
+/// A query's progress along the chain: holder ids still matching, and those that stopped
+/// (on the stack for the usual handful of workers).
 #[derive(Default)]
 struct Walk {
-    active: Vec<HolderId>,
-    scores: Vec<(HolderId, u32)>,
+    active: SmallVec<[HolderId; 16]>,
+    scores: SmallVec<[(HolderId, u32); 16]>,
     depth: u32,
 }
 
@@ -795,7 +810,7 @@ impl Walk {
                 break; // dead: the caller looks the key up again
             }
             let end = run.seg_end(s);
-            let m = common_prefix(&keys[used..], &run.hashes[pos as usize..end as usize]);
+            let m = chain_prefix(&keys[used..], &run.hashes[pos as usize..end as usize]);
             if m == 0 {
                 break;
             }

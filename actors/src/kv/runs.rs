@@ -5,11 +5,13 @@
 //! So instead of one hash-table entry per block (one cache miss per block on every query),
 //! the index keeps each chain as a *run*: the blocks' sequence hashes in order in one array,
 //! cut into *segments* of consecutive blocks with the same holders. A query finds where its
-//! first block lives (one lookup in `block_map`), then compares the rest of its hashes
-//! against the run's array in place, a sequential scan, and meets the holder sets only at
-//! segment boundaries. A 1,024-block prompt over a shared prefix costs a few lookups and a
-//! memory-speed compare instead of 1,024 dependent lookups. Workers re-storing a chain that
-//! is already indexed cost one lookup and a compare too, not one insert per block.
+//! first block lives (one lookup in `block_map`), then checks the rest of its hashes against
+//! the run's array in place and meets the holder sets only at segment boundaries. Because a
+//! sequence hash names its block's whole prefix, one compare at a segment's last position
+//! tells whether the query holds the whole segment ([`chain_prefix`]); a scan is needed only
+//! near where the query leaves the run. A 1,024-block prompt over a shared prefix costs a few
+//! lookups and a few compares instead of 1,024 dependent lookups. Workers re-storing a chain
+//! that is already indexed cost one lookup and a compare too, not one insert per block.
 //!
 //! Each indexed block lives at exactly one live position of one run (the map points at it).
 //! A position whose segment has no holder is dead: its hash is out of the map, and a query
@@ -21,6 +23,7 @@
 //! behind its own reader-writer lock, in an [`Arena`] that hands out run ids.
 
 use super::hash::BlockHash;
+use smallvec::{smallvec, SmallVec};
 use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
 use std::sync::{Mutex, OnceLock, RwLock};
 
@@ -33,12 +36,17 @@ pub type Range = (u32, u32);
 /// Runs, one chunk of the arena.
 type Chunk = Box<[RwLock<Run>]>;
 
+/// A segment's holders, sorted. Up to 4 live inline in the segment (8 bytes more than a
+/// `Vec`), so a query crossing a segment reads them from the segment itself instead of
+/// following a pointer; most segments have 1-4 holders.
+pub type Holders = SmallVec<[HolderId; 4]>;
+
 /// Consecutive positions `start..` (up to the next segment) held by the same `holders`
 /// (sorted; empty = dead).
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct Seg {
     pub start: u32,
-    pub holders: Vec<HolderId>,
+    pub holders: Holders,
 }
 
 /// One chain of blocks.
@@ -77,6 +85,43 @@ pub fn common_prefix(a: &[BlockHash], b: &[BlockHash]) -> usize {
         i += 1;
     }
     i
+}
+
+/// Common leading length of `a` and `b`, two stretches of sequence-hash chains that start at
+/// the same block. A sequence hash names its block's whole prefix, so `a[i] == b[i]` implies
+/// `a[..i] == b[..i]`: matching is monotone, and the last position decides whether all match
+/// (one compare instead of a scan of both arrays). Otherwise the first difference is narrowed
+/// with rounds of 7 independent probes (their cache misses overlap) down to a short stretch,
+/// which is compared in order. This is the jump search of Dynamo's PositionalIndexer, and it
+/// rests on the same assumption: sequence hashes do not collide (the map keys blocks by them
+/// anyway).
+#[inline]
+pub fn chain_prefix(a: &[BlockHash], b: &[BlockHash]) -> usize {
+    let n = a.len().min(b.len());
+    let (a, b) = (&a[..n], &b[..n]);
+    let Some(last) = n.checked_sub(1) else {
+        return 0;
+    };
+    if a[last] == b[last] {
+        return n;
+    }
+    // Invariant: every position below `lo` matches (by monotonicity), `hi` does not.
+    let (mut lo, mut hi) = (0usize, last);
+    while hi - lo > 16 {
+        let step = (hi - lo) / 8;
+        let matched = (1..8)
+            .map(|k| usize::from(a[lo + k * step] == b[lo + k * step]))
+            .sum::<usize>();
+        // Probes 1..=matched match, probe matched + 1 (if any) does not.
+        let base = lo;
+        if matched < 7 {
+            hi = base + (matched + 1) * step;
+        }
+        if matched > 0 {
+            lo = base + matched * step + 1;
+        }
+    }
+    lo + common_prefix(&a[lo..hi], &b[lo..hi])
 }
 
 impl Run {
@@ -148,7 +193,7 @@ impl Run {
             Some(s) if s.holders.len() == 1 && s.holders[0] == holder => {}
             _ => self.segs.push(Seg {
                 start,
-                holders: vec![holder],
+                holders: smallvec![holder],
             }),
         }
     }
@@ -280,6 +325,7 @@ impl Run {
             + self
                 .segs
                 .iter()
+                .filter(|s| s.holders.spilled())
                 .map(|s| s.holders.capacity() * 4)
                 .sum::<usize>()
     }
@@ -380,7 +426,7 @@ mod tests {
     }
 
     fn holders_at(r: &Run, off: u32) -> Vec<HolderId> {
-        r.segs[r.seg_index(off)].holders.clone()
+        r.segs[r.seg_index(off)].holders.to_vec()
     }
 
     #[test]
@@ -418,5 +464,22 @@ mod tests {
             assert_eq!(common_prefix(&a, &b), cut);
         }
         assert_eq!(common_prefix(&a, &a[..50]), 50);
+    }
+
+    /// On chains (a difference at i means every later position differs too) the jump search
+    /// finds the same length as the scan, for every cut and length.
+    #[test]
+    fn chain_prefix_agrees_with_the_scan_on_chains() {
+        for n in [0usize, 1, 2, 7, 16, 17, 18, 40, 100, 513, 1024] {
+            let a: Vec<BlockHash> = (0..n as u64).map(BlockHash).collect();
+            for cut in (0..=n).step_by(1 + n / 97) {
+                let b: Vec<BlockHash> = (0..n as u64)
+                    .map(|i| BlockHash(if (i as usize) < cut { i } else { 10_000 + i }))
+                    .collect();
+                assert_eq!(chain_prefix(&a, &b), cut, "n {n} cut {cut}");
+                assert_eq!(chain_prefix(&a, &b[..cut]), cut);
+                assert_eq!(chain_prefix(&a, &b), common_prefix(&a, &b));
+            }
+        }
     }
 }

@@ -1,8 +1,10 @@
 //! What router replicas tell each other so they weigh the same load.
 //!
 //! Each replica publishes a [`RouterEvent`] for every request it routes and every request
-//! that finishes; the others apply them to their load view (and, in approximate mode, to
-//! their index of what was sent where). Published on the event plane (topic
+//! that finishes, and for every worker it newly finds unreachable or stalled; the others
+//! apply them to their load view (and, in approximate mode, to their index of what was sent
+//! where) and to their quarantine and stall marks, so no replica keeps routing to a worker
+//! another one already found dead. Published on the event plane (topic
 //! `router.<replica>`), MessagePack-encoded.
 
 use crate::ids::{RequestId, WorkerId};
@@ -36,6 +38,14 @@ pub enum RouterEventKind {
     },
     /// `request` finished (or was cancelled); its blocks are free for reuse accounting.
     Finished { request: RequestId },
+    /// The deciding replica could not reach `worker`: peers quarantine it too, for
+    /// [`UNREACHABLE_QUARANTINE`](super::kv_router::UNREACHABLE_QUARANTINE) from when they
+    /// apply the event.
+    Unreachable { worker: WorkerId },
+    /// A stream on `worker` stalled at the deciding replica: peers leave it out of selection
+    /// too, until a load report shows it made progress (each against its own view of the
+    /// worker's steps, as for a stall it found itself).
+    Stalled { worker: WorkerId },
 }
 
 /// Why a router event could not be decoded.

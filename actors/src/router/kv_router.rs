@@ -276,6 +276,13 @@ impl KvRouter {
         true
     }
 
+    /// [`KvRouter::mark_unreachable`], and the event that tells peer replicas, when it newly
+    /// quarantined `worker`.
+    pub fn quarantine(&mut self, now: Duration, worker: WorkerId) -> Option<RouterEvent> {
+        self.mark_unreachable(now, worker)
+            .then(|| self.emit(RouterEventKind::Unreachable { worker }))
+    }
+
     /// Leaves a draining worker out of selection (or lets it back in), keeping its load
     /// and cached blocks while its requests finish.
     pub fn set_draining(&mut self, worker: WorkerId, draining: bool) {
@@ -318,8 +325,20 @@ impl KvRouter {
         quiet_for: Duration,
         force: bool,
     ) -> bool {
+        self.check_stalled_event(now, worker, quiet_for, force).0
+    }
+
+    /// [`KvRouter::check_stalled`], and the event that tells peer replicas, when this check
+    /// newly marked `worker` stalled.
+    pub fn check_stalled_event(
+        &mut self,
+        now: Duration,
+        worker: WorkerId,
+        quiet_for: Duration,
+        force: bool,
+    ) -> (bool, Option<RouterEvent>) {
         let Some(view) = self.workers.get_mut(&worker) else {
-            return true; // gone from the router's view: nothing will come from it
+            return (true, None); // gone from the router's view: nothing will come from it
         };
         let silent = view
             .last_report
@@ -331,11 +350,16 @@ impl KvRouter {
         let stuck = view
             .progressed_at
             .is_none_or(|t| t.saturating_add(window) <= now);
-        if (silent || (force && stuck)) && !view.stalled {
+        let newly = (silent || (force && stuck)) && !view.stalled;
+        if newly {
             view.stalled = true;
             view.stalled_at_steps = view.last_steps;
         }
-        view.stalled
+        let stalled = view.stalled;
+        (
+            stalled,
+            newly.then(|| self.emit(RouterEventKind::Stalled { worker })),
+        )
     }
 
     /// Whether `worker` is left out of selection at `now`.
@@ -526,7 +550,9 @@ impl KvRouter {
         self.metrics.peer_events_applied += 1;
         let hashes = match &event.kind {
             RouterEventKind::Routed { hashes, .. } => hashes.as_slice(),
-            RouterEventKind::Finished { .. } => &[],
+            RouterEventKind::Finished { .. }
+            | RouterEventKind::Unreachable { .. }
+            | RouterEventKind::Stalled { .. } => &[],
         };
         self.apply_kind(now, event.replica, &event.kind, hashes);
         true
@@ -592,6 +618,18 @@ impl KvRouter {
                 }
             }
             RouterEventKind::Finished { request } => self.finish((origin, *request)),
+            // A peer's marks are applied like this replica's own, but never re-published.
+            RouterEventKind::Unreachable { worker } => {
+                self.mark_unreachable(now, *worker);
+            }
+            RouterEventKind::Stalled { worker } => {
+                if let Some(view) = self.workers.get_mut(worker) {
+                    if !view.stalled {
+                        view.stalled = true;
+                        view.stalled_at_steps = view.last_steps;
+                    }
+                }
+            }
         }
     }
 
@@ -802,6 +840,60 @@ mod liveness_tests {
         assert_eq!(r.routable(S), (4, 0));
         // The unreachable worker's quarantine ends on its own.
         assert_eq!(r.routable(UNREACHABLE_QUARANTINE), (4, 1));
+    }
+
+    /// Replica sync of marks: a worker one replica finds unreachable or stalled is left out
+    /// by a peer that applies its event (through the wire format), once; the peer lifts the
+    /// marks as it would its own (quarantine expiry, a report with progress), and applying
+    /// a peer's mark publishes nothing.
+    #[test]
+    fn quarantine_and_stall_marks_reach_peer_replicas() {
+        let mut a = router();
+        let mut b = KvRouter::new(RouterReplicaId(1), RouterConfig::default(), None).unwrap();
+        b.add_worker(WorkerId(1));
+        b.add_worker(WorkerId(2));
+        let wire = |e: &RouterEvent| RouterEvent::from_msgpack(&e.to_msgpack().unwrap()).unwrap();
+        let ev = a.quarantine(S, WorkerId(1)).expect("newly quarantined");
+        assert_eq!(
+            ev.kind,
+            RouterEventKind::Unreachable {
+                worker: WorkerId(1)
+            }
+        );
+        assert!(
+            a.quarantine(S, WorkerId(1)).is_none(),
+            "already in quarantine"
+        );
+        assert!(b.apply_router_event(S, &wire(&ev)));
+        assert!(b.is_suspended(S, WorkerId(1)));
+        assert_eq!(b.routable(S), (2, 1));
+        assert!(!b.is_suspended(S + UNREACHABLE_QUARANTINE, WorkerId(1)));
+
+        a.note_report(Duration::ZERO, WorkerId(2), 10, 1);
+        b.note_report(Duration::ZERO, WorkerId(2), 10, 1);
+        let (stalled, ev) = a.check_stalled_event(4 * S, WorkerId(2), 2 * S, false);
+        let ev = ev.expect("newly stalled");
+        assert!(stalled);
+        assert_eq!(
+            ev.kind,
+            RouterEventKind::Stalled {
+                worker: WorkerId(2)
+            }
+        );
+        assert_eq!(ev.seq, 1, "one event per mark");
+        assert_eq!(
+            a.check_stalled_event(5 * S, WorkerId(2), 2 * S, false),
+            (true, None)
+        );
+        assert!(b.apply_router_event(4 * S, &wire(&ev)));
+        assert!(b.is_suspended(4 * S, WorkerId(2)));
+        // A heartbeat without progress does not lift the peer's mark; a step more does.
+        b.note_report(5 * S, WorkerId(2), 10, 1);
+        assert!(b.is_suspended(5 * S, WorkerId(2)));
+        b.note_report(6 * S, WorkerId(2), 11, 1);
+        assert!(!b.is_suspended(6 * S, WorkerId(2)));
+        // Its own event echoed back is ignored.
+        assert!(!a.apply_router_event(6 * S, &ev));
     }
 
     #[test]

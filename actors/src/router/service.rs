@@ -351,12 +351,16 @@ impl RouterCore {
     pub fn unreachable(&self, worker: WorkerId) {
         let now = self.now();
         let prefill = self.prefill_pool().mark_unreachable(now, worker);
-        if self.lock().mark_unreachable(now, worker) || prefill {
+        let event = self.lock().quarantine(now, worker);
+        if event.is_some() || prefill {
             tracing::warn!(
                 %worker,
                 "worker unreachable; not routing to it for {:?}",
                 super::kv_router::UNREACHABLE_QUARANTINE
             );
+        }
+        if let Some(event) = event {
+            self.emit(event); // peer replicas quarantine it too
         }
     }
 
@@ -365,7 +369,12 @@ impl RouterCore {
     /// progress.
     pub fn check_stalled(&self, worker: WorkerId, quiet_for: Duration, force: bool) -> bool {
         let now = self.now();
-        let stalled = self.lock().check_stalled(now, worker, quiet_for, force);
+        let (stalled, event) = self
+            .lock()
+            .check_stalled_event(now, worker, quiet_for, force);
+        if let Some(event) = event {
+            self.emit(event); // peer replicas leave it out too
+        }
         tracing::debug!(%worker, ?quiet_for, force, stalled, "stall check");
         if stalled {
             tracing::warn!(%worker, "worker stalled; not routing to it until it makes progress");
