@@ -366,6 +366,9 @@ fn assemble(
                 .max_context
                 .unwrap_or(model.config.max_position.min(kv_tokens)),
             enable_chunked_prefill: true,
+            contended_prefill_chunk: group
+                .contended_prefill_chunk()
+                .map_err(anyhow::Error::msg)?,
         },
         measured: Some(measured),
     };

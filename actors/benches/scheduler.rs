@@ -24,6 +24,7 @@ fn scheduler(num_blocks: u32, max_num_seqs: usize) -> Scheduler {
             max_num_seqs,
             max_model_len: 4096,
             enable_chunked_prefill: true,
+            contended_prefill_chunk: usize::MAX,
         },
         BlockManager::new(BlockManagerConfig {
             num_blocks,

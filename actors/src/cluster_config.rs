@@ -250,6 +250,9 @@ pub struct WorkerGroup {
     pub max_num_batched_tokens: usize,
     /// Most sequences in one step.
     pub max_num_seqs: usize,
+    /// Share of the step budget one prompt's prefill chunk may take while other requests
+    /// want budget too (0 < share <= 1; 1: no cap). See `SchedulerConfig::contended_prefill_chunk`.
+    pub long_prefill_share: f64,
     /// CPU threads for the CPU executor (0 = all cores).
     pub threads: usize,
     /// Started by separate `turbine worker --group N` processes that join over the
@@ -263,6 +266,21 @@ pub struct WorkerGroup {
     pub embedding_cache_bytes: usize,
 }
 
+impl WorkerGroup {
+    /// The prefill chunk cap under contention, in tokens, from `long_prefill_share`: at
+    /// least one token, at most the whole budget.
+    pub fn contended_prefill_chunk(&self) -> Result<usize, String> {
+        let share = self.long_prefill_share;
+        if !(share > 0.0 && share <= 1.0) {
+            return Err(format!(
+                "long_prefill_share must be more than 0 and at most 1 (got {share})"
+            ));
+        }
+        let budget = self.max_num_batched_tokens as f64;
+        Ok(((budget * share).ceil() as usize).max(1))
+    }
+}
+
 impl Default for WorkerGroup {
     fn default() -> Self {
         WorkerGroup {
@@ -273,6 +291,7 @@ impl Default for WorkerGroup {
             block_size: BlockSize::DEFAULT,
             max_num_batched_tokens: 512,
             max_num_seqs: 64,
+            long_prefill_share: 0.5,
             threads: 0,
             remote: false,
             drain_timeout_ms: 30_000,
@@ -543,6 +562,21 @@ mod tests {
         let err =
             serde_yaml::from_str::<ClusterConfig>("migration: {migration_limt: 1}").unwrap_err();
         assert!(err.to_string().contains("migration_limt"), "{err}");
+    }
+
+    #[test]
+    fn the_contended_prefill_chunk_is_a_share_of_the_budget() {
+        let group = |share: f64| WorkerGroup {
+            long_prefill_share: share,
+            ..WorkerGroup::default()
+        };
+        assert_eq!(group(0.5).contended_prefill_chunk(), Ok(256));
+        assert_eq!(group(1.0).contended_prefill_chunk(), Ok(512));
+        assert_eq!(group(1e-9).contended_prefill_chunk(), Ok(1));
+        for bad in [0.0, -0.5, 1.5, f64::NAN] {
+            let why = group(bad).contended_prefill_chunk().unwrap_err();
+            assert!(why.contains("long_prefill_share"), "{why}");
+        }
     }
 
     #[test]

@@ -53,6 +53,7 @@ fn scheduler() -> Scheduler {
         max_num_seqs: 4,
         max_model_len: 2048,
         enable_chunked_prefill: true,
+        contended_prefill_chunk: usize::MAX,
     };
     Scheduler::new(cfg, blocks).unwrap()
 }

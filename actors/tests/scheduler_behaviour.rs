@@ -84,6 +84,69 @@ fn decodes_go_first_and_prefill_chunks_fill_the_budget() {
     }
 }
 
+/// A scheduler of `scheduler(64, 4, 16, 8, 256)`'s shape with `contended_prefill_chunk`.
+fn with_prefill_cap(cap: usize) -> Scheduler {
+    Scheduler::new(
+        SchedulerConfig {
+            max_num_batched_tokens: 16,
+            max_num_seqs: 8,
+            max_model_len: 256,
+            enable_chunked_prefill: true,
+            contended_prefill_chunk: cap,
+        },
+        BlockManager::new(BlockManagerConfig {
+            num_blocks: 64,
+            block_size: support::bs(4),
+            enable_prefix_caching: true,
+        }),
+    )
+    .unwrap()
+}
+
+#[test]
+fn a_short_request_starts_beside_a_long_prefill_when_prefill_chunks_are_capped() {
+    // A 60-token prompt alone takes the whole budget (16); a 6-token request arrives after
+    // its first chunk. With the cap (8 under contention) the short one is scheduled whole in
+    // the very next step, beside an 8-token chunk of the long one; without it (strict FIFO)
+    // it waits until the long prompt's last chunk. Outputs are the same either way.
+    let shape = |plan: &StepPlan| -> Vec<(RequestId, usize, usize)> {
+        plan.seqs
+            .iter()
+            .map(|e| (e.request, e.start_pos, e.tokens.len()))
+            .collect()
+    };
+    let mut first_token_step = Vec::new();
+    for cap in [8, usize::MAX] {
+        let mut s = with_prefill_cap(cap);
+        let mut streams = BTreeMap::new();
+        s.add_request(request(1, prompt(1, 60), 4), at(0)).unwrap();
+        let plan = step(&mut s, &mut streams, at(0));
+        assert_eq!(shape(&plan), vec![(r(1), 0, 16)], "alone: the whole budget");
+        s.add_request(request(2, prompt(2, 6), 4), at(1)).unwrap();
+        let mut t = 1;
+        while !streams.get(&r(2)).is_some_and(|st| !st.tokens.is_empty()) {
+            let plan = step(&mut s, &mut streams, at(t));
+            if cap == 8 && t == 1 {
+                assert_eq!(shape(&plan), vec![(r(1), 16, 8), (r(2), 0, 6)]);
+            }
+            t += 1;
+            assert!(t < 20, "request 2 never started");
+        }
+        first_token_step.push(t - 1);
+        run_until_idle(&mut s, &mut streams, 200);
+        for (id, len) in [(1, 60), (2, 6)] {
+            assert_eq!(
+                streams[&r(id)].tokens,
+                reference_generation(&prompt(id as u32, len), 4)
+            );
+        }
+    }
+    // Capped: request 2's first token comes out of the step after it arrived. Strict: the
+    // long prompt's remaining 44 tokens go first (16, 16, then 12 with request 2's first 4
+    // beside them), and its last 2 tokens in step 4.
+    assert_eq!(first_token_step, vec![1, 4]);
+}
+
 #[test]
 fn max_num_seqs_caps_the_running_set() {
     let mut s = scheduler(64, 4, 64, 2, 256);
@@ -409,6 +472,7 @@ fn without_chunked_prefill_prompts_are_scheduled_whole() {
             max_num_seqs: 8,
             max_model_len: 32,
             enable_chunked_prefill: false,
+            contended_prefill_chunk: usize::MAX,
         },
         blocks,
     )

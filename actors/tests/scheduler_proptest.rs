@@ -36,6 +36,8 @@ struct Setup {
     chunked: bool,
     prefix_caching: bool,
     stop_tokens: Vec<TokenId>,
+    /// `contended_prefill_chunk` (usize::MAX: no cap).
+    prefill_cap: usize,
 }
 
 fn setup() -> impl Strategy<Value = Setup> {
@@ -48,9 +50,20 @@ fn setup() -> impl Strategy<Value = Setup> {
         any::<bool>(),
         any::<bool>(),
         prop::collection::vec(0u32..997, 0..12),
+        prop::option::of(1usize..24),
     )
         .prop_map(
-            |(num_blocks, block_size, budget, max_num_seqs, max_model_len, chunked, pc, stop)| {
+            |(
+                num_blocks,
+                block_size,
+                budget,
+                max_num_seqs,
+                max_model_len,
+                chunked,
+                pc,
+                stop,
+                cap,
+            )| {
                 Setup {
                     num_blocks,
                     block_size,
@@ -64,6 +77,7 @@ fn setup() -> impl Strategy<Value = Setup> {
                     chunked,
                     prefix_caching: pc,
                     stop_tokens: stop,
+                    prefill_cap: cap.unwrap_or(usize::MAX),
                 }
             },
         )
@@ -102,6 +116,7 @@ fn build(setup: &Setup) -> Scheduler {
             max_num_seqs: setup.max_num_seqs,
             max_model_len: setup.max_model_len,
             enable_chunked_prefill: setup.chunked,
+            contended_prefill_chunk: setup.prefill_cap,
         },
         BlockManager::new(BlockManagerConfig {
             num_blocks: setup.num_blocks,
@@ -321,6 +336,7 @@ fn contended() -> impl Strategy<Value = (Setup, Vec<Arrival>)> {
                 chunked,
                 prefix_caching: true,
                 stop_tokens: vec![],
+                prefill_cap: usize::MAX,
             };
             let arrival = (
                 0u64..4,

@@ -62,6 +62,7 @@ fn worker(m: &LoadedModel, id: u64, plane: Option<TransferPlane>) -> WorkerHandl
         max_num_seqs: 4,
         max_model_len: 2048,
         enable_chunked_prefill: true,
+        contended_prefill_chunk: usize::MAX,
     };
     WorkerHandle::spawn_with_plane(
         WorkerId(id),

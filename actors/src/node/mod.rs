@@ -291,6 +291,7 @@ pub fn scheduler_for(group: &WorkerGroup, context_length: usize) -> Result<Sched
             max_num_seqs: group.max_num_seqs,
             max_model_len: context_length,
             enable_chunked_prefill: true,
+            contended_prefill_chunk: group.contended_prefill_chunk()?,
         },
         blocks,
     )

@@ -18,6 +18,12 @@ pub struct SchedulerConfig {
     /// scheduled whole or not at all, and `max_num_batched_tokens` must cover
     /// `max_model_len`.
     pub enable_chunked_prefill: bool,
+    /// Most prompt tokens one prefilling sequence takes in a step while other requests
+    /// want the budget too (requests waiting for admission, or other prompts mid-prefill):
+    /// a long prompt then leaves room, every step, for a short one to start, so the short
+    /// one's first token waits about one step, not the whole long prefill. A prefill alone
+    /// takes the whole budget. `max_num_batched_tokens` or more: no cap (strict FIFO).
+    pub contended_prefill_chunk: usize,
 }
 
 impl Default for SchedulerConfig {
@@ -27,6 +33,7 @@ impl Default for SchedulerConfig {
             max_num_seqs: 128,
             max_model_len: 4096,
             enable_chunked_prefill: true,
+            contended_prefill_chunk: usize::MAX,
         }
     }
 }
@@ -47,6 +54,10 @@ pub enum ConfigError {
     BudgetBelowContext { budget: usize, max_model_len: usize },
     #[error("the KV pool has no blocks")]
     EmptyPool,
+    #[error(
+        "a prefill chunk under contention must be at least 1 token (long_prefill_share too small)"
+    )]
+    ZeroPrefillChunk,
 }
 
 impl SchedulerConfig {
@@ -59,6 +70,9 @@ impl SchedulerConfig {
         }
         if self.max_model_len < 2 {
             return Err(ConfigError::ContextTooShort);
+        }
+        if self.contended_prefill_chunk == 0 {
+            return Err(ConfigError::ZeroPrefillChunk);
         }
         if !self.enable_chunked_prefill && self.max_num_batched_tokens < self.max_model_len {
             return Err(ConfigError::BudgetBelowContext {

@@ -9,6 +9,11 @@
 //!    first reusing the longest cached prefix of their prompt. Admission stops at the first
 //!    request that does not fit (no overtaking), and is skipped for a step that preempted.
 //!
+//! Fairness: while other requests want the budget (some wait for admission, or several
+//! prompts are mid-prefill), one prefilling sequence takes at most `contended_prefill_chunk`
+//! tokens a step, so a long prompt cannot hold the whole budget for many steps while a short
+//! request waits behind it; alone, it takes the whole budget.
+//!
 //! When a running sequence needs a block and none is free, the most recently admitted
 //! running sequence is preempted: its blocks are released (the full ones stay cached) and it
 //! goes back to the front of the waiting queue. Its generated tokens stay part of its token
@@ -289,11 +294,14 @@ impl Scheduler {
             .running
             .iter()
             .partition(|id| self.seqs.get(id).is_some_and(|s| s.remaining() == 1));
+        // Others want budget besides a prefill: waiting requests, or another prefill.
+        let contended = !self.waiting.is_empty() || prefills.len() > 1;
+        let prefill_cap = self.prefill_cap(contended);
         for id in decodes.into_iter().chain(prefills) {
             if budget == 0 {
                 break;
             }
-            self.schedule_running(id, &mut budget, &mut batch, &mut preempted);
+            self.schedule_running(id, prefill_cap, &mut budget, &mut batch, &mut preempted);
         }
         if preempted.is_empty() {
             self.admit_waiting(&mut budget, &mut batch);
@@ -602,9 +610,18 @@ impl Scheduler {
         Ok(())
     }
 
+    /// Most tokens one prefill chunk may take this step (see the module doc, "Fairness").
+    fn prefill_cap(&self, contended: bool) -> usize {
+        match contended {
+            true => self.cfg.contended_prefill_chunk.max(1),
+            false => usize::MAX,
+        }
+    }
+
     fn schedule_running(
         &mut self,
         id: RequestId,
+        prefill_cap: usize,
         budget: &mut usize,
         batch: &mut Vec<(RequestId, usize)>,
         preempted: &mut Vec<RequestId>,
@@ -614,7 +631,7 @@ impl Scheduler {
             let Some(seq) = self.seqs.get(&id).filter(|s| s.phase == Phase::Running) else {
                 return;
             };
-            let n = seq.remaining().min(*budget);
+            let n = seq.remaining().min(*budget).min(prefill_cap);
             match self.blocks.grow(id, seq.num_computed + n) {
                 Ok(()) => {
                     batch.push((id, n));
@@ -660,8 +677,14 @@ impl Scheduler {
             };
             let hit_tokens = hit.num_tokens();
             let remaining = seq.tokens.len() - hit_tokens;
+            // Contended when requests wait behind this one or prompts are mid-prefill.
+            let prefilling = self
+                .running
+                .iter()
+                .any(|r| self.seqs.get(r).is_some_and(|s| s.remaining() > 1));
+            let cap = self.prefill_cap(self.waiting.len() > 1 || prefilling);
             let n = if self.cfg.enable_chunked_prefill {
-                remaining.min(*budget)
+                remaining.min(*budget).min(cap)
             } else if remaining <= *budget {
                 remaining
             } else {

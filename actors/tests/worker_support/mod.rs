@@ -63,6 +63,7 @@ pub fn scheduler(
             max_num_seqs,
             max_model_len,
             enable_chunked_prefill: true,
+            contended_prefill_chunk: usize::MAX,
         },
         blocks,
     )
