@@ -124,7 +124,7 @@ fn a_short_request_starts_beside_a_long_prefill_when_prefill_chunks_are_capped()
         assert_eq!(shape(&plan), vec![(r(1), 0, 16)], "alone: the whole budget");
         s.add_request(request(2, prompt(2, 6), 4), at(1)).unwrap();
         let mut t = 1;
-        while !streams.get(&r(2)).is_some_and(|st| !st.tokens.is_empty()) {
+        while streams.get(&r(2)).is_none_or(|st| st.tokens.is_empty()) {
             let plan = step(&mut s, &mut streams, at(t));
             if cap == 8 && t == 1 {
                 assert_eq!(shape(&plan), vec![(r(1), 16, 8), (r(2), 0, 6)]);
