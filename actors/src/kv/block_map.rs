@@ -117,44 +117,60 @@ impl Table {
     }
 }
 
-/// A shard: its table, plus the table's layout mirrored in atomics so a writer can prefetch
-/// the home slots of the keys it is about to insert or remove without taking the lock.
+/// A shard: its table behind its own lock, alone on its cache lines (128 bytes: x86 fetches
+/// lines in adjacent pairs). Two writers take random shards' locks once per inserted or
+/// removed block; unpadded, neighbouring shards shared lines, so every lock word a writer took
+/// was also invalidated by the other writer's work on the next shard.
+#[repr(align(128))]
 struct Shard {
     table: RwLock<Table>,
-    base: AtomicPtr<Slot>,
-    mask: AtomicUsize,
 }
 
-impl Shard {
-    fn new() -> Shard {
-        let mut table = Table::new();
-        let base = table.slots.as_mut_ptr();
-        let mask = table.mask();
-        Shard {
-            table: RwLock::new(table),
-            base: AtomicPtr::new(base),
-            mask: AtomicUsize::new(mask),
-        }
-    }
+/// A shard table's layout mirrored in atomics, so a writer can prefetch the home slots of the
+/// keys it is about to insert or remove without taking the lock. Kept apart from the shards
+/// (written only when a table grows): reading it does not pull a lock word's line away from
+/// the writer holding it.
+struct Layout {
+    base: AtomicPtr<Slot>,
+    mask: AtomicUsize,
 }
 
 /// The sharded map. All methods take `&self`.
 pub struct BlockMap {
     shards: Box<[Shard]>,
+    layouts: Box<[Layout]>,
 }
 
 impl Default for BlockMap {
     fn default() -> Self {
+        let mut tables: Vec<Table> = (0..SHARDS).map(|_| Table::new()).collect();
+        let layouts = tables
+            .iter_mut()
+            .map(|t| Layout {
+                base: AtomicPtr::new(t.slots.as_mut_ptr()),
+                mask: AtomicUsize::new(t.mask()),
+            })
+            .collect();
         BlockMap {
-            shards: (0..SHARDS).map(|_| Shard::new()).collect(),
+            shards: tables
+                .into_iter()
+                .map(|t| Shard {
+                    table: RwLock::new(t),
+                })
+                .collect(),
+            layouts,
         }
     }
 }
 
 impl BlockMap {
+    fn index(mixed: u64) -> usize {
+        (mixed >> SHARD_SHIFT) as usize & (SHARDS - 1)
+    }
+
     fn shard(&self, mixed: u64) -> &Shard {
         // SHARDS is a power of two and the shift keeps the top bits: always in range.
-        &self.shards[(mixed >> SHARD_SHIFT) as usize & (SHARDS - 1)]
+        &self.shards[Self::index(mixed)]
     }
 
     fn read(&self, mixed: u64) -> RwLockReadGuard<'_, Table> {
@@ -173,15 +189,18 @@ impl BlockMap {
             .unwrap_or_else(|e| e.into_inner())
     }
 
-    /// Hint the CPU to fetch `key`'s home slot. The layout read may be stale (the table grew
-    /// since); a prefetch of a stale address is harmless.
+    /// Hint the CPU to fetch `key`'s home slot, and its shard's lock word for writing. The
+    /// layout read may be stale (the table grew since); a prefetch of a stale address is
+    /// harmless.
     #[inline]
     pub fn prefetch(&self, key: u64) {
         let m = mix(key);
-        let shard = self.shard(m);
-        let base = shard.base.load(Ordering::Relaxed);
-        let mask = shard.mask.load(Ordering::Relaxed);
+        let i = Self::index(m);
+        let layout = &self.layouts[i];
+        let base = layout.base.load(Ordering::Relaxed);
+        let mask = layout.mask.load(Ordering::Relaxed);
         prefetch(base.wrapping_add(m as usize & mask));
+        prefetch_for_write(std::ptr::from_ref(&self.shards[i]).cast::<u8>());
     }
 
     pub fn get(&self, key: u64) -> Option<Loc> {
@@ -196,9 +215,9 @@ impl BlockMap {
         let mut t = self.write(m);
         if (t.len + 1) * 4 > t.slots.len() * 3 {
             t.grow();
-            let shard = self.shard(m);
-            shard.base.store(t.slots.as_mut_ptr(), Ordering::Relaxed);
-            shard.mask.store(t.mask(), Ordering::Relaxed);
+            let layout = &self.layouts[Self::index(m)];
+            layout.base.store(t.slots.as_mut_ptr(), Ordering::Relaxed);
+            layout.mask.store(t.mask(), Ordering::Relaxed);
         }
         match t.find(key, m) {
             Ok(i) => Err(Loc(t.slots[i].val)),
@@ -260,6 +279,22 @@ fn prefetch(addr: *const Slot) {
     // faults, whatever the address.
     unsafe {
         std::arch::x86_64::_mm_prefetch::<{ std::arch::x86_64::_MM_HINT_T0 }>(addr.cast::<i8>());
+    }
+    #[cfg(not(target_arch = "x86_64"))]
+    let _ = addr;
+}
+
+/// Hint the CPU to bring `addr`'s cache line in, owned for writing (`prefetchw`: the lock
+/// word another core took last comes over while the writer works on earlier blocks, instead
+/// of stalling the lock's compare-and-swap). Never dereferences `addr`; CPUs without the
+/// instruction execute it as a no-op.
+#[inline(always)]
+fn prefetch_for_write(addr: *const u8) {
+    #[cfg(target_arch = "x86_64")]
+    // SAFETY: a prefetch is a hint: it does not access memory architecturally and never
+    // faults, whatever the address; it touches no register but its input and no flags.
+    unsafe {
+        std::arch::asm!("prefetchw [{0}]", in(reg) addr, options(nostack, preserves_flags, readonly));
     }
     #[cfg(not(target_arch = "x86_64"))]
     let _ = addr;

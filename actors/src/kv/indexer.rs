@@ -46,7 +46,7 @@
 use super::block_map::{BlockMap, Loc};
 use super::events::{KvEvent, KvEventBatch};
 use super::hash::{BlockHash, PreHashed};
-use super::runs::{chain_prefix, Arena, HolderId, Run};
+use super::runs::{chain_prefix, Arena, HolderId, Padded, Run};
 use crate::ids::WorkerId;
 use dashmap::DashMap;
 use smallvec::SmallVec;
@@ -191,14 +191,17 @@ pub struct FlashIndexer {
     workers: DashMap<WorkerId, WorkerState, FastBuild>,
     /// Holder id -> worker (ids are never reused: a removed worker that comes back gets a new one).
     names: RwLock<Vec<WorkerId>>,
-    queue: Mutex<VecDeque<Queued>>,
+    // The fields every batch writes (and the queue, locked by a batch that creates runs) each
+    // sit on their own cache lines, apart from the read-only ones read on every block (`map`,
+    // `runs`): two writers would otherwise invalidate those for each other once per batch.
+    queue: Padded<Mutex<VecDeque<Queued>>>,
     /// Logical clock for touch stamps: +1 per applied batch.
-    tick: AtomicU64,
+    tick: Padded<AtomicU64>,
     /// Distinct blocks. Signed and updated once per event, so it can dip below zero for a
     /// moment when an eviction races a batch that created the block; read through
     /// `block_count`, which clamps.
-    distinct: AtomicIsize,
-    counters: Counters,
+    distinct: Padded<AtomicIsize>,
+    counters: Padded<Counters>,
 }
 
 /// What one event did to the index.
@@ -218,10 +221,10 @@ impl FlashIndexer {
             runs: Arena::default(),
             workers: DashMap::with_hasher_and_shard_amount(FastBuild::default(), 64),
             names: RwLock::new(Vec::new()),
-            queue: Mutex::new(VecDeque::new()),
-            tick: AtomicU64::new(1),
-            distinct: AtomicIsize::new(0),
-            counters: Counters::default(),
+            queue: Padded(Mutex::new(VecDeque::new())),
+            tick: Padded(AtomicU64::new(1)),
+            distinct: Padded(AtomicIsize::new(0)),
+            counters: Padded::default(),
         }
     }
 

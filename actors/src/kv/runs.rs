@@ -33,8 +33,24 @@ pub type HolderId = u32;
 /// Positions `start..end` of a run.
 pub type Range = (u32, u32);
 
-/// Runs, one chunk of the arena.
-type Chunk = Box<[RwLock<Run>]>;
+/// Runs, one chunk of the arena; each run (its lock and header) alone on its cache lines.
+type Chunk = Box<[Padded<RwLock<Run>>]>;
+
+/// A value alone on its cache lines (128 bytes: x86 fetches lines in adjacent pairs). For
+/// state that different writer threads update often: unpadded, neighbours share lines, and a
+/// writer's every update invalidates the line the other writer is working on (two workers'
+/// runs created one after the other are neighbours in the arena, and a run's header changes
+/// with every block appended to it).
+#[derive(Default)]
+#[repr(align(128))]
+pub struct Padded<T>(pub T);
+
+impl<T> std::ops::Deref for Padded<T> {
+    type Target = T;
+    fn deref(&self) -> &T {
+        &self.0
+    }
+}
 
 /// A segment's holders, sorted. Up to 4 live inline in the segment (8 bytes more than a
 /// `Vec`), so a query crossing a segment reads them from the segment itself instead of
@@ -346,18 +362,19 @@ struct Ids {
 /// creating and freeing a run takes the id mutex.
 pub struct Arena {
     chunks: Box<[OnceLock<Chunk>]>,
-    ids: Mutex<Ids>,
+    /// Apart from `chunks` (read on every lookup): taken on every run created or freed.
+    ids: Padded<Mutex<Ids>>,
 }
 
 impl Default for Arena {
     fn default() -> Self {
         Arena {
             chunks: (0..MAX_CHUNKS).map(|_| OnceLock::new()).collect(),
-            ids: Mutex::new(Ids {
+            ids: Padded(Mutex::new(Ids {
                 next: 0,
                 free: Vec::new(),
                 born: 0,
-            }),
+            })),
         }
     }
 }
@@ -365,7 +382,11 @@ impl Default for Arena {
 impl Arena {
     pub fn get(&self, id: u32) -> Option<&RwLock<Run>> {
         let id = id as usize;
-        self.chunks.get(id / CHUNK)?.get()?.get(id % CHUNK)
+        self.chunks
+            .get(id / CHUNK)?
+            .get()?
+            .get(id % CHUNK)
+            .map(|r| &r.0)
     }
 
     /// A fresh run id and its incarnation; `None` when the arena is full.
@@ -376,7 +397,7 @@ impl Arena {
             None => {
                 let id = ids.next;
                 let chunk = self.chunks.get(id as usize / CHUNK)?;
-                chunk.get_or_init(|| (0..CHUNK).map(|_| RwLock::default()).collect());
+                chunk.get_or_init(|| (0..CHUNK).map(|_| Padded::default()).collect());
                 ids.next += 1;
                 id
             }
@@ -403,7 +424,7 @@ impl Arena {
     pub fn heap_bytes(&self) -> usize {
         let chunks = self.chunks.iter().filter(|c| c.get().is_some()).count();
         let mut bytes = self.chunks.len() * std::mem::size_of::<OnceLock<Chunk>>()
-            + chunks * CHUNK * std::mem::size_of::<RwLock<Run>>();
+            + chunks * CHUNK * std::mem::size_of::<Padded<RwLock<Run>>>();
         for id in 0..self.end() {
             if let Some(run) = self.get(id) {
                 bytes += run.read().unwrap_or_else(|e| e.into_inner()).heap_bytes();
