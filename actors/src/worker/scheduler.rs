@@ -297,6 +297,9 @@ impl Scheduler {
         // Others want budget besides a prefill: waiting requests, or another prefill.
         let contended = !self.waiting.is_empty() || prefills.len() > 1;
         let prefill_cap = self.prefill_cap(contended);
+        let prefilling = prefills
+            .iter()
+            .any(|id| self.seqs.get(id).is_some_and(|s| s.remaining() > 1));
         for id in decodes.into_iter().chain(prefills) {
             if budget == 0 {
                 break;
@@ -304,7 +307,7 @@ impl Scheduler {
             self.schedule_running(id, prefill_cap, &mut budget, &mut batch, &mut preempted);
         }
         if preempted.is_empty() {
-            self.admit_waiting(&mut budget, &mut batch);
+            self.admit_waiting(prefilling, &mut budget, &mut batch);
         }
 
         let step = StepId(self.next_step);
@@ -656,7 +659,13 @@ impl Scheduler {
         }
     }
 
-    fn admit_waiting(&mut self, budget: &mut usize, batch: &mut Vec<(RequestId, usize)>) {
+    /// `prefilling`: a running sequence is mid-prompt (admitting more keeps it so).
+    fn admit_waiting(
+        &mut self,
+        mut prefilling: bool,
+        budget: &mut usize,
+        batch: &mut Vec<(RequestId, usize)>,
+    ) {
         while let Some(&id) = self.waiting.front() {
             // Importing requests join `running` once their KV is in: they count already.
             if *budget == 0 || self.running.len() + self.importing.len() >= self.cfg.max_num_seqs {
@@ -678,10 +687,6 @@ impl Scheduler {
             let hit_tokens = hit.num_tokens();
             let remaining = seq.tokens.len() - hit_tokens;
             // Contended when requests wait behind this one or prompts are mid-prefill.
-            let prefilling = self
-                .running
-                .iter()
-                .any(|r| self.seqs.get(r).is_some_and(|s| s.remaining() > 1));
             let cap = self.prefill_cap(self.waiting.len() > 1 || prefilling);
             let n = if self.cfg.enable_chunked_prefill {
                 remaining.min(*budget).min(cap)
@@ -711,6 +716,7 @@ impl Scheduler {
             self.running.push(id);
             batch.push((id, n));
             *budget -= n;
+            prefilling |= remaining > 1;
         }
     }
 
