@@ -894,16 +894,14 @@ impl CudaBackend {
             return Err(BackendError::Device("scratch buffers missing".into()));
         };
         self.upload_meta_to(&plan.words, meta)?;
-        // A step's tokens are rows in batch order (`plan_step`).
-        let mut first_row = Vec::with_capacity(batch.len());
-        let mut rows_before = 0;
-        for s in batch {
-            first_row.push(rows_before);
-            rows_before += s.tokens.len();
-        }
+        // A step's tokens are rows in batch order (`plan_step`); nothing is allocated for
+        // the usual step without splices.
         let spliced: Vec<(usize, &[f32])> = splices
             .iter()
-            .map(|sp| (first_row[sp.step] + sp.offset, sp.embeds))
+            .map(|sp| {
+                let rows_before: usize = batch[..sp.step].iter().map(|s| s.tokens.len()).sum();
+                (rows_before + sp.offset, sp.embeds)
+            })
             .collect();
         self.enqueue(&plan, meta.0, &spliced)?;
         Ok(plan.m)
