@@ -22,7 +22,6 @@ use turbine_actors::engine_profile::{
     DecodePoint, KvProfile, Measurements, PrefillPoint, Profile, StepCost,
 };
 use turbine_actors::executor::device::{backend_builder, Device};
-use turbine_actors::worker::SchedulerConfig;
 use turbine_kernels::backend::{Backend, SeqStep};
 
 #[derive(clap::Args, Debug)]
@@ -358,18 +357,13 @@ fn assemble(
             block_size: group.block_size.get(),
             enable_prefix_caching: true,
         },
-        scheduler: SchedulerConfig {
-            max_num_batched_tokens: group.max_num_batched_tokens,
-            max_num_seqs: group.max_num_seqs,
-            max_model_len: cfg
-                .model
+        scheduler: turbine_actors::node::scheduler_config(
+            group,
+            cfg.model
                 .max_context
                 .unwrap_or(model.config.max_position.min(kv_tokens)),
-            enable_chunked_prefill: true,
-            contended_prefill_chunk: group
-                .contended_prefill_chunk()
-                .map_err(anyhow::Error::msg)?,
-        },
+        )
+        .map_err(anyhow::Error::msg)?,
         measured: Some(measured),
     };
     profile

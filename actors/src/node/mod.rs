@@ -285,17 +285,22 @@ pub fn scheduler_for(group: &WorkerGroup, context_length: usize) -> Result<Sched
         block_size: group.block_size,
         enable_prefix_caching: true,
     });
-    Scheduler::new(
-        SchedulerConfig {
-            max_num_batched_tokens: group.max_num_batched_tokens,
-            max_num_seqs: group.max_num_seqs,
-            max_model_len: context_length,
-            enable_chunked_prefill: true,
-            contended_prefill_chunk: group.contended_prefill_chunk()?,
-        },
-        blocks,
-    )
-    .map_err(|e| e.to_string())
+    Scheduler::new(scheduler_config(group, context_length)?, blocks).map_err(|e| e.to_string())
+}
+
+/// The scheduler limits of a worker of `group` (what `turbine profile` records for the
+/// simulator too).
+pub fn scheduler_config(
+    group: &WorkerGroup,
+    context_length: usize,
+) -> Result<SchedulerConfig, String> {
+    Ok(SchedulerConfig {
+        max_num_batched_tokens: group.max_num_batched_tokens,
+        max_num_seqs: group.max_num_seqs,
+        max_model_len: context_length,
+        enable_chunked_prefill: true,
+        contended_prefill_chunk: group.contended_prefill_chunk()?,
+    })
 }
 
 /// The grammar engine over `model`'s vocabulary (constrained decoding: `response_format`,
