@@ -15,23 +15,14 @@ Prints one line per run and the medians; the ratio behind/idle is the fairness f
 import argparse
 import http.client
 import json
-import os
-import signal
-import socket
 import statistics
-import subprocess
-import tempfile
 import threading
 import time
 from pathlib import Path
 
+from turbine_server import TurbineServer
+
 ROOT = Path(__file__).resolve().parent.parent
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def ttft(port: int, prompt: str, max_tokens: int) -> float:
@@ -70,39 +61,21 @@ def main() -> None:
     a = ap.parse_args()
     table = {}
     for share in a.shares.split():
-        port = free_port()
-        with tempfile.TemporaryDirectory() as d:
-            cfg = Path(d) / "c.yaml"
-            cfg.write_text(f"model: {{path: default}}\nhttp: {{host: 127.0.0.1, port: {port}}}\n"
-                           f"workers:\n  - {{role: aggregated, replicas: 1, long_prefill_share: {share}}}\n")
-            log = open(Path(d) / "log", "w")
-            proc = subprocess.Popen([a.turbine, "up", "-f", str(cfg), "--no-fetch"], stdout=log,
-                                    stderr=subprocess.STDOUT, start_new_session=True)
-            try:
-                for _ in range(600):
-                    try:
-                        c = http.client.HTTPConnection("127.0.0.1", port, timeout=1)
-                        c.request("GET", "/ready")
-                        if c.getresponse().status == 200:
-                            break
-                    except OSError:
-                        pass
-                    time.sleep(0.5)
-                ttft(port, words(50, "warm"), 2)
-                for r in range(a.runs):
-                    idle = ttft(port, words(a.short_words, f"s{share}i{r}x"), 4)
-                    long = threading.Thread(target=ttft, args=(port, words(a.long_words, f"l{share}r{r}x"), 4))
-                    long.start()
-                    time.sleep(0.5)
-                    behind = ttft(port, words(a.short_words, f"s{share}b{r}x"), 4)
-                    long.join()
-                    print(json.dumps({"long_prefill_share": share, "run": r, "idle_s": round(idle, 3),
-                                      "behind_s": round(behind, 3), "ratio": round(behind / idle, 2)}), flush=True)
-                    table.setdefault(share, []).append((idle, behind))
-            finally:
-                os.killpg(proc.pid, signal.SIGINT)
-                proc.wait(60)
-                log.close()
+        cluster = (lambda port: f"model: {{path: default}}\nhttp: {{host: 127.0.0.1, port: {port}}}\n"
+                   f"workers:\n  - {{role: aggregated, replicas: 1, long_prefill_share: {share}}}\n")
+        with TurbineServer(a.turbine, cluster) as server:
+            port = server.port
+            ttft(port, words(50, "warm"), 2)
+            for r in range(a.runs):
+                idle = ttft(port, words(a.short_words, f"s{share}i{r}x"), 4)
+                long = threading.Thread(target=ttft, args=(port, words(a.long_words, f"l{share}r{r}x"), 4))
+                long.start()
+                time.sleep(0.5)
+                behind = ttft(port, words(a.short_words, f"s{share}b{r}x"), 4)
+                long.join()
+                print(json.dumps({"long_prefill_share": share, "run": r, "idle_s": round(idle, 3),
+                                  "behind_s": round(behind, 3), "ratio": round(behind / idle, 2)}), flush=True)
+                table.setdefault(share, []).append((idle, behind))
     print(f"\nshort prompt {a.short_words} words behind a {a.long_words}-word prompt, median of {a.runs}:")
     print("| long_prefill_share | idle TTFT s | TTFT behind the long prefill s | ratio |")
     print("| --- | --- | --- | --- |")

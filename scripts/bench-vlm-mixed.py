@@ -25,19 +25,15 @@ import argparse
 import base64
 import http.client
 import json
-import os
 import shutil
-import signal
-import socket
 import statistics
 import struct
-import subprocess
-import sys
-import tempfile
 import threading
 import time
 import zlib
 from pathlib import Path
+
+from turbine_server import TurbineServer
 
 ROOT = Path(__file__).resolve().parent.parent
 FIXTURE = ROOT / "tests" / "fixtures" / "tiny-idefics3"
@@ -265,12 +261,6 @@ def pct(xs, p):
     return xs[min(len(xs) - 1, int(p / 100 * len(xs)))] if xs else float("nan")
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def cluster(model: Path, port: int, device: str, shape: str) -> str:
     encoder = (f"  - {{role: encoder, replicas: 1, device: {device}}}\n"
                if shape == "encoder" else "")
@@ -281,59 +271,27 @@ def cluster(model: Path, port: int, device: str, shape: str) -> str:
             f" max_num_batched_tokens: 4096, max_num_seqs: 64}}\n")
 
 
-def wait_ready(port: int, proc, timeout: float = 300) -> None:
-    deadline = time.time() + timeout
-    while time.time() < deadline:
-        if proc.poll() is not None:
-            raise SystemExit(f"turbine exited with {proc.returncode}")
-        try:
-            conn = http.client.HTTPConnection("127.0.0.1", port, timeout=2)
-            conn.request("GET", "/ready")
-            if conn.getresponse().status == 200:
-                return
-        except OSError:
-            pass
-        time.sleep(0.5)
-    raise SystemExit("turbine did not become ready")
-
-
 def run(args) -> None:
     model = Path(args.model).resolve()
     proc_cfg = json.loads((model / "processor_config.json").read_text())
     side = proc_cfg["image_processor"]["max_image_size"]["longest_edge"]
     rows = {}
     for shape in args.shapes.split():
-        port = free_port()
-        with tempfile.TemporaryDirectory() as d:
-            cfg = Path(d) / f"{shape}.yaml"
-            cfg.write_text(cluster(model, port, args.device, shape))
-            log = open(Path(d) / "turbine.log", "w")
-            proc = subprocess.Popen([args.turbine, "up", "-f", str(cfg), "--no-fetch"], stdout=log,
-                                    stderr=subprocess.STDOUT, start_new_session=True)
-            try:
-                wait_ready(port, proc)
-                load(port, "bench-vlm", 2, 1, 5, side, 10_000_000)  # warm-up (graphs, kernels)
-                for r in range(args.runs):
-                    itl, ttft, ips, errors = load(port, "bench-vlm", args.text_streams, args.image_clients,
-                                                  args.seconds, side, 1_000_000 * (r + 1))
-                    row = {"shape": shape, "run": r, "itl_p50_ms": pct(itl, 50) * 1e3,
-                           "itl_p99_ms": pct(itl, 99) * 1e3, "itl_max_ms": max(itl, default=float("nan")) * 1e3,
-                           "ttft_p50_ms": pct(ttft, 50) * 1e3,
-                           "text_tok_per_s": (len(itl) + len(ttft)) / args.seconds,
-                           "images_per_s": ips, "text_tokens": len(itl) + len(ttft), "errors": len(errors)}
-                    print(json.dumps(row), flush=True)
-                    for e in errors[:3]:
-                        print("  error:", e, flush=True)
-                    rows.setdefault(shape, []).append(row)
-            finally:
-                os.killpg(proc.pid, signal.SIGINT)
-                try:
-                    proc.wait(30)
-                except subprocess.TimeoutExpired:
-                    os.killpg(proc.pid, signal.SIGKILL)
-                log.close()
-                if proc.returncode not in (0, -2, 130, None) or not rows.get(shape):
-                    print((Path(d) / "turbine.log").read_text()[-3000:], file=sys.stderr)
+        with TurbineServer(args.turbine, lambda port: cluster(model, port, args.device, shape)) as server:
+            port = server.port
+            load(port, "bench-vlm", 2, 1, 5, side, 10_000_000)  # warm-up (graphs, kernels)
+            for r in range(args.runs):
+                itl, ttft, ips, errors = load(port, "bench-vlm", args.text_streams, args.image_clients,
+                                              args.seconds, side, 1_000_000 * (r + 1))
+                row = {"shape": shape, "run": r, "itl_p50_ms": pct(itl, 50) * 1e3,
+                       "itl_p99_ms": pct(itl, 99) * 1e3, "itl_max_ms": max(itl, default=float("nan")) * 1e3,
+                       "ttft_p50_ms": pct(ttft, 50) * 1e3,
+                       "text_tok_per_s": (len(itl) + len(ttft)) / args.seconds,
+                       "images_per_s": ips, "text_tokens": len(itl) + len(ttft), "errors": len(errors)}
+                print(json.dumps(row), flush=True)
+                for e in errors[:3]:
+                    print("  error:", e, flush=True)
+                rows.setdefault(shape, []).append(row)
     print(f"\nmedians over {args.runs} runs, {args.text_streams} text streams + {args.image_clients} "
           f"image clients, {side}px images, {args.seconds:.0f} s each, device {args.device}:")
     print("| shape | text ITL p50 ms | text ITL p99 ms | text ITL max ms | text TTFT p50 ms | text tok/s | images/s |")
