@@ -261,6 +261,15 @@ fn device_arg() -> Option<usize> {
     }
 }
 
+/// Whether a `BENCH_IMAGES` entry asks for image splitting (`split`) or one tile (`1`).
+fn image_splitting(kind: &str) -> bool {
+    match kind {
+        "1" => false,
+        "split" => true,
+        other => panic!("BENCH_IMAGES entry {other:?}: 1 or split"),
+    }
+}
+
 fn main() {
     if let Some(ordinal) = device_arg() {
         cuda::main(ordinal);
@@ -281,11 +290,7 @@ fn main() {
     );
     let image = photo(512);
     for kind in kinds.split(',') {
-        let splitting = match kind {
-            "1" => false,
-            "split" => true,
-            other => panic!("BENCH_IMAGES entry {other:?}: 1 or split"),
-        };
+        let splitting = image_splitting(kind);
         let model = VisionModel {
             tower: ImageEncoder::from(tower.clone()),
             processor: processor(image_size, splitting, seq_len),
@@ -419,11 +424,7 @@ mod cuda {
                 );
             }
             for kind in kinds.split(',') {
-                let splitting = match kind {
-                    "1" => false,
-                    "split" => true,
-                    other => panic!("BENCH_IMAGES entry {other:?}: 1 or split"),
-                };
+                let splitting = crate::image_splitting(kind);
                 let model = VisionModel {
                     tower: ImageEncoder::Cuda(gpu.clone()),
                     processor: processor(cfg.image_size, splitting, cfg.tokens_per_tile()),

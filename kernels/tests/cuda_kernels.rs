@@ -14,27 +14,47 @@ use turbine_kernels::cuda::ops::{
     prefill_tiles, sample_params, AttnMeta, PrefillAttention, SAMPLE_MAX_TOP, SAMPLE_OUT,
 };
 use turbine_kernels::cuda::{
-    device_count, synthetic_config, synthetic_weights, CudaBackend, CudaBackendOptions, DBuf, Gpu,
-    KernelSpec,
+    synthetic_config, synthetic_weights, CudaBackend, CudaBackendOptions, DBuf, Gpu, KernelSpec,
 };
+use turbine_kernels::model::{ModelConfig, ModelWeights};
 use turbine_kernels::sampling::{Sampler, SamplingParams};
 
 /// bf16 operands with f32 accumulation: relative error well under 1e-2.
 const TOL: f64 = 1e-2;
 
 fn gpu(head_dim: usize, group: usize) -> Option<Gpu> {
-    match device_count() {
-        Ok(n) if n > 0 => {}
-        Ok(_) => {
-            eprintln!("SKIP: no CUDA device present");
-            return None;
-        }
-        Err(e) => {
-            eprintln!("SKIP: {e}");
-            return None;
-        }
-    }
-    Some(Gpu::new(0, KernelSpec { head_dim, group }).expect("open device"))
+    crate::support::cuda_device_present()
+        .then(|| Gpu::new(0, KernelSpec { head_dim, group }).expect("open device"))
+}
+
+/// A CPU and a CUDA backend on the same weights, 64 KV blocks of `bs` each.
+fn cpu_and_cuda(
+    config: &ModelConfig,
+    weights: &ModelWeights,
+    bs: usize,
+    cpu_threads: usize,
+) -> (CpuBackend, CudaBackend) {
+    let cpu = CpuBackend::new(
+        config.clone(),
+        weights,
+        CpuBackendOptions {
+            num_blocks: 64,
+            block_size: bs,
+            threads: cpu_threads,
+        },
+    )
+    .unwrap();
+    let cuda = CudaBackend::new(
+        config.clone(),
+        weights,
+        CudaBackendOptions {
+            device: 0,
+            num_blocks: 64,
+            block_size: bs,
+        },
+    )
+    .unwrap();
+    (cpu, cuda)
 }
 
 fn rel_err(out: &[f64], reference: &[f64]) -> f64 {
@@ -591,26 +611,7 @@ fn cuda_backend_matches_cpu_backend_greedy() {
     let weights = synthetic_weights(&config, 7);
     let bs = 16;
     let steps = 32;
-    let mut cpu = CpuBackend::new(
-        config.clone(),
-        &weights,
-        CpuBackendOptions {
-            num_blocks: 64,
-            block_size: bs,
-            threads: 2,
-        },
-    )
-    .unwrap();
-    let mut gpu_b = CudaBackend::new(
-        config.clone(),
-        &weights,
-        CudaBackendOptions {
-            device: 0,
-            num_blocks: 64,
-            block_size: bs,
-        },
-    )
-    .unwrap();
+    let (mut cpu, mut gpu_b) = cpu_and_cuda(&config, &weights, bs, 2);
     let prompt: Vec<u32> = (0..20)
         .map(|i| (i * 37 + 5) % config.vocab_size as u32)
         .collect();
@@ -687,26 +688,7 @@ fn spliced_embeddings_match_the_cpu_backend() {
     };
     let weights = synthetic_weights(&config, 11);
     let (h, bs) = (config.hidden_size, 16);
-    let mut cpu = CpuBackend::new(
-        config.clone(),
-        &weights,
-        CpuBackendOptions {
-            num_blocks: 64,
-            block_size: bs,
-            threads: 2,
-        },
-    )
-    .unwrap();
-    let mut cuda = CudaBackend::new(
-        config.clone(),
-        &weights,
-        CudaBackendOptions {
-            device: 0,
-            num_blocks: 64,
-            block_size: bs,
-        },
-    )
-    .unwrap();
+    let (mut cpu, mut cuda) = cpu_and_cuda(&config, &weights, bs, 2);
     let mut rng = ChaCha8Rng::seed_from_u64(5);
     let prompt: Vec<u32> = (0..48)
         .map(|_| rng.gen_range(0..config.vocab_size as u32))
@@ -837,26 +819,7 @@ fn smollm2_file_greedy_matches_cpu() {
         return;
     };
     let bs = 16;
-    let mut cpu = CpuBackend::new(
-        m.config.clone(),
-        &m.weights,
-        CpuBackendOptions {
-            num_blocks: 64,
-            block_size: bs,
-            threads: 0,
-        },
-    )
-    .unwrap();
-    let mut gpu_b = CudaBackend::new(
-        m.config.clone(),
-        &m.weights,
-        CudaBackendOptions {
-            device: 0,
-            num_blocks: 64,
-            block_size: bs,
-        },
-    )
-    .unwrap();
+    let (mut cpu, mut gpu_b) = cpu_and_cuda(&m.config, &m.weights, bs, 0);
     // A short prompt (split attention for its prefill) and a long one (tensor-core prefill).
     for text in [
         "The capital of France is",

@@ -5,26 +5,12 @@
 //! printed, when no CUDA device is usable.
 
 use turbine_kernels::backend::{Backend, SeqStep};
-use turbine_kernels::cuda::{
-    device_count, synthetic_config, CudaBackend, CudaBackendOptions, PinnedBytes,
-};
+use turbine_kernels::cuda::{synthetic_config, CudaBackend, CudaBackendOptions, PinnedBytes};
 
 const BS: usize = 16;
 const STEPS: usize = 12;
 
-fn usable() -> bool {
-    match device_count() {
-        Ok(n) if n > 0 => true,
-        Ok(_) => {
-            eprintln!("SKIP: no CUDA device present");
-            false
-        }
-        Err(e) => {
-            eprintln!("SKIP: {e}");
-            false
-        }
-    }
-}
+use crate::support::cuda_device_present as usable;
 
 fn backend(seed_kv: Option<u64>) -> CudaBackend {
     let config = synthetic_config("tiny").unwrap();

@@ -19,7 +19,7 @@ use rand_chacha::ChaCha8Rng;
 use std::path::PathBuf;
 use turbine_kernels::cpu::linear::floats_of;
 use turbine_kernels::cuda::vision::VISION_KERNEL_SPEC;
-use turbine_kernels::cuda::{device_count, CudaVisionOptions, CudaVisionTower, Gpu};
+use turbine_kernels::cuda::{CudaVisionOptions, CudaVisionTower, Gpu};
 use turbine_kernels::safetensors::SafetensorsFile;
 use turbine_kernels::vision::{pixel_shuffle_rows, VisionConfig, VisionTower};
 
@@ -44,19 +44,7 @@ fn fixture() -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../tests/fixtures/tiny-idefics3")
 }
 
-fn usable() -> bool {
-    match device_count() {
-        Ok(n) if n > 0 => true,
-        Ok(_) => {
-            eprintln!("SKIP: no CUDA device present");
-            false
-        }
-        Err(e) => {
-            eprintln!("SKIP: {e}");
-            false
-        }
-    }
-}
+use crate::support::cuda_device_present as usable;
 
 fn config_json() -> serde_json::Value {
     serde_json::from_slice(&std::fs::read(fixture().join("config.json")).unwrap()).unwrap()
@@ -391,7 +379,7 @@ fn a_tile_of_the_wrong_size_is_refused_on_the_gpu() {
 /// closer than twice the two runs' largest logit difference (a near tie bf16 may flip).
 #[test]
 fn greedy_tokens_with_cuda_embeddings_match_transformers() {
-    use turbine_kernels::backend::{Backend, SeqStep, Splice};
+    use turbine_kernels::backend::{Backend, SeqStep};
     use turbine_kernels::cpu::{CpuBackend, CpuBackendOptions};
     use turbine_kernels::loader::load_model;
     use turbine_kernels::sampling::argmax;
@@ -432,25 +420,8 @@ fn greedy_tokens_with_cuda_embeddings_match_transformers() {
         // Teacher-forced logits of every generated position with `embeds` spliced at the
         // image tokens (each run of them takes the next rows).
         let logits_with = |embeds: &[f32]| -> Vec<Vec<f32>> {
-            let mut splices = Vec::new();
-            let (mut used, mut i) = (0, 0);
-            while i < prompt.len() {
-                if prompt[i] != cpu_vision.image_token_id {
-                    i += 1;
-                    continue;
-                }
-                let start = i;
-                while i < prompt.len() && prompt[i] == cpu_vision.image_token_id {
-                    i += 1;
-                }
-                splices.push(Splice {
-                    step: 0,
-                    offset: start,
-                    rows: i - start,
-                    embeds: &embeds[used * hidden..(used + i - start) * hidden],
-                });
-                used += i - start;
-            }
+            let (splices, used) =
+                crate::support::image_splices(&prompt, cpu_vision.image_token_id, embeds, hidden);
             assert_eq!(used * hidden, embeds.len(), "one embedding per image token");
             let mut backend = CpuBackend::new(
                 model.config.clone(),

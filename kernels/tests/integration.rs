@@ -16,6 +16,7 @@ mod greedy_matches_llamacpp;
 mod loader_gguf;
 mod loader_gguf_synthetic;
 mod loader_hf;
+mod support;
 mod tokenizer_gguf;
 mod tokenizer_matches_llamacpp;
 mod tokenizer_spm;

@@ -112,7 +112,7 @@ fn processor_matches_transformers_pixels_and_prompt() {
 /// large, so "exact" is fair).
 #[test]
 fn greedy_tokens_match_transformers() {
-    use turbine_kernels::backend::{Backend, SeqStep, Splice};
+    use turbine_kernels::backend::{Backend, SeqStep};
     use turbine_kernels::cpu::{CpuBackend, CpuBackendOptions};
     use turbine_kernels::loader::load_model;
     use turbine_kernels::sampling::argmax;
@@ -148,36 +148,13 @@ fn greedy_tokens_match_transformers() {
             .collect();
         assert_eq!(prompt, want_prompt, "image {name}: prompt ids");
         // Runs of image tokens, each spliced with its share of the embeddings.
-        let mut splices = Vec::new();
-        let mut used = 0;
-        let mut i = 0;
-        while i < prompt.len() {
-            if prompt[i] != vision.image_token_id {
-                i += 1;
-                continue;
-            }
-            let start = i;
-            while i < prompt.len() && prompt[i] == vision.image_token_id {
-                i += 1;
-            }
-            let rows = i - start;
-            splices.push((start, rows, used));
-            used += rows;
-        }
+        let (splices, used) =
+            crate::support::image_splices(&prompt, vision.image_token_id, &embeds, hidden);
         assert_eq!(
             used * hidden,
             embeds.len(),
             "image {name}: one embedding per image token"
         );
-        let splices: Vec<Splice> = splices
-            .iter()
-            .map(|&(offset, rows, from)| Splice {
-                step: 0,
-                offset,
-                rows,
-                embeds: &embeds[from * hidden..(from + rows) * hidden],
-            })
-            .collect();
         let mut backend = CpuBackend::new(
             model.config.clone(),
             &model.weights,
