@@ -720,6 +720,11 @@ mod liveness_tests {
         }
     }
 
+    /// `w`'s load as the router sees it.
+    fn load(r: &KvRouter, w: WorkerId) -> WorkerLoad {
+        r.loads().into_iter().find(|l| l.worker == w).unwrap()
+    }
+
     #[test]
     fn a_request_prefilled_elsewhere_stays_in_its_decode_workers_load_until_the_prefill_is_over() {
         let mut r = router();
@@ -731,7 +736,6 @@ mod liveness_tests {
         r.awaiting_prefill(RequestId(1));
         // The decode worker reports before the request reaches it: still counted.
         r.update_load(first, 0, 0);
-        let load = |r: &KvRouter, w| r.loads().into_iter().find(|l| l.worker == w).unwrap();
         assert_eq!(load(&r, first).active_requests, 1);
         assert!(load(&r, first).active_blocks > 0);
         // So the next request goes to the other, idle, worker.
@@ -762,7 +766,6 @@ mod liveness_tests {
             .worker;
         r.awaiting_prefill(RequestId(1));
         r.update_load(first, 0, 0);
-        let load = |r: &KvRouter, w| r.loads().into_iter().find(|l| l.worker == w).unwrap();
         assert_eq!(load(&r, first).active_requests, 1);
         let second = r
             .route(Duration::ZERO, &request(2, 6))
