@@ -133,6 +133,25 @@ fn turbine_up_refuses_a_planner_whose_profile_is_missing_naming_the_field() {
     );
 }
 
+#[test]
+fn turbine_up_refuses_a_long_prefill_share_out_of_range_naming_the_field() {
+    for bad in ["0", "1.5"] {
+        let file = scratch(&format!("share-{bad}.yaml"));
+        std::fs::write(
+            &file,
+            format!("workers:\n  - {{role: aggregated, replicas: 1, long_prefill_share: {bad}}}\n"),
+        )
+        .unwrap();
+        let out = turbine(&["up", "--no-fetch", "-f", file.to_str().unwrap()]);
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert!(!out.status.success());
+        assert!(
+            stderr.contains("long_prefill_share must be more than 0 and at most 1"),
+            "{stderr}"
+        );
+    }
+}
+
 /// `turbine sim --validate` on a tiny workload: it profiles the engine, replays the requests
 /// against a real `turbine up` child and through the simulator, and compares. The bound is
 /// loose (CI machines are shared and the workload is tiny); docs/SIMULATOR.md has the
