@@ -2,8 +2,11 @@
 //! prefill tok/s for 128- and 512-token prompts, decode tok/s at batch 1 and batch 8.
 //!
 //! `cargo bench -p turbine-kernels --bench cpu_forward` (env: TURBINE_MODEL, BENCH_THREADS
-//! (default 2), BENCH_RUNS (default 5)). Prints one line per measurement with the median and
-//! all runs. `BENCH_GREEDY=id,id,...` instead greedy-decodes 32 tokens after that prompt and
+//! (default 2), BENCH_RUNS (default 5), BENCH_PREFILL (prompt lengths, default `128,512`),
+//! BENCH_DECODE_CTX (contexts for batch-1 decode, default `16,512`), BENCH_CHUNK (prefill
+//! tokens per forward call, default 512 = the serving step budget `max_num_batched_tokens`,
+//! so a long prompt's figure is its time to first token when served alone)). Prints one line
+//! per measurement with the median and all runs. `BENCH_GREEDY=id,id,...` instead greedy-decodes 32 tokens after that prompt and
 //! prints them (used to compare with llama.cpp by hand); `BENCH_LOGITS_OUT=file` also writes
 //! the prompt's last-token logits there as little-endian f32.
 
@@ -52,7 +55,18 @@ fn main() {
     let runs = env_usize("BENCH_RUNS", 5);
     let model = load_model(&path).expect("load model");
     let (cfg, w) = (model.config, model.weights);
-    let blocks_per_seq = 48; // 768 positions
+    let list = |k: &str, d: &str| -> Vec<usize> {
+        std::env::var(k)
+            .unwrap_or_else(|_| d.to_string())
+            .split(',')
+            .filter_map(|s| s.trim().parse().ok())
+            .collect()
+    };
+    let prefills = list("BENCH_PREFILL", "128,512");
+    let contexts = list("BENCH_DECODE_CTX", "16,512");
+    let chunk = env_usize("BENCH_CHUNK", 512).max(1);
+    let longest = prefills.iter().chain(&contexts).max().copied().unwrap_or(0) + 160;
+    let blocks_per_seq = longest.max(768).div_ceil(16);
     let opts = CpuBackendOptions {
         num_blocks: blocks_per_seq * 8,
         block_size: 16,
@@ -94,25 +108,46 @@ fn main() {
         "model {}, {threads} threads, {runs} runs each",
         path.display()
     );
-    for n in [128usize, 512] {
+    for &n in &prefills {
         let p = prompt(n, vocab);
         let t = table(0, blocks_per_seq);
         let mut rates = Vec::new();
         for _ in 0..runs {
             let t0 = Instant::now();
-            be.forward(&[SeqStep {
-                tokens: &p,
-                start_pos: 0,
-                block_table: &t,
-                want_logits: true,
-            }])
-            .expect("prefill");
+            prefill(&mut be, &p, &t, chunk);
             rates.push(n as f64 / t0.elapsed().as_secs_f64());
         }
         report(&format!("prefill {n} tokens"), rates);
     }
-    for batch in [1usize, 8] {
-        let steps = if batch == 1 { 128 } else { 64 };
+    for &ctx in &contexts {
+        let steps = 64;
+        let p = prompt(ctx, vocab);
+        let t = table(0, blocks_per_seq);
+        let mut rates = Vec::new();
+        for _ in 0..runs {
+            let mut seq = p.clone();
+            seq.push(prefill(&mut be, &p, &t, chunk));
+            let t0 = Instant::now();
+            for _ in 0..steps {
+                let l = be
+                    .forward(&[SeqStep {
+                        tokens: &seq[seq.len() - 1..],
+                        start_pos: seq.len() - 1,
+                        block_table: &t,
+                        want_logits: true,
+                    }])
+                    .expect("decode");
+                seq.push(argmax(l.row(0).expect("row")));
+            }
+            rates.push(steps as f64 / t0.elapsed().as_secs_f64());
+        }
+        report(
+            &format!("decode batch 1 at context {ctx} ({steps} steps)"),
+            rates,
+        );
+    }
+    for batch in [8usize] {
+        let steps = 64;
         let mut rates = Vec::new();
         for _ in 0..runs {
             let prompts: Vec<Vec<u32>> = (0..batch).map(|s| prompt(16 + s, vocab)).collect();
@@ -152,6 +187,26 @@ fn main() {
         }
         report(&format!("decode batch {batch} ({steps} steps)"), rates);
     }
+}
+
+/// Prefills `p` in forward calls of at most `chunk` tokens; returns the greedy next token.
+fn prefill(be: &mut CpuBackend, p: &[u32], t: &[u32], chunk: usize) -> u32 {
+    let mut next = 0;
+    for start in (0..p.len()).step_by(chunk) {
+        let end = (start + chunk).min(p.len());
+        let l = be
+            .forward(&[SeqStep {
+                tokens: &p[start..end],
+                start_pos: start,
+                block_table: t,
+                want_logits: end == p.len(),
+            }])
+            .expect("prefill");
+        if end == p.len() {
+            next = argmax(l.row(0).expect("row"));
+        }
+    }
+    next
 }
 
 fn report(what: &str, rates: Vec<f64>) {

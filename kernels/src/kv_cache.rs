@@ -1,8 +1,11 @@
-//! The CPU backend's paged KV pool, stored as f32 holding f16-rounded values.
+//! The CPU backend's paged KV pool, stored as f16.
 //!
-//! WHY: llama.cpp keeps an f16 cache, and matching its rounding keeps greedy decoding
-//! token-for-token equal to it; storing the rounded values as f32 keeps the attention loops
-//! conversion-free (memory is the price: twice an f16 pool). The export format is f32.
+//! WHY f16: llama.cpp keeps an f16 cache, and matching its rounding keeps greedy decoding
+//! token-for-token equal to it. Storing f16 (not f32 holding f16 values, as this pool once
+//! did) halves what a decode step streams from memory at long contexts, where the cache
+//! outgrows the CPU caches; the attention kernels widen rows with F16C. The export format
+//! stays f32 ([`KvDType::F32`]): exports widen exactly, imports round to f16 (exact for
+//! values that came from an f16 pool).
 //!
 //! Layout: for each layer, K and V are each `[block][slot][kv_head][head_dim]`, so one
 //! block's K for one layer is contiguous, which is also the export layout
@@ -16,12 +19,13 @@
 //! what it is: a fixed, bounded allocation, visible in the RSS from the first second.
 
 use crate::backend::{BackendError, KvDType, KvLayout};
+use half::f16;
 
 pub struct PagedKvPool {
     layout: KvLayout,
-    /// Per layer: `num_blocks * block_size * n_kv_heads * head_dim` values.
-    k: Vec<Vec<f32>>,
-    v: Vec<Vec<f32>>,
+    /// Per layer: `num_blocks * block_size * n_kv_heads * head_dim` f16 values (bits).
+    k: Vec<Vec<u16>>,
+    v: Vec<Vec<u16>>,
 }
 
 impl PagedKvPool {
@@ -33,7 +37,7 @@ impl PagedKvPool {
         };
         let per_layer = layout.num_blocks * layout.elems_per_layer_block();
         let committed = || {
-            let mut values = vec![0.0f32; per_layer];
+            let mut values = vec![0u16; per_layer];
             commit_pages(&mut values);
             values
         };
@@ -68,27 +72,24 @@ impl PagedKvPool {
         (block as usize * self.layout.block_size + slot) * self.row_width()
     }
 
-    /// K and V of every KV head at (`block`, `slot`) of `layer`; empty when out of range
-    /// (callers validate block ids first).
-    pub fn kv_at(&self, layer: usize, block: u32, slot: usize) -> (&[f32], &[f32]) {
+    /// K and V of every KV head at (`block`, `slot`) of `layer`, widened to f32; empty when
+    /// out of range (callers validate block ids first).
+    pub fn kv_at(&self, layer: usize, block: u32, slot: usize) -> (Vec<f32>, Vec<f32>) {
         let o = self.offset(block, slot);
         let w = self.row_width();
-        let k = self
-            .k
-            .get(layer)
-            .and_then(|k| k.get(o..o + w))
-            .unwrap_or(&[]);
-        let v = self
-            .v
-            .get(layer)
-            .and_then(|v| v.get(o..o + w))
-            .unwrap_or(&[]);
-        (k, v)
+        let widen = |x: Option<&Vec<u16>>| -> Vec<f32> {
+            x.and_then(|x| x.get(o..o + w))
+                .unwrap_or(&[])
+                .iter()
+                .map(|&b| f16::from_bits(b).to_f32())
+                .collect()
+        };
+        (widen(self.k.get(layer)), widen(self.v.get(layer)))
     }
 
-    /// K and V of one whole block of `layer` (`[slot][kv_head][head_dim]` each); empty when
-    /// out of range (callers validate block ids first).
-    pub fn block(&self, layer: usize, block: u32) -> (&[f32], &[f32]) {
+    /// K and V of one whole block of `layer` (`[slot][kv_head][head_dim]` each, f16 bits);
+    /// empty when out of range (callers validate block ids first).
+    pub fn block(&self, layer: usize, block: u32) -> (&[u16], &[u16]) {
         let r = self.block_range(block);
         let k = self
             .k
@@ -99,15 +100,16 @@ impl PagedKvPool {
         (k, v)
     }
 
-    /// Writes one token's K and V rows (`n_kv_heads * head_dim` each).
+    /// Writes one token's K and V rows (`n_kv_heads * head_dim` each), rounded to f16.
     pub fn write(&mut self, layer: usize, block: u32, slot: usize, k: &[f32], v: &[f32]) {
         let o = self.offset(block, slot);
         let w = self.row_width();
-        if let Some(dst) = self.k.get_mut(layer).and_then(|x| x.get_mut(o..o + w)) {
-            dst.copy_from_slice(&k[..w.min(k.len())]);
-        }
-        if let Some(dst) = self.v.get_mut(layer).and_then(|x| x.get_mut(o..o + w)) {
-            dst.copy_from_slice(&v[..w.min(v.len())]);
+        for (rows, src) in [(self.k.get_mut(layer), k), (self.v.get_mut(layer), v)] {
+            if let Some(dst) = rows.and_then(|x| x.get_mut(o..o + w)) {
+                for (d, &x) in dst.iter_mut().zip(src) {
+                    *d = f16::from_f32(x).to_bits();
+                }
+            }
         }
     }
 
@@ -138,8 +140,8 @@ impl PagedKvPool {
         for &b in ids {
             let r = self.block_range(b);
             for (k, v) in self.k.iter().zip(&self.v) {
-                for x in k[r.clone()].iter().chain(&v[r.clone()]) {
-                    out.extend_from_slice(&x.to_le_bytes());
+                for &x in k[r.clone()].iter().chain(&v[r.clone()]) {
+                    out.extend_from_slice(&f16::from_bits(x).to_f32().to_le_bytes());
                 }
             }
         }
@@ -166,7 +168,8 @@ impl PagedKvPool {
                 for dst in [&mut k[r.clone()], &mut v[r.clone()]] {
                     if let Some(src) = parts.next() {
                         for (d, c) in dst.iter_mut().zip(src.chunks_exact(4)) {
-                            *d = f32::from_le_bytes([c[0], c[1], c[2], c[3]]);
+                            *d = f16::from_f32(f32::from_le_bytes([c[0], c[1], c[2], c[3]]))
+                                .to_bits();
                         }
                     }
                 }
@@ -178,12 +181,12 @@ impl PagedKvPool {
 
 /// Writes one value per page so the kernel backs the whole buffer now (see the module doc).
 /// Volatile, because a plain store of zero into freshly zeroed memory may be optimised away.
-fn commit_pages(values: &mut [f32]) {
-    const PER_PAGE: usize = 4096 / std::mem::size_of::<f32>();
+fn commit_pages(values: &mut [u16]) {
+    const PER_PAGE: usize = 4096 / std::mem::size_of::<u16>();
     for page in values.chunks_mut(PER_PAGE) {
         // SAFETY: `page` is a non-empty, exclusively borrowed, initialised slice; writing a
-        // valid f32 to its first element is always sound.
-        unsafe { std::ptr::write_volatile(page.as_mut_ptr(), 0.0) };
+        // valid u16 to its first element is always sound.
+        unsafe { std::ptr::write_volatile(page.as_mut_ptr(), 0) };
     }
 }
 
@@ -215,14 +218,14 @@ mod tests {
     fn the_pool_is_resident_from_the_start() {
         let layout = KvLayout {
             block_size: 16,
-            num_blocks: 256,
+            num_blocks: 512,
             n_layers: 4,
             n_kv_heads: 4,
             head_dim: 64,
             dtype: KvDType::F32,
         };
-        // 2 (K, V) x 4 layers x 256 blocks x 16 slots x 256 values x 4 bytes = 32 MiB.
-        let bytes = 2 * 4 * 256 * 16 * 256 * 4;
+        // 2 (K, V) x 4 layers x 512 blocks x 16 slots x 256 values x 2 bytes = 32 MiB.
+        let bytes = 2 * 4 * 512 * 16 * 256 * 2;
         let before = rss_bytes();
         let pool = PagedKvPool::new(layout);
         let grown = rss_bytes().saturating_sub(before);
@@ -241,10 +244,10 @@ mod tests {
         assert_eq!(bytes.len(), p.layout().bytes_per_block());
         let mut q = pool();
         q.import_blocks(&[0], &bytes).unwrap();
-        assert_eq!(q.kv_at(1, 0, 1), (&[1.0, 2.0][..], &[3.0, 4.0][..]));
+        assert_eq!(q.kv_at(1, 0, 1), (vec![1.0, 2.0], vec![3.0, 4.0]));
         q.copy_blocks(&[(0, 1)]).unwrap();
-        assert_eq!(q.kv_at(1, 1, 1), (&[1.0, 2.0][..], &[3.0, 4.0][..]));
-        assert_eq!(q.kv_at(0, 1, 1), (&[0.0, 0.0][..], &[0.0, 0.0][..]));
+        assert_eq!(q.kv_at(1, 1, 1), (vec![1.0, 2.0], vec![3.0, 4.0]));
+        assert_eq!(q.kv_at(0, 1, 1), (vec![0.0, 0.0], vec![0.0, 0.0]));
     }
 
     #[test]

@@ -1,5 +1,5 @@
 //! The CPU backend: a pure-Rust Llama-family forward pass (RMSNorm, RoPE, grouped-query
-//! attention over a paged f32 KV pool, SwiGLU, optional q/k/v biases, tied or untied head).
+//! attention over a paged f16 KV pool, SwiGLU, optional q/k/v biases, tied or untied head).
 //!
 //! A forward call flattens all sequences' new tokens into one `[tokens, hidden]` matrix, so
 //! every linear layer reads its weights once per call however many sequences and prefill
@@ -7,6 +7,7 @@
 //! rayon pool (size chosen at construction) so it does not compete with other pools.
 
 pub mod attention;
+pub mod attention_simd;
 pub mod linear;
 pub mod ops;
 pub mod quant;
@@ -269,7 +270,6 @@ fn run_forward(
         block_size: bs,
     };
 
-    let mut kv_row = Vec::with_capacity(2 * kv_dim);
     for (li, l) in m.layers.iter().enumerate() {
         ops::rms_norm(&x, &l.attn_norm, eps, &mut xn);
         let input = Input::new(&xn, n, h);
@@ -289,10 +289,7 @@ fn run_forward(
             ops::apply_rope(qr, hd, ang, c.rope_style);
             ops::apply_rope(kr, hd, ang, c.rope_style);
             let block = slot.block_table.get(slot.pos / bs).copied().unwrap_or(0);
-            kv_row.clear();
-            kv_row.extend(kr.iter().chain(vr).map(|&x| attention::round_f16(x)));
-            let (kh, vh) = kv_row.split_at(kv_dim);
-            pool.write(li, block, slot.pos % bs, kh, vh);
+            pool.write(li, block, slot.pos % bs, kr, vr);
         }
         attention::attention(pool, li, &shape, &slots, &q, &mut attn);
         l.wo.forward(&Input::new(&attn, n, q_dim), &mut proj);
