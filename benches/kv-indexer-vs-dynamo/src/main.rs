@@ -159,7 +159,7 @@ fn from_dynamo(s: &DynScores) -> Scores {
 
 /// An index under test, built and ready for queries.
 enum Built {
-    Turbine(FlashIndexer),
+    Turbine(Box<FlashIndexer>),
     Crtc(ThreadPoolIndexer<ConcurrentRadixTreeCompressed>),
     Radix(RadixTree),
     Positional(ThreadPoolIndexer<PositionalIndexer>),
@@ -288,7 +288,7 @@ fn build(
                 });
             }
             let d = t.elapsed();
-            Some((Built::Turbine(ix), d))
+            Some((Built::Turbine(Box::new(ix)), d))
         }
         Kind::Radix => {
             if threads != 1 {
