@@ -8,10 +8,14 @@ use turbine_actors::kv::approx::ApproxConfig;
 use turbine_actors::kv::hash::{hash_blocks, BlockSize};
 use turbine_actors::kv::indexer::FlashIndexer;
 use turbine_actors::kv::{KvEvent, KvEventBatch};
+use turbine_actors::router::replica_sync::start_replica_sync;
+use turbine_actors::router::service::RouterCore;
 use turbine_actors::router::{
     KvRouter, RouteError, RouteRequest, RouterConfig, RouterEvent, RouterIndexMode,
     RouterReplicaId, WorkerLoad,
 };
+use turbine_runtime::discovery::{Discovery, EmbeddedDiscovery, EmbeddedRegistry};
+use turbine_runtime::{MetricsRegistry, Node, NodeConfig, RuntimeMetrics, TokioClock};
 
 fn prompt(seed: u32, len: usize) -> Vec<u32> {
     (0..len as u32).map(|i| seed * 1_000_003 + i).collect()
@@ -383,4 +387,189 @@ fn replicas_key_requests_by_who_routed_them_and_forget_a_lost_peers_requests() {
         .loads()
         .iter()
         .all(|l| l.active_requests == 0 && l.active_blocks == 0));
+}
+
+/// Polls `check` every 20 ms until it holds, failing with `what` after 20 s.
+async fn until(what: &str, check: impl Fn() -> bool) {
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
+    while !check() {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "{what} (waited 20 s)"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+/// Two router replicas on a real event plane: each a [`RouterCore`] with
+/// `start_replica_sync` (its own ZeroMQ PUB socket on 127.0.0.1, registered with one embedded
+/// registry, subscribed to the other). A worker found unreachable at A is left out at B, a
+/// worker found stalled at B is left out at A, and neither mark comes back: a replica applies
+/// a peer's mark as its own but never publishes it again.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn quarantine_and_stall_marks_reach_the_peer_replica_over_zeromq_and_are_not_echoed() {
+    let clock = TokioClock::shared();
+    let node = Node::in_memory(
+        NodeConfig {
+            name: "replica-marks".into(),
+            ..NodeConfig::default()
+        },
+        clock.clone(),
+        MetricsRegistry::new(),
+    );
+    let registry = EmbeddedRegistry::serve(&node, "registry", Duration::from_millis(100))
+        .await
+        .unwrap();
+    let discovery: Arc<dyn Discovery> = Arc::new(EmbeddedDiscovery::new(
+        registry.addr().clone(),
+        clock.clone(),
+    ));
+    let metrics = RuntimeMetrics::new(&MetricsRegistry::new());
+    let workers = [WorkerId(1), WorkerId(2), WorkerId(3)];
+    let replica = |id: u64| {
+        let index = Arc::new(FlashIndexer::default());
+        let router = KvRouter::new(
+            RouterReplicaId(id),
+            RouterConfig::default(),
+            Some(index.clone()),
+        )
+        .unwrap();
+        let core = RouterCore::new(router, index, clock.clone());
+        for w in workers {
+            core.add_worker(w);
+        }
+        core
+    };
+    let (a, b) = (replica(1), replica(2));
+    let mut syncs = Vec::new();
+    for core in [&a, &b] {
+        syncs.push(
+            start_replica_sync(
+                core.clone(),
+                "tcp://127.0.0.1:0",
+                discovery.clone(),
+                Duration::from_secs(5),
+                metrics.clone(),
+            )
+            .await
+            .unwrap(),
+        );
+    }
+    until("the replicas never followed each other", || {
+        a.replica_stats().peers == 1 && b.replica_stats().peers == 1
+    })
+    .await;
+    // PUB/SUB drops what is published before a subscription reaches the publisher: route
+    // and finish warm-up requests on each side until the other has applied some.
+    let mut next_id = 1_000u64;
+    for (from, to) in [(&a, &b), (&b, &a)] {
+        let deadline = std::time::Instant::now() + Duration::from_secs(20);
+        while to.replica_stats().events_applied == 0 {
+            assert!(std::time::Instant::now() < deadline, "no events arrived");
+            next_id += 1;
+            let warm = request(next_id, &prompt(99, 32));
+            from.route(&warm).unwrap();
+            from.finished(warm.id);
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+    until("warm-up requests stayed in flight", || {
+        a.in_flight_by_worker().iter().all(|(_, n)| *n == 0)
+            && b.in_flight_by_worker().iter().all(|(_, n)| *n == 0)
+    })
+    .await;
+    // Whatever was in the pipes has arrived once both views are empty and stay so.
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    let (a0, b0) = (
+        a.replica_stats().events_applied,
+        b.replica_stats().events_applied,
+    );
+
+    // Worker 1 holds the prompt's prefix in B's index: B routes the prompt there while
+    // worker 1 is fine.
+    let tokens = prompt(5, 160);
+    let probe = |id: u64| request(id, &tokens);
+    b.apply_kv(&KvEventBatch {
+        worker: WorkerId(1),
+        seq: 0,
+        ts: 0.0,
+        events: vec![KvEvent::BlockStored {
+            block_hashes: probe(0).hashes[..8].to_vec(),
+            parent_block_hash: None,
+            token_ids: tokens[..128].to_vec(),
+            block_size: BlockSize::DEFAULT,
+            lora_id: None,
+        }],
+    });
+    let now = b.now();
+    assert_eq!(
+        b.lock()
+            .find_matches(now, &probe(0).hashes)
+            .get(WorkerId(1)),
+        8
+    );
+    assert_eq!(b.route(&probe(0)).unwrap().worker, WorkerId(1));
+    b.finished(RequestId(0));
+
+    // 1. A finds worker 1 unreachable (A's own mark, published): B leaves it out too.
+    a.unreachable(WorkerId(1));
+    assert_eq!(a.routable(), (3, 2));
+    until("B never applied A's quarantine mark", || {
+        b.routable() == (3, 2)
+    })
+    .await;
+    let routed = b.route(&probe(1)).unwrap();
+    assert_ne!(
+        routed.worker,
+        WorkerId(1),
+        "B routes around the worker A quarantined, although it holds the prefix"
+    );
+    b.finished(RequestId(1));
+
+    // 2. B finds worker 2 stalled (no load report from it ever): A leaves it out too.
+    assert!(b.check_stalled(WorkerId(2), Duration::from_secs(1), false));
+    assert_eq!(b.routable(), (3, 1));
+    // (Counted without worker 1, whose quarantine at A lasts only UNREACHABLE_QUARANTINE.)
+    until("A never applied B's stall mark", || {
+        a.routable_besides(&[WorkerId(1)]) == 1
+    })
+    .await;
+    let mut avoiding_1 = probe(2);
+    avoiding_1.avoid = vec![WorkerId(1)];
+    let routed = a.route(&avoiding_1).unwrap();
+    assert_eq!(
+        routed.worker,
+        WorkerId(3),
+        "A routes around the worker B found stalled"
+    );
+    a.finished(RequestId(2));
+
+    // 3. No echo. Since the counts were taken, B published Routed, Finished (probe 0),
+    //    Routed, Finished (probe 1, after it had applied A's mark) and Stalled; A published
+    //    Unreachable, Routed and Finished (probe 2, after it had applied B's mark). A mark
+    //    re-published by the peer would have gone out before that peer's next own event;
+    //    once each side has applied the other's events, the counts must be exactly these.
+    until("B's events never all reached A", || {
+        a.replica_stats().events_applied >= a0 + 5
+    })
+    .await;
+    until("A's events never all reached B", || {
+        b.in_flight_by_worker().iter().all(|(_, n)| *n == 0)
+            && b.replica_stats().events_applied >= b0 + 3
+    })
+    .await;
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert_eq!(
+        a.replica_stats().events_applied - a0,
+        5,
+        "A applied B's two Routed, two Finished and one Stalled, and no Unreachable echoed back"
+    );
+    assert_eq!(
+        b.replica_stats().events_applied - b0,
+        3,
+        "B applied A's Unreachable, Routed and Finished, and no Stalled echoed back"
+    );
+    for s in syncs {
+        s.stop().await;
+    }
 }

@@ -166,6 +166,9 @@ struct WorkerState {
 /// A run to consider for eviction: (run id, its incarnation, touch stamp when queued).
 type Queued = (u32, u64, u64);
 
+/// The runs one batch created, to be queued for eviction.
+type Fresh = SmallVec<[Queued; 4]>;
+
 /// How many blocks ahead a writer prefetches the map slots it will insert or delete.
 const PREFETCH_DISTANCE: usize = 8;
 
@@ -250,8 +253,10 @@ impl FlashIndexer {
     /// (one subscriber task per worker topic does that); different workers may be applied
     /// concurrently from different threads.
     pub fn apply(&self, batch: &KvEventBatch) -> ApplyOutcome {
+        self.prefetch_first_lookups(batch);
         let tick = self.tick.fetch_add(1, Ordering::Relaxed);
-        let mut fresh: Vec<Queued> = Vec::new();
+        // Runs this batch creates (on the stack: usually one or two).
+        let mut fresh: Fresh = Fresh::new();
         let outcome = {
             let mut state = self
                 .workers
@@ -329,6 +334,37 @@ impl FlashIndexer {
         outcome
     }
 
+    /// Start the map probes an event begins with: a store looks up its first block (and, when
+    /// that is new, its parent, then inserts the blocks that follow), a removal its first
+    /// block. They are independent cache misses (each in a random slot of the map); issued
+    /// here they overlap each other and the batch's bookkeeping, instead of stalling one
+    /// after the other once the event is applied. Only the first few events of a batch: the
+    /// later ones' lines would not survive until they are used.
+    fn prefetch_first_lookups(&self, batch: &KvEventBatch) {
+        for event in batch.events.iter().take(4) {
+            match event {
+                KvEvent::BlockStored {
+                    block_hashes,
+                    parent_block_hash,
+                    ..
+                } => {
+                    if let Some(p) = parent_block_hash {
+                        self.map.prefetch(p.0);
+                    }
+                    for key in block_hashes.iter().take(PREFETCH_DISTANCE) {
+                        self.map.prefetch(key.0);
+                    }
+                }
+                KvEvent::BlockRemoved { block_hashes } => {
+                    if let Some(key) = block_hashes.first() {
+                        self.map.prefetch(key.0);
+                    }
+                }
+                KvEvent::AllBlocksCleared => {}
+            }
+        }
+    }
+
     /// Claim `hashes` (a chain whose first block's parent is `parent`) for `holder`.
     fn store(
         &self,
@@ -336,7 +372,7 @@ impl FlashIndexer {
         parent: Option<BlockHash>,
         holder: HolderId,
         tick: u64,
-        fresh: &mut Vec<Queued>,
+        fresh: &mut Fresh,
     ) -> Delta {
         let keys = hashes;
         let mut d = Delta::default();
@@ -402,7 +438,7 @@ impl FlashIndexer {
         keys: &[BlockHash],
         holder: HolderId,
         tick: u64,
-        fresh: &mut Vec<Queued>,
+        fresh: &mut Fresh,
     ) -> (usize, Option<Loc>) {
         // Grow the previous block's run in place when the chain continues at its end.
         if let Some(p) = prev {
@@ -551,7 +587,7 @@ impl FlashIndexer {
         gone
     }
 
-    fn enqueue_and_evict(&self, fresh: Vec<Queued>) {
+    fn enqueue_and_evict(&self, fresh: Fresh) {
         let over = self.block_count() > self.config.max_blocks;
         if fresh.is_empty() && !over {
             return;
@@ -770,6 +806,12 @@ impl FlashIndexer {
     /// diagnostics, not a hot path).
     pub fn heap_bytes(&self) -> usize {
         self.map.heap_bytes() + self.runs.heap_bytes()
+    }
+
+    /// Of [`FlashIndexer::heap_bytes`], the bytes in mappings of the index's own (large map
+    /// tables on huge pages), which a counting global allocator does not see.
+    pub fn mapped_bytes(&self) -> usize {
+        self.map.mapped_bytes()
     }
 
     pub fn metrics(&self) -> IndexerMetrics {
