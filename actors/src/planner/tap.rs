@@ -133,13 +133,22 @@ impl LoadTap {
     }
 
     /// What the planner reacts to between two intervals: the arrivals so far this interval
-    /// and the requests waiting now.
+    /// (and the lengths and cache hits seen so far), and the requests waiting now.
     pub fn pressure(&self) -> Pressure {
-        let (arrivals, mean_isl) = self.with(|w| (w.requests, mean(w.isl_sum, w.isl_n)));
+        let (arrivals, mean_isl, mean_osl, cached_fraction) = self.with(|w| {
+            (
+                w.requests,
+                mean(w.isl_sum, w.isl_n),
+                mean(w.osl_sum, w.osl_n),
+                (w.isl_sum > 0.0).then(|| w.cached_sum / w.isl_sum),
+            )
+        });
         Pressure {
             arrivals,
             queued: self.queued(),
             mean_isl,
+            mean_osl,
+            cached_fraction,
         }
     }
 
@@ -316,6 +325,8 @@ mod tests {
                 arrivals: 1,
                 queued: Some(8),
                 mean_isl: None,
+                mean_osl: None,
+                cached_fraction: None,
             }
         );
         tap.worker_left(WorkerId(3));

@@ -266,17 +266,13 @@ pub(super) fn start(
         let world = world.clone();
         let sense: Sense = Box::new(move || {
             let (from, now) = (*lock(&last), world.clock.sim_now());
-            let (mut arrivals, mut isl) = (0u64, 0.0);
-            for r in lock(&records).iter() {
-                if r.arrival > from && r.arrival <= now {
-                    arrivals += 1;
-                    isl += f64::from(r.input_len);
-                }
-            }
+            let m = interval_metrics(&lock(&records), from, now);
             Pressure {
-                arrivals,
+                arrivals: m.requests,
                 queued: Some(queued_now(&world)),
-                mean_isl: (arrivals > 0).then(|| isl / arrivals as f64),
+                mean_isl: m.mean_isl,
+                mean_osl: m.mean_osl,
+                cached_fraction: m.cached_fraction,
             }
         });
         (every, sense)
