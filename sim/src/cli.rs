@@ -460,7 +460,9 @@ pub fn planner_csv(o: &SimOutcome) -> String {
             opt(d.prefill.map(|p| p.demand_tokens_per_s)),
             opt(d.prefill.map(|p| p.workers)),
             opt(d.decode.map(|n| n.workers)),
-            d.decode.map(|n| n.point.batch.to_string()).unwrap_or_default(),
+            d.decode
+                .map(|n| n.point.batch.to_string())
+                .unwrap_or_default(),
             d.corrections.prefill,
             d.corrections.decode,
         );

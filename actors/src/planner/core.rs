@@ -332,8 +332,7 @@ impl Planner {
             return None;
         }
         let forecast_rate = self.requests.predict().unwrap_or(0.0) / self.interval.as_secs_f64();
-        let seen_rate =
-            poisson_lower_bound(p.arrivals as f64, REACT_SIGMAS) / since.as_secs_f64();
+        let seen_rate = poisson_lower_bound(p.arrivals as f64, REACT_SIGMAS) / since.as_secs_f64();
         let grown = p.queued.unwrap_or(self.queued).saturating_sub(self.queued);
         let rate = forecast_rate.max(seen_rate) + self.queue_rate(grown);
         if rate <= forecast_rate {
