@@ -111,8 +111,9 @@ pub struct Pressure {
     pub queued: Option<u64>,
     /// Mean prompt length of those arrivals: the lengths before any forecast has one.
     pub mean_isl: Option<f64>,
-    /// Mean output length of the requests that finished since the last observation: the
-    /// decode side's length before any forecast has one.
+    /// Mean output length of the requests that finished since the last observation; before
+    /// any has, of the tokens the requests producing now have so far (a lower bound of their
+    /// OSL): the decode side's length before any forecast has one.
     pub mean_osl: Option<f64>,
     /// Share of the prompt tokens the prefix cache served, over the first outputs since the
     /// last observation: the prefill demand's share before any interval observed one.
@@ -340,10 +341,9 @@ impl Planner {
         }
         // The lengths and the cache's share are the forecast's and the last interval's;
         // before the first, what this interval has seen so far (a surge at the very start:
-        // the arrivals' prompts, the requests already finished, the first outputs' cache
-        // hits); with no prompt length at all, nothing can be sized. An output length not
-        // seen yet prices the decode side at nothing, a cache share not seen yet prices
-        // whole prompts.
+        // the arrivals' prompts, the outputs so far, the first outputs' cache hits); with
+        // no prompt length at all, nothing can be sized. Before any output the decode side
+        // is priced at nothing, before any cache hit was seen whole prompts are.
         let usable = |v: Option<f64>| v.filter(|v| v.is_finite() && *v >= 0.0);
         let isl = self.isl.predict().or(usable(p.mean_isl))?;
         let osl = self.osl.predict().or(usable(p.mean_osl)).unwrap_or(0.0);

@@ -71,6 +71,29 @@ pub fn interval_metrics(records: &[RequestRecord], from: SimTime, to: SimTime) -
     }
 }
 
+/// The output length a reaction reads, as [`LoadTap::pressure`] reports it: the mean of
+/// the requests finished since `from`; before any has, the mean of the tokens the requests
+/// producing now have so far (a lower bound of their OSL).
+///
+/// [`LoadTap::pressure`]: turbine_actors::planner::tap::LoadTap::pressure
+fn output_so_far(records: &[RequestRecord], from: SimTime) -> Option<f64> {
+    let mean = |finished: bool| {
+        let (mut tokens, mut n) = (0usize, 0usize);
+        for r in records.iter().filter(|r| !r.token_times.is_empty()) {
+            let counts = match r.finished {
+                Some(done) => finished && done > from,
+                None => !finished,
+            };
+            if counts {
+                tokens += r.token_times.len();
+                n += 1;
+            }
+        }
+        (n > 0).then(|| tokens as f64 / n as f64)
+    };
+    mean(true).or_else(|| mean(false))
+}
+
 /// Provisioned slots: a start pending (its delay), or a worker up.
 struct Provisioned {
     start: Option<JoinHandle<()>>,
@@ -266,12 +289,13 @@ pub(super) fn start(
         let world = world.clone();
         let sense: Sense = Box::new(move || {
             let (from, now) = (*lock(&last), world.clock.sim_now());
-            let m = interval_metrics(&lock(&records), from, now);
+            let records = lock(&records);
+            let m = interval_metrics(&records, from, now);
             Pressure {
                 arrivals: m.requests,
                 queued: Some(queued_now(&world)),
                 mean_isl: m.mean_isl,
-                mean_osl: m.mean_osl,
+                mean_osl: output_so_far(&records, from),
                 cached_fraction: m.cached_fraction,
             }
         });
