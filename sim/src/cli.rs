@@ -417,10 +417,14 @@ pub fn comparison_table<'a>(reports: impl Iterator<Item = &'a Report>) -> String
 }
 
 /// The planner's decisions of a run as CSV (see `--planner-log`): one row per interval and
-/// per reaction (`reaction` 1, load columns empty); per-pool targets when disaggregated.
+/// per reaction (`reaction` 1, load columns empty); per-pool targets when disaggregated;
+/// then the SLA math behind each target: the requests per interval and lengths it sized for
+/// (a reaction's included), the prefill demand (tokens/s), each side's fractional need, the
+/// decode batch of its operating point and the two correction factors.
 pub fn planner_csv(o: &SimOutcome) -> String {
     let mut s = String::from(
-        "t_s,observed_requests,forecast_requests,target_workers,provisioned_workers,reaction,target_prefill,target_decode\n",
+        "t_s,observed_requests,forecast_requests,target_workers,provisioned_workers,reaction,target_prefill,target_decode,\
+         sized_requests,isl,osl,prefill_demand_tps,need_prefill,need_decode,decode_batch,correction_prefill,correction_decode\n",
     );
     for d in o.planner.iter().flat_map(|p| &p.decisions) {
         // A reaction (between intervals) observed no interval: its load columns are empty.
@@ -431,9 +435,10 @@ pub fn planner_csv(o: &SimOutcome) -> String {
             }
             Replicas::Aggregated { .. } => (String::new(), String::new()),
         };
+        let opt = |v: Option<f64>| v.map(|v| format!("{v:.3}")).unwrap_or_default();
         let _ = writeln!(
             s,
-            "{:.3},{},{},{},{},{},{},{}",
+            "{:.3},{},{},{},{},{},{},{},{},{},{},{},{},{},{},{:.3},{:.3}",
             d.at.as_secs_f64(),
             if tick {
                 d.observed.requests.to_string()
@@ -449,6 +454,17 @@ pub fn planner_csv(o: &SimOutcome) -> String {
             u8::from(!tick),
             prefill,
             decode,
+            opt(d.forecast.map(|f| f.requests)),
+            opt(d.forecast.map(|f| f.isl)),
+            opt(d.forecast.map(|f| f.osl)),
+            opt(d.prefill.map(|p| p.demand_tokens_per_s)),
+            opt(d.prefill.map(|p| p.workers)),
+            opt(d.decode.map(|n| n.workers)),
+            d.decode
+                .map(|n| n.point.batch.to_string())
+                .unwrap_or_default(),
+            d.corrections.prefill,
+            d.corrections.decode,
         );
     }
     s

@@ -12,6 +12,7 @@
 
 use super::connector::Connector;
 use super::core::{Decision, Forecast, IntervalMetrics, Planner, Pressure, Replicas};
+use super::sla::{Corrections, DecodeNeed, PrefillNeed};
 use super::tap::LoadTap;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
@@ -31,6 +32,10 @@ pub struct DecisionRecord {
     pub applied: Option<Replicas>,
     /// Taken between two intervals on the pressure (then `observed` is empty).
     pub reaction: Option<Pressure>,
+    /// The SLA math behind the target (`None` before the first observation).
+    pub prefill: Option<PrefillNeed>,
+    pub decode: Option<DecodeNeed>,
+    pub corrections: Corrections,
 }
 
 impl DecisionRecord {
@@ -157,5 +162,8 @@ async fn apply(
         target: decision.replicas,
         applied,
         reaction: None,
+        prefill: decision.prefill,
+        decode: decision.decode,
+        corrections: decision.corrections,
     }
 }

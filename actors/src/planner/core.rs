@@ -111,12 +111,33 @@ pub struct Pressure {
     pub queued: Option<u64>,
     /// Mean prompt length of those arrivals: the lengths before any forecast has one.
     pub mean_isl: Option<f64>,
+    /// Mean output length of the requests that finished since the last observation; before
+    /// any has, of the tokens the requests producing now have so far (a lower bound of their
+    /// OSL): the decode side's length before any forecast has one.
+    pub mean_osl: Option<f64>,
+    /// Share of the prompt tokens the prefix cache served, over the first outputs since the
+    /// last observation: the prefill demand's share before any interval observed one.
+    pub cached_fraction: Option<f64>,
 }
 
 /// How many standard deviations below the observed count a reaction takes the arrival
 /// rate to be (a one-sided Poisson bound, about 2.3 % false alarms): a few requests in the
 /// first second of an interval are noise, a surge is not.
 const REACT_SIGMAS: f64 = 2.0;
+
+/// The lower confidence bound, `z` standard deviations, of a Poisson mean from one observed
+/// count `n`: the exact (Garwood) bound `χ²(2n, α) / 2` by the Wilson–Hilferty cube-root
+/// approximation, `n (1 − 1/(9n) − z / (3 √n))³`. The normal bound `n − z √n` is far
+/// below the exact one at the small counts of a surge's first second (9 arrivals at z = 2:
+/// 3.0 where the exact bound is 4.0, and 0 for 4 arrivals where it is 1.0), so it asked for
+/// much more evidence than the stated false-alarm rate needs.
+pub fn poisson_lower_bound(n: f64, z: f64) -> f64 {
+    if !(n.is_finite() && n > 0.0) {
+        return 0.0;
+    }
+    let root = 1.0 - 1.0 / (9.0 * n) - z / (3.0 * n.sqrt());
+    n * root.max(0.0).powi(3)
+}
 
 /// The forecast behind a decision, for the next interval.
 #[derive(Clone, Copy, Debug, PartialEq)]
@@ -153,9 +174,9 @@ pub struct Planner {
     last_observed: Option<Duration>,
     /// Requests waiting at the last observation (a reaction acts on the growth since).
     queued: u64,
-    /// Share of the prompt tokens the prefix cache served, as last observed: the prefill
-    /// demand is net of it.
-    cached: f64,
+    /// Share of the prompt tokens the prefix cache served, as last observed (`None`: no
+    /// interval has observed one): the prefill demand is net of it.
+    cached: Option<f64>,
     /// While a reaction's growth is held: the queue before the first reaction of the
     /// episode. An interval that ends with the queue back there releases the growth.
     reacted_at_queue: Option<u64>,
@@ -196,7 +217,7 @@ impl Planner {
             corrections: Corrections::default(),
             last_observed: None,
             queued: 0,
-            cached: 0.0,
+            cached: None,
             reacted_at_queue: None,
             pools: pools.into_iter().map(PoolState::new).collect(),
         })
@@ -241,7 +262,7 @@ impl Planner {
             }
         }
         if let Some(c) = m.cached_fraction.filter(|c| c.is_finite()) {
-            self.cached = c.clamp(0.0, 1.0);
+            self.cached = Some(c.clamp(0.0, 1.0));
         }
         if self.use_corrections {
             self.update_corrections(m);
@@ -254,7 +275,9 @@ impl Planner {
         if let (Some(ttft), Some(isl)) = (m.mean_ttft_s, m.mean_isl) {
             // The profile's time for the tokens the engine computed: the cache's share
             // is already out of the demand, and counting it here again would halve it twice.
-            let expected = self.capacity.prefill_s(isl * (1.0 - self.cached));
+            let expected = self
+                .capacity
+                .prefill_s(isl * (1.0 - self.cached.unwrap_or(0.0)));
             if let Some(f) = correction(ttft, expected) {
                 self.corrections.prefill = f;
             }
@@ -291,7 +314,7 @@ impl Planner {
             osl: self.osl.predict().unwrap_or(0.0),
         };
         let rate = requests / self.interval.as_secs_f64();
-        let needs = self.needs(forecast, rate);
+        let needs = self.needs(forecast, rate, self.cached.unwrap_or(0.0));
         self.settled(now, forecast, needs, Ask::Decision)
     }
 
@@ -310,25 +333,30 @@ impl Planner {
             return None;
         }
         let forecast_rate = self.requests.predict().unwrap_or(0.0) / self.interval.as_secs_f64();
-        let seen = p.arrivals as f64;
-        let seen_rate = (seen - REACT_SIGMAS * seen.sqrt()).max(0.0) / since.as_secs_f64();
+        let seen_rate = poisson_lower_bound(p.arrivals as f64, REACT_SIGMAS) / since.as_secs_f64();
         let grown = p.queued.unwrap_or(self.queued).saturating_sub(self.queued);
         let rate = forecast_rate.max(seen_rate) + self.queue_rate(grown);
         if rate <= forecast_rate {
             return None; // nothing the last decision did not know
         }
-        // The lengths are the forecast's; before the first, the arrivals' own prompts (a
-        // surge at the very start); with neither, nothing can be sized.
-        let isl = self
-            .isl
-            .predict()
-            .or(p.mean_isl.filter(|v| v.is_finite() && *v >= 0.0))?;
+        // The lengths and the cache's share are the forecast's and the last interval's;
+        // before the first, what this interval has seen so far (a surge at the very start:
+        // the arrivals' prompts, the outputs so far, the first outputs' cache hits); with
+        // no prompt length at all, nothing can be sized. Before any output the decode side
+        // is priced at nothing, before any cache hit was seen whole prompts are.
+        let usable = |v: Option<f64>| v.filter(|v| v.is_finite() && *v >= 0.0);
+        let isl = self.isl.predict().or(usable(p.mean_isl))?;
+        let osl = self.osl.predict().or(usable(p.mean_osl)).unwrap_or(0.0);
+        let cached = self
+            .cached
+            .or(usable(p.cached_fraction).map(|c| c.min(1.0)))
+            .unwrap_or(0.0);
         let forecast = Forecast {
             requests: rate * self.interval.as_secs_f64(),
             isl,
-            osl: self.osl.predict().unwrap_or(0.0),
+            osl,
         };
-        let (prefill, decode, mut needs) = self.needs(forecast, rate);
+        let (prefill, decode, mut needs) = self.needs(forecast, rate, cached);
         // Only a pool that needs more acts: a reaction asking for the current size would
         // count as an ask for the cooldown and hold the pools up.
         let limit = self.limits.max_replicas;
@@ -358,13 +386,19 @@ impl Planner {
         queued as f64 / self.targets.ttft_s.max(self.interval.as_secs_f64())
     }
 
-    /// The SLA math at `rate` requests/s with the forecast's lengths: each pool's need.
-    fn needs(&self, forecast: Forecast, rate: f64) -> (PrefillNeed, DecodeNeed, Vec<usize>) {
+    /// The SLA math at `rate` requests/s with the forecast's lengths and `cached` of the
+    /// prompt tokens served by the prefix cache: each pool's need.
+    fn needs(
+        &self,
+        forecast: Forecast,
+        rate: f64,
+        cached: f64,
+    ) -> (PrefillNeed, DecodeNeed, Vec<usize>) {
         let load = Load {
             requests_per_s: rate,
             isl: forecast.isl,
             osl: forecast.osl,
-            cached: self.cached,
+            cached,
         };
         let prefill = prefill_need(&self.capacity, load, self.targets, self.corrections);
         let decode = decode_need(&self.capacity, load, self.targets, self.corrections);
@@ -473,19 +507,24 @@ mod tests {
             arrivals: 3,
             queued: None,
             mean_isl: None,
+            mean_osl: None,
+            cached_fraction: None,
         };
         assert_eq!(p.react(TICK + Duration::from_secs(1), &noise), None);
-        // 100 in 2 s: taken as (100 - 2·10) / 2 = 40 req/s. Prefill 40 × 550 / 12 000 =
-        // 1.83 → 2; decode 40 × 200 / 474.0 = 16.9 → 17 (the hand profile, as above).
+        // 100 in 2 s: taken as the Poisson bound 81.01 / 2 = 40.51 req/s. Prefill
+        // 40.51 × 550 / 12 000 = 1.86 → 2; decode 40.51 × 200 / 474.0 = 17.09 → 18 (the
+        // hand profile, as above).
         let surge = Pressure {
             arrivals: 100,
             queued: None,
             mean_isl: None,
+            mean_osl: None,
+            cached_fraction: None,
         };
         let d = p.react(TICK + Duration::from_secs(2), &surge).unwrap();
         let grown = Replicas::Disaggregated {
             prefill: 2,
-            decode: 17,
+            decode: 18,
         };
         assert_eq!(d.replicas, grown);
         assert_eq!(p.replicas(), grown);
@@ -493,6 +532,78 @@ mod tests {
         let quiet = Pressure::default();
         assert_eq!(p.react(TICK + Duration::from_secs(3), &quiet), None);
         assert_eq!(p.replicas(), grown);
+    }
+
+    #[test]
+    fn the_reaction_rate_is_the_exact_poisson_bound() {
+        // The exact (Garwood) one-sided bounds at z = 2 (α = 2.28 %), computed from the
+        // Poisson tail: 1 → 0.023, 4 → 1.058, 9 → 4.046, 100 → 81.016; the approximation
+        // is within 0.02 + 0.5 % of each. The normal bound n − 2 √n gives −1, 0, 3 and 80.
+        for (n, exact) in [(1.0, 0.023), (4.0, 1.058), (9.0, 4.046), (100.0, 81.016)] {
+            let b = poisson_lower_bound(n, 2.0);
+            assert!((b - exact).abs() < 0.02 + 0.005 * exact, "{n}: {b}");
+        }
+        assert_eq!(poisson_lower_bound(0.0, 2.0), 0.0);
+        assert_eq!(poisson_lower_bound(f64::NAN, 2.0), 0.0);
+        assert!(poisson_lower_bound(1e300, 2.0).is_finite());
+    }
+
+    #[test]
+    fn a_surge_before_the_first_interval_is_sized_from_what_it_has_shown() {
+        // No interval observed yet. 100 arrivals in the first 2 s (40.51 req/s, as above),
+        // ISL 1000; 45 % of the first outputs' prompt tokens came from the cache; finished
+        // requests averaged 200 output tokens. Prefill: 550 new tokens, 40.51 × 550 over
+        // 12 000 usable (sla.rs) = 1.86 → 2. Decode: context 1000 + 100 = 1100, b = 5 at
+        // 14 ms, 357.1 tok/s: 40.51 × 200 / 357.1 = 22.68 → 23. Sized on the prompts alone
+        // (whole prompts, no decode): R(1000) = 20 000, ρ = 0.706, 40 507 / 14 118 = 2.87
+        // → 3 prefill workers and 1 decode worker, for a load that needs 23.
+        let surge = Pressure {
+            arrivals: 100,
+            queued: None,
+            mean_isl: Some(1000.0),
+            mean_osl: Some(200.0),
+            cached_fraction: Some(0.45),
+        };
+        let mut p = planner(&config(PredictorConfig::Constant {}), DISAGG);
+        let d = p.react(Duration::from_secs(2), &surge).unwrap();
+        let (prefill, decode) = (d.prefill.unwrap(), d.decode.unwrap());
+        assert!((prefill.workers - 1.8566).abs() < 1e-3, "{prefill:?}");
+        assert_eq!((decode.context, decode.point.batch), (1100.0, 5));
+        assert!((decode.workers - 22.684).abs() < 1e-2, "{decode:?}");
+        let sized = Replicas::Disaggregated {
+            prefill: 2,
+            decode: 23,
+        };
+        assert_eq!(d.replicas, sized);
+        // Before anything finished or came from the cache: whole prompts, no decode.
+        let blind = Pressure {
+            mean_osl: None,
+            cached_fraction: None,
+            ..surge
+        };
+        let mut p = planner(&config(PredictorConfig::Constant {}), DISAGG);
+        let d = p.react(Duration::from_secs(2), &blind).unwrap();
+        assert!((d.prefill.unwrap().workers - 2.8692).abs() < 1e-3);
+        assert_eq!(
+            d.replicas,
+            Replicas::Disaggregated {
+                prefill: 3,
+                decode: 1
+            }
+        );
+        // Once an interval is observed its lengths and cache share are the ones used.
+        let mut p = planner(&config(PredictorConfig::Constant {}), DISAGG);
+        p.observe(
+            TICK,
+            &IntervalMetrics {
+                cached_fraction: Some(0.0),
+                ..interval(10, 1000.0, 10.0)
+            },
+        );
+        p.decide(TICK);
+        let d = p.react(TICK + Duration::from_secs(2), &surge).unwrap();
+        assert_eq!(d.forecast.unwrap().osl, 10.0);
+        assert!((d.prefill.unwrap().workers - 2.8692).abs() < 1e-3);
     }
 
     #[test]
@@ -515,6 +626,8 @@ mod tests {
             arrivals: 100,
             queued: None,
             mean_isl: None,
+            mean_osl: None,
+            cached_fraction: None,
         };
         assert!(p.react(TICK + s(2), &surge).is_some());
         for i in 2..=5u32 {
@@ -527,12 +640,14 @@ mod tests {
                 assert_eq!(d.replicas, DISAGG, "38 s after the change, quiet for 30 s");
                 break;
             }
-            // Busier than the forecast, but within what the pools have: 3.7 req/s.
+            // Busier than the forecast, but within what the pools have: 4.7 to 8 req/s.
             for k in 1..10 {
                 let busier = Pressure {
                     arrivals: 10 * k,
                     queued: None,
                     mean_isl: None,
+                    mean_osl: None,
+                    cached_fraction: None,
                 };
                 assert_eq!(p.react(now + s(k), &busier), None);
             }
@@ -541,7 +656,7 @@ mod tests {
 
     #[test]
     fn a_reactions_growth_goes_once_the_queue_it_answered_is_gone() {
-        // Aggregated, 60 s cooldown. 100 arrivals in 2 s: 40 req/s → 1.83 + 16.88 → 19
+        // Aggregated, 60 s cooldown. 100 arrivals in 2 s: 40.51 req/s → 1.86 + 17.09 → 19
         // workers at once. The interval then measures 20 req/s (0.92 + 8.44 → 10) with 30
         // requests still waiting: the growth is held. The next ends with the queue back at
         // its level before the reaction: the pool goes to the decisions' 10 at once, not
@@ -564,6 +679,8 @@ mod tests {
                 arrivals: 100,
                 queued: None,
                 mean_isl: None,
+                mean_osl: None,
+                cached_fraction: None,
             };
             assert!(p.react(TICK + Duration::from_secs(2), &surge).is_some());
             assert_eq!(workers(&p), 19);
@@ -601,12 +718,16 @@ mod tests {
             arrivals: 0,
             queued: Some(5),
             mean_isl: None,
+            mean_osl: None,
+            cached_fraction: None,
         };
         assert_eq!(p.react(TICK + Duration::from_secs(1), &steady), None);
         let growing = Pressure {
             arrivals: 0,
             queued: Some(205),
             mean_isl: None,
+            mean_osl: None,
+            cached_fraction: None,
         };
         let d = p.react(TICK + Duration::from_secs(2), &growing).unwrap();
         assert_eq!(d.replicas, Replicas::Aggregated { workers: 10 });
@@ -868,6 +989,8 @@ mod tests {
                     arrivals: requests,
                     queued: osl.map(|v| v as u64),
                     mean_isl: None,
+                    mean_osl: None,
+                    cached_fraction: None,
                 }) {
                     prop_assert!(d.replicas.pools().iter().all(|&n| (1..=12).contains(&n)));
                     prop_assert!(d.replicas.total() <= budget);

@@ -29,6 +29,10 @@ struct Tap {
     window: Window,
     /// Requests waiting on each worker, from its latest report.
     waiting: BTreeMap<WorkerId, usize>,
+    /// Requests producing output now (first output came, not finished), and the tokens
+    /// they have produced so far: not a window, they span intervals.
+    producing: u64,
+    produced: f64,
 }
 
 #[derive(Default)]
@@ -95,6 +99,22 @@ impl LoadTap {
         });
     }
 
+    /// A request produced `tokens` more output tokens; `first`: its first output.
+    pub fn produced(&self, first: bool, tokens: usize) {
+        self.with_tap(|t| {
+            t.producing += u64::from(first);
+            t.produced += tokens as f64;
+        });
+    }
+
+    /// A request that had produced `tokens` (through [`LoadTap::produced`]) stopped.
+    pub fn stopped_producing(&self, tokens: usize) {
+        self.with_tap(|t| {
+            t.producing = t.producing.saturating_sub(1);
+            t.produced = (t.produced - tokens as f64).max(0.0);
+        });
+    }
+
     /// A request finished with `output_tokens`; `itl` is its mean gap between tokens
     /// (`None` with fewer than two tokens).
     pub fn finished(&self, output_tokens: usize, itl: Option<Duration>) {
@@ -133,13 +153,26 @@ impl LoadTap {
     }
 
     /// What the planner reacts to between two intervals: the arrivals so far this interval
-    /// and the requests waiting now.
+    /// (and the lengths and cache hits seen so far), and the requests waiting now. The
+    /// output length is the finished requests' mean; before any finished this interval,
+    /// the mean of the tokens the requests producing now have so far (a lower bound of
+    /// their OSL).
     pub fn pressure(&self) -> Pressure {
-        let (arrivals, mean_isl) = self.with(|w| (w.requests, mean(w.isl_sum, w.isl_n)));
+        let (arrivals, mean_isl, mean_osl, cached_fraction) = self.with_tap(|t| {
+            let w = &t.window;
+            (
+                w.requests,
+                mean(w.isl_sum, w.isl_n),
+                mean(w.osl_sum, w.osl_n).or(mean(t.produced, t.producing)),
+                (w.isl_sum > 0.0).then(|| w.cached_sum / w.isl_sum),
+            )
+        });
         Pressure {
             arrivals,
             queued: self.queued(),
             mean_isl,
+            mean_osl,
+            cached_fraction,
         }
     }
 
@@ -197,6 +230,9 @@ impl Timing {
             }
             _ => None,
         };
+        if self.first.is_some() {
+            self.tap.stopped_producing(self.tokens);
+        }
         self.tap.finished(self.tokens, itl);
     }
 }
@@ -258,12 +294,14 @@ impl ChatEngine for MeteredEngine {
                         }
                     }
                     if !delta.token_ids.is_empty() {
-                        if timing.first.is_none() {
+                        let first = timing.first.is_none();
+                        if first {
                             timing.first = Some(now);
                             timing.tap.first_token(now.duration_since(timing.arrived));
                         }
                         timing.last = Some(now);
                         timing.tokens += delta.token_ids.len();
+                        timing.tap.produced(first, delta.token_ids.len());
                     }
                     if delta.finish.is_some() {
                         timing.finish();
@@ -302,6 +340,27 @@ mod tests {
     }
 
     #[test]
+    fn the_pressure_knows_a_lower_bound_of_the_output_length_before_anything_finished() {
+        let tap = LoadTap::new();
+        assert_eq!(tap.pressure().mean_osl, None);
+        // Two requests producing: 3 and 1 tokens so far.
+        tap.produced(true, 2);
+        tap.produced(true, 1);
+        tap.produced(false, 1);
+        assert_eq!(tap.pressure().mean_osl, Some(2.0));
+        // The first finishes with 10: a finished length is the better estimate.
+        tap.produced(false, 7);
+        tap.stopped_producing(10);
+        tap.finished(10, None);
+        assert_eq!(tap.pressure().mean_osl, Some(10.0));
+        // The interval's end takes the finished one; the producing one stays, with its 1.
+        assert_eq!(tap.take().mean_osl, Some(10.0));
+        assert_eq!(tap.pressure().mean_osl, Some(1.0));
+        tap.stopped_producing(1);
+        assert_eq!(tap.pressure().mean_osl, None);
+    }
+
+    #[test]
     fn load_reports_give_the_decode_batch_and_the_queue_of_the_workers_still_there() {
         let tap = LoadTap::new();
         tap.worker_load(WorkerId(1), PoolRole::Decode, 4, 2);
@@ -316,6 +375,8 @@ mod tests {
                 arrivals: 1,
                 queued: Some(8),
                 mean_isl: None,
+                mean_osl: None,
+                cached_fraction: None,
             }
         );
         tap.worker_left(WorkerId(3));

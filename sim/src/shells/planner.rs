@@ -71,6 +71,29 @@ pub fn interval_metrics(records: &[RequestRecord], from: SimTime, to: SimTime) -
     }
 }
 
+/// The output length a reaction reads, as [`LoadTap::pressure`] reports it: the mean of
+/// the requests finished since `from`; before any has, the mean of the tokens the requests
+/// producing now have so far (a lower bound of their OSL).
+///
+/// [`LoadTap::pressure`]: turbine_actors::planner::tap::LoadTap::pressure
+fn output_so_far(records: &[RequestRecord], from: SimTime) -> Option<f64> {
+    let mean = |finished: bool| {
+        let (mut tokens, mut n) = (0usize, 0usize);
+        for r in records.iter().filter(|r| !r.token_times.is_empty()) {
+            let counts = match r.finished {
+                Some(done) => finished && done > from,
+                None => !finished,
+            };
+            if counts {
+                tokens += r.token_times.len();
+                n += 1;
+            }
+        }
+        (n > 0).then(|| tokens as f64 / n as f64)
+    };
+    mean(true).or_else(|| mean(false))
+}
+
 /// Provisioned slots: a start pending (its delay), or a worker up.
 struct Provisioned {
     start: Option<JoinHandle<()>>,
@@ -266,17 +289,14 @@ pub(super) fn start(
         let world = world.clone();
         let sense: Sense = Box::new(move || {
             let (from, now) = (*lock(&last), world.clock.sim_now());
-            let (mut arrivals, mut isl) = (0u64, 0.0);
-            for r in lock(&records).iter() {
-                if r.arrival > from && r.arrival <= now {
-                    arrivals += 1;
-                    isl += f64::from(r.input_len);
-                }
-            }
+            let records = lock(&records);
+            let m = interval_metrics(&records, from, now);
             Pressure {
-                arrivals,
+                arrivals: m.requests,
                 queued: Some(queued_now(&world)),
-                mean_isl: (arrivals > 0).then(|| isl / arrivals as f64),
+                mean_isl: m.mean_isl,
+                mean_osl: output_so_far(&records, from),
+                cached_fraction: m.cached_fraction,
             }
         });
         (every, sense)
