@@ -37,8 +37,9 @@ pub struct AttentionShape {
 }
 
 /// Below this much work (query heads x positions attended) attention runs on the calling
-/// thread: waking the pool would cost more than it saves.
-const PARALLEL_WORK: usize = 16 * 1024;
+/// thread: waking the pool would cost more than it saves. A decode token at a few hundred
+/// positions is already worth splitting (its K/V streams from memory).
+const PARALLEL_WORK: usize = 2 * 1024;
 /// Most tokens in one tile; fewer for long contexts so a tile's scores (query rows x
 /// positions) stay within L2.
 const MAX_TILE_TOKENS: usize = 16;
