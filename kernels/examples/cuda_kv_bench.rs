@@ -26,9 +26,9 @@ use std::time::{Duration, Instant};
 use turbine_kernels::backend::{Backend, SeqStep};
 use turbine_kernels::cuda::device::elapsed_ms;
 use turbine_kernels::cuda::{
-    device_count, synthetic_config, CudaBackend, CudaBackendOptions, Gpu, IpcPull, PinnedBytes,
+    device_count, synthetic_config, CudaBackend, CudaBackendOptions, Gpu, PinnedBytes,
 };
-use turbine_kernels::kv_ipc::KvIpcPool;
+use turbine_kernels::kv_ipc::{IpcPull, KvIpcPool};
 
 fn median(mut v: Vec<f64>) -> f64 {
     v.sort_by(|a, b| a.total_cmp(b));

@@ -139,11 +139,23 @@ pub enum KvPath {
     Host(HostReason),
 }
 
+/// What [`Backend::pull_blocks_ipc`](crate::backend::Backend::pull_blocks_ipc) did.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum IpcPull {
+    /// The blocks were copied device to device, in this device time.
+    Copied(std::time::Duration),
+    /// No device copy was possible, for this reason (nothing was copied): take the host
+    /// path.
+    Host(HostReason),
+}
+
 /// Why the host path was taken instead of a device copy. Each is logged and counted.
 #[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
 pub enum HostReason {
     #[error("the owner offered no IPC handle")]
     NoOffer,
+    #[error("this backend cannot map another process's device memory")]
+    NotDevice,
     #[error("the owner's IPC offer is malformed")]
     BadOffer,
     #[error("the owner runs on another host")]
@@ -163,6 +175,7 @@ impl HostReason {
     pub fn label(&self) -> &'static str {
         match self {
             HostReason::NoOffer => "no_offer",
+            HostReason::NotDevice => "not_device",
             HostReason::BadOffer => "bad_offer",
             HostReason::OtherHost => "other_host",
             HostReason::SameProcess => "same_process",

@@ -211,7 +211,7 @@ const IPC_CHILD_JOB: &str = "TURBINE_TEST_KV_IPC_JOB";
 /// by the driver when the decision is told otherwise (a process cannot open its own handle).
 #[test]
 fn kv_blocks_move_between_processes_by_ipc_handle() {
-    use turbine_kernels::cuda::IpcPull;
+    use turbine_kernels::kv_ipc::IpcPull;
     use turbine_kernels::kv_ipc::{HostReason, KvPath};
     if !usable() {
         return;
@@ -304,8 +304,7 @@ fn kv_blocks_move_between_processes_by_ipc_handle() {
 /// child process; does nothing unless [`IPC_CHILD_JOB`] is set.
 #[test]
 fn ipc_child() {
-    use turbine_kernels::cuda::IpcPull;
-    use turbine_kernels::kv_ipc::KvIpcPool;
+    use turbine_kernels::kv_ipc::{IpcPull, KvIpcPool};
     let Ok(job) = std::env::var(IPC_CHILD_JOB) else {
         return;
     };

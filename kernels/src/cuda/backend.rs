@@ -18,7 +18,6 @@
 mod kv_copy;
 mod kv_ipc;
 pub use kv_copy::{KvExportJob, KvImportJob, KvPool};
-pub use kv_ipc::IpcPull;
 
 use super::device::{CudaError, DBuf, Gpu, Graph, KernelSpec, PinnedWords, SharedAlloc};
 use super::ops::{
@@ -1248,6 +1247,25 @@ impl Backend for CudaBackend {
         chunks: &[bytes::Bytes],
     ) -> Result<(), BackendError> {
         self.import_chunks(ids, chunks)
+    }
+
+    fn kv_ipc_pool(&self) -> Option<crate::kv_ipc::KvIpcPool> {
+        match self.kv_ipc_offer() {
+            Ok(offer) => Some(offer),
+            Err(e) => {
+                tracing::warn!("no IPC handle for the KV pool ({e}): KV leaves by host memory");
+                None
+            }
+        }
+    }
+
+    fn pull_blocks_ipc(
+        &mut self,
+        offer: &crate::kv_ipc::KvIpcPool,
+        src: &[u32],
+        dst: &[u32],
+    ) -> Result<crate::kv_ipc::IpcPull, BackendError> {
+        self.pull_ipc(offer, src, dst)
     }
 
     fn import_blocks(&mut self, ids: &[u32], data: &[u8]) -> Result<(), BackendError> {

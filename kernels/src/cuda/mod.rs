@@ -13,8 +13,7 @@ pub mod synthetic;
 pub mod vision;
 
 pub use backend::{
-    CudaBackend, CudaBackendOptions, IpcPull, KvExportJob, KvImportJob, KvPool,
-    DEFAULT_PREFILL_ATTENTION,
+    CudaBackend, CudaBackendOptions, KvExportJob, KvImportJob, KvPool, DEFAULT_PREFILL_ATTENTION,
 };
 pub use device::{
     device_count, CudaError, DBuf, Gpu, IpcMapping, KernelSpec, PinnedBytes, SharedAlloc,

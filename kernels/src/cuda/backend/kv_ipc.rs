@@ -1,10 +1,10 @@
 //! KV blocks from another process's pool on this host, device to device (the CUDA shell of
 //! [`crate::kv_ipc`]): the pool is one `cuMemAlloc` allocation, so it has an IPC handle
-//! ([`CudaBackend::kv_ipc_pool`] offers it); a consumer backend in another process decides
+//! ([`CudaBackend::kv_ipc_offer`] offers it); a consumer backend in another process decides
 //! with [`crate::kv_ipc::choose_kv_path`] whether it can map it, maps it once per peer
 //! (cached until [`CudaBackend::forget_ipc_peer`] or the backend goes), and copies the
 //! named blocks with one `copy_segments` kernel on its copy stream
-//! ([`CudaBackend::pull_blocks_ipc`]). Whatever rules the device copy out (the pure
+//! (`Backend::pull_blocks_ipc`). Whatever rules the device copy out (the pure
 //! decision's reasons, or the driver refusing the handle) comes back as a
 //! [`HostReason`]: the caller takes the host path.
 //!
@@ -13,14 +13,13 @@
 //! the consumer says it is done; a pull returns only once its copy is over.
 
 use std::collections::BTreeMap;
-use std::time::Duration;
 
 use super::CudaBackend;
 use crate::backend::BackendError;
 use crate::cuda::device::{DBuf, IpcMapping};
 use crate::kv_ipc::{
-    choose_kv_path, ipc_copy_pairs, ConsumerPlace, HostReason, IpcPoolShape, KvIpcPool, KvPath,
-    ProcessPlace,
+    choose_kv_path, ipc_copy_pairs, ConsumerPlace, HostReason, IpcPoolShape, IpcPull, KvIpcPool,
+    KvPath, ProcessPlace,
 };
 
 /// Most peer pools kept mapped; the oldest mapping goes first beyond it.
@@ -38,20 +37,11 @@ pub(crate) struct IpcPeers {
     made: u64,
 }
 
-/// What [`CudaBackend::pull_blocks_ipc`] did.
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub enum IpcPull {
-    /// The blocks were copied device to device, in this device time.
-    Copied(Duration),
-    /// No device copy was possible, for this reason: take the host path.
-    Host(HostReason),
-}
-
 impl CudaBackend {
     /// What another process on this host needs to copy blocks out of this pool: its IPC
     /// handle, where it lives and its shape. Cheap; the handle is the same for the pool's
     /// life.
-    pub fn kv_ipc_pool(&self) -> Result<KvIpcPool, BackendError> {
+    pub fn kv_ipc_offer(&self) -> Result<KvIpcPool, BackendError> {
         let base = self.kv_alloc.ptr();
         let offset = |b: &DBuf| b.ptr() - base;
         Ok(KvIpcPool {
@@ -92,7 +82,7 @@ impl CudaBackend {
     /// not yet (kept for later pulls). The owner's blocks must be written and held until
     /// this returns. [`IpcPull::Host`] when the device copy is ruled out (nothing was
     /// copied); an error for bad block ids or a failed copy.
-    pub fn pull_blocks_ipc(
+    pub(super) fn pull_ipc(
         &mut self,
         offer: &KvIpcPool,
         src_ids: &[u32],
