@@ -274,6 +274,7 @@ async fn an_offered_device_path_holds_the_blocks_until_unpinned_and_cpu_takes_th
         device_uuid: [0; 16],
         handle: vec![0; IPC_HANDLE_BYTES],
         bytes: 1 << 30,
+        base: 0,
         shape: IpcPoolShape::of(&layout),
         k: vec![0; layout.n_layers],
         v: vec![0; layout.n_layers],

@@ -92,6 +92,10 @@ pub struct KvIpcPool {
     pub handle: Vec<u8>,
     /// Bytes of that allocation.
     pub bytes: u64,
+    /// The allocation's device address in the owner's process (meaningful there only: a
+    /// second backend of that process on the same device copies from it directly).
+    #[serde(default)]
+    pub base: u64,
     pub shape: IpcPoolShape,
     /// Byte offset of each layer's K and V pool inside the allocation.
     pub k: Vec<u64>,
@@ -135,6 +139,9 @@ pub struct ConsumerPlace {
 pub enum KvPath {
     /// Map the peer's pool by its IPC handle and copy device to device.
     DeviceIpc,
+    /// The owner is a backend of this process on this device: copy device to device from
+    /// its addresses (no mapping).
+    DeviceLocal,
     /// Through host memory (the transfer plane's layer chunks), for this reason.
     Host(HostReason),
 }
@@ -160,7 +167,7 @@ pub enum HostReason {
     BadOffer,
     #[error("the owner runs on another host")]
     OtherHost,
-    #[error("the owner is this process (copy pool to pool instead)")]
+    #[error("the owner is this process, on another device")]
     SameProcess,
     #[error("the owner's GPU cannot be reached from this one (no peer access)")]
     NoPeerAccess,
@@ -188,7 +195,8 @@ impl HostReason {
 
 /// The pure decision: device copy by IPC when the offer is well formed, from another process
 /// on this host, on this GPU or one this GPU has peer access to, with a pool of this
-/// shape; the host path otherwise, with the first reason that rules IPC out.
+/// shape (from this process on this GPU: a device copy with no mapping); the host path
+/// otherwise, with the first reason that rules the device copy out.
 pub fn choose_kv_path(
     here: &ConsumerPlace,
     layout: &KvLayout,
@@ -201,7 +209,7 @@ pub fn choose_kv_path(
         Some(HostReason::BadOffer)
     } else if offer.place.host != here.place.host {
         Some(HostReason::OtherHost)
-    } else if offer.place.pid == here.place.pid {
+    } else if offer.place.pid == here.place.pid && offer.device_uuid != here.device_uuid {
         Some(HostReason::SameProcess)
     } else if offer.device_uuid != here.device_uuid && here.peer_access != Some(true) {
         Some(HostReason::NoPeerAccess)
@@ -212,6 +220,7 @@ pub fn choose_kv_path(
     };
     match reason {
         Some(r) => KvPath::Host(r),
+        None if offer.place.pid == here.place.pid => KvPath::DeviceLocal,
         None => KvPath::DeviceIpc,
     }
 }
@@ -291,6 +300,7 @@ mod tests {
             device_uuid: [uuid; 16],
             handle: vec![7; IPC_HANDLE_BYTES],
             bytes: region * 4,
+            base: 1 << 32,
             shape,
             k: vec![0, 2 * region],
             v: vec![region, 3 * region],
@@ -322,8 +332,9 @@ mod tests {
             pick(&offer("b/boot", 10, 1)),
             KvPath::Host(HostReason::OtherHost)
         );
+        assert_eq!(pick(&offer("a/boot", 20, 1)), KvPath::DeviceLocal);
         assert_eq!(
-            pick(&offer("a/boot", 20, 1)),
+            pick(&offer("a/boot", 20, 2)),
             KvPath::Host(HostReason::SameProcess)
         );
         assert_eq!(

@@ -207,8 +207,8 @@ const IPC_CHILD_JOB: &str = "TURBINE_TEST_KV_IPC_JOB";
 /// into a pool and offers its IPC handle; a child process (this test binary again, running
 /// [`ipc_child`]) maps the pool, copies the blocks device to device, and sends back the bytes
 /// it then holds and its greedy decode, which equal the prefill's bytes and aggregated
-/// serving. In this process the offer is refused: by the pure decision (same process), and
-/// by the driver when the decision is told otherwise (a process cannot open its own handle).
+/// serving. In this process the driver refuses the handle (a process cannot open its own),
+/// and a second backend copies from the offer's own addresses instead.
 #[test]
 fn kv_blocks_move_between_processes_by_ipc_handle() {
     use turbine_kernels::kv_ipc::IpcPull;
@@ -233,14 +233,10 @@ fn kv_blocks_move_between_processes_by_ipc_handle() {
     assert!(offer.well_formed(), "{offer:?}");
     assert_eq!(offer.handle, p.kv_ipc_pool().unwrap().handle, "one handle");
 
-    // This process: the decision says copy pool to pool; told it is another process, the
-    // driver refuses to map our own handle. Nothing is copied either way.
+    // This process: told it is another process, the driver refuses to map our own handle
+    // (nothing is copied); as it is, the offer's own addresses serve a device copy.
     let mut d = backend(Some(3));
     let d_table: Vec<u32> = [40, 2, 33, 8, 21, 60].into_iter().take(total).collect();
-    assert_eq!(
-        d.pull_blocks_ipc(&offer, src, &d_table[..blocks]).unwrap(),
-        IpcPull::Host(HostReason::SameProcess)
-    );
     let mut pretend = offer.clone();
     pretend.place.pid = pretend.place.pid.wrapping_add(1);
     assert_eq!(d.kv_path(Some(&pretend)).unwrap(), KvPath::DeviceIpc);
@@ -252,6 +248,14 @@ fn kv_blocks_move_between_processes_by_ipc_handle() {
         other => panic!("our own handle was mapped: {other:?}"),
     }
     assert_eq!(d.ipc_peers_open(), 0);
+    assert_ne!(d.export_blocks(&d_table[..blocks]).unwrap(), exported);
+    assert_eq!(d.kv_path(Some(&offer)).unwrap(), KvPath::DeviceLocal);
+    assert!(matches!(
+        d.pull_blocks_ipc(&offer, src, &d_table[..blocks]).unwrap(),
+        IpcPull::Copied(_)
+    ));
+    assert_eq!(d.export_blocks(&d_table[..blocks]).unwrap(), exported);
+    assert_eq!(decode(&mut d, first, prompt.len(), &d_table), reference);
     drop(d);
 
     // Another process.

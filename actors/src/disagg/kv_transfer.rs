@@ -110,7 +110,7 @@ pub struct KvExport {
     /// to device pulls no bytes of it (a pull of nothing, which also unpins); one that
     /// cannot pulls the layer chunks as usual.
     #[serde(default)]
-    pub ipc: Option<KvIpcSource>,
+    pub ipc: Option<Box<KvIpcSource>>,
 }
 
 /// A prefill worker's blocks, where a process on its host can copy them device to device.
@@ -168,7 +168,7 @@ pub async fn export_blocks(
                 bytes: chunks[0].clone(),
                 _guard: guard,
             });
-            Some(KvIpcSource { pool, blocks: ids })
+            Some(Box::new(KvIpcSource { pool, blocks: ids }))
         }
         _ => None,
     };
@@ -205,7 +205,7 @@ async fn import_by_device(
     {
         IpcPull::Copied(_) => {}
         IpcPull::Host(reason) => {
-            if !matches!(reason, HostReason::SameProcess | HostReason::NotDevice) {
+            if !matches!(reason, HostReason::NotDevice) {
                 tracing::info!(owner = %export.descriptor.owner, "KV by host memory: {reason}");
             }
             return Ok(Err(reason.label()));

@@ -49,6 +49,7 @@ impl CudaBackend {
             device_uuid: self.gpu.device_uuid()?,
             handle: self.kv_alloc.ipc_handle()?.to_vec(),
             bytes: self.kv_alloc.len() as u64,
+            base,
             shape: IpcPoolShape::of(&self.layout),
             k: self.kcache.iter().map(offset).collect(),
             v: self.vcache.iter().map(offset).collect(),
@@ -79,7 +80,7 @@ impl CudaBackend {
 
     /// Copies blocks `src_ids` of the peer pool `offer` into this pool's `dst_ids`, device
     /// to device on this backend's copy stream, mapping the pool first if this backend has
-    /// not yet (kept for later pulls). The owner's blocks must be written and held until
+    /// not yet (kept for later pulls; an offer of this process needs no mapping). The owner's blocks must be written and held until
     /// this returns. [`IpcPull::Host`] when the device copy is ruled out (nothing was
     /// copied); an error for bad block ids or a failed copy.
     pub(super) fn pull_ipc(
@@ -88,12 +89,15 @@ impl CudaBackend {
         src_ids: &[u32],
         dst_ids: &[u32],
     ) -> Result<IpcPull, BackendError> {
-        if let KvPath::Host(reason) = self.kv_path(Some(offer))? {
-            return Ok(IpcPull::Host(reason));
-        }
-        let base = match self.ipc_mapping(offer) {
-            Ok(base) => base,
-            Err(reason) => return Ok(IpcPull::Host(reason)),
+        let base = match self.kv_path(Some(offer))? {
+            KvPath::Host(reason) => return Ok(IpcPull::Host(reason)),
+            // Two backends of this process on one device share its primary context: the
+            // owner's addresses are valid here.
+            KvPath::DeviceLocal => offer.base,
+            KvPath::DeviceIpc => match self.ipc_mapping(offer) {
+                Ok(base) => base,
+                Err(reason) => return Ok(IpcPull::Host(reason)),
+            },
         };
         let pairs = ipc_copy_pairs(
             offer,
