@@ -403,7 +403,12 @@ impl EngineLoop {
             }
             self.sinks.remove(&id);
             self.phases.ended(id);
-            let _ = reply.send(answer);
+            if let Err(Ok(unsent)) = reply.send(answer) {
+                // Its caller went away meanwhile: nobody will pull it (held blocks go too).
+                if let Some(plane) = &self.remote.plane {
+                    plane.release(&unsent.descriptor);
+                }
+            }
         }
     }
 }
