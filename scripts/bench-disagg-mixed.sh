@@ -8,14 +8,17 @@
 #       [--shapes "agg1 agg2 disagg"] [--runs N] [--long-tokens 4000] [--long-requests 8]
 #       [--long-concurrency 2] [--short-tokens 128] [--short-requests 256]
 #       [--short-concurrency 32] [--max-tokens 128] [--kv-blocks 8192] [--out DIR]
+#       [--remote-min-tokens 1024] [--greedy-words 500]
 #
 # Shapes: agg1 = one aggregated worker; agg2 = two aggregated workers; disagg = one prefill
 # and one decode worker (all on --device; with cuda:N every worker is an executor on GPU N);
 # disagg-proc = the same two workers as two `turbine worker` processes (KV between them by a
 # device copy through the pool's CUDA IPC handle on a GPU, else over the transfer plane's
 # sockets; turbine_disagg_transfer_paths says which).
-# The remote-prefill threshold is 1024 uncached tokens: the long prompts go to the prefill
-# worker, the short ones are prefilled where they decode.
+# The remote-prefill threshold is 1024 uncached tokens (--remote-min-tokens): the long
+# prompts go to the prefill worker, the short ones are prefilled where they decode. Each
+# shape also answers one greedy request of --greedy-words words (past the threshold); its
+# text must be the same in every shape and run (checked at the end).
 set -euo pipefail
 
 TURBINE=target/release/turbine
@@ -31,6 +34,8 @@ SHORT_REQUESTS=256
 SHORT_CONC=32
 MAX_TOKENS=128
 KV_BLOCKS=8192
+REMOTE_MIN=1024
+GREEDY_WORDS=500
 OUT_DIR=${OUT:-/tmp}/disagg-mixed
 PORT=8131
 while [ $# -gt 0 ]; do
@@ -48,8 +53,10 @@ while [ $# -gt 0 ]; do
     --short-concurrency) SHORT_CONC=$2; shift 2;;
     --max-tokens) MAX_TOKENS=$2; shift 2;;
     --kv-blocks) KV_BLOCKS=$2; shift 2;;
+    --remote-min-tokens) REMOTE_MIN=$2; shift 2;;
+    --greedy-words) GREEDY_WORDS=$2; shift 2;;
     --out) OUT_DIR=$2; shift 2;;
-    -h|--help) sed -n '2,16p' "$0"; exit 0;;
+    -h|--help) sed -n '2,21p' "$0"; exit 0;;
     *) echo "unknown option $1 (see --help)" >&2; exit 2;;
   esac
 done
@@ -90,7 +97,7 @@ EOF
       cat <<EOF
 disaggregation:
   policy: conditional
-  remote_prefill_min_tokens: 1024
+  remote_prefill_min_tokens: $REMOTE_MIN
   max_prefill_queue: 16
   remote_prefill_timeout_ms: 120000
 EOF
@@ -150,10 +157,10 @@ for run in $(seq 1 "$RUNS"); do
         sleep 0.5
       done
     fi
-    # One greedy request with a long prompt (remote prefill where disaggregated): its text
-    # must be the same in every shape (compared at the end).
-    words=$(for i in $(seq 1 1400); do printf 'w%d ' $((i * 7919 % 1000)); done)
-    name=$(curl -sf "$url/v1/models" | python3 -c 'import json,sys; print(json.load(sys.stdin)["data"][0]["id"])')
+    # One greedy request with a long prompt (remote prefill where disaggregated), its text
+    # compared at the end.
+    words=$(for i in $(seq 1 "$GREEDY_WORDS"); do printf 'w%d ' $((i * 7919 % 1000)); done)
+    name=$(curl -sf "$url/v1/models" | python3 -c 'import json,sys; print(json.load(sys.stdin)["data"][0]["id"])' || true)
     curl -sf "$url/v1/chat/completions" -H 'content-type: application/json' \
       -d "{\"model\":\"$name\",\"messages\":[{\"role\":\"user\",\"content\":\"$words\"}],\"max_tokens\":48,\"temperature\":0}" \
       | python3 -c 'import json,sys; print(json.load(sys.stdin)["choices"][0]["message"]["content"])' \
