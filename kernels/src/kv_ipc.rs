@@ -26,17 +26,21 @@ pub struct ProcessPlace {
 }
 
 impl ProcessPlace {
-    /// This process.
+    /// This process (read once).
     pub fn here() -> ProcessPlace {
-        let read = |p: &str| std::fs::read_to_string(p).map(|s| s.trim().to_string());
-        let name = read("/proc/sys/kernel/hostname")
-            .or_else(|_| read("/etc/hostname"))
-            .unwrap_or_default();
-        let boot = read("/proc/sys/kernel/random/boot_id").unwrap_or_default();
-        ProcessPlace {
-            host: format!("{name}/{boot}"),
-            pid: std::process::id(),
-        }
+        static HERE: std::sync::OnceLock<ProcessPlace> = std::sync::OnceLock::new();
+        HERE.get_or_init(|| {
+            let read = |p: &str| std::fs::read_to_string(p).map(|s| s.trim().to_string());
+            let name = read("/proc/sys/kernel/hostname")
+                .or_else(|_| read("/etc/hostname"))
+                .unwrap_or_default();
+            let boot = read("/proc/sys/kernel/random/boot_id").unwrap_or_default();
+            ProcessPlace {
+                host: format!("{name}/{boot}"),
+                pid: std::process::id(),
+            }
+        })
+        .clone()
     }
 }
 
