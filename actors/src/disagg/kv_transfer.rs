@@ -201,10 +201,15 @@ async fn import_by_device(
     let dst: Vec<u32> = blocks.iter().map(|b| b.0).collect();
     match exec
         .pull_blocks_ipc(src.pool.clone(), src_ids.to_vec(), dst)
-        .await?
+        .await
     {
-        IpcPull::Copied(_) => {}
-        IpcPull::Host(reason) => {
+        Ok(IpcPull::Copied(_)) => {}
+        Err(e) => {
+            // The owner still pins the blocks: the host path rewrites all of them.
+            tracing::warn!(owner = %export.descriptor.owner, "device copy failed ({e}); KV by host memory");
+            return Ok(Err("copy_failed"));
+        }
+        Ok(IpcPull::Host(reason)) => {
             if !matches!(reason, HostReason::NotDevice) {
                 tracing::info!(owner = %export.descriptor.owner, "KV by host memory: {reason}");
             }
