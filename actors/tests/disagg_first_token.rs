@@ -63,6 +63,7 @@ fn export() -> KvExport {
             expires_after_ms: 10_000,
         },
         layout,
+        ipc: None,
     }
 }
 
@@ -137,6 +138,8 @@ impl Handler<WorkerService> for ScriptedDecode {
                 blocks: 0,
                 bytes: 0,
                 seconds: 0.0,
+                device_copy: false,
+                host_reason: None,
             };
             if sink.send(WorkerReply::Import(imported)).await.is_ok() {
                 let _ = sink.send(token(SECOND, Some(FinishReason::Length))).await;

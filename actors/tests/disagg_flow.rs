@@ -200,6 +200,7 @@ async fn remote_prefill_equals_aggregated_and_bad_or_expired_descriptors_fall_ba
             expires_after_ms: 10_000,
         },
         layout,
+        ipc: None,
     };
     let req = PreprocessedRequest {
         id: RequestId(9_000),

@@ -23,6 +23,7 @@ mod scheduler_behaviour;
 mod scheduler_disagg;
 mod scheduler_proptest;
 mod worker_images;
+mod worker_kv_hold;
 
 #[path = "../../tests/layout/declared.rs"]
 mod layout;

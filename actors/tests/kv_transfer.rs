@@ -131,7 +131,7 @@ async fn prefill_there_decode_here(
     let held = pf.take_prefilled().remove(0);
     assert_eq!(first, vec![held.first_token]);
     assert_eq!(held.blocks.len(), 4);
-    let export = kv_transfer::export_blocks(a, owner, &held.blocks)
+    let export = kv_transfer::export_blocks(a, owner, &held.blocks, None)
         .await
         .expect("export");
     // The plane holds a copy: A's blocks can go back to its pool at once.
@@ -148,7 +148,8 @@ async fn prefill_there_decode_here(
     let moved = kv_transfer::import_blocks(b, consumer, &export, 0, adm.import_into())
         .await
         .expect("import");
-    assert_eq!(moved as usize, bytes);
+    assert!(!moved.device_copy, "CPU executors offer no device path");
+    assert_eq!(moved.bytes as usize, bytes);
     assert!(dec.kv_imported(RequestId(1)));
     let mut tokens = first;
     tokens.extend(drive(&mut dec, b).await);
@@ -169,7 +170,7 @@ async fn prefill_there_decode_here(
     pf.add_prefill_only(second.clone(), Duration::ZERO).unwrap();
     let first = drive(&mut pf, a).await;
     let held = pf.take_prefilled().remove(0);
-    let export = kv_transfer::export_blocks(a, owner, &held.blocks)
+    let export = kv_transfer::export_blocks(a, owner, &held.blocks, None)
         .await
         .expect("export");
     pf.release_held(RequestId(2));
@@ -181,7 +182,7 @@ async fn prefill_there_decode_here(
     let moved = kv_transfer::import_blocks(b, consumer, &export, skip, adm.import_into())
         .await
         .expect("import of the uncached tail");
-    assert_eq!(moved as usize, export.layout.block_bytes());
+    assert_eq!(moved.bytes as usize, export.layout.block_bytes());
     assert!(dec.kv_imported(RequestId(2)));
     let mut tokens = first;
     tokens.extend(drive(&mut dec, b).await);
@@ -224,4 +225,109 @@ async fn prefill_on_a_decode_on_b_matches_aggregated_in_process_and_across_socke
         .await
         .unwrap();
     prefill_there_decode_here(&m, (&a, &b), &reference, &owner, &consumer).await;
+}
+
+/// Set when dropped: stands for the prefill worker's "free the held blocks" message.
+struct Dropped(std::sync::Arc<std::sync::atomic::AtomicBool>);
+
+impl Drop for Dropped {
+    fn drop(&mut self) {
+        self.0.store(true, std::sync::atomic::Ordering::SeqCst);
+    }
+}
+
+/// Waits (bounded) until `flag` is set: the owner unpins a pulled buffer just after the
+/// consumer has its last piece.
+async fn until_set(flag: &std::sync::atomic::AtomicBool) -> bool {
+    for _ in 0..500 {
+        if flag.load(std::sync::atomic::Ordering::SeqCst) {
+            return true;
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    false
+}
+
+/// An export that offers a device path (what a GPU prefill worker sends: its pool's IPC
+/// offer, the blocks held until the plane unpins the buffer): the guard lives exactly as
+/// long as the pin, through a pull and through a discard; a CPU decode executor cannot map
+/// device memory, so it takes the host path, says why, and decodes like aggregated serving.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_offered_device_path_holds_the_blocks_until_unpinned_and_cpu_takes_the_host_path() {
+    use std::sync::atomic::{AtomicBool, Ordering};
+    use std::sync::Arc;
+    use turbine_kernels::kv_ipc::{IpcPoolShape, KvIpcPool, ProcessPlace, IPC_HANDLE_BYTES};
+    let Some(m) = model() else { return };
+    let (a, b) = (executor(&m, "exec-a"), executor(&m, "exec-b"));
+    let mut agg = scheduler();
+    agg.add_request(request(&prompt()), Duration::ZERO).unwrap();
+    let reference = drive(&mut agg, &a).await;
+
+    let reg = MetricsRegistry::new();
+    let clock = TokioClock::shared();
+    let hub = TransferHub::new();
+    let owner = TransferPlane::in_memory("prefill", planes_cfg(), clock.clone(), &reg, &hub);
+    let consumer = TransferPlane::in_memory("decode", planes_cfg(), clock, &reg, &hub);
+    let layout = a.kv_layout().await.unwrap();
+    let offer = KvIpcPool {
+        place: ProcessPlace::here(),
+        device_uuid: [0; 16],
+        handle: vec![0; IPC_HANDLE_BYTES],
+        bytes: 1 << 30,
+        base: 0,
+        shape: IpcPoolShape::of(&layout),
+        k: vec![0; layout.n_layers],
+        v: vec![0; layout.n_layers],
+    };
+
+    let mut pf = scheduler();
+    pf.add_prefill_only(request(&prompt()), Duration::ZERO)
+        .unwrap();
+    let first = drive(&mut pf, &a).await;
+    let held = pf.take_prefilled().remove(0);
+    let freed = Arc::new(AtomicBool::new(false));
+    let guard = Box::new(Dropped(freed.clone()));
+    let export = kv_transfer::export_blocks(&a, &owner, &held.blocks, Some((offer.clone(), guard)))
+        .await
+        .expect("export");
+    let ids: Vec<u32> = held.blocks.iter().map(|b| b.0).collect();
+    assert_eq!(export.ipc.as_ref().map(|i| &i.blocks), Some(&ids));
+    assert!(!freed.load(Ordering::SeqCst), "held while pinned");
+
+    let mut dec = scheduler();
+    let adm = dec
+        .add_with_remote_kv(request(&prompt()), held.first_token, Duration::ZERO)
+        .unwrap();
+    let moved = kv_transfer::import_blocks(&b, &consumer, &export, 0, adm.import_into())
+        .await
+        .expect("import");
+    assert!(!moved.device_copy);
+    assert_eq!(moved.host_reason, Some("not_device"));
+    assert_eq!(moved.bytes as usize, export.layout.total_bytes());
+    assert!(
+        until_set(&freed).await,
+        "pulled: the held blocks are let go"
+    );
+    assert!(pf.release_held(RequestId(1)));
+    assert!(dec.kv_imported(RequestId(1)));
+    let mut tokens = first;
+    tokens.extend(drive(&mut dec, &b).await);
+    assert_eq!(
+        tokens, reference,
+        "the host path after an offer equals aggregated"
+    );
+
+    // Discarded (the decode worker had no room): let go too.
+    let freed = Arc::new(AtomicBool::new(false));
+    let guard = Box::new(Dropped(freed.clone()));
+    let export = kv_transfer::export_blocks(&a, &owner, &held.blocks, Some((offer, guard)))
+        .await
+        .expect("export");
+    assert!(!freed.load(Ordering::SeqCst));
+    consumer.discard(&export.descriptor).await.unwrap();
+    assert!(
+        until_set(&freed).await,
+        "discarded: the held blocks are let go"
+    );
+    assert_eq!(owner.pinned(), (0, 0));
 }

@@ -15,6 +15,12 @@
 //! (`export_layer_chunks`, `import_layer_chunks` from page-locked slices and from pageable
 //! copies). Block ids are a shuffled permutation of the pool on both sides (not contiguous).
 //! Device events (median of `--reps` after 3 warm-ups), and host wall clock for whole calls.
+//!
+//! Between two **processes** (a prefill and a decode worker on one GPU): the bench starts
+//! itself again as a child (`--ipc-child FILE`, a backend of its own), which maps the first
+//! backend's pool by its CUDA IPC handle and times `pull_blocks_ipc` (device to device, no
+//! host), the first pull (which maps the pool) apart; its figures print beside the pinned
+//! host path's, measured in the same run.
 
 use std::time::{Duration, Instant};
 use turbine_kernels::backend::{Backend, SeqStep};
@@ -22,6 +28,7 @@ use turbine_kernels::cuda::device::elapsed_ms;
 use turbine_kernels::cuda::{
     device_count, synthetic_config, CudaBackend, CudaBackendOptions, Gpu, PinnedBytes,
 };
+use turbine_kernels::kv_ipc::{IpcPull, KvIpcPool};
 
 fn median(mut v: Vec<f64>) -> f64 {
     v.sort_by(|a, b| a.total_cmp(b));
@@ -73,6 +80,69 @@ fn copy_ms(g: &Gpu, f: impl FnOnce()) -> f64 {
     f64::from(elapsed_ms(&a, &b).unwrap())
 }
 
+/// The child's side of the IPC measurement: a backend of its own in this process maps the
+/// parent's pool (the offer in the job file) and pulls the job's blocks `reps` times.
+/// Prints one `IPC first_wall_ms dev_ms wall_ms` line (medians after 3 warm-ups).
+fn ipc_child(job: &str, config: turbine_kernels::model::ModelConfig, opts: CudaBackendOptions) {
+    let job: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(job).expect("the job file")).expect("a job");
+    let offer: KvIpcPool = serde_json::from_value(job["offer"].clone()).expect("an offer");
+    let ids = |k: &str| -> Vec<u32> { serde_json::from_value(job[k].clone()).expect("ids") };
+    let (src, dst) = (ids("src"), ids("dst"));
+    let reps = job["reps"].as_u64().expect("reps") as usize;
+    let mut b = CudaBackend::synthetic(config, 3, opts).unwrap();
+    b.randomize_kv(13).unwrap();
+    let pull = |b: &mut CudaBackend| match b.pull_blocks_ipc(&offer, &src, &dst).unwrap() {
+        IpcPull::Copied(d) => ms(d),
+        IpcPull::Host(why) => panic!("no device copy: {why}"),
+    };
+    let first = wall(|| {
+        pull(&mut b);
+    });
+    let mut walls = Vec::new();
+    let dev = med(reps, || {
+        let mut d = 0.0;
+        walls.push(wall(|| d = pull(&mut b)));
+        d
+    });
+    println!("IPC {first:.3} {dev:.4} {:.4}", median(walls));
+}
+
+/// Runs the child side in another process against `a`'s pool; (first pull wall, device,
+/// wall) in ms.
+fn ipc_in_child(
+    a: &CudaBackend,
+    args: &[String],
+    src: &[u32],
+    dst: &[u32],
+    reps: usize,
+) -> (f64, f64, f64) {
+    let job = serde_json::json!({
+        "offer": a.kv_ipc_pool().unwrap(),
+        "src": src,
+        "dst": dst,
+        "reps": reps,
+    });
+    let file = std::env::temp_dir().join(format!("cuda_kv_bench-{}.json", std::process::id()));
+    std::fs::write(&file, job.to_string()).unwrap();
+    let mut cmd = std::process::Command::new(std::env::current_exe().unwrap());
+    cmd.args(&args[1..]).arg("--ipc-child").arg(&file);
+    let out = cmd.output().expect("the child runs");
+    let _ = std::fs::remove_file(&file);
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "IPC child failed: {text}{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let line = text
+        .lines()
+        .find_map(|l| l.strip_prefix("IPC "))
+        .expect("the child's figures");
+    let v: Vec<f64> = line.split(' ').map(|x| x.parse().unwrap()).collect();
+    (v[0], v[1], v[2])
+}
+
 fn main() {
     let args: Vec<String> = std::env::args().collect();
     let model = arg(&args, "--model").unwrap_or_else(|| "synthetic:llama-3-8b".into());
@@ -91,6 +161,10 @@ fn main() {
         num_blocks: 2048,
         block_size: 16,
     };
+    if let Some(job) = arg(&args, "--ipc-child") {
+        ipc_child(&job, config, opts);
+        return;
+    }
     let t = Instant::now();
     let mut a = CudaBackend::synthetic(config.clone(), 1, opts).unwrap();
     let mut b = CudaBackend::synthetic(config.clone(), 2, opts).unwrap();
@@ -150,6 +224,9 @@ fn main() {
         }));
         dev
     });
+
+    // Pool to pool between two processes, by the pool's IPC handle (the child's backend).
+    let (ipc_first, ipc_dev, ipc_wall) = ipc_in_child(&a, &args, src, dst, reps);
 
     // Pool to pinned host, layer by layer.
     let mut host = Some(host);
@@ -293,6 +370,12 @@ fn main() {
         median(d2d_wall)
     );
     println!(
+        "| KV pool -> pool of another process, IPC handle | {ipc_dev:.3} ms | {:.0} | {:.0} | {:.0}% | {ipc_wall:.3} ms (first, mapping the pool: {ipc_first:.1} ms) |",
+        gbs(ipc_dev),
+        gbs(dtod),
+        100.0 * dtod / ipc_dev,
+    );
+    println!(
         "| KV export -> pinned host, per layer | {export:.3} ms | {:.1} | {:.1} | {:.0}% | {:.3} ms |",
         gbs(export),
         gbs(dtoh),
@@ -341,6 +424,16 @@ fn main() {
         gbs(chunk_import_pageable),
         gbs(htod),
         100.0 * htod / chunk_import_pageable
+    );
+    let host_path = chunk_export + chunk_import_locked;
+    println!(
+        "| whole move, host path: `export_layer_chunks` + `import_layer_chunks` (wall) | | {:.1} | | | {host_path:.3} ms |",
+        gbs(host_path)
+    );
+    println!(
+        "| whole move, IPC: `pull_blocks_ipc` (wall, other process) | | {:.0} | | | {ipc_wall:.3} ms ({:.0}x faster) |",
+        gbs(ipc_wall),
+        host_path / ipc_wall
     );
     println!();
     println!(

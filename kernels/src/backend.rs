@@ -14,6 +14,7 @@
 use bytes::Bytes;
 
 use crate::kv_chunks;
+use crate::kv_ipc::{HostReason, IpcPull, KvIpcPool};
 use crate::model::ModelConfig;
 use crate::sampling::{sample_rows_on_host, SampleRow, SampledToken, SamplingError};
 use thiserror::Error;
@@ -330,6 +331,27 @@ pub trait Backend: Send {
     fn import_layer_chunks(&mut self, ids: &[u32], chunks: &[Bytes]) -> Result<(), BackendError> {
         let data = kv_chunks::to_block_major(&self.kv_layout(), ids.len(), chunks)?;
         self.import_blocks(ids, &data)
+    }
+
+    /// What another process on this host needs to copy blocks straight out of this pool,
+    /// device to device ([`crate::kv_ipc`]); `None` (the default) when the pool cannot be
+    /// shared so.
+    fn kv_ipc_pool(&self) -> Option<KvIpcPool> {
+        None
+    }
+
+    /// Copies blocks `src` of another process's pool (its [`Backend::kv_ipc_pool`]) into
+    /// this pool's `dst`, device to device; [`IpcPull::Host`] with the reason when that is
+    /// not possible here (the default: this backend has no device memory to map into).
+    /// The owner's blocks must be written and held until this returns.
+    fn pull_blocks_ipc(
+        &mut self,
+        offer: &KvIpcPool,
+        src: &[u32],
+        dst: &[u32],
+    ) -> Result<IpcPull, BackendError> {
+        let _ = (offer, src, dst);
+        Ok(IpcPull::Host(HostReason::NotDevice))
     }
 }
 

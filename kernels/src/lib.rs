@@ -13,6 +13,7 @@ pub mod gguf;
 pub mod grammar;
 pub mod kv_cache;
 pub mod kv_chunks;
+pub mod kv_ipc;
 pub mod loader;
 pub mod model;
 pub mod quant;

@@ -49,7 +49,12 @@ pub fn count_import(metrics: &DisaggMetrics, outcome: &ImportOutcome) {
             blocks,
             bytes,
             seconds,
-        } => metrics.transferred(*blocks, *bytes, *seconds),
+            device_copy,
+            host_reason,
+        } => {
+            metrics.transferred(*blocks, *bytes, *seconds);
+            metrics.transfer_path(*device_copy, host_reason.as_deref());
+        }
         ImportOutcome::Fallback { reason } => metrics.fallback(reason),
     }
 }

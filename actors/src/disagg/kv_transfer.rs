@@ -11,6 +11,7 @@
 use bytes::Bytes;
 use serde::{Deserialize, Serialize};
 use turbine_kernels::backend::KvLayout;
+use turbine_kernels::kv_ipc::{HostReason, IpcPull, KvIpcPool};
 use turbine_runtime::transfer::{ByteRange, Descriptor, TransferError, TransferPlane};
 
 use crate::executor::{ExecError, Executor};
@@ -103,36 +104,137 @@ impl KvChunkLayout {
 pub struct KvExport {
     pub descriptor: Descriptor,
     pub layout: KvChunkLayout,
+    /// The device path, when the prefill worker's pool can be mapped by another process on
+    /// its host (CUDA IPC): its pool and the blocks' ids in it. The blocks stay held there
+    /// until `descriptor` is pulled or expires, so a decode worker that copied them device
+    /// to device pulls no bytes of it (a pull of nothing, which also unpins); one that
+    /// cannot pulls the layer chunks as usual.
+    #[serde(default)]
+    pub ipc: Option<Box<KvIpcSource>>,
 }
 
-/// Copies `blocks` out of `exec`'s pool and pins them on `plane`, one chunk per layer. The
-/// caller may free the blocks in its own pool once this returns: the plane holds a copy.
+/// A prefill worker's blocks, where a process on its host can copy them device to device.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct KvIpcSource {
+    pub pool: KvIpcPool,
+    /// The transferred blocks' ids in `pool`, in order.
+    pub blocks: Vec<u32>,
+}
+
+/// How a decode worker's import went: bytes written into its pool, and whether they came
+/// device to device (and if not, why not, when a device path was offered).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Imported {
+    pub bytes: u64,
+    pub device_copy: bool,
+    /// Why an offered device path was not taken (`HostReason::label`).
+    pub host_reason: Option<&'static str>,
+}
+
+/// The owner of an exported chunk that also keeps `guard` alive: the transfer plane drops
+/// it when it unpins the buffer (pulled, discarded or expired) and the pull's slices are
+/// gone.
+struct Holding {
+    bytes: Bytes,
+    _guard: HoldGuard,
+}
+
+/// What an export keeps alive for as long as the plane pins it (see [`export_blocks`]).
+pub type HoldGuard = Box<dyn std::any::Any + Send>;
+
+impl AsRef<[u8]> for Holding {
+    fn as_ref(&self) -> &[u8] {
+        &self.bytes
+    }
+}
+
+/// Copies `blocks` out of `exec`'s pool and pins them on `plane`, one chunk per layer.
+/// Without `hold` the caller may free the blocks once this returns: the plane holds a
+/// copy. With `hold` (the executor's pool offer and a guard) the export also offers the
+/// blocks for a device copy, and the caller keeps them until `hold`'s guard is dropped,
+/// which happens when the plane unpins the buffer.
 pub async fn export_blocks(
     exec: &Executor,
     plane: &TransferPlane,
     blocks: &[BlockId],
+    hold: Option<(KvIpcPool, HoldGuard)>,
 ) -> Result<KvExport, KvTransferError> {
     let layout = KvChunkLayout::new(&exec.kv_layout().await?, blocks.len());
     let ids: Vec<u32> = blocks.iter().map(|b| b.0).collect();
-    let chunks = exec.export_layer_chunks(ids).await?;
+    let mut chunks = exec.export_layer_chunks(ids.clone()).await?;
+    let ipc = match hold {
+        Some((pool, guard)) if !chunks.is_empty() => {
+            chunks[0] = Bytes::from_owner(Holding {
+                bytes: chunks[0].clone(),
+                _guard: guard,
+            });
+            Some(Box::new(KvIpcSource { pool, blocks: ids }))
+        }
+        _ => None,
+    };
     Ok(KvExport {
         descriptor: plane.register(chunks),
         layout,
+        ipc,
     })
 }
 
-/// Pulls `export` over `plane` into `blocks` of `exec`'s pool: the layer chunks as they
-/// arrive, then one executor job imports them all. The first `skip` transferred
-/// blocks are not pulled at all (the decode worker caches them: `RemoteKvAdmission`'s
-/// `cached_blocks`); the rest go into `blocks`, in order. Returns the bytes pulled. On error
-/// the blocks hold garbage: the caller frees them (and prefills locally).
+/// The device path of [`import_blocks`]: `Some` when the blocks were copied device to
+/// device and the owner confirmed it held them throughout (the pull of nothing that also
+/// unpins them); `None`, with the reason, when the host path must run instead.
+async fn import_by_device(
+    exec: &Executor,
+    plane: &TransferPlane,
+    export: &KvExport,
+    skip: usize,
+    blocks: &[BlockId],
+) -> Result<Result<(), &'static str>, KvTransferError> {
+    let Some(src) = &export.ipc else {
+        return Ok(Err(HostReason::NoOffer.label()));
+    };
+    let Some(src_ids) = src.blocks.get(skip..skip + blocks.len()) else {
+        return Err(KvTransferError::BlockCount {
+            expected: src.blocks.len() as u32,
+            got: (skip + blocks.len()) as u32,
+        });
+    };
+    let dst: Vec<u32> = blocks.iter().map(|b| b.0).collect();
+    match exec
+        .pull_blocks_ipc(src.pool.clone(), src_ids.to_vec(), dst)
+        .await
+    {
+        Ok(IpcPull::Copied(_)) => {}
+        Err(e) => {
+            // The owner still pins the blocks: the host path rewrites all of them.
+            tracing::warn!(owner = %export.descriptor.owner, "device copy failed ({e}); KV by host memory");
+            return Ok(Err("copy_failed"));
+        }
+        Ok(IpcPull::Host(reason)) => {
+            if !matches!(reason, HostReason::NotDevice) {
+                tracing::info!(owner = %export.descriptor.owner, "KV by host memory: {reason}");
+            }
+            return Ok(Err(reason.label()));
+        }
+    }
+    // The owner unpins the buffer, and frees the blocks, only now: a success says they
+    // were there for the whole copy.
+    plane.discard(&export.descriptor).await?;
+    Ok(Ok(()))
+}
+
+/// Pulls `export` over `plane` into `blocks` of `exec`'s pool: device to device when the
+/// prefill worker offered it and [`turbine_kernels::kv_ipc::choose_kv_path`] allows it
+/// here, else the layer chunks as they arrive, then one executor job imports them all.
+/// The first `skip` transferred blocks are not pulled at all (the decode worker caches
+/// them: `RemoteKvAdmission`'s `cached_blocks`); the rest go into `blocks`, in order. On
+/// error the blocks hold garbage: the caller frees them (and prefills locally).
 pub async fn import_blocks(
     exec: &Executor,
     plane: &TransferPlane,
     export: &KvExport,
     skip: usize,
     blocks: &[BlockId],
-) -> Result<u64, KvTransferError> {
+) -> Result<Imported, KvTransferError> {
     let theirs = export.layout;
     let ours = KvChunkLayout::new(&exec.kv_layout().await?, blocks.len());
     if !ours.same_shape(&theirs) {
@@ -144,6 +246,38 @@ pub async fn import_blocks(
             got: (skip + blocks.len()) as u32,
         });
     }
+    let tail_bytes = (theirs.block_bytes() * blocks.len()) as u64;
+    let host_reason = if export.ipc.is_some() && !blocks.is_empty() {
+        match import_by_device(exec, plane, export, skip, blocks).await? {
+            Ok(()) => {
+                return Ok(Imported {
+                    bytes: tail_bytes,
+                    device_copy: true,
+                    host_reason: None,
+                })
+            }
+            Err(reason) => Some(reason),
+        }
+    } else {
+        None
+    };
+    let bytes = import_by_host(exec, plane, export, skip, blocks).await?;
+    Ok(Imported {
+        bytes,
+        device_copy: false,
+        host_reason,
+    })
+}
+
+/// The host path of [`import_blocks`]: returns the bytes pulled.
+async fn import_by_host(
+    exec: &Executor,
+    plane: &TransferPlane,
+    export: &KvExport,
+    skip: usize,
+    blocks: &[BlockId],
+) -> Result<u64, KvTransferError> {
+    let theirs = export.layout;
     let expected_chunks = vec![theirs.chunk_bytes() as u64; theirs.n_layers as usize];
     if export.descriptor.layout.chunks != expected_chunks {
         return Err(TransferError::SizeMismatch {

@@ -30,7 +30,16 @@ pub struct DisaggMetrics {
     transfer_blocks: Counter,
     transfer_seconds: Counter<f64, AtomicU64>,
     transfers: Counter,
+    /// Transfers by path: `device_ipc`, or `host`.
+    paths: Family<PathLabel, Counter>,
+    /// Transfers offered a device path that went through host memory, by reason.
+    host_paths: Family<ReasonLabel, Counter>,
     prefill_queue: Gauge,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct PathLabel {
+    pub path: String,
 }
 
 impl DisaggMetrics {
@@ -68,6 +77,16 @@ impl DisaggMetrics {
             m.transfers.clone(),
         );
         metrics.register(
+            "turbine_disagg_transfer_paths",
+            "KV transfers completed, by path: device_ipc (device to device between processes) or host",
+            m.paths.clone(),
+        );
+        metrics.register(
+            "turbine_disagg_transfer_host_reasons",
+            "KV transfers offered a device copy that went through host memory, by reason",
+            m.host_paths.clone(),
+        );
+        metrics.register(
             "turbine_disagg_prefill_queue",
             "Requests in flight on the prefill pool at the last routing decision",
             m.prefill_queue.clone(),
@@ -96,6 +115,33 @@ impl DisaggMetrics {
         self.transfer_blocks.inc_by(u64::from(blocks));
         self.transfer_bytes.inc_by(bytes);
         self.transfer_seconds.inc_by(seconds);
+    }
+
+    /// Counts a completed transfer's path (`host_reason`: why an offered device copy was
+    /// not taken).
+    pub fn transfer_path(&self, device_copy: bool, host_reason: Option<&str>) {
+        let path = if device_copy { "device_ipc" } else { "host" };
+        self.paths
+            .get_or_create(&PathLabel {
+                path: path.to_string(),
+            })
+            .inc();
+        if let Some(reason) = host_reason {
+            self.host_paths
+                .get_or_create(&ReasonLabel {
+                    reason: reason.to_string(),
+                })
+                .inc();
+        }
+    }
+
+    /// Transfers that took `path` (`device_ipc` or `host`) so far.
+    pub fn transfer_paths(&self, path: &str) -> u64 {
+        self.paths
+            .get_or_create(&PathLabel {
+                path: path.to_string(),
+            })
+            .get()
     }
 
     pub fn prefill_queue(&self, queued: u32) {

@@ -10,11 +10,16 @@ use turbine_runtime::transfer::TransferError;
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub enum ImportOutcome {
     /// The KV crossed: `blocks` blocks (those not cached on the decode worker), `bytes`
-    /// bytes, in `seconds`.
+    /// bytes, in `seconds`; device to device (`device_copy`), or through host memory, when
+    /// a device path was offered for `host_reason` (a `kv_ipc::HostReason` label).
     Imported {
         blocks: u32,
         bytes: u64,
         seconds: f64,
+        #[serde(default)]
+        device_copy: bool,
+        #[serde(default)]
+        host_reason: Option<String>,
     },
     /// The decode worker prefills locally instead; `reason` is a [`FallbackReason`] label.
     Fallback { reason: String },

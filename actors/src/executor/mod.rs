@@ -357,6 +357,34 @@ impl Executor {
             .await??)
     }
 
+    /// The backend's offer of its KV pool to other processes on this host (see
+    /// `Backend::kv_ipc_pool`); `None` for a backend that cannot share device memory and
+    /// for a simulated executor.
+    pub async fn kv_ipc_pool(&self) -> Option<turbine_kernels::kv_ipc::KvIpcPool> {
+        if self.simulated_kv().is_some() {
+            return None;
+        }
+        self.on_backend(|b| b.kv_ipc_pool()).await.ok().flatten()
+    }
+
+    /// Copies blocks `src` of another process's pool into `dst`, device to device (see
+    /// `Backend::pull_blocks_ipc`), or says why not.
+    pub async fn pull_blocks_ipc(
+        &self,
+        offer: turbine_kernels::kv_ipc::KvIpcPool,
+        src: Vec<u32>,
+        dst: Vec<u32>,
+    ) -> Result<turbine_kernels::kv_ipc::IpcPull, ExecError> {
+        if self.simulated_kv().is_some() {
+            return Ok(turbine_kernels::kv_ipc::IpcPull::Host(
+                turbine_kernels::kv_ipc::HostReason::NotDevice,
+            ));
+        }
+        Ok(self
+            .on_backend(move |b| b.pull_blocks_ipc(&offer, &src, &dst))
+            .await??)
+    }
+
     /// The shape of the backend's KV pool.
     pub async fn kv_layout(&self) -> Result<turbine_kernels::backend::KvLayout, ExecError> {
         if let Some(kv) = self.simulated_kv() {

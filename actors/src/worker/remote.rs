@@ -15,6 +15,7 @@ use crate::worker::AdmitError;
 use std::collections::{BTreeMap, BTreeSet};
 use tokio::sync::{mpsc, oneshot};
 use tracing::Instrument;
+use turbine_kernels::kv_ipc::KvIpcPool;
 use turbine_runtime::transfer::TransferPlane;
 
 /// The answer a prefill worker gives after the first token: the KV's descriptor, or why
@@ -44,6 +45,24 @@ pub(super) enum RemoteCommand {
         result: Result<ImportOutcome, FallbackReason>,
         outcome: oneshot::Sender<ImportOutcome>,
     },
+    /// The transfer plane let go of a held request's export (pulled, discarded or
+    /// expired): its blocks, kept for a device copy, are free to go.
+    ReleaseHeld(RequestId),
+}
+
+/// Sends [`RemoteCommand::ReleaseHeld`] when dropped: kept by an export's buffer on the
+/// transfer plane (`kv_transfer::export_blocks`'s `hold`).
+struct ReleaseOnDrop {
+    id: RequestId,
+    loopback: mpsc::WeakUnboundedSender<Command>,
+}
+
+impl Drop for ReleaseOnDrop {
+    fn drop(&mut self) {
+        if let Some(tx) = self.loopback.upgrade() {
+            let _ = tx.send(Command::Remote(RemoteCommand::ReleaseHeld(self.id)));
+        }
+    }
 }
 
 /// What the loop keeps for remote requests.
@@ -55,6 +74,9 @@ pub(super) struct RemoteState {
     loopback: mpsc::WeakUnboundedSender<Command>,
     /// Importing requests whose caller went away: aborted once their import is over.
     cancelled: BTreeSet<RequestId>,
+    /// The executor's offer of its pool for device copies (asked once; `None` inside:
+    /// it has none, and exports are copies the blocks need not outlive).
+    ipc_offer: Option<Option<KvIpcPool>>,
 }
 
 impl RemoteState {
@@ -67,6 +89,7 @@ impl RemoteState {
             exports: BTreeMap::new(),
             loopback,
             cancelled: BTreeSet::new(),
+            ipc_offer: None,
         }
     }
 
@@ -179,6 +202,9 @@ impl EngineLoop {
                 admitted,
                 span,
             } => self.admit_decode(*req, first_token, kv, out, outcome, admitted, span),
+            RemoteCommand::ReleaseHeld(id) => {
+                self.scheduler.release_held(id);
+            }
             RemoteCommand::Imported {
                 id,
                 result,
@@ -264,10 +290,12 @@ impl EngineLoop {
                     let started = clock.now();
                     let result = kv_transfer::import_blocks(&exec, &plane, &kv, skip, &into)
                         .await
-                        .map(|bytes| ImportOutcome::Imported {
+                        .map(|done| ImportOutcome::Imported {
                             blocks: into.len() as u32,
-                            bytes,
+                            bytes: done.bytes,
                             seconds: clock.now().saturating_duration_since(started).as_secs_f64(),
+                            device_copy: done.device_copy,
+                            host_reason: done.host_reason.map(str::to_string),
                         })
                         .map_err(|e| FallbackReason::of_import(&e));
                     if let Some(tx) = loopback.upgrade() {
@@ -329,8 +357,19 @@ impl EngineLoop {
         let _ = admitted.send(result);
     }
 
+    /// The executor's pool offer for device copies, asked once.
+    async fn ipc_offer(&mut self) -> Option<KvIpcPool> {
+        if self.remote.ipc_offer.is_none() {
+            self.remote.ipc_offer = Some(self.executor.kv_ipc_pool().await);
+        }
+        self.remote.ipc_offer.clone().flatten()
+    }
+
     /// After a step: every prefill-only request that has its first token is exported on the
-    /// plane (a copy: its blocks go back to the pool at once) and its caller answered.
+    /// plane and its caller answered. The export is a copy, so the blocks go back to the
+    /// pool at once; unless the executor's pool can be mapped by another process: then the
+    /// export also offers the blocks for a device copy, and they stay held until the plane
+    /// unpins the buffer (pulled, discarded or expired; [`RemoteCommand::ReleaseHeld`]).
     pub(super) async fn export_prefilled(&mut self) {
         for done in self.scheduler.take_prefilled() {
             let id = done.request;
@@ -340,17 +379,36 @@ impl EngineLoop {
                 self.phases.ended(id);
                 continue;
             };
+            let hold = match self.remote.plane.is_some() {
+                true => self.ipc_offer().await.map(|pool| {
+                    let guard = ReleaseOnDrop {
+                        id,
+                        loopback: self.remote.loopback.clone(),
+                    };
+                    (pool, Box::new(guard) as kv_transfer::HoldGuard)
+                }),
+                false => None,
+            };
             let answer = match &self.remote.plane {
-                Some(plane) => kv_transfer::export_blocks(&self.executor, plane, &done.blocks)
-                    .instrument(self.phases.exporting(id))
-                    .await
-                    .map_err(|e| e.to_string()),
+                Some(plane) => {
+                    kv_transfer::export_blocks(&self.executor, plane, &done.blocks, hold)
+                        .instrument(self.phases.exporting(id))
+                        .await
+                        .map_err(|e| e.to_string())
+                }
                 None => Err("this worker has no transfer plane".to_string()),
             };
-            self.scheduler.release_held(id);
+            if !answer.as_ref().is_ok_and(|kv| kv.ipc.is_some()) {
+                self.scheduler.release_held(id);
+            }
             self.sinks.remove(&id);
             self.phases.ended(id);
-            let _ = reply.send(answer);
+            if let Err(Ok(unsent)) = reply.send(answer) {
+                // Its caller went away meanwhile: nobody will pull it (held blocks go too).
+                if let Some(plane) = &self.remote.plane {
+                    plane.release(&unsent.descriptor);
+                }
+            }
         }
     }
 }

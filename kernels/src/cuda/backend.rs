@@ -16,9 +16,10 @@
 //! is laid out at fixed offsets, so one launch replaces the ~11 launches per layer.
 
 mod kv_copy;
+mod kv_ipc;
 pub use kv_copy::{KvExportJob, KvImportJob, KvPool};
 
-use super::device::{CudaError, DBuf, Gpu, Graph, KernelSpec, PinnedWords};
+use super::device::{CudaError, DBuf, Gpu, Graph, KernelSpec, PinnedWords, SharedAlloc};
 use super::ops::{
     prefill_tiles, sample_params, AttnMeta, PrefillAttention, PREFILL_MIN_TOKENS, SAMPLE_MAX_TOP,
     SAMPLE_OUT,
@@ -31,6 +32,7 @@ use crate::model::{ModelConfig, ModelWeights, RopeStyle};
 use crate::sampling::{SampleRow, SampledToken, SamplingError, SamplingParams};
 use crate::tensor::WeightTensor;
 use std::collections::BTreeMap;
+use std::sync::Arc;
 
 impl From<CudaError> for BackendError {
     fn from(e: CudaError) -> Self {
@@ -179,6 +181,10 @@ pub struct CudaBackend {
     /// Page-locked staging of KV exports and imports, kept between them (pinning hundreds of
     /// MB takes longer than copying them); exported layer chunks hold theirs until dropped.
     kv_host: std::sync::Arc<kv_copy::PinnedPool>,
+    /// The one allocation `kcache` and `vcache` are parts of.
+    kv_alloc: Arc<SharedAlloc>,
+    /// Other processes' pools mapped by their IPC handles (`kv_ipc`).
+    ipc_peers: kv_ipc::IpcPeers,
 }
 
 fn check_config(c: &ModelConfig, o: &CudaBackendOptions) -> Result<(), BackendError> {
@@ -289,20 +295,24 @@ impl CudaBackend {
         Ok((gpu, layout))
     }
 
-    fn alloc_pool(gpu: &Gpu, layout: &KvLayout) -> Result<(Vec<DBuf>, Vec<DBuf>), BackendError> {
+    /// The KV pool: every layer's K and V in one `cuMemAlloc` allocation (the kind another
+    /// process can map by an IPC handle, `kv_ipc`), cut into one part per layer and kind.
+    #[allow(clippy::type_complexity)] // the allocation and its two lists of parts
+    fn alloc_pool(
+        gpu: &Gpu,
+        layout: &KvLayout,
+    ) -> Result<(Arc<SharedAlloc>, Vec<DBuf>, Vec<DBuf>), BackendError> {
         // One spare block past the pool: padding rows of decode graphs write there.
         let bytes = (layout.num_blocks + 1) * layout.elems_per_layer_block() * 2;
+        let all = SharedAlloc::new(gpu, 2 * layout.n_layers * bytes)?;
+        gpu.fill(all.ptr(), 0, all.len())?;
         let mut k = Vec::new();
         let mut v = Vec::new();
-        for _ in 0..layout.n_layers {
-            let kb = gpu.alloc(bytes)?;
-            let vb = gpu.alloc(bytes)?;
-            gpu.fill(kb.ptr(), 0, bytes)?;
-            gpu.fill(vb.ptr(), 0, bytes)?;
-            k.push(kb);
-            v.push(vb);
+        for l in 0..layout.n_layers {
+            k.push(all.part(2 * l * bytes, bytes)?);
+            v.push(all.part((2 * l + 1) * bytes, bytes)?);
         }
-        Ok((k, v))
+        Ok((all, k, v))
     }
 
     /// Uploads `weights` (any dtype the loader produces: dequantized to f32 on the host, then
@@ -368,7 +378,7 @@ impl CudaBackend {
             None => None,
         };
         let out_norm = vecf(&weights.output_norm, h)?;
-        let (kcache, vcache) = Self::alloc_pool(&gpu, &layout)?;
+        let (kv_alloc, kcache, vcache) = Self::alloc_pool(&gpu, &layout)?;
         gpu.sync()?;
         let kv_host = std::sync::Arc::new(kv_copy::PinnedPool::new(gpu.ctx.clone()));
         Ok(CudaBackend {
@@ -388,6 +398,8 @@ impl CudaBackend {
             use_graphs: graphs_from_env(),
             prefill_attention: DEFAULT_PREFILL_ATTENTION,
             kv_host,
+            kv_alloc,
+            ipc_peers: kv_ipc::IpcPeers::default(),
         })
     }
 
@@ -439,7 +451,7 @@ impl CudaBackend {
         let embd = mat(&[(draw_for(seed, None, 0, h), c.vocab_size)], h)?;
         let head = Some(mat(&[(draw_for(seed, None, 2, h), c.vocab_size)], h)?);
         let out_norm = vecf(draw_for(seed, None, 1, h), h)?;
-        let (kcache, vcache) = Self::alloc_pool(&gpu, &layout)?;
+        let (kv_alloc, kcache, vcache) = Self::alloc_pool(&gpu, &layout)?;
         gpu.sync()?;
         let kv_host = std::sync::Arc::new(kv_copy::PinnedPool::new(gpu.ctx.clone()));
         Ok(CudaBackend {
@@ -459,6 +471,8 @@ impl CudaBackend {
             use_graphs: graphs_from_env(),
             prefill_attention: DEFAULT_PREFILL_ATTENTION,
             kv_host,
+            kv_alloc,
+            ipc_peers: kv_ipc::IpcPeers::default(),
         })
     }
 
@@ -1233,6 +1247,25 @@ impl Backend for CudaBackend {
         chunks: &[bytes::Bytes],
     ) -> Result<(), BackendError> {
         self.import_chunks(ids, chunks)
+    }
+
+    fn kv_ipc_pool(&self) -> Option<crate::kv_ipc::KvIpcPool> {
+        match self.kv_ipc_offer() {
+            Ok(offer) => Some(offer),
+            Err(e) => {
+                tracing::warn!("no IPC handle for the KV pool ({e}): KV leaves by host memory");
+                None
+            }
+        }
+    }
+
+    fn pull_blocks_ipc(
+        &mut self,
+        offer: &crate::kv_ipc::KvIpcPool,
+        src: &[u32],
+        dst: &[u32],
+    ) -> Result<crate::kv_ipc::IpcPull, BackendError> {
+        self.pull_ipc(offer, src, dst)
     }
 
     fn import_blocks(&mut self, ids: &[u32], data: &[u8]) -> Result<(), BackendError> {

@@ -112,8 +112,17 @@ fn compile(arch: &'static str, spec: KernelSpec) -> Result<String, CudaError> {
 
 /// A device allocation of `len` bytes. Freed on drop.
 pub struct DBuf {
-    slice: CudaSlice<u8>,
+    _mem: Mem,
     ptr: u64,
+    len: usize,
+}
+
+/// What holds a [`DBuf`]'s memory (only kept, never read: dropping it frees the memory).
+enum Mem {
+    /// Its own allocation from the stream-ordered pool.
+    Pooled(#[allow(dead_code)] CudaSlice<u8>),
+    /// A part of a [`SharedAlloc`] (freed when the last part goes).
+    Part(#[allow(dead_code)] Arc<SharedAlloc>),
 }
 
 impl DBuf {
@@ -122,12 +131,146 @@ impl DBuf {
         self.ptr
     }
     pub fn len(&self) -> usize {
-        self.slice.len()
+        self.len
     }
     pub fn is_empty(&self) -> bool {
-        self.slice.is_empty()
+        self.len == 0
     }
 }
+
+/// One device allocation made with `cuMemAlloc` rather than from the stream-ordered pool:
+/// the kind another process can map by a CUDA IPC handle ([`SharedAlloc::ipc_handle`]).
+/// The KV pool is one of these, cut into per-layer [`DBuf`]s ([`SharedAlloc::part`]).
+pub struct SharedAlloc {
+    ptr: u64,
+    len: usize,
+    ctx: Arc<CudaContext>,
+}
+
+impl SharedAlloc {
+    /// Allocates `len` bytes (uninitialised).
+    pub fn new(gpu: &Gpu, len: usize) -> Result<Arc<SharedAlloc>, CudaError> {
+        gpu.ctx.bind_to_thread()?;
+        let len = len.max(1);
+        // SAFETY: a plain allocation of `len` bytes in the current context.
+        let ptr = unsafe { drv::result::malloc_sync(len)? };
+        Ok(Arc::new(SharedAlloc {
+            ptr,
+            len,
+            ctx: gpu.ctx.clone(),
+        }))
+    }
+
+    pub fn ptr(&self) -> u64 {
+        self.ptr
+    }
+
+    pub fn len(&self) -> usize {
+        self.len
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len == 0
+    }
+
+    /// Bytes `offset..offset + len` as a buffer that keeps the allocation alive.
+    pub fn part(self: &Arc<Self>, offset: usize, len: usize) -> Result<DBuf, CudaError> {
+        if offset.checked_add(len).is_none_or(|end| end > self.len) {
+            return Err(CudaError::Shape(format!(
+                "a part {offset}+{len} of an allocation of {} bytes",
+                self.len
+            )));
+        }
+        Ok(DBuf {
+            _mem: Mem::Part(self.clone()),
+            ptr: self.ptr + offset as u64,
+            len,
+        })
+    }
+
+    /// The allocation's IPC handle: another process on this host opens it with
+    /// [`IpcMapping::open`] (the same process cannot).
+    pub fn ipc_handle(&self) -> Result<[u8; 64], CudaError> {
+        self.ctx.bind_to_thread()?;
+        let mut h = std::mem::MaybeUninit::<drv::sys::CUipcMemHandle>::zeroed();
+        // SAFETY: `h` is the handle struct the call fills; `ptr` is this allocation's base.
+        let h = unsafe {
+            drv::sys::cuIpcGetMemHandle(h.as_mut_ptr(), self.ptr).result()?;
+            h.assume_init()
+        };
+        Ok(h.reserved.map(|c| c as u8))
+    }
+}
+
+impl Drop for SharedAlloc {
+    fn drop(&mut self) {
+        let _ = self.ctx.bind_to_thread();
+        // SAFETY: allocated by cuMemAlloc in `new`; every part (and every queued use, since
+        // each backend call ends synchronised) is gone.
+        unsafe {
+            let _ = drv::result::free_sync(self.ptr);
+        }
+    }
+}
+
+/// Another process's allocation mapped into this context by its IPC handle; unmapped on
+/// drop.
+pub struct IpcMapping {
+    ptr: u64,
+    ctx: Arc<CudaContext>,
+}
+
+impl IpcMapping {
+    /// Maps the allocation of `handle` (from [`SharedAlloc::ipc_handle`] in another
+    /// process; peer access to its device is enabled as needed).
+    pub fn open(gpu: &Gpu, handle: &[u8]) -> Result<IpcMapping, CudaError> {
+        let Ok(bytes) = <[u8; 64]>::try_from(handle) else {
+            return Err(CudaError::Shape(format!(
+                "an IPC handle of {} bytes",
+                handle.len()
+            )));
+        };
+        gpu.ctx.bind_to_thread()?;
+        let h = drv::sys::CUipcMemHandle {
+            reserved: bytes.map(|b| b as _),
+        };
+        let mut ptr = 0u64;
+        // SAFETY: `ptr` receives the mapping's address; a bad handle is an error, not UB.
+        unsafe {
+            drv::sys::cuIpcOpenMemHandle_v2(
+                &mut ptr,
+                h,
+                drv::sys::CUipcMem_flags::CU_IPC_MEM_LAZY_ENABLE_PEER_ACCESS as u32,
+            )
+            .result()?;
+        }
+        Ok(IpcMapping {
+            ptr,
+            ctx: gpu.ctx.clone(),
+        })
+    }
+
+    /// The mapped allocation's base address in this context.
+    pub fn ptr(&self) -> u64 {
+        self.ptr
+    }
+}
+
+impl Drop for IpcMapping {
+    fn drop(&mut self) {
+        let _ = self.ctx.bind_to_thread();
+        // SAFETY: opened by cuIpcOpenMemHandle in `open`; the owner of the mapping
+        // synchronises its copies before dropping it.
+        unsafe {
+            let _ = drv::sys::cuIpcCloseMemHandle(self.ptr);
+        }
+    }
+}
+
+// SAFETY: plain device addresses plus a thread-safe context handle.
+unsafe impl Send for SharedAlloc {}
+unsafe impl Sync for SharedAlloc {}
+unsafe impl Send for IpcMapping {}
 
 /// The kernels, by name.
 pub struct Kernels {
@@ -303,7 +446,8 @@ impl Gpu {
                 .result()?;
         }
         let blas_workspace = DBuf {
-            slice: ws,
+            len: ws.len(),
+            _mem: Mem::Pooled(ws),
             ptr: ws_ptr,
         };
         Ok(Gpu {
@@ -325,7 +469,11 @@ impl Gpu {
         // SAFETY: callers write before they read (tests poison explicitly).
         let slice = unsafe { self.compute.alloc::<u8>(bytes.max(1))? };
         let ptr = slice.device_ptr(&self.compute).0;
-        Ok(DBuf { slice, ptr })
+        Ok(DBuf {
+            len: slice.len(),
+            _mem: Mem::Pooled(slice),
+            ptr,
+        })
     }
 
     /// Allocates and uploads.
@@ -669,6 +817,33 @@ impl Gpu {
             .new_event(Some(drv::sys::CUevent_flags::CU_EVENT_DEFAULT))?;
         e.record(&self.compute)?;
         Ok(e)
+    }
+
+    /// This device's UUID.
+    pub fn device_uuid(&self) -> Result<[u8; 16], CudaError> {
+        Ok(self.ctx.uuid()?.bytes.map(|c| c as u8))
+    }
+
+    /// Whether this device can map memory of the device with UUID `peer`: `Some(true)` for
+    /// itself or a peer it has access to, `None` when no visible device has that UUID.
+    pub fn peer_access(&self, peer: &[u8; 16]) -> Result<Option<bool>, CudaError> {
+        for ordinal in 0..device_count()? {
+            let dev = drv::result::device::get(ordinal as i32)?;
+            let uuid = drv::result::device::get_uuid(dev)?.bytes.map(|c| c as u8);
+            if &uuid != peer {
+                continue;
+            }
+            if dev == self.ctx.cu_device() {
+                return Ok(Some(true));
+            }
+            let mut can = 0i32;
+            // SAFETY: two valid device handles; the call only writes `can`.
+            unsafe {
+                drv::sys::cuDeviceCanAccessPeer(&mut can, self.ctx.cu_device(), dev).result()?;
+            }
+            return Ok(Some(can != 0));
+        }
+        Ok(None)
     }
 
     /// (free, total) device memory in bytes.

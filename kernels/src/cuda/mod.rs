@@ -16,7 +16,8 @@ pub use backend::{
     CudaBackend, CudaBackendOptions, KvExportJob, KvImportJob, KvPool, DEFAULT_PREFILL_ATTENTION,
 };
 pub use device::{
-    device_count, CudaError, DBuf, Gpu, KernelSpec, PinnedBytes, StridedGemm, GEMV_MAX_ROWS,
+    device_count, CudaError, DBuf, Gpu, IpcMapping, KernelSpec, PinnedBytes, SharedAlloc,
+    StridedGemm, GEMV_MAX_ROWS,
 };
 pub use ops::PrefillAttention;
 pub use synthetic::{synthetic_config, synthetic_weights};

@@ -387,7 +387,21 @@ impl CudaBackend {
                 }
             }
         }
-        let buf = self.upload_pairs(&pairs)?;
+        self.copy_pairs(&pairs, seg)
+    }
+
+    /// Copies every (source, destination) segment of `seg` bytes in `pairs` on the copy
+    /// stream (after the compute stream's queued work; later steps wait for it), and waits
+    /// for it. Returns the copy's device time.
+    pub(super) fn copy_pairs(
+        &mut self,
+        pairs: &[(u64, u64)],
+        seg: usize,
+    ) -> Result<Duration, BackendError> {
+        if pairs.is_empty() {
+            return Ok(Duration::ZERO);
+        }
+        let buf = self.upload_pairs(pairs)?;
         let start = self.gpu.record_on(&self.gpu.copy)?;
         self.gpu.copy_segments(&buf, 0, pairs.len(), seg)?;
         let end = self.gpu.record_on(&self.gpu.copy)?;

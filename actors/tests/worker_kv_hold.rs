@@ -1,0 +1,269 @@
+//! A prefill worker whose backend offers its KV pool for device copies (what a GPU worker's
+//! CUDA backend does: `Backend::kv_ipc_pool`) keeps a request's blocks after exporting them,
+//! until the decode worker's pull unpins the descriptor; then they go back to the pool. The
+//! decode worker here is a CPU one: it cannot map device memory, so it pulls the layer
+//! chunks (the host path), says why in its import report, and decodes like aggregated
+//! serving. A descriptor nobody pulls lets its blocks go when it expires.
+//!
+//! Real components: CPU executors with the default model (SmolLM2-135M-Instruct Q4_1; without
+//! it the test prints SKIP), the worker loops, in-memory transfer planes.
+
+use std::time::Duration;
+
+use bytes::Bytes;
+use futures::StreamExt;
+use turbine_actors::disagg::wire::ImportOutcome;
+use turbine_actors::executor::Executor;
+use turbine_actors::ids::{RequestId, TokenId, WorkerId};
+use turbine_actors::protocol::{PreprocessedRequest, SamplingParams, StopConditions};
+use turbine_actors::worker::{
+    BlockManager, BlockManagerConfig, EngineTime, Scheduler, SchedulerConfig, TokenStream,
+    WorkerHandle,
+};
+use turbine_kernels::backend::{Backend, BackendError, KvLayout, Logits, SeqStep, Splice};
+use turbine_kernels::cpu::{CpuBackend, CpuBackendOptions};
+use turbine_kernels::kv_ipc::{IpcPoolShape, KvIpcPool, ProcessPlace, IPC_HANDLE_BYTES};
+use turbine_kernels::loader::{default_model_path, load_model, LoadedModel};
+use turbine_kernels::model::ModelConfig;
+use turbine_kernels::sampling::{SampleRow, SampledToken, SamplingError};
+use turbine_runtime::transfer::{TransferConfig, TransferHub, TransferPlane};
+use turbine_runtime::{MetricsRegistry, TokioClock};
+
+const BLOCK: u32 = 16;
+const MAX_TOKENS: u32 = 6;
+
+/// A CPU backend that offers its pool as a GPU backend would (another process's offer: the
+/// consumer's decision never takes it for its own).
+struct Offering(CpuBackend);
+
+impl Backend for Offering {
+    fn config(&self) -> &ModelConfig {
+        self.0.config()
+    }
+    fn kv_layout(&self) -> KvLayout {
+        self.0.kv_layout()
+    }
+    fn forward(&mut self, batch: &[SeqStep<'_>]) -> Result<Logits, BackendError> {
+        self.0.forward(batch)
+    }
+    fn forward_spliced(
+        &mut self,
+        batch: &[SeqStep<'_>],
+        splices: &[Splice<'_>],
+    ) -> Result<Logits, BackendError> {
+        self.0.forward_spliced(batch, splices)
+    }
+    fn forward_every(
+        &mut self,
+        batch: &[SeqStep<'_>],
+        every: &[bool],
+    ) -> Result<Logits, BackendError> {
+        self.0.forward_every(batch, every)
+    }
+    fn forward_sample(
+        &mut self,
+        batch: &[SeqStep<'_>],
+        rows: &[SampleRow<'_>],
+    ) -> Result<Vec<Result<SampledToken, SamplingError>>, BackendError> {
+        self.0.forward_sample(batch, rows)
+    }
+    fn copy_blocks(&mut self, src_dst: &[(u32, u32)]) -> Result<(), BackendError> {
+        self.0.copy_blocks(src_dst)
+    }
+    fn export_blocks(&self, ids: &[u32]) -> Result<Vec<u8>, BackendError> {
+        self.0.export_blocks(ids)
+    }
+    fn import_blocks(&mut self, ids: &[u32], data: &[u8]) -> Result<(), BackendError> {
+        self.0.import_blocks(ids, data)
+    }
+    fn export_layer_chunks(&self, ids: &[u32]) -> Result<Vec<Bytes>, BackendError> {
+        self.0.export_layer_chunks(ids)
+    }
+    fn import_layer_chunks(&mut self, ids: &[u32], chunks: &[Bytes]) -> Result<(), BackendError> {
+        self.0.import_layer_chunks(ids, chunks)
+    }
+    fn kv_ipc_pool(&self) -> Option<KvIpcPool> {
+        let layout = self.0.kv_layout();
+        let mut place = ProcessPlace::here();
+        place.pid = place.pid.wrapping_add(1);
+        Some(KvIpcPool {
+            place,
+            device_uuid: [9; 16],
+            handle: vec![0; IPC_HANDLE_BYTES],
+            bytes: 1 << 30,
+            base: 0,
+            shape: IpcPoolShape::of(&layout),
+            k: vec![0; layout.n_layers],
+            v: vec![0; layout.n_layers],
+        })
+    }
+}
+
+fn model() -> Option<LoadedModel> {
+    let path = default_model_path();
+    if !path.exists() {
+        println!("SKIP: no model at {}", path.display());
+        return None;
+    }
+    Some(load_model(&path).expect("the default model loads"))
+}
+
+fn worker(m: &LoadedModel, id: u64, offering: bool, plane: Option<TransferPlane>) -> WorkerHandle {
+    let cpu = CpuBackend::new(
+        m.config.clone(),
+        &m.weights,
+        CpuBackendOptions {
+            num_blocks: 64,
+            block_size: BLOCK as usize,
+            threads: 1,
+        },
+    )
+    .expect("backend");
+    let backend: Box<dyn Backend> = if offering {
+        Box::new(Offering(cpu))
+    } else {
+        Box::new(cpu)
+    };
+    let executor = Executor::spawn(&format!("exec-{id}"), backend).expect("thread");
+    let blocks = BlockManager::new(BlockManagerConfig {
+        num_blocks: 64,
+        block_size: turbine_actors::kv::BlockSize::new(BLOCK).unwrap(),
+        enable_prefix_caching: true,
+    });
+    let cfg = SchedulerConfig {
+        max_num_batched_tokens: 256,
+        max_num_seqs: 4,
+        max_model_len: 2048,
+        enable_chunked_prefill: true,
+        contended_prefill_chunk: usize::MAX,
+    };
+    WorkerHandle::spawn_with_plane(
+        WorkerId(id),
+        Scheduler::new(cfg, blocks).unwrap(),
+        executor,
+        Box::new(|_| {}),
+        EngineTime::real(),
+        plane,
+    )
+}
+
+fn request(id: u64) -> PreprocessedRequest {
+    PreprocessedRequest {
+        id: RequestId(id),
+        token_ids: (0..53).map(|i| 300 + (i * 37) % 4000).collect(),
+        sampling: SamplingParams::greedy(),
+        stop: StopConditions {
+            max_tokens: MAX_TOKENS,
+            stop_token_ids: vec![],
+            ignore_eos: true,
+        },
+        logprobs: None,
+        salt: 0,
+        generated_before: 0,
+        images: Vec::new(),
+        embeds: None,
+    }
+}
+
+/// Every token of `stream` until it finishes (bounded: a test never hangs).
+async fn tokens(mut stream: TokenStream) -> Vec<TokenId> {
+    let mut out = Vec::new();
+    loop {
+        let item = tokio::time::timeout(Duration::from_secs(120), stream.next())
+            .await
+            .expect("a token within two minutes");
+        let Some(item) = item else { break };
+        out.extend(item.token_ids);
+        if item.finish.is_some() {
+            break;
+        }
+    }
+    out
+}
+
+/// (blocks in use, requests held) on `w`.
+async fn held(w: &WorkerHandle) -> (usize, usize) {
+    w.inspect(|s| (s.stats().kv.used, s.num_held()))
+        .await
+        .expect("worker alive")
+}
+
+/// Waits (bounded) until `w` holds nothing: the release is a message to its loop.
+async fn until_released(w: &WorkerHandle) -> (usize, usize) {
+    for _ in 0..500 {
+        let now = held(w).await;
+        if now == (0, 0) {
+            return now;
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    held(w).await
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_offering_prefill_worker_holds_the_blocks_until_the_decode_worker_has_them() {
+    let Some(m) = model() else { return };
+    let (reg, clock, hub) = (
+        MetricsRegistry::new(),
+        TokioClock::shared(),
+        TransferHub::new(),
+    );
+    let cfg = TransferConfig {
+        expiry_ms: 500,
+        ..TransferConfig::default()
+    };
+    let plane = |name: &str| TransferPlane::in_memory(name, cfg.clone(), clock.clone(), &reg, &hub);
+    let agg = worker(&m, 0, false, None);
+    let reference = tokens(agg.generate(request(100)).await.expect("admitted")).await;
+    assert_eq!(reference.len(), MAX_TOKENS as usize);
+
+    let prefill = worker(&m, 1, true, Some(plane("prefill")));
+    let decode = worker(&m, 2, false, Some(plane("decode")));
+    let (first, export) = prefill.prefill(request(1)).await.expect("admitted");
+    let first = tokens(first).await;
+    let kv = export.await.expect("an export").expect("a descriptor");
+    let offered = kv.ipc.as_ref().expect("a device copy offered");
+    assert_eq!(offered.blocks.len(), 4, "53 tokens: 4 blocks");
+    let (used, holding) = held(&prefill).await;
+    assert_eq!(holding, 1, "held after the export, for a device copy");
+    assert!(used >= 4, "{used} blocks in use");
+
+    let (rest, outcome) = decode
+        .decode_remote(request(1), first[0], Some(kv))
+        .await
+        .expect("admitted");
+    match outcome.await.expect("an import report") {
+        ImportOutcome::Imported {
+            device_copy,
+            host_reason,
+            blocks,
+            ..
+        } => {
+            assert!(!device_copy);
+            assert_eq!(host_reason.as_deref(), Some("not_device"));
+            assert_eq!(blocks, 4);
+        }
+        other => panic!("no import: {other:?}"),
+    }
+    let mut got = first;
+    got.extend(tokens(rest).await);
+    assert_eq!(got, reference, "P/D after an offer equals aggregated");
+    assert_eq!(
+        until_released(&prefill).await,
+        (0, 0),
+        "pulled: the held blocks went back"
+    );
+
+    // Exported, never pulled: the pin expires (500 ms) and the blocks go with it.
+    let (first, export) = prefill.prefill(request(2)).await.expect("admitted");
+    tokens(first).await;
+    let kv = export.await.expect("an export").expect("a descriptor");
+    assert_eq!(held(&prefill).await.1, 1);
+    tokio::time::sleep(Duration::from_millis(700)).await;
+    assert_eq!(
+        until_released(&prefill).await,
+        (0, 0),
+        "expired: the held blocks went back"
+    );
+    drop(kv);
+}
