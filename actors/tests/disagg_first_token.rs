@@ -138,8 +138,7 @@ impl Handler<WorkerService> for ScriptedDecode {
                 blocks: 0,
                 bytes: 0,
                 seconds: 0.0,
-                device_copy: false,
-                host_reason: None,
+                path: None,
             };
             if sink.send(WorkerReply::Import(imported)).await.is_ok() {
                 let _ = sink.send(token(SECOND, Some(FinishReason::Length))).await;

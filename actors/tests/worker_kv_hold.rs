@@ -233,14 +233,10 @@ async fn an_offering_prefill_worker_holds_the_blocks_until_the_decode_worker_has
         .await
         .expect("admitted");
     match outcome.await.expect("an import report") {
-        ImportOutcome::Imported {
-            device_copy,
-            host_reason,
-            blocks,
-            ..
-        } => {
-            assert!(!device_copy);
-            assert_eq!(host_reason.as_deref(), Some("not_device"));
+        ImportOutcome::Imported { path, blocks, .. } => {
+            let path = path.expect("a device path was offered");
+            assert!(!path.device_copy);
+            assert_eq!(path.host_reason.as_deref(), Some("not_device"));
             assert_eq!(blocks, 4);
         }
         other => panic!("no import: {other:?}"),

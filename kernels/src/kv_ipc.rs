@@ -23,9 +23,18 @@ pub struct ProcessPlace {
     /// different names, and their processes may not share memory handles).
     pub host: String,
     pub pid: u32,
+    /// Random per process start: pids repeat across PID namespaces (containers sharing a
+    /// hostname and boot id, `hostNetwork` pods), and only this process's own offers may be
+    /// read at their raw device addresses ([`KvPath::DeviceLocal`]).
+    pub instance: u64,
 }
 
 impl ProcessPlace {
+    /// Whether `other` is this very process (same host, pid and start).
+    pub fn same_process(&self, other: &ProcessPlace) -> bool {
+        self == other
+    }
+
     /// This process (read once).
     pub fn here() -> ProcessPlace {
         static HERE: std::sync::OnceLock<ProcessPlace> = std::sync::OnceLock::new();
@@ -35,9 +44,18 @@ impl ProcessPlace {
                 .or_else(|_| read("/etc/hostname"))
                 .unwrap_or_default();
             let boot = read("/proc/sys/kernel/random/boot_id").unwrap_or_default();
+            use std::hash::{BuildHasher, Hasher};
+            let mut h = std::collections::hash_map::RandomState::new().build_hasher();
+            h.write_u128(
+                std::time::SystemTime::now()
+                    .duration_since(std::time::UNIX_EPOCH)
+                    .map_or(0, |d| d.as_nanos()),
+            );
+            h.write_u32(std::process::id());
             ProcessPlace {
                 host: format!("{name}/{boot}"),
                 pid: std::process::id(),
+                instance: h.finish(),
             }
         })
         .clone()
@@ -213,7 +231,7 @@ pub fn choose_kv_path(
         Some(HostReason::BadOffer)
     } else if offer.place.host != here.place.host {
         Some(HostReason::OtherHost)
-    } else if offer.place.pid == here.place.pid && offer.device_uuid != here.device_uuid {
+    } else if offer.place.same_process(&here.place) && offer.device_uuid != here.device_uuid {
         Some(HostReason::SameProcess)
     } else if offer.device_uuid != here.device_uuid && here.peer_access != Some(true) {
         Some(HostReason::NoPeerAccess)
@@ -224,7 +242,7 @@ pub fn choose_kv_path(
     };
     match reason {
         Some(r) => KvPath::Host(r),
-        None if offer.place.pid == here.place.pid => KvPath::DeviceLocal,
+        None if offer.place.same_process(&here.place) => KvPath::DeviceLocal,
         None => KvPath::DeviceIpc,
     }
 }
@@ -300,6 +318,7 @@ mod tests {
             place: ProcessPlace {
                 host: host.into(),
                 pid,
+                instance: pid as u64,
             },
             device_uuid: [uuid; 16],
             handle: vec![7; IPC_HANDLE_BYTES],
@@ -316,6 +335,7 @@ mod tests {
             place: ProcessPlace {
                 host: "a/boot".into(),
                 pid: 20,
+                instance: 20,
             },
             device_uuid: [1; 16],
             peer_access,
@@ -328,6 +348,10 @@ mod tests {
         let l = layout(16);
         let pick = |o: &KvIpcPool| choose_kv_path(&here, &l, Some(o));
         assert_eq!(pick(&offer("a/boot", 10, 1)), KvPath::DeviceIpc);
+        // The same pid in another PID namespace is another process: never its raw addresses.
+        let mut twin = offer("a/boot", 20, 1);
+        twin.place.instance = 99;
+        assert_eq!(pick(&twin), KvPath::DeviceIpc);
         assert_eq!(
             choose_kv_path(&here, &l, None),
             KvPath::Host(HostReason::NoOffer)

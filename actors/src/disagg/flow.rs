@@ -49,11 +49,13 @@ pub fn count_import(metrics: &DisaggMetrics, outcome: &ImportOutcome) {
             blocks,
             bytes,
             seconds,
-            device_copy,
-            host_reason,
+            path,
         } => {
             metrics.transferred(*blocks, *bytes, *seconds);
-            metrics.transfer_path(*device_copy, host_reason.as_deref());
+            let (device, reason) = path
+                .as_ref()
+                .map_or((false, None), |p| (p.device_copy, p.host_reason.as_deref()));
+            metrics.transfer_path(device, reason);
         }
         ImportOutcome::Fallback { reason } => metrics.fallback(reason),
     }

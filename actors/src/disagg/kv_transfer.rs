@@ -109,7 +109,9 @@ pub struct KvExport {
     /// until `descriptor` is pulled or expires, so a decode worker that copied them device
     /// to device pulls no bytes of it (a pull of nothing, which also unpins); one that
     /// cannot pulls the layer chunks as usual.
-    #[serde(default)]
+    /// Last and left out when `None`, so workers of earlier versions still read replies
+    /// without a device path (MessagePack structs are arrays; extra elements are refused).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub ipc: Option<Box<KvIpcSource>>,
 }
 

@@ -10,19 +10,39 @@ use turbine_runtime::transfer::TransferError;
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub enum ImportOutcome {
     /// The KV crossed: `blocks` blocks (those not cached on the decode worker), `bytes`
-    /// bytes, in `seconds`; device to device (`device_copy`), or through host memory, when
-    /// a device path was offered for `host_reason` (a `kv_ipc::HostReason` label).
+    /// bytes, in `seconds`, by `path`.
     Imported {
         blocks: u32,
         bytes: u64,
         seconds: f64,
-        #[serde(default)]
-        device_copy: bool,
-        #[serde(default)]
-        host_reason: Option<String>,
+        /// How the bytes crossed, when a device path was offered (`None`: the host path,
+        /// with nothing offered). Last and left out when `None`, so a decode worker of this
+        /// version still reports to a frontend that predates the device path (MessagePack
+        /// structs are arrays; older readers refuse extra elements).
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        path: Option<TransferPath>,
     },
     /// The decode worker prefills locally instead; `reason` is a [`FallbackReason`] label.
     Fallback { reason: String },
+}
+
+/// How an import's bytes crossed when a device path had been offered.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct TransferPath {
+    /// Device to device.
+    pub device_copy: bool,
+    /// Why not, when not (a `kv_ipc::HostReason` label).
+    pub host_reason: Option<String>,
+}
+
+impl TransferPath {
+    /// `None` for a host transfer that was never offered a device path.
+    pub fn of(device_copy: bool, host_reason: Option<String>) -> Option<TransferPath> {
+        (device_copy || host_reason.is_some()).then_some(TransferPath {
+            device_copy,
+            host_reason,
+        })
+    }
 }
 
 /// Why a remote prefill was abandoned for a local one (a metrics label each).
@@ -95,5 +115,58 @@ impl FallbackReason {
             }
             KvTransferError::Exec(_) => FallbackReason::ImportFailed,
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// `ImportOutcome` as it was before the device path (three fields).
+    #[derive(Debug, PartialEq, Serialize, Deserialize)]
+    enum OldImportOutcome {
+        Imported {
+            blocks: u32,
+            bytes: u64,
+            seconds: f64,
+        },
+        Fallback {
+            reason: String,
+        },
+    }
+
+    #[test]
+    fn reports_without_a_device_path_read_on_both_versions() {
+        let new = ImportOutcome::Imported {
+            blocks: 3,
+            bytes: 1024,
+            seconds: 0.5,
+            path: TransferPath::of(false, None),
+        };
+        let bytes = rmp_serde::to_vec(&new).expect("encode");
+        let old: OldImportOutcome = rmp_serde::from_slice(&bytes).expect("an old reader");
+        assert_eq!(
+            old,
+            OldImportOutcome::Imported {
+                blocks: 3,
+                bytes: 1024,
+                seconds: 0.5
+            }
+        );
+        let back: ImportOutcome =
+            rmp_serde::from_slice(&rmp_serde::to_vec(&old).expect("encode")).expect("new reader");
+        assert_eq!(back, new);
+        // With a device path, the report carries it (for readers of this version).
+        let device = ImportOutcome::Imported {
+            blocks: 3,
+            bytes: 1024,
+            seconds: 0.5,
+            path: TransferPath::of(false, Some("not_device".into())),
+        };
+        let bytes = rmp_serde::to_vec(&device).expect("encode");
+        assert_eq!(
+            rmp_serde::from_slice::<ImportOutcome>(&bytes).expect("decode"),
+            device
+        );
     }
 }

@@ -408,7 +408,7 @@ impl BlockMap {
                     .unwrap_or_else(|e| e.into_inner())
                     .slots
                     .len()
-                    * 16
+                    * std::mem::size_of::<Slot>()
             })
             .sum()
     }

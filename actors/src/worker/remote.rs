@@ -8,7 +8,7 @@
 
 use super::worker_loop::{Command, EngineLoop, TokenStream, WorkerError, WorkerHandle};
 use crate::disagg::kv_transfer::{self, KvExport};
-use crate::disagg::wire::{FallbackReason, ImportOutcome};
+use crate::disagg::wire::{FallbackReason, ImportOutcome, TransferPath};
 use crate::ids::{RequestId, TokenId};
 use crate::protocol::{PreprocessedRequest, TokenOutput};
 use crate::worker::AdmitError;
@@ -294,8 +294,10 @@ impl EngineLoop {
                             blocks: into.len() as u32,
                             bytes: done.bytes,
                             seconds: clock.now().saturating_duration_since(started).as_secs_f64(),
-                            device_copy: done.device_copy,
-                            host_reason: done.host_reason.map(str::to_string),
+                            path: TransferPath::of(
+                                done.device_copy,
+                                done.host_reason.map(str::to_string),
+                            ),
                         })
                         .map_err(|e| FallbackReason::of_import(&e));
                     if let Some(tx) = loopback.upgrade() {
