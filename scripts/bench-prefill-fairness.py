@@ -2,7 +2,7 @@
 """A short request's time to first token behind a long prompt's prefill (issue #22, fairness).
 
     bench-prefill-fairness.py [--turbine BIN] [--long-words 2000] [--short-words 100]
-                              [--shares "0.5 1"] [--runs 3]
+                              [--shares "0.5 1"] [--budgets "512"] [--runs 3]
 
 For each `long_prefill_share`, starts `turbine up` (the default model on the CPU, one worker,
 the group defaults otherwise) and per run measures, with streamed completions:
@@ -58,32 +58,42 @@ def main() -> None:
     ap.add_argument("--short-words", type=int, default=100)
     ap.add_argument("--shares", default="0.5 1")
     ap.add_argument("--runs", type=int, default=3)
+    ap.add_argument("--budgets", default="512",
+                    help="max_num_batched_tokens values to try (the step budget; 512 is the default)")
     a = ap.parse_args()
     table = {}
-    for share in a.shares.split():
-        cluster = (lambda port: f"model: {{path: default}}\nhttp: {{host: 127.0.0.1, port: {port}}}\n"
-                   f"workers:\n  - {{role: aggregated, replicas: 1, long_prefill_share: {share}}}\n")
+    for budget, share in [(b, s) for b in a.budgets.split() for s in a.shares.split()]:
+        cluster = (lambda port, share=share, budget=budget:
+                   f"model: {{path: default}}\nhttp: {{host: 127.0.0.1, port: {port}}}\n"
+                   f"workers:\n  - {{role: aggregated, replicas: 1, long_prefill_share: {share}, "
+                   f"max_num_batched_tokens: {budget}}}\n")
         with TurbineServer(a.turbine, cluster) as server:
             port = server.port
             ttft(port, words(50, "warm"), 2)
             for r in range(a.runs):
-                idle = ttft(port, words(a.short_words, f"s{share}i{r}x"), 4)
-                long = threading.Thread(target=ttft, args=(port, words(a.long_words, f"l{share}r{r}x"), 4))
+                idle = ttft(port, words(a.short_words, f"s{share}i{r}x{budget}"), 4)
+                long_ttft = []
+                long = threading.Thread(target=lambda: long_ttft.append(
+                    ttft(port, words(a.long_words, f"l{share}r{r}x{budget}"), 4)))
                 long.start()
                 time.sleep(0.5)
-                behind = ttft(port, words(a.short_words, f"s{share}b{r}x"), 4)
+                behind = ttft(port, words(a.short_words, f"s{share}b{r}x{budget}"), 4)
                 long.join()
-                print(json.dumps({"long_prefill_share": share, "run": r, "idle_s": round(idle, 3),
-                                  "behind_s": round(behind, 3), "ratio": round(behind / idle, 2)}), flush=True)
-                table.setdefault(share, []).append((idle, behind))
+                lt = long_ttft[0] if long_ttft else float("nan")
+                print(json.dumps({"max_num_batched_tokens": budget, "long_prefill_share": share,
+                                  "run": r, "idle_s": round(idle, 3), "behind_s": round(behind, 3),
+                                  "ratio": round(behind / idle, 2), "long_ttft_s": round(lt, 3)}),
+                      flush=True)
+                table.setdefault((budget, share), []).append((idle, behind, lt))
     print(f"\nshort prompt {a.short_words} words behind a {a.long_words}-word prompt, median of {a.runs}:")
-    print("| long_prefill_share | idle TTFT s | TTFT behind the long prefill s | ratio |")
-    print("| --- | --- | --- | --- |")
-    for share, rows in table.items():
-        i = statistics.median(x for x, _ in rows)
-        b = statistics.median(y for _, y in rows)
-        print(f"| {share} | {i:.2f} | {b:.2f} | {b / i:.1f} |")
-
+    print("| max_num_batched_tokens | long_prefill_share | idle TTFT s | TTFT behind the long prefill s "
+          "| ratio | the long prompt's TTFT s |")
+    print("| --- | --- | --- | --- | --- | --- |")
+    for (budget, share), rows in table.items():
+        i = statistics.median(x for x, _, _ in rows)
+        b = statistics.median(y for _, y, _ in rows)
+        lt = statistics.median(z for _, _, z in rows)
+        print(f"| {budget} | {share} | {i:.2f} | {b:.2f} | {b / i:.1f} | {lt:.2f} |")
 
 if __name__ == "__main__":
     main()
