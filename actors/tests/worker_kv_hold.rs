@@ -3,11 +3,15 @@
 //! until the decode worker's pull unpins the descriptor; then they go back to the pool. The
 //! decode worker here is a CPU one: it cannot map device memory, so it pulls the layer
 //! chunks (the host path), says why in its import report, and decodes like aggregated
-//! serving. A descriptor nobody pulls lets its blocks go when it expires.
+//! serving. A descriptor nobody pulls lets its blocks go when it expires. A decode worker
+//! whose backend can map the pool (a stand-in copying from the prefill side's shared CPU
+//! pool) takes the device path: no chunks pulled, an empty confirming pull that frees the
+//! hold, the same tokens.
 //!
 //! Real components: CPU executors with the default model (SmolLM2-135M-Instruct Q4_1; without
 //! it the test prints SKIP), the worker loops, in-memory transfer planes.
 
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use bytes::Bytes;
@@ -22,7 +26,9 @@ use turbine_actors::worker::{
 };
 use turbine_kernels::backend::{Backend, BackendError, KvLayout, Logits, SeqStep, Splice};
 use turbine_kernels::cpu::{CpuBackend, CpuBackendOptions};
-use turbine_kernels::kv_ipc::{IpcPoolShape, KvIpcPool, ProcessPlace, IPC_HANDLE_BYTES};
+use turbine_kernels::kv_ipc::{
+    HostReason, IpcPoolShape, IpcPull, KvIpcPool, ProcessPlace, IPC_HANDLE_BYTES,
+};
 use turbine_kernels::loader::{default_model_path, load_model, LoadedModel};
 use turbine_kernels::model::ModelConfig;
 use turbine_kernels::sampling::{SampleRow, SampledToken, SamplingError};
@@ -32,58 +38,75 @@ use turbine_runtime::{MetricsRegistry, TokioClock};
 const BLOCK: u32 = 16;
 const MAX_TOKENS: u32 = 6;
 
-/// A CPU backend that offers its pool as a GPU backend would (another process's offer: the
-/// consumer's decision never takes it for its own).
-struct Offering(CpuBackend);
+/// A CPU backend standing in for a GPU one on either side of a device copy: shared, so a
+/// decode-side stand-in can "map" the prefill side's pool as CUDA IPC maps another
+/// process's. `offers`: it offers its pool (`Backend::kv_ipc_pool`, as another process's,
+/// so the consumer's decision never takes it for its own); `peer`: it copies from that pool
+/// (`Backend::pull_blocks_ipc`) instead of refusing as a CPU backend does.
+struct StandIn {
+    cpu: Arc<Mutex<CpuBackend>>,
+    config: ModelConfig,
+    offers: bool,
+    peer: Option<Arc<Mutex<CpuBackend>>>,
+}
 
-impl Backend for Offering {
+impl StandIn {
+    fn cpu(&self) -> std::sync::MutexGuard<'_, CpuBackend> {
+        self.cpu.lock().unwrap_or_else(|e| e.into_inner())
+    }
+}
+
+impl Backend for StandIn {
     fn config(&self) -> &ModelConfig {
-        self.0.config()
+        &self.config
     }
     fn kv_layout(&self) -> KvLayout {
-        self.0.kv_layout()
+        self.cpu().kv_layout()
     }
     fn forward(&mut self, batch: &[SeqStep<'_>]) -> Result<Logits, BackendError> {
-        self.0.forward(batch)
+        self.cpu().forward(batch)
     }
     fn forward_spliced(
         &mut self,
         batch: &[SeqStep<'_>],
         splices: &[Splice<'_>],
     ) -> Result<Logits, BackendError> {
-        self.0.forward_spliced(batch, splices)
+        self.cpu().forward_spliced(batch, splices)
     }
     fn forward_every(
         &mut self,
         batch: &[SeqStep<'_>],
         every: &[bool],
     ) -> Result<Logits, BackendError> {
-        self.0.forward_every(batch, every)
+        self.cpu().forward_every(batch, every)
     }
     fn forward_sample(
         &mut self,
         batch: &[SeqStep<'_>],
         rows: &[SampleRow<'_>],
     ) -> Result<Vec<Result<SampledToken, SamplingError>>, BackendError> {
-        self.0.forward_sample(batch, rows)
+        self.cpu().forward_sample(batch, rows)
     }
     fn copy_blocks(&mut self, src_dst: &[(u32, u32)]) -> Result<(), BackendError> {
-        self.0.copy_blocks(src_dst)
+        self.cpu().copy_blocks(src_dst)
     }
     fn export_blocks(&self, ids: &[u32]) -> Result<Vec<u8>, BackendError> {
-        self.0.export_blocks(ids)
+        self.cpu().export_blocks(ids)
     }
     fn import_blocks(&mut self, ids: &[u32], data: &[u8]) -> Result<(), BackendError> {
-        self.0.import_blocks(ids, data)
+        self.cpu().import_blocks(ids, data)
     }
     fn export_layer_chunks(&self, ids: &[u32]) -> Result<Vec<Bytes>, BackendError> {
-        self.0.export_layer_chunks(ids)
+        self.cpu().export_layer_chunks(ids)
     }
     fn import_layer_chunks(&mut self, ids: &[u32], chunks: &[Bytes]) -> Result<(), BackendError> {
-        self.0.import_layer_chunks(ids, chunks)
+        self.cpu().import_layer_chunks(ids, chunks)
     }
     fn kv_ipc_pool(&self) -> Option<KvIpcPool> {
-        let layout = self.0.kv_layout();
+        if !self.offers {
+            return None;
+        }
+        let layout = self.cpu().kv_layout();
         let mut place = ProcessPlace::here();
         place.pid = place.pid.wrapping_add(1);
         Some(KvIpcPool {
@@ -97,6 +120,33 @@ impl Backend for Offering {
             v: vec![0; layout.n_layers],
         })
     }
+    fn pull_blocks_ipc(
+        &mut self,
+        _offer: &KvIpcPool,
+        src: &[u32],
+        dst: &[u32],
+    ) -> Result<IpcPull, BackendError> {
+        let Some(peer) = &self.peer else {
+            return Ok(IpcPull::Host(HostReason::NotDevice));
+        };
+        // The "device copy": straight from the owner's pool, which holds the blocks.
+        let bytes = peer
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .export_blocks(src)?;
+        self.cpu().import_blocks(dst, &bytes)?;
+        Ok(IpcPull::Copied(Duration::from_micros(1)))
+    }
+}
+
+/// What stands behind a test worker's executor.
+enum Side {
+    /// A plain CPU backend.
+    Cpu,
+    /// Offers its pool for device copies; the shared pool is returned for a `Maps` peer.
+    Offers,
+    /// Copies device to device from this pool.
+    Maps(Arc<Mutex<CpuBackend>>),
 }
 
 fn model() -> Option<LoadedModel> {
@@ -108,7 +158,17 @@ fn model() -> Option<LoadedModel> {
     Some(load_model(&path).expect("the default model loads"))
 }
 
-fn worker(m: &LoadedModel, id: u64, offering: bool, plane: Option<TransferPlane>) -> WorkerHandle {
+fn worker(m: &LoadedModel, id: u64, side: Side, plane: Option<TransferPlane>) -> WorkerHandle {
+    worker_with_pool(m, id, side, plane).0
+}
+
+/// A worker, and its shared pool when it offers one.
+fn worker_with_pool(
+    m: &LoadedModel,
+    id: u64,
+    side: Side,
+    plane: Option<TransferPlane>,
+) -> (WorkerHandle, Option<Arc<Mutex<CpuBackend>>>) {
     let cpu = CpuBackend::new(
         m.config.clone(),
         &m.weights,
@@ -119,10 +179,23 @@ fn worker(m: &LoadedModel, id: u64, offering: bool, plane: Option<TransferPlane>
         },
     )
     .expect("backend");
-    let backend: Box<dyn Backend> = if offering {
-        Box::new(Offering(cpu))
-    } else {
-        Box::new(cpu)
+    let stand_in = |cpu: CpuBackend, offers: bool, peer| {
+        let cpu = Arc::new(Mutex::new(cpu));
+        let b = StandIn {
+            cpu: cpu.clone(),
+            config: m.config.clone(),
+            offers,
+            peer,
+        };
+        (Box::new(b) as Box<dyn Backend>, Some(cpu))
+    };
+    let (backend, pool): (Box<dyn Backend>, _) = match side {
+        Side::Cpu => (Box::new(cpu), None),
+        Side::Offers => stand_in(cpu, true, None),
+        Side::Maps(peer) => {
+            let (b, _) = stand_in(cpu, false, Some(peer));
+            (b, None)
+        }
     };
     let executor = Executor::spawn(&format!("exec-{id}"), backend).expect("thread");
     let blocks = BlockManager::new(BlockManagerConfig {
@@ -137,14 +210,15 @@ fn worker(m: &LoadedModel, id: u64, offering: bool, plane: Option<TransferPlane>
         enable_chunked_prefill: true,
         contended_prefill_chunk: usize::MAX,
     };
-    WorkerHandle::spawn_with_plane(
+    let handle = WorkerHandle::spawn_with_plane(
         WorkerId(id),
         Scheduler::new(cfg, blocks).unwrap(),
         executor,
         Box::new(|_| {}),
         EngineTime::real(),
         plane,
-    )
+    );
+    (handle, pool)
 }
 
 fn request(id: u64) -> PreprocessedRequest {
@@ -213,12 +287,12 @@ async fn an_offering_prefill_worker_holds_the_blocks_until_the_decode_worker_has
         ..TransferConfig::default()
     };
     let plane = |name: &str| TransferPlane::in_memory(name, cfg.clone(), clock.clone(), &reg, &hub);
-    let agg = worker(&m, 0, false, None);
+    let agg = worker(&m, 0, Side::Cpu, None);
     let reference = tokens(agg.generate(request(100)).await.expect("admitted")).await;
     assert_eq!(reference.len(), MAX_TOKENS as usize);
 
-    let prefill = worker(&m, 1, true, Some(plane("prefill")));
-    let decode = worker(&m, 2, false, Some(plane("decode")));
+    let prefill = worker(&m, 1, Side::Offers, Some(plane("prefill")));
+    let decode = worker(&m, 2, Side::Cpu, Some(plane("decode")));
     let (first, export) = prefill.prefill(request(1)).await.expect("admitted");
     let first = tokens(first).await;
     let kv = export.await.expect("an export").expect("a descriptor");
@@ -262,4 +336,56 @@ async fn an_offering_prefill_worker_holds_the_blocks_until_the_decode_worker_has
         "expired: the held blocks went back"
     );
     drop(kv);
+}
+
+/// The decode side of a device copy: a decode worker whose backend can map the prefill
+/// worker's pool copies the blocks device to device (no layer chunk pulled), reports it,
+/// confirms with an empty pull that frees the prefill side's held blocks, and decodes
+/// exactly as aggregated serving does.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_decode_worker_that_can_map_the_pool_copies_device_to_device_and_frees_the_hold() {
+    let Some(m) = model() else { return };
+    let (reg, clock, hub) = (
+        MetricsRegistry::new(),
+        TokioClock::shared(),
+        TransferHub::new(),
+    );
+    let cfg = TransferConfig {
+        expiry_ms: 5_000,
+        ..TransferConfig::default()
+    };
+    let plane = |name: &str| TransferPlane::in_memory(name, cfg.clone(), clock.clone(), &reg, &hub);
+    let agg = worker(&m, 0, Side::Cpu, None);
+    let reference = tokens(agg.generate(request(100)).await.expect("admitted")).await;
+
+    let (prefill, pool) = worker_with_pool(&m, 1, Side::Offers, Some(plane("prefill")));
+    let pool = pool.expect("an offering worker shares its pool");
+    let decode = worker(&m, 2, Side::Maps(pool), Some(plane("decode")));
+    let (first, export) = prefill.prefill(request(1)).await.expect("admitted");
+    let first = tokens(first).await;
+    let kv = export.await.expect("an export").expect("a descriptor");
+    assert!(kv.ipc.is_some(), "a device copy offered");
+    assert_eq!(held(&prefill).await.1, 1, "held for the device copy");
+
+    let (rest, outcome) = decode
+        .decode_remote(request(1), first[0], Some(kv))
+        .await
+        .expect("admitted");
+    match outcome.await.expect("an import report") {
+        ImportOutcome::Imported { path, blocks, .. } => {
+            let path = path.expect("a device path was offered");
+            assert!(path.device_copy, "copied device to device");
+            assert_eq!(path.host_reason, None);
+            assert_eq!(blocks, 4);
+        }
+        other => panic!("no import: {other:?}"),
+    }
+    let mut got = first;
+    got.extend(tokens(rest).await);
+    assert_eq!(got, reference, "P/D by device copy equals aggregated");
+    assert_eq!(
+        until_released(&prefill).await,
+        (0, 0),
+        "the confirming pull freed the held blocks long before the 5 s expiry"
+    );
 }
