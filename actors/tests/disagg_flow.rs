@@ -16,19 +16,11 @@ use turbine_actors::ids::{RequestId, TokenId};
 use turbine_actors::node::local::LocalCluster;
 use turbine_actors::protocol::{PreprocessedRequest, SamplingParams, StopConditions};
 use turbine_actors::router::dispatch::DispatchRequest;
-use turbine_kernels::loader::{default_model_path, load_model, LoadedModel};
 use turbine_runtime::transfer::{BufferId, ByteRange, Descriptor, Layout};
 
-const MAX_TOKENS: u32 = 5;
+use crate::worker_support::{self as support};
 
-fn model() -> Option<LoadedModel> {
-    let path = default_model_path();
-    if !path.exists() {
-        println!("SKIP: no model at {}", path.display());
-        return None;
-    }
-    Some(load_model(&path).expect("the default model loads"))
-}
+const MAX_TOKENS: u32 = 5;
 
 fn group(role: WorkerRole) -> WorkerGroup {
     WorkerGroup {
@@ -110,7 +102,9 @@ async fn assert_no_blocks_held(cluster: &LocalCluster) {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn remote_prefill_equals_aggregated_and_bad_or_expired_descriptors_fall_back() {
-    let Some(m) = model() else { return };
+    let Some(m) = support::default_model() else {
+        return;
+    };
     let shape = m.config.clone();
     let reference = {
         let agg = LocalCluster::start(&cluster_cfg(&[WorkerRole::Aggregated], 10_000), m)
@@ -123,9 +117,12 @@ async fn remote_prefill_equals_aggregated_and_bad_or_expired_descriptors_fall_ba
     // Descriptors expire at once: the decode worker's pull gets `Expired` and it prefills
     // itself, keeping the first token the prefill worker streamed.
     let roles = [WorkerRole::Prefill, WorkerRole::Decode];
-    let expiring = LocalCluster::start(&cluster_cfg(&roles, 0), model().expect("model"))
-        .await
-        .expect("disaggregated cluster");
+    let expiring = LocalCluster::start(
+        &cluster_cfg(&roles, 0),
+        support::default_model().expect("model"),
+    )
+    .await
+    .expect("disaggregated cluster");
     assert_eq!(generate(&expiring, prompt()).await, reference);
     assert_eq!(
         metric(
@@ -138,9 +135,12 @@ async fn remote_prefill_equals_aggregated_and_bad_or_expired_descriptors_fall_ba
     assert_no_blocks_held(&expiring).await;
     drop(expiring);
 
-    let cluster = LocalCluster::start(&cluster_cfg(&roles, 10_000), model().expect("model"))
-        .await
-        .expect("disaggregated cluster");
+    let cluster = LocalCluster::start(
+        &cluster_cfg(&roles, 10_000),
+        support::default_model().expect("model"),
+    )
+    .await
+    .expect("disaggregated cluster");
     // A remote prefill: the KV of all 8 blocks crosses, and the tokens are the same.
     assert_eq!(generate(&cluster, prompt()).await, reference);
     assert_eq!(
@@ -169,7 +169,7 @@ async fn remote_prefill_equals_aggregated_and_bad_or_expired_descriptors_fall_ba
     let reference_other = {
         let agg = LocalCluster::start(
             &cluster_cfg(&[WorkerRole::Aggregated], 10_000),
-            model().expect("model"),
+            support::default_model().expect("model"),
         )
         .await
         .expect("aggregated cluster");

@@ -10,23 +10,16 @@ use turbine_actors::disagg::kv_transfer::{self, KvTransferError};
 use turbine_actors::executor::{ExecSeq, Executor, SampleSpec};
 use turbine_actors::ids::{RequestId, TokenId};
 use turbine_actors::protocol::{PreprocessedRequest, SamplingParams, StopConditions};
-use turbine_actors::worker::{BlockManager, BlockManagerConfig, Scheduler, SchedulerConfig};
+use turbine_actors::worker::Scheduler;
 use turbine_kernels::cpu::{CpuBackend, CpuBackendOptions};
-use turbine_kernels::loader::{default_model_path, load_model, LoadedModel};
+use turbine_kernels::loader::LoadedModel;
 use turbine_runtime::transfer::{TransferConfig, TransferHub, TransferPlane};
 use turbine_runtime::{MetricsRegistry, TokioClock};
 
+use crate::worker_support::{self as support};
+
 const BLOCK: u32 = 16;
 const MAX_TOKENS: u32 = 12;
-
-fn model() -> Option<LoadedModel> {
-    let path = default_model_path();
-    if !path.exists() {
-        println!("SKIP: no model at {}", path.display());
-        return None;
-    }
-    Some(load_model(&path).expect("the default model loads"))
-}
 
 fn executor(m: &LoadedModel, name: &str) -> Executor {
     let backend = CpuBackend::new(
@@ -43,19 +36,7 @@ fn executor(m: &LoadedModel, name: &str) -> Executor {
 }
 
 fn scheduler() -> Scheduler {
-    let blocks = BlockManager::new(BlockManagerConfig {
-        num_blocks: 64,
-        block_size: turbine_actors::kv::BlockSize::new(BLOCK).unwrap(),
-        enable_prefix_caching: true,
-    });
-    let cfg = SchedulerConfig {
-        max_num_batched_tokens: 256,
-        max_num_seqs: 4,
-        max_model_len: 2048,
-        enable_chunked_prefill: true,
-        contended_prefill_chunk: usize::MAX,
-    };
-    Scheduler::new(cfg, blocks).unwrap()
+    support::scheduler(64, BLOCK, 256, 4, 2048)
 }
 
 fn request(prompt: &[TokenId]) -> PreprocessedRequest {
@@ -202,7 +183,9 @@ fn planes_cfg() -> TransferConfig {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn prefill_on_a_decode_on_b_matches_aggregated_in_process_and_across_sockets() {
-    let Some(m) = model() else { return };
+    let Some(m) = support::default_model() else {
+        return;
+    };
     let (a, b) = (executor(&m, "exec-a"), executor(&m, "exec-b"));
     let mut agg = scheduler();
     agg.add_request(request(&prompt()), Duration::ZERO).unwrap();
@@ -256,8 +239,10 @@ async fn until_set(flag: &std::sync::atomic::AtomicBool) -> bool {
 async fn an_offered_device_path_holds_the_blocks_until_unpinned_and_cpu_takes_the_host_path() {
     use std::sync::atomic::{AtomicBool, Ordering};
     use std::sync::Arc;
-    use turbine_kernels::kv_ipc::{IpcPoolShape, KvIpcPool, ProcessPlace, IPC_HANDLE_BYTES};
-    let Some(m) = model() else { return };
+    use turbine_kernels::kv_ipc::ProcessPlace;
+    let Some(m) = support::default_model() else {
+        return;
+    };
     let (a, b) = (executor(&m, "exec-a"), executor(&m, "exec-b"));
     let mut agg = scheduler();
     agg.add_request(request(&prompt()), Duration::ZERO).unwrap();
@@ -269,16 +254,7 @@ async fn an_offered_device_path_holds_the_blocks_until_unpinned_and_cpu_takes_th
     let owner = TransferPlane::in_memory("prefill", planes_cfg(), clock.clone(), &reg, &hub);
     let consumer = TransferPlane::in_memory("decode", planes_cfg(), clock, &reg, &hub);
     let layout = a.kv_layout().await.unwrap();
-    let offer = KvIpcPool {
-        place: ProcessPlace::here(),
-        device_uuid: [0; 16],
-        handle: vec![0; IPC_HANDLE_BYTES],
-        bytes: 1 << 30,
-        base: 0,
-        shape: IpcPoolShape::of(&layout),
-        k: vec![0; layout.n_layers],
-        v: vec![0; layout.n_layers],
-    };
+    let offer = support::stand_in_offer(&layout, ProcessPlace::here(), [0; 16]);
 
     let mut pf = scheduler();
     pf.add_prefill_only(request(&prompt()), Duration::ZERO)

@@ -8,25 +8,22 @@
 //! - a decode worker given no KV recomputes the prompt: it makes the embeddings then, once,
 //!   and the tokens are the same.
 
-use futures::StreamExt;
 use std::path::PathBuf;
 use std::sync::Arc;
-use std::time::Duration;
 use turbine_actors::disagg::wire::ImportOutcome;
 use turbine_actors::executor::Executor;
 use turbine_actors::ids::{RequestId, TokenId, WorkerId};
 use turbine_actors::protocol::{
     ChatImage, ChatMessage, MessagePart, PreprocessedRequest, SamplingParams, StopConditions,
 };
-use turbine_actors::worker::{
-    BlockManager, BlockManagerConfig, EngineTime, Scheduler, SchedulerConfig, TokenStream,
-    WorkerHandle,
-};
+use turbine_actors::worker::{EngineTime, WorkerHandle};
 use turbine_kernels::cpu::{CpuBackend, CpuBackendOptions};
 use turbine_kernels::loader::{load_model, LoadedModel};
 use turbine_kernels::vision::{decode, DecodeLimits};
 use turbine_runtime::transfer::{TransferConfig, TransferHub, TransferPlane};
 use turbine_runtime::{MetricsRegistry, TokioClock};
+
+use crate::worker_support::{self as support, tokens};
 
 const BLOCK: u32 = 16;
 
@@ -52,21 +49,9 @@ fn worker(m: &LoadedModel, id: u64, plane: Option<TransferPlane>) -> WorkerHandl
     let executor = Executor::spawn(&format!("exec-{id}"), Box::new(backend))
         .expect("thread")
         .with_vision(vision);
-    let blocks = BlockManager::new(BlockManagerConfig {
-        num_blocks: 64,
-        block_size: turbine_actors::kv::BlockSize::new(BLOCK).unwrap(),
-        enable_prefix_caching: true,
-    });
-    let cfg = SchedulerConfig {
-        max_num_batched_tokens: 256,
-        max_num_seqs: 4,
-        max_model_len: 2048,
-        enable_chunked_prefill: true,
-        contended_prefill_chunk: usize::MAX,
-    };
     WorkerHandle::spawn_with_plane(
         WorkerId(id),
-        Scheduler::new(cfg, blocks).unwrap(),
+        support::scheduler(64, BLOCK, 256, 4, 2048),
         executor,
         Box::new(|_| {}),
         EngineTime::real(),
@@ -113,22 +98,6 @@ fn image_request(id: u64) -> (PreprocessedRequest, Vec<TokenId>) {
         embeds: None,
     };
     (req, reference)
-}
-
-/// Every token of `stream` until it finishes (bounded: a test never hangs).
-async fn tokens(mut stream: TokenStream) -> Vec<TokenId> {
-    let mut out = Vec::new();
-    loop {
-        let item = tokio::time::timeout(Duration::from_secs(120), stream.next())
-            .await
-            .expect("a token within two minutes");
-        let Some(item) = item else { break };
-        out.extend(item.token_ids);
-        if item.finish.is_some() {
-            break;
-        }
-    }
-    out
 }
 
 /// The worker's image count as of its last step.

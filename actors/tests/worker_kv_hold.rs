@@ -15,25 +15,21 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use bytes::Bytes;
-use futures::StreamExt;
 use turbine_actors::disagg::wire::ImportOutcome;
 use turbine_actors::executor::Executor;
 use turbine_actors::ids::{RequestId, TokenId, WorkerId};
 use turbine_actors::protocol::{PreprocessedRequest, SamplingParams, StopConditions};
-use turbine_actors::worker::{
-    BlockManager, BlockManagerConfig, EngineTime, Scheduler, SchedulerConfig, TokenStream,
-    WorkerHandle,
-};
+use turbine_actors::worker::{EngineTime, WorkerHandle};
 use turbine_kernels::backend::{Backend, BackendError, KvLayout, Logits, SeqStep, Splice};
 use turbine_kernels::cpu::{CpuBackend, CpuBackendOptions};
-use turbine_kernels::kv_ipc::{
-    HostReason, IpcPoolShape, IpcPull, KvIpcPool, ProcessPlace, IPC_HANDLE_BYTES,
-};
-use turbine_kernels::loader::{default_model_path, load_model, LoadedModel};
+use turbine_kernels::kv_ipc::{HostReason, IpcPull, KvIpcPool, ProcessPlace};
+use turbine_kernels::loader::LoadedModel;
 use turbine_kernels::model::ModelConfig;
 use turbine_kernels::sampling::{SampleRow, SampledToken, SamplingError};
 use turbine_runtime::transfer::{TransferConfig, TransferHub, TransferPlane};
-use turbine_runtime::{MetricsRegistry, TokioClock};
+use turbine_runtime::{MetricsRegistry, SharedClock, TokioClock};
+
+use crate::worker_support::{self as support, tokens};
 
 const BLOCK: u32 = 16;
 const MAX_TOKENS: u32 = 6;
@@ -106,19 +102,13 @@ impl Backend for StandIn {
         if !self.offers {
             return None;
         }
-        let layout = self.cpu().kv_layout();
         let mut place = ProcessPlace::here();
         place.pid = place.pid.wrapping_add(1);
-        Some(KvIpcPool {
+        Some(support::stand_in_offer(
+            &self.cpu().kv_layout(),
             place,
-            device_uuid: [9; 16],
-            handle: vec![0; IPC_HANDLE_BYTES],
-            bytes: 1 << 30,
-            base: 0,
-            shape: IpcPoolShape::of(&layout),
-            k: vec![0; layout.n_layers],
-            v: vec![0; layout.n_layers],
-        })
+            [9; 16],
+        ))
     }
     fn pull_blocks_ipc(
         &mut self,
@@ -147,15 +137,6 @@ enum Side {
     Offers,
     /// Copies device to device from this pool.
     Maps(Arc<Mutex<CpuBackend>>),
-}
-
-fn model() -> Option<LoadedModel> {
-    let path = default_model_path();
-    if !path.exists() {
-        println!("SKIP: no model at {}", path.display());
-        return None;
-    }
-    Some(load_model(&path).expect("the default model loads"))
 }
 
 fn worker(m: &LoadedModel, id: u64, side: Side, plane: Option<TransferPlane>) -> WorkerHandle {
@@ -198,21 +179,9 @@ fn worker_with_pool(
         }
     };
     let executor = Executor::spawn(&format!("exec-{id}"), backend).expect("thread");
-    let blocks = BlockManager::new(BlockManagerConfig {
-        num_blocks: 64,
-        block_size: turbine_actors::kv::BlockSize::new(BLOCK).unwrap(),
-        enable_prefix_caching: true,
-    });
-    let cfg = SchedulerConfig {
-        max_num_batched_tokens: 256,
-        max_num_seqs: 4,
-        max_model_len: 2048,
-        enable_chunked_prefill: true,
-        contended_prefill_chunk: usize::MAX,
-    };
     let handle = WorkerHandle::spawn_with_plane(
         WorkerId(id),
-        Scheduler::new(cfg, blocks).unwrap(),
+        support::scheduler(64, BLOCK, 256, 4, 2048),
         executor,
         Box::new(|_| {}),
         EngineTime::real(),
@@ -239,20 +208,44 @@ fn request(id: u64) -> PreprocessedRequest {
     }
 }
 
-/// Every token of `stream` until it finishes (bounded: a test never hangs).
-async fn tokens(mut stream: TokenStream) -> Vec<TokenId> {
-    let mut out = Vec::new();
-    loop {
-        let item = tokio::time::timeout(Duration::from_secs(120), stream.next())
-            .await
-            .expect("a token within two minutes");
-        let Some(item) = item else { break };
-        out.extend(item.token_ids);
-        if item.finish.is_some() {
-            break;
+/// In-memory transfer planes on one hub, their pins expiring after `expiry_ms`.
+struct Planes {
+    reg: MetricsRegistry,
+    clock: SharedClock,
+    hub: TransferHub,
+    cfg: TransferConfig,
+}
+
+impl Planes {
+    fn new(expiry_ms: u64) -> Planes {
+        Planes {
+            reg: MetricsRegistry::new(),
+            clock: TokioClock::shared(),
+            hub: TransferHub::new(),
+            cfg: TransferConfig {
+                expiry_ms,
+                ..TransferConfig::default()
+            },
         }
     }
-    out
+
+    fn plane(&self, name: &str) -> TransferPlane {
+        TransferPlane::in_memory(
+            name,
+            self.cfg.clone(),
+            self.clock.clone(),
+            &self.reg,
+            &self.hub,
+        )
+    }
+}
+
+/// What P/D must equal: an aggregated worker's greedy tokens for the test request.
+async fn aggregated_reference(m: &LoadedModel) -> Vec<TokenId> {
+    let agg = worker(m, 0, Side::Cpu, None);
+    let reference = tokens(agg.generate(request(100)).await.expect("admitted")).await;
+    assert_eq!(reference.len(), MAX_TOKENS as usize);
+    reference
 }
 
 /// (blocks in use, requests held) on `w`.
@@ -276,23 +269,14 @@ async fn until_released(w: &WorkerHandle) -> (usize, usize) {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_offering_prefill_worker_holds_the_blocks_until_the_decode_worker_has_them() {
-    let Some(m) = model() else { return };
-    let (reg, clock, hub) = (
-        MetricsRegistry::new(),
-        TokioClock::shared(),
-        TransferHub::new(),
-    );
-    let cfg = TransferConfig {
-        expiry_ms: 500,
-        ..TransferConfig::default()
+    let Some(m) = support::default_model() else {
+        return;
     };
-    let plane = |name: &str| TransferPlane::in_memory(name, cfg.clone(), clock.clone(), &reg, &hub);
-    let agg = worker(&m, 0, Side::Cpu, None);
-    let reference = tokens(agg.generate(request(100)).await.expect("admitted")).await;
-    assert_eq!(reference.len(), MAX_TOKENS as usize);
+    let planes = Planes::new(500);
+    let reference = aggregated_reference(&m).await;
 
-    let prefill = worker(&m, 1, Side::Offers, Some(plane("prefill")));
-    let decode = worker(&m, 2, Side::Cpu, Some(plane("decode")));
+    let prefill = worker(&m, 1, Side::Offers, Some(planes.plane("prefill")));
+    let decode = worker(&m, 2, Side::Cpu, Some(planes.plane("decode")));
     let (first, export) = prefill.prefill(request(1)).await.expect("admitted");
     let first = tokens(first).await;
     let kv = export.await.expect("an export").expect("a descriptor");
@@ -344,23 +328,15 @@ async fn an_offering_prefill_worker_holds_the_blocks_until_the_decode_worker_has
 /// exactly as aggregated serving does.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_decode_worker_that_can_map_the_pool_copies_device_to_device_and_frees_the_hold() {
-    let Some(m) = model() else { return };
-    let (reg, clock, hub) = (
-        MetricsRegistry::new(),
-        TokioClock::shared(),
-        TransferHub::new(),
-    );
-    let cfg = TransferConfig {
-        expiry_ms: 5_000,
-        ..TransferConfig::default()
+    let Some(m) = support::default_model() else {
+        return;
     };
-    let plane = |name: &str| TransferPlane::in_memory(name, cfg.clone(), clock.clone(), &reg, &hub);
-    let agg = worker(&m, 0, Side::Cpu, None);
-    let reference = tokens(agg.generate(request(100)).await.expect("admitted")).await;
+    let planes = Planes::new(5_000);
+    let reference = aggregated_reference(&m).await;
 
-    let (prefill, pool) = worker_with_pool(&m, 1, Side::Offers, Some(plane("prefill")));
+    let (prefill, pool) = worker_with_pool(&m, 1, Side::Offers, Some(planes.plane("prefill")));
     let pool = pool.expect("an offering worker shares its pool");
-    let decode = worker(&m, 2, Side::Maps(pool), Some(plane("decode")));
+    let decode = worker(&m, 2, Side::Maps(pool), Some(planes.plane("decode")));
     let (first, export) = prefill.prefill(request(1)).await.expect("admitted");
     let first = tokens(first).await;
     let kv = export.await.expect("an export").expect("a descriptor");

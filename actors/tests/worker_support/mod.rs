@@ -11,7 +11,11 @@ use turbine_actors::protocol::{
 };
 use turbine_actors::worker::{
     BlockManager, BlockManagerConfig, SampledToken, Scheduler, SchedulerConfig, StepPlan,
+    TokenStream,
 };
+use turbine_kernels::backend::KvLayout;
+use turbine_kernels::kv_ipc::{IpcPoolShape, KvIpcPool, ProcessPlace, IPC_HANDLE_BYTES};
+use turbine_kernels::loader::{default_model_path, load_model, LoadedModel};
 
 pub fn bs(n: u32) -> BlockSize {
     BlockSize::new(n).unwrap()
@@ -68,6 +72,49 @@ pub fn scheduler(
         blocks,
     )
     .unwrap()
+}
+
+/// The default model (SmolLM2-135M-Instruct Q4_1), or `None` with a SKIP line when it is
+/// not downloaded (the real-model tests then pass vacuously).
+pub fn default_model() -> Option<LoadedModel> {
+    let path = default_model_path();
+    if !path.exists() {
+        println!("SKIP: no model at {}", path.display());
+        return None;
+    }
+    Some(load_model(&path).expect("the default model loads"))
+}
+
+/// Every token of a worker's `stream` until it finishes (bounded: a test never hangs).
+pub async fn tokens(mut stream: TokenStream) -> Vec<TokenId> {
+    use futures::StreamExt;
+    let mut out = Vec::new();
+    loop {
+        let item = tokio::time::timeout(Duration::from_secs(120), stream.next())
+            .await
+            .expect("a token within two minutes");
+        let Some(item) = item else { break };
+        out.extend(item.token_ids);
+        if item.finish.is_some() {
+            break;
+        }
+    }
+    out
+}
+
+/// A device-copy offer for a pool of `layout` as a GPU backend would make it, from `place`
+/// on device `device_uuid` (for tests whose backends are CPU stand-ins).
+pub fn stand_in_offer(layout: &KvLayout, place: ProcessPlace, device_uuid: [u8; 16]) -> KvIpcPool {
+    KvIpcPool {
+        place,
+        device_uuid,
+        handle: vec![0; IPC_HANDLE_BYTES],
+        bytes: 1 << 30,
+        base: 0,
+        shape: IpcPoolShape::of(layout),
+        k: vec![0; layout.n_layers],
+        v: vec![0; layout.n_layers],
+    }
 }
 
 /// A deterministic "model": the next token is a hash of the whole sequence so far (prompt and
