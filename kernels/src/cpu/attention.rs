@@ -298,10 +298,9 @@ fn tile_attention(
             let w = |m: usize| &scores[m * len + b0..m * len + upto];
             match m1 {
                 Some(m1) => {
-                    let (lo, hi) = (m0.min(m1), m0.max(m1));
-                    let (head, tail) = acc.split_at_mut(hi * hd);
-                    let (a_lo, a_hi) = (&mut head[lo * hd..(lo + 1) * hd], &mut tail[..hd]);
-                    let (a0, a1) = if m0 < m1 { (a_lo, a_hi) } else { (a_hi, a_lo) };
+                    // Pairs are in row order (m0 < m1), so one split separates them.
+                    let (head, tail) = acc.split_at_mut(m1 * hd);
+                    let (a0, a1) = (&mut head[m0 * hd..(m0 + 1) * hd], &mut tail[..hd]);
                     isa.weighted_sum([w(m0), w(m1)], &vrows, [a0, a1]);
                 }
                 None => {
@@ -327,7 +326,6 @@ mod tests {
     ) -> Vec<f32> {
         let (hd, bs) = (shape.head_dim, shape.block_size);
         let group = shape.n_heads / shape.n_kv_heads;
-        let row = shape.n_kv_heads * hd;
         let mut out = vec![0.0f32; q.len()];
         for (t, tok) in tokens.iter().enumerate() {
             for h in 0..shape.n_heads {
@@ -337,14 +335,8 @@ mod tests {
                     .collect();
                 let off = (h / group) * hd;
                 let kv = |p: usize| {
-                    let (kb, vb) = pool.block(0, tok.block_table[p / bs]);
-                    let o = (p % bs) * row + off;
-                    let widen = |x: &[u16]| -> Vec<f32> {
-                        x.iter()
-                            .map(|&b| half::f16::from_bits(b).to_f32())
-                            .collect()
-                    };
-                    (widen(&kb[o..o + hd]), widen(&vb[o..o + hd]))
+                    let (k, v) = pool.kv_at(0, tok.block_table[p / bs], p % bs);
+                    (k[off..off + hd].to_vec(), v[off..off + hd].to_vec())
                 };
                 let s: Vec<f64> = (0..=tok.pos)
                     .map(|p| {
